@@ -1,0 +1,3 @@
+from bulkinfer.cli import main
+
+main()

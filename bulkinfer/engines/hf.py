@@ -1,0 +1,257 @@
+"""The reference engine: a Hugging Face model run with plain PyTorch on one device.
+
+Two operations, the narrow interface every engine offers (as in lm-evaluation-harness):
+`loglikelihood` for scoring and `generate` for decoding. The decode loop is written out
+(prefill, then one token per step) so that sampling is keyed per row and reproducible whatever
+batch a row lands in, which is what makes a resumed run equal an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bulkinfer.engines.sampling import SamplingParams, choose_next_tokens
+from bulkinfer.errors import ModelError
+from bulkinfer.model_files import local_model_folder
+from bulkinfer.spec import ModelSpec
+
+# Models whose logits are not just lm_head(hidden): chunked scoring must not skip that step.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
+LOGIT_CHUNK_TOKENS = 2048
+
+
+@dataclass(frozen=True)
+class Generation:
+    tokens: list[int]
+    finish_reason: str
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"model.device is '{name}' but no CUDA GPU is visible")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+class HFEngine:
+    """A causal LM on one device, with padding handled and batch results in batch order."""
+
+    def __init__(self, model, tokenizer, device: torch.device):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.pad_id = _pad_id(tokenizer, model)
+        self.eos_ids = _eos_ids(tokenizer, model)
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self._chunked_logits = not any(getattr(config, k, None) for k in LOGIT_TRANSFORMS)
+        # transformers renamed `past_key_values` to `cache`; speak whichever this version takes.
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    @classmethod
+    def load(cls, spec: ModelSpec, tokenizer) -> HFEngine:
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+        device = resolve_device(spec.device)
+        dtype = resolve_dtype(spec.dtype, device)
+        folder = local_model_folder(spec)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                folder,
+                dtype=dtype,
+                trust_remote_code=spec.trust_remote_code,
+                use_safetensors=None if spec.allow_pickle else True,
+                attn_implementation=spec.attn_implementation or "sdpa",
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"model.path: cannot load {spec.path}: {_first_line(exc)}") from None
+        model.to(device).eval()
+        return cls(model, tokenizer, device)
+
+    @property
+    def device_name(self) -> str:
+        return device_name(self.device)
+
+    @torch.inference_mode()
+    def loglikelihood(self, sequences: list[np.ndarray], score_from: list[int]) -> list[tuple[float, int]]:
+        """Sum of log p(token | earlier tokens) over tokens score_from.. of each sequence."""
+        lengths = [len(s) for s in sequences]
+        input_ids = self._right_padded(sequences)
+        rows, positions = [], []
+        for b, (n, start) in enumerate(zip(lengths, score_from, strict=True)):
+            pos = np.arange(max(start, 1) - 1, n - 1)
+            rows.append(np.full(len(pos), b))
+            positions.append(pos)
+        row_idx = torch.from_numpy(np.concatenate(rows)).to(self.device)
+        pos_idx = torch.from_numpy(np.concatenate(positions)).to(self.device)
+        targets = input_ids[row_idx, pos_idx + 1]
+        token_logprobs = self._target_logprobs(input_ids, row_idx, pos_idx, targets)
+        sums = torch.zeros(len(sequences), dtype=torch.float64, device=self.device)
+        sums.index_add_(0, row_idx, token_logprobs.double())
+        counts = torch.bincount(row_idx, minlength=len(sequences))
+        return list(zip(sums.tolist(), counts.tolist(), strict=True))
+
+    def _target_logprobs(self, input_ids, row_idx, pos_idx, targets) -> torch.Tensor:
+        """Log-probs of the targets, never holding float32 logits for more than a chunk of tokens."""
+        if self._chunked_logits:
+            hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+            selected = hidden[row_idx, pos_idx]
+            head = self.model.get_output_embeddings()
+            out = []
+            for start in range(0, len(selected), LOGIT_CHUNK_TOKENS):
+                logits = head(selected[start : start + LOGIT_CHUNK_TOKENS]).float()
+                chunk_targets = targets[start : start + LOGIT_CHUNK_TOKENS, None]
+                out.append(logits.log_softmax(-1).gather(-1, chunk_targets).squeeze(-1))
+            return torch.cat(out) if out else torch.zeros(0, device=self.device)
+        logits = self.model(input_ids=input_ids, use_cache=False).logits[row_idx, pos_idx].float()
+        return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: list[np.ndarray],
+        row_keys: list[int],
+        params: SamplingParams,
+        max_new: list[int],
+    ) -> list[Generation]:
+        """Decode every prompt until EOS, a stop string or its own max_new tokens."""
+        batch = len(prompts)
+        input_ids, mask = self._left_padded(prompts)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        keys = torch.tensor(row_keys, dtype=torch.int64, device=self.device)
+        limits = torch.tensor(max_new, device=self.device)
+        eos = torch.tensor(sorted(self.eos_ids) or [-1], device=self.device)
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        logits = self._step(input_ids, mask, positions, cache)
+        generated = torch.full((batch, max(max_new)), self.pad_id, dtype=torch.long, device=self.device)
+        counts = torch.zeros(batch, dtype=torch.long, device=self.device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        stopped = torch.zeros_like(finished)
+        stop_checker = StopStrings(params.stop, self.tokenizer) if params.stop else None
+        n_steps = 0
+        for step in range(max(max_new)):
+            active = ~finished
+            next_tokens = torch.where(active, choose_next_tokens(logits, params, keys, step), self.pad_id)
+            is_eos = torch.isin(next_tokens, eos) & active
+            generated[:, step] = next_tokens
+            counts += (active & ~is_eos).long()
+            stopped |= is_eos
+            finished |= is_eos | (limits <= step + 1)
+            n_steps = step + 1
+            if stop_checker is not None:
+                hit = stop_checker.check(generated[:, :n_steps], counts, active)
+                stopped |= hit
+                finished |= hit
+            if bool(finished.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+            logits = self._step(next_tokens[:, None], mask, positions, cache)
+        rows = generated[:, :n_steps].tolist()
+        return [
+            Generation(tokens[:n], "stop" if s else "length")
+            for tokens, n, s in zip(rows, counts.tolist(), stopped.tolist(), strict=True)
+        ]
+
+    def _step(self, input_ids, mask, positions, cache) -> torch.Tensor:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_kwarg: cache},
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1].float()
+
+    def _right_padded(self, sequences: list[np.ndarray]) -> torch.Tensor:
+        longest = max(len(s) for s in sequences)
+        out = np.full((len(sequences), longest), self.pad_id, dtype=np.int64)
+        for i, s in enumerate(sequences):
+            out[i, : len(s)] = s
+        return torch.from_numpy(out).to(self.device)
+
+    def _left_padded(self, sequences: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        longest = max(len(s) for s in sequences)
+        ids = np.full((len(sequences), longest), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(sequences), longest), dtype=np.int64)
+        for i, s in enumerate(sequences):
+            ids[i, longest - len(s) :] = s
+            mask[i, longest - len(s) :] = 1
+        return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
+
+
+class StopStrings:
+    """Text-level stop strings: decode only the tail of each row, so a check costs O(window)."""
+
+    def __init__(self, stops: tuple[str, ...], tokenizer):
+        self.stops = stops
+        self.tokenizer = tokenizer
+        self.window = max(len(s) for s in stops) + 8
+
+    def check(self, generated: torch.Tensor, counts: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Which active rows now end in (or contain, near the end) a stop string."""
+        hits = []
+        for row, n, live in zip(generated.tolist(), counts.tolist(), active.tolist(), strict=True):
+            tail = row[max(0, n - self.window) : n]
+            text = self.tokenizer.decode(tail, skip_special_tokens=True) if live else ""
+            hits.append(live and any(s in text for s in self.stops))
+        return torch.tensor(hits, device=generated.device)
+
+
+def truncate_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """Cut text at the earliest stop string (the stop string itself is not kept)."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _pad_id(tokenizer, model) -> int:
+    for candidate in (tokenizer.pad_token_id, getattr(model.generation_config, "pad_token_id", None), tokenizer.eos_token_id):
+        if isinstance(candidate, int):
+            return candidate
+    return 0
+
+
+def _eos_ids(tokenizer, model) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, list | tuple):
+            ids.update(int(x) for x in source)
+    return ids
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")

@@ -1,0 +1,37 @@
+"""The user-facing errors: each one becomes a single line on stderr and exit code 2.
+
+Anything else that escapes is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class UserError(Exception):
+    """A problem the user can fix: a bad job spec, bad input, a wrong output folder."""
+
+    exit_code = 2
+
+
+class SpecError(UserError):
+    """The job spec (YAML or --set overrides) is invalid."""
+
+
+class InputError(UserError):
+    """The input files cannot be read as the spec describes them."""
+
+
+class OutputFolderError(UserError):
+    """The output folder belongs to another job, or is not ours to write."""
+
+
+class ModelError(UserError):
+    """The model folder or file cannot be loaded as asked."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """A ' (did you mean 'x'?)' suffix when a close match exists, else ''."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""

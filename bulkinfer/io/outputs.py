@@ -1,0 +1,139 @@
+"""Writing results: checkpoint parts while the job runs, the final dataset once it is done.
+
+Parts hold `row` (the input position) plus the task's columns and `error`. The final outputs put
+rows back in input order and attach the id and the kept input columns.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bulkinfer.checkpoint import Manifest, OutputLayout, PartRecord
+from bulkinfer.io.atomic import fsync_dir, parquet_bytes, write_bytes_atomic, write_parquet_atomic
+
+OUTPUT_FILE_ROWS = 1_000_000
+
+
+def part_schema(task_schema: pa.Schema) -> pa.Schema:
+    return pa.schema([("row", pa.int64()), *task_schema, ("error", pa.string())])
+
+
+def rows_table(rows: list[int], columns: dict[str, list[Any]], errors: list[str | None], schema: pa.Schema) -> pa.Table:
+    data = {"row": rows, **columns, "error": errors}
+    return pa.table({name: data[name] for name in schema.names}, schema=schema)
+
+
+def error_rows_table(row_errors: dict[int, str], schema: pa.Schema) -> pa.Table:
+    """Rows that never ran: nulls in every task column, the reason in `error`."""
+    rows = sorted(row_errors)
+    n = len(rows)
+    columns = {f.name: pa.nulls(n, f.type) for f in schema if f.name not in ("row", "error")}
+    return pa.table(
+        {"row": pa.array(rows, pa.int64()), **columns, "error": [row_errors[r] for r in rows]},
+        schema=schema,
+    )
+
+
+class PartWriter:
+    """Accumulates batch results and commits them as one part every `every_rows` rows."""
+
+    def __init__(self, layout: OutputLayout, manifest: Manifest, schema: pa.Schema, every_rows: int, run_id: str):
+        self.layout = layout
+        self.manifest = manifest
+        self.schema = schema
+        self.every_rows = every_rows
+        self.run_id = run_id
+        self._tables: list[pa.Table] = []
+        self._batches: list[int] = []
+        self._stats: list[dict] = []
+        self._rows = 0
+
+    def add(self, table: pa.Table, batch: int, stats: dict, elapsed: float) -> bool:
+        """Buffer a batch; commit a part when enough rows are waiting. True if it committed."""
+        self._tables.append(table)
+        self._batches.append(batch)
+        self._stats.append(stats)
+        self._rows += table.num_rows
+        if self._rows >= self.every_rows:
+            self.flush(elapsed)
+            return True
+        return False
+
+    def flush(self, elapsed: float) -> None:
+        """Write the buffered batches as one part, then commit it in the manifest."""
+        if not self._tables:
+            return
+        name = f"part-b{self._batches[0]:07d}.parquet"
+        table = pa.concat_tables(self._tables)
+        sha = write_parquet_atomic(self.layout.parts_dir / name, table)
+        self.manifest.commit(
+            PartRecord(
+                file=name,
+                batches=list(self._batches),
+                rows=table.num_rows,
+                sha256=sha,
+                run=self.run_id,
+                elapsed=round(elapsed, 3),
+                stats=list(self._stats),
+            )
+        )
+        self._tables, self._batches, self._stats, self._rows = [], [], [], 0
+
+
+def assemble_outputs(
+    layout: OutputLayout,
+    manifest: Manifest,
+    error_rows: pa.Table,
+    ids: pa.ChunkedArray,
+    keep: pa.Table,
+) -> pa.Table:
+    """Write OUT/outputs/*.parquet: every input row once, in input order. Returns the results."""
+    parts = [pq.read_table(layout.parts_dir / r.file) for r in manifest.records]
+    results = pa.concat_tables([*parts, error_rows.cast(parts[0].schema) if parts else error_rows])
+    order = np.argsort(results.column("row").to_numpy(), kind="stable")
+    results = results.take(order)
+    _check_every_row_once(results.column("row").to_numpy(), len(ids))
+    final = results.drop(["row"])
+    final = pa.table(
+        {"id": ids, **{n: final.column(n) for n in final.column_names}, **{n: keep.column(n) for n in keep.column_names}}
+    )
+    _write_output_files(layout, final)
+    return results
+
+
+def _check_every_row_once(rows: np.ndarray, n_rows: int) -> None:
+    if len(rows) != n_rows or not np.array_equal(rows, np.arange(n_rows)):
+        missing = np.setdiff1d(np.arange(n_rows), rows)
+        doubled = len(rows) - len(np.unique(rows))
+        raise RuntimeError(
+            f"rows_in != rows_out: {n_rows} input rows, {len(rows)} results "
+            f"({len(missing)} missing, {doubled} doubled); the checkpoint is inconsistent"
+        )
+
+
+def _write_output_files(layout: OutputLayout, table: pa.Table) -> None:
+    """Write into outputs.tmp, then swap it in, so outputs/ is never half written."""
+    tmp = layout.root / "outputs.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for k, start in enumerate(range(0, max(table.num_rows, 1), OUTPUT_FILE_ROWS)):
+        piece = table.slice(start, OUTPUT_FILE_ROWS)
+        write_bytes_atomic(tmp / f"part-{k:05d}.parquet", parquet_bytes(piece))
+    old = layout.root / "outputs.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if layout.outputs_dir.exists():
+        layout.outputs_dir.rename(old)
+    tmp.rename(layout.outputs_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(layout.root)
+
+
+def write_stats(layout: OutputLayout, table: pa.Table) -> None:
+    layout.stats_dir.mkdir(parents=True, exist_ok=True)
+    write_parquet_atomic(Path(layout.stats_dir) / "batches.parquet", table)

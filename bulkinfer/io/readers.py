@@ -1,0 +1,261 @@
+"""Input readers: Parquet, JSONL and .jsonl.gz, from a file, a folder or a glob.
+
+They stream: Parquet by record batches, JSONL line by line, so a chunk at a time is in memory.
+Whole-input problems (a file that is not Parquet, a malformed JSONL line, a missing column) raise
+InputError naming the file and line; row problems (a null prompt) travel on as values.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bulkinfer.errors import InputError, did_you_mean
+
+CHUNK_ROWS = 8192
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".json", ".json.gz")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+@dataclass(frozen=True)
+class ColumnNames:
+    """The input columns a job reads; `id` None means the row position is the id."""
+
+    prompt: str
+    completion: str | None
+    id: str | None
+    keep: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class InputChunk:
+    """Consecutive rows of one file. `lines` are 1-based JSONL line numbers, or None for Parquet."""
+
+    path: str
+    first_row_in_file: int
+    prompts: list[Any]
+    completions: list[Any] | None
+    ids: list[Any] | None
+    keep: pa.Table
+    lines: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def location(self, i: int) -> str:
+        """Where row i of this chunk sits in its file, for error messages."""
+        if self.lines is not None:
+            return f"{self.path}:{int(self.lines[i])}"
+        return f"{self.path}: row {self.first_row_in_file + i}"
+
+
+def resolve_input_files(patterns: list[str], fmt: str = "auto") -> list[str]:
+    """Expand files, folders and globs into a sorted, de-duplicated list of data files."""
+    files: list[str] = []
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            found = sorted(
+                os.path.join(root, name)
+                for root, _, names in os.walk(pattern)
+                for name in names
+                if _is_data_file(name, fmt) and not name.startswith((".", "_"))
+            )
+            if not found:
+                raise InputError(f"{pattern}: the folder holds no .parquet or .jsonl files")
+        elif os.path.isfile(pattern):
+            found = [pattern]
+        else:
+            found = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+            if not found:
+                raise InputError(f"{pattern}: matches no file")
+        files.extend(found)
+    unique = list(dict.fromkeys(os.path.abspath(f) for f in files))
+    for f in unique:
+        file_format(f, fmt)
+    return unique
+
+
+def file_format(path: str, fmt: str = "auto") -> str:
+    if fmt != "auto":
+        return fmt
+    lower = path.lower()
+    if lower.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    if lower.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    raise InputError(
+        f"{path}: unknown file type; name it .parquet or .jsonl(.gz), or set input.format"
+    )
+
+
+def _is_data_file(name: str, fmt: str) -> bool:
+    lower = name.lower()
+    if fmt == "parquet":
+        return lower.endswith(PARQUET_SUFFIXES)
+    if fmt == "jsonl":
+        return lower.endswith(JSONL_SUFFIXES)
+    return lower.endswith(PARQUET_SUFFIXES + JSONL_SUFFIXES)
+
+
+def read_chunks(files: list[str], columns: ColumnNames, fmt: str = "auto") -> Iterator[InputChunk]:
+    """Yield the rows of every file in order, a chunk at a time."""
+    for path in files:
+        if file_format(path, fmt) == "parquet":
+            yield from _read_parquet(path, columns)
+        else:
+            yield from _read_jsonl(path, columns)
+
+
+def _read_parquet(path: str, columns: ColumnNames) -> Iterator[InputChunk]:
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
+    names = parquet.schema_arrow.names
+    wanted = _wanted_columns(columns)
+    for name in wanted:
+        if name not in names:
+            raise InputError(
+                f"{path}: no column '{name}'{did_you_mean(name, names)}; "
+                f"the file has: {', '.join(names)}"
+            )
+    row = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=wanted):
+            table = pa.Table.from_batches([batch])
+            yield InputChunk(
+                path=path,
+                first_row_in_file=row,
+                prompts=table.column(columns.prompt).to_pylist(),
+                completions=_pylist(table, columns.completion),
+                ids=_pylist(table, columns.id),
+                keep=table.select(list(columns.keep)),
+                lines=None,
+            )
+            row += batch.num_rows
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{path}: corrupt Parquet data after row {row} ({_first_line(exc)})") from None
+
+
+def _read_jsonl(path: str, columns: ColumnNames) -> Iterator[InputChunk]:
+    rows: list[dict] = []
+    lines: list[int] = []
+    first_row = 0
+    seen_keep = {name: False for name in columns.keep}
+    for line_no, record in _jsonl_records(path):
+        _check_required_fields(record, columns, f"{path}:{line_no}")
+        for name in columns.keep:
+            seen_keep[name] = seen_keep[name] or name in record
+        rows.append(record)
+        lines.append(line_no)
+        if len(rows) == CHUNK_ROWS:
+            yield _jsonl_chunk(path, first_row, rows, lines, columns)
+            first_row += len(rows)
+            rows, lines = [], []
+    if rows:
+        yield _jsonl_chunk(path, first_row, rows, lines, columns)
+    missing = [name for name, seen in seen_keep.items() if not seen and first_row + len(rows) > 0]
+    if missing:
+        raise InputError(f"{path}: no row has the keep column '{missing[0]}'")
+
+
+def _jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise InputError(
+                        f"{path}:{line_no}: not valid UTF-8 (byte {exc.start + 1} of the line)"
+                    ) from None
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise InputError(
+                        f"{path}:{line_no}:{exc.colno}: not valid JSON: {exc.msg}"
+                    ) from None
+                if not isinstance(record, dict):
+                    raise InputError(
+                        f"{path}:{line_no}: expected a JSON object per line, got {type(record).__name__}"
+                    )
+                yield line_no, record
+    except (gzip.BadGzipFile, EOFError) as exc:
+        raise InputError(f"{path}: not a readable gzip file ({_first_line(exc)})") from None
+
+
+def _check_required_fields(record: dict, columns: ColumnNames, where: str) -> None:
+    for name in (columns.prompt, columns.completion, columns.id):
+        if name is not None and name not in record:
+            raise InputError(
+                f"{where}: no field '{name}'{did_you_mean(name, record)}; "
+                f"the line has: {', '.join(map(str, record)) or 'no fields'}"
+            )
+
+
+def _jsonl_chunk(
+    path: str, first_row: int, rows: list[dict], lines: list[int], columns: ColumnNames
+) -> InputChunk:
+    keep_arrays = {}
+    for name in columns.keep:
+        values = [r.get(name) for r in rows]
+        try:
+            keep_arrays[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise InputError(
+                f"{path}: keep column '{name}' mixes value types between lines "
+                f"{lines[0]} and {lines[-1]} ({_first_line(exc)})"
+            ) from None
+    keep = pa.table(keep_arrays) if keep_arrays else _empty_table(len(rows))
+    return InputChunk(
+        path=path,
+        first_row_in_file=first_row,
+        prompts=[r[columns.prompt] for r in rows],
+        completions=[r[columns.completion] for r in rows] if columns.completion else None,
+        ids=[r[columns.id] for r in rows] if columns.id else None,
+        keep=keep,
+        lines=np.asarray(lines, dtype=np.int64),
+    )
+
+
+def _empty_table(num_rows: int) -> pa.Table:
+    """A table with no columns but the right row count, so chunks concatenate uniformly."""
+    return pa.table({"_": pa.nulls(num_rows)}).drop(["_"])
+
+
+def _wanted_columns(columns: ColumnNames) -> list[str]:
+    names = [columns.prompt, columns.completion, columns.id, *columns.keep]
+    return list(dict.fromkeys(n for n in names if n is not None))
+
+
+def _pylist(table: pa.Table, name: str | None) -> list[Any] | None:
+    return None if name is None else table.column(name).to_pylist()
+
+
+def peek_columns(path: str, fmt: str = "auto") -> list[str]:
+    """The column names of a file's schema (Parquet) or first record (JSONL)."""
+    if file_format(path, fmt) == "parquet":
+        try:
+            return pq.ParquetFile(path).schema_arrow.names
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
+    for _, record in _jsonl_records(path):
+        return list(record)
+    return []
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

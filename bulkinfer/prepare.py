@@ -1,0 +1,294 @@
+"""Prompt rendering (plain text or chat messages) and batched tokenization.
+
+The output is compact: one flat int32 array of token ids plus offsets, so the text can be dropped
+as soon as a chunk is tokenized. Rows that cannot run (null prompt, too long for the model) get a
+per-row error here and never reach the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from bulkinfer.errors import InputError
+from bulkinfer.io.readers import InputChunk
+from bulkinfer.spec import TaskSpec
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """How prompts become model input."""
+
+    use_chat_for_text: bool
+    system_prompt: str | None
+    max_context: int | None
+    reserve_new_tokens: int
+    has_completion: bool
+
+
+@dataclass
+class PreparedRows:
+    """Token ids of every input row, in input order, plus what the output needs besides results."""
+
+    token_ids: np.ndarray
+    offsets: np.ndarray
+    score_from: np.ndarray
+    row_errors: dict[int, str]
+    ids: pa.ChunkedArray
+    keep: pa.Table
+    input_tokens: int = 0
+    locations: list[tuple[int, InputChunk]] = field(default_factory=list, repr=False)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def tokens(self, row: int) -> np.ndarray:
+        return self.token_ids[self.offsets[row] : self.offsets[row + 1]]
+
+    def runnable_rows(self) -> np.ndarray:
+        mask = np.ones(self.num_rows, dtype=bool)
+        if self.row_errors:
+            mask[np.fromiter(self.row_errors, dtype=np.int64)] = False
+        return np.flatnonzero(mask)
+
+
+def render_options(task: TaskSpec, tokenizer, max_context: int | None, has_completion: bool):
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if task.chat_template == "always" and not has_template:
+        raise InputError(
+            "task.chat_template is 'always' but the model's tokenizer has no chat template"
+        )
+    use_chat = task.chat_template == "always" or (
+        task.chat_template == "auto" and task.type == "generate" and has_template
+    )
+    reserve = task.max_new_tokens if task.type == "generate" else 0
+    return RenderOptions(use_chat, task.system_prompt, max_context, reserve, has_completion)
+
+
+def prepare_rows(chunks: Iterable[InputChunk], tokenizer, options: RenderOptions) -> PreparedRows:
+    """Render and tokenize every chunk; collect ids, kept columns and per-row errors."""
+    id_parts, keep_parts, token_parts, length_parts, score_parts = [], [], [], [], []
+    row_errors: dict[int, str] = {}
+    locations: list[tuple[int, InputChunk]] = []
+    first_row = 0
+    for chunk in chunks:
+        locations.append((first_row, _without_text(chunk)))
+        ids, lengths, score_from, errors = _tokenize_chunk(chunk, tokenizer, options)
+        token_parts.append(ids)
+        length_parts.append(lengths)
+        score_parts.append(score_from)
+        row_errors.update({first_row + i: msg for i, msg in errors.items()})
+        id_parts.append(_chunk_ids(chunk, first_row))
+        keep_parts.append(chunk.keep)
+        first_row += len(chunk)
+    if first_row == 0:
+        raise InputError("the input has no rows")
+    lengths = np.concatenate(length_parts)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    prepared = PreparedRows(
+        token_ids=np.concatenate(token_parts),
+        offsets=offsets,
+        score_from=np.concatenate(score_parts),
+        row_errors=row_errors,
+        ids=_concat_ids(id_parts),
+        keep=_concat_keep(keep_parts),
+        input_tokens=int(lengths.sum()),
+        locations=locations,
+    )
+    _check_unique_ids(prepared)
+    return prepared
+
+
+def _tokenize_chunk(chunk: InputChunk, tokenizer, options: RenderOptions):
+    """Token ids of a chunk's runnable rows; errored rows get zero tokens and a message."""
+    errors: dict[int, str] = {}
+    texts: list[str] = []
+    is_chat: list[bool] = []
+    positions: list[int] = []
+    for i, value in enumerate(chunk.prompts):
+        try:
+            text, chat = _render(value, tokenizer, options)
+        except RowError as exc:
+            errors[i] = str(exc)
+            continue
+        if options.has_completion:
+            completion = chunk.completions[i]
+            if not isinstance(completion, str) or completion == "":
+                errors[i] = f"completion is {_describe(completion)}, expected a non-empty string"
+                continue
+        texts.append(text)
+        is_chat.append(chat)
+        positions.append(i)
+    encoded = _encode(tokenizer, texts, is_chat)
+    completions = (
+        _encode(tokenizer, [chunk.completions[i] for i in positions], [True] * len(positions))
+        if options.has_completion
+        else None
+    )
+    lengths = np.zeros(len(chunk), dtype=np.int64)
+    score_from = np.ones(len(chunk), dtype=np.int32)
+    pieces = []
+    for j, i in enumerate(positions):
+        ids = encoded[j]
+        if completions is not None:
+            score_from[i] = len(ids)
+            ids = ids + completions[j]
+        message = _length_problem(len(ids), options)
+        if message:
+            errors[i] = message
+            continue
+        lengths[i] = len(ids)
+        pieces.append(np.asarray(ids, dtype=np.int32))
+    flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+    return flat, lengths, score_from, errors
+
+
+class RowError(ValueError):
+    """A row that cannot run; its message goes into the output's `error` column."""
+
+
+def _render(value: Any, tokenizer, options: RenderOptions) -> tuple[str, bool]:
+    """The text to tokenize and whether it came from a chat template (special tokens included)."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise RowError("prompt is empty")
+        if not options.use_chat_for_text:
+            return value, False
+        messages = [{"role": "user", "content": value}]
+    elif isinstance(value, list):
+        messages = _check_messages(value)
+    else:
+        raise RowError(f"prompt is {_describe(value)}, expected a string or a list of messages")
+    if options.system_prompt and not any(m["role"] == "system" for m in messages):
+        messages = [{"role": "system", "content": options.system_prompt}, *messages]
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError(
+            "the prompts are chat messages but the model's tokenizer has no chat template; "
+            "give plain text prompts or a model with a chat template"
+        )
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # the template is user code (Jinja); its errors are row errors
+        raise RowError(f"chat template failed: {exc}") from None
+    return text, True
+
+
+def _check_messages(value: list) -> list[dict]:
+    if not value:
+        raise RowError("messages list is empty")
+    for k, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise RowError(f"messages[{k}] is not an object with 'role' and 'content'")
+        if not isinstance(message["role"], str):
+            raise RowError(f"messages[{k}].role is {_describe(message['role'])}, expected a string")
+        if not isinstance(message["content"], str | list):
+            raise RowError(
+                f"messages[{k}].content is {_describe(message['content'])}, expected a string"
+            )
+    return [dict(m) for m in value]
+
+
+def _encode(tokenizer, texts: list[str], is_chat: list[bool]) -> list[list[int]]:
+    """Batch-encode with the fast tokenizer; chat text already carries its special tokens."""
+    out: list[list[int] | None] = [None] * len(texts)
+    for special in (True, False):
+        idx = [i for i, chat in enumerate(is_chat) if chat != special]
+        if not idx:
+            continue
+        enc = tokenizer(
+            [texts[i] for i in idx],
+            add_special_tokens=special,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,
+        )["input_ids"]
+        for i, ids in zip(idx, enc, strict=True):
+            out[i] = ids
+    return out
+
+
+def _length_problem(n_tokens: int, options: RenderOptions) -> str | None:
+    if n_tokens == 0:
+        return "prompt has no tokens after tokenization"
+    limit = options.max_context
+    if limit is None:
+        return None
+    if options.reserve_new_tokens and n_tokens >= limit:
+        return f"prompt has {n_tokens} tokens; the model's context is {limit}, leaving no room to generate"
+    if n_tokens > limit:
+        return f"prompt has {n_tokens} tokens, more than the model's context of {limit}"
+    return None
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return "an empty string" if not value else "a string"
+    return f"a {type(value).__name__}"
+
+
+def _chunk_ids(chunk: InputChunk, first_row: int) -> pa.Array:
+    if chunk.ids is None:
+        return pa.array(np.arange(first_row, first_row + len(chunk), dtype=np.int64))
+    for i, value in enumerate(chunk.ids):
+        if value is None:
+            raise InputError(f"{chunk.location(i)}: the id is null; every row needs an id")
+        if not isinstance(value, str | int) or isinstance(value, bool):
+            raise InputError(
+                f"{chunk.location(i)}: the id is {_describe(value)}; ids must be strings or integers"
+            )
+    try:
+        return pa.array(chunk.ids)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        raise InputError(
+            f"{chunk.path}: the id column mixes strings and numbers; make them all one type"
+        ) from None
+
+
+def _concat_ids(parts: list[pa.Array]) -> pa.ChunkedArray:
+    types = {p.type for p in parts}
+    if len(types) > 1:
+        raise InputError("the id column has different types in different files or row groups")
+    return pa.chunked_array(parts)
+
+
+def _concat_keep(parts: list[pa.Table]) -> pa.Table:
+    try:
+        return pa.concat_tables(parts, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise InputError(f"a keep column has different types in different files: {exc}") from None
+
+
+def _check_unique_ids(prepared: PreparedRows) -> None:
+    ids = prepared.ids
+    if len(pc.unique(ids)) == len(ids):
+        return
+    counts = pc.value_counts(ids)
+    dup = next(v["values"] for v in counts.to_pylist() if v["counts"] > 1)
+    where = [prepared_location(prepared, int(r)) for r in np.flatnonzero(pc.equal(ids, dup))[:2]]
+    raise InputError(f"duplicate id {dup!r} at {where[0]} and {where[1]}; ids must be unique")
+
+
+def prepared_location(prepared: PreparedRows, row: int) -> str:
+    """Where an input row came from, as file:line or file: row N."""
+    starts = [start for start, _ in prepared.locations]
+    k = int(np.searchsorted(starts, row, side="right")) - 1
+    start, chunk = prepared.locations[k]
+    return chunk.location(row - start)
+
+
+def _without_text(chunk: InputChunk) -> InputChunk:
+    """Keep a chunk's location data only, so the prompt text can be freed."""
+    return InputChunk(chunk.path, chunk.first_row_in_file, [], None, None, chunk.keep.slice(0, 0), chunk.lines)

@@ -1,0 +1,283 @@
+"""The job loop: read -> tokenize -> plan -> run -> write, resumable at any point.
+
+Data flows one way. The output folder holds all state (fingerprint, manifest, parts), so a
+rerun of the same job picks up exactly the batches that were not committed.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bulkinfer.checkpoint import (
+    Manifest,
+    OutputLayout,
+    fingerprint,
+    input_files_digest,
+    open_job_folder,
+    save_job,
+)
+from bulkinfer.io.outputs import (
+    PartWriter,
+    assemble_outputs,
+    error_rows_table,
+    part_schema,
+    rows_table,
+    write_stats,
+)
+from bulkinfer.io.atomic import write_json_atomic
+from bulkinfer.io.readers import ColumnNames, peek_columns, read_chunks, resolve_input_files
+from bulkinfer.model_files import load_config, load_tokenizer, model_context, model_identity
+from bulkinfer.plan import Batch, TokenBudget, padding_fraction, plan_batches
+from bulkinfer.prepare import PreparedRows, prepare_rows, render_options
+from bulkinfer.progress import Progress, log
+from bulkinfer.spec import JobSpec
+from bulkinfer.stats import BatchStats, format_summary, stats_table, summarize
+from bulkinfer.tasks.base import make_task
+
+ROW_FAILURES = (RuntimeError, IndexError)
+
+
+@dataclass
+class Inputs:
+    """Everything known before the model's weights load: tokenized rows and the model's limits."""
+
+    files: list[str]
+    tokenizer: object
+    config: object
+    max_context: int | None
+    prepared: PreparedRows
+
+
+def read_inputs(spec: JobSpec) -> Inputs:
+    """Read and tokenize the whole input; user errors surface here, before any GPU time."""
+    files = resolve_input_files(spec.input.path, spec.input.format)
+    columns = column_names(spec, files[0])
+    tokenizer = load_tokenizer(spec.model)
+    config = load_config(spec.model)
+    max_context = model_context(config, spec.model)
+    options = render_options(spec.task, tokenizer, max_context, columns.completion is not None)
+    prepared = prepare_rows(read_chunks(files, columns, spec.input.format), tokenizer, options)
+    return Inputs(files, tokenizer, config, max_context, prepared)
+
+
+def column_names(spec: JobSpec, first_file: str) -> ColumnNames:
+    """The columns to read; with no id_column, an input column named 'id' is the id if present."""
+    id_column = spec.input.id_column
+    if id_column is None and "id" in peek_columns(first_file, spec.input.format):
+        id_column = "id"
+    return ColumnNames(
+        prompt=spec.input.prompt_column,
+        completion=spec.input.completion_column,
+        id=id_column,
+        keep=tuple(spec.input.keep_columns),
+    )
+
+
+def token_budget(spec: JobSpec, max_tokens: int, new_tokens_per_row: int) -> TokenBudget:
+    return TokenBudget(max_tokens, spec.batching.max_batch_size, new_tokens_per_row)
+
+
+def run_job(spec: JobSpec, overwrite: bool = False) -> int:
+    """Run or resume a job; returns the process exit code."""
+    started = time.monotonic()
+    run_id = uuid.uuid4().hex[:12]
+    layout = OutputLayout(Path(spec.output.path))
+    files = resolve_input_files(spec.input.path, spec.input.format)
+    prints = fingerprint(spec.to_dict(), model_identity(spec.model), input_files_digest(files))
+    folder = open_job_folder(layout, prints, spec.to_dict(), overwrite)
+    if folder.finished:
+        log(f"{layout.root}: this job already finished; nothing to do (--overwrite runs it again)")
+        return 0
+    inputs = read_inputs(spec)
+    prepared = inputs.prepared
+    task = make_task(spec.task, inputs.tokenizer, inputs.max_context)
+
+    from bulkinfer.engines.hf import HFEngine
+    from bulkinfer.engines.memory import auto_token_budget
+
+    engine = HFEngine.load(spec.model, inputs.tokenizer)
+    if "max_tokens" not in folder.job:
+        max_tokens = spec.batching.max_tokens
+        if max_tokens == "auto":
+            generate = task.new_tokens_per_row() > 0
+            dtype = engine.model.dtype
+            max_tokens = auto_token_budget(inputs.config, engine.device, dtype, generate)
+        folder.job["max_tokens"] = max_tokens
+    save_job(layout, folder.job)
+    budget = token_budget(spec, folder.job["max_tokens"], task.new_tokens_per_row())
+    batches = plan_batches(
+        prepared.runnable_rows(), prepared.lengths, budget, spec.batching.sort == "length"
+    )
+    manifest = Manifest(layout)
+    for name in manifest.dropped:
+        log(f"checkpoint: {name} is missing or corrupt; its rows will be recomputed")
+    done = manifest.done_batches()
+    todo = [b for b in batches if b.index not in done]
+    if folder.resumed:
+        log(f"resuming: {len(batches) - len(todo)} of {len(batches)} batches already done")
+    log(
+        f"{prepared.num_rows:,} rows, {len(batches):,} batches, budget {budget.max_tokens:,} tokens, "
+        f"padding {padding_fraction(batches):.1%}, device {engine.device_name}"
+    )
+    schema = part_schema(task.schema)
+    writer = PartWriter(layout, manifest, schema, spec.checkpoint.every_rows, run_id)
+    total_rows = int(sum(len(b.rows) for b in batches))
+    progress = Progress(total_rows, total_rows - sum(len(b.rows) for b in todo), spec.progress.log_every_seconds)
+    with stop_signals() as stop:
+        for batch in todo:
+            table, stats = run_batch(task, engine, prepared, batch, schema)
+            writer.add(table, batch.index, stats.to_dict(), time.monotonic() - started)
+            progress.update(stats.rows, stats.real_tokens + stats.new_tokens)
+            if stop.signum is not None:
+                break
+        writer.flush(time.monotonic() - started)
+        progress.close()
+        if stop.signum is not None:
+            name = signal.Signals(stop.signum).name
+            log(f"stopped by {name}: the batch in flight was written; rerun the same command to resume")
+            return 128 + stop.signum
+    summary = finish_job(spec, layout, manifest, prepared, run_id, started, task.name, engine.device_name)
+    print(format_summary(summary))
+    return 0
+
+
+def run_batch(task, engine, prepared: PreparedRows, batch: Batch, schema) -> tuple:
+    """Run one batch; a failing batch is bisected so only the rows that really fail get an error."""
+    start = time.perf_counter()
+    tables, failed, splits, new_tokens = [], 0, 0, 0
+    pending = [batch.rows]
+    while pending:
+        rows = pending.pop()
+        try:
+            result = task.run(engine, prepared, rows)
+        except ROW_FAILURES as exc:
+            _release_memory()
+            if len(rows) > 1:
+                half = len(rows) // 2
+                pending += [rows[half:], rows[:half]]
+                splits += 1
+                continue
+            message = f"model failed on this row: {type(exc).__name__}: {_first_line(exc)}"
+            empty = {n: [None] for n in schema.names if n not in ("row", "error")}
+            tables.append(rows_table([int(rows[0])], empty, [message], schema))
+            failed += 1
+            continue
+        new_tokens += result.new_tokens
+        tables.append(rows_table(rows.tolist(), result.columns, [None] * len(rows), schema))
+    import pyarrow as pa
+
+    stats = BatchStats(
+        batch=batch.index,
+        rows=len(batch.rows),
+        real_tokens=batch.real_tokens,
+        padded_tokens=batch.padded_tokens,
+        new_tokens=new_tokens,
+        seconds=time.perf_counter() - start,
+        failed_rows=failed,
+        splits=splits,
+    )
+    return pa.concat_tables(tables), stats
+
+
+def finish_job(spec, layout, manifest, prepared, run_id, started, task_name, device) -> dict:
+    """Assemble the final dataset, the per-batch stats and summary.json (written last)."""
+    schema = part_schema(make_task(spec.task, None).schema)
+    errors = error_rows_table(prepared.row_errors, schema)
+    results = assemble_outputs(layout, manifest, errors, prepared.ids, prepared.keep)
+    n_errors = results.num_rows - results.column("error").null_count
+    records = [(r.run, s) for r in manifest.records for s in r.stats]
+    write_stats(layout, stats_table(records))
+    earlier = {}
+    for r in manifest.records:
+        if r.run != run_id:
+            earlier[r.run] = max(earlier.get(r.run, 0.0), r.elapsed)
+    wall = sum(earlier.values()) + (time.monotonic() - started)
+    summary = summarize(
+        stats=[s for _, s in records],
+        rows_in=prepared.num_rows,
+        rows_out=results.num_rows,
+        rows_by_status={"ok": results.num_rows - n_errors, "error": n_errors},
+        wall_seconds=wall,
+        task=task_name,
+        device=device,
+    )
+    summary["input_padding_fraction_file_order"] = None
+    write_json_atomic(layout.summary, summary)
+    return summary
+
+
+class _StopFlag:
+    signum: int | None = None
+
+
+@contextmanager
+def stop_signals():
+    """SIGTERM/SIGINT ask the loop to stop after the batch in flight; a second SIGINT aborts."""
+    flag = _StopFlag()
+    previous = {}
+
+    def handler(signum, frame):
+        if flag.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.signum = signum
+        log(f"{signal.Signals(signum).name} received: finishing the batch in flight, then stopping")
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _release_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def plan_report(spec: JobSpec, inputs: Inputs, max_tokens: int) -> dict:
+    """What `bulkinfer plan` prints: rows, length histogram, batches, padding file order vs sorted."""
+    from bulkinfer.plan import length_histogram
+
+    prepared = inputs.prepared
+    task = make_task(spec.task, inputs.tokenizer, inputs.max_context)
+    budget = token_budget(spec, max_tokens, task.new_tokens_per_row())
+    rows = prepared.runnable_rows()
+    lengths = prepared.lengths
+    sorted_plan = plan_batches(rows, lengths, budget, sort=True)
+    file_plan = plan_batches(rows, lengths, budget, sort=False)
+    return {
+        "rows": prepared.num_rows,
+        "runnable_rows": int(len(rows)),
+        "row_errors": len(prepared.row_errors),
+        "input_tokens": int(lengths[rows].sum()) if len(rows) else 0,
+        "max_tokens": max_tokens,
+        "max_batch_size": spec.batching.max_batch_size,
+        "new_tokens_per_row": task.new_tokens_per_row(),
+        "histogram": length_histogram(lengths[rows]),
+        "batches_sorted": len(sorted_plan),
+        "batches_file_order": len(file_plan),
+        "padding_sorted": padding_fraction(sorted_plan),
+        "padding_file_order": padding_fraction(file_plan),
+        "lengths": {
+            "min": int(lengths[rows].min()) if len(rows) else 0,
+            "median": float(np.median(lengths[rows])) if len(rows) else 0,
+            "max": int(lengths[rows].max()) if len(rows) else 0,
+        },
+        "example_errors": sorted(prepared.row_errors.items())[:5],
+    }
