@@ -69,6 +69,7 @@ class OutputLayout:
             self.stats_dir,
             self.summary,
             self.root / "outputs.tmp",
+            self.root / "outputs.old",
         ]
 
 
@@ -195,14 +196,15 @@ def open_job_folder(
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-    layout.parts_dir.mkdir(parents=True, exist_ok=True)
     job = {"format": FORMAT_VERSION, "fingerprint": prints, "spec": spec_dict}
+    save_job(layout, job)  # first, so a folder we created is always recognisably ours
     return JobFolder(layout, job, finished=False, resumed=False)
 
 
 def save_job(layout: OutputLayout, job: dict) -> None:
-    layout.parts_dir.mkdir(parents=True, exist_ok=True)
+    layout.root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(layout.job_file, job)
+    layout.parts_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _read_job(layout: OutputLayout) -> dict | None:

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from bulkinfer.errors import ModelError
+from bulkinfer.progress import log
 from bulkinfer.spec import PACKAGE_PREFIX, ModelSpec
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
@@ -80,6 +81,7 @@ def local_model_folder(spec: ModelSpec, convert: bool = True) -> Path | None:
         return target
     if not convert:
         return None
+    log(f"converting {gguf.name} to safetensors once, cached in {target}")
     _convert_gguf(gguf, target)
     return target
 

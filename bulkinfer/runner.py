@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bulkinfer import faults
 from bulkinfer.checkpoint import (
     Manifest,
     OutputLayout,
@@ -33,7 +34,13 @@ from bulkinfer.io.outputs import (
 )
 from bulkinfer.io.atomic import write_json_atomic
 from bulkinfer.io.readers import ColumnNames, peek_columns, read_chunks, resolve_input_files
-from bulkinfer.model_files import load_config, load_tokenizer, model_context, model_identity
+from bulkinfer.model_files import (
+    load_config,
+    load_tokenizer,
+    local_model_folder,
+    model_context,
+    model_identity,
+)
 from bulkinfer.plan import Batch, TokenBudget, padding_fraction, plan_batches
 from bulkinfer.prepare import PreparedRows, prepare_rows, render_options
 from bulkinfer.progress import Progress, log
@@ -95,6 +102,7 @@ def run_job(spec: JobSpec, overwrite: bool = False) -> int:
     if folder.finished:
         log(f"{layout.root}: this job already finished; nothing to do (--overwrite runs it again)")
         return 0
+    local_model_folder(spec.model)  # a GGUF model is converted (once) before anything else
     inputs = read_inputs(spec)
     prepared = inputs.prepared
     task = make_task(spec.task, inputs.tokenizer, inputs.max_context)
@@ -132,6 +140,7 @@ def run_job(spec: JobSpec, overwrite: bool = False) -> int:
     progress = Progress(total_rows, total_rows - sum(len(b.rows) for b in todo), spec.progress.log_every_seconds)
     with stop_signals() as stop:
         for batch in todo:
+            faults.checkpoint("batch_start")
             table, stats = run_batch(task, engine, prepared, batch, schema)
             writer.add(table, batch.index, stats.to_dict(), time.monotonic() - started)
             progress.update(stats.rows, stats.real_tokens + stats.new_tokens)

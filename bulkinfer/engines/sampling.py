@@ -40,7 +40,6 @@ def _signed(c: int) -> int:
     return c - (1 << 64) if c >= 1 << 63 else c
 
 
-_C1 = _signed(0x9E3779B97F4A7C15)
 _C2 = _signed(0xBF58476D1CE4E5B9)
 _C3 = _signed(0x94D049BB133111EB)
 
@@ -53,7 +52,8 @@ def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
 def keyed_uniform(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     """Uniform (0, 1) noise of shape [rows, vocab], a pure function of (key, step, column)."""
     columns = torch.arange(vocab, device=keys.device, dtype=torch.int64)
-    z = keys[:, None] + (step + 1) * _C1 + columns[None, :] * _C3
+    step_term = _signed(((step + 1) * 0x9E3779B97F4A7C15) & _MASK64)
+    z = keys[:, None] + step_term + columns[None, :] * _C3
     z = (z ^ _shr(z, 30)) * _C2
     z = (z ^ _shr(z, 27)) * _C3
     z = z ^ _shr(z, 31)

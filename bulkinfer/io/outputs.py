@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bulkinfer import faults
 from bulkinfer.checkpoint import Manifest, OutputLayout, PartRecord
 from bulkinfer.io.atomic import fsync_dir, parquet_bytes, write_bytes_atomic, write_parquet_atomic
 
@@ -72,6 +73,7 @@ class PartWriter:
         name = f"part-b{self._batches[0]:07d}.parquet"
         table = pa.concat_tables(self._tables)
         sha = write_parquet_atomic(self.layout.parts_dir / name, table)
+        faults.checkpoint("part_written")
         self.manifest.commit(
             PartRecord(
                 file=name,
@@ -84,6 +86,7 @@ class PartWriter:
             )
         )
         self._tables, self._batches, self._stats, self._rows = [], [], [], 0
+        faults.checkpoint("part_committed")
 
 
 def assemble_outputs(
@@ -125,6 +128,7 @@ def _write_output_files(layout: OutputLayout, table: pa.Table) -> None:
     for k, start in enumerate(range(0, max(table.num_rows, 1), OUTPUT_FILE_ROWS)):
         piece = table.slice(start, OUTPUT_FILE_ROWS)
         write_bytes_atomic(tmp / f"part-{k:05d}.parquet", parquet_bytes(piece))
+    faults.checkpoint("outputs_written")
     old = layout.root / "outputs.old"
     shutil.rmtree(old, ignore_errors=True)
     if layout.outputs_dir.exists():

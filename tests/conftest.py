@@ -1,0 +1,90 @@
+"""Shared fixtures: a tiny random-weight model built once per session, and input file writers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from bulkinfer.cli import main
+from bulkinfer.tiny_model import build_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-gpt2", arch="gpt2")
+
+
+def sample_prompts(n: int) -> list[dict]:
+    """Prompts of varied length, with string ids and a column to keep."""
+    words = "the quick brown fox jumps over the lazy dog while Émilie reads 東京 news".split()
+    rows = []
+    for i in range(n):
+        length = 1 + (i * 37) % 60 if i % 7 else 80 + i % 40
+        text = " ".join(words[(i + k) % len(words)] for k in range(length))
+        rows.append({"id": f"q-{i:04d}", "prompt": f"{text} ({i})", "source": f"src{i % 3}"})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_parquet(path: Path, rows: list[dict], row_group_size: int = 16) -> Path:
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=row_group_size)
+    return path
+
+
+def write_job(path: Path, model: Path, inputs, output: Path, **sections) -> Path:
+    spec = {
+        "model": {"path": str(model)},
+        "task": {"type": "generate", "max_new_tokens": 6},
+        "input": {"path": [str(p) for p in inputs] if isinstance(inputs, list) else str(inputs)},
+        "output": {"path": str(output)},
+        "batching": {"max_tokens": 600, "max_batch_size": 8},
+        "checkpoint": {"every_rows": 10},
+    }
+    for name, values in sections.items():
+        spec.setdefault(name, {}).update(values)
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    return path
+
+
+def cli(*args: str):
+    """Run the CLI in-process; returns click's Result (exit_code, output)."""
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def cli_subprocess(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bulkinfer", *args], capture_output=True, text=True, env=child_env(), **kwargs
+    )
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def read_outputs(out: Path) -> pa.Table:
+    files = sorted((out / "outputs").glob("*.parquet"))
+    assert files, f"no output files in {out}"
+    return pa.concat_tables([pq.read_table(f) for f in files])

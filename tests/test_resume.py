@@ -1,0 +1,164 @@
+"""Crash and resume: whatever moment a run dies at, the rerun ends with the uninterrupted outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import child_env, cli, cli_subprocess, read_outputs, sample_prompts, write_job, write_jsonl
+
+N_ROWS = 120
+
+
+@pytest.fixture(scope="module")
+def crash_job(tmp_path_factory, tiny_model):
+    """A job of many small batches, and the outputs of one uninterrupted run of it."""
+    tmp = tmp_path_factory.mktemp("crash")
+    inputs = write_jsonl(tmp / "in.jsonl", sample_prompts(N_ROWS))
+
+    def make(name: str, **sections):
+        return write_job(
+            tmp / f"{name}.yaml", tiny_model, inputs, tmp / name,
+            task={"temperature": 0.8, "seed": 3, "max_new_tokens": 6},
+            batching={"max_tokens": 400, "max_batch_size": 4},
+            checkpoint={"every_rows": 4},
+            **sections,
+        )
+
+    reference = make("reference")
+    assert cli("run", str(reference)).exit_code == 0
+    return make, read_outputs(tmp / "reference")
+
+
+def _assert_same_outputs(out_dir, reference):
+    got = read_outputs(out_dir)
+    ids = got.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == N_ROWS
+    assert got.drop(["error"]).equals(reference.drop(["error"]))
+
+
+@pytest.mark.parametrize("point", ["part_written", "part_committed", "batch_start", "outputs_written"])
+def test_kill_at_each_write_point_then_resume(crash_job, point):
+    make, reference = crash_job
+    job = make(f"kill-{point}")
+    env = {**child_env(), "BULKINFER_KILL_AT": f"{point}:3" if point != "outputs_written" else point}
+    first = subprocess.run([sys.executable, "-m", "bulkinfer", "run", str(job)], env=env, capture_output=True, text=True)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    second = cli_subprocess("run", str(job))
+    assert second.returncode == 0, second.stderr
+    _assert_same_outputs(job.parent / f"kill-{point}", reference)
+
+
+def test_sigkill_at_random_moments_then_resume(crash_job):
+    make, reference = crash_job
+    job = make("random-kills")
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(6):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bulkinfer", "run", str(job)],
+            env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            proc.wait(timeout=rng.uniform(0.5, 6.0))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            kills += 1
+    assert kills >= 2
+    final = cli_subprocess("run", str(job))
+    assert final.returncode == 0, final.stderr
+    _assert_same_outputs(job.parent / "random-kills", reference)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_graceful_signal_writes_batch_in_flight_and_exits_nonzero(crash_job, sig):
+    make, reference = crash_job
+    job = make(f"signal-{sig.name}")
+    out = job.parent / f"signal-{sig.name}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bulkinfer", "run", str(job)],
+        env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    manifest = out / "checkpoint" / "manifest.jsonl"
+    deadline = time.monotonic() + 120
+    while not (manifest.exists() and manifest.read_text().count("\n") >= 2):
+        assert time.monotonic() < deadline and proc.poll() is None, "the run never got going"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, stderr
+    assert "rerun the same command to resume" in stderr
+    assert not (out / "summary.json").exists()
+    resumed = cli_subprocess("run", str(job))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    _assert_same_outputs(out, reference)
+
+
+def test_corrupt_part_is_detected_and_recomputed(crash_job):
+    make, reference = crash_job
+    job = make("corrupt")
+    env = {**child_env(), "BULKINFER_KILL_AT": "batch_start:12"}
+    subprocess.run([sys.executable, "-m", "bulkinfer", "run", str(job)], env=env, capture_output=True)
+    parts = sorted((job.parent / "corrupt" / "checkpoint" / "parts").glob("*.parquet"))
+    assert len(parts) >= 2
+    data = parts[1].read_bytes()
+    parts[1].write_bytes(data[: len(data) // 2])
+    resumed = cli_subprocess("run", str(job))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "corrupt" in resumed.stderr
+    _assert_same_outputs(job.parent / "corrupt", reference)
+
+
+def test_finished_job_is_a_noop_and_other_jobs_are_refused(crash_job, tmp_path):
+    make, reference = crash_job
+    job = make("reference")
+    out = job.parent / "reference"
+    before = (out / "summary.json").read_text()
+    again = cli("run", str(job))
+    assert again.exit_code == 0
+    assert "already finished" in again.output
+    assert (out / "summary.json").read_text() == before
+
+    other = cli("run", str(job), "--set", "task.max_new_tokens=3")
+    assert other.exit_code == 2
+    assert "another job" in other.output and "--overwrite" in other.output
+
+    inputs = job.parent / "in.jsonl"
+    original = inputs.read_text()
+    inputs.write_text(original.replace("fox", "cat", 1))
+    try:
+        changed = cli("run", str(job))
+        assert changed.exit_code == 2
+        assert "input files changed" in changed.output
+    finally:
+        inputs.write_text(original)
+
+
+def test_overwrite_starts_afresh(crash_job):
+    make, reference = crash_job
+    job = make("overwrite")
+    assert cli("run", str(job), "--set", "task.max_new_tokens=2").exit_code == 0
+    result = cli("run", str(job), "--overwrite")
+    assert result.exit_code == 0, result.output
+    _assert_same_outputs(job.parent / "overwrite", reference)
+    summary = json.loads((job.parent / "overwrite" / "summary.json").read_text())
+    assert summary["rows_out"] == N_ROWS
+
+
+def test_output_folder_with_foreign_files_is_refused(tmp_path, tiny_model):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    job = write_job(tmp_path / "job.yaml", tiny_model, write_jsonl(tmp_path / "in.jsonl", sample_prompts(3)), out)
+    result = cli("run", str(job))
+    assert result.exit_code == 2
+    assert "not empty" in result.output
+    assert os.listdir(out) == ["notes.txt"]

@@ -1,0 +1,195 @@
+"""End to end: `bulkinfer run` on real files with a tiny model, outputs read back and compared."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import (
+    cli,
+    read_outputs,
+    sample_prompts,
+    write_job,
+    write_jsonl,
+    write_parquet,
+)
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+def test_generate_jsonl_one_row_per_input_in_input_order(tmp_path, tiny_model):
+    rows = sample_prompts(40)
+    job = write_job(
+        tmp_path / "job.yaml", tiny_model, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out",
+        input={"keep_columns": ["source"]},
+    )
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output
+    out = read_outputs(tmp_path / "out")
+    assert out.column("id").to_pylist() == [r["id"] for r in rows]
+    assert out.column("source").to_pylist() == [r["source"] for r in rows]
+    assert out.column("error").null_count == len(rows)
+    assert set(out.column("finish_reason").to_pylist()) <= {"stop", "length"}
+    assert all(0 <= n <= 6 for n in out.column("output_tokens").to_pylist())
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["rows_in"] == summary["rows_out"] == 40
+    assert summary["rows_by_status"] == {"ok": 40, "error": 0}
+    stats = pq.read_table(tmp_path / "out" / "stats" / "batches.parquet")
+    assert sum(stats.column("rows").to_pylist()) == 40
+    assert all(p <= 600 for p in stats.column("padded_tokens").to_pylist())
+
+
+def test_greedy_generation_matches_transformers_generate(tmp_path, tiny_model):
+    rows = sample_prompts(12)
+    job = write_job(
+        tmp_path / "job.yaml", tiny_model, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out",
+        task={"max_new_tokens": 8, "chat_template": "never"},
+    )
+    assert cli("run", str(job)).exit_code == 0
+    out = read_outputs(tmp_path / "out").to_pylist()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    for row, got in zip(rows, out, strict=True):
+        ids = tokenizer(row["prompt"], return_tensors="pt")
+        ref = model.generate(**ids, max_new_tokens=8, do_sample=False)
+        text = tokenizer.decode(ref[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert got["text"] == text, row["id"]
+
+
+def test_parquet_input_and_score_task_match_a_direct_computation(tmp_path, tiny_model):
+    rows = sample_prompts(20)
+    job = write_job(
+        tmp_path / "job.yaml", tiny_model, write_parquet(tmp_path / "in.parquet", rows), tmp_path / "out",
+        task={"type": "score"},
+    )
+    assert cli("run", str(job)).exit_code == 0
+    out = read_outputs(tmp_path / "out").to_pylist()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    for row, got in zip(rows, out, strict=True):
+        ids = tokenizer(row["prompt"], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logprobs = model(ids).logits[0, :-1].float().log_softmax(-1)
+        expected = logprobs.gather(-1, ids[0, 1:, None]).sum().item()
+        assert got["scored_tokens"] == ids.shape[1] - 1
+        assert got["logprob_sum"] == pytest.approx(expected, rel=1e-4)
+        assert got["perplexity"] == pytest.approx(math.exp(-expected / (ids.shape[1] - 1)), rel=1e-4)
+
+
+def test_score_completion_counts_only_completion_tokens(tmp_path, tiny_model):
+    rows = [{"id": i, "prompt": "The capital of France is", "completion": c} for i, c in enumerate([" Paris", " a big city"])]
+    job = write_job(
+        tmp_path / "job.yaml", tiny_model, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out",
+        task={"type": "score"}, input={"completion_column": "completion"},
+    )
+    assert cli("run", str(job)).exit_code == 0
+    out = read_outputs(tmp_path / "out").to_pylist()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    for row, got in zip(rows, out, strict=True):
+        assert got["id"] == row["id"]
+        assert got["scored_tokens"] == len(tokenizer(row["completion"], add_special_tokens=False)["input_ids"])
+
+
+def test_sampling_is_reproducible_and_independent_of_batching(tmp_path, tiny_model):
+    rows = sample_prompts(24)
+    inputs = write_jsonl(tmp_path / "in.jsonl", rows)
+    texts = []
+    for name, max_tokens in (("a", 3000), ("b", 300)):
+        job = write_job(
+            tmp_path / f"{name}.yaml", tiny_model, inputs, tmp_path / name,
+            task={"temperature": 1.0, "top_p": 0.9, "seed": 7, "max_new_tokens": 8},
+            batching={"max_tokens": max_tokens},
+        )
+        assert cli("run", str(job)).exit_code == 0
+        texts.append(read_outputs(tmp_path / name).column("text").to_pylist())
+    assert texts[0] == texts[1]
+    assert len(set(texts[0])) > 1
+
+
+def test_stop_strings_cut_the_text(tmp_path, tiny_model):
+    rows = sample_prompts(10)
+    inputs = write_jsonl(tmp_path / "in.jsonl", rows)
+    job = write_job(tmp_path / "a.yaml", tiny_model, inputs, tmp_path / "a", task={"max_new_tokens": 12})
+    assert cli("run", str(job)).exit_code == 0
+    free = read_outputs(tmp_path / "a").column("text").to_pylist()
+    stop = next(t[2:4] for t in free if len(t) > 5 and t[2:4].strip())
+    job = write_job(
+        tmp_path / "b.yaml", tiny_model, inputs, tmp_path / "b", task={"max_new_tokens": 12, "stop": [stop]}
+    )
+    assert cli("run", str(job)).exit_code == 0
+    stopped = read_outputs(tmp_path / "b").to_pylist()
+    for full, got in zip(free, stopped, strict=True):
+        if stop in full:
+            assert got["text"] == full[: full.index(stop)]
+            assert got["finish_reason"] == "stop"
+        else:
+            assert got["text"] == full
+
+
+def test_messages_column_goes_through_the_chat_template(tmp_path, tiny_model):
+    rows = [
+        {"id": "a", "prompt": [{"role": "user", "content": "hello there"}]},
+        {"id": "b", "prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the fox"}]},
+        {"id": "c", "prompt": [{"role": "user"}]},
+    ]
+    job = write_job(tmp_path / "job.yaml", tiny_model, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out")
+    assert cli("run", str(job)).exit_code == 0
+    out = read_outputs(tmp_path / "out").to_pylist()
+    assert [r["error"] is None for r in out] == [True, True, False]
+    assert "role" in out[2]["error"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    rendered = tokenizer.apply_chat_template(rows[0]["prompt"], tokenize=False, add_generation_prompt=True)
+    assert out[0]["prompt_tokens"] == len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
+def test_row_problems_become_per_row_errors_and_rows_are_kept(tmp_path, tiny_model):
+    rows = sample_prompts(6) + [
+        {"id": "null", "prompt": None, "source": "x"},
+        {"id": "empty", "prompt": "   ", "source": "x"},
+        {"id": "number", "prompt": 42, "source": "x"},
+        {"id": "long", "prompt": "fox " * 2000, "source": "x"},
+    ]
+    job = write_job(tmp_path / "job.yaml", tiny_model, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out")
+    assert cli("run", str(job)).exit_code == 0
+    out = {r["id"]: r for r in read_outputs(tmp_path / "out").to_pylist()}
+    assert len(out) == len(rows)
+    assert "null" in out["null"]["error"]
+    assert "empty" in out["empty"]["error"]
+    assert "int" in out["number"]["error"]
+    assert "context" in out["long"]["error"]
+    assert out["long"]["text"] is None
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["rows_by_status"] == {"ok": 6, "error": 4}
+
+
+def test_gzip_folder_and_glob_inputs(tmp_path, tiny_model):
+    import gzip
+
+    rows = sample_prompts(30)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    with gzip.open(folder / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows[:10])
+    write_parquet(folder / "b.parquet", rows[10:20])
+    write_jsonl(folder / "c.jsonl", rows[20:])
+    for name, pattern in (("folder", folder), ("glob", folder / "*")):
+        job = write_job(tmp_path / f"{name}.yaml", tiny_model, str(pattern), tmp_path / name, task={"type": "score"})
+        result = cli("run", str(job))
+        assert result.exit_code == 0, result.output
+        assert read_outputs(tmp_path / name).column("id").to_pylist() == [r["id"] for r in rows]
+
+
+def test_rows_without_ids_get_their_position(tmp_path, tiny_model):
+    rows = [{"prompt": p["prompt"]} for p in sample_prompts(5)]
+    job = write_job(tmp_path / "job.yaml", tiny_model, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out")
+    assert cli("run", str(job)).exit_code == 0
+    assert read_outputs(tmp_path / "out").column("id").to_pylist() == [0, 1, 2, 3, 4]
+
+
+def test_gpt2_shape_with_no_pad_token(tmp_path, tiny_gpt2):
+    rows = sample_prompts(9)
+    job = write_job(tmp_path / "job.yaml", tiny_gpt2, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out")
+    assert cli("run", str(job)).exit_code == 0
+    assert read_outputs(tmp_path / "out").num_rows == 9
