@@ -225,7 +225,8 @@ def _build(cls: type, data: Any, key: str) -> Any:
     for name in data:
         if name not in fields:
             where = f"{key}.{name}" if key else str(name)
-            raise SpecError(f"unknown key '{where}'{did_you_mean(str(name), fields)}")
+            known = {f"{key}.{f}" if key else f for f in fields}
+            raise SpecError(f"unknown key '{where}'{did_you_mean(where, known)}")
     values = {}
     for name, f in fields.items():
         where = f"{key}.{name}" if key else name

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-CPU_TOKEN_BUDGET = 8192
+CPU_TOKEN_BUDGET = 16384
 GPU_MEMORY_SHARE = 0.80
 MAX_AUTO_TOKENS = 1 << 20
 

@@ -1,0 +1,169 @@
+"""Every bad input gets one clear line naming the file, line or key, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from conftest import cli, cli_subprocess, sample_prompts, write_job, write_jsonl, write_parquet
+
+
+def _fails_cleanly(result, *fragments: str) -> str:
+    assert result.exit_code == 2, result.output
+    message = result.output.strip()
+    assert message.startswith("bulkinfer: error:"), message
+    assert "Traceback" not in message
+    assert len(message.splitlines()) == 1, message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def _job(tmp_path, tiny_model, inputs, **sections):
+    return write_job(tmp_path / "job.yaml", tiny_model, inputs, tmp_path / "out", **sections)
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path, tiny_model):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "c",,}\n')
+    _fails_cleanly(cli("run", str(_job(tmp_path, tiny_model, path))), "in.jsonl:3:", "not valid JSON")
+    assert not (tmp_path / "out" / "outputs").exists()
+
+
+def test_invalid_utf8_names_the_line(tmp_path, tiny_model):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"prompt": "fine"}\n{"prompt": "bad \xff\xfe"}\n')
+    _fails_cleanly(cli("run", str(_job(tmp_path, tiny_model, path))), "in.jsonl:2", "UTF-8")
+
+
+def test_non_object_line(tmp_path, tiny_model):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"prompt": "fine"}\n["a", "list"]\n')
+    _fails_cleanly(cli("run", str(_job(tmp_path, tiny_model, path))), "in.jsonl:2", "JSON object")
+
+
+def test_empty_file(tmp_path, tiny_model):
+    path = tmp_path / "in.jsonl"
+    path.write_text("")
+    _fails_cleanly(cli("run", str(_job(tmp_path, tiny_model, path))), "no rows")
+
+
+def test_file_that_is_not_parquet(tmp_path, tiny_model):
+    path = tmp_path / "in.parquet"
+    path.write_text("this is not parquet at all")
+    _fails_cleanly(cli("run", str(_job(tmp_path, tiny_model, path))), "in.parquet", "not a readable Parquet file")
+
+
+def test_missing_prompt_column_in_parquet_suggests_a_name(tmp_path, tiny_model):
+    rows = [{"id": r["id"], "promt": r["prompt"]} for r in sample_prompts(3)]
+    path = write_parquet(tmp_path / "in.parquet", rows)
+    _fails_cleanly(cli("run", str(_job(tmp_path, tiny_model, path))), "in.parquet", "no column 'prompt'", "did you mean 'promt'")
+
+
+def test_missing_prompt_field_in_jsonl_names_the_line(tmp_path, tiny_model):
+    rows = sample_prompts(3)
+    del rows[2]["prompt"]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    _fails_cleanly(cli("run", str(_job(tmp_path, tiny_model, path))), "in.jsonl:3", "no field 'prompt'")
+
+
+def test_duplicate_ids_name_both_lines(tmp_path, tiny_model):
+    rows = sample_prompts(5)
+    rows[4]["id"] = rows[1]["id"]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    _fails_cleanly(cli("run", str(_job(tmp_path, tiny_model, path))), "duplicate id 'q-0001'", "in.jsonl:2", "in.jsonl:5")
+
+
+def test_null_id(tmp_path, tiny_model):
+    rows = sample_prompts(3)
+    rows[1]["id"] = None
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    _fails_cleanly(cli("run", str(_job(tmp_path, tiny_model, path))), "in.jsonl:2", "id is null")
+
+
+def test_unknown_file_type(tmp_path, tiny_model):
+    path = tmp_path / "in.csv"
+    path.write_text("prompt\nhello\n")
+    _fails_cleanly(cli("run", str(_job(tmp_path, tiny_model, path))), "in.csv", "unknown file type")
+
+
+def test_messages_without_chat_template(tmp_path, tiny_model):
+    import shutil
+
+    model = tmp_path / "no-template"
+    shutil.copytree(tiny_model, model)
+    for name in ("chat_template.jinja",):
+        (model / name).unlink(missing_ok=True)
+    config = model / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"chat_template"', '"unused_template"'))
+    rows = [{"prompt": [{"role": "user", "content": "hi"}]}]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    _fails_cleanly(cli("run", str(_job(tmp_path, model, path))), "no chat template")
+
+
+@pytest.mark.parametrize(
+    ("change", "fragments"),
+    [
+        ({"task": {"max_new_tokenz": 5}}, ["unknown key 'task.max_new_tokenz'", "did you mean 'task.max_new_tokens'"]),
+        ({"taks": {}}, ["unknown key 'taks'", "did you mean 'task'"]),
+        ({"task": {"max_new_tokens": "many"}}, ["task.max_new_tokens", "whole number"]),
+        ({"task": {"max_new_tokens": 0}}, ["task.max_new_tokens", "too small"]),
+        ({"task": {"top_p": 1.5}}, ["task.top_p"]),
+        ({"task": {"type": "generat"}}, ["task.type", "did you mean 'generate'"]),
+        ({"batching": {"max_tokens": -3}}, ["batching.max_tokens"]),
+        ({"batching": {"max_batch_size": True}}, ["batching.max_batch_size", "whole number"]),
+        ({"checkpoint": {"every_rows": 0}}, ["checkpoint.every_rows"]),
+        ({"input": {"keep_columns": ["error"]}}, ["input.keep_columns", "clashes"]),
+        ({"model": {"device": "gpu"}}, ["model.device"]),
+    ],
+)
+def test_bad_spec_values_name_the_key(tmp_path, tiny_model, change, fragments):
+    path = write_jsonl(tmp_path / "in.jsonl", sample_prompts(2))
+    job = _job(tmp_path, tiny_model, path)
+    spec = yaml.safe_load(job.read_text())
+    for section, values in change.items():
+        if isinstance(spec.get(section), dict):
+            spec[section].update(values)
+        else:
+            spec[section] = values
+    job.write_text(yaml.safe_dump(spec))
+    _fails_cleanly(cli("run", str(job)), *fragments)
+    _fails_cleanly(cli("plan", str(job)), *fragments)
+
+
+def test_missing_files_and_bad_overrides(tmp_path, tiny_model):
+    path = write_jsonl(tmp_path / "in.jsonl", sample_prompts(2))
+    job = _job(tmp_path, tiny_model, path)
+    _fails_cleanly(cli("run", str(tmp_path / "nope.yaml")), "no such job spec")
+    _fails_cleanly(cli("run", str(job), "--set", "input.path=missing/*.jsonl"), "input.path", "matches no file")
+    _fails_cleanly(cli("run", str(job), "--set", "model.path=/no/such/model"), "model.path", "does not exist")
+    _fails_cleanly(cli("run", str(job), "--set", "novalue"), "KEY=VALUE")
+    _fails_cleanly(cli("run", str(job), "--set", "task.max_new_tokens.x=1"), "not a section")
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("model:\n  path: x\n task: [\n")
+    _fails_cleanly(cli("run", str(job)), "job.yaml:", "not valid YAML")
+
+
+def test_model_folder_with_only_pickle_weights_is_refused(tmp_path, tiny_model):
+    import torch
+    from safetensors.torch import load_file
+
+    model = tmp_path / "pickle-model"
+    model.mkdir()
+    for f in tiny_model.iterdir():
+        if f.suffix != ".safetensors":
+            (model / f.name).write_bytes(f.read_bytes())
+    torch.save(load_file(tiny_model / "model.safetensors"), model / "pytorch_model.bin")
+    path = write_jsonl(tmp_path / "in.jsonl", sample_prompts(2))
+    _fails_cleanly(cli("run", str(_job(tmp_path, model, path))), "pickle", "allow_pickle")
+
+
+def test_user_errors_print_no_traceback_from_the_real_command(tmp_path, tiny_model):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"prompt": "a"}\nnot json\n')
+    proc = cli_subprocess("run", str(_job(tmp_path, tiny_model, path)))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("bulkinfer: error:")
