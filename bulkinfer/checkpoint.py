@@ -181,7 +181,9 @@ def open_job_folder(
         raise OutputFolderError(f"output.path: {root} exists and is not a folder")
     existing = _read_job(layout)
     if existing is not None and not overwrite:
-        mismatch = [k for k in ("spec", "model", "input") if existing["fingerprint"].get(k) != prints[k]]
+        mismatch = [
+            k for k in ("spec", "model", "input") if existing["fingerprint"].get(k) != prints[k]
+        ]
         if mismatch:
             raise OutputFolderError(_mismatch_message(root, mismatch))
         finished = layout.summary.exists() and _summary_complete(layout)
@@ -234,4 +236,6 @@ def _mismatch_message(root: Path, mismatch: list[str]) -> str:
         "input": "the input files changed since the checkpoint was written",
     }
     reasons = "; ".join(what[k] for k in mismatch)
-    return f"{root} holds another job's outputs ({reasons}); use another --output or pass --overwrite"
+    return (
+        f"{root} holds another job's outputs ({reasons}); use another --output or pass --overwrite"
+    )

@@ -91,7 +91,11 @@ def render_plan(report: dict) -> str:
         f"(min {report['lengths']['min']}, median {report['lengths']['median']:.0f}, "
         f"max {report['lengths']['max']})",
         f"token budget     {report['max_tokens']:,} per batch, at most {report['max_batch_size']} rows"
-        + (f", {report['new_tokens_per_row']} new tokens per row" if report["new_tokens_per_row"] else ""),
+        + (
+            f", {report['new_tokens_per_row']} new tokens per row"
+            if report["new_tokens_per_row"]
+            else ""
+        ),
         f"batches          {report['batches_sorted']:,} sorted and packed "
         f"({report['batches_file_order']:,} in file order)",
         f"padding          {report['padding_sorted']:.1%} sorted and packed, "

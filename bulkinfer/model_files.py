@@ -90,7 +90,9 @@ def _check_model_folder(path: Path, spec: ModelSpec) -> None:
     if not path.is_dir():
         raise ModelError(f"model.path: {path} is neither a model folder nor a .gguf file")
     if not (path / "config.json").exists():
-        raise ModelError(f"model.path: {path} has no config.json; is it a Hugging Face model folder?")
+        raise ModelError(
+            f"model.path: {path} has no config.json; is it a Hugging Face model folder?"
+        )
     has_safetensors = bool(glob.glob(str(path / "*.safetensors")))
     has_pickle = bool(glob.glob(str(path / "*.bin")) + glob.glob(str(path / "*.pt")))
     if not has_safetensors and has_pickle and not spec.allow_pickle:
@@ -163,7 +165,9 @@ def load_config(spec: ModelSpec):
         gguf = gguf_file(resolve_model_path(spec.path))
         return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"model.path: cannot read the model config of {spec.path}: {exc}") from None
+        raise ModelError(
+            f"model.path: cannot read the model config of {spec.path}: {exc}"
+        ) from None
 
 
 def model_context(config, spec: ModelSpec) -> int | None:

@@ -66,9 +66,10 @@ def pack_in_order(order: np.ndarray, lengths: np.ndarray, budget: TokenBudget) -
     for i, row in enumerate(order):
         candidate = max(longest, int(lengths[row]))
         n = i - start + 1
-        fits = n <= budget.max_batch_size and n * (
-            candidate + budget.new_tokens_per_row
-        ) <= budget.max_tokens
+        fits = (
+            n <= budget.max_batch_size
+            and n * (candidate + budget.new_tokens_per_row) <= budget.max_tokens
+        )
         if not fits and n > 1:
             rows = order[start:i]
             batches.append(Batch(len(batches), rows, longest, int(lengths[rows].sum())))
@@ -108,4 +109,7 @@ def length_histogram(lengths: np.ndarray, bins: int = 10) -> list[tuple[int, int
     if len(edges) < 2:
         edges = np.array([low, top + 1])
     counts, _ = np.histogram(lengths, bins=edges)
-    return [(int(lo), int(hi) - 1, int(c)) for lo, hi, c in zip(edges[:-1], edges[1:], counts, strict=True)]
+    return [
+        (int(lo), int(hi) - 1, int(c))
+        for lo, hi, c in zip(edges[:-1], edges[1:], counts, strict=True)
+    ]

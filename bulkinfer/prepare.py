@@ -29,6 +29,7 @@ class RenderOptions:
     max_context: int | None
     reserve_new_tokens: int
     has_completion: bool
+    min_tokens: int = 1
 
 
 @dataclass
@@ -72,7 +73,11 @@ def render_options(task: TaskSpec, tokenizer, max_context: int | None, has_compl
         task.chat_template == "auto" and task.type == "generate" and has_template
     )
     reserve = task.max_new_tokens if task.type == "generate" else 0
-    return RenderOptions(use_chat, task.system_prompt, max_context, reserve, has_completion)
+    # Scoring a prompt scores every token after the first, so it needs two.
+    min_tokens = 2 if task.type == "score" and not has_completion else 1
+    return RenderOptions(
+        use_chat, task.system_prompt, max_context, reserve, has_completion, min_tokens
+    )
 
 
 def prepare_rows(chunks: Iterable[InputChunk], tokenizer, options: RenderOptions) -> PreparedRows:
@@ -221,6 +226,8 @@ def _encode(tokenizer, texts: list[str], is_chat: list[bool]) -> list[list[int]]
 def _length_problem(n_tokens: int, options: RenderOptions) -> str | None:
     if n_tokens == 0:
         return "prompt has no tokens after tokenization"
+    if n_tokens < options.min_tokens:
+        return f"prompt has {n_tokens} token; scoring needs at least {options.min_tokens}"
     limit = options.max_context
     if limit is None:
         return None
@@ -291,4 +298,6 @@ def prepared_location(prepared: PreparedRows, row: int) -> str:
 
 def _without_text(chunk: InputChunk) -> InputChunk:
     """Keep a chunk's location data only, so the prompt text can be freed."""
-    return InputChunk(chunk.path, chunk.first_row_in_file, [], None, None, chunk.keep.slice(0, 0), chunk.lines)
+    return InputChunk(
+        chunk.path, chunk.first_row_in_file, [], None, None, chunk.keep.slice(0, 0), chunk.lines
+    )

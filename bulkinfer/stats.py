@@ -66,8 +66,6 @@ def summarize(
     rows_out: int,
     rows_by_status: dict[str, int],
     wall_seconds: float,
-    task: str,
-    device: str,
 ) -> dict:
     """The numbers people read in the morning; rates use model time and wall time both."""
     model_seconds = sum(s["seconds"] for s in stats)
@@ -77,8 +75,6 @@ def summarize(
     wall = max(wall_seconds, 1e-9)
     return {
         "complete": True,
-        "task": task,
-        "device": device,
         "rows_in": rows_in,
         "rows_out": rows_out,
         "rows_by_status": rows_by_status,
@@ -107,7 +103,11 @@ def format_summary(summary: dict) -> str:
         ("rows/s", f"{summary['rows_per_second']:,.2f}"),
         ("input tokens/s", f"{summary['input_tokens_per_second']:,.0f}"),
         ("output tokens/s", f"{summary['output_tokens_per_second']:,.0f}"),
-        ("padding", f"{summary['padding_fraction']:.1%} of {summary['padded_tokens']:,} padded tokens"),
+        (
+            "padding",
+            f"{summary['padding_fraction']:.1%} of {summary['padded_tokens']:,} padded prompt tokens"
+            f" ({summary.get('padding_fraction_file_order', 0):.1%} in file order)",
+        ),
         ("batches", f"{summary['batches']:,} ({summary['oom_splits']} out-of-memory splits)"),
     ]
     width = max(len(k) for k, _ in lines)

@@ -69,9 +69,13 @@ def build_tiny_model(
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer()
     vocab = len(tokenizer)
-    common = dict(vocab_size=vocab, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    common = dict(
+        vocab_size=vocab, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     if arch == "gpt2":
-        config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=max_context, **common)
+        config = GPT2Config(
+            n_embd=hidden, n_layer=layers, n_head=4, n_positions=max_context, **common
+        )
     else:
         cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
         config = cls(

@@ -32,7 +32,22 @@ def tiny_gpt2(tmp_path_factory) -> Path:
 
 def sample_prompts(n: int) -> list[dict]:
     """Prompts of varied length, with string ids and a column to keep."""
-    words = "the quick brown fox jumps over the lazy dog while Émilie reads 東京 news".split()
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "the",
+        "lazy",
+        "dog",
+        "while",
+        "Émilie",
+        "reads",
+        "東京",
+        "news",
+    ]
     rows = []
     for i in range(n):
         length = 1 + (i * 37) % 60 if i % 7 else 80 + i % 40
@@ -42,7 +57,9 @@ def sample_prompts(n: int) -> list[dict]:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
     return path
 
 
@@ -73,7 +90,11 @@ def cli(*args: str):
 
 def cli_subprocess(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "bulkinfer", *args], capture_output=True, text=True, env=child_env(), **kwargs
+        [sys.executable, "-m", "bulkinfer", *args],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        **kwargs,
     )
 
 

@@ -25,7 +25,9 @@ def _job(tmp_path, tiny_model, inputs, **sections):
 def test_malformed_jsonl_line_names_file_and_line(tmp_path, tiny_model):
     path = tmp_path / "in.jsonl"
     path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "c",,}\n')
-    _fails_cleanly(cli("run", str(_job(tmp_path, tiny_model, path))), "in.jsonl:3:", "not valid JSON")
+    _fails_cleanly(
+        cli("run", str(_job(tmp_path, tiny_model, path))), "in.jsonl:3:", "not valid JSON"
+    )
     assert not (tmp_path / "out" / "outputs").exists()
 
 
@@ -50,27 +52,43 @@ def test_empty_file(tmp_path, tiny_model):
 def test_file_that_is_not_parquet(tmp_path, tiny_model):
     path = tmp_path / "in.parquet"
     path.write_text("this is not parquet at all")
-    _fails_cleanly(cli("run", str(_job(tmp_path, tiny_model, path))), "in.parquet", "not a readable Parquet file")
+    _fails_cleanly(
+        cli("run", str(_job(tmp_path, tiny_model, path))),
+        "in.parquet",
+        "not a readable Parquet file",
+    )
 
 
 def test_missing_prompt_column_in_parquet_suggests_a_name(tmp_path, tiny_model):
     rows = [{"id": r["id"], "promt": r["prompt"]} for r in sample_prompts(3)]
     path = write_parquet(tmp_path / "in.parquet", rows)
-    _fails_cleanly(cli("run", str(_job(tmp_path, tiny_model, path))), "in.parquet", "no column 'prompt'", "did you mean 'promt'")
+    _fails_cleanly(
+        cli("run", str(_job(tmp_path, tiny_model, path))),
+        "in.parquet",
+        "no column 'prompt'",
+        "did you mean 'promt'",
+    )
 
 
 def test_missing_prompt_field_in_jsonl_names_the_line(tmp_path, tiny_model):
     rows = sample_prompts(3)
     del rows[2]["prompt"]
     path = write_jsonl(tmp_path / "in.jsonl", rows)
-    _fails_cleanly(cli("run", str(_job(tmp_path, tiny_model, path))), "in.jsonl:3", "no field 'prompt'")
+    _fails_cleanly(
+        cli("run", str(_job(tmp_path, tiny_model, path))), "in.jsonl:3", "no field 'prompt'"
+    )
 
 
 def test_duplicate_ids_name_both_lines(tmp_path, tiny_model):
     rows = sample_prompts(5)
     rows[4]["id"] = rows[1]["id"]
     path = write_jsonl(tmp_path / "in.jsonl", rows)
-    _fails_cleanly(cli("run", str(_job(tmp_path, tiny_model, path))), "duplicate id 'q-0001'", "in.jsonl:2", "in.jsonl:5")
+    _fails_cleanly(
+        cli("run", str(_job(tmp_path, tiny_model, path))),
+        "duplicate id 'q-0001'",
+        "in.jsonl:2",
+        "in.jsonl:5",
+    )
 
 
 def test_null_id(tmp_path, tiny_model):
@@ -103,7 +121,10 @@ def test_messages_without_chat_template(tmp_path, tiny_model):
 @pytest.mark.parametrize(
     ("change", "fragments"),
     [
-        ({"task": {"max_new_tokenz": 5}}, ["unknown key 'task.max_new_tokenz'", "did you mean 'task.max_new_tokens'"]),
+        (
+            {"task": {"max_new_tokenz": 5}},
+            ["unknown key 'task.max_new_tokenz'", "did you mean 'task.max_new_tokens'"],
+        ),
         ({"taks": {}}, ["unknown key 'taks'", "did you mean 'task'"]),
         ({"task": {"max_new_tokens": "many"}}, ["task.max_new_tokens", "whole number"]),
         ({"task": {"max_new_tokens": 0}}, ["task.max_new_tokens", "too small"]),
@@ -134,8 +155,12 @@ def test_missing_files_and_bad_overrides(tmp_path, tiny_model):
     path = write_jsonl(tmp_path / "in.jsonl", sample_prompts(2))
     job = _job(tmp_path, tiny_model, path)
     _fails_cleanly(cli("run", str(tmp_path / "nope.yaml")), "no such job spec")
-    _fails_cleanly(cli("run", str(job), "--set", "input.path=missing/*.jsonl"), "input.path", "matches no file")
-    _fails_cleanly(cli("run", str(job), "--set", "model.path=/no/such/model"), "model.path", "does not exist")
+    _fails_cleanly(
+        cli("run", str(job), "--set", "input.path=missing/*.jsonl"), "input.path", "matches no file"
+    )
+    _fails_cleanly(
+        cli("run", str(job), "--set", "model.path=/no/such/model"), "model.path", "does not exist"
+    )
     _fails_cleanly(cli("run", str(job), "--set", "novalue"), "KEY=VALUE")
     _fails_cleanly(cli("run", str(job), "--set", "task.max_new_tokens.x=1"), "not a section")
 

@@ -67,7 +67,12 @@ def test_histogram_counts_every_length():
 
 def test_plan_command_reports_padding_without_loading_weights(tmp_path, tiny_model):
     rows = sample_prompts(60)
-    job = write_job(tmp_path / "job.yaml", tiny_model, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out")
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", rows),
+        tmp_path / "out",
+    )
     result = cli("plan", str(job), "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output[result.output.index("{") :])

@@ -11,7 +11,15 @@ import sys
 import time
 
 import pytest
-from conftest import child_env, cli, cli_subprocess, read_outputs, sample_prompts, write_job, write_jsonl
+from conftest import (
+    child_env,
+    cli,
+    cli_subprocess,
+    read_outputs,
+    sample_prompts,
+    write_job,
+    write_jsonl,
+)
 
 N_ROWS = 120
 
@@ -24,7 +32,10 @@ def crash_job(tmp_path_factory, tiny_model):
 
     def make(name: str, **sections):
         return write_job(
-            tmp / f"{name}.yaml", tiny_model, inputs, tmp / name,
+            tmp / f"{name}.yaml",
+            tiny_model,
+            inputs,
+            tmp / name,
             task={"temperature": 0.8, "seed": 3, "max_new_tokens": 6},
             batching={"max_tokens": 400, "max_batch_size": 4},
             checkpoint={"every_rows": 4},
@@ -43,12 +54,22 @@ def _assert_same_outputs(out_dir, reference):
     assert got.drop(["error"]).equals(reference.drop(["error"]))
 
 
-@pytest.mark.parametrize("point", ["part_written", "part_committed", "batch_start", "outputs_written"])
+@pytest.mark.parametrize(
+    "point", ["part_written", "part_committed", "batch_start", "outputs_written"]
+)
 def test_kill_at_each_write_point_then_resume(crash_job, point):
     make, reference = crash_job
     job = make(f"kill-{point}")
-    env = {**child_env(), "BULKINFER_KILL_AT": f"{point}:3" if point != "outputs_written" else point}
-    first = subprocess.run([sys.executable, "-m", "bulkinfer", "run", str(job)], env=env, capture_output=True, text=True)
+    env = {
+        **child_env(),
+        "BULKINFER_KILL_AT": f"{point}:3" if point != "outputs_written" else point,
+    }
+    first = subprocess.run(
+        [sys.executable, "-m", "bulkinfer", "run", str(job)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert first.returncode == -signal.SIGKILL, first.stderr
     second = cli_subprocess("run", str(job))
     assert second.returncode == 0, second.stderr
@@ -63,7 +84,9 @@ def test_sigkill_at_random_moments_then_resume(crash_job):
     for _ in range(6):
         proc = subprocess.Popen(
             [sys.executable, "-m", "bulkinfer", "run", str(job)],
-            env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=child_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             proc.wait(timeout=rng.uniform(0.5, 6.0))
@@ -84,7 +107,10 @@ def test_graceful_signal_writes_batch_in_flight_and_exits_nonzero(crash_job, sig
     out = job.parent / f"signal-{sig.name}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "bulkinfer", "run", str(job)],
-        env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     manifest = out / "checkpoint" / "manifest.jsonl"
     deadline = time.monotonic() + 120
@@ -106,7 +132,9 @@ def test_corrupt_part_is_detected_and_recomputed(crash_job):
     make, reference = crash_job
     job = make("corrupt")
     env = {**child_env(), "BULKINFER_KILL_AT": "batch_start:12"}
-    subprocess.run([sys.executable, "-m", "bulkinfer", "run", str(job)], env=env, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "bulkinfer", "run", str(job)], env=env, capture_output=True
+    )
     parts = sorted((job.parent / "corrupt" / "checkpoint" / "parts").glob("*.parquet"))
     assert len(parts) >= 2
     data = parts[1].read_bytes()
@@ -157,7 +185,12 @@ def test_output_folder_with_foreign_files_is_refused(tmp_path, tiny_model):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    job = write_job(tmp_path / "job.yaml", tiny_model, write_jsonl(tmp_path / "in.jsonl", sample_prompts(3)), out)
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", sample_prompts(3)),
+        out,
+    )
     result = cli("run", str(job))
     assert result.exit_code == 2
     assert "not empty" in result.output

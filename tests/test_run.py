@@ -22,7 +22,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 def test_generate_jsonl_one_row_per_input_in_input_order(tmp_path, tiny_model):
     rows = sample_prompts(40)
     job = write_job(
-        tmp_path / "job.yaml", tiny_model, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out",
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", rows),
+        tmp_path / "out",
         input={"keep_columns": ["source"]},
     )
     result = cli("run", str(job))
@@ -44,7 +47,10 @@ def test_generate_jsonl_one_row_per_input_in_input_order(tmp_path, tiny_model):
 def test_greedy_generation_matches_transformers_generate(tmp_path, tiny_model):
     rows = sample_prompts(12)
     job = write_job(
-        tmp_path / "job.yaml", tiny_model, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out",
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", rows),
+        tmp_path / "out",
         task={"max_new_tokens": 8, "chat_template": "never"},
     )
     assert cli("run", str(job)).exit_code == 0
@@ -61,7 +67,10 @@ def test_greedy_generation_matches_transformers_generate(tmp_path, tiny_model):
 def test_parquet_input_and_score_task_match_a_direct_computation(tmp_path, tiny_model):
     rows = sample_prompts(20)
     job = write_job(
-        tmp_path / "job.yaml", tiny_model, write_parquet(tmp_path / "in.parquet", rows), tmp_path / "out",
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_parquet(tmp_path / "in.parquet", rows),
+        tmp_path / "out",
         task={"type": "score"},
     )
     assert cli("run", str(job)).exit_code == 0
@@ -75,21 +84,32 @@ def test_parquet_input_and_score_task_match_a_direct_computation(tmp_path, tiny_
         expected = logprobs.gather(-1, ids[0, 1:, None]).sum().item()
         assert got["scored_tokens"] == ids.shape[1] - 1
         assert got["logprob_sum"] == pytest.approx(expected, rel=1e-4)
-        assert got["perplexity"] == pytest.approx(math.exp(-expected / (ids.shape[1] - 1)), rel=1e-4)
+        assert got["perplexity"] == pytest.approx(
+            math.exp(-expected / (ids.shape[1] - 1)), rel=1e-4
+        )
 
 
 def test_score_completion_counts_only_completion_tokens(tmp_path, tiny_model):
-    rows = [{"id": i, "prompt": "The capital of France is", "completion": c} for i, c in enumerate([" Paris", " a big city"])]
+    rows = [
+        {"id": i, "prompt": "The capital of France is", "completion": c}
+        for i, c in enumerate([" Paris", " a big city"])
+    ]
     job = write_job(
-        tmp_path / "job.yaml", tiny_model, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out",
-        task={"type": "score"}, input={"completion_column": "completion"},
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", rows),
+        tmp_path / "out",
+        task={"type": "score"},
+        input={"completion_column": "completion"},
     )
     assert cli("run", str(job)).exit_code == 0
     out = read_outputs(tmp_path / "out").to_pylist()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     for row, got in zip(rows, out, strict=True):
         assert got["id"] == row["id"]
-        assert got["scored_tokens"] == len(tokenizer(row["completion"], add_special_tokens=False)["input_ids"])
+        assert got["scored_tokens"] == len(
+            tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+        )
 
 
 def test_sampling_is_reproducible_and_independent_of_batching(tmp_path, tiny_model):
@@ -98,7 +118,10 @@ def test_sampling_is_reproducible_and_independent_of_batching(tmp_path, tiny_mod
     texts = []
     for name, max_tokens in (("a", 3000), ("b", 300)):
         job = write_job(
-            tmp_path / f"{name}.yaml", tiny_model, inputs, tmp_path / name,
+            tmp_path / f"{name}.yaml",
+            tiny_model,
+            inputs,
+            tmp_path / name,
             task={"temperature": 1.0, "top_p": 0.9, "seed": 7, "max_new_tokens": 8},
             batching={"max_tokens": max_tokens},
         )
@@ -111,12 +134,18 @@ def test_sampling_is_reproducible_and_independent_of_batching(tmp_path, tiny_mod
 def test_stop_strings_cut_the_text(tmp_path, tiny_model):
     rows = sample_prompts(10)
     inputs = write_jsonl(tmp_path / "in.jsonl", rows)
-    job = write_job(tmp_path / "a.yaml", tiny_model, inputs, tmp_path / "a", task={"max_new_tokens": 12})
+    job = write_job(
+        tmp_path / "a.yaml", tiny_model, inputs, tmp_path / "a", task={"max_new_tokens": 12}
+    )
     assert cli("run", str(job)).exit_code == 0
     free = read_outputs(tmp_path / "a").column("text").to_pylist()
     stop = next(t[2:4] for t in free if len(t) > 5 and t[2:4].strip())
     job = write_job(
-        tmp_path / "b.yaml", tiny_model, inputs, tmp_path / "b", task={"max_new_tokens": 12, "stop": [stop]}
+        tmp_path / "b.yaml",
+        tiny_model,
+        inputs,
+        tmp_path / "b",
+        task={"max_new_tokens": 12, "stop": [stop]},
     )
     assert cli("run", str(job)).exit_code == 0
     stopped = read_outputs(tmp_path / "b").to_pylist()
@@ -131,17 +160,32 @@ def test_stop_strings_cut_the_text(tmp_path, tiny_model):
 def test_messages_column_goes_through_the_chat_template(tmp_path, tiny_model):
     rows = [
         {"id": "a", "prompt": [{"role": "user", "content": "hello there"}]},
-        {"id": "b", "prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the fox"}]},
+        {
+            "id": "b",
+            "prompt": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "the fox"},
+            ],
+        },
         {"id": "c", "prompt": [{"role": "user"}]},
     ]
-    job = write_job(tmp_path / "job.yaml", tiny_model, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out")
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", rows),
+        tmp_path / "out",
+    )
     assert cli("run", str(job)).exit_code == 0
     out = read_outputs(tmp_path / "out").to_pylist()
     assert [r["error"] is None for r in out] == [True, True, False]
     assert "role" in out[2]["error"]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    rendered = tokenizer.apply_chat_template(rows[0]["prompt"], tokenize=False, add_generation_prompt=True)
-    assert out[0]["prompt_tokens"] == len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    rendered = tokenizer.apply_chat_template(
+        rows[0]["prompt"], tokenize=False, add_generation_prompt=True
+    )
+    assert out[0]["prompt_tokens"] == len(
+        tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_row_problems_become_per_row_errors_and_rows_are_kept(tmp_path, tiny_model):
@@ -151,7 +195,12 @@ def test_row_problems_become_per_row_errors_and_rows_are_kept(tmp_path, tiny_mod
         {"id": "number", "prompt": 42, "source": "x"},
         {"id": "long", "prompt": "fox " * 2000, "source": "x"},
     ]
-    job = write_job(tmp_path / "job.yaml", tiny_model, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out")
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", rows),
+        tmp_path / "out",
+    )
     assert cli("run", str(job)).exit_code == 0
     out = {r["id"]: r for r in read_outputs(tmp_path / "out").to_pylist()}
     assert len(out) == len(rows)
@@ -175,7 +224,13 @@ def test_gzip_folder_and_glob_inputs(tmp_path, tiny_model):
     write_parquet(folder / "b.parquet", rows[10:20])
     write_jsonl(folder / "c.jsonl", rows[20:])
     for name, pattern in (("folder", folder), ("glob", folder / "*")):
-        job = write_job(tmp_path / f"{name}.yaml", tiny_model, str(pattern), tmp_path / name, task={"type": "score"})
+        job = write_job(
+            tmp_path / f"{name}.yaml",
+            tiny_model,
+            str(pattern),
+            tmp_path / name,
+            task={"type": "score"},
+        )
         result = cli("run", str(job))
         assert result.exit_code == 0, result.output
         assert read_outputs(tmp_path / name).column("id").to_pylist() == [r["id"] for r in rows]
@@ -183,13 +238,76 @@ def test_gzip_folder_and_glob_inputs(tmp_path, tiny_model):
 
 def test_rows_without_ids_get_their_position(tmp_path, tiny_model):
     rows = [{"prompt": p["prompt"]} for p in sample_prompts(5)]
-    job = write_job(tmp_path / "job.yaml", tiny_model, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out")
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", rows),
+        tmp_path / "out",
+    )
     assert cli("run", str(job)).exit_code == 0
     assert read_outputs(tmp_path / "out").column("id").to_pylist() == [0, 1, 2, 3, 4]
 
 
 def test_gpt2_shape_with_no_pad_token(tmp_path, tiny_gpt2):
     rows = sample_prompts(9)
-    job = write_job(tmp_path / "job.yaml", tiny_gpt2, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out")
+    job = write_job(
+        tmp_path / "job.yaml", tiny_gpt2, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out"
+    )
     assert cli("run", str(job)).exit_code == 0
     assert read_outputs(tmp_path / "out").num_rows == 9
+
+
+def test_poison_rows_are_isolated_by_bisection(tmp_path, tiny_model):
+    """A model whose embedding table is smaller than the tokenizer's vocabulary fails exactly on
+    the rows that contain an out-of-range token; every other row of their batches still runs."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    config = AutoConfig.from_pretrained(broken)
+    tokenizer = AutoTokenizer.from_pretrained(broken)
+    cut = 300
+    weights = {
+        k: v[:cut].clone() if v.shape[0] == config.vocab_size else v
+        for k, v in load_file(broken / "model.safetensors").items()
+    }
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    config.vocab_size = cut
+    config.save_pretrained(broken)
+
+    rows = sample_prompts(24)
+    poisoned = {r["id"] for r in rows if max(tokenizer(r["prompt"])["input_ids"]) >= cut}
+    assert 0 < len(poisoned) < len(rows)
+    job = write_job(
+        tmp_path / "job.yaml",
+        broken,
+        write_jsonl(tmp_path / "in.jsonl", rows),
+        tmp_path / "out",
+        task={"chat_template": "never"},
+        batching={"max_tokens": 4000, "max_batch_size": 8},
+    )
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output
+    out = {r["id"]: r for r in read_outputs(tmp_path / "out").to_pylist()}
+    assert {i for i, r in out.items() if r["error"]} == poisoned
+    assert all("IndexError" in out[i]["error"] for i in poisoned)
+    stats = pq.read_table(tmp_path / "out" / "stats" / "batches.parquet")
+    assert sum(stats.column("failed_rows").to_pylist()) == len(poisoned)
+    assert sum(stats.column("splits").to_pylist()) > 0
+
+
+def test_keep_column_that_shadows_an_output_is_refused(tmp_path, tiny_model):
+    rows = [dict(r, text="mine") for r in sample_prompts(3)]
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", rows),
+        tmp_path / "out",
+        input={"keep_columns": ["text"]},
+    )
+    result = cli("run", str(job))
+    assert result.exit_code == 2
+    assert "input.keep_columns: 'text' clashes" in result.output

@@ -64,7 +64,11 @@ class HFEngine:
         self.device = device
         self.pad_id = _pad_id(tokenizer, model)
         self.eos_ids = _eos_ids(tokenizer, model)
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        config = (
+            model.config.get_text_config()
+            if hasattr(model.config, "get_text_config")
+            else model.config
+        )
         self._chunked_logits = not any(getattr(config, k, None) for k in LOGIT_TRANSFORMS)
         # transformers renamed `past_key_values` to `cache`; speak whichever this version takes.
         params = inspect.signature(model.forward).parameters
@@ -98,7 +102,9 @@ class HFEngine:
         return device_name(self.device)
 
     @torch.inference_mode()
-    def loglikelihood(self, sequences: list[np.ndarray], score_from: list[int]) -> list[tuple[float, int]]:
+    def loglikelihood(
+        self, sequences: list[np.ndarray], score_from: list[int]
+    ) -> list[tuple[float, int]]:
         """Sum of log p(token | earlier tokens) over tokens score_from.. of each sequence."""
         lengths = [len(s) for s in sequences]
         input_ids = self._right_padded(sequences)
@@ -150,7 +156,9 @@ class HFEngine:
 
         cache = DynamicCache(config=self.model.config)
         logits = self._step(input_ids, mask, positions, cache)
-        generated = torch.full((batch, max(max_new)), self.pad_id, dtype=torch.long, device=self.device)
+        generated = torch.full(
+            (batch, max(max_new)), self.pad_id, dtype=torch.long, device=self.device
+        )
         counts = torch.zeros(batch, dtype=torch.long, device=self.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         stopped = torch.zeros_like(finished)
@@ -158,7 +166,9 @@ class HFEngine:
         n_steps = 0
         for step in range(max(max_new)):
             active = ~finished
-            next_tokens = torch.where(active, choose_next_tokens(logits, params, keys, step), self.pad_id)
+            next_tokens = torch.where(
+                active, choose_next_tokens(logits, params, keys, step), self.pad_id
+            )
             is_eos = torch.isin(next_tokens, eos) & active
             generated[:, step] = next_tokens
             counts += (active & ~is_eos).long()
@@ -216,7 +226,9 @@ class StopStrings:
         self.tokenizer = tokenizer
         self.window = max(len(s) for s in stops) + 8
 
-    def check(self, generated: torch.Tensor, counts: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    def check(
+        self, generated: torch.Tensor, counts: torch.Tensor, active: torch.Tensor
+    ) -> torch.Tensor:
         """Which active rows now end in (or contain, near the end) a stop string."""
         hits = []
         for row, n, live in zip(generated.tolist(), counts.tolist(), active.tolist(), strict=True):
@@ -233,7 +245,11 @@ def truncate_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
 
 
 def _pad_id(tokenizer, model) -> int:
-    for candidate in (tokenizer.pad_token_id, getattr(model.generation_config, "pad_token_id", None), tokenizer.eos_token_id):
+    for candidate in (
+        tokenizer.pad_token_id,
+        getattr(model.generation_config, "pad_token_id", None),
+        tokenizer.eos_token_id,
+    ):
         if isinstance(candidate, int):
             return candidate
     return 0

@@ -30,7 +30,9 @@ class SamplingParams:
 
 def row_key(seed: int, row: int, sample: int = 0) -> int:
     """A 63-bit key for one row's random stream (splitmix64 of seed, row and sample index)."""
-    z = (seed * 0x9E3779B97F4A7C15 + row * 0xBF58476D1CE4E5B9 + sample * 0x94D049BB133111EB) & _MASK64
+    z = (
+        seed * 0x9E3779B97F4A7C15 + row * 0xBF58476D1CE4E5B9 + sample * 0x94D049BB133111EB
+    ) & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return (z ^ (z >> 31)) >> 1

@@ -52,7 +52,9 @@ def write_parquet_atomic(path: Path, table: pa.Table) -> str:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+    write_bytes_atomic(
+        path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+    )
 
 
 def append_line_durable(path: Path, line: str) -> None:

