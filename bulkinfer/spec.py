@@ -159,16 +159,16 @@ def load_spec(
     if data is None:
         data = _read_yaml(Path(path))
     base = Path(path).resolve().parent if path is not None else Path.cwd()
-    for item in overrides:
-        _apply_override(data, item)
+    from_command_line = {_apply_override(data, item) for item in overrides}
     if output is not None:
         data.setdefault("output", {})
         if not isinstance(data["output"], dict):
             raise SpecError("output: expected a mapping with a 'path' key")
         data["output"]["path"] = output
+        from_command_line.add("output.path")
     _normalise_input_path(data)
     spec = _build(JobSpec, data, "")
-    spec = _resolve_paths(spec, base)
+    spec = _resolve_paths(spec, base, from_command_line)
     _check_files_exist(spec)
     return spec
 
@@ -192,8 +192,10 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _apply_override(data: dict, item: str) -> None:
-    """`--set task.max_new_tokens=64`: the value is parsed as YAML, so lists and numbers work."""
+def _apply_override(data: dict, item: str) -> str:
+    """`--set task.max_new_tokens=64`: the value is parsed as YAML, so lists and numbers work.
+
+    Returns the dotted key that was set."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. task.max_new_tokens=64")
@@ -209,6 +211,7 @@ def _apply_override(data: dict, item: str) -> None:
             raise SpecError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is not a section")
         node = child
     node[parts[-1]] = value
+    return ".".join(parts)
 
 
 def _normalise_input_path(data: dict) -> None:
@@ -308,19 +311,28 @@ def _at_least(value: float | None, low: float, key: str) -> None:
 PACKAGE_PREFIX = "package:"
 
 
-def _resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
-    def resolve(p: str) -> str:
+def _resolve_paths(spec: JobSpec, base: Path, from_command_line: set[str]) -> JobSpec:
+    """Relative paths written in the spec are relative to the spec file's folder; paths given on
+    the command line (--set, --output) are relative to the current directory, as a shell user
+    expects."""
+
+    def resolve(p: str, key: str) -> str:
         expanded = os.path.expanduser(os.path.expandvars(p))
-        return expanded if os.path.isabs(expanded) else str(base / expanded)
+        if os.path.isabs(expanded):
+            return expanded
+        root = Path.cwd() if key in from_command_line else base
+        return str(root / expanded)
 
     model_path = spec.model.path
     if not model_path.startswith(PACKAGE_PREFIX):
-        model_path = resolve(model_path)
+        model_path = resolve(model_path, "model.path")
     return dataclasses.replace(
         spec,
         model=dataclasses.replace(spec.model, path=model_path),
-        input=dataclasses.replace(spec.input, path=[resolve(p) for p in spec.input.path]),
-        output=dataclasses.replace(spec.output, path=resolve(spec.output.path)),
+        input=dataclasses.replace(
+            spec.input, path=[resolve(p, "input.path") for p in spec.input.path]
+        ),
+        output=dataclasses.replace(spec.output, path=resolve(spec.output.path, "output.path")),
     )
 
 

@@ -311,3 +311,30 @@ def test_keep_column_that_shadows_an_output_is_refused(tmp_path, tiny_model):
     result = cli("run", str(job))
     assert result.exit_code == 2
     assert "input.keep_columns: 'text' clashes" in result.output
+
+
+def test_paths_in_the_spec_are_spec_relative_and_command_line_paths_cwd_relative(
+    tmp_path, tiny_model, monkeypatch
+):
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    write_jsonl(tmp_path / "data.jsonl", sample_prompts(3))
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(
+        b"\xef\xbb\xbf" + (tmp_path / "data.jsonl").read_bytes().replace(b"\n", b"\r\n")
+    )
+    job = jobs / "job.yaml"
+    job.write_text(
+        f"model: {{path: {tiny_model}}}\ninput: {{path: ../data.jsonl}}\noutput: {{path: ../out/a}}\n"
+        "task: {max_new_tokens: 2}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert cli("run", str(job)).exit_code == 0
+    assert read_outputs(tmp_path / "out" / "a").num_rows == 3
+    result = cli("run", "jobs/job.yaml", "--set", "input.path=bom.jsonl", "--output", "out/b")
+    assert result.exit_code == 0, result.output
+    assert read_outputs(tmp_path / "out" / "b").column("id").to_pylist() == [
+        "q-0000",
+        "q-0001",
+        "q-0002",
+    ]

@@ -178,7 +178,7 @@ def _jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
                 if not raw.strip():
                     continue
                 try:
-                    text = raw.decode("utf-8")
+                    text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
                 except UnicodeDecodeError as exc:
                     raise InputError(
                         f"{path}:{line_no}: not valid UTF-8 (byte {exc.start + 1} of the line)"
