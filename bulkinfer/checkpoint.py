@@ -23,7 +23,7 @@ from bulkinfer.io.atomic import (
 )
 
 FORMAT_VERSION = 1
-NOT_IN_FINGERPRINT = ("output", "checkpoint", "progress")
+NOT_IN_FINGERPRINT = ("output", "checkpoint", "progress", "on_error")
 
 
 @dataclass(frozen=True)

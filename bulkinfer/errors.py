@@ -35,3 +35,13 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """A ' (did you mean 'x'?)' suffix when a close match exists, else ''."""
     match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+class RowFailedError(UserError):
+    """A row could not run and the job says `on_error: fail`."""
+
+
+class WriteError(UserError):
+    """The output folder cannot be written (disk full, permissions): fix it and rerun to resume."""
+
+    exit_code = 74  # EX_IOERR: a scheduler may retry once the disk has room

@@ -1,4 +1,5 @@
-"""Fault injection for the crash tests: die with SIGKILL at a named point of the write path.
+"""Fault injection for the crash tests: die with SIGKILL at a named point of the write path,
+or fail a write as a full disk would.
 
 `BULKINFER_KILL_AT=part_written:2` kills the process the second time a part file is in place
 but not yet in the manifest. Unset (always, in real runs), `checkpoint` costs one dict lookup.
@@ -6,6 +7,7 @@ but not yet in the manifest. Unset (always, in real runs), `checkpoint` costs on
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -22,3 +24,13 @@ def checkpoint(point: str) -> None:
     _counts[point] = _counts.get(point, 0) + 1
     if _counts[point] == int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_attempt(path) -> None:
+    """`BULKINFER_FAIL_WRITE=3` makes the third durable write fail as a full disk would."""
+    target = os.environ.get("BULKINFER_FAIL_WRITE")
+    if not target:
+        return
+    _counts["write"] = _counts.get("write", 0) + 1
+    if _counts["write"] >= int(target):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))

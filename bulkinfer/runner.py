@@ -24,7 +24,7 @@ from bulkinfer.checkpoint import (
     open_job_folder,
     save_job,
 )
-from bulkinfer.errors import SpecError
+from bulkinfer.errors import RowFailedError, SpecError, WriteError
 from bulkinfer.io.atomic import write_json_atomic
 from bulkinfer.io.outputs import (
     PartWriter,
@@ -43,7 +43,7 @@ from bulkinfer.model_files import (
     model_identity,
 )
 from bulkinfer.plan import Batch, TokenBudget, padding_fraction, plan_batches
-from bulkinfer.prepare import PreparedRows, prepare_rows, render_options
+from bulkinfer.prepare import PreparedRows, prepare_rows, prepared_location, render_options
 from bulkinfer.progress import Progress, log
 from bulkinfer.spec import JobSpec
 from bulkinfer.stats import BatchStats, format_summary, stats_table, summarize
@@ -105,9 +105,14 @@ def token_budget(spec: JobSpec, max_tokens: int, new_tokens_per_row: int) -> Tok
 
 def run_job(spec: JobSpec, overwrite: bool = False) -> int:
     """Run or resume a job; returns the process exit code."""
+    layout = OutputLayout(Path(spec.output.path))
+    with writes_reported(layout):
+        return _run_job(spec, layout, overwrite)
+
+
+def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool) -> int:
     started = time.monotonic()
     run_id = uuid.uuid4().hex[:12]
-    layout = OutputLayout(Path(spec.output.path))
     files = resolve_input_files(spec.input.path, spec.input.format)
     prints = fingerprint(spec.to_dict(), model_identity(spec.model), input_files_digest(files))
     folder = open_job_folder(layout, prints, spec.to_dict(), overwrite)
@@ -117,6 +122,12 @@ def run_job(spec: JobSpec, overwrite: bool = False) -> int:
     local_model_folder(spec.model)  # a GGUF model is converted (once) before anything else
     inputs = read_inputs(spec, files)
     prepared = inputs.prepared
+    if spec.on_error == "fail" and prepared.row_errors:
+        row, message = min(prepared.row_errors.items())
+        raise RowFailedError(
+            f"{prepared_location(prepared, row)}: {message} "
+            f"({len(prepared.row_errors)} such rows; on_error: record keeps them as row errors)"
+        )
     task = make_task(spec.task, inputs.tokenizer, inputs.max_context)
     check_output_columns(spec, task)
 
@@ -156,6 +167,9 @@ def run_job(spec: JobSpec, overwrite: bool = False) -> int:
         for batch in todo:
             faults.checkpoint("batch_start")
             table, stats = run_batch(task, engine, prepared, batch, schema)
+            if spec.on_error == "fail" and stats.failed_rows:
+                writer.flush(time.monotonic() - started)
+                raise RowFailedError(_first_failure(prepared, table))
             writer.add(table, batch.index, stats.to_dict(), time.monotonic() - started)
             progress.update(batch, stats.real_tokens + stats.new_tokens)
             if stop.signum is not None:
@@ -235,6 +249,29 @@ def finish_job(layout, manifest, prepared, schema, run_id, started) -> dict:
         wall_seconds=wall,
     )
     return summary
+
+
+@contextmanager
+def writes_reported(layout: OutputLayout):
+    """A failed write (disk full, permissions) ends the run with one line; what was committed
+    before it stays valid, so a rerun resumes once the cause is fixed."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename
+        root = str(layout.root.resolve())
+        if not where or not str(Path(where).resolve()).startswith(root):
+            raise
+        raise WriteError(
+            f"cannot write {where}: {exc.strerror or exc}; fix that and rerun to resume"
+        ) from None
+
+
+def _first_failure(prepared: PreparedRows, table) -> str:
+    errors = table.column("error").to_pylist()
+    rows = table.column("row").to_pylist()
+    row, message = next((r, e) for r, e in zip(rows, errors, strict=True) if e is not None)
+    return f"{prepared_location(prepared, row)}: {message} (on_error: fail)"
 
 
 class _StopFlag:

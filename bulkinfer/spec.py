@@ -141,6 +141,9 @@ class JobSpec:
     batching: BatchingSpec = field(default_factory=BatchingSpec)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     progress: ProgressSpec = field(default_factory=ProgressSpec)
+    # record: a row that cannot run gets an `error` value and the job goes on; fail: it stops
+    # the job (before the model loads, for problems found while reading).
+    on_error: Literal["record", "fail"] = "record"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -192,3 +192,14 @@ def test_user_errors_print_no_traceback_from_the_real_command(tmp_path, tiny_mod
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("bulkinfer: error:")
+
+
+def test_on_error_fail_stops_at_the_first_bad_row(tmp_path, tiny_model):
+    rows = sample_prompts(4)
+    rows[2]["prompt"] = None
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    job = _job(tmp_path, tiny_model, path)
+    _fails_cleanly(
+        cli("run", str(job), "--set", "on_error=fail"), "in.jsonl:3", "prompt is null", "on_error"
+    )
+    assert cli("run", str(job), "--set", "on_error=record").exit_code == 0

@@ -195,3 +195,23 @@ def test_output_folder_with_foreign_files_is_refused(tmp_path, tiny_model):
     assert result.exit_code == 2
     assert "not empty" in result.output
     assert os.listdir(out) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("nth", [2, 5])
+def test_full_disk_stops_cleanly_and_a_rerun_resumes(crash_job, nth):
+    make, reference = crash_job
+    job = make(f"enospc-{nth}")
+    env = {**child_env(), "BULKINFER_FAIL_WRITE": str(nth)}
+    failed = subprocess.run(
+        [sys.executable, "-m", "bulkinfer", "run", str(job)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert failed.returncode == 74, failed.stderr
+    assert "No space left on device" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert not list((job.parent / f"enospc-{nth}").rglob(".*.tmp-*"))
+    resumed = cli_subprocess("run", str(job))
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_outputs(job.parent / f"enospc-{nth}", reference)

@@ -15,6 +15,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bulkinfer import faults
+
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -27,6 +29,7 @@ def fsync_dir(path: Path) -> None:
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        faults.write_attempt(path)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -59,6 +62,7 @@ def write_json_atomic(path: Path, obj) -> None:
 
 def append_line_durable(path: Path, line: str) -> None:
     """Append one line and fsync: the manifest's commit point for a part."""
+    faults.write_attempt(path)
     with open(path, "a", encoding="utf-8") as f:
         f.write(line + "\n")
         f.flush()
