@@ -19,6 +19,7 @@ class TokenBudget:
     max_tokens: int
     max_batch_size: int
     new_tokens_per_row: int = 0
+    max_padding: float = 1.0
 
     def rows_fitting(self, longest: int) -> int:
         per_row = longest + self.new_tokens_per_row
@@ -46,16 +47,32 @@ def sort_by_length(rows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def pack_sorted(order: np.ndarray, lengths: np.ndarray, budget: TokenBudget) -> list[Batch]:
-    """Cut rows sorted longest-first into batches: each takes as many rows as fit its first row."""
+    """Cut rows sorted longest-first into batches: each takes as many rows as fit its first row,
+    but stops early once it is a quarter full and more rows would push its padding past
+    `max_padding` (a big budget must not pack 2,000-token rows with 200-token ones)."""
     batches = []
     start = 0
     while start < len(order):
         longest = int(lengths[order[start]])
         stop = min(len(order), start + budget.rows_fitting(longest))
+        stop = start + _rows_within_padding(lengths[order[start:stop]], longest, budget)
         rows = order[start:stop]
         batches.append(Batch(len(batches), rows, longest, int(lengths[rows].sum())))
         start = stop
     return batches
+
+
+def _rows_within_padding(candidates: np.ndarray, longest: int, budget: TokenBudget) -> int:
+    """How many of the candidate rows (longest first) to take before padding gets too high."""
+    if budget.max_padding >= 1.0 or len(candidates) <= 1:
+        return len(candidates)
+    per_row = longest + budget.new_tokens_per_row
+    n = np.arange(1, len(candidates) + 1)
+    real = np.cumsum(candidates + budget.new_tokens_per_row)
+    padding = 1.0 - real / (n * per_row)
+    too_much = (padding > budget.max_padding) & (n * per_row >= budget.max_tokens / 4)
+    first_bad = np.flatnonzero(too_much)
+    return int(first_bad[0]) if len(first_bad) else len(candidates)
 
 
 def pack_in_order(order: np.ndarray, lengths: np.ndarray, budget: TokenBudget) -> list[Batch]:

@@ -100,7 +100,10 @@ def check_output_columns(spec: JobSpec, task) -> None:
 
 
 def token_budget(spec: JobSpec, max_tokens: int, new_tokens_per_row: int) -> TokenBudget:
-    return TokenBudget(max_tokens, spec.batching.max_batch_size, new_tokens_per_row)
+    batching = spec.batching
+    return TokenBudget(
+        max_tokens, batching.max_batch_size, new_tokens_per_row, batching.max_padding
+    )
 
 
 def run_job(spec: JobSpec, overwrite: bool = False) -> int:

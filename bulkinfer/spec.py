@@ -109,8 +109,12 @@ class BatchingSpec:
     max_tokens: int | Auto = "auto"
     max_batch_size: int = 256
     sort: Literal["length", "none"] = "length"
+    # A batch at least a quarter full stops taking rows that would push its padding past this.
+    max_padding: float = 0.1
 
     def validate(self, key: str) -> None:
+        if not 0.0 <= self.max_padding <= 1.0:
+            raise SpecError(f"{key}.max_padding: {self.max_padding} must be between 0 and 1")
         if self.max_tokens != "auto":
             _at_least(self.max_tokens, 16, f"{key}.max_tokens")
         _at_least(self.max_batch_size, 1, f"{key}.max_batch_size")

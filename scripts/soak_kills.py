@@ -41,7 +41,9 @@ def committed_rows(out: Path) -> int:
     manifest = out / "checkpoint" / "manifest.jsonl"
     if not manifest.exists():
         return 0
-    return sum(json.loads(line)["rows"] for line in manifest.read_text().splitlines() if line.strip())
+    return sum(
+        json.loads(line)["rows"] for line in manifest.read_text().splitlines() if line.strip()
+    )
 
 
 def run_once(job: Path, out: Path, kill_after: float) -> tuple[bool, int]:
@@ -102,7 +104,10 @@ def main() -> None:
             break
         kills += 1
         recomputed.append(lost_work)
-        print(f"kill {kills}: {committed_rows(out):,} rows committed, {lost_work:,} to recompute", flush=True)
+        print(
+            f"kill {kills}: {committed_rows(out):,} rows committed, {lost_work:,} to recompute",
+            flush=True,
+        )
     ids = ds.dataset(out / "outputs", format="parquet").to_table(columns=["id"]).column("id")
     unique = len(set(ids.to_pylist()))
     lost = args.rows - unique

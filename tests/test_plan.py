@@ -17,6 +17,7 @@ budget_strategy = st.builds(
     max_tokens=st.integers(min_value=16, max_value=20000),
     max_batch_size=st.integers(min_value=1, max_value=300),
     new_tokens_per_row=st.integers(min_value=0, max_value=256),
+    max_padding=st.sampled_from([1.0, 0.1, 0.0, 0.3]),
 )
 
 
@@ -33,6 +34,9 @@ def test_every_row_in_exactly_one_batch_and_budget_kept(lengths, budget, sort):
         assert b.real_tokens == lengths[b.rows].sum()
         cost = len(b.rows) * (b.longest + budget.new_tokens_per_row)
         assert cost <= budget.max_tokens or len(b.rows) == 1
+        if sort:
+            real = b.real_tokens + len(b.rows) * budget.new_tokens_per_row
+            assert 1 - real / cost <= budget.max_padding + 1e-9 or cost < budget.max_tokens / 4
 
 
 @settings(max_examples=200, deadline=None)

@@ -151,7 +151,8 @@ class HFEngine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         keys = torch.tensor(row_keys, dtype=torch.int64, device=self.device)
         limits = torch.tensor(max_new, device=self.device)
-        eos = torch.tensor(sorted(self.eos_ids) or [-1], device=self.device)
+        eos_ids = [] if params.ignore_eos else sorted(self.eos_ids)
+        eos = torch.tensor(eos_ids or [-1], device=self.device)
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)

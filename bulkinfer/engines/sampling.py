@@ -22,6 +22,7 @@ class SamplingParams:
     top_k: int = 0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks: decode to max_new_tokens whatever the model says
 
     @property
     def greedy(self) -> bool:
