@@ -12,6 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 
 
+# Padded tokens from which a batch counts as big enough to keep an accelerator busy.
+FULL_BATCH_TOKENS = 8192
+
+
 @dataclass(frozen=True)
 class TokenBudget:
     """Limits of one batch: padded tokens (including new tokens per row) and rows."""
@@ -48,8 +52,9 @@ def sort_by_length(rows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 def pack_sorted(order: np.ndarray, lengths: np.ndarray, budget: TokenBudget) -> list[Batch]:
     """Cut rows sorted longest-first into batches: each takes as many rows as fit its first row,
-    but stops early once it is a quarter full and more rows would push its padding past
-    `max_padding` (a big budget must not pack 2,000-token rows with 200-token ones)."""
+    but stops early, once it holds enough work to keep the device busy (a quarter of the budget,
+    or FULL_BATCH_TOKENS), where more rows would push its padding past `max_padding`: a big GPU
+    budget must not pack 2,000-token rows with 200-token ones."""
     batches = []
     start = 0
     while start < len(order):
@@ -70,7 +75,8 @@ def _rows_within_padding(candidates: np.ndarray, longest: int, budget: TokenBudg
     n = np.arange(1, len(candidates) + 1)
     real = np.cumsum(candidates + budget.new_tokens_per_row)
     padding = 1.0 - real / (n * per_row)
-    too_much = (padding > budget.max_padding) & (n * per_row >= budget.max_tokens / 4)
+    full_enough = n * per_row >= min(budget.max_tokens / 4, FULL_BATCH_TOKENS)
+    too_much = (padding > budget.max_padding) & full_enough
     first_bad = np.flatnonzero(too_much)
     return int(first_bad[0]) if len(first_bad) else len(candidates)
 
