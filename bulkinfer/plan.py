@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
 # Padded tokens from which a batch counts as big enough to keep an accelerator busy.
 FULL_BATCH_TOKENS = 8192
 
@@ -68,8 +67,12 @@ def pack_sorted(order: np.ndarray, lengths: np.ndarray, budget: TokenBudget) -> 
 
 
 def _rows_within_padding(candidates: np.ndarray, longest: int, budget: TokenBudget) -> int:
-    """How many of the candidate rows (longest first) to take before padding gets too high."""
-    if budget.max_padding >= 1.0 or len(candidates) <= 1:
+    """How many of the candidate rows (longest first) to take before padding gets too high.
+
+    Generation is exempt: its cost is the decode steps, which a bigger batch shares among more
+    rows, so cutting a batch to save prefill padding would cost far more than it saves (measured:
+    4x slower on an H100, docs/perf.md)."""
+    if budget.max_padding >= 1.0 or budget.new_tokens_per_row > 0 or len(candidates) <= 1:
         return len(candidates)
     per_row = longest + budget.new_tokens_per_row
     n = np.arange(1, len(candidates) + 1)

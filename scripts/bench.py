@@ -356,12 +356,6 @@ def generate_section(shape, model, tokenizer, engine, args, device) -> list[dict
     rows.append(
         _gen_row(shape, "model.generate, file order, batch 64", base, model, lengths, 64, device)
     )
-    if not args.skip_generate_batch:
-        reset_peak(device)
-        cb = baseline_generate_batch(model, prompts, new, device)
-        rows.append(
-            _gen_row(shape, "generate_batch, default config", cb, model, lengths, 64, device)
-        )
     reset_peak(device)
     prepared, _ = bulk_prepare(tokenizer, prompts, TaskSpec(type="generate", max_new_tokens=new))
     budget = TokenBudget(args.max_tokens or _auto(model, device, generate=True), 256, new, 0.1)

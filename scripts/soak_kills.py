@@ -28,7 +28,21 @@ PROGRESS = re.compile(r"\] ([\d,]+)/([\d,]+) rows")
 
 
 def make_input(path: Path, rows: int) -> None:
-    words = "the quick brown fox jumps over the lazy dog and runs far away".split()
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "the",
+        "lazy",
+        "dog",
+        "and",
+        "runs",
+        "far",
+        "away",
+    ]
     rng = random.Random(0)
     with open(path, "w", encoding="utf-8") as f:
         for i in range(rows):
