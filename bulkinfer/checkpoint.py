@@ -180,6 +180,8 @@ def open_job_folder(
     if root.exists() and not root.is_dir():
         raise OutputFolderError(f"output.path: {root} exists and is not a folder")
     existing = _read_job(layout)
+    if existing is not None and not overwrite and not _has_results(layout):
+        overwrite = True  # a job that never committed a row can be replaced: nothing is lost
     if existing is not None and not overwrite:
         mismatch = [
             k for k in ("spec", "model", "input") if existing["fingerprint"].get(k) != prints[k]
@@ -207,6 +209,11 @@ def save_job(layout: OutputLayout, job: dict) -> None:
     layout.root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(layout.job_file, job)
     layout.parts_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _has_results(layout: OutputLayout) -> bool:
+    manifest = layout.manifest
+    return (manifest.exists() and manifest.stat().st_size > 0) or layout.outputs_dir.exists()
 
 
 def _read_job(layout: OutputLayout) -> dict | None:

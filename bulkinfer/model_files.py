@@ -149,7 +149,7 @@ def load_tokenizer(spec: ModelSpec):
             gguf = gguf_file(resolve_model_path(spec.path))
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"model.path: cannot load a tokenizer from {spec.path}: {exc}") from None
+        raise model_error(f"cannot load a tokenizer from {spec.path}", exc) from None
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(f"model.path: {spec.path} has no fast tokenizer (tokenizer.json)")
     return tokenizer
@@ -165,9 +165,7 @@ def load_config(spec: ModelSpec):
         gguf = gguf_file(resolve_model_path(spec.path))
         return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (OSError, ValueError) as exc:
-        raise ModelError(
-            f"model.path: cannot read the model config of {spec.path}: {exc}"
-        ) from None
+        raise model_error(f"cannot read the model config of {spec.path}", exc) from None
 
 
 def model_context(config, spec: ModelSpec) -> int | None:
@@ -187,3 +185,12 @@ def model_identity(spec: ModelSpec) -> dict:
     path = resolve_model_path(spec.path)
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
     return {"path": str(path), "files": {p.name: p.stat().st_size for p in files}}
+
+
+def model_error(what: str, exc: BaseException) -> ModelError:
+    """One line from a loader's (often multi-line) exception, with the fix where we know it."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if "trust_remote_code" in text:
+        first = "the model folder contains custom code; set model.trust_remote_code: true only if you trust it"
+    return ModelError(f"model.path: {what}: {first}")

@@ -203,3 +203,13 @@ def test_on_error_fail_stops_at_the_first_bad_row(tmp_path, tiny_model):
         cli("run", str(job), "--set", "on_error=fail"), "in.jsonl:3", "prompt is null", "on_error"
     )
     assert cli("run", str(job), "--set", "on_error=record").exit_code == 0
+
+
+def test_fixing_the_input_after_a_failed_start_just_works(tmp_path, tiny_model):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"prompt": "the fox"}\n{"prompt": oops}\n')
+    job = _job(tmp_path, tiny_model, path)
+    _fails_cleanly(cli("run", str(job)), "in.jsonl:2")
+    path.write_text('{"prompt": "the fox"}\n{"prompt": "the dog"}\n')
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output

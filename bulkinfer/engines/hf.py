@@ -17,7 +17,7 @@ import torch
 
 from bulkinfer.engines.sampling import SamplingParams, choose_next_tokens
 from bulkinfer.errors import ModelError
-from bulkinfer.model_files import local_model_folder
+from bulkinfer.model_files import local_model_folder, model_error
 from bulkinfer.spec import ModelSpec
 
 # Models whose logits are not just lm_head(hidden): chunked scoring must not skip that step.
@@ -92,8 +92,8 @@ class HFEngine:
                 use_safetensors=None if spec.allow_pickle else True,
                 attn_implementation=spec.attn_implementation or "sdpa",
             )
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"model.path: cannot load {spec.path}: {_first_line(exc)}") from None
+        except Exception as exc:  # any loader failure here is a model the user must fix
+            raise model_error(f"cannot load the weights of {spec.path}", exc) from None
         model.to(device).eval()
         return cls(model, tokenizer, device)
 
