@@ -22,6 +22,9 @@ class BulkinferGroup(click.Group):
         except UserError as exc:
             click.echo(f"bulkinfer: error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("bulkinfer: interrupted; committed work is kept, rerun to resume", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=BulkinferGroup, context_settings={"help_option_names": ["-h", "--help"]})

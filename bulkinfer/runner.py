@@ -65,7 +65,7 @@ class Inputs:
 
 def read_inputs(spec: JobSpec, files: list[str] | None = None) -> Inputs:
     """Read and tokenize the whole input; user errors surface here, before any GPU time."""
-    files = files or resolve_input_files(spec.input.path, spec.input.format)
+    files = files or resolve_input_files(spec.input.path, spec.input.format, spec.output.path)
     columns = column_names(spec, files[0])
     tokenizer = load_tokenizer(spec.model)
     config = load_config(spec.model)
@@ -116,7 +116,7 @@ def run_job(spec: JobSpec, overwrite: bool = False) -> int:
 def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool) -> int:
     started = time.monotonic()
     run_id = uuid.uuid4().hex[:12]
-    files = resolve_input_files(spec.input.path, spec.input.format)
+    files = resolve_input_files(spec.input.path, spec.input.format, spec.output.path)
     prints = fingerprint(spec.to_dict(), model_identity(spec.model), input_files_digest(files))
     folder = open_job_folder(layout, prints, spec.to_dict(), overwrite)
     if folder.finished:

@@ -338,3 +338,26 @@ def test_paths_in_the_spec_are_spec_relative_and_command_line_paths_cwd_relative
         "q-0001",
         "q-0002",
     ]
+
+
+def test_parquet_messages_column_and_output_folder_inside_the_input_folder(tmp_path, tiny_model):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [
+        {"id": i, "messages": [{"role": "user", "content": p["prompt"]}], "source": p["source"]}
+        for i, p in enumerate(sample_prompts(6))
+    ]
+    write_parquet(data / "chats.parquet", rows)
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        data,
+        data / "out",
+        input={"prompt_column": "messages", "keep_columns": ["source"]},
+    )
+    for _ in range(2):  # the rerun must not read the first run's outputs as input
+        result = cli("run", str(job))
+        assert result.exit_code == 0, result.output
+    out = read_outputs(data / "out")
+    assert out.column("id").to_pylist() == list(range(6))
+    assert out.column("error").null_count == 6

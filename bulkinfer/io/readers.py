@@ -58,8 +58,13 @@ class InputChunk:
         return f"{self.path}: row {self.first_row_in_file + i}"
 
 
-def resolve_input_files(patterns: list[str], fmt: str = "auto") -> list[str]:
-    """Expand files, folders and globs into a sorted, de-duplicated list of data files."""
+def resolve_input_files(
+    patterns: list[str], fmt: str = "auto", exclude: str | None = None
+) -> list[str]:
+    """Expand files, folders and globs into a sorted, de-duplicated list of data files.
+
+    Files under `exclude` (the job's own output folder, when it sits inside an input folder)
+    are never inputs."""
     files: list[str] = []
     for pattern in patterns:
         if os.path.isdir(pattern):
@@ -79,6 +84,11 @@ def resolve_input_files(patterns: list[str], fmt: str = "auto") -> list[str]:
                 raise InputError(f"{pattern}: matches no file")
         files.extend(found)
     unique = list(dict.fromkeys(os.path.abspath(f) for f in files))
+    if exclude is not None:
+        inside = os.path.abspath(exclude) + os.sep
+        unique = [f for f in unique if not f.startswith(inside)]
+        if not unique:
+            raise InputError(f"{', '.join(patterns)}: no input files outside the output folder")
     for f in unique:
         file_format(f, fmt)
     return unique
