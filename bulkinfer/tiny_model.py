@@ -61,33 +61,39 @@ def build_tiny_model(
     max_context: int = 512,
     seed: int = 0,
 ) -> Path:
-    """Save a random-weight causal LM (llama, qwen2 or gpt2 shape) and its tokenizer to `folder`."""
+    """Save a random-weight causal LM and its tokenizer to `folder`; `arch` is a transformers
+    model type (llama, qwen2, qwen3, mistral, gemma2, phi3, gpt_neox, gpt2, ...)."""
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer()
     vocab = len(tokenizer)
     common = dict(
-        vocab_size=vocab, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        vocab_size=vocab,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
     )
     if arch == "gpt2":
         config = GPT2Config(
             n_embd=hidden, n_layer=layers, n_head=4, n_positions=max_context, **common
         )
     else:
-        cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
-        config = cls(
+        shape = dict(
             hidden_size=hidden,
             intermediate_size=hidden * 2,
             num_hidden_layers=layers,
             num_attention_heads=4,
-            num_key_value_heads=2,
             max_position_embeddings=max_context,
             tie_word_embeddings=False,
-            **common,
         )
+        if arch != "gpt_neox":
+            shape.update(num_key_value_heads=2, head_dim=hidden // 4)
+        if arch in ("mistral", "gemma2", "gemma3_text"):
+            shape["sliding_window"] = 16  # shorter than most test prompts: the window matters
+        config = AutoConfig.for_model(arch, **shape, **common)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     # Larger logits than the default init make greedy choices well separated, not near-ties.

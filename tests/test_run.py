@@ -361,3 +361,38 @@ def test_parquet_messages_column_and_output_folder_inside_the_input_folder(tmp_p
     out = read_outputs(data / "out")
     assert out.column("id").to_pylist() == list(range(6))
     assert out.column("error").null_count == 6
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma2", "gpt_neox"])
+def test_other_architectures_match_transformers(tmp_path, arch):
+    from bulkinfer.tiny_model import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / arch, arch=arch)
+    rows = sample_prompts(10)
+    inputs = write_jsonl(tmp_path / "in.jsonl", rows)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    for task in ("generate", "score"):
+        job = write_job(
+            tmp_path / f"{task}.yaml",
+            model_dir,
+            inputs,
+            tmp_path / task,
+            task={"type": task, "max_new_tokens": 5, "chat_template": "never"},
+        )
+        result = cli("run", str(job))
+        assert result.exit_code == 0, result.output
+        out = read_outputs(tmp_path / task).to_pylist()
+        for row, got in zip(rows, out, strict=True):
+            ids = tokenizer(row["prompt"], return_tensors="pt")
+            if task == "generate":
+                ref = model.generate(**ids, max_new_tokens=5, do_sample=False)
+                text = tokenizer.decode(
+                    ref[0, ids["input_ids"].shape[1] :], skip_special_tokens=True
+                )
+                assert got["text"] == text
+            else:
+                with torch.no_grad():
+                    logprobs = model(ids["input_ids"]).logits[0, :-1].float().log_softmax(-1)
+                expected = logprobs.gather(-1, ids["input_ids"][0, 1:, None]).sum().item()
+                assert got["logprob_sum"] == pytest.approx(expected, rel=1e-4)

@@ -90,7 +90,8 @@ class HFEngine:
                 dtype=dtype,
                 trust_remote_code=spec.trust_remote_code,
                 use_safetensors=None if spec.allow_pickle else True,
-                attn_implementation=spec.attn_implementation or "sdpa",
+                # None lets transformers pick: SDPA where the architecture supports it.
+                attn_implementation=spec.attn_implementation,
             )
         except Exception as exc:  # any loader failure here is a model the user must fix
             raise model_error(f"cannot load the weights of {spec.path}", exc) from None
