@@ -60,6 +60,14 @@ class OutputLayout:
     def summary(self) -> Path:
         return self.root / "summary.json"
 
+    @property
+    def heartbeat(self) -> Path:
+        return self.root / "heartbeat"
+
+    @property
+    def failed(self) -> Path:
+        return self.root / "failed.json"
+
     def ours(self) -> list[Path]:
         """What --overwrite removes: only files bulkinfer made, never the user's own."""
         return [
@@ -70,6 +78,9 @@ class OutputLayout:
             self.summary,
             self.root / "outputs.tmp",
             self.root / "outputs.old",
+            self.heartbeat,
+            self.failed,
+            self.root / "shards",
         ]
 
 
@@ -97,6 +108,10 @@ def fingerprint(spec_dict: dict, model: dict, inputs: dict) -> dict[str, str]:
     spec_part = {k: v for k, v in spec_dict.items() if k not in NOT_IN_FINGERPRINT}
     spec_part = {**spec_part, "input": {**spec_part["input"], "path": None}}
     return {"spec": _hash(spec_part), "model": _hash(model), "input": _hash(inputs)}
+
+
+def fingerprint_mismatch(recorded: dict, current: dict) -> list[str]:
+    return [k for k in current if recorded.get(k) != current[k]]
 
 
 def _hash(obj) -> str:
@@ -241,6 +256,7 @@ def _mismatch_message(root: Path, mismatch: list[str]) -> str:
         "spec": "the job spec differs",
         "model": "the model files differ",
         "input": "the input files changed since the checkpoint was written",
+        "shard": "it was split into a different number of shards",
     }
     reasons = "; ".join(what[k] for k in mismatch)
     return (

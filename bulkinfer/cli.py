@@ -50,17 +50,137 @@ def _load(job: str, overrides: tuple[str, ...], output: str | None):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--output", "-o", default=None, help="Output folder (overrides output.path).")
 @click.option("--overwrite", is_flag=True, help="Discard an existing job in the output folder.")
-def run(job: str, overrides: tuple[str, ...], output: str | None, overwrite: bool) -> None:
+@click.option(
+    "--shard", default=None, metavar="I/N", help="Run shard I of N (default: from Slurm)."
+)
+@click.option("--gpus", default=None, metavar="N|all", help="One worker per GPU, then one merge.")
+def run(job, overrides, output, overwrite, shard, gpus) -> None:
     """Run a job, or resume it where it stopped.
 
     \b
-    Example:
+    Examples:
       bulkinfer run jobs/sample.yaml --set task.max_new_tokens=32 --output out/try
+      bulkinfer run jobs/sample.yaml --gpus all        # 8 GPUs: 8 shards, one merge
+      bulkinfer run jobs/sample.yaml --shard 3/64      # what Slurm array task 3 of 64 runs
     """
     from bulkinfer.runner import run_job
+    from bulkinfer.sharding import parse_shard, shard_from_env
 
     spec = _load(job, overrides, output)
-    sys.exit(run_job(spec, overwrite=overwrite))
+    if gpus is not None:
+        from bulkinfer.executors.local import run_workers, worker_count
+
+        count, devices = worker_count(gpus)
+        args = [job, *(f"--set={o}" for o in overrides), "--output", spec.output.path]
+        sys.exit(run_workers(args + (["--overwrite"] if overwrite else []), count, devices))
+    chosen = parse_shard(shard) if shard else shard_from_env()
+    sys.exit(run_job(spec, overwrite=overwrite, shard=chosen))
+
+
+@main.command()
+@click.argument("output", type=click.Path(file_okay=False))
+def status(output: str) -> None:
+    """Per shard: state, rows done, tokens/s; and the job's ETA. Reads files only.
+
+    \b
+    Example:
+      bulkinfer status out/my-job
+    """
+    from pathlib import Path
+
+    from bulkinfer.errors import UserError
+    from bulkinfer.status import format_status, job_states
+
+    root = Path(output)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such output folder")
+    click.echo(format_status(root, job_states(root)))
+
+
+@main.command()
+@click.argument("output", type=click.Path(file_okay=False))
+def merge(output: str) -> None:
+    """Assemble the shards' outputs into OUT/outputs (refuses while a shard is unfinished).
+
+    \b
+    Example:
+      bulkinfer merge out/my-job
+    """
+    from pathlib import Path
+
+    from bulkinfer.merge import merge_shards
+
+    summary = merge_shards(Path(output))
+    click.echo(
+        f"merged {summary['shards']} shards: {summary['rows_out']:,} rows in {output}/outputs"
+    )
+
+
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option(
+    "--array",
+    "array",
+    type=click.IntRange(min=1),
+    required=True,
+    help="Number of array tasks (shards).",
+)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--output", "-o", default=None, help="Output folder (overrides output.path).")
+@click.option("--gpus-per-task", type=click.IntRange(min=0), default=0)
+@click.option("--partition", default=None)
+@click.option("--time", "time_limit", default=None, help="Slurm time limit, e.g. 04:00:00.")
+@click.option("--account", default=None)
+@click.option("--cpus-per-task", type=click.IntRange(min=1), default=None)
+@click.option("--mem", default=None, help="Memory per task, e.g. 64G.")
+@click.option(
+    "--grace",
+    type=click.IntRange(min=1),
+    default=120,
+    help="Seconds of warning before the time limit.",
+)
+@click.option("--dry-run", is_flag=True, help="Print the sbatch script instead of submitting it.")
+def slurm(
+    job,
+    array,
+    overrides,
+    output,
+    gpus_per_task,
+    partition,
+    time_limit,
+    account,
+    cpus_per_task,
+    mem,
+    grace,
+    dry_run,
+) -> None:
+    """Submit the job as a Slurm array: one shard per task, requeued on preemption.
+
+    \b
+    Example:
+      bulkinfer slurm jobs/sample.yaml --array 64 --gpus-per-task 1 --time 04:00:00 --dry-run
+    """
+    from pathlib import Path
+
+    from bulkinfer.executors.slurm import SlurmOptions, sbatch_script, submit
+    from bulkinfer.io.atomic import write_bytes_atomic
+
+    spec = _load(job, overrides, output)
+    root = Path(spec.output.path)
+    options = SlurmOptions(
+        array, gpus_per_task, partition, time_limit, account, cpus_per_task, mem, grace
+    )
+    script = sbatch_script(Path(job).resolve(), root, [f"--set={o}" for o in overrides], options)
+    if dry_run:
+        click.echo(script)
+        return
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    path = root / "sbatch.sh"
+    write_bytes_atomic(path, script.encode())
+    job_id = submit(path)
+    click.echo(
+        f"submitted array job {job_id} ({array} tasks); follow it with: bulkinfer status {root}"
+    )
 
 
 @main.command()

@@ -139,3 +139,20 @@ def length_histogram(lengths: np.ndarray, bins: int = 10) -> list[tuple[int, int
         (int(lo), int(hi) - 1, int(c))
         for lo, hi, c in zip(edges[:-1], edges[1:], counts, strict=True)
     ]
+
+
+def assign_shards(costs: np.ndarray, n_shards: int) -> np.ndarray:
+    """The shard of every row, balanced by cost (tokens), not by row count, so shards finish
+    together. Longest-processing-time first: rows longest first, each to the shard with the least
+    work so far (ties to the lowest shard). Deterministic: same costs and count, same shards."""
+    import heapq
+
+    costs = np.asarray(costs, dtype=np.int64)
+    order = np.lexsort((np.arange(len(costs)), -costs))
+    heap = [(0, k) for k in range(n_shards)]
+    shard_of = np.empty(len(costs), dtype=np.int32)
+    for row in order.tolist():
+        total, k = heapq.heappop(heap)
+        shard_of[row] = k
+        heapq.heappush(heap, (total + int(costs[row]), k))
+    return shard_of

@@ -42,9 +42,10 @@ from bulkinfer.model_files import (
     model_context,
     model_identity,
 )
-from bulkinfer.plan import Batch, TokenBudget, padding_fraction, plan_batches
+from bulkinfer.plan import Batch, TokenBudget, assign_shards, padding_fraction, plan_batches
 from bulkinfer.prepare import PreparedRows, prepare_rows, prepared_location, render_options
 from bulkinfer.progress import Progress, log
+from bulkinfer.sharding import Shard
 from bulkinfer.spec import JobSpec
 from bulkinfer.stats import BatchStats, format_summary, stats_table, summarize
 from bulkinfer.tasks.base import make_task
@@ -88,6 +89,35 @@ def column_names(spec: JobSpec, first_file: str) -> ColumnNames:
     )
 
 
+def shard_rows(prepared: PreparedRows, task, shard: Shard | None) -> np.ndarray:
+    """The input rows this process answers for: all of them, or its shard's, balanced by tokens."""
+    if shard is None:
+        return np.arange(prepared.num_rows)
+    costs = prepared.lengths + task.new_tokens_per_row()
+    return np.flatnonzero(assign_shards(costs, shard.count) == shard.index)
+
+
+def all_shards_done(root: Path, count: int) -> bool:
+    from bulkinfer.status import shard_states
+
+    return all(s.state == "done" for s in shard_states(root, count))
+
+
+@contextmanager
+def failure_recorded(layout: OutputLayout, shard: Shard | None):
+    """A shard that dies of an error leaves failed.json, so `bulkinfer status` can say so."""
+    if shard is None:
+        yield
+        return
+    layout.failed.unlink(missing_ok=True)
+    try:
+        yield
+    except Exception as exc:
+        if layout.root.exists():
+            write_json_atomic(layout.failed, {"error": f"{type(exc).__name__}: {_first_line(exc)}"})
+        raise
+
+
 def check_output_columns(spec: JobSpec, task) -> None:
     """A kept input column must not shadow an output column of the task."""
     taken = {"id", "error", *task.schema.names}
@@ -106,18 +136,32 @@ def token_budget(spec: JobSpec, max_tokens: int, new_tokens_per_row: int) -> Tok
     )
 
 
-def run_job(spec: JobSpec, overwrite: bool = False) -> int:
-    """Run or resume a job; returns the process exit code."""
-    layout = OutputLayout(Path(spec.output.path))
-    with writes_reported(layout):
-        return _run_job(spec, layout, overwrite)
+def run_job(spec: JobSpec, overwrite: bool = False, shard: Shard | None = None) -> int:
+    """Run or resume a job, or one shard of it; returns the process exit code.
+
+    A shard works in its own folder under OUT/shards/; the shard that finishes last merges."""
+    root = Path(spec.output.path)
+    layout = OutputLayout(shard.folder(root) if shard else root)
+    with writes_reported(layout), failure_recorded(layout, shard):
+        code = _run_job(spec, layout, overwrite, shard)
+    if code == 0 and shard is not None and all_shards_done(root, shard.count):
+        from bulkinfer.merge import merge_shards
+
+        with writes_reported(OutputLayout(root)):
+            summary = merge_shards(root)
+        log(
+            f"all {shard.count} shards done: merged {summary['rows_out']:,} rows into {root / 'outputs'}"
+        )
+    return code
 
 
-def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool) -> int:
+def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard | None) -> int:
     started = time.monotonic()
     run_id = uuid.uuid4().hex[:12]
     files = resolve_input_files(spec.input.path, spec.input.format, spec.output.path)
     prints = fingerprint(spec.to_dict(), model_identity(spec.model), input_files_digest(files))
+    if shard is not None:
+        prints["shard"] = str(shard)
     folder = open_job_folder(layout, prints, spec.to_dict(), overwrite)
     if folder.finished:
         log(f"{layout.root}: this job already finished; nothing to do (--overwrite runs it again)")
@@ -133,6 +177,7 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool) -> int:
         )
     task = make_task(spec.task, inputs.tokenizer, inputs.max_context)
     check_output_columns(spec, task)
+    mine = shard_rows(prepared, task, shard)
 
     from bulkinfer.engines.hf import HFEngine
     from bulkinfer.engines.memory import auto_token_budget
@@ -145,9 +190,10 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool) -> int:
             dtype = engine.model.dtype
             max_tokens = auto_token_budget(inputs.config, engine.device, dtype, generate)
         folder.job["max_tokens"] = max_tokens
+    folder.job["rows"] = len(mine)
     save_job(layout, folder.job)
     budget = token_budget(spec, folder.job["max_tokens"], task.new_tokens_per_row())
-    runnable = prepared.runnable_rows()
+    runnable = np.intersect1d(prepared.runnable_rows(), mine)
     batches = plan_batches(runnable, prepared.lengths, budget, spec.batching.sort == "length")
     file_order_padding = padding_fraction(
         plan_batches(runnable, prepared.lengths, budget, sort=False)
@@ -159,8 +205,9 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool) -> int:
     todo = [b for b in batches if b.index not in done]
     if folder.resumed:
         log(f"resuming: {len(batches) - len(todo)} of {len(batches)} batches already done")
+    where = f"shard {shard}: " if shard else ""
     log(
-        f"{prepared.num_rows:,} rows, {len(batches):,} batches, budget {budget.max_tokens:,} tokens, "
+        f"{where}{len(mine):,} rows, {len(batches):,} batches, budget {budget.max_tokens:,} tokens, "
         f"padding {padding_fraction(batches):.1%}, device {engine.device_name}"
     )
     schema = part_schema(task.schema)
@@ -175,6 +222,7 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool) -> int:
                 raise RowFailedError(_first_failure(prepared, table))
             writer.add(table, batch.index, stats.to_dict(), time.monotonic() - started)
             progress.update(batch, stats.real_tokens + stats.new_tokens)
+            layout.heartbeat.touch()
             if stop.signum is not None:
                 break
         writer.flush(time.monotonic() - started)
@@ -185,7 +233,9 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool) -> int:
                 f"stopped by {name}: the batch in flight was written; rerun the same command to resume"
             )
             return 128 + stop.signum
-    summary = finish_job(layout, manifest, prepared, schema, run_id, started)
+    summary = finish_job(
+        layout, manifest, prepared, schema, run_id, started, mine, shard is not None
+    )
     summary.update(
         task=task.name, device=engine.device_name, padding_fraction_file_order=file_order_padding
     )
@@ -232,10 +282,14 @@ def run_batch(task, engine, prepared: PreparedRows, batch: Batch, schema) -> tup
     return pa.concat_tables(tables), stats
 
 
-def finish_job(layout, manifest, prepared, schema, run_id, started) -> dict:
-    """Assemble the final dataset and the per-batch stats; returns the summary to write last."""
-    errors = error_rows_table(prepared.row_errors, schema)
-    results = assemble_outputs(layout, manifest, errors, prepared.ids, prepared.keep)
+def finish_job(layout, manifest, prepared, schema, run_id, started, rows, keep_row) -> dict:
+    """Assemble the final dataset (or this shard's part of it) and the per-batch stats; returns
+    the summary to write last."""
+    row_errors = {r: m for r, m in prepared.row_errors.items() if r in set(rows.tolist())}
+    errors = error_rows_table(row_errors, schema)
+    results = assemble_outputs(
+        layout, manifest, errors, prepared.ids, prepared.keep, rows, keep_row=keep_row
+    )
     n_errors = results.num_rows - results.column("error").null_count
     records = [(r.run, s) for r in manifest.records for s in r.stats]
     write_stats(layout, stats_table(records))
@@ -246,7 +300,7 @@ def finish_job(layout, manifest, prepared, schema, run_id, started) -> dict:
     wall = sum(earlier.values()) + (time.monotonic() - started)
     summary = summarize(
         stats=[s for _, s in records],
-        rows_in=prepared.num_rows,
+        rows_in=len(rows),
         rows_out=results.num_rows,
         rows_by_status={"ok": results.num_rows - n_errors, "error": n_errors},
         wall_seconds=wall,
@@ -283,7 +337,8 @@ class _StopFlag:
 
 @contextmanager
 def stop_signals():
-    """SIGTERM/SIGINT ask the loop to stop after the batch in flight; a second SIGINT aborts."""
+    """SIGTERM, SIGINT and SIGUSR1 ask the loop to stop after the batch in flight; a second
+    SIGINT aborts."""
     flag = _StopFlag()
     previous = {}
 
@@ -293,7 +348,7 @@ def stop_signals():
         flag.signum = signum
         log(f"{signal.Signals(signum).name} received: finishing the batch in flight, then stopping")
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # USR1: Slurm's time warning
         previous[sig] = signal.signal(sig, handler)
     try:
         yield flag

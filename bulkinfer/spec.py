@@ -326,9 +326,9 @@ def _resolve_paths(spec: JobSpec, base: Path, from_command_line: set[str]) -> Jo
     def resolve(p: str, key: str) -> str:
         expanded = os.path.expanduser(os.path.expandvars(p))
         if os.path.isabs(expanded):
-            return expanded
+            return os.path.normpath(expanded)
         root = Path.cwd() if key in from_command_line else base
-        return str(root / expanded)
+        return os.path.normpath(root / expanded)
 
     model_path = spec.model.path
     if not model_path.startswith(PACKAGE_PREFIX):

@@ -88,3 +88,25 @@ def test_plan_command_reports_padding_without_loading_weights(tmp_path, tiny_mod
     text = cli("plan", str(job))
     assert "sorted and packed" in text.output and "file order" in text.output
     assert not (tmp_path / "out").exists()
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths=lengths_strategy, n=st.integers(min_value=1, max_value=9))
+def test_every_row_in_exactly_one_shard(lengths, n):
+    from bulkinfer.plan import assign_shards
+
+    shard_of = assign_shards(np.asarray(lengths, dtype=np.int64), n)
+    assert len(shard_of) == len(lengths)
+    assert set(shard_of.tolist()) <= set(range(n))
+    assert np.array_equal(shard_of, assign_shards(np.asarray(lengths, dtype=np.int64), n))
+
+
+def test_shards_of_a_skewed_input_balance_within_five_percent_of_tokens():
+    from bulkinfer.plan import assign_shards
+
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(5, 1.2, 100_000), 1, 32_000).astype(np.int64)
+    for n in (4, 16, 64):
+        totals = np.bincount(assign_shards(lengths, n), weights=lengths, minlength=n)
+        assert totals.max() / totals.mean() - 1 < 0.05
+        assert 1 - totals.min() / totals.mean() < 0.05

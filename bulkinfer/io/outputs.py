@@ -104,36 +104,38 @@ def assemble_outputs(
     error_rows: pa.Table,
     ids: pa.ChunkedArray,
     keep: pa.Table,
+    expected_rows: np.ndarray,
+    keep_row: bool = False,
 ) -> pa.Table:
-    """Write OUT/outputs/*.parquet: every input row once, in input order. Returns the results."""
+    """Write OUT/outputs/*.parquet: every expected input row once, in input order, with its id
+    and kept columns (and its input position `row`, for a shard's part). Returns the results."""
     parts = [pq.read_table(layout.parts_dir / r.file) for r in manifest.records]
-    results = pa.concat_tables([*parts, error_rows.cast(parts[0].schema) if parts else error_rows])
+    results = pa.concat_tables([*parts, error_rows])
     order = np.argsort(results.column("row").to_numpy(), kind="stable")
     results = results.take(order)
-    _check_every_row_once(results.column("row").to_numpy(), len(ids))
-    final = results.drop(["row"])
-    final = pa.table(
-        {
-            "id": ids,
-            **{n: final.column(n) for n in final.column_names},
-            **{n: keep.column(n) for n in keep.column_names},
-        }
-    )
-    _write_output_files(layout, final)
+    check_every_row_once(results.column("row").to_numpy(), expected_rows)
+    take = pa.array(expected_rows)
+    columns = {"id": ids.take(take)}
+    columns.update({n: results.column(n) for n in results.column_names if n != "row"})
+    columns.update({n: keep.column(n).take(take) for n in keep.column_names})
+    if keep_row:
+        columns["row"] = results.column("row")
+    write_output_files(layout, pa.table(columns))
     return results
 
 
-def _check_every_row_once(rows: np.ndarray, n_rows: int) -> None:
-    if len(rows) != n_rows or not np.array_equal(rows, np.arange(n_rows)):
-        missing = np.setdiff1d(np.arange(n_rows), rows)
+def check_every_row_once(rows: np.ndarray, expected: np.ndarray) -> None:
+    """rows_in == rows_out: the sorted result rows must be exactly the expected rows."""
+    if len(rows) != len(expected) or not np.array_equal(rows, expected):
+        missing = np.setdiff1d(expected, rows)
         doubled = len(rows) - len(np.unique(rows))
         raise RuntimeError(
-            f"rows_in != rows_out: {n_rows} input rows, {len(rows)} results "
+            f"rows_in != rows_out: {len(expected)} input rows, {len(rows)} results "
             f"({len(missing)} missing, {doubled} doubled); the checkpoint is inconsistent"
         )
 
 
-def _write_output_files(layout: OutputLayout, table: pa.Table) -> None:
+def write_output_files(layout: OutputLayout, table: pa.Table) -> None:
     """Write into outputs.tmp, then swap it in, so outputs/ is never half written."""
     tmp = layout.root / "outputs.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,60 @@
+"""One node, several workers: one `bulkinfer run --shard i/N` process per GPU (or per CPU worker).
+
+Each worker is an ordinary shard run, so it checkpoints, resumes and merges exactly as a Slurm
+array task does; this module only starts them, passes signals on, and waits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from bulkinfer.errors import SpecError
+
+
+def worker_count(gpus: str) -> tuple[int, list[str] | None]:
+    """`--gpus all` or a number -> (workers, CUDA device ids or None on a machine without GPUs)."""
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == "all":
+        if visible == 0:
+            raise SpecError(
+                "--gpus all: no GPU is visible; give a number to run that many CPU workers"
+            )
+        return visible, [str(i) for i in range(visible)]
+    if not gpus.isdigit() or int(gpus) < 1:
+        raise SpecError(f"--gpus {gpus!r}: expected 'all' or a positive number")
+    count = int(gpus)
+    if visible and count > visible:
+        raise SpecError(f"--gpus {count}: only {visible} GPUs are visible")
+    return count, [str(i) for i in range(count)] if visible else None
+
+
+def run_workers(base_args: list[str], count: int, devices: list[str] | None) -> int:
+    """Start `count` shard workers of the same `bulkinfer run` arguments and wait for all."""
+    procs = []
+    for i in range(count):
+        env = dict(os.environ)
+        if devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = devices[i]
+        cmd = [sys.executable, "-m", "bulkinfer", "run", *base_args, "--shard", f"{i}/{count}"]
+        procs.append(subprocess.Popen(cmd, env=env))
+
+    def forward(signum, frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {
+        sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    }
+    try:
+        codes = [p.wait() for p in procs]
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    failed = [c for c in codes if c != 0]
+    return max(failed, key=abs) if failed else 0

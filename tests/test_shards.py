@@ -1,0 +1,123 @@
+"""Shards: every row in exactly one shard, merged output equal to a single-process run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import cli, cli_subprocess, read_outputs, sample_prompts, write_job, write_jsonl
+
+from bulkinfer.sharding import Shard, shard_from_env
+
+N_ROWS = 60
+
+
+@pytest.fixture(scope="module")
+def shard_job(tmp_path_factory, tiny_model):
+    tmp = tmp_path_factory.mktemp("shards")
+    inputs = write_jsonl(tmp / "in.jsonl", sample_prompts(N_ROWS))
+
+    def make(name: str):
+        return write_job(
+            tmp / f"{name}.yaml",
+            tiny_model,
+            inputs,
+            tmp / name,
+            task={"temperature": 0.7, "seed": 5, "max_new_tokens": 5},
+            input={"keep_columns": ["source"]},
+            batching={"max_tokens": 500, "max_batch_size": 6},
+            checkpoint={"every_rows": 6},
+        )
+
+    single = make("single")
+    assert cli("run", str(single)).exit_code == 0
+    return make, read_outputs(tmp / "single")
+
+
+def _same(out_dir, reference):
+    got = read_outputs(out_dir)
+    assert got.column("id").to_pylist() == reference.column("id").to_pylist()
+    assert got.equals(reference)
+
+
+def test_shards_run_one_by_one_then_merge_automatically(shard_job):
+    make, reference = shard_job
+    job = make("sharded")
+    out = job.parent / "sharded"
+    for i in range(3):
+        result = cli("run", str(job), "--shard", f"{i}/3")
+        assert result.exit_code == 0, result.output
+        assert (out / "outputs").exists() == (i == 2)
+    _same(out, reference)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["shards"] == 3 and summary["rows_out"] == N_ROWS
+    status = cli("status", str(out))
+    assert "3 of 3 shards done" in status.output
+
+
+def test_gpus_flag_runs_one_worker_per_device_and_merges(shard_job):
+    make, reference = shard_job
+    job = make("workers")
+    proc = cli_subprocess("run", str(job), "--gpus", "3")
+    assert proc.returncode == 0, proc.stderr
+    _same(job.parent / "workers", reference)
+
+
+def test_status_and_merge_on_a_half_finished_job_with_a_failed_shard(shard_job):
+    make, _ = shard_job
+    job = make("half")
+    out = job.parent / "half"
+    assert cli("run", str(job), "--shard", "0/3").exit_code == 0
+    (out / "shards" / "shard-00001-of-00003").mkdir(parents=True)
+    (out / "shards" / "shard-00001-of-00003" / "failed.json").write_text(
+        json.dumps({"error": "OutOfMemoryError: CUDA out of memory"})
+    )
+    status = cli("status", str(out))
+    assert status.exit_code == 0
+    lines = status.output.splitlines()
+    assert any("0/3" in line and "done" in line for line in lines)
+    assert any("1/3" in line and "failed" in line and "OutOfMemoryError" in line for line in lines)
+    assert any("2/3" in line and "pending" in line for line in lines)
+    assert "1 of 3 shards done" in status.output
+    merged = cli("merge", str(out))
+    assert merged.exit_code == 2
+    assert "2 of 3 shards are not done" in merged.output
+    assert "1/3 (failed)" in merged.output and "2/3 (pending)" in merged.output
+    assert not (out / "outputs").exists()
+
+
+def test_shard_from_slurm_and_srun_environment():
+    assert shard_from_env({}) is None
+    env = {"SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_MIN": "10", "SLURM_ARRAY_TASK_COUNT": "4"}
+    assert shard_from_env(env) == Shard(2, 4)
+    assert shard_from_env({**env, "SLURM_NTASKS": "2", "SLURM_PROCID": "1"}) == Shard(5, 8)
+    assert shard_from_env({"SLURM_NTASKS": "3", "SLURM_PROCID": "2"}) == Shard(2, 3)
+    assert shard_from_env({"JOB_COMPLETION_INDEX": "1", "BULKINFER_SHARD_COUNT": "5"}) == Shard(
+        1, 5
+    )
+
+
+def test_bad_shard_flags(shard_job):
+    make, _ = shard_job
+    job = make("bad")
+    for flag in ("3/3", "x", "1/0"):
+        result = cli("run", str(job), "--shard", flag)
+        assert result.exit_code == 2 and "--shard" in result.output
+
+
+def test_sbatch_script_dry_run(shard_job):
+    make, _ = shard_job
+    job = make("slurm-dry")
+    result = cli(
+        "slurm", str(job), "--array", "4", "--gpus-per-task", "1", "--time", "01:00:00", "--dry-run"
+    )
+    assert result.exit_code == 0, result.output
+    script = result.output
+    for needle in (
+        "#SBATCH --array=0-3",
+        "#SBATCH --signal=B:USR1@120",
+        "#SBATCH --requeue",
+        "%A_%a.log",
+        "scontrol requeue",
+    ):
+        assert needle in script
