@@ -34,3 +34,12 @@ def write_attempt(path) -> None:
     _counts["write"] = _counts.get("write", 0) + 1
     if _counts["write"] >= int(target):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def slow_batch() -> None:
+    """`BULKINFER_SLOW_BATCH_SECONDS=0.3` stretches every batch, so a test can preempt mid-run."""
+    delay = os.environ.get("BULKINFER_SLOW_BATCH_SECONDS")
+    if delay:
+        import time
+
+        time.sleep(float(delay))

@@ -216,6 +216,7 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
     with stop_signals() as stop:
         for batch in todo:
             faults.checkpoint("batch_start")
+            faults.slow_batch()
             table, stats = run_batch(task, engine, prepared, batch, schema)
             if spec.on_error == "fail" and stats.failed_rows:
                 writer.flush(time.monotonic() - started)

@@ -1,0 +1,67 @@
+"""A real one-node Slurm cluster: an array of 4 shards, one preempted and requeued mid-run, merged
+output identical to a single-process run of the same job."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+
+import pytest
+from conftest import cli, read_outputs, sample_prompts, write_job, write_jsonl
+from slurm_fixture import slurm_cluster, wait_for_jobs  # noqa: F401  (the fixture, by import)
+
+pytestmark = pytest.mark.usefixtures("slurm_cluster")
+
+
+def _manifest_lines(folder) -> int:
+    manifest = folder / "checkpoint" / "manifest.jsonl"
+    return manifest.read_text().count("\n") if manifest.exists() else 0
+
+
+def test_array_with_a_preempted_task_merges_to_the_single_run(tmp_path, tiny_model, monkeypatch):
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(80))
+
+    def make(name: str):
+        return write_job(
+            tmp_path / f"{name}.yaml",
+            tiny_model,
+            inputs,
+            tmp_path / name,
+            task={"temperature": 0.7, "seed": 11, "max_new_tokens": 4},
+            input={"keep_columns": ["source"]},
+            batching={"max_tokens": 400, "max_batch_size": 2},
+            checkpoint={"every_rows": 2},
+        )
+
+    assert cli("run", str(make("single"))).exit_code == 0
+    reference = read_outputs(tmp_path / "single")
+
+    job = make("array")
+    out = tmp_path / "array"
+    monkeypatch.setenv("BULKINFER_SLOW_BATCH_SECONDS", "0.5")  # sbatch passes the environment on
+    submitted = cli("slurm", str(job), "--array", "4", "--grace", "5")
+    assert submitted.exit_code == 0, submitted.output
+    job_id = re.search(r"submitted array job (\d+)", submitted.output).group(1)
+
+    victim = out / "shards" / "shard-00001-of-00004"
+    deadline = time.monotonic() + 180
+    while _manifest_lines(victim) < 1:
+        assert time.monotonic() < deadline, "array task 1 never committed a part"
+        time.sleep(0.2)
+    preempt = subprocess.run(
+        ["scancel", "--batch", "--signal=USR1", f"{job_id}_1"], capture_output=True, text=True
+    )
+    assert preempt.returncode == 0, preempt.stderr
+
+    states = wait_for_jobs(job_id, timeout=600)
+    assert set(states.values()) == {"COMPLETED"}, states
+    logs = "".join(p.read_text() for p in sorted((out / "logs").glob(f"{job_id}_1.log")))
+    assert "requeueing" in logs and "resuming" in logs, logs[-2000:]
+
+    got = read_outputs(out)
+    ids = got.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 80
+    assert got.equals(reference)
+    status = cli("status", str(out))
+    assert "4 of 4 shards done" in status.output
