@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from bulkinfer import faults
 from bulkinfer.checkpoint import (
@@ -268,8 +269,6 @@ def run_batch(task, engine, prepared: PreparedRows, batch: Batch, schema) -> tup
             continue
         new_tokens += result.new_tokens
         tables.append(rows_table(rows.tolist(), result.columns, [None] * len(rows), schema))
-    import pyarrow as pa
-
     stats = BatchStats(
         batch=batch.index,
         rows=len(batch.rows),
@@ -286,7 +285,8 @@ def run_batch(task, engine, prepared: PreparedRows, batch: Batch, schema) -> tup
 def finish_job(layout, manifest, prepared, schema, run_id, started, rows, keep_row) -> dict:
     """Assemble the final dataset (or this shard's part of it) and the per-batch stats; returns
     the summary to write last."""
-    row_errors = {r: m for r, m in prepared.row_errors.items() if r in set(rows.tolist())}
+    mine = set(rows.tolist())
+    row_errors = {r: m for r, m in prepared.row_errors.items() if r in mine}
     errors = error_rows_table(row_errors, schema)
     results = assemble_outputs(
         layout, manifest, errors, prepared.ids, prepared.keep, rows, keep_row=keep_row
