@@ -181,18 +181,11 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
     mine = shard_rows(prepared, task, shard)
 
     from bulkinfer.engines.hf import HFEngine
-    from bulkinfer.engines.memory import auto_token_budget
 
     engine = HFEngine.load(spec.model, inputs.tokenizer)
-    if "max_tokens" not in folder.job:
-        max_tokens = spec.batching.max_tokens
-        if max_tokens == "auto":
-            generate = task.new_tokens_per_row() > 0
-            dtype = engine.model.dtype
-            max_tokens = auto_token_budget(inputs.config, engine.device, dtype, generate)
-        folder.job["max_tokens"] = max_tokens
+    folder.job.setdefault("max_tokens", _max_tokens(spec, task, engine, inputs.config))
     folder.job["rows"] = len(mine)
-    save_job(layout, folder.job)
+    save_job(layout, folder.job)  # the budget is kept, so a resume plans the very same batches
     budget = token_budget(spec, folder.job["max_tokens"], task.new_tokens_per_row())
     runnable = np.intersect1d(prepared.runnable_rows(), mine)
     batches = plan_batches(runnable, prepared.lengths, budget, spec.batching.sort == "length")
@@ -214,11 +207,42 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
     schema = part_schema(task.schema)
     writer = PartWriter(layout, manifest, schema, spec.checkpoint.every_rows, run_id)
     progress = Progress(batches, todo, budget.new_tokens_per_row, spec.progress.log_every_seconds)
+    signum = run_batches(spec, layout, task, engine, prepared, todo, writer, progress, started)
+    if signum is not None:
+        name = signal.Signals(signum).name
+        log(f"stopped by {name}: the batch in flight was written; rerun the same command to resume")
+        return 128 + signum
+    summary = finish_job(
+        layout, manifest, prepared, schema, run_id, started, mine, shard is not None
+    )
+    summary.update(
+        task=task.name, device=engine.device_name, padding_fraction_file_order=file_order_padding
+    )
+    write_json_atomic(layout.summary, summary)
+    print(format_summary(summary))
+    return 0
+
+
+def _max_tokens(spec: JobSpec, task, engine, config) -> int:
+    """The batch token budget: the spec's, or with `auto` what the device's free memory holds."""
+    from bulkinfer.engines.memory import auto_token_budget
+
+    if spec.batching.max_tokens != "auto":
+        return spec.batching.max_tokens
+    generate = task.new_tokens_per_row() > 0
+    return auto_token_budget(config, engine.device, engine.model.dtype, generate)
+
+
+def run_batches(
+    spec, layout, task, engine, prepared, todo, writer, progress, started
+) -> int | None:
+    """Run the batches still to do, committing parts as they fill; returns the signal that
+    stopped the loop after its batch in flight, or None when every batch ran."""
     with stop_signals() as stop:
         for batch in todo:
             faults.checkpoint("batch_start")
             faults.slow_batch()
-            table, stats = run_batch(task, engine, prepared, batch, schema)
+            table, stats = run_batch(task, engine, prepared, batch, writer.schema)
             if spec.on_error == "fail" and stats.failed_rows:
                 writer.flush(time.monotonic() - started)
                 raise RowFailedError(_first_failure(prepared, table))
@@ -229,21 +253,7 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
                 break
         writer.flush(time.monotonic() - started)
         progress.close()
-        if stop.signum is not None:
-            name = signal.Signals(stop.signum).name
-            log(
-                f"stopped by {name}: the batch in flight was written; rerun the same command to resume"
-            )
-            return 128 + stop.signum
-    summary = finish_job(
-        layout, manifest, prepared, schema, run_id, started, mine, shard is not None
-    )
-    summary.update(
-        task=task.name, device=engine.device_name, padding_fraction_file_order=file_order_padding
-    )
-    write_json_atomic(layout.summary, summary)
-    print(format_summary(summary))
-    return 0
+        return stop.signum
 
 
 def run_batch(task, engine, prepared: PreparedRows, batch: Batch, schema) -> tuple:
