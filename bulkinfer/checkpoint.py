@@ -205,6 +205,11 @@ def open_job_folder(
             raise OutputFolderError(_mismatch_message(root, mismatch))
         finished = layout.summary.exists() and _summary_complete(layout)
         return JobFolder(layout, existing, finished=finished, resumed=True)
+    if existing is None and (root / "shards").is_dir() and not overwrite:
+        raise OutputFolderError(
+            f"{root} holds a sharded run of a job; run it with --shard I/N (or from its Slurm "
+            "array), see it with `bulkinfer status`, or pass --overwrite to start afresh"
+        )
     if existing is None and root.exists() and any(root.iterdir()) and not overwrite:
         raise OutputFolderError(
             f"{root} is not empty and holds no bulkinfer job; choose a new folder or pass --overwrite"

@@ -121,3 +121,12 @@ def test_sbatch_script_dry_run(shard_job):
         "scontrol requeue",
     ):
         assert needle in script
+
+
+def test_unsharded_run_on_a_sharded_folder_is_refused_clearly(shard_job):
+    make, _ = shard_job
+    job = make("mixed")
+    assert cli("run", str(job), "--shard", "0/2").exit_code == 0
+    result = cli("run", str(job))
+    assert result.exit_code == 2
+    assert "sharded run" in result.output and "--shard" in result.output
