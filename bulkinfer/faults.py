@@ -43,3 +43,13 @@ def slow_batch() -> None:
         import time
 
         time.sleep(float(delay))
+
+
+def out_of_memory(padded_tokens: int) -> None:
+    """`BULKINFER_OOM_ABOVE_TOKENS=N`: a model call over N padded tokens fails as a GPU out of
+    memory would, so the split-and-shrink path runs on a CPU."""
+    limit = os.environ.get("BULKINFER_OOM_ABOVE_TOKENS")
+    if limit and padded_tokens > int(limit):
+        import torch
+
+        raise torch.OutOfMemoryError(f"injected: {padded_tokens} padded tokens > {limit}")

@@ -238,11 +238,12 @@ def run_batches(
 ) -> int | None:
     """Run the batches still to do, committing parts as they fill; returns the signal that
     stopped the loop after its batch in flight, or None when every batch ran."""
+    cap = RowCap()
     with stop_signals() as stop:
         for batch in todo:
             faults.checkpoint("batch_start")
             faults.slow_batch()
-            table, stats = run_batch(task, engine, prepared, batch, writer.schema)
+            table, stats = run_batch(task, engine, prepared, batch, writer.schema, cap)
             if spec.on_error == "fail" and stats.failed_rows:
                 writer.flush(time.monotonic() - started)
                 raise RowFailedError(_first_failure(prepared, table))
@@ -256,18 +257,45 @@ def run_batches(
         return stop.signum
 
 
-def run_batch(task, engine, prepared: PreparedRows, batch: Batch, schema) -> tuple:
+class RowCap:
+    """The most rows per model call since the last out-of-memory error, as a share of the
+    planned batch: after an OOM split, later batches run in pieces of the size that fitted, so
+    one OOM is not paid again on every batch. Pieces keep the batch's identity in the plan, so
+    checkpoints and resume are unaffected."""
+
+    def __init__(self) -> None:
+        self.padded_tokens: int | None = None
+
+    def pieces(self, batch: Batch, new_tokens_per_row: int) -> list[np.ndarray]:
+        if self.padded_tokens is None:
+            return [batch.rows]
+        per_row = batch.longest + new_tokens_per_row
+        size = max(1, self.padded_tokens // max(per_row, 1))
+        return [batch.rows[i : i + size] for i in range(0, len(batch.rows), size)][::-1]
+
+    def shrink(self, rows: int, per_row: int) -> None:
+        self.padded_tokens = max(per_row, (rows // 2) * per_row)
+
+
+def run_batch(
+    task, engine, prepared: PreparedRows, batch: Batch, schema, cap: RowCap | None = None
+) -> tuple:
     """Run one batch; a failing batch is bisected so only the rows that really fail get an error."""
+    cap = cap or RowCap()
+    per_row = batch.longest + task.new_tokens_per_row()
     start = time.perf_counter()
     tables, failed, splits, new_tokens = [], 0, 0, 0
-    pending = [batch.rows]
+    pending = cap.pieces(batch, task.new_tokens_per_row())
     while pending:
         rows = pending.pop()
         try:
+            faults.out_of_memory(len(rows) * per_row)
             result = task.run(engine, prepared, rows)
         except ROW_FAILURES as exc:
             _release_memory()
             if len(rows) > 1:
+                if _is_out_of_memory(exc):
+                    cap.shrink(len(rows), per_row)
                 half = len(rows) // 2
                 pending += [rows[half:], rows[:half]]
                 splits += 1
@@ -366,6 +394,12 @@ def stop_signals():
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def _release_memory() -> None:

@@ -215,3 +215,39 @@ def test_full_disk_stops_cleanly_and_a_rerun_resumes(crash_job, nth):
     resumed = cli_subprocess("run", str(job))
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_outputs(job.parent / f"enospc-{nth}", reference)
+
+
+def test_out_of_memory_splits_the_batch_and_later_batches_run_smaller(tmp_path, tiny_model):
+    import pyarrow.parquet as pq
+
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(N_ROWS))
+    jobs = {
+        name: write_job(
+            tmp_path / f"{name}.yaml",
+            tiny_model,
+            inputs,
+            tmp_path / name,
+            task={"max_new_tokens": 6},
+            batching={"max_tokens": 3000, "max_batch_size": 64},
+        )
+        for name in ("plain", "oom")
+    }
+    assert cli("run", str(jobs["plain"])).exit_code == 0
+    env = {**child_env(), "BULKINFER_OOM_ABOVE_TOKENS": "800"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bulkinfer", "run", str(jobs["oom"])],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    reference, got = read_outputs(tmp_path / "plain"), read_outputs(tmp_path / "oom")
+    assert got.column("error").null_count == N_ROWS
+    assert got.column("text").to_pylist() == reference.column("text").to_pylist()
+    stats = pq.read_table(tmp_path / "oom" / "stats" / "batches.parquet").to_pylist()
+    summary = json.loads((tmp_path / "oom" / "summary.json").read_text())
+    assert summary["oom_splits"] == sum(s["splits"] for s in stats) > 0
+    # After the first split the smaller size holds: later oversized batches need no split.
+    oversized = [s for s in stats if s["padded_tokens"] + 6 * s["rows"] > 800]
+    assert len(oversized) > 1
+    assert sum(s["splits"] > 0 for s in oversized) < len(oversized)
