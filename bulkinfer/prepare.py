@@ -43,6 +43,9 @@ class PreparedRows:
     ids: pa.ChunkedArray
     keep: pa.Table
     input_tokens: int = 0
+    # Per-row generation settings from the input (an OpenAI batch file's request bodies), one
+    # row per input row, null where the job's setting holds; None for other inputs.
+    request_params: pa.Table | None = None
     locations: list[tuple[int, InputChunk]] = field(default_factory=list, repr=False)
 
     @property

@@ -78,12 +78,17 @@ def read_inputs(spec: JobSpec, files: list[str] | None = None) -> Inputs:
 
 
 def column_names(spec: JobSpec, first_file: str) -> ColumnNames:
-    """The columns to read; with no id_column, an input column named 'id' is the id if present."""
+    """The columns to read; with no id_column, an input column named 'id' is the id if present,
+    and with the default prompt_column, a file with `messages` but no `prompt` uses `messages`."""
+    present = peek_columns(first_file, spec.input.format)
     id_column = spec.input.id_column
-    if id_column is None and "id" in peek_columns(first_file, spec.input.format):
+    if id_column is None and "id" in present:
         id_column = "id"
+    prompt = spec.input.prompt_column
+    if prompt == "prompt" and "prompt" not in present and "messages" in present:
+        prompt = "messages"
     return ColumnNames(
-        prompt=spec.input.prompt_column,
+        prompt=prompt,
         completion=spec.input.completion_column,
         id=id_column,
         keep=tuple(spec.input.keep_columns),

@@ -56,6 +56,8 @@ class TaskSpec:
     top_k: int = 0
     seed: int = 0
     stop: list[str] = field(default_factory=list)
+    n: int = 1
+    logprobs: bool = False
     chat_template: Literal["auto", "always", "never"] = "auto"
     system_prompt: str | None = None
 
@@ -63,6 +65,7 @@ class TaskSpec:
         _at_least(self.max_new_tokens, 1, f"{key}.max_new_tokens")
         _at_least(self.temperature, 0.0, f"{key}.temperature")
         _at_least(self.top_k, 0, f"{key}.top_k")
+        _at_least(self.n, 1, f"{key}.n")
         if not 0.0 < self.top_p <= 1.0:
             raise SpecError(f"{key}.top_p: {self.top_p} must be in (0, 1]")
         if any(s == "" for s in self.stop):

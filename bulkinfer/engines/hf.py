@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bulkinfer.engines.sampling import SamplingParams, choose_next_tokens
+from bulkinfer.engines.sampling import RowSampling, SamplingParams, choose_next_tokens
 from bulkinfer.errors import ModelError
 from bulkinfer.model_files import local_model_folder, model_error
 from bulkinfer.spec import ModelSpec
@@ -29,6 +29,9 @@ LOGIT_CHUNK_TOKENS = 2048
 class Generation:
     tokens: list[int]
     finish_reason: str
+    # log p(token) of each generated token under the model (before temperature or top-p), when
+    # asked for; None otherwise.
+    logprobs: list[float] | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -143,16 +146,22 @@ class HFEngine:
         self,
         prompts: list[np.ndarray],
         row_keys: list[int],
-        params: SamplingParams,
+        params: SamplingParams | list[SamplingParams],
         max_new: list[int],
+        logprobs: bool = False,
     ) -> list[Generation]:
-        """Decode every prompt until EOS, a stop string or its own max_new tokens."""
+        """Decode every prompt until EOS, a stop string or its own max_new tokens.
+
+        `params` is one SamplingParams for the batch or one per row (temperature, top-p, top-k
+        and stop strings then differ per row); `logprobs` adds each generated token's log-prob."""
         batch = len(prompts)
+        per_row = params if isinstance(params, list) else [params] * batch
+        chooser = RowSampling.of(per_row, self.device) if isinstance(params, list) else params
         input_ids, mask = self._left_padded(prompts)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         keys = torch.tensor(row_keys, dtype=torch.int64, device=self.device)
         limits = torch.tensor(max_new, device=self.device)
-        eos_ids = [] if params.ignore_eos else sorted(self.eos_ids)
+        eos_ids = [] if per_row[0].ignore_eos else sorted(self.eos_ids)
         eos = torch.tensor(eos_ids or [-1], device=self.device)
         from transformers import DynamicCache
 
@@ -161,16 +170,21 @@ class HFEngine:
         generated = torch.full(
             (batch, max(max_new)), self.pad_id, dtype=torch.long, device=self.device
         )
+        token_logprobs = torch.zeros(generated.shape, dtype=torch.float32, device=self.device)
         counts = torch.zeros(batch, dtype=torch.long, device=self.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         stopped = torch.zeros_like(finished)
-        stop_checker = StopStrings(params.stop, self.tokenizer) if params.stop else None
+        stops = [p.stop for p in per_row]
+        stop_checker = StopStrings(stops, self.tokenizer) if any(stops) else None
         n_steps = 0
         for step in range(max(max_new)):
             active = ~finished
             next_tokens = torch.where(
-                active, choose_next_tokens(logits, params, keys, step), self.pad_id
+                active, choose_next_tokens(logits, chooser, keys, step), self.pad_id
             )
+            if logprobs:
+                chosen = logits.log_softmax(-1).gather(-1, next_tokens[:, None]).squeeze(-1)
+                token_logprobs[:, step] = chosen
             is_eos = torch.isin(next_tokens, eos) & active
             generated[:, step] = next_tokens
             counts += (active & ~is_eos).long()
@@ -187,9 +201,12 @@ class HFEngine:
             positions = positions[:, -1:] + 1
             logits = self._step(next_tokens[:, None], mask, positions, cache)
         rows = generated[:, :n_steps].tolist()
+        row_logprobs = token_logprobs[:, :n_steps].tolist() if logprobs else [None] * batch
         return [
-            Generation(tokens[:n], "stop" if s else "length")
-            for tokens, n, s in zip(rows, counts.tolist(), stopped.tolist(), strict=True)
+            Generation(tokens[:n], "stop" if s else "length", lps[:n] if logprobs else None)
+            for tokens, n, s, lps in zip(
+                rows, counts.tolist(), stopped.tolist(), row_logprobs, strict=True
+            )
         ]
 
     def _step(self, input_ids, mask, positions, cache) -> torch.Tensor:
@@ -223,20 +240,23 @@ class HFEngine:
 class StopStrings:
     """Text-level stop strings: decode only the tail of each row, so a check costs O(window)."""
 
-    def __init__(self, stops: tuple[str, ...], tokenizer):
+    def __init__(self, stops: list[tuple[str, ...]], tokenizer):
+        """`stops` holds each row's stop strings (rows may have none)."""
         self.stops = stops
         self.tokenizer = tokenizer
-        self.window = max(len(s) for s in stops) + 8
+        self.window = max(len(s) for row in stops for s in row) + 8
 
     def check(
         self, generated: torch.Tensor, counts: torch.Tensor, active: torch.Tensor
     ) -> torch.Tensor:
         """Which active rows now end in (or contain, near the end) a stop string."""
         hits = []
-        for row, n, live in zip(generated.tolist(), counts.tolist(), active.tolist(), strict=True):
+        rows = zip(generated.tolist(), counts.tolist(), active.tolist(), self.stops, strict=True)
+        for row, n, live, stops in rows:
+            live = live and bool(stops)
             tail = row[max(0, n - self.window) : n]
             text = self.tokenizer.decode(tail, skip_special_tokens=True) if live else ""
-            hits.append(live and any(s in text for s in self.stops))
+            hits.append(live and any(s in text for s in stops))
         return torch.tensor(hits, device=generated.device)
 
 

@@ -63,10 +63,30 @@ def keyed_uniform(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     return (_shr(z, 11).double() + 0.5) / float(1 << 53)
 
 
+@dataclass(frozen=True)
+class RowSampling:
+    """Sampling settings that differ per row (an OpenAI batch file sets them per request), as
+    tensors of shape [rows]; a row with temperature 0 is greedy."""
+
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+    top_k: torch.Tensor
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], device: torch.device) -> RowSampling:
+        return cls(
+            torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+            torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
+        )
+
+
 def choose_next_tokens(
-    logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor, step: int
+    logits: torch.Tensor, params: SamplingParams | RowSampling, keys: torch.Tensor, step: int
 ) -> torch.Tensor:
     """One token per row from float32 logits [rows, vocab]."""
+    if isinstance(params, RowSampling):
+        return _choose_per_row(logits, params, keys, step)
     if params.greedy:
         return logits.argmax(-1)
     scores = logits / params.temperature
@@ -75,15 +95,40 @@ def choose_next_tokens(
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if params.top_p < 1.0:
         scores = _top_p_filter(scores, params.top_p)
+    return _gumbel_argmax(scores, keys, step)
+
+
+def _choose_per_row(
+    logits: torch.Tensor, params: RowSampling, keys: torch.Tensor, step: int
+) -> torch.Tensor:
+    """The same choice as with one SamplingParams per row, vectorised over the batch: each row's
+    filters and noise depend on that row alone, so its tokens do not depend on its neighbours."""
+    greedy = params.temperature == 0
+    if bool(greedy.all()):
+        return logits.argmax(-1)
+    scores = logits / torch.where(greedy, 1.0, params.temperature)[:, None]
+    vocab = scores.shape[-1]
+    k = torch.where((params.top_k > 0) & (params.top_k < vocab), params.top_k, vocab)
+    if bool((k < vocab).any()):
+        ranked = scores.sort(dim=-1, descending=True).values
+        kth = ranked.gather(-1, (k - 1)[:, None])
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if bool((params.top_p < 1.0).any()):
+        scores = _top_p_filter(scores, params.top_p[:, None])
+    sampled = _gumbel_argmax(scores, keys, step)
+    return torch.where(greedy, logits.argmax(-1), sampled)
+
+
+def _gumbel_argmax(scores: torch.Tensor, keys: torch.Tensor, step: int) -> torch.Tensor:
     gumbel = -torch.log(-torch.log(keyed_uniform(keys, step, scores.shape[-1])))
     return (scores.double().log_softmax(-1) + gumbel).argmax(-1)
 
 
-def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+def _top_p_filter(scores: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
     """Keep the smallest set of tokens whose probability reaches top_p (at least one)."""
     sorted_scores, order = scores.sort(dim=-1, descending=True)
     probs = sorted_scores.softmax(-1)
     before = probs.cumsum(-1) - probs
-    drop_sorted = before >= top_p
+    drop_sorted = (before >= top_p) & (top_p < 1.0)
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return scores.masked_fill(drop, float("-inf"))

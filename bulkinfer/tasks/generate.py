@@ -1,6 +1,14 @@
-"""`generate`: text continuations, greedy or sampled, with stop strings."""
+"""`generate`: text continuations, greedy or sampled, with stop strings, n samples per prompt and
+per-token log-probs.
+
+With one sample per prompt the text columns are plain values; with `n` > 1 (or an OpenAI batch
+input, whose requests each choose their own n) they are lists, one entry per sample, so the
+output keeps exactly one row per input row.
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pyarrow as pa
@@ -11,22 +19,44 @@ from bulkinfer.prepare import PreparedRows
 from bulkinfer.spec import TaskSpec
 from bulkinfer.tasks.base import BatchResult
 
+SAMPLE_COLUMNS = (
+    "text",
+    "output_tokens",
+    "finish_reason",
+    "token_ids",
+    "tokens",
+    "token_logprobs",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One generated continuation, cut at its stop string."""
+
+    text: str
+    output_tokens: int
+    finish_reason: str
+    token_ids: list[int] | None
+    tokens: list[str] | None
+    token_logprobs: list[float] | None
+
 
 class GenerateTask:
     name = "generate"
-    schema = pa.schema(
-        [
-            ("text", pa.string()),
-            ("prompt_tokens", pa.int32()),
-            ("output_tokens", pa.int32()),
-            ("finish_reason", pa.string()),
-        ]
-    )
 
-    def __init__(self, spec: TaskSpec, tokenizer, max_context: int | None = None):
+    def __init__(
+        self,
+        spec: TaskSpec,
+        tokenizer,
+        max_context: int | None = None,
+        per_request: bool = False,
+    ):
         self.spec = spec
         self.tokenizer = tokenizer
         self.max_context = max_context
+        self.per_request = per_request
+        self.as_lists = spec.n > 1 or per_request
+        self.with_logprobs = spec.logprobs or per_request
         self.params = SamplingParams(
             max_new_tokens=spec.max_new_tokens,
             temperature=spec.temperature,
@@ -35,27 +65,112 @@ class GenerateTask:
             seed=spec.seed,
             stop=tuple(spec.stop),
         )
+        self.schema = generate_schema(self.as_lists, self.with_logprobs)
 
     def new_tokens_per_row(self) -> int:
         return self.spec.max_new_tokens
 
     def run(self, engine, prepared: PreparedRows, rows: np.ndarray) -> BatchResult:
-        prompts = [prepared.tokens(int(r)) for r in rows]
-        keys = [row_key(self.spec.seed, int(r)) for r in rows]
-        limits = [self._room(len(p)) for p in prompts]
-        generations = engine.generate(prompts, keys, self.params, limits)
+        requests = self._requests(prepared, rows)
+        prompts, keys, params, limits, owners = [], [], [], [], []
+        for k, (row, request) in enumerate(zip(rows, requests, strict=True)):
+            prompt = prepared.tokens(int(row))
+            for sample in range(request.n):
+                prompts.append(prompt)
+                keys.append(row_key(request.params.seed, int(row), sample))
+                params.append(request.params)
+                limits.append(self._room(len(prompt), request.params.max_new_tokens))
+                owners.append(k)
+        want_logprobs = any(r.logprobs for r in requests)
+        samples: list[list[Sample]] = [[] for _ in rows]
+        # n samples of a row run as n sequences; calls stay the batch's planned size so memory
+        # stays within the budget whatever n is.
+        step = max(1, len(rows))
+        new_tokens = 0
+        for start in range(0, len(prompts), step):
+            piece = slice(start, start + step)
+            batch_params = params[piece] if self.per_request else self.params
+            generations = engine.generate(
+                prompts[piece], keys[piece], batch_params, limits[piece], logprobs=want_logprobs
+            )
+            for owner, p, gen in zip(owners[piece], params[piece], generations, strict=True):
+                samples[owner].append(self._sample(gen, p.stop, requests[owner].logprobs))
+                new_tokens += len(gen.tokens)
         columns = {name: [] for name in self.schema.names}
-        for prompt, gen in zip(prompts, generations, strict=True):
-            text = self.tokenizer.decode(gen.tokens, skip_special_tokens=True)
-            text, hit_stop = truncate_at_stop(text, self.params.stop)
-            columns["text"].append(text)
-            columns["prompt_tokens"].append(len(prompt))
-            columns["output_tokens"].append(len(gen.tokens))
-            columns["finish_reason"].append("stop" if hit_stop else gen.finish_reason)
-        return BatchResult(columns, new_tokens=sum(len(g.tokens) for g in generations))
+        for row, row_samples in zip(rows, samples, strict=True):
+            columns["prompt_tokens"].append(len(prepared.tokens(int(row))))
+            for name in SAMPLE_COLUMNS:
+                if name not in columns:
+                    continue
+                values = [getattr(s, name) for s in row_samples]
+                columns[name].append(values if self.as_lists else values[0])
+        return BatchResult(columns, new_tokens=new_tokens)
 
-    def _room(self, prompt_len: int) -> int:
-        """New tokens this row may take: max_new_tokens, less whatever the context cannot hold."""
+    def _requests(self, prepared: PreparedRows, rows: np.ndarray) -> list[RowRequest]:
+        """The job's settings, or each row's own where its request sets them (OpenAI input)."""
+        base = RowRequest(self.params, self.spec.n, self.spec.logprobs)
+        overrides = prepared.request_params
+        if not self.per_request or overrides is None:
+            return [base] * len(rows)
+        return [base.with_overrides(v) for v in overrides.take(pa.array(rows)).to_pylist()]
+
+    def _sample(self, gen, stop: tuple[str, ...], logprobs: bool) -> Sample:
+        text = self.tokenizer.decode(gen.tokens, skip_special_tokens=True)
+        text, hit_stop = truncate_at_stop(text, stop)
+        token_ids = tokens = token_logprobs = None
+        if logprobs:
+            token_ids = list(gen.tokens)
+            tokens = [self.tokenizer.decode([t]) for t in gen.tokens]
+            token_logprobs = gen.logprobs
+        reason = "stop" if hit_stop else gen.finish_reason
+        return Sample(text, len(gen.tokens), reason, token_ids, tokens, token_logprobs)
+
+    def _room(self, prompt_len: int, max_new_tokens: int) -> int:
+        """New tokens this row may take: its max, less whatever the context cannot hold."""
         if self.max_context is None:
-            return self.spec.max_new_tokens
-        return max(1, min(self.spec.max_new_tokens, self.max_context - prompt_len))
+            return max_new_tokens
+        return max(1, min(max_new_tokens, self.max_context - prompt_len))
+
+
+@dataclasses.dataclass(frozen=True)
+class RowRequest:
+    """What one row asks for: sampling settings, samples, and whether log-probs are wanted."""
+
+    params: SamplingParams
+    n: int
+    logprobs: bool
+
+    def with_overrides(self, values: dict) -> RowRequest:
+        """Apply a row's own settings (null keeps the job's); max_new_tokens is capped by the
+        job's, which the batch plan reserved."""
+        changes = {
+            k: values[k]
+            for k in ("temperature", "top_p", "top_k", "seed")
+            if values.get(k) is not None
+        }
+        if values.get("max_new_tokens") is not None:
+            changes["max_new_tokens"] = min(values["max_new_tokens"], self.params.max_new_tokens)
+        if values.get("stop") is not None:
+            changes["stop"] = tuple(values["stop"])
+        n = values["n"] if values.get("n") is not None else self.n
+        logprobs = values["logprobs"] if values.get("logprobs") is not None else self.logprobs
+        return RowRequest(dataclasses.replace(self.params, **changes), n, logprobs)
+
+
+def generate_schema(as_lists: bool, with_logprobs: bool) -> pa.Schema:
+    def per_sample(t: pa.DataType) -> pa.DataType:
+        return pa.list_(t) if as_lists else t
+
+    fields = [
+        ("text", per_sample(pa.string())),
+        ("prompt_tokens", pa.int32()),
+        ("output_tokens", per_sample(pa.int32())),
+        ("finish_reason", per_sample(pa.string())),
+    ]
+    if with_logprobs:
+        fields += [
+            ("token_ids", per_sample(pa.list_(pa.int32()))),
+            ("tokens", per_sample(pa.list_(pa.string()))),
+            ("token_logprobs", per_sample(pa.list_(pa.float32()))),
+        ]
+    return pa.schema(fields)
