@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from bulkinfer.errors import InputError
+from bulkinfer.errors import InputError, SpecError
 from bulkinfer.io.readers import InputChunk
 from bulkinfer.spec import TaskSpec
 
@@ -30,6 +30,7 @@ class RenderOptions:
     reserve_new_tokens: int
     has_completion: bool
     min_tokens: int = 1
+    has_choices: bool = False
 
 
 @dataclass
@@ -46,6 +47,10 @@ class PreparedRows:
     # Per-row generation settings from the input (an OpenAI batch file's request bodies), one
     # row per input row, null where the job's setting holds; None for other inputs.
     request_params: pa.Table | None = None
+    # Choices scoring: a row's tokens are its prompt then each choice in turn; choice_counts[row]
+    # choices, whose token counts are consecutive in choice_lengths. None without choices.
+    choice_counts: np.ndarray | None = None
+    choice_lengths: np.ndarray | None = None
     locations: list[tuple[int, InputChunk]] = field(default_factory=list, repr=False)
 
     @property
@@ -59,6 +64,15 @@ class PreparedRows:
     def tokens(self, row: int) -> np.ndarray:
         return self.token_ids[self.offsets[row] : self.offsets[row + 1]]
 
+    def choice_token_lengths(self, row: int) -> np.ndarray:
+        """Token counts of a row's choices, in order."""
+        if self._choice_starts is None:
+            self._choice_starts = np.concatenate([[0], np.cumsum(self.choice_counts)])
+        start = self._choice_starts[row]
+        return self.choice_lengths[start : self._choice_starts[row + 1]]
+
+    _choice_starts = None
+
     def runnable_rows(self) -> np.ndarray:
         mask = np.ones(self.num_rows, dtype=bool)
         if self.row_errors:
@@ -66,7 +80,17 @@ class PreparedRows:
         return np.flatnonzero(mask)
 
 
-def render_options(task: TaskSpec, tokenizer, max_context: int | None, has_completion: bool):
+def render_options(
+    task: TaskSpec,
+    tokenizer,
+    max_context: int | None,
+    has_completion: bool,
+    has_choices: bool = False,
+):
+    if has_choices and task.type != "score":
+        raise SpecError(
+            f"input.choices_column: choices are scored by task.type score, not {task.type}"
+        )
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if task.chat_template == "always" and not has_template:
         raise InputError(
@@ -77,21 +101,24 @@ def render_options(task: TaskSpec, tokenizer, max_context: int | None, has_compl
     )
     reserve = task.max_new_tokens if task.type == "generate" else 0
     # Scoring a prompt scores every token after the first, so it needs two.
-    min_tokens = 2 if task.type == "score" and not has_completion else 1
+    min_tokens = 2 if task.type == "score" and not (has_completion or has_choices) else 1
     return RenderOptions(
-        use_chat, task.system_prompt, max_context, reserve, has_completion, min_tokens
+        use_chat, task.system_prompt, max_context, reserve, has_completion, min_tokens, has_choices
     )
 
 
 def prepare_rows(chunks: Iterable[InputChunk], tokenizer, options: RenderOptions) -> PreparedRows:
     """Render and tokenize every chunk; collect ids, kept columns and per-row errors."""
     id_parts, keep_parts, token_parts, length_parts, score_parts = [], [], [], [], []
+    count_parts, choice_parts = [], []
     row_errors: dict[int, str] = {}
     locations: list[tuple[int, InputChunk]] = []
     first_row = 0
     for chunk in chunks:
         locations.append((first_row, _without_text(chunk)))
-        ids, lengths, score_from, errors = _tokenize_chunk(chunk, tokenizer, options)
+        ids, lengths, score_from, errors, choices = _tokenize_chunk(chunk, tokenizer, options)
+        count_parts.append(choices[0])
+        choice_parts.append(choices[1])
         token_parts.append(ids)
         length_parts.append(lengths)
         score_parts.append(score_from)
@@ -112,6 +139,8 @@ def prepare_rows(chunks: Iterable[InputChunk], tokenizer, options: RenderOptions
         ids=_concat_ids(id_parts),
         keep=_concat_keep(keep_parts),
         input_tokens=int(lengths.sum()),
+        choice_counts=np.concatenate(count_parts) if options.has_choices else None,
+        choice_lengths=np.concatenate(choice_parts) if options.has_choices else None,
         locations=locations,
     )
     _check_unique_ids(prepared)
@@ -119,7 +148,10 @@ def prepare_rows(chunks: Iterable[InputChunk], tokenizer, options: RenderOptions
 
 
 def _tokenize_chunk(chunk: InputChunk, tokenizer, options: RenderOptions):
-    """Token ids of a chunk's runnable rows; errored rows get zero tokens and a message."""
+    """Token ids of a chunk's runnable rows; errored rows get zero tokens and a message.
+
+    A completion or the choices are tokenized on their own (no special tokens) and appended to
+    the prompt's tokens, so the scored tokens are exactly the completion's own."""
     errors: dict[int, str] = {}
     texts: list[str] = []
     is_chat: list[bool] = []
@@ -127,39 +159,73 @@ def _tokenize_chunk(chunk: InputChunk, tokenizer, options: RenderOptions):
     for i, value in enumerate(chunk.prompts):
         try:
             text, chat = _render(value, tokenizer, options)
+            _check_continuations(chunk, i, options)
         except RowError as exc:
             errors[i] = str(exc)
             continue
-        if options.has_completion:
-            completion = chunk.completions[i]
-            if not isinstance(completion, str) or completion == "":
-                errors[i] = f"completion is {_describe(completion)}, expected a non-empty string"
-                continue
         texts.append(text)
         is_chat.append(chat)
         positions.append(i)
     encoded = _encode(tokenizer, texts, is_chat)
-    completions = (
-        _encode(tokenizer, [chunk.completions[i] for i in positions], [True] * len(positions))
-        if options.has_completion
-        else None
-    )
+    continuations = _encode_continuations(chunk, positions, tokenizer, options)
     lengths = np.zeros(len(chunk), dtype=np.int64)
     score_from = np.ones(len(chunk), dtype=np.int32)
-    pieces = []
+    choice_counts = np.zeros(len(chunk), dtype=np.int32)
+    pieces, choice_lengths = [], []
     for j, i in enumerate(positions):
         ids = encoded[j]
-        if completions is not None:
+        longest = len(ids)
+        if continuations is not None:
             score_from[i] = len(ids)
-            ids = ids + completions[j]
-        message = _length_problem(len(ids), options)
+            parts = continuations[j]
+            longest += max(len(p) for p in parts)
+            ids = ids + [t for p in parts for t in p]
+            empty = [k for k, p in enumerate(parts) if not p]
+            if empty and options.has_choices:
+                errors[i] = f"choice {empty[0]} has no tokens after tokenization"
+                continue
+        message = _length_problem(longest, options)
         if message:
             errors[i] = message
             continue
+        if options.has_choices:
+            choice_counts[i] = len(parts)
+            choice_lengths.extend(len(p) for p in parts)
         lengths[i] = len(ids)
         pieces.append(np.asarray(ids, dtype=np.int32))
     flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
-    return flat, lengths, score_from, errors
+    choices = (choice_counts, np.asarray(choice_lengths, dtype=np.int32))
+    return flat, lengths, score_from, errors, choices
+
+
+def _check_continuations(chunk: InputChunk, i: int, options: RenderOptions) -> None:
+    if options.has_completion:
+        completion = chunk.completions[i]
+        if not isinstance(completion, str) or completion == "":
+            raise RowError(f"completion is {_describe(completion)}, expected a non-empty string")
+    if options.has_choices:
+        choices = chunk.choices[i]
+        if not isinstance(choices, list | tuple) or not choices:
+            what = "an empty list" if isinstance(choices, list | tuple) else _describe(choices)
+            raise RowError(f"choices is {what}, expected a non-empty list of strings")
+        for k, choice in enumerate(choices):
+            if not isinstance(choice, str) or choice == "":
+                raise RowError(f"choice {k} is {_describe(choice)}, expected a non-empty string")
+
+
+def _encode_continuations(
+    chunk: InputChunk, positions: list[int], tokenizer, options: RenderOptions
+) -> list[list[list[int]]] | None:
+    """Per runnable row, the token ids of its completion (one part) or of each choice."""
+    if options.has_completion:
+        per_row = [[chunk.completions[i]] for i in positions]
+    elif options.has_choices:
+        per_row = [list(chunk.choices[i]) for i in positions]
+    else:
+        return None
+    flat = [text for texts in per_row for text in texts]
+    encoded = iter(_encode(tokenizer, flat, [True] * len(flat)))
+    return [[next(encoded) for _ in texts] for texts in per_row]
 
 
 class RowError(ValueError):

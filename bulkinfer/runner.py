@@ -49,7 +49,7 @@ from bulkinfer.progress import Progress, log
 from bulkinfer.sharding import Shard
 from bulkinfer.spec import JobSpec
 from bulkinfer.stats import BatchStats, format_summary, stats_table, summarize
-from bulkinfer.tasks.base import make_task
+from bulkinfer.tasks.base import InputKind, make_task
 
 ROW_FAILURES = (RuntimeError, IndexError)
 
@@ -63,6 +63,7 @@ class Inputs:
     config: object
     max_context: int | None
     prepared: PreparedRows
+    kind: InputKind
 
 
 def read_inputs(spec: JobSpec, files: list[str] | None = None) -> Inputs:
@@ -72,9 +73,16 @@ def read_inputs(spec: JobSpec, files: list[str] | None = None) -> Inputs:
     tokenizer = load_tokenizer(spec.model)
     config = load_config(spec.model)
     max_context = model_context(config, spec.model)
-    options = render_options(spec.task, tokenizer, max_context, columns.completion is not None)
+    options = render_options(
+        spec.task,
+        tokenizer,
+        max_context,
+        columns.completion is not None,
+        has_choices=columns.choices is not None,
+    )
     prepared = prepare_rows(read_chunks(files, columns, spec.input.format), tokenizer, options)
-    return Inputs(files, tokenizer, config, max_context, prepared)
+    kind = InputKind(choices=columns.choices is not None)
+    return Inputs(files, tokenizer, config, max_context, prepared, kind)
 
 
 def column_names(spec: JobSpec, first_file: str) -> ColumnNames:
@@ -92,6 +100,7 @@ def column_names(spec: JobSpec, first_file: str) -> ColumnNames:
         completion=spec.input.completion_column,
         id=id_column,
         keep=tuple(spec.input.keep_columns),
+        choices=spec.input.choices_column,
     )
 
 
@@ -181,7 +190,7 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
             f"{prepared_location(prepared, row)}: {message} "
             f"({len(prepared.row_errors)} such rows; on_error: record keeps them as row errors)"
         )
-    task = make_task(spec.task, inputs.tokenizer, inputs.max_context)
+    task = make_task(spec.task, inputs.tokenizer, inputs.max_context, inputs.kind)
     check_output_columns(spec, task)
     mine = shard_rows(prepared, task, shard)
 
@@ -424,7 +433,7 @@ def plan_report(spec: JobSpec, inputs: Inputs, max_tokens: int) -> dict:
     from bulkinfer.plan import length_histogram
 
     prepared = inputs.prepared
-    task = make_task(spec.task, inputs.tokenizer, inputs.max_context)
+    task = make_task(spec.task, inputs.tokenizer, inputs.max_context, inputs.kind)
     budget = token_budget(spec, max_tokens, task.new_tokens_per_row())
     rows = prepared.runnable_rows()
     lengths = prepared.lengths

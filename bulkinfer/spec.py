@@ -80,6 +80,7 @@ class InputSpec:
     format: Literal["auto", "jsonl", "parquet"] = "auto"
     prompt_column: str = "prompt"
     completion_column: str | None = None
+    choices_column: str | None = None
     id_column: str | None = None
     keep_columns: list[str] = field(default_factory=list)
 
@@ -94,6 +95,11 @@ class InputSpec:
                 )
         if len(set(self.keep_columns)) != len(self.keep_columns):
             raise SpecError(f"{key}.keep_columns: a column is listed twice")
+        if self.choices_column and self.completion_column:
+            raise SpecError(
+                f"{key}: give completion_column or choices_column, not both "
+                "(a single completion is a list of one choice)"
+            )
 
 
 @dataclass(frozen=True)

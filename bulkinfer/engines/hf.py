@@ -126,18 +126,83 @@ class HFEngine:
         counts = torch.bincount(row_idx, minlength=len(sequences))
         return list(zip(sums.tolist(), counts.tolist(), strict=True))
 
+    @torch.inference_mode()
+    def loglikelihood_choices(
+        self, contexts: list[np.ndarray], choices: list[list[np.ndarray]]
+    ) -> list[list[tuple[float, int]]]:
+        """Per context, the (sum of log-probs, token count) of each of its choices given it.
+
+        The context runs once: all but its last token are prefilled into a KV cache, which is
+        then repeated for each choice; each choice runs as (last context token + choice), so the
+        first choice token is predicted from the full context like the rest."""
+        from transformers import DynamicCache
+
+        owners = [b for b, options in enumerate(choices) for _ in options]
+        flat = [np.asarray(c) for options in choices for c in options]
+        prefixes = [np.asarray(c[:-1]) for c in contexts]
+        cache = DynamicCache(config=self.model.config)
+        longest_prefix = max(len(p) for p in prefixes)
+        if longest_prefix:
+            prefix_ids, prefix_mask = self._left_padded(prefixes)
+            positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
+            self.model.base_model(
+                input_ids=prefix_ids,
+                attention_mask=prefix_mask,
+                position_ids=positions,
+                use_cache=True,
+                **{self._cache_kwarg: cache},
+            )
+            select = torch.tensor(owners, device=self.device)
+            cache.batch_select_indices(select)
+            prefix_mask = prefix_mask[select]
+        else:
+            prefix_mask = torch.zeros((len(flat), 0), dtype=torch.long, device=self.device)
+        tails = [np.concatenate([contexts[b][-1:], c]) for b, c in zip(owners, flat, strict=True)]
+        input_ids = self._right_padded(tails)
+        tail_mask = torch.zeros_like(input_ids)
+        for i, t in enumerate(tails):
+            tail_mask[i, : len(t)] = 1
+        start = torch.tensor([len(prefixes[b]) for b in owners], device=self.device)
+        positions = start[:, None] + torch.arange(input_ids.shape[1], device=self.device)[None, :]
+        row_idx = torch.from_numpy(np.repeat(np.arange(len(flat)), [len(c) for c in flat]))
+        pos_idx = torch.from_numpy(np.concatenate([np.arange(len(c)) for c in flat]))
+        row_idx, pos_idx = row_idx.to(self.device), pos_idx.to(self.device)
+        targets = input_ids[row_idx, pos_idx + 1]
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": torch.cat([prefix_mask, tail_mask], dim=1),
+            "position_ids": positions,
+            "use_cache": True,
+            self._cache_kwarg: cache,
+        }
+        if self._chunked_logits:
+            hidden = self.model.base_model(**inputs).last_hidden_state
+            token_logprobs = self._head_logprobs(hidden[row_idx, pos_idx], targets)
+        else:
+            logits = self.model(**inputs).logits[row_idx, pos_idx].float()
+            token_logprobs = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+        sums = torch.zeros(len(flat), dtype=torch.float64, device=self.device)
+        sums.index_add_(0, row_idx, token_logprobs.double())
+        results: list[list[tuple[float, int]]] = [[] for _ in contexts]
+        for b, total, c in zip(owners, sums.tolist(), flat, strict=True):
+            results[b].append((total, len(c)))
+        return results
+
+    def _head_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Log-probs of the targets from final hidden states, a chunk of tokens at a time."""
+        head = self.model.get_output_embeddings()
+        out = []
+        for start in range(0, len(hidden), LOGIT_CHUNK_TOKENS):
+            logits = head(hidden[start : start + LOGIT_CHUNK_TOKENS]).float()
+            chunk_targets = targets[start : start + LOGIT_CHUNK_TOKENS, None]
+            out.append(logits.log_softmax(-1).gather(-1, chunk_targets).squeeze(-1))
+        return torch.cat(out) if out else torch.zeros(0, device=self.device)
+
     def _target_logprobs(self, input_ids, row_idx, pos_idx, targets) -> torch.Tensor:
         """Log-probs of the targets, never holding float32 logits for more than a chunk of tokens."""
         if self._chunked_logits:
             hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-            selected = hidden[row_idx, pos_idx]
-            head = self.model.get_output_embeddings()
-            out = []
-            for start in range(0, len(selected), LOGIT_CHUNK_TOKENS):
-                logits = head(selected[start : start + LOGIT_CHUNK_TOKENS]).float()
-                chunk_targets = targets[start : start + LOGIT_CHUNK_TOKENS, None]
-                out.append(logits.log_softmax(-1).gather(-1, chunk_targets).squeeze(-1))
-            return torch.cat(out) if out else torch.zeros(0, device=self.device)
+            return self._head_logprobs(hidden[row_idx, pos_idx], targets)
         logits = self.model(input_ids=input_ids, use_cache=False).logits[row_idx, pos_idx].float()
         return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
 

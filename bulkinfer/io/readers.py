@@ -34,6 +34,7 @@ class ColumnNames:
     completion: str | None
     id: str | None
     keep: tuple[str, ...]
+    choices: str | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class InputChunk:
     ids: list[Any] | None
     keep: pa.Table
     lines: np.ndarray | None
+    choices: list[Any] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -150,6 +152,7 @@ def _read_parquet(path: str, columns: ColumnNames) -> Iterator[InputChunk]:
                 ids=_pylist(table, columns.id),
                 keep=table.select(list(columns.keep)),
                 lines=None,
+                choices=_pylist(table, columns.choices),
             )
             row += batch.num_rows
     except (pa.ArrowInvalid, OSError) as exc:
@@ -209,7 +212,7 @@ def _jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
 
 
 def _check_required_fields(record: dict, columns: ColumnNames, where: str) -> None:
-    for name in (columns.prompt, columns.completion, columns.id):
+    for name in (columns.prompt, columns.completion, columns.id, columns.choices):
         if name is not None and name not in record:
             raise InputError(
                 f"{where}: no field '{name}'{did_you_mean(name, record)}; "
@@ -239,6 +242,7 @@ def _jsonl_chunk(
         ids=[r[columns.id] for r in rows] if columns.id else None,
         keep=keep,
         lines=np.asarray(lines, dtype=np.int64),
+        choices=[r[columns.choices] for r in rows] if columns.choices else None,
     )
 
 
@@ -248,7 +252,7 @@ def _empty_table(num_rows: int) -> pa.Table:
 
 
 def _wanted_columns(columns: ColumnNames) -> list[str]:
-    names = [columns.prompt, columns.completion, columns.id, *columns.keep]
+    names = [columns.prompt, columns.completion, columns.choices, columns.id, *columns.keep]
     return list(dict.fromkeys(n for n in names if n is not None))
 
 

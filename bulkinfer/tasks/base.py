@@ -34,9 +34,25 @@ class Task(Protocol):
         """Compute the outputs of `rows` (input positions) in one engine call."""
 
 
-def make_task(spec, tokenizer, max_context: int | None = None) -> Task:
+def make_task(
+    spec, tokenizer, max_context: int | None = None, source: InputKind | None = None
+) -> Task:
     from bulkinfer.tasks.generate import GenerateTask
     from bulkinfer.tasks.score import ScoreTask
 
-    tasks = {"generate": GenerateTask, "score": ScoreTask}
+    source = source or InputKind()
+    if spec.type == "generate":
+        return GenerateTask(spec, tokenizer, max_context, per_request=source.per_request)
+    if spec.type == "score":
+        return ScoreTask(spec, tokenizer, max_context, choices=source.choices)
+    tasks: dict[str, type] = {}
     return tasks[spec.type](spec, tokenizer, max_context)
+
+
+@dataclass(frozen=True)
+class InputKind:
+    """What the input holds beyond prompts, which shapes a task's output: per-request settings
+    (an OpenAI batch file) or choices to score."""
+
+    per_request: bool = False
+    choices: bool = False

@@ -1,4 +1,5 @@
-"""`score`: log-likelihood of each prompt, or of its completion given the prompt."""
+"""`score`: log-likelihood of each prompt, of its completion given the prompt, or of each of its
+candidate choices given the prompt (multiple choice, as lm-evaluation-harness scores it)."""
 
 from __future__ import annotations
 
@@ -11,25 +12,46 @@ from bulkinfer.prepare import PreparedRows
 from bulkinfer.spec import TaskSpec
 from bulkinfer.tasks.base import BatchResult
 
+SEQUENCE_SCHEMA = pa.schema(
+    [
+        ("logprob_sum", pa.float64()),
+        ("logprob_mean", pa.float64()),
+        ("scored_tokens", pa.int32()),
+        ("perplexity", pa.float64()),
+    ]
+)
+
+CHOICES_SCHEMA = pa.schema(
+    [
+        ("choice_logprobs", pa.list_(pa.float64())),
+        ("choice_tokens", pa.list_(pa.int32())),
+        ("choice_logprob_means", pa.list_(pa.float64())),
+        ("best_choice", pa.int32()),
+        ("best_choice_norm", pa.int32()),
+    ]
+)
+
 
 class ScoreTask:
     name = "score"
-    schema = pa.schema(
-        [
-            ("logprob_sum", pa.float64()),
-            ("logprob_mean", pa.float64()),
-            ("scored_tokens", pa.int32()),
-            ("perplexity", pa.float64()),
-        ]
-    )
 
-    def __init__(self, spec: TaskSpec, tokenizer, max_context: int | None = None):
+    def __init__(
+        self,
+        spec: TaskSpec,
+        tokenizer,
+        max_context: int | None = None,
+        choices: bool = False,
+    ):
         self.spec = spec
+        self.choices = choices
+        self.schema = CHOICES_SCHEMA if choices else SEQUENCE_SCHEMA
 
     def new_tokens_per_row(self) -> int:
         return 0
 
     def run(self, engine, prepared: PreparedRows, rows: np.ndarray) -> BatchResult:
+        if self.choices:
+            return self._run_choices(engine, prepared, rows)
         sequences = [prepared.tokens(int(r)) for r in rows]
         starts = [int(prepared.score_from[int(r)]) for r in rows]
         results = engine.loglikelihood(sequences, starts)
@@ -40,4 +62,23 @@ class ScoreTask:
             columns["logprob_mean"].append(mean)
             columns["scored_tokens"].append(count)
             columns["perplexity"].append(math.exp(-mean) if mean is not None else None)
+        return BatchResult(columns)
+
+    def _run_choices(self, engine, prepared: PreparedRows, rows: np.ndarray) -> BatchResult:
+        contexts, choices = [], []
+        for r in rows:
+            tokens = prepared.tokens(int(r))
+            start = int(prepared.score_from[int(r)])
+            cuts = start + np.cumsum(prepared.choice_token_lengths(int(r)))[:-1]
+            contexts.append(tokens[:start])
+            choices.append(np.split(tokens[start:], cuts - start))
+        columns = {name: [] for name in self.schema.names}
+        for scores in engine.loglikelihood_choices(contexts, choices):
+            sums = [total for total, _ in scores]
+            means = [total / count for total, count in scores]
+            columns["choice_logprobs"].append(sums)
+            columns["choice_tokens"].append([count for _, count in scores])
+            columns["choice_logprob_means"].append(means)
+            columns["best_choice"].append(int(np.argmax(sums)))
+            columns["best_choice_norm"].append(int(np.argmax(means)))
         return BatchResult(columns)
