@@ -9,8 +9,10 @@ from __future__ import annotations
 import glob
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from bulkinfer.errors import ModelError
@@ -194,3 +196,83 @@ def model_error(what: str, exc: BaseException) -> ModelError:
     if "trust_remote_code" in text:
         first = "the model folder contains custom code; set model.trust_remote_code: true only if you trust it"
     return ModelError(f"model.path: {what}: {first}")
+
+
+POOLING_MODES = {"mean_tokens": "mean", "cls_token": "cls", "lasttoken": "last"}
+
+
+@dataclass(frozen=True)
+class SentenceTransformerRecipe:
+    """How a sentence-transformers model folder says to turn token states into one embedding:
+    its pooling module, whether a Normalize module follows, its max_seq_length, and any module
+    bulkinfer does not apply (Dense projections and the like)."""
+
+    pooling: str | None = None
+    normalize: bool = False
+    max_seq_length: int | None = None
+    other_modules: tuple[str, ...] = ()
+
+
+def sentence_transformer_recipe(folder: Path | None) -> SentenceTransformerRecipe:
+    """Read modules.json, the pooling config and sentence_bert_config.json where present."""
+    if folder is None:
+        return SentenceTransformerRecipe()
+    modules = _read_json(folder / "modules.json") or []
+    if not modules and (folder / "1_Pooling" / "config.json").exists():
+        modules = [{"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    pooling, normalize, others = None, False, []
+    for module in modules:
+        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+        if kind == "Pooling":
+            pooling = _pooling_mode(folder / module.get("path", "") / "config.json")
+        elif kind == "Normalize":
+            normalize = True
+        elif kind != "Transformer":
+            others.append(kind)
+    length = (_read_json(folder / "sentence_bert_config.json") or {}).get("max_seq_length")
+    return SentenceTransformerRecipe(
+        pooling,
+        normalize,
+        length if isinstance(length, int) and length > 0 else None,
+        tuple(others),
+    )
+
+
+def _pooling_mode(path: Path) -> str | None:
+    """mean, cls or last; the config's own name for a mode bulkinfer does not offer."""
+    config = _read_json(path) or {}
+    if isinstance(config.get("pooling_mode"), str):
+        mode = config["pooling_mode"]
+        return {"lasttoken": "last"}.get(mode, mode)
+    chosen = [
+        k[len("pooling_mode_") :] for k, v in config.items() if k.startswith("pooling_mode_") and v
+    ]
+    if len(chosen) != 1:
+        return "+".join(chosen) or None
+    return POOLING_MODES.get(chosen[0], chosen[0])
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(f"model.path: {path} is not valid JSON ({exc})") from None
+
+
+def input_limit(
+    config, tokenizer, spec: ModelSpec, recipe: SentenceTransformerRecipe
+) -> int | None:
+    """The most tokens an encoder-style task (classify, embed) feeds the model per row: the
+    spec's model.max_context, else the smallest of the position table, the tokenizer's
+    model_max_length (RoBERTa-style models reserve positions for padding) and a
+    sentence-transformers max_seq_length."""
+    if spec.max_context is not None:
+        return spec.max_context
+    limits = [model_context(config, spec), recipe.max_seq_length]
+    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000:
+        limits.append(tokenizer_limit)
+    known = [n for n in limits if n is not None]
+    return min(known) if known else None

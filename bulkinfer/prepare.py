@@ -31,6 +31,11 @@ class RenderOptions:
     has_completion: bool
     min_tokens: int = 1
     has_choices: bool = False
+    # classify and embed may cut a long row to max_context (when asked) rather than refuse it,
+    # keeping the `keep_last` special tokens the tokenizer appends (BERT's [SEP]).
+    can_truncate: bool = False
+    truncate: bool = False
+    keep_last: int = 0
 
 
 @dataclass
@@ -52,6 +57,7 @@ class PreparedRows:
     choice_counts: np.ndarray | None = None
     choice_lengths: np.ndarray | None = None
     locations: list[tuple[int, InputChunk]] = field(default_factory=list, repr=False)
+    truncated: dict[int, int] = field(default_factory=dict)  # row -> tokens cut (task.truncate)
 
     @property
     def num_rows(self) -> int:
@@ -102,9 +108,30 @@ def render_options(
     reserve = task.max_new_tokens if task.type == "generate" else 0
     # Scoring a prompt scores every token after the first, so it needs two.
     min_tokens = 2 if task.type == "score" and not (has_completion or has_choices) else 1
+    can_truncate = task.type in ("classify", "embed")
     return RenderOptions(
-        use_chat, task.system_prompt, max_context, reserve, has_completion, min_tokens, has_choices
+        use_chat,
+        task.system_prompt,
+        max_context,
+        reserve,
+        has_completion,
+        min_tokens,
+        has_choices,
+        can_truncate=can_truncate,
+        truncate=can_truncate and task.truncate,
+        keep_last=appended_special_tokens(tokenizer) if can_truncate else 0,
     )
+
+
+def appended_special_tokens(tokenizer) -> int:
+    """How many special tokens the tokenizer puts after a text (1 for BERT's [SEP], 0 for most
+    decoders), found by encoding one word with and without them."""
+    plain = tokenizer.encode("a", add_special_tokens=False)
+    full = tokenizer.encode("a", add_special_tokens=True)
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return len(full) - start - len(plain)
+    return 0
 
 
 def prepare_rows(chunks: Iterable[InputChunk], tokenizer, options: RenderOptions) -> PreparedRows:
@@ -112,13 +139,15 @@ def prepare_rows(chunks: Iterable[InputChunk], tokenizer, options: RenderOptions
     id_parts, keep_parts, token_parts, length_parts, score_parts = [], [], [], [], []
     count_parts, choice_parts = [], []
     row_errors: dict[int, str] = {}
+    truncated: dict[int, int] = {}
     locations: list[tuple[int, InputChunk]] = []
     first_row = 0
     for chunk in chunks:
         locations.append((first_row, _without_text(chunk)))
-        ids, lengths, score_from, errors, choices = _tokenize_chunk(chunk, tokenizer, options)
+        ids, lengths, score_from, errors, choices, cut = _tokenize_chunk(chunk, tokenizer, options)
         count_parts.append(choices[0])
         choice_parts.append(choices[1])
+        truncated.update({first_row + i: n for i, n in cut.items()})
         token_parts.append(ids)
         length_parts.append(lengths)
         score_parts.append(score_from)
@@ -142,6 +171,7 @@ def prepare_rows(chunks: Iterable[InputChunk], tokenizer, options: RenderOptions
         choice_counts=np.concatenate(count_parts) if options.has_choices else None,
         choice_lengths=np.concatenate(choice_parts) if options.has_choices else None,
         locations=locations,
+        truncated=truncated,
     )
     _check_unique_ids(prepared)
     return prepared
@@ -153,6 +183,7 @@ def _tokenize_chunk(chunk: InputChunk, tokenizer, options: RenderOptions):
     A completion or the choices are tokenized on their own (no special tokens) and appended to
     the prompt's tokens, so the scored tokens are exactly the completion's own."""
     errors: dict[int, str] = {}
+    truncated: dict[int, int] = {}
     texts: list[str] = []
     is_chat: list[bool] = []
     positions: list[int] = []
@@ -184,6 +215,11 @@ def _tokenize_chunk(chunk: InputChunk, tokenizer, options: RenderOptions):
             if empty and options.has_choices:
                 errors[i] = f"choice {empty[0]} has no tokens after tokenization"
                 continue
+        limit = options.max_context
+        if options.truncate and limit is not None and len(ids) > limit:
+            truncated[i] = len(ids) - limit
+            ids = _truncated(ids, limit, 0 if is_chat[j] else options.keep_last)
+            longest = len(ids)
         message = _length_problem(longest, options)
         if message:
             errors[i] = message
@@ -195,7 +231,7 @@ def _tokenize_chunk(chunk: InputChunk, tokenizer, options: RenderOptions):
         pieces.append(np.asarray(ids, dtype=np.int32))
     flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
     choices = (choice_counts, np.asarray(choice_lengths, dtype=np.int32))
-    return flat, lengths, score_from, errors, choices
+    return flat, lengths, score_from, errors, choices, truncated
 
 
 def _check_continuations(chunk: InputChunk, i: int, options: RenderOptions) -> None:
@@ -226,6 +262,12 @@ def _encode_continuations(
     flat = [text for texts in per_row for text in texts]
     encoded = iter(_encode(tokenizer, flat, [True] * len(flat)))
     return [[next(encoded) for _ in texts] for texts in per_row]
+
+
+def _truncated(ids: list[int], limit: int, keep_last: int) -> list[int]:
+    """The first tokens of a row, ending with the special tokens the tokenizer appended."""
+    keep_last = min(keep_last, limit - 1)
+    return ids[: limit - keep_last] + (ids[len(ids) - keep_last :] if keep_last else [])
 
 
 class RowError(ValueError):
@@ -331,7 +373,8 @@ def _length_problem(n_tokens: int, options: RenderOptions) -> str | None:
     if options.reserve_new_tokens and n_tokens >= limit:
         return f"prompt has {n_tokens} tokens; the model's context is {limit}, leaving no room to generate"
     if n_tokens > limit:
-        return f"prompt has {n_tokens} tokens, more than the model's context of {limit}"
+        hint = f"; task.truncate: true keeps the first {limit}" if options.can_truncate else ""
+        return f"prompt has {n_tokens} tokens, more than the model's context of {limit}{hint}"
     return None
 
 

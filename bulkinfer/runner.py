@@ -40,7 +40,6 @@ from bulkinfer.model_files import (
     load_config,
     load_tokenizer,
     local_model_folder,
-    model_context,
     model_identity,
 )
 from bulkinfer.plan import Batch, TokenBudget, assign_shards, padding_fraction, plan_batches
@@ -49,7 +48,7 @@ from bulkinfer.progress import Progress, log
 from bulkinfer.sharding import Shard
 from bulkinfer.spec import JobSpec
 from bulkinfer.stats import BatchStats, format_summary, stats_table, summarize
-from bulkinfer.tasks.base import InputKind, make_task
+from bulkinfer.tasks.base import InputKind, Task, make_task
 
 ROW_FAILURES = (RuntimeError, IndexError)
 
@@ -64,6 +63,7 @@ class Inputs:
     max_context: int | None
     prepared: PreparedRows
     kind: InputKind
+    task: Task
 
 
 def read_inputs(spec: JobSpec, files: list[str] | None = None) -> Inputs:
@@ -72,7 +72,9 @@ def read_inputs(spec: JobSpec, files: list[str] | None = None) -> Inputs:
     columns = column_names(spec, files[0])
     tokenizer = load_tokenizer(spec.model)
     config = load_config(spec.model)
-    max_context = model_context(config, spec.model)
+    kind = InputKind(choices=columns.choices is not None)
+    task = make_task(spec, tokenizer, config, kind)
+    max_context = task.max_context
     options = render_options(
         spec.task,
         tokenizer,
@@ -81,8 +83,12 @@ def read_inputs(spec: JobSpec, files: list[str] | None = None) -> Inputs:
         has_choices=columns.choices is not None,
     )
     prepared = prepare_rows(read_chunks(files, columns, spec.input.format), tokenizer, options)
-    kind = InputKind(choices=columns.choices is not None)
-    return Inputs(files, tokenizer, config, max_context, prepared, kind)
+    if prepared.truncated:
+        log(
+            f"{len(prepared.truncated):,} rows longer than {max_context} tokens are truncated "
+            "(task.truncate; counted per row in truncated_tokens)"
+        )
+    return Inputs(files, tokenizer, config, max_context, prepared, kind, task)
 
 
 def column_names(spec: JobSpec, first_file: str) -> ColumnNames:
@@ -190,13 +196,10 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
             f"{prepared_location(prepared, row)}: {message} "
             f"({len(prepared.row_errors)} such rows; on_error: record keeps them as row errors)"
         )
-    task = make_task(spec.task, inputs.tokenizer, inputs.max_context, inputs.kind)
+    task = inputs.task
     check_output_columns(spec, task)
     mine = shard_rows(prepared, task, shard)
-
-    from bulkinfer.engines.hf import HFEngine
-
-    engine = HFEngine.load(spec.model, inputs.tokenizer)
+    engine = task.load_engine(spec.model, inputs.tokenizer)
     folder.job.setdefault("max_tokens", _max_tokens(spec, task, engine, inputs.config))
     folder.job["rows"] = len(mine)
     save_job(layout, folder.job)  # the budget is kept, so a resume plans the very same batches
@@ -433,7 +436,7 @@ def plan_report(spec: JobSpec, inputs: Inputs, max_tokens: int) -> dict:
     from bulkinfer.plan import length_histogram
 
     prepared = inputs.prepared
-    task = make_task(spec.task, inputs.tokenizer, inputs.max_context, inputs.kind)
+    task = inputs.task
     budget = token_budget(spec, max_tokens, task.new_tokens_per_row())
     rows = prepared.runnable_rows()
     lengths = prepared.lengths

@@ -45,11 +45,21 @@ class ModelSpec:
         _at_least(self.max_context, 2, f"{key}.max_context")
 
 
+# Task keys that only mean something for some task types; a key set away from its default on
+# another type is a mistake worth a one-line error (`pooling` on a generate job, `temperature` on
+# an embed job). Keys of other features apply to every type.
+GENERATE_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "logprobs")
+TASK_ONLY_KEYS = {
+    "classify": ("all_labels", "multi_label", "threshold", "truncate"),
+    "embed": ("pooling", "normalize", "truncate"),
+}
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """What to compute per row."""
 
-    type: Literal["generate", "score"] = "generate"
+    type: Literal["generate", "score", "classify", "embed"] = "generate"
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 1.0
@@ -60,6 +70,17 @@ class TaskSpec:
     logprobs: bool = False
     chat_template: Literal["auto", "always", "never"] = "auto"
     system_prompt: str | None = None
+    # classify: every label's probability in `probabilities`; multi-label (sigmoid) models,
+    # detected from the model config unless set, list the labels at or above `threshold`.
+    all_labels: bool = False
+    multi_label: Auto | bool = "auto"
+    threshold: float = 0.5
+    # embed: auto takes pooling and normalisation from the model's sentence-transformers files.
+    pooling: Literal["auto", "mean", "cls", "last"] = "auto"
+    normalize: Auto | bool = "auto"
+    # classify, embed: rows longer than the model takes are cut (and counted in
+    # `truncated_tokens`) instead of getting a row error.
+    truncate: bool = False
 
     def validate(self, key: str) -> None:
         _at_least(self.max_new_tokens, 1, f"{key}.max_new_tokens")
@@ -70,6 +91,27 @@ class TaskSpec:
             raise SpecError(f"{key}.top_p: {self.top_p} must be in (0, 1]")
         if any(s == "" for s in self.stop):
             raise SpecError(f"{key}.stop: stop strings must not be empty")
+        if not 0.0 < self.threshold < 1.0:
+            raise SpecError(f"{key}.threshold: {self.threshold} must be between 0 and 1")
+        self._check_keys_fit_type(key)
+
+    def _check_keys_fit_type(self, key: str) -> None:
+        """A key of another task type, set away from its default, is refused with its name."""
+        allowed = set(TASK_ONLY_KEYS.get(self.type, ()))
+        if self.type in ("generate", "score"):
+            allowed.update(GENERATE_KEYS)  # score has always tolerated generate's keys
+        for f in dataclasses.fields(self):
+            owners = [t for t, names in TASK_ONLY_KEYS.items() if f.name in names]
+            if f.name in GENERATE_KEYS:
+                owners.append("generate")
+            if not owners or f.name in allowed:
+                continue
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            if getattr(self, f.name) != default:
+                raise SpecError(
+                    f"{key}.{f.name}: applies to {' and '.join(owners)} tasks, "
+                    f"not to {self.type}; remove it"
+                )
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,70 @@ def train_tokenizer(vocab_size: int = 512):
     return fast
 
 
+def train_wordpiece_tokenizer(vocab_size: int = 512):
+    """A BERT-style WordPiece tokenizer: [CLS] text [SEP], [PAD] id 0, lower-casing."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(
+        CORPUS * 20,
+        trainer=trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials),
+    )
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=512,
+    )
+
+
+def tiny_config(arch: str, tokenizer, hidden: int, layers: int, max_context: int, **extra):
+    """A transformers config of `arch` at toy size, with the tokenizer's special ids."""
+    from transformers import AutoConfig, GPT2Config
+
+    common = dict(
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **extra,
+    )
+    if arch == "gpt2":
+        return GPT2Config(
+            n_embd=hidden, n_layer=layers, n_head=4, n_positions=max_context, **common
+        )
+    shape = dict(
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=max_context,
+    )
+    if arch == "bert":
+        return AutoConfig.for_model(arch, **shape, **common)
+    shape["tie_word_embeddings"] = False
+    if arch != "gpt_neox":
+        shape.update(num_key_value_heads=2, head_dim=hidden // 4)
+    if arch in ("mistral", "gemma2", "gemma3_text"):
+        shape["sliding_window"] = 16  # shorter than most test prompts: the window matters
+    return AutoConfig.for_model(arch, **shape, **common)
+
+
 def build_tiny_model(
     folder: str | Path,
     arch: str = "llama",
@@ -64,36 +128,12 @@ def build_tiny_model(
     """Save a random-weight causal LM and its tokenizer to `folder`; `arch` is a transformers
     model type (llama, qwen2, qwen3, mistral, gemma2, phi3, gpt_neox, gpt2, ...)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
+    from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer()
-    vocab = len(tokenizer)
-    common = dict(
-        vocab_size=vocab,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    if arch == "gpt2":
-        config = GPT2Config(
-            n_embd=hidden, n_layer=layers, n_head=4, n_positions=max_context, **common
-        )
-    else:
-        shape = dict(
-            hidden_size=hidden,
-            intermediate_size=hidden * 2,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            max_position_embeddings=max_context,
-            tie_word_embeddings=False,
-        )
-        if arch != "gpt_neox":
-            shape.update(num_key_value_heads=2, head_dim=hidden // 4)
-        if arch in ("mistral", "gemma2", "gemma3_text"):
-            shape["sliding_window"] = 16  # shorter than most test prompts: the window matters
-        config = AutoConfig.for_model(arch, **shape, **common)
+    config = tiny_config(arch, tokenizer, hidden, layers, max_context)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     # Larger logits than the default init make greedy choices well separated, not near-ties.
@@ -102,5 +142,73 @@ def build_tiny_model(
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_classifier(
+    folder: str | Path,
+    labels: list[str],
+    arch: str = "bert",
+    problem_type: str | None = None,
+    max_context: int = 512,
+    seed: int = 0,
+) -> Path:
+    """Save a random-weight sequence classifier with `labels` as its id2label; bert gets a
+    WordPiece tokenizer ([CLS] ... [SEP]), decoder archs the byte-level BPE one."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_wordpiece_tokenizer() if arch == "bert" else train_tokenizer()
+    config = tiny_config(
+        arch,
+        tokenizer,
+        hidden=32,
+        layers=2,
+        max_context=max_context,
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+        problem_type=problem_type,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    _spread_labels(model, tokenizer, len(labels))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _spread_labels(model, tokenizer, count: int) -> None:
+    """Scale and centre the random head on the corpus, so that different texts get different
+    labels (a random encoder maps every text to nearly the same point)."""
+    import torch
+
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert head.out_features == count
+    with torch.no_grad():
+        logits = torch.cat([model(**tokenizer(t, return_tensors="pt")).logits for t in CORPUS])
+        head.weight.div_(logits.std(0).clamp(min=1e-6)[:, None])
+        if head.bias is not None:
+            head.bias.div_(logits.std(0).clamp(min=1e-6))
+            head.bias.sub_(
+                model(**tokenizer(CORPUS, return_tensors="pt", padding=True)).logits.mean(0)
+            )
+
+
+def build_tiny_encoder(
+    folder: str | Path, arch: str = "bert", max_context: int = 512, seed: int = 0
+) -> Path:
+    """Save a random-weight bare model (what `embed` loads with AutoModel) and its tokenizer."""
+    import torch
+    from transformers import AutoModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_wordpiece_tokenizer() if arch == "bert" else train_tokenizer()
+    config = tiny_config(arch, tokenizer, hidden=32, layers=2, max_context=max_context)
+    torch.manual_seed(seed)
+    AutoModel.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -58,6 +58,32 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+def load_weights(auto_class, spec: ModelSpec) -> tuple[torch.nn.Module, torch.device, set[str]]:
+    """Load `spec`'s weights as `auto_class` (an Auto* class of transformers) on its device, in
+    eval mode; also returns the names of weights the checkpoint lacked, which transformers would
+    have initialised at random."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    folder = local_model_folder(spec)
+    try:
+        model, info = auto_class.from_pretrained(
+            folder,
+            dtype=dtype,
+            trust_remote_code=spec.trust_remote_code,
+            use_safetensors=None if spec.allow_pickle else True,
+            # None lets transformers pick: SDPA where the architecture supports it.
+            attn_implementation=spec.attn_implementation,
+            output_loading_info=True,
+        )
+    except Exception as exc:  # any loader failure here is a model the user must fix
+        raise model_error(f"cannot load the weights of {spec.path}", exc) from None
+    model.to(device).eval()
+    return model, device, set(info.get("missing_keys") or ())
+
+
 class HFEngine:
     """A causal LM on one device, with padding handled and batch results in batch order."""
 
@@ -80,25 +106,8 @@ class HFEngine:
     @classmethod
     def load(cls, spec: ModelSpec, tokenizer) -> HFEngine:
         from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-
-        device = resolve_device(spec.device)
-        dtype = resolve_dtype(spec.dtype, device)
-        folder = local_model_folder(spec)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                folder,
-                dtype=dtype,
-                trust_remote_code=spec.trust_remote_code,
-                use_safetensors=None if spec.allow_pickle else True,
-                # None lets transformers pick: SDPA where the architecture supports it.
-                attn_implementation=spec.attn_implementation,
-            )
-        except Exception as exc:  # any loader failure here is a model the user must fix
-            raise model_error(f"cannot load the weights of {spec.path}", exc) from None
-        model.to(device).eval()
+        model, device, _ = load_weights(AutoModelForCausalLM, spec)
         return cls(model, tokenizer, device)
 
     @property

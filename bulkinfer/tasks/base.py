@@ -1,7 +1,8 @@
-"""The task interface: what to compute per row and the columns it adds to the output.
+"""The task interface: what to compute per row, the columns it adds to the output, and the
+model (engine) it needs.
 
 A task turns a batch of prepared rows into output columns by calling one engine operation; the
-runner never needs to know which task it runs, so classify and embed slot in beside these.
+runner never needs to know which task it runs.
 """
 
 from __future__ import annotations
@@ -26,27 +27,38 @@ class BatchResult:
 class Task(Protocol):
     name: str
     schema: pa.Schema
+    max_context: int | None  # the most tokens a row may have (prompt plus any new tokens)
 
     def new_tokens_per_row(self) -> int:
         """Tokens each row adds beyond its prompt; counted in the batch token budget."""
+
+    def load_engine(self, model_spec, tokenizer):
+        """Load the weights as the model class this task runs (causal LM, encoder, classifier)."""
 
     def run(self, engine, prepared: PreparedRows, rows: np.ndarray) -> BatchResult:
         """Compute the outputs of `rows` (input positions) in one engine call."""
 
 
-def make_task(
-    spec, tokenizer, max_context: int | None = None, source: InputKind | None = None
-) -> Task:
+def make_task(spec, tokenizer, config, source: InputKind | None = None) -> Task:
+    """The task of a job spec, fitted to its model (labels, pooling, context) and to what the
+    input holds, without loading the weights, so that `bulkinfer plan` and input errors stay
+    cheap."""
+    from bulkinfer.model_files import model_context
+    from bulkinfer.tasks.classify import ClassifyTask
+    from bulkinfer.tasks.embed import EmbedTask
     from bulkinfer.tasks.generate import GenerateTask
     from bulkinfer.tasks.score import ScoreTask
 
     source = source or InputKind()
-    if spec.type == "generate":
-        return GenerateTask(spec, tokenizer, max_context, per_request=source.per_request)
-    if spec.type == "score":
-        return ScoreTask(spec, tokenizer, max_context, choices=source.choices)
-    tasks: dict[str, type] = {}
-    return tasks[spec.type](spec, tokenizer, max_context)
+    task = spec.task
+    if task.type == "classify":
+        return ClassifyTask.for_model(spec, tokenizer, config)
+    if task.type == "embed":
+        return EmbedTask.for_model(spec, tokenizer, config)
+    max_context = model_context(config, spec.model)
+    if task.type == "generate":
+        return GenerateTask(task, tokenizer, max_context, per_request=source.per_request)
+    return ScoreTask(task, tokenizer, max_context, choices=source.choices)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from bulkinfer.engines.hf import truncate_at_stop
 from bulkinfer.engines.sampling import SamplingParams, row_key
 from bulkinfer.prepare import PreparedRows
 from bulkinfer.spec import TaskSpec
-from bulkinfer.tasks.base import BatchResult
+from bulkinfer.tasks.base import BatchResult, load_causal_lm
 
 SAMPLE_COLUMNS = (
     "text",
@@ -66,6 +66,8 @@ class GenerateTask:
             stop=tuple(spec.stop),
         )
         self.schema = generate_schema(self.as_lists, self.with_logprobs)
+
+    load_engine = staticmethod(load_causal_lm)
 
     def new_tokens_per_row(self) -> int:
         return self.spec.max_new_tokens

@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from bulkinfer.prepare import PreparedRows
 from bulkinfer.spec import TaskSpec
-from bulkinfer.tasks.base import BatchResult
+from bulkinfer.tasks.base import BatchResult, load_causal_lm
 
 SEQUENCE_SCHEMA = pa.schema(
     [
@@ -45,6 +45,9 @@ class ScoreTask:
         self.spec = spec
         self.choices = choices
         self.schema = CHOICES_SCHEMA if choices else SEQUENCE_SCHEMA
+        self.max_context = max_context
+
+    load_engine = staticmethod(load_causal_lm)
 
     def new_tokens_per_row(self) -> int:
         return 0

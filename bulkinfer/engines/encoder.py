@@ -1,0 +1,94 @@
+"""One forward pass per batch, no generation: pooled hidden states (embed) or classifier logits
+(classify), for encoder (BERT-like) and decoder models alike.
+
+Rows are right-padded with an attention mask, so every row's real tokens sit at positions
+0..n-1 whatever batch it lands in: a row's result does not depend on its neighbours, and its
+last real token is at n-1 (what last-token pooling and decoder classifiers read).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from bulkinfer.engines.hf import device_name, load_weights
+from bulkinfer.errors import ModelError
+from bulkinfer.spec import ModelSpec
+
+# Weights an embedding never reads: a missing BERT pooler is no reason to refuse the model.
+UNUSED_BY_EMBED = ("pooler.",)
+
+
+class EncoderEngine:
+    """A model without a decode loop, on one device; results come back as float32 numpy."""
+
+    def __init__(self, model, pad_id: int, device: torch.device):
+        self.model = model
+        self.pad_id = pad_id
+        self.device = device
+
+    @classmethod
+    def load(cls, spec: ModelSpec, tokenizer, head: str) -> EncoderEngine:
+        """head: `embed` (the bare model, AutoModel) or `classify`
+        (AutoModelForSequenceClassification, whose trained head must be in the checkpoint)."""
+        from transformers import AutoModel, AutoModelForSequenceClassification
+
+        auto_class = AutoModelForSequenceClassification if head == "classify" else AutoModel
+        model, device, missing = load_weights(auto_class, spec)
+        if head == "embed":
+            missing = {k for k in missing if not k.startswith(UNUSED_BY_EMBED)}
+        if missing:
+            names = ", ".join(sorted(missing)[:3]) + (" ..." if len(missing) > 3 else "")
+            what = "a trained classification head" if head == "classify" else "all its weights"
+            raise ModelError(
+                f"model.path: {spec.path} lacks {what} (missing {names}); "
+                "transformers would fill them with random values"
+            )
+        pad_id = tokenizer.pad_token_id
+        if not isinstance(pad_id, int):
+            pad_id = getattr(model.config, "pad_token_id", None) or 0
+        return cls(model, pad_id, device)
+
+    @property
+    def device_name(self) -> str:
+        return device_name(self.device)
+
+    @torch.inference_mode()
+    def embed(self, sequences: list[np.ndarray], pooling: str, normalize: bool) -> np.ndarray:
+        """One vector per sequence: mean over real tokens, the first token, or the last one."""
+        input_ids, mask = self._right_padded(sequences)
+        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
+        if pooling == "mean":
+            weights = mask.unsqueeze(-1).float()
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        elif pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            pooled = hidden[torch.arange(len(sequences), device=self.device), mask.sum(1) - 1]
+        if normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
+        return pooled.cpu().numpy()
+
+    @torch.inference_mode()
+    def classify(self, sequences: list[np.ndarray]) -> np.ndarray:
+        """Logits [rows, labels]. Decoder classifiers (a `score` head read at the last token)
+        are read at each row's last real token here, rather than where transformers guesses it
+        from pad ids (wrong when the pad id is also a real token, such as EOS)."""
+        input_ids, mask = self._right_padded(sequences)
+        head = getattr(self.model, "score", None)
+        if isinstance(head, torch.nn.Linear):
+            hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask)
+            rows = torch.arange(len(sequences), device=self.device)
+            logits = head(hidden.last_hidden_state[rows, mask.sum(1) - 1])
+        else:
+            logits = self.model(input_ids=input_ids, attention_mask=mask).logits
+        return logits.float().cpu().numpy()
+
+    def _right_padded(self, sequences: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        longest = max(len(s) for s in sequences)
+        ids = np.full((len(sequences), longest), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(sequences), longest), dtype=np.int64)
+        for i, s in enumerate(sequences):
+            ids[i, : len(s)] = s
+            mask[i, : len(s)] = 1
+        return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
