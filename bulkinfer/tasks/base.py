@@ -68,3 +68,10 @@ class InputKind:
 
     per_request: bool = False
     choices: bool = False
+
+
+def load_causal_lm(model_spec, tokenizer):
+    """The engine of generate and score."""
+    from bulkinfer.engines.hf import HFEngine
+
+    return HFEngine.load(model_spec, tokenizer)
