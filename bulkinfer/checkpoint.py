@@ -61,6 +61,10 @@ class OutputLayout:
         return self.root / "summary.json"
 
     @property
+    def dataset_card(self) -> Path:
+        return self.root / "README.md"
+
+    @property
     def heartbeat(self) -> Path:
         return self.root / "heartbeat"
 
@@ -76,6 +80,7 @@ class OutputLayout:
             self.outputs_dir,
             self.stats_dir,
             self.summary,
+            self.dataset_card,
             self.root / "outputs.tmp",
             self.root / "outputs.old",
             self.heartbeat,
@@ -88,7 +93,7 @@ def input_files_digest(files: list[str]) -> dict[str, dict]:
     """Content hash of each input file, so an input edited since the checkpoint is caught."""
     return {
         os.path.basename(f) if len(files) == 1 else f: {
-            "bytes": os.path.getsize(f),
+            "bytes": _size(f),
             "blake2b": _blake2b(f),
         }
         for f in files
@@ -96,11 +101,26 @@ def input_files_digest(files: list[str]) -> dict[str, dict]:
 
 
 def _blake2b(path: str) -> str:
+    """Of a file's bytes; of a folder (a saved dataset), of every file's name and bytes."""
     digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
+    files = _folder_files(path) if os.path.isdir(path) else [path]
+    for name in files:
+        if name != path:
+            digest.update(os.path.relpath(name, path).encode() + b"\0")
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
     return digest.hexdigest()
+
+
+def _folder_files(folder: str) -> list[str]:
+    return sorted(os.path.join(root, n) for root, _, names in os.walk(folder) for n in names)
+
+
+def _size(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(f) for f in _folder_files(path))
+    return os.path.getsize(path)
 
 
 def fingerprint(spec_dict: dict, model: dict, inputs: dict) -> dict[str, str]:

@@ -68,7 +68,9 @@ class Inputs:
 
 def read_inputs(spec: JobSpec, files: list[str] | None = None) -> Inputs:
     """Read and tokenize the whole input; user errors surface here, before any GPU time."""
-    files = files or resolve_input_files(spec.input.path, spec.input.format, spec.output.path)
+    files = files or resolve_input_files(
+        spec.input.path, spec.input.format, spec.output.path, spec.input.split
+    )
     columns = column_names(spec, files[0])
     tokenizer = load_tokenizer(spec.model)
     config = load_config(spec.model)
@@ -179,7 +181,9 @@ def run_job(spec: JobSpec, overwrite: bool = False, shard: Shard | None = None) 
 def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard | None) -> int:
     started = time.monotonic()
     run_id = uuid.uuid4().hex[:12]
-    files = resolve_input_files(spec.input.path, spec.input.format, spec.output.path)
+    files = resolve_input_files(
+        spec.input.path, spec.input.format, spec.output.path, spec.input.split
+    )
     prints = fingerprint(spec.to_dict(), model_identity(spec.model), input_files_digest(files))
     if shard is not None:
         prints["shard"] = str(shard)

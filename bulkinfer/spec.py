@@ -119,12 +119,13 @@ class InputSpec:
     """Where the prompts are and which columns mean what."""
 
     path: list[str]
-    format: Literal["auto", "jsonl", "parquet"] = "auto"
+    format: Literal["auto", "jsonl", "parquet", "hf"] = "auto"
     prompt_column: str = "prompt"
     completion_column: str | None = None
     choices_column: str | None = None
     id_column: str | None = None
     keep_columns: list[str] = field(default_factory=list)
+    split: str | None = None  # a saved DatasetDict's split
 
     def validate(self, key: str) -> None:
         if not self.path:

@@ -20,6 +20,19 @@ from bulkinfer.io.atomic import fsync_dir, parquet_bytes, write_bytes_atomic, wr
 
 OUTPUT_FILE_ROWS = 1_000_000
 
+# `datasets.load_dataset(OUT)` reads this card's config, so it loads outputs/ only, never the
+# stats or checkpoint Parquet files beside it.
+DATASET_CARD = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: outputs/*.parquet
+---
+Outputs of a bulkinfer job: one row per input row in `outputs/`, per-batch figures in
+`stats/batches.parquet`, totals in `summary.json`.
+"""
+
 
 def part_schema(task_schema: pa.Schema) -> pa.Schema:
     return pa.schema([("row", pa.int64()), *task_schema, ("error", pa.string())])
@@ -150,6 +163,7 @@ def write_output_files(layout: OutputLayout, table: pa.Table) -> None:
         layout.outputs_dir.rename(old)
     tmp.rename(layout.outputs_dir)
     shutil.rmtree(old, ignore_errors=True)
+    write_bytes_atomic(layout.dataset_card, DATASET_CARD.encode())
     fsync_dir(layout.root)
 
 

@@ -1,6 +1,8 @@
-"""Input readers: Parquet, JSONL and .jsonl.gz, from a file, a folder or a glob.
+"""Input readers: Parquet, JSONL and .jsonl.gz, from a file, a folder or a glob; a Hugging Face
+dataset saved with `save_to_disk`; Parquet/JSONL loaded through `datasets` on request.
 
-They stream: Parquet by record batches, JSONL line by line, so a chunk at a time is in memory.
+They stream: Parquet by record batches, JSONL line by line, so a chunk at a time is in memory; a
+saved dataset's Arrow files are memory-mapped, so it needs no `datasets` install to be read.
 Whole-input problems (a file that is not Parquet, a malformed JSONL line, a missing column) raise
 InputError naming the file and line; row problems (a null prompt) travel on as values.
 """
@@ -61,15 +63,18 @@ class InputChunk:
 
 
 def resolve_input_files(
-    patterns: list[str], fmt: str = "auto", exclude: str | None = None
+    patterns: list[str], fmt: str = "auto", exclude: str | None = None, split: str | None = None
 ) -> list[str]:
     """Expand files, folders and globs into a sorted, de-duplicated list of data files.
 
-    Files under `exclude` (the job's own output folder, when it sits inside an input folder)
-    are never inputs."""
+    A folder saved by `datasets` (`save_to_disk`) is one input, itself (for a DatasetDict, the
+    folder of its `split`). Files under `exclude` (the job's own output folder, when it sits
+    inside an input folder) are never inputs."""
     files: list[str] = []
     for pattern in patterns:
-        if os.path.isdir(pattern):
+        if os.path.isdir(pattern) and is_saved_dataset(pattern):
+            found = [saved_dataset_split(pattern, split)]
+        elif os.path.isdir(pattern):
             found = sorted(
                 os.path.join(root, name)
                 for root, _, names in os.walk(pattern)
@@ -97,6 +102,12 @@ def resolve_input_files(
 
 
 def file_format(path: str, fmt: str = "auto") -> str:
+    """How to read `path`: parquet, jsonl, saved (a save_to_disk folder) or datasets (a file
+    loaded through the `datasets` library, with input.format hf)."""
+    if os.path.isdir(path):
+        return "saved"
+    if fmt == "hf":
+        return "datasets"
     if fmt != "auto":
         return fmt
     lower = path.lower()
@@ -121,8 +132,13 @@ def _is_data_file(name: str, fmt: str) -> bool:
 def read_chunks(files: list[str], columns: ColumnNames, fmt: str = "auto") -> Iterator[InputChunk]:
     """Yield the rows of every file in order, a chunk at a time."""
     for path in files:
-        if file_format(path, fmt) == "parquet":
+        kind = file_format(path, fmt)
+        if kind == "parquet":
             yield from _read_parquet(path, columns)
+        elif kind == "saved":
+            yield from _read_saved_dataset(path, columns)
+        elif kind == "datasets":
+            yield from _read_through_datasets(path, columns)
         else:
             yield from _read_jsonl(path, columns)
 
@@ -132,7 +148,20 @@ def _read_parquet(path: str, columns: ColumnNames) -> Iterator[InputChunk]:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
-    names = parquet.schema_arrow.names
+    wanted = _check_columns(path, parquet.schema_arrow.names, columns)
+    row = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=wanted):
+            yield _table_chunk(path, row, pa.Table.from_batches([batch]), columns)
+            row += batch.num_rows
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(
+            f"{path}: corrupt Parquet data after row {row} ({_first_line(exc)})"
+        ) from None
+
+
+def _check_columns(path: str, names: list[str], columns: ColumnNames) -> list[str]:
+    """The columns to read, all present in `names`, or an error naming the missing one."""
     wanted = _wanted_columns(columns)
     for name in wanted:
         if name not in names:
@@ -140,25 +169,103 @@ def _read_parquet(path: str, columns: ColumnNames) -> Iterator[InputChunk]:
                 f"{path}: no column '{name}'{did_you_mean(name, names)}; "
                 f"the file has: {', '.join(names)}"
             )
+    return wanted
+
+
+def _table_chunk(path: str, first_row: int, table: pa.Table, columns: ColumnNames) -> InputChunk:
+    return InputChunk(
+        path=path,
+        first_row_in_file=first_row,
+        prompts=table.column(columns.prompt).to_pylist(),
+        completions=_pylist(table, columns.completion),
+        ids=_pylist(table, columns.id),
+        keep=table.select(list(columns.keep)),
+        lines=None,
+        choices=_pylist(table, columns.choices),
+    )
+
+
+def is_saved_dataset(folder: str) -> bool:
+    """A folder written by `datasets`' save_to_disk: a Dataset or a DatasetDict."""
+    names = set(os.listdir(folder))
+    return {"state.json", "dataset_info.json"} <= names or "dataset_dict.json" in names
+
+
+def saved_dataset_split(folder: str, split: str | None) -> str:
+    """The Dataset folder to read: the folder itself, or a DatasetDict's split."""
+    dict_file = os.path.join(folder, "dataset_dict.json")
+    if not os.path.isfile(dict_file):
+        if split is not None:
+            raise InputError(f"{folder}: a saved Dataset has no splits; remove input.split")
+        return folder
+    splits = _json_file(dict_file).get("splits") or []
+    if split is None and len(splits) == 1:
+        split = splits[0]
+    if split not in splits:
+        what = "set input.split to one" if split is None else f"no split '{split}'"
+        raise InputError(f"{folder}: a DatasetDict with splits {', '.join(splits)}; {what}")
+    return os.path.join(folder, split)
+
+
+def _saved_dataset_table(folder: str) -> pa.Table:
+    """All rows of a save_to_disk folder, memory-mapped from its Arrow files, in order."""
+    state = _json_file(os.path.join(folder, "state.json"))
+    tables = []
+    for entry in state.get("_data_files", []):
+        path = os.path.join(folder, entry["filename"])
+        try:
+            tables.append(pa.ipc.open_stream(pa.memory_map(path)).read_all())
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"{path}: not a readable Arrow file ({_first_line(exc)})") from None
+    if not tables:
+        raise InputError(f"{folder}: the saved dataset lists no data files in state.json")
+    return pa.concat_tables(tables)
+
+
+def _read_saved_dataset(folder: str, columns: ColumnNames) -> Iterator[InputChunk]:
+    table = _saved_dataset_table(folder)
+    wanted = _check_columns(folder, table.column_names, columns)
     row = 0
+    for batch in table.select(wanted).to_batches(max_chunksize=CHUNK_ROWS):
+        yield _table_chunk(folder, row, pa.Table.from_batches([batch]), columns)
+        row += batch.num_rows
+
+
+def _read_through_datasets(path: str, columns: ColumnNames) -> Iterator[InputChunk]:
+    """A Parquet or JSONL file loaded by `datasets.load_dataset` (its type inference and cache),
+    for input.format hf."""
+    datasets = import_datasets()
+    builder = "parquet" if file_format(path) == "parquet" else "json"
+    datasets.disable_progress_bars()
     try:
-        for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=wanted):
-            table = pa.Table.from_batches([batch])
-            yield InputChunk(
-                path=path,
-                first_row_in_file=row,
-                prompts=table.column(columns.prompt).to_pylist(),
-                completions=_pylist(table, columns.completion),
-                ids=_pylist(table, columns.id),
-                keep=table.select(list(columns.keep)),
-                lines=None,
-                choices=_pylist(table, columns.choices),
-            )
-            row += batch.num_rows
-    except (pa.ArrowInvalid, OSError) as exc:
+        dataset = datasets.load_dataset(builder, data_files=[path], split="train")
+    except Exception as exc:  # the library's own parse errors name the problem
+        raise InputError(f"{path}: datasets could not load it ({_first_line(exc)})") from None
+    wanted = _check_columns(path, dataset.column_names, columns)
+    row = 0
+    for table in dataset.select_columns(wanted).with_format("arrow").iter(batch_size=CHUNK_ROWS):
+        yield _table_chunk(path, row, table, columns)
+        row += table.num_rows
+
+
+def import_datasets():
+    """The `datasets` library, imported only when a job asks for it."""
+    try:
+        import datasets
+    except ImportError:
         raise InputError(
-            f"{path}: corrupt Parquet data after row {row} ({_first_line(exc)})"
+            "input.format hf reads files through the `datasets` library, which is not installed: "
+            "pip install datasets (a save_to_disk folder needs no format and no datasets)"
         ) from None
+    return datasets
+
+
+def _json_file(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not a readable JSON file ({_first_line(exc)})") from None
 
 
 def _read_jsonl(path: str, columns: ColumnNames) -> Iterator[InputChunk]:
@@ -261,8 +368,11 @@ def _pylist(table: pa.Table, name: str | None) -> list[Any] | None:
 
 
 def peek_columns(path: str, fmt: str = "auto") -> list[str]:
-    """The column names of a file's schema (Parquet) or first record (JSONL)."""
-    if file_format(path, fmt) == "parquet":
+    """The column names of a file's schema (Parquet, a saved dataset) or first record (JSONL)."""
+    kind = file_format(path, fmt)
+    if kind == "saved":
+        return _saved_dataset_table(path).column_names
+    if kind == "parquet" or (kind == "datasets" and file_format(path) == "parquet"):
         try:
             return pq.ParquetFile(path).schema_arrow.names
         except (pa.ArrowInvalid, OSError) as exc:

@@ -1,0 +1,166 @@
+"""Inputs in the formats people have (JSONL, Parquet, a saved Hugging Face dataset, files read
+through `datasets`) give the same outputs; the output folder opens with `datasets` and
+`pyarrow.dataset` as it is; a saved dataset checkpoints and resumes like a file."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import datasets
+import pyarrow.dataset as pads
+import pytest
+from conftest import (
+    child_env,
+    cli,
+    cli_subprocess,
+    read_outputs,
+    sample_prompts,
+    write_job,
+    write_jsonl,
+    write_parquet,
+)
+
+ROWS = sample_prompts(24)
+
+
+def _run(job, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bulkinfer", "run", str(job)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+
+
+def _write_inputs(tmp_path) -> dict:
+    """The same rows as JSONL, Parquet and a save_to_disk folder; the last two also through
+    `datasets` (input.format hf)."""
+    jsonl = write_jsonl(tmp_path / "in.jsonl", ROWS)
+    parquet = write_parquet(tmp_path / "in.parquet", ROWS)
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(saved), max_shard_size="2KB")
+    return {
+        "jsonl": (jsonl, {}),
+        "parquet": (parquet, {}),
+        "saved": (saved, {}),
+        "hf-jsonl": (jsonl, {"format": "hf"}),
+        "hf-parquet": (parquet, {"format": "hf"}),
+    }
+
+
+@pytest.mark.parametrize("task", ["generate", "score"])
+def test_every_input_format_gives_the_same_outputs(tmp_path, tiny_model, task):
+    outputs = {}
+    for name, (path, input_section) in _write_inputs(tmp_path).items():
+        job = write_job(
+            tmp_path / f"{name}.yaml",
+            tiny_model,
+            path,
+            tmp_path / f"out-{name}",
+            task={"type": task, "max_new_tokens": 4, "temperature": 0.7},
+            input={"keep_columns": ["source"], **input_section},
+        )
+        result = cli("run", str(job))
+        assert result.exit_code == 0, result.output
+        outputs[name] = read_outputs(tmp_path / f"out-{name}")
+    assert len(list((tmp_path / "saved").glob("*.arrow"))) > 1  # several shards, in order
+    reference = outputs.pop("jsonl")
+    assert reference.column("id").to_pylist() == [r["id"] for r in ROWS]
+    assert reference.column("error").null_count == len(ROWS)
+    for name, table in outputs.items():
+        assert table.equals(reference), name
+
+
+def test_output_folder_opens_with_datasets_and_pyarrow_dataset(tmp_path, tiny_model):
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", ROWS),
+        tmp_path / "out",
+        task={"n": 2, "temperature": 1.0, "logprobs": True, "max_new_tokens": 3},
+        input={"keep_columns": ["source"]},
+    )
+    assert cli("run", str(job)).exit_code == 0
+    expected = read_outputs(tmp_path / "out")
+    outputs = tmp_path / "out" / "outputs"
+    by_arrow = pads.dataset(str(outputs), format="parquet").to_table()
+    assert by_arrow.equals(expected)
+    loaded = datasets.load_dataset("parquet", data_files=str(outputs / "*.parquet"), split="train")
+    assert loaded.column_names == expected.column_names
+    assert loaded.num_rows == len(ROWS)
+    assert loaded.to_list() == expected.to_pylist()
+    # The whole job folder holds stats and checkpoint parts too; the dataset card at its root
+    # points `load_dataset` at the outputs only.
+    whole = datasets.load_dataset(str(tmp_path / "out"), split="train")
+    assert whole.to_list() == expected.to_pylist()
+
+
+def test_saved_dataset_dict_split_and_resume_after_a_kill(tmp_path, tiny_model):
+    rows = sample_prompts(40)
+    folder = tmp_path / "dict"
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:3])}
+    ).save_to_disk(str(folder))
+
+    def job(name: str, **input_section):
+        return write_job(
+            tmp_path / f"{name}.yaml",
+            tiny_model,
+            folder,
+            tmp_path / name,
+            task={"temperature": 0.8, "max_new_tokens": 4},
+            batching={"max_tokens": 300, "max_batch_size": 4},
+            checkpoint={"every_rows": 4},
+            input=input_section,
+        )
+
+    result = cli("run", str(job("nosplit")))
+    assert result.exit_code == 2 and "splits train, test" in result.output
+    assert cli("run", str(job("ref", split="train"))).exit_code == 0
+    reference = read_outputs(tmp_path / "ref")
+    assert reference.column("id").to_pylist() == [r["id"] for r in rows]
+    killed = job("killed", split="train")
+    env = {**child_env(), "BULKINFER_KILL_AT": "part_committed:3"}
+    first = _run(killed, env)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    second = cli_subprocess("run", str(killed))
+    assert second.returncode == 0, second.stderr
+    assert "resuming" in second.stderr
+    assert read_outputs(tmp_path / "killed").equals(reference)
+    # The dataset changed since the checkpoint: refused.
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:39])}).save_to_disk(
+        str(tmp_path / "other")
+    )
+    for f in (folder / "train").iterdir():
+        f.unlink()
+    for f in (tmp_path / "other" / "train").iterdir():
+        f.rename(folder / "train" / f.name)
+    (tmp_path / "killed" / "summary.json").unlink()
+    changed = cli_subprocess("run", str(killed))
+    assert changed.returncode == 2
+    assert "input" in changed.stderr
+
+
+def test_without_the_datasets_library(tmp_path, tiny_model):
+    """A saved dataset is read without `datasets`; asking for it where it is missing is one line."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "datasets.py").write_text("raise ImportError('datasets is not installed here')\n")
+    env = {**child_env(), "PYTHONPATH": str(blocker)}
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(saved))
+    job = write_job(tmp_path / "saved.yaml", tiny_model, saved, tmp_path / "out")
+    run = _run(job, env)
+    assert run.returncode == 0, run.stderr
+    assert read_outputs(tmp_path / "out").num_rows == len(ROWS)
+    jsonl = write_jsonl(tmp_path / "in.jsonl", ROWS)
+    job = write_job(
+        tmp_path / "hf.yaml", tiny_model, jsonl, tmp_path / "hf", input={"format": "hf"}
+    )
+    run = _run(job, env)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert lines[-1].startswith("bulkinfer: error:") and "pip install datasets" in lines[-1]
+    assert "Traceback" not in run.stderr
