@@ -109,3 +109,13 @@ def read_outputs(out: Path) -> pa.Table:
     files = sorted((out / "outputs").glob("*.parquet"))
     assert files, f"no output files in {out}"
     return pa.concat_tables([pq.read_table(f) for f in files])
+
+
+def write_input(tmp_path, fmt: str, rows: list[dict]):
+    """rows as a JSONL file, a Parquet file or a Hugging Face save_to_disk folder."""
+    if fmt == "saved":
+        datasets = pytest.importorskip("datasets")
+        datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+        return tmp_path / "saved"
+    writer = write_jsonl if fmt == "jsonl" else write_parquet
+    return writer(tmp_path / f"in.{fmt}", rows)

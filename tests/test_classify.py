@@ -17,9 +17,9 @@ from conftest import (
     cli_subprocess,
     read_outputs,
     sample_prompts,
+    write_input,
     write_job,
     write_jsonl,
-    write_parquet,
 )
 
 from bulkinfer.tiny_model import build_tiny_classifier, build_tiny_encoder
@@ -62,12 +62,11 @@ def classify_job(tmp_path, model, inputs, **task):
     )
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "saved"])
 def test_single_label_matches_transformers(tmp_path, models, fmt):
     rows = sample_prompts(40)
     rows[5]["prompt"] = None
-    writer = write_jsonl if fmt == "jsonl" else write_parquet
-    inputs = writer(tmp_path / f"in.{fmt}", rows)
+    inputs = write_input(tmp_path, fmt, rows)
     job = classify_job(tmp_path, models["single"], inputs, all_labels=True)
     result = cli("run", str(job))
     assert result.exit_code == 0, result.output
@@ -88,6 +87,13 @@ def test_single_label_matches_transformers(tmp_path, models, fmt):
     assert len(set(got["label"])) > 1, "the tiny model should not answer one label for all"
     assert out.schema.field("probabilities").type.num_fields == len(LABELS)
     assert (got["truncated_tokens"] == 0).all() and (got["prompt_tokens"] > 2).all()
+    if fmt == "saved":  # and the output folder opens as a dataset, one float per label
+        import datasets
+
+        files = [str(f) for f in (tmp_path / "out" / "outputs").glob("*.parquet")]
+        loaded = datasets.load_dataset("parquet", data_files=files, split="train")
+        assert list(loaded.features["probabilities"]) == LABELS
+        assert loaded[0]["probabilities"][LABELS[0]] == pytest.approx(table[0][0], abs=1e-6)
 
 
 def test_multi_label_uses_sigmoid_and_a_threshold(tmp_path, models):

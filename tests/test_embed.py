@@ -16,9 +16,9 @@ from conftest import (
     cli_subprocess,
     read_outputs,
     sample_prompts,
+    write_input,
     write_job,
     write_jsonl,
-    write_parquet,
 )
 
 from bulkinfer.tiny_model import build_tiny_encoder
@@ -64,12 +64,11 @@ def vectors(table: pa.Table) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("fmt", "pooling", "normalize"),
-    [("jsonl", "mean", True), ("parquet", "cls", False), ("jsonl", "last", True)],
+    [("jsonl", "mean", True), ("parquet", "cls", False), ("saved", "last", True)],
 )
 def test_embeddings_match_transformers(tmp_path, encoder, fmt, pooling, normalize):
     rows = sample_prompts(30)
-    writer = write_jsonl if fmt == "jsonl" else write_parquet
-    inputs = writer(tmp_path / f"in.{fmt}", rows)
+    inputs = write_input(tmp_path, fmt, rows)
     job = embed_job(tmp_path, encoder, inputs, pooling=pooling, normalize=normalize)
     result = cli("run", str(job))
     assert result.exit_code == 0, result.output
@@ -83,6 +82,13 @@ def test_embeddings_match_transformers(tmp_path, encoder, fmt, pooling, normaliz
         np.testing.assert_allclose(np.linalg.norm(vectors(out), axis=1), 1.0, atol=1e-5)
     frame = out.to_pandas()  # pandas reads the column as one array per row
     assert frame["embedding"].iloc[0].shape == (32,)
+    if fmt == "saved":  # and the output folder opens as a dataset of fixed-length vectors
+        import datasets
+
+        files = [str(f) for f in (tmp_path / "out" / "outputs").glob("*.parquet")]
+        loaded = datasets.load_dataset("parquet", data_files=files, split="train")
+        assert loaded.features["embedding"].length == 32
+        np.testing.assert_allclose(loaded[3]["embedding"], expected[3], atol=1e-5)
 
 
 def test_decoder_model_with_last_token_pooling(tmp_path, tiny_model):
