@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -119,3 +120,17 @@ def write_input(tmp_path, fmt: str, rows: list[dict]):
         return tmp_path / "saved"
     writer = write_jsonl if fmt == "jsonl" else write_parquet
     return writer(tmp_path / f"in.{fmt}", rows)
+
+
+@contextmanager
+def one_thread():
+    """Run in-process torch work on one thread, as child processes do (child_env): float sums
+    then match a subprocess's bit for bit."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -14,7 +14,7 @@ import torch
 from conftest import (
     child_env,
     cli,
-    cli_subprocess,
+    one_thread,
     read_outputs,
     sample_prompts,
     write_input,
@@ -170,8 +170,8 @@ def test_resume_after_a_kill_gives_the_same_outputs(tmp_path, models):
             batching={"max_tokens": 1500, "max_batch_size": 8},
             checkpoint={"every_rows": 8},
         )
-    # Both runs in child processes of one thread each: bit-identical arithmetic.
-    assert cli_subprocess("run", str(jobs["reference"])).returncode == 0
+    with one_thread():  # as in the child process: bit-identical arithmetic
+        assert cli("run", str(jobs["reference"])).exit_code == 0
     env = {**child_env(), "BULKINFER_KILL_AT": "part_written:3"}
     first = subprocess.run(
         [sys.executable, "-m", "bulkinfer", "run", str(jobs["killed"])],
@@ -179,9 +179,10 @@ def test_resume_after_a_kill_gives_the_same_outputs(tmp_path, models):
         capture_output=True,
     )
     assert first.returncode == -signal.SIGKILL
-    second = cli_subprocess("run", str(jobs["killed"]))
-    assert second.returncode == 0, second.stderr
-    assert "resuming:" in second.stderr
+    with one_thread():
+        second = cli("run", str(jobs["killed"]))
+    assert second.exit_code == 0, second.output
+    assert "resuming:" in second.output
     assert read_outputs(tmp_path / "killed").equals(read_outputs(tmp_path / "reference"))
 
 

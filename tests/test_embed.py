@@ -13,7 +13,7 @@ import torch
 from conftest import (
     child_env,
     cli,
-    cli_subprocess,
+    one_thread,
     read_outputs,
     sample_prompts,
     write_input,
@@ -120,8 +120,8 @@ def test_completion_column_is_refused(tmp_path, encoder):
 def test_shards_and_resume_after_a_kill_give_the_same_vectors(tmp_path, encoder):
     inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(40))
     reference_job = embed_job(tmp_path, encoder, inputs, "reference", pooling="mean")
-    # Reference and resumed run both in one-thread child processes: bit-identical arithmetic.
-    assert cli_subprocess("run", str(reference_job)).returncode == 0
+    with one_thread():  # as in the child process: bit-identical arithmetic
+        assert cli("run", str(reference_job)).exit_code == 0
     reference = read_outputs(tmp_path / "reference")
 
     killed = embed_job(tmp_path, encoder, inputs, "killed", pooling="mean")
@@ -130,9 +130,10 @@ def test_shards_and_resume_after_a_kill_give_the_same_vectors(tmp_path, encoder)
         [sys.executable, "-m", "bulkinfer", "run", str(killed)], env=env, capture_output=True
     )
     assert first.returncode == -9
-    second = cli_subprocess("run", str(killed))
-    assert second.returncode == 0, second.stderr
-    assert "resuming:" in second.stderr and "batches already done" in second.stderr
+    with one_thread():
+        second = cli("run", str(killed))
+    assert second.exit_code == 0, second.output
+    assert "resuming:" in second.output and "batches already done" in second.output
     assert read_outputs(tmp_path / "killed").equals(reference)
 
     sharded = embed_job(tmp_path, encoder, inputs, "sharded", pooling="mean")
