@@ -61,6 +61,10 @@ class OutputLayout:
         return self.root / "summary.json"
 
     @property
+    def responses(self) -> Path:
+        return self.root / "responses.jsonl"
+
+    @property
     def dataset_card(self) -> Path:
         return self.root / "README.md"
 
@@ -81,6 +85,7 @@ class OutputLayout:
             self.stats_dir,
             self.summary,
             self.dataset_card,
+            self.responses,
             self.root / "outputs.tmp",
             self.root / "outputs.old",
             self.heartbeat,

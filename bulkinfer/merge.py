@@ -81,6 +81,10 @@ def _merge_locked(root: Path) -> dict:
     check_every_row_once(merged.column("row").to_numpy(), np.arange(total))
     layout = OutputLayout(root)
     write_output_files(layout, merged.drop(["row"]))
+    if jobs[0].get("openai_responses"):
+        from bulkinfer.io.openai_batch import write_responses_file
+
+        write_responses_file(layout, jobs[0]["spec"]["model"]["path"])
     _merge_stats(root, states)
     summary = _merge_summaries(
         [json.loads((s.shard.folder(root) / "summary.json").read_text()) for s in states]

@@ -137,7 +137,7 @@ def appended_special_tokens(tokenizer) -> int:
 def prepare_rows(chunks: Iterable[InputChunk], tokenizer, options: RenderOptions) -> PreparedRows:
     """Render and tokenize every chunk; collect ids, kept columns and per-row errors."""
     id_parts, keep_parts, token_parts, length_parts, score_parts = [], [], [], [], []
-    count_parts, choice_parts = [], []
+    count_parts, choice_parts, request_parts = [], [], []
     row_errors: dict[int, str] = {}
     truncated: dict[int, int] = {}
     locations: list[tuple[int, InputChunk]] = []
@@ -145,6 +145,8 @@ def prepare_rows(chunks: Iterable[InputChunk], tokenizer, options: RenderOptions
     for chunk in chunks:
         locations.append((first_row, _without_text(chunk)))
         ids, lengths, score_from, errors, choices, cut = _tokenize_chunk(chunk, tokenizer, options)
+        if chunk.requests is not None:
+            request_parts.append(chunk.requests)
         count_parts.append(choices[0])
         choice_parts.append(choices[1])
         truncated.update({first_row + i: n for i, n in cut.items()})
@@ -168,6 +170,7 @@ def prepare_rows(chunks: Iterable[InputChunk], tokenizer, options: RenderOptions
         ids=_concat_ids(id_parts),
         keep=_concat_keep(keep_parts),
         input_tokens=int(lengths.sum()),
+        request_params=pa.concat_tables(request_parts) if request_parts else None,
         choice_counts=np.concatenate(count_parts) if options.has_choices else None,
         choice_lengths=np.concatenate(choice_parts) if options.has_choices else None,
         locations=locations,
@@ -187,7 +190,11 @@ def _tokenize_chunk(chunk: InputChunk, tokenizer, options: RenderOptions):
     texts: list[str] = []
     is_chat: list[bool] = []
     positions: list[int] = []
+    problems = chunk.problems or {}
     for i, value in enumerate(chunk.prompts):
+        if i in problems:
+            errors[i] = problems[i]
+            continue
         try:
             text, chat = _render(value, tokenizer, options)
             _check_continuations(chunk, i, options)

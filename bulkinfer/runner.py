@@ -6,6 +6,7 @@ rerun of the same job picks up exactly the batches that were not committed.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 import uuid
@@ -25,7 +26,7 @@ from bulkinfer.checkpoint import (
     open_job_folder,
     save_job,
 )
-from bulkinfer.errors import RowFailedError, SpecError, WriteError
+from bulkinfer.errors import InputError, RowFailedError, SpecError, WriteError
 from bulkinfer.io.atomic import write_json_atomic
 from bulkinfer.io.outputs import (
     PartWriter,
@@ -35,7 +36,13 @@ from bulkinfer.io.outputs import (
     rows_table,
     write_stats,
 )
-from bulkinfer.io.readers import ColumnNames, peek_columns, read_chunks, resolve_input_files
+from bulkinfer.io.readers import (
+    ColumnNames,
+    file_format,
+    peek_columns,
+    read_chunks,
+    resolve_input_files,
+)
 from bulkinfer.model_files import (
     load_config,
     load_tokenizer,
@@ -71,10 +78,11 @@ def read_inputs(spec: JobSpec, files: list[str] | None = None) -> Inputs:
     files = files or resolve_input_files(
         spec.input.path, spec.input.format, spec.output.path, spec.input.split
     )
-    columns = column_names(spec, files[0])
+    per_request = is_openai_batch(spec, files)
+    columns = column_names(spec, files[0], per_request)
     tokenizer = load_tokenizer(spec.model)
     config = load_config(spec.model)
-    kind = InputKind(choices=columns.choices is not None)
+    kind = InputKind(per_request=per_request, choices=columns.choices is not None)
     task = make_task(spec, tokenizer, config, kind)
     max_context = task.max_context
     options = render_options(
@@ -84,6 +92,8 @@ def read_inputs(spec: JobSpec, files: list[str] | None = None) -> Inputs:
         columns.completion is not None,
         has_choices=columns.choices is not None,
     )
+    if per_request:  # a completions request's prompt is raw text, never a chat turn
+        options = dataclasses.replace(options, use_chat_for_text=False)
     prepared = prepare_rows(read_chunks(files, columns, spec.input.format), tokenizer, options)
     if prepared.truncated:
         log(
@@ -93,9 +103,27 @@ def read_inputs(spec: JobSpec, files: list[str] | None = None) -> Inputs:
     return Inputs(files, tokenizer, config, max_context, prepared, kind, task)
 
 
-def column_names(spec: JobSpec, first_file: str) -> ColumnNames:
+def is_openai_batch(spec: JobSpec, files: list[str]) -> bool:
+    """Whether the input is OpenAI Batch API request files (all of it, or none)."""
+    kinds = {file_format(f, spec.input.format) == "openai" for f in files}
+    if len(kinds) > 1:
+        raise InputError("the input mixes OpenAI batch request files with other files")
+    if True in kinds and spec.task.type != "generate":
+        raise SpecError(
+            f"task.type: OpenAI batch requests are answered by generate, not {spec.task.type}"
+        )
+    if spec.output.format == "openai" and spec.task.type != "generate":
+        raise SpecError("output.format: openai responses come from task.type generate")
+    return True in kinds
+
+
+def column_names(spec: JobSpec, first_file: str, per_request: bool = False) -> ColumnNames:
     """The columns to read; with no id_column, an input column named 'id' is the id if present,
-    and with the default prompt_column, a file with `messages` but no `prompt` uses `messages`."""
+    and with the default prompt_column, a file with `messages` but no `prompt` uses `messages`.
+    An OpenAI batch file's requests are keyed by custom_id."""
+    if per_request:
+        keep = tuple(spec.input.keep_columns)
+        return ColumnNames(prompt="body", completion=None, id="custom_id", keep=keep)
     present = peek_columns(first_file, spec.input.format)
     id_column = spec.input.id_column
     if id_column is None and "id" in present:
@@ -206,6 +234,10 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
     engine = task.load_engine(spec.model, inputs.tokenizer)
     folder.job.setdefault("max_tokens", _max_tokens(spec, task, engine, inputs.config))
     folder.job["rows"] = len(mine)
+    folder.job["openai_responses"] = spec.output.format == "openai" or (
+        spec.output.format == "auto" and inputs.kind.per_request
+    )
+    _log_capped_requests(prepared, spec.task.max_new_tokens)
     save_job(layout, folder.job)  # the budget is kept, so a resume plans the very same batches
     budget = token_budget(spec, folder.job["max_tokens"], task.new_tokens_per_row())
     runnable = np.intersect1d(prepared.runnable_rows(), mine)
@@ -236,12 +268,34 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
     summary = finish_job(
         layout, manifest, prepared, schema, run_id, started, mine, shard is not None
     )
+    if shard is None and folder.job.get("openai_responses"):
+        write_responses(layout, spec.model.path)
     summary.update(
         task=task.name, device=engine.device_name, padding_fraction_file_order=file_order_padding
     )
     write_json_atomic(layout.summary, summary)
     print(format_summary(summary))
     return 0
+
+
+def write_responses(layout: OutputLayout, model_path: str) -> None:
+    from bulkinfer.io.openai_batch import write_responses_file
+
+    lines = write_responses_file(layout, model_path)
+    log(f"wrote {lines:,} OpenAI batch responses to {layout.responses}")
+
+
+def _log_capped_requests(prepared: PreparedRows, max_new_tokens: int) -> None:
+    """Requests asking for more tokens than the plan reserves get task.max_new_tokens: say so."""
+    if prepared.request_params is None:
+        return
+    asked = prepared.request_params.column("max_new_tokens").to_numpy(zero_copy_only=False)
+    capped = int(np.sum(np.nan_to_num(asked.astype(float), nan=0) > max_new_tokens))
+    if capped:
+        log(
+            f"{capped:,} requests ask for more than task.max_new_tokens={max_new_tokens} tokens "
+            "and stop there (finish_reason length); raise task.max_new_tokens to honour them"
+        )
 
 
 def _max_tokens(spec: JobSpec, task, engine, config) -> int:

@@ -119,7 +119,7 @@ class InputSpec:
     """Where the prompts are and which columns mean what."""
 
     path: list[str]
-    format: Literal["auto", "jsonl", "parquet", "hf"] = "auto"
+    format: Literal["auto", "jsonl", "parquet", "hf", "openai"] = "auto"
     prompt_column: str = "prompt"
     completion_column: str | None = None
     choices_column: str | None = None
@@ -148,6 +148,9 @@ class InputSpec:
 @dataclass(frozen=True)
 class OutputSpec:
     path: str
+    # auto: Parquet, plus OUT/responses.jsonl when the input is an OpenAI batch file;
+    # openai: responses.jsonl always (generate only); parquet: Parquet only.
+    format: Literal["auto", "parquet", "openai"] = "auto"
 
     def validate(self, key: str) -> None:
         if not self.path:

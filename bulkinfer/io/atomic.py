@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow as pa
@@ -27,11 +28,20 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
+    _write_atomic(path, [data], "wb")
+
+
+def write_lines_atomic(path: Path, lines: Iterable[str]) -> None:
+    """Stream text lines to `path`, all or nothing (a file too big to build in memory)."""
+    _write_atomic(path, lines, "w")
+
+
+def _write_atomic(path: Path, pieces: Iterable, mode: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         faults.write_attempt(path)
-        with open(tmp, "wb") as f:
-            f.write(data)
+        with open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+            f.writelines(pieces)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

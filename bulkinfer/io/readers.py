@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bulkinfer.errors import InputError, did_you_mean
+from bulkinfer.io.openai_batch import looks_like_batch_record, request_chunk_fields
 
 CHUNK_ROWS = 8192
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".json", ".json.gz")
@@ -51,6 +52,10 @@ class InputChunk:
     keep: pa.Table
     lines: np.ndarray | None
     choices: list[Any] | None = None
+    # OpenAI batch requests: per-row settings (io.openai_batch.REQUEST_SCHEMA) and the rows
+    # whose request cannot be answered as asked, with the reason.
+    requests: pa.Table | None = None
+    problems: dict[int, str] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -114,7 +119,8 @@ def file_format(path: str, fmt: str = "auto") -> str:
     if lower.endswith(PARQUET_SUFFIXES):
         return "parquet"
     if lower.endswith(JSONL_SUFFIXES):
-        return "jsonl"
+        first = next(_jsonl_records(path), (0, {}))[1]
+        return "openai" if looks_like_batch_record(first) else "jsonl"
     raise InputError(
         f"{path}: unknown file type; name it .parquet or .jsonl(.gz), or set input.format"
     )
@@ -139,6 +145,8 @@ def read_chunks(files: list[str], columns: ColumnNames, fmt: str = "auto") -> It
             yield from _read_saved_dataset(path, columns)
         elif kind == "datasets":
             yield from _read_through_datasets(path, columns)
+        elif kind == "openai":
+            yield from _read_openai_requests(path, columns)
         else:
             yield from _read_jsonl(path, columns)
 
@@ -290,6 +298,41 @@ def _read_jsonl(path: str, columns: ColumnNames) -> Iterator[InputChunk]:
         raise InputError(f"{path}: no row has the keep column '{missing[0]}'")
 
 
+def _read_openai_requests(path: str, columns: ColumnNames) -> Iterator[InputChunk]:
+    """An OpenAI Batch API request file: one chunk of requests at a time."""
+    records: list[dict] = []
+    lines: list[int] = []
+    first_row = 0
+    for line_no, record in _jsonl_records(path):
+        records.append(record)
+        lines.append(line_no)
+        if len(records) == CHUNK_ROWS:
+            yield _request_chunk(path, first_row, records, lines, columns)
+            first_row += len(records)
+            records, lines = [], []
+    if records:
+        yield _request_chunk(path, first_row, records, lines, columns)
+
+
+def _request_chunk(
+    path: str, first_row: int, records: list[dict], lines: list[int], columns: ColumnNames
+) -> InputChunk:
+    where = [f"{path}:{n}" for n in lines]
+    prompts, ids, urls, requests, problems = request_chunk_fields(records, where)
+    keep = _jsonl_keep(path, records, lines, [k for k in columns.keep if k != "url"])
+    return InputChunk(
+        path=path,
+        first_row_in_file=first_row,
+        prompts=prompts,
+        completions=None,
+        ids=ids,
+        keep=keep.append_column("url", pa.array(urls, pa.string())),
+        lines=np.asarray(lines, dtype=np.int64),
+        requests=requests,
+        problems=problems,
+    )
+
+
 def _jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
     opener = gzip.open if path.lower().endswith(".gz") else open
     try:
@@ -330,17 +373,7 @@ def _check_required_fields(record: dict, columns: ColumnNames, where: str) -> No
 def _jsonl_chunk(
     path: str, first_row: int, rows: list[dict], lines: list[int], columns: ColumnNames
 ) -> InputChunk:
-    keep_arrays = {}
-    for name in columns.keep:
-        values = [r.get(name) for r in rows]
-        try:
-            keep_arrays[name] = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            raise InputError(
-                f"{path}: keep column '{name}' mixes value types between lines "
-                f"{lines[0]} and {lines[-1]} ({_first_line(exc)})"
-            ) from None
-    keep = pa.table(keep_arrays) if keep_arrays else _empty_table(len(rows))
+    keep = _jsonl_keep(path, rows, lines, columns.keep)
     return InputChunk(
         path=path,
         first_row_in_file=first_row,
@@ -351,6 +384,20 @@ def _jsonl_chunk(
         lines=np.asarray(lines, dtype=np.int64),
         choices=[r[columns.choices] for r in rows] if columns.choices else None,
     )
+
+
+def _jsonl_keep(path: str, rows: list[dict], lines: list[int], names) -> pa.Table:
+    keep_arrays = {}
+    for name in names:
+        values = [r.get(name) for r in rows]
+        try:
+            keep_arrays[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise InputError(
+                f"{path}: keep column '{name}' mixes value types between lines "
+                f"{lines[0]} and {lines[-1]} ({_first_line(exc)})"
+            ) from None
+    return pa.table(keep_arrays) if keep_arrays else _empty_table(len(rows))
 
 
 def _empty_table(num_rows: int) -> pa.Table:
@@ -372,6 +419,8 @@ def peek_columns(path: str, fmt: str = "auto") -> list[str]:
     kind = file_format(path, fmt)
     if kind == "saved":
         return _saved_dataset_table(path).column_names
+    if kind == "openai":
+        return ["custom_id", "method", "url", "body"]
     if kind == "parquet" or (kind == "datasets" and file_format(path) == "parquet"):
         try:
             return pq.ParquetFile(path).schema_arrow.names

@@ -1,0 +1,301 @@
+"""OpenAI Batch API files: request JSONL in, response JSONL out, so an existing batch file runs
+unchanged on local GPUs.
+
+A request line is `{"custom_id", "method", "url", "body"}` with `body.messages` (chat
+completions) or `body.prompt` (completions). Body fields bulkinfer honours become per-row
+generation settings; a field it cannot honour makes that request a row error (status 400 in the
+response), never a silently different answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from bulkinfer.errors import InputError
+from bulkinfer.io.atomic import write_lines_atomic
+
+CHAT_URL = "/v1/chat/completions"
+COMPLETIONS_URL = "/v1/completions"
+
+# Per-row settings, null where the job's own setting holds; what the generate task reads.
+REQUEST_SCHEMA = pa.schema(
+    [
+        ("max_new_tokens", pa.int64()),
+        ("temperature", pa.float64()),
+        ("top_p", pa.float64()),
+        ("seed", pa.int64()),
+        ("n", pa.int64()),
+        ("stop", pa.list_(pa.string())),
+        ("logprobs", pa.bool_()),
+    ]
+)
+
+# Body fields that change nothing here when they hold these values (or null).
+NEUTRAL = {
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "stream": (False,),
+    "top_logprobs": (0,),
+    "echo": (False,),
+    "best_of": (1,),
+    "logit_bias": ({},),
+    "tools": ([],),
+    "tool_choice": ("none", "auto"),
+    "parallel_tool_calls": (True, False),
+    "response_format": ({"type": "text"},),
+}
+# Body fields that never change the generated text.
+IGNORED = {"model", "user", "metadata", "store", "stream_options", "service_tier"}
+
+
+class RequestProblem(ValueError):
+    """A request bulkinfer cannot answer as asked; its message becomes the row's error."""
+
+
+def looks_like_batch_record(record: dict) -> bool:
+    return isinstance(record, dict) and "custom_id" in record and "body" in record
+
+
+def parse_request(record: dict) -> tuple[Any, dict]:
+    """The prompt (messages or text) and the per-row settings of one request line."""
+    method, url, body = record.get("method", "POST"), record.get("url"), record.get("body")
+    if method != "POST":
+        raise RequestProblem(f"method {method!r} is not supported; batch requests are POST")
+    if url not in (CHAT_URL, COMPLETIONS_URL):
+        raise RequestProblem(f"url {url!r} is not supported; use {CHAT_URL} or {COMPLETIONS_URL}")
+    if not isinstance(body, dict):
+        raise RequestProblem("body is not an object")
+    key = "messages" if url == CHAT_URL else "prompt"
+    if key not in body:
+        raise RequestProblem(f"body has no '{key}', which {url} requests need")
+    prompt = _chat_messages(body[key]) if url == CHAT_URL else _completion_prompt(body[key])
+    return prompt, _settings(body, url)
+
+
+def _settings(body: dict, url: str) -> dict:
+    settings: dict[str, Any] = {}
+    for name, value in body.items():
+        if value is None or name in IGNORED or name in ("messages", "prompt"):
+            continue
+        if name in ("max_tokens", "max_completion_tokens"):
+            settings["max_new_tokens"] = _number(name, value, int, 1)
+        elif name == "temperature":
+            settings["temperature"] = _number(name, value, float, 0.0, 2.0)
+        elif name == "top_p":
+            settings["top_p"] = _number(name, value, float, 0.0, 1.0)
+            if settings["top_p"] == 0.0:
+                raise RequestProblem("body.top_p must be above 0")
+        elif name == "seed":
+            settings["seed"] = _number(name, value, int)
+        elif name == "n":
+            settings["n"] = _number(name, value, int, 1)
+        elif name == "stop":
+            settings["stop"] = _stops(value)
+        elif name == "logprobs":
+            settings["logprobs"] = _logprobs(value, url)
+        elif name in NEUTRAL and value in NEUTRAL[name]:
+            continue
+        else:
+            raise RequestProblem(f"body.{name} = {json.dumps(value)[:60]} is not supported")
+    return settings
+
+
+def _number(name: str, value: Any, kind: type, low=None, high=None):
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok and kind is int:
+        ok = float(value).is_integer()
+    if not ok or (low is not None and value < low) or (high is not None and value > high):
+        bounds = f" from {low}" if low is not None else ""
+        bounds += f" to {high}" if high is not None else ""
+        what = "a whole number" if kind is int else "a number"
+        raise RequestProblem(f"body.{name} is {json.dumps(value)}, expected {what}{bounds}")
+    return kind(value)
+
+
+def _stops(value: Any) -> list[str]:
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise RequestProblem("body.stop must be a non-empty string or a list of them")
+    return stops
+
+
+def _logprobs(value: Any, url: str) -> bool:
+    """Chat: true/false. Completions: an int, the number of top alternatives; only 0 (the chosen
+    tokens alone) is supported."""
+    if url == CHAT_URL and isinstance(value, bool):
+        return value
+    if url == COMPLETIONS_URL and isinstance(value, int) and not isinstance(value, bool):
+        if value == 0:
+            return True
+        raise RequestProblem(
+            "body.logprobs > 0 asks for top alternatives, which are not supported; "
+            "0 gives the chosen tokens' log-probs"
+        )
+    raise RequestProblem(f"body.logprobs is {json.dumps(value)}, not valid for {url}")
+
+
+def _chat_messages(value: Any) -> list[dict]:
+    """Messages as chat templates take them: text parts joined, `developer` read as `system`."""
+    if not isinstance(value, list) or not value:
+        raise RequestProblem("body.messages must be a non-empty list")
+    messages = []
+    for k, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message:
+            raise RequestProblem(f"body.messages[{k}] is not an object with a role")
+        message = dict(message)
+        content = message.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise RequestProblem(
+                    f"body.messages[{k}].content has non-text parts, which are not supported"
+                )
+            message["content"] = "".join(str(p.get("text", "")) for p in content)
+        if message["role"] == "developer":
+            message["role"] = "system"
+        messages.append(message)
+    return messages
+
+
+def _completion_prompt(value: Any) -> str:
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, str):
+        raise RequestProblem(
+            "body.prompt must be one string (lists of prompts and token arrays are not supported)"
+        )
+    return value
+
+
+def request_chunk_fields(
+    records: list[dict], where: list[str]
+) -> tuple[list, list, list[str], pa.Table, dict[int, str]]:
+    """prompts, custom_ids, urls, settings table and row problems of consecutive request lines."""
+    prompts, ids, urls, settings, problems = [], [], [], [], {}
+    for i, (record, location) in enumerate(zip(records, where, strict=True)):
+        custom_id = record.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id:
+            raise InputError(f"{location}: custom_id must be a non-empty string")
+        ids.append(custom_id)
+        urls.append(record.get("url") if isinstance(record.get("url"), str) else None)
+        try:
+            prompt, row_settings = parse_request(record)
+        except RequestProblem as exc:
+            prompt, row_settings = None, {}
+            problems[i] = f"invalid request: {exc}"
+        prompts.append(prompt)
+        settings.append(row_settings)
+    return prompts, ids, urls, pa.Table.from_pylist(settings, schema=REQUEST_SCHEMA), problems
+
+
+def write_responses_file(layout, model_path: str) -> int:
+    """OUT/responses.jsonl from the finished outputs, in input order; returns the line count."""
+    import pyarrow.parquet as pq
+
+    files = sorted(layout.outputs_dir.glob("*.parquet"))
+    schema = pq.read_schema(files[0])
+    as_lists = pa.types.is_list(schema.field("text").type)
+
+    def rows() -> Iterator[dict]:
+        for f in files:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
+                yield from batch.to_pylist()
+
+    model = model_path.removeprefix("package:").rstrip("/").rsplit("/", 1)[-1]
+    return write_responses(layout.responses, rows(), model, as_lists)
+
+
+def write_responses(path: Path, outputs: Iterable[dict], model: str, as_lists: bool) -> int:
+    """Write one response line per output row, keyed by custom_id; returns the line count.
+    `as_lists`: the sample columns hold one list entry per sample (n > 1 or per-request)."""
+    created = int(time.time())
+    count = 0
+
+    def lines() -> Iterator[str]:
+        nonlocal count
+        for row in outputs:
+            count += 1
+            line = response_line(row if as_lists else _one_sample(row), model, created)
+            yield json.dumps(line, ensure_ascii=False) + "\n"
+
+    write_lines_atomic(path, lines())
+    return count
+
+
+def response_line(row: dict, model: str, created: int) -> dict:
+    """The Batch API output record of one finished (or failed) request."""
+    custom_id = str(row["id"])
+    digest = hashlib.blake2b(custom_id.encode(), digest_size=12).hexdigest()
+    line = {"id": f"batch_req_{digest}", "custom_id": custom_id}
+    if row.get("error") is not None:
+        status = 500 if row["error"].startswith("model failed") else 400
+        kind = "server_error" if status == 500 else "invalid_request_error"
+        error = {"message": row["error"], "type": kind, "param": None, "code": None}
+        line["response"] = {
+            "status_code": status,
+            "request_id": f"req_{digest}",
+            "body": {"error": error},
+        }
+        line["error"] = {"code": kind, "message": row["error"]}
+        return line
+    chat = row.get("url", CHAT_URL) != COMPLETIONS_URL
+    choices = [_choice(row, k, chat) for k in range(len(row["text"]))]
+    completion_tokens = sum(row["output_tokens"])
+    body = {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{digest}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": row["prompt_tokens"],
+            "completion_tokens": completion_tokens,
+            "total_tokens": row["prompt_tokens"] + completion_tokens,
+        },
+    }
+    line["response"] = {"status_code": 200, "request_id": f"req_{digest}", "body": body}
+    line["error"] = None
+    return line
+
+
+def _choice(row: dict, k: int, chat: bool) -> dict:
+    text = row["text"][k]
+    logprobs = None
+    token_logprobs = row.get("token_logprobs")
+    if token_logprobs and token_logprobs[k] is not None:
+        tokens = row["tokens"][k]
+        values = [round(float(v), 6) for v in token_logprobs[k]]
+        if chat:
+            content = [
+                {"token": t, "logprob": v, "bytes": list(t.encode()), "top_logprobs": []}
+                for t, v in zip(tokens, values, strict=True)
+            ]
+            logprobs = {"content": content}
+        else:
+            offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+            logprobs = {
+                "tokens": tokens,
+                "token_logprobs": values,
+                "top_logprobs": None,
+                "text_offset": offsets,
+            }
+    choice = {"index": k, "logprobs": logprobs, "finish_reason": row["finish_reason"][k]}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    return choice
+
+
+SAMPLE_COLUMNS = ("text", "output_tokens", "finish_reason", "tokens", "token_logprobs")
+
+
+def _one_sample(row: dict) -> dict:
+    """A row of single-sample columns, as lists of one sample."""
+    return {**row, **{k: [row[k]] for k in SAMPLE_COLUMNS if k in row}}

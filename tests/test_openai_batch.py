@@ -1,0 +1,189 @@
+"""OpenAI Batch API files: a request file runs unchanged and yields the matching response file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import cli, read_outputs, write_job, write_jsonl
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bulkinfer.engines.hf import truncate_at_stop
+
+TOPICS = ["the fox", "Paris", "東京 😀", "Émilie reads news", "def add(a, b):", "1 2 3"]
+
+
+def _chat_request(i: int, **body) -> dict:
+    return {
+        "custom_id": f"request-{i}",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {
+            "model": "gpt-4o-mini",
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": f"Tell me about {TOPICS[i % len(TOPICS)]} ({i})"},
+            ],
+            "max_tokens": 1 + i % 5,
+            **body,
+        },
+    }
+
+
+def _run(tmp_path, model, requests, name="out", **task):
+    job = write_job(
+        tmp_path / f"{name}.yaml",
+        model,
+        write_jsonl(tmp_path / f"{name}.jsonl", requests),
+        tmp_path / name,
+        task={"max_new_tokens": 8, **task},
+        batching={"max_tokens": 2000, "max_batch_size": 16},
+    )
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output
+    lines = (tmp_path / name / "responses.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_hundred_chat_requests_give_hundred_responses_keyed_by_custom_id(tmp_path, tiny_model):
+    requests = [_chat_request(i) for i in range(100)]
+    responses = _run(tmp_path, tiny_model, requests)
+    assert len(responses) == 100
+    assert [r["custom_id"] for r in responses] == [r["custom_id"] for r in requests]
+    assert len({r["id"] for r in responses}) == 100
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    outputs = read_outputs(tmp_path / "out").to_pylist()
+    for request, response, row in zip(requests, responses, outputs, strict=True):
+        assert response["error"] is None
+        assert response["response"]["status_code"] == 200
+        body = response["response"]["body"]
+        assert body["object"] == "chat.completion"
+        assert [c["index"] for c in body["choices"]] == [0]
+        choice = body["choices"][0]
+        assert choice["message"]["role"] == "assistant"
+        assert choice["message"]["content"] == row["text"][0]
+        assert choice["finish_reason"] in ("stop", "length")
+        assert choice["logprobs"] is None
+        usage = body["usage"]
+        rendered = tokenizer.apply_chat_template(
+            request["body"]["messages"], tokenize=False, add_generation_prompt=True
+        )
+        assert usage["prompt_tokens"] == len(
+            tokenizer(rendered, add_special_tokens=False).input_ids
+        )
+        assert 0 < usage["completion_tokens"] <= request["body"]["max_tokens"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_per_request_settings_match_the_same_settings_as_a_job(tmp_path, tiny_model):
+    """A request's temperature, seed, n, stop and max_tokens give what a job with those settings
+    gives for the same messages."""
+    messages = [{"role": "user", "content": "the quick brown fox"}]
+    settings = [
+        {"temperature": 0.0, "max_tokens": 6},
+        {"temperature": 1.0, "seed": 11, "n": 3, "max_completion_tokens": 5},
+        {"temperature": 0.9, "top_p": 0.5, "seed": 2, "max_tokens": 7, "stop": ["o"]},
+        {"temperature": 1.2, "seed": 5, "max_tokens": 4, "logprobs": True},
+    ]
+    requests = [
+        {
+            "custom_id": f"r{k}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "x", "messages": messages, **s},
+        }
+        for k, s in enumerate(settings)
+    ]
+    responses = _run(tmp_path, tiny_model, requests, max_new_tokens=8)
+    for k, (s, response) in enumerate(zip(settings, responses, strict=True)):
+        task = {
+            "temperature": s["temperature"],
+            "top_p": s.get("top_p", 1.0),
+            "seed": s.get("seed", 0),
+            "n": s.get("n", 1),
+            "max_new_tokens": s.get("max_tokens", s.get("max_completion_tokens")),
+            "stop": s.get("stop", []),
+            "logprobs": s.get("logprobs", False),
+        }
+        # The same request as row k of a plain job: keys are per (seed, row, sample).
+        rows = [{"id": f"pad{j}", "prompt": "x"} for j in range(k)]
+        rows.append({"id": "it", "prompt": messages})
+        job = write_job(
+            tmp_path / f"job{k}.yaml",
+            tiny_model,
+            write_jsonl(tmp_path / f"plain{k}.jsonl", rows),
+            tmp_path / f"plain{k}",
+            task=task,
+        )
+        assert cli("run", str(job)).exit_code == 0
+        expected = read_outputs(tmp_path / f"plain{k}").to_pylist()[-1]
+        texts = expected["text"] if task["n"] > 1 else [expected["text"]]
+        got = [c["message"]["content"] for c in response["response"]["body"]["choices"]]
+        assert got == texts, s
+        if s.get("logprobs"):
+            content = response["response"]["body"]["choices"][0]["logprobs"]["content"]
+            assert [c["logprob"] for c in content] == pytest.approx(
+                expected["token_logprobs"], abs=1e-5
+            )
+        if "stop" in s:
+            assert all("o" not in t for t in got)
+
+
+def test_completions_requests_and_bad_requests(tmp_path, tiny_model):
+    requests = [
+        {
+            "custom_id": "completion",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": "x", "prompt": "The quick brown", "max_tokens": 5, "logprobs": 0},
+        },
+        _chat_request(1, presence_penalty=0, user="someone", response_format={"type": "text"}),
+        _chat_request(2, tools=[{"type": "function", "function": {"name": "f"}}]),
+        _chat_request(3, top_logprobs=3, logprobs=True),
+        {"custom_id": "embed", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
+        _chat_request(5, temperature=7),
+        {"custom_id": "no-messages", "method": "POST", "url": "/v1/chat/completions", "body": {}},
+    ]
+    responses = _run(tmp_path, tiny_model, requests, chat_template="never")
+    by_id = {r["custom_id"]: r for r in responses}
+    assert list(by_id) == [r["custom_id"] for r in requests]
+    completion = by_id["completion"]["response"]["body"]
+    assert completion["object"] == "text_completion"
+    choice = completion["choices"][0]
+    logprobs = choice["logprobs"]
+    assert (
+        len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["text_offset"])
+    )
+    # A completions prompt is raw text: the same as greedy transformers on the plain prompt.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    ids = tokenizer("The quick brown", return_tensors="pt")
+    ref = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    text = tokenizer.decode(ref[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert choice["text"] == truncate_at_stop(text, ())[0]
+    assert by_id["request-1"]["error"] is None  # neutral values of unsupported fields are fine
+    for custom_id, fragment in [
+        ("request-2", "body.tools"),
+        ("request-3", "body.top_logprobs"),
+        ("embed", "/v1/embeddings"),
+        ("request-5", "body.temperature"),
+        ("no-messages", "no 'messages'"),
+    ]:
+        line = by_id[custom_id]
+        assert line["response"]["status_code"] == 400, custom_id
+        assert fragment in line["error"]["message"], (custom_id, line["error"])
+        assert line["response"]["body"]["error"]["message"] == line["error"]["message"]
+
+
+def test_missing_custom_id_is_one_line(tmp_path, tiny_model):
+    requests = [_chat_request(0), {"method": "POST", "custom_id": "", "body": {}}]
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "batch.jsonl", requests),
+        tmp_path / "out",
+    )
+    result = cli("run", str(job))
+    assert result.exit_code == 2
+    assert "batch.jsonl:2" in result.output and "custom_id" in result.output
