@@ -91,6 +91,8 @@ class OutputLayout:
             self.heartbeat,
             self.failed,
             self.root / "shards",
+            self.root / "report.html",
+            self.root / "report",
         ]
 
 

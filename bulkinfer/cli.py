@@ -14,28 +14,88 @@ SET_HELP = "Override a spec field, e.g. --set task.max_new_tokens=64 (repeatable
 
 
 class BulkinferGroup(click.Group):
-    """Turns UserError into `bulkinfer: error: ...` and exit code 2, without a traceback."""
+    """Turns UserError into `bulkinfer: error: ...` and exit code 2, without a traceback; with
+    `--log-format json` every error is a JSON `error` event instead (a bug's keeps its traceback
+    as a field)."""
 
     def invoke(self, ctx):
+        from bulkinfer.progress import log, log_format
+
         try:
             return super().invoke(ctx)
         except UserError as exc:
-            click.echo(f"bulkinfer: error: {exc}", err=True)
+            if log_format() == "json":
+                log(str(exc), event="error", level="error", exit_code=exc.exit_code)
+            else:
+                click.echo(f"bulkinfer: error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("bulkinfer: interrupted; committed work is kept, rerun to resume", err=True)
+            message = "interrupted; committed work is kept, rerun to resume"
+            if log_format() == "json":
+                log(message, event="signal", level="error", signal="SIGINT", exit_code=130)
+            else:
+                click.echo(f"bulkinfer: {message}", err=True)
             sys.exit(130)
+        except click.ClickException as exc:
+            if log_format() != "json":
+                raise
+            log(exc.format_message(), event="error", level="error", exit_code=exc.exit_code)
+            sys.exit(exc.exit_code)
+        except Exception as exc:
+            if log_format() != "json":
+                raise
+            import traceback
+
+            log(
+                f"{type(exc).__name__}: {exc}",
+                event="error",
+                level="critical",
+                exit_code=1,
+                traceback=traceback.format_exc(),
+            )
+            sys.exit(1)
+
+
+def _set_log_format(ctx, param, value: str | None) -> None:
+    """The option sets BULKINFER_LOG_FORMAT, so worker processes and Slurm tasks inherit it."""
+    import os
+
+    from bulkinfer.progress import LOG_FORMAT_ENV, LOG_FORMATS
+
+    if value is not None:
+        os.environ[LOG_FORMAT_ENV] = value
+        return
+    env = os.environ.get(LOG_FORMAT_ENV)
+    if env is not None and env.strip().lower() not in LOG_FORMATS:
+        os.environ.pop(LOG_FORMAT_ENV)
+        raise click.UsageError(f"{LOG_FORMAT_ENV}={env!r}: expected plain or json", ctx)
+
+
+log_format_option = click.option(
+    "--log-format",
+    type=click.Choice(["plain", "json"]),
+    default=None,
+    expose_value=False,
+    is_eager=True,
+    callback=_set_log_format,
+    help="plain (default) or json: one JSON object per line on stderr, for log collectors "
+    "(or set BULKINFER_LOG_FORMAT).",
+)
 
 
 @click.group(cls=BulkinferGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="bulkinfer")
+@log_format_option
 def main() -> None:
     """Offline bulk inference over millions of prompts, resumable, with Parquet out.
 
     \b
     Example:
+      bulkinfer init job.yaml              # a commented job spec to start from
+      bulkinfer validate job.yaml          # spec, model config and input columns; no weights
       bulkinfer plan jobs/sample.yaml      # rows, lengths, batches; no weights loaded
       bulkinfer run jobs/sample.yaml       # run or resume; outputs in the job's output folder
+      bulkinfer report out/sample          # out/sample/report.html: what happened, at a glance
     """
 
 
@@ -54,6 +114,7 @@ def _load(job: str, overrides: tuple[str, ...], output: str | None):
     "--shard", default=None, metavar="I/N", help="Run shard I of N (default: from Slurm)."
 )
 @click.option("--gpus", default=None, metavar="N|all", help="One worker per GPU, then one merge.")
+@log_format_option
 def run(job, overrides, output, overwrite, shard, gpus) -> None:
     """Run a job, or resume it where it stopped.
 
@@ -62,6 +123,7 @@ def run(job, overrides, output, overwrite, shard, gpus) -> None:
       bulkinfer run jobs/sample.yaml --set task.max_new_tokens=32 --output out/try
       bulkinfer run jobs/sample.yaml --gpus all        # 8 GPUs: 8 shards, one merge
       bulkinfer run jobs/sample.yaml --shard 3/64      # what Slurm array task 3 of 64 runs
+      bulkinfer run jobs/sample.yaml --log-format json # JSON lines on stderr for collectors
     """
     from bulkinfer.runner import run_job
     from bulkinfer.sharding import parse_shard, shard_from_env
@@ -205,6 +267,69 @@ def plan(job: str, overrides: tuple[str, ...], as_json: bool) -> None:
         click.echo(json.dumps(report, indent=2))
         return
     click.echo(render_plan(report))
+
+
+@main.command()
+@click.argument("path", default="job.yaml", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Replace an existing file.")
+def init(path: str, force: bool) -> None:
+    """Write a commented job spec to start from: every key with its default (PATH: job.yaml).
+
+    \b
+    Example:
+      bulkinfer init jobs/my-job.yaml     # then fill in model.path, input.path, output.path
+    """
+    from pathlib import Path
+
+    from bulkinfer.errors import UserError
+    from bulkinfer.io.atomic import write_bytes_atomic
+    from bulkinfer.spec_template import job_template
+
+    target = Path(path)
+    if target.exists() and not force:
+        raise UserError(f"{target} already exists; pass --force to replace it")
+    if not target.parent.is_dir():
+        raise UserError(f"{target.parent}: no such folder")
+    write_bytes_atomic(target, job_template(target.name).encode())
+    click.echo(
+        f"wrote {target}; fill in the three FILL IN paths, then: bulkinfer validate {target}"
+    )
+
+
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--output", "-o", default=None, help="Output folder (overrides output.path).")
+def validate(job: str, overrides: tuple[str, ...], output: str | None) -> None:
+    """Check the spec, the model's tokenizer and config, the input files and their columns, and
+    the output folder, without loading weights or tokenizing: exit 0 and a summary, or one line.
+
+    \b
+    Example:
+      bulkinfer validate jobs/sample.yaml --set input.keep_columns=[source]
+    """
+    from bulkinfer.validate import check_job, format_check
+
+    click.echo(format_check(job, check_job(_load(job, overrides, output))))
+
+
+@main.command()
+@click.argument("output", type=click.Path(file_okay=False))
+def report(output: str) -> None:
+    """Write OUT/report.html (one self-contained file) and its plots in OUT/report/: summary,
+    rows by status and errors, token lengths, throughput over time, padding, shard progress.
+    Works on a finished, running or sharded job folder.
+
+    \b
+    Example:
+      bulkinfer report out/sample && xdg-open out/sample/report.html
+    """
+    from pathlib import Path
+
+    from bulkinfer.report import write_report
+
+    page = write_report(Path(output))
+    click.echo(f"wrote {page}")
 
 
 def render_plan(report: dict) -> str:

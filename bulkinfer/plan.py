@@ -156,3 +156,20 @@ def assign_shards(costs: np.ndarray, n_shards: int) -> np.ndarray:
         shard_of[row] = k
         heapq.heappush(heap, (total + int(costs[row]), k))
     return shard_of
+
+
+def length_counts(lengths: np.ndarray) -> list[tuple[int, int, int]]:
+    """(low, high, count) over fixed quarter-octave buckets (1, 2, 3, 4, 5, 6, 7, 8, 10, 11, ...),
+    non-empty buckets only: the same edges for every shard, so shards' counts simply add up."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) == 0:
+        return []
+    top = max(int(lengths.max()), 1)
+    edges = np.unique(np.round(2 ** (np.arange(0, 4 * np.log2(top) + 8) / 4)).astype(np.int64))
+    edges = np.concatenate([[0], edges[edges > 0]])
+    counts, _ = np.histogram(lengths, bins=edges)
+    return [
+        (int(lo), int(hi) - 1, int(c))
+        for lo, hi, c in zip(edges[:-1], edges[1:], counts, strict=True)
+        if c
+    ]

@@ -1,4 +1,5 @@
-"""Progress: a tqdm bar on a terminal, periodic plain log lines elsewhere (a Slurm log file).
+"""Progress and log lines: a tqdm bar on a terminal, periodic plain lines elsewhere (a Slurm log),
+or one JSON object per line for log collectors (`--log-format json`, BULKINFER_LOG_FORMAT=json).
 
 The ETA counts planned work (padded tokens plus tokens to generate), not rows: batches run
 longest first, so rows early on cost many times what rows at the end do.
@@ -6,16 +7,48 @@ longest first, so rows early on cost many times what rows at the end do.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
+from datetime import datetime, timezone
 
 from tqdm import tqdm
 
 from bulkinfer.plan import Batch
 
+LOG_FORMATS = ("plain", "json")
+LOG_FORMAT_ENV = "BULKINFER_LOG_FORMAT"
+# Fields every JSON line of this process carries (the shard, once known).
+_context: dict = {}
 
-def log(message: str) -> None:
-    print(f"[bulkinfer] {message}", file=sys.stderr, flush=True)
+
+def log_format() -> str:
+    """`plain` unless BULKINFER_LOG_FORMAT says `json` (the CLI option sets that variable, so
+    worker processes started by `--gpus` log the same way)."""
+    value = os.environ.get(LOG_FORMAT_ENV, "plain").strip().lower()
+    return value if value in LOG_FORMATS else "plain"
+
+
+def set_log_context(**fields) -> None:
+    _context.update(fields)
+
+
+def log(message: str, event: str = "info", level: str = "info", json_only: bool = False, **fields):
+    """One log line on stderr. `event` names what happened (start, progress, checkpoint, resume,
+    signal, finish, error, ...) for collectors; `json_only` lines are too frequent for a plain log.
+    """
+    if log_format() == "json":
+        record = {"ts": _now(), "level": level, "event": event, "message": message}
+        record.update(_context)
+        record.update(fields)
+        print(json.dumps(record, default=str, ensure_ascii=False), file=sys.stderr, flush=True)
+    elif not json_only:
+        print(f"[bulkinfer] {message}", file=sys.stderr, flush=True)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _cost(batch: Batch, new_tokens_per_row: int) -> int:
@@ -38,7 +71,7 @@ class Progress:
         self.log_every = log_every
         self.last_log = self.start
         self.bar = None
-        if sys.stderr.isatty():
+        if sys.stderr.isatty() and log_format() == "plain":
             self.bar = tqdm(total=self.total, initial=self.done, unit="row", dynamic_ncols=True)
 
     def update(self, batch: Batch, tokens: int) -> None:
@@ -60,7 +93,14 @@ class Progress:
             self.last_log = now
             log(
                 f"{self.done:,}/{self.total:,} rows ({self.done / max(self.total, 1):.0%}), "
-                f"{self.tokens / elapsed:,.0f} tok/s, ETA {_clock(eta)}"
+                f"{self.tokens / elapsed:,.0f} tok/s, ETA {_clock(eta)}",
+                event="progress",
+                rows_done=self.done,
+                rows_total=self.total,
+                tokens_done=self.tokens,
+                tokens_per_second=round(self.tokens / elapsed, 2),
+                elapsed_seconds=round(elapsed, 3),
+                eta_seconds=None if eta == float("inf") else round(eta, 1),
             )
 
     def close(self) -> None:

@@ -51,7 +51,7 @@ from bulkinfer.model_files import (
 )
 from bulkinfer.plan import Batch, TokenBudget, assign_shards, padding_fraction, plan_batches
 from bulkinfer.prepare import PreparedRows, prepare_rows, prepared_location, render_options
-from bulkinfer.progress import Progress, log
+from bulkinfer.progress import Progress, log, log_format, set_log_context
 from bulkinfer.sharding import Shard
 from bulkinfer.spec import JobSpec
 from bulkinfer.stats import BatchStats, format_summary, stats_table, summarize
@@ -201,7 +201,10 @@ def run_job(spec: JobSpec, overwrite: bool = False, shard: Shard | None = None) 
         with writes_reported(OutputLayout(root)):
             summary = merge_shards(root)
         log(
-            f"all {shard.count} shards done: merged {summary['rows_out']:,} rows into {root / 'outputs'}"
+            f"all {shard.count} shards done: merged {summary['rows_out']:,} rows into {root / 'outputs'}",
+            event="merge",
+            shards=shard.count,
+            rows_out=summary["rows_out"],
         )
     return code
 
@@ -215,9 +218,14 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
     prints = fingerprint(spec.to_dict(), model_identity(spec.model), input_files_digest(files))
     if shard is not None:
         prints["shard"] = str(shard)
+        set_log_context(shard=str(shard))
     folder = open_job_folder(layout, prints, spec.to_dict(), overwrite)
     if folder.finished:
-        log(f"{layout.root}: this job already finished; nothing to do (--overwrite runs it again)")
+        log(
+            f"{layout.root}: this job already finished; nothing to do (--overwrite runs it again)",
+            event="finish",
+            already_finished=True,
+        )
         return 0
     local_model_folder(spec.model)  # a GGUF model is converted (once) before anything else
     inputs = read_inputs(spec, files)
@@ -238,24 +246,44 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
         spec.output.format == "auto" and inputs.kind.per_request
     )
     _log_capped_requests(prepared, spec.task.max_new_tokens)
-    save_job(layout, folder.job)  # the budget is kept, so a resume plans the very same batches
     budget = token_budget(spec, folder.job["max_tokens"], task.new_tokens_per_row())
     runnable = np.intersect1d(prepared.runnable_rows(), mine)
     batches = plan_batches(runnable, prepared.lengths, budget, spec.batching.sort == "length")
-    file_order_padding = padding_fraction(
-        plan_batches(runnable, prepared.lengths, budget, sort=False)
-    )
+    file_order = plan_batches(runnable, prepared.lengths, budget, sort=False)
+    file_order_padding = padding_fraction(file_order)
+    folder.job["plan"] = plan_facts(prepared, runnable, batches, file_order, len(mine))
+    folder.job["device"] = engine.device_name
+    save_job(layout, folder.job)  # the budget is kept, so a resume plans the very same batches
     manifest = Manifest(layout)
     for name in manifest.dropped:
-        log(f"checkpoint: {name} is missing or corrupt; its rows will be recomputed")
+        log(
+            f"checkpoint: {name} is missing or corrupt; its rows will be recomputed",
+            event="checkpoint",
+            level="warning",
+            dropped=name,
+        )
     done = manifest.done_batches()
     todo = [b for b in batches if b.index not in done]
     if folder.resumed:
-        log(f"resuming: {len(batches) - len(todo)} of {len(batches)} batches already done")
+        log(
+            f"resuming: {len(batches) - len(todo)} of {len(batches)} batches already done",
+            event="resume",
+            batches_done=len(batches) - len(todo),
+            batches=len(batches),
+        )
     where = f"shard {shard}: " if shard else ""
     log(
         f"{where}{len(mine):,} rows, {len(batches):,} batches, budget {budget.max_tokens:,} tokens, "
-        f"padding {padding_fraction(batches):.1%}, device {engine.device_name}"
+        f"padding {padding_fraction(batches):.1%}, device {engine.device_name}",
+        event="start",
+        rows=len(mine),
+        batches=len(batches),
+        batches_todo=len(todo),
+        max_tokens=budget.max_tokens,
+        padding_fraction=round(padding_fraction(batches), 4),
+        device=engine.device_name,
+        task=task.name,
+        output=str(layout.root),
     )
     schema = part_schema(task.schema)
     writer = PartWriter(layout, manifest, schema, spec.checkpoint.every_rows, run_id)
@@ -263,7 +291,13 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
     signum = run_batches(spec, layout, task, engine, prepared, todo, writer, progress, started)
     if signum is not None:
         name = signal.Signals(signum).name
-        log(f"stopped by {name}: the batch in flight was written; rerun the same command to resume")
+        log(
+            f"stopped by {name}: the batch in flight was written; rerun the same command to resume",
+            event="signal",
+            level="warning",
+            signal=name,
+            exit_code=128 + signum,
+        )
         return 128 + signum
     summary = finish_job(
         layout, manifest, prepared, schema, run_id, started, mine, shard is not None
@@ -274,7 +308,14 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
         task=task.name, device=engine.device_name, padding_fraction_file_order=file_order_padding
     )
     write_json_atomic(layout.summary, summary)
-    print(format_summary(summary))
+    log(
+        f"finished: {summary['rows_out']:,} rows in {layout.root / 'outputs'}",
+        event="finish",
+        json_only=True,
+        **summary,
+    )
+    if log_format() == "plain":
+        print(format_summary(summary))
     return 0
 
 
@@ -296,6 +337,25 @@ def _log_capped_requests(prepared: PreparedRows, max_new_tokens: int) -> None:
             f"{capped:,} requests ask for more than task.max_new_tokens={max_new_tokens} tokens "
             "and stop there (finish_reason length); raise task.max_new_tokens to honour them"
         )
+
+
+def plan_facts(
+    prepared: PreparedRows, runnable: np.ndarray, batches: list[Batch], file_order, rows: int
+) -> dict:
+    """What `bulkinfer report` shows of the plan even before the job ends: the token-length
+    histogram (fixed buckets, so shards add up), planned batches, padded tokens sorted and in
+    file order."""
+    from bulkinfer.plan import length_counts
+
+    return {
+        "batches": len(batches),
+        "rows": rows,
+        "row_errors": rows - len(runnable),
+        "input_tokens": int(prepared.lengths[runnable].sum()) if len(runnable) else 0,
+        "padded_tokens": sum(b.padded_tokens for b in batches),
+        "padded_tokens_file_order": sum(b.padded_tokens for b in file_order),
+        "length_histogram": length_counts(prepared.lengths[runnable]),
+    }
 
 
 def _max_tokens(spec: JobSpec, task, engine, config) -> int:
@@ -322,14 +382,32 @@ def run_batches(
             if spec.on_error == "fail" and stats.failed_rows:
                 writer.flush(time.monotonic() - started)
                 raise RowFailedError(_first_failure(prepared, table))
-            writer.add(table, batch.index, stats.to_dict(), time.monotonic() - started)
+            if writer.add(table, batch.index, stats.to_dict(), time.monotonic() - started):
+                log_checkpoint(writer.manifest)
             progress.update(batch, stats.real_tokens + stats.new_tokens)
             layout.heartbeat.touch()
             if stop.signum is not None:
                 break
+        parts = len(writer.manifest.records)
         writer.flush(time.monotonic() - started)
+        if len(writer.manifest.records) > parts:
+            log_checkpoint(writer.manifest)
         progress.close()
         return stop.signum
+
+
+def log_checkpoint(manifest: Manifest) -> None:
+    """A committed part, for log collectors (plain logs stay quiet: parts come every minute)."""
+    part = manifest.records[-1]
+    log(
+        f"committed {part.file}: {part.rows:,} rows",
+        event="checkpoint",
+        json_only=True,
+        part=part.file,
+        rows=part.rows,
+        batches=len(part.batches),
+        rows_committed=sum(r.rows for r in manifest.records),
+    )
 
 
 class RowCap:
@@ -391,6 +469,7 @@ def run_batch(
         seconds=time.perf_counter() - start,
         failed_rows=failed,
         splits=splits,
+        ended_at=time.time(),
     )
     return pa.concat_tables(tables), stats
 
@@ -460,7 +539,11 @@ def stop_signals():
         if flag.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         flag.signum = signum
-        log(f"{signal.Signals(signum).name} received: finishing the batch in flight, then stopping")
+        log(
+            f"{signal.Signals(signum).name} received: finishing the batch in flight, then stopping",
+            event="signal",
+            signal=signal.Signals(signum).name,
+        )
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # USR1: Slurm's time warning
         previous[sig] = signal.signal(sig, handler)

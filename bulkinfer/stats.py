@@ -9,7 +9,8 @@ import pyarrow as pa
 
 @dataclass(frozen=True)
 class BatchStats:
-    """What one batch cost: rows, real and padded prompt tokens, new tokens, seconds."""
+    """What one batch cost: rows, real and padded prompt tokens, new tokens, seconds; and when it
+    ended (Unix time; None in folders written before it was recorded), for throughput over time."""
 
     batch: int
     rows: int
@@ -19,6 +20,7 @@ class BatchStats:
     seconds: float
     failed_rows: int = 0
     splits: int = 0
+    ended_at: float | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -39,6 +41,7 @@ STATS_SCHEMA = pa.schema(
         ("tokens_per_second", pa.float64()),
         ("failed_rows", pa.int64()),
         ("splits", pa.int64()),
+        ("ended_at", pa.float64()),
         ("run", pa.string()),
     ]
 )

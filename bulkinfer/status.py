@@ -27,14 +27,14 @@ def read_state(folder: Path, shard: Shard) -> ShardState:
     """The state of one shard folder (or of a whole unsharded job folder)."""
     if not folder.exists():
         return ShardState(shard, "pending", 0, None, 0.0, 0.0)
-    job = _json(folder / "job.json") or {}
-    summary = _json(folder / "summary.json") or {}
-    records = _manifest(folder / "checkpoint" / "manifest.jsonl")
+    job = read_json(folder / "job.json") or {}
+    summary = read_json(folder / "summary.json") or {}
+    records = manifest_records(folder / "checkpoint" / "manifest.jsonl")
     stats = [s for r in records for s in r.get("stats", [])]
     seconds = sum(s["seconds"] for s in stats)
     tokens = sum(s["real_tokens"] + s["new_tokens"] for s in stats)
     rows_done = sum(r["rows"] for r in records)
-    failed = _json(folder / "failed.json")
+    failed = read_json(folder / "failed.json")
     if summary.get("complete"):
         state, rows_done = "done", summary.get("rows_out", rows_done)
     elif failed:
@@ -111,14 +111,16 @@ def _recent(path: Path) -> bool:
     return path.exists() and time.time() - path.stat().st_mtime < RUNNING_WITHIN_SECONDS
 
 
-def _json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
+    """A JSON file's object, or None if it is missing or unreadable (being written, say)."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
 
-def _manifest(path: Path) -> list[dict]:
+def manifest_records(path: Path) -> list[dict]:
+    """A manifest's records as plain dicts, skipping a torn last line."""
     if not path.exists():
         return []
     records = []

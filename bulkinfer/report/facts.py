@@ -1,0 +1,204 @@
+"""What a job folder says about its run, read from files alone: finished, half-done or sharded.
+
+Everything here is what exists: a job still running has no summary.json, so its totals come from
+the committed parts' batch stats; a shard not started yet has no folder. Nothing is recomputed
+from the input and no model is loaded, so a report works from a login node in seconds.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from bulkinfer.errors import UserError
+from bulkinfer.sharding import shard_folders
+from bulkinfer.status import ShardState, job_states, manifest_records, read_json
+
+TOP_ERRORS = 10
+
+
+@dataclass(frozen=True)
+class ErrorGroup:
+    """Error messages that differ only in their numbers, counted together."""
+
+    count: int
+    example: str
+
+
+@dataclass
+class JobFacts:
+    root: Path
+    state: str  # done | running | incomplete (stopped, or shards not started) | failed | pending
+    spec: dict
+    device: str | None
+    summary: dict | None  # summary.json of a complete job, else None
+    rows_total: int | None
+    rows_done: int
+    rows_by_status: dict[str, int]
+    errors: list[ErrorGroup]
+    batches: list[dict]  # per-batch stats; `shard` and `run` added; `ended_at` may be None
+    batches_planned: int | None
+    plan: dict | None  # the plan facts summed over shards (histogram, padded tokens)
+    shards: list[ShardState] = field(default_factory=list)
+
+    @property
+    def sharded(self) -> bool:
+        return bool(self.shards)
+
+    @property
+    def has_timestamps(self) -> bool:
+        return bool(self.batches) and all(b.get("ended_at") for b in self.batches)
+
+
+def read_job(root: Path) -> JobFacts:
+    """The facts of the job in `root`; a folder that is no bulkinfer job is a one-line error."""
+    if not root.is_dir():
+        raise UserError(f"{root}: no such folder")
+    shards = shard_folders(root)
+    if not (root / "job.json").is_file() and not shards:
+        raise UserError(
+            f"{root}: not a bulkinfer job folder (no job.json or shards/); "
+            "give the output folder of a job"
+        )
+    states = job_states(root) if shards else []
+    folders = [s.shard.folder(root) for s in states] if shards else [root]
+    jobs = [read_json(f / "job.json") for f in folders]
+    known = [j for j in jobs if j]
+    summary = read_json(root / "summary.json")
+    summary = summary if summary and summary.get("complete") else None
+    batches = _batches(root, folders, summary)
+    rows_done, by_status, errors = _rows(folders, [s.state for s in states] or [None])
+    if summary:
+        by_status = dict(summary["rows_by_status"])
+        rows_done = summary["rows_out"]
+    totals = [(j or {}).get("rows") for j in jobs]
+    return JobFacts(
+        root=root,
+        state=_overall_state(root, summary, states),
+        spec=(known[0].get("spec") or {}) if known else {},
+        device=_device(summary, known),
+        summary=summary,
+        rows_total=sum(totals) if totals and None not in totals else None,
+        rows_done=rows_done,
+        rows_by_status=by_status,
+        errors=errors,
+        batches=batches,
+        batches_planned=_sum_plan(known, "batches", len(jobs)),
+        plan=_plan(known, len(jobs)) or _plan_from_results(folders),
+        shards=states,
+    )
+
+
+def _overall_state(root: Path, summary: dict | None, states: list[ShardState]) -> str:
+    if summary:
+        return "done"
+    if not states:
+        from bulkinfer.sharding import Shard
+        from bulkinfer.status import read_state
+
+        states = [read_state(root, Shard(0, 1))]
+    kinds = {s.state for s in states}
+    if "failed" in kinds:
+        return "failed"
+    if "running" in kinds:
+        return "running"
+    if kinds == {"pending"} and not any(s.rows_done for s in states):
+        return "pending"
+    return "incomplete"
+
+
+def _device(summary: dict | None, jobs: list[dict]) -> str | None:
+    if summary and summary.get("device"):
+        device = summary["device"]
+        return ", ".join(device) if isinstance(device, list) else str(device)
+    devices = sorted({j["device"] for j in jobs if j.get("device")})
+    return ", ".join(devices) or None
+
+
+def _batches(root: Path, folders: list[Path], summary: dict | None) -> list[dict]:
+    """Per-batch stats: the final stats file of a finished job, else the manifests' records."""
+    merged = root / "stats" / "batches.parquet"
+    if summary and merged.is_file():
+        rows = pq.read_table(merged).to_pylist()
+        for r in rows:
+            r.setdefault("shard", 0)
+        return rows
+    found = []
+    for index, folder in enumerate(folders):
+        for record in manifest_records(folder / "checkpoint" / "manifest.jsonl"):
+            for s in record.get("stats", []):
+                found.append({**s, "run": record.get("run"), "shard": index})
+    return found
+
+
+def _rows(folders: list[Path], states: list[str | None]) -> tuple[int, dict, list[ErrorGroup]]:
+    """Rows done, by status, and the most common errors: from the outputs of finished folders,
+    from the committed parts of the others."""
+    messages: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    done = 0
+    for folder in folders:
+        for path in _result_files(folder):
+            column = pq.read_table(path, columns=["error"]).column("error")
+            done += len(column)
+            for message, count in Counter(column.drop_null().to_pylist()).items():
+                key = re.sub(r"\d+", "N", message)
+                messages[key] += count
+                examples.setdefault(key, message)
+    failed = sum(messages.values())
+    groups = [ErrorGroup(c, examples[k]) for k, c in messages.most_common(TOP_ERRORS)]
+    return done, {"ok": done - failed, "error": failed}, groups
+
+
+def _result_files(folder: Path) -> list[Path]:
+    summary = read_json(folder / "summary.json")
+    outputs = sorted((folder / "outputs").glob("*.parquet"))
+    if summary and summary.get("complete") and outputs:
+        return outputs
+    parts = folder / "checkpoint" / "parts"
+    records = manifest_records(folder / "checkpoint" / "manifest.jsonl")
+    return [parts / r["file"] for r in records if (parts / r.get("file", "")).is_file()]
+
+
+def _plan(jobs: list[dict], count: int) -> dict | None:
+    """Plan facts added up over the shards that have planned (None when some have not)."""
+    plans = [j.get("plan") for j in jobs]
+    if len(plans) != count or not plans or None in plans:
+        return None
+    keys = ("rows", "row_errors", "input_tokens", "padded_tokens", "padded_tokens_file_order")
+    total = {k: sum(p[k] for p in plans) for k in keys}
+    histogram: Counter[tuple[int, int]] = Counter()
+    for p in plans:
+        for low, high, n in p["length_histogram"]:
+            histogram[(low, high)] += n
+    total["length_histogram"] = [(lo, hi, n) for (lo, hi), n in sorted(histogram.items())]
+    return total
+
+
+def _plan_from_results(folders: list[Path]) -> dict | None:
+    """For folders written before job.json kept the plan: the prompt lengths of the rows that
+    ran, where the task writes them (generate's `prompt_tokens`)."""
+    import numpy as np
+
+    from bulkinfer.plan import length_counts
+
+    lengths = []
+    for folder in folders:
+        for path in _result_files(folder):
+            if "prompt_tokens" in pq.read_schema(path).names:
+                column = pq.read_table(path, columns=["prompt_tokens"]).column("prompt_tokens")
+                lengths.append(column.drop_null().to_numpy())
+    if not lengths:
+        return None
+    return {"length_histogram": length_counts(np.concatenate(lengths))}
+
+
+def _sum_plan(jobs: list[dict], key: str, count: int) -> int | None:
+    values = [(j.get("plan") or {}).get(key) for j in jobs]
+    if len(values) != count or None in values:
+        return None
+    return sum(values)

@@ -1,0 +1,160 @@
+"""`bulkinfer validate`: check a job before it is queued, in seconds, without loading weights.
+
+It checks what `run` would otherwise find only after the queue wait: the spec, the model's
+tokenizer and config, every input file's columns (Parquet schema, JSONL first records), and the
+output folder. Rows are counted where that is cheap; no prompt is tokenized.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from bulkinfer.errors import InputError, OutputFolderError, did_you_mean
+from bulkinfer.io.readers import ColumnNames, _jsonl_records, file_format, peek_columns
+from bulkinfer.spec import JobSpec
+
+# JSONL records read to find the keep columns (the reader only needs one row to have each).
+KEEP_SCAN_RECORDS = 10_000
+# Uncompressed JSONL up to this size has its rows counted (a fast line scan).
+COUNT_JSONL_BYTES = 4 << 30
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    format: str
+    rows: int | None  # None: not cheap to count (large or compressed JSONL)
+
+
+@dataclass(frozen=True)
+class JobCheck:
+    """What validate found: enough for a short OK summary."""
+
+    model: str
+    max_context: int | None
+    task: str
+    columns: ColumnNames
+    files: list[InputFile]
+    output: str
+    output_state: str
+
+
+def check_job(spec: JobSpec) -> JobCheck:
+    """Raise a UserError naming the first problem; return what was checked when all is well."""
+    from bulkinfer.io.readers import resolve_input_files
+    from bulkinfer.model_files import load_config, load_tokenizer, model_context
+    from bulkinfer.prepare import render_options
+    from bulkinfer.runner import check_output_columns, column_names
+    from bulkinfer.tasks.base import make_task
+
+    files = resolve_input_files(spec.input.path, spec.input.format, spec.output.path)
+    columns = column_names(spec, files[0])
+    checked = [check_input_file(path, columns, spec.input.format) for path in files]
+    tokenizer = load_tokenizer(spec.model)
+    max_context = model_context(load_config(spec.model), spec.model)
+    render_options(spec.task, tokenizer, max_context, columns.completion is not None)
+    task = make_task(spec.task, tokenizer, max_context)
+    check_output_columns(spec, task)
+    return JobCheck(
+        model=spec.model.path,
+        max_context=max_context,
+        task=task.name,
+        columns=columns,
+        files=checked,
+        output=spec.output.path,
+        output_state=output_state(Path(spec.output.path)),
+    )
+
+
+def check_input_file(path: str, columns: ColumnNames, fmt: str) -> InputFile:
+    """The file's columns hold everything the job reads; its rows counted if cheap."""
+    kind = file_format(path, fmt)
+    names = peek_columns(path, fmt)
+    if not names:
+        raise InputError(f"{path}: the file holds no rows")
+    required = [columns.prompt, columns.completion, columns.id]
+    if kind != "jsonl":  # a file with a schema: every column is in it
+        required += list(columns.keep)
+    for name in (n for n in required if n is not None):
+        if name not in names:
+            raise InputError(
+                f"{path}: no column '{name}'{did_you_mean(name, names)}; "
+                f"the {'first line' if kind == 'jsonl' else 'file'} has: {', '.join(names)}"
+            )
+    if kind == "jsonl":
+        _check_jsonl_keep_columns(path, columns.keep)
+    return InputFile(path, kind, count_rows(path, kind))
+
+
+def _check_jsonl_keep_columns(path: str, keep: tuple[str, ...]) -> None:
+    """A keep column must appear in some row; it is looked for in the first records only."""
+    missing = set(keep)
+    seen: dict[str, None] = {}
+    scanned = 0
+    for _, record in islice(_jsonl_records(path), KEEP_SCAN_RECORDS):
+        missing -= record.keys()
+        seen.update(dict.fromkeys(record))
+        scanned += 1
+        if not missing:
+            return
+    if missing and scanned < KEEP_SCAN_RECORDS:
+        name = sorted(missing)[0]
+        raise InputError(
+            f"{path}: no row has the keep column '{name}'{did_you_mean(name, seen)}; "
+            f"the rows have: {', '.join(seen)}"
+        )
+
+
+def count_rows(path: str, kind: str) -> int | None:
+    if kind == "parquet":
+        return pq.ParquetFile(path).metadata.num_rows
+    if kind != "jsonl" or path.lower().endswith(".gz") or os.path.getsize(path) > COUNT_JSONL_BYTES:
+        return None
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def output_state(root: Path) -> str:
+    """What `run` will do with the output folder; a folder it would refuse is an error here."""
+    if not root.exists():
+        return "new folder"
+    if not root.is_dir():
+        raise OutputFolderError(f"output.path: {root} exists and is not a folder")
+    if (root / "job.json").exists() or (root / "shards").is_dir():
+        return "holds a bulkinfer job: run resumes it if spec, model and input are unchanged"
+    if any(root.iterdir()):
+        raise OutputFolderError(
+            f"output.path: {root} is not empty and holds no bulkinfer job; choose a new folder "
+            "or pass --overwrite to run"
+        )
+    return "empty folder"
+
+
+def format_check(job: str, check: JobCheck) -> str:
+    """The short OK summary `bulkinfer validate` prints."""
+    rows = [f.rows for f in check.files]
+    total = f"{sum(rows):,} rows" if None not in rows else "rows not counted (compressed or large)"
+    cols = check.columns
+    column_text = f"prompt '{cols.prompt}'"
+    if cols.completion:
+        column_text += f", completion '{cols.completion}'"
+    column_text += f", id '{cols.id}'" if cols.id else ", id: the row position"
+    if cols.keep:
+        column_text += f", keep {', '.join(cols.keep)}"
+    first = check.files[0].path
+    more = f" and {len(check.files) - 1} more" if len(check.files) > 1 else ""
+    context = f"context {check.max_context:,} tokens" if check.max_context else "context unknown"
+    lines = [
+        f"{job}: OK (weights not loaded)",
+        ("model", f"{check.model} ({context})"),
+        ("task", check.task),
+        ("input", f"{len(check.files)} file{'s' * (len(check.files) > 1)}, {total}: {first}{more}"),
+        ("columns", column_text),
+        ("output", f"{check.output} ({check.output_state})"),
+    ]
+    return "\n".join([lines[0], *(f"  {k:<8} {v}" for k, v in lines[1:])])

@@ -1,0 +1,248 @@
+"""The CLI a newcomer meets: help with examples, `init`, `validate`, and JSON logs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import typing
+
+import pytest
+import yaml
+from conftest import (
+    child_env,
+    cli,
+    cli_subprocess,
+    read_outputs,
+    sample_prompts,
+    write_job,
+    write_jsonl,
+    write_parquet,
+)
+
+from bulkinfer import spec as specs
+from bulkinfer.cli import main
+from bulkinfer.spec import load_spec
+
+
+def test_help_of_every_command_shows_an_example():
+    assert "Example" in cli("--help").output
+    for name in main.commands:
+        result = cli(name, "--help")
+        assert result.exit_code == 0
+        assert "Example" in result.output and f"bulkinfer {name}" in result.output, name
+
+
+def _fill_in(text: str, model, inputs, output) -> str:
+    return (
+        text.replace("path: models/my-model", f"path: {model}")
+        .replace("path: data/*.parquet", f"path: {inputs}")
+        .replace("path: out/my-job", f"path: {output}")
+    )
+
+
+def test_init_writes_every_key_with_its_default_and_a_comment(tmp_path, tiny_model):
+    path = tmp_path / "job.yaml"
+    result = cli("init", str(path))
+    assert result.exit_code == 0, result.output
+    text = path.read_text()
+    data = yaml.safe_load(text)
+    hints = typing.get_type_hints(specs.JobSpec)
+    for section in dataclasses.fields(specs.JobSpec):
+        assert section.name in data, section.name
+        if dataclasses.is_dataclass(hints[section.name]):
+            keys = {f.name for f in dataclasses.fields(hints[section.name])}
+            assert set(data[section.name]) == keys, section.name
+    key_lines = [
+        line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert all("#" in line for line in key_lines), [ln for ln in key_lines if "#" not in ln]
+
+    # Once the three paths are filled in, bulkinfer's own loader accepts it, with the defaults.
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(3))
+    path.write_text(_fill_in(text, tiny_model, inputs, tmp_path / "out"))
+    spec = load_spec(path)
+    assert spec.task == specs.TaskSpec()
+    assert spec.batching == specs.BatchingSpec()
+    assert spec.checkpoint == specs.CheckpointSpec()
+    assert spec.progress == specs.ProgressSpec()
+    assert spec.on_error == "record"
+    assert dataclasses.replace(spec.model, path="x") == specs.ModelSpec(path="x")
+    assert dataclasses.replace(spec.input, path=["x"]) == specs.InputSpec(path=["x"])
+    assert cli("validate", str(path)).exit_code == 0
+
+
+def test_init_refuses_to_overwrite_unless_forced(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("mine\n")
+    result = cli("init", str(path))
+    assert result.exit_code == 2
+    assert "already exists" in result.output and "--force" in result.output
+    assert path.read_text() == "mine\n"
+    assert cli("init", str(path), "--force").exit_code == 0
+    assert "model:" in path.read_text()
+
+
+def test_init_without_a_path_writes_job_yaml_in_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli("init").exit_code == 0
+    assert (tmp_path / "job.yaml").exists()
+
+
+@pytest.fixture()
+def broken_weights_model(tmp_path, tiny_model):
+    """The tiny model with its weights replaced by garbage: only a run would notice."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    for weights in model.glob("*.safetensors"):
+        weights.write_bytes(b"not weights")
+    return model
+
+
+def test_validate_checks_columns_and_counts_rows_without_loading_weights(
+    tmp_path, broken_weights_model
+):
+    rows = sample_prompts(25)
+    job = write_job(
+        tmp_path / "job.yaml",
+        broken_weights_model,
+        [
+            write_jsonl(tmp_path / "a.jsonl", rows[:10]),
+            write_parquet(tmp_path / "b.parquet", rows[10:]),
+        ],
+        tmp_path / "out",
+        input={"keep_columns": ["source"]},
+    )
+    result = cli("validate", str(job))
+    assert result.exit_code == 0, result.output
+    assert "OK" in result.output
+    assert "2 files, 25 rows" in result.output
+    assert "keep source" in result.output and "new folder" in result.output
+    # The same job really cannot run: the weights were never read by validate.
+    assert cli_subprocess("run", str(job)).returncode != 0
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("input.prompt_column=promt", "no column 'promt' (did you mean 'prompt'?)"),
+        ("input.keep_columns=[sourse]", "no column 'sourse' (did you mean 'source'?)"),
+        ("input.id_column=key", "no column 'key'"),
+        ("task.max_new_tokens=0", "task.max_new_tokens"),
+        ("batching.max_tokns=5", "unknown key 'batching.max_tokns'"),
+    ],
+)
+def test_validate_names_the_problem_in_one_line(tmp_path, tiny_model, setting, expected):
+    rows = sample_prompts(5)
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        [write_parquet(tmp_path / "b.parquet", rows)],
+        tmp_path / "out",
+    )
+    proc = cli_subprocess("validate", str(job), "--set", setting)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bulkinfer: error:"), proc.stderr
+    assert expected in lines[0]
+
+
+def test_validate_jsonl_keep_column_and_foreign_output_folder(tmp_path, tiny_model):
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(5))
+    job = write_job(tmp_path / "job.yaml", tiny_model, inputs, tmp_path / "out")
+    result = cli("validate", str(job), "--set", "input.keep_columns=[sorce]")
+    assert result.exit_code == 2
+    assert "no row has the keep column 'sorce' (did you mean 'source'?)" in result.output
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("someone else's")
+    result = cli("validate", str(job))
+    assert result.exit_code == 2
+    assert "not empty and holds no bulkinfer job" in result.output
+
+
+def _events(stderr: str) -> list[dict]:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines, "nothing on stderr"
+    events = [json.loads(line) for line in lines]  # every line must be JSON
+    for e in events:
+        assert {"ts", "level", "event", "message"} <= e.keys(), e
+    return events
+
+
+def test_json_logs_every_stderr_line_an_event_through_stop_and_resume(tmp_path, tiny_model):
+    rows = sample_prompts(30)
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", rows),
+        tmp_path / "out",
+        batching={"max_tokens": 400, "max_batch_size": 4},
+        checkpoint={"every_rows": 4},
+        progress={"log_every_seconds": 0.1},
+    )
+    env = {**child_env(), "BULKINFER_SLOW_BATCH_SECONDS": "0.3"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bulkinfer", "--log-format", "json", "run", str(job)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    manifest = tmp_path / "out" / "checkpoint" / "manifest.jsonl"
+    deadline = time.monotonic() + 120
+    while not (manifest.exists() and manifest.read_text().count("\n") >= 2):
+        assert time.monotonic() < deadline and proc.poll() is None, "the run never got going"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    first = _events(stderr)
+    names = [e["event"] for e in first]
+    assert names[0] == "start" and first[0]["rows"] == 30
+    assert {"progress", "checkpoint", "signal"} <= set(names)
+    assert first[-1]["event"] == "signal" and first[-1]["exit_code"] == 128 + signal.SIGTERM
+    progress = [e for e in first if e["event"] == "progress"]
+    assert all(e["rows_total"] == 30 and 0 < e["rows_done"] <= 30 for e in progress)
+
+    # The environment variable does the same as the option; the resumed run says so.
+    env = {**child_env(), "BULKINFER_LOG_FORMAT": "json"}
+    resumed = subprocess.run(
+        [sys.executable, "-m", "bulkinfer", "run", str(job)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    second = _events(resumed.stderr)
+    names = [e["event"] for e in second]
+    assert names[0] == "resume" and "start" in names and names[-1] == "finish"
+    finish = second[-1]
+    assert finish["rows_out"] == 30 and finish["rows_by_status"] == {"ok": 30, "error": 0}
+    assert max(e["rows_done"] for e in second if e["event"] == "progress") == 30
+    assert resumed.stdout == ""  # the terminal table is for the plain format
+    assert read_outputs(tmp_path / "out").num_rows == 30
+
+
+def test_json_logs_report_user_errors_as_one_error_event(tmp_path, tiny_model):
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", sample_prompts(3)),
+        tmp_path / "out",
+    )
+    proc = cli_subprocess("--log-format", "json", "run", str(job), "--set", "task.typo=1")
+    assert proc.returncode == 2
+    (event,) = _events(proc.stderr)
+    assert event["event"] == "error" and event["level"] == "error"
+    assert event["exit_code"] == 2 and "unknown key 'task.typo'" in event["message"]
+    # The option also works after the subcommand; a usage error is an event too.
+    proc = cli_subprocess("run", str(job), "--log-format", "json", "--shard", "x")
+    (event,) = _events(proc.stderr)
+    assert proc.returncode == 2 and event["event"] == "error" and "--shard" in event["message"]
+    plain = cli_subprocess("run", str(job), "--set", "task.typo=1")
+    assert plain.stderr.startswith("bulkinfer: error: unknown key 'task.typo'")

@@ -1,0 +1,204 @@
+"""`bulkinfer report`: a self-contained page on finished, half-done and sharded job folders,
+rendered by headless Chromium and checked as a picture."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import child_env, cli, cli_subprocess, sample_prompts, write_job, write_jsonl
+
+N_ROWS = 40
+NULL_PROMPTS = (3, 17, 29)
+WIDTH, HEIGHT = 1200, 2400
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    message = "no headless Chromium (bash scripts/install_chromium.sh installs it)"
+    if os.environ.get("BULKINFER_REQUIRE_CHROMIUM") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def screenshot(page, png, tmp_path) -> None:
+    subprocess.run(
+        [
+            chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'chromium-profile'}",
+            f"--window-size={WIDTH},{HEIGHT}",
+            f"--screenshot={png}",
+            page.resolve().as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def _rows() -> list[dict]:
+    rows = sample_prompts(N_ROWS)
+    for i in NULL_PROMPTS:
+        rows[i]["prompt"] = None
+    return rows
+
+
+@pytest.fixture(scope="module")
+def job_spec(tmp_path_factory, tiny_model):
+    tmp = tmp_path_factory.mktemp("report")
+    inputs = write_jsonl(tmp / "in.jsonl", _rows())
+
+    def make(name: str, every_rows: int = 6):
+        return write_job(
+            tmp / f"{name}.yaml",
+            tiny_model,
+            inputs,
+            tmp / name,
+            input={"keep_columns": ["source"]},
+            batching={"max_tokens": 500, "max_batch_size": 6},
+            checkpoint={"every_rows": every_rows},
+        )
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def finished(job_spec):
+    job = job_spec("finished")
+    assert cli("run", str(job)).exit_code == 0
+    return job.parent / "finished"
+
+
+def external_references(html: str) -> list[str]:
+    """Anything a browser would fetch: src/href that is not an inline data URI or an anchor,
+    CSS url() and @import, <link>, <script src>."""
+    found = [
+        m
+        for m in re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)["']""", html, re.I)
+        if not m.startswith(("data:", "#"))
+    ]
+    found += re.findall(r"url\(\s*['\"]?(?!data:)[^)]*\)", html, re.I)
+    found += re.findall(r"@import|<link\b|<script\b[^>]*\bsrc", html, re.I)
+    return found
+
+
+def test_report_of_a_finished_job_is_one_self_contained_page(finished, tmp_path):
+    result = cli("report", str(finished))
+    assert result.exit_code == 0, result.output
+    page = finished / "report.html"
+    html = page.read_text(encoding="utf-8")
+    assert external_references(html) == []
+    ok = N_ROWS - len(NULL_PROMPTS)
+    assert f"{N_ROWS} of {N_ROWS}" in html
+    assert f"{ok} / {len(NULL_PROMPTS)}" in html  # ok / error card
+    assert "prompt is null" in html  # the most common error, with its count
+    assert re.search(rf"<td class='num'>{len(NULL_PROMPTS)}</td><td class='msg'>prompt is", html)
+    for section in ("Rows by status", "Input token lengths", "Throughput over time", "Padding"):
+        assert section in html
+    pngs = sorted((finished / "report").glob("*.png"))
+    assert [p.name for p in pngs] == ["lengths.png", "padding.png", "throughput.png"]
+    for png in pngs:  # each plot beside the page is embedded in it, byte for byte
+        assert base64.b64encode(png.read_bytes()).decode() in html
+
+    from PIL import Image
+
+    shot = tmp_path / "report.png"
+    screenshot(page, shot, tmp_path)
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (WIDTH, HEIGHT)
+    pixels = np.asarray(image).astype(int)
+    colours = len(np.unique(pixels.reshape(-1, 3), axis=0))
+    assert colours > 200, f"the page rendered nearly blank ({colours} colours)"
+    ink = (pixels.sum(axis=2) < 600).mean()
+    assert ink > 0.03, f"only {ink:.1%} of the page is not background"
+    # The plots' blue bars and lines are on screen: the embedded images really rendered.
+    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    blue = int(((b > 150) & (r < 60) & (g > 70) & (g < 130)).sum())
+    assert blue > 2000, f"{blue} plot-blue pixels"
+
+
+def test_report_works_on_a_half_finished_job(job_spec):
+    job = job_spec("half", every_rows=1)
+    env = {**child_env(), "BULKINFER_KILL_AT": "batch_start:5"}
+    killed = subprocess.run(
+        [sys.executable, "-m", "bulkinfer", "run", str(job)], env=env, capture_output=True
+    )
+    assert killed.returncode != 0
+    out = job.parent / "half"
+    assert not (out / "summary.json").exists()
+    result = cli("report", str(out))
+    assert result.exit_code == 0, result.output
+    html = (out / "report.html").read_text()
+    done = re.search(rf"([0-9]+) of {N_ROWS}<", html)
+    assert done and 0 < int(done.group(1)) < N_ROWS
+    assert "not done yet" in html
+    assert f"{len(NULL_PROMPTS)} rows could not run" in html
+    assert (out / "report" / "lengths.png").exists()
+    assert (out / "report" / "throughput.png").exists()
+    # The run then resumes untroubled by the report's files, and --overwrite removes them.
+    assert cli("run", str(job)).exit_code == 0
+    assert cli("run", str(job), "--overwrite").exit_code == 0
+    assert not (out / "report.html").exists() and not (out / "report").exists()
+
+
+def test_report_shows_each_shard_of_a_sharded_job(job_spec):
+    job = job_spec("sharded")
+    out = job.parent / "sharded"
+    assert cli("run", str(job), "--shard", "1/3").exit_code == 0
+    assert cli("report", str(out)).exit_code == 0
+    html = (out / "report.html").read_text()
+    assert "<h2>Shards</h2>" in html
+    assert html.count(">pending<") == 2 and html.count(">done<") == 1
+    assert "incomplete" in html
+    assert (out / "report" / "shards.png").exists()
+    for shard in ("0/3", "2/3"):
+        assert cli("run", str(job), "--shard", shard).exit_code == 0
+    assert cli("report", str(out)).exit_code == 0
+    html = (out / "report.html").read_text()
+    assert f"{N_ROWS} of {N_ROWS}" in html and html.count(">done<") == 4  # badge + 3 shards
+    assert "prompt is null" in html
+
+
+def test_report_refuses_a_folder_that_is_not_a_job(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    for folder in (tmp_path, tmp_path / "missing"):
+        proc = cli_subprocess("report", str(folder))
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("bulkinfer: error:"), proc.stderr
+    assert "not a bulkinfer job folder" in cli("report", str(tmp_path)).output
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_report_without_matplotlib_draws_inline_svg(finished, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    shutil.rmtree(out / "report", ignore_errors=True)
+    code = (
+        "import sys; sys.modules['matplotlib'] = None\n"
+        "from bulkinfer.cli import main\n"
+        f"main(['report', {str(out)!r}])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=child_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    html = (out / "report.html").read_text()
+    assert html.count("<svg") == 3 and "<img" not in html
+    assert "without matplotlib" in html
+    assert external_references(html) == []
+    assert not list(out.glob("report/*.png"))
