@@ -60,15 +60,21 @@ def _set_log_format(ctx, param, value: str | None) -> None:
     """The option sets BULKINFER_LOG_FORMAT, so worker processes and Slurm tasks inherit it."""
     import os
 
-    from bulkinfer.progress import LOG_FORMAT_ENV, LOG_FORMATS
+    from bulkinfer.progress import (
+        LOG_FORMAT_ENV,
+        LOG_FORMATS,
+        log_format,
+        route_library_output_to_json,
+    )
 
     if value is not None:
         os.environ[LOG_FORMAT_ENV] = value
-        return
     env = os.environ.get(LOG_FORMAT_ENV)
     if env is not None and env.strip().lower() not in LOG_FORMATS:
         os.environ.pop(LOG_FORMAT_ENV)
         raise click.UsageError(f"{LOG_FORMAT_ENV}={env!r}: expected plain or json", ctx)
+    if log_format() == "json":
+        route_library_output_to_json()
 
 
 log_format_option = click.option(

@@ -8,6 +8,7 @@ longest first, so rows early on cost many times what rows at the end do.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -28,6 +29,40 @@ def log_format() -> str:
     worker processes started by `--gpus` log the same way)."""
     value = os.environ.get(LOG_FORMAT_ENV, "plain").strip().lower()
     return value if value in LOG_FORMATS else "plain"
+
+
+def route_library_output_to_json() -> None:
+    """In JSON mode stderr must hold JSON lines only: Python warnings and log records become
+    events, and libraries' progress bars (tqdm, Hugging Face downloads) and advisory messages
+    are turned off (an explicit setting of those variables is kept)."""
+    import warnings
+
+    for name, value in (
+        ("TQDM_DISABLE", "1"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+    ):
+        os.environ.setdefault(name, value)
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        log(str(message), event="warning", level="warning", category=category.__name__)
+
+    warnings.showwarning = show_warning
+    root = logging.getLogger()
+    if not any(isinstance(h, _JsonLogHandler) for h in root.handlers):
+        root.handlers = [_JsonLogHandler()]
+
+
+class _JsonLogHandler(logging.Handler):
+    """Each log record of WARNING or above becomes a `log` event; libraries' info chatter stays
+    out."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log(record.getMessage(), event="log", level=record.levelname.lower(), logger=record.name)
 
 
 def set_log_context(**fields) -> None:

@@ -77,7 +77,7 @@ def check_input_file(path: str, columns: ColumnNames, fmt: str) -> InputFile:
     names = peek_columns(path, fmt)
     if not names:
         raise InputError(f"{path}: the file holds no rows")
-    required = [columns.prompt, columns.completion, columns.id]
+    required = [columns.prompt, columns.completion, columns.choices, columns.id]
     if kind != "jsonl":  # a file with a schema: every column is in it
         required += list(columns.keep)
     for name in (n for n in required if n is not None):
@@ -143,6 +143,8 @@ def format_check(job: str, check: JobCheck) -> str:
     column_text = f"prompt '{cols.prompt}'"
     if cols.completion:
         column_text += f", completion '{cols.completion}'"
+    if cols.choices:
+        column_text += f", choices '{cols.choices}'"
     column_text += f", id '{cols.id}'" if cols.id else ", id: the row position"
     if cols.keep:
         column_text += f", keep {', '.join(cols.keep)}"

@@ -109,7 +109,7 @@ def throughput_chart(facts: JobFacts, bins: int = 60) -> Chart | None:
         )
     notes = []
     if not facts.has_timestamps:
-        notes.append("no batch timestamps in this folder: batches are drawn back to back")
+        notes.append("no batch timestamps in this folder:\nbatches drawn back to back")
     return Chart(
         name="throughput",
         title="Throughput over time",
@@ -181,6 +181,9 @@ def padding_fractions(facts: JobFacts) -> tuple[float | None, float | None]:
             sorted_fraction = 1 - real / plan["padded_tokens"]
         if file_order is None and plan.get("padded_tokens_file_order"):
             file_order = 1 - real / plan["padded_tokens_file_order"]
+    padded = sum(b["padded_tokens"] for b in facts.batches)
+    if sorted_fraction is None and padded:  # the plan is not known yet: the batches run so far
+        sorted_fraction = 1 - sum(b["real_tokens"] for b in facts.batches) / padded
     return sorted_fraction, file_order
 
 
@@ -259,8 +262,8 @@ def _draw(ax, chart: Chart) -> None:
         ax.invert_yaxis()
         ax.set_xlim(0, 1)
         ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
-    for note in chart.notes:
-        ax.text(0.01, 0.97, note, transform=ax.transAxes, fontsize=8, va="top", color="#666666")
+    if chart.notes:
+        ax.set_title("\n".join(chart.notes), loc="right", fontsize=8, color="#666666")
 
 
 def _legend_below(ax) -> None:

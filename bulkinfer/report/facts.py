@@ -71,11 +71,12 @@ def read_job(root: Path) -> JobFacts:
     summary = read_json(root / "summary.json")
     summary = summary if summary and summary.get("complete") else None
     batches = _batches(root, folders, summary)
+    totals = [(j or {}).get("rows") for j in jobs]
     rows_done, by_status, errors = _rows(folders, [s.state for s in states] or [None])
     if summary:
         by_status = dict(summary["rows_by_status"])
         rows_done = summary["rows_out"]
-    totals = [(j or {}).get("rows") for j in jobs]
+        totals = [summary["rows_in"]]
     return JobFacts(
         root=root,
         state=_overall_state(root, summary, states),

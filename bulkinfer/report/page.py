@@ -83,13 +83,18 @@ def key_figures(facts: JobFacts) -> list[tuple[str, str, str]]:
     model_seconds = sum(b["seconds"] for b in batches)
     wall = s.get("wall_seconds") or _wall_from_batches(facts) or model_seconds
     total = facts.rows_total
-    rows_note = "all rows" if facts.state == "done" else f"{_share(facts.rows_done, total)} done"
+    if facts.state == "done":
+        rows_note = "all rows"
+    elif total:
+        rows_note = f"{_share(facts.rows_done, total)} done"
+    else:
+        rows_note = "total known once every shard has started"
     errors = facts.rows_by_status.get("error", 0)
     sorted_padding, file_padding = padding_fractions(facts)
     cards = [
         (
             "rows",
-            f"{facts.rows_done:,} of {total:,}" if total else f"{facts.rows_done:,}",
+            f"{facts.rows_done:,} of {total:,}" if total else f"{facts.rows_done:,} of ?",
             rows_note,
         ),
         (
