@@ -42,9 +42,16 @@ COMMENTS = {
     "task.logprobs": "add each generated token's id, text and log-prob",
     "task.chat_template": "auto: messages always, plain prompts when generating",
     "task.system_prompt": "prepended as a system turn when the chat template is used",
+    "task.all_labels": "classify: every label's probability in `probabilities`",
+    "task.multi_label": "classify: auto (the model's problem_type) | true | false",
+    "task.threshold": "classify, multi-label: labels at or above this go in `labels`",
+    "task.pooling": "embed: auto (the model's sentence-transformers pooling) | mean | cls | last",
+    "task.normalize": "embed: auto (a Normalize module in modules.json) | true | false",
+    "task.truncate": "classify, embed: cut rows over the model's limit instead of an error",
     "input": "the prompts",
     "input.path": "FILL IN: a file, folder, glob, or a list of them",
-    "input.format": "auto: by the file extension",
+    "input.format": "auto: by extension; hf: files through `datasets`",
+    "input.split": "a saved DatasetDict's split (needed when it has several)",
     "input.prompt_column": "a string, or a list of {role, content} messages",
     "input.completion_column": "score: log-likelihood of this column given the prompt",
     "input.choices_column": "score: log-likelihood of each string in this list column",
@@ -96,8 +103,8 @@ def _section_lines(cls: type, prefix: str, indent: int) -> list[str]:
                 lines.append("")
             continue
         value = _yaml_value(_default(f, key))
-        comment = COMMENTS.get(key) or _choices(hint)
         choices = _choices(hint)
+        comment = COMMENTS.get(key) or (choices if " | " in choices else "")
         if " | " in choices and comment != choices and "|" not in comment:
             comment = f"{choices}; {comment}"
         entry = f"{pad}{f.name}: {value}"

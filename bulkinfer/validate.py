@@ -15,7 +15,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from bulkinfer.errors import InputError, OutputFolderError, did_you_mean
-from bulkinfer.io.readers import ColumnNames, _jsonl_records, file_format, peek_columns
+from bulkinfer.io.readers import (
+    JSONL_SUFFIXES,
+    PARQUET_SUFFIXES,
+    ColumnNames,
+    _jsonl_records,
+    file_format,
+    peek_columns,
+)
 from bulkinfer.spec import JobSpec
 
 # JSONL records read to find the keep columns (the reader only needs one row to have each).
@@ -47,22 +54,26 @@ class JobCheck:
 def check_job(spec: JobSpec) -> JobCheck:
     """Raise a UserError naming the first problem; return what was checked when all is well."""
     from bulkinfer.io.readers import resolve_input_files
-    from bulkinfer.model_files import load_config, load_tokenizer, model_context
+    from bulkinfer.model_files import load_config, load_tokenizer
     from bulkinfer.prepare import render_options
     from bulkinfer.runner import check_output_columns, column_names
-    from bulkinfer.tasks.base import make_task
+    from bulkinfer.tasks.base import InputKind, make_task
 
-    files = resolve_input_files(spec.input.path, spec.input.format, spec.output.path)
+    files = resolve_input_files(
+        spec.input.path, spec.input.format, spec.output.path, spec.input.split
+    )
     columns = column_names(spec, files[0])
     checked = [check_input_file(path, columns, spec.input.format) for path in files]
     tokenizer = load_tokenizer(spec.model)
-    max_context = model_context(load_config(spec.model), spec.model)
-    render_options(spec.task, tokenizer, max_context, columns.completion is not None)
-    task = make_task(spec.task, tokenizer, max_context)
+    has_choices = columns.choices is not None
+    task = make_task(spec, tokenizer, load_config(spec.model), InputKind(choices=has_choices))
+    render_options(
+        spec.task, tokenizer, task.max_context, columns.completion is not None, has_choices
+    )
     check_output_columns(spec, task)
     return JobCheck(
         model=spec.model.path,
-        max_context=max_context,
+        max_context=task.max_context,
         task=task.name,
         columns=columns,
         files=checked,
@@ -72,23 +83,36 @@ def check_job(spec: JobSpec) -> JobCheck:
 
 
 def check_input_file(path: str, columns: ColumnNames, fmt: str) -> InputFile:
-    """The file's columns hold everything the job reads; its rows counted if cheap."""
+    """The file's columns hold everything the job reads; its rows counted if cheap. A file only
+    `datasets` reads (input.format hf, not Parquet or JSONL) is checked when the job reads it."""
     kind = file_format(path, fmt)
+    layout = kind
+    if kind == "datasets":
+        lower = path.lower()
+        layout = (
+            "parquet"
+            if lower.endswith(PARQUET_SUFFIXES)
+            else "jsonl"
+            if lower.endswith(JSONL_SUFFIXES)
+            else None
+        )
+        if layout is None:
+            return InputFile(path, kind, None)
     names = peek_columns(path, fmt)
     if not names:
         raise InputError(f"{path}: the file holds no rows")
     required = [columns.prompt, columns.completion, columns.choices, columns.id]
-    if kind != "jsonl":  # a file with a schema: every column is in it
+    if layout != "jsonl":  # a file with a schema: every column is in it
         required += list(columns.keep)
     for name in (n for n in required if n is not None):
         if name not in names:
             raise InputError(
                 f"{path}: no column '{name}'{did_you_mean(name, names)}; "
-                f"the {'first line' if kind == 'jsonl' else 'file'} has: {', '.join(names)}"
+                f"the {'first line' if layout == 'jsonl' else 'file'} has: {', '.join(names)}"
             )
-    if kind == "jsonl":
+    if layout == "jsonl":
         _check_jsonl_keep_columns(path, columns.keep)
-    return InputFile(path, kind, count_rows(path, kind))
+    return InputFile(path, kind, count_rows(path, layout))
 
 
 def _check_jsonl_keep_columns(path: str, keep: tuple[str, ...]) -> None:

@@ -74,6 +74,10 @@ def test_init_writes_every_key_with_its_default_and_a_comment(tmp_path, tiny_mod
     assert dataclasses.replace(spec.model, path="x") == specs.ModelSpec(path="x")
     assert dataclasses.replace(spec.input, path=["x"]) == specs.InputSpec(path=["x"])
     assert cli("validate", str(path)).exit_code == 0
+    # Every task type accepts the template: its keys of other types hold their defaults.
+    task_types = typing.get_args(typing.get_type_hints(specs.TaskSpec)["type"])
+    for task_type in task_types:
+        assert load_spec(path, [f"task.type={task_type}"]).task.type == task_type
 
 
 def test_init_refuses_to_overwrite_unless_forced(tmp_path):
