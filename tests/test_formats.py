@@ -164,3 +164,24 @@ def test_without_the_datasets_library(tmp_path, tiny_model):
     lines = run.stderr.strip().splitlines()
     assert lines[-1].startswith("bulkinfer: error:") and "pip install datasets" in lines[-1]
     assert "Traceback" not in run.stderr
+
+
+def test_saved_datasets_inside_a_folder_or_a_glob(tmp_path, tiny_model):
+    data = tmp_path / "data"
+    data.mkdir()
+    datasets.Dataset.from_list(ROWS[:10]).save_to_disk(str(data / "a"))
+    datasets.Dataset.from_list(ROWS[10:]).save_to_disk(str(data / "b"))
+    outputs = []
+    for name, path in (("folder", data), ("glob", data / "*")):
+        job = write_job(
+            tmp_path / f"{name}.yaml",
+            tiny_model,
+            path,
+            tmp_path / f"out-{name}",
+            task={"type": "score"},
+        )
+        result = cli("run", str(job))
+        assert result.exit_code == 0, result.output
+        outputs.append(read_outputs(tmp_path / f"out-{name}"))
+    assert outputs[0].column("id").to_pylist() == [r["id"] for r in ROWS]
+    assert outputs[0].equals(outputs[1])

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import cli, read_outputs, write_job, write_jsonl
+from conftest import cli, cli_subprocess, read_outputs, write_job, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bulkinfer.engines.hf import truncate_at_stop
@@ -187,3 +187,25 @@ def test_missing_custom_id_is_one_line(tmp_path, tiny_model):
     result = cli("run", str(job))
     assert result.exit_code == 2
     assert "batch.jsonl:2" in result.output and "custom_id" in result.output
+
+
+def test_sharded_run_writes_the_responses_once_after_the_merge(tmp_path, tiny_model):
+    requests = [_chat_request(i, temperature=0.9, seed=i, n=1 + i % 2) for i in range(12)]
+    single = _run(tmp_path, tiny_model, requests, name="single")
+    job = write_job(
+        tmp_path / "sharded.yaml",
+        tiny_model,
+        tmp_path / "single.jsonl",
+        tmp_path / "sharded",
+        task={"max_new_tokens": 8},
+        batching={"max_tokens": 2000, "max_batch_size": 16},
+    )
+    result = cli_subprocess("run", str(job), "--gpus", "2")
+    assert result.returncode == 0, result.stderr
+    assert not list((tmp_path / "sharded" / "shards").glob("*/responses.jsonl"))
+    lines = (tmp_path / "sharded" / "responses.jsonl").read_text(encoding="utf-8").splitlines()
+    merged = [json.loads(line) for line in lines]
+    for a, b in zip(single, merged, strict=True):
+        a["response"]["body"].pop("created")
+        b["response"]["body"].pop("created")
+        assert a == b

@@ -80,18 +80,17 @@ def resolve_input_files(
         if os.path.isdir(pattern) and is_saved_dataset(pattern):
             found = [saved_dataset_split(pattern, split)]
         elif os.path.isdir(pattern):
-            found = sorted(
-                os.path.join(root, name)
-                for root, _, names in os.walk(pattern)
-                for name in names
-                if _is_data_file(name, fmt) and not name.startswith((".", "_"))
-            )
+            found = _folder_inputs(pattern, fmt, split)
             if not found:
                 raise InputError(f"{pattern}: the folder holds no .parquet or .jsonl files")
         elif os.path.isfile(pattern):
             found = [pattern]
         else:
-            found = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+            found = sorted(
+                p if os.path.isfile(p) else saved_dataset_split(p, split)
+                for p in glob.glob(pattern, recursive=True)
+                if os.path.isfile(p) or (os.path.isdir(p) and is_saved_dataset(p))
+            )
             if not found:
                 raise InputError(f"{pattern}: matches no file")
         files.extend(found)
@@ -104,6 +103,22 @@ def resolve_input_files(
     for f in unique:
         file_format(f, fmt)
     return unique
+
+
+def _folder_inputs(folder: str, fmt: str, split: str | None) -> list[str]:
+    """Data files under a folder, in sorted order; a saved dataset inside it is one input (its
+    state.json is not read as JSONL)."""
+    found = []
+    for root, dirs, names in os.walk(folder):
+        saved = [d for d in dirs if is_saved_dataset(os.path.join(root, d))]
+        found += [saved_dataset_split(os.path.join(root, d), split) for d in saved]
+        dirs[:] = sorted(d for d in dirs if d not in saved)
+        found += [
+            os.path.join(root, name)
+            for name in names
+            if _is_data_file(name, fmt) and not name.startswith((".", "_"))
+        ]
+    return sorted(found)
 
 
 def file_format(path: str, fmt: str = "auto") -> str:
