@@ -144,28 +144,10 @@ class HFEngine:
         The context runs once: all but its last token are prefilled into a KV cache, which is
         then repeated for each choice; each choice runs as (last context token + choice), so the
         first choice token is predicted from the full context like the rest."""
-        from transformers import DynamicCache
-
         owners = [b for b, options in enumerate(choices) for _ in options]
         flat = [np.asarray(c) for options in choices for c in options]
         prefixes = [np.asarray(c[:-1]) for c in contexts]
-        cache = DynamicCache(config=self.model.config)
-        longest_prefix = max(len(p) for p in prefixes)
-        if longest_prefix:
-            prefix_ids, prefix_mask = self._left_padded(prefixes)
-            positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
-            self.model.base_model(
-                input_ids=prefix_ids,
-                attention_mask=prefix_mask,
-                position_ids=positions,
-                use_cache=True,
-                **{self._cache_kwarg: cache},
-            )
-            select = torch.tensor(owners, device=self.device)
-            cache.batch_select_indices(select)
-            prefix_mask = prefix_mask[select]
-        else:
-            prefix_mask = torch.zeros((len(flat), 0), dtype=torch.long, device=self.device)
+        cache, prefix_mask = self._shared_prefix_cache(prefixes, owners)
         tails = [np.concatenate([contexts[b][-1:], c]) for b, c in zip(owners, flat, strict=True)]
         input_ids = self._right_padded(tails)
         tail_mask = torch.zeros_like(input_ids)
@@ -196,6 +178,26 @@ class HFEngine:
         for b, total, c in zip(owners, sums.tolist(), flat, strict=True):
             results[b].append((total, len(c)))
         return results
+
+    def _shared_prefix_cache(self, prefixes: list[np.ndarray], owners: list[int]):
+        """Prefill the prefixes once (left-padded), then give each choice its owner's copy of
+        the KV cache; returns the cache and its attention mask, one row per choice."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        if not max(len(p) for p in prefixes):
+            return cache, torch.zeros((len(owners), 0), dtype=torch.long, device=self.device)
+        prefix_ids, prefix_mask = self._left_padded(prefixes)
+        self.model.base_model(
+            input_ids=prefix_ids,
+            attention_mask=prefix_mask,
+            position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+            **{self._cache_kwarg: cache},
+        )
+        select = torch.tensor(owners, device=self.device)
+        cache.batch_select_indices(select)
+        return cache, prefix_mask[select]
 
     def _head_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Log-probs of the targets from final hidden states, a chunk of tokens at a time."""
