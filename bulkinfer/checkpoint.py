@@ -49,6 +49,11 @@ class OutputLayout:
         return self.checkpoint_dir / "manifest.jsonl"
 
     @property
+    def prepared_dir(self) -> Path:
+        """Spill files of the tokenized input (token ids, ids, kept columns) while the job runs."""
+        return self.checkpoint_dir / "prepared"
+
+    @property
     def outputs_dir(self) -> Path:
         return self.root / "outputs"
 
@@ -88,6 +93,7 @@ class OutputLayout:
             self.responses,
             self.root / "outputs.tmp",
             self.root / "outputs.old",
+            self.root / "outputs.buckets",
             self.heartbeat,
             self.failed,
             self.root / "shards",

@@ -7,6 +7,7 @@ drops a shard.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pyarrow.parquet as pq
 from bulkinfer.checkpoint import OutputLayout
 from bulkinfer.errors import UserError
 from bulkinfer.io.atomic import write_json_atomic, write_parquet_atomic
-from bulkinfer.io.outputs import check_every_row_once, write_output_files
+from bulkinfer.io.outputs import write_sorted_outputs
 from bulkinfer.sharding import shard_folders
 from bulkinfer.status import shard_states
 
@@ -74,13 +75,10 @@ def _merge_locked(root: Path) -> dict:
         > 1
     ):
         raise UserError(f"{root}: the shards were run with different specs, models or inputs")
-    tables = [_read_outputs(s.shard.folder(root)) for s in states]
-    merged = pa.concat_tables(tables, promote_options="permissive")
-    merged = merged.take(np.argsort(merged.column("row").to_numpy(), kind="stable"))
     total = sum(j["rows"] for j in jobs)
-    check_every_row_once(merged.column("row").to_numpy(), np.arange(total))
     layout = OutputLayout(root)
-    write_output_files(layout, merged.drop(["row"]))
+    tables = (t for s in states for t in _read_outputs(s.shard.folder(root)))
+    write_sorted_outputs(layout, tables, np.arange(total))
     if jobs[0].get("openai_responses"):
         from bulkinfer.io.openai_batch import write_responses_file
 
@@ -93,9 +91,12 @@ def _merge_locked(root: Path) -> dict:
     return summary
 
 
-def _read_outputs(folder: Path) -> pa.Table:
-    files = sorted((folder / "outputs").glob("*.parquet"))
-    return pa.concat_tables([pq.read_table(f) for f in files])
+def _read_outputs(folder: Path) -> Iterator[pa.Table]:
+    """A shard's outputs, a row group at a time."""
+    for path in sorted((folder / "outputs").glob("*.parquet")):
+        parquet = pq.ParquetFile(path)
+        for k in range(parquet.num_row_groups):
+            yield parquet.read_row_group(k)
 
 
 def _merge_stats(root: Path, states) -> None:

@@ -1,23 +1,28 @@
 """Prompt rendering (plain text or chat messages) and batched tokenization.
 
-The output is compact: one flat int32 array of token ids plus offsets, so the text can be dropped
-as soon as a chunk is tokenized. Rows that cannot run (null prompt, too long for the model) get a
-per-row error here and never reach the model.
+The output is compact: token ids go to a spill file chunk by chunk, so the text can be dropped as
+soon as a chunk is tokenized and only per-row lengths stay in memory. Rows that cannot run (null
+prompt, too long for the model) get a per-row error here and never reach the model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from bulkinfer.errors import InputError, SpecError
-from bulkinfer.io.readers import InputChunk
+from bulkinfer.io.readers import InputChunk, read_ahead
+from bulkinfer.io.spill import RowColumnFiles, TokenFile, spill_folder
 from bulkinfer.spec import TaskSpec
+
+ID_COLUMN = "id"
 
 
 @dataclass(frozen=True)
@@ -40,14 +45,16 @@ class RenderOptions:
 
 @dataclass
 class PreparedRows:
-    """Token ids of every input row, in input order, plus what the output needs besides results."""
+    """Every input row, in input order: lengths in memory, everything else in spill files.
 
-    token_ids: np.ndarray
+    What stays in memory grows by 12 bytes a row (offset and length; 4 more with completions);
+    token ids, ids and kept columns are read back from disk when a batch or the outputs need them.
+    """
+
     offsets: np.ndarray
     score_from: np.ndarray
     row_errors: dict[int, str]
-    ids: pa.ChunkedArray
-    keep: pa.Table
+    id_type: pa.DataType | None
     input_tokens: int = 0
     # Per-row generation settings from the input (an OpenAI batch file's request bodies), one
     # row per input row, null where the job's setting holds; None for other inputs.
@@ -58,17 +65,24 @@ class PreparedRows:
     choice_lengths: np.ndarray | None = None
     locations: list[tuple[int, InputChunk]] = field(default_factory=list, repr=False)
     truncated: dict[int, int] = field(default_factory=dict)  # row -> tokens cut (task.truncate)
+    token_file: TokenFile | None = field(default=None, repr=False)
+    columns: RowColumnFiles | None = field(default=None, repr=False)
+    folder: Path | None = None
+    temporary: Any = field(default=None, repr=False)
+    lengths: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.lengths = np.diff(self.offsets).astype(np.int32)
 
     @property
     def num_rows(self) -> int:
         return len(self.offsets) - 1
 
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
     def tokens(self, row: int) -> np.ndarray:
-        return self.token_ids[self.offsets[row] : self.offsets[row + 1]]
+        if self.token_file is None:
+            raise RuntimeError("these rows were prepared for planning only; no token ids kept")
+        start = int(self.offsets[row])
+        return self.token_file.read(start, int(self.offsets[row + 1]) - start)
 
     def choice_token_lengths(self, row: int) -> np.ndarray:
         """Token counts of a row's choices, in order."""
@@ -84,6 +98,27 @@ class PreparedRows:
         if self.row_errors:
             mask[np.fromiter(self.row_errors, dtype=np.int64)] = False
         return np.flatnonzero(mask)
+
+    def row_columns(self, start: int, stop: int) -> pa.Table:
+        """The `id` and kept input columns of rows start..stop-1."""
+        if self.columns is None:
+            table = _empty_table(stop - start)
+        else:
+            table = self.columns.read(start, stop)
+        if self.id_type is None:
+            positions = pa.array(np.arange(start, stop, dtype=np.int64))
+            return table.add_column(0, ID_COLUMN, positions)
+        return table
+
+    @property
+    def ids(self) -> pa.ChunkedArray:
+        """Every row's id (reads the whole column: for small inputs and tests)."""
+        return self.row_columns(0, self.num_rows).column(ID_COLUMN)
+
+    @property
+    def keep(self) -> pa.Table:
+        """Every row's kept columns (reads them all: for small inputs and tests)."""
+        return self.row_columns(0, self.num_rows).drop([ID_COLUMN])
 
 
 def render_options(
@@ -134,59 +169,118 @@ def appended_special_tokens(tokenizer) -> int:
     return 0
 
 
-def prepare_rows(chunks: Iterable[InputChunk], tokenizer, options: RenderOptions) -> PreparedRows:
-    """Render and tokenize every chunk; collect ids, kept columns and per-row errors."""
-    id_parts, keep_parts, token_parts, length_parts, score_parts = [], [], [], [], []
+def prepare_rows(
+    chunks: Iterable[InputChunk],
+    tokenizer,
+    options: RenderOptions,
+    spill: Path | None = None,
+    keep_tokens: bool = True,
+) -> PreparedRows:
+    """Render and tokenize every chunk; token ids, ids and kept columns go to files in `spill`
+    (a temporary folder when None), per-row errors and lengths stay in memory.
+
+    Reading runs a chunk ahead in a thread and the Rust tokenizer encodes the next chunk while
+    this one's ids are collected, so parsing, encoding and writing overlap. `keep_tokens=False`
+    (planning) measures lengths and drops the ids."""
+    folder, temporary = spill_folder(spill)
+    token_file = TokenFile(folder / "tokens.int32") if keep_tokens else None
+    columns = RowColumnFiles(folder)
+    length_parts, score_parts, hash_parts = [], [], []
     count_parts, choice_parts, request_parts = [], [], []
     row_errors: dict[int, str] = {}
     truncated: dict[int, int] = {}
     locations: list[tuple[int, InputChunk]] = []
+    id_type: pa.DataType | None = None
     first_row = 0
-    for chunk in chunks:
+    for chunk, encoded in _encoded_ahead(read_ahead(chunks), tokenizer, options):
         locations.append((first_row, _without_text(chunk)))
-        ids, lengths, score_from, errors, choices, cut = _tokenize_chunk(chunk, tokenizer, options)
+        ids, lengths, score_from, errors, choices, cut = _collect_tokens(chunk, encoded, options)
         if chunk.requests is not None:
             request_parts.append(chunk.requests)
         count_parts.append(choices[0])
         choice_parts.append(choices[1])
         truncated.update({first_row + i: n for i, n in cut.items()})
-        token_parts.append(ids)
+        if token_file is not None:
+            token_file.append(ids)
         length_parts.append(lengths)
-        score_parts.append(score_from)
+        if options.has_completion or options.has_choices:
+            score_parts.append(score_from)
         row_errors.update({first_row + i: msg for i, msg in errors.items()})
-        id_parts.append(_chunk_ids(chunk, first_row))
-        keep_parts.append(chunk.keep)
+        id_type = _add_row_columns(columns, chunk, id_type, first_row)
+        if chunk.ids is not None:
+            hash_parts.append(_id_hashes(chunk.ids))
         first_row += len(chunk)
     if first_row == 0:
         raise InputError("the input has no rows")
+    if token_file is not None:
+        token_file.finish()
+    columns.finish()
     lengths = np.concatenate(length_parts)
+    del length_parts
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
+    score = (
+        np.concatenate(score_parts)
+        if options.has_completion or options.has_choices
+        else np.broadcast_to(np.int32(1), (first_row,))
+    )
     prepared = PreparedRows(
-        token_ids=np.concatenate(token_parts),
         offsets=offsets,
-        score_from=np.concatenate(score_parts),
+        score_from=score,
         row_errors=row_errors,
-        ids=_concat_ids(id_parts),
-        keep=_concat_keep(keep_parts),
+        id_type=id_type,
         input_tokens=int(lengths.sum()),
         request_params=pa.concat_tables(request_parts) if request_parts else None,
         choice_counts=np.concatenate(count_parts) if options.has_choices else None,
         choice_lengths=np.concatenate(choice_parts) if options.has_choices else None,
         locations=locations,
         truncated=truncated,
+        token_file=token_file,
+        columns=columns if columns.schema is not None else None,
+        folder=folder,
+        temporary=temporary,
     )
-    _check_unique_ids(prepared)
+    if hash_parts:
+        _check_unique_ids(prepared, np.concatenate(hash_parts))
     return prepared
 
 
-def _tokenize_chunk(chunk: InputChunk, tokenizer, options: RenderOptions):
-    """Token ids of a chunk's runnable rows; errored rows get zero tokens and a message.
+def _encoded_ahead(chunks: Iterable[InputChunk], tokenizer, options: RenderOptions):
+    """(chunk, its rendered and encoded rows), the next chunk encoding in a thread meanwhile:
+    the Rust encoder releases the GIL, so collecting one chunk's ids overlaps encoding the next."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulkinfer-encode") as pool:
+        pending = None
+        for chunk in chunks:
+            rendered = _render_chunk(chunk, tokenizer, options)
+            job = pool.submit(_encode_rendered, tokenizer, rendered, chunk, options)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (chunk, job)
+        if pending is not None:
+            yield pending[0], pending[1].result()
 
-    A completion or the choices are tokenized on their own (no special tokens) and appended to
-    the prompt's tokens, so the scored tokens are exactly the completion's own."""
+
+@dataclass(frozen=True)
+class RenderedChunk:
+    """A chunk's runnable rows as text (`positions` in the chunk), and the rows already failed."""
+
+    texts: list[str]
+    is_chat: list[bool]
+    positions: list[int]
+    errors: dict[int, str]
+
+
+@dataclass(frozen=True)
+class EncodedChunk:
+    """Token ids of a rendered chunk's rows, and of each row's completion or choices."""
+
+    rendered: RenderedChunk
+    prompts: list[list[int]]
+    continuations: list[list[list[int]]] | None
+
+
+def _render_chunk(chunk: InputChunk, tokenizer, options: RenderOptions) -> RenderedChunk:
     errors: dict[int, str] = {}
-    truncated: dict[int, int] = {}
     texts: list[str] = []
     is_chat: list[bool] = []
     positions: list[int] = []
@@ -204,14 +298,32 @@ def _tokenize_chunk(chunk: InputChunk, tokenizer, options: RenderOptions):
         texts.append(text)
         is_chat.append(chat)
         positions.append(i)
-    encoded = _encode(tokenizer, texts, is_chat)
-    continuations = _encode_continuations(chunk, positions, tokenizer, options)
+    return RenderedChunk(texts, is_chat, positions, errors)
+
+
+def _encode_rendered(
+    tokenizer, rendered: RenderedChunk, chunk: InputChunk, options: RenderOptions
+) -> EncodedChunk:
+    prompts = _encode(tokenizer, rendered.texts, rendered.is_chat)
+    continuations = _encode_continuations(chunk, rendered.positions, tokenizer, options)
+    return EncodedChunk(rendered, prompts, continuations)
+
+
+def _collect_tokens(chunk: InputChunk, encoded: EncodedChunk, options: RenderOptions):
+    """A chunk's token ids as one flat int32 array; rows too short or too long get an error and
+    zero tokens.
+
+    A completion or the choices are tokenized on their own (no special tokens) and appended to
+    the prompt's tokens, so the scored tokens are exactly the completion's own."""
+    errors = dict(encoded.rendered.errors)
+    truncated: dict[int, int] = {}
     lengths = np.zeros(len(chunk), dtype=np.int64)
     score_from = np.ones(len(chunk), dtype=np.int32)
     choice_counts = np.zeros(len(chunk), dtype=np.int32)
-    pieces, choice_lengths = [], []
-    for j, i in enumerate(positions):
-        ids = encoded[j]
+    kept, choice_lengths = [], []
+    continuations = encoded.continuations
+    for j, i in enumerate(encoded.rendered.positions):
+        ids = encoded.prompts[j]
         longest = len(ids)
         if continuations is not None:
             score_from[i] = len(ids)
@@ -225,7 +337,8 @@ def _tokenize_chunk(chunk: InputChunk, tokenizer, options: RenderOptions):
         limit = options.max_context
         if options.truncate and limit is not None and len(ids) > limit:
             truncated[i] = len(ids) - limit
-            ids = _truncated(ids, limit, 0 if is_chat[j] else options.keep_last)
+            keep_last = 0 if encoded.rendered.is_chat[j] else options.keep_last
+            ids = _truncated(ids, limit, keep_last)
             longest = len(ids)
         message = _length_problem(longest, options)
         if message:
@@ -235,8 +348,8 @@ def _tokenize_chunk(chunk: InputChunk, tokenizer, options: RenderOptions):
             choice_counts[i] = len(parts)
             choice_lengths.extend(len(p) for p in parts)
         lengths[i] = len(ids)
-        pieces.append(np.asarray(ids, dtype=np.int32))
-    flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+        kept.append(ids)
+    flat = np.fromiter(chain.from_iterable(kept), dtype=np.int32, count=int(lengths.sum()))
     choices = (choice_counts, np.asarray(choice_lengths, dtype=np.int32))
     return flat, lengths, score_from, errors, choices, truncated
 
@@ -393,9 +506,28 @@ def _describe(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def _chunk_ids(chunk: InputChunk, first_row: int) -> pa.Array:
-    if chunk.ids is None:
-        return pa.array(np.arange(first_row, first_row + len(chunk), dtype=np.int64))
+def _add_row_columns(
+    columns: RowColumnFiles, chunk: InputChunk, id_type: pa.DataType | None, first_row: int
+) -> pa.DataType | None:
+    """Spill a chunk's ids (unless the row position is the id) and kept columns; returns the
+    id type, which every chunk must share."""
+    table = chunk.keep
+    if chunk.ids is not None:
+        ids = _chunk_ids(chunk)
+        if id_type is not None and ids.type != id_type and first_row > 0:
+            raise InputError("the id column has different types in different files or row groups")
+        id_type = ids.type
+        table = table.add_column(0, ID_COLUMN, ids)
+    if table.num_columns == 0:
+        return id_type
+    try:
+        columns.append(table)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise InputError(f"a keep column has different types in different files: {exc}") from None
+    return id_type
+
+
+def _chunk_ids(chunk: InputChunk) -> pa.Array:
     for i, value in enumerate(chunk.ids):
         if value is None:
             raise InputError(f"{chunk.location(i)}: the id is null; every row needs an id")
@@ -411,28 +543,36 @@ def _chunk_ids(chunk: InputChunk, first_row: int) -> pa.Array:
         ) from None
 
 
-def _concat_ids(parts: list[pa.Array]) -> pa.ChunkedArray:
-    types = {p.type for p in parts}
-    if len(types) > 1:
-        raise InputError("the id column has different types in different files or row groups")
-    return pa.chunked_array(parts)
+def _id_hashes(ids: list) -> np.ndarray:
+    """64-bit hashes of a chunk's ids: 8 bytes a row find duplicates, where the ids themselves
+    could be any length."""
+    return np.fromiter(map(hash, ids), dtype=np.int64, count=len(ids))
 
 
-def _concat_keep(parts: list[pa.Table]) -> pa.Table:
-    try:
-        return pa.concat_tables(parts, promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise InputError(f"a keep column has different types in different files: {exc}") from None
-
-
-def _check_unique_ids(prepared: PreparedRows) -> None:
-    ids = prepared.ids
-    if len(pc.unique(ids)) == len(ids):
+def _check_unique_ids(prepared: PreparedRows, hashes: np.ndarray) -> None:
+    """Rows whose id hashes collide are compared by value; the duplicate that appears first in
+    the input is reported, with its first two places."""
+    order = np.argsort(hashes, kind="stable")
+    ordered = hashes[order]
+    same = np.flatnonzero(ordered[1:] == ordered[:-1])
+    del ordered
+    if not len(same):
         return
-    counts = pc.value_counts(ids)
-    dup = next(v["values"] for v in counts.to_pylist() if v["counts"] > 1)
-    where = [prepared_location(prepared, int(r)) for r in np.flatnonzero(pc.equal(ids, dup))[:2]]
-    raise InputError(f"duplicate id {dup!r} at {where[0]} and {where[1]}; ids must be unique")
+    groups: dict[int, list[int]] = {}
+    for k in same.tolist():
+        groups.setdefault(int(hashes[order[k]]), [int(order[k])]).append(int(order[k + 1]))
+    for rows in sorted(groups.values()):
+        values = [prepared.row_columns(r, r + 1).column(ID_COLUMN)[0].as_py() for r in rows]
+        for a, value in enumerate(values):
+            twin = next((b for b in range(a + 1, len(values)) if values[b] == value), None)
+            if twin is not None:
+                where = [
+                    prepared_location(prepared, rows[a]),
+                    prepared_location(prepared, rows[twin]),
+                ]
+                raise InputError(
+                    f"duplicate id {value!r} at {where[0]} and {where[1]}; ids must be unique"
+                )
 
 
 def prepared_location(prepared: PreparedRows, row: int) -> str:
@@ -444,7 +584,13 @@ def prepared_location(prepared: PreparedRows, row: int) -> str:
 
 
 def _without_text(chunk: InputChunk) -> InputChunk:
-    """Keep a chunk's location data only, so the prompt text can be freed."""
-    return InputChunk(
-        chunk.path, chunk.first_row_in_file, [], None, None, chunk.keep.slice(0, 0), chunk.lines
-    )
+    """Keep a chunk's location data only, so the prompt text can be freed; line numbers without
+    gaps shrink to a range."""
+    lines = chunk.lines
+    if lines is not None and len(lines) and int(lines[-1]) - int(lines[0]) == len(lines) - 1:
+        lines = range(int(lines[0]), int(lines[-1]) + 1)
+    return InputChunk(chunk.path, chunk.first_row_in_file, [], None, None, _empty_table(0), lines)
+
+
+def _empty_table(num_rows: int) -> pa.Table:
+    return pa.table({"_": pa.nulls(num_rows)}).drop(["_"])

@@ -7,6 +7,7 @@ rerun of the same job picks up exactly the batches that were not committed.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import signal
 import time
 import uuid
@@ -73,8 +74,16 @@ class Inputs:
     task: Task
 
 
-def read_inputs(spec: JobSpec, files: list[str] | None = None) -> Inputs:
-    """Read and tokenize the whole input; user errors surface here, before any GPU time."""
+def read_inputs(
+    spec: JobSpec,
+    files: list[str] | None = None,
+    spill: Path | None = None,
+    keep_tokens: bool = False,
+) -> Inputs:
+    """Read and tokenize the whole input; user errors surface here, before any GPU time.
+
+    Only lengths are kept unless `keep_tokens`: then token ids, ids and kept columns go to
+    files in `spill` (a temporary folder when None)."""
     files = files or resolve_input_files(
         spec.input.path, spec.input.format, spec.output.path, spec.input.split
     )
@@ -94,7 +103,8 @@ def read_inputs(spec: JobSpec, files: list[str] | None = None) -> Inputs:
     )
     if per_request:  # a completions request's prompt is raw text, never a chat turn
         options = dataclasses.replace(options, use_chat_for_text=False)
-    prepared = prepare_rows(read_chunks(files, columns, spec.input.format), tokenizer, options)
+    chunks = read_chunks(files, columns, spec.input.format)
+    prepared = prepare_rows(chunks, tokenizer, options, spill, keep_tokens)
     if prepared.truncated:
         log(
             f"{len(prepared.truncated):,} rows longer than {max_context} tokens are truncated "
@@ -228,7 +238,7 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
         )
         return 0
     local_model_folder(spec.model)  # a GGUF model is converted (once) before anything else
-    inputs = read_inputs(spec, files)
+    inputs = read_inputs(spec, files, spill=layout.prepared_dir, keep_tokens=True)
     prepared = inputs.prepared
     if spec.on_error == "fail" and prepared.row_errors:
         row, message = min(prepared.row_errors.items())
@@ -247,7 +257,9 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
     )
     _log_capped_requests(prepared, spec.task.max_new_tokens)
     budget = token_budget(spec, folder.job["max_tokens"], task.new_tokens_per_row())
-    runnable = np.intersect1d(prepared.runnable_rows(), mine)
+    runnable = prepared.runnable_rows()
+    if shard is not None:
+        runnable = np.intersect1d(runnable, mine)
     batches = plan_batches(runnable, prepared.lengths, budget, spec.batching.sort == "length")
     file_order = plan_batches(runnable, prepared.lengths, budget, sort=False)
     file_order_padding = padding_fraction(file_order)
@@ -308,6 +320,7 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
         task=task.name, device=engine.device_name, padding_fraction_file_order=file_order_padding
     )
     write_json_atomic(layout.summary, summary)
+    shutil.rmtree(layout.prepared_dir, ignore_errors=True)  # a finished job never reads it again
     log(
         f"finished: {summary['rows_out']:,} rows in {layout.root / 'outputs'}",
         event="finish",
@@ -477,13 +490,12 @@ def run_batch(
 def finish_job(layout, manifest, prepared, schema, run_id, started, rows, keep_row) -> dict:
     """Assemble the final dataset (or this shard's part of it) and the per-batch stats; returns
     the summary to write last."""
-    mine = set(rows.tolist())
-    row_errors = {r: m for r, m in prepared.row_errors.items() if r in mine}
-    errors = error_rows_table(row_errors, schema)
-    results = assemble_outputs(
-        layout, manifest, errors, prepared.ids, prepared.keep, rows, keep_row=keep_row
+    bad = np.fromiter(prepared.row_errors, dtype=np.int64, count=len(prepared.row_errors))
+    bad = bad[np.isin(bad, rows)]
+    errors = error_rows_table({int(r): prepared.row_errors[int(r)] for r in bad}, schema)
+    counts = assemble_outputs(
+        layout, manifest, errors, prepared.row_columns, rows, keep_row=keep_row
     )
-    n_errors = results.num_rows - results.column("error").null_count
     records = [(r.run, s) for r in manifest.records for s in r.stats]
     write_stats(layout, stats_table(records))
     earlier = {}
@@ -494,8 +506,8 @@ def finish_job(layout, manifest, prepared, schema, run_id, started, rows, keep_r
     summary = summarize(
         stats=[s for _, s in records],
         rows_in=len(rows),
-        rows_out=results.num_rows,
-        rows_by_status={"ok": results.num_rows - n_errors, "error": n_errors},
+        rows_out=counts.rows,
+        rows_by_status={"ok": counts.rows - counts.errors, "error": counts.errors},
         wall_seconds=wall,
     )
     return summary

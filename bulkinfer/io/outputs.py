@@ -1,12 +1,16 @@
 """Writing results: checkpoint parts while the job runs, the final dataset once it is done.
 
 Parts hold `row` (the input position) plus the task's columns and `error`. The final outputs put
-rows back in input order and attach the id and the kept input columns.
+rows back in input order and attach the id and the kept input columns, a range of rows at a time.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +20,11 @@ import pyarrow.parquet as pq
 
 from bulkinfer import faults
 from bulkinfer.checkpoint import Manifest, OutputLayout, PartRecord
-from bulkinfer.io.atomic import fsync_dir, parquet_bytes, write_bytes_atomic, write_parquet_atomic
+from bulkinfer.io.atomic import fsync_dir, write_parquet_atomic
 
 OUTPUT_FILE_ROWS = 1_000_000
+BUCKET_ROWS = 262_144  # rows of results sorted in memory at a time
+MAX_BUCKETS = 1024  # open bucket files; beyond BUCKET_ROWS x MAX_BUCKETS rows buckets grow
 
 # `datasets.load_dataset(OUT)` reads this card's config, so it loads outputs/ only, never the
 # stats or checkpoint Parquet files beside it.
@@ -111,52 +117,215 @@ class PartWriter:
         faults.checkpoint("part_committed")
 
 
+@dataclass(frozen=True)
+class OutputCounts:
+    rows: int
+    errors: int
+
+
 def assemble_outputs(
     layout: OutputLayout,
     manifest: Manifest,
     error_rows: pa.Table,
-    ids: pa.ChunkedArray,
-    keep: pa.Table,
+    row_columns: Callable[[int, int], pa.Table],
     expected_rows: np.ndarray,
     keep_row: bool = False,
-) -> pa.Table:
+) -> OutputCounts:
     """Write OUT/outputs/*.parquet: every expected input row once, in input order, with its id
-    and kept columns (and its input position `row`, for a shard's part). Returns the results."""
-    parts = [pq.read_table(layout.parts_dir / r.file) for r in manifest.records]
-    results = pa.concat_tables([*parts, error_rows])
-    order = np.argsort(results.column("row").to_numpy(), kind="stable")
-    results = results.take(order)
-    check_every_row_once(results.column("row").to_numpy(), expected_rows)
-    take = pa.array(expected_rows)
-    columns = {"id": ids.take(take)}
-    columns.update({n: results.column(n) for n in results.column_names if n != "row"})
-    columns.update({n: keep.column(n).take(take) for n in keep.column_names})
+    and kept columns (`row_columns(start, stop)`), and its input position `row` for a shard's
+    part. Parts are read one at a time, never all at once."""
+    parts = (pq.read_table(layout.parts_dir / r.file) for r in manifest.records)
+    return write_sorted_outputs(
+        layout, chain(parts, [error_rows]), expected_rows, row_columns, keep_row
+    )
+
+
+def write_sorted_outputs(
+    layout: OutputLayout,
+    tables: Iterable[pa.Table],
+    expected_rows: np.ndarray,
+    row_columns: Callable[[int, int], pa.Table] | None = None,
+    keep_row: bool = False,
+) -> OutputCounts:
+    """Put result tables (each with a `row` column, in any order) into input order, in bounded
+    memory: an external bucket sort. Pass one appends each table's rows to the bucket of their
+    row range (Arrow stream files under OUT/outputs.buckets); pass two sorts one bucket at a
+    time, checks it holds exactly its expected rows, joins the id and kept columns and appends it
+    to the output files. Memory holds one input table and one bucket."""
+    expected_rows = np.asarray(expected_rows, dtype=np.int64)
+    span = int(expected_rows[-1]) + 1 if len(expected_rows) else 0
+    width = max(BUCKET_ROWS, -(-span // MAX_BUCKETS))
+    folder = layout.root / "outputs.buckets"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    buckets = _Buckets(folder, width)
+    for table in tables:
+        buckets.add(table)
+    buckets.close()
+    tmp = layout.root / "outputs.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    files = _OutputFiles(tmp)
+    problems = _RowProblems()
+    errors = 0
+    for k in range(max(-(-span // width), buckets.highest + 1)):
+        results = buckets.read(k)
+        results = results.take(np.argsort(results.column("row").to_numpy(), kind="stable"))
+        lo, hi = np.searchsorted(expected_rows, [k * width, (k + 1) * width])
+        expected = expected_rows[lo:hi]
+        rows = results.column("row").to_numpy()
+        if not problems.add(rows, expected):
+            continue
+        if results.num_rows:
+            errors += results.num_rows - results.column("error").null_count
+            files.write(_output_table(results, expected, row_columns, keep_row))
+    shutil.rmtree(folder, ignore_errors=True)
+    problems.raise_if_any(len(expected_rows))
+    if files.schema is None:  # no rows at all: one empty file with the right columns
+        empty = buckets.schema.empty_table()
+        files.write(_output_table(empty, expected_rows[:0], row_columns, keep_row))
+    files.close()
+    faults.checkpoint("outputs_written")
+    _swap_in(layout, tmp)
+    return OutputCounts(len(expected_rows), errors)
+
+
+def _output_table(results: pa.Table, expected: np.ndarray, row_columns, keep_row) -> pa.Table:
+    if row_columns is None:
+        columns = {n: results.column(n) for n in results.column_names if n != "row"}
+    else:
+        start = int(expected[0]) if len(expected) else 0
+        stop = int(expected[-1]) + 1 if len(expected) else 0
+        given = row_columns(start, stop).take(pa.array(expected - start))
+        columns = {"id": given.column("id")}
+        columns.update({n: results.column(n) for n in results.column_names if n != "row"})
+        columns.update({n: given.column(n) for n in given.column_names if n != "id"})
     if keep_row:
         columns["row"] = results.column("row")
-    write_output_files(layout, pa.table(columns))
-    return results
+    return pa.table(columns)
+
+
+class _Buckets:
+    """Result rows grouped by input row range, one Arrow stream file per range."""
+
+    def __init__(self, folder: Path, width: int):
+        self.folder = folder
+        self.width = width
+        self.schema: pa.Schema | None = None
+        self.highest = -1
+        self._writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+
+    def add(self, table: pa.Table) -> None:
+        if self.schema is None:
+            self.schema = table.schema
+        if table.num_rows == 0:
+            return
+        table = table.cast(self.schema)
+        which = table.column("row").to_numpy() // self.width
+        order = np.argsort(which, kind="stable")
+        which = which[order]
+        cuts = np.flatnonzero(np.diff(which)) + 1
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(which)], strict=True):
+            k = int(which[lo])
+            self._writer(k).write_table(table.take(pa.array(order[lo:hi])))
+
+    def _writer(self, k: int) -> pa.ipc.RecordBatchStreamWriter:
+        if k not in self._writers:
+            self._writers[k] = pa.ipc.new_stream(str(self._file(k)), self.schema)
+            self.highest = max(self.highest, k)
+        return self._writers[k]
+
+    def _file(self, k: int) -> Path:
+        return self.folder / f"bucket-{k:06d}.arrow"
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+
+    def read(self, k: int) -> pa.Table:
+        if k not in self._writers:
+            return self.schema.empty_table()
+        with pa.memory_map(str(self._file(k))) as source:
+            table = pa.ipc.open_stream(source).read_all()
+        return table.combine_chunks() if table.num_rows else table
+
+
+class _RowProblems:
+    """rows_in == rows_out, checked bucket by bucket and reported once with the totals."""
+
+    def __init__(self) -> None:
+        self.results = self.missing = self.doubled = 0
+
+    def add(self, rows: np.ndarray, expected: np.ndarray) -> bool:
+        self.results += len(rows)
+        if len(rows) == len(expected) and np.array_equal(rows, expected):
+            return True
+        self.missing += len(np.setdiff1d(expected, rows))
+        self.doubled += len(rows) - len(np.unique(rows))
+        return False
+
+    def raise_if_any(self, expected: int) -> None:
+        if self.results != expected or self.missing or self.doubled:
+            raise RuntimeError(
+                f"rows_in != rows_out: {expected} input rows, {self.results} results "
+                f"({self.missing} missing, {self.doubled} doubled); the checkpoint is inconsistent"
+            )
+
+
+class _OutputFiles:
+    """Output Parquet files of OUTPUT_FILE_ROWS rows each, appended to in order, fsynced."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.count = 0
+        self.schema: pa.Schema | None = None
+        self._writer: pq.ParquetWriter | None = None
+        self._rows_in_file = 0
+
+    def write(self, table: pa.Table) -> None:
+        if self.schema is None:
+            self.schema = table.schema
+        table = table.cast(self.schema)
+        while table.num_rows:
+            if self._writer is None or self._rows_in_file == OUTPUT_FILE_ROWS:
+                self._next_file()
+            take = min(table.num_rows, OUTPUT_FILE_ROWS - self._rows_in_file)
+            self._writer.write_table(table.slice(0, take), row_group_size=65536)
+            self._rows_in_file += take
+            table = table.slice(take)
+
+    def _next_file(self) -> None:
+        self._close_file()
+        path = self.folder / f"part-{self.count:05d}.parquet"
+        faults.write_attempt(path)
+        self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+        self._path = path
+        self._rows_in_file = 0
+        self.count += 1
+
+    def _close_file(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        with open(self._path, "rb+") as f:
+            os.fsync(f.fileno())
+        self._writer = None
+
+    def close(self) -> None:
+        if self.count == 0 and self.schema is not None:
+            self._next_file()
+        self._close_file()
 
 
 def check_every_row_once(rows: np.ndarray, expected: np.ndarray) -> None:
     """rows_in == rows_out: the sorted result rows must be exactly the expected rows."""
-    if len(rows) != len(expected) or not np.array_equal(rows, expected):
-        missing = np.setdiff1d(expected, rows)
-        doubled = len(rows) - len(np.unique(rows))
-        raise RuntimeError(
-            f"rows_in != rows_out: {len(expected)} input rows, {len(rows)} results "
-            f"({len(missing)} missing, {doubled} doubled); the checkpoint is inconsistent"
-        )
+    problems = _RowProblems()
+    problems.add(rows, expected)
+    problems.raise_if_any(len(expected))
 
 
-def write_output_files(layout: OutputLayout, table: pa.Table) -> None:
-    """Write into outputs.tmp, then swap it in, so outputs/ is never half written."""
-    tmp = layout.root / "outputs.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for k, start in enumerate(range(0, max(table.num_rows, 1), OUTPUT_FILE_ROWS)):
-        piece = table.slice(start, OUTPUT_FILE_ROWS)
-        write_bytes_atomic(tmp / f"part-{k:05d}.parquet", parquet_bytes(piece))
-    faults.checkpoint("outputs_written")
+def _swap_in(layout: OutputLayout, tmp: Path) -> None:
+    fsync_dir(tmp)
     old = layout.root / "outputs.old"
     shutil.rmtree(old, ignore_errors=True)
     if layout.outputs_dir.exists():

@@ -13,7 +13,9 @@ import glob
 import gzip
 import json
 import os
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -449,3 +451,40 @@ def peek_columns(path: str, fmt: str = "auto") -> list[str]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def read_ahead(chunks: Iterable[InputChunk], depth: int = 2) -> Iterator[InputChunk]:
+    """The same chunks, read and parsed up to `depth` chunks ahead in a thread, so parsing
+    overlaps the tokenizer (whose Rust code runs without the GIL). A reader error is raised
+    here, in order, after the chunks before it."""
+    ahead: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def offer(item) -> bool:
+        while not stop.is_set():
+            try:
+                ahead.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                if not offer(chunk):
+                    return
+            offer(done)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            offer(exc)
+
+    thread = threading.Thread(target=produce, name="bulkinfer-read", daemon=True)
+    thread.start()
+    try:
+        while (item := ahead.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

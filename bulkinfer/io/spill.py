@@ -1,0 +1,112 @@
+"""Spill files: what tokenization produces for every row, kept on disk instead of in memory.
+
+Token ids go to one flat int32 file, appended chunk by chunk and read back per row with pread;
+ids and kept input columns go to Parquet files of about SPILL_FILE_ROWS rows each, read back by
+row range when the outputs are written. Only per-row lengths stay in memory, so a job's host
+memory does not grow with its input. Dirty pages of these files are the kernel's cache, not the
+process's memory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SPILL_FILE_ROWS = 65_536
+
+
+class TokenFile:
+    """Every row's token ids, one after the other, in one int32 file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._out = open(path, "wb")  # noqa: SIM115 - open until finish()
+        self._fd: int | None = None
+        self.count = 0
+
+    def append(self, ids: np.ndarray) -> None:
+        self._out.write(memoryview(np.ascontiguousarray(ids, dtype=np.int32)).cast("B"))
+        self.count += len(ids)
+
+    def finish(self) -> None:
+        self._out.close()
+        self._fd = os.open(self.path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self._fd)
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """Tokens start..start+count, read straight into a fresh array."""
+        out = np.empty(count, dtype=np.int32)
+        if count:
+            got = os.preadv(self._fd, [out], start * 4)
+            if got != count * 4:
+                raise RuntimeError(f"{self.path}: short read ({got} of {count * 4} bytes)")
+        return out
+
+
+class RowColumnFiles:
+    """The id and kept columns of every row, as Parquet files of consecutive rows.
+
+    Chunks may disagree on a column's type (a JSONL chunk whose values are all null reads as
+    type null); the files are written as they come and read back cast to the unified schema."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.starts: list[int] = []
+        self.schema: pa.Schema | None = None
+        self._pending: list[pa.Table] = []
+        self._rows = 0
+        self._pending_rows = 0
+
+    def append(self, table: pa.Table) -> None:
+        """Add the next rows; raises pa.ArrowTypeError/ArrowInvalid where types cannot unify."""
+        self.schema = (
+            table.schema
+            if self.schema is None
+            else pa.unify_schemas([self.schema, table.schema], promote_options="permissive")
+        )
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        if self._pending_rows >= SPILL_FILE_ROWS:
+            self._flush()
+
+    def finish(self) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        table = pa.concat_tables(self._pending, promote_options="permissive")
+        pq.write_table(table, self._file(len(self.starts)), compression="zstd")
+        self.starts.append(self._rows)
+        self._rows += table.num_rows
+        self._pending, self._pending_rows = [], 0
+
+    def _file(self, k: int) -> Path:
+        return self.folder / f"rows-{k:06d}.parquet"
+
+    def read(self, start: int, stop: int) -> pa.Table:
+        """Rows start..stop-1, in the unified schema."""
+        first = max(int(np.searchsorted(self.starts, start, side="right")) - 1, 0)
+        last = int(np.searchsorted(self.starts, stop, side="left"))
+        tables = [pq.read_table(self._file(k)).cast(self.schema) for k in range(first, last)]
+        if not tables:
+            return self.schema.empty_table()
+        table = pa.concat_tables(tables)
+        return table.slice(start - self.starts[first], stop - start)
+
+
+def spill_folder(folder: Path | None) -> tuple[Path, tempfile.TemporaryDirectory | None]:
+    """The given folder, emptied, or a temporary one (removed when its handle is dropped)."""
+    if folder is None:
+        temporary = tempfile.TemporaryDirectory(prefix="bulkinfer-spill-")
+        return Path(temporary.name), temporary
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder, None

@@ -1,0 +1,140 @@
+"""Bounded memory: the spill files and the streaming output writer, exercised at small scale.
+
+The chunk, spill-file, bucket and output-file sizes are shrunk so a few hundred rows cross every
+boundary; the outputs must equal those of a run with the default sizes, before and after kills.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import child_env, cli, read_outputs, sample_prompts, write_job, write_jsonl
+
+from bulkinfer.io.readers import read_ahead
+
+N_ROWS = 160
+SMALL = (
+    "import bulkinfer.io.readers as r, bulkinfer.io.spill as s, bulkinfer.io.outputs as o; "
+    "r.CHUNK_ROWS = 7; s.SPILL_FILE_ROWS = 16; o.BUCKET_ROWS = 32; o.OUTPUT_FILE_ROWS = 50; "
+    "from bulkinfer.cli import main; main()"
+)
+
+
+def _rows() -> list[dict]:
+    rows = sample_prompts(N_ROWS)
+    for i in range(10):  # the first chunks have no `source`: a null-typed keep column at first
+        del rows[i]["source"]
+    rows[40]["prompt"] = "   "
+    rows[41]["prompt"] = None
+    rows[150]["prompt"] = "fox " * 2000
+    return rows
+
+
+@pytest.fixture(scope="module")
+def scale_job(tmp_path_factory, tiny_model):
+    """A job with string ids, a kept column and bad rows, and its outputs at the default sizes."""
+    tmp = tmp_path_factory.mktemp("scale")
+    inputs = write_jsonl(tmp / "in.jsonl", _rows())
+
+    def make(name: str):
+        return write_job(
+            tmp / f"{name}.yaml",
+            tiny_model,
+            inputs,
+            tmp / name,
+            task={"type": "generate", "max_new_tokens": 3, "temperature": 0.7, "seed": 1},
+            input={"keep_columns": ["source"]},
+            batching={"max_tokens": 300, "max_batch_size": 6},
+            checkpoint={"every_rows": 9},
+        )
+
+    reference = make("reference")
+    assert cli("run", str(reference)).exit_code == 0
+    return make, read_outputs(tmp / "reference")
+
+
+def _run_small(*args, **env) -> subprocess.CompletedProcess:
+    """The CLI with every size shrunk, in a child process (so it can be killed)."""
+    return subprocess.run(
+        [sys.executable, "-c", SMALL, *map(str, args)],
+        env={**child_env(), **env},
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_reference_has_ids_keep_and_errors_in_input_order(scale_job):
+    _, reference = scale_job
+    rows = _rows()
+    assert reference.column("id").to_pylist() == [r["id"] for r in rows]
+    assert reference.column("source").to_pylist() == [r.get("source") for r in rows]
+    errors = reference.column("error").to_pylist()
+    assert [i for i, e in enumerate(errors) if e] == [40, 41, 150]
+
+
+def test_small_chunks_spills_and_buckets_give_the_same_outputs(scale_job):
+    make, reference = scale_job
+    job = make("small")
+    result = _run_small("run", job)
+    assert result.returncode == 0, result.stderr
+    out = job.parent / "small"
+    files = sorted((out / "outputs").glob("*.parquet"))
+    assert [pq.read_metadata(f).num_rows for f in files] == [50, 50, 50, 10]
+    assert read_outputs(out).equals(reference)
+    assert not (out / "checkpoint" / "prepared").exists()
+    assert not (out / "outputs.buckets").exists()
+
+
+@pytest.mark.parametrize("point", ["part_written:7", "outputs_written"])
+def test_kill_then_resume_with_small_chunks(scale_job, point):
+    make, reference = scale_job
+    job = make(f"kill-{point.split(':')[0]}")
+    first = _run_small("run", job, BULKINFER_KILL_AT=point)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    second = _run_small("run", job)
+    assert second.returncode == 0, second.stderr
+    assert read_outputs(job.parent / job.stem).equals(reference)
+
+
+def test_sharded_run_merges_in_bounded_buckets(scale_job):
+    make, reference = scale_job
+    job = make("sharded")
+    for index in range(3):
+        result = _run_small("run", job, "--shard", f"{index}/3")
+        assert result.returncode == 0, result.stderr
+    merged = read_outputs(job.parent / "sharded")
+    assert merged.equals(reference)
+    summary = json.loads((job.parent / "sharded" / "summary.json").read_text())
+    assert summary["rows_out"] == N_ROWS
+
+
+def test_duplicate_ids_far_apart_are_found_across_chunks(tmp_path, tiny_model):
+    rows = [{"id": i * 3, "prompt": f"prompt {i}"} for i in range(200)]
+    rows[170]["id"] = rows[12]["id"]
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", rows),
+        tmp_path / "out",
+    )
+    result = _run_small("plan", job)
+    assert result.returncode == 2
+    assert "duplicate id 36 at" in result.stderr
+    assert "in.jsonl:13 and" in result.stderr and "in.jsonl:171" in result.stderr
+
+
+def test_read_ahead_keeps_order_and_raises_where_the_reader_failed():
+    def chunks():
+        yield from range(5)
+        raise ValueError("bad line")
+
+    seen = []
+    with pytest.raises(ValueError, match="bad line"):
+        for item in read_ahead(chunks(), depth=2):
+            seen.append(item)
+    assert seen == [0, 1, 2, 3, 4]
