@@ -202,7 +202,7 @@ def prepare_rows(
         truncated.update({first_row + i: n for i, n in cut.items()})
         if token_file is not None:
             token_file.append(ids)
-        length_parts.append(lengths)
+        length_parts.append(lengths.astype(np.int32))
         if options.has_completion or options.has_choices:
             score_parts.append(score_from)
         row_errors.update({first_row + i: msg for i, msg in errors.items()})
@@ -240,8 +240,11 @@ def prepare_rows(
         folder=folder,
         temporary=temporary,
     )
+    del lengths, offsets
     if hash_parts:
-        _check_unique_ids(prepared, np.concatenate(hash_parts))
+        hashes = np.concatenate(hash_parts)
+        hash_parts.clear()
+        _check_unique_ids(prepared, hashes)
     return prepared
 
 
@@ -552,15 +555,14 @@ def _id_hashes(ids: list) -> np.ndarray:
 def _check_unique_ids(prepared: PreparedRows, hashes: np.ndarray) -> None:
     """Rows whose id hashes collide are compared by value; the duplicate that appears first in
     the input is reported, with its first two places."""
-    order = np.argsort(hashes, kind="stable")
-    ordered = hashes[order]
-    same = np.flatnonzero(ordered[1:] == ordered[:-1])
+    ordered = np.sort(hashes)
+    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
     del ordered
-    if not len(same):
+    if not len(repeated):
         return
     groups: dict[int, list[int]] = {}
-    for k in same.tolist():
-        groups.setdefault(int(hashes[order[k]]), [int(order[k])]).append(int(order[k + 1]))
+    for row in np.flatnonzero(np.isin(hashes, repeated)).tolist():
+        groups.setdefault(int(hashes[row]), []).append(row)
     for rows in sorted(groups.values()):
         values = [prepared.row_columns(r, r + 1).column(ID_COLUMN)[0].as_py() for r in rows]
         for a, value in enumerate(values):
