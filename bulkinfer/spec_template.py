@@ -59,6 +59,7 @@ COMMENTS = {
     "input.keep_columns": "input columns copied to the output, e.g. [source]",
     "output": "where results, stats and checkpoints go",
     "output.path": "FILL IN: relative paths start at this file's folder",
+    "output.format": "auto: Parquet, plus responses.jsonl for an OpenAI batch input",
     "batching": "token-budget batches of length-sorted rows",
     "batching.max_tokens": "padded tokens per batch; auto: 16384 on CPU, else from free GPU memory",
     "batching.max_batch_size": "rows per batch at most",

@@ -230,7 +230,7 @@ def draw_png(chart: Chart) -> bytes | None:
 
 
 def _draw(ax, chart: Chart) -> None:
-    from matplotlib.ticker import NullFormatter, PercentFormatter
+    from matplotlib.ticker import MaxNLocator, NullFormatter, PercentFormatter
 
     first = chart.series[0]
     if chart.kind == "bars":
@@ -249,6 +249,7 @@ def _draw(ax, chart: Chart) -> None:
             _legend_below(ax)
     elif chart.kind == "points":
         ax.scatter(first.x, first.y, s=12, color=SERIES_COLOURS[0], label="one batch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         for (label, value), colour in zip(chart.references, SERIES_COLOURS[1:], strict=False):
             ax.axhline(value, color=colour, linestyle="--", label=f"{label}: {value:.1%}")
         top = max([*first.y, *(v for _, v in chart.references), 0.01])
