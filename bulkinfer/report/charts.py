@@ -249,7 +249,11 @@ def _draw(ax, chart: Chart) -> None:
             _legend_below(ax)
     elif chart.kind == "points":
         ax.scatter(first.x, first.y, s=12, color=SERIES_COLOURS[0], label="one batch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(-0.5, max(first.x) + 0.5)
+        if len(first.x) <= 12:
+            ax.set_xticks(first.x)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         for (label, value), colour in zip(chart.references, SERIES_COLOURS[1:], strict=False):
             ax.axhline(value, color=colour, linestyle="--", label=f"{label}: {value:.1%}")
         top = max([*first.y, *(v for _, v in chart.references), 0.01])
