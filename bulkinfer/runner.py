@@ -317,7 +317,10 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
     if shard is None and folder.job.get("openai_responses"):
         write_responses(layout, spec.model.path)
     summary.update(
-        task=task.name, device=engine.device_name, padding_fraction_file_order=file_order_padding
+        task=task.name,
+        device=engine.device_name,
+        engine=getattr(engine, "kind", type(engine).__name__),
+        padding_fraction_file_order=file_order_padding,
     )
     write_json_atomic(layout.summary, summary)
     shutil.rmtree(layout.prepared_dir, ignore_errors=True)  # a finished job never reads it again
@@ -477,7 +480,7 @@ def run_batch(
         batch=batch.index,
         rows=len(batch.rows),
         real_tokens=batch.real_tokens,
-        padded_tokens=batch.padded_tokens,
+        padded_tokens=batch.padded_tokens if getattr(engine, "pads", True) else batch.real_tokens,
         new_tokens=new_tokens,
         seconds=time.perf_counter() - start,
         failed_rows=failed,

@@ -33,6 +33,9 @@ class ModelSpec:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     attn_implementation: str | None = None
+    # auto: the fast engine (packed scoring, continuous-batching decode) on a CUDA GPU where the
+    # model supports it, the reference engine otherwise; fast or reference to force one.
+    engine: Literal["auto", "fast", "reference"] = "auto"
 
     def validate(self, key: str) -> None:
         if not self.path:

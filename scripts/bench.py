@@ -4,10 +4,13 @@ Random-weight models of real shapes (Qwen2.5-0.5B / 1.5B, Llama-3.1-8B) built fr
 configs, a word-level tokenizer whose every word is one token (so prompt lengths are exact), and
 synthetic prompts with log-normal lengths. Measured per shape:
 
-  score     plain model(...) in file order, batch 8  vs  bulkinfer (sorted, token budget)
+  score     plain model(...) in file order, batch 8  vs  bulkinfer's reference engine (sorted,
+            padded token budget) and its fast engine (sorted, packed without padding)
   generate  model.generate in file order, batch 64, and generate_batch (default config)
-            vs  bulkinfer (sorted, token budget)
-  sharegpt  bulkinfer alone on the Llama-3.1-8B shape, each row to its own drawn length
+            vs  bulkinfer's fast engine (continuous batching, CUDA-graph decode); the reference
+            engine too with --reference-generate
+  sharegpt  bulkinfer's fast engine alone on the Llama-3.1-8B shape, each row to its own drawn
+            length
 
 On a GPU:  python scripts/bench.py --out $OUT
 On a CPU:  python scripts/bench.py --tiny   (a tiny model, a few prompts: checks it still runs)
@@ -27,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bulkinfer.engines.fast import FastEngine  # noqa: E402
 from bulkinfer.engines.hf import HFEngine, device_name  # noqa: E402
 from bulkinfer.engines.memory import auto_token_budget, bytes_per_token  # noqa: E402
 from bulkinfer.engines.sampling import SamplingParams, row_key  # noqa: E402
@@ -250,7 +254,7 @@ def _no_columns(n: int):
 
 
 @torch.inference_mode()
-def bulk_score(engine: HFEngine, prepared, budget: TokenBudget) -> dict:
+def bulk_score(engine: HFEngine, prepared, budget: TokenBudget, packed: bool) -> dict:
     batches = plan_batches(prepared.runnable_rows(), prepared.lengths, budget)
     sums = np.zeros(prepared.num_rows)
     synchronize(engine.device)
@@ -264,10 +268,45 @@ def bulk_score(engine: HFEngine, prepared, budget: TokenBudget) -> dict:
     return {
         "seconds": seconds,
         "tokens": int(prepared.lengths.sum()),
-        "padding": padding_fraction(batches),
+        "padding": 0.0 if packed else padding_fraction(batches),
         "batches": len(batches),
         "sums": sums.tolist(),
     }
+
+
+@torch.inference_mode()
+def decode_step_costs(fast: FastEngine, context: int, device) -> list[dict]:
+    """Milliseconds per decode step for each slot bucket, every row attending to `context`
+    cached tokens: CUDA-graph replay, and eager at the largest bucket (what graphs save)."""
+    from bulkinfer.engines.fast import DECODE_BUCKETS, _Row
+
+    fast._ensure_pool(fast.max_slots * (context + 1))
+    sizes = [
+        b for b in DECODE_BUCKETS if b <= fast.max_slots and b * (context + 1) < fast.pool.tokens
+    ]
+    rows = []
+    for i in range(sizes[-1]):
+        row = _Row(i, np.zeros(context, dtype=np.int64), 2, 0, start=1 + i * (context + 1))
+        row.tokens = [1]
+        rows.append(row)
+    out = []
+    with fast._packed_attention():
+        for size in sizes:
+            fast.state.load(rows[:size], size)
+            for graphs in [True, False] if size == sizes[-1] else [True]:
+                fast.use_graphs = graphs and device.type == "cuda"
+                fast.decode_step(size, context + 1)
+                synchronize(device)
+                start = time.perf_counter()
+                for _ in range(10):
+                    fast.decode_step(size, context + 1)
+                synchronize(device)
+                ms = (time.perf_counter() - start) / 10 * 1e3
+                out.append(
+                    {"slots": size, "graph": fast.use_graphs, "ms": ms, "tok_s": size / ms * 1e3}
+                )
+    fast.use_graphs = device.type == "cuda"
+    return out
 
 
 @torch.inference_mode()
@@ -276,6 +315,7 @@ def bulk_generate(engine: HFEngine, prepared, budget: TokenBudget, new_tokens: n
     params = SamplingParams(max_new_tokens=int(new_tokens.max()), ignore_eos=True)
     outputs: dict[int, list[int]] = {}
     produced = 0
+    getattr(engine, "counters", {}).clear()
     synchronize(engine.device)
     start = time.perf_counter()
     for batch in batches:
@@ -295,7 +335,8 @@ def bulk_generate(engine: HFEngine, prepared, budget: TokenBudget, new_tokens: n
     return {
         "seconds": seconds,
         "new_tokens": produced,
-        "padding": padding_fraction(batches),
+        # the fast engine prefills packed and decodes one token per row: no padding
+        "padding": 0.0 if isinstance(engine, FastEngine) else padding_fraction(batches),
         "batches": len(batches),
         "mean_batch": float(mean_batch),
         "tokens": [outputs[r] for r in range(prepared.num_rows)],
@@ -305,7 +346,7 @@ def bulk_generate(engine: HFEngine, prepared, budget: TokenBudget, new_tokens: n
 # ---------------------------------------------------------------- the benchmark
 
 
-def score_section(shape, model, tokenizer, engine, args, device) -> list[dict]:
+def score_section(shape, model, tokenizer, engine, fast, args, device) -> list[dict]:
     n = args.score_prompts
     lengths = lognormal_lengths(n, args.median, 0.9, 8, args.max_len, seed=1)
     prompts = prompts_of(lengths, model.config.vocab_size, seed=2)
@@ -317,16 +358,22 @@ def score_section(shape, model, tokenizer, engine, args, device) -> list[dict]:
     reset_peak(device)
     prepared, tok_seconds = bulk_prepare(tokenizer, prompts, TaskSpec(type="score"))
     budget = TokenBudget(args.max_tokens or _auto(model, device, generate=False), 4096, 0, 0.1)
-    ours = bulk_score(engine, prepared, budget)
-    row = _score_row(
-        shape, f"bulkinfer, sorted, budget {budget.max_tokens:,}", ours, params, device
-    )
-    row["tokenize_seconds"] = tok_seconds
-    if "sums" in base:
-        a, b = np.asarray(base["sums"]), np.asarray(ours["sums"])
-        row["max_rel_diff_vs_plain"] = float(np.max(np.abs(a - b) / np.maximum(np.abs(a), 1e-9)))
-        row["x_plain"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
-    rows.append(row)
+    for name, eng, packed in (("reference", engine, False), ("fast", fast, True)):
+        reset_peak(device)
+        # packed batches carry no padding, so the padding cap has nothing to cut
+        plan_budget = TokenBudget(budget.max_tokens, 4096, 0, 1.0) if packed else budget
+        ours = bulk_score(eng, prepared, plan_budget, packed)
+        label = "packed, no padding" if packed else "sorted, padded"
+        row = _score_row(
+            shape, f"bulkinfer {name}, {label}, {budget.max_tokens:,}", ours, params, device
+        )
+        row["tokenize_seconds"] = tok_seconds
+        if "sums" in base:
+            a, b = np.asarray(base["sums"]), np.asarray(ours["sums"])
+            rel = np.abs(a - b) / np.maximum(np.abs(a), 1e-9)
+            row["max_rel_diff_vs_plain"] = float(np.max(rel))
+            row["x_plain"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
+        rows.append(row)
     return rows
 
 
@@ -346,60 +393,161 @@ def _score_row(shape, name, result, params, device) -> dict:
     }
 
 
-def generate_section(shape, model, tokenizer, engine, args, device) -> list[dict]:
+def generate_section(shape, model, tokenizer, engine, fast, args, device) -> list[dict]:
     n, new = args.generate_prompts, args.new_tokens
     lengths = lognormal_lengths(n, args.median, 0.9, 8, args.max_len, seed=3)
     prompts = prompts_of(lengths, model.config.vocab_size, seed=4)
+    few = args.baseline_prompts or n  # the slow baselines may run on the first rows only
     rows = []
     reset_peak(device)
-    base = baseline_generate(model, prompts, 64, new, device)
-    rows.append(
-        _gen_row(shape, "model.generate, file order, batch 64", base, model, lengths, 64, device)
-    )
-    reset_peak(device)
-    prepared, _ = bulk_prepare(tokenizer, prompts, TaskSpec(type="generate", max_new_tokens=new))
-    budget = TokenBudget(args.max_tokens or _auto(model, device, generate=True), 256, new, 0.1)
-    ours = bulk_generate(engine, prepared, budget, np.full(n, new))
-    row = _gen_row(
-        shape, "bulkinfer, sorted, batch <= 256", ours, model, lengths, ours["mean_batch"], device
-    )
-    if "tokens" in base:
-        k = min(32, new)
-        same = sum(a[:k] == b[:k] for a, b in zip(base["tokens"], ours["tokens"], strict=True))
-        row["first_32_equal_vs_generate"] = same / n
-        row["x_plain"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
-    rows.append(row)
-    if not args.skip_generate_batch:  # last: its cache may outlive the call
+    base = baseline_generate(model, prompts[:few], 64, new, device)
+    label = "model.generate, file order, batch 64" + (f", first {few}" if few < n else "")
+    rows.append(_gen_row(shape, label, base, model, lengths[:few], 64, device))
+    if not args.skip_generate_batch:
         reset_peak(device)
-        cb = baseline_generate_batch(model, prompts, new, device)
-        rows.insert(
-            1, _gen_row(shape, "generate_batch, default config", cb, model, lengths, 64, device)
-        )
+        cb = baseline_generate_batch(model, prompts[:few], new, device)
+        label = "generate_batch, default config" + (f", first {few}" if few < n else "")
+        rows.append(_gen_row(shape, label, cb, model, lengths[:few], 64, device))
+        # generate_batch's manager may keep threads and memory: measured after the others
+    prepared, _ = bulk_prepare(tokenizer, prompts, TaskSpec(type="generate", max_new_tokens=new))
+    limits = np.full(n, new)
+    paths = [("fast", fast, TokenBudget(1 << 40, 1 << 20, new, 1.0))]
+    if args.reference_generate:
+        budget = TokenBudget(args.max_tokens or _auto(model, device, generate=True), 256, new, 0.1)
+        paths.insert(0, ("reference", engine, budget))
+    for name, eng, budget in paths:
+        reset_peak(device)
+        ours = bulk_generate(eng, prepared, budget, limits)
+        batch = min(ours["mean_batch"], getattr(eng, "max_slots", ours["mean_batch"]))
+        label = "continuous batching" if name == "fast" else "sorted, batch <= 256"
+        row = _gen_row(shape, f"bulkinfer {name}, {label}", ours, model, lengths, batch, device)
+        _compare_generations(row, rows, base, ours, few, new)
+        row["teacher_forced"] = teacher_forced_agreement(model, prompts, ours["tokens"])
+        row["engine_counters"] = dict(getattr(eng, "counters", {}))
+        print(shape, name, "teacher-forced:", row["teacher_forced"], row["engine_counters"])
+        rows.append(row)
     return rows
 
 
-def sharegpt_section(shape, model, tokenizer, engine, args, device) -> list[dict]:
+@torch.inference_mode()
+def teacher_forced_agreement(model, prompts, generations, rows: int = 64, k: int = 32) -> dict:
+    """Replay each generated row through plain model() and check that every one of its first k
+    greedy tokens is the argmax there. Exact equality with model.generate breaks at the first
+    near-tie that bf16 rounding flips (random weights give flat logits, so ties are common);
+    this check stays meaningful: a wrong cache or position would pick non-argmax tokens."""
+    equal, total, gaps = 0, 0, []
+    for prompt, gen in list(zip(prompts, generations, strict=False))[:rows]:
+        gen = gen[:k]
+        if not gen:
+            continue
+        ids = torch.tensor([list(prompt) + list(gen)], device=model.device)
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : len(prompt) - 1 + len(gen)]
+        logits = logits.float()
+        chosen = logits.gather(-1, torch.tensor(gen, device=ids.device)[:, None]).squeeze(-1)
+        best = logits.max(-1).values
+        equal += int((chosen == best).sum())
+        total += len(gen)
+        gaps.append(float((best - chosen).max()))
+    spread = float(logits.std())
+    return {
+        "argmax_share": equal / max(total, 1),
+        "largest_gap": max(gaps, default=0.0),
+        "logit_std": spread,
+    }
+
+
+def _compare_generations(row, baselines, base, ours, few, new) -> None:
+    """Greedy agreement with model.generate on the rows both ran, and speed ratios."""
+    if "tokens" in base:
+        k = min(32, new)
+        pairs = zip(base["tokens"], ours["tokens"][:few], strict=True)
+        row["first_32_equal_vs_generate"] = sum(a[:k] == b[:k] for a, b in pairs) / few
+    for b in baselines:
+        if "tokens_per_s" in b and b["path"].startswith("model.generate"):
+            row["x_plain"] = row["tokens_per_s"] / b["tokens_per_s"]
+        if "tokens_per_s" in b and b["path"].startswith("generate_batch"):
+            row["x_generate_batch"] = row["tokens_per_s"] / b["tokens_per_s"]
+
+
+def sharegpt_section(shape, model, tokenizer, fast, args, device) -> list[dict]:
     n = args.sharegpt_prompts
     prompt_lengths = lognormal_lengths(n, 180, 1.0, 4, 1500, seed=5)
     answer_lengths = lognormal_lengths(n, 150, 0.9, 20, 1500, seed=6)
     prompts = prompts_of(prompt_lengths, model.config.vocab_size, seed=7)
     reset_peak(device)
     prepared, _ = bulk_prepare(tokenizer, prompts, TaskSpec(type="generate", max_new_tokens=1500))
-    budget = TokenBudget(
-        args.max_tokens or _auto(model, device, generate=True), 256, int(answer_lengths.max()), 0.1
-    )
-    ours = bulk_generate(engine, prepared, budget, answer_lengths)
-    return [
-        _gen_row(
-            shape,
-            "bulkinfer, ShareGPT-like lengths",
-            ours,
-            model,
-            prompt_lengths,
-            ours["mean_batch"],
-            device,
-        )
-    ]
+    budget = TokenBudget(1 << 40, 1 << 20, int(answer_lengths.max()), 1.0)
+    ours = bulk_generate(fast, prepared, budget, answer_lengths)
+    batch = min(ours["mean_batch"], fast.max_slots)
+    name = "bulkinfer fast, ShareGPT-like lengths"
+    row = _gen_row(shape, name, ours, model, prompt_lengths, batch, device)
+    row["published_sglang_x"] = row["tokens_per_s"] / 16200
+    row["teacher_forced"] = teacher_forced_agreement(model, prompts, ours["tokens"], rows=16)
+    row["engine_counters"] = dict(fast.counters)
+    print(shape, "teacher-forced:", row["teacher_forced"], row["engine_counters"], flush=True)
+    return [row]
+
+
+def runner_section(shape, model, args, device) -> list[dict]:
+    """`bulkinfer run` end to end on the same kind of prompts (model saved to disk and loaded
+    back, JSONL in, Parquet out): what summary.json says about throughput and the model's share
+    of wall time."""
+    import tempfile
+
+    from bulkinfer.runner import run_job
+    from bulkinfer.spec import load_spec
+
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        model.save_pretrained(folder)
+        # transformers maps a qwen2 folder to its own tokenizer class, which would re-split the
+        # word tokenizer's text; the byte-level BPE of the tiny test models survives that
+        from bulkinfer.tiny_model import train_tokenizer
+
+        train_tokenizer().save_pretrained(folder)
+        words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "then"]
+        for work, n, new in (
+            ("score", args.score_prompts, 0),
+            ("generate", args.generate_prompts, args.new_tokens),
+        ):
+            lengths = lognormal_lengths(n, args.median, 0.9, 8, args.max_len, seed=11)
+            prompts = prompts_of(lengths, model.config.vocab_size, seed=12)
+            data = Path(tmp) / f"{work}.jsonl"
+            texts = [" ".join(words[i % len(words)] for i in p) for p in prompts]
+            data.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+            task = {"type": work, "chat_template": "never"}
+            if new:
+                task["max_new_tokens"] = new  # EOS (id 0) is 1 in 152k per step here
+            spec = load_spec(
+                None,
+                data={
+                    "model": {"path": str(folder), "device": device.type},
+                    "input": {"path": str(data)},
+                    "output": {"path": str(Path(tmp) / f"out_{work}")},
+                    "task": task,
+                },
+            )
+            reset_peak(device)
+            start = time.perf_counter()
+            run_job(spec)
+            seconds = time.perf_counter() - start
+            summary = json.loads((Path(tmp) / f"out_{work}" / "summary.json").read_text())
+            tokens = summary["output_tokens"] if new else summary["input_tokens"]
+            out.append(
+                {
+                    "shape": shape,
+                    "work": work,
+                    "path": f"bulkinfer run ({summary.get('engine')}), CLI end to end",
+                    "tokens_per_s": tokens / seconds,
+                    "padding": summary["padding_fraction"],
+                    "peak_gib": peak_memory_gib(device),
+                    "model_share_of_wall": summary["model_share_of_wall"],
+                    "summary": summary,
+                }
+            )
+            print(shape, work, "summary:", json.dumps(summary), flush=True)
+    return out
 
 
 def _gen_row(shape, name, result, model, prompt_lengths, batch, device) -> dict:
@@ -429,18 +577,34 @@ def _auto(model, device, generate: bool) -> int:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = f"{'shape':<14}{'work':<10}{'path':<44}{'tok/s':>10}{'pad':>7}{'peak%':>7}{'GiB':>7}{'x plain':>9}"
+    """tok/s, padding, fraction of peak FLOP/s (score) or of the decode roofline (generate),
+    peak GPU memory, ratios to plain model()/model.generate and to generate_batch, and the
+    agreement with the plain path (score: max relative difference; generate: share of the first
+    32 greedy tokens of 64 rows that are plain model()'s argmax, teacher-forced)."""
+    header = (
+        f"{'shape':<14}{'work':<10}{'path':<50}{'tok/s':>10}{'pad':>7}{'peak%':>7}{'GiB':>7}"
+        f"{'x plain':>9}{'x gen_b':>9}{'agree':>10}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
+        if r["work"] == "step_costs":
+            continue
         if "error" in r:
-            print(f"{r['shape']:<14}{r['work']:<10}{r['path']:<44}  {r['error']}")
+            print(f"{r['shape']:<14}{r['work']:<10}{r['path']:<50}  {r['error']}")
             continue
         frac = r.get("peak_fraction", r.get("roofline_fraction", float("nan")))
-        ratio = f"{r['x_plain']:.2f}" if "x_plain" in r else ""
+        ratios = "".join(
+            f"{r[k]:>9.2f}" if k in r else " " * 9 for k in ("x_plain", "x_generate_batch")
+        )
+        agree = ""
+        if "max_rel_diff_vs_plain" in r:
+            agree = f"{r['max_rel_diff_vs_plain']:.1e}"
+        elif "teacher_forced" in r:
+            agree = f"tf {r['teacher_forced']['argmax_share']:.1%}"
         print(
-            f"{r['shape']:<14}{r['work']:<10}{r['path']:<44}{r['tokens_per_s']:>10,.0f}"
-            f"{r['padding']:>7.1%}{frac:>7.1%}{r['peak_gib']:>7.1f}{ratio:>9}"
+            f"{r['shape']:<14}{r['work']:<10}{r['path']:<50}{r['tokens_per_s']:>10,.0f}"
+            f"{r['padding']:>7.1%}{frac:>7.1%}{r['peak_gib']:>7.1f}{ratios}{agree:>10}"
         )
 
 
@@ -457,6 +621,12 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=2048)
     parser.add_argument("--max-tokens", type=int, default=0, help="token budget (0: auto)")
     parser.add_argument("--skip-generate-batch", action="store_true")
+    parser.add_argument(
+        "--baseline-prompts", type=int, default=0, help="rows for the generate baselines (0: all)"
+    )
+    parser.add_argument("--reference-generate", action="store_true", help="also time HFEngine")
+    parser.add_argument("--step-costs", action="store_true", help="time decode steps per bucket")
+    parser.add_argument("--runner", action="store_true", help="also `bulkinfer run` end to end")
     parser.add_argument("--skip-generate", action="store_true", help="score sections only")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -464,7 +634,8 @@ def main() -> None:
         args.shapes, args.sharegpt_shape = "tiny", ""
         args.score_prompts, args.generate_prompts, args.new_tokens = 48, 16, 8
         args.median, args.max_len, args.max_tokens = 24, 200, 4096
-        args.skip_generate_batch = True
+        args.skip_generate_batch, args.reference_generate, args.step_costs = True, True, True
+        args.runner = True
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     print(f"device: {device_name(device)}, torch {torch.__version__}", flush=True)
@@ -473,18 +644,33 @@ def main() -> None:
         model = build_model(shape, device, dtype)
         tokenizer = word_tokenizer(model.config.vocab_size)
         engine = HFEngine(model, tokenizer, device)
-        rows += score_section(shape, model, tokenizer, engine, args, device)
+        fast = FastEngine(model, tokenizer, device)
+        rows += score_section(shape, model, tokenizer, engine, fast, args, device)
         if not args.skip_generate:
-            rows += generate_section(shape, model, tokenizer, engine, args, device)
+            rows += generate_section(shape, model, tokenizer, engine, fast, args, device)
+        if args.runner:
+            rows += runner_section(shape, model, args, device)
+        if args.step_costs:
+            costs = decode_step_costs(fast, 16 if args.tiny else 300, device)
+            print(f"{shape} decode step costs:", costs, flush=True)
+            rows.append({"shape": shape, "work": "step_costs", "costs": costs})
         print_table(rows)
         save(args.out, device, rows)
-        del model, engine
+        del model, engine, fast
         reset_peak(device)
     if args.sharegpt_shape:
+        start = time.perf_counter()
         model = build_model(args.sharegpt_shape, device, dtype)
+        print(f"built {args.sharegpt_shape} in {time.perf_counter() - start:.1f} s", flush=True)
         tokenizer = word_tokenizer(model.config.vocab_size)
-        engine = HFEngine(model, tokenizer, device)
-        rows += sharegpt_section(args.sharegpt_shape, model, tokenizer, engine, args, device)
+        fast = FastEngine(model, tokenizer, device)
+        if args.step_costs:
+            costs = decode_step_costs(fast, 500, device)
+            print(
+                f"{args.sharegpt_shape} decode step costs at 500 cached tokens:", costs, flush=True
+            )
+            rows.append({"shape": args.sharegpt_shape, "work": "step_costs", "costs": costs})
+        rows += sharegpt_section(args.sharegpt_shape, model, tokenizer, fast, args, device)
     print()
     print_table(rows)
     save(args.out, device, rows)

@@ -114,6 +114,15 @@ class HFEngine:
     def device_name(self) -> str:
         return device_name(self.device)
 
+    @property
+    def kind(self) -> str:
+        return "reference"
+
+    @property
+    def pads(self) -> bool:
+        """Whether a batch runs padded to its longest row (the planner's padded_tokens)."""
+        return True
+
     @torch.inference_mode()
     def loglikelihood(
         self, sequences: list[np.ndarray], score_from: list[int]
@@ -334,6 +343,13 @@ class StopStrings:
             text = self.tokenizer.decode(tail, skip_special_tokens=True) if live else ""
             hits.append(live and any(s in text for s in stops))
         return torch.tensor(hits, device=generated.device)
+
+    def hit(self, tokens: list[int], stops: tuple[str, ...]) -> bool:
+        """Whether the text of these tokens ends in (or holds, near the end) one of `stops`."""
+        if not stops:
+            return False
+        text = self.tokenizer.decode(tokens[-self.window :], skip_special_tokens=True)
+        return any(s in text for s in stops)
 
 
 def truncate_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:

@@ -71,7 +71,7 @@ class InputKind:
 
 
 def load_causal_lm(model_spec, tokenizer):
-    """The engine of generate and score."""
-    from bulkinfer.engines.hf import HFEngine
+    """The engine of generate and score: the fast engine or the reference one (model.engine)."""
+    from bulkinfer.engines.fast import load_engine
 
-    return HFEngine.load(model_spec, tokenizer)
+    return load_engine(model_spec, tokenizer)
