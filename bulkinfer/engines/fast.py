@@ -375,7 +375,9 @@ class ContinuousBatch:
         self.engine = engine
         self.shared = None if isinstance(params, list) else params
         self.logprobs = logprobs
-        self.queue = deque(rows)
+        # longest limit first: the rows that need the most steps start first, so the end of
+        # the call is not a few long rows decoding alone (equal limits keep the given order)
+        self.queue = deque(sorted(rows, key=lambda r: -r.limit))
         self.active: list[_Row] = []
         self.allocator = RegionAllocator(engine.pool.tokens, reserved=1)
         ignore_eos = rows[0].params.ignore_eos

@@ -1,0 +1,57 @@
+"""Where a decode step's time goes: kernel table of one eager step (torch.profiler), 0.5B shape.
+
+On a GPU:  python scripts/profile_decode.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import build_model, word_tokenizer  # noqa: E402
+
+from bulkinfer.engines.fast import FastEngine, _Row  # noqa: E402
+
+
+@torch.inference_mode()
+def main() -> None:
+    device = torch.device("cuda")
+    shape = sys.argv[1] if len(sys.argv) > 1 else "qwen2.5-0.5b"
+    model = build_model(shape, device, torch.bfloat16)
+    fast = FastEngine(model, word_tokenizer(model.config.vocab_size), device)
+    fast._ensure_pool(0)
+    print("pool tokens", fast.pool.tokens, flush=True)
+    for size in (8, 512):
+        rows = []
+        for i in range(size):
+            row = _Row(i, np.zeros(300, dtype=np.int64), 2, 0, start=1 + i * 400)
+            row.tokens = [1]
+            rows.append(row)
+        fast.state.load(rows, size)
+        fast.use_graphs = False
+        with fast._packed_attention():
+            for _ in range(3):
+                fast.decode_step(size, 301)
+            torch.cuda.synchronize()
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+                for _ in range(5):
+                    fast.decode_step(size, 301)
+                torch.cuda.synchronize()
+        print(f"=== {shape} slots {size}, eager, 5 steps")
+        print(
+            prof.key_averages().table(
+                sort_by="cuda_time_total", row_limit=14, max_name_column_width=70
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
