@@ -115,3 +115,27 @@ def test_the_cli_gives_the_same_outputs_with_either_engine(tmp_path, tiny_model,
             assert fast[name] == pytest.approx(values, rel=1e-5)
         else:
             assert fast[name] == values, name
+
+
+def test_per_row_settings_and_logprobs_equal_the_reference(engines):
+    reference, fast = engines
+    seqs = random_sequences(9, fast.model.config.vocab_size, seed=6)
+    params = [
+        SamplingParams(
+            12,
+            temperature=[0.0, 0.7, 1.3][i % 3],
+            top_k=[0, 5][i % 2],
+            seed=2,
+            stop=("a",) if i % 4 == 0 else (),
+        )
+        for i in range(len(seqs))
+    ]
+    keys = [row_key(2, i) for i in range(len(seqs))]
+    limits = [12 - i for i in range(len(seqs))]
+    theirs = reference.generate(seqs, keys, params, limits, logprobs=True)
+    ours = fast.generate(seqs, keys, params, limits, logprobs=True)
+    assert [(g.tokens, g.finish_reason) for g in ours] == [
+        (g.tokens, g.finish_reason) for g in theirs
+    ]
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
