@@ -316,6 +316,7 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
     )
     if shard is None and folder.job.get("openai_responses"):
         write_responses(layout, spec.model.path)
+    summary.update(hardware_summary(summary, engine))
     summary.update(
         task=task.name,
         device=engine.device_name,
@@ -374,6 +375,35 @@ def plan_facts(
     }
 
 
+def model_cost(engine):
+    """The engine's ModelCost (FLOPs, weight and KV bytes per token, device peaks), if it has a
+    torch model."""
+    from bulkinfer.stats import ModelCost
+
+    model = getattr(engine, "model", None)
+    return ModelCost.of(model, engine.device_name) if model is not None else None
+
+
+def rows_in_flight(engine, rows: float) -> float:
+    """Rows that share a decode step: the batch, or at most the fast engine's slots."""
+    slots = getattr(engine, "max_slots", None)
+    return min(rows, slots) if slots else rows
+
+
+def hardware_summary(summary: dict, engine) -> dict:
+    cost = model_cost(engine)
+    if cost is None or not summary["batches"]:
+        return {}
+    rows = summary["rows_out"]
+    return cost.fractions(
+        summary["input_tokens"],
+        summary["output_tokens"],
+        rows,
+        summary["model_seconds"],
+        rows_in_flight(engine, rows / summary["batches"]),
+    )
+
+
 def _max_tokens(spec: JobSpec, task, engine, config) -> int:
     """The batch token budget: the spec's, or with `auto` what the device's free memory holds."""
     from bulkinfer.engines.memory import auto_token_budget
@@ -381,6 +411,8 @@ def _max_tokens(spec: JobSpec, task, engine, config) -> int:
     if spec.batching.max_tokens != "auto":
         return spec.batching.max_tokens
     generate = task.new_tokens_per_row() > 0
+    if generate and hasattr(engine, "generate_token_budget"):
+        return engine.generate_token_budget()
     return auto_token_budget(config, engine.device, engine.model.dtype, generate)
 
 
@@ -390,11 +422,12 @@ def run_batches(
     """Run the batches still to do, committing parts as they fill; returns the signal that
     stopped the loop after its batch in flight, or None when every batch ran."""
     cap = RowCap()
+    cost = model_cost(engine)
     with stop_signals() as stop:
         for batch in todo:
             faults.checkpoint("batch_start")
             faults.slow_batch()
-            table, stats = run_batch(task, engine, prepared, batch, writer.schema, cap)
+            table, stats = run_batch(task, engine, prepared, batch, writer.schema, cap, cost)
             if spec.on_error == "fail" and stats.failed_rows:
                 writer.flush(time.monotonic() - started)
                 raise RowFailedError(_first_failure(prepared, table))
@@ -447,7 +480,13 @@ class RowCap:
 
 
 def run_batch(
-    task, engine, prepared: PreparedRows, batch: Batch, schema, cap: RowCap | None = None
+    task,
+    engine,
+    prepared: PreparedRows,
+    batch: Batch,
+    schema,
+    cap: RowCap | None = None,
+    cost=None,
 ) -> tuple:
     """Run one batch; a failing batch is bisected so only the rows that really fail get an error."""
     cap = cap or RowCap()
@@ -476,16 +515,24 @@ def run_batch(
             continue
         new_tokens += result.new_tokens
         tables.append(rows_table(rows.tolist(), result.columns, [None] * len(rows), schema))
+    seconds = time.perf_counter() - start
+    in_flight = rows_in_flight(engine, len(batch.rows))
+    fractions = (
+        cost.fractions(batch.real_tokens, new_tokens, len(batch.rows), seconds, in_flight)
+        if cost is not None
+        else {}
+    )
     stats = BatchStats(
         batch=batch.index,
         rows=len(batch.rows),
         real_tokens=batch.real_tokens,
         padded_tokens=batch.padded_tokens if getattr(engine, "pads", True) else batch.real_tokens,
         new_tokens=new_tokens,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
         failed_rows=failed,
         splits=splits,
         ended_at=time.time(),
+        **fractions,
     )
     return pa.concat_tables(tables), stats
 

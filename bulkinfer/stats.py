@@ -2,9 +2,73 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
+
+# Dense bf16 tensor FLOP/s and memory bandwidth from the vendors' datasheets, matched against
+# the device name in order (first match wins). The lent H100s measured 780-790 TFLOP/s on a
+# large bf16 matrix product, so about 0.8 of these peaks is the practical ceiling.
+DEVICE_PEAKS = (
+    ("H200", 989e12, 4.8e12),
+    ("H100 PCIe", 756e12, 2.0e12),
+    ("H100", 989e12, 3.35e12),
+    ("A100-SXM4-80GB", 312e12, 2.04e12),
+    ("A100", 312e12, 1.56e12),
+    ("L40S", 362e12, 0.864e12),
+    ("L4", 121e12, 0.3e12),
+)
+
+
+def device_peaks(device_name: str) -> tuple[float, float] | None:
+    """(peak bf16 FLOP/s, bytes/s) of a known GPU, or None (a CPU, an unknown device)."""
+    for key, flops, bandwidth in DEVICE_PEAKS:
+        if key in device_name:
+            return flops, bandwidth
+    return None
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """What a token costs a model on a device: 2 x params FLOPs, the weights read once per
+    decode step, the KV cache bytes per token of context; and the device's peaks."""
+
+    params: int
+    weight_bytes: int
+    kv_bytes_per_token: int
+    peaks: tuple[float, float] | None
+
+    @classmethod
+    def of(cls, model, device_name: str) -> ModelCost:
+        config = model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        params = sum(p.numel() for p in model.parameters())
+        width = next(model.parameters()).element_size()
+        heads = getattr(config, "num_attention_heads", 0) or 1
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        layers = getattr(config, "num_hidden_layers", 0) or 0
+        kv = 2 * layers * kv_heads * head_dim * width
+        return cls(params, params * width, kv, device_peaks(device_name))
+
+    def fractions(
+        self, prompt_tokens: int, new_tokens: int, rows: int, seconds: float, in_flight: float
+    ) -> dict:
+        """Fraction of peak FLOP/s reached (2 x params per prompt and new token), and for
+        generation of the decode roofline: per step the weights once plus each row in flight's
+        KV cache (mean context: its prompt and half its new tokens), at the memory bandwidth."""
+        if self.peaks is None or seconds <= 0:
+            return {}
+        flops, bandwidth = self.peaks
+        total = prompt_tokens + new_tokens
+        out = {"peak_flops_fraction": 2 * self.params * total / seconds / flops}
+        if new_tokens and rows and in_flight:
+            context = (prompt_tokens + new_tokens / 2) / rows
+            step_bytes = self.weight_bytes + in_flight * context * self.kv_bytes_per_token
+            roofline = in_flight * bandwidth / step_bytes
+            out["decode_roofline_fraction"] = new_tokens / seconds / roofline
+        return out
 
 
 @dataclass(frozen=True)
@@ -21,6 +85,9 @@ class BatchStats:
     failed_rows: int = 0
     splits: int = 0
     ended_at: float | None = None
+    # on a known GPU (DEVICE_PEAKS); NaN elsewhere
+    peak_flops_fraction: float = math.nan
+    decode_roofline_fraction: float = math.nan
 
     @property
     def tokens_per_second(self) -> float:
@@ -42,6 +109,8 @@ STATS_SCHEMA = pa.schema(
         ("failed_rows", pa.int64()),
         ("splits", pa.int64()),
         ("ended_at", pa.float64()),
+        ("peak_flops_fraction", pa.float64()),
+        ("decode_roofline_fraction", pa.float64()),
         ("run", pa.string()),
     ]
 )
@@ -89,6 +158,7 @@ def summarize(
         "wall_seconds": wall_seconds,
         "model_seconds": model_seconds,
         "model_share_of_wall": model_seconds / wall,
+        "seconds_outside_model": max(0.0, wall_seconds - model_seconds),
         "rows_per_second": rows_out / wall,
         "input_tokens_per_second": input_tokens / wall,
         "output_tokens_per_second": output_tokens / wall,
@@ -113,5 +183,10 @@ def format_summary(summary: dict) -> str:
         ),
         ("batches", f"{summary['batches']:,} ({summary['oom_splits']} out-of-memory splits)"),
     ]
+    if "peak_flops_fraction" in summary:
+        hardware = f"{summary['peak_flops_fraction']:.1%} of peak FLOP/s"
+        if "decode_roofline_fraction" in summary:
+            hardware += f", {summary['decode_roofline_fraction']:.1%} of the decode roofline"
+        lines.append(("hardware", hardware))
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in lines)

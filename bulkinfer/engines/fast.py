@@ -216,6 +216,17 @@ class FastEngine(HFEngine):
         self.logits = torch.empty((self.max_slots, vocab), dtype=torch.float32, device=self.device)
         self.graphs.clear()
 
+    def generate_token_budget(self) -> int:
+        """`max_tokens: auto` for generation: a batch is a unit of checkpointing here, not of
+        memory (rows wait for a slot), so it may hold several pools' worth of rows; the
+        reference engine's budget where this engine would not decode."""
+        from bulkinfer.engines.memory import auto_token_budget
+
+        if not self.fast or self.device.type != "cuda":
+            return auto_token_budget(self.model.config, self.device, self.model.dtype, True)
+        tokens = self.pool.tokens if self.pool is not None else self._gpu_pool_tokens()
+        return 4 * tokens
+
     def _gpu_pool_tokens(self) -> int:
         free, _ = torch.cuda.mem_get_info(self.device)
         vocab = self.model.get_output_embeddings().weight.shape[0]
