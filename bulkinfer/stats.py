@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -85,9 +84,9 @@ class BatchStats:
     failed_rows: int = 0
     splits: int = 0
     ended_at: float | None = None
-    # on a known GPU (DEVICE_PEAKS); NaN elsewhere
-    peak_flops_fraction: float = math.nan
-    decode_roofline_fraction: float = math.nan
+    # on a known GPU (DEVICE_PEAKS); None elsewhere
+    peak_flops_fraction: float | None = None
+    decode_roofline_fraction: float | None = None
 
     @property
     def tokens_per_second(self) -> float:
