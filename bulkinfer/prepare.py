@@ -197,8 +197,9 @@ def prepare_rows(
         ids, lengths, score_from, errors, choices, cut = _collect_tokens(chunk, encoded, options)
         if chunk.requests is not None:
             request_parts.append(chunk.requests)
-        count_parts.append(choices[0])
-        choice_parts.append(choices[1])
+        if options.has_choices:
+            count_parts.append(choices[0])
+            choice_parts.append(choices[1])
         truncated.update({first_row + i: n for i, n in cut.items()})
         if token_file is not None:
             token_file.append(ids)
