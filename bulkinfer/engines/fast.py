@@ -30,7 +30,9 @@ from bulkinfer.engines.hf import (
     Generation,
     HFEngine,
     StopStrings,
+    per_row_totals,
     resolve_device,
+    scored_positions,
 )
 from bulkinfer.engines.packed_attention import (
     ATTENTION_NAME,
@@ -155,21 +157,14 @@ class FastEngine(HFEngine):
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         ids = torch.from_numpy(np.concatenate(sequences).astype(np.int64)).to(self.device)
         positions = torch.from_numpy(_restarting_positions(lengths)).to(self.device)
-        rows, at = [], []
-        for b, (n, start) in enumerate(zip(lengths, score_from, strict=True)):
-            pos = np.arange(max(start, 1) - 1, n - 1) + offsets[b]
-            rows.append(np.full(len(pos), b))
-            at.append(pos)
-        row_idx = torch.from_numpy(np.concatenate(rows)).to(self.device)
-        at_idx = torch.from_numpy(np.concatenate(at)).to(self.device)
+        rows, at = scored_positions(lengths, score_from, offsets)
+        row_idx = torch.from_numpy(rows).to(self.device)
+        at_idx = torch.from_numpy(at).to(self.device)
         packed = Packed(_int32(offsets, self.device), int(lengths.max()))
         with self._packed_attention():
             hidden = self._hidden(ids, positions, packed)
         token_logprobs = self._head_logprobs(hidden[at_idx], ids[at_idx + 1])
-        sums = torch.zeros(len(sequences), dtype=torch.float64, device=self.device)
-        sums.index_add_(0, row_idx, token_logprobs.double())
-        counts = torch.bincount(row_idx, minlength=len(sequences))
-        return list(zip(sums.tolist(), counts.tolist(), strict=True))
+        return per_row_totals(row_idx, token_logprobs, len(sequences))
 
     # ------------------------------------------------------------------ generation
 

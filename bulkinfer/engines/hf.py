@@ -130,19 +130,12 @@ class HFEngine:
         """Sum of log p(token | earlier tokens) over tokens score_from.. of each sequence."""
         lengths = [len(s) for s in sequences]
         input_ids = self._right_padded(sequences)
-        rows, positions = [], []
-        for b, (n, start) in enumerate(zip(lengths, score_from, strict=True)):
-            pos = np.arange(max(start, 1) - 1, n - 1)
-            rows.append(np.full(len(pos), b))
-            positions.append(pos)
-        row_idx = torch.from_numpy(np.concatenate(rows)).to(self.device)
-        pos_idx = torch.from_numpy(np.concatenate(positions)).to(self.device)
+        rows, positions = scored_positions(lengths, score_from)
+        row_idx = torch.from_numpy(rows).to(self.device)
+        pos_idx = torch.from_numpy(positions).to(self.device)
         targets = input_ids[row_idx, pos_idx + 1]
         token_logprobs = self._target_logprobs(input_ids, row_idx, pos_idx, targets)
-        sums = torch.zeros(len(sequences), dtype=torch.float64, device=self.device)
-        sums.index_add_(0, row_idx, token_logprobs.double())
-        counts = torch.bincount(row_idx, minlength=len(sequences))
-        return list(zip(sums.tolist(), counts.tolist(), strict=True))
+        return per_row_totals(row_idx, token_logprobs, len(sequences))
 
     @torch.inference_mode()
     def loglikelihood_choices(
@@ -181,11 +174,10 @@ class HFEngine:
         else:
             logits = self.model(**inputs).logits[row_idx, pos_idx].float()
             token_logprobs = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
-        sums = torch.zeros(len(flat), dtype=torch.float64, device=self.device)
-        sums.index_add_(0, row_idx, token_logprobs.double())
         results: list[list[tuple[float, int]]] = [[] for _ in contexts]
-        for b, total, c in zip(owners, sums.tolist(), flat, strict=True):
-            results[b].append((total, len(c)))
+        totals = per_row_totals(row_idx, token_logprobs, len(flat))
+        for b, (total, count) in zip(owners, totals, strict=True):
+            results[b].append((total, count))
         return results
 
     def _shared_prefix_cache(self, prefixes: list[np.ndarray], owners: list[int]):
@@ -320,6 +312,30 @@ class HFEngine:
             ids[i, longest - len(s) :] = s
             mask[i, longest - len(s) :] = 1
         return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
+
+
+def scored_positions(lengths, score_from, offsets=None) -> tuple[np.ndarray, np.ndarray]:
+    """(sequence, position) of every position whose next token is scored: tokens score_from..
+    of each sequence, predicted from the position before; `offsets` shifts positions into a
+    packed row."""
+    rows, positions = [], []
+    for b, (n, start) in enumerate(zip(lengths, score_from, strict=True)):
+        pos = np.arange(max(start, 1) - 1, n - 1)
+        if offsets is not None:
+            pos = pos + offsets[b]
+        rows.append(np.full(len(pos), b))
+        positions.append(pos)
+    return np.concatenate(rows), np.concatenate(positions)
+
+
+def per_row_totals(
+    row_idx: torch.Tensor, token_logprobs: torch.Tensor, n_rows: int
+) -> list[tuple[float, int]]:
+    """(sum of log-probs in float64, token count) of each row from its tokens' log-probs."""
+    sums = torch.zeros(n_rows, dtype=torch.float64, device=token_logprobs.device)
+    sums.index_add_(0, row_idx, token_logprobs.double())
+    counts = torch.bincount(row_idx, minlength=n_rows)
+    return list(zip(sums.tolist(), counts.tolist(), strict=True))
 
 
 class StopStrings:
