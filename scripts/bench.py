@@ -277,7 +277,9 @@ def bulk_score(engine: HFEngine, prepared, budget: TokenBudget, packed: bool) ->
 @torch.inference_mode()
 def decode_step_costs(fast: FastEngine, context: int, device) -> list[dict]:
     """Milliseconds per decode step for each slot bucket, every row attending to `context`
-    cached tokens: CUDA-graph replay, and eager at the largest bucket (what graphs save)."""
+    cached tokens: CUDA-graph replay of the fused (compiled) and the unfused (eager) forward,
+    and the fused one without a graph at the largest bucket (what graphs save)."""
+    from bulkinfer.engines.decoder import Decoder
     from bulkinfer.engines.fast import DECODE_BUCKETS, _Row
 
     fast._ensure_pool(fast.max_slots * (context + 1))
@@ -289,24 +291,48 @@ def decode_step_costs(fast: FastEngine, context: int, device) -> list[dict]:
         row = _Row(i, np.zeros(context, dtype=np.int64), 2, 0, start=1 + i * (context + 1))
         row.tokens = [1]
         rows.append(row)
+    fused = fast.decoder
+    variants = [("fused", fused, True), ("unfused", Decoder(fast.model, None), True)]
     out = []
-    with fast._packed_attention():
-        for size in sizes:
-            fast.state.load(rows[:size], size)
-            for graphs in [True, False] if size == sizes[-1] else [True]:
-                fast.use_graphs = graphs and device.type == "cuda"
+    for size in sizes:
+        fast.state.load(rows[:size], size)
+        extra = [("fused", fused, False)] if size == sizes[-1] else []
+        for name, decoder, graphs in variants + extra:
+            fast.decoder, fast.use_graphs = decoder, graphs and device.type == "cuda"
+            fast.graphs.clear()
+            fast.decode_step(size, context + 1)
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(10):
                 fast.decode_step(size, context + 1)
-                synchronize(device)
-                start = time.perf_counter()
-                for _ in range(10):
-                    fast.decode_step(size, context + 1)
-                synchronize(device)
-                ms = (time.perf_counter() - start) / 10 * 1e3
-                out.append(
-                    {"slots": size, "graph": fast.use_graphs, "ms": ms, "tok_s": size / ms * 1e3}
-                )
-    fast.use_graphs = device.type == "cuda"
+            synchronize(device)
+            ms = (time.perf_counter() - start) / 10 * 1e3
+            out.append(
+                {
+                    "slots": size,
+                    "forward": name,
+                    "graph": fast.use_graphs,
+                    "ms": ms,
+                    "tok_s": size / ms * 1e3,
+                }
+            )
+    fast.decoder, fast.use_graphs = fused, device.type == "cuda"
+    fast.graphs.clear()
     return out
+
+
+@torch.inference_mode()
+def warm_up(fast: FastEngine) -> float:
+    """Seconds of the first calls, which compile the fused forward (once per process; a job
+    pays it once, so the timed sections start after it)."""
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, 100, int(n)) for n in (5, 40, 300)]
+    synchronize(fast.device)
+    start = time.perf_counter()
+    fast.loglikelihood(seqs, [1] * 3)
+    fast.generate(seqs, [1, 2, 3], SamplingParams(4, ignore_eos=True), [4] * 3)
+    synchronize(fast.device)
+    return time.perf_counter() - start
 
 
 @torch.inference_mode()
@@ -578,6 +604,48 @@ def _auto(model, device, generate: bool) -> int:
     return auto_token_budget(model.config, device, model.dtype, generate)
 
 
+def setup_row(shape: str, fast: FastEngine) -> dict:
+    seconds = warm_up(fast)
+    compiled = fast.decoder is not None and fast.decoder.compiled
+    print(f"{shape}: first calls (compiling: {compiled}) took {seconds:.1f} s", flush=True)
+    return {"shape": shape, "work": "setup", "first_call_seconds": seconds, "compiled": compiled}
+
+
+@torch.inference_mode()
+def float32_agreement(shape: str, args, device, rows: int = 64, k: int = 32) -> dict:
+    """Greedy tokens of the fast engine against model.generate with both in float32 (no TF32),
+    where rounding cannot flip near-ties the way bf16 does: the share of rows whose first k
+    tokens are all equal, and the largest relative score difference against plain model()."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    model = build_model(shape, device, torch.float32)
+    tokenizer = word_tokenizer(model.config.vocab_size)
+    fast = FastEngine(model, tokenizer, device)
+    lengths = lognormal_lengths(rows, args.median, 0.9, 8, min(args.max_len, 1024), seed=13)
+    prompts = prompts_of(lengths, model.config.vocab_size, seed=14)
+    plain = baseline_generate(model, prompts, rows, k, device)["tokens"]
+    ours = fast.generate(
+        [np.asarray(p) for p in prompts],
+        list(range(rows)),
+        SamplingParams(k, ignore_eos=True),
+        [k] * rows,
+    )
+    equal = sum(a[:k] == g.tokens[:k] for a, g in zip(plain, ours, strict=True))
+    base = baseline_score(model, prompts, 8, device)["sums"]
+    scored = fast.loglikelihood([np.asarray(p) for p in prompts], [1] * rows)
+    rel = max(abs(a - b) / max(abs(a), 1e-9) for a, (b, _) in zip(base, scored, strict=True))
+    del model, fast
+    reset_peak(device)
+    return {
+        "shape": shape,
+        "work": "float32_check",
+        "rows": rows,
+        "first_tokens": k,
+        "rows_all_equal": equal / rows,
+        "score_max_rel_diff": rel,
+    }
+
+
 def print_table(rows: list[dict]) -> None:
     """tok/s, padding, fraction of peak FLOP/s (score) or of the decode roofline (generate),
     peak GPU memory, ratios to plain model()/model.generate and to generate_batch, and the
@@ -590,7 +658,7 @@ def print_table(rows: list[dict]) -> None:
     print(header)
     print("-" * len(header))
     for r in rows:
-        if r["work"] == "step_costs":
+        if r["work"] in ("step_costs", "setup", "float32_check"):
             continue
         if "error" in r:
             print(f"{r['shape']:<14}{r['work']:<10}{r['path']:<50}  {r['error']}")
@@ -633,6 +701,11 @@ def main() -> None:
     parser.add_argument("--runner", action="store_true", help="also `bulkinfer run` end to end")
     parser.add_argument("--runner-scale", type=int, default=1, help="x rows for --runner")
     parser.add_argument("--skip-generate", action="store_true", help="score sections only")
+    parser.add_argument(
+        "--float32-check",
+        default="qwen2.5-0.5b",
+        help="shape whose fast-engine greedy tokens are compared with model.generate in float32",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.tiny:
@@ -640,7 +713,7 @@ def main() -> None:
         args.score_prompts, args.generate_prompts, args.new_tokens = 48, 16, 8
         args.median, args.max_len, args.max_tokens = 24, 200, 4096
         args.skip_generate_batch, args.reference_generate, args.step_costs = True, True, True
-        args.runner = True
+        args.runner, args.float32_check = True, "tiny"
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     print(f"device: {device_name(device)}, torch {torch.__version__}", flush=True)
@@ -650,6 +723,7 @@ def main() -> None:
         tokenizer = word_tokenizer(model.config.vocab_size)
         engine = HFEngine(model, tokenizer, device)
         fast = FastEngine(model, tokenizer, device)
+        rows.append(setup_row(shape, fast))
         rows += score_section(shape, model, tokenizer, engine, fast, args, device)
         if not args.skip_generate:
             rows += generate_section(shape, model, tokenizer, engine, fast, args, device)
@@ -663,12 +737,16 @@ def main() -> None:
         save(args.out, device, rows)
         del model, engine, fast
         reset_peak(device)
+    if args.float32_check:
+        rows.append(float32_agreement(args.float32_check, args, device))
+        print(rows[-1], flush=True)
     if args.sharegpt_shape:
         start = time.perf_counter()
         model = build_model(args.sharegpt_shape, device, dtype)
         print(f"built {args.sharegpt_shape} in {time.perf_counter() - start:.1f} s", flush=True)
         tokenizer = word_tokenizer(model.config.vocab_size)
         fast = FastEngine(model, tokenizer, device)
+        rows.append(setup_row(args.sharegpt_shape, fast))
         if args.step_costs:
             costs = decode_step_costs(fast, 500, device)
             print(

@@ -35,16 +35,15 @@ def main() -> None:
             rows.append(row)
         fast.state.load(rows, size)
         fast.use_graphs = False
-        with fast._packed_attention():
-            for _ in range(3):
+        for _ in range(3):
+            fast.decode_step(size, 301)
+        torch.cuda.synchronize()
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
                 fast.decode_step(size, 301)
             torch.cuda.synchronize()
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-                for _ in range(5):
-                    fast.decode_step(size, 301)
-                torch.cuda.synchronize()
         print(f"=== {shape} slots {size}, eager, 5 steps")
         print(
             prof.key_averages().table(

@@ -11,6 +11,7 @@ import yaml
 from conftest import cli, read_outputs, sample_prompts, write_job, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bulkinfer.engines.decoder import Decoder
 from bulkinfer.engines.fast import FastEngine
 from bulkinfer.engines.hf import HFEngine
 from bulkinfer.engines.regions import RegionAllocator
@@ -18,7 +19,7 @@ from bulkinfer.engines.sampling import SamplingParams, row_key
 from bulkinfer.tiny_model import build_tiny_model
 
 
-@pytest.fixture(scope="module", params=["qwen2", "llama"])
+@pytest.fixture(scope="module", params=["qwen2", "llama", "qwen3"])
 def engines(request, tmp_path_factory):
     folder = build_tiny_model(tmp_path_factory.mktemp("m") / request.param, arch=request.param)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -139,3 +140,26 @@ def test_per_row_settings_and_logprobs_equal_the_reference(engines):
     ]
     for a, b in zip(ours, theirs, strict=True):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+def test_one_compiled_graph_serves_every_layer_and_batch_size(engines):
+    """The written-out forward traced whole by torch.compile (fullgraph; the eager-running
+    aot_eager backend, so CI needs no compiler): four graphs, whatever the layer or the number of
+    tokens, and the same scores and tokens as the reference engine."""
+    from torch._dynamo.utils import counters
+
+    reference, fast = engines
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = FastEngine(fast.model, fast.tokenizer, fast.device, max_slots=5)
+    compiled.decoder = Decoder(fast.model, backend="aot_eager")
+    seqs = random_sequences(11, fast.model.config.vocab_size, seed=7)
+    ours, theirs = compiled.loglikelihood(seqs, [1] * 11), reference.loglikelihood(seqs, [1] * 11)
+    assert [s for s, _ in ours] == pytest.approx([s for s, _ in theirs], rel=1e-5)
+    keys, params, limits = [row_key(0, i) for i in range(11)], SamplingParams(9), [9] * 11
+    assert compiled.generate(seqs, keys, params, limits) == reference.generate(
+        seqs, keys, params, limits
+    )
+    # before attention, after attention, the final norm, the scoring head
+    assert counters["stats"]["unique_graphs"] == 4
+    torch._dynamo.reset()

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from bulkinfer.engines.decoder import Decoder, compile_backend, decoder_blocker
 from bulkinfer.engines.hf import (
+    LOGIT_CHUNK_TOKENS,
     LOGIT_TRANSFORMS,
     Generation,
     HFEngine,
@@ -34,13 +35,7 @@ from bulkinfer.engines.hf import (
     resolve_device,
     scored_positions,
 )
-from bulkinfer.engines.packed_attention import (
-    ATTENTION_NAME,
-    PACKED_KWARG,
-    KVPool,
-    Packed,
-    register,
-)
+from bulkinfer.engines.packed_attention import KVPool, Packed, attend
 from bulkinfer.engines.regions import RegionAllocator
 from bulkinfer.engines.sampling import RowSampling, SamplingParams, choose_next_tokens
 from bulkinfer.progress import log
@@ -69,7 +64,7 @@ def fast_path_blocker(model) -> str | None:
         return "the model has sliding-window layers"
     if config.model_type == "mistral" and getattr(config, "sliding_window", None):
         return "the model has a sliding attention window"
-    return None
+    return decoder_blocker(model)
 
 
 def load_engine(spec, tokenizer) -> HFEngine:
@@ -109,8 +104,9 @@ class FastEngine(HFEngine):
         self.logits: torch.Tensor | None = None
         self.counters: dict[str, float] = {}
         self.graph_memory = None
-        self.use_graphs = device.type == "cuda"
-        register()
+        # a graph needs the flash kernel (the float32 attention loop reads sizes on the host)
+        self.use_graphs = device.type == "cuda" and model.dtype in (torch.float16, torch.bfloat16)
+        self.decoder = Decoder(model, compile_backend(device)) if self.blocker is None else None
 
     @property
     def fast(self) -> bool:
@@ -126,26 +122,24 @@ class FastEngine(HFEngine):
 
     # ------------------------------------------------------------------ shared forward
 
-    @contextmanager
-    def _packed_attention(self):
-        """The model's attention runs packed_attention for the duration of a fast call."""
-        config = self.model.config
-        previous = config._attn_implementation
-        config._attn_implementation = ATTENTION_NAME
-        try:
-            yield
-        finally:
-            config._attn_implementation = previous
-
     def _hidden(self, ids: torch.Tensor, positions: torch.Tensor, packed: Packed) -> torch.Tensor:
         """Last hidden states [tokens, dim] of a packed forward."""
-        out = self.model.base_model(
-            input_ids=ids[None],
-            position_ids=positions[None],
-            use_cache=False,
-            **{PACKED_KWARG: packed},
-        )
-        return out.last_hidden_state[0]
+        return self.decoder.hidden(ids, positions, lambda i, q, k, v: attend(i, q, k, v, packed))
+
+    def _head_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Log-probs of the targets, a chunk of tokens at a time, never in float32 [T x vocab]."""
+        head = self.model.get_output_embeddings()
+        logprobs = self.decoder.target_logprobs
+        out = [
+            logprobs(
+                hidden[a : a + LOGIT_CHUNK_TOKENS],
+                head.weight,
+                head.bias,
+                targets[a : a + LOGIT_CHUNK_TOKENS],
+            )
+            for a in range(0, len(hidden), LOGIT_CHUNK_TOKENS)
+        ]
+        return torch.cat(out) if out else torch.zeros(0, device=self.device)
 
     # ------------------------------------------------------------------ scoring
 
@@ -160,9 +154,8 @@ class FastEngine(HFEngine):
         rows, at = scored_positions(lengths, score_from, offsets)
         row_idx = torch.from_numpy(rows).to(self.device)
         at_idx = torch.from_numpy(at).to(self.device)
-        packed = Packed(_int32(offsets, self.device), int(lengths.max()))
-        with self._packed_attention():
-            hidden = self._hidden(ids, positions, packed)
+        packed = Packed(_int32(offsets, self.device), int(lengths.max()), self.decoder.scaling)
+        hidden = self._hidden(ids, positions, packed)
         token_logprobs = self._head_logprobs(hidden[at_idx], ids[at_idx + 1])
         return per_row_totals(row_idx, token_logprobs, len(sequences))
 
@@ -187,8 +180,7 @@ class FastEngine(HFEngine):
             )
         ]
         self._ensure_pool(sum(r.need for r in rows))
-        with self._packed_attention():
-            ContinuousBatch(self, rows, params, logprobs).run()
+        ContinuousBatch(self, rows, params, logprobs).run()
         return [Generation(r.tokens, r.reason, r.logprobs if logprobs else None) for r in rows]
 
     def _ensure_pool(self, tokens_needed: int) -> None:
@@ -244,6 +236,7 @@ class FastEngine(HFEngine):
         packed = Packed(
             s.query_offsets[: size + 1],
             kv_bucket,
+            self.decoder.scaling,
             pool,
             s.write[:size],
             decode=True,
@@ -270,6 +263,7 @@ class FastEngine(HFEngine):
         return self.logits[:size]
 
     def _capture(self, size: int, kv_bucket: int) -> torch.cuda.CUDAGraph:
+        started = time.perf_counter()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -281,6 +275,7 @@ class FastEngine(HFEngine):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_memory):
             self._decode_logits(size, kv_bucket)
+        _count(self.counters, graph_captures=1, capture_seconds=time.perf_counter() - started)
         return graph
 
 
@@ -440,6 +435,7 @@ class ContinuousBatch:
         packed = Packed(
             _int32(offsets, self.device),
             int(lengths.max()),
+            engine.decoder.scaling,
             engine.pool,
             torch.from_numpy(write).to(self.device),
         )

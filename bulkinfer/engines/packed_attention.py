@@ -1,4 +1,4 @@
-"""Attention over packed sequences, plugged into a Hugging Face model by name.
+"""Attention over packed sequences.
 
 A packed forward runs many sequences as one row of tokens with no padding: positions restart
 per sequence and attention stays inside each one (`cu_seqlens`, as in FlashAttention's varlen
@@ -7,9 +7,6 @@ owns one contiguous region, so rows of any length share one batch and a finished
 is handed to the next prompt. On a CUDA device in bf16/fp16 this is FlashAttention through
 `torch.ops.aten._flash_attention_forward`; elsewhere a per-sequence SDPA loop computes the same
 function (slow, for the CPU tests and float32 checks).
-
-The model is told which pass it runs through a `Packed` value in the forward's keyword
-arguments, which transformers hands to every attention call.
 """
 
 from __future__ import annotations
@@ -18,9 +15,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-ATTENTION_NAME = "bulkinfer_packed"
-PACKED_KWARG = "bulkinfer_packed"
 
 
 @dataclass
@@ -50,6 +44,7 @@ class Packed:
 
     cu_seqlens: torch.Tensor  # int32 [rows + 1]: offsets of the sequences in the packed row
     max_len: int
+    scale: float
     pool: KVPool | None = None
     write_index: torch.Tensor | None = None  # int64 [tokens]: pool slot of each token's K/V
     decode: bool = False
@@ -57,30 +52,24 @@ class Packed:
     used: torch.Tensor | None = None  # int32 [rows]: decode: pool slots a row attends to
 
 
-def packed_attention(
-    module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs
-) -> tuple[torch.Tensor, None]:
-    """transformers' attention signature: query [1, heads, T, D], key/value [1, kv_heads, T, D];
-    returns [1, T, heads, D]."""
-    packed: Packed = kwargs[PACKED_KWARG]
-    q = query[0].transpose(0, 1).contiguous()
-    k = key[0].transpose(0, 1).contiguous()
-    v = value[0].transpose(0, 1).contiguous()
+def attend(layer: int, q, k, v, packed: Packed) -> torch.Tensor:
+    """One layer's attention over a packed pass: q [T, heads, D], k/v [T, kv_heads, D] in,
+    [T, heads, D] out. With a pool, this pass's keys and values are stored in it first, and a
+    decode step then attends to each row's region of the pool."""
     if packed.pool is not None:
-        layer = module.layer_idx
         packed.pool.keys[layer].index_copy_(0, packed.write_index, k)
         packed.pool.values[layer].index_copy_(0, packed.write_index, v)
         if packed.decode:
             k, v = packed.pool.keys[layer], packed.pool.values[layer]
-    attend = _flash if _flash_ok(q) else _reference
-    return attend(q, k, v, packed, scaling)[None], None
+    run = _flash if _flash_ok(q) else _reference
+    return run(q, k, v, packed)
 
 
 def _flash_ok(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
 
 
-def _flash(q, k, v, packed: Packed, scaling) -> torch.Tensor:
+def _flash(q, k, v, packed: Packed) -> torch.Tensor:
     if packed.decode:
         out = torch.ops.aten._flash_attention_forward(
             q,
@@ -93,7 +82,7 @@ def _flash(q, k, v, packed: Packed, scaling) -> torch.Tensor:
             0.0,
             False,
             False,
-            scale=scaling,
+            scale=packed.scale,
             seqused_k=packed.used,
         )
     else:
@@ -108,12 +97,12 @@ def _flash(q, k, v, packed: Packed, scaling) -> torch.Tensor:
             0.0,
             True,
             False,
-            scale=scaling,
+            scale=packed.scale,
         )
     return out[0]
 
 
-def _reference(q, k, v, packed: Packed, scaling) -> torch.Tensor:
+def _reference(q, k, v, packed: Packed) -> torch.Tensor:
     """The same function one sequence at a time with SDPA: [T, heads, D] in, [T, heads, D] out."""
     groups = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
@@ -130,13 +119,8 @@ def _reference(q, k, v, packed: Packed, scaling) -> torch.Tensor:
         qh, kh, vh = (t.transpose(0, 1)[None] for t in (q[a:b], ks, vs))
         if groups > 1:
             kh, vh = kh.repeat_interleave(groups, 1), vh.repeat_interleave(groups, 1)
-        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=not packed.decode, scale=scaling)
+        o = F.scaled_dot_product_attention(
+            qh, kh, vh, is_causal=not packed.decode, scale=packed.scale
+        )
         out[a:b] = o[0].transpose(0, 1)
     return out
-
-
-def register() -> None:
-    """Make `attn_implementation = ATTENTION_NAME` resolve to packed_attention (idempotent)."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTENTION_NAME, packed_attention)

@@ -1,0 +1,237 @@
+"""The decoder stack of the fast engine, written out over a llama-family model's own weights.
+
+Why not the model's own forward: transformers runs every RMSNorm, rotary embedding, activation
+and residual add as several small kernels, about 50 a layer, and at decode sizes those cost
+~3 ms a step whatever the batch (measured on an H100, docs/perf.md). Written out as gpt-fast
+does, the work between the matrix products and attention is two functions a layer (before and
+after attention) plus the final norm and the scoring head, and on a GPU torch.compile fuses
+each into a few kernels. The functions take the token count as a dynamic size, so one
+compilation serves every batch; attention stays outside them (the caller's `attend`), so the
+compiled code never touches the KV pool. On the CPU they run eagerly and compute exactly what
+transformers computes (the tests compare the two).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+# BULKINFER_COMPILE=0 keeps the written-out forward eager on a GPU too (to compare, or to
+# sidestep a compiler problem on an unusual setup).
+COMPILE_ENV = "BULKINFER_COMPILE"
+
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class LayerWeights(NamedTuple):
+    """One decoder layer's tensors (biases and the per-head q/k norms may be absent)."""
+
+    input_norm: torch.Tensor
+    q: torch.Tensor
+    q_bias: torch.Tensor | None
+    k: torch.Tensor
+    k_bias: torch.Tensor | None
+    v: torch.Tensor
+    v_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    gate: torch.Tensor
+    gate_bias: torch.Tensor | None
+    up: torch.Tensor
+    up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+
+    @classmethod
+    def of(cls, layer) -> LayerWeights:
+        attn, mlp = layer.self_attn, layer.mlp
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        return cls(
+            layer.input_layernorm.weight,
+            attn.q_proj.weight,
+            attn.q_proj.bias,
+            attn.k_proj.weight,
+            attn.k_proj.bias,
+            attn.v_proj.weight,
+            attn.v_proj.bias,
+            q_norm.weight if q_norm is not None else None,
+            k_norm.weight if k_norm is not None else None,
+            attn.o_proj.weight,
+            attn.o_proj.bias,
+            layer.post_attention_layernorm.weight,
+            mlp.gate_proj.weight,
+            mlp.gate_proj.bias,
+            mlp.up_proj.weight,
+            mlp.up_proj.bias,
+            mlp.down_proj.weight,
+            mlp.down_proj.bias,
+        )
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    activation: str
+
+
+def decoder_blocker(model) -> str | None:
+    """Why the written-out forward cannot run this model, or None: every layer must be the
+    llama pattern (pre-norm attention with q/k/v/o projections, gated MLP, RMSNorm)."""
+    base = model.base_model
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    missing = [name for name in needed if not hasattr(base, name)]
+    if missing:
+        return f"the model has no {', '.join(missing)}"
+    for layer in base.layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        parts = [
+            (attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+            (mlp, ("gate_proj", "up_proj", "down_proj")),
+            (layer, ("input_layernorm", "post_attention_layernorm")),
+        ]
+        if any(
+            owner is None or not all(hasattr(owner, p) for p in names) for owner, names in parts
+        ):
+            return "a layer is not the llama pattern (q/k/v/o projections, gated MLP, two norms)"
+    norms = [m for m in base.modules() if type(m).__name__.endswith("RMSNorm")]
+    if not norms or any(not hasattr(m, "variance_epsilon") for m in norms):
+        return "the model's norms are not RMSNorm"
+    if len({m.variance_epsilon for m in norms}) != 1:
+        return "the model's norms differ in epsilon"
+    return None
+
+
+class Decoder:
+    """Hidden states of a packed row of tokens: embed, the layers, the final norm."""
+
+    def __init__(self, model, backend: str | None = None):
+        """`backend`: torch.compile's backend for the non-attention work ("inductor" fuses it
+        into a few kernels a layer), or None to run it eagerly."""
+        base = model.base_model
+        config = model.config.get_text_config()
+        attn = base.layers[0].self_attn
+        self.embed = base.embed_tokens
+        self.rotary = base.rotary_emb
+        self.final_norm = base.norm.weight
+        self.layers = [LayerWeights.of(layer) for layer in base.layers]
+        self.scaling = float(attn.scaling)
+        shape = DecoderShape(
+            heads=config.num_attention_heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=attn.head_dim,
+            eps=float(base.norm.variance_epsilon),
+            activation=config.hidden_act,
+        )
+        self.before_attention, self.after_attention, self.norm = layer_steps(shape)
+        self.head_logprobs = target_logprobs
+        self.compiled = backend is not None
+        if backend is not None:
+            self.before_attention = _compile(self.before_attention, backend)
+            self.after_attention = _compile(self.after_attention, backend)
+            self.norm = _compile(self.norm, backend)
+            self.head_logprobs = _compile(target_logprobs, backend)
+
+    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """Final hidden states [tokens, dim]; `attend(layer, q, k, v)` is the attention of a
+        packed pass ([tokens, heads, head_dim] in and out), which also stores keys and values."""
+        x = self.embed(ids)
+        cos, sin = self.rotary(x[None], positions[None])
+        cos, sin = cos[0], sin[0]
+        for i, weights in enumerate(self.layers):
+            self._mark_tokens_dynamic(x, cos, sin)
+            q, k, v = self.before_attention(x, cos, sin, weights)
+            out = attend(i, q, k, v)
+            self._mark_tokens_dynamic(x, out)
+            x = self.after_attention(x, out, weights)
+        self._mark_tokens_dynamic(x)
+        return self.norm(x, self.final_norm)
+
+    def target_logprobs(self, hidden, head: torch.Tensor, head_bias, targets) -> torch.Tensor:
+        """log p(target) of each hidden state under the LM head (see `target_logprobs`)."""
+        self._mark_tokens_dynamic(hidden, targets)
+        return self.head_logprobs(hidden, head, head_bias, targets)
+
+    def _mark_tokens_dynamic(self, *tensors: torch.Tensor) -> None:
+        """The token count is the one size that varies: compile for any, not per batch."""
+        if self.compiled:
+            for t in tensors:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+
+
+def layer_steps(shape: DecoderShape):
+    """The three functions of a layer's non-attention work, closed over the model's shape (so a
+    compiled one serves every layer: the weights are arguments)."""
+    from transformers.activations import ACT2FN
+
+    act = ACT2FN[shape.activation]
+    heads, kv_heads, head_dim, eps = shape.heads, shape.kv_heads, shape.head_dim, shape.eps
+
+    def before_attention(x, cos, sin, w: LayerWeights):
+        h = rms_norm(x, w.input_norm, eps)
+        tokens = x.shape[0]
+        q = F.linear(h, w.q, w.q_bias).view(tokens, heads, head_dim)
+        k = F.linear(h, w.k, w.k_bias).view(tokens, kv_heads, head_dim)
+        v = F.linear(h, w.v, w.v_bias).view(tokens, kv_heads, head_dim)
+        if w.q_norm is not None:
+            q = rms_norm(q, w.q_norm, eps)
+        if w.k_norm is not None:
+            k = rms_norm(k, w.k_norm, eps)
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        return q, k, v.contiguous()
+
+    def after_attention(x, attention, w: LayerWeights):
+        x = x + F.linear(attention.reshape(x.shape[0], -1), w.o, w.o_bias)
+        h = rms_norm(x, w.post_norm, eps)
+        gated = act(F.linear(h, w.gate, w.gate_bias)) * F.linear(h, w.up, w.up_bias)
+        return x + F.linear(gated, w.down, w.down_bias)
+
+    def norm(x, weight):
+        return rms_norm(x, weight, eps)
+
+    return before_attention, after_attention, norm
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm, operation for operation (float32 inside, weight after)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def target_logprobs(hidden, head: torch.Tensor, head_bias, targets: torch.Tensor):
+    """log p(target) from hidden states and the LM head: the target's logit minus the float32
+    logsumexp of its row, so no float32 [tokens x vocab] tensor is written (compiled, the
+    upcast and the reduction are one pass over the logits)."""
+    logits = F.linear(hidden, head, head_bias)
+    chosen = logits.gather(-1, targets[:, None]).squeeze(-1).float()
+    return chosen - torch.logsumexp(logits.float(), dim=-1)
+
+
+def compile_backend(device: torch.device) -> str | None:
+    """Inductor on a GPU (unless BULKINFER_COMPILE=0); eager on the CPU, where compiling costs
+    more than it saves on a job of test size."""
+    wanted = device.type == "cuda" and os.environ.get(COMPILE_ENV, "1") != "0"
+    return "inductor" if wanted else None
+
+
+def _compile(fn, backend: str):
+    # dynamic=None: sizes are static except those marked dynamic (the token count)
+    return torch.compile(fn, dynamic=None, fullgraph=True, backend=backend)
