@@ -299,7 +299,7 @@ def decode_step_costs(fast: FastEngine, context: int, device) -> list[dict]:
         extra = [("fused", fused, False)] if size == sizes[-1] else []
         for name, decoder, graphs in variants + extra:
             fast.decoder, fast.use_graphs = decoder, graphs and device.type == "cuda"
-            fast.graphs.clear()
+            fast.drop_graphs()
             fast.decode_step(size, context + 1)
             synchronize(device)
             start = time.perf_counter()
@@ -317,8 +317,15 @@ def decode_step_costs(fast: FastEngine, context: int, device) -> list[dict]:
                 }
             )
     fast.decoder, fast.use_graphs = fused, device.type == "cuda"
-    fast.graphs.clear()
+    fast.drop_graphs()
     return out
+
+
+def release_pool(fast: FastEngine) -> None:
+    """Give the KV pool's memory back (the next generate call allocates it again)."""
+    fast.pool = fast.state = fast.logits = None
+    fast.drop_graphs()
+    reset_peak(fast.device)
 
 
 @torch.inference_mode()
@@ -329,8 +336,7 @@ def warm_up(fast: FastEngine) -> float:
     seqs = [rng.integers(1, 100, int(n)) for n in (5, 40, 300)]
     synchronize(fast.device)
     start = time.perf_counter()
-    fast.loglikelihood(seqs, [1] * 3)
-    fast.generate(seqs, [1, 2, 3], SamplingParams(4, ignore_eos=True), [4] * 3)
+    fast.loglikelihood(seqs, [1] * 3)  # decode steps run the same compiled functions
     synchronize(fast.device)
     return time.perf_counter() - start
 
@@ -718,6 +724,15 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     print(f"device: {device_name(device)}, torch {torch.__version__}", flush=True)
     rows: list[dict] = []
+    try:
+        run_sections(args, device, dtype, rows)
+    finally:  # what ran is kept even when a later section fails
+        print()
+        print_table(rows)
+        save(args.out, device, rows)
+
+
+def run_sections(args, device, dtype, rows: list[dict]) -> None:
     for shape in [s for s in args.shapes.split(",") if s]:
         model = build_model(shape, device, dtype)
         tokenizer = word_tokenizer(model.config.vocab_size)
@@ -728,6 +743,7 @@ def main() -> None:
         if not args.skip_generate:
             rows += generate_section(shape, model, tokenizer, engine, fast, args, device)
         if args.runner:
+            release_pool(fast)  # the job loads its own engine, which sizes its own pool
             rows += runner_section(shape, model, args, device)
         if args.step_costs:
             costs = decode_step_costs(fast, 16 if args.tiny else 300, device)
@@ -754,9 +770,6 @@ def main() -> None:
             )
             rows.append({"shape": args.sharegpt_shape, "work": "step_costs", "costs": costs})
         rows += sharegpt_section(args.sharegpt_shape, model, tokenizer, fast, args, device)
-    print()
-    print_table(rows)
-    save(args.out, device, rows)
 
 
 def save(out: Path | None, device, rows: list[dict]) -> None:

@@ -29,51 +29,87 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class LayerWeights(NamedTuple):
-    """One decoder layer's tensors (biases and the per-head q/k norms may be absent)."""
+    """One decoder layer's tensors; q/k/v and gate/up each as one matrix (see `merge_linears`).
+    Biases and the per-head q/k norms may be absent."""
 
     input_norm: torch.Tensor
-    q: torch.Tensor
-    q_bias: torch.Tensor | None
-    k: torch.Tensor
-    k_bias: torch.Tensor | None
-    v: torch.Tensor
-    v_bias: torch.Tensor | None
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
     o: torch.Tensor
     o_bias: torch.Tensor | None
     post_norm: torch.Tensor
-    gate: torch.Tensor
-    gate_bias: torch.Tensor | None
-    up: torch.Tensor
-    up_bias: torch.Tensor | None
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
     down: torch.Tensor
     down_bias: torch.Tensor | None
 
     @classmethod
     def of(cls, layer) -> LayerWeights:
         attn, mlp = layer.self_attn, layer.mlp
+        qkv, qkv_bias = merge_linears(attn.q_proj, attn.k_proj, attn.v_proj)
+        gate_up, gate_up_bias = merge_linears(mlp.gate_proj, mlp.up_proj)
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         return cls(
             layer.input_layernorm.weight,
-            attn.q_proj.weight,
-            attn.q_proj.bias,
-            attn.k_proj.weight,
-            attn.k_proj.bias,
-            attn.v_proj.weight,
-            attn.v_proj.bias,
+            qkv,
+            qkv_bias,
             q_norm.weight if q_norm is not None else None,
             k_norm.weight if k_norm is not None else None,
             attn.o_proj.weight,
             attn.o_proj.bias,
             layer.post_attention_layernorm.weight,
-            mlp.gate_proj.weight,
-            mlp.gate_proj.bias,
-            mlp.up_proj.weight,
-            mlp.up_proj.bias,
+            gate_up,
+            gate_up_bias,
             mlp.down_proj.weight,
             mlp.down_proj.bias,
         )
+
+
+def merge_linears(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for linears that read the same input, so they run as one matrix
+    product: fewer, larger kernels, which is what a small decode batch is short of. The modules
+    are given views into the merged tensor, so memory is not doubled and transformers' own
+    forward (the reference path) still runs on them. Merging twice reuses the first merge."""
+    merged = _merged_base(m.weight for m in linears)
+    if merged is not None:
+        return merged, _merged_base(m.bias for m in linears)
+    weight = torch.cat([m.weight.detach() for m in linears])
+    biases = [m.bias for m in linears]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat(
+            [
+                b.detach() if b is not None else weight.new_zeros(m.out_features)
+                for m, b in zip(linears, biases, strict=True)
+            ]
+        )
+    start = 0
+    for m in linears:
+        end = start + m.out_features
+        m.weight = torch.nn.Parameter(weight[start:end], requires_grad=False)
+        if m.bias is not None:
+            m.bias = torch.nn.Parameter(bias[start:end], requires_grad=False)
+        start = end
+    return weight, bias
+
+
+def _merged_base(tensors) -> torch.Tensor | None:
+    """One tensor over these when they lie back to back in one storage (as `merge_linears`
+    leaves them), else None."""
+    tensors = list(tensors)
+    if any(t is None or not t.is_contiguous() for t in tensors):
+        return None
+    first = tensors[0]
+    offset = first.storage_offset()
+    for t in tensors:
+        same = t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        if not same or t.storage_offset() != offset:
+            return None
+        offset += t.numel()
+    rows = sum(t.shape[0] for t in tensors)
+    return first.detach().as_strided((rows, *first.shape[1:]), first.stride())
 
 
 @dataclass(frozen=True)
@@ -104,6 +140,9 @@ def decoder_blocker(model) -> str | None:
             owner is None or not all(hasattr(owner, p) for p in names) for owner, names in parts
         ):
             return "a layer is not the llama pattern (q/k/v/o projections, gated MLP, two norms)"
+        linears = [getattr(attn, p) for p in parts[0][1]] + [getattr(mlp, p) for p in parts[1][1]]
+        if any(type(m) is not torch.nn.Linear for m in linears):
+            return "a projection is not a plain torch Linear (a quantized layer?)"
     norms = [m for m in base.modules() if type(m).__name__.endswith("RMSNorm")]
     if not norms or any(not hasattr(m, "variance_epsilon") for m in norms):
         return "the model's norms are not RMSNorm"
@@ -177,12 +216,15 @@ def layer_steps(shape: DecoderShape):
     act = ACT2FN[shape.activation]
     heads, kv_heads, head_dim, eps = shape.heads, shape.kv_heads, shape.head_dim, shape.eps
 
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+
     def before_attention(x, cos, sin, w: LayerWeights):
         h = rms_norm(x, w.input_norm, eps)
         tokens = x.shape[0]
-        q = F.linear(h, w.q, w.q_bias).view(tokens, heads, head_dim)
-        k = F.linear(h, w.k, w.k_bias).view(tokens, kv_heads, head_dim)
-        v = F.linear(h, w.v, w.v_bias).view(tokens, kv_heads, head_dim)
+        q, k, v = F.linear(h, w.qkv, w.qkv_bias).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.reshape(tokens, heads, head_dim)
+        k = k.reshape(tokens, kv_heads, head_dim)
+        v = v.reshape(tokens, kv_heads, head_dim)
         if w.q_norm is not None:
             q = rms_norm(q, w.q_norm, eps)
         if w.k_norm is not None:
@@ -195,8 +237,8 @@ def layer_steps(shape: DecoderShape):
     def after_attention(x, attention, w: LayerWeights):
         x = x + F.linear(attention.reshape(x.shape[0], -1), w.o, w.o_bias)
         h = rms_norm(x, w.post_norm, eps)
-        gated = act(F.linear(h, w.gate, w.gate_bias)) * F.linear(h, w.up, w.up_bias)
-        return x + F.linear(gated, w.down, w.down_bias)
+        gate, up = F.linear(h, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+        return x + F.linear(act(gate) * up, w.down, w.down_bias)
 
     def norm(x, weight):
         return rms_norm(x, weight, eps)
