@@ -201,7 +201,13 @@ class FastEngine(HFEngine):
         self.state = DecodeState.allocate(self.max_slots, self.device)
         vocab = self.model.get_output_embeddings().weight.shape[0]
         self.logits = torch.empty((self.max_slots, vocab), dtype=torch.float32, device=self.device)
+        self.drop_graphs()
+
+    def drop_graphs(self) -> None:
+        """Forget the captured decode steps (and their memory pool: a pool whose graphs are all
+        gone cannot take a new capture)."""
         self.graphs.clear()
+        self.graph_memory = None
 
     def generate_token_budget(self) -> int:
         """`max_tokens: auto` for generation: a batch is a unit of checkpointing here, not of
