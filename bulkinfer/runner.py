@@ -1,7 +1,9 @@
 """The job loop: read -> tokenize -> plan -> run -> write, resumable at any point.
 
 Data flows one way. The output folder holds all state (fingerprint, manifest, parts), so a
-rerun of the same job picks up exactly the batches that were not committed.
+rerun of the same job picks up exactly the batches that were not committed. Host work overlaps
+the model: the weights load while the input is tokenized, and parts are written on a background
+thread while the next batch runs.
 """
 
 from __future__ import annotations
@@ -50,8 +52,15 @@ from bulkinfer.model_files import (
     local_model_folder,
     model_identity,
 )
+from bulkinfer.overlap import in_background, timed
 from bulkinfer.plan import Batch, TokenBudget, assign_shards, padding_fraction, plan_batches
-from bulkinfer.prepare import PreparedRows, prepare_rows, prepared_location, render_options
+from bulkinfer.prepare import (
+    PreparedRows,
+    RenderOptions,
+    prepare_rows,
+    prepared_location,
+    render_options,
+)
 from bulkinfer.progress import Progress, log, log_format, set_log_context
 from bulkinfer.sharding import Shard
 from bulkinfer.spec import JobSpec
@@ -63,7 +72,7 @@ ROW_FAILURES = (RuntimeError, IndexError)
 
 @dataclass
 class Inputs:
-    """Everything known before the model's weights load: tokenized rows and the model's limits."""
+    """The tokenized input, with what the model's tokenizer and config say about it."""
 
     files: list[str]
     tokenizer: object
@@ -74,16 +83,23 @@ class Inputs:
     task: Task
 
 
-def read_inputs(
-    spec: JobSpec,
-    files: list[str] | None = None,
-    spill: Path | None = None,
-    keep_tokens: bool = False,
-) -> Inputs:
-    """Read and tokenize the whole input; user errors surface here, before any GPU time.
+@dataclass(frozen=True)
+class TaskSetup:
+    """What reading the input needs, known in a moment from the files' first columns and the
+    model's tokenizer and config: no row is read and no weight loaded yet."""
 
-    Only lengths are kept unless `keep_tokens`: then token ids, ids and kept columns go to
-    files in `spill` (a temporary folder when None)."""
+    files: list[str]
+    columns: ColumnNames
+    tokenizer: object
+    config: object
+    kind: InputKind
+    task: Task
+    options: RenderOptions
+
+
+def set_up_task(spec: JobSpec, files: list[str] | None = None) -> TaskSetup:
+    """The task fitted to the model and the input's columns; spec and model-folder errors
+    surface here."""
     files = files or resolve_input_files(
         spec.input.path, spec.input.format, spec.output.path, spec.input.split
     )
@@ -93,24 +109,77 @@ def read_inputs(
     config = load_config(spec.model)
     kind = InputKind(per_request=per_request, choices=columns.choices is not None)
     task = make_task(spec, tokenizer, config, kind)
-    max_context = task.max_context
     options = render_options(
         spec.task,
         tokenizer,
-        max_context,
+        task.max_context,
         columns.completion is not None,
         has_choices=columns.choices is not None,
     )
     if per_request:  # a completions request's prompt is raw text, never a chat turn
         options = dataclasses.replace(options, use_chat_for_text=False)
-    chunks = read_chunks(files, columns, spec.input.format)
-    prepared = prepare_rows(chunks, tokenizer, options, spill, keep_tokens)
+    return TaskSetup(files, columns, tokenizer, config, kind, task, options)
+
+
+def read_inputs(
+    spec: JobSpec,
+    files: list[str] | None = None,
+    spill: Path | None = None,
+    keep_tokens: bool = False,
+) -> Inputs:
+    """Read and tokenize the whole input; user errors surface here, before any batch runs."""
+    return tokenize_inputs(spec, set_up_task(spec, files), spill, keep_tokens)
+
+
+def tokenize_inputs(
+    spec: JobSpec, setup: TaskSetup, spill: Path | None, keep_tokens: bool
+) -> Inputs:
+    """Only lengths are kept unless `keep_tokens`: then token ids, ids and kept columns go to
+    files in `spill` (a temporary folder when None)."""
+    chunks = read_chunks(setup.files, setup.columns, spec.input.format)
+    prepared = prepare_rows(chunks, setup.tokenizer, setup.options, spill, keep_tokens)
+    max_context = setup.task.max_context
     if prepared.truncated:
         log(
             f"{len(prepared.truncated):,} rows longer than {max_context} tokens are truncated "
             "(task.truncate; counted per row in truncated_tokens)"
         )
-    return Inputs(files, tokenizer, config, max_context, prepared, kind, task)
+    return Inputs(
+        setup.files,
+        setup.tokenizer,
+        setup.config,
+        max_context,
+        prepared,
+        setup.kind,
+        setup.task,
+    )
+
+
+def read_while_loading(spec: JobSpec, files: list[str], spill: Path) -> tuple[Inputs, object, dict]:
+    """Tokenize the input on this thread while the weights load on another (safetensors and the
+    Rust tokenizer both release the GIL); returns the inputs, the engine and the seconds each
+    took. An input error stops the job before any batch runs, the loading waited for and
+    dropped; a loading error is raised as the loader raised it."""
+    setup = set_up_task(spec, files)
+    check_output_columns(spec, setup.task)
+    load = setup.task.load_engine
+    with in_background(timed, load, spec.model, setup.tokenizer, name="bulkinfer-load") as loading:
+        start = time.monotonic()
+        inputs = tokenize_inputs(spec, setup, spill, keep_tokens=True)
+        prepare_seconds = time.monotonic() - start
+        check_no_failed_rows(spec, inputs.prepared)
+        engine, load_seconds = loading.result()
+    return inputs, engine, {"load_seconds": load_seconds, "prepare_seconds": prepare_seconds}
+
+
+def check_no_failed_rows(spec: JobSpec, prepared: PreparedRows) -> None:
+    """With `on_error: fail`, a row that cannot even be tokenized stops the job."""
+    if spec.on_error == "fail" and prepared.row_errors:
+        row, message = min(prepared.row_errors.items())
+        raise RowFailedError(
+            f"{prepared_location(prepared, row)}: {message} "
+            f"({len(prepared.row_errors)} such rows; on_error: record keeps them as row errors)"
+        )
 
 
 def is_openai_batch(spec: JobSpec, files: list[str]) -> bool:
@@ -238,18 +307,10 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
         )
         return 0
     local_model_folder(spec.model)  # a GGUF model is converted (once) before anything else
-    inputs = read_inputs(spec, files, spill=layout.prepared_dir, keep_tokens=True)
+    inputs, engine, host_seconds = read_while_loading(spec, files, layout.prepared_dir)
     prepared = inputs.prepared
-    if spec.on_error == "fail" and prepared.row_errors:
-        row, message = min(prepared.row_errors.items())
-        raise RowFailedError(
-            f"{prepared_location(prepared, row)}: {message} "
-            f"({len(prepared.row_errors)} such rows; on_error: record keeps them as row errors)"
-        )
     task = inputs.task
-    check_output_columns(spec, task)
     mine = shard_rows(prepared, task, shard)
-    engine = task.load_engine(spec.model, inputs.tokenizer)
     folder.job.setdefault("max_tokens", _max_tokens(spec, task, engine, inputs.config))
     folder.job["rows"] = len(mine)
     folder.job["openai_responses"] = spec.output.format == "openai" or (
@@ -298,9 +359,10 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
         output=str(layout.root),
     )
     schema = part_schema(task.schema)
-    writer = PartWriter(layout, manifest, schema, spec.checkpoint.every_rows, run_id)
+    every = spec.checkpoint.every_rows
     progress = Progress(batches, todo, budget.new_tokens_per_row, spec.progress.log_every_seconds)
-    signum = run_batches(spec, layout, task, engine, prepared, todo, writer, progress, started)
+    with PartWriter(layout, manifest, schema, every, run_id, log_checkpoint) as writer:
+        signum = run_batches(spec, layout, task, engine, prepared, todo, writer, progress, started)
     if signum is not None:
         name = signal.Signals(signum).name
         log(
@@ -316,6 +378,7 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
     )
     if shard is None and folder.job.get("openai_responses"):
         write_responses(layout, spec.model.path)
+    summary.update(host_seconds)
     summary.update(hardware_summary(summary, engine))
     summary.update(
         task=task.name,
@@ -431,22 +494,19 @@ def run_batches(
             if spec.on_error == "fail" and stats.failed_rows:
                 writer.flush(time.monotonic() - started)
                 raise RowFailedError(_first_failure(prepared, table))
-            if writer.add(table, batch.index, stats.to_dict(), time.monotonic() - started):
-                log_checkpoint(writer.manifest)
+            writer.add(table, batch.index, stats.to_dict(), time.monotonic() - started)
             progress.update(batch, stats.real_tokens + stats.new_tokens)
             layout.heartbeat.touch()
             if stop.signum is not None:
                 break
-        parts = len(writer.manifest.records)
         writer.flush(time.monotonic() - started)
-        if len(writer.manifest.records) > parts:
-            log_checkpoint(writer.manifest)
         progress.close()
         return stop.signum
 
 
 def log_checkpoint(manifest: Manifest) -> None:
-    """A committed part, for log collectors (plain logs stay quiet: parts come every minute)."""
+    """A committed part, for log collectors (plain logs stay quiet: parts come every minute);
+    called on the writer thread right after the commit."""
     part = manifest.records[-1]
     log(
         f"committed {part.file}: {part.rows:,} rows",

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from bulkinfer import faults
 from bulkinfer.checkpoint import Manifest, OutputLayout, PartRecord
 from bulkinfer.io.atomic import fsync_dir, write_bytes_atomic, write_parquet_atomic
+from bulkinfer.overlap import SerialThread
 
 OUTPUT_FILE_ROWS = 1_000_000
 BUCKET_ROWS = 262_144  # rows of results sorted in memory at a time
@@ -63,7 +64,14 @@ def error_rows_table(row_errors: dict[int, str], schema: pa.Schema) -> pa.Table:
 
 
 class PartWriter:
-    """Accumulates batch results and commits them as one part every `every_rows` rows."""
+    """Accumulates batch results and commits them as one part every `every_rows` rows.
+
+    A part is encoded, written, fsynced and committed in the manifest on a background thread,
+    so the next batch runs on the device meanwhile. Parts are committed in order and one at a
+    time: a full buffer waits for the part before it, so a kill loses at most the part being
+    written plus what is buffered, as with inline writes. A write error is raised, unchanged,
+    by the next `add` or `flush`, or when the writer closes.
+    """
 
     def __init__(
         self,
@@ -72,49 +80,67 @@ class PartWriter:
         schema: pa.Schema,
         every_rows: int,
         run_id: str,
+        on_commit: Callable[[Manifest], None] | None = None,
     ):
         self.layout = layout
         self.manifest = manifest
         self.schema = schema
         self.every_rows = every_rows
         self.run_id = run_id
+        self.on_commit = on_commit
         self._tables: list[pa.Table] = []
         self._batches: list[int] = []
         self._stats: list[dict] = []
         self._rows = 0
+        self._thread = SerialThread("bulkinfer-write")
 
-    def add(self, table: pa.Table, batch: int, stats: dict, elapsed: float) -> bool:
-        """Buffer a batch; commit a part when enough rows are waiting. True if it committed."""
+    def __enter__(self) -> PartWriter:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self._thread.close(failing=error)
+
+    def add(self, table: pa.Table, batch: int, stats: dict, elapsed: float) -> None:
+        """Buffer a batch; hand a part to the writer thread when enough rows are waiting."""
+        self._thread.check()
         self._tables.append(table)
         self._batches.append(batch)
         self._stats.append(stats)
         self._rows += table.num_rows
         if self._rows >= self.every_rows:
-            self.flush(elapsed)
-            return True
-        return False
+            self._hand_over(elapsed)
 
     def flush(self, elapsed: float) -> None:
-        """Write the buffered batches as one part, then commit it in the manifest."""
+        """Commit the buffered batches as one part and wait until every part is committed."""
+        self._hand_over(elapsed)
+        self._thread.wait()
+
+    def _hand_over(self, elapsed: float) -> None:
         if not self._tables:
             return
-        name = f"part-b{self._batches[0]:07d}.parquet"
-        table = pa.concat_tables(self._tables)
+        part = (self._tables, self._batches, self._stats, round(elapsed, 3))
+        self._tables, self._batches, self._stats, self._rows = [], [], [], 0
+        self._thread.submit(self._commit, *part)
+
+    def _commit(self, tables: list, batches: list[int], stats: list[dict], elapsed: float) -> None:
+        """Write the part, then commit it in the manifest (on the writer thread)."""
+        name = f"part-b{batches[0]:07d}.parquet"
+        table = pa.concat_tables(tables)
         sha = write_parquet_atomic(self.layout.parts_dir / name, table)
         faults.checkpoint("part_written")
-        self.manifest.commit(
-            PartRecord(
-                file=name,
-                batches=list(self._batches),
-                rows=table.num_rows,
-                sha256=sha,
-                run=self.run_id,
-                elapsed=round(elapsed, 3),
-                stats=list(self._stats),
-            )
+        record = PartRecord(
+            file=name,
+            batches=batches,
+            rows=table.num_rows,
+            sha256=sha,
+            run=self.run_id,
+            elapsed=elapsed,
+            stats=stats,
         )
-        self._tables, self._batches, self._stats, self._rows = [], [], [], 0
+        self.manifest.commit(record)
         faults.checkpoint("part_committed")
+        if self.on_commit is not None:
+            self.on_commit(self.manifest)
 
 
 @dataclass(frozen=True)
