@@ -81,10 +81,13 @@ def test_sigkill_at_random_moments_then_resume(crash_job):
     job = make("random-kills")
     rng = random.Random(0)
     kills = 0
+    # Slowed batches keep a run going past the longest wait on a fast machine too (unslowed, the
+    # whole job can end within one wait, and then there is nothing left to kill).
+    env = {**child_env(), "BULKINFER_SLOW_BATCH_SECONDS": "0.3"}
     for _ in range(6):
         proc = subprocess.Popen(
             [sys.executable, "-m", "bulkinfer", "run", str(job)],
-            env=child_env(),
+            env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
