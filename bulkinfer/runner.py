@@ -259,11 +259,14 @@ def check_output_columns(spec: JobSpec, task) -> None:
             )
 
 
-def token_budget(spec: JobSpec, max_tokens: int, new_tokens_per_row: int) -> TokenBudget:
+def token_budget(
+    spec: JobSpec, max_tokens: int, new_tokens_per_row: int, max_rows: int | None = None
+) -> TokenBudget:
+    """The planner's budget; `max_rows` is the job's resolved batching.max_batch_size (the
+    default's when None, as in `bulkinfer plan`, which loads no engine)."""
     batching = spec.batching
-    return TokenBudget(
-        max_tokens, batching.max_batch_size, new_tokens_per_row, batching.max_padding
-    )
+    rows = max_rows or batching.batch_rows()
+    return TokenBudget(max_tokens, rows, new_tokens_per_row, batching.max_padding)
 
 
 def run_job(spec: JobSpec, overwrite: bool = False, shard: Shard | None = None) -> int:
@@ -312,12 +315,15 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
     task = inputs.task
     mine = shard_rows(prepared, task, shard)
     folder.job.setdefault("max_tokens", _max_tokens(spec, task, engine, inputs.config))
+    folder.job.setdefault("max_batch_size", _max_batch_size(spec, task, engine))
     folder.job["rows"] = len(mine)
     folder.job["openai_responses"] = spec.output.format == "openai" or (
         spec.output.format == "auto" and inputs.kind.per_request
     )
     _log_capped_requests(prepared, spec.task.max_new_tokens)
-    budget = token_budget(spec, folder.job["max_tokens"], task.new_tokens_per_row())
+    budget = token_budget(
+        spec, folder.job["max_tokens"], task.new_tokens_per_row(), folder.job["max_batch_size"]
+    )
     runnable = prepared.runnable_rows()
     if shard is not None:
         runnable = np.intersect1d(runnable, mine)
@@ -465,6 +471,14 @@ def hardware_summary(summary: dict, engine) -> dict:
         summary["model_seconds"],
         rows_in_flight(engine, rows / summary["batches"]),
     )
+
+
+def _max_batch_size(spec: JobSpec, task, engine) -> int:
+    """Rows per batch at most: the spec's, or with `auto` as many as the engine keeps busy
+    (kept in job.json, like the token budget, so a resume plans the same batches)."""
+    engine_rows = getattr(engine, "batch_rows", None)
+    generate = task.new_tokens_per_row() > 0
+    return spec.batching.batch_rows(engine_rows(generate) if engine_rows else None)
 
 
 def _max_tokens(spec: JobSpec, task, engine, config) -> int:
@@ -711,7 +725,7 @@ def plan_report(spec: JobSpec, inputs: Inputs, max_tokens: int) -> dict:
         "row_errors": len(prepared.row_errors),
         "input_tokens": int(lengths[rows].sum()) if len(rows) else 0,
         "max_tokens": max_tokens,
-        "max_batch_size": spec.batching.max_batch_size,
+        "max_batch_size": budget.max_batch_size,
         "new_tokens_per_row": task.new_tokens_per_row(),
         "histogram": length_histogram(lengths[rows]),
         "batches_sorted": len(sorted_plan),

@@ -20,6 +20,7 @@ import yaml
 from bulkinfer.errors import SpecError, did_you_mean
 
 Auto = Literal["auto"]
+DEFAULT_BATCH_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,9 @@ class BatchingSpec:
     """Token budget per batch: rows x padded length (plus new tokens for generate)."""
 
     max_tokens: int | Auto = "auto"
-    max_batch_size: int = 256
+    # auto: what the engine keeps busy (the fast engine's generate: 4x its decode slots), else
+    # DEFAULT_BATCH_ROWS
+    max_batch_size: int | Auto = "auto"
     sort: Literal["length", "none"] = "length"
     # A batch at least a quarter full stops taking rows that would push its padding past this.
     max_padding: float = 0.1
@@ -175,7 +178,15 @@ class BatchingSpec:
             raise SpecError(f"{key}.max_padding: {self.max_padding} must be between 0 and 1")
         if self.max_tokens != "auto":
             _at_least(self.max_tokens, 16, f"{key}.max_tokens")
-        _at_least(self.max_batch_size, 1, f"{key}.max_batch_size")
+        if self.max_batch_size != "auto":
+            _at_least(self.max_batch_size, 1, f"{key}.max_batch_size")
+
+    def batch_rows(self, engine_rows: int | None = None) -> int:
+        """Rows per batch at most: the spec's number, or with auto the engine's (or the
+        default when no engine is loaded, as in `bulkinfer plan`)."""
+        if self.max_batch_size != "auto":
+            return self.max_batch_size
+        return engine_rows or DEFAULT_BATCH_ROWS
 
 
 @dataclass(frozen=True)
@@ -318,13 +329,17 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
+        alternatives = [a for a in args if a is not type(None)]
+        errors = {}
+        for arg in alternatives:
             try:
                 return _convert(value, arg, key)
             except SpecError as exc:
-                errors.append(exc)
-        raise errors[-1]
+                errors[typing.get_origin(arg) is Literal] = exc
+        if isinstance(value, str) and True in errors:
+            raise errors[True]  # a misspelt keyword: its message suggests the right one
+        wanted = " or ".join(_describe(a) for a in alternatives)
+        raise SpecError(f"{key}: expected {wanted}, got {_kind(value)}")
     if origin is Literal:
         if value not in args:
             choices = ", ".join(str(a) for a in args)
@@ -354,6 +369,14 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
             raise SpecError(f"{key}: expected a string, got {_kind(value)}")
         return value
     raise TypeError(f"unsupported spec type {hint!r} for {key}")
+
+
+def _describe(hint: Any) -> str:
+    """What a value of this type is, in the words of the error messages."""
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(hint))
+    names = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def _kind(value: Any) -> str:

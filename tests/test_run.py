@@ -396,3 +396,28 @@ def test_other_architectures_match_transformers(tmp_path, arch):
                     logprobs = model(ids["input_ids"]).logits[0, :-1].float().log_softmax(-1)
                 expected = logprobs.gather(-1, ids["input_ids"][0, 1:, None]).sum().item()
                 assert got["logprob_sum"] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("batch_size", ["auto", 40])
+def test_max_batch_size_auto_is_resolved_once_and_kept_in_job_json(
+    tmp_path, tiny_model, batch_size
+):
+    """auto: 256 rows a batch on the CPU (the fast engine's 4x decode slots for generate on a
+    GPU); the resolved number is written to job.json so a resume plans the same batches."""
+    rows = [{"id": f"r{i}", "prompt": f"word {i % 7}"} for i in range(300)]
+    inputs = write_jsonl(tmp_path / "in.jsonl", rows)
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        inputs,
+        tmp_path / "out",
+        task={"type": "score"},
+        batching={"max_tokens": 100_000, "max_batch_size": batch_size},
+        checkpoint={"every_rows": 1000},
+    )
+    assert cli("run", str(job)).exit_code == 0
+    expected = 256 if batch_size == "auto" else batch_size
+    assert json.loads((tmp_path / "out" / "job.json").read_text())["max_batch_size"] == expected
+    sizes = pq.read_table(tmp_path / "out" / "stats" / "batches.parquet").column("rows").to_pylist()
+    assert max(sizes) == expected and sum(sizes) == 300
+    assert read_outputs(tmp_path / "out").column("id").to_pylist() == [r["id"] for r in rows]

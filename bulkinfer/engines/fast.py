@@ -220,6 +220,13 @@ class FastEngine(HFEngine):
         tokens = self.pool.tokens if self.pool is not None else self._gpu_pool_tokens()
         return 4 * tokens
 
+    def batch_rows(self, generate: bool) -> int | None:
+        """`max_batch_size: auto` for generation on a GPU: enough rows to keep every decode
+        slot busy until the batch's last ones drain (None: the default)."""
+        if generate and self.fast and self.device.type == "cuda":
+            return 4 * self.max_slots
+        return None
+
     def _gpu_pool_tokens(self) -> int:
         free, _ = torch.cuda.mem_get_info(self.device)
         vocab = self.model.get_output_embeddings().weight.shape[0]
