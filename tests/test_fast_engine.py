@@ -163,3 +163,65 @@ def test_one_compiled_graph_serves_every_layer_and_batch_size(engines):
     # before attention, after attention, the final norm, the scoring head
     assert counters["stats"]["unique_graphs"] == 4
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "arch,extra",
+    [
+        (
+            "llama",
+            dict(
+                attention_bias=True,
+                mlp_bias=True,
+                rope_scaling={
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                },
+            ),
+        ),
+        ("mistral", dict(sliding_window=None, head_dim=16)),
+        ("qwen3", dict(tie_word_embeddings=True, head_dim=24)),
+    ],
+    ids=["llama-biases-llama3-rope", "mistral-no-window-wide-heads", "qwen3-tied"],
+)
+def test_the_written_out_forward_matches_transformers_on_other_shapes(arch, extra):
+    """Biases on every projection, llama3 rope scaling, a head_dim that is not hidden/heads,
+    tied embeddings: the fast path computes what transformers computes."""
+    from transformers import AutoConfig
+
+    from bulkinfer.tiny_model import train_tokenizer
+
+    tokenizer = train_tokenizer()
+    config = AutoConfig.for_model(
+        arch,
+        vocab_size=len(tokenizer),
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **{"head_dim": 12, "tie_word_embeddings": False, **extra},
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # biases are zero at init: make them count
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
+        model.get_output_embeddings().weight.mul_(20.0)
+    cpu = torch.device("cpu")
+    reference, fast = HFEngine(model, tokenizer, cpu), FastEngine(model, tokenizer, cpu)
+    assert fast.kind == "fast", fast.blocker
+    seqs = random_sequences(9, config.vocab_size, seed=8)
+    ours, theirs = fast.loglikelihood(seqs, [1] * 9), reference.loglikelihood(seqs, [1] * 9)
+    assert [s for s, _ in ours] == pytest.approx([s for s, _ in theirs], rel=1e-5, abs=1e-5)
+    keys, params, limits = [row_key(0, i) for i in range(9)], SamplingParams(10), [10] * 9
+    assert fast.generate(seqs, keys, params, limits) == reference.generate(
+        seqs, keys, params, limits
+    )
