@@ -329,17 +329,24 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        alternatives = [a for a in args if a is not type(None)]
-        errors = {}
+        # keywords ('auto') last: "expected a whole number or 'auto'"
+        alternatives = sorted(
+            (a for a in args if a is not type(None)), key=lambda a: typing.get_origin(a) is Literal
+        )
         for arg in alternatives:
             try:
                 return _convert(value, arg, key)
-            except SpecError as exc:
-                errors[typing.get_origin(arg) is Literal] = exc
-        if isinstance(value, str) and True in errors:
-            raise errors[True]  # a misspelt keyword: its message suggests the right one
+            except SpecError:
+                pass
+        keywords = [
+            str(k)
+            for a in alternatives
+            if typing.get_origin(a) is Literal
+            for k in typing.get_args(a)
+        ]
+        hint = did_you_mean(value, keywords) if isinstance(value, str) else ""
         wanted = " or ".join(_describe(a) for a in alternatives)
-        raise SpecError(f"{key}: expected {wanted}, got {_kind(value)}")
+        raise SpecError(f"{key}: expected {wanted}, got {_kind(value)}{hint}")
     if origin is Literal:
         if value not in args:
             choices = ", ".join(str(a) for a in args)
