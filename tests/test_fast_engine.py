@@ -81,6 +81,17 @@ def test_unsupported_models_take_the_reference_path(tmp_path):
     )
 
 
+def test_unsupported_models_score_on_the_reference_path(tmp_path):
+    folder = build_tiny_model(tmp_path / "neox", arch="gpt_neox")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    fast = FastEngine(model, tokenizer, torch.device("cpu"))
+    assert fast.kind == "reference"
+    reference = HFEngine(model, tokenizer, torch.device("cpu"))
+    seqs = random_sequences(4, model.config.vocab_size, seed=9)
+    assert fast.loglikelihood(seqs, [1] * 4) == reference.loglikelihood(seqs, [1] * 4)
+
+
 def test_region_allocator_reuses_and_coalesces_freed_regions():
     pool = RegionAllocator(100, reserved=1)
     a, b, c = pool.allocate(30), pool.allocate(30), pool.allocate(30)

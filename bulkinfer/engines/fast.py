@@ -128,6 +128,8 @@ class FastEngine(HFEngine):
 
     def _head_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Log-probs of the targets, a chunk of tokens at a time, never in float32 [T x vocab]."""
+        if self.decoder is None:
+            return super()._head_logprobs(hidden, targets)
         head = self.model.get_output_embeddings()
         logprobs = self.decoder.target_logprobs
         out = [
