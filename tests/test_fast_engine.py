@@ -236,3 +236,20 @@ def test_the_written_out_forward_matches_transformers_on_other_shapes(arch, extr
     assert fast.generate(seqs, keys, params, limits) == reference.generate(
         seqs, keys, params, limits
     )
+
+
+def test_a_compiler_that_fails_leaves_the_forward_unfused(engines, capsys):
+    """A machine that cannot build the fused kernels still runs the job, with one warning."""
+    reference, fast = engines
+
+    def broken_compiler(graph, example_inputs):
+        raise RuntimeError("no working compiler here")
+
+    torch._dynamo.reset()
+    unfused = FastEngine(fast.model, fast.tokenizer, fast.device, max_slots=5)
+    unfused.decoder = Decoder(fast.model, backend=broken_compiler)
+    seqs = random_sequences(5, fast.model.config.vocab_size, seed=10)
+    ours, theirs = unfused.loglikelihood(seqs, [1] * 5), reference.loglikelihood(seqs, [1] * 5)
+    assert [s for s, _ in ours] == pytest.approx([s for s, _ in theirs], rel=1e-5)
+    assert capsys.readouterr().err.count("compiling the fused forward failed (") == 1
+    torch._dynamo.reset()

@@ -21,6 +21,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from bulkinfer.progress import log
+
 # BULKINFER_COMPILE=0 keeps the written-out forward eager on a GPU too (to compare, or to
 # sidestep a compiler problem on an unusual setup).
 COMPILE_ENV = "BULKINFER_COMPILE"
@@ -154,7 +156,7 @@ def decoder_blocker(model) -> str | None:
 class Decoder:
     """Hidden states of a packed row of tokens: embed, the layers, the final norm."""
 
-    def __init__(self, model, backend: str | None = None):
+    def __init__(self, model, backend=None):
         """`backend`: torch.compile's backend for the non-attention work ("inductor" fuses it
         into a few kernels a layer), or None to run it eagerly."""
         base = model.base_model
@@ -175,11 +177,12 @@ class Decoder:
         self.before_attention, self.after_attention, self.norm = layer_steps(shape)
         self.head_logprobs = target_logprobs
         self.compiled = backend is not None
+        self.fell_back = False  # a compilation failed and its function runs eagerly
         if backend is not None:
-            self.before_attention = _compile(self.before_attention, backend)
-            self.after_attention = _compile(self.after_attention, backend)
-            self.norm = _compile(self.norm, backend)
-            self.head_logprobs = _compile(target_logprobs, backend)
+            self.before_attention = _Compiled(self.before_attention, backend, self._unfused)
+            self.after_attention = _Compiled(self.after_attention, backend, self._unfused)
+            self.norm = _Compiled(self.norm, backend, self._unfused)
+            self.head_logprobs = _Compiled(target_logprobs, backend, self._unfused)
 
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         """Final hidden states [tokens, dim]; `attend(layer, q, k, v)` is the attention of a
@@ -200,6 +203,12 @@ class Decoder:
         """log p(target) of each hidden state under the LM head (see `target_logprobs`)."""
         self._mark_tokens_dynamic(hidden, targets)
         return self.head_logprobs(hidden, head, head_bias, targets)
+
+    def _unfused(self, exc: Exception) -> None:
+        if not self.fell_back:
+            self.fell_back = True
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log(f"engine: compiling the fused forward failed ({first}); running it unfused")
 
     def _mark_tokens_dynamic(self, *tensors: torch.Tensor) -> None:
         """The token count is the one size that varies: compile for any, not per batch."""
@@ -274,6 +283,23 @@ def compile_backend(device: torch.device) -> str | None:
     return "inductor" if wanted else None
 
 
-def _compile(fn, backend: str):
-    # dynamic=None: sizes are static except those marked dynamic (the token count)
-    return torch.compile(fn, dynamic=None, fullgraph=True, backend=backend)
+class _Compiled:
+    """`fn` compiled, or `fn` itself once compiling it has failed: a machine whose compiler
+    cannot build the fused kernels (no working Triton, say) still runs the job, unfused;
+    `failed(exc)` is told, so the user hears of it once."""
+
+    def __init__(self, fn, backend, failed: Callable[[Exception], None]):
+        self.eager = fn
+        self.failed = failed
+        # dynamic=None: sizes are static except those marked dynamic (the token count)
+        self.run = torch.compile(fn, dynamic=None, fullgraph=True, backend=backend)
+
+    def __call__(self, *args):
+        try:
+            return self.run(*args)
+        except torch._dynamo.exc.TorchDynamoException as exc:
+            if self.run is self.eager:
+                raise
+            self.run = self.eager
+            self.failed(exc)
+            return self.eager(*args)
