@@ -342,9 +342,18 @@ def warm_up(fast: FastEngine) -> float:
 
 
 @torch.inference_mode()
-def bulk_generate(engine: HFEngine, prepared, budget: TokenBudget, new_tokens: np.ndarray) -> dict:
+def bulk_generate(
+    engine: HFEngine,
+    prepared,
+    budget: TokenBudget,
+    new_tokens: np.ndarray,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> dict:
     batches = plan_batches(prepared.runnable_rows(), prepared.lengths, budget)
-    params = SamplingParams(max_new_tokens=int(new_tokens.max()), ignore_eos=True)
+    params = SamplingParams(
+        int(new_tokens.max()), temperature=temperature, top_p=top_p, ignore_eos=True
+    )
     outputs: dict[int, list[int]] = {}
     produced = 0
     getattr(engine, "counters", {}).clear()
@@ -465,6 +474,15 @@ def generate_section(shape, model, tokenizer, engine, fast, args, device) -> lis
         row["engine_counters"] = dict(getattr(eng, "counters", {}))
         print(shape, name, "teacher-forced:", row["teacher_forced"], row["engine_counters"])
         rows.append(row)
+    # sampling draws keyed noise over the whole vocabulary and, with top-p, sorts it: per step
+    # that is several passes over [slots x vocab], which greedy decoding never pays
+    reset_peak(device)
+    sampled = bulk_generate(fast, prepared, paths[-1][2], limits, temperature=0.8, top_p=0.95)
+    label = "bulkinfer fast, sampled, T 0.8, top-p 0.95"
+    row = _gen_row(shape, label, sampled, model, lengths, fast.max_slots, device)
+    _compare_generations(row, rows, {}, sampled, few, new)  # ratios only: not greedy
+    row["engine_counters"] = dict(fast.counters)
+    rows.append(row)
     return rows
 
 
