@@ -1,4 +1,4 @@
-"""The fast engine: padding-free scoring and continuous-batching decode on the same HF modules.
+"""The fast engine: padding-free scoring and continuous-batching decode on the model's weights.
 
 Scoring packs a batch's sequences into one row of tokens (no padding, positions restarting per
 sequence, attention kept inside each sequence) and takes log-probs through the chunked LM head.
@@ -26,7 +26,6 @@ import torch
 
 from bulkinfer.engines.decoder import Decoder, compile_backend, decoder_blocker
 from bulkinfer.engines.hf import (
-    LOGIT_CHUNK_TOKENS,
     LOGIT_TRANSFORMS,
     Generation,
     HFEngine,
@@ -126,22 +125,12 @@ class FastEngine(HFEngine):
         """Last hidden states [tokens, dim] of a packed forward."""
         return self.decoder.hidden(ids, positions, lambda i, q, k, v: attend(i, q, k, v, packed))
 
-    def _head_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Log-probs of the targets, a chunk of tokens at a time, never in float32 [T x vocab]."""
+    def _chunk_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The fused scoring head: no float32 [tokens x vocab] tensor is written."""
         if self.decoder is None:
-            return super()._head_logprobs(hidden, targets)
+            return super()._chunk_logprobs(hidden, targets)
         head = self.model.get_output_embeddings()
-        logprobs = self.decoder.target_logprobs
-        out = [
-            logprobs(
-                hidden[a : a + LOGIT_CHUNK_TOKENS],
-                head.weight,
-                head.bias,
-                targets[a : a + LOGIT_CHUNK_TOKENS],
-            )
-            for a in range(0, len(hidden), LOGIT_CHUNK_TOKENS)
-        ]
-        return torch.cat(out) if out else torch.zeros(0, device=self.device)
+        return self.decoder.target_logprobs(hidden, head.weight, head.bias, targets)
 
     # ------------------------------------------------------------------ scoring
 

@@ -202,13 +202,18 @@ class HFEngine:
 
     def _head_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Log-probs of the targets from final hidden states, a chunk of tokens at a time."""
-        head = self.model.get_output_embeddings()
-        out = []
-        for start in range(0, len(hidden), LOGIT_CHUNK_TOKENS):
-            logits = head(hidden[start : start + LOGIT_CHUNK_TOKENS]).float()
-            chunk_targets = targets[start : start + LOGIT_CHUNK_TOKENS, None]
-            out.append(logits.log_softmax(-1).gather(-1, chunk_targets).squeeze(-1))
+        out = [
+            self._chunk_logprobs(
+                hidden[start : start + LOGIT_CHUNK_TOKENS],
+                targets[start : start + LOGIT_CHUNK_TOKENS],
+            )
+            for start in range(0, len(hidden), LOGIT_CHUNK_TOKENS)
+        ]
         return torch.cat(out) if out else torch.zeros(0, device=self.device)
+
+    def _chunk_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.model.get_output_embeddings()(hidden).float()
+        return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
 
     def _target_logprobs(self, input_ids, row_idx, pos_idx, targets) -> torch.Tensor:
         """Log-probs of the targets, never holding float32 logits for more than a chunk of tokens."""
