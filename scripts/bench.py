@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bulkinfer.engines import sampling  # noqa: E402
 from bulkinfer.engines.fast import FastEngine  # noqa: E402
 from bulkinfer.engines.hf import HFEngine, device_name  # noqa: E402
 from bulkinfer.engines.memory import auto_token_budget, bytes_per_token  # noqa: E402
@@ -321,6 +322,65 @@ def decode_step_costs(fast: FastEngine, context: int, device) -> list[dict]:
     return out
 
 
+def zipf_logits(rows: int, vocab: int, device, seed: int = 0) -> torch.Tensor:
+    """Logits shaped like a trained model's: log-probabilities falling as rank^-a (a per row in
+    [1.1, 1.6]) over a shuffled vocabulary. At temperature 0.8 the top-p 0.95 nucleus is tens to
+    a few hundred tokens, as for real models; random-weight models are nearly flat instead."""
+    gen = torch.Generator().manual_seed(seed)
+    slopes = 1.1 + 0.5 * torch.rand(rows, 1, generator=gen)
+    ranks = torch.arange(1, vocab + 1, dtype=torch.float32).log()
+    logits = -slopes * ranks[None, :]
+    order = torch.rand(rows, vocab, generator=gen).argsort(-1)
+    return logits.gather(-1, order).to(device)
+
+
+@torch.inference_mode()
+def sampler_costs(vocab: int, device, rows: int = 512, steps: int = 20) -> dict:
+    """Milliseconds per step of choosing tokens for `rows` rows, each way of choosing timed on
+    the same logits; and whether the compiled draw picks the eager draw's tokens."""
+    logits = zipf_logits(rows, vocab, device)
+    keys = torch.arange(rows, dtype=torch.int64, device=device) * 7919 + 1
+    constants = sampling.hash_constants(device)
+
+    def per_step(choose) -> float:
+        choose(0)
+        synchronize(device)
+        start = time.perf_counter()
+        for step in range(steps):
+            choose(step)
+        synchronize(device)
+        return (time.perf_counter() - start) / steps * 1e3
+
+    greedy = SamplingParams(1)
+    warm = SamplingParams(1, temperature=0.8)
+    nucleus = SamplingParams(1, temperature=0.8, top_p=0.95)
+    out = {"rows": rows, "vocab": vocab}
+    out["greedy_ms"] = per_step(lambda i: sampling.choose_next_tokens(logits, greedy, keys, i))
+    out["t0.8_ms"] = per_step(lambda i: sampling.choose_next_tokens(logits, warm, keys, i))
+    out["t0.8_eager_ms"] = per_step(
+        lambda i: sampling.gumbel_argmax(logits / 0.8, keys + i * constants[0], constants)
+    )
+    out["t0.8_top_p_ms"] = per_step(lambda i: sampling.choose_next_tokens(logits, nucleus, keys, i))
+    candidates = sampling.TOP_P_CANDIDATES
+    sampling.TOP_P_CANDIDATES = vocab  # every row sorted whole, as before the candidates
+    try:
+        out["t0.8_top_p_full_sort_ms"] = per_step(
+            lambda i: sampling.choose_next_tokens(logits, nucleus, keys, i)
+        )
+    finally:
+        sampling.TOP_P_CANDIDATES = candidates
+    draw = sampling._noise_argmax_for(device)
+    same = total = 0
+    for step in range(steps):
+        k = keys + step * constants[0]
+        ours = draw(logits / 0.8, k, constants)
+        eager = sampling.gumbel_argmax(logits / 0.8, k, constants)
+        same += int((ours == eager).sum())
+        total += rows
+    out["compiled_equals_eager"] = f"{same}/{total}"
+    return out
+
+
 def release_pool(fast: FastEngine) -> None:
     """Give the KV pool's memory back (the next generate call allocates it again)."""
     fast.pool = fast.state = fast.logits = None
@@ -474,15 +534,20 @@ def generate_section(shape, model, tokenizer, engine, fast, args, device) -> lis
         row["engine_counters"] = dict(getattr(eng, "counters", {}))
         print(shape, name, "teacher-forced:", row["teacher_forced"], row["engine_counters"])
         rows.append(row)
-    # sampling draws keyed noise over the whole vocabulary and, with top-p, sorts it: per step
-    # that is several passes over [slots x vocab], which greedy decoding never pays
-    reset_peak(device)
-    sampled = bulk_generate(fast, prepared, paths[-1][2], limits, temperature=0.8, top_p=0.95)
-    label = "bulkinfer fast, sampled, T 0.8, top-p 0.95"
-    row = _gen_row(shape, label, sampled, model, lengths, fast.max_slots, device)
-    _compare_generations(row, rows, {}, sampled, few, new)  # ratios only: not greedy
-    row["engine_counters"] = dict(fast.counters)
-    rows.append(row)
+    # sampling draws keyed noise over the whole vocabulary and top-p looks for the nucleus:
+    # work over [slots x vocab] each step that greedy decoding never pays. The random weights'
+    # flat logits put most of the vocabulary in a top-p nucleus, the worst case (every row
+    # sorted whole); trained models' nuclei sit among the candidates (see sampler_costs)
+    for temperature, top_p in ((0.8, 1.0), (0.8, 0.95)):
+        reset_peak(device)
+        sampled = bulk_generate(fast, prepared, paths[-1][2], limits, temperature, top_p)
+        label = f"bulkinfer fast, sampled, T {temperature}" + (
+            f", top-p {top_p} (flat logits)" if top_p < 1 else ""
+        )
+        row = _gen_row(shape, label, sampled, model, lengths, fast.max_slots, device)
+        _compare_generations(row, rows, {}, sampled, few, new)  # ratios only: not greedy
+        row["engine_counters"] = dict(fast.counters)
+        rows.append(row)
     return rows
 
 
@@ -681,16 +746,16 @@ def print_table(rows: list[dict]) -> None:
     agreement with the plain path (score: max relative difference; generate: share of the first
     32 greedy tokens of 64 rows that are plain model()'s argmax, teacher-forced)."""
     header = (
-        f"{'shape':<14}{'work':<10}{'path':<50}{'tok/s':>10}{'pad':>7}{'peak%':>7}{'GiB':>7}"
+        f"{'shape':<14}{'work':<10}{'path':<56}{'tok/s':>10}{'pad':>7}{'peak%':>7}{'GiB':>7}"
         f"{'x plain':>9}{'x gen_b':>9}{'agree':>10}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
-        if r["work"] in ("step_costs", "setup", "float32_check"):
+        if r["work"] in ("step_costs", "sampler_costs", "setup", "float32_check"):
             continue
         if "error" in r:
-            print(f"{r['shape']:<14}{r['work']:<10}{r['path']:<50}  {r['error']}")
+            print(f"{r['shape']:<14}{r['work']:<10}{r['path']:<56}  {r['error']}")
             continue
         frac = r.get("peak_fraction", r.get("roofline_fraction", float("nan")))
         ratios = "".join(
@@ -704,7 +769,7 @@ def print_table(rows: list[dict]) -> None:
         elif "teacher_forced" in r:
             agree = f"tf {r['teacher_forced']['argmax_share']:.1%}"
         print(
-            f"{r['shape']:<14}{r['work']:<10}{r['path']:<50}{r['tokens_per_s']:>10,.0f}"
+            f"{r['shape']:<14}{r['work']:<10}{r['path']:<56}{r['tokens_per_s']:>10,.0f}"
             f"{r['padding']:>7.1%}{frac:>7.1%}{r['peak_gib']:>7.1f}{ratios}{agree:>10}"
         )
 
@@ -727,6 +792,9 @@ def main() -> None:
     )
     parser.add_argument("--reference-generate", action="store_true", help="also time HFEngine")
     parser.add_argument("--step-costs", action="store_true", help="time decode steps per bucket")
+    parser.add_argument(
+        "--sampler-costs", action="store_true", help="time choosing tokens, each way, per step"
+    )
     parser.add_argument("--runner", action="store_true", help="also `bulkinfer run` end to end")
     parser.add_argument("--runner-scale", type=int, default=1, help="x rows for --runner")
     parser.add_argument("--skip-generate", action="store_true", help="score sections only")
@@ -742,6 +810,7 @@ def main() -> None:
         args.score_prompts, args.generate_prompts, args.new_tokens = 48, 16, 8
         args.median, args.max_len, args.max_tokens = 24, 200, 4096
         args.skip_generate_batch, args.reference_generate, args.step_costs = True, True, True
+        args.sampler_costs = True
         args.runner, args.float32_check = True, "tiny"
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -768,6 +837,10 @@ def run_sections(args, device, dtype, rows: list[dict]) -> None:
         if args.runner:
             release_pool(fast)  # the job loads its own engine, which sizes its own pool
             rows += runner_section(shape, model, args, device)
+        if args.sampler_costs:
+            costs = sampler_costs(model.config.vocab_size, device, rows=16 if args.tiny else 512)
+            print(f"{shape} sampler costs:", costs, flush=True)
+            rows.append({"shape": shape, "work": "sampler_costs", "costs": costs})
         if args.step_costs:
             costs = decode_step_costs(fast, 16 if args.tiny else 300, device)
             print(f"{shape} decode step costs:", costs, flush=True)

@@ -13,7 +13,6 @@ transformers computes (the tests compare the two).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -21,11 +20,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from bulkinfer.engines.compiling import Compiled, first_line
 from bulkinfer.progress import log
-
-# BULKINFER_COMPILE=0 keeps the written-out forward eager on a GPU too (to compare, or to
-# sidestep a compiler problem on an unusual setup).
-COMPILE_ENV = "BULKINFER_COMPILE"
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -179,10 +175,10 @@ class Decoder:
         self.compiled = backend is not None
         self.fell_back = False  # a compilation failed and its function runs eagerly
         if backend is not None:
-            self.before_attention = _Compiled(self.before_attention, backend, self._unfused)
-            self.after_attention = _Compiled(self.after_attention, backend, self._unfused)
-            self.norm = _Compiled(self.norm, backend, self._unfused)
-            self.head_logprobs = _Compiled(target_logprobs, backend, self._unfused)
+            self.before_attention = Compiled(self.before_attention, backend, self._unfused)
+            self.after_attention = Compiled(self.after_attention, backend, self._unfused)
+            self.norm = Compiled(self.norm, backend, self._unfused)
+            self.head_logprobs = Compiled(target_logprobs, backend, self._unfused)
 
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         """Final hidden states [tokens, dim]; `attend(layer, q, k, v)` is the attention of a
@@ -207,8 +203,7 @@ class Decoder:
     def _unfused(self, exc: Exception) -> None:
         if not self.fell_back:
             self.fell_back = True
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            log(f"engine: compiling the fused forward failed ({first}); running it unfused")
+            log(f"engine: compiling the fused forward failed ({first_line(exc)}); runs unfused")
 
     def _mark_tokens_dynamic(self, *tensors: torch.Tensor) -> None:
         """The token count is the one size that varies: compile for any, not per batch."""
@@ -274,32 +269,3 @@ def target_logprobs(hidden, head: torch.Tensor, head_bias, targets: torch.Tensor
     logits = F.linear(hidden, head, head_bias)
     chosen = logits.gather(-1, targets[:, None]).squeeze(-1).float()
     return chosen - torch.logsumexp(logits.float(), dim=-1)
-
-
-def compile_backend(device: torch.device) -> str | None:
-    """Inductor on a GPU (unless BULKINFER_COMPILE=0); eager on the CPU, where compiling costs
-    more than it saves on a job of test size."""
-    wanted = device.type == "cuda" and os.environ.get(COMPILE_ENV, "1") != "0"
-    return "inductor" if wanted else None
-
-
-class _Compiled:
-    """`fn` compiled, or `fn` itself once compiling it has failed: a machine whose compiler
-    cannot build the fused kernels (no working Triton, say) still runs the job, unfused;
-    `failed(exc)` is told, so the user hears of it once."""
-
-    def __init__(self, fn, backend, failed: Callable[[Exception], None]):
-        self.eager = fn
-        self.failed = failed
-        # dynamic=None: sizes are static except those marked dynamic (the token count)
-        self.run = torch.compile(fn, dynamic=None, fullgraph=True, backend=backend)
-
-    def __call__(self, *args):
-        try:
-            return self.run(*args)
-        except torch._dynamo.exc.TorchDynamoException as exc:
-            if self.run is self.eager:
-                raise
-            self.run = self.eager
-            self.failed(exc)
-            return self.eager(*args)

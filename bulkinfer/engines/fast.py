@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from bulkinfer.engines.decoder import Decoder, compile_backend, decoder_blocker
+from bulkinfer.engines.compiling import compile_backend
+from bulkinfer.engines.decoder import Decoder, decoder_blocker
 from bulkinfer.engines.hf import (
     LOGIT_TRANSFORMS,
     Generation,
@@ -36,7 +37,12 @@ from bulkinfer.engines.hf import (
 )
 from bulkinfer.engines.packed_attention import KVPool, Packed, attend
 from bulkinfer.engines.regions import RegionAllocator
-from bulkinfer.engines.sampling import RowSampling, SamplingParams, choose_next_tokens
+from bulkinfer.engines.sampling import (
+    STEP_KEY,
+    RowSampling,
+    SamplingParams,
+    choose_next_tokens,
+)
 from bulkinfer.progress import log
 
 SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -45,7 +51,6 @@ MIN_KV_BUCKET = 1024  # attention length buckets: powers of two from here
 SYNC_EVERY = 8  # decode steps between looks at the tokens on the host
 PREFILL_TOKENS = 16384  # tokens per prefill forward
 GPU_POOL_SHARE = 0.85  # of the free memory after the per-step working memory
-_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # the step constant of sampling.keyed_uniform
 
 
 def fast_path_blocker(model) -> str | None:
@@ -474,7 +479,7 @@ class ContinuousBatch:
             logits = engine.decode_step(size, longest)[:n]
             # keyed_uniform's noise for step s of a key is step 0's for key + s x its constant:
             # each row draws at its own step with the very function the reference engine uses
-            keys = state.keys[:n] + state.steps[:n] * _GOLDEN
+            keys = state.keys[:n] + state.steps[:n] * STEP_KEY
             tokens = choose_next_tokens(logits, chooser, keys, 0)
             chosen[:, j] = tokens
             if self.logprobs:

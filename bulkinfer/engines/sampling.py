@@ -7,9 +7,13 @@ or in another shard: the result depends on the row, never on its neighbours.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+
+from bulkinfer.engines.compiling import Compiled, compile_backend, first_line
+from bulkinfer.progress import log
 
 _MASK64 = (1 << 64) - 1
 
@@ -43,24 +47,34 @@ def _signed(c: int) -> int:
     return c - (1 << 64) if c >= 1 << 63 else c
 
 
-_C2 = _signed(0xBF58476D1CE4E5B9)
-_C3 = _signed(0x94D049BB133111EB)
+STEP_KEY = _signed(0x9E3779B97F4A7C15)  # keys advance by this per step (see keyed_uniform)
+_SHIFTS = (30, 27, 31, 11)
 
 
-def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift on int64 (torch's >> is arithmetic)."""
-    return (x >> k) & ((1 << (64 - k)) - 1)
+@functools.cache
+def hash_constants(device: torch.device) -> torch.Tensor:
+    """The noise hash's 64-bit multipliers and shift masks, as a tensor. Compiled code reads them
+    as inputs, not literals: inductor's CPU code generation mis-handles such int64 literals
+    (wrong products, heap corruption; seen with torch 2.13). Made once per device: a copy to
+    the GPU at every step would wait for the step before it."""
+    masks = [(1 << (64 - k)) - 1 for k in _SHIFTS]
+    values = [STEP_KEY, _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB), *masks]
+    return torch.tensor(values, dtype=torch.int64, device=device)
 
 
-def keyed_uniform(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """Uniform (0, 1) noise of shape [rows, vocab], a pure function of (key, step, column)."""
+def keyed_uniform(
+    keys: torch.Tensor, step: int, vocab: int, constants: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Uniform (0, 1) noise of shape [rows, vocab], a pure function of (key, step, column).
+    Step s of a key draws what step 0 of key + s x constants[0] draws (int64 wraps)."""
+    c = hash_constants(keys.device) if constants is None else constants
+    step_term, c2, c3, m30, m27, m31, m11 = c.unbind()
     columns = torch.arange(vocab, device=keys.device, dtype=torch.int64)
-    step_term = _signed(((step + 1) * 0x9E3779B97F4A7C15) & _MASK64)
-    z = keys[:, None] + step_term + columns[None, :] * _C3
-    z = (z ^ _shr(z, 30)) * _C2
-    z = (z ^ _shr(z, 27)) * _C3
-    z = z ^ _shr(z, 31)
-    return (_shr(z, 11).double() + 0.5) / float(1 << 53)
+    z = keys[:, None] + step_term * (step + 1) + columns[None, :] * c3
+    z = (z ^ ((z >> 30) & m30)) * c2  # `>> k & mask`: a logical shift (torch's >> is arithmetic)
+    z = (z ^ ((z >> 27) & m27)) * c3
+    z = z ^ ((z >> 31) & m31)
+    return (((z >> 11) & m11).double() + 0.5) / float(1 << 53)
 
 
 @dataclass(frozen=True)
@@ -94,7 +108,7 @@ def choose_next_tokens(
         kth = torch.topk(scores, params.top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if params.top_p < 1.0:
-        scores = _top_p_filter(scores, params.top_p)
+        scores = _top_p_filter(scores, torch.full_like(scores[:, :1], params.top_p))
     return _gumbel_argmax(scores, keys, step)
 
 
@@ -110,9 +124,9 @@ def _choose_per_row(
     vocab = scores.shape[-1]
     k = torch.where((params.top_k > 0) & (params.top_k < vocab), params.top_k, vocab)
     if bool((k < vocab).any()):
-        ranked = scores.sort(dim=-1, descending=True).values
-        kth = ranked.gather(-1, (k - 1)[:, None])
-        scores = scores.masked_fill(scores < kth, float("-inf"))
+        best = scores.topk(int(k[k < vocab].max()), dim=-1).values
+        kth = best.gather(-1, (k.clamp(max=best.shape[-1]) - 1)[:, None])
+        scores = scores.masked_fill((scores < kth) & (k < vocab)[:, None], float("-inf"))
     if bool((params.top_p < 1.0).any()):
         scores = _top_p_filter(scores, params.top_p[:, None])
     sampled = _gumbel_argmax(scores, keys, step)
@@ -120,15 +134,72 @@ def _choose_per_row(
 
 
 def _gumbel_argmax(scores: torch.Tensor, keys: torch.Tensor, step: int) -> torch.Tensor:
-    gumbel = -torch.log(-torch.log(keyed_uniform(keys, step, scores.shape[-1])))
-    return (scores.double().log_softmax(-1) + gumbel).argmax(-1)
+    """Gumbel-max over scores: argmax(scores + g) draws from softmax(scores). Step s of a key is
+    step 0 of key + s x the step constant (see keyed_uniform), so one function of (scores, keys)
+    serves every step and compiles once."""
+    constants = hash_constants(scores.device)
+    if step:
+        keys = keys + constants[0] * step
+    return _noise_argmax_for(scores.device)(scores, keys, constants)
 
 
-def _top_p_filter(scores: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability reaches top_p (at least one)."""
-    sorted_scores, order = scores.sort(dim=-1, descending=True)
-    probs = sorted_scores.softmax(-1)
-    before = probs.cumsum(-1) - probs
-    drop_sorted = (before >= top_p) & (top_p < 1.0)
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return scores.masked_fill(drop, float("-inf"))
+def gumbel_argmax(scores: torch.Tensor, keys: torch.Tensor, constants: torch.Tensor):
+    """argmax over the vocabulary of scores + Gumbel noise keyed by (key, column), in float64.
+    Eagerly that is some twenty passes over [rows x vocab] int64 and float64 tensors; compiled
+    on a GPU it is one."""
+    uniform = keyed_uniform(keys, 0, scores.shape[-1], constants)
+    return (scores.double() - torch.log(-torch.log(uniform))).argmax(-1)
+
+
+_compiled_argmax: dict[str, Compiled] = {}
+
+
+def _noise_argmax_for(device: torch.device):
+    backend = compile_backend(device)
+    if backend is None:
+        return gumbel_argmax
+    if backend not in _compiled_argmax:
+        _compiled_argmax[backend] = Compiled(gumbel_argmax, backend, _sampler_unfused)
+    compiled = _compiled_argmax[backend]
+
+    def run(scores: torch.Tensor, keys: torch.Tensor, constants: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.maybe_mark_dynamic(scores, 0)  # the rows vary; compile once for any
+        torch._dynamo.maybe_mark_dynamic(keys, 0)
+        return compiled(scores, keys, constants)
+
+    return run
+
+
+def _sampler_unfused(exc: Exception) -> None:
+    log(f"engine: compiling the sampler failed ({first_line(exc)}); sampling unfused")
+
+
+# top-p looks for the nucleus among this many best tokens (a top-k, not a sort of the whole
+# vocabulary); a row whose nucleus is wider than that is sorted whole
+TOP_P_CANDIDATES = 1024
+
+
+def _top_p_filter(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches top_p (at least one); `top_p`
+    is [rows, 1], and a row at 1.0 keeps everything."""
+    log_total = scores.logsumexp(-1, keepdim=True)
+    best, order = scores.topk(min(TOP_P_CANDIDATES, scores.shape[-1]), dim=-1)
+    kept, reached = _nucleus(best, log_total, top_p)
+    keep = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order, kept)
+    filtered = torch.where(keep | (top_p >= 1.0), scores, float("-inf"))
+    wide = ((reached < top_p) & (top_p < 1.0)).squeeze(-1)
+    if bool(wide.any()):
+        rows = wide.nonzero().squeeze(-1)
+        every, order = scores[rows].sort(dim=-1, descending=True)
+        kept, _ = _nucleus(every, log_total[rows], top_p[rows])
+        keep = torch.zeros_like(kept).scatter(-1, order, kept)
+        filtered[rows] = scores[rows].masked_fill(~keep, float("-inf"))
+    return filtered
+
+
+def _nucleus(ranked: torch.Tensor, log_total: torch.Tensor, top_p: torch.Tensor):
+    """Which of a row's best tokens (sorted, best first) are in its nucleus, and the probability
+    they hold together: a token is kept while the tokens before it hold less than top_p."""
+    probs = (ranked - log_total).exp()
+    reached = probs.cumsum(-1)
+    return (reached - probs) < top_p, reached[:, -1:]
