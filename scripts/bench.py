@@ -397,6 +397,8 @@ def warm_up(fast: FastEngine) -> float:
     synchronize(fast.device)
     start = time.perf_counter()
     fast.loglikelihood(seqs, [1] * 3)  # decode steps run the same compiled functions
+    # the sampler's fused draw compiles on its first use; a job pays that once too
+    fast.generate(seqs, [1, 2, 3], SamplingParams(2, temperature=0.8, ignore_eos=True), [2] * 3)
     synchronize(fast.device)
     return time.perf_counter() - start
 
@@ -797,6 +799,7 @@ def main() -> None:
     )
     parser.add_argument("--runner", action="store_true", help="also `bulkinfer run` end to end")
     parser.add_argument("--runner-scale", type=int, default=1, help="x rows for --runner")
+    parser.add_argument("--runner-only", action="store_true", help="no sections but --runner")
     parser.add_argument("--skip-generate", action="store_true", help="score sections only")
     parser.add_argument(
         "--float32-check",
@@ -831,10 +834,11 @@ def run_sections(args, device, dtype, rows: list[dict]) -> None:
         engine = HFEngine(model, tokenizer, device)
         fast = FastEngine(model, tokenizer, device)
         rows.append(setup_row(shape, fast))
-        rows += score_section(shape, model, tokenizer, engine, fast, args, device)
-        if not args.skip_generate:
+        if not args.runner_only:
+            rows += score_section(shape, model, tokenizer, engine, fast, args, device)
+        if not args.skip_generate and not args.runner_only:
             rows += generate_section(shape, model, tokenizer, engine, fast, args, device)
-        if args.runner:
+        if args.runner or args.runner_only:
             release_pool(fast)  # the job loads its own engine, which sizes its own pool
             rows += runner_section(shape, model, args, device)
         if args.sampler_costs:

@@ -50,6 +50,7 @@ DECODE_BUCKETS = (8, 16, 32, 64, 128, 256, 384, 512, 768, 1024)
 MIN_KV_BUCKET = 1024  # attention length buckets: powers of two from here
 SYNC_EVERY = 8  # decode steps between looks at the tokens on the host
 PREFILL_TOKENS = 16384  # tokens per prefill forward
+SCORE_BATCH_ROWS = 8192  # rows per packed scoring batch with max_batch_size auto, on a GPU
 GPU_POOL_SHARE = 0.85  # of the free memory after the per-step working memory
 
 
@@ -217,11 +218,14 @@ class FastEngine(HFEngine):
         return 4 * tokens
 
     def batch_rows(self, generate: bool) -> int | None:
-        """`max_batch_size: auto` for generation on a GPU: enough rows to keep every decode
-        slot busy until the batch's last ones drain (None: the default)."""
-        if generate and self.fast and self.device.type == "cuda":
-            return 4 * self.max_slots
-        return None
+        """`max_batch_size: auto` on a GPU (None elsewhere: the default). Generation: enough rows
+        to keep every decode slot busy until the batch's last ones drain. Scoring: packed rows
+        carry no padding, so the token budget alone sizes a batch; at 256 rows, 32,000 prompts
+        of ~300 tokens made 127 batches of a 1M-token budget instead of 23, each with its own
+        host work (0.5B shape on an H200: 0.2 s more outside the model, same model time)."""
+        if not self.fast or self.device.type != "cuda":
+            return None
+        return 4 * self.max_slots if generate else SCORE_BATCH_ROWS
 
     def _gpu_pool_tokens(self) -> int:
         free, _ = torch.cuda.mem_get_info(self.device)
