@@ -11,8 +11,13 @@ synthetic prompts with log-normal lengths. Measured per shape:
             engine too with --reference-generate
   sharegpt  bulkinfer's fast engine alone on the Llama-3.1-8B shape, each row to its own drawn
             length
+  runner    `bulkinfer run` end to end (--runner): throughput and the model's share of wall time
+            from summary.json, on 16x the rows above by default
+  sampler   the per-step cost of each way of choosing tokens (--sampler-costs)
 
-On a GPU:  python scripts/bench.py --out $OUT
+On a GPU:  python scripts/bench.py --runner --sampler-costs --out $OUT
+           (about 10 minutes on an H200 with cold compile caches; split by --shapes,
+           --sharegpt-shape "" and --runner-only where a call is limited)
 On a CPU:  python scripts/bench.py --tiny   (a tiny model, a few prompts: checks it still runs)
 """
 
@@ -798,7 +803,13 @@ def main() -> None:
         "--sampler-costs", action="store_true", help="time choosing tokens, each way, per step"
     )
     parser.add_argument("--runner", action="store_true", help="also `bulkinfer run` end to end")
-    parser.add_argument("--runner-scale", type=int, default=1, help="x rows for --runner")
+    parser.add_argument(
+        "--runner-scale",
+        type=int,
+        default=16,
+        help="x rows for --runner: a job of the benchmark's 2,000 prompts is ~1 s of GPU work, "
+        "shorter than loading the weights; 16x is a job of half a minute",
+    )
     parser.add_argument("--runner-only", action="store_true", help="no sections but --runner")
     parser.add_argument("--skip-generate", action="store_true", help="score sections only")
     parser.add_argument(
@@ -814,7 +825,7 @@ def main() -> None:
         args.median, args.max_len, args.max_tokens = 24, 200, 4096
         args.skip_generate_batch, args.reference_generate, args.step_costs = True, True, True
         args.sampler_costs = True
-        args.runner, args.float32_check = True, "tiny"
+        args.runner, args.runner_scale, args.float32_check = True, 1, "tiny"
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     print(f"device: {device_name(device)}, torch {torch.__version__}", flush=True)
