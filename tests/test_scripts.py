@@ -25,6 +25,11 @@ def test_bench_runs_on_the_cpu_with_a_tiny_model(tmp_path):
         assert ("generate", f"bulkinfer {engine}") in paths
     assert ("generate", "bulkinfer run (reference)") in paths  # the CLI end to end
     assert any(r["work"] == "step_costs" and r["costs"] for r in rows)
+    checks = {r["work"]: r for r in rows if r["work"].endswith("_check")}
+    assert checks["float32_check"]["rows_all_equal"] == 1.0  # greedy, token for token
+    assert 0.0 <= checks["bfloat16_check"]["tokens_before_first_difference"] <= 1.0
+    sampler = next(r["costs"] for r in rows if r["work"] == "sampler_costs")
+    assert sampler["greedy_ms"] > 0 and sampler["t0.8_top_p_ms"] > 0
     assert all("error" not in r for r in rows)
     for r in rows:
         if r["work"] == "score" and r["path"].startswith("bulkinfer ") and "run" not in r["path"]:
