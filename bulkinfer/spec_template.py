@@ -63,7 +63,7 @@ COMMENTS = {
     "batching": "token-budget batches of length-sorted rows",
     "batching.max_tokens": "padded tokens per batch; auto: 16384 on CPU, else from free GPU memory",
     "batching.max_batch_size": "rows per batch at most; auto: 4x the fast engine's decode slots "
-    "for generate on a GPU, else 256",
+    "for generate on a GPU, 8192 for its packed scoring on a GPU, else 256",
     "batching.sort": "length: longest first, least padding | none: file order",
     "batching.max_padding": "score: a batch holding 8k+ tokens stops before padding passes this",
     "checkpoint": "resumability",
