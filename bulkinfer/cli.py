@@ -19,7 +19,7 @@ class BulkinferGroup(click.Group):
     as a field)."""
 
     def invoke(self, ctx):
-        from bulkinfer.progress import log, log_format
+        from bulkinfer.observe.progress import log, log_format
 
         try:
             return super().invoke(ctx)
@@ -60,7 +60,7 @@ def _set_log_format(ctx, param, value: str | None) -> None:
     """The option sets BULKINFER_LOG_FORMAT, so worker processes and Slurm tasks inherit it."""
     import os
 
-    from bulkinfer.progress import (
+    from bulkinfer.observe.progress import (
         LOG_FORMAT_ENV,
         LOG_FORMATS,
         log_format,
@@ -131,7 +131,7 @@ def run(job, overrides, output, overwrite, shard, gpus) -> None:
       bulkinfer run jobs/sample.yaml --shard 3/64      # what Slurm array task 3 of 64 runs
       bulkinfer run jobs/sample.yaml --log-format json # JSON lines on stderr for collectors
     """
-    from bulkinfer.runner import run_job
+    from bulkinfer.job.runner import run_job
     from bulkinfer.sharding import parse_shard, shard_from_env
 
     spec = _load(job, overrides, output)
@@ -157,7 +157,7 @@ def status(output: str) -> None:
     from pathlib import Path
 
     from bulkinfer.errors import UserError
-    from bulkinfer.status import format_status, job_states
+    from bulkinfer.state.status import format_status, job_states
 
     root = Path(output)
     if not root.is_dir():
@@ -176,7 +176,7 @@ def merge(output: str) -> None:
     """
     from pathlib import Path
 
-    from bulkinfer.merge import merge_shards
+    from bulkinfer.state.merge import merge_shards
 
     summary = merge_shards(Path(output))
     click.echo(
@@ -262,13 +262,9 @@ def plan(job: str, overrides: tuple[str, ...], as_json: bool) -> None:
     Example:
       bulkinfer plan jobs/sample.yaml --set batching.max_tokens=4096
     """
-    from bulkinfer.engines.memory import planning_budget
-    from bulkinfer.runner import plan_report, read_inputs
+    from bulkinfer.job.planning import plan_job
 
-    spec = _load(job, overrides, None)
-    inputs = read_inputs(spec)
-    max_tokens = planning_budget(spec, inputs.config)
-    report = plan_report(spec, inputs, max_tokens)
+    report = plan_job(_load(job, overrides, None))
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -289,7 +285,7 @@ def init(path: str, force: bool) -> None:
 
     from bulkinfer.errors import UserError
     from bulkinfer.io.atomic import write_bytes_atomic
-    from bulkinfer.spec_template import job_template
+    from bulkinfer.spec.template import job_template
 
     target = Path(path)
     if target.exists() and not force:
@@ -314,7 +310,7 @@ def validate(job: str, overrides: tuple[str, ...], output: str | None) -> None:
     Example:
       bulkinfer validate jobs/sample.yaml --set input.keep_columns=[source]
     """
-    from bulkinfer.validate import check_job, format_check
+    from bulkinfer.job.validate import check_job, format_check
 
     click.echo(format_check(job, check_job(_load(job, overrides, output))))
 
@@ -332,7 +328,7 @@ def report(output: str) -> None:
     """
     from pathlib import Path
 
-    from bulkinfer.report import write_report
+    from bulkinfer.observe.report import write_report
 
     page = write_report(Path(output))
     click.echo(f"wrote {page}")

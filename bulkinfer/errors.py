@@ -45,3 +45,18 @@ class WriteError(UserError):
     """The output folder cannot be written (disk full, permissions): fix it and rerun to resume."""
 
     exit_code = 74  # EX_IOERR: a scheduler may retry once the disk has room
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): loaders and
+    kernels raise many-line messages, and a user-facing error is one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def model_error(what: str, exc: BaseException) -> ModelError:
+    """One line from a loader's (often multi-line) exception, with the fix where we know it."""
+    first = first_line(exc)
+    if "trust_remote_code" in str(exc):
+        first = "the model folder contains custom code; set model.trust_remote_code: true only if you trust it"
+    return ModelError(f"model.path: {what}: {first}")

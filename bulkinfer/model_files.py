@@ -15,8 +15,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from bulkinfer.errors import ModelError
-from bulkinfer.progress import log
+from bulkinfer.configs import text_config
+from bulkinfer.errors import ModelError, model_error
+from bulkinfer.observe.progress import log
 from bulkinfer.spec import PACKAGE_PREFIX, ModelSpec
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
@@ -174,9 +175,9 @@ def model_context(config, spec: ModelSpec) -> int | None:
     """The longest sequence the model takes: the spec's max_context, else the config's."""
     if spec.max_context is not None:
         return spec.max_context
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     for key in CONTEXT_KEYS:
-        value = getattr(text_config, key, None)
+        value = getattr(text, key, None)
         if isinstance(value, int) and value > 0:
             return value
     return None
@@ -187,15 +188,6 @@ def model_identity(spec: ModelSpec) -> dict:
     path = resolve_model_path(spec.path)
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
     return {"path": str(path), "files": {p.name: p.stat().st_size for p in files}}
-
-
-def model_error(what: str, exc: BaseException) -> ModelError:
-    """One line from a loader's (often multi-line) exception, with the fix where we know it."""
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
-    if "trust_remote_code" in text:
-        first = "the model folder contains custom code; set model.trust_remote_code: true only if you trust it"
-    return ModelError(f"model.path: {what}: {first}")
 
 
 POOLING_MODES = {"mean_tokens": "mean", "cls_token": "cls", "lasttoken": "last"}

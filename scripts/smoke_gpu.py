@@ -15,7 +15,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
-from bulkinfer.tiny_model import build_tiny_model
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tiny_model
+from tiny_model import build_tiny_model
 
 
 def run_job(

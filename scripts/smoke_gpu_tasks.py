@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from smoke_gpu import run_job
 
-from bulkinfer.tiny_model import build_tiny_classifier, build_tiny_encoder
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tiny_model
+from tiny_model import build_tiny_classifier, build_tiny_encoder
 
 
 def check_classify(work: Path, inputs: Path, arch: str) -> int:

@@ -22,7 +22,8 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import yaml
 
-from bulkinfer.tiny_model import build_tiny_model
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tiny_model
+from tiny_model import build_tiny_model
 
 PROGRESS = re.compile(r"\] ([\d,]+)/([\d,]+) rows")
 

@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from click.testing import CliRunner
+from tiny_model import build_tiny_model
 
 from bulkinfer.cli import main
-from bulkinfer.tiny_model import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import cli, read_outputs, write_job, write_jsonl, write_parquet
-
-from bulkinfer.tiny_model import build_tiny_model
+from tiny_model import build_tiny_model
 
 QUESTIONS = [
     {"id": "q1", "prompt": "The capital of France is", "choices": [" Paris", " Lyon", " 東京"]},

@@ -21,8 +21,7 @@ from conftest import (
     write_job,
     write_jsonl,
 )
-
-from bulkinfer.tiny_model import build_tiny_classifier, build_tiny_encoder
+from tiny_model import build_tiny_classifier, build_tiny_encoder
 
 LABELS = ["négatif", "позитив", "😀 happy", "中立"]
 

@@ -20,8 +20,7 @@ from conftest import (
     write_job,
     write_jsonl,
 )
-
-from bulkinfer.tiny_model import build_tiny_encoder
+from tiny_model import build_tiny_encoder
 
 
 @pytest.fixture(scope="module")

@@ -64,3 +64,12 @@ def test_shipped_choices_job_with_the_real_model(tmp_path):
     rows = _run_job("choices", tmp_path / "out")
     right = sum(r["best_choice"] == r["answer"] for r in rows)
     assert right >= 7, f"SmolLM2 picked {right} of {len(rows)} right answers"
+
+
+@pytest.mark.parametrize("job", sorted(p.stem for p in (ROOT / "jobs").glob("*.yaml")))
+def test_validate_accepts_every_example_job(tmp_path, job):
+    """`validate` runs `run`'s own set-up: it accepts every job `run` accepts (an OpenAI Batch
+    request file included), with the shipped models (install.sh builds the classifier)."""
+    result = cli("validate", str(ROOT / "jobs" / f"{job}.yaml"), "--output", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"{ROOT / 'jobs' / job}.yaml: OK")

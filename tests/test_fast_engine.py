@@ -9,14 +9,15 @@ import pytest
 import torch
 import yaml
 from conftest import cli, read_outputs, sample_prompts, write_job, write_jsonl
+from tiny_model import build_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bulkinfer.engines.decoder import Decoder
 from bulkinfer.engines.fast import FastEngine
 from bulkinfer.engines.hf import HFEngine
-from bulkinfer.engines.regions import RegionAllocator
+from bulkinfer.engines.kv import RegionAllocator
 from bulkinfer.engines.sampling import SamplingParams, row_key
-from bulkinfer.tiny_model import build_tiny_model
+from bulkinfer.engines.select import engine_around
 
 
 @pytest.fixture(scope="module", params=["qwen2", "llama", "qwen3"])
@@ -24,9 +25,8 @@ def engines(request, tmp_path_factory):
     folder = build_tiny_model(tmp_path_factory.mktemp("m") / request.param, arch=request.param)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    cpu = torch.device("cpu")
     # few slots, so rows queue, finish at different steps and their regions are reused
-    return HFEngine(model, tokenizer, cpu), FastEngine(model, tokenizer, cpu, max_slots=5)
+    return engine_around(model, tokenizer, "reference"), engine_around(model, tokenizer, slots=5)
 
 
 def random_sequences(n: int, vocab: int, seed: int) -> list[np.ndarray]:
@@ -36,7 +36,7 @@ def random_sequences(n: int, vocab: int, seed: int) -> list[np.ndarray]:
 
 def test_packed_scores_equal_the_padded_reference(engines):
     reference, fast = engines
-    assert fast.kind == "fast"
+    assert isinstance(fast, FastEngine) and fast.limits.kind == "fast" and not fast.limits.pads
     seqs = random_sequences(17, fast.model.config.vocab_size, seed=1)
     starts = [int(s) for s in np.random.default_rng(2).integers(0, 40, len(seqs))]
     ours, theirs = fast.loglikelihood(seqs, starts), reference.loglikelihood(seqs, starts)
@@ -70,10 +70,11 @@ def test_unsupported_models_take_the_reference_path(tmp_path):
     folder = build_tiny_model(tmp_path / "gemma2", arch="gemma2")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    fast = FastEngine(model, tokenizer, torch.device("cpu"))
-    assert fast.kind == "reference" and "gemma2" in fast.blocker
+    fast = engine_around(model, tokenizer, "fast")
+    assert type(fast) is HFEngine and fast.limits.kind == "reference"
+    assert "gemma2" in fast.limits.why_not_fast
     seqs = random_sequences(3, model.config.vocab_size, seed=5)
-    reference = HFEngine(model, tokenizer, torch.device("cpu"))
+    reference = engine_around(model, tokenizer, "reference")
     params = SamplingParams(5)
     keys = [1, 2, 3]
     assert fast.generate(seqs, keys, params, [5] * 3) == reference.generate(
@@ -85,11 +86,31 @@ def test_unsupported_models_score_on_the_reference_path(tmp_path):
     folder = build_tiny_model(tmp_path / "neox", arch="gpt_neox")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    fast = FastEngine(model, tokenizer, torch.device("cpu"))
-    assert fast.kind == "reference"
-    reference = HFEngine(model, tokenizer, torch.device("cpu"))
+    fast = engine_around(model, tokenizer, "fast")
+    assert type(fast) is HFEngine and fast.limits.kind == "reference"
+    reference = engine_around(model, tokenizer, "reference")
     seqs = random_sequences(4, model.config.vocab_size, seed=9)
     assert fast.loglikelihood(seqs, [1] * 4) == reference.loglikelihood(seqs, [1] * 4)
+
+
+def test_layers_the_fast_engine_cannot_run_fall_back_once_loaded(tmp_path):
+    """A supported config whose weights hold a projection that is not a plain Linear (as a
+    quantized one would be) runs on the reference engine around the same weights."""
+
+    class OtherLinear(torch.nn.Linear):
+        pass
+
+    folder = build_tiny_model(tmp_path / "llama", arch="llama")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    attn = model.model.layers[0].self_attn
+    other = OtherLinear(attn.q_proj.in_features, attn.q_proj.out_features, bias=False)
+    other.load_state_dict(attn.q_proj.state_dict())
+    attn.q_proj = other
+    engine = engine_around(model, tokenizer, "fast")
+    assert type(engine) is HFEngine and engine.model is model
+    assert engine.limits.kind == "reference" and engine.limits.pads
+    assert "Linear" in engine.limits.why_not_fast
 
 
 def test_region_allocator_reuses_and_coalesces_freed_regions():
@@ -162,7 +183,7 @@ def test_one_compiled_graph_serves_every_layer_and_batch_size(engines):
     reference, fast = engines
     torch._dynamo.reset()
     counters.clear()
-    compiled = FastEngine(fast.model, fast.tokenizer, fast.device, max_slots=5)
+    compiled = FastEngine(fast.model, fast.tokenizer, fast.limits)
     compiled.decoder = Decoder(fast.model, backend="aot_eager")
     seqs = random_sequences(11, fast.model.config.vocab_size, seed=7)
     ours, theirs = compiled.loglikelihood(seqs, [1] * 11), reference.loglikelihood(seqs, [1] * 11)
@@ -201,9 +222,8 @@ def test_one_compiled_graph_serves_every_layer_and_batch_size(engines):
 def test_the_written_out_forward_matches_transformers_on_other_shapes(arch, extra):
     """Biases on every projection, llama3 rope scaling, a head_dim that is not hidden/heads,
     tied embeddings: the fast path computes what transformers computes."""
+    from tiny_model import train_tokenizer
     from transformers import AutoConfig
-
-    from bulkinfer.tiny_model import train_tokenizer
 
     tokenizer = train_tokenizer()
     config = AutoConfig.for_model(
@@ -226,9 +246,9 @@ def test_the_written_out_forward_matches_transformers_on_other_shapes(arch, extr
             if name.endswith(".bias"):
                 p.normal_(0, 0.5)
         model.get_output_embeddings().weight.mul_(20.0)
-    cpu = torch.device("cpu")
-    reference, fast = HFEngine(model, tokenizer, cpu), FastEngine(model, tokenizer, cpu)
-    assert fast.kind == "fast", fast.blocker
+    reference = engine_around(model, tokenizer, "reference")
+    fast = engine_around(model, tokenizer, "fast")
+    assert fast.limits.kind == "fast", fast.limits.why_not_fast
     seqs = random_sequences(9, config.vocab_size, seed=8)
     ours, theirs = fast.loglikelihood(seqs, [1] * 9), reference.loglikelihood(seqs, [1] * 9)
     assert [s for s, _ in ours] == pytest.approx([s for s, _ in theirs], rel=1e-5, abs=1e-5)
@@ -246,7 +266,7 @@ def test_a_compiler_that_fails_leaves_the_forward_unfused(engines, capsys):
         raise RuntimeError("no working compiler here")
 
     torch._dynamo.reset()
-    unfused = FastEngine(fast.model, fast.tokenizer, fast.device, max_slots=5)
+    unfused = FastEngine(fast.model, fast.tokenizer, fast.limits)
     unfused.decoder = Decoder(fast.model, backend=broken_compiler)
     seqs = random_sequences(5, fast.model.config.vocab_size, seed=10)
     ours, theirs = unfused.loglikelihood(seqs, [1] * 5), reference.loglikelihood(seqs, [1] * 5)

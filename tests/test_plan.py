@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
 from conftest import cli, sample_prompts, write_job, write_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bulkinfer.plan import TokenBudget, length_histogram, padding_fraction, plan_batches
+from bulkinfer.planner import TokenBudget, length_histogram, padding_fraction, plan_batches
 
 lengths_strategy = st.lists(st.integers(min_value=1, max_value=3000), min_size=0, max_size=400)
 budget_strategy = st.builds(
@@ -93,7 +96,7 @@ def test_plan_command_reports_padding_without_loading_weights(tmp_path, tiny_mod
 @settings(max_examples=100, deadline=None)
 @given(lengths=lengths_strategy, n=st.integers(min_value=1, max_value=9))
 def test_every_row_in_exactly_one_shard(lengths, n):
-    from bulkinfer.plan import assign_shards
+    from bulkinfer.planner import assign_shards
 
     shard_of = assign_shards(np.asarray(lengths, dtype=np.int64), n)
     assert len(shard_of) == len(lengths)
@@ -102,7 +105,7 @@ def test_every_row_in_exactly_one_shard(lengths, n):
 
 
 def test_shards_of_a_skewed_input_balance_within_five_percent_of_tokens():
-    from bulkinfer.plan import assign_shards
+    from bulkinfer.planner import assign_shards
 
     rng = np.random.default_rng(0)
     lengths = np.clip(rng.lognormal(5, 1.2, 100_000), 1, 32_000).astype(np.int64)
@@ -110,3 +113,34 @@ def test_shards_of_a_skewed_input_balance_within_five_percent_of_tokens():
         totals = np.bincount(assign_shards(lengths, n), weights=lengths, minlength=n)
         assert totals.max() / totals.mean() - 1 < 0.05
         assert 1 - totals.min() / totals.mean() < 0.05
+
+
+@pytest.mark.parametrize("engine", ["fast", "auto"])
+def test_plan_and_run_resolve_the_same_budget_and_batches(tmp_path, tiny_model, engine):
+    """`bulkinfer plan` loads no weights, yet it sizes batches as the run of the same spec on the
+    same device does: one budget, from the engine's limits known before loading."""
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", sample_prompts(300)),
+        tmp_path / "out",
+        task={"max_new_tokens": 2},
+        batching={"max_tokens": "auto", "max_batch_size": "auto"},
+    )
+    spec = yaml.safe_load(job.read_text())
+    spec["model"]["engine"] = engine
+    job.write_text(yaml.safe_dump(spec))
+    result = cli("plan", str(job), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    assert cli("run", str(job)).exit_code == 0
+    recorded = json.loads((tmp_path / "out" / "job.json").read_text())
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert report["max_tokens"] == recorded["max_tokens"] == 16384  # the CPU's budget
+    assert report["max_batch_size"] == recorded["max_batch_size"] == 256
+    assert report["batches_sorted"] == recorded["plan"]["batches"] > 1
+    ran = pq.read_table(tmp_path / "out" / "stats" / "batches.parquet").to_pylist()
+    ran_rows = [b["rows"] for b in sorted(ran, key=lambda b: b["batch"])]
+    assert report["batch_rows"] == ran_rows  # the very same batches, row counts one by one
+    assert report["engine"]["kind"] == summary["engine"]
+    assert summary["engine"] == ("fast" if engine == "fast" else "reference")

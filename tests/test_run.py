@@ -365,7 +365,7 @@ def test_parquet_messages_column_and_output_folder_inside_the_input_folder(tmp_p
 
 @pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma2", "gpt_neox"])
 def test_other_architectures_match_transformers(tmp_path, arch):
-    from bulkinfer.tiny_model import build_tiny_model
+    from tiny_model import build_tiny_model
 
     model_dir = build_tiny_model(tmp_path / arch, arch=arch)
     rows = sample_prompts(10)

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import cli, sample_prompts, write_job, write_jsonl
 
-from bulkinfer.stats import ModelCost, device_peaks
+from bulkinfer.observe.stats import ModelCost, device_peaks
 
 
 def test_known_gpus_are_matched_by_name():

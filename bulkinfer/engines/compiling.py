@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -22,6 +23,21 @@ def compile_backend(device: torch.device) -> str | None:
     """Inductor on a GPU (unless BULKINFER_COMPILE=0); None (eager) on the CPU."""
     wanted = device.type == "cuda" and os.environ.get(COMPILE_ENV, "1") != "0"
     return "inductor" if wanted else None
+
+
+def use_compile_cache(folder: Path | None, device_name: str) -> Path | None:
+    """Keep the compiler's work on disk in bulkinfer's cache folder (inductor's FX-graph and
+    autotuning caches, Triton's kernels), so the second job on a box, and every Slurm array
+    task after the first where the cache folder is shared, loads compiled kernels instead of
+    building them. One folder per torch version and GPU; inside it inductor keys each entry by
+    the graph itself (the model's shapes and dtype). A folder the user set wins."""
+    if folder is None:
+        return None
+    gpu = "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()
+    where = folder / "compile" / f"torch-{torch.__version__.split('+')[0]}-{gpu}"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(where / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(where / "triton"))
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
 class Compiled:
@@ -42,8 +58,3 @@ class Compiled:
             self.run = self.eager
             self.failed(exc)
             return self.eager(*args)
-
-
-def first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

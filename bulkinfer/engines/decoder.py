@@ -20,8 +20,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from bulkinfer.engines.compiling import Compiled, first_line
-from bulkinfer.progress import log
+from bulkinfer.configs import text_config
+from bulkinfer.engines.compiling import Compiled
+from bulkinfer.errors import first_line
+from bulkinfer.observe.progress import log
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -156,7 +158,7 @@ class Decoder:
         """`backend`: torch.compile's backend for the non-attention work ("inductor" fuses it
         into a few kernels a layer), or None to run it eagerly."""
         base = model.base_model
-        config = model.config.get_text_config()
+        config = text_config(model.config)
         attn = base.layers[0].self_attn
         self.embed = base.embed_tokens
         self.rotary = base.rotary_emb

@@ -11,47 +11,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bulkinfer.engines.hf import device_name, load_weights
-from bulkinfer.errors import ModelError
-from bulkinfer.spec import ModelSpec
-
-# Weights an embedding never reads: a missing BERT pooler is no reason to refuse the model.
-UNUSED_BY_EMBED = ("pooler.",)
+from bulkinfer.engines.base import EngineLimits
 
 
 class EncoderEngine:
     """A model without a decode loop, on one device; results come back as float32 numpy."""
 
-    def __init__(self, model, pad_id: int, device: torch.device):
+    def __init__(self, model, pad_id: int, limits: EngineLimits):
+        self.limits = limits
         self.model = model
         self.pad_id = pad_id
-        self.device = device
-
-    @classmethod
-    def load(cls, spec: ModelSpec, tokenizer, head: str) -> EncoderEngine:
-        """head: `embed` (the bare model, AutoModel) or `classify`
-        (AutoModelForSequenceClassification, whose trained head must be in the checkpoint)."""
-        from transformers import AutoModel, AutoModelForSequenceClassification
-
-        auto_class = AutoModelForSequenceClassification if head == "classify" else AutoModel
-        model, device, missing = load_weights(auto_class, spec)
-        if head == "embed":
-            missing = {k for k in missing if not k.startswith(UNUSED_BY_EMBED)}
-        if missing:
-            names = ", ".join(sorted(missing)[:3]) + (" ..." if len(missing) > 3 else "")
-            what = "a trained classification head" if head == "classify" else "all its weights"
-            raise ModelError(
-                f"model.path: {spec.path} lacks {what} (missing {names}); "
-                "transformers would fill them with random values"
-            )
-        pad_id = tokenizer.pad_token_id
-        if not isinstance(pad_id, int):
-            pad_id = getattr(model.config, "pad_token_id", None) or 0
-        return cls(model, pad_id, device)
-
-    @property
-    def device_name(self) -> str:
-        return device_name(self.device)
+        self.device = model.device
 
     @torch.inference_mode()
     def embed(self, sequences: list[np.ndarray], pooling: str, normalize: bool) -> np.ndarray:

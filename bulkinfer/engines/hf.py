@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bulkinfer.configs import text_config
+from bulkinfer.engines.base import EngineLimits, LoadOptions
 from bulkinfer.engines.sampling import RowSampling, SamplingParams, choose_next_tokens
-from bulkinfer.errors import ModelError
-from bulkinfer.model_files import local_model_folder, model_error
-from bulkinfer.spec import ModelSpec
+from bulkinfer.errors import ModelError, model_error
 
 # Models whose logits are not just lm_head(hidden): chunked scoring must not skip that step.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
@@ -58,70 +58,45 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def load_weights(auto_class, spec: ModelSpec) -> tuple[torch.nn.Module, torch.device, set[str]]:
-    """Load `spec`'s weights as `auto_class` (an Auto* class of transformers) on its device, in
-    eval mode; also returns the names of weights the checkpoint lacked, which transformers would
-    have initialised at random."""
+def load_weights(auto_class, options: LoadOptions) -> tuple[torch.nn.Module, set[str]]:
+    """Load the weights in `options.folder` as `auto_class` (an Auto* class of transformers) on
+    its device, in eval mode; also returns the names of weights the checkpoint lacked, which
+    transformers would have initialised at random."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    device = resolve_device(spec.device)
-    dtype = resolve_dtype(spec.dtype, device)
-    folder = local_model_folder(spec)
+    device = resolve_device(options.device)
     try:
         model, info = auto_class.from_pretrained(
-            folder,
-            dtype=dtype,
-            trust_remote_code=spec.trust_remote_code,
-            use_safetensors=None if spec.allow_pickle else True,
+            options.folder,
+            dtype=resolve_dtype(options.dtype, device),
+            trust_remote_code=options.trust_remote_code,
+            use_safetensors=None if options.allow_pickle else True,
             # None lets transformers pick: SDPA where the architecture supports it.
-            attn_implementation=spec.attn_implementation,
+            attn_implementation=options.attn_implementation,
             output_loading_info=True,
         )
     except Exception as exc:  # any loader failure here is a model the user must fix
-        raise model_error(f"cannot load the weights of {spec.path}", exc) from None
+        raise model_error(f"cannot load the weights of {options.label}", exc) from None
     model.to(device).eval()
-    return model, device, set(info.get("missing_keys") or ())
+    return model, set(info.get("missing_keys") or ())
 
 
 class HFEngine:
     """A causal LM on one device, with padding handled and batch results in batch order."""
 
-    def __init__(self, model, tokenizer, device: torch.device):
+    def __init__(self, model, tokenizer, limits: EngineLimits):
+        self.limits = limits
         self.model = model
         self.tokenizer = tokenizer
-        self.device = device
+        self.device = model.device
         self.pad_id = _pad_id(tokenizer, model)
         self.eos_ids = _eos_ids(tokenizer, model)
-        config = (
-            model.config.get_text_config()
-            if hasattr(model.config, "get_text_config")
-            else model.config
-        )
+        config = text_config(model.config)
         self._chunked_logits = not any(getattr(config, k, None) for k in LOGIT_TRANSFORMS)
         # transformers renamed `past_key_values` to `cache`; speak whichever this version takes.
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-
-    @classmethod
-    def load(cls, spec: ModelSpec, tokenizer) -> HFEngine:
-        from transformers import AutoModelForCausalLM
-
-        model, device, _ = load_weights(AutoModelForCausalLM, spec)
-        return cls(model, tokenizer, device)
-
-    @property
-    def device_name(self) -> str:
-        return device_name(self.device)
-
-    @property
-    def kind(self) -> str:
-        return "reference"
-
-    @property
-    def pads(self) -> bool:
-        """Whether a batch runs padded to its longest row (the planner's padded_tokens)."""
-        return True
 
     @torch.inference_mode()
     def loglikelihood(
@@ -236,60 +211,39 @@ class HFEngine:
 
         `params` is one SamplingParams for the batch or one per row (temperature, top-p, top-k
         and stop strings then differ per row); `logprobs` adds each generated token's log-prob."""
-        batch = len(prompts)
-        per_row = params if isinstance(params, list) else [params] * batch
-        chooser = RowSampling.of(per_row, self.device) if isinstance(params, list) else params
-        input_ids, mask = self._left_padded(prompts)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        keys = torch.tensor(row_keys, dtype=torch.int64, device=self.device)
-        limits = torch.tensor(max_new, device=self.device)
-        eos_ids = [] if per_row[0].ignore_eos else sorted(self.eos_ids)
-        eos = torch.tensor(eos_ids or [-1], device=self.device)
         from transformers import DynamicCache
 
+        per_row = params if isinstance(params, list) else [params] * len(prompts)
+        chooser = RowSampling.of(per_row, self.device) if isinstance(params, list) else params
+        keys = torch.tensor(row_keys, dtype=torch.int64, device=self.device)
+        rows = _DecodingRows(self, per_row, max_new, logprobs)
+        input_ids, mask = self._left_padded(prompts)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         logits = self._step(input_ids, mask, positions, cache)
-        generated = torch.full(
-            (batch, max(max_new)), self.pad_id, dtype=torch.long, device=self.device
-        )
-        token_logprobs = torch.zeros(generated.shape, dtype=torch.float32, device=self.device)
-        counts = torch.zeros(batch, dtype=torch.long, device=self.device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        stopped = torch.zeros_like(finished)
-        stops = [p.stop for p in per_row]
-        stop_checker = StopStrings(stops, self.tokenizer) if any(stops) else None
-        n_steps = 0
         for step in range(max(max_new)):
-            active = ~finished
-            next_tokens = torch.where(
-                active, choose_next_tokens(logits, chooser, keys, step), self.pad_id
-            )
-            if logprobs:
-                chosen = logits.log_softmax(-1).gather(-1, next_tokens[:, None]).squeeze(-1)
-                token_logprobs[:, step] = chosen
-            is_eos = torch.isin(next_tokens, eos) & active
-            generated[:, step] = next_tokens
-            counts += (active & ~is_eos).long()
-            stopped |= is_eos
-            finished |= is_eos | (limits <= step + 1)
-            n_steps = step + 1
-            if stop_checker is not None:
-                hit = stop_checker.check(generated[:, :n_steps], counts, active)
-                stopped |= hit
-                finished |= hit
-            if bool(finished.all()):
+            tokens = rows.take(step, logits, choose_next_tokens(logits, chooser, keys, step))
+            if rows.all_finished():
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
-            logits = self._step(next_tokens[:, None], mask, positions, cache)
-        rows = generated[:, :n_steps].tolist()
-        row_logprobs = token_logprobs[:, :n_steps].tolist() if logprobs else [None] * batch
-        return [
-            Generation(tokens[:n], "stop" if s else "length", lps[:n] if logprobs else None)
-            for tokens, n, s, lps in zip(
-                rows, counts.tolist(), stopped.tolist(), row_logprobs, strict=True
-            )
-        ]
+            logits = self._step(tokens[:, None], mask, positions, cache)
+        return rows.generations()
+
+    def generate_stream(self, groups):
+        """Group after group, each run in calls of its `piece` sequences: the reference engine
+        pads each call to its longest row, so it keeps no rows in flight between calls."""
+        for tag, requests in groups:
+            generations = []
+            for piece in requests.pieces():
+                generations += self.generate(
+                    piece.prompts,
+                    piece.keys,
+                    piece.shared_params(),
+                    piece.limits,
+                    logprobs=piece.logprobs,
+                )
+            yield tag, generations
 
     def _step(self, input_ids, mask, positions, cache) -> torch.Tensor:
         out = self.model(
@@ -319,6 +273,62 @@ class HFEngine:
         return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
 
 
+class _DecodingRows:
+    """The reference decode loop's per-row bookkeeping: tokens so far, counts, which rows
+    finished (EOS, a stop string, their limit) and why."""
+
+    def __init__(self, engine: HFEngine, per_row: list[SamplingParams], max_new, logprobs: bool):
+        batch, device = len(per_row), engine.device
+        self.pad_id = engine.pad_id
+        self.logprobs = logprobs
+        self.limits = torch.tensor(max_new, device=device)
+        eos_ids = [] if per_row[0].ignore_eos else sorted(engine.eos_ids)
+        self.eos = torch.tensor(eos_ids or [-1], device=device)
+        self.generated = torch.full(
+            (batch, max(max_new)), self.pad_id, dtype=torch.long, device=device
+        )
+        self.token_logprobs = torch.zeros(self.generated.shape, dtype=torch.float32, device=device)
+        self.counts = torch.zeros(batch, dtype=torch.long, device=device)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.stopped = torch.zeros_like(self.finished)
+        stops = [p.stop for p in per_row]
+        self.stop_checker = StopStrings(stops, engine.tokenizer) if any(stops) else None
+        self.steps = 0
+
+    def take(self, step: int, logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Record step `step`'s chosen tokens (pad where a row has finished); returns them."""
+        active = ~self.finished
+        next_tokens = torch.where(active, chosen, self.pad_id)
+        if self.logprobs:
+            picked = logits.log_softmax(-1).gather(-1, next_tokens[:, None]).squeeze(-1)
+            self.token_logprobs[:, step] = picked
+        is_eos = torch.isin(next_tokens, self.eos) & active
+        self.generated[:, step] = next_tokens
+        self.counts += (active & ~is_eos).long()
+        self.stopped |= is_eos
+        self.finished |= is_eos | (self.limits <= step + 1)
+        self.steps = step + 1
+        if self.stop_checker is not None:
+            hit = self.stop_checker.check(self.generated[:, : self.steps], self.counts, active)
+            self.stopped |= hit
+            self.finished |= hit
+        return next_tokens
+
+    def all_finished(self) -> bool:
+        return bool(self.finished.all())
+
+    def generations(self) -> list[Generation]:
+        rows = self.generated[:, : self.steps].tolist()
+        batch = len(rows)
+        lps = self.token_logprobs[:, : self.steps].tolist() if self.logprobs else [None] * batch
+        return [
+            Generation(tokens[:n], "stop" if s else "length", lp[:n] if self.logprobs else None)
+            for tokens, n, s, lp in zip(
+                rows, self.counts.tolist(), self.stopped.tolist(), lps, strict=True
+            )
+        ]
+
+
 def scored_positions(lengths, score_from, offsets=None) -> tuple[np.ndarray, np.ndarray]:
     """(sequence, position) of every position whose next token is scored: tokens score_from..
     of each sequence, predicted from the position before; `offsets` shifts positions into a
@@ -344,13 +354,11 @@ def per_row_totals(
 
 
 class StopStrings:
-    """Text-level stop strings: decode only the tail of each row, so a check costs O(window)."""
+    """Text-level stop strings of a batch's rows (rows may have none)."""
 
     def __init__(self, stops: list[tuple[str, ...]], tokenizer):
-        """`stops` holds each row's stop strings (rows may have none)."""
         self.stops = stops
         self.tokenizer = tokenizer
-        self.window = max(len(s) for row in stops for s in row) + 8
 
     def check(
         self, generated: torch.Tensor, counts: torch.Tensor, active: torch.Tensor
@@ -359,18 +367,17 @@ class StopStrings:
         hits = []
         rows = zip(generated.tolist(), counts.tolist(), active.tolist(), self.stops, strict=True)
         for row, n, live, stops in rows:
-            live = live and bool(stops)
-            tail = row[max(0, n - self.window) : n]
-            text = self.tokenizer.decode(tail, skip_special_tokens=True) if live else ""
-            hits.append(live and any(s in text for s in stops))
+            hits.append(live and bool(stops) and stop_hit(self.tokenizer, row[:n], stops))
         return torch.tensor(hits, device=generated.device)
 
-    def hit(self, tokens: list[int], stops: tuple[str, ...]) -> bool:
-        """Whether the text of these tokens ends in (or holds, near the end) one of `stops`."""
-        if not stops:
-            return False
-        text = self.tokenizer.decode(tokens[-self.window :], skip_special_tokens=True)
-        return any(s in text for s in stops)
+
+def stop_hit(tokenizer, tokens: list[int], stops: tuple[str, ...]) -> bool:
+    """Whether the text of these tokens ends in (or holds, near the end) one of `stops`. Only
+    the tail is decoded, so a check costs O(window); the window is the row's own (a row's
+    result never depends on the stop strings of rows beside it)."""
+    window = max(len(s) for s in stops) + 8
+    text = tokenizer.decode(tokens[-window:], skip_special_tokens=True)
+    return any(s in text for s in stops)
 
 
 def truncate_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
@@ -398,11 +405,6 @@ def _eos_ids(tokenizer, model) -> set[int]:
         elif isinstance(source, list | tuple):
             ids.update(int(x) for x in source)
     return ids
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")

@@ -1,57 +1,63 @@
-"""`batching.max_tokens: auto`: a token budget sized from free device memory and the model shape.
+"""How many tokens fit: the token budget of `batching.max_tokens: auto` and the fast engine's KV
+pool, both from the model's shape and the device memory left once the weights are in.
 
 Per padded token a batch holds its KV cache (2 x layers x kv_heads x head_dim values, generate
 only) and the activations of one layer at a time (hidden states, attention and MLP temporaries).
 The budget is what fits in the free memory after the weights, with a safety margin; an
-out-of-memory error still splits the batch, so the estimate only has to be close.
+out-of-memory error still splits the batch, so the estimate only has to be close. Plain
+arithmetic on the config (no torch), so `bulkinfer plan` computes the same numbers as a run.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import Any
+
+from bulkinfer.configs import text_config
 
 CPU_TOKEN_BUDGET = 16384
 GPU_MEMORY_SHARE = 0.80
 MAX_AUTO_TOKENS = 1 << 20
+MIN_AUTO_TOKENS = 256
+PREFILL_TOKENS = 16384  # tokens per prefill forward of the fast engine
+GPU_POOL_SHARE = 0.85  # of the free memory after the fast engine's per-step working memory
+MIN_POOL_TOKENS = 4096
 
 
-def bytes_per_token(config, dtype: torch.dtype, generate: bool) -> int:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = text.hidden_size
-    layers = text.num_hidden_layers
+def kv_bytes_per_token(config: Any, width: int) -> int:
+    """Bytes of keys and values one token keeps, over all layers."""
+    text = text_config(config)
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * width
+
+
+def bytes_per_token(config: Any, width: int, generate: bool) -> int:
+    """Device bytes one padded token of a batch costs; `width` is the dtype's size in bytes."""
+    text = text_config(config)
+    hidden = text.hidden_size
     intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
-    width = torch.tensor([], dtype=dtype).element_size()
     activations = (6 * hidden + 3 * intermediate) * width
-    kv_cache = 2 * layers * kv_heads * head_dim * width if generate else 0
-    return activations + kv_cache
+    return activations + (kv_bytes_per_token(config, width) if generate else 0)
 
 
-def auto_token_budget(config, device: torch.device, dtype: torch.dtype, generate: bool) -> int:
-    """Padded tokens per batch that fit the device; a fixed modest budget on the CPU."""
-    if device.type != "cuda":
+def memory_token_budget(config: Any, width: int, free_bytes: int | None, generate: bool) -> int:
+    """Padded tokens per batch that fit `free_bytes`; a fixed modest budget on the CPU (None)."""
+    if free_bytes is None:
         return CPU_TOKEN_BUDGET
-    free, _ = torch.cuda.mem_get_info(device)
-    budget = int(free * GPU_MEMORY_SHARE) // bytes_per_token(config, dtype, generate)
-    return max(256, min(MAX_AUTO_TOKENS, budget))
+    budget = int(free_bytes * GPU_MEMORY_SHARE) // bytes_per_token(config, width, generate)
+    return max(MIN_AUTO_TOKENS, min(MAX_AUTO_TOKENS, budget))
 
 
-def planning_budget(spec, config) -> int:
-    """The budget `bulkinfer plan` assumes, without loading weights: weights are estimated from
-    the model files' size."""
-    if spec.batching.max_tokens != "auto":
-        return spec.batching.max_tokens
-    from bulkinfer.engines.hf import resolve_device, resolve_dtype
-    from bulkinfer.model_files import model_identity
-
-    device = resolve_device(spec.model.device)
-    if device.type != "cuda":
-        return CPU_TOKEN_BUDGET
-    dtype = resolve_dtype(spec.model.dtype, device)
-    weights = sum(model_identity(spec.model)["files"].values())
-    free, _ = torch.cuda.mem_get_info(device)
-    generate = spec.task.type == "generate"
-    budget = int((free - weights) * GPU_MEMORY_SHARE) // bytes_per_token(config, dtype, generate)
-    return max(256, min(MAX_AUTO_TOKENS, budget))
+def kv_pool_tokens(config: Any, width: int, slots: int, free_bytes: int) -> int:
+    """Tokens of the fast engine's KV pool on a GPU: what is left after one step's working
+    memory (step logits, a prefill forward, a GiB of slack), with a margin."""
+    text = text_config(config)
+    working = (
+        slots * text.vocab_size * 16  # step logits (bf16 + float32) and sampling temporaries
+        + PREFILL_TOKENS * bytes_per_token(config, width, False)
+        + PREFILL_TOKENS * text.hidden_size * 4
+        + (1 << 30)
+    )
+    per_token = kv_bytes_per_token(config, width)
+    return max(MIN_POOL_TOKENS, int((free_bytes - working) * GPU_POOL_SHARE) // per_token)

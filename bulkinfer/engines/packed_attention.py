@@ -16,25 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class KVPool:
-    """Keys and values of every row in flight, per layer: [tokens, kv_heads, head_dim]."""
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-
-    @classmethod
-    def allocate(cls, layers: int, tokens: int, kv_heads: int, head_dim: int, dtype, device):
-        shape = (tokens, kv_heads, head_dim)
-        return cls(
-            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
-            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
-        )
-
-    @property
-    def tokens(self) -> int:
-        return self.keys[0].shape[0]
+from bulkinfer.engines.kv import KVPool
 
 
 @dataclass

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from bulkinfer.engines.compiling import Compiled, compile_backend, first_line
-from bulkinfer.progress import log
+from bulkinfer.engines.compiling import Compiled, compile_backend
+from bulkinfer.errors import first_line
+from bulkinfer.observe.progress import log
 
 _MASK64 = (1 << 64) - 1
 

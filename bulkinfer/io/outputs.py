@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bulkinfer import faults
-from bulkinfer.checkpoint import Manifest, OutputLayout, PartRecord
 from bulkinfer.io.atomic import fsync_dir, write_bytes_atomic, write_parquet_atomic
 from bulkinfer.overlap import SerialThread
+from bulkinfer.state.checkpoint import Manifest, OutputLayout, PartRecord
 
 OUTPUT_FILE_ROWS = 1_000_000
 BUCKET_ROWS = 262_144  # rows of results sorted in memory at a time

@@ -32,8 +32,18 @@ class Task(Protocol):
     def new_tokens_per_row(self) -> int:
         """Tokens each row adds beyond its prompt; counted in the batch token budget."""
 
-    def load_engine(self, model_spec, tokenizer):
-        """Load the weights as the model class this task runs (causal LM, encoder, classifier)."""
+    def row_costs(self, prepared: PreparedRows) -> np.ndarray:
+        """Tokens each row holds on an engine that packs rows without padding (the plan of
+        such an engine sums them)."""
+
+    engine: str  # the engine it runs on: causal (score, generate), embed or classify
+    # True for generation: `ask` a batch's sequences, the engine streams them, `answer` turns
+    # its generations into the batch's columns (job/stream.py runs the whole job as one loop)
+    streams: bool
+
+    def load_engine(self, options, tokenizer, limits):
+        """Load the weights (`engines.base.LoadOptions`) as the engine this task runs, the one
+        `limits` (`engines.base.EngineLimits`) describe."""
 
     def run(self, engine, prepared: PreparedRows, rows: np.ndarray) -> BatchResult:
         """Compute the outputs of `rows` (input positions) in one engine call."""
@@ -70,8 +80,9 @@ class InputKind:
     choices: bool = False
 
 
-def load_causal_lm(model_spec, tokenizer):
-    """The engine of generate and score: the fast engine or the reference one (model.engine)."""
-    from bulkinfer.engines.fast import load_engine
+def load_causal_lm(options, tokenizer, limits):
+    """The engine of generate and score: the fast engine or the reference one, as `limits` say
+    (`engines.select` chose)."""
+    from bulkinfer.engines.select import load_causal
 
-    return load_engine(model_spec, tokenizer)
+    return load_causal(options, tokenizer, limits)

@@ -64,10 +64,17 @@ class ClassifyTask:
     def new_tokens_per_row(self) -> int:
         return 0
 
-    def load_engine(self, model_spec, tokenizer):
-        from bulkinfer.engines.encoder import EncoderEngine
+    def row_costs(self, prepared: PreparedRows) -> np.ndarray:
+        return prepared.lengths.astype(np.int64)
 
-        engine = EncoderEngine.load(model_spec, tokenizer, "classify")
+    engine = "classify"
+    streams = False
+
+    def load_engine(self, options, tokenizer, limits):
+        """The classifier, refused when its head's size disagrees with id2label."""
+        from bulkinfer.engines.select import load_encoder
+
+        engine = load_encoder(options, tokenizer, "classify", limits)
         outputs = engine.model.config.num_labels
         if outputs != len(self.labels):
             raise ModelError(

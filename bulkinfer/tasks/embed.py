@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from bulkinfer.configs import text_config
 from bulkinfer.errors import SpecError
 from bulkinfer.model_files import local_model_folder, sentence_transformer_recipe
 from bulkinfer.prepare import PreparedRows
@@ -41,10 +42,16 @@ class EmbedTask:
     def new_tokens_per_row(self) -> int:
         return 0
 
-    def load_engine(self, model_spec, tokenizer):
-        from bulkinfer.engines.encoder import EncoderEngine
+    def row_costs(self, prepared: PreparedRows) -> np.ndarray:
+        return prepared.lengths.astype(np.int64)
 
-        return EncoderEngine.load(model_spec, tokenizer, "embed")
+    engine = "embed"
+    streams = False
+
+    def load_engine(self, options, tokenizer, limits):
+        from bulkinfer.engines.select import load_encoder
+
+        return load_encoder(options, tokenizer, "embed", limits)
 
     def run(self, engine, prepared: PreparedRows, rows: np.ndarray) -> BatchResult:
         sequences = [prepared.tokens(int(r)) for r in rows]
@@ -74,8 +81,7 @@ def _recipe_pooling(recipe, model_path: str) -> str:
 
 
 def _hidden_size(config) -> int:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    size = getattr(text, "hidden_size", None)
+    size = getattr(text_config(config), "hidden_size", None)
     if not isinstance(size, int):
         raise SpecError("task.type: embed needs a model whose config has a hidden_size")
     return size

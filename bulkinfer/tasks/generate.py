@@ -13,6 +13,7 @@ import dataclasses
 import numpy as np
 import pyarrow as pa
 
+from bulkinfer.engines.base import GenerateRequests
 from bulkinfer.engines.hf import truncate_at_stop
 from bulkinfer.engines.sampling import SamplingParams, row_key
 from bulkinfer.prepare import PreparedRows
@@ -67,12 +68,39 @@ class GenerateTask:
         )
         self.schema = generate_schema(self.as_lists, self.with_logprobs)
 
+    engine = "causal"
+    streams = True  # generation runs as one stream over the whole job
     load_engine = staticmethod(load_causal_lm)
 
     def new_tokens_per_row(self) -> int:
         return self.spec.max_new_tokens
 
+    def row_costs(self, prepared: PreparedRows) -> np.ndarray:
+        """Tokens each row holds on an engine that packs rows: n sequences of its prompt plus
+        the new tokens it may take (its request's own limit, at most the job's)."""
+        lengths = prepared.lengths.astype(np.int64)
+        limit = np.full(len(lengths), self.spec.max_new_tokens, dtype=np.int64)
+        n = np.full(len(lengths), self.spec.n, dtype=np.int64)
+        params = prepared.request_params if self.per_request else None
+        if params is not None:
+            asked = params.column("max_new_tokens").to_numpy(zero_copy_only=False)
+            asked = np.nan_to_num(asked.astype(float), nan=self.spec.max_new_tokens)
+            limit = np.minimum(limit, asked.astype(np.int64))
+            wanted = params.column("n").to_numpy(zero_copy_only=False)
+            n = np.nan_to_num(wanted.astype(float), nan=self.spec.n).astype(np.int64)
+        if self.max_context is not None:
+            limit = np.maximum(1, np.minimum(limit, self.max_context - lengths))
+        return n * (lengths + limit)
+
     def run(self, engine, prepared: PreparedRows, rows: np.ndarray) -> BatchResult:
+        """One batch in one engine call (a piece of it at a time on a padded engine)."""
+        ask = self.ask(prepared, rows)
+        generations = next(iter(engine.generate_stream([(0, ask.requests)])))[1]
+        return self.answer(prepared, rows, ask, generations)
+
+    def ask(self, prepared: PreparedRows, rows: np.ndarray) -> BatchAsk:
+        """What a batch asks the engine for: n sequences a row, each keyed by (seed, row,
+        sample) so its tokens do not depend on the batch or the rows beside it."""
         requests = self._requests(prepared, rows)
         prompts, keys, params, limits, owners = [], [], [], [], []
         for k, (row, request) in enumerate(zip(rows, requests, strict=True)):
@@ -84,20 +112,19 @@ class GenerateTask:
                 limits.append(self._room(len(prompt), request.params.max_new_tokens))
                 owners.append(k)
         want_logprobs = any(r.logprobs for r in requests)
+        # n samples of a row run as n sequences; a padded engine's calls stay the batch's
+        # planned size so memory stays within the budget whatever n is.
+        group = GenerateRequests(prompts, keys, params, limits, want_logprobs, max(1, len(rows)))
+        return BatchAsk(group, owners, requests)
+
+    def answer(self, prepared: PreparedRows, rows: np.ndarray, ask, generations) -> BatchResult:
+        """The batch's output columns from its sequences' generations (in `ask` order)."""
         samples: list[list[Sample]] = [[] for _ in rows]
-        # n samples of a row run as n sequences; calls stay the batch's planned size so memory
-        # stays within the budget whatever n is.
-        step = max(1, len(rows))
         new_tokens = 0
-        for start in range(0, len(prompts), step):
-            piece = slice(start, start + step)
-            batch_params = params[piece] if self.per_request else self.params
-            generations = engine.generate(
-                prompts[piece], keys[piece], batch_params, limits[piece], logprobs=want_logprobs
-            )
-            for owner, p, gen in zip(owners[piece], params[piece], generations, strict=True):
-                samples[owner].append(self._sample(gen, p.stop, requests[owner].logprobs))
-                new_tokens += len(gen.tokens)
+        triples = zip(ask.owners, ask.requests.params, generations, strict=True)
+        for owner, p, gen in triples:
+            samples[owner].append(self._sample(gen, p.stop, ask.rows[owner].logprobs))
+            new_tokens += len(gen.tokens)
         columns = {name: [] for name in self.schema.names}
         for row, row_samples in zip(rows, samples, strict=True):
             columns["prompt_tokens"].append(len(prepared.tokens(int(row))))
@@ -132,6 +159,15 @@ class GenerateTask:
         if self.max_context is None:
             return max_new_tokens
         return max(1, min(max_new_tokens, self.max_context - prompt_len))
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchAsk:
+    """A batch's sequences, the row each belongs to, and each row's request."""
+
+    requests: GenerateRequests
+    owners: list[int]
+    rows: list[RowRequest]
 
 
 @dataclasses.dataclass(frozen=True)

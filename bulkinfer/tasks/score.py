@@ -47,10 +47,15 @@ class ScoreTask:
         self.schema = CHOICES_SCHEMA if choices else SEQUENCE_SCHEMA
         self.max_context = max_context
 
+    engine = "causal"
+    streams = False
     load_engine = staticmethod(load_causal_lm)
 
     def new_tokens_per_row(self) -> int:
         return 0
+
+    def row_costs(self, prepared: PreparedRows) -> np.ndarray:
+        return prepared.lengths.astype(np.int64)
 
     def run(self, engine, prepared: PreparedRows, rows: np.ndarray) -> BatchResult:
         if self.choices:

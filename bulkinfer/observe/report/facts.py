@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from bulkinfer.errors import UserError
 from bulkinfer.sharding import shard_folders
-from bulkinfer.status import ShardState, job_states, manifest_records, read_json
+from bulkinfer.state.status import ShardState, job_states, manifest_records, read_json
 
 TOP_ERRORS = 10
 
@@ -99,7 +99,7 @@ def _overall_state(root: Path, summary: dict | None, states: list[ShardState]) -
         return "done"
     if not states:
         from bulkinfer.sharding import Shard
-        from bulkinfer.status import read_state
+        from bulkinfer.state.status import read_state
 
         states = [read_state(root, Shard(0, 1))]
     kinds = {s.state for s in states}
@@ -185,7 +185,7 @@ def _plan_from_results(folders: list[Path]) -> dict | None:
     ran, where the task writes them (generate's `prompt_tokens`)."""
     import numpy as np
 
-    from bulkinfer.plan import length_counts
+    from bulkinfer.planner import length_counts
 
     lengths = []
     for folder in folders:

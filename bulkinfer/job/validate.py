@@ -52,30 +52,17 @@ class JobCheck:
 
 
 def check_job(spec: JobSpec) -> JobCheck:
-    """Raise a UserError naming the first problem; return what was checked when all is well."""
-    from bulkinfer.io.readers import resolve_input_files
-    from bulkinfer.model_files import load_config, load_tokenizer
-    from bulkinfer.prepare import render_options
-    from bulkinfer.runner import check_output_columns, column_names
-    from bulkinfer.tasks.base import InputKind, make_task
+    """Raise a UserError naming the first problem; return what was checked when all is well.
+    The set-up is `run`'s own (job/setup.py), so validate accepts exactly the jobs run does."""
+    from bulkinfer.job.setup import set_up
 
-    files = resolve_input_files(
-        spec.input.path, spec.input.format, spec.output.path, spec.input.split
-    )
-    columns = column_names(spec, files[0])
-    checked = [check_input_file(path, columns, spec.input.format) for path in files]
-    tokenizer = load_tokenizer(spec.model)
-    has_choices = columns.choices is not None
-    task = make_task(spec, tokenizer, load_config(spec.model), InputKind(choices=has_choices))
-    render_options(
-        spec.task, tokenizer, task.max_context, columns.completion is not None, has_choices
-    )
-    check_output_columns(spec, task)
+    setup = set_up(spec)
+    checked = [check_input_file(path, setup.columns, spec.input.format) for path in setup.files]
     return JobCheck(
         model=spec.model.path,
-        max_context=task.max_context,
-        task=task.name,
-        columns=columns,
+        max_context=setup.task.max_context,
+        task=setup.task.name,
+        columns=setup.columns,
         files=checked,
         output=spec.output.path,
         output_state=output_state(Path(spec.output.path)),

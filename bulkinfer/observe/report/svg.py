@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from html import escape
 
-from bulkinfer.report.charts import SERIES_COLOURS, Chart
+from bulkinfer.observe.report.charts import SERIES_COLOURS, Chart
 
 WIDTH, HEIGHT = 880, 360
 LEFT, RIGHT, TOP, BOTTOM = 70, 20, 36, 46

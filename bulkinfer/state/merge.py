@@ -14,12 +14,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bulkinfer.checkpoint import OutputLayout
 from bulkinfer.errors import UserError
 from bulkinfer.io.atomic import write_json_atomic, write_parquet_atomic
 from bulkinfer.io.outputs import write_sorted_outputs
 from bulkinfer.sharding import shard_folders
-from bulkinfer.status import shard_states
+from bulkinfer.state.checkpoint import OutputLayout
+from bulkinfer.state.status import shard_states
 
 ADDED = (
     "rows_in",

@@ -10,10 +10,10 @@ import base64
 from pathlib import Path
 
 from bulkinfer.io.atomic import write_bytes_atomic
-from bulkinfer.report.charts import charts, draw_png
-from bulkinfer.report.facts import read_job
-from bulkinfer.report.page import render_page
-from bulkinfer.report.svg import draw_svg
+from bulkinfer.observe.report.charts import charts, draw_png
+from bulkinfer.observe.report.facts import read_job
+from bulkinfer.observe.report.page import render_page
+from bulkinfer.observe.report.svg import draw_svg
 
 CAPTIONS = {
     "lengths": "Rows by prompt length in tokens (after the chat template), in buckets a quarter "

@@ -20,7 +20,6 @@ import yaml
 from bulkinfer.errors import SpecError, did_you_mean
 
 Auto = Literal["auto"]
-DEFAULT_BATCH_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -166,8 +165,7 @@ class BatchingSpec:
     """Token budget per batch: rows x padded length (plus new tokens for generate)."""
 
     max_tokens: int | Auto = "auto"
-    # auto: what the engine keeps busy (the fast engine's generate: 4x its decode slots), else
-    # DEFAULT_BATCH_ROWS
+    # auto: what the engine keeps busy (resolved in job/budget.py)
     max_batch_size: int | Auto = "auto"
     sort: Literal["length", "none"] = "length"
     # A batch at least a quarter full stops taking rows that would push its padding past this.
@@ -180,13 +178,6 @@ class BatchingSpec:
             _at_least(self.max_tokens, 16, f"{key}.max_tokens")
         if self.max_batch_size != "auto":
             _at_least(self.max_batch_size, 1, f"{key}.max_batch_size")
-
-    def batch_rows(self, engine_rows: int | None = None) -> int:
-        """Rows per batch at most: the spec's number, or with auto the engine's (or the
-        default when no engine is loaded, as in `bulkinfer plan`)."""
-        if self.max_batch_size != "auto":
-            return self.max_batch_size
-        return engine_rows or DEFAULT_BATCH_ROWS
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 
 from tqdm import tqdm
 
-from bulkinfer.plan import Batch
+from bulkinfer.planner import Batch
 
 LOG_FORMATS = ("plain", "json")
 LOG_FORMAT_ENV = "BULKINFER_LOG_FORMAT"

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 
+from bulkinfer.configs import text_config
+
 # Dense bf16 tensor FLOP/s and memory bandwidth from the vendors' datasheets, matched against
 # the device name in order (first match wins). The lent H100s measured 780-790 TFLOP/s on a
 # large bf16 matrix product, so about 0.8 of these peaks is the practical ceiling.
@@ -39,9 +41,11 @@ class ModelCost:
     peaks: tuple[float, float] | None
 
     @classmethod
-    def of(cls, model, device_name: str) -> ModelCost:
-        config = model.config
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    def of(cls, engine) -> ModelCost:
+        """The cost of an engine's model (`engines.base.CausalEngine` or `EncoderEngine`) on
+        the device its limits name."""
+        model = engine.model
+        config = text_config(model.config)
         params = sum(p.numel() for p in model.parameters())
         width = next(model.parameters()).element_size()
         heads = getattr(config, "num_attention_heads", 0) or 1
@@ -49,7 +53,7 @@ class ModelCost:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         layers = getattr(config, "num_hidden_layers", 0) or 0
         kv = 2 * layers * kv_heads * head_dim * width
-        return cls(params, params * width, kv, device_peaks(device_name))
+        return cls(params, params * width, kv, device_peaks(engine.limits.device_name))
 
     def fractions(
         self, prompt_tokens: int, new_tokens: int, rows: int, seconds: float, in_flight: float

@@ -21,85 +21,10 @@ from bulkinfer.io.atomic import (
     write_bytes_atomic,
     write_json_atomic,
 )
+from bulkinfer.io.layout import OutputLayout
 
 FORMAT_VERSION = 1
 NOT_IN_FINGERPRINT = ("output", "checkpoint", "progress", "on_error")
-
-
-@dataclass(frozen=True)
-class OutputLayout:
-    """Every path bulkinfer writes under the output folder, in one place."""
-
-    root: Path
-
-    @property
-    def job_file(self) -> Path:
-        return self.root / "job.json"
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.root / "checkpoint"
-
-    @property
-    def parts_dir(self) -> Path:
-        return self.checkpoint_dir / "parts"
-
-    @property
-    def manifest(self) -> Path:
-        return self.checkpoint_dir / "manifest.jsonl"
-
-    @property
-    def prepared_dir(self) -> Path:
-        """Spill files of the tokenized input (token ids, ids, kept columns) while the job runs."""
-        return self.checkpoint_dir / "prepared"
-
-    @property
-    def outputs_dir(self) -> Path:
-        return self.root / "outputs"
-
-    @property
-    def stats_dir(self) -> Path:
-        return self.root / "stats"
-
-    @property
-    def summary(self) -> Path:
-        return self.root / "summary.json"
-
-    @property
-    def responses(self) -> Path:
-        return self.root / "responses.jsonl"
-
-    @property
-    def dataset_card(self) -> Path:
-        return self.root / "README.md"
-
-    @property
-    def heartbeat(self) -> Path:
-        return self.root / "heartbeat"
-
-    @property
-    def failed(self) -> Path:
-        return self.root / "failed.json"
-
-    def ours(self) -> list[Path]:
-        """What --overwrite removes: only files bulkinfer made, never the user's own."""
-        return [
-            self.job_file,
-            self.checkpoint_dir,
-            self.outputs_dir,
-            self.stats_dir,
-            self.summary,
-            self.dataset_card,
-            self.responses,
-            self.root / "outputs.tmp",
-            self.root / "outputs.old",
-            self.root / "outputs.buckets",
-            self.heartbeat,
-            self.failed,
-            self.root / "shards",
-            self.root / "report.html",
-            self.root / "report",
-        ]
 
 
 def input_files_digest(files: list[str]) -> dict[str, dict]:

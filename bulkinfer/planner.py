@@ -1,7 +1,8 @@
 """Length sort and token-budget packing: pure functions on token lengths, no torch, no I/O.
 
-A batch's cost is what the device really holds: rows x (longest row + tokens to generate).
-Sorting by length puts rows of similar length together so that padding nearly vanishes; the
+A batch's cost is what the device really holds: on an engine that pads, rows x (longest row +
+tokens to generate); on one that packs rows without padding (the fast engine), the sum of what
+each row holds (its prompt plus the new tokens it may take, n times for n samples). Sorting by length puts rows of similar length together so that padding nearly vanishes; the
 longest rows go first so a budget that is too big fails in the first minute, not at 3 a.m.
 """
 
@@ -23,6 +24,7 @@ class TokenBudget:
     max_batch_size: int
     new_tokens_per_row: int = 0
     max_padding: float = 1.0
+    packed: bool = False  # the engine packs rows without padding: a batch costs its rows' sum
 
     def rows_fitting(self, longest: int) -> int:
         per_row = longest + self.new_tokens_per_row
@@ -37,10 +39,12 @@ class Batch:
     rows: np.ndarray
     longest: int
     real_tokens: int
+    packed: bool = False
 
     @property
     def padded_tokens(self) -> int:
-        return len(self.rows) * self.longest
+        """Prompt tokens the device runs: padded to the longest row, or packed (no padding)."""
+        return self.real_tokens if self.packed else len(self.rows) * self.longest
 
 
 def sort_by_length(rows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -107,13 +111,43 @@ def pack_in_order(order: np.ndarray, lengths: np.ndarray, budget: TokenBudget) -
     return batches
 
 
-def plan_batches(
-    rows: np.ndarray, lengths: np.ndarray, budget: TokenBudget, sort: bool = True
+def pack_by_cost(
+    order: np.ndarray, lengths: np.ndarray, costs: np.ndarray, budget: TokenBudget
 ) -> list[Batch]:
-    """The deterministic batch plan for `rows`: the same rows and lengths give the same batches."""
+    """Cut rows (in the given order) into batches whose summed cost fits the budget: the plan
+    of an engine that packs rows without padding, where a row holds its own tokens only."""
+    batches = []
+    start = 0
+    cumulative = np.cumsum(costs[order])
+    while start < len(order):
+        spent = cumulative[start - 1] if start else 0
+        fit = int(np.searchsorted(cumulative, spent + budget.max_tokens, side="right")) - start
+        stop = start + max(1, min(fit, budget.max_batch_size))
+        rows = order[start:stop]
+        longest = int(lengths[rows].max())
+        batches.append(Batch(len(batches), rows, longest, int(lengths[rows].sum()), packed=True))
+        start = stop
+    return batches
+
+
+def plan_batches(
+    rows: np.ndarray,
+    lengths: np.ndarray,
+    budget: TokenBudget,
+    sort: bool = True,
+    costs: np.ndarray | None = None,
+) -> list[Batch]:
+    """The deterministic batch plan for `rows`: the same rows and lengths give the same batches.
+    A packed budget needs each row's cost (`costs`, indexed by row; lengths plus the budget's
+    new tokens per row when None)."""
     rows = np.asarray(rows, dtype=np.int64)
+    order = sort_by_length(rows, lengths) if sort else rows
+    if budget.packed:
+        if costs is None:
+            costs = np.asarray(lengths, dtype=np.int64) + budget.new_tokens_per_row
+        return pack_by_cost(order, lengths, np.asarray(costs, dtype=np.int64), budget)
     if sort:
-        return pack_sorted(sort_by_length(rows, lengths), lengths, budget)
+        return pack_sorted(order, lengths, budget)
     return pack_in_order(rows, lengths, budget)
 
 

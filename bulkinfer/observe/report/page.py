@@ -7,8 +7,8 @@ import time
 from html import escape
 from pathlib import Path
 
-from bulkinfer.report.charts import STATE_COLOURS, padding_fractions
-from bulkinfer.report.facts import JobFacts
+from bulkinfer.observe.report.charts import STATE_COLOURS, padding_fractions
+from bulkinfer.observe.report.facts import JobFacts
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; color: #212121;

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bulkinfer.report.facts import JobFacts
+from bulkinfer.observe.report.facts import JobFacts
 
 STATE_COLOURS = {
     "done": "#2e7d32",

@@ -1,0 +1,87 @@
+"""bulkinfer as a library: the same jobs as the command line, from Python.
+
+    import bulkinfer
+    summary = bulkinfer.run("jobs/sample.yaml", task={"max_new_tokens": 32}, output="out/try")
+    print(summary["output_tokens_per_second"])
+
+A job is a YAML file, a mapping shaped like one, or a `JobSpec`; keyword overrides are either
+sections (`task={"max_new_tokens": 32}`) or dotted keys (`**{"task.max_new_tokens": 32}`), as
+`--set` gives them, and `output` is the output folder. Errors a user can cause raise
+`bulkinfer.errors.UserError` subclasses, with the one line the command line prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from bulkinfer.errors import UserError
+from bulkinfer.io.layout import OutputLayout
+from bulkinfer.spec import JobSpec, load_spec
+
+
+class JobStopped(UserError):
+    """The run was stopped by a signal after committing the batch in flight; rerun to resume."""
+
+
+def load(job: str | os.PathLike | dict | JobSpec, **overrides: Any) -> JobSpec:
+    """The validated job spec; relative paths in a file are relative to the file's folder,
+    those in overrides or in a mapping to the current folder."""
+    if isinstance(job, JobSpec):
+        if overrides:
+            raise TypeError("overrides apply to a YAML file or a mapping, not to a JobSpec")
+        return job
+    output = overrides.pop("output", None)
+    sets = [f"{key}={json.dumps(value)}" for key, value in _dotted(overrides)]
+    if isinstance(job, dict):
+        return load_spec(None, sets, output=output, data=json.loads(json.dumps(job)))
+    return load_spec(Path(job), sets, output=output)
+
+
+def run(
+    job: str | os.PathLike | dict | JobSpec,
+    *,
+    overwrite: bool = False,
+    shard: str | None = None,
+    **overrides: Any,
+) -> dict:
+    """Run or resume a job (or shard "I/N" of it); returns its summary (summary.json)."""
+    from bulkinfer.job.runner import run_job
+    from bulkinfer.sharding import parse_shard
+
+    spec = load(job, **overrides)
+    chosen = parse_shard(shard) if shard else None
+    code = run_job(spec, overwrite=overwrite, shard=chosen)
+    if code != 0:
+        raise JobStopped(f"stopped by a signal (exit code {code}); run it again to resume")
+    layout = OutputLayout(Path(spec.output.path))
+    if chosen is not None:
+        layout = layout.shard(chosen.index, chosen.count)
+    return json.loads(layout.summary.read_text())
+
+
+def plan(job: str | os.PathLike | dict | JobSpec, **overrides: Any) -> dict:
+    """What `bulkinfer plan --json` prints: rows, lengths, budget and batches; no weights."""
+    from bulkinfer.job.planning import plan_job
+
+    return plan_job(load(job, **overrides))
+
+
+def validate(job: str | os.PathLike | dict | JobSpec, **overrides: Any):
+    """What `bulkinfer validate` checks; raises the first problem as a UserError."""
+    from bulkinfer.job.validate import check_job
+
+    return check_job(load(job, **overrides))
+
+
+def _dotted(overrides: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """Section mappings flattened to dotted keys: {"task": {"n": 2}} -> [("task.n", 2)]."""
+    out = []
+    for key, value in overrides.items():
+        if isinstance(value, dict) and value:
+            out += _dotted(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out

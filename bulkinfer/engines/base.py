@@ -1,0 +1,147 @@
+"""The engines' written protocols, and what an engine tells the planner about itself.
+
+The runner asks an engine what it can do (`EngineLimits`) instead of probing it with getattr:
+two protocols name every operation a task may call. A causal engine scores and generates; an
+encoder engine classifies and embeds. Which engine runs a job is decided once, in
+`engines.select`, so no engine carries fallback branches to another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What loading weights needs, resolved from the job spec by the job's set-up."""
+
+    folder: Path  # a local folder with config, tokenizer and weights (GGUF already converted)
+    label: str  # the model as the user named it (model.path), for messages
+    device: str = "auto"
+    dtype: str = "auto"
+    engine: str = "auto"  # auto | fast | reference
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    attn_implementation: str | None = None
+    cache_dir: Path | None = None  # where compiled kernels are kept between jobs
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What the planner must know of an engine, known before its weights load.
+
+    `pads`: a batch runs padded to its longest row (the reference engine), or packed without
+    padding (the fast engine). `slots`: rows decoded together at most (None: a whole batch at
+    once). `kv_tokens`: tokens the fast engine's KV pool holds (None where no pool is kept).
+    `free_bytes`: device memory left for batches once the weights are in (None on the CPU).
+    `dtype_bytes`: the size of one weight or activation value (2 for bf16), for budgets."""
+
+    kind: str  # fast | reference | encoder
+    device_name: str
+    device_type: str  # cuda | cpu | mps
+    dtype_bytes: int
+    pads: bool
+    slots: int | None = None
+    kv_tokens: int | None = None
+    free_bytes: int | None = None
+    why_not_fast: str | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class GenerateRequests:
+    """One group of sequences to continue (a checkpoint batch's rows, n sequences a row):
+    prompts, sampling keys and settings, each sequence's own new-token limit, whether log-probs
+    are wanted, and `piece`: how many sequences a padded engine runs per call (the batch's
+    planned rows, so memory stays within the budget whatever n is)."""
+
+    prompts: list[np.ndarray]
+    keys: list[int]
+    params: list[Any]  # SamplingParams, one per sequence
+    limits: list[int]
+    logprobs: bool = False
+    piece: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def pieces(self) -> list[GenerateRequests]:
+        """Consecutive groups of at most `piece` sequences."""
+        size = self.piece or max(1, len(self))
+        return [
+            GenerateRequests(
+                self.prompts[i : i + size],
+                self.keys[i : i + size],
+                self.params[i : i + size],
+                self.limits[i : i + size],
+                self.logprobs,
+                size,
+            )
+            for i in range(0, len(self), size)
+        ]
+
+    def shared_params(self) -> Any:
+        """The one setting every sequence shares, or the list of them."""
+        first = self.params[0] if self.params else None
+        return first if all(p == first for p in self.params) else self.params
+
+
+class Generation(Protocol):
+    tokens: list[int]
+    finish_reason: str
+    logprobs: list[float] | None
+
+
+class CausalEngine(Protocol):
+    """Scoring and generation on a causal LM (the lm-evaluation-harness interface)."""
+
+    limits: EngineLimits
+    model: Any  # the torch module (its shape gives FLOP and byte counts for the stats)
+
+    def loglikelihood(
+        self, sequences: list[np.ndarray], score_from: list[int]
+    ) -> list[tuple[float, int]]:
+        """(sum of log-probs, token count) of tokens score_from.. of each sequence."""
+
+    def loglikelihood_choices(
+        self, contexts: list[np.ndarray], choices: list[list[np.ndarray]]
+    ) -> list[list[tuple[float, int]]]:
+        """Per context, (sum of log-probs, token count) of each of its choices given it."""
+
+    def generate(
+        self,
+        prompts: list[np.ndarray],
+        row_keys: list[int],
+        params: Any,
+        max_new: list[int],
+        logprobs: bool = False,
+    ) -> list[Generation]:
+        """Continue every prompt until EOS, a stop string or its own max_new tokens."""
+
+    def generate_stream(
+        self, groups: Iterable[tuple[Hashable, GenerateRequests]]
+    ) -> Iterator[tuple[Hashable, list[Generation]]]:
+        """Continue group after group (a job's checkpoint batches), yielding each group's
+        generations once its last sequence is done. An engine that keeps rows in flight draws
+        the next groups while earlier ones still decode, so its slots never drain between
+        checkpoint batches; groups may come back in another order than they went in."""
+
+
+class EncoderEngine(Protocol):
+    """One forward pass per batch: pooled hidden states or classifier logits."""
+
+    limits: EngineLimits
+    model: Any
+
+    def embed(self, sequences: list[np.ndarray], pooling: str, normalize: bool) -> np.ndarray:
+        """One float32 vector per sequence."""
+
+    def classify(self, sequences: list[np.ndarray]) -> np.ndarray:
+        """Float32 logits [rows, labels]."""

@@ -1,0 +1,145 @@
+"""Where the fast engine's keys and values live: one preallocated pool, handed out as regions.
+
+Each generating row reserves prompt + max_new slots when it starts and returns them when it
+ends, so a row never has to grow (no copy, no page table) and any freed region can take the
+next prompt that fits. The scheduler owns the `RegionAllocator` (which slots are whose); the
+engine owns the `KVPool` tensors and the `DecodeState` its captured graphs read.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class KVPool:
+    """Keys and values of every row in flight, per layer: [tokens, kv_heads, head_dim]."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @classmethod
+    def allocate(cls, layers: int, tokens: int, kv_heads: int, head_dim: int, dtype, device):
+        shape = (tokens, kv_heads, head_dim)
+        return cls(
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
+        )
+
+    @property
+    def tokens(self) -> int:
+        return self.keys[0].shape[0]
+
+
+class RegionAllocator:
+    """First-fit allocation of contiguous regions: free intervals [start, end) of a pool of
+    `size` slots, kept sorted and coalesced. Pure Python on a few hundred intervals:
+    microseconds per call."""
+
+    def __init__(self, size: int, reserved: int = 0):
+        self.size = size
+        self.free: list[tuple[int, int]] = [(reserved, size)] if size > reserved else []
+
+    def allocate(self, length: int) -> int | None:
+        """Start of a free region of `length` slots, or None when none is that large."""
+        for i, (start, end) in enumerate(self.free):
+            if end - start >= length:
+                if end - start == length:
+                    del self.free[i]
+                else:
+                    self.free[i] = (start + length, end)
+                return start
+        return None
+
+    def release(self, start: int, length: int) -> None:
+        end = start + length
+        i = bisect.bisect_left(self.free, (start, end))
+        if i < len(self.free) and self.free[i][0] == end:
+            end = self.free.pop(i)[1]
+        if i > 0 and self.free[i - 1][1] == start:
+            start = self.free.pop(i - 1)[0]
+            i -= 1
+        self.free.insert(i, (start, end))
+
+    @property
+    def largest(self) -> int:
+        return max((end - start for start, end in self.free), default=0)
+
+
+@dataclass(frozen=True)
+class DecodeInputs:
+    """What the scheduler tells the engine of the rows in flight, one entry per row: its last
+    token, tokens so far (prompt + generated), its region's start and its sampling key."""
+
+    last_tokens: list[int]
+    lengths: list[int]
+    starts: list[int]
+    keys: list[int]
+    generated: list[int]
+
+
+@dataclass
+class DecodeState:
+    """Per-slot inputs of a decode step, on the device at fixed addresses (graphs read them)."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    write: torch.Tensor
+    starts: torch.Tensor
+    used: torch.Tensor
+    keys: torch.Tensor
+    steps: torch.Tensor
+    query_offsets: torch.Tensor
+
+    @classmethod
+    def allocate(cls, slots: int, device) -> DecodeState:
+        def zeros(dtype, n=slots):
+            return torch.zeros(n, dtype=dtype, device=device)
+
+        return cls(
+            ids=zeros(torch.int64),
+            positions=zeros(torch.int64),
+            write=zeros(torch.int64),
+            starts=zeros(torch.int32, slots + 1),
+            used=torch.ones(slots, dtype=torch.int32, device=device),
+            keys=zeros(torch.int64),
+            steps=zeros(torch.int64),
+            query_offsets=torch.arange(slots + 1, dtype=torch.int32, device=device),
+        )
+
+    def load(self, rows: DecodeInputs, size: int) -> None:
+        """Slots 0..len(rows) take these rows' next inputs; the rest up to `size` idle on the
+        pool's scratch slot 0."""
+        host = np.zeros((7, size), dtype=np.int64)
+        host[4, :] = 1  # idle slots attend to the one scratch slot
+        n = len(rows.lengths)
+        lengths = np.asarray(rows.lengths, dtype=np.int64)
+        starts = np.asarray(rows.starts, dtype=np.int64)
+        host[0, :n] = rows.last_tokens
+        host[1, :n] = lengths - 1
+        host[2, :n] = starts + lengths - 1
+        host[3, :n] = starts
+        host[4, :n] = lengths
+        host[5, :n] = rows.keys
+        host[6, :n] = rows.generated
+        dev = torch.from_numpy(host).to(self.ids.device, non_blocking=False)
+        self.ids[:size] = dev[0]
+        self.positions[:size] = dev[1]
+        self.write[:size] = dev[2]
+        self.starts[:size] = dev[3].int()
+        self.starts[size] = 0
+        self.used[:size] = dev[4].int()
+        self.keys[:size] = dev[5]
+        self.steps[:size] = dev[6]
+
+    def advance(self, n: int, tokens: torch.Tensor) -> None:
+        """The first n slots feed the tokens just chosen at the next position."""
+        self.ids[:n] = tokens
+        self.positions[:n] += 1
+        self.write[:n] += 1
+        self.used[:n] += 1
+        self.steps[:n] += 1

@@ -1,0 +1,249 @@
+"""Continuous batching: which rows decode when, and where their keys and values live.
+
+The scheduler keeps up to the engine's `slots` rows in flight over a whole job: rows arrive in
+groups (a checkpoint batch each), a finished row's slot and pool region go to the next queued
+row whatever group it belongs to, and a group is handed back as soon as its last row is done.
+Each row owns a region of the engine's KV pool sized to its prompt plus its own new-token limit
+(a `RegionAllocator` here is the only record of who owns what). New rows are prefilled
+together; the host looks at the tokens every SYNC_EVERY decode steps (EOS, stop strings,
+limits) instead of after every step. The engine is asked only for its pool's size, a prefill
+and some decode steps (nano-vllm's scheduler / model-runner split).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bulkinfer.engines.base import GenerateRequests
+from bulkinfer.engines.hf import Generation, stop_hit
+from bulkinfer.engines.kv import DecodeInputs, RegionAllocator
+from bulkinfer.engines.memory import PREFILL_TOKENS
+from bulkinfer.engines.sampling import RowSampling, SamplingParams
+
+SYNC_EVERY = 8  # decode steps between looks at the tokens on the host
+
+
+@dataclass
+class Row:
+    """One prompt being generated: its limit, key, pool region and what it has produced."""
+
+    group: Hashable
+    index: int
+    prompt: np.ndarray
+    limit: int
+    key: int
+    params: SamplingParams
+    want_logprobs: bool = False
+    start: int = -1
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    reason: str = "length"
+
+    @property
+    def need(self) -> int:
+        """Pool slots: the prompt, every new token, and room for the steps a row may run past
+        its end before the host next looks (their tokens are dropped)."""
+        return len(self.prompt) + self.limit + SYNC_EVERY
+
+
+def decode_inputs(rows: list[Row]) -> DecodeInputs:
+    """What a decode step needs of each row in flight."""
+    return DecodeInputs(
+        last_tokens=[r.tokens[-1] for r in rows],
+        lengths=[len(r.prompt) + len(r.tokens) for r in rows],
+        starts=[r.start for r in rows],
+        keys=[r.key for r in rows],
+        generated=[len(r.tokens) for r in rows],
+    )
+
+
+class Scheduler:
+    """Rows enter as slots and pool regions free up and leave when done; groups of rows come
+    in through `add` and go out through `step` once all their rows are done."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.slots = engine.slots
+        self.queue: deque[Row] = deque()
+        self.active: list[Row] = []
+        self.open: dict[Hashable, list[Row]] = {}  # group -> its rows, until all are done
+        self.left: dict[Hashable, int] = {}  # group -> rows not done yet
+        self.allocator: RegionAllocator | None = None
+        self.done: list[tuple[Hashable, list[Generation]]] = []  # groups finished, not yet out
+
+    def add(self, group: Hashable, requests: GenerateRequests) -> None:
+        rows = [
+            Row(
+                group,
+                i,
+                np.asarray(p, dtype=np.int64),
+                int(limit),
+                int(key),
+                params,
+                requests.logprobs,
+            )
+            for i, (p, key, params, limit) in enumerate(
+                zip(requests.prompts, requests.keys, requests.params, requests.limits, strict=True)
+            )
+        ]
+        self.open[group], self.left[group] = rows, len(rows)
+        if self.allocator is None:
+            self.allocator = RegionAllocator(self.engine.reserve(sum(r.need for r in rows)), 1)
+        # longest limit first: the rows that need the most steps start first, so the end of
+        # a group is not a few long rows decoding alone (equal limits keep the given order)
+        self.queue.extend(sorted(rows, key=lambda r: -r.limit))
+        self._finish_empty_rows()
+
+    @property
+    def queued(self) -> int:
+        return len(self.queue)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.active or self.done)
+
+    def step(self) -> list[tuple[Hashable, list[Generation]]]:
+        """Admit rows where slots and regions are free, run a few decode steps, and return the
+        groups whose last row finished."""
+        if self._should_admit():
+            self._admit()
+        if self.active:
+            self._decode_chunk()
+        finished, self.done = self.done, []
+        return finished
+
+    def _should_admit(self) -> bool:
+        if not self.queue:
+            return False
+        free = self.slots - len(self.active)
+        return not self.active or free >= min(len(self.queue), max(1, self.slots // 8))
+
+    def _admit(self) -> None:
+        """Move queued rows into free slots and pool regions, then prefill them packed."""
+        entering = []
+        while self.queue and len(self.active) + len(entering) < self.slots:
+            row = self.queue[0]
+            start = self.allocator.allocate(row.need)
+            if start is None and not self.active and not entering:
+                start = self._grow_pool(row)
+            if start is None:
+                break
+            row.start = start
+            entering.append(self.queue.popleft())
+        group: list[Row] = []
+        for row in entering:
+            if group and sum(len(r.prompt) for r in group) + len(row.prompt) > PREFILL_TOKENS:
+                self._prefill(group)
+                group = []
+            group.append(row)
+        if group:
+            self._prefill(group)
+
+    def _grow_pool(self, row: Row) -> int | None:
+        """With nothing in flight, the engine may give a larger pool (on the CPU it grows to
+        what is asked; on a GPU its size is fixed): a row that fits no pool is an error."""
+        needed = max(row.need, sum(r.need for r in list(self.queue)[: self.slots]))
+        size = self.engine.reserve(needed)
+        if size != self.allocator.size:
+            self.allocator = RegionAllocator(size, 1)
+        start = self.allocator.allocate(row.need)
+        if start is None:
+            raise RuntimeError(
+                f"a prompt of {len(row.prompt)} tokens plus {row.limit} new tokens does "
+                f"not fit the KV pool of {self.allocator.size:,} tokens"
+            )
+        return start
+
+    def _prefill(self, rows: list[Row]) -> None:
+        want = any(r.want_logprobs for r in rows)
+        first, first_logprobs = self.engine.prefill(
+            [r.prompt for r in rows],
+            [r.start for r in rows],
+            [r.key for r in rows],
+            self._chooser(rows),
+            want,
+        )
+        for i, (row, token) in enumerate(zip(rows, first, strict=True)):
+            if not self._accept(row, token, first_logprobs[i] if want else None):
+                self.active.append(row)
+
+    def _decode_chunk(self) -> None:
+        """Up to SYNC_EVERY decode steps without looking at the tokens, then account for them."""
+        rows = self.active
+        steps = min(SYNC_EVERY, max(r.limit - len(r.tokens) for r in rows))
+        want = any(r.want_logprobs for r in rows)
+        chosen, chosen_logprobs = self.engine.decode(
+            decode_inputs(rows), steps, self._chooser(rows), want
+        )
+        still = []
+        for row, new, lps in zip(rows, chosen, chosen_logprobs, strict=True):
+            if not any(self._accept(row, t, lp) for t, lp in zip(new, lps, strict=True)):
+                still.append(row)
+        self.active = still
+
+    def _chooser(self, rows: list[Row]) -> SamplingParams | RowSampling:
+        """One setting for all rows where they share it (the common case: one job's task
+        settings), else per-row tensors."""
+        first = rows[0].params
+        if all(r.params == first for r in rows):
+            return first
+        return RowSampling.of([r.params for r in rows], self.engine.device)
+
+    def _accept(self, row: Row, token: int, logprob: float | None) -> bool:
+        """Take one new token for a row (reference-engine rules); True when the row is done,
+        whose region then goes back to the pool."""
+        if token in self.engine.eos_ids and not row.params.ignore_eos:
+            row.reason = "stop"
+        else:
+            row.tokens.append(token)
+            if row.want_logprobs:
+                row.logprobs.append(logprob)
+            if row.params.stop and stop_hit(self.engine.tokenizer, row.tokens, row.params.stop):
+                row.reason = "stop"
+            elif len(row.tokens) < row.limit:
+                return False
+        self.allocator.release(row.start, row.need)
+        self._row_done(row)
+        return True
+
+    def _row_done(self, row: Row) -> None:
+        self.left[row.group] -= 1
+        if self.left[row.group] == 0:
+            rows = self.open.pop(row.group)
+            del self.left[row.group]
+            gens = [
+                Generation(r.tokens, r.reason, r.logprobs if r.want_logprobs else None)
+                for r in rows
+            ]
+            self.done.append((row.group, gens))
+
+    def _finish_empty_rows(self) -> None:
+        """A group of no rows is done at once."""
+        for group in [g for g, n in self.left.items() if n == 0]:
+            del self.left[group]
+            self.done.append((group, self.open.pop(group)))
+
+
+def stream(
+    engine, groups: Iterable[tuple[Hashable, GenerateRequests]]
+) -> Iterator[tuple[Hashable, list[Generation]]]:
+    """Generate group after group through one scheduler, yielding each group as its last row
+    finishes; the next groups are drawn from `groups` while fewer rows than slots wait, so the
+    slots stay full across groups (a job's checkpoint batches) instead of draining at each."""
+    scheduler = Scheduler(engine)
+    pending = iter(groups)
+    exhausted = False
+    while True:
+        while not exhausted and scheduler.queued < scheduler.slots:
+            item = next(pending, None)
+            if item is None:
+                exhausted = True
+            else:
+                scheduler.add(*item)
+        if not scheduler.busy:
+            return
+        yield from scheduler.step()

@@ -1,0 +1,132 @@
+"""Every path bulkinfer reads or writes under a job's output folder, in one place.
+
+Status, merge, the outputs writer, the checkpoint and the report all go through this, so the
+folder's shape is written down once (README's "The output folder" describes it).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+SHARD_FOLDER = re.compile(r"shard-(\d+)-of-(\d+)$")
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    root: Path
+
+    @property
+    def job_file(self) -> Path:
+        return self.root / "job.json"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.root / "checkpoint"
+
+    @property
+    def parts_dir(self) -> Path:
+        return self.checkpoint_dir / "parts"
+
+    @property
+    def manifest(self) -> Path:
+        return self.checkpoint_dir / "manifest.jsonl"
+
+    @property
+    def prepared_dir(self) -> Path:
+        """Spill files of the tokenized input (token ids, ids, kept columns) while the job runs."""
+        return self.checkpoint_dir / "prepared"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.root / "outputs"
+
+    @property
+    def outputs_tmp(self) -> Path:
+        return self.root / "outputs.tmp"
+
+    @property
+    def outputs_old(self) -> Path:
+        return self.root / "outputs.old"
+
+    @property
+    def outputs_buckets(self) -> Path:
+        return self.root / "outputs.buckets"
+
+    @property
+    def stats_dir(self) -> Path:
+        return self.root / "stats"
+
+    @property
+    def batch_stats(self) -> Path:
+        return self.stats_dir / "batches.parquet"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def responses(self) -> Path:
+        return self.root / "responses.jsonl"
+
+    @property
+    def dataset_card(self) -> Path:
+        return self.root / "README.md"
+
+    @property
+    def heartbeat(self) -> Path:
+        return self.root / "heartbeat"
+
+    @property
+    def failed(self) -> Path:
+        return self.root / "failed.json"
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def merge_lock(self) -> Path:
+        return self.root / ".merge.lock"
+
+    @property
+    def report_page(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    def shard(self, index: int, count: int) -> OutputLayout:
+        """The folder of shard `index` of `count`, itself laid out as a whole job's."""
+        return OutputLayout(self.shards_dir / f"shard-{index:05d}-of-{count:05d}")
+
+    def shard_folders(self) -> dict[tuple[int, int], Path]:
+        """(index, count) -> folder of every shard folder present."""
+        found = {}
+        for path in sorted(self.shards_dir.glob("shard-*-of-*")):
+            match = SHARD_FOLDER.search(path.name)
+            if match and path.is_dir():
+                found[(int(match.group(1)), int(match.group(2)))] = path
+        return found
+
+    def ours(self) -> list[Path]:
+        """What --overwrite removes: only files bulkinfer made, never the user's own."""
+        return [
+            self.job_file,
+            self.checkpoint_dir,
+            self.outputs_dir,
+            self.stats_dir,
+            self.summary,
+            self.dataset_card,
+            self.responses,
+            self.outputs_tmp,
+            self.outputs_old,
+            self.outputs_buckets,
+            self.heartbeat,
+            self.failed,
+            self.shards_dir,
+            self.report_page,
+            self.report_dir,
+        ]

@@ -1,0 +1,96 @@
+"""The end of a job: the final dataset from the committed parts, per-batch stats, the summary
+(written last: its presence marks the job done) and the OpenAI batch responses."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+
+from bulkinfer.io.atomic import write_json_atomic
+from bulkinfer.io.layout import OutputLayout
+from bulkinfer.io.outputs import assemble_outputs, error_rows_table, write_stats
+from bulkinfer.job.batch import rows_in_flight
+from bulkinfer.observe.progress import log, log_format
+from bulkinfer.observe.stats import ModelCost, format_summary, stats_table, summarize
+from bulkinfer.planner import padding_fraction
+from bulkinfer.prepare import PreparedRows
+from bulkinfer.state.checkpoint import Manifest
+
+
+def finish_job(
+    layout, manifest: Manifest, prepared: PreparedRows, schema, run_id, started, rows, keep_row
+) -> dict:
+    """Assemble the final dataset (or this shard's part of it) and the per-batch stats; returns
+    the summary to write last."""
+    bad = np.fromiter(prepared.row_errors, dtype=np.int64, count=len(prepared.row_errors))
+    bad = bad[np.isin(bad, rows)]
+    errors = error_rows_table({int(r): prepared.row_errors[int(r)] for r in bad}, schema)
+    counts = assemble_outputs(
+        layout, manifest, errors, prepared.row_columns, rows, keep_row=keep_row
+    )
+    records = [(r.run, s) for r in manifest.records for s in r.stats]
+    write_stats(layout, stats_table(records))
+    earlier = {}
+    for r in manifest.records:
+        if r.run != run_id:
+            earlier[r.run] = max(earlier.get(r.run, 0.0), r.elapsed)
+    wall = sum(earlier.values()) + (time.monotonic() - started)
+    return summarize(
+        stats=[s for _, s in records],
+        rows_in=len(rows),
+        rows_out=counts.rows,
+        rows_by_status={"ok": counts.rows - counts.errors, "error": counts.errors},
+        wall_seconds=wall,
+    )
+
+
+def write_responses(layout: OutputLayout, model_path: str) -> None:
+    from bulkinfer.io.openai_batch import write_responses_file
+
+    lines = write_responses_file(layout, model_path)
+    log(f"wrote {lines:,} OpenAI batch responses to {layout.responses}")
+
+
+def model_cost(engine) -> ModelCost | None:
+    """The engine's FLOPs, weight and KV bytes per token and its device's peaks."""
+    return ModelCost.of(engine)
+
+
+def hardware_summary(summary: dict, engine) -> dict:
+    """Shares of the device's peak FLOP/s and memory bandwidth the job reached."""
+    cost = model_cost(engine)
+    if cost is None or not summary["batches"]:
+        return {}
+    rows = summary["rows_out"]
+    return cost.fractions(
+        summary["input_tokens"],
+        summary["output_tokens"],
+        rows,
+        summary["model_seconds"],
+        rows_in_flight(engine, rows / summary["batches"]),
+    )
+
+
+def write_summary(layout: OutputLayout, summary: dict, inputs, plan, engine, host_seconds) -> None:
+    """summary.json, last: its presence (complete: true) is what marks the job done. The
+    tokenized input's spill files go then: a finished job never reads them again."""
+    summary.update(host_seconds)
+    summary.update(hardware_summary(summary, engine))
+    summary.update(
+        task=inputs.task.name,
+        device=engine.limits.device_name,
+        engine=engine.limits.kind,
+        padding_fraction_file_order=padding_fraction(plan.file_order),
+    )
+    write_json_atomic(layout.summary, summary)
+    shutil.rmtree(layout.prepared_dir, ignore_errors=True)
+    log(
+        f"finished: {summary['rows_out']:,} rows in {layout.outputs_dir}",
+        event="finish",
+        json_only=True,
+        **summary,
+    )
+    if log_format() == "plain":
+        print(format_summary(summary))

@@ -1,0 +1,115 @@
+"""The batches a job runs, and what `bulkinfer plan` prints of them: one function makes both, so
+`plan` and `run` give the same batches for the same spec, input and device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bulkinfer.job.setup import Inputs
+from bulkinfer.planner import (
+    Batch,
+    TokenBudget,
+    assign_shards,
+    length_counts,
+    length_histogram,
+    padding_fraction,
+    plan_batches,
+)
+from bulkinfer.prepare import PreparedRows
+from bulkinfer.sharding import Shard
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """The rows this process answers for and their batches, sorted and (for comparison) in
+    file order."""
+
+    budget: TokenBudget
+    rows: np.ndarray  # every row of this shard (or job), runnable or not
+    runnable: np.ndarray
+    batches: list[Batch]
+    file_order: list[Batch]
+
+
+def make_plan(inputs: Inputs, budget: TokenBudget, shard: Shard | None = None) -> JobPlan:
+    """Length-sorted, token-budget-packed batches of the rows this shard runs."""
+    prepared = inputs.prepared
+    mine = shard_rows(prepared, inputs.task.new_tokens_per_row(), shard)
+    runnable = prepared.runnable_rows()
+    if shard is not None:
+        runnable = np.intersect1d(runnable, mine)
+    sort = inputs.setup.spec.batching.sort == "length"
+    costs = inputs.task.row_costs(prepared) if budget.packed else None
+    batches = plan_batches(runnable, prepared.lengths, budget, sort, costs)
+    file_order = plan_batches(runnable, prepared.lengths, budget, False, costs)
+    return JobPlan(budget, mine, runnable, batches, file_order)
+
+
+def shard_rows(prepared: PreparedRows, new_tokens_per_row: int, shard: Shard | None) -> np.ndarray:
+    """The input rows this process answers for: all of them, or its shard's, balanced by tokens."""
+    if shard is None:
+        return np.arange(prepared.num_rows)
+    costs = prepared.lengths + new_tokens_per_row
+    return np.flatnonzero(assign_shards(costs, shard.count) == shard.index)
+
+
+def plan_facts(prepared: PreparedRows, plan: JobPlan) -> dict:
+    """What job.json keeps of the plan, so `bulkinfer report` shows it before the job ends: the
+    token-length histogram (fixed buckets, so shards add up), planned batches, padded tokens
+    sorted and in file order."""
+    runnable = plan.runnable
+    return {
+        "batches": len(plan.batches),
+        "rows": len(plan.rows),
+        "row_errors": len(plan.rows) - len(runnable),
+        "input_tokens": int(prepared.lengths[runnable].sum()) if len(runnable) else 0,
+        "padded_tokens": sum(b.padded_tokens for b in plan.batches),
+        "padded_tokens_file_order": sum(b.padded_tokens for b in plan.file_order),
+        "length_histogram": length_counts(prepared.lengths[runnable]),
+    }
+
+
+def plan_report(inputs: Inputs, plan: JobPlan) -> dict:
+    """What `bulkinfer plan` prints: rows, length histogram, batches, padding file order vs
+    sorted, and each batch's rows (so a run's job.json can be compared with it)."""
+    prepared = inputs.prepared
+    rows = plan.runnable
+    lengths = prepared.lengths[rows]
+    return {
+        "rows": prepared.num_rows,
+        "runnable_rows": int(len(rows)),
+        "row_errors": len(prepared.row_errors),
+        "input_tokens": int(lengths.sum()) if len(rows) else 0,
+        "max_tokens": plan.budget.max_tokens,
+        "max_batch_size": plan.budget.max_batch_size,
+        "new_tokens_per_row": plan.budget.new_tokens_per_row,
+        "histogram": length_histogram(lengths),
+        "batches_sorted": len(plan.batches),
+        "batches_file_order": len(plan.file_order),
+        "padding_sorted": padding_fraction(plan.batches),
+        "padding_file_order": padding_fraction(plan.file_order),
+        "lengths": {
+            "min": int(lengths.min()) if len(rows) else 0,
+            "median": float(np.median(lengths)) if len(rows) else 0,
+            "max": int(lengths.max()) if len(rows) else 0,
+        },
+        "batch_rows": [len(b.rows) for b in plan.batches],
+        "example_errors": sorted(prepared.row_errors.items())[:5],
+    }
+
+
+def plan_job(spec) -> dict:
+    """`bulkinfer plan`: the job's batches on this device, as `run` would plan them (the same
+    budget, from the engine's limits known before loading), with no weights loaded."""
+    from bulkinfer.job.budget import token_budget
+    from bulkinfer.job.loading import planned_engine
+    from bulkinfer.job.setup import set_up, tokenize
+
+    setup = set_up(spec)
+    inputs = tokenize(setup)
+    _, limits = planned_engine(spec, setup.config, setup.task, convert=False)
+    new_tokens = setup.task.new_tokens_per_row()
+    budget = token_budget(spec.batching, limits, setup.config, new_tokens)
+    return {**plan_report(inputs, make_plan(inputs, budget)), "engine": limits.to_dict()}

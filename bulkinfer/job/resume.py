@@ -1,0 +1,96 @@
+"""Where a job stands in its output folder: started afresh, resumed, or refused; the plan it
+keeps there, so a resume runs the very same batches; the batches still to do."""
+
+from __future__ import annotations
+
+from bulkinfer.io.layout import OutputLayout
+from bulkinfer.job.budget import token_budget
+from bulkinfer.job.planning import JobPlan, make_plan, plan_facts
+from bulkinfer.job.setup import Inputs, JobSetup
+from bulkinfer.model_files import model_identity
+from bulkinfer.observe.progress import log, set_log_context
+from bulkinfer.planner import Batch, padding_fraction
+from bulkinfer.sharding import Shard
+from bulkinfer.state.checkpoint import (
+    JobFolder,
+    Manifest,
+    fingerprint,
+    input_files_digest,
+    open_job_folder,
+    save_job,
+)
+
+
+def open_folder(
+    setup: JobSetup, layout: OutputLayout, overwrite: bool, shard: Shard | None
+) -> JobFolder:
+    """Start, resume or refuse, by the fingerprint of spec, model files and input contents."""
+    spec = setup.spec
+    prints = fingerprint(
+        spec.to_dict(), model_identity(spec.model), input_files_digest(setup.files)
+    )
+    if shard is not None:
+        prints["shard"] = str(shard)
+        set_log_context(shard=str(shard))
+    return open_job_folder(layout, prints, spec.to_dict(), overwrite)
+
+
+def record_plan(inputs: Inputs, engine, folder: JobFolder, shard: Shard | None) -> JobPlan:
+    """The budget and batches of this run, kept in job.json: a resume reads the budget back
+    (the device's free memory may differ by then) and so plans the very same batches."""
+    setup, job = inputs.setup, folder.job
+    new_tokens = setup.task.new_tokens_per_row()
+    budget = token_budget(setup.spec.batching, engine.limits, setup.config, new_tokens, job)
+    plan = make_plan(inputs, budget, shard)
+    job.update(
+        max_tokens=budget.max_tokens,
+        max_batch_size=budget.max_batch_size,
+        rows=len(plan.rows),
+        openai_responses=setup.openai_responses,
+        plan=plan_facts(inputs.prepared, plan),
+        device=engine.limits.device_name,
+    )
+    save_job(folder.layout, job)
+    return plan
+
+
+def batches_to_do(manifest: Manifest, plan: JobPlan, resumed: bool) -> list[Batch]:
+    """The planned batches no committed part holds; parts found corrupt are recomputed."""
+    for name in manifest.dropped:
+        log(
+            f"checkpoint: {name} is missing or corrupt; its rows will be recomputed",
+            event="checkpoint",
+            level="warning",
+            dropped=name,
+        )
+    done = manifest.done_batches()
+    todo = [b for b in plan.batches if b.index not in done]
+    if resumed:
+        log(
+            f"resuming: {len(plan.batches) - len(todo)} of {len(plan.batches)} batches already done",
+            event="resume",
+            batches_done=len(plan.batches) - len(todo),
+            batches=len(plan.batches),
+        )
+    return todo
+
+
+def log_start(
+    layout: OutputLayout, inputs: Inputs, plan: JobPlan, todo: list, engine, shard: Shard | None
+) -> None:
+    where = f"shard {shard}: " if shard else ""
+    device = engine.limits.device_name
+    padding = padding_fraction(plan.batches)
+    log(
+        f"{where}{len(plan.rows):,} rows, {len(plan.batches):,} batches, budget "
+        f"{plan.budget.max_tokens:,} tokens, padding {padding:.1%}, device {device}",
+        event="start",
+        rows=len(plan.rows),
+        batches=len(plan.batches),
+        batches_todo=len(todo),
+        max_tokens=plan.budget.max_tokens,
+        padding_fraction=round(padding, 4),
+        device=device,
+        task=inputs.task.name,
+        output=str(layout.root),
+    )

@@ -1,0 +1,187 @@
+"""The job loop: read -> tokenize -> plan -> run -> write, resumable at any point.
+
+Data flows one way. The output folder holds all state (fingerprint, manifest, parts), so a
+rerun of the same job picks up exactly the batches that were not committed. Host work overlaps
+the model: the weights load while the input is tokenized, and parts are written on a background
+thread while the next batch runs.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+from bulkinfer import faults
+from bulkinfer.errors import RowFailedError, WriteError, first_line
+from bulkinfer.io.atomic import write_json_atomic
+from bulkinfer.io.layout import OutputLayout
+from bulkinfer.io.outputs import PartWriter, part_schema
+from bulkinfer.job.batch import RowCap, first_failure, run_batch
+from bulkinfer.job.finish import finish_job, model_cost, write_responses, write_summary
+from bulkinfer.job.loading import planned_engine
+from bulkinfer.job.resume import batches_to_do, log_start, open_folder, record_plan
+from bulkinfer.job.setup import (
+    Inputs,
+    JobSetup,
+    engine_loader,
+    set_up,
+    tokenize_while_loading,
+)
+from bulkinfer.job.signals import stop_signals, stopped
+from bulkinfer.job.stream import run_stream
+from bulkinfer.observe.progress import Progress, log
+from bulkinfer.sharding import Shard
+from bulkinfer.spec import JobSpec
+from bulkinfer.state.checkpoint import Manifest
+
+
+def run_job(spec: JobSpec, overwrite: bool = False, shard: Shard | None = None) -> int:
+    """Run or resume a job, or one shard of it; returns the process exit code.
+
+    A shard works in its own folder under OUT/shards/; the shard that finishes last merges."""
+    root = OutputLayout(Path(spec.output.path))
+    layout = root.shard(shard.index, shard.count) if shard else root
+    with writes_reported(layout), failure_recorded(layout, shard):
+        code = _run_job(spec, layout, overwrite, shard)
+    if code == 0 and shard is not None:
+        merge_if_last(root, shard)
+    return code
+
+
+def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard | None) -> int:
+    started = time.monotonic()
+    setup = set_up(spec)
+    folder = open_folder(setup, layout, overwrite, shard)
+    if folder.finished:
+        log(
+            f"{layout.root}: this job already finished; nothing to do (--overwrite runs it again)",
+            event="finish",
+            already_finished=True,
+        )
+        return 0
+    inputs, engine, host_seconds = load_and_tokenize(setup, layout)
+    plan = record_plan(inputs, engine, folder, shard)
+    manifest = Manifest(layout)
+    todo = batches_to_do(manifest, plan, folder.resumed)
+    log_start(layout, inputs, plan, todo, engine, shard)
+    schema = part_schema(inputs.task.schema)
+    every = spec.checkpoint.every_rows
+    progress = Progress(
+        plan.batches, todo, plan.budget.new_tokens_per_row, spec.progress.log_every_seconds
+    )
+    run_id = uuid.uuid4().hex[:12]
+    with PartWriter(layout, manifest, schema, every, run_id, log_checkpoint) as writer:
+        signum = run_batches(inputs, engine, todo, writer, progress, started, host_seconds)
+    if signum is not None:
+        return stopped(signum)
+    summary = finish_job(
+        layout, manifest, inputs.prepared, schema, run_id, started, plan.rows, shard is not None
+    )
+    if shard is None and folder.job.get("openai_responses"):
+        write_responses(layout, spec.model.path)
+    write_summary(layout, summary, inputs, plan, engine, host_seconds)
+    return 0
+
+
+def load_and_tokenize(setup: JobSetup, layout: OutputLayout) -> tuple[Inputs, object, dict]:
+    """The weights load on a thread while the input is tokenized into spill files."""
+    options, limits = planned_engine(setup.spec, setup.config, setup.task)  # converts a GGUF once
+    return tokenize_while_loading(setup, engine_loader(setup, options, limits), layout.prepared_dir)
+
+
+def run_batches(inputs: Inputs, engine, todo, writer, progress, started, timings) -> int | None:
+    """Run the batches still to do, committing parts as they fill; returns the signal that
+    stopped the run after its batches in flight, or None when every batch ran. Generation runs
+    as one stream over the whole job (job/stream.py); the rest a batch at a time."""
+    cap, cost = RowCap(), model_cost(engine)
+    timings["first_batch_seconds"] = time.monotonic() - started  # start-up, load included
+    with stop_signals() as stop:
+        if inputs.task.streams:
+            todo = run_stream(inputs, engine, todo, writer, progress, started, stop, cost)
+        for batch in todo:
+            if stop.signum is not None:
+                break
+            faults.checkpoint("batch_start")
+            faults.slow_batch()
+            stats = run_one(inputs, engine, batch, writer, cap, cost, started)
+            progress.update(batch, stats.real_tokens + stats.new_tokens)
+        writer.flush(time.monotonic() - started)
+        progress.close()
+        return stop.signum
+
+
+def run_one(inputs: Inputs, engine, batch, writer, cap, cost, started):
+    """One batch, bisected down to the rows that fail, handed to the part writer."""
+    prepared = inputs.prepared
+    table, stats = run_batch(inputs.task, engine, prepared, batch, writer.schema, cap, cost)
+    if inputs.setup.spec.on_error == "fail" and stats.failed_rows:
+        writer.flush(time.monotonic() - started)
+        raise RowFailedError(first_failure(prepared, table))
+    writer.add(table, batch.index, stats.to_dict(), time.monotonic() - started)
+    writer.layout.heartbeat.touch()
+    return stats
+
+
+def log_checkpoint(manifest: Manifest) -> None:
+    """A committed part, for log collectors (plain logs stay quiet: parts come every minute);
+    called on the writer thread right after the commit."""
+    part = manifest.records[-1]
+    log(
+        f"committed {part.file}: {part.rows:,} rows",
+        event="checkpoint",
+        json_only=True,
+        part=part.file,
+        rows=part.rows,
+        batches=len(part.batches),
+        rows_committed=sum(r.rows for r in manifest.records),
+    )
+
+
+def merge_if_last(root: OutputLayout, shard: Shard) -> None:
+    """The shard that finds every shard done merges them into OUT/outputs."""
+    from bulkinfer.state.merge import merge_shards
+    from bulkinfer.state.status import shard_states
+
+    if not all(s.state == "done" for s in shard_states(root.root, shard.count)):
+        return
+    with writes_reported(root):
+        summary = merge_shards(root.root)
+    log(
+        f"all {shard.count} shards done: merged {summary['rows_out']:,} rows into {root.outputs_dir}",
+        event="merge",
+        shards=shard.count,
+        rows_out=summary["rows_out"],
+    )
+
+
+@contextmanager
+def failure_recorded(layout: OutputLayout, shard: Shard | None):
+    """A shard that dies of an error leaves failed.json, so `bulkinfer status` can say so."""
+    if shard is None:
+        yield
+        return
+    layout.failed.unlink(missing_ok=True)
+    try:
+        yield
+    except Exception as exc:
+        if layout.root.exists():
+            write_json_atomic(layout.failed, {"error": f"{type(exc).__name__}: {first_line(exc)}"})
+        raise
+
+
+@contextmanager
+def writes_reported(layout: OutputLayout):
+    """A failed write (disk full, permissions) ends the run with one line; what was committed
+    before it stays valid, so a rerun resumes once the cause is fixed."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename
+        root = str(layout.root.resolve())
+        if not where or not str(Path(where).resolve()).startswith(root):
+            raise
+        raise WriteError(
+            f"cannot write {where}: {exc.strerror or exc}; fix that and rerun to resume"
+        ) from None

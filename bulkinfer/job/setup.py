@@ -1,0 +1,201 @@
+"""What `validate`, `plan` and `run` share: the job fitted to its input files and its model.
+
+The input files are resolved and their format sniffed once, their columns read once, the model's
+tokenizer and config loaded once (no weights): every spec, input and model-folder error a user
+can cause surfaces here, in a second, before a batch runs or a weight loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bulkinfer.engines.base import EngineLimits, LoadOptions
+from bulkinfer.errors import InputError, RowFailedError, SpecError
+from bulkinfer.io.readers import (
+    ColumnNames,
+    file_format,
+    peek_columns,
+    read_chunks,
+    resolve_input_files,
+)
+from bulkinfer.model_files import load_config, load_tokenizer
+from bulkinfer.observe.progress import log
+from bulkinfer.overlap import in_background, timed
+from bulkinfer.prepare import (
+    PreparedRows,
+    RenderOptions,
+    prepare_rows,
+    prepared_location,
+    render_options,
+)
+from bulkinfer.spec import JobSpec
+from bulkinfer.tasks.base import InputKind, Task, make_task
+
+
+@dataclass(frozen=True)
+class JobSetup:
+    """The job fitted to its input files and model: known in a moment from the files' first
+    columns and the model's tokenizer and config; no row read, no weight loaded."""
+
+    spec: JobSpec
+    files: list[str]
+    columns: ColumnNames
+    tokenizer: object
+    config: object
+    kind: InputKind
+    task: Task
+    options: RenderOptions
+
+    @property
+    def openai_responses(self) -> bool:
+        """Whether the job writes OUT/responses.jsonl (OpenAI batch input, or asked for)."""
+        fmt = self.spec.output.format
+        return fmt == "openai" or (fmt == "auto" and self.kind.per_request)
+
+
+@dataclass
+class Inputs:
+    """The tokenized input: per-row lengths in memory, token ids in spill files."""
+
+    setup: JobSetup
+    prepared: PreparedRows
+
+    @property
+    def task(self) -> Task:
+        return self.setup.task
+
+
+def set_up(spec: JobSpec, files: list[str] | None = None) -> JobSetup:
+    """The task fitted to the model and the input's columns; spec, input-column and
+    model-folder errors surface here."""
+    files = files or resolve_input_files(
+        spec.input.path, spec.input.format, spec.output.path, spec.input.split
+    )
+    per_request = is_openai_batch(spec, files)
+    columns = column_names(spec, files[0], per_request)
+    tokenizer = load_tokenizer(spec.model)
+    config = load_config(spec.model)
+    kind = InputKind(per_request=per_request, choices=columns.choices is not None)
+    task = make_task(spec, tokenizer, config, kind)
+    options = render_options(
+        spec.task,
+        tokenizer,
+        task.max_context,
+        columns.completion is not None,
+        has_choices=columns.choices is not None,
+    )
+    if per_request:  # a completions request's prompt is raw text, never a chat turn
+        options = dataclasses.replace(options, use_chat_for_text=False)
+    check_output_columns(spec, task)
+    return JobSetup(spec, files, columns, tokenizer, config, kind, task, options)
+
+
+def tokenize(setup: JobSetup, spill: Path | None = None, keep_tokens: bool = False) -> Inputs:
+    """Read and tokenize the whole input. Only lengths stay in memory; with `keep_tokens`
+    token ids, ids and kept columns go to files in `spill` (a temporary folder when None)."""
+    spec = setup.spec
+    chunks = read_chunks(setup.files, setup.columns, spec.input.format)
+    prepared = prepare_rows(chunks, setup.tokenizer, setup.options, spill, keep_tokens)
+    if prepared.truncated:
+        log(
+            f"{len(prepared.truncated):,} rows longer than {setup.task.max_context} tokens are "
+            "truncated (task.truncate; counted per row in truncated_tokens)"
+        )
+    return Inputs(setup, prepared)
+
+
+def tokenize_while_loading(setup: JobSetup, load, spill: Path) -> tuple[Inputs, object, dict]:
+    """Tokenize the input on this thread while `load()` loads the weights on another
+    (safetensors and the Rust tokenizer both release the GIL); returns the inputs, the engine
+    and the seconds each took. An input error stops the job before any batch runs, the loading
+    waited for and dropped; a loading error is raised as the loader raised it."""
+    with in_background(timed, load, name="bulkinfer-load") as loading:
+        start = time.monotonic()
+        inputs = tokenize(setup, spill, keep_tokens=True)
+        prepare_seconds = time.monotonic() - start
+        if setup.spec.on_error == "fail":
+            check_no_failed_rows(inputs.prepared)
+        engine, load_seconds = loading.result()
+    log_capped_requests(inputs.prepared, setup.spec.task.max_new_tokens)
+    return inputs, engine, {"load_seconds": load_seconds, "prepare_seconds": prepare_seconds}
+
+
+def check_no_failed_rows(prepared: PreparedRows) -> None:
+    """With `on_error: fail`, a row that cannot even be tokenized stops the job."""
+    if prepared.row_errors:
+        row, message = min(prepared.row_errors.items())
+        raise RowFailedError(
+            f"{prepared_location(prepared, row)}: {message} "
+            f"({len(prepared.row_errors)} such rows; on_error: record keeps them as row errors)"
+        )
+
+
+def is_openai_batch(spec: JobSpec, files: list[str]) -> bool:
+    """Whether the input is OpenAI Batch API request files (all of it, or none)."""
+    kinds = {file_format(f, spec.input.format) == "openai" for f in files}
+    if len(kinds) > 1:
+        raise InputError("the input mixes OpenAI batch request files with other files")
+    if True in kinds and spec.task.type != "generate":
+        raise SpecError(
+            f"task.type: OpenAI batch requests are answered by generate, not {spec.task.type}"
+        )
+    if spec.output.format == "openai" and spec.task.type != "generate":
+        raise SpecError("output.format: openai responses come from task.type generate")
+    return True in kinds
+
+
+def column_names(spec: JobSpec, first_file: str, per_request: bool = False) -> ColumnNames:
+    """The columns to read; with no id_column, an input column named 'id' is the id if present,
+    and with the default prompt_column, a file with `messages` but no `prompt` uses `messages`.
+    An OpenAI batch file's requests are keyed by custom_id."""
+    if per_request:
+        keep = tuple(spec.input.keep_columns)
+        return ColumnNames(prompt="body", completion=None, id="custom_id", keep=keep)
+    present = peek_columns(first_file, spec.input.format)
+    id_column = spec.input.id_column
+    if id_column is None and "id" in present:
+        id_column = "id"
+    prompt = spec.input.prompt_column
+    if prompt == "prompt" and "prompt" not in present and "messages" in present:
+        prompt = "messages"
+    return ColumnNames(
+        prompt=prompt,
+        completion=spec.input.completion_column,
+        id=id_column,
+        keep=tuple(spec.input.keep_columns),
+        choices=spec.input.choices_column,
+    )
+
+
+def check_output_columns(spec: JobSpec, task) -> None:
+    """A kept input column must not shadow an output column of the task."""
+    taken = {"id", "error", *task.schema.names}
+    for name in spec.input.keep_columns:
+        if name in taken:
+            raise SpecError(
+                f"input.keep_columns: '{name}' clashes with the {task.name} task's output column "
+                "of the same name; rename it in the input or drop it from keep_columns"
+            )
+
+
+def log_capped_requests(prepared: PreparedRows, max_new_tokens: int) -> None:
+    """Requests asking for more tokens than the plan reserves get task.max_new_tokens: say so."""
+    if prepared.request_params is None:
+        return
+    asked = prepared.request_params.column("max_new_tokens").to_numpy(zero_copy_only=False)
+    capped = int(np.sum(np.nan_to_num(asked.astype(float), nan=0) > max_new_tokens))
+    if capped:
+        log(
+            f"{capped:,} requests ask for more than task.max_new_tokens={max_new_tokens} tokens "
+            "and stop there (finish_reason length); raise task.max_new_tokens to honour them"
+        )
+
+
+def engine_loader(setup: JobSetup, options: LoadOptions, limits: EngineLimits):
+    """A call that loads the job's engine (run on a thread while the input is tokenized)."""
+    return lambda: setup.task.load_engine(options, setup.tokenizer, limits)

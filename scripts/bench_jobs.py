@@ -1,0 +1,265 @@
+"""Jobs as a user runs them: `python -m bulkinfer run job.yaml` on a model saved to disk, timed
+by the wall clock from outside the process (start-up, loading and compiling included).
+
+Workloads (seeded, so every call measures the same job):
+  sharegpt  an OpenAI Batch file of N `/v1/completions` requests: prompt lengths and
+            per-request `max_tokens` drawn log-normal (means about 200 tokens each, answers up
+            to 1,500, the ShareGPT-like mix serving engines publish figures on), greedy
+  score     N prompts of the same length mix, scored (log-likelihood of every token)
+
+The model is a real architecture's shape (Llama-3.1-8B by default) with random weights, built
+from its config and saved as safetensors with a byte-level BPE tokenizer. For each job the
+table gives output (or scored) tokens per second over the wall clock and over model time, the
+time outside the model and the time to the first batch (from summary.json), and the floors of
+the schedule: the weights read once per decode step of the longest answer, and the
+arithmetic at the measured peak.
+
+On a GPU: python scripts/bench_jobs.py --jobs sharegpt:1000,sharegpt:10000 --repeat-first --out $OUT
+On a CPU: python scripts/bench_jobs.py --tiny   (a tiny model and a few requests: it still runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests"))  # tiny_model's tokenizer trainer
+
+PEAK_BF16_FLOPS = 790e12  # dense bf16 matrix products, measured on the lent H200
+COPY_BYTES_PER_S = 4.3e12  # device-to-device copy, measured on the lent H200
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "and",
+    "then",
+    "sleeps",
+    "in",
+    "warm",
+    "sun",
+]
+
+
+def lognormal(n: int, mean: float, sigma: float, low: int, high: int, seed: int) -> np.ndarray:
+    """Log-normal draws with the given mean, clipped to [low, high]."""
+    rng = np.random.default_rng(seed)
+    median = mean / math.exp(sigma * sigma / 2)
+    return np.clip(rng.lognormal(math.log(median), sigma, n), low, high).astype(np.int64)
+
+
+def text_of(tokens: int, rng: np.random.Generator, per_word: float) -> str:
+    words = max(1, round(tokens / per_word))
+    return " ".join(WORDS[i] for i in rng.integers(0, len(WORDS), words))
+
+
+def write_requests(path: Path, n: int, per_word: float, seed: int = 5) -> dict:
+    """The OpenAI Batch request file: /v1/completions, per-request max_tokens, greedy."""
+    prompts = lognormal(n, 200, 0.8, 4, 3000, seed)
+    answers = lognormal(n, 200, 0.9, 8, 1500, seed + 1)
+    rng = np.random.default_rng(seed + 2)
+    with path.open("w") as f:
+        for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+            body = {"model": "m", "prompt": text_of(int(p), rng, per_word), "max_tokens": int(a)}
+            body["temperature"] = 0
+            line = {"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions", "body": body}
+            f.write(json.dumps(line) + "\n")
+    return {
+        "requests": n,
+        "answer_tokens": int(answers.sum()),
+        "longest_answer": int(answers.max()),
+    }
+
+
+def write_prompts(path: Path, n: int, per_word: float, seed: int = 11) -> dict:
+    lengths = lognormal(n, 200, 0.8, 4, 3000, seed)
+    rng = np.random.default_rng(seed + 1)
+    with path.open("w") as f:
+        for length in lengths:
+            f.write(json.dumps({"prompt": text_of(int(length), rng, per_word)}) + "\n")
+    return {"prompts": n}
+
+
+def save_model(shape: str, folder: Path, device: str) -> dict:
+    """A random-weight model of `shape` in bf16 (float32 on the CPU), saved as a user's is."""
+    import torch
+    from bench import SHAPES
+    from tiny_model import train_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(SHAPES[shape])
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    config.eos_token_id = config.pad_token_id = 0
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(folder)
+    tokenizer = train_tokenizer()
+    tokenizer.model_max_length = config.max_position_embeddings
+    tokenizer.save_pretrained(folder)
+    params = model.num_parameters()
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    sample = " ".join(WORDS * 20)
+    per_word = len(tokenizer(sample)["input_ids"]) / len(sample.split())
+    return {
+        "params": params,
+        "weight_bytes": params * (2 if device == "cuda" else 4),
+        "per_word": per_word,
+    }
+
+
+def run_job(job: Path, out: Path, overwrite: bool) -> dict:
+    """`python -m bulkinfer run`, timed from outside; its summary.json."""
+    args = [sys.executable, "-m", "bulkinfer", "run", str(job), "--output", str(out)]
+    start = time.perf_counter()
+    proc = subprocess.run(
+        args + (["--overwrite"] if overwrite else []), cwd=ROOT, text=True, capture_output=True
+    )
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"bulkinfer run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    return {"process_wall_seconds": wall, "summary": summary, "log_tail": proc.stderr[-2000:]}
+
+
+def floors(model: dict, summary: dict, longest_answer: int | None) -> dict:
+    """Where the schedule cannot go below on this card: every decode step of the longest answer
+    reads the weights once; every token costs 2 x params FLOPs at the peak rate."""
+    flops = 2 * model["params"] * (summary["input_tokens"] + summary["output_tokens"])
+    out = {"arithmetic_seconds": flops / PEAK_BF16_FLOPS}
+    if longest_answer:
+        out["weight_read_seconds"] = longest_answer * model["weight_bytes"] / COPY_BYTES_PER_S
+    return out
+
+
+def row_of(name: str, result: dict, model: dict, facts: dict) -> dict:
+    s = result["summary"]
+    wall = result["process_wall_seconds"]
+    tokens = s["output_tokens"] if s["output_tokens"] else s["input_tokens"]
+    return {
+        "job": name,
+        "process_wall_s": round(wall, 1),
+        "model_s": round(s["model_seconds"], 1),
+        "outside_model_s": round(wall - s["model_seconds"], 1),
+        "first_batch_s": round(s.get("first_batch_seconds", float("nan")), 1),
+        "load_s": round(s.get("load_seconds", float("nan")), 1),
+        "prepare_s": round(s.get("prepare_seconds", float("nan")), 1),
+        "tokens_per_s_wall": round(tokens / wall),
+        "tokens_per_s_model": round(tokens / s["model_seconds"]) if s["model_seconds"] else None,
+        "input_tokens": s["input_tokens"],
+        "output_tokens": s["output_tokens"],
+        "engine": s.get("engine"),
+        "device": s.get("device"),
+        "floors": floors(model, s, facts.get("longest_answer")),
+        "facts": facts,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="llama-3.1-8b")
+    parser.add_argument("--jobs", default="sharegpt:1000,sharegpt:10000,score:20000")
+    parser.add_argument(
+        "--repeat-first",
+        action="store_true",
+        help="run the first job a second time (warm page and compile caches)",
+    )
+    parser.add_argument("--tiny", action="store_true", help="CPU check: tiny model, few rows")
+    parser.add_argument("--work", type=Path, default=None, help="folder for model and jobs")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.tiny:
+        args.shape, args.jobs = "tiny", "sharegpt:24,score:40"
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_jobs_"))
+    start = time.perf_counter()
+    saved = work / "model" / "bench_model.json"
+    if saved.exists() and json.loads(saved.read_text())["shape"] == args.shape:
+        model = json.loads(saved.read_text())  # a warm machine keeps the model of a last call
+    else:
+        model = {"shape": args.shape, **save_model(args.shape, work / "model", device)}
+        saved.write_text(json.dumps(model))
+    print(
+        f"saved {args.shape} ({model['params'] / 1e9:.2f}B) in {time.perf_counter() - start:.0f} s",
+        flush=True,
+    )
+    rows = []
+    jobs = [j.split(":") for j in args.jobs.split(",") if j]
+    if args.repeat_first and jobs:
+        jobs.insert(1, jobs[0])
+    for k, (kind, count) in enumerate(jobs):
+        n = int(count)
+        data = work / f"{kind}-{n}.jsonl"
+        if kind == "sharegpt":
+            facts = write_requests(data, n, model["per_word"])
+            task = {"type": "generate", "max_new_tokens": 1500, "temperature": 0.0}
+        else:
+            facts = write_prompts(data, n, model["per_word"])
+            task = {"type": "score"}
+        spec = {
+            "model": {"path": str(work / "model")},
+            "input": {"path": str(data)},
+            "output": {"path": str(work / f"out-{k}")},
+            "task": task,
+        }
+        if args.tiny:
+            spec["task"]["max_new_tokens"] = 16 if kind == "sharegpt" else None
+            spec["task"] = {key: v for key, v in spec["task"].items() if v is not None}
+        job = work / f"{kind}-{n}.yaml"
+        job.write_text(json.dumps(spec))
+        result = run_job(job, work / f"out-{k}", overwrite=True)
+        row = row_of(
+            f"{kind} {n:,}" + (" (again)" if args.repeat_first and k == 1 else ""),
+            result,
+            model,
+            facts,
+        )
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print_table(rows)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_jobs.json").write_text(
+            json.dumps({"model": model, "rows": rows}, indent=1)
+        )
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = [
+        "job",
+        "process_wall_s",
+        "model_s",
+        "outside_model_s",
+        "first_batch_s",
+        "load_s",
+        "tokens_per_s_wall",
+        "tokens_per_s_model",
+    ]
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(str(r[c]) for c in cols))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""bulkinfer as a library: the same job through `bulkinfer.run` and through the command line
+gives the same outputs, overrides apply as --set does, and user errors raise one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import cli, read_outputs, sample_prompts, write_job, write_jsonl
+
+import bulkinfer
+from bulkinfer.errors import SpecError
+
+
+def test_run_returns_the_summary_and_equals_the_cli(tmp_path, tiny_model):
+    rows = sample_prompts(24)
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", rows),
+        tmp_path / "cli",
+    )
+    assert cli("run", str(job)).exit_code == 0
+    summary = bulkinfer.run(job, output=str(tmp_path / "api"), task={"max_new_tokens": 6})
+    assert summary == json.loads((tmp_path / "api" / "summary.json").read_text())
+    assert summary["rows_out"] == 24 and summary["complete"]
+    by_cli, by_api = read_outputs(tmp_path / "cli"), read_outputs(tmp_path / "api")
+    assert by_api.column("text").to_pylist() == by_cli.column("text").to_pylist()
+
+
+def test_overrides_as_sections_or_dotted_keys_and_a_mapping_as_the_job(tmp_path, tiny_model):
+    data = {
+        "model": {"path": str(tiny_model)},
+        "task": {"type": "generate", "max_new_tokens": 6},
+        "input": {"path": str(write_jsonl(tmp_path / "in.jsonl", sample_prompts(8)))},
+        "output": {"path": str(tmp_path / "out")},
+    }
+    spec = bulkinfer.load(data, task={"max_new_tokens": 3}, **{"batching.max_batch_size": 2})
+    assert spec.task.max_new_tokens == 3 and spec.batching.max_batch_size == 2
+    summary = bulkinfer.run(spec)
+    assert summary["rows_out"] == 8
+    assert max(read_outputs(tmp_path / "out").column("output_tokens").to_pylist()) <= 3
+    plan = bulkinfer.plan(data, **{"batching.max_batch_size": 2})
+    assert plan["batches_sorted"] == 4 and plan["batch_rows"] == [2, 2, 2, 2]
+
+
+def test_a_bad_override_raises_the_one_line_error(tmp_path, tiny_model):
+    job = write_job(tmp_path / "job.yaml", tiny_model, tmp_path / "in.jsonl", tmp_path / "out")
+    write_jsonl(tmp_path / "in.jsonl", sample_prompts(2))
+    with pytest.raises(SpecError, match="task.max_new_tokenz.*did you mean 'task.max_new_tokens'"):
+        bulkinfer.run(job, task={"max_new_tokenz": 3})
