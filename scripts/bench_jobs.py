@@ -127,18 +127,29 @@ def save_model(shape: str, folder: Path, device: str) -> dict:
     }
 
 
-def run_job(job: Path, out: Path, overwrite: bool) -> dict:
-    """`python -m bulkinfer run`, timed from outside; its summary.json."""
-    args = [sys.executable, "-m", "bulkinfer", "run", str(job), "--output", str(out)]
+def run_job(job: Path, out: Path, overwrite: bool, profile: Path | None = None) -> dict:
+    """`python -m bulkinfer run` with JSON logs, timed from outside; its summary.json. With
+    `profile`, the run goes under cProfile (main thread) and the stats land in that file."""
+    python = [sys.executable] + (["-m", "cProfile", "-o", str(profile)] if profile else [])
+    args = python + ["-m", "bulkinfer", "--log-format", "json", "run", str(job)]
+    args += ["--output", str(out)] + (["--overwrite"] if overwrite else [])
     start = time.perf_counter()
-    proc = subprocess.run(
-        args + (["--overwrite"] if overwrite else []), cwd=ROOT, text=True, capture_output=True
-    )
+    proc = subprocess.run(args, cwd=ROOT, text=True, capture_output=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"bulkinfer run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     summary = json.loads((out / "summary.json").read_text())
-    return {"process_wall_seconds": wall, "summary": summary, "log_tail": proc.stderr[-2000:]}
+    return {"process_wall_seconds": wall, "summary": summary, "log": proc.stderr}
+
+
+def profile_text(stats_file: Path, top: int = 60) -> str:
+    """The functions that took the most cumulative time, as pstats prints them."""
+    import io
+    import pstats
+
+    buffer = io.StringIO()
+    pstats.Stats(str(stats_file), stream=buffer).sort_stats("cumulative").print_stats(top)
+    return buffer.getvalue()
 
 
 def floors(model: dict, summary: dict, longest_answer: int | None) -> dict:
@@ -182,6 +193,9 @@ def main() -> None:
         "--repeat-first",
         action="store_true",
         help="run the first job a second time (warm page and compile caches)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="cProfile the last run of the first job"
     )
     parser.add_argument("--tiny", action="store_true", help="CPU check: tiny model, few rows")
     parser.add_argument("--work", type=Path, default=None, help="folder for model and jobs")
@@ -228,7 +242,15 @@ def main() -> None:
             spec["task"] = {key: v for key, v in spec["task"].items() if v is not None}
         job = work / f"{kind}-{n}.yaml"
         job.write_text(json.dumps(spec))
-        result = run_job(job, work / f"out-{k}", overwrite=True)
+        profiled = args.profile and k == (1 if args.repeat_first else 0)
+        stats_file = work / f"profile-{k}.prof" if profiled else None
+        result = run_job(job, work / f"out-{k}", overwrite=True, profile=stats_file)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"log-{k}-{kind}-{n}.jsonl").write_text(result.pop("log"))
+            if stats_file:
+                (args.out / f"profile-{k}.txt").write_text(profile_text(stats_file))
+        result.pop("log", None)
         row = row_of(
             f"{kind} {n:,}" + (" (again)" if args.repeat_first and k == 1 else ""),
             result,

@@ -9,7 +9,7 @@ import torch
 from conftest import cli, cli_subprocess, read_outputs, write_job, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bulkinfer.engines.hf import truncate_at_stop
+from bulkinfer.engines.stops import truncate_at_stop
 
 TOPICS = ["the fox", "Paris", "東京 😀", "Émilie reads news", "def add(a, b):", "1 2 3"]
 

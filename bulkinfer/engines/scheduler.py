@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bulkinfer.engines.base import GenerateRequests
-from bulkinfer.engines.hf import Generation, stop_hit
+from bulkinfer.engines.hf import Generation
 from bulkinfer.engines.kv import DecodeInputs, RegionAllocator
 from bulkinfer.engines.memory import PREFILL_TOKENS
 from bulkinfer.engines.sampling import RowSampling, SamplingParams
+from bulkinfer.engines.stops import stop_hit
 
 SYNC_EVERY = 8  # decode steps between looks at the tokens on the host
 

@@ -12,10 +12,12 @@ from bulkinfer.io.atomic import write_json_atomic
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.outputs import assemble_outputs, error_rows_table, write_stats
 from bulkinfer.job.batch import rows_in_flight
+from bulkinfer.job.exits import writes_reported
 from bulkinfer.observe.progress import log, log_format
 from bulkinfer.observe.stats import ModelCost, format_summary, stats_table, summarize
 from bulkinfer.planner import padding_fraction
 from bulkinfer.prepare import PreparedRows
+from bulkinfer.sharding import Shard
 from bulkinfer.state.checkpoint import Manifest
 
 
@@ -94,3 +96,20 @@ def write_summary(layout: OutputLayout, summary: dict, inputs, plan, engine, hos
     )
     if log_format() == "plain":
         print(format_summary(summary))
+
+
+def merge_if_last(root: OutputLayout, shard: Shard) -> None:
+    """The shard that finds every shard done merges them into OUT/outputs."""
+    from bulkinfer.state.merge import merge_shards
+    from bulkinfer.state.status import shard_states
+
+    if not all(s.state == "done" for s in shard_states(root.root, shard.count)):
+        return
+    with writes_reported(root):
+        summary = merge_shards(root.root)
+    log(
+        f"all {shard.count} shards done: merged {summary['rows_out']:,} rows into {root.outputs_dir}",
+        event="merge",
+        shards=shard.count,
+        rows_out=summary["rows_out"],
+    )

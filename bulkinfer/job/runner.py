@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 from bulkinfer import faults
-from bulkinfer.errors import RowFailedError, WriteError, first_line
-from bulkinfer.io.atomic import write_json_atomic
+from bulkinfer.errors import RowFailedError
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.outputs import PartWriter, part_schema
 from bulkinfer.job.batch import RowCap, first_failure, run_batch
-from bulkinfer.job.finish import finish_job, model_cost, write_responses, write_summary
+from bulkinfer.job.exits import failure_recorded, stop_signals, stopped, writes_reported
+from bulkinfer.job.finish import (
+    finish_job,
+    merge_if_last,
+    model_cost,
+    write_responses,
+    write_summary,
+)
 from bulkinfer.job.loading import planned_engine
 from bulkinfer.job.resume import batches_to_do, log_start, open_folder, record_plan
 from bulkinfer.job.setup import (
@@ -29,7 +34,6 @@ from bulkinfer.job.setup import (
     set_up,
     tokenize_while_loading,
 )
-from bulkinfer.job.signals import stop_signals, stopped
 from bulkinfer.job.stream import run_stream
 from bulkinfer.observe.progress import Progress, log
 from bulkinfer.sharding import Shard
@@ -137,51 +141,3 @@ def log_checkpoint(manifest: Manifest) -> None:
         batches=len(part.batches),
         rows_committed=sum(r.rows for r in manifest.records),
     )
-
-
-def merge_if_last(root: OutputLayout, shard: Shard) -> None:
-    """The shard that finds every shard done merges them into OUT/outputs."""
-    from bulkinfer.state.merge import merge_shards
-    from bulkinfer.state.status import shard_states
-
-    if not all(s.state == "done" for s in shard_states(root.root, shard.count)):
-        return
-    with writes_reported(root):
-        summary = merge_shards(root.root)
-    log(
-        f"all {shard.count} shards done: merged {summary['rows_out']:,} rows into {root.outputs_dir}",
-        event="merge",
-        shards=shard.count,
-        rows_out=summary["rows_out"],
-    )
-
-
-@contextmanager
-def failure_recorded(layout: OutputLayout, shard: Shard | None):
-    """A shard that dies of an error leaves failed.json, so `bulkinfer status` can say so."""
-    if shard is None:
-        yield
-        return
-    layout.failed.unlink(missing_ok=True)
-    try:
-        yield
-    except Exception as exc:
-        if layout.root.exists():
-            write_json_atomic(layout.failed, {"error": f"{type(exc).__name__}: {first_line(exc)}"})
-        raise
-
-
-@contextmanager
-def writes_reported(layout: OutputLayout):
-    """A failed write (disk full, permissions) ends the run with one line; what was committed
-    before it stays valid, so a rerun resumes once the cause is fixed."""
-    try:
-        yield
-    except OSError as exc:
-        where = exc.filename
-        root = str(layout.root.resolve())
-        if not where or not str(Path(where).resolve()).startswith(root):
-            raise
-        raise WriteError(
-            f"cannot write {where}: {exc.strerror or exc}; fix that and rerun to resume"
-        ) from None

@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 
 from bulkinfer.engines.base import GenerateRequests
-from bulkinfer.engines.hf import truncate_at_stop
 from bulkinfer.engines.sampling import SamplingParams, row_key
+from bulkinfer.engines.stops import truncate_at_stop
 from bulkinfer.prepare import PreparedRows
 from bulkinfer.spec import TaskSpec
 from bulkinfer.tasks.base import BatchResult, load_causal_lm

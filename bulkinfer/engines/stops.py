@@ -1,0 +1,38 @@
+"""Stop strings: text-level ends of a generated row, checked on the decoded tail only."""
+
+from __future__ import annotations
+
+import torch
+
+
+class StopStrings:
+    """Text-level stop strings of a batch's rows (rows may have none)."""
+
+    def __init__(self, stops: list[tuple[str, ...]], tokenizer):
+        self.stops = stops
+        self.tokenizer = tokenizer
+
+    def check(
+        self, generated: torch.Tensor, counts: torch.Tensor, active: torch.Tensor
+    ) -> torch.Tensor:
+        """Which active rows now end in (or contain, near the end) a stop string."""
+        hits = []
+        rows = zip(generated.tolist(), counts.tolist(), active.tolist(), self.stops, strict=True)
+        for row, n, live, stops in rows:
+            hits.append(live and bool(stops) and stop_hit(self.tokenizer, row[:n], stops))
+        return torch.tensor(hits, device=generated.device)
+
+
+def stop_hit(tokenizer, tokens: list[int], stops: tuple[str, ...]) -> bool:
+    """Whether the text of these tokens ends in (or holds, near the end) one of `stops`. Only
+    the tail is decoded, so a check costs O(window); the window is the row's own (a row's
+    result never depends on the stop strings of rows beside it)."""
+    window = max(len(s) for s in stops) + 8
+    text = tokenizer.decode(tokens[-window:], skip_special_tokens=True)
+    return any(s in text for s in stops)
+
+
+def truncate_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """Cut text at the earliest stop string (the stop string itself is not kept)."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)

@@ -1,0 +1,90 @@
+"""How a run ends early. Stopping cleanly: SIGTERM, SIGINT and SIGUSR1 (Slurm's time warning) let the batch in flight
+finish and be committed, then the job exits; a second SIGINT aborts at once. A failed write
+ends the run with one line; a shard that dies leaves failed.json for `bulkinfer status`."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from bulkinfer.errors import WriteError, first_line
+from bulkinfer.io.atomic import write_json_atomic
+from bulkinfer.io.layout import OutputLayout
+from bulkinfer.observe.progress import log
+from bulkinfer.sharding import Shard
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class StopFlag:
+    signum: int | None = None
+
+
+@contextmanager
+def stop_signals() -> Iterator[StopFlag]:
+    flag = StopFlag()
+    previous = {}
+
+    def handler(signum, frame):
+        if flag.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.signum = signum
+        log(
+            f"{signal.Signals(signum).name} received: finishing the batch in flight, then stopping",
+            event="signal",
+            signal=signal.Signals(signum).name,
+        )
+
+    for sig in STOP_SIGNALS:
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def stopped(signum: int) -> int:
+    """Say why the run stopped; the exit code a shell gives a process ended by that signal."""
+    name = signal.Signals(signum).name
+    log(
+        f"stopped by {name}: the batch in flight was written; rerun the same command to resume",
+        event="signal",
+        level="warning",
+        signal=name,
+        exit_code=128 + signum,
+    )
+    return 128 + signum
+
+
+@contextmanager
+def failure_recorded(layout: OutputLayout, shard: Shard | None):
+    """A shard that dies of an error leaves failed.json, so `bulkinfer status` can say so."""
+    if shard is None:
+        yield
+        return
+    layout.failed.unlink(missing_ok=True)
+    try:
+        yield
+    except Exception as exc:
+        if layout.root.exists():
+            write_json_atomic(layout.failed, {"error": f"{type(exc).__name__}: {first_line(exc)}"})
+        raise
+
+
+@contextmanager
+def writes_reported(layout: OutputLayout):
+    """A failed write (disk full, permissions) ends the run with one line; what was committed
+    before it stays valid, so a rerun resumes once the cause is fixed."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename
+        root = str(layout.root.resolve())
+        if not where or not str(Path(where).resolve()).startswith(root):
+            raise
+        raise WriteError(
+            f"cannot write {where}: {exc.strerror or exc}; fix that and rerun to resume"
+        ) from None
