@@ -5,7 +5,11 @@ The command line (`bulkinfer run job.yaml`) and this module run the same jobs:
 transformers load on first use, not on import.
 """
 
+from bulkinfer.cache import keep_bytecode
+
 __version__ = "0.1.0"
+
+keep_bytecode()  # before torch and transformers are imported
 
 
 def run(job, **kwargs):

@@ -15,19 +15,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from bulkinfer.cache import cache_root
 from bulkinfer.configs import text_config
 from bulkinfer.errors import ModelError, model_error
 from bulkinfer.observe.progress import log
 from bulkinfer.spec import PACKAGE_PREFIX, ModelSpec
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-
-
-def cache_root() -> Path:
-    base = os.environ.get("BULKINFER_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "bulkinfer"
-    )
-    return Path(base)
 
 
 def resolve_model_path(path: str) -> Path:

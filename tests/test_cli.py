@@ -250,3 +250,19 @@ def test_json_logs_report_user_errors_as_one_error_event(tmp_path, tiny_model):
     assert proc.returncode == 2 and event["event"] == "error" and "--shard" in event["message"]
     plain = cli_subprocess("run", str(job), "--set", "task.typo=1")
     assert plain.stderr.startswith("bulkinfer: error: unknown key 'task.typo'")
+
+
+def test_bytecode_is_kept_in_the_cache_folder_when_python_may_not_write_it(tmp_path):
+    """Under PYTHONDONTWRITEBYTECODE (as many container images set) every process would compile
+    torch and transformers from source again; bulkinfer keeps that bytecode in its cache."""
+    import subprocess
+    import sys
+
+    code = "import sys, bulkinfer.cli; print(sys.pycache_prefix)"
+    env = {**child_env(), "PYTHONDONTWRITEBYTECODE": "1", "BULKINFER_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == str(tmp_path / "pycache"), out.stderr
+    assert list((tmp_path / "pycache").rglob("cli*.pyc")), "no bytecode written for bulkinfer.cli"
+    env["BULKINFER_PYCACHE"] = "0"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "None", out.stderr

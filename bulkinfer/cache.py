@@ -1,0 +1,33 @@
+"""bulkinfer's cache folder (converted GGUF weights, compiled kernels, Python bytecode), and
+Python bytecode kept there when the environment says not to write it beside the sources.
+
+Container images often set PYTHONDONTWRITEBYTECODE=1 (or ship read-only site-packages): then
+every process compiles torch and transformers from source again, 10 s and more of start-up on
+each job and on each Slurm array task. bulkinfer keeps that bytecode in its own cache folder
+instead (`sys.pycache_prefix`), so only the first job on a box pays; the sources and the
+environment's folders are left as they are. BULKINFER_PYCACHE=0 turns this off.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    base = os.environ.get("BULKINFER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "bulkinfer"
+    )
+    return Path(base)
+
+
+def keep_bytecode() -> None:
+    """Write imported modules' bytecode under the cache folder when Python was told not to
+    write it beside the sources; a prefix the user set wins."""
+    if not sys.dont_write_bytecode or sys.pycache_prefix:
+        return
+    if os.environ.get("BULKINFER_PYCACHE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return
+    sys.pycache_prefix = str(cache_root() / "pycache")
+    sys.dont_write_bytecode = False
