@@ -20,6 +20,7 @@ from typing import Any
 from bulkinfer.errors import UserError
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.spec import JobSpec, load_spec
+from bulkinfer.state.records import Summary
 
 
 class JobStopped(UserError):
@@ -59,7 +60,7 @@ def run(
     layout = OutputLayout(Path(spec.output.path))
     if chosen is not None:
         layout = layout.shard(chosen.index, chosen.count)
-    return json.loads(layout.summary.read_text())
+    return Summary.read_if_there(layout.summary).to_dict()
 
 
 def plan(job: str | os.PathLike | dict | JobSpec, **overrides: Any) -> dict:

@@ -157,11 +157,12 @@ def status(output: str) -> None:
     from pathlib import Path
 
     from bulkinfer.errors import UserError
+    from bulkinfer.io.layout import OutputLayout
     from bulkinfer.state.status import format_status, job_states
 
-    root = Path(output)
-    if not root.is_dir():
-        raise UserError(f"{root}: no such output folder")
+    root = OutputLayout(Path(output))
+    if not root.root.is_dir():
+        raise UserError(f"{root.root}: no such output folder")
     click.echo(format_status(root, job_states(root)))
 
 
@@ -176,11 +177,12 @@ def merge(output: str) -> None:
     """
     from pathlib import Path
 
+    from bulkinfer.io.layout import OutputLayout
     from bulkinfer.state.merge import merge_shards
 
-    summary = merge_shards(Path(output))
+    summary = merge_shards(OutputLayout(Path(output)))
     click.echo(
-        f"merged {summary['shards']} shards: {summary['rows_out']:,} rows in {output}/outputs"
+        f"merged {summary.details['shards']} shards: {summary.rows_out:,} rows in {output}/outputs"
     )
 
 

@@ -62,17 +62,48 @@ def converted_gguf_folder(gguf: Path) -> Path:
     return cache_root() / "gguf" / f"{gguf.stem}-{key[:16]}"
 
 
-def local_model_folder(spec: ModelSpec, convert: bool = True) -> Path | None:
+@dataclass(frozen=True)
+class ModelFiles:
+    """The spec's model resolved once: its path on disk (a package's file found), the GGUF
+    file it names if any, and the spec's settings. Everything that reads the model's files
+    (tokenizer, config, identity, weights) takes this."""
+
+    spec: ModelSpec
+    path: Path
+    gguf: Path | None
+
+    @property
+    def label(self) -> str:
+        return self.spec.path
+
+    def identity(self) -> dict:
+        """What identifies the weights for the job fingerprint: path, file names and sizes."""
+        path = self.path
+        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+        return {"path": str(path), "files": {p.name: p.stat().st_size for p in files}}
+
+    def weight_bytes(self) -> int:
+        return sum(self.identity()["files"].values())
+
+
+def resolve_model_files(spec: ModelSpec) -> ModelFiles:
+    """Resolve the model path once; a folder that is no model is a one-line error here."""
+    path = resolve_model_path(spec.path)
+    gguf = gguf_file(path)
+    if gguf is None:
+        _check_model_folder(path, spec)
+    return ModelFiles(spec, path, gguf)
+
+
+def local_model_folder(model: ModelFiles, convert: bool = True) -> Path | None:
     """A folder with config, tokenizer and safetensors weights for this model.
 
     A GGUF model is converted on first use (that loads the weights, once); with convert=False the
     cached conversion is returned if present, else None.
     """
-    path = resolve_model_path(spec.path)
-    gguf = gguf_file(path)
+    gguf = model.gguf
     if gguf is None:
-        _check_model_folder(path, spec)
-        return path
+        return model.path
     target = converted_gguf_folder(gguf)
     if (target / "config.json").exists():
         return target
@@ -132,18 +163,19 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_tokenizer(spec: ModelSpec):
+def load_tokenizer(model: ModelFiles):
     """The model's tokenizer, from the model folder or straight from the GGUF file."""
     from transformers import AutoTokenizer
 
-    folder = local_model_folder(spec, convert=False)
+    spec = model.spec
+    folder = local_model_folder(model, convert=False)
     try:
         if folder is not None:
             tokenizer = AutoTokenizer.from_pretrained(
                 folder, trust_remote_code=spec.trust_remote_code
             )
         else:
-            gguf = gguf_file(resolve_model_path(spec.path))
+            gguf = model.gguf
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (OSError, ValueError) as exc:
         raise model_error(f"cannot load a tokenizer from {spec.path}", exc) from None
@@ -152,14 +184,15 @@ def load_tokenizer(spec: ModelSpec):
     return tokenizer
 
 
-def load_config(spec: ModelSpec):
+def load_config(model: ModelFiles):
     from transformers import AutoConfig
 
-    folder = local_model_folder(spec, convert=False)
+    spec = model.spec
+    folder = local_model_folder(model, convert=False)
     try:
         if folder is not None:
             return AutoConfig.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
-        gguf = gguf_file(resolve_model_path(spec.path))
+        gguf = model.gguf
         return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (OSError, ValueError) as exc:
         raise model_error(f"cannot read the model config of {spec.path}", exc) from None
@@ -175,13 +208,6 @@ def model_context(config, spec: ModelSpec) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
-
-
-def model_identity(spec: ModelSpec) -> dict:
-    """What identifies the weights for the job fingerprint: path plus file names and sizes."""
-    path = resolve_model_path(spec.path)
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-    return {"path": str(path), "files": {p.name: p.stat().st_size for p in files}}
 
 
 POOLING_MODES = {"mean_tokens": "mean", "cls_token": "cls", "lasttoken": "last"}

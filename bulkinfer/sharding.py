@@ -9,20 +9,14 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from bulkinfer.errors import SpecError
-
-SHARD_DIR = re.compile(r"shard-(\d+)-of-(\d+)$")
 
 
 @dataclass(frozen=True)
 class Shard:
     index: int
     count: int
-
-    def folder(self, root: Path) -> Path:
-        return root / "shards" / f"shard-{self.index:05d}-of-{self.count:05d}"
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
@@ -55,13 +49,3 @@ def shard_from_env(env: dict[str, str] | None = None) -> Shard | None:
     if "JOB_COMPLETION_INDEX" in env and "BULKINFER_SHARD_COUNT" in env:
         return Shard(int(env["JOB_COMPLETION_INDEX"]), int(env["BULKINFER_SHARD_COUNT"]))
     return None
-
-
-def shard_folders(root: Path) -> dict[Shard, Path]:
-    """The shard folders present under a job's output folder."""
-    found = {}
-    for path in sorted((root / "shards").glob("shard-*-of-*")):
-        match = SHARD_DIR.search(path.name)
-        if match and path.is_dir():
-            found[Shard(int(match.group(1)), int(match.group(2)))] = path
-    return found

@@ -61,8 +61,8 @@ def main() -> None:
     parser.add_argument("--input", type=Path, required=True, help="from make_big_input.py")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    from bulkinfer.model_files import load_tokenizer
-    from bulkinfer.prepare import _untruncated_backend
+    from bulkinfer.model_files import load_tokenizer, resolve_model_files
+    from bulkinfer.prepare import untruncated_backend
     from bulkinfer.spec import load_spec
 
     spec_path = args.input.with_suffix(".plan.yaml")
@@ -77,7 +77,9 @@ def main() -> None:
             }
         )
     )
-    backend = _untruncated_backend(load_tokenizer(load_spec(str(spec_path), []).model))
+    backend = untruncated_backend(
+        load_tokenizer(resolve_model_files(load_spec(str(spec_path), []).model))
+    )
     texts = read_texts(args.input)
     print(f"{len(texts):,} prompts from {args.input}", flush=True)
     rounds = []

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from bulkinfer.prepare import _encode
+from bulkinfer.prepare.tokenize import _encode
 
 TEXTS = [
     "Hello world",

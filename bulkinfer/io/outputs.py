@@ -20,8 +20,7 @@ import pyarrow.parquet as pq
 
 from bulkinfer import faults
 from bulkinfer.io.atomic import fsync_dir, write_bytes_atomic, write_parquet_atomic
-from bulkinfer.overlap import SerialThread
-from bulkinfer.state.checkpoint import Manifest, OutputLayout, PartRecord
+from bulkinfer.io.layout import OutputLayout
 
 OUTPUT_FILE_ROWS = 1_000_000
 BUCKET_ROWS = 262_144  # rows of results sorted in memory at a time
@@ -63,86 +62,6 @@ def error_rows_table(row_errors: dict[int, str], schema: pa.Schema) -> pa.Table:
     )
 
 
-class PartWriter:
-    """Accumulates batch results and commits them as one part every `every_rows` rows.
-
-    A part is encoded, written, fsynced and committed in the manifest on a background thread,
-    so the next batch runs on the device meanwhile. Parts are committed in order and one at a
-    time: a full buffer waits for the part before it, so a kill loses at most the part being
-    written plus what is buffered, as with inline writes. A write error is raised, unchanged,
-    by the next `add` or `flush`, or when the writer closes.
-    """
-
-    def __init__(
-        self,
-        layout: OutputLayout,
-        manifest: Manifest,
-        schema: pa.Schema,
-        every_rows: int,
-        run_id: str,
-        on_commit: Callable[[Manifest], None] | None = None,
-    ):
-        self.layout = layout
-        self.manifest = manifest
-        self.schema = schema
-        self.every_rows = every_rows
-        self.run_id = run_id
-        self.on_commit = on_commit
-        self._tables: list[pa.Table] = []
-        self._batches: list[int] = []
-        self._stats: list[dict] = []
-        self._rows = 0
-        self._thread = SerialThread("bulkinfer-write")
-
-    def __enter__(self) -> PartWriter:
-        return self
-
-    def __exit__(self, kind, error, traceback) -> None:
-        self._thread.close(failing=error)
-
-    def add(self, table: pa.Table, batch: int, stats: dict, elapsed: float) -> None:
-        """Buffer a batch; hand a part to the writer thread when enough rows are waiting."""
-        self._thread.check()
-        self._tables.append(table)
-        self._batches.append(batch)
-        self._stats.append(stats)
-        self._rows += table.num_rows
-        if self._rows >= self.every_rows:
-            self._hand_over(elapsed)
-
-    def flush(self, elapsed: float) -> None:
-        """Commit the buffered batches as one part and wait until every part is committed."""
-        self._hand_over(elapsed)
-        self._thread.wait()
-
-    def _hand_over(self, elapsed: float) -> None:
-        if not self._tables:
-            return
-        part = (self._tables, self._batches, self._stats, round(elapsed, 3))
-        self._tables, self._batches, self._stats, self._rows = [], [], [], 0
-        self._thread.submit(self._commit, *part)
-
-    def _commit(self, tables: list, batches: list[int], stats: list[dict], elapsed: float) -> None:
-        """Write the part, then commit it in the manifest (on the writer thread)."""
-        name = f"part-b{batches[0]:07d}.parquet"
-        table = pa.concat_tables(tables)
-        sha = write_parquet_atomic(self.layout.parts_dir / name, table)
-        faults.checkpoint("part_written")
-        record = PartRecord(
-            file=name,
-            batches=batches,
-            rows=table.num_rows,
-            sha256=sha,
-            run=self.run_id,
-            elapsed=elapsed,
-            stats=stats,
-        )
-        self.manifest.commit(record)
-        faults.checkpoint("part_committed")
-        if self.on_commit is not None:
-            self.on_commit(self.manifest)
-
-
 @dataclass(frozen=True)
 class OutputCounts:
     rows: int
@@ -151,7 +70,7 @@ class OutputCounts:
 
 def assemble_outputs(
     layout: OutputLayout,
-    manifest: Manifest,
+    part_files: list[Path],
     error_rows: pa.Table,
     row_columns: Callable[[int, int], pa.Table],
     expected_rows: np.ndarray,
@@ -160,7 +79,7 @@ def assemble_outputs(
     """Write OUT/outputs/*.parquet: every expected input row once, in input order, with its id
     and kept columns (`row_columns(start, stop)`), and its input position `row` for a shard's
     part. Parts are read one at a time, never all at once."""
-    parts = (pq.read_table(layout.parts_dir / r.file) for r in manifest.records)
+    parts = (pq.read_table(path) for path in part_files)
     return write_sorted_outputs(
         layout, chain(parts, [error_rows]), expected_rows, row_columns, keep_row
     )
@@ -341,13 +260,6 @@ class _OutputFiles:
         if self.count == 0 and self.schema is not None:
             self._next_file()
         self._close_file()
-
-
-def check_every_row_once(rows: np.ndarray, expected: np.ndarray) -> None:
-    """rows_in == rows_out: the sorted result rows must be exactly the expected rows."""
-    problems = _RowProblems()
-    problems.add(rows, expected)
-    problems.raise_if_any(len(expected))
 
 
 def _swap_in(layout: OutputLayout, tmp: Path) -> None:

@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 
-from bulkinfer.io.atomic import write_json_atomic
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.outputs import assemble_outputs, error_rows_table, write_stats
 from bulkinfer.job.batch import rows_in_flight
@@ -18,19 +17,20 @@ from bulkinfer.observe.stats import ModelCost, format_summary, stats_table, summ
 from bulkinfer.planner import padding_fraction
 from bulkinfer.prepare import PreparedRows
 from bulkinfer.sharding import Shard
-from bulkinfer.state.checkpoint import Manifest
+from bulkinfer.state.manifest import Manifest
+from bulkinfer.state.records import Summary
 
 
 def finish_job(
     layout, manifest: Manifest, prepared: PreparedRows, schema, run_id, started, rows, keep_row
-) -> dict:
+) -> Summary:
     """Assemble the final dataset (or this shard's part of it) and the per-batch stats; returns
     the summary to write last."""
     bad = np.fromiter(prepared.row_errors, dtype=np.int64, count=len(prepared.row_errors))
     bad = bad[np.isin(bad, rows)]
     errors = error_rows_table({int(r): prepared.row_errors[int(r)] for r in bad}, schema)
     counts = assemble_outputs(
-        layout, manifest, errors, prepared.row_columns, rows, keep_row=keep_row
+        layout, manifest.part_files(), errors, prepared.row_columns, rows, keep_row=keep_row
     )
     records = [(r.run, s) for r in manifest.records for s in r.stats]
     write_stats(layout, stats_table(records))
@@ -39,13 +39,14 @@ def finish_job(
         if r.run != run_id:
             earlier[r.run] = max(earlier.get(r.run, 0.0), r.elapsed)
     wall = sum(earlier.values()) + (time.monotonic() - started)
-    return summarize(
+    totals = summarize(
         stats=[s for _, s in records],
         rows_in=len(rows),
         rows_out=counts.rows,
         rows_by_status={"ok": counts.rows - counts.errors, "error": counts.errors},
         wall_seconds=wall,
     )
+    return Summary.from_dict(totals)
 
 
 def write_responses(layout: OutputLayout, model_path: str) -> None:
@@ -60,42 +61,42 @@ def model_cost(engine) -> ModelCost | None:
     return ModelCost.of(engine)
 
 
-def hardware_summary(summary: dict, engine) -> dict:
+def hardware_summary(summary: Summary, engine) -> dict:
     """Shares of the device's peak FLOP/s and memory bandwidth the job reached."""
     cost = model_cost(engine)
-    if cost is None or not summary["batches"]:
+    if cost is None or not summary.batches:
         return {}
-    rows = summary["rows_out"]
+    rows = summary.rows_out
     return cost.fractions(
-        summary["input_tokens"],
-        summary["output_tokens"],
+        summary.input_tokens,
+        summary.output_tokens,
         rows,
-        summary["model_seconds"],
-        rows_in_flight(engine, rows / summary["batches"]),
+        summary.model_seconds,
+        rows_in_flight(engine, rows / summary.batches),
     )
 
 
-def write_summary(layout: OutputLayout, summary: dict, inputs, plan, engine, host_seconds) -> None:
+def write_summary(
+    layout: OutputLayout, summary: Summary, inputs, plan, engine, host_seconds
+) -> None:
     """summary.json, last: its presence (complete: true) is what marks the job done. The
     tokenized input's spill files go then: a finished job never reads them again."""
-    summary.update(host_seconds)
-    summary.update(hardware_summary(summary, engine))
-    summary.update(
-        task=inputs.task.name,
-        device=engine.limits.device_name,
-        engine=engine.limits.kind,
-        padding_fraction_file_order=padding_fraction(plan.file_order),
+    summary.task, summary.device = inputs.task.name, engine.limits.device_name
+    summary.details.update(host_seconds)
+    summary.details.update(hardware_summary(summary, engine))
+    summary.details.update(
+        engine=engine.limits.kind, padding_fraction_file_order=padding_fraction(plan.file_order)
     )
-    write_json_atomic(layout.summary, summary)
+    summary.write(layout.summary)
     shutil.rmtree(layout.prepared_dir, ignore_errors=True)
     log(
-        f"finished: {summary['rows_out']:,} rows in {layout.outputs_dir}",
+        f"finished: {summary.rows_out:,} rows in {layout.outputs_dir}",
         event="finish",
         json_only=True,
-        **summary,
+        **summary.to_dict(),
     )
     if log_format() == "plain":
-        print(format_summary(summary))
+        print(format_summary(summary.to_dict()))
 
 
 def merge_if_last(root: OutputLayout, shard: Shard) -> None:
@@ -103,13 +104,13 @@ def merge_if_last(root: OutputLayout, shard: Shard) -> None:
     from bulkinfer.state.merge import merge_shards
     from bulkinfer.state.status import shard_states
 
-    if not all(s.state == "done" for s in shard_states(root.root, shard.count)):
+    if not all(s.state == "done" for s in shard_states(root, shard.count)):
         return
     with writes_reported(root):
-        summary = merge_shards(root.root)
+        summary = merge_shards(root)
     log(
-        f"all {shard.count} shards done: merged {summary['rows_out']:,} rows into {root.outputs_dir}",
+        f"all {shard.count} shards done: merged {summary.rows_out:,} rows into {root.outputs_dir}",
         event="merge",
         shards=shard.count,
-        rows_out=summary["rows_out"],
+        rows_out=summary.rows_out,
     )

@@ -6,20 +6,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from bulkinfer.cache import cache_root
 from bulkinfer.engines.base import EngineLimits, LoadOptions
-from bulkinfer.model_files import (
-    cache_root,
-    local_model_folder,
-    model_identity,
-    resolve_model_path,
-)
-from bulkinfer.spec import JobSpec, ModelSpec
+from bulkinfer.model_files import ModelFiles, local_model_folder
 
 
-def load_options(model: ModelSpec, convert: bool = True) -> LoadOptions:
+def load_options(files: ModelFiles, convert: bool = True) -> LoadOptions:
     """The spec's model resolved to a local folder (a GGUF file converted when `convert`; plan
     does not convert, and needs no folder to size its budget)."""
-    folder = local_model_folder(model, convert=convert) or resolve_model_path(model.path)
+    model = files.spec
+    folder = local_model_folder(files, convert=convert) or files.path
     return LoadOptions(
         folder=folder,
         label=model.path,
@@ -34,12 +30,12 @@ def load_options(model: ModelSpec, convert: bool = True) -> LoadOptions:
 
 
 def planned_engine(
-    spec: JobSpec, config: Any, task, convert: bool = True
+    files: ModelFiles, config: Any, task, convert: bool = True
 ) -> tuple[LoadOptions, EngineLimits]:
     """The load options and the limits of the engine `task` needs, the weights' size taken from
     the model files (they are not in device memory yet)."""
     from bulkinfer.engines.select import engine_limits
 
-    options = load_options(spec.model, convert)
-    weights = sum(model_identity(spec.model)["files"].values())
-    return options, engine_limits(options, config, weights, causal=task.engine == "causal")
+    options = load_options(files, convert)
+    causal = task.engine == "causal"
+    return options, engine_limits(options, config, files.weight_bytes(), causal=causal)

@@ -109,7 +109,7 @@ def plan_job(spec) -> dict:
 
     setup = set_up(spec)
     inputs = tokenize(setup)
-    _, limits = planned_engine(spec, setup.config, setup.task, convert=False)
+    _, limits = planned_engine(setup.model, setup.config, setup.task, convert=False)
     new_tokens = setup.task.new_tokens_per_row()
     budget = token_budget(spec.batching, limits, setup.config, new_tokens)
     return {**plan_report(inputs, make_plan(inputs, budget)), "engine": limits.to_dict()}

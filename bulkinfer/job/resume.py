@@ -7,18 +7,12 @@ from bulkinfer.io.layout import OutputLayout
 from bulkinfer.job.budget import token_budget
 from bulkinfer.job.planning import JobPlan, make_plan, plan_facts
 from bulkinfer.job.setup import Inputs, JobSetup
-from bulkinfer.model_files import model_identity
 from bulkinfer.observe.progress import log, set_log_context
 from bulkinfer.planner import Batch, padding_fraction
 from bulkinfer.sharding import Shard
-from bulkinfer.state.checkpoint import (
-    JobFolder,
-    Manifest,
-    fingerprint,
-    input_files_digest,
-    open_job_folder,
-    save_job,
-)
+from bulkinfer.state.fingerprint import fingerprint, input_files_digest
+from bulkinfer.state.folder import JobFolder, open_job_folder, save_job
+from bulkinfer.state.manifest import Manifest
 
 
 def open_folder(
@@ -27,7 +21,7 @@ def open_folder(
     """Start, resume or refuse, by the fingerprint of spec, model files and input contents."""
     spec = setup.spec
     prints = fingerprint(
-        spec.to_dict(), model_identity(spec.model), input_files_digest(setup.files)
+        spec.to_dict(), setup.model.identity(), input_files_digest([f.path for f in setup.files])
     )
     if shard is not None:
         prints["shard"] = str(shard)
@@ -40,16 +34,14 @@ def record_plan(inputs: Inputs, engine, folder: JobFolder, shard: Shard | None) 
     (the device's free memory may differ by then) and so plans the very same batches."""
     setup, job = inputs.setup, folder.job
     new_tokens = setup.task.new_tokens_per_row()
-    budget = token_budget(setup.spec.batching, engine.limits, setup.config, new_tokens, job)
+    recorded = {"max_tokens": job.max_tokens, "max_batch_size": job.max_batch_size}
+    budget = token_budget(setup.spec.batching, engine.limits, setup.config, new_tokens, recorded)
     plan = make_plan(inputs, budget, shard)
-    job.update(
-        max_tokens=budget.max_tokens,
-        max_batch_size=budget.max_batch_size,
-        rows=len(plan.rows),
-        openai_responses=setup.openai_responses,
-        plan=plan_facts(inputs.prepared, plan),
-        device=engine.limits.device_name,
-    )
+    job.max_tokens, job.max_batch_size = budget.max_tokens, budget.max_batch_size
+    job.rows = len(plan.rows)
+    job.openai_responses = setup.openai_responses
+    job.plan = plan_facts(inputs.prepared, plan)
+    job.device = engine.limits.device_name
     save_job(folder.layout, job)
     return plan
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from bulkinfer import faults
 from bulkinfer.errors import RowFailedError
 from bulkinfer.io.layout import OutputLayout
-from bulkinfer.io.outputs import PartWriter, part_schema
+from bulkinfer.io.outputs import part_schema
 from bulkinfer.job.batch import RowCap, first_failure, run_batch
 from bulkinfer.job.exits import failure_recorded, stop_signals, stopped, writes_reported
 from bulkinfer.job.finish import (
@@ -38,7 +38,8 @@ from bulkinfer.job.stream import run_stream
 from bulkinfer.observe.progress import Progress, log
 from bulkinfer.sharding import Shard
 from bulkinfer.spec import JobSpec
-from bulkinfer.state.checkpoint import Manifest
+from bulkinfer.state.manifest import Manifest
+from bulkinfer.state.parts import PartWriter
 
 
 def run_job(spec: JobSpec, overwrite: bool = False, shard: Shard | None = None) -> int:
@@ -83,7 +84,7 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
     summary = finish_job(
         layout, manifest, inputs.prepared, schema, run_id, started, plan.rows, shard is not None
     )
-    if shard is None and folder.job.get("openai_responses"):
+    if shard is None and folder.job.openai_responses:
         write_responses(layout, spec.model.path)
     write_summary(layout, summary, inputs, plan, engine, host_seconds)
     return 0
@@ -91,7 +92,7 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
 
 def load_and_tokenize(setup: JobSetup, layout: OutputLayout) -> tuple[Inputs, object, dict]:
     """The weights load on a thread while the input is tokenized into spill files."""
-    options, limits = planned_engine(setup.spec, setup.config, setup.task)  # converts a GGUF once
+    options, limits = planned_engine(setup.model, setup.config, setup.task)  # converts a GGUF once
     return tokenize_while_loading(setup, engine_loader(setup, options, limits), layout.prepared_dir)
 
 

@@ -16,14 +16,10 @@ import numpy as np
 
 from bulkinfer.engines.base import EngineLimits, LoadOptions
 from bulkinfer.errors import InputError, RowFailedError, SpecError
-from bulkinfer.io.readers import (
-    ColumnNames,
-    file_format,
-    peek_columns,
-    read_chunks,
-    resolve_input_files,
-)
-from bulkinfer.model_files import load_config, load_tokenizer
+from bulkinfer.io.chunks import ColumnNames
+from bulkinfer.io.files import DataFile, resolve_input_files
+from bulkinfer.io.readers import peek_columns, read_chunks
+from bulkinfer.model_files import ModelFiles, load_config, load_tokenizer, resolve_model_files
 from bulkinfer.observe.progress import log
 from bulkinfer.overlap import in_background, timed
 from bulkinfer.prepare import (
@@ -43,7 +39,8 @@ class JobSetup:
     columns and the model's tokenizer and config; no row read, no weight loaded."""
 
     spec: JobSpec
-    files: list[str]
+    files: list[DataFile]
+    model: ModelFiles
     columns: ColumnNames
     tokenizer: object
     config: object
@@ -70,7 +67,7 @@ class Inputs:
         return self.setup.task
 
 
-def set_up(spec: JobSpec, files: list[str] | None = None) -> JobSetup:
+def set_up(spec: JobSpec, files: list[DataFile] | None = None) -> JobSetup:
     """The task fitted to the model and the input's columns; spec, input-column and
     model-folder errors surface here."""
     files = files or resolve_input_files(
@@ -78,10 +75,11 @@ def set_up(spec: JobSpec, files: list[str] | None = None) -> JobSetup:
     )
     per_request = is_openai_batch(spec, files)
     columns = column_names(spec, files[0], per_request)
-    tokenizer = load_tokenizer(spec.model)
-    config = load_config(spec.model)
+    model = resolve_model_files(spec.model)
+    tokenizer = load_tokenizer(model)
+    config = load_config(model)
     kind = InputKind(per_request=per_request, choices=columns.choices is not None)
-    task = make_task(spec, tokenizer, config, kind)
+    task = make_task(spec, model, tokenizer, config, kind)
     options = render_options(
         spec.task,
         tokenizer,
@@ -92,14 +90,13 @@ def set_up(spec: JobSpec, files: list[str] | None = None) -> JobSetup:
     if per_request:  # a completions request's prompt is raw text, never a chat turn
         options = dataclasses.replace(options, use_chat_for_text=False)
     check_output_columns(spec, task)
-    return JobSetup(spec, files, columns, tokenizer, config, kind, task, options)
+    return JobSetup(spec, files, model, columns, tokenizer, config, kind, task, options)
 
 
 def tokenize(setup: JobSetup, spill: Path | None = None, keep_tokens: bool = False) -> Inputs:
     """Read and tokenize the whole input. Only lengths stay in memory; with `keep_tokens`
     token ids, ids and kept columns go to files in `spill` (a temporary folder when None)."""
-    spec = setup.spec
-    chunks = read_chunks(setup.files, setup.columns, spec.input.format)
+    chunks = read_chunks(setup.files, setup.columns)
     prepared = prepare_rows(chunks, setup.tokenizer, setup.options, spill, keep_tokens)
     if prepared.truncated:
         log(
@@ -135,9 +132,9 @@ def check_no_failed_rows(prepared: PreparedRows) -> None:
         )
 
 
-def is_openai_batch(spec: JobSpec, files: list[str]) -> bool:
+def is_openai_batch(spec: JobSpec, files: list[DataFile]) -> bool:
     """Whether the input is OpenAI Batch API request files (all of it, or none)."""
-    kinds = {file_format(f, spec.input.format) == "openai" for f in files}
+    kinds = {f.kind == "openai" for f in files}
     if len(kinds) > 1:
         raise InputError("the input mixes OpenAI batch request files with other files")
     if True in kinds and spec.task.type != "generate":
@@ -149,14 +146,14 @@ def is_openai_batch(spec: JobSpec, files: list[str]) -> bool:
     return True in kinds
 
 
-def column_names(spec: JobSpec, first_file: str, per_request: bool = False) -> ColumnNames:
+def column_names(spec: JobSpec, first_file: DataFile, per_request: bool = False) -> ColumnNames:
     """The columns to read; with no id_column, an input column named 'id' is the id if present,
     and with the default prompt_column, a file with `messages` but no `prompt` uses `messages`.
     An OpenAI batch file's requests are keyed by custom_id."""
     if per_request:
         keep = tuple(spec.input.keep_columns)
         return ColumnNames(prompt="body", completion=None, id="custom_id", keep=keep)
-    present = peek_columns(first_file, spec.input.format)
+    present = peek_columns(first_file)
     id_column = spec.input.id_column
     if id_column is None and "id" in present:
         id_column = "id"

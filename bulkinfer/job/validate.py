@@ -15,14 +15,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from bulkinfer.errors import InputError, OutputFolderError, did_you_mean
-from bulkinfer.io.readers import (
-    JSONL_SUFFIXES,
-    PARQUET_SUFFIXES,
-    ColumnNames,
-    _jsonl_records,
-    file_format,
-    peek_columns,
-)
+from bulkinfer.io.chunks import ColumnNames
+from bulkinfer.io.files import DataFile
+from bulkinfer.io.jsonl import _jsonl_records
+from bulkinfer.io.layout import OutputLayout
+from bulkinfer.io.readers import peek_columns
 from bulkinfer.spec import JobSpec
 
 # JSONL records read to find the keep columns (the reader only needs one row to have each).
@@ -57,7 +54,7 @@ def check_job(spec: JobSpec) -> JobCheck:
     from bulkinfer.job.setup import set_up
 
     setup = set_up(spec)
-    checked = [check_input_file(path, setup.columns, spec.input.format) for path in setup.files]
+    checked = [check_input_file(file, setup.columns) for file in setup.files]
     return JobCheck(
         model=spec.model.path,
         max_context=setup.task.max_context,
@@ -69,23 +66,14 @@ def check_job(spec: JobSpec) -> JobCheck:
     )
 
 
-def check_input_file(path: str, columns: ColumnNames, fmt: str) -> InputFile:
+def check_input_file(file: DataFile, columns: ColumnNames) -> InputFile:
     """The file's columns hold everything the job reads; its rows counted if cheap. A file only
     `datasets` reads (input.format hf, not Parquet or JSONL) is checked when the job reads it."""
-    kind = file_format(path, fmt)
-    layout = kind
-    if kind == "datasets":
-        lower = path.lower()
-        layout = (
-            "parquet"
-            if lower.endswith(PARQUET_SUFFIXES)
-            else "jsonl"
-            if lower.endswith(JSONL_SUFFIXES)
-            else None
-        )
-        if layout is None:
-            return InputFile(path, kind, None)
-    names = peek_columns(path, fmt)
+    path, kind = file.path, file.kind
+    layout = kind if kind in ("saved", "openai") else file.layout
+    if layout is None:
+        return InputFile(path, kind, None)
+    names = peek_columns(file)
     if not names:
         raise InputError(f"{path}: the file holds no rows")
     required = [columns.prompt, columns.completion, columns.choices, columns.id]
@@ -136,7 +124,8 @@ def output_state(root: Path) -> str:
         return "new folder"
     if not root.is_dir():
         raise OutputFolderError(f"output.path: {root} exists and is not a folder")
-    if (root / "job.json").exists() or (root / "shards").is_dir():
+    layout = OutputLayout(root)
+    if layout.job_file.exists() or layout.shards_dir.is_dir():
         return "holds a bulkinfer job: run resumes it if spec, model and input are unchanged"
     if any(root.iterdir()):
         raise OutputFolderError(

@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bulkinfer.errors import UserError
-from bulkinfer.io.atomic import write_json_atomic, write_parquet_atomic
+from bulkinfer.io.atomic import write_parquet_atomic
+from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.outputs import write_sorted_outputs
-from bulkinfer.sharding import shard_folders
-from bulkinfer.state.checkpoint import OutputLayout
-from bulkinfer.state.status import shard_states
+from bulkinfer.state.records import JobRecord, Summary
+from bulkinfer.state.status import shard_counts, shard_states
 
 ADDED = (
     "rows_in",
@@ -33,21 +32,20 @@ ADDED = (
 )
 
 
-def merge_shards(root: Path) -> dict:
+def merge_shards(root: OutputLayout) -> Summary:
     """Write OUT/outputs/, OUT/stats/batches.parquet and OUT/summary.json from the shards.
 
     Shards finishing together may both try: a lock file lets one merge and the other see it."""
     import fcntl
 
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".merge.lock", "w") as lock:
+    root.root.mkdir(parents=True, exist_ok=True)
+    with open(root.merge_lock, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         return _merge_locked(root)
 
 
-def _merge_locked(root: Path) -> dict:
-    folders = shard_folders(root)
-    counts = sorted({s.count for s in folders})
+def _merge_locked(root: OutputLayout) -> Summary:
+    counts = shard_counts(root)
     if not counts:
         raise UserError(f"{root}: no shards to merge (bulkinfer run --shard I/N writes them)")
     if len(counts) > 1:
@@ -62,57 +60,47 @@ def _merge_locked(root: Path) -> dict:
         raise UserError(
             f"{root}: cannot merge, {len(unfinished)} of {count} shards are not done: {names}"
         )
-    jobs = [json.loads((s.shard.folder(root) / "job.json").read_text()) for s in states]
-    if (
-        len(
-            {
-                json.dumps(
-                    {k: v for k, v in j["fingerprint"].items() if k != "shard"}, sort_keys=True
-                )
-                for j in jobs
-            }
-        )
-        > 1
-    ):
-        raise UserError(f"{root}: the shards were run with different specs, models or inputs")
-    total = sum(j["rows"] for j in jobs)
-    layout = OutputLayout(root)
-    tables = (t for s in states for t in _read_outputs(s.shard.folder(root)))
-    write_sorted_outputs(layout, tables, np.arange(total))
-    if jobs[0].get("openai_responses"):
+    shards = [root.shard(s.shard.index, count) for s in states]
+    jobs = [JobRecord.read(shard.job_file) for shard in shards]
+    prints = {
+        json.dumps({k: v for k, v in j.fingerprint.items() if k != "shard"}, sort_keys=True)
+        for j in jobs
+    }
+    if len(prints) > 1:
+        raise UserError(f"{root.root}: the shards were run with different specs, models or inputs")
+    total = sum(j.rows for j in jobs)
+    tables = (t for shard in shards for t in _read_outputs(shard))
+    write_sorted_outputs(root, tables, np.arange(total))
+    if jobs[0].openai_responses:
         from bulkinfer.io.openai_batch import write_responses_file
 
-        write_responses_file(layout, jobs[0]["spec"]["model"]["path"])
-    _merge_stats(root, states)
-    summary = _merge_summaries(
-        [json.loads((s.shard.folder(root) / "summary.json").read_text()) for s in states]
-    )
-    write_json_atomic(layout.summary, summary)
+        write_responses_file(root, jobs[0].spec["model"]["path"])
+    _merge_stats(root, shards)
+    summary = merge_summaries([Summary.read_if_there(shard.summary) for shard in shards])
+    summary.write(root.summary)
     return summary
 
 
-def _read_outputs(folder: Path) -> Iterator[pa.Table]:
+def _read_outputs(shard: OutputLayout) -> Iterator[pa.Table]:
     """A shard's outputs, a row group at a time."""
-    for path in sorted((folder / "outputs").glob("*.parquet")):
+    for path in sorted(shard.outputs_dir.glob("*.parquet")):
         parquet = pq.ParquetFile(path)
         for k in range(parquet.num_row_groups):
             yield parquet.read_row_group(k)
 
 
-def _merge_stats(root: Path, states) -> None:
+def _merge_stats(root: OutputLayout, shards: list[OutputLayout]) -> None:
     tables = []
-    for s in states:
-        path = s.shard.folder(root) / "stats" / "batches.parquet"
-        table = pq.read_table(path)
-        tables.append(
-            table.append_column("shard", pa.array([s.shard.index] * table.num_rows, pa.int32()))
-        )
-    (root / "stats").mkdir(exist_ok=True)
-    write_parquet_atomic(root / "stats" / "batches.parquet", pa.concat_tables(tables))
+    for index, shard in enumerate(shards):
+        table = pq.read_table(shard.batch_stats)
+        tables.append(table.append_column("shard", pa.array([index] * table.num_rows, pa.int32())))
+    root.stats_dir.mkdir(exist_ok=True)
+    write_parquet_atomic(root.batch_stats, pa.concat_tables(tables))
 
 
-def _merge_summaries(summaries: list[dict]) -> dict:
+def merge_summaries(shards: list[Summary]) -> Summary:
     """Totals add up; wall time is the slowest shard's, since shards run side by side."""
+    summaries = [s.to_dict() for s in shards]
     merged = {key: sum(s.get(key, 0) for s in summaries) for key in ADDED}
     statuses: dict[str, int] = {}
     for s in summaries:
@@ -137,4 +125,4 @@ def _merge_summaries(summaries: list[dict]) -> dict:
         input_tokens_per_second=merged["input_tokens"] / wall if wall else 0.0,
         output_tokens_per_second=merged["output_tokens"] / wall if wall else 0.0,
     )
-    return merged
+    return Summary.from_dict(merged)

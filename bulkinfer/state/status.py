@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bulkinfer.sharding import Shard, shard_folders
+from bulkinfer.io.layout import OutputLayout
+from bulkinfer.sharding import Shard
+from bulkinfer.state.manifest import read_manifest
+from bulkinfer.state.records import JobRecord, Summary, read_json
 
 RUNNING_WITHIN_SECONDS = 120.0
 
@@ -23,23 +25,23 @@ class ShardState:
     error: str | None = None
 
 
-def read_state(folder: Path, shard: Shard) -> ShardState:
+def read_state(layout: OutputLayout, shard: Shard) -> ShardState:
     """The state of one shard folder (or of a whole unsharded job folder)."""
-    if not folder.exists():
+    if not layout.root.exists():
         return ShardState(shard, "pending", 0, None, 0.0, 0.0)
-    job = read_json(folder / "job.json") or {}
-    summary = read_json(folder / "summary.json") or {}
-    records = manifest_records(folder / "checkpoint" / "manifest.jsonl")
-    stats = [s for r in records for s in r.get("stats", [])]
+    job = JobRecord.read_if_there(layout.job_file)
+    summary = Summary.read_if_there(layout.summary)
+    records = read_manifest(layout)
+    stats = [s for r in records for s in r.stats]
     seconds = sum(s["seconds"] for s in stats)
     tokens = sum(s["real_tokens"] + s["new_tokens"] for s in stats)
-    rows_done = sum(r["rows"] for r in records)
-    failed = read_json(folder / "failed.json")
-    if summary.get("complete"):
-        state, rows_done = "done", summary.get("rows_out", rows_done)
+    rows_done = sum(r.rows for r in records)
+    failed = read_json(layout.failed)
+    if summary is not None:
+        state, rows_done = "done", summary.rows_out
     elif failed:
         state = "failed"
-    elif _recent(folder / "heartbeat") or _recent(folder / "job.json"):
+    elif _recent(layout.heartbeat) or _recent(layout.job_file):
         state = "running"
     else:
         state = "pending"
@@ -47,21 +49,25 @@ def read_state(folder: Path, shard: Shard) -> ShardState:
         shard=shard,
         state=state,
         rows_done=rows_done,
-        rows_total=job.get("rows"),
+        rows_total=job.rows if job else None,
         tokens_per_second=tokens / seconds if seconds else 0.0,
         rows_per_second=rows_done / seconds if seconds else 0.0,
         error=(failed or {}).get("error"),
     )
 
 
-def shard_states(root: Path, count: int) -> list[ShardState]:
-    return [read_state(Shard(i, count).folder(root), Shard(i, count)) for i in range(count)]
+def shard_states(root: OutputLayout, count: int) -> list[ShardState]:
+    return [read_state(root.shard(i, count), Shard(i, count)) for i in range(count)]
 
 
-def job_states(root: Path) -> list[ShardState]:
+def shard_counts(root: OutputLayout) -> list[int]:
+    """The shard counts of the shard folders present (more than one: stale folders)."""
+    return sorted({count for _, count in root.shard_folders()})
+
+
+def job_states(root: OutputLayout) -> list[ShardState]:
     """Every shard of the job in `root`, or the job itself when it is not sharded."""
-    folders = shard_folders(root)
-    counts = sorted({s.count for s in folders})
+    counts = shard_counts(root)
     if not counts:
         return [read_state(root, Shard(0, 1))]
     return shard_states(root, counts[-1])
@@ -83,7 +89,7 @@ def eta_seconds(states: list[ShardState]) -> float | None:
     return max(left, default=0.0)
 
 
-def format_status(root: Path, states: list[ShardState]) -> str:
+def format_status(root: OutputLayout, states: list[ShardState]) -> str:
     lines = [f"{'shard':>11}  {'state':<8}{'rows done':>22}{'tokens/s':>12}"]
     for s in states:
         total = f"{s.rows_total:,}" if s.rows_total is not None else "?"
@@ -94,7 +100,7 @@ def format_status(root: Path, states: list[ShardState]) -> str:
     done = sum(s.state == "done" for s in states)
     eta = eta_seconds(states)
     eta_text = "done" if done == len(states) else ("unknown" if eta is None else _clock(eta))
-    merged = (root / "summary.json").exists() and (root / "outputs").exists()
+    merged = root.summary.exists() and root.outputs_dir.exists()
     lines.append(
         f"{done} of {len(states)} shards done; ETA {eta_text}"
         + ("; outputs merged" if merged and len(states) > 1 else "")
@@ -109,24 +115,3 @@ def _clock(seconds: float) -> str:
 
 def _recent(path: Path) -> bool:
     return path.exists() and time.time() - path.stat().st_mtime < RUNNING_WITHIN_SECONDS
-
-
-def read_json(path: Path) -> dict | None:
-    """A JSON file's object, or None if it is missing or unreadable (being written, say)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def manifest_records(path: Path) -> list[dict]:
-    """A manifest's records as plain dicts, skipping a torn last line."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records

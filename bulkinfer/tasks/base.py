@@ -49,10 +49,10 @@ class Task(Protocol):
         """Compute the outputs of `rows` (input positions) in one engine call."""
 
 
-def make_task(spec, tokenizer, config, source: InputKind | None = None) -> Task:
+def make_task(spec, model, tokenizer, config, source: InputKind | None = None) -> Task:
     """The task of a job spec, fitted to its model (labels, pooling, context) and to what the
     input holds, without loading the weights, so that `bulkinfer plan` and input errors stay
-    cheap."""
+    cheap. `model`: the resolved model files (`model_files.ModelFiles`)."""
     from bulkinfer.model_files import model_context
     from bulkinfer.tasks.classify import ClassifyTask
     from bulkinfer.tasks.embed import EmbedTask
@@ -64,7 +64,7 @@ def make_task(spec, tokenizer, config, source: InputKind | None = None) -> Task:
     if task.type == "classify":
         return ClassifyTask.for_model(spec, tokenizer, config)
     if task.type == "embed":
-        return EmbedTask.for_model(spec, tokenizer, config)
+        return EmbedTask.for_model(spec, model, tokenizer, config)
     max_context = model_context(config, spec.model)
     if task.type == "generate":
         return GenerateTask(task, tokenizer, max_context, per_request=source.per_request)

@@ -26,10 +26,10 @@ class EmbedTask:
         self.schema = pa.schema([("embedding", pa.list_(pa.float32(), dim)), *TOKEN_FIELDS])
 
     @classmethod
-    def for_model(cls, job, tokenizer, config) -> EmbedTask:
+    def for_model(cls, job, model, tokenizer, config) -> EmbedTask:
         """Pooling and normalisation as the spec says, or (auto) as the model's own
         sentence-transformers files say; never a guess."""
-        recipe = sentence_transformer_recipe(local_model_folder(job.model, convert=False))
+        recipe = sentence_transformer_recipe(local_model_folder(model, convert=False))
         pooling = job.task.pooling
         if pooling == "auto":
             pooling = _recipe_pooling(recipe, job.model.path)

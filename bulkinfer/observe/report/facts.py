@@ -15,8 +15,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from bulkinfer.errors import UserError
-from bulkinfer.sharding import shard_folders
-from bulkinfer.state.status import ShardState, job_states, manifest_records, read_json
+from bulkinfer.io.layout import OutputLayout
+from bulkinfer.state.manifest import read_manifest
+from bulkinfer.state.records import JobRecord, Summary
+from bulkinfer.state.status import ShardState, job_states
 
 TOP_ERRORS = 10
 
@@ -58,19 +60,19 @@ def read_job(root: Path) -> JobFacts:
     """The facts of the job in `root`; a folder that is no bulkinfer job is a one-line error."""
     if not root.is_dir():
         raise UserError(f"{root}: no such folder")
-    shards = shard_folders(root)
-    if not (root / "job.json").is_file() and not shards:
+    layout = OutputLayout(root)
+    shards = layout.shard_folders()
+    if not layout.job_file.is_file() and not shards:
         raise UserError(
             f"{root}: not a bulkinfer job folder (no job.json or shards/); "
             "give the output folder of a job"
         )
-    states = job_states(root) if shards else []
-    folders = [s.shard.folder(root) for s in states] if shards else [root]
-    jobs = [read_json(f / "job.json") for f in folders]
+    states = job_states(layout) if shards else []
+    folders = [layout.shard(s.shard.index, s.shard.count) for s in states] if shards else [layout]
+    jobs = [_job(f) for f in folders]
     known = [j for j in jobs if j]
-    summary = read_json(root / "summary.json")
-    summary = summary if summary and summary.get("complete") else None
-    batches = _batches(root, folders, summary)
+    summary = _summary(layout)
+    batches = _batches(layout, folders, summary)
     totals = [(j or {}).get("rows") for j in jobs]
     rows_done, by_status, errors = _rows(folders, [s.state for s in states] or [None])
     if summary:
@@ -101,7 +103,7 @@ def _overall_state(root: Path, summary: dict | None, states: list[ShardState]) -
         from bulkinfer.sharding import Shard
         from bulkinfer.state.status import read_state
 
-        states = [read_state(root, Shard(0, 1))]
+        states = [read_state(OutputLayout(root), Shard(0, 1))]
     kinds = {s.state for s in states}
     if "failed" in kinds:
         return "failed"
@@ -120,9 +122,20 @@ def _device(summary: dict | None, jobs: list[dict]) -> str | None:
     return ", ".join(devices) or None
 
 
-def _batches(root: Path, folders: list[Path], summary: dict | None) -> list[dict]:
+def _job(folder: OutputLayout) -> dict | None:
+    job = JobRecord.read_if_there(folder.job_file)
+    return job.to_dict() if job else None
+
+
+def _summary(folder: OutputLayout) -> dict | None:
+    """summary.json of a complete job, else None."""
+    summary = Summary.read_if_there(folder.summary)
+    return summary.to_dict() if summary else None
+
+
+def _batches(root: OutputLayout, folders: list[OutputLayout], summary: dict | None) -> list[dict]:
     """Per-batch stats: the final stats file of a finished job, else the manifests' records."""
-    merged = root / "stats" / "batches.parquet"
+    merged = root.batch_stats
     if summary and merged.is_file():
         rows = pq.read_table(merged).to_pylist()
         for r in rows:
@@ -130,13 +143,15 @@ def _batches(root: Path, folders: list[Path], summary: dict | None) -> list[dict
         return rows
     found = []
     for index, folder in enumerate(folders):
-        for record in manifest_records(folder / "checkpoint" / "manifest.jsonl"):
-            for s in record.get("stats", []):
-                found.append({**s, "run": record.get("run"), "shard": index})
+        for record in read_manifest(folder):
+            for s in record.stats:
+                found.append({**s, "run": record.run, "shard": index})
     return found
 
 
-def _rows(folders: list[Path], states: list[str | None]) -> tuple[int, dict, list[ErrorGroup]]:
+def _rows(
+    folders: list[OutputLayout], states: list[str | None]
+) -> tuple[int, dict, list[ErrorGroup]]:
     """Rows done, by status, and the most common errors: from the outputs of finished folders,
     from the committed parts of the others."""
     messages: Counter[str] = Counter()
@@ -155,14 +170,12 @@ def _rows(folders: list[Path], states: list[str | None]) -> tuple[int, dict, lis
     return done, {"ok": done - failed, "error": failed}, groups
 
 
-def _result_files(folder: Path) -> list[Path]:
-    summary = read_json(folder / "summary.json")
-    outputs = sorted((folder / "outputs").glob("*.parquet"))
-    if summary and summary.get("complete") and outputs:
+def _result_files(folder: OutputLayout) -> list[Path]:
+    outputs = sorted(folder.outputs_dir.glob("*.parquet"))
+    if _summary(folder) and outputs:
         return outputs
-    parts = folder / "checkpoint" / "parts"
-    records = manifest_records(folder / "checkpoint" / "manifest.jsonl")
-    return [parts / r["file"] for r in records if (parts / r.get("file", "")).is_file()]
+    parts = [folder.parts_dir / r.file for r in read_manifest(folder)]
+    return [path for path in parts if path.is_file()]
 
 
 def _plan(jobs: list[dict], count: int) -> dict | None:
@@ -180,7 +193,7 @@ def _plan(jobs: list[dict], count: int) -> dict | None:
     return total
 
 
-def _plan_from_results(folders: list[Path]) -> dict | None:
+def _plan_from_results(folders: list[OutputLayout]) -> dict | None:
     """For folders written before job.json kept the plan: the prompt lengths of the rows that
     ran, where the task writes them (generate's `prompt_tokens`)."""
     import numpy as np

@@ -1,0 +1,63 @@
+"""What the readers yield: consecutive rows of one file, with where each row came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+CHUNK_ROWS = 8192
+
+
+@dataclass(frozen=True)
+class ColumnNames:
+    """The input columns a job reads; `id` None means the row position is the id."""
+
+    prompt: str
+    completion: str | None
+    id: str | None
+    keep: tuple[str, ...]
+    choices: str | None = None
+
+
+@dataclass(frozen=True)
+class InputChunk:
+    """Consecutive rows of one file. `lines` are 1-based JSONL line numbers, or None for Parquet."""
+
+    path: str
+    first_row_in_file: int
+    prompts: list[Any]
+    completions: list[Any] | None
+    ids: list[Any] | None
+    keep: pa.Table
+    lines: np.ndarray | None
+    choices: list[Any] | None = None
+    # OpenAI batch requests: per-row settings (io.openai_batch.REQUEST_SCHEMA) and the rows
+    # whose request cannot be answered as asked, with the reason.
+    requests: pa.Table | None = None
+    problems: dict[int, str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def location(self, i: int) -> str:
+        """Where row i of this chunk sits in its file, for error messages."""
+        if self.lines is not None:
+            return f"{self.path}:{int(self.lines[i])}"
+        return f"{self.path}: row {self.first_row_in_file + i}"
+
+
+def _empty_table(num_rows: int) -> pa.Table:
+    """A table with no columns but the right row count, so chunks concatenate uniformly."""
+    return pa.table({"_": pa.nulls(num_rows)}).drop(["_"])
+
+
+def _wanted_columns(columns: ColumnNames) -> list[str]:
+    names = [columns.prompt, columns.completion, columns.choices, columns.id, *columns.keep]
+    return list(dict.fromkeys(n for n in names if n is not None))
+
+
+def _pylist(table: pa.Table, name: str | None) -> list[Any] | None:
+    return None if name is None else table.column(name).to_pylist()

@@ -1,0 +1,152 @@
+"""JSON Lines (and gzip-compressed JSON Lines, and OpenAI Batch request files) read a chunk at
+a time, with the line number of every row for error messages."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from bulkinfer.errors import InputError, did_you_mean, first_line
+from bulkinfer.io.chunks import (
+    CHUNK_ROWS,
+    ColumnNames,
+    InputChunk,
+    _empty_table,
+)
+from bulkinfer.io.openai_batch import request_chunk_fields
+
+
+def _json_file(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not a readable JSON file ({first_line(exc)})") from None
+
+
+def _read_jsonl(path: str, columns: ColumnNames) -> Iterator[InputChunk]:
+    rows: list[dict] = []
+    lines: list[int] = []
+    first_row = 0
+    seen_keep = {name: False for name in columns.keep}
+    for line_no, record in _jsonl_records(path):
+        _check_required_fields(record, columns, f"{path}:{line_no}")
+        for name in columns.keep:
+            seen_keep[name] = seen_keep[name] or name in record
+        rows.append(record)
+        lines.append(line_no)
+        if len(rows) == CHUNK_ROWS:
+            yield _jsonl_chunk(path, first_row, rows, lines, columns)
+            first_row += len(rows)
+            rows, lines = [], []
+    if rows:
+        yield _jsonl_chunk(path, first_row, rows, lines, columns)
+    missing = [name for name, seen in seen_keep.items() if not seen and first_row + len(rows) > 0]
+    if missing:
+        raise InputError(f"{path}: no row has the keep column '{missing[0]}'")
+
+
+def _read_openai_requests(path: str, columns: ColumnNames) -> Iterator[InputChunk]:
+    """An OpenAI Batch API request file: one chunk of requests at a time."""
+    records: list[dict] = []
+    lines: list[int] = []
+    first_row = 0
+    for line_no, record in _jsonl_records(path):
+        records.append(record)
+        lines.append(line_no)
+        if len(records) == CHUNK_ROWS:
+            yield _request_chunk(path, first_row, records, lines, columns)
+            first_row += len(records)
+            records, lines = [], []
+    if records:
+        yield _request_chunk(path, first_row, records, lines, columns)
+
+
+def _request_chunk(
+    path: str, first_row: int, records: list[dict], lines: list[int], columns: ColumnNames
+) -> InputChunk:
+    where = [f"{path}:{n}" for n in lines]
+    prompts, ids, urls, requests, problems = request_chunk_fields(records, where)
+    keep = _jsonl_keep(path, records, lines, [k for k in columns.keep if k != "url"])
+    return InputChunk(
+        path=path,
+        first_row_in_file=first_row,
+        prompts=prompts,
+        completions=None,
+        ids=ids,
+        keep=keep.append_column("url", pa.array(urls, pa.string())),
+        lines=np.asarray(lines, dtype=np.int64),
+        requests=requests,
+        problems=problems,
+    )
+
+
+def _jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise InputError(
+                        f"{path}:{line_no}: not valid UTF-8 (byte {exc.start + 1} of the line)"
+                    ) from None
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise InputError(
+                        f"{path}:{line_no}:{exc.colno}: not valid JSON: {exc.msg}"
+                    ) from None
+                if not isinstance(record, dict):
+                    raise InputError(
+                        f"{path}:{line_no}: expected a JSON object per line, got {type(record).__name__}"
+                    )
+                yield line_no, record
+    except (gzip.BadGzipFile, EOFError) as exc:
+        raise InputError(f"{path}: not a readable gzip file ({first_line(exc)})") from None
+
+
+def _check_required_fields(record: dict, columns: ColumnNames, where: str) -> None:
+    for name in (columns.prompt, columns.completion, columns.id, columns.choices):
+        if name is not None and name not in record:
+            raise InputError(
+                f"{where}: no field '{name}'{did_you_mean(name, record)}; "
+                f"the line has: {', '.join(map(str, record)) or 'no fields'}"
+            )
+
+
+def _jsonl_chunk(
+    path: str, first_row: int, rows: list[dict], lines: list[int], columns: ColumnNames
+) -> InputChunk:
+    keep = _jsonl_keep(path, rows, lines, columns.keep)
+    return InputChunk(
+        path=path,
+        first_row_in_file=first_row,
+        prompts=[r[columns.prompt] for r in rows],
+        completions=[r[columns.completion] for r in rows] if columns.completion else None,
+        ids=[r[columns.id] for r in rows] if columns.id else None,
+        keep=keep,
+        lines=np.asarray(lines, dtype=np.int64),
+        choices=[r[columns.choices] for r in rows] if columns.choices else None,
+    )
+
+
+def _jsonl_keep(path: str, rows: list[dict], lines: list[int], names) -> pa.Table:
+    keep_arrays = {}
+    for name in names:
+        values = [r.get(name) for r in rows]
+        try:
+            keep_arrays[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise InputError(
+                f"{path}: keep column '{name}' mixes value types between lines "
+                f"{lines[0]} and {lines[-1]} ({first_line(exc)})"
+            ) from None
+    return pa.table(keep_arrays) if keep_arrays else _empty_table(len(rows))

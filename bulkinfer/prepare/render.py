@@ -1,0 +1,151 @@
+"""Prompt rendering: plain text or chat messages into the text the tokenizer encodes, and
+the per-row problems (empty prompt, bad messages, too long) found on the way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from bulkinfer.errors import InputError, SpecError
+from bulkinfer.spec import TaskSpec
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """How prompts become model input."""
+
+    use_chat_for_text: bool
+    system_prompt: str | None
+    max_context: int | None
+    reserve_new_tokens: int
+    has_completion: bool
+    min_tokens: int = 1
+    has_choices: bool = False
+    # classify and embed may cut a long row to max_context (when asked) rather than refuse it,
+    # keeping the `keep_last` special tokens the tokenizer appends (BERT's [SEP]).
+    can_truncate: bool = False
+    truncate: bool = False
+    keep_last: int = 0
+
+
+def render_options(
+    task: TaskSpec,
+    tokenizer,
+    max_context: int | None,
+    has_completion: bool,
+    has_choices: bool = False,
+):
+    if has_choices and task.type != "score":
+        raise SpecError(
+            f"input.choices_column: choices are scored by task.type score, not {task.type}"
+        )
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if task.chat_template == "always" and not has_template:
+        raise InputError(
+            "task.chat_template is 'always' but the model's tokenizer has no chat template"
+        )
+    use_chat = task.chat_template == "always" or (
+        task.chat_template == "auto" and task.type == "generate" and has_template
+    )
+    reserve = task.max_new_tokens if task.type == "generate" else 0
+    # Scoring a prompt scores every token after the first, so it needs two.
+    min_tokens = 2 if task.type == "score" and not (has_completion or has_choices) else 1
+    can_truncate = task.type in ("classify", "embed")
+    return RenderOptions(
+        use_chat,
+        task.system_prompt,
+        max_context,
+        reserve,
+        has_completion,
+        min_tokens,
+        has_choices,
+        can_truncate=can_truncate,
+        truncate=can_truncate and task.truncate,
+        keep_last=appended_special_tokens(tokenizer) if can_truncate else 0,
+    )
+
+
+def appended_special_tokens(tokenizer) -> int:
+    """How many special tokens the tokenizer puts after a text (1 for BERT's [SEP], 0 for most
+    decoders), found by encoding one word with and without them."""
+    plain = tokenizer.encode("a", add_special_tokens=False)
+    full = tokenizer.encode("a", add_special_tokens=True)
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return len(full) - start - len(plain)
+    return 0
+
+
+def truncated_ids(ids: list[int], limit: int, keep_last: int) -> list[int]:
+    """The first tokens of a row, ending with the special tokens the tokenizer appended."""
+    keep_last = min(keep_last, limit - 1)
+    return ids[: limit - keep_last] + (ids[len(ids) - keep_last :] if keep_last else [])
+
+
+class RowError(ValueError):
+    """A row that cannot run; its message goes into the output's `error` column."""
+
+
+def render(value: Any, tokenizer, options: RenderOptions) -> tuple[str, bool]:
+    """The text to tokenize and whether it came from a chat template (special tokens included)."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise RowError("prompt is empty")
+        if not options.use_chat_for_text:
+            return value, False
+        messages = [{"role": "user", "content": value}]
+    elif isinstance(value, list):
+        messages = _check_messages(value)
+    else:
+        raise RowError(f"prompt is {describe(value)}, expected a string or a list of messages")
+    if options.system_prompt and not any(m["role"] == "system" for m in messages):
+        messages = [{"role": "system", "content": options.system_prompt}, *messages]
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError(
+            "the prompts are chat messages but the model's tokenizer has no chat template; "
+            "give plain text prompts or a model with a chat template"
+        )
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # the template is user code (Jinja); its errors are row errors
+        raise RowError(f"chat template failed: {exc}") from None
+    return text, True
+
+
+def _check_messages(value: list) -> list[dict]:
+    if not value:
+        raise RowError("messages list is empty")
+    for k, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise RowError(f"messages[{k}] is not an object with 'role' and 'content'")
+        if not isinstance(message["role"], str):
+            raise RowError(f"messages[{k}].role is {describe(message['role'])}, expected a string")
+        if not isinstance(message["content"], str | list):
+            raise RowError(
+                f"messages[{k}].content is {describe(message['content'])}, expected a string"
+            )
+    return [dict(m) for m in value]
+
+
+def length_problem(n_tokens: int, options: RenderOptions) -> str | None:
+    if n_tokens == 0:
+        return "prompt has no tokens after tokenization"
+    if n_tokens < options.min_tokens:
+        return f"prompt has {n_tokens} token; scoring needs at least {options.min_tokens}"
+    limit = options.max_context
+    if limit is None:
+        return None
+    if options.reserve_new_tokens and n_tokens >= limit:
+        return f"prompt has {n_tokens} tokens; the model's context is {limit}, leaving no room to generate"
+    if n_tokens > limit:
+        hint = f"; task.truncate: true keeps the first {limit}" if options.can_truncate else ""
+        return f"prompt has {n_tokens} tokens, more than the model's context of {limit}{hint}"
+    return None
+
+
+def describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return "an empty string" if not value else "a string"
+    return f"a {type(value).__name__}"

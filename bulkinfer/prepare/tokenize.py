@@ -1,0 +1,390 @@
+"""Batched tokenization of the input chunks into spill files.
+
+The output is compact: token ids go to a spill file chunk by chunk, so the text can be dropped as
+soon as a chunk is tokenized and only per-row lengths stay in memory. Rows that cannot run (null
+prompt, too long for the model) get a per-row error here and never reach the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from bulkinfer.errors import InputError
+from bulkinfer.io.readers import InputChunk, read_ahead
+from bulkinfer.io.spill import RowColumnFiles, TokenFile, spill_folder
+from bulkinfer.prepare.render import (
+    RenderOptions,
+    RowError,
+    describe,
+    length_problem,
+    render,
+    truncated_ids,
+)
+from bulkinfer.prepare.rows import ID_COLUMN, PreparedRows, empty_table, prepared_location
+
+
+def prepare_rows(
+    chunks: Iterable[InputChunk],
+    tokenizer,
+    options: RenderOptions,
+    spill: Path | None = None,
+    keep_tokens: bool = True,
+) -> PreparedRows:
+    """Render and tokenize every chunk; token ids, ids and kept columns go to files in `spill`
+    (a temporary folder when None), per-row errors and lengths stay in memory.
+
+    Reading runs a chunk ahead in a thread and the Rust tokenizer encodes the next chunk while
+    this one's ids are collected, so parsing, encoding and writing overlap. `keep_tokens=False`
+    (planning) measures lengths and drops the ids."""
+    folder, temporary = spill_folder(spill)
+    token_file = TokenFile(folder / "tokens.int32") if keep_tokens else None
+    collected = _Collected(options, RowColumnFiles(folder))
+    for chunk, encoded in _encoded_ahead(read_ahead(chunks), tokenizer, options):
+        ids = collected.add(chunk, encoded)
+        if token_file is not None:
+            token_file.append(ids)
+    if collected.rows == 0:
+        raise InputError("the input has no rows")
+    if token_file is not None:
+        token_file.finish()
+    prepared = collected.finish(token_file, folder, temporary)
+    if collected.hash_parts:
+        hashes = np.concatenate(collected.hash_parts)
+        collected.hash_parts.clear()
+        _check_unique_ids(prepared, hashes)
+    return prepared
+
+
+class _Collected:
+    """What prepare_rows keeps of each chunk while the next one encodes."""
+
+    def __init__(self, options: RenderOptions, columns: RowColumnFiles):
+        self.options = options
+        self.columns = columns
+        self.scored_from = options.has_completion or options.has_choices
+        self.length_parts, self.score_parts, self.hash_parts = [], [], []
+        self.count_parts, self.choice_parts, self.request_parts = [], [], []
+        self.row_errors: dict[int, str] = {}
+        self.truncated: dict[int, int] = {}
+        self.locations: list[tuple[int, InputChunk]] = []
+        self.id_type: pa.DataType | None = None
+        self.rows = 0
+
+    def add(self, chunk: InputChunk, encoded) -> list:
+        """Keep a chunk's lengths, errors, ids and columns; returns its token ids."""
+        first = self.rows
+        self.locations.append((first, _without_text(chunk)))
+        ids, lengths, score_from, errors, choices, cut = _collect_tokens(
+            chunk, encoded, self.options
+        )
+        if chunk.requests is not None:
+            self.request_parts.append(chunk.requests)
+        if self.options.has_choices:
+            self.count_parts.append(choices[0])
+            self.choice_parts.append(choices[1])
+        self.truncated.update({first + i: n for i, n in cut.items()})
+        self.length_parts.append(lengths.astype(np.int32))
+        if self.scored_from:
+            self.score_parts.append(score_from)
+        self.row_errors.update({first + i: msg for i, msg in errors.items()})
+        self.id_type = _add_row_columns(self.columns, chunk, self.id_type, first)
+        if chunk.ids is not None:
+            self.hash_parts.append(_id_hashes(chunk.ids))
+        self.rows += len(chunk)
+        return ids
+
+    def finish(self, token_file, folder: Path, temporary) -> PreparedRows:
+        self.columns.finish()
+        lengths = np.concatenate(self.length_parts)
+        self.length_parts.clear()
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        del lengths
+        has_choices = self.options.has_choices
+        return PreparedRows(
+            offsets=offsets,
+            score_from=np.concatenate(self.score_parts)
+            if self.scored_from
+            else np.broadcast_to(np.int32(1), (self.rows,)),
+            row_errors=self.row_errors,
+            id_type=self.id_type,
+            request_params=pa.concat_tables(self.request_parts) if self.request_parts else None,
+            choice_counts=np.concatenate(self.count_parts) if has_choices else None,
+            choice_lengths=np.concatenate(self.choice_parts) if has_choices else None,
+            locations=self.locations,
+            truncated=self.truncated,
+            token_file=token_file,
+            columns=self.columns if self.columns.schema is not None else None,
+            folder=folder,
+            temporary=temporary,
+        )
+
+
+def _encoded_ahead(chunks: Iterable[InputChunk], tokenizer, options: RenderOptions):
+    """(chunk, its rendered and encoded rows), the next chunk encoding in a thread meanwhile:
+    the Rust encoder releases the GIL, so collecting one chunk's ids overlaps encoding the next."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulkinfer-encode") as pool:
+        pending = None
+        for chunk in chunks:
+            rendered = _render_chunk(chunk, tokenizer, options)
+            job = pool.submit(_encode_rendered, tokenizer, rendered, chunk, options)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (chunk, job)
+        if pending is not None:
+            yield pending[0], pending[1].result()
+
+
+@dataclass(frozen=True)
+class RenderedChunk:
+    """A chunk's runnable rows as text (`positions` in the chunk), and the rows already failed."""
+
+    texts: list[str]
+    is_chat: list[bool]
+    positions: list[int]
+    errors: dict[int, str]
+
+
+@dataclass(frozen=True)
+class EncodedChunk:
+    """Token ids of a rendered chunk's rows, and of each row's completion or choices."""
+
+    rendered: RenderedChunk
+    prompts: list[list[int]]
+    continuations: list[list[list[int]]] | None
+
+
+def _render_chunk(chunk: InputChunk, tokenizer, options: RenderOptions) -> RenderedChunk:
+    errors: dict[int, str] = {}
+    texts: list[str] = []
+    is_chat: list[bool] = []
+    positions: list[int] = []
+    problems = chunk.problems or {}
+    for i, value in enumerate(chunk.prompts):
+        if i in problems:
+            errors[i] = problems[i]
+            continue
+        try:
+            text, chat = render(value, tokenizer, options)
+            _check_continuations(chunk, i, options)
+        except RowError as exc:
+            errors[i] = str(exc)
+            continue
+        texts.append(text)
+        is_chat.append(chat)
+        positions.append(i)
+    return RenderedChunk(texts, is_chat, positions, errors)
+
+
+def _encode_rendered(
+    tokenizer, rendered: RenderedChunk, chunk: InputChunk, options: RenderOptions
+) -> EncodedChunk:
+    prompts = _encode(tokenizer, rendered.texts, rendered.is_chat)
+    continuations = _encode_continuations(chunk, rendered.positions, tokenizer, options)
+    return EncodedChunk(rendered, prompts, continuations)
+
+
+def _collect_tokens(chunk: InputChunk, encoded: EncodedChunk, options: RenderOptions):
+    """A chunk's token ids as one flat int32 array; rows too short or too long get an error and
+    zero tokens.
+
+    A completion or the choices are tokenized on their own (no special tokens) and appended to
+    the prompt's tokens, so the scored tokens are exactly the completion's own."""
+    errors = dict(encoded.rendered.errors)
+    truncated: dict[int, int] = {}
+    lengths = np.zeros(len(chunk), dtype=np.int64)
+    score_from = np.ones(len(chunk), dtype=np.int32)
+    choice_counts = np.zeros(len(chunk), dtype=np.int32)
+    kept, choice_lengths = [], []
+    continuations = encoded.continuations
+    for j, i in enumerate(encoded.rendered.positions):
+        ids = encoded.prompts[j]
+        longest = len(ids)
+        if continuations is not None:
+            score_from[i] = len(ids)
+            parts = continuations[j]
+            longest += max(len(p) for p in parts)
+            ids = ids + [t for p in parts for t in p]
+            empty = [k for k, p in enumerate(parts) if not p]
+            if empty and options.has_choices:
+                errors[i] = f"choice {empty[0]} has no tokens after tokenization"
+                continue
+        limit = options.max_context
+        if options.truncate and limit is not None and len(ids) > limit:
+            truncated[i] = len(ids) - limit
+            keep_last = 0 if encoded.rendered.is_chat[j] else options.keep_last
+            ids = truncated_ids(ids, limit, keep_last)
+            longest = len(ids)
+        message = length_problem(longest, options)
+        if message:
+            errors[i] = message
+            continue
+        if options.has_choices:
+            choice_counts[i] = len(parts)
+            choice_lengths.extend(len(p) for p in parts)
+        lengths[i] = len(ids)
+        kept.append(ids)
+    flat = np.fromiter(chain.from_iterable(kept), dtype=np.int32, count=int(lengths.sum()))
+    choices = (choice_counts, np.asarray(choice_lengths, dtype=np.int32))
+    return flat, lengths, score_from, errors, choices, truncated
+
+
+def _check_continuations(chunk: InputChunk, i: int, options: RenderOptions) -> None:
+    if options.has_completion:
+        completion = chunk.completions[i]
+        if not isinstance(completion, str) or completion == "":
+            raise RowError(f"completion is {describe(completion)}, expected a non-empty string")
+    if options.has_choices:
+        choices = chunk.choices[i]
+        if not isinstance(choices, list | tuple) or not choices:
+            what = "an empty list" if isinstance(choices, list | tuple) else describe(choices)
+            raise RowError(f"choices is {what}, expected a non-empty list of strings")
+        for k, choice in enumerate(choices):
+            if not isinstance(choice, str) or choice == "":
+                raise RowError(f"choice {k} is {describe(choice)}, expected a non-empty string")
+
+
+def _encode_continuations(
+    chunk: InputChunk, positions: list[int], tokenizer, options: RenderOptions
+) -> list[list[list[int]]] | None:
+    """Per runnable row, the token ids of its completion (one part) or of each choice."""
+    if options.has_completion:
+        per_row = [[chunk.completions[i]] for i in positions]
+    elif options.has_choices:
+        per_row = [list(chunk.choices[i]) for i in positions]
+    else:
+        return None
+    flat = [text for texts in per_row for text in texts]
+    encoded = iter(_encode(tokenizer, flat, [True] * len(flat)))
+    return [[next(encoded) for _ in texts] for texts in per_row]
+
+
+def _encode(tokenizer, texts: list[str], is_chat: list[bool]) -> list[list[int]]:
+    """Batch-encode with the Rust tokenizer directly; chat text already has its special tokens.
+
+    Calling the backend skips the Python wrapper's per-row conversion, which costs more than the
+    encoding itself on short prompts; the ids are the same.
+    """
+    backend = untruncated_backend(tokenizer)
+    out: list[list[int] | None] = [None] * len(texts)
+    for special in (True, False):
+        idx = [i for i, chat in enumerate(is_chat) if chat != special]
+        if not idx:
+            continue
+        batch = [texts[i] for i in idx]
+        if backend is not None:
+            encodings = backend.encode_batch_fast(batch, add_special_tokens=special)
+            ids_list = [e.ids for e in encodings]
+        else:
+            ids_list = tokenizer(
+                batch,
+                add_special_tokens=special,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+                verbose=False,
+            )["input_ids"]
+        for i, ids in zip(idx, ids_list, strict=True):
+            out[i] = ids
+    return out
+
+
+def untruncated_backend(tokenizer):
+    """The tokenizers.Tokenizer behind a fast tokenizer, with truncation and padding off
+    (a copy, so the tokenizer itself is untouched); None where there is none."""
+    cached = getattr(tokenizer, "_bulkinfer_backend", None)
+    if cached is not None:
+        return cached
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch_fast"):
+        return None
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(backend.to_str())
+    backend.no_truncation()
+    backend.no_padding()
+    tokenizer._bulkinfer_backend = backend
+    return backend
+
+
+def _add_row_columns(
+    columns: RowColumnFiles, chunk: InputChunk, id_type: pa.DataType | None, first_row: int
+) -> pa.DataType | None:
+    """Spill a chunk's ids (unless the row position is the id) and kept columns; returns the
+    id type, which every chunk must share."""
+    table = chunk.keep
+    if chunk.ids is not None:
+        ids = _chunk_ids(chunk)
+        if id_type is not None and ids.type != id_type and first_row > 0:
+            raise InputError("the id column has different types in different files or row groups")
+        id_type = ids.type
+        table = table.add_column(0, ID_COLUMN, ids)
+    if table.num_columns == 0:
+        return id_type
+    try:
+        columns.append(table)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise InputError(f"a keep column has different types in different files: {exc}") from None
+    return id_type
+
+
+def _chunk_ids(chunk: InputChunk) -> pa.Array:
+    for i, value in enumerate(chunk.ids):
+        if value is None:
+            raise InputError(f"{chunk.location(i)}: the id is null; every row needs an id")
+        if not isinstance(value, str | int) or isinstance(value, bool):
+            raise InputError(
+                f"{chunk.location(i)}: the id is {describe(value)}; ids must be strings or integers"
+            )
+    try:
+        return pa.array(chunk.ids)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        raise InputError(
+            f"{chunk.path}: the id column mixes strings and numbers; make them all one type"
+        ) from None
+
+
+def _id_hashes(ids: list) -> np.ndarray:
+    """64-bit hashes of a chunk's ids: 8 bytes a row find duplicates, where the ids themselves
+    could be any length."""
+    return np.fromiter(map(hash, ids), dtype=np.int64, count=len(ids))
+
+
+def _check_unique_ids(prepared: PreparedRows, hashes: np.ndarray) -> None:
+    """Rows whose id hashes collide are compared by value; the duplicate that appears first in
+    the input is reported, with its first two places."""
+    ordered = np.sort(hashes)
+    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    del ordered
+    if not len(repeated):
+        return
+    groups: dict[int, list[int]] = {}
+    for row in np.flatnonzero(np.isin(hashes, repeated)).tolist():
+        groups.setdefault(int(hashes[row]), []).append(row)
+    for rows in sorted(groups.values()):
+        values = [prepared.row_columns(r, r + 1).column(ID_COLUMN)[0].as_py() for r in rows]
+        for a, value in enumerate(values):
+            twin = next((b for b in range(a + 1, len(values)) if values[b] == value), None)
+            if twin is not None:
+                where = [
+                    prepared_location(prepared, rows[a]),
+                    prepared_location(prepared, rows[twin]),
+                ]
+                raise InputError(
+                    f"duplicate id {value!r} at {where[0]} and {where[1]}; ids must be unique"
+                )
+
+
+def _without_text(chunk: InputChunk) -> InputChunk:
+    """Keep a chunk's location data only, so the prompt text can be freed; line numbers without
+    gaps shrink to a range."""
+    lines = chunk.lines
+    if lines is not None and len(lines) and int(lines[-1]) - int(lines[0]) == len(lines) - 1:
+        lines = range(int(lines[0]), int(lines[-1]) + 1)
+    return InputChunk(chunk.path, chunk.first_row_in_file, [], None, None, empty_table(0), lines)

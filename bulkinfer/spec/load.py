@@ -1,0 +1,226 @@
+"""Loading a job spec: YAML plus `--set` overrides, converted into the typed objects with
+one-line errors naming the key (unknown key, wrong type, missing file)."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from bulkinfer.errors import SpecError, did_you_mean
+from bulkinfer.spec.schema import PACKAGE_PREFIX, JobSpec
+
+
+def load_spec(
+    path: str | os.PathLike | None,
+    overrides: list[str] = (),
+    output: str | None = None,
+    data: dict | None = None,
+) -> JobSpec:
+    """Read a YAML job spec, apply `key.sub=value` overrides, validate, resolve relative paths.
+
+    Paths in the spec are relative to the spec file's folder, as a user reading the file expects.
+    """
+    if data is None:
+        data = _read_yaml(Path(path))
+    base = Path(path).resolve().parent if path is not None else Path.cwd()
+    from_command_line = {_apply_override(data, item) for item in overrides}
+    if output is not None:
+        data.setdefault("output", {})
+        if not isinstance(data["output"], dict):
+            raise SpecError("output: expected a mapping with a 'path' key")
+        data["output"]["path"] = output
+        from_command_line.add("output.path")
+    _normalise_input_path(data)
+    spec = _build(JobSpec, data, "")
+    spec = _resolve_paths(spec, base, from_command_line)
+    _check_files_exist(spec)
+    return spec
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise SpecError(f"{path}: no such job spec file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"{path}{where}: not valid YAML: {problem}") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if data is None:
+        raise SpecError(f"{path}: the job spec is empty")
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: a job spec is a mapping of sections (model, task, input, ...)")
+    return data
+
+
+def _apply_override(data: dict, item: str) -> str:
+    """`--set task.max_new_tokens=64`: the value is parsed as YAML, so lists and numbers work.
+
+    Returns the dotted key that was set."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. task.max_new_tokens=64")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpecError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value
+    return ".".join(parts)
+
+
+def _normalise_input_path(data: dict) -> None:
+    section = data.get("input")
+    if isinstance(section, dict) and isinstance(section.get("path"), str):
+        section["path"] = [section["path"]]
+
+
+def _build(cls: type, data: Any, key: str) -> Any:
+    """Turn a mapping into the dataclass `cls`, checking keys and types field by field."""
+    label = key or "the job spec"
+    if not isinstance(data, dict):
+        raise SpecError(f"{label}: expected a mapping, got {_kind(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in data:
+        if name not in fields:
+            where = f"{key}.{name}" if key else str(name)
+            known = {f"{key}.{f}" if key else f for f in fields}
+            raise SpecError(f"unknown key '{where}'{did_you_mean(where, known)}")
+    values = {}
+    for name, f in fields.items():
+        where = f"{key}.{name}" if key else name
+        if name in data:
+            values[name] = _convert(data[name], hints[name], where)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise SpecError(f"missing key '{where}'")
+    obj = cls(**values)
+    if hasattr(obj, "validate"):
+        obj.validate(key)
+    return obj
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        # keywords ('auto') last: "expected a whole number or 'auto'"
+        alternatives = sorted(
+            (a for a in args if a is not type(None)), key=lambda a: typing.get_origin(a) is Literal
+        )
+        for arg in alternatives:
+            try:
+                return _convert(value, arg, key)
+            except SpecError:
+                pass
+        keywords = [
+            str(k)
+            for a in alternatives
+            if typing.get_origin(a) is Literal
+            for k in typing.get_args(a)
+        ]
+        hint = did_you_mean(value, keywords) if isinstance(value, str) else ""
+        wanted = " or ".join(_describe(a) for a in alternatives)
+        raise SpecError(f"{key}: expected {wanted}, got {_kind(value)}{hint}")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(str(a) for a in args)
+            hint_text = did_you_mean(str(value), [str(a) for a in args])
+            raise SpecError(f"{key}: {value!r} is not one of {choices}{hint_text}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise SpecError(f"{key}: expected a list, got {_kind(value)}")
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise SpecError(f"{key}: expected true or false, got {_kind(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(f"{key}: expected a whole number, got {_kind(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise SpecError(f"{key}: expected a number, got {_kind(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise SpecError(f"{key}: expected a string, got {_kind(value)}")
+        return value
+    raise TypeError(f"unsupported spec type {hint!r} for {key}")
+
+
+def _describe(hint: Any) -> str:
+    """What a value of this type is, in the words of the error messages."""
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(hint))
+    names = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _resolve_paths(spec: JobSpec, base: Path, from_command_line: set[str]) -> JobSpec:
+    """Relative paths written in the spec are relative to the spec file's folder; paths given on
+    the command line (--set, --output) are relative to the current directory, as a shell user
+    expects."""
+
+    def resolve(p: str, key: str) -> str:
+        expanded = os.path.expanduser(os.path.expandvars(p))
+        if os.path.isabs(expanded):
+            return os.path.normpath(expanded)
+        root = Path.cwd() if key in from_command_line else base
+        return os.path.normpath(root / expanded)
+
+    model_path = spec.model.path
+    if not model_path.startswith(PACKAGE_PREFIX):
+        model_path = resolve(model_path, "model.path")
+    return dataclasses.replace(
+        spec,
+        model=dataclasses.replace(spec.model, path=model_path),
+        input=dataclasses.replace(
+            spec.input, path=[resolve(p, "input.path") for p in spec.input.path]
+        ),
+        output=dataclasses.replace(spec.output, path=resolve(spec.output.path, "output.path")),
+    )
+
+
+def _check_files_exist(spec: JobSpec) -> None:
+    if not spec.model.path.startswith(PACKAGE_PREFIX) and not os.path.exists(spec.model.path):
+        raise SpecError(f"model.path: {spec.model.path} does not exist")
+    for p in spec.input.path:
+        if not (os.path.exists(p) or glob.glob(p, recursive=True)):
+            raise SpecError(f"input.path: {p} matches no file")

@@ -1,0 +1,56 @@
+"""What decides a job's outputs, hashed: the spec (less where outputs go and how often they
+are committed), the model's files and the input files' bytes. A resume goes ahead only when all
+three match what the folder recorded."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+NOT_IN_FINGERPRINT = ("output", "checkpoint", "progress", "on_error")
+
+
+def input_files_digest(files: list[str]) -> dict[str, dict]:
+    """Content hash of each input file, so an input edited since the checkpoint is caught."""
+    return {
+        os.path.basename(f) if len(files) == 1 else f: {
+            "bytes": _size(f),
+            "blake2b": _blake2b(f),
+        }
+        for f in files
+    }
+
+
+def _blake2b(path: str) -> str:
+    """Of a file's bytes; of a folder (a saved dataset), of every file's name and bytes."""
+    digest = hashlib.blake2b(digest_size=16)
+    files = _folder_files(path) if os.path.isdir(path) else [path]
+    for name in files:
+        if name != path:
+            digest.update(os.path.relpath(name, path).encode() + b"\0")
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _folder_files(folder: str) -> list[str]:
+    return sorted(os.path.join(root, n) for root, _, names in os.walk(folder) for n in names)
+
+
+def _size(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(f) for f in _folder_files(path))
+    return os.path.getsize(path)
+
+
+def fingerprint(spec_dict: dict, model: dict, inputs: dict) -> dict[str, str]:
+    """Hashes of what decides the outputs: the spec (less output place and cadence), model, input."""
+    spec_part = {k: v for k, v in spec_dict.items() if k not in NOT_IN_FINGERPRINT}
+    spec_part = {**spec_part, "input": {**spec_part["input"], "path": None}}
+    return {"spec": _hash(spec_part), "model": _hash(model), "input": _hash(inputs)}
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]

@@ -1,0 +1,83 @@
+"""Start, resume or refuse: what a run finds in its output folder and what it records there."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from bulkinfer.errors import OutputFolderError
+from bulkinfer.io.layout import OutputLayout
+from bulkinfer.state.records import JobRecord, read_json
+
+
+@dataclass
+class JobFolder:
+    """The output folder's state when a run starts."""
+
+    layout: OutputLayout
+    job: JobRecord
+    finished: bool
+    resumed: bool
+
+
+def open_job_folder(
+    layout: OutputLayout, prints: dict[str, str], spec_dict: dict, overwrite: bool
+) -> JobFolder:
+    """Start, resume or refuse: the folder must be empty, ours for this very job, or overwritten."""
+    root = layout.root
+    if root.exists() and not root.is_dir():
+        raise OutputFolderError(f"output.path: {root} exists and is not a folder")
+    existing = JobRecord.read(layout.job_file)
+    if existing is not None and not overwrite and not _has_results(layout):
+        overwrite = True  # a job that never committed a row can be replaced: nothing is lost
+    if existing is not None and not overwrite:
+        mismatch = [
+            k for k in ("spec", "model", "input") if existing.fingerprint.get(k) != prints[k]
+        ]
+        if mismatch:
+            raise OutputFolderError(_mismatch_message(root, mismatch))
+        finished = bool((read_json(layout.summary) or {}).get("complete"))
+        return JobFolder(layout, existing, finished=finished, resumed=True)
+    if existing is None and layout.shards_dir.is_dir() and not overwrite:
+        raise OutputFolderError(
+            f"{root} holds a sharded run of a job; run it with --shard I/N (or from its Slurm "
+            "array), see it with `bulkinfer status`, or pass --overwrite to start afresh"
+        )
+    if existing is None and root.exists() and any(root.iterdir()) and not overwrite:
+        raise OutputFolderError(
+            f"{root} is not empty and holds no bulkinfer job; choose a new folder or pass --overwrite"
+        )
+    if overwrite:
+        for path in layout.ours():
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    job = JobRecord(fingerprint=prints, spec=spec_dict)
+    save_job(layout, job)  # first, so a folder we created is always recognisably ours
+    return JobFolder(layout, job, finished=False, resumed=False)
+
+
+def save_job(layout: OutputLayout, job: JobRecord) -> None:
+    layout.root.mkdir(parents=True, exist_ok=True)
+    job.write(layout.job_file)
+    layout.parts_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _has_results(layout: OutputLayout) -> bool:
+    manifest = layout.manifest
+    return (manifest.exists() and manifest.stat().st_size > 0) or layout.outputs_dir.exists()
+
+
+def _mismatch_message(root: Path, mismatch: list[str]) -> str:
+    what = {
+        "spec": "the job spec differs",
+        "model": "the model files differ",
+        "input": "the input files changed since the checkpoint was written",
+        "shard": "it was split into a different number of shards",
+    }
+    reasons = "; ".join(what[k] for k in mismatch)
+    return (
+        f"{root} holds another job's outputs ({reasons}); use another --output or pass --overwrite"
+    )

@@ -1,0 +1,96 @@
+"""checkpoint/manifest.jsonl: one line per committed part, appended durably.
+
+A part counts as done only once its manifest line is written, and that line carries the part's
+sha256: a part file without a line, or whose bytes no longer match, is recomputed, never read as
+good. So whatever moment a process dies at, a rerun neither loses nor doubles a row. One parser
+reads the lines: `Manifest` (the run's, which drops torn lines and corrupt parts and rewrites
+the file) and `read_manifest` (status and report, which only read).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bulkinfer.io.atomic import append_line_durable, file_sha256, write_bytes_atomic
+from bulkinfer.io.layout import OutputLayout
+
+
+@dataclass(frozen=True)
+class PartRecord:
+    """One manifest line: a committed part and the batches it holds."""
+
+    file: str
+    batches: list[int]
+    rows: int
+    sha256: str
+    run: str
+    elapsed: float
+    stats: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, separators=(",", ":"))
+
+
+def parse_manifest(raw: bytes) -> Iterator[tuple[bytes, PartRecord | None]]:
+    """Each non-empty line and its record (None for a torn or unreadable line)."""
+    for line in raw.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            yield line, PartRecord(**json.loads(line))
+        except (ValueError, TypeError):
+            yield line, None
+
+
+def read_manifest(layout: OutputLayout) -> list[PartRecord]:
+    """The committed parts' records, for readers: torn lines skipped, nothing rewritten."""
+    try:
+        raw = layout.manifest.read_bytes()
+    except OSError:
+        return []
+    return [record for _, record in parse_manifest(raw) if record is not None]
+
+
+class Manifest:
+    """Append-only list of committed parts; a torn last line from a crash is dropped on open."""
+
+    def __init__(self, layout: OutputLayout):
+        self.layout = layout
+        self.records: list[PartRecord] = []
+        self.dropped: list[str] = []
+        self._load()
+
+    def _load(self) -> None:
+        path = self.layout.manifest
+        if not path.exists():
+            return
+        raw = path.read_bytes()
+        good_lines = []
+        for line, record in parse_manifest(raw):
+            if record is None:
+                self.dropped.append("a torn manifest line")
+                continue
+            if self._part_is_intact(record):
+                self.records.append(record)
+                good_lines.append(line)
+            else:
+                self.dropped.append(record.file)
+        if self.dropped or (raw and not raw.endswith(b"\n")):
+            write_bytes_atomic(path, b"".join(line + b"\n" for line in good_lines))
+
+    def _part_is_intact(self, record: PartRecord) -> bool:
+        part = self.layout.parts_dir / record.file
+        return part.is_file() and file_sha256(part) == record.sha256
+
+    def part_files(self) -> list[Path]:
+        return [self.layout.parts_dir / r.file for r in self.records]
+
+    def done_batches(self) -> set[int]:
+        return {b for r in self.records for b in r.batches}
+
+    def commit(self, record: PartRecord) -> None:
+        append_line_durable(self.layout.manifest, record.to_json())
+        self.records.append(record)
