@@ -209,6 +209,12 @@ def merge(output: str) -> None:
     default=120,
     help="Seconds of warning before the time limit.",
 )
+@click.option(
+    "--max-parallel",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Run at most N array tasks at once (Slurm's %N array throttle).",
+)
 @click.option("--dry-run", is_flag=True, help="Print the sbatch script instead of submitting it.")
 def slurm(
     job,
@@ -222,6 +228,7 @@ def slurm(
     cpus_per_task,
     mem,
     grace,
+    max_parallel,
     dry_run,
 ) -> None:
     """Submit the job as a Slurm array: one shard per task, requeued on preemption.
@@ -238,7 +245,15 @@ def slurm(
     spec = _load(job, overrides, output)
     root = Path(spec.output.path)
     options = SlurmOptions(
-        array, gpus_per_task, partition, time_limit, account, cpus_per_task, mem, grace
+        array,
+        gpus_per_task,
+        partition,
+        time_limit,
+        account,
+        cpus_per_task,
+        mem,
+        grace,
+        max_parallel,
     )
     script = sbatch_script(Path(job).resolve(), root, [f"--set={o}" for o in overrides], options)
     if dry_run:

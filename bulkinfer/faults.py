@@ -53,3 +53,15 @@ def out_of_memory(padded_tokens: int) -> None:
         import torch
 
         raise torch.OutOfMemoryError(f"injected: {padded_tokens} padded tokens > {limit}")
+
+
+def size_setting(name: str, default: int) -> int:
+    """A block size the scale tests shrink so a few hundred rows cross every boundary
+    (BULKINFER_CHUNK_ROWS, BULKINFER_SPILL_FILE_ROWS, BULKINFER_BUCKET_ROWS,
+    BULKINFER_OUTPUT_FILE_ROWS); unset, the default. Read once, at import."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise SystemExit(f"bulkinfer: error: {name}={value!r}: expected a whole number above 0")
+    return int(value)

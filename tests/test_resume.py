@@ -110,7 +110,8 @@ def test_graceful_signal_writes_batch_in_flight_and_exits_nonzero(crash_job, sig
     out = job.parent / f"signal-{sig.name}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "bulkinfer", "run", str(job)],
-        env=child_env(),
+        # slowed like the random-kill test, so the signal lands mid-run however loaded the box
+        env={**child_env(), "BULKINFER_SLOW_BATCH_SECONDS": "0.3"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -18,11 +18,13 @@ from conftest import child_env, cli, read_outputs, sample_prompts, write_job, wr
 from bulkinfer.io.readers import read_ahead
 
 N_ROWS = 160
-SMALL = (
-    "import bulkinfer.io.readers as r, bulkinfer.io.spill as s, bulkinfer.io.outputs as o; "
-    "r.CHUNK_ROWS = 7; s.SPILL_FILE_ROWS = 16; o.BUCKET_ROWS = 32; o.OUTPUT_FILE_ROWS = 50; "
-    "from bulkinfer.cli import main; main()"
-)
+# Every block size shrunk (README, Development: the documented settings).
+SMALL = {
+    "BULKINFER_CHUNK_ROWS": "7",
+    "BULKINFER_SPILL_FILE_ROWS": "16",
+    "BULKINFER_BUCKET_ROWS": "32",
+    "BULKINFER_OUTPUT_FILE_ROWS": "50",
+}
 
 
 def _rows() -> list[dict]:
@@ -61,8 +63,8 @@ def scale_job(tmp_path_factory, tiny_model):
 def _run_small(*args, **env) -> subprocess.CompletedProcess:
     """The CLI with every size shrunk, in a child process (so it can be killed)."""
     return subprocess.run(
-        [sys.executable, "-c", SMALL, *map(str, args)],
-        env={**child_env(), **env},
+        [sys.executable, "-m", "bulkinfer", *map(str, args)],
+        env={**child_env(), **SMALL, **env},
         capture_output=True,
         text=True,
     )

@@ -121,6 +121,10 @@ def test_sbatch_script_dry_run(shard_job):
         "scontrol requeue",
     ):
         assert needle in script
+    throttled = cli("slurm", str(job), "--array", "64", "--max-parallel", "8", "--dry-run")
+    assert throttled.exit_code == 0, throttled.output
+    assert "#SBATCH --array=0-63%8\n" in throttled.output
+    assert cli("slurm", str(job), "--array", "4", "--max-parallel", "0", "--dry-run").exit_code == 2
 
 
 def test_unsharded_run_on_a_sharded_folder_is_refused_clearly(shard_job):

@@ -8,7 +8,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-CHUNK_ROWS = 8192
+from bulkinfer.faults import size_setting
+
+CHUNK_ROWS = size_setting("BULKINFER_CHUNK_ROWS", 8192)
 
 
 @dataclass(frozen=True)

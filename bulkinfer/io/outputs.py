@@ -22,8 +22,9 @@ from bulkinfer import faults
 from bulkinfer.io.atomic import fsync_dir, write_bytes_atomic, write_parquet_atomic
 from bulkinfer.io.layout import OutputLayout
 
-OUTPUT_FILE_ROWS = 1_000_000
-BUCKET_ROWS = 262_144  # rows of results sorted in memory at a time
+OUTPUT_FILE_ROWS = faults.size_setting("BULKINFER_OUTPUT_FILE_ROWS", 1_000_000)
+# rows of results sorted in memory at a time
+BUCKET_ROWS = faults.size_setting("BULKINFER_BUCKET_ROWS", 262_144)
 MAX_BUCKETS = 1024  # open bucket files; beyond BUCKET_ROWS x MAX_BUCKETS rows buckets grow
 
 # `datasets.load_dataset(OUT)` reads this card's config, so it loads outputs/ only, never the

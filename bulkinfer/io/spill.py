@@ -19,7 +19,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SPILL_FILE_ROWS = 65_536
+from bulkinfer.faults import size_setting
+
+SPILL_FILE_ROWS = size_setting("BULKINFER_SPILL_FILE_ROWS", 65_536)
 
 
 class TokenFile:
