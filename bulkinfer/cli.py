@@ -199,12 +199,13 @@ def merge(output: str) -> None:
 @click.option("--output", "-o", default=None, help="Output folder (overrides output.path).")
 @click.option("--gpus-per-task", type=click.IntRange(min=0), default=0)
 @click.option("--partition", default=None)
-@click.option("--time", "time_limit", default=None, help="Slurm time limit, e.g. 04:00:00.")
+@click.option("--time", "time", default=None, help="Slurm time limit, e.g. 04:00:00.")
 @click.option("--account", default=None)
 @click.option("--cpus-per-task", type=click.IntRange(min=1), default=None)
 @click.option("--mem", default=None, help="Memory per task, e.g. 64G.")
 @click.option(
     "--grace",
+    "grace_seconds",
     type=click.IntRange(min=1),
     default=120,
     help="Seconds of warning before the time limit.",
@@ -216,21 +217,7 @@ def merge(output: str) -> None:
     help="Run at most N array tasks at once (Slurm's %N array throttle).",
 )
 @click.option("--dry-run", is_flag=True, help="Print the sbatch script instead of submitting it.")
-def slurm(
-    job,
-    array,
-    overrides,
-    output,
-    gpus_per_task,
-    partition,
-    time_limit,
-    account,
-    cpus_per_task,
-    mem,
-    grace,
-    max_parallel,
-    dry_run,
-) -> None:
+def slurm(job, array, overrides, output, dry_run, **settings) -> None:
     """Submit the job as a Slurm array: one shard per task, requeued on preemption.
 
     \b
@@ -244,17 +231,7 @@ def slurm(
 
     spec = _load(job, overrides, output)
     root = Path(spec.output.path)
-    options = SlurmOptions(
-        array,
-        gpus_per_task,
-        partition,
-        time_limit,
-        account,
-        cpus_per_task,
-        mem,
-        grace,
-        max_parallel,
-    )
+    options = SlurmOptions(array=array, **settings)
     script = sbatch_script(Path(job).resolve(), root, [f"--set={o}" for o in overrides], options)
     if dry_run:
         click.echo(script)
