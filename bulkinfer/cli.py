@@ -178,9 +178,12 @@ def merge(output: str) -> None:
     from pathlib import Path
 
     from bulkinfer.io.layout import OutputLayout
+    from bulkinfer.job.exits import writes_reported
     from bulkinfer.state.merge import merge_shards
 
-    summary = merge_shards(OutputLayout(Path(output)))
+    root = OutputLayout(Path(output))
+    with writes_reported(root):
+        summary = merge_shards(root)
     click.echo(
         f"merged {summary.details['shards']} shards: {summary.rows_out:,} rows in {output}/outputs"
     )
@@ -322,9 +325,12 @@ def report(output: str) -> None:
     """
     from pathlib import Path
 
+    from bulkinfer.io.layout import OutputLayout
+    from bulkinfer.job.exits import writes_reported
     from bulkinfer.observe.report import write_report
 
-    page = write_report(Path(output))
+    with writes_reported(OutputLayout(Path(output))):
+        page = write_report(Path(output))
     click.echo(f"wrote {page}")
 
 

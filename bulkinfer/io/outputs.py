@@ -101,14 +101,14 @@ def write_sorted_outputs(
     expected_rows = np.asarray(expected_rows, dtype=np.int64)
     span = int(expected_rows[-1]) + 1 if len(expected_rows) else 0
     width = max(BUCKET_ROWS, -(-span // MAX_BUCKETS))
-    folder = layout.root / "outputs.buckets"
+    folder = layout.outputs_buckets
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     buckets = _Buckets(folder, width)
     for table in tables:
         buckets.add(table)
     buckets.close()
-    tmp = layout.root / "outputs.tmp"
+    tmp = layout.outputs_tmp
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     files = _OutputFiles(tmp)
@@ -173,10 +173,13 @@ class _Buckets:
         cuts = np.flatnonzero(np.diff(which)) + 1
         for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(which)], strict=True):
             k = int(which[lo])
-            self._writer(k).write_table(table.take(pa.array(order[lo:hi])))
+            writer = self._writer(k)
+            faults.write_attempt(self._file(k))
+            writer.write_table(table.take(pa.array(order[lo:hi])))
 
     def _writer(self, k: int) -> pa.ipc.RecordBatchStreamWriter:
         if k not in self._writers:
+            faults.write_attempt(self._file(k))
             self._writers[k] = pa.ipc.new_stream(str(self._file(k)), self.schema)
             self.highest = max(self.highest, k)
         return self._writers[k]
@@ -236,6 +239,7 @@ class _OutputFiles:
             if self._writer is None or self._rows_in_file == OUTPUT_FILE_ROWS:
                 self._next_file()
             take = min(table.num_rows, OUTPUT_FILE_ROWS - self._rows_in_file)
+            faults.write_attempt(self._path)
             self._writer.write_table(table.slice(0, take), row_group_size=65536)
             self._rows_in_file += take
             table = table.slice(take)
@@ -265,7 +269,7 @@ class _OutputFiles:
 
 def _swap_in(layout: OutputLayout, tmp: Path) -> None:
     fsync_dir(tmp)
-    old = layout.root / "outputs.old"
+    old = layout.outputs_old
     shutil.rmtree(old, ignore_errors=True)
     if layout.outputs_dir.exists():
         layout.outputs_dir.rename(old)
@@ -277,4 +281,4 @@ def _swap_in(layout: OutputLayout, tmp: Path) -> None:
 
 def write_stats(layout: OutputLayout, table: pa.Table) -> None:
     layout.stats_dir.mkdir(parents=True, exist_ok=True)
-    write_parquet_atomic(Path(layout.stats_dir) / "batches.parquet", table)
+    write_parquet_atomic(layout.batch_stats, table)

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bulkinfer import faults
 from bulkinfer.faults import size_setting
 
 SPILL_FILE_ROWS = size_setting("BULKINFER_SPILL_FILE_ROWS", 65_536)
@@ -29,11 +30,13 @@ class TokenFile:
 
     def __init__(self, path: Path):
         self.path = path
+        faults.write_attempt(path)
         self._out = open(path, "wb")  # noqa: SIM115 - open until finish()
         self._fd: int | None = None
         self.count = 0
 
     def append(self, ids: np.ndarray) -> None:
+        faults.write_attempt(self.path)
         self._out.write(memoryview(np.ascontiguousarray(ids, dtype=np.int32)).cast("B"))
         self.count += len(ids)
 
@@ -85,6 +88,7 @@ class RowColumnFiles:
         if not self._pending:
             return
         table = pa.concat_tables(self._pending, promote_options="permissive")
+        faults.write_attempt(self._file(len(self.starts)))
         pq.write_table(table, self._file(len(self.starts)), compression="zstd")
         self.starts.append(self._rows)
         self._rows += table.num_rows

@@ -4,6 +4,8 @@ ends the run with one line; a shard that dies leaves failed.json for `bulkinfer 
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,17 +76,42 @@ def failure_recorded(layout: OutputLayout, shard: Shard | None):
         raise
 
 
+# A full disk, a quota, a read-only or oversized file system: a write failed wherever it was.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+# Permissions: a write failure when the path is ours (reading an input can fail with these too).
+ACCESS_ERRNOS = {errno.EACCES, errno.EPERM}
+
+
 @contextmanager
 def writes_reported(layout: OutputLayout):
-    """A failed write (disk full, permissions) ends the run with one line; what was committed
-    before it stays valid, so a rerun resumes once the cause is fixed."""
+    """A failed write (disk full, quota, read-only, permissions) ends the run with one line and
+    exit 74, wherever it happened: a part, the manifest, a spill file, the outputs, the stats,
+    the summary, the responses or the report. What was committed before it stays valid, so a
+    rerun resumes once the cause is fixed. (A write to an open file fails without a file name:
+    then the output folder is named.)"""
     try:
         yield
     except OSError as exc:
-        where = exc.filename
-        root = str(layout.root.resolve())
-        if not where or not str(Path(where).resolve()).startswith(root):
+        message = write_failure(exc, layout.root)
+        if message is None:
             raise
-        raise WriteError(
-            f"cannot write {where}: {exc.strerror or exc}; fix that and rerun to resume"
-        ) from None
+        raise WriteError(f"{message}; fix that and rerun to resume") from None
+
+
+def write_failure(exc: OSError, root: Path) -> str | None:
+    """The one line for an OSError that is a failed write, or None when it is something else."""
+    where = exc.filename
+    ours = where is not None and _inside(Path(where), root)
+    if exc.errno in WRITE_ERRNOS or (exc.errno in ACCESS_ERRNOS and ours):
+        place = where if where is not None else f"under {root}"
+        return f"cannot write {place}: {exc.strerror or os.strerror(exc.errno)}"
+    if ours:  # any other failure on a path of ours (e.g. a folder where a file should be)
+        return f"cannot write {where}: {exc.strerror or exc}"
+    return None
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):
+        return False

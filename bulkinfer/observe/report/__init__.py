@@ -10,6 +10,7 @@ import base64
 from pathlib import Path
 
 from bulkinfer.io.atomic import write_bytes_atomic
+from bulkinfer.io.layout import OutputLayout
 from bulkinfer.observe.report.charts import charts, draw_png
 from bulkinfer.observe.report.facts import read_job
 from bulkinfer.observe.report.page import render_page
@@ -31,7 +32,8 @@ CAPTIONS = {
 def write_report(root: Path) -> Path:
     """Write OUT/report.html and the PNG plots beside it; returns the page's path."""
     facts = read_job(root)
-    folder = root / "report"
+    layout = OutputLayout(root)
+    folder = layout.report_dir
     figures: dict[str, tuple[str, str]] = {}
     note = ""
     drawn = set()
@@ -50,6 +52,6 @@ def write_report(root: Path) -> Path:
     for stale in folder.glob("*.png") if folder.is_dir() else []:
         if stale.name not in drawn:
             stale.unlink()
-    page = root / "report.html"
+    page = layout.report_page
     write_bytes_atomic(page, render_page(facts, figures, note).encode("utf-8"))
     return page
