@@ -36,6 +36,7 @@ from bulkinfer.job.setup import (
 )
 from bulkinfer.job.stream import run_stream
 from bulkinfer.observe.progress import Progress, log
+from bulkinfer.observe.stats import imports_seconds
 from bulkinfer.sharding import Shard
 from bulkinfer.spec import JobSpec
 from bulkinfer.state.manifest import Manifest
@@ -59,6 +60,7 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
     started = time.monotonic()
     setup = set_up(spec)
     folder = open_folder(setup, layout, overwrite, shard)
+    setup_seconds = time.monotonic() - started
     if folder.finished:
         log(
             f"{layout.root}: this job already finished; nothing to do (--overwrite runs it again)",
@@ -67,6 +69,7 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
         )
         return 0
     inputs, engine, host_seconds = load_and_tokenize(setup, layout)
+    host_seconds.update(setup_seconds=setup_seconds, imports_seconds=imports_seconds(started))
     plan = record_plan(inputs, engine, folder, shard)
     manifest = Manifest(layout)
     todo = batches_to_do(manifest, plan, folder.resumed)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -193,3 +195,17 @@ def format_summary(summary: dict) -> str:
         lines.append(("hardware", hardware))
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in lines)
+
+
+def imports_seconds(started: float) -> float | None:
+    """Seconds from the process's start to `started` (a time.monotonic() reading): the
+    interpreter and the imports before the run began. None where /proc is not there."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    age_now = uptime - ticks / os.sysconf("SC_CLK_TCK")
+    return round(max(0.0, age_now - (time.monotonic() - started)), 3)
