@@ -36,6 +36,7 @@ def run_job(
 
 
 def main(work: Path) -> int:
+    work = work.resolve()  # the job files name their paths absolutely
     work.mkdir(parents=True, exist_ok=True)
     model = build_tiny_model(work / "tiny", arch="qwen2")
     rows = [

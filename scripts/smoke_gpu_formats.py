@@ -41,6 +41,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def main(work: Path) -> int:
+    work = work.resolve()  # the job files name their paths absolutely
     work.mkdir(parents=True, exist_ok=True)
     model = build_tiny_model(work / "tiny", arch="qwen2")
     failures = 0

@@ -50,6 +50,7 @@ def check_embed(work: Path, inputs: Path, arch: str, pooling: str) -> int:
 
 
 def main(work: Path) -> int:
+    work = work.resolve()  # the job files name their paths absolutely
     work.mkdir(parents=True, exist_ok=True)
     rows = [
         {"id": f"r{i}", "prompt": " ".join(["the quick fox"] * (1 + i % 37)) + f" {i}"}
