@@ -87,6 +87,11 @@ class OutputLayout:
         return self.root / "shards"
 
     @property
+    def lock(self) -> Path:
+        """Held by the one run writing this folder (state/lock.py); never removed."""
+        return self.root / ".lock"
+
+    @property
     def merge_lock(self) -> Path:
         return self.root / ".merge.lock"
 

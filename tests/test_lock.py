@@ -1,0 +1,117 @@
+"""One writer per output folder: a second run is refused while the first holds the folder's
+lock, and a killed run leaves no lock behind."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import (
+    child_env,
+    cli,
+    cli_subprocess,
+    read_outputs,
+    sample_prompts,
+    write_job,
+    write_jsonl,
+)
+
+N_ROWS = 40
+
+
+@pytest.fixture(scope="module")
+def lock_job(tmp_path_factory, tiny_model):
+    """A job of many small batches, and the outputs of one uninterrupted run of it."""
+    tmp = tmp_path_factory.mktemp("lock")
+    inputs = write_jsonl(tmp / "in.jsonl", sample_prompts(N_ROWS))
+
+    def make(name: str):
+        return write_job(
+            tmp / f"{name}.yaml",
+            tiny_model,
+            inputs,
+            tmp / name,
+            task={"temperature": 0.8, "seed": 3, "max_new_tokens": 4},
+            batching={"max_tokens": 300, "max_batch_size": 4},
+            checkpoint={"every_rows": 4},
+        )
+
+    reference = make("reference")
+    assert cli("run", str(reference)).exit_code == 0
+    return make, read_outputs(tmp / "reference")
+
+
+def assert_same_outputs(out_dir, reference):
+    got = read_outputs(out_dir)
+    ids = got.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == N_ROWS
+    assert got.drop(["error"]).equals(reference.drop(["error"]))
+
+
+def start_slow(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bulkinfer", *args],
+        env={**child_env(), "BULKINFER_SLOW_BATCH_SECONDS": "0.3"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def wait_for_parts(folder, proc, lines: int = 1) -> None:
+    manifest = folder / "checkpoint" / "manifest.jsonl"
+    deadline = time.monotonic() + 120
+    while not (manifest.exists() and manifest.read_text().count("\n") >= lines):
+        assert time.monotonic() < deadline and proc.poll() is None, "the run never got going"
+        time.sleep(0.05)
+
+
+def test_second_run_on_a_busy_folder_is_refused_naming_the_holder(lock_job):
+    make, reference = lock_job
+    job = make("busy")
+    out = job.parent / "busy"
+    first = start_slow("run", str(job))
+    try:
+        wait_for_parts(out, first)
+        second = cli_subprocess("run", str(job))
+        overwrite = cli_subprocess("run", str(job), "--overwrite")
+        manifest_before = (out / "checkpoint" / "manifest.jsonl").exists()
+    finally:
+        first.kill()
+        first.wait()
+    for refused in (second, overwrite):
+        assert refused.returncode == 2, refused.stderr
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in refused.stderr
+        assert f"pid {first.pid} on {socket.gethostname()} since" in lines[0]
+        assert "in use by another bulkinfer run" in lines[0]
+    assert manifest_before and (out / "job.json").exists()  # --overwrite deleted nothing
+    holder = json.loads((out / ".lock").read_text())
+    assert holder["pid"] == first.pid
+    # killed, the holder leaves no stale lock: the rerun resumes at once
+    rerun = cli_subprocess("run", str(job))
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming" in rerun.stderr
+    assert_same_outputs(out, reference)
+
+
+def test_a_shard_locks_its_own_folder(lock_job):
+    make, reference = lock_job
+    job = make("shard-lock")
+    shard = job.parent / "shard-lock" / "shards" / "shard-00000-of-00002"
+    first = start_slow("run", str(job), "--shard", "0/2")
+    try:
+        wait_for_parts(shard, first)
+        same = cli_subprocess("run", str(job), "--shard", "0/2")
+        other = cli_subprocess("run", str(job), "--shard", "1/2")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert same.returncode == 2 and "in use by another bulkinfer run" in same.stderr
+    assert other.returncode == 0, other.stderr  # the other shard's folder is free
+    assert cli_subprocess("run", str(job), "--shard", "0/2").returncode == 0
+    assert_same_outputs(job.parent / "shard-lock", reference)
