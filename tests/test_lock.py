@@ -115,3 +115,36 @@ def test_a_shard_locks_its_own_folder(lock_job):
     assert other.returncode == 0, other.stderr  # the other shard's folder is free
     assert cli_subprocess("run", str(job), "--shard", "0/2").returncode == 0
     assert_same_outputs(job.parent / "shard-lock", reference)
+
+
+@pytest.mark.parametrize("damage", ["line_twice", "batches_in_two_parts"])
+def test_a_doubled_manifest_heals_on_resume(lock_job, damage):
+    """What two writers or a killed launcher leave: the later copy is ignored, with a warning."""
+    make, reference = lock_job
+    job = make(f"heal-{damage}")
+    out = job.parent / f"heal-{damage}"
+    env = {**child_env(), "BULKINFER_KILL_AT": "part_committed:3"}
+    killed = subprocess.run([sys.executable, "-m", "bulkinfer", "run", str(job)], env=env)
+    assert killed.returncode == -signal.SIGKILL
+    manifest = out / "checkpoint" / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    assert len(lines) >= 2
+    if damage == "line_twice":
+        extra = lines[0]
+    else:
+        record = json.loads(lines[1])
+        copy = "part-b9999999.parquet"
+        (out / "checkpoint" / "parts" / copy).write_bytes(
+            (out / "checkpoint" / "parts" / record["file"]).read_bytes()
+        )
+        extra = json.dumps({**record, "file": copy})
+    manifest.write_text("\n".join([lines[0], extra, *lines[1:], extra]) + "\n")
+
+    resumed = cli_subprocess("run", str(job))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "later copy is ignored" in resumed.stderr
+    assert_same_outputs(out, reference)
+    healed = manifest.read_text().splitlines()
+    files = [json.loads(line)["file"] for line in healed]
+    batches = [b for line in healed for b in json.loads(line)["batches"]]
+    assert len(files) == len(set(files)) and len(batches) == len(set(batches))
