@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import (
@@ -53,10 +54,10 @@ def assert_same_outputs(out_dir, reference):
     assert got.drop(["error"]).equals(reference.drop(["error"]))
 
 
-def start_slow(*args: str) -> subprocess.Popen:
+def start_slow(*args: str, seconds: float = 0.3) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "bulkinfer", *args],
-        env={**child_env(), "BULKINFER_SLOW_BATCH_SECONDS": "0.3"},
+        env={**child_env(), "BULKINFER_SLOW_BATCH_SECONDS": str(seconds)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -148,3 +149,37 @@ def test_a_doubled_manifest_heals_on_resume(lock_job, damage):
     files = [json.loads(line)["file"] for line in healed]
     batches = [b for line in healed for b in json.loads(line)["batches"]]
     assert len(files) == len(set(files)) and len(batches) == len(set(batches))
+
+
+def alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie waiting for its new parent to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_die_with_their_launcher(lock_job):
+    make, reference = lock_job
+    job = make("launcher")
+    out = job.parent / "launcher"
+    launcher = start_slow("run", str(job), "--gpus", "2", seconds=1.0)  # outlives the wait below
+    shards = [out / "shards" / f"shard-0000{i}-of-00002" for i in range(2)]
+    try:
+        for shard in shards:
+            wait_for_parts(shard, launcher)
+        workers = [json.loads((shard / ".lock").read_text())["pid"] for shard in shards]
+        busy = cli_subprocess("run", str(job), "--gpus", "2")
+        assert busy.returncode == 2 and f"pid {launcher.pid} " in busy.stderr
+    finally:
+        launcher.kill()
+        launcher.wait()
+    deadline = time.monotonic() + 3
+    while any(alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, "a worker outlived its launcher"
+        time.sleep(0.05)
+    rerun = cli_subprocess("run", str(job), "--gpus", "2")
+    assert rerun.returncode == 0, rerun.stderr
+    assert_same_outputs(out, reference)
