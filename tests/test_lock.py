@@ -78,6 +78,7 @@ def test_second_run_on_a_busy_folder_is_refused_naming_the_holder(lock_job):
     first = start_slow("run", str(job))
     try:
         wait_for_parts(out, first)
+        running = cli("status", str(out)).output
         second = cli_subprocess("run", str(job))
         overwrite = cli_subprocess("run", str(job), "--overwrite")
         manifest_before = (out / "checkpoint" / "manifest.jsonl").exists()
@@ -91,6 +92,8 @@ def test_second_run_on_a_busy_folder_is_refused_naming_the_holder(lock_job):
         assert f"pid {first.pid} on {socket.gethostname()} since" in lines[0]
         assert "in use by another bulkinfer run" in lines[0]
     assert manifest_before and (out / "job.json").exists()  # --overwrite deleted nothing
+    assert "running" in running.splitlines()[1]
+    assert "stopped" in cli("status", str(out)).output.splitlines()[1]  # at once, once killed
     holder = json.loads((out / ".lock").read_text())
     assert holder["pid"] == first.pid
     # killed, the holder leaves no stale lock: the rerun resumes at once
@@ -183,3 +186,21 @@ def test_workers_die_with_their_launcher(lock_job):
     rerun = cli_subprocess("run", str(job), "--gpus", "2")
     assert rerun.returncode == 0, rerun.stderr
     assert_same_outputs(out, reference)
+
+
+def test_status_of_a_killed_doubled_job_is_stopped_and_never_past_the_total(lock_job):
+    make, _ = lock_job
+    job = make("doubled-status")
+    out = job.parent / "doubled-status"
+    env = {**child_env(), "BULKINFER_KILL_AT": "part_committed:3"}
+    killed = subprocess.run([sys.executable, "-m", "bulkinfer", "run", str(job)], env=env)
+    assert killed.returncode == -signal.SIGKILL
+    manifest = out / "checkpoint" / "manifest.jsonl"
+    manifest.write_text(manifest.read_text() * 4)
+    status = cli("status", str(out))
+    assert status.exit_code == 0
+    row = status.output.splitlines()[1].split()
+    assert row[1] == "stopped"
+    done, total = int(row[2].replace(",", "")), int(row[4].replace(",", ""))
+    assert 0 < done < total == N_ROWS
+    assert "ETA -" not in status.output
