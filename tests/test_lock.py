@@ -204,3 +204,24 @@ def test_status_of_a_killed_doubled_job_is_stopped_and_never_past_the_total(lock
     done, total = int(row[2].replace(",", "")), int(row[4].replace(",", ""))
     assert 0 < done < total == N_ROWS
     assert "ETA -" not in status.output
+
+
+@pytest.mark.parametrize("oddity", ["outputs_is_a_link", "summary_is_a_folder"])
+def test_overwrite_refuses_before_deleting_anything(lock_job, tmp_path, oddity):
+    make, _ = lock_job
+    job = make(f"odd-{oddity}")
+    out = job.parent / f"odd-{oddity}"
+    assert cli("run", str(job)).exit_code == 0
+    if oddity == "outputs_is_a_link":
+        (out / "outputs").rename(tmp_path / "elsewhere")
+        (out / "outputs").symlink_to(tmp_path / "elsewhere")
+    else:
+        (out / "summary.json").unlink()
+        (out / "summary.json").mkdir()
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    proc = cli_subprocess("run", str(job), "--overwrite")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "deleted nothing" in lines[0], proc.stderr
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert oddity != "outputs_is_a_link" or list((tmp_path / "elsewhere").glob("*.parquet"))

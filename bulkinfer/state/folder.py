@@ -8,6 +8,7 @@ from pathlib import Path
 
 from bulkinfer.errors import OutputFolderError
 from bulkinfer.io.layout import OutputLayout
+from bulkinfer.state.lock import holder_text, is_locked
 from bulkinfer.state.records import JobRecord, read_json
 
 
@@ -44,6 +45,7 @@ def open_job_folder(
             "array), see it with `bulkinfer status`, or pass --overwrite to start afresh"
         )
     if overwrite:
+        refuse_odd_removals(layout)
         for path in layout.ours():
             if path.is_dir():
                 shutil.rmtree(path)
@@ -66,6 +68,31 @@ def refuse_foreign(layout: OutputLayout, overwrite: bool) -> None:
         raise OutputFolderError(
             f"{root} is not empty and holds no bulkinfer job; choose a new folder or pass --overwrite"
         )
+
+
+def refuse_odd_removals(layout: OutputLayout) -> None:
+    """Before --overwrite deletes anything: every path it would remove must be what bulkinfer
+    writes there (no symbolic link, a folder where we make a folder, a file where a file), and
+    no shard of the job may be running."""
+    folders = layout.our_folders()
+    for path in layout.ours():
+        if path.is_symlink():
+            odd = "is a symbolic link"
+        elif path.exists() and path.is_dir() != (path in folders):
+            odd = "is a folder" if path.is_dir() else "is not a folder"
+        else:
+            continue
+        raise OutputFolderError(
+            f"--overwrite: {path} {odd}, which bulkinfer never writes there; deleted nothing: "
+            "move it away, then rerun"
+        )
+    for folder in layout.shard_folders().values():
+        shard = OutputLayout(folder)
+        if is_locked(shard):
+            raise OutputFolderError(
+                f"--overwrite: {folder} is in use by a shard run ({holder_text(shard)}); "
+                "deleted nothing: wait for it to end or stop it, then rerun"
+            )
 
 
 def save_job(layout: OutputLayout, job: JobRecord) -> None:
