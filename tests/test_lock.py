@@ -225,3 +225,11 @@ def test_overwrite_refuses_before_deleting_anything(lock_job, tmp_path, oddity):
     assert len(lines) == 1 and "deleted nothing" in lines[0], proc.stderr
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert oddity != "outputs_is_a_link" or list((tmp_path / "elsewhere").glob("*.parquet"))
+
+
+def test_merge_of_a_missing_folder_is_refused_and_creates_nothing(tmp_path):
+    proc = cli_subprocess("merge", str(tmp_path / "missing"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no such output folder" in lines[0], proc.stderr
+    assert not (tmp_path / "missing").exists()
