@@ -4,6 +4,7 @@ lock, and a killed run leaves no lock behind."""
 from __future__ import annotations
 
 import json
+import random
 import signal
 import socket
 import subprocess
@@ -61,6 +62,14 @@ def start_slow(*args: str, seconds: float = 0.3) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def wait_for_new_part(manifest: Path, deadline: float) -> None:
+    lines = manifest.read_text().count("\n") if manifest.exists() else 0
+    while time.monotonic() < deadline:
+        if manifest.exists() and manifest.read_text().count("\n") > lines:
+            return
+        time.sleep(0.05)
 
 
 def wait_for_parts(folder, proc, lines: int = 1) -> None:
@@ -233,3 +242,51 @@ def test_merge_of_a_missing_folder_is_refused_and_creates_nothing(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "no such output folder" in lines[0], proc.stderr
     assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.stress
+def test_concurrent_runs_killed_at_random_end_with_the_uninterrupted_outputs(lock_job, tmp_path):
+    """Two or three runs of one job at once, one of them killed at random, round after round:
+    the lock lets one write, the others exit 2 with one line, and a final run completes the job
+    with the outputs of an uninterrupted run."""
+    make, reference = lock_job
+    job = make("stress")
+    rng = random.Random(7)
+    env = {**child_env(), "BULKINFER_SLOW_BATCH_SECONDS": "0.2"}
+    manifest = job.parent / "stress" / "checkpoint" / "manifest.jsonl"
+    alive: list[tuple[subprocess.Popen, Path]] = []
+    codes = []
+
+    def reap(proc: subprocess.Popen, log: Path) -> None:
+        text = log.read_text()
+        assert proc.returncode in (0, 2, -signal.SIGKILL), text
+        assert "Traceback" not in text, text
+        assert proc.returncode != 2 or "in use by another bulkinfer run" in text, text
+        codes.append(proc.returncode)
+
+    started = time.monotonic()
+    for round_ in range(20):
+        for i in range(rng.choice([2, 3]) - len(alive)):
+            log = tmp_path / f"{round_}-{i}.log"
+            with log.open("w") as sink:
+                cmd = [sys.executable, "-m", "bulkinfer", "run", str(job)]
+                alive.append((subprocess.Popen(cmd, env=env, stdout=sink, stderr=sink), log))
+        time.sleep(rng.uniform(0.5, 2.5))
+        if round_ % 4 == 3:  # now and then the writer gets to commit before the next kill
+            wait_for_new_part(manifest, deadline=time.monotonic() + 6)
+        victim = rng.choice(alive)[0]
+        if rng.random() < 0.5 and victim.poll() is None:
+            victim.kill()
+        for proc, log in [(p, f) for p, f in alive if p.poll() is not None]:
+            reap(proc, log)
+            alive.remove((proc, log))
+        if time.monotonic() - started > 35:  # a loaded machine: fewer rounds, same check
+            break
+    for proc, log in alive:
+        proc.kill()
+        proc.wait()
+        reap(proc, log)
+    assert codes.count(-signal.SIGKILL) >= 3 and 2 in codes and manifest.exists()
+    final = cli_subprocess("run", str(job))
+    assert final.returncode == 0, final.stderr
+    assert_same_outputs(job.parent / "stress", reference)
