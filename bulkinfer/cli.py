@@ -136,11 +136,15 @@ def run(job, overrides, output, overwrite, shard, gpus) -> None:
 
     spec = _load(job, overrides, output)
     if gpus is not None:
+        from pathlib import Path
+
         from bulkinfer.executors.local import run_workers, worker_count
+        from bulkinfer.io.layout import OutputLayout
 
         count, devices = worker_count(gpus)
         args = [job, *(f"--set={o}" for o in overrides), "--output", spec.output.path]
-        sys.exit(run_workers(args + (["--overwrite"] if overwrite else []), count, devices))
+        args += ["--overwrite"] if overwrite else []
+        sys.exit(run_workers(OutputLayout(Path(spec.output.path)), args, count, devices))
     chosen = parse_shard(shard) if shard else shard_from_env()
     sys.exit(run_job(spec, overwrite=overwrite, shard=chosen))
 

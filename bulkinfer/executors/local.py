@@ -1,17 +1,27 @@
 """One node, several workers: one `bulkinfer run --shard i/N` process per GPU (or per CPU worker).
 
 Each worker is an ordinary shard run, so it checkpoints, resumes and merges exactly as a Slurm
-array task does; this module only starts them, passes signals on, and waits.
+array task does; this module only starts them, passes signals on, and waits. Workers die with
+their launcher: they share its process group (a Ctrl-C or a group kill reaches them all) and, on
+Linux, the kernel sends each a SIGKILL when the launcher dies, however it dies, so no orphan
+goes on writing beside a rerun. What they committed stays valid and the rerun resumes it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 
 from bulkinfer.errors import SpecError
+from bulkinfer.io.layout import OutputLayout
+from bulkinfer.state.folder import refuse_foreign
+from bulkinfer.state.lock import folder_lock
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def worker_count(gpus: str) -> tuple[int, list[str] | None]:
@@ -33,15 +43,24 @@ def worker_count(gpus: str) -> tuple[int, list[str] | None]:
     return count, [str(i) for i in range(count)] if visible else None
 
 
-def run_workers(base_args: list[str], count: int, devices: list[str] | None) -> int:
-    """Start `count` shard workers of the same `bulkinfer run` arguments and wait for all."""
+def run_workers(
+    root: OutputLayout, base_args: list[str], count: int, devices: list[str] | None
+) -> int:
+    """Start `count` shard workers of the same `bulkinfer run` arguments and wait for all,
+    holding the job folder's lock meanwhile (each worker holds its shard folder's)."""
+    refuse_foreign(root, overwrite="--overwrite" in base_args)
+    with folder_lock(root):
+        return _start_and_wait(base_args, count, devices)
+
+
+def _start_and_wait(base_args: list[str], count: int, devices: list[str] | None) -> int:
     procs = []
     for i in range(count):
         env = dict(os.environ)
         if devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = devices[i]
         cmd = [sys.executable, "-m", "bulkinfer", "run", *base_args, "--shard", f"{i}/{count}"]
-        procs.append(subprocess.Popen(cmd, env=env))
+        procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_dies_with_launcher()))
 
     def forward(signum, frame):
         for p in procs:
@@ -58,3 +77,19 @@ def run_workers(base_args: list[str], count: int, devices: list[str] | None) -> 
             signal.signal(sig, old)
     failed = [c for c in codes if c != 0]
     return max(failed, key=abs) if failed else 0
+
+
+def _dies_with_launcher() -> Callable[[], None] | None:
+    """What a worker runs between fork and exec: ask the kernel for a SIGKILL when the launcher
+    dies (Linux only; elsewhere the shared process group is what ties them)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the forked child only calls it
+    launcher = os.getpid()
+
+    def ask() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != launcher:  # the launcher died before the request was in place
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return ask

@@ -87,6 +87,11 @@ class OutputLayout:
         return self.root / "shards"
 
     @property
+    def lock(self) -> Path:
+        """Held by the one run writing this folder (state/lock.py); never removed."""
+        return self.root / ".lock"
+
+    @property
     def merge_lock(self) -> Path:
         return self.root / ".merge.lock"
 
@@ -110,6 +115,19 @@ class OutputLayout:
             if match and path.is_dir():
                 found[(int(match.group(1)), int(match.group(2)))] = path
         return found
+
+    def our_folders(self) -> set[Path]:
+        """Those of ours() that bulkinfer makes as folders; the others it makes as files."""
+        return {
+            self.checkpoint_dir,
+            self.outputs_dir,
+            self.stats_dir,
+            self.outputs_tmp,
+            self.outputs_old,
+            self.outputs_buckets,
+            self.shards_dir,
+            self.report_dir,
+        }
 
     def ours(self) -> list[Path]:
         """What --overwrite removes: only files bulkinfer made, never the user's own."""

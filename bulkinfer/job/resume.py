@@ -47,13 +47,22 @@ def record_plan(inputs: Inputs, engine, folder: JobFolder, shard: Shard | None) 
 
 
 def batches_to_do(manifest: Manifest, plan: JobPlan, resumed: bool) -> list[Batch]:
-    """The planned batches no committed part holds; parts found corrupt are recomputed."""
+    """The planned batches no committed part holds; parts found corrupt are recomputed and
+    repeated records ignored, each with a warning."""
     for name in manifest.dropped:
         log(
             f"checkpoint: {name} is missing or corrupt; its rows will be recomputed",
             event="checkpoint",
             level="warning",
             dropped=name,
+        )
+    for name in manifest.repeated:
+        log(
+            f"checkpoint: {name} repeats a part or batches already recorded (two writers at "
+            "once, or a killed launcher's workers); the later copy is ignored",
+            event="checkpoint",
+            level="warning",
+            repeated=name,
         )
     done = manifest.done_batches()
     todo = [b for b in plan.batches if b.index not in done]

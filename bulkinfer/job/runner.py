@@ -39,6 +39,8 @@ from bulkinfer.observe.progress import Progress, log
 from bulkinfer.observe.stats import imports_seconds
 from bulkinfer.sharding import Shard
 from bulkinfer.spec import JobSpec
+from bulkinfer.state.folder import refuse_foreign
+from bulkinfer.state.lock import folder_lock
 from bulkinfer.state.manifest import Manifest
 from bulkinfer.state.parts import PartWriter
 
@@ -46,10 +48,12 @@ from bulkinfer.state.parts import PartWriter
 def run_job(spec: JobSpec, overwrite: bool = False, shard: Shard | None = None) -> int:
     """Run or resume a job, or one shard of it; returns the process exit code.
 
-    A shard works in its own folder under OUT/shards/; the shard that finishes last merges."""
+    A shard works in its own folder under OUT/shards/; the shard that finishes last merges.
+    The folder's lock is taken before anything in it changes: one writer per folder."""
     root = OutputLayout(Path(spec.output.path))
     layout = root.shard(shard.index, shard.count) if shard else root
-    with writes_reported(layout), failure_recorded(layout, shard):
+    refuse_foreign(layout, overwrite)  # before the lock, so a refused folder gets no lock file
+    with writes_reported(layout), folder_lock(layout), failure_recorded(layout, shard):
         code = _run_job(spec, layout, overwrite, shard)
     if code == 0 and shard is not None:
         merge_if_last(root, shard)

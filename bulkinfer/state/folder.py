@@ -8,6 +8,7 @@ from pathlib import Path
 
 from bulkinfer.errors import OutputFolderError
 from bulkinfer.io.layout import OutputLayout
+from bulkinfer.state.lock import holder_text, is_locked
 from bulkinfer.state.records import JobRecord, read_json
 
 
@@ -26,8 +27,7 @@ def open_job_folder(
 ) -> JobFolder:
     """Start, resume or refuse: the folder must be empty, ours for this very job, or overwritten."""
     root = layout.root
-    if root.exists() and not root.is_dir():
-        raise OutputFolderError(f"output.path: {root} exists and is not a folder")
+    refuse_foreign(layout, overwrite)
     existing = JobRecord.read(layout.job_file)
     if existing is not None and not overwrite and not _has_results(layout):
         overwrite = True  # a job that never committed a row can be replaced: nothing is lost
@@ -44,11 +44,8 @@ def open_job_folder(
             f"{root} holds a sharded run of a job; run it with --shard I/N (or from its Slurm "
             "array), see it with `bulkinfer status`, or pass --overwrite to start afresh"
         )
-    if existing is None and root.exists() and any(root.iterdir()) and not overwrite:
-        raise OutputFolderError(
-            f"{root} is not empty and holds no bulkinfer job; choose a new folder or pass --overwrite"
-        )
     if overwrite:
+        refuse_odd_removals(layout)
         for path in layout.ours():
             if path.is_dir():
                 shutil.rmtree(path)
@@ -59,10 +56,55 @@ def open_job_folder(
     return JobFolder(layout, job, finished=False, resumed=False)
 
 
+def refuse_foreign(layout: OutputLayout, overwrite: bool) -> None:
+    """Refuse a path that is not a folder, or a folder holding files but no bulkinfer job.
+
+    Checked before the folder's lock is taken too, so a refused folder gets no lock file."""
+    root = layout.root
+    if root.exists() and not root.is_dir():
+        raise OutputFolderError(f"output.path: {root} exists and is not a folder")
+    ours = layout.job_file.exists() or layout.shards_dir.is_dir()
+    if not overwrite and not ours and _holds_anything(layout):
+        raise OutputFolderError(
+            f"{root} is not empty and holds no bulkinfer job; choose a new folder or pass --overwrite"
+        )
+
+
+def refuse_odd_removals(layout: OutputLayout) -> None:
+    """Before --overwrite deletes anything: every path it would remove must be what bulkinfer
+    writes there (no symbolic link, a folder where we make a folder, a file where a file), and
+    no shard of the job may be running."""
+    folders = layout.our_folders()
+    for path in layout.ours():
+        if path.is_symlink():
+            odd = "is a symbolic link"
+        elif path.exists() and path.is_dir() != (path in folders):
+            odd = "is a folder" if path.is_dir() else "is not a folder"
+        else:
+            continue
+        raise OutputFolderError(
+            f"--overwrite: {path} {odd}, which bulkinfer never writes there; deleted nothing: "
+            "move it away, then rerun"
+        )
+    for folder in layout.shard_folders().values():
+        shard = OutputLayout(folder)
+        if is_locked(shard):
+            raise OutputFolderError(
+                f"--overwrite: {folder} is in use by a shard run ({holder_text(shard)}); "
+                "deleted nothing: wait for it to end or stop it, then rerun"
+            )
+
+
 def save_job(layout: OutputLayout, job: JobRecord) -> None:
     layout.root.mkdir(parents=True, exist_ok=True)
     job.write(layout.job_file)
     layout.parts_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _holds_anything(layout: OutputLayout) -> bool:
+    """Anything in the folder besides the lock files, which only say who writes it."""
+    locks = {layout.lock, layout.merge_lock}
+    return layout.root.exists() and any(p not in locks for p in layout.root.iterdir())
 
 
 def _has_results(layout: OutputLayout) -> bool:

@@ -3,8 +3,8 @@
 A part counts as done only once its manifest line is written, and that line carries the part's
 sha256: a part file without a line, or whose bytes no longer match, is recomputed, never read as
 good. So whatever moment a process dies at, a rerun neither loses nor doubles a row. One parser
-reads the lines: `Manifest` (the run's, which drops torn lines and corrupt parts and rewrites
-the file) and `read_manifest` (status and report, which only read).
+reads the lines: `Manifest` (the run's, which drops torn lines, corrupt parts and repeated
+records and rewrites the file) and `read_manifest` (status and report, which only read).
 """
 
 from __future__ import annotations
@@ -45,22 +45,38 @@ def parse_manifest(raw: bytes) -> Iterator[tuple[bytes, PartRecord | None]]:
             yield line, None
 
 
+def is_repeat(record: PartRecord, files: set[str], batches: set[int]) -> bool:
+    """Whether `record` repeats what earlier records (of `files`, holding `batches`) hold: the
+    same part recorded twice, or a batch in two parts. Two writers at once, or a killed
+    launcher's orphans, leave such lines; the first copy counts and the later is ignored."""
+    return record.file in files or not batches.isdisjoint(record.batches)
+
+
 def read_manifest(layout: OutputLayout) -> list[PartRecord]:
-    """The committed parts' records, for readers: torn lines skipped, nothing rewritten."""
+    """The committed parts' records, for readers: torn lines and repeats skipped, nothing
+    rewritten."""
     try:
         raw = layout.manifest.read_bytes()
     except OSError:
         return []
-    return [record for _, record in parse_manifest(raw) if record is not None]
+    records, files, batches = [], set(), set()
+    for _, record in parse_manifest(raw):
+        if record is not None and not is_repeat(record, files, batches):
+            records.append(record)
+            files.add(record.file)
+            batches.update(record.batches)
+    return records
 
 
 class Manifest:
-    """Append-only list of committed parts; a torn last line from a crash is dropped on open."""
+    """Append-only list of committed parts; on open, a torn last line from a crash, parts found
+    corrupt and repeated records are dropped, and the file is rewritten without them."""
 
     def __init__(self, layout: OutputLayout):
         self.layout = layout
         self.records: list[PartRecord] = []
         self.dropped: list[str] = []
+        self.repeated: list[str] = []
         self._load()
 
     def _load(self) -> None:
@@ -68,17 +84,20 @@ class Manifest:
         if not path.exists():
             return
         raw = path.read_bytes()
-        good_lines = []
+        good_lines, files, batches = [], set(), set()
         for line, record in parse_manifest(raw):
             if record is None:
                 self.dropped.append("a torn manifest line")
-                continue
-            if self._part_is_intact(record):
+            elif not self._part_is_intact(record):
+                self.dropped.append(record.file)
+            elif is_repeat(record, files, batches):
+                self.repeated.append(record.file)
+            else:
                 self.records.append(record)
                 good_lines.append(line)
-            else:
-                self.dropped.append(record.file)
-        if self.dropped or (raw and not raw.endswith(b"\n")):
+                files.add(record.file)
+                batches.update(record.batches)
+        if self.dropped or self.repeated or (raw and not raw.endswith(b"\n")):
             write_bytes_atomic(path, b"".join(line + b"\n" for line in good_lines))
 
     def _part_is_intact(self, record: PartRecord) -> bool:

@@ -38,7 +38,8 @@ def merge_shards(root: OutputLayout) -> Summary:
     Shards finishing together may both try: a lock file lets one merge and the other see it."""
     import fcntl
 
-    root.root.mkdir(parents=True, exist_ok=True)
+    if not root.root.is_dir():
+        raise UserError(f"{root.root}: no such output folder")
     with open(root.merge_lock, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         return _merge_locked(root)
@@ -47,10 +48,10 @@ def merge_shards(root: OutputLayout) -> Summary:
 def _merge_locked(root: OutputLayout) -> Summary:
     counts = shard_counts(root)
     if not counts:
-        raise UserError(f"{root}: no shards to merge (bulkinfer run --shard I/N writes them)")
+        raise UserError(f"{root.root}: no shards to merge (bulkinfer run --shard I/N writes them)")
     if len(counts) > 1:
         raise UserError(
-            f"{root}: shard folders of different counts ({counts}); remove the stale ones"
+            f"{root.root}: shard folders of different counts ({counts}); remove the stale ones"
         )
     count = counts[0]
     states = shard_states(root, count)
@@ -58,7 +59,7 @@ def _merge_locked(root: OutputLayout) -> Summary:
     if unfinished:
         names = ", ".join(f"{s.shard} ({s.state})" for s in unfinished)
         raise UserError(
-            f"{root}: cannot merge, {len(unfinished)} of {count} shards are not done: {names}"
+            f"{root.root}: cannot merge, {len(unfinished)} of {count} shards are not done: {names}"
         )
     shards = [root.shard(s.shard.index, count) for s in states]
     jobs = [JobRecord.read(shard.job_file) for shard in shards]

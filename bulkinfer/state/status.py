@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.sharding import Shard
+from bulkinfer.state.lock import is_locked
 from bulkinfer.state.manifest import read_manifest
 from bulkinfer.state.records import JobRecord, Summary, read_json
-
-RUNNING_WITHIN_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
 class ShardState:
     shard: Shard
-    state: str  # pending | running | done | failed
+    state: str  # pending | running | stopped | done | failed
     rows_done: int
     rows_total: int | None
     tokens_per_second: float
@@ -26,7 +23,8 @@ class ShardState:
 
 
 def read_state(layout: OutputLayout, shard: Shard) -> ShardState:
-    """The state of one shard folder (or of a whole unsharded job folder)."""
+    """The state of one shard folder (or of a whole unsharded job folder). Running means a live
+    process holds the folder's lock: a killed run shows as stopped at once."""
     if not layout.root.exists():
         return ShardState(shard, "pending", 0, None, 0.0, 0.0)
     job = JobRecord.read_if_there(layout.job_file)
@@ -35,21 +33,26 @@ def read_state(layout: OutputLayout, shard: Shard) -> ShardState:
     stats = [s for r in records for s in r.stats]
     seconds = sum(s["seconds"] for s in stats)
     tokens = sum(s["real_tokens"] + s["new_tokens"] for s in stats)
+    rows_total = job.rows if job else None
     rows_done = sum(r.rows for r in records)
+    if rows_total is not None:
+        rows_done = min(rows_done, rows_total)  # never past the total, whatever the manifest holds
     failed = read_json(layout.failed)
     if summary is not None:
         state, rows_done = "done", summary.rows_out
     elif failed:
         state = "failed"
-    elif _recent(layout.heartbeat) or _recent(layout.job_file):
+    elif is_locked(layout):
         state = "running"
+    elif job is not None:
+        state = "stopped"
     else:
         state = "pending"
     return ShardState(
         shard=shard,
         state=state,
         rows_done=rows_done,
-        rows_total=job.rows if job else None,
+        rows_total=rows_total,
         tokens_per_second=tokens / seconds if seconds else 0.0,
         rows_per_second=rows_done / seconds if seconds else 0.0,
         error=(failed or {}).get("error"),
@@ -85,7 +88,7 @@ def eta_seconds(states: list[ShardState]) -> float | None:
             continue
         if s.rows_total is None:
             return None
-        left.append((s.rows_total - s.rows_done) / (s.rows_per_second or typical))
+        left.append(max(s.rows_total - s.rows_done, 0) / (s.rows_per_second or typical))
     return max(left, default=0.0)
 
 
@@ -111,7 +114,3 @@ def format_status(root: OutputLayout, states: list[ShardState]) -> str:
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def _recent(path: Path) -> bool:
-    return path.exists() and time.time() - path.stat().st_mtime < RUNNING_WITHIN_SECONDS

@@ -25,7 +25,7 @@ CAPTIONS = {
     "padding": "Each dot is one batch: the share of its padded prompt tokens that is padding. "
     "Batches run longest first; the dashed lines are the whole job, sorted and in file order.",
     "shards": "Share of each shard's rows done, coloured by state: done green, running blue, "
-    "pending grey, failed red.",
+    "stopped orange, pending grey, failed red.",
 }
 
 

@@ -17,6 +17,7 @@ STATE_COLOURS = {
     "done": "#2e7d32",
     "running": "#1565c0",
     "incomplete": "#ef6c00",
+    "stopped": "#ef6c00",
     "pending": "#9e9e9e",
     "failed": "#c62828",
 }

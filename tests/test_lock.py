@@ -1,0 +1,292 @@
+"""One writer per output folder: a second run is refused while the first holds the folder's
+lock, and a killed run leaves no lock behind."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import (
+    child_env,
+    cli,
+    cli_subprocess,
+    read_outputs,
+    sample_prompts,
+    write_job,
+    write_jsonl,
+)
+
+N_ROWS = 40
+
+
+@pytest.fixture(scope="module")
+def lock_job(tmp_path_factory, tiny_model):
+    """A job of many small batches, and the outputs of one uninterrupted run of it."""
+    tmp = tmp_path_factory.mktemp("lock")
+    inputs = write_jsonl(tmp / "in.jsonl", sample_prompts(N_ROWS))
+
+    def make(name: str):
+        return write_job(
+            tmp / f"{name}.yaml",
+            tiny_model,
+            inputs,
+            tmp / name,
+            task={"temperature": 0.8, "seed": 3, "max_new_tokens": 4},
+            batching={"max_tokens": 300, "max_batch_size": 4},
+            checkpoint={"every_rows": 4},
+        )
+
+    reference = make("reference")
+    assert cli("run", str(reference)).exit_code == 0
+    return make, read_outputs(tmp / "reference")
+
+
+def assert_same_outputs(out_dir, reference):
+    got = read_outputs(out_dir)
+    ids = got.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == N_ROWS
+    assert got.drop(["error"]).equals(reference.drop(["error"]))
+
+
+def start_slow(*args: str, seconds: float = 0.3) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bulkinfer", *args],
+        env={**child_env(), "BULKINFER_SLOW_BATCH_SECONDS": str(seconds)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def wait_for_new_part(manifest: Path, deadline: float) -> None:
+    lines = manifest.read_text().count("\n") if manifest.exists() else 0
+    while time.monotonic() < deadline:
+        if manifest.exists() and manifest.read_text().count("\n") > lines:
+            return
+        time.sleep(0.05)
+
+
+def wait_for_parts(folder, proc, lines: int = 1) -> None:
+    manifest = folder / "checkpoint" / "manifest.jsonl"
+    deadline = time.monotonic() + 120
+    while not (manifest.exists() and manifest.read_text().count("\n") >= lines):
+        assert time.monotonic() < deadline and proc.poll() is None, "the run never got going"
+        time.sleep(0.05)
+
+
+def test_second_run_on_a_busy_folder_is_refused_naming_the_holder(lock_job):
+    make, reference = lock_job
+    job = make("busy")
+    out = job.parent / "busy"
+    first = start_slow("run", str(job))
+    try:
+        wait_for_parts(out, first)
+        running = cli("status", str(out)).output
+        second = cli_subprocess("run", str(job))
+        overwrite = cli_subprocess("run", str(job), "--overwrite")
+        manifest_before = (out / "checkpoint" / "manifest.jsonl").exists()
+    finally:
+        first.kill()
+        first.wait()
+    for refused in (second, overwrite):
+        assert refused.returncode == 2, refused.stderr
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in refused.stderr
+        assert f"pid {first.pid} on {socket.gethostname()} since" in lines[0]
+        assert "in use by another bulkinfer run" in lines[0]
+    assert manifest_before and (out / "job.json").exists()  # --overwrite deleted nothing
+    assert "running" in running.splitlines()[1]
+    assert "stopped" in cli("status", str(out)).output.splitlines()[1]  # at once, once killed
+    holder = json.loads((out / ".lock").read_text())
+    assert holder["pid"] == first.pid
+    # killed, the holder leaves no stale lock: the rerun resumes at once
+    rerun = cli_subprocess("run", str(job))
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming" in rerun.stderr
+    assert_same_outputs(out, reference)
+
+
+def test_a_shard_locks_its_own_folder(lock_job):
+    make, reference = lock_job
+    job = make("shard-lock")
+    shard = job.parent / "shard-lock" / "shards" / "shard-00000-of-00002"
+    first = start_slow("run", str(job), "--shard", "0/2")
+    try:
+        wait_for_parts(shard, first)
+        same = cli_subprocess("run", str(job), "--shard", "0/2")
+        other = cli_subprocess("run", str(job), "--shard", "1/2")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert same.returncode == 2 and "in use by another bulkinfer run" in same.stderr
+    assert other.returncode == 0, other.stderr  # the other shard's folder is free
+    assert cli_subprocess("run", str(job), "--shard", "0/2").returncode == 0
+    assert_same_outputs(job.parent / "shard-lock", reference)
+
+
+@pytest.mark.parametrize("damage", ["line_twice", "batches_in_two_parts"])
+def test_a_doubled_manifest_heals_on_resume(lock_job, damage):
+    """What two writers or a killed launcher leave: the later copy is ignored, with a warning."""
+    make, reference = lock_job
+    job = make(f"heal-{damage}")
+    out = job.parent / f"heal-{damage}"
+    env = {**child_env(), "BULKINFER_KILL_AT": "part_committed:3"}
+    killed = subprocess.run([sys.executable, "-m", "bulkinfer", "run", str(job)], env=env)
+    assert killed.returncode == -signal.SIGKILL
+    manifest = out / "checkpoint" / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    assert len(lines) >= 2
+    if damage == "line_twice":
+        extra = lines[0]
+    else:
+        record = json.loads(lines[1])
+        copy = "part-b9999999.parquet"
+        (out / "checkpoint" / "parts" / copy).write_bytes(
+            (out / "checkpoint" / "parts" / record["file"]).read_bytes()
+        )
+        extra = json.dumps({**record, "file": copy})
+    manifest.write_text("\n".join([lines[0], extra, *lines[1:], extra]) + "\n")
+
+    resumed = cli_subprocess("run", str(job))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "later copy is ignored" in resumed.stderr
+    assert_same_outputs(out, reference)
+    healed = manifest.read_text().splitlines()
+    files = [json.loads(line)["file"] for line in healed]
+    batches = [b for line in healed for b in json.loads(line)["batches"]]
+    assert len(files) == len(set(files)) and len(batches) == len(set(batches))
+
+
+def alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie waiting for its new parent to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_die_with_their_launcher(lock_job):
+    make, reference = lock_job
+    job = make("launcher")
+    out = job.parent / "launcher"
+    launcher = start_slow("run", str(job), "--gpus", "2", seconds=1.0)  # outlives the wait below
+    shards = [out / "shards" / f"shard-0000{i}-of-00002" for i in range(2)]
+    try:
+        for shard in shards:
+            wait_for_parts(shard, launcher)
+        workers = [json.loads((shard / ".lock").read_text())["pid"] for shard in shards]
+        busy = cli_subprocess("run", str(job), "--gpus", "2")
+        assert busy.returncode == 2 and f"pid {launcher.pid} " in busy.stderr
+    finally:
+        launcher.kill()
+        launcher.wait()
+    deadline = time.monotonic() + 3
+    while any(alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, "a worker outlived its launcher"
+        time.sleep(0.05)
+    rerun = cli_subprocess("run", str(job), "--gpus", "2")
+    assert rerun.returncode == 0, rerun.stderr
+    assert_same_outputs(out, reference)
+
+
+def test_status_of_a_killed_doubled_job_is_stopped_and_never_past_the_total(lock_job):
+    make, _ = lock_job
+    job = make("doubled-status")
+    out = job.parent / "doubled-status"
+    env = {**child_env(), "BULKINFER_KILL_AT": "part_committed:3"}
+    killed = subprocess.run([sys.executable, "-m", "bulkinfer", "run", str(job)], env=env)
+    assert killed.returncode == -signal.SIGKILL
+    manifest = out / "checkpoint" / "manifest.jsonl"
+    manifest.write_text(manifest.read_text() * 4)
+    status = cli("status", str(out))
+    assert status.exit_code == 0
+    row = status.output.splitlines()[1].split()
+    assert row[1] == "stopped"
+    done, total = int(row[2].replace(",", "")), int(row[4].replace(",", ""))
+    assert 0 < done < total == N_ROWS
+    assert "ETA -" not in status.output
+
+
+@pytest.mark.parametrize("oddity", ["outputs_is_a_link", "summary_is_a_folder"])
+def test_overwrite_refuses_before_deleting_anything(lock_job, tmp_path, oddity):
+    make, _ = lock_job
+    job = make(f"odd-{oddity}")
+    out = job.parent / f"odd-{oddity}"
+    assert cli("run", str(job)).exit_code == 0
+    if oddity == "outputs_is_a_link":
+        (out / "outputs").rename(tmp_path / "elsewhere")
+        (out / "outputs").symlink_to(tmp_path / "elsewhere")
+    else:
+        (out / "summary.json").unlink()
+        (out / "summary.json").mkdir()
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    proc = cli_subprocess("run", str(job), "--overwrite")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "deleted nothing" in lines[0], proc.stderr
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert oddity != "outputs_is_a_link" or list((tmp_path / "elsewhere").glob("*.parquet"))
+
+
+def test_merge_of_a_missing_folder_is_refused_and_creates_nothing(tmp_path):
+    proc = cli_subprocess("merge", str(tmp_path / "missing"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no such output folder" in lines[0], proc.stderr
+    assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.stress
+def test_concurrent_runs_killed_at_random_end_with_the_uninterrupted_outputs(lock_job, tmp_path):
+    """Two or three runs of one job at once, one of them killed at random, round after round:
+    the lock lets one write, the others exit 2 with one line, and a final run completes the job
+    with the outputs of an uninterrupted run."""
+    make, reference = lock_job
+    job = make("stress")
+    rng = random.Random(7)
+    env = {**child_env(), "BULKINFER_SLOW_BATCH_SECONDS": "0.2"}
+    manifest = job.parent / "stress" / "checkpoint" / "manifest.jsonl"
+    alive: list[tuple[subprocess.Popen, Path]] = []
+    codes = []
+
+    def reap(proc: subprocess.Popen, log: Path) -> None:
+        text = log.read_text()
+        assert proc.returncode in (0, 2, -signal.SIGKILL), text
+        assert "Traceback" not in text, text
+        assert proc.returncode != 2 or "in use by another bulkinfer run" in text, text
+        codes.append(proc.returncode)
+
+    started = time.monotonic()
+    for round_ in range(20):
+        for i in range(rng.choice([2, 3]) - len(alive)):
+            log = tmp_path / f"{round_}-{i}.log"
+            with log.open("w") as sink:
+                cmd = [sys.executable, "-m", "bulkinfer", "run", str(job)]
+                alive.append((subprocess.Popen(cmd, env=env, stdout=sink, stderr=sink), log))
+        time.sleep(rng.uniform(0.5, 2.5))
+        if round_ % 4 == 3:  # now and then the writer gets to commit before the next kill
+            wait_for_new_part(manifest, deadline=time.monotonic() + 6)
+        victim = rng.choice(alive)[0]
+        if rng.random() < 0.5 and victim.poll() is None:
+            victim.kill()
+        for proc, log in [(p, f) for p, f in alive if p.poll() is not None]:
+            reap(proc, log)
+            alive.remove((proc, log))
+        if time.monotonic() - started > 35:  # a loaded machine: fewer rounds, same check
+            break
+    for proc, log in alive:
+        proc.kill()
+        proc.wait()
+        reap(proc, log)
+    assert codes.count(-signal.SIGKILL) >= 3 and 2 in codes and manifest.exists()
+    final = cli_subprocess("run", str(job))
+    assert final.returncode == 0, final.stderr
+    assert_same_outputs(job.parent / "stress", reference)
