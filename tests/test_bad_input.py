@@ -213,3 +213,31 @@ def test_fixing_the_input_after_a_failed_start_just_works(tmp_path, tiny_model):
     path.write_text('{"prompt": "the fox"}\n{"prompt": "the dog"}\n')
     result = cli("run", str(job))
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    "value", [".nan", ".inf", "-.inf", "1.0e+400", pytest.param("9" * 400, id="huge-int")]
+)
+@pytest.mark.parametrize(
+    "key", ["task.temperature", "task.top_p", "batching.max_padding", "progress.log_every_seconds"]
+)
+def test_non_finite_numbers_are_refused_for_every_float_key(tmp_path, tiny_model, key, value):
+    job = _job(tmp_path, tiny_model, write_jsonl(tmp_path / "in.jsonl", sample_prompts(2)))
+    _fails_cleanly(cli("run", str(job), "--set", f"{key}={value}"), key, "finite number")
+    spec = yaml.safe_load(job.read_text())
+    section, name = key.split(".")
+    spec.setdefault(section, {})[name] = yaml.safe_load(value)
+    job.write_text(yaml.safe_dump(spec))
+    _fails_cleanly(cli("run", str(job)), key, "finite number")
+
+
+def test_a_key_given_twice_in_the_spec_names_both_lines(tmp_path, tiny_model):
+    job = _job(tmp_path, tiny_model, write_jsonl(tmp_path / "in.jsonl", sample_prompts(2)))
+    text = job.read_text().replace("task:\n", "task:\n  temperature: 0.5\n  temperature: 0.0\n")
+    job.write_text(text)
+    first = text.splitlines().index("  temperature: 0.5") + 1
+    _fails_cleanly(
+        cli("run", str(job)),
+        f"job.yaml:{first + 1}:",
+        f"duplicate key 'temperature' on lines {first} and {first + 1}",
+    )
