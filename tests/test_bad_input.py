@@ -241,3 +241,26 @@ def test_a_key_given_twice_in_the_spec_names_both_lines(tmp_path, tiny_model):
         f"job.yaml:{first + 1}:",
         f"duplicate key 'temperature' on lines {first} and {first + 1}",
     )
+
+
+def test_an_integer_id_over_64_bits_names_the_line(tmp_path, tiny_model):
+    path = tmp_path / "in.jsonl"
+    write_jsonl(path, [{"id": 1, "prompt": "a"}, {"id": 2**70, "prompt": "b"}])
+    _fails_cleanly(cli("run", str(_job(tmp_path, tiny_model, path))), "in.jsonl:2:", "64-bit")
+
+
+def test_a_parquet_uint64_id_over_int64_names_the_row(tmp_path, tiny_model):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "in.parquet"
+    table = pa.table({"id": pa.array([1, 2**63], pa.uint64()), "prompt": ["a", "b"]})
+    pq.write_table(table, path)
+    _fails_cleanly(cli("run", str(_job(tmp_path, tiny_model, path))), "in.parquet: row 1", "64-bit")
+
+
+def test_a_keep_column_integer_over_64_bits_names_the_line(tmp_path, tiny_model):
+    path = tmp_path / "in.jsonl"
+    write_jsonl(path, [{"prompt": "a", "n": 1}, {"prompt": "b", "n": 2**70}])
+    job = _job(tmp_path, tiny_model, path, input={"keep_columns": ["n"]})
+    _fails_cleanly(cli("run", str(job)), "in.jsonl:2:", "keep column 'n'", "64 bits")

@@ -149,4 +149,21 @@ def _jsonl_keep(path: str, rows: list[dict], lines: list[int], names) -> pa.Tabl
                 f"{path}: keep column '{name}' mixes value types between lines "
                 f"{lines[0]} and {lines[-1]} ({first_line(exc)})"
             ) from None
+        except OverflowError:
+            line = _first_unconvertible(values, lines)
+            raise InputError(
+                f"{path}:{line}: keep column '{name}' holds an integer that does not fit in "
+                "64 bits; give it as a string"
+            ) from None
     return pa.table(keep_arrays) if keep_arrays else _empty_table(len(rows))
+
+
+def _first_unconvertible(values: list, lines: list[int]) -> int:
+    """The line of the first value Arrow cannot take on its own (the culprit of a chunk's
+    conversion error)."""
+    for value, line in zip(values, lines, strict=True):
+        try:
+            pa.array([value])
+        except (ValueError, OverflowError):
+            return line
+    return lines[0]

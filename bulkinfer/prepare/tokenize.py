@@ -29,6 +29,8 @@ from bulkinfer.prepare.render import (
 )
 from bulkinfer.prepare.rows import ID_COLUMN, PreparedRows, empty_table, prepared_location
 
+INT64 = range(-(2**63), 2**63)
+
 
 def prepare_rows(
     chunks: Iterable[InputChunk],
@@ -341,6 +343,11 @@ def _chunk_ids(chunk: InputChunk) -> pa.Array:
         if not isinstance(value, str | int) or isinstance(value, bool):
             raise InputError(
                 f"{chunk.location(i)}: the id is {describe(value)}; ids must be strings or integers"
+            )
+        if isinstance(value, int) and value not in INT64:
+            raise InputError(
+                f"{chunk.location(i)}: the id {value} does not fit in a signed 64-bit integer; "
+                "give such ids as strings"
             )
     try:
         return pa.array(chunk.ids)
