@@ -264,3 +264,20 @@ def test_a_keep_column_integer_over_64_bits_names_the_line(tmp_path, tiny_model)
     write_jsonl(path, [{"prompt": "a", "n": 1}, {"prompt": "b", "n": 2**70}])
     job = _job(tmp_path, tiny_model, path, input={"keep_columns": ["n"]})
     _fails_cleanly(cli("run", str(job)), "in.jsonl:2:", "keep column 'n'", "64 bits")
+
+
+def test_gzip_corrupt_mid_stream_names_the_file_and_line_reached(tmp_path, tiny_model):
+    import gzip
+    import random
+
+    words = random.Random(0).choices(["fox", "dog", "cat", "owl", "elk"], k=200_000)
+    rows = [{"prompt": " ".join(words[i : i + 20])} for i in range(0, len(words), 20)]
+    data = bytearray(gzip.compress(write_jsonl(tmp_path / "plain.jsonl", rows).read_bytes()))
+    middle = len(data) // 2
+    data[middle : middle + 1024] = b"\xff" * 1024  # "invalid block type" from zlib
+    path = tmp_path / "in.jsonl.gz"
+    path.write_bytes(bytes(data))
+    message = _fails_cleanly(
+        cli("run", str(_job(tmp_path, tiny_model, path))), "in.jsonl.gz", "corrupt gzip data"
+    )
+    assert int(message.split("after line ")[1].split()[0]) > 100, message

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -87,6 +88,7 @@ def _request_chunk(
 
 def _jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
     opener = gzip.open if path.lower().endswith(".gz") else open
+    line_no = 0
     try:
         with opener(path, "rb") as f:
             for line_no, raw in enumerate(f, start=1):
@@ -109,8 +111,12 @@ def _jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
                         f"{path}:{line_no}: expected a JSON object per line, got {type(record).__name__}"
                     )
                 yield line_no, record
-    except (gzip.BadGzipFile, EOFError) as exc:
-        raise InputError(f"{path}: not a readable gzip file ({first_line(exc)})") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        if line_no == 0:
+            raise InputError(f"{path}: not a readable gzip file ({first_line(exc)})") from None
+        raise InputError(
+            f"{path}: corrupt gzip data after line {line_no} ({first_line(exc)})"
+        ) from None
 
 
 def _check_required_fields(record: dict, columns: ColumnNames, where: str) -> None:
