@@ -281,3 +281,12 @@ def test_gzip_corrupt_mid_stream_names_the_file_and_line_reached(tmp_path, tiny_
         cli("run", str(_job(tmp_path, tiny_model, path))), "in.jsonl.gz", "corrupt gzip data"
     )
     assert int(message.split("after line ")[1].split()[0]) > 100, message
+
+
+@pytest.mark.parametrize("field", ["prompt", "meta"])
+def test_a_line_nested_100000_levels_deep_names_the_line(tmp_path, tiny_model, field):
+    deep = "[" * 100_000 + "]" * 100_000
+    path = tmp_path / "in.jsonl"
+    path.write_text(f'{{"prompt": "fine"}}\n{{"prompt": "x", "{field}": {deep}}}\n')
+    job = _job(tmp_path, tiny_model, path)
+    _fails_cleanly(cli("run", str(job)), "in.jsonl:2:", "nested too deeply")

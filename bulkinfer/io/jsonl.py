@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import sys
 import zlib
 from collections.abc import Iterator
 
@@ -105,6 +106,11 @@ def _jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
                 except json.JSONDecodeError as exc:
                     raise InputError(
                         f"{path}:{line_no}:{exc.colno}: not valid JSON: {exc.msg}"
+                    ) from None
+                except RecursionError:  # the parser recurses once per level of nesting
+                    raise InputError(
+                        f"{path}:{line_no}: JSON nested too deeply "
+                        f"(more than about {sys.getrecursionlimit()} levels)"
                     ) from None
                 if not isinstance(record, dict):
                     raise InputError(
