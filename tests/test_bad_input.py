@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import cli, cli_subprocess, sample_prompts, write_job, write_jsonl, write_parquet
+from conftest import (
+    cli,
+    cli_subprocess,
+    read_outputs,
+    sample_prompts,
+    write_job,
+    write_jsonl,
+    write_parquet,
+)
 
 
 def _fails_cleanly(result, *fragments: str) -> str:
@@ -290,3 +298,36 @@ def test_a_line_nested_100000_levels_deep_names_the_line(tmp_path, tiny_model, f
     path.write_text(f'{{"prompt": "fine"}}\n{{"prompt": "x", "{field}": {deep}}}\n')
     job = _job(tmp_path, tiny_model, path)
     _fails_cleanly(cli("run", str(job)), "in.jsonl:2:", "nested too deeply")
+
+
+def test_a_lone_surrogate_in_a_prompt_is_a_row_error(tmp_path, tiny_model):
+    path = tmp_path / "in.jsonl"
+    path.write_text(
+        '{"id": "a", "prompt": "fine"}\n'
+        '{"id": "b", "prompt": "bad \\ud800 text"}\n'
+        '{"id": "c", "prompt": [{"role": "user", "content": "x \\udfff"}]}\n'
+        '{"id": "d", "prompt": "paired \\ud83d\\ude00 is fine"}\n'
+    )
+    result = cli("run", str(_job(tmp_path, tiny_model, path)))
+    assert result.exit_code == 0, result.output
+    out = read_outputs(tmp_path / "out").sort_by("id")
+    errors = out.column("error").to_pylist()
+    assert errors[0] is None and errors[3] is None, errors
+    assert "lone surrogate '\\ud800'" in errors[1], errors
+    assert "lone surrogate '\\udfff'" in errors[2], errors
+
+
+@pytest.mark.parametrize(
+    ("line", "fragment"),
+    [
+        ('{"id": "b\\ud800", "prompt": "x"}', "the id 'b\\ud800'"),
+        ('{"id": "b", "prompt": "x", "source": "\\udc00"}', "keep column 'source'"),
+    ],
+)
+def test_a_lone_surrogate_in_an_id_or_kept_column_names_the_line(
+    tmp_path, tiny_model, line, fragment
+):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": "a", "prompt": "fine", "source": "s"}\n' + line + "\n")
+    job = _job(tmp_path, tiny_model, path, input={"keep_columns": ["source"]})
+    _fails_cleanly(cli("run", str(job)), "in.jsonl:2:", fragment, "not valid Unicode")

@@ -167,6 +167,11 @@ def _jsonl_keep(path: str, rows: list[dict], lines: list[int], names) -> pa.Tabl
                 f"{path}:{line}: keep column '{name}' holds an integer that does not fit in "
                 "64 bits; give it as a string"
             ) from None
+        except UnicodeEncodeError:
+            line = _first_unconvertible(values, lines)
+            raise InputError(
+                f"{path}:{line}: keep column '{name}' is not valid Unicode (a lone surrogate)"
+            ) from None
     return pa.table(keep_arrays) if keep_arrays else _empty_table(len(rows))
 
 

@@ -22,6 +22,7 @@ from bulkinfer.io.spill import RowColumnFiles, TokenFile, spill_folder
 from bulkinfer.prepare.render import (
     RenderOptions,
     RowError,
+    check_unicode,
     describe,
     length_problem,
     render,
@@ -243,6 +244,7 @@ def _check_continuations(chunk: InputChunk, i: int, options: RenderOptions) -> N
         completion = chunk.completions[i]
         if not isinstance(completion, str) or completion == "":
             raise RowError(f"completion is {describe(completion)}, expected a non-empty string")
+        check_unicode(completion, "completion")
     if options.has_choices:
         choices = chunk.choices[i]
         if not isinstance(choices, list | tuple) or not choices:
@@ -251,6 +253,7 @@ def _check_continuations(chunk: InputChunk, i: int, options: RenderOptions) -> N
         for k, choice in enumerate(choices):
             if not isinstance(choice, str) or choice == "":
                 raise RowError(f"choice {k} is {describe(choice)}, expected a non-empty string")
+            check_unicode(choice, f"choice {k}")
 
 
 def _encode_continuations(
@@ -351,10 +354,24 @@ def _chunk_ids(chunk: InputChunk) -> pa.Array:
             )
     try:
         return pa.array(chunk.ids)
+    except UnicodeEncodeError:
+        i = next(i for i, v in enumerate(chunk.ids) if isinstance(v, str) and not _encodes(v))
+        raise InputError(
+            f"{chunk.location(i)}: the id {ascii(chunk.ids[i])} is not valid Unicode "
+            "(a lone surrogate)"
+        ) from None
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         raise InputError(
             f"{chunk.path}: the id column mixes strings and numbers; make them all one type"
         ) from None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _id_hashes(ids: list) -> np.ndarray:
