@@ -331,3 +331,45 @@ def test_a_lone_surrogate_in_an_id_or_kept_column_names_the_line(
     path.write_text('{"id": "a", "prompt": "fine", "source": "s"}\n' + line + "\n")
     job = _job(tmp_path, tiny_model, path, input={"keep_columns": ["source"]})
     _fails_cleanly(cli("run", str(job)), "in.jsonl:2:", fragment, "not valid Unicode")
+
+
+def test_an_over_long_jsonl_line_is_a_row_error_at_its_position(tmp_path, tiny_model):
+    rows = [{"prompt": "short one"}, {"prompt": "long " * 1000}, {"prompt": "short two"}]
+    job = _job(tmp_path, tiny_model, write_jsonl(tmp_path / "in.jsonl", rows))
+    result = cli("run", str(job), "--set", "input.max_line_bytes=1000")
+    assert result.exit_code == 0, result.output
+    out = read_outputs(tmp_path / "out").sort_by("id")
+    assert out.column("id").to_pylist() == [0, 1, 2]
+    errors = out.column("error").to_pylist()
+    assert errors[0] is None and errors[2] is None, errors
+    assert "5,014 bytes, more than input.max_line_bytes (1,000)" in errors[1], errors
+
+
+def test_an_over_long_jsonl_line_whose_id_is_needed_names_the_line(tmp_path, tiny_model):
+    rows = [{"id": "a", "prompt": "short"}, {"id": "b", "prompt": "long " * 1000}]
+    job = _job(tmp_path, tiny_model, write_jsonl(tmp_path / "in.jsonl", rows))
+    _fails_cleanly(
+        cli("run", str(job), "--set", "input.max_line_bytes=1000"),
+        "in.jsonl:2:",
+        "input.max_line_bytes",
+    )
+
+
+def test_reading_an_over_long_line_stays_within_the_limit_in_memory(tmp_path):
+    import tracemalloc
+
+    from bulkinfer.io.jsonl import _jsonl_lines
+
+    path = tmp_path / "in.jsonl"
+    with open(path, "w") as f:
+        f.write('{"prompt": "a"}\n{"prompt": "' + "x" * 40_000_000 + '"}\n{"prompt": "b"}\n')
+    tracemalloc.start()
+    try:
+        records = list(_jsonl_lines(str(path), 2**20))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [n for n, _ in records] == [1, 2, 3]
+    assert records[1][1].size == 40_000_014
+    assert records[2][1] == {"prompt": "b"}
+    assert peak < 8 * 2**20, peak
