@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bulkinfer.cache import cache_root
 from bulkinfer.configs import text_config
+from bulkinfer.digests import cached_file_blake2b
 from bulkinfer.errors import ModelError, first_line, model_error
 from bulkinfer.observe.progress import log
 from bulkinfer.spec import PACKAGE_PREFIX, ModelSpec
@@ -120,14 +121,24 @@ class ModelFiles:
     def label(self) -> str:
         return self.spec.path
 
-    def identity(self) -> dict:
-        """What identifies the weights for the job fingerprint: path, file names and sizes."""
+    def files(self) -> list[Path]:
+        """The model's own files: the GGUF file, or the files of its folder."""
         path = self.path
-        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-        return {"path": str(path), "files": {p.name: p.stat().st_size for p in files}}
+        return [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+
+    def identity(self) -> dict:
+        """What identifies the model for the job fingerprint: each file's size and content hash
+        (weights swapped for others of the same size are another model)."""
+        return {
+            "path": str(self.path),
+            "files": {
+                p.name: {"bytes": p.stat().st_size, "blake2b": cached_file_blake2b(p)}
+                for p in self.files()
+            },
+        }
 
     def weight_bytes(self) -> int:
-        return sum(self.identity()["files"].values())
+        return sum(p.stat().st_size for p in self.files())
 
 
 def resolve_model_files(spec: ModelSpec) -> ModelFiles:

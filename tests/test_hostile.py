@@ -6,8 +6,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 
-from conftest import cli, read_outputs, write_job, write_jsonl
+from conftest import (
+    child_env,
+    cli,
+    cli_subprocess,
+    read_outputs,
+    sample_prompts,
+    write_job,
+    write_jsonl,
+)
 
 
 def _snapshot(root) -> set[str]:
@@ -65,3 +76,47 @@ def test_remote_code_in_a_model_folder_is_never_run_unless_trusted(tmp_path, tin
     assert "bulkinfer: error: model.path" in result.output
     assert "Traceback" not in result.output
     assert not marker.exists()
+
+
+def test_weights_replaced_by_others_of_the_same_size_are_refused_on_resume(tmp_path, tiny_model):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    job = write_job(
+        tmp_path / "job.yaml",
+        model,
+        write_jsonl(tmp_path / "in.jsonl", sample_prompts(40)),
+        tmp_path / "out",
+        checkpoint={"every_rows": 4},
+        batching={"max_tokens": 300, "max_batch_size": 4},
+    )
+    env = {**child_env(), "BULKINFER_KILL_AT": "part_committed:2"}
+    first = subprocess.run(
+        [sys.executable, "-m", "bulkinfer", "run", str(job)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-64:] = bytes(64)  # the last weights' bytes, same size
+    weights.write_bytes(bytes(data))
+    second = cli_subprocess("run", str(job))
+    assert second.returncode == 2, second.stderr
+    message = second.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in second.stderr
+    assert "model files changed since the checkpoint: model.safetensors" in message, message
+
+
+def test_model_file_hashes_are_kept_in_the_cache_folder(tmp_path, monkeypatch):
+    from bulkinfer import digests
+
+    monkeypatch.setenv("BULKINFER_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"a" * 1000)
+    first = digests.cached_file_blake2b(weights)
+    assert first == digests.file_blake2b(weights)
+    monkeypatch.setattr(digests, "file_blake2b", lambda path: "read again")
+    assert digests.cached_file_blake2b(weights) == first  # unchanged: not read again
+    weights.write_bytes(b"b" * 1000)
+    assert digests.cached_file_blake2b(weights) == "read again"
