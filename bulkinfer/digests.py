@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 
 from bulkinfer.cache import cache_root
 from bulkinfer.observe.progress import log
@@ -53,7 +54,8 @@ def cached_file_blake2b(path: str | os.PathLike) -> str:
     value = file_blake2b(real)
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
+        # a shared cache folder may be written from several hosts at once: a unique name each
+        tmp = entry.with_name(f".{entry.name}.tmp-{secrets.token_hex(8)}")
         tmp.write_text(json.dumps({"key": key, "blake2b": value}))
         os.replace(tmp, entry)
     except OSError as exc:  # the hash is right either way; only the next run pays again

@@ -405,3 +405,34 @@ def test_a_file_named_gguf_that_is_not_one(tmp_path, tiny_model):
     _fails_cleanly(
         cli("run", str(_job(tmp_path, model, path))), "model.path:", "is not a complete GGUF file"
     )
+
+
+def test_a_lone_surrogate_in_a_completion_is_a_row_error(tmp_path, tiny_model):
+    path = tmp_path / "in.jsonl"
+    path.write_text(
+        '{"id": "a", "prompt": "The capital", "completion": " Paris"}\n'
+        '{"id": "b", "prompt": "The capital", "completion": " \\ud800"}\n'
+    )
+    job = _job(tmp_path, tiny_model, path, task={"type": "score"})
+    result = cli("run", str(job), "--set", "input.completion_column=completion")
+    assert result.exit_code == 0, result.output
+    errors = read_outputs(tmp_path / "out").sort_by("id").column("error").to_pylist()
+    assert errors[0] is None and "completion is not valid Unicode" in errors[1], errors
+
+
+def test_an_over_long_openai_request_names_the_line(tmp_path, tiny_model):
+    rows = [
+        {
+            "custom_id": f"r-{i}",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": "m", "prompt": "hi " * (1 + 999 * i)},
+        }
+        for i in range(2)
+    ]
+    job = _job(tmp_path, tiny_model, write_jsonl(tmp_path / "in.jsonl", rows))
+    _fails_cleanly(
+        cli("run", str(job), "--set", "input.max_line_bytes=1000"),
+        "in.jsonl:2:",
+        "custom_id cannot be read",
+    )
