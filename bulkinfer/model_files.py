@@ -12,12 +12,14 @@ import importlib.util
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from bulkinfer.cache import cache_root
 from bulkinfer.configs import text_config
-from bulkinfer.errors import ModelError, model_error
+from bulkinfer.digests import cached_file_blake2b
+from bulkinfer.errors import ModelError, first_line, model_error
 from bulkinfer.observe.progress import log
 from bulkinfer.spec import PACKAGE_PREFIX, ModelSpec
 
@@ -55,6 +57,49 @@ def gguf_file(path: Path) -> Path | None:
     return None
 
 
+def check_gguf_header(gguf: Path) -> None:
+    """A .gguf file must at least start as one; a cut or mislabelled file is named here rather
+    than failing deep in the reader."""
+    with open(gguf, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelError(
+            f"model.path: {gguf} is not a complete GGUF file (it does not start with 'GGUF')"
+        )
+
+
+def gguf_incomplete(gguf: Path) -> str | None:
+    """Why a GGUF file is not whole (its metadata or tensor data cut short), or None."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None
+    try:
+        reader = GGUFReader(gguf)
+    except Exception as exc:  # a cut file fails in struct, numpy or index code: any error
+        return first_line(exc)
+    size = gguf.stat().st_size
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    return f"its tensors need {end:,} bytes, the file has {size:,}" if end > size else None
+
+
+@contextmanager
+def reading_gguf(gguf: Path, what: str):
+    """Loader errors on a GGUF file become 'not a complete GGUF file' when the file is cut
+    short, the loader's own one-line message otherwise."""
+    try:
+        yield
+    except Exception as exc:
+        problem = gguf_incomplete(gguf)
+        if problem is not None:
+            raise ModelError(
+                f"model.path: {gguf} is not a complete GGUF file ({problem})"
+            ) from None
+        if isinstance(exc, OSError | ValueError):
+            raise model_error(what, exc) from None
+        raise
+
+
 def converted_gguf_folder(gguf: Path) -> Path:
     """The cache folder for a GGUF file's safetensors conversion, keyed by file identity."""
     stat = gguf.stat()
@@ -76,14 +121,24 @@ class ModelFiles:
     def label(self) -> str:
         return self.spec.path
 
-    def identity(self) -> dict:
-        """What identifies the weights for the job fingerprint: path, file names and sizes."""
+    def files(self) -> list[Path]:
+        """The model's own files: the GGUF file, or the files of its folder."""
         path = self.path
-        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-        return {"path": str(path), "files": {p.name: p.stat().st_size for p in files}}
+        return [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+
+    def identity(self) -> dict:
+        """What identifies the model for the job fingerprint: each file's size and content hash
+        (weights swapped for others of the same size are another model)."""
+        return {
+            "path": str(self.path),
+            "files": {
+                p.name: {"bytes": p.stat().st_size, "blake2b": cached_file_blake2b(p)}
+                for p in self.files()
+            },
+        }
 
     def weight_bytes(self) -> int:
-        return sum(self.identity()["files"].values())
+        return sum(p.stat().st_size for p in self.files())
 
 
 def resolve_model_files(spec: ModelSpec) -> ModelFiles:
@@ -92,6 +147,8 @@ def resolve_model_files(spec: ModelSpec) -> ModelFiles:
     gguf = gguf_file(path)
     if gguf is None:
         _check_model_folder(path, spec)
+    else:
+        check_gguf_header(gguf)
     return ModelFiles(spec, path, gguf)
 
 
@@ -146,8 +203,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     kwargs = {"gguf_file": gguf.name}
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    with reading_gguf(gguf, f"cannot convert {gguf}"):
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -176,7 +234,8 @@ def load_tokenizer(model: ModelFiles):
             )
         else:
             gguf = model.gguf
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            with reading_gguf(gguf, f"cannot load a tokenizer from {spec.path}"):
+                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (OSError, ValueError) as exc:
         raise model_error(f"cannot load a tokenizer from {spec.path}", exc) from None
     if not getattr(tokenizer, "is_fast", False):
@@ -193,7 +252,8 @@ def load_config(model: ModelFiles):
         if folder is not None:
             return AutoConfig.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
         gguf = model.gguf
-        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        with reading_gguf(gguf, f"cannot read the model config of {spec.path}"):
+            return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (OSError, ValueError) as exc:
         raise model_error(f"cannot read the model config of {spec.path}", exc) from None
 

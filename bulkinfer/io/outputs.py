@@ -19,7 +19,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bulkinfer import faults
-from bulkinfer.io.atomic import fsync_dir, write_bytes_atomic, write_parquet_atomic
+from bulkinfer.io.atomic import (
+    fresh_folder,
+    fsync_dir,
+    remove_tree,
+    write_bytes_atomic,
+    write_parquet_atomic,
+)
 from bulkinfer.io.layout import OutputLayout
 
 OUTPUT_FILE_ROWS = faults.size_setting("BULKINFER_OUTPUT_FILE_ROWS", 1_000_000)
@@ -102,15 +108,13 @@ def write_sorted_outputs(
     span = int(expected_rows[-1]) + 1 if len(expected_rows) else 0
     width = max(BUCKET_ROWS, -(-span // MAX_BUCKETS))
     folder = layout.outputs_buckets
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    fresh_folder(folder)
     buckets = _Buckets(folder, width)
     for table in tables:
         buckets.add(table)
     buckets.close()
     tmp = layout.outputs_tmp
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    fresh_folder(tmp)
     files = _OutputFiles(tmp)
     problems = _RowProblems()
     errors = 0
@@ -270,7 +274,7 @@ class _OutputFiles:
 def _swap_in(layout: OutputLayout, tmp: Path) -> None:
     fsync_dir(tmp)
     old = layout.outputs_old
-    shutil.rmtree(old, ignore_errors=True)
+    remove_tree(old)  # one left by a killed run; a failure says why, not ENOTEMPTY later
     if layout.outputs_dir.exists():
         layout.outputs_dir.rename(old)
     tmp.rename(layout.outputs_dir)

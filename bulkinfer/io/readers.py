@@ -26,11 +26,19 @@ from bulkinfer.io.chunks import (
     _wanted_columns,
 )
 from bulkinfer.io.files import DataFile, suffix_layout
-from bulkinfer.io.jsonl import _json_file, _jsonl_records, _read_jsonl, _read_openai_requests
+from bulkinfer.io.jsonl import (
+    _json_file,
+    _jsonl_records,
+    _read_jsonl,
+    _read_openai_requests,
+)
 
 
-def read_chunks(files: list[DataFile], columns: ColumnNames) -> Iterator[InputChunk]:
-    """Yield the rows of every file in order, a chunk at a time."""
+def read_chunks(
+    files: list[DataFile], columns: ColumnNames, max_line_bytes: int
+) -> Iterator[InputChunk]:
+    """Yield the rows of every file in order, a chunk at a time; a JSONL line over
+    `max_line_bytes` is not parsed (a row error, or an error when the row needs its id)."""
     for file in files:
         path, kind = file.path, file.kind
         if kind == "parquet":
@@ -40,9 +48,9 @@ def read_chunks(files: list[DataFile], columns: ColumnNames) -> Iterator[InputCh
         elif kind == "datasets":
             yield from _read_through_datasets(path, columns)
         elif kind == "openai":
-            yield from _read_openai_requests(path, columns)
+            yield from _read_openai_requests(path, columns, max_line_bytes)
         else:
-            yield from _read_jsonl(path, columns)
+            yield from _read_jsonl(path, columns, max_line_bytes)
 
 
 def _read_parquet(path: str, columns: ColumnNames) -> Iterator[InputChunk]:

@@ -10,7 +10,6 @@ process's memory.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import weakref
 from pathlib import Path
@@ -21,6 +20,7 @@ import pyarrow.parquet as pq
 
 from bulkinfer import faults
 from bulkinfer.faults import size_setting
+from bulkinfer.io.atomic import fresh_folder
 
 SPILL_FILE_ROWS = size_setting("BULKINFER_SPILL_FILE_ROWS", 65_536)
 
@@ -113,6 +113,4 @@ def spill_folder(folder: Path | None) -> tuple[Path, tempfile.TemporaryDirectory
     if folder is None:
         temporary = tempfile.TemporaryDirectory(prefix="bulkinfer-spill-")
         return Path(temporary.name), temporary
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    return folder, None
+    return fresh_folder(folder), None

@@ -96,7 +96,7 @@ def set_up(spec: JobSpec, files: list[DataFile] | None = None) -> JobSetup:
 def tokenize(setup: JobSetup, spill: Path | None = None, keep_tokens: bool = False) -> Inputs:
     """Read and tokenize the whole input. Only lengths stay in memory; with `keep_tokens`
     token ids, ids and kept columns go to files in `spill` (a temporary folder when None)."""
-    chunks = read_chunks(setup.files, setup.columns)
+    chunks = read_chunks(setup.files, setup.columns, setup.spec.input.max_line_bytes)
     prepared = prepare_rows(chunks, setup.tokenizer, setup.options, spill, keep_tokens)
     if prepared.truncated:
         log(

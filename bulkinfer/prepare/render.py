@@ -92,7 +92,7 @@ def render(value: Any, tokenizer, options: RenderOptions) -> tuple[str, bool]:
         if not value.strip():
             raise RowError("prompt is empty")
         if not options.use_chat_for_text:
-            return value, False
+            return check_unicode(value, "prompt"), False
         messages = [{"role": "user", "content": value}]
     elif isinstance(value, list):
         messages = _check_messages(value)
@@ -109,7 +109,21 @@ def render(value: Any, tokenizer, options: RenderOptions) -> tuple[str, bool]:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as exc:  # the template is user code (Jinja); its errors are row errors
         raise RowError(f"chat template failed: {exc}") from None
-    return text, True
+    return check_unicode(text, "prompt"), True
+
+
+def check_unicode(text: str, what: str) -> str:
+    """The text itself, or a row error if it holds a lone surrogate (JSON's "\\ud800" decodes
+    to one), which no tokenizer or Parquet file can take."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise RowError(
+                f"{what} is not valid Unicode: a lone surrogate {ascii(text[exc.start])} "
+                f"at character {exc.start}"
+            ) from None
+    return text
 
 
 def _check_messages(value: list) -> list[dict]:

@@ -22,12 +22,15 @@ from bulkinfer.io.spill import RowColumnFiles, TokenFile, spill_folder
 from bulkinfer.prepare.render import (
     RenderOptions,
     RowError,
+    check_unicode,
     describe,
     length_problem,
     render,
     truncated_ids,
 )
 from bulkinfer.prepare.rows import ID_COLUMN, PreparedRows, empty_table, prepared_location
+
+INT64 = range(-(2**63), 2**63)
 
 
 def prepare_rows(
@@ -241,6 +244,7 @@ def _check_continuations(chunk: InputChunk, i: int, options: RenderOptions) -> N
         completion = chunk.completions[i]
         if not isinstance(completion, str) or completion == "":
             raise RowError(f"completion is {describe(completion)}, expected a non-empty string")
+        check_unicode(completion, "completion")
     if options.has_choices:
         choices = chunk.choices[i]
         if not isinstance(choices, list | tuple) or not choices:
@@ -249,6 +253,7 @@ def _check_continuations(chunk: InputChunk, i: int, options: RenderOptions) -> N
         for k, choice in enumerate(choices):
             if not isinstance(choice, str) or choice == "":
                 raise RowError(f"choice {k} is {describe(choice)}, expected a non-empty string")
+            check_unicode(choice, f"choice {k}")
 
 
 def _encode_continuations(
@@ -342,12 +347,31 @@ def _chunk_ids(chunk: InputChunk) -> pa.Array:
             raise InputError(
                 f"{chunk.location(i)}: the id is {describe(value)}; ids must be strings or integers"
             )
+        if isinstance(value, int) and value not in INT64:
+            raise InputError(
+                f"{chunk.location(i)}: the id {value} does not fit in a signed 64-bit integer; "
+                "give such ids as strings"
+            )
     try:
         return pa.array(chunk.ids)
+    except UnicodeEncodeError:
+        i = next(i for i, v in enumerate(chunk.ids) if isinstance(v, str) and not _encodes(v))
+        raise InputError(
+            f"{chunk.location(i)}: the id {ascii(chunk.ids[i])} is not valid Unicode "
+            "(a lone surrogate)"
+        ) from None
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         raise InputError(
             f"{chunk.path}: the id column mixes strings and numbers; make them all one type"
         ) from None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _id_hashes(ids: list) -> np.ndarray:

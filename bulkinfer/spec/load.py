@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import math
 import os
 import types
 import typing
@@ -44,11 +45,36 @@ def load_spec(
     return spec
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: plain PyYAML keeps the
+    last value silently, so a forgotten earlier line would quietly stop counting."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            lines: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    earlier = lines.get(key)
+                    lines[key] = line
+                except TypeError:  # an unhashable key: the constructor below names it
+                    continue
+                if earlier is not None:
+                    raise yaml.constructor.ConstructorError(
+                        problem=f"duplicate key '{key}' on lines {earlier} and {line}",
+                        problem_mark=key_node.start_mark,
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise SpecError(f"{path}: no such job spec file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
@@ -71,7 +97,7 @@ def _apply_override(data: dict, item: str) -> str:
     if not sep or not key.strip():
         raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. task.max_new_tokens=64")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     parts = key.strip().split(".")
@@ -165,6 +191,8 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise SpecError(f"{key}: expected a number, got {_kind(value)}")
+        if isinstance(value, int) and abs(value) > 1e300 or not math.isfinite(value):
+            raise SpecError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

@@ -118,6 +118,8 @@ class InputSpec:
     id_column: str | None = None
     keep_columns: list[str] = field(default_factory=list)
     split: str | None = None  # a saved DatasetDict's split
+    # A JSONL line longer than this is a row error (an error with an id column), never parsed.
+    max_line_bytes: int = 8 * 2**20
 
     def validate(self, key: str) -> None:
         if not self.path:
@@ -128,6 +130,7 @@ class InputSpec:
                 raise SpecError(
                     f"{key}.keep_columns: '{name}' clashes with an output column of the same name"
                 )
+        _at_least(self.max_line_bytes, 64, f"{key}.max_line_bytes")
         if len(set(self.keep_columns)) != len(self.keep_columns):
             raise SpecError(f"{key}.keep_columns: a column is listed twice")
         if self.choices_column and self.completion_column:

@@ -57,6 +57,7 @@ COMMENTS = {
     "input.choices_column": "score: log-likelihood of each string in this list column",
     "input.id_column": "null: the column `id` if present, else the row position",
     "input.keep_columns": "input columns copied to the output, e.g. [source]",
+    "input.max_line_bytes": "a longer JSONL line is a row error (an error with ids), not read",
     "output": "where results, stats and checkpoints go",
     "output.path": "FILL IN: relative paths start at this file's folder",
     "output.format": "auto: Parquet, plus responses.jsonl for an OpenAI batch input",

@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 
+from bulkinfer.digests import update_with_file
+
 NOT_IN_FINGERPRINT = ("output", "checkpoint", "progress", "on_error")
 
 
@@ -29,9 +31,7 @@ def _blake2b(path: str) -> str:
     for name in files:
         if name != path:
             digest.update(os.path.relpath(name, path).encode() + b"\0")
-        with open(name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
+        update_with_file(digest, name)
     return digest.hexdigest()
 
 
