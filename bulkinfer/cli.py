@@ -140,11 +140,16 @@ def run(job, overrides, output, overwrite, shard, gpus) -> None:
 
         from bulkinfer.executors.local import run_workers, worker_count
         from bulkinfer.io.layout import OutputLayout
+        from bulkinfer.io.lock import folder_lock
+        from bulkinfer.state.folder import refuse_foreign
 
         count, devices = worker_count(gpus)
         args = [job, *(f"--set={o}" for o in overrides), "--output", spec.output.path]
         args += ["--overwrite"] if overwrite else []
-        sys.exit(run_workers(OutputLayout(Path(spec.output.path)), args, count, devices))
+        root = OutputLayout(Path(spec.output.path))
+        refuse_foreign(root, overwrite=overwrite)
+        with folder_lock(root):  # the launcher holds the job folder; each worker its shard's
+            sys.exit(run_workers(args, count, devices))
     chosen = parse_shard(shard) if shard else shard_from_env()
     sys.exit(run_job(spec, overwrite=overwrite, shard=chosen))
 

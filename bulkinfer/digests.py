@@ -12,11 +12,14 @@ import hashlib
 import json
 import os
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 
 from bulkinfer.cache import cache_root
 from bulkinfer.observe.progress import log
 
 BLOCK_BYTES = 1 << 22
+PIECE_BYTES = 64 << 20
+HASH_THREADS = min(8, os.cpu_count() or 1)
 
 
 def update_with_file(digest, path: str | os.PathLike) -> None:
@@ -27,9 +30,33 @@ def update_with_file(digest, path: str | os.PathLike) -> None:
 
 
 def file_blake2b(path: str | os.PathLike) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    update_with_file(digest, path)
-    return digest.hexdigest()
+    """BLAKE2b over the BLAKE2b of each 64 MiB piece of the file: a tree hash, so the pieces of
+    one big weights file hash on several cores at once (hashlib releases the GIL) instead of
+    one core reading 16 GB at ~1 GB/s."""
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        starts = range(0, max(size, 1), PIECE_BYTES)
+        with ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="bulkinfer-hash") as pool:
+            pieces = list(pool.map(lambda start: _piece_digest(fd, start, size), starts))
+    finally:
+        os.close(fd)
+    top = hashlib.blake2b(digest_size=16, person=b"bulkinfer-tree")
+    for piece in pieces:
+        top.update(piece)
+    return top.hexdigest()
+
+
+def _piece_digest(fd: int, start: int, size: int) -> bytes:
+    digest = hashlib.blake2b(digest_size=32)
+    stop = min(start + PIECE_BYTES, size)
+    while start < stop:
+        block = os.pread(fd, min(BLOCK_BYTES, stop - start), start)
+        if not block:
+            break
+        digest.update(block)
+        start += len(block)
+    return digest.digest()
 
 
 def cached_file_blake2b(path: str | os.PathLike) -> str:
@@ -42,6 +69,7 @@ def cached_file_blake2b(path: str | os.PathLike) -> str:
         "mtime_ns": stat.st_mtime_ns,
         "ctime_ns": stat.st_ctime_ns,
         "inode": stat.st_ino,
+        "scheme": "blake2b-tree-64MiB",
     }
     name = hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:32]
     entry = cache_root() / "digests" / f"{name}.json"

@@ -17,9 +17,6 @@ import sys
 from collections.abc import Callable
 
 from bulkinfer.errors import SpecError
-from bulkinfer.io.layout import OutputLayout
-from bulkinfer.state.folder import refuse_foreign
-from bulkinfer.state.lock import folder_lock
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -43,17 +40,9 @@ def worker_count(gpus: str) -> tuple[int, list[str] | None]:
     return count, [str(i) for i in range(count)] if visible else None
 
 
-def run_workers(
-    root: OutputLayout, base_args: list[str], count: int, devices: list[str] | None
-) -> int:
-    """Start `count` shard workers of the same `bulkinfer run` arguments and wait for all,
-    holding the job folder's lock meanwhile (each worker holds its shard folder's)."""
-    refuse_foreign(root, overwrite="--overwrite" in base_args)
-    with folder_lock(root):
-        return _start_and_wait(base_args, count, devices)
-
-
-def _start_and_wait(base_args: list[str], count: int, devices: list[str] | None) -> int:
+def run_workers(base_args: list[str], count: int, devices: list[str] | None) -> int:
+    """Start `count` shard workers of the same `bulkinfer run` arguments and wait for all (the
+    caller holds the job folder's lock meanwhile; each worker holds its shard folder's)."""
     procs = []
     for i in range(count):
         env = dict(os.environ)

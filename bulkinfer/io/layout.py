@@ -88,7 +88,7 @@ class OutputLayout:
 
     @property
     def lock(self) -> Path:
-        """Held by the one run writing this folder (state/lock.py); never removed."""
+        """Held by the one run writing this folder (io/lock.py); never removed."""
         return self.root / ".lock"
 
     @property

@@ -15,6 +15,7 @@ from pathlib import Path
 from bulkinfer import faults
 from bulkinfer.errors import RowFailedError
 from bulkinfer.io.layout import OutputLayout
+from bulkinfer.io.lock import folder_lock
 from bulkinfer.io.outputs import part_schema
 from bulkinfer.job.batch import RowCap, first_failure, run_batch
 from bulkinfer.job.exits import failure_recorded, stop_signals, stopped, writes_reported
@@ -40,7 +41,6 @@ from bulkinfer.observe.stats import imports_seconds
 from bulkinfer.sharding import Shard
 from bulkinfer.spec import JobSpec
 from bulkinfer.state.folder import refuse_foreign
-from bulkinfer.state.lock import folder_lock
 from bulkinfer.state.manifest import Manifest
 from bulkinfer.state.parts import PartWriter
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bulkinfer.errors import OutputFolderError
 from bulkinfer.io.layout import OutputLayout
-from bulkinfer.state.lock import holder_text, is_locked
+from bulkinfer.io.lock import holder_text, is_locked
 from bulkinfer.state.records import JobRecord, read_json
 
 

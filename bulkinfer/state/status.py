@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bulkinfer.io.layout import OutputLayout
+from bulkinfer.io.lock import is_locked
 from bulkinfer.sharding import Shard
-from bulkinfer.state.lock import is_locked
 from bulkinfer.state.manifest import read_manifest
 from bulkinfer.state.records import JobRecord, Summary, read_json
 
