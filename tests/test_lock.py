@@ -264,8 +264,7 @@ def test_concurrent_runs_killed_at_random_end_with_the_uninterrupted_outputs(loc
         assert proc.returncode != 2 or "in use by another bulkinfer run" in text, text
         codes.append(proc.returncode)
 
-    started = time.monotonic()
-    for round_ in range(20):
+    for round_ in range(20):  # all 20 rounds, however loaded the machine
         for i in range(rng.choice([2, 3]) - len(alive)):
             log = tmp_path / f"{round_}-{i}.log"
             with log.open("w") as sink:
@@ -280,8 +279,6 @@ def test_concurrent_runs_killed_at_random_end_with_the_uninterrupted_outputs(loc
         for proc, log in [(p, f) for p, f in alive if p.poll() is not None]:
             reap(proc, log)
             alive.remove((proc, log))
-        if time.monotonic() - started > 35:  # a loaded machine: fewer rounds, same check
-            break
     for proc, log in alive:
         proc.kill()
         proc.wait()
