@@ -12,8 +12,10 @@ import importlib.util
 import json
 import os
 import shutil
+import threading
+from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bulkinfer.cache import cache_root
@@ -116,6 +118,8 @@ class ModelFiles:
     spec: ModelSpec
     path: Path
     gguf: Path | None
+    # the content hashes, once asked for (hash_in_background starts them early)
+    _identity: list[Future] = field(default_factory=list, compare=False, repr=False)
 
     @property
     def label(self) -> str:
@@ -126,9 +130,30 @@ class ModelFiles:
         path = self.path
         return [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
 
+    def hash_in_background(self) -> None:
+        """Start hashing the model's files on a thread (a first run reads every weight once;
+        hashing releases the GIL, so it overlaps the imports and the tokenizer's loading)."""
+        if self._identity:
+            return
+        future: Future = Future()
+
+        def work() -> None:
+            try:
+                future.set_result(self._content_identity())
+            except BaseException as exc:  # raised where identity() is asked for
+                future.set_exception(exc)
+
+        self._identity.append(future)
+        threading.Thread(target=work, name="bulkinfer-hash", daemon=True).start()
+
     def identity(self) -> dict:
         """What identifies the model for the job fingerprint: each file's size and content hash
         (weights swapped for others of the same size are another model)."""
+        if not self._identity:
+            return self._content_identity()
+        return self._identity[0].result()
+
+    def _content_identity(self) -> dict:
         return {
             "path": str(self.path),
             "files": {

@@ -62,7 +62,7 @@ def run_job(spec: JobSpec, overwrite: bool = False, shard: Shard | None = None) 
 
 def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard | None) -> int:
     started = time.monotonic()
-    setup = set_up(spec)
+    setup = set_up(spec, hash_model=True)
     folder = open_folder(setup, layout, overwrite, shard)
     setup_seconds = time.monotonic() - started
     if folder.finished:

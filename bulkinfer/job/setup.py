@@ -67,15 +67,20 @@ class Inputs:
         return self.setup.task
 
 
-def set_up(spec: JobSpec, files: list[DataFile] | None = None) -> JobSetup:
+def set_up(
+    spec: JobSpec, files: list[DataFile] | None = None, hash_model: bool = False
+) -> JobSetup:
     """The task fitted to the model and the input's columns; spec, input-column and
-    model-folder errors surface here."""
+    model-folder errors surface here. `hash_model` (a run, which fingerprints the model's
+    contents): hash the model's files on a thread meanwhile."""
     files = files or resolve_input_files(
         spec.input.path, spec.input.format, spec.output.path, spec.input.split
     )
     per_request = is_openai_batch(spec, files)
     columns = column_names(spec, files[0], per_request)
     model = resolve_model_files(spec.model)
+    if hash_model:
+        model.hash_in_background()
     tokenizer = load_tokenizer(model)
     config = load_config(model)
     kind = InputKind(per_request=per_request, choices=columns.choices is not None)
