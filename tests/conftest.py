@@ -84,6 +84,36 @@ def write_job(path: Path, model: Path, inputs, output: Path, **sections) -> Path
     return path
 
 
+def sampled_job(folder: Path, model: Path, n_rows: int, task: dict, batching: dict):
+    """A sampled generate job of `n_rows` sample prompts, many small batches and a part every
+    4 rows; returns make(name) -> the job file writing to folder/<name>, and the outputs of
+    one uninterrupted run of it."""
+    inputs = write_jsonl(folder / "in.jsonl", sample_prompts(n_rows))
+
+    def make(name: str) -> Path:
+        return write_job(
+            folder / f"{name}.yaml",
+            model,
+            inputs,
+            folder / name,
+            task=task,
+            batching=batching,
+            checkpoint={"every_rows": 4},
+        )
+
+    reference = make("reference")
+    assert cli("run", str(reference)).exit_code == 0
+    return make, read_outputs(folder / "reference")
+
+
+def assert_every_id_once(out_dir: Path, reference: pa.Table, n_rows: int) -> None:
+    """The outputs hold every id once and equal the uninterrupted run's (errors aside)."""
+    got = read_outputs(out_dir)
+    ids = got.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == n_rows
+    assert got.drop(["error"]).equals(reference.drop(["error"]))
+
+
 def cli(*args: str):
     """Run the CLI in-process; returns click's Result (exit_code, output)."""
     return CliRunner().invoke(main, list(args), catch_exceptions=False)

@@ -14,13 +14,11 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    assert_every_id_once,
     child_env,
     cli,
     cli_subprocess,
-    read_outputs,
-    sample_prompts,
-    write_job,
-    write_jsonl,
+    sampled_job,
 )
 
 N_ROWS = 40
@@ -29,30 +27,13 @@ N_ROWS = 40
 @pytest.fixture(scope="module")
 def lock_job(tmp_path_factory, tiny_model):
     """A job of many small batches, and the outputs of one uninterrupted run of it."""
-    tmp = tmp_path_factory.mktemp("lock")
-    inputs = write_jsonl(tmp / "in.jsonl", sample_prompts(N_ROWS))
-
-    def make(name: str):
-        return write_job(
-            tmp / f"{name}.yaml",
-            tiny_model,
-            inputs,
-            tmp / name,
-            task={"temperature": 0.8, "seed": 3, "max_new_tokens": 4},
-            batching={"max_tokens": 300, "max_batch_size": 4},
-            checkpoint={"every_rows": 4},
-        )
-
-    reference = make("reference")
-    assert cli("run", str(reference)).exit_code == 0
-    return make, read_outputs(tmp / "reference")
+    task = {"temperature": 0.8, "seed": 3, "max_new_tokens": 4}
+    batching = {"max_tokens": 300, "max_batch_size": 4}
+    return sampled_job(tmp_path_factory.mktemp("lock"), tiny_model, N_ROWS, task, batching)
 
 
 def assert_same_outputs(out_dir, reference):
-    got = read_outputs(out_dir)
-    ids = got.column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == N_ROWS
-    assert got.drop(["error"]).equals(reference.drop(["error"]))
+    assert_every_id_once(out_dir, reference, N_ROWS)
 
 
 def start_slow(*args: str, seconds: float = 0.3) -> subprocess.Popen:

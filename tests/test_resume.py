@@ -12,11 +12,13 @@ import time
 
 import pytest
 from conftest import (
+    assert_every_id_once,
     child_env,
     cli,
     cli_subprocess,
     read_outputs,
     sample_prompts,
+    sampled_job,
     write_job,
     write_jsonl,
 )
@@ -27,31 +29,13 @@ N_ROWS = 120
 @pytest.fixture(scope="module")
 def crash_job(tmp_path_factory, tiny_model):
     """A job of many small batches, and the outputs of one uninterrupted run of it."""
-    tmp = tmp_path_factory.mktemp("crash")
-    inputs = write_jsonl(tmp / "in.jsonl", sample_prompts(N_ROWS))
-
-    def make(name: str, **sections):
-        return write_job(
-            tmp / f"{name}.yaml",
-            tiny_model,
-            inputs,
-            tmp / name,
-            task={"temperature": 0.8, "seed": 3, "max_new_tokens": 6},
-            batching={"max_tokens": 400, "max_batch_size": 4},
-            checkpoint={"every_rows": 4},
-            **sections,
-        )
-
-    reference = make("reference")
-    assert cli("run", str(reference)).exit_code == 0
-    return make, read_outputs(tmp / "reference")
+    task = {"temperature": 0.8, "seed": 3, "max_new_tokens": 6}
+    batching = {"max_tokens": 400, "max_batch_size": 4}
+    return sampled_job(tmp_path_factory.mktemp("crash"), tiny_model, N_ROWS, task, batching)
 
 
 def _assert_same_outputs(out_dir, reference):
-    got = read_outputs(out_dir)
-    ids = got.column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == N_ROWS
-    assert got.drop(["error"]).equals(reference.drop(["error"]))
+    assert_every_id_once(out_dir, reference, N_ROWS)
 
 
 @pytest.mark.parametrize(

@@ -76,6 +76,8 @@ class OutputLayout:
 
     @property
     def heartbeat(self) -> Path:
+        """Written by earlier versions after every batch (status now asks the lock); listed so
+        --overwrite still clears it from their folders."""
         return self.root / "heartbeat"
 
     @property

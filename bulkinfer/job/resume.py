@@ -3,7 +3,6 @@ keeps there, so a resume runs the very same batches; the batches still to do."""
 
 from __future__ import annotations
 
-from bulkinfer.errors import OutputFolderError
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.job.budget import token_budget
 from bulkinfer.job.planning import JobPlan, make_plan, plan_facts
@@ -14,7 +13,6 @@ from bulkinfer.sharding import Shard
 from bulkinfer.state.fingerprint import fingerprint, input_files_digest
 from bulkinfer.state.folder import JobFolder, open_job_folder, save_job
 from bulkinfer.state.manifest import Manifest
-from bulkinfer.state.records import JobRecord
 
 
 def open_folder(
@@ -29,28 +27,7 @@ def open_folder(
     if shard is not None:
         prints["shard"] = str(shard)
         set_log_context(shard=str(shard))
-    try:
-        return open_job_folder(layout, prints, spec.to_dict(), overwrite)
-    except OutputFolderError as exc:
-        changed = _changed_model_files(layout, prints)
-        if not changed:
-            raise
-        raise OutputFolderError(
-            f"{exc}; model files changed since the checkpoint: {', '.join(changed)}"
-        ) from None
-
-
-def _changed_model_files(layout: OutputLayout, prints: dict[str, str]) -> list[str]:
-    """The model files whose content hash differs from the one job.json recorded."""
-    recorded = JobRecord.read_if_there(layout.job_file)
-    if recorded is None:
-        return []
-    names = {k for k in (*prints, *recorded.fingerprint) if k.startswith("model/")}
-    return sorted(
-        name.removeprefix("model/")
-        for name in names
-        if recorded.fingerprint.get(name) != prints.get(name)
-    )
+    return open_job_folder(layout, prints, spec.to_dict(), overwrite)
 
 
 def record_plan(inputs: Inputs, engine, folder: JobFolder, shard: Shard | None) -> JobPlan:

@@ -132,7 +132,6 @@ def run_one(inputs: Inputs, engine, batch, writer, cap, cost, started):
         writer.flush(time.monotonic() - started)
         raise RowFailedError(first_failure(prepared, table))
     writer.add(table, batch.index, stats.to_dict(), time.monotonic() - started)
-    writer.layout.heartbeat.touch()
     return stats
 
 

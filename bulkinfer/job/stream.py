@@ -53,7 +53,6 @@ def run_stream(inputs, engine, todo: list[Batch], writer, progress, started, sto
             last = now
             writer.add(table, batch.index, stats.to_dict(), time.monotonic() - started)
             progress.update(batch, stats.real_tokens + stats.new_tokens)
-            writer.layout.heartbeat.touch()
     except ROW_FAILURES as exc:
         release_memory()
         rest = sorted([b for b, _ in waiting.values()], key=lambda b: b.index) + list(queue)

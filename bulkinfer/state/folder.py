@@ -36,7 +36,7 @@ def open_job_folder(
             k for k in ("spec", "model", "input") if existing.fingerprint.get(k) != prints[k]
         ]
         if mismatch:
-            raise OutputFolderError(_mismatch_message(root, mismatch))
+            raise OutputFolderError(_mismatch_message(root, mismatch, existing.fingerprint, prints))
         finished = bool((read_json(layout.summary) or {}).get("complete"))
         return JobFolder(layout, existing, finished=finished, resumed=True)
     if existing is None and layout.shards_dir.is_dir() and not overwrite:
@@ -112,7 +112,9 @@ def _has_results(layout: OutputLayout) -> bool:
     return (manifest.exists() and manifest.stat().st_size > 0) or layout.outputs_dir.exists()
 
 
-def _mismatch_message(root: Path, mismatch: list[str]) -> str:
+def _mismatch_message(
+    root: Path, mismatch: list[str], recorded: dict[str, str], prints: dict[str, str]
+) -> str:
     what = {
         "spec": "the job spec differs",
         "model": "the model files differ",
@@ -120,6 +122,12 @@ def _mismatch_message(root: Path, mismatch: list[str]) -> str:
         "shard": "it was split into a different number of shards",
     }
     reasons = "; ".join(what[k] for k in mismatch)
-    return (
+    message = (
         f"{root} holds another job's outputs ({reasons}); use another --output or pass --overwrite"
     )
+    # the fingerprint keeps each model file's hash as "model/<name>": name the files that changed
+    files = {k for k in (*recorded, *prints) if k.startswith("model/")}
+    changed = sorted(k.removeprefix("model/") for k in files if recorded.get(k) != prints.get(k))
+    if changed:
+        message += f"; model files changed since the checkpoint: {', '.join(changed)}"
+    return message

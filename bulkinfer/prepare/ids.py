@@ -1,0 +1,102 @@
+"""The id and kept columns of every row: checked (ids present, strings or 64-bit integers,
+valid Unicode, unique) and spilled beside the token ids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from bulkinfer.errors import InputError
+from bulkinfer.io.readers import InputChunk
+from bulkinfer.io.spill import RowColumnFiles
+from bulkinfer.prepare.render import describe
+from bulkinfer.prepare.rows import ID_COLUMN, PreparedRows, prepared_location
+
+INT64 = range(-(2**63), 2**63)
+
+
+def add_row_columns(
+    columns: RowColumnFiles, chunk: InputChunk, id_type: pa.DataType | None, first_row: int
+) -> pa.DataType | None:
+    """Spill a chunk's ids (unless the row position is the id) and kept columns; returns the
+    id type, which every chunk must share."""
+    table = chunk.keep
+    if chunk.ids is not None:
+        ids = _chunk_ids(chunk)
+        if id_type is not None and ids.type != id_type and first_row > 0:
+            raise InputError("the id column has different types in different files or row groups")
+        id_type = ids.type
+        table = table.add_column(0, ID_COLUMN, ids)
+    if table.num_columns == 0:
+        return id_type
+    try:
+        columns.append(table)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise InputError(f"a keep column has different types in different files: {exc}") from None
+    return id_type
+
+
+def _chunk_ids(chunk: InputChunk) -> pa.Array:
+    for i, value in enumerate(chunk.ids):
+        if value is None:
+            raise InputError(f"{chunk.location(i)}: the id is null; every row needs an id")
+        if not isinstance(value, str | int) or isinstance(value, bool):
+            raise InputError(
+                f"{chunk.location(i)}: the id is {describe(value)}; ids must be strings or integers"
+            )
+        if isinstance(value, int) and value not in INT64:
+            raise InputError(
+                f"{chunk.location(i)}: the id {value} does not fit in a signed 64-bit integer; "
+                "give such ids as strings"
+            )
+    try:
+        return pa.array(chunk.ids)
+    except UnicodeEncodeError:
+        i = next(i for i, v in enumerate(chunk.ids) if isinstance(v, str) and not _encodes(v))
+        raise InputError(
+            f"{chunk.location(i)}: the id {ascii(chunk.ids[i])} is not valid Unicode "
+            "(a lone surrogate)"
+        ) from None
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        raise InputError(
+            f"{chunk.path}: the id column mixes strings and numbers; make them all one type"
+        ) from None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def id_hashes(ids: list) -> np.ndarray:
+    """64-bit hashes of a chunk's ids: 8 bytes a row find duplicates, where the ids themselves
+    could be any length."""
+    return np.fromiter(map(hash, ids), dtype=np.int64, count=len(ids))
+
+
+def check_unique_ids(prepared: PreparedRows, hashes: np.ndarray) -> None:
+    """Rows whose id hashes collide are compared by value; the duplicate that appears first in
+    the input is reported, with its first two places."""
+    ordered = np.sort(hashes)
+    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    del ordered
+    if not len(repeated):
+        return
+    groups: dict[int, list[int]] = {}
+    for row in np.flatnonzero(np.isin(hashes, repeated)).tolist():
+        groups.setdefault(int(hashes[row]), []).append(row)
+    for rows in sorted(groups.values()):
+        values = [prepared.row_columns(r, r + 1).column(ID_COLUMN)[0].as_py() for r in rows]
+        for a, value in enumerate(values):
+            twin = next((b for b in range(a + 1, len(values)) if values[b] == value), None)
+            if twin is not None:
+                where = [
+                    prepared_location(prepared, rows[a]),
+                    prepared_location(prepared, rows[twin]),
+                ]
+                raise InputError(
+                    f"duplicate id {value!r} at {where[0]} and {where[1]}; ids must be unique"
+                )
