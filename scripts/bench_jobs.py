@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -127,14 +128,19 @@ def save_model(shape: str, folder: Path, device: str) -> dict:
     }
 
 
-def run_job(job: Path, out: Path, overwrite: bool, profile: Path | None = None) -> dict:
+def run_job(
+    job: Path, out: Path, overwrite: bool, profile: Path | None = None, env: dict | None = None
+) -> dict:
     """`python -m bulkinfer run` with JSON logs, timed from outside; its summary.json. With
-    `profile`, the run goes under cProfile (main thread) and the stats land in that file."""
+    `profile`, the run goes under cProfile (main thread) and the stats land in that file;
+    `env` adds environment settings (an A/B of one setting in the same call)."""
     python = [sys.executable] + (["-m", "cProfile", "-o", str(profile)] if profile else [])
     args = python + ["-m", "bulkinfer", "--log-format", "json", "run", str(job)]
     args += ["--output", str(out)] + (["--overwrite"] if overwrite else [])
     start = time.perf_counter()
-    proc = subprocess.run(args, cwd=ROOT, text=True, capture_output=True)
+    proc = subprocess.run(
+        args, cwd=ROOT, text=True, capture_output=True, env={**os.environ, **(env or {})}
+    )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"bulkinfer run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -188,7 +194,11 @@ def row_of(name: str, result: dict, model: dict, facts: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama-3.1-8b")
-    parser.add_argument("--jobs", default="sharegpt:1000,sharegpt:10000,score:20000")
+    parser.add_argument(
+        "--jobs",
+        default="sharegpt:1000,sharegpt:10000,score:20000",
+        help="kind:N[:NAME=VALUE+...], the settings put in that job's environment",
+    )
     parser.add_argument(
         "--repeat-first",
         action="store_true",
@@ -222,8 +232,9 @@ def main() -> None:
     jobs = [j.split(":") for j in args.jobs.split(",") if j]
     if args.repeat_first and jobs:
         jobs.insert(1, jobs[0])
-    for k, (kind, count) in enumerate(jobs):
+    for k, (kind, count, *settings) in enumerate(jobs):
         n = int(count)
+        env = dict(kv.split("=", 1) for kv in "+".join(settings).split("+") if kv)
         data = work / f"{kind}-{n}.jsonl"
         if kind == "sharegpt":
             facts = write_requests(data, n, model["per_word"])
@@ -244,7 +255,7 @@ def main() -> None:
         job.write_text(json.dumps(spec))
         profiled = args.profile and k == (1 if args.repeat_first else 0)
         stats_file = work / f"profile-{k}.prof" if profiled else None
-        result = run_job(job, work / f"out-{k}", overwrite=True, profile=stats_file)
+        result = run_job(job, work / f"out-{k}", overwrite=True, profile=stats_file, env=env)
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / f"log-{k}-{kind}-{n}.jsonl").write_text(result.pop("log"))
@@ -252,7 +263,9 @@ def main() -> None:
                 (args.out / f"profile-{k}.txt").write_text(profile_text(stats_file))
         result.pop("log", None)
         row = row_of(
-            f"{kind} {n:,}" + (" (again)" if args.repeat_first and k == 1 else ""),
+            f"{kind} {n:,}"
+            + (" (again)" if args.repeat_first and k == 1 else "")
+            + "".join(f" {name}={value}" for name, value in env.items()),
             result,
             model,
             facts,

@@ -1,13 +1,26 @@
-"""Where a decode step's time goes: kernel table of one eager step (torch.profiler), 0.5B shape.
+"""Where a decode step's and a prefill forward's time goes, by kernel family (torch.profiler).
 
-On a GPU:  python scripts/profile_decode.py
+For each slot count: the CUDA-graph step time, then one eager step's kernels summed by family
+(matrix products, attention, fused elementwise, KV writes, sampling, other) and the top
+kernels; then attention alone as the engine calls it against the grouped-query layout (a row's
+query heads of one KV head as a short query sequence, so each KV block is read once per KV
+head instead of once per query head); then the matrix products of one layer at decode and
+prefill sizes, in TFLOP/s; then a packed prefill forward of PREFILL_TOKENS tokens by family.
+
+On a GPU:  python scripts/profile_decode.py --shape llama-3.1-8b --out $OUT
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import sys
+import time
+from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -15,42 +28,244 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import build_model, word_tokenizer  # noqa: E402
 
+from bulkinfer.engines.decode_attention import KERNEL_ENV, split_count  # noqa: E402
 from bulkinfer.engines.kv import DecodeInputs  # noqa: E402
+from bulkinfer.engines.packed_attention import Packed, attend  # noqa: E402
 from bulkinfer.engines.select import engine_around  # noqa: E402
+
+FAMILIES = (
+    ("attention", ("flash", "fmha", "attention")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "matmul")),
+    ("kv write", ("index_copy", "indexing_backward", "index_put", "scatter")),
+    ("fused elementwise", ("triton",)),
+    ("sampling", ("argmax", "reduce", "max")),
+)
+
+
+def family(name: str) -> str:
+    low = name.lower()
+    for fam, keys in FAMILIES:
+        if any(k in low for k in keys):
+            return fam
+    return "other"
+
+
+def kernel_table(prof, steps: int) -> dict:
+    by_family: dict[str, float] = defaultdict(float)
+    by_kernel: dict[str, float] = defaultdict(float)
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if evt.device_type.name != "CUDA" and "DeviceType.CUDA" not in str(evt.device_type):
+            continue
+        by_family[family(evt.key)] += us / steps / 1e3
+        by_kernel[evt.key[:90]] += us / steps / 1e3
+    top = sorted(by_kernel.items(), key=lambda kv: -kv[1])[:12]
+    return {
+        "ms_by_family": {k: round(v, 3) for k, v in sorted(by_family.items())},
+        "top_kernels_ms": [(k, round(v, 3)) for k, v in top],
+    }
+
+
+def profiled(fn, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    return kernel_table(prof, steps)
+
+
+def timed(fn, repeats: int = 10) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def grouped_attention(q, pool_k, pool_v, packed: Packed, groups: int):
+    """Decode attention with a row's query heads of one KV head as `groups` query tokens."""
+    n, heads, dim = q.shape
+    kv_heads = heads // groups
+    qg = q.view(n, kv_heads, groups, dim).transpose(1, 2).reshape(n * groups, kv_heads, dim)
+    cu_q = torch.arange(0, n * groups + 1, groups, dtype=torch.int32, device=q.device)
+    out = torch.ops.aten._flash_attention_forward(
+        qg,
+        pool_k,
+        pool_v,
+        cu_q,
+        packed.region_start,
+        groups,
+        packed.max_len,
+        0.0,
+        False,
+        False,
+        scale=packed.scale,
+        seqused_k=packed.used,
+    )[0]
+    return out.view(n, groups, kv_heads, dim).transpose(1, 2).reshape(n, heads, dim)
+
+
+@torch.inference_mode()
+def compare_attention(fast, model, size: int, ctx: int) -> dict:
+    """Attention alone over all layers, as the engine calls it and in the grouped layout."""
+    device = fast.device
+    s = fast._state
+    heads = model.config.num_attention_heads
+    groups = heads // fast.kv_heads
+    packed = Packed(
+        s.query_offsets[: size + 1],
+        max(1024, 1 << (ctx - 1).bit_length()),
+        fast.decoder.scaling,
+        fast._pool,
+        s.write[:size],
+        decode=True,
+        region_start=s.starts[: size + 1],
+        used=s.used[:size],
+    )
+    q = torch.randn(size, heads, fast.head_dim, device=device, dtype=torch.bfloat16)
+    k = torch.randn(size, fast.kv_heads, fast.head_dim, device=device, dtype=torch.bfloat16)
+    layers = fast.layers
+    span = 1 + size * (ctx + 8)
+    fast._pool.keys[0][:span].normal_()
+    fast._pool.values[0][:span].normal_()
+
+    def engine_attention():
+        for i in range(layers):
+            attend(i, q, k, k, packed)
+
+    def grouped():
+        for i in range(layers):
+            grouped_attention(q, fast._pool.keys[i], fast._pool.values[i], packed, groups)
+
+    entry_attn = {"slots": size, "splits": split_count(size, fast.kv_heads, packed.max_len, 132)}
+    outs = {}
+    for kernel in ("flash", "triton"):
+        os.environ[KERNEL_ENV] = kernel
+        outs[kernel] = attend(0, q, k, k, packed)
+        entry_attn[f"{kernel}_ms_all_layers"] = round(timed(engine_attention), 3)
+    entry_attn["grouped_flash_ms_all_layers"] = round(timed(grouped), 3)
+    diff = (outs["flash"].float() - outs["triton"].float()).abs()
+    entry_attn.update(
+        {
+            "max_abs_diff": float(diff.max()),
+            "mean_abs_diff": float(diff.mean()),
+            "kv_gb_read_once": round(
+                2 * layers * size * ctx * fast.kv_heads * fast.head_dim * 2 / 1e9, 2
+            ),
+        }
+    )
+    return entry_attn
 
 
 @torch.inference_mode()
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="llama-3.1-8b")
+    parser.add_argument("--slots", default="64,256,1024")
+    parser.add_argument("--context", type=int, default=500)
+    parser.add_argument(
+        "--decode-only", action="store_true", help="skip the GEMM and prefill tables"
+    )
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
     device = torch.device("cuda")
-    shape = sys.argv[1] if len(sys.argv) > 1 else "qwen2.5-0.5b"
-    model = build_model(shape, device, torch.bfloat16)
+    started = time.perf_counter()
+    model = build_model(args.shape, device, torch.bfloat16)
     fast = engine_around(model, word_tokenizer(model.config.vocab_size), "fast")
-    print("pool tokens", fast.reserve(0), flush=True)
-    for size in (8, 512):
+    pool = fast.reserve(0)
+    print(f"built in {time.perf_counter() - started:.1f} s; pool tokens {pool:,}", flush=True)
+    report: dict = {
+        "shape": args.shape,
+        "context": args.context,
+        "device": torch.cuda.get_device_name(),
+    }
+    ctx = args.context
+    for size in [int(s) for s in args.slots.split(",")]:
         rows = DecodeInputs(
             last_tokens=[1] * size,
-            lengths=[301] * size,
-            starts=[1 + i * 400 for i in range(size)],
+            lengths=[ctx] * size,
+            starts=[1 + i * (ctx + 8) for i in range(size)],
             keys=[0] * size,
             generated=[1] * size,
         )
         fast.load_slots(rows, size)
+        entry = {"slots": size}
+        for kernel in ("flash", "triton"):
+            os.environ[KERNEL_ENV] = kernel
+            fast.use_graphs = True
+            fast.drop_graphs()
+            entry[f"graph_ms_{kernel}"] = round(timed(lambda s=size: fast.decode_step(s, ctx)), 3)
         fast.use_graphs = False
-        for _ in range(3):
-            fast.decode_step(size, 301)
-        torch.cuda.synchronize()
-        from torch.profiler import ProfilerActivity, profile
+        entry["eager_ms"] = round(timed(lambda s=size: fast.decode_step(s, ctx), 3), 3)
+        table = profiled(lambda s=size: fast.decode_step(s, ctx), 3)
+        entry.update(table)
+        report[f"decode_{size}"] = entry
+        print(json.dumps(entry, indent=1), flush=True)
 
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            for _ in range(5):
-                fast.decode_step(size, 301)
-            torch.cuda.synchronize()
-        print(f"=== {shape} slots {size}, eager, 5 steps")
-        print(
-            prof.key_averages().table(
-                sort_by="cuda_time_total", row_limit=14, max_name_column_width=70
-            )
-        )
+        entry_attn = compare_attention(fast, model, size, ctx)
+        report[f"attention_{size}"] = entry_attn
+        print(json.dumps(entry_attn), flush=True)
+
+    if args.decode_only:
+        save(args.out, report)
+        return
+    # matrix products of one layer, decode and prefill sizes
+    cfg = model.config
+    hidden, inter = cfg.hidden_size, cfg.intermediate_size
+    kvd = fast.kv_heads * fast.head_dim
+    shapes = {
+        "qkv": (hidden, cfg.num_attention_heads * fast.head_dim + 2 * kvd),
+        "o": (cfg.num_attention_heads * fast.head_dim, hidden),
+        "gate_up": (hidden, 2 * inter),
+        "down": (inter, hidden),
+        "lm_head": (hidden, cfg.vocab_size),
+    }
+    gemms = {}
+    for m in (64, 256, 1024, 2048, 16384):
+        for name, (k_in, n_out) in shapes.items():
+            x = torch.randn(m, k_in, device=device, dtype=torch.bfloat16)
+            w = torch.randn(n_out, k_in, device=device, dtype=torch.bfloat16)
+            ms = timed(lambda x=x, w=w: torch.nn.functional.linear(x, w), 20)
+            gemms[f"{name}@{m}"] = {
+                "ms": round(ms, 4),
+                "tflops": round(2 * m * k_in * n_out / ms / 1e9, 1),
+            }
+    report["gemms"] = gemms
+    print(json.dumps(gemms), flush=True)
+
+    # a packed prefill forward of PREFILL_TOKENS tokens
+    from bulkinfer.engines.memory import PREFILL_TOKENS
+
+    lengths = np.full(PREFILL_TOKENS // 256, 256)
+    prompts = [np.ones(n, dtype=np.int64) for n in lengths]
+    starts = list(1 + np.arange(len(lengths)) * 300)
+    from bulkinfer.engines.sampling import SamplingParams
+
+    greedy = SamplingParams(max_new_tokens=1)
+
+    def prefill():
+        fast.prefill(prompts, starts, [0] * len(prompts), greedy, False)
+
+    prefill_ms = timed(prefill, 5)
+    entry = {"tokens": int(lengths.sum()), "ms": round(prefill_ms, 2)}
+    params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
+    entry["tflops"] = round(2 * params * entry["tokens"] / prefill_ms / 1e9, 1)
+    entry.update(profiled(prefill, 3))
+    report["prefill"] = entry
+    print(json.dumps(entry, indent=1), flush=True)
+    save(args.out, report)
+
+
+def save(out: Path | None, report: dict) -> None:
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "profile.json").write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ per sequence and attention stays inside each one (`cu_seqlens`, as in FlashAtten
 API). Decode steps read each row's keys and values from a shared pool (`KVPool`) where every row
 owns one contiguous region, so rows of any length share one batch and a finished row's region
 is handed to the next prompt. On a CUDA device in bf16/fp16 this is FlashAttention through
-`torch.ops.aten._flash_attention_forward`; elsewhere a per-sequence SDPA loop computes the same
+`torch.ops.aten._flash_attention_forward`, except decode steps, whose one query token a row
+reads the pool through `decode_attention`'s Triton kernel where Triton is present; elsewhere a per-sequence SDPA loop computes the same
 function (slow, for the CPU tests and float32 checks).
 """
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from bulkinfer.engines import decode_attention
 from bulkinfer.engines.kv import KVPool
 
 
@@ -52,6 +54,10 @@ def _flash_ok(q: torch.Tensor) -> bool:
 
 
 def _flash(q, k, v, packed: Packed) -> torch.Tensor:
+    if packed.decode and decode_attention.usable(q):
+        return decode_attention.decode_attention(
+            q, k, v, packed.region_start, packed.used, packed.max_len, packed.scale
+        )
     if packed.decode:
         out = torch.ops.aten._flash_attention_forward(
             q,

@@ -1,0 +1,228 @@
+"""Decode attention as a Triton kernel: each KV head's keys and values read once per step, by a
+program that holds all the query heads sharing them.
+
+Why not FlashAttention's varlen kernel, which the engine uses for prefill and scoring: a decode
+step has one query token a row, and FlashAttention computes in tiles of 128 query rows, so with
+the grouped query heads folded in (4 of 128 on Llama-3.1-8B) it does ~30x the useful matrix
+arithmetic. At 1,024 rows of 500 cached tokens on an H200 that made attention 26.6 ms of a 47.8
+ms step, against 15.6 ms to read the 67 GB of keys and values once (scripts/profile_decode.py,
+docs/perf.md). Here a program takes one row, one KV head and one split of the row's cached tokens;
+its query tile is the group's heads padded to 16 (the smallest tile of the tensor-core
+instruction), so the step is bound by reading the cache, as it should be. Splits are combined by
+a second small kernel (their outputs weighted by their log-sum-exp); with enough rows to fill the
+GPU a row is one split and the first kernel writes the result directly.
+
+Runs where Triton and a CUDA device are present and the head size is a power of two (64 to 256);
+anywhere else the engine keeps FlashAttention. With TRITON_INTERPRET=1 the same kernels run on
+the CPU (the tests compare them with the reference attention there).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton (CPU-only installs): the engine keeps FlashAttention
+    triton = None
+
+# BULKINFER_DECODE_ATTENTION=flash keeps FlashAttention for decode steps (to compare)
+KERNEL_ENV = "BULKINFER_DECODE_ATTENTION"
+BLOCK_N = 64  # cached tokens per tile
+MIN_SPLIT = 256  # cached tokens a split covers at least
+HEAD_DIMS = (64, 128, 256)
+
+
+def usable(q: torch.Tensor) -> bool:
+    """Whether these kernels can run this decode step's attention."""
+    if triton is None or os.environ.get(KERNEL_ENV, "triton") == "flash":
+        return False
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return (q.is_cuda or interpreted) and q.shape[-1] in HEAD_DIMS
+
+
+def decode_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    starts: torch.Tensor,
+    used: torch.Tensor,
+    max_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """One query token a row: q [rows, heads, D]; keys/values the pool [tokens, kv_heads, D];
+    row r attends to pool slots starts[r] .. starts[r] + used[r] (used[r] <= max_len).
+    Returns [rows, heads, D] in q's dtype."""
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    rows, heads, dim = q.shape
+    kv_heads = keys.shape[1]
+    groups = heads // kv_heads
+    splits = split_count(rows, kv_heads, max_len, _processors(q.device))
+    split_len = triton.cdiv(triton.cdiv(max_len, splits), BLOCK_N) * BLOCK_N
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if splits == 1:
+        partial, lse = out[:, :, None, :], out.new_empty((1,), dtype=torch.float32)
+    else:
+        partial = q.new_empty((rows, heads, splits, dim), dtype=torch.float32)
+        lse = q.new_empty((rows, heads, splits), dtype=torch.float32)
+    _split_kernel[(rows, kv_heads, splits)](
+        q,
+        keys,
+        values,
+        starts,
+        used,
+        partial,
+        lse,
+        q.stride(0),
+        q.stride(1),
+        keys.stride(0),
+        keys.stride(1),
+        values.stride(0),
+        values.stride(1),
+        partial.stride(0),
+        partial.stride(1),
+        partial.stride(2),
+        scale,
+        split_len,
+        GROUPS=groups,
+        BLOCK_H=max(16, triton.next_power_of_2(groups)),
+        BLOCK_N=BLOCK_N,
+        D=dim,
+        WRITE_LSE=splits > 1,
+        num_warps=4,
+        num_stages=2,
+    )
+    if splits > 1:
+        _combine_kernel[(rows, heads)](
+            partial, lse, out, out.stride(0), out.stride(1), SPLITS=splits, D=dim
+        )
+    return out
+
+
+def split_count(rows: int, kv_heads: int, max_len: int, processors: int) -> int:
+    """Splits of each row's cached tokens: enough programs for ~4 waves over the GPU's
+    processors, no split under MIN_SPLIT tokens, a power of two (the combining kernel's tile)."""
+    wanted = triton.cdiv(4 * processors, rows * kv_heads)
+    most = max(1, max_len // MIN_SPLIT)
+    return triton.next_power_of_2(max(1, min(wanted, most)))
+
+
+@functools.cache
+def _processors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+if triton is not None:
+
+    @triton.jit
+    def _split_kernel(
+        Q,
+        K,
+        V,
+        Starts,
+        Used,
+        Out,
+        Lse,
+        stride_qt,
+        stride_qh,
+        stride_kt,
+        stride_kh,
+        stride_vt,
+        stride_vh,
+        stride_ot,
+        stride_oh,
+        stride_os,
+        scale,
+        split_len,
+        GROUPS: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        D: tl.constexpr,
+        WRITE_LSE: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        start = tl.load(Starts + row).to(tl.int64)
+        used = tl.load(Used + row)
+        lo = split * split_len
+        hi = tl.minimum(used, lo + split_len)
+
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, D)
+        offs_n = tl.arange(0, BLOCK_N)
+        head_ok = offs_h < GROUPS
+        heads = kv_head * GROUPS + offs_h
+        q = tl.load(
+            Q + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=head_ok[:, None],
+            other=0.0,
+        )
+        best = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        total = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, D], dtype=tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            n = n0 + offs_n
+            token_ok = n < hi
+            slot = (start + n)[:, None]
+            k = tl.load(
+                K + slot * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                mask=token_ok[:, None],
+                other=0.0,
+            )
+            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.where(token_ok[None, :], s, float("-inf"))
+            new_best = tl.maximum(best, tl.max(s, 1))
+            p = tl.exp(s - new_best[:, None])
+            alpha = tl.exp(best - new_best)
+            total = total * alpha + tl.sum(p, 1)
+            v = tl.load(
+                V + slot * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                mask=token_ok[:, None],
+                other=0.0,
+            )
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            best = new_best
+
+        nonempty = total > 0
+        out = acc / tl.where(nonempty, total, 1.0)[:, None]
+        tl.store(
+            Out
+            + row * stride_ot
+            + heads[:, None] * stride_oh
+            + split * stride_os
+            + offs_d[None, :],
+            out,
+            mask=head_ok[:, None],
+        )
+        if WRITE_LSE:
+            lse = tl.where(nonempty, best + tl.log(tl.where(nonempty, total, 1.0)), float("-inf"))
+            splits = tl.num_programs(2)
+            tl.store(
+                Lse + (row * GROUPS * tl.num_programs(1) + heads) * splits + split,
+                lse,
+                mask=head_ok,
+            )
+
+    @triton.jit
+    def _combine_kernel(
+        Partial, Lse, Out, stride_ot, stride_oh, SPLITS: tl.constexpr, D: tl.constexpr
+    ):
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        heads = tl.num_programs(1)
+        offs_s = tl.arange(0, SPLITS)
+        offs_d = tl.arange(0, D)
+        base = (row * heads + head) * SPLITS
+        lse = tl.load(Lse + base + offs_s)
+        weight = tl.exp(lse - tl.max(lse, 0))
+        parts = tl.load(Partial + (base + offs_s)[:, None] * D + offs_d[None, :])
+        out = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)
+        tl.store(Out + row * stride_ot + head * stride_oh + offs_d, out)

@@ -1,0 +1,80 @@
+"""The Triton decode-attention kernels against the reference attention, run on the CPU by
+Triton's interpreter (TRITON_INTERPRET=1, set before Triton is imported: a subprocess).
+
+The interpreter computes in numpy, so these check the kernels' indexing, masking, online
+softmax and the combining of splits in float32 and float16; bfloat16 (which the interpreter
+cannot represent) and the speed are checked on a GPU by scripts/profile_decode.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHECK = r"""
+import json, sys
+import torch
+from bulkinfer.engines import decode_attention as da
+from bulkinfer.engines.packed_attention import Packed, _reference
+
+results = []
+for rows, heads, kv_heads, dim, max_len, dtype in json.loads(sys.argv[1]):
+    dtype = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(rows * 31 + heads)
+    used = torch.randint(1, max_len + 1, (rows,), generator=g)
+    used[0], used[-1] = 1, max_len  # an idle slot's single token, and a full bucket
+    starts = torch.zeros(rows + 1, dtype=torch.int64)
+    starts[1:rows] = torch.cumsum(used[:-1] + 3, 0)  # regions with gaps between them
+    starts[:rows] += 1
+    tokens = int(starts[rows - 1] + used[-1] + 5)
+    keys = torch.randn(tokens, kv_heads, dim, generator=g).to(dtype)
+    values = torch.randn(tokens, kv_heads, dim, generator=g).to(dtype)
+    q = torch.randn(rows, heads, dim, generator=g).to(dtype)
+    starts, used = starts.int(), used.int()
+    scale = dim ** -0.5
+    ours = da.decode_attention(q, keys, values, starts, used, max_len, scale)
+    packed = Packed(torch.arange(rows + 1, dtype=torch.int32), max_len, scale,
+                    decode=True, region_start=starts, used=used)
+    ref = _reference(q.float(), keys.float(), values.float(), packed)
+    results.append({
+        "splits": da.split_count(rows, kv_heads, max_len, 4),
+        "error": (ours.float() - ref).abs().max().item(),
+        "dtype_kept": ours.dtype == dtype and ours.shape == q.shape,
+    })
+print(json.dumps(results))
+"""
+
+CASES = [
+    # rows, heads, kv_heads, head_dim, max_len: grouped heads split over the cache (the
+    # combining kernel), 7 heads a group (padded to the 16-row tile), one head a group (MHA)
+    (5, 8, 2, 64, 512),
+    (3, 14, 2, 64, 300),
+    (40, 4, 4, 128, 200),
+]
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("float16", 4e-3)])
+def test_decode_kernels_equal_reference_attention(dtype, tolerance):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    cases = [[*case, dtype] for case in CASES]
+    done = subprocess.run(
+        [sys.executable, "-c", CHECK, json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [r["splits"] for r in results] == [2, 1, 1]  # both kernel paths ran
+    for case, result in zip(CASES, results, strict=True):
+        assert result["dtype_kept"], case
+        assert result["error"] < tolerance, (case, result)
