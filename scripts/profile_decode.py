@@ -164,10 +164,35 @@ def compare_attention(fast, model, size: int, ctx: int) -> dict:
 
 
 @torch.inference_mode()
+def score_costs(fast, model, tokens: int) -> dict:
+    """A packed scoring batch of about `tokens` tokens (sequences of 50-400): seconds of the
+    first call (compiles) and of a second, its share of peak, and its kernels by family."""
+    rng = np.random.default_rng(0)
+    lengths = []
+    while sum(lengths) < tokens:
+        lengths.append(int(rng.integers(50, 400)))
+    vocab = model.config.vocab_size
+    sequences = [rng.integers(1, vocab, n).astype(np.int64) for n in lengths]
+    score_from = [1] * len(sequences)
+    run = lambda: fast.loglikelihood(sequences, score_from)  # noqa: E731
+    started = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - started
+    ms = timed(run, 2)
+    params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
+    entry = {"tokens": sum(lengths), "rows": len(lengths), "first_s": round(first, 2)}
+    entry["ms"] = round(ms, 1)
+    entry["tflops"] = round(2 * params * entry["tokens"] / ms / 1e9, 1)
+    entry.update(profiled(run, 1))
+    return entry
+
+
+@torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="llama-3.1-8b")
-    parser.add_argument("--slots", default="64,256,1024")
+    parser.add_argument("--slots", default="64,256,1024", help="decode slot counts ('' for none)")
     parser.add_argument("--context", type=int, default=500)
     parser.add_argument(
         "--decode-only", action="store_true", help="skip the GEMM and prefill tables"
@@ -178,15 +203,18 @@ def main() -> None:
     started = time.perf_counter()
     model = build_model(args.shape, device, torch.bfloat16)
     fast = engine_around(model, word_tokenizer(model.config.vocab_size), "fast")
-    pool = fast.reserve(0)
-    print(f"built in {time.perf_counter() - started:.1f} s; pool tokens {pool:,}", flush=True)
+    print(f"built in {time.perf_counter() - started:.1f} s", flush=True)
     report: dict = {
         "shape": args.shape,
         "context": args.context,
         "device": torch.cuda.get_device_name(),
     }
+    for tokens in [int(t) for t in args.score_tokens.split(",") if t]:
+        report[f"score_{tokens}"] = entry = score_costs(fast, model, tokens)
+        print(json.dumps(entry, indent=1), flush=True)
+    print(f"pool tokens {fast.reserve(0):,}", flush=True)
     ctx = args.context
-    for size in [int(s) for s in args.slots.split(",")]:
+    for size in [int(s) for s in args.slots.split(",") if s]:
         rows = DecodeInputs(
             last_tokens=[1] * size,
             lengths=[ctx] * size,

@@ -1,0 +1,127 @@
+"""How fast a saved model's weights reach the GPU, by way of loading (page cache warm).
+
+  bulkinfer   transformers loads on the CPU (memory-mapped safetensors), then model.to(cuda)
+  threads     the same load, then the tensors copied to the GPU by 8 threads at once
+  staged      the same load, then each tensor copied through pinned staging buffers (one per
+              thread), so the copies to the GPU run at pinned-memory speed
+  device_map  transformers loads straight onto the GPU (device_map="cuda")
+
+On a GPU:  python scripts/bench_load.py MODEL_FOLDER [--out $OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+STAGE_BYTES = 256 << 20
+
+
+def load_cpu(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+
+
+def tensors_of(model) -> list[torch.Tensor]:
+    seen, out = set(), []
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def to_gpu_threads(model, device, staged: bool) -> None:
+    tensors = tensors_of(model)
+    stages = {}
+
+    def move(t: torch.Tensor) -> None:
+        if not staged or t.numel() * t.element_size() > STAGE_BYTES:
+            t.data = t.data.to(device)
+            return
+        import threading
+
+        me = threading.get_ident()
+        if me not in stages:
+            stages[me] = (
+                torch.empty(STAGE_BYTES, dtype=torch.uint8, pin_memory=True),
+                torch.cuda.Stream(device),
+            )
+        buf, stream = stages[me]
+        n = t.numel() * t.element_size()
+        view = buf[:n].view(t.dtype).view(t.shape)
+        view.copy_(t.data)
+        with torch.cuda.stream(stream):
+            gpu = view.to(device, non_blocking=True)
+        stream.synchronize()
+        t.data = gpu
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(move, tensors))
+    torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    torch.zeros(1, device=device)
+    import transformers  # noqa: F401  (imports are not what is measured)
+
+    from bulkinfer.engines.base import LoadOptions
+    from bulkinfer.engines.hf import load_weights
+
+    results = {}
+
+    def measure(name, fn):
+        torch.cuda.empty_cache()
+        start = time.perf_counter()
+        model = fn()
+        torch.cuda.synchronize(device)
+        results.setdefault(name, []).append(round(time.perf_counter() - start, 2))
+        print(name, results[name], flush=True)
+        del model
+        torch.cuda.empty_cache()
+
+    def bulkinfer_way():
+        from transformers import AutoModelForCausalLM
+
+        options = LoadOptions(args.folder, "model", device="cuda", dtype="bfloat16")
+        return load_weights(AutoModelForCausalLM, options)[0]
+
+    def threads(staged: bool):
+        model = load_cpu(args.folder)
+        to_gpu_threads(model, device, staged)
+        return model
+
+    def device_map():
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(
+            args.folder, dtype=torch.bfloat16, device_map="cuda"
+        )
+
+    for _ in range(2):
+        measure("bulkinfer", bulkinfer_way)
+        measure("threads", lambda: threads(False))
+        measure("staged", lambda: threads(True))
+        measure("device_map", device_map)
+    print(json.dumps(results))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "load.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
