@@ -197,6 +197,9 @@ def main() -> None:
     parser.add_argument(
         "--decode-only", action="store_true", help="skip the GEMM and prefill tables"
     )
+    parser.add_argument(
+        "--score-tokens", default="", help="packed scoring batches of these token counts"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda")

@@ -12,6 +12,7 @@ from conftest import cli, read_outputs, sample_prompts, write_job, write_jsonl
 from tiny_model import build_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import bulkinfer.engines.fast as fast_module
 from bulkinfer.engines.decoder import Decoder
 from bulkinfer.engines.fast import FastEngine
 from bulkinfer.engines.hf import HFEngine
@@ -34,7 +35,12 @@ def random_sequences(n: int, vocab: int, seed: int) -> list[np.ndarray]:
     return [rng.integers(4, vocab, int(rng.integers(1, 50))) for _ in range(n)]
 
 
-def test_packed_scores_equal_the_padded_reference(engines):
+@pytest.mark.parametrize("piece_tokens", [None, 40], ids=["one-forward", "40-token-pieces"])
+def test_packed_scores_equal_the_padded_reference(engines, piece_tokens, monkeypatch):
+    """Also when the batch runs as several packed forwards of whole sequences (a sequence
+    longer than a piece is a piece of its own)."""
+    if piece_tokens:
+        monkeypatch.setattr(fast_module, "SCORE_FORWARD_TOKENS", piece_tokens)
     reference, fast = engines
     assert isinstance(fast, FastEngine) and fast.limits.kind == "fast" and not fast.limits.pads
     seqs = random_sequences(17, fast.model.config.vocab_size, seed=1)

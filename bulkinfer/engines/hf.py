@@ -19,6 +19,7 @@ from bulkinfer.configs import text_config
 from bulkinfer.engines.base import EngineLimits, LoadOptions
 from bulkinfer.engines.sampling import RowSampling, SamplingParams, choose_next_tokens
 from bulkinfer.engines.stops import StopStrings
+from bulkinfer.engines.to_device import move_model
 from bulkinfer.errors import ModelError, model_error
 
 # Models whose logits are not just lm_head(hidden): chunked scoring must not skip that step.
@@ -79,7 +80,7 @@ def load_weights(auto_class, options: LoadOptions) -> tuple[torch.nn.Module, set
         )
     except Exception as exc:  # any loader failure here is a model the user must fix
         raise model_error(f"cannot load the weights of {options.label}", exc) from None
-    model.to(device).eval()
+    move_model(model, device).eval()
     return model, set(info.get("missing_keys") or ())
 
 
