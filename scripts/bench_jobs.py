@@ -272,12 +272,11 @@ def main() -> None:
         )
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if args.out:  # after every job: a call cut short keeps the jobs it finished
+            (args.out / "bench_jobs.json").write_text(
+                json.dumps({"model": model, "rows": rows}, indent=1)
+            )
     print_table(rows)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench_jobs.json").write_text(
-            json.dumps({"model": model, "rows": rows}, indent=1)
-        )
 
 
 def print_table(rows: list[dict]) -> None:
