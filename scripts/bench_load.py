@@ -2,8 +2,8 @@
 
   bulkinfer   transformers loads on the CPU (memory-mapped safetensors), then model.to(cuda)
   threads     the same load, then the tensors copied to the GPU by 8 threads at once
-  staged      the same load, then each tensor copied through pinned staging buffers (one per
-              thread), so the copies to the GPU run at pinned-memory speed
+  staged      the same load, then bulkinfer's engines/to_device.py: each tensor copied in pieces
+              through pinned staging buffers (one per thread, 8 threads)
   device_map  transformers loads straight onto the GPU (device_map="cuda")
 
 On a GPU:  python scripts/bench_load.py MODEL_FOLDER [--out $OUT]
@@ -22,8 +22,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-STAGE_BYTES = 256 << 20
-
 
 def load_cpu(folder: Path):
     from transformers import AutoModelForCausalLM
@@ -40,33 +38,10 @@ def tensors_of(model) -> list[torch.Tensor]:
     return out
 
 
-def to_gpu_threads(model, device, staged: bool) -> None:
-    tensors = tensors_of(model)
-    stages = {}
-
-    def move(t: torch.Tensor) -> None:
-        if not staged or t.numel() * t.element_size() > STAGE_BYTES:
-            t.data = t.data.to(device)
-            return
-        import threading
-
-        me = threading.get_ident()
-        if me not in stages:
-            stages[me] = (
-                torch.empty(STAGE_BYTES, dtype=torch.uint8, pin_memory=True),
-                torch.cuda.Stream(device),
-            )
-        buf, stream = stages[me]
-        n = t.numel() * t.element_size()
-        view = buf[:n].view(t.dtype).view(t.shape)
-        view.copy_(t.data)
-        with torch.cuda.stream(stream):
-            gpu = view.to(device, non_blocking=True)
-        stream.synchronize()
-        t.data = gpu
-
+def to_gpu_threads(model, device) -> None:
+    """Each tensor copied by `.to(device)` from 8 threads at once (pageable memory)."""
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(move, tensors))
+        list(pool.map(lambda t: setattr(t, "data", t.data.to(device)), tensors_of(model)))
     torch.cuda.synchronize(device)
 
 
@@ -81,6 +56,7 @@ def main() -> None:
 
     from bulkinfer.engines.base import LoadOptions
     from bulkinfer.engines.hf import load_weights
+    from bulkinfer.engines.to_device import move_model
 
     results = {}
 
@@ -100,10 +76,13 @@ def main() -> None:
         options = LoadOptions(args.folder, "model", device="cuda", dtype="bfloat16")
         return load_weights(AutoModelForCausalLM, options)[0]
 
-    def threads(staged: bool):
+    def threads():
         model = load_cpu(args.folder)
-        to_gpu_threads(model, device, staged)
+        to_gpu_threads(model, device)
         return model
+
+    def staged():
+        return move_model(load_cpu(args.folder), device)
 
     def device_map():
         from transformers import AutoModelForCausalLM
@@ -114,8 +93,8 @@ def main() -> None:
 
     for _ in range(2):
         measure("bulkinfer", bulkinfer_way)
-        measure("threads", lambda: threads(False))
-        measure("staged", lambda: threads(True))
+        measure("threads", threads)
+        measure("staged", staged)
         measure("device_map", device_map)
     print(json.dumps(results))
     if args.out:

@@ -2,10 +2,12 @@
 
 For each slot count: the CUDA-graph step time, then one eager step's kernels summed by family
 (matrix products, attention, fused elementwise, KV writes, sampling, other) and the top
-kernels; then attention alone as the engine calls it against the grouped-query layout (a row's
-query heads of one KV head as a short query sequence, so each KV block is read once per KV
-head instead of once per query head); then the matrix products of one layer at decode and
+kernels, with FlashAttention and with the decode-attention kernel; then attention alone through
+each, and how far their outputs differ; then the matrix products of one layer at decode and
 prefill sizes, in TFLOP/s; then a packed prefill forward of PREFILL_TOKENS tokens by family.
+
+Packed scoring batches of given sizes (--score-tokens) come first, before the KV pool takes the
+memory.
 
 On a GPU:  python scripts/profile_decode.py --shape llama-3.1-8b --out $OUT
 """
@@ -88,36 +90,12 @@ def timed(fn, repeats: int = 10) -> float:
     return (time.perf_counter() - start) / repeats * 1e3
 
 
-def grouped_attention(q, pool_k, pool_v, packed: Packed, groups: int):
-    """Decode attention with a row's query heads of one KV head as `groups` query tokens."""
-    n, heads, dim = q.shape
-    kv_heads = heads // groups
-    qg = q.view(n, kv_heads, groups, dim).transpose(1, 2).reshape(n * groups, kv_heads, dim)
-    cu_q = torch.arange(0, n * groups + 1, groups, dtype=torch.int32, device=q.device)
-    out = torch.ops.aten._flash_attention_forward(
-        qg,
-        pool_k,
-        pool_v,
-        cu_q,
-        packed.region_start,
-        groups,
-        packed.max_len,
-        0.0,
-        False,
-        False,
-        scale=packed.scale,
-        seqused_k=packed.used,
-    )[0]
-    return out.view(n, groups, kv_heads, dim).transpose(1, 2).reshape(n, heads, dim)
-
-
 @torch.inference_mode()
 def compare_attention(fast, model, size: int, ctx: int) -> dict:
-    """Attention alone over all layers, as the engine calls it and in the grouped layout."""
+    """Attention alone over all layers, through FlashAttention and through the decode kernel."""
     device = fast.device
     s = fast._state
     heads = model.config.num_attention_heads
-    groups = heads // fast.kv_heads
     packed = Packed(
         s.query_offsets[: size + 1],
         max(1024, 1 << (ctx - 1).bit_length()),
@@ -139,17 +117,12 @@ def compare_attention(fast, model, size: int, ctx: int) -> dict:
         for i in range(layers):
             attend(i, q, k, k, packed)
 
-    def grouped():
-        for i in range(layers):
-            grouped_attention(q, fast._pool.keys[i], fast._pool.values[i], packed, groups)
-
     entry_attn = {"slots": size, "splits": split_count(size, fast.kv_heads, packed.max_len, 132)}
     outs = {}
     for kernel in ("flash", "triton"):
         os.environ[KERNEL_ENV] = kernel
         outs[kernel] = attend(0, q, k, k, packed)
         entry_attn[f"{kernel}_ms_all_layers"] = round(timed(engine_attention), 3)
-    entry_attn["grouped_flash_ms_all_layers"] = round(timed(grouped), 3)
     diff = (outs["flash"].float() - outs["triton"].float()).abs()
     entry_attn.update(
         {
