@@ -1,3 +1,3 @@
-from bulkinfer.cli import main
+from bulkinfer.cli import entry
 
-main()
+entry()

@@ -47,10 +47,15 @@ class Batch:
         return self.real_tokens if self.packed else len(self.rows) * self.longest
 
 
-def sort_by_length(rows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Rows ordered longest first; equal lengths keep input order (a stable, deterministic sort)."""
+def sort_by_length(
+    rows: np.ndarray, lengths: np.ndarray, steps: np.ndarray | None = None
+) -> np.ndarray:
+    """Rows ordered longest first; equal lengths keep input order (a stable, deterministic sort).
+    With `steps` (decode steps per row, indexed by row), rows with the most steps come first
+    and length only breaks ties."""
     rows = np.asarray(rows, dtype=np.int64)
-    return rows[np.lexsort((rows, -lengths[rows]))]
+    keys = (rows, -lengths[rows]) if steps is None else (rows, -lengths[rows], -steps[rows])
+    return rows[np.lexsort(keys)]
 
 
 def pack_sorted(order: np.ndarray, lengths: np.ndarray, budget: TokenBudget) -> list[Batch]:
@@ -136,12 +141,18 @@ def plan_batches(
     budget: TokenBudget,
     sort: bool = True,
     costs: np.ndarray | None = None,
+    steps: np.ndarray | None = None,
 ) -> list[Batch]:
     """The deterministic batch plan for `rows`: the same rows and lengths give the same batches.
     A packed budget needs each row's cost (`costs`, indexed by row; lengths plus the budget's
-    new tokens per row when None)."""
+    new tokens per row when None).
+
+    A packed generation plan may order rows by their decode steps (`steps`), most first:
+    longest-processing-time first over the whole job, so the rows that need the most steps
+    start early beside the others and the job does not end with a few long rows decoding
+    alone in a nearly empty batch. A padded plan sorts by length only (padding is its cost)."""
     rows = np.asarray(rows, dtype=np.int64)
-    order = sort_by_length(rows, lengths) if sort else rows
+    order = sort_by_length(rows, lengths, steps if budget.packed else None) if sort else rows
     if budget.packed:
         if costs is None:
             costs = np.asarray(lengths, dtype=np.int64) + budget.new_tokens_per_row

@@ -180,6 +180,8 @@ def row_of(name: str, result: dict, model: dict, facts: dict) -> dict:
         "first_batch_s": round(s.get("first_batch_seconds", float("nan")), 1),
         "load_s": round(s.get("load_seconds", float("nan")), 1),
         "prepare_s": round(s.get("prepare_seconds", float("nan")), 1),
+        # after the job's own clock stopped: responses.jsonl, summary, the interpreter's exit
+        "after_job_s": round(wall - (s.get("imports_seconds") or 0) - s["wall_seconds"], 1),
         "tokens_per_s_wall": round(tokens / wall),
         "tokens_per_s_model": round(tokens / s["model_seconds"]) if s["model_seconds"] else None,
         "input_tokens": s["input_tokens"],
@@ -287,6 +289,7 @@ def print_table(rows: list[dict]) -> None:
         "outside_model_s",
         "first_batch_s",
         "load_s",
+        "after_job_s",
         "tokens_per_s_wall",
         "tokens_per_s_model",
     ]

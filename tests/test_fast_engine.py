@@ -12,7 +12,6 @@ from conftest import cli, read_outputs, sample_prompts, write_job, write_jsonl
 from tiny_model import build_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import bulkinfer.engines.fast as fast_module
 from bulkinfer.engines.decoder import Decoder
 from bulkinfer.engines.fast import FastEngine
 from bulkinfer.engines.hf import HFEngine
@@ -39,9 +38,9 @@ def random_sequences(n: int, vocab: int, seed: int) -> list[np.ndarray]:
 def test_packed_scores_equal_the_padded_reference(engines, piece_tokens, monkeypatch):
     """Also when the batch runs as several packed forwards of whole sequences (a sequence
     longer than a piece is a piece of its own)."""
-    if piece_tokens:
-        monkeypatch.setattr(fast_module, "SCORE_FORWARD_TOKENS", piece_tokens)
     reference, fast = engines
+    if piece_tokens:
+        monkeypatch.setattr(fast, "forward_tokens", piece_tokens)
     assert isinstance(fast, FastEngine) and fast.limits.kind == "fast" and not fast.limits.pads
     seqs = random_sequences(17, fast.model.config.vocab_size, seed=1)
     starts = [int(s) for s in np.random.default_rng(2).integers(0, 40, len(seqs))]

@@ -57,6 +57,28 @@ def test_sorted_plan_is_deterministic_longest_first_and_stable(lengths, budget):
     assert keys == sorted(keys)
 
 
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), lengths=lengths_strategy, budget=budget_strategy)
+def test_packed_generation_plan_starts_the_rows_with_most_steps(data, lengths, budget):
+    """Longest-processing-time first: a packed plan given each row's decode steps orders rows
+    by steps (most first), then prompt length, then input order; every row once."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    steps = np.asarray(
+        data.draw(st.lists(st.integers(1, 1500), min_size=len(lengths), max_size=len(lengths))),
+        dtype=np.int64,
+    )
+    packed = TokenBudget(budget.max_tokens, budget.max_batch_size, 0, 1.0, packed=True)
+    rows = np.arange(len(lengths))
+    batches = plan_batches(rows, lengths, packed, costs=lengths + steps, steps=steps)
+    order = np.concatenate([b.rows for b in batches]) if batches else np.zeros(0, dtype=np.int64)
+    keys = [(-int(steps[r]), -int(lengths[r]), int(r)) for r in order]
+    assert keys == sorted(keys) and len(order) == len(lengths)
+    padded = plan_batches(rows, lengths, budget, steps=steps)  # a padded plan ignores steps
+    assert [b.rows.tolist() for b in padded] == [
+        b.rows.tolist() for b in plan_batches(rows, lengths, budget)
+    ]
+
+
 def test_sorting_cuts_padding_on_a_heavy_tailed_length_mix():
     rng = np.random.default_rng(0)
     lengths = np.clip(rng.lognormal(mean=5.0, sigma=1.0, size=5000), 4, 2048).astype(np.int64)

@@ -30,7 +30,7 @@ from bulkinfer.engines.sampling import STEP_KEY, RowSampling, SamplingParams, ch
 DECODE_BUCKETS = (8, 16, 32, 64, 128, 256, 384, 512, 768, 1024)
 CPU_SLOTS = 64  # rows decoded together on the CPU
 MIN_KV_BUCKET = 1024  # attention length buckets: powers of two from here
-SCORE_FORWARD_TOKENS = 1 << 16  # tokens of one packed scoring forward (whole sequences)
+INDEX_LIMIT = 1 << 31  # elements a tensor may hold before inductor needs 64-bit indexing
 
 Chooser = SamplingParams | RowSampling
 
@@ -48,6 +48,7 @@ class FastEngine(HFEngine):
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         )
         self.slots: int = limits.slots or CPU_SLOTS
+        self.forward_tokens = forward_token_limit(config)  # of one packed scoring forward
         self.decoder = Decoder(model, compile_backend(self.device))
         # a graph needs the flash kernel (the float32 attention loop reads sizes on the host)
         self.use_graphs = self.device.type == "cuda" and model.dtype in (
@@ -66,13 +67,13 @@ class FastEngine(HFEngine):
 
     @torch.inference_mode()
     def loglikelihood(self, sequences: list[np.ndarray], score_from: list[int]):
-        """One packed forward per piece of whole sequences of at most SCORE_FORWARD_TOKENS
-        tokens. A batch of the auto budget (up to ~1M tokens) in one forward passes 2^31
-        elements in its MLP activations, and inductor then compiles the fused functions again
-        for 64-bit indexing (1.7-2.3 s on the 8B shape); pieces of 65k tokens run the matrix
-        products as fast (H200, 8B shape: 625 TFLOP/s at 65k tokens, 618 at 524k)."""
+        """One packed forward per piece of whole sequences of at most `forward_tokens` tokens.
+        A batch of the auto budget (up to ~1M tokens) in one forward passes 2^31 elements in
+        its MLP activations, and inductor then compiles the fused functions again for 64-bit
+        indexing (1.7-2.3 s on the 8B shape); pieces just under that run the matrix products
+        as fast (H200, 8B shape: 625 TFLOP/s at 65k tokens, 618 at 524k)."""
         out = []
-        for a, b in forward_pieces([len(s) for s in sequences], SCORE_FORWARD_TOKENS):
+        for a, b in forward_pieces([len(s) for s in sequences], self.forward_tokens):
             out += self._packed_loglikelihood(sequences[a:b], score_from[a:b])
         return out
 
@@ -283,6 +284,22 @@ class FastEngine(HFEngine):
             self._decode_logits(size, kv_bucket)
         _count(self.counters, graph_captures=1, capture_seconds=time.perf_counter() - started)
         return graph
+
+
+def forward_token_limit(config) -> int:
+    """The most tokens a packed forward takes while its widest activation (the MLP's merged
+    gate and up projection, or q/k/v) stays under 2^31 elements, in multiples of 4,096: 73,728
+    on Llama-3.1-8B, 217,088 on Qwen2.5-0.5B. Fewer, larger forwards matter on small models,
+    whose per-forward cost is a larger share (0.5B: 51.7% of peak at 65k-token forwards)."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    widest = max(
+        2 * (getattr(config, "intermediate_size", None) or 4 * config.hidden_size),
+        (heads + 2 * kv_heads) * head_dim,
+        config.hidden_size,
+    )
+    return max(4096, (INDEX_LIMIT - 1) // widest // 4096 * 4096)
 
 
 def forward_pieces(lengths: list[int], limit: int) -> list[tuple[int, int]]:

@@ -33,8 +33,15 @@ class JobPlan:
     file_order: list[Batch]
 
 
-def make_plan(inputs: Inputs, budget: TokenBudget, shard: Shard | None = None) -> JobPlan:
-    """Length-sorted, token-budget-packed batches of the rows this shard runs."""
+# How a packed generation plan orders its rows: "steps" (most decode steps first, then longest
+# prompt) since job.json records it; folders planned before that keep "length" on resume.
+PLAN_ORDER = "steps"
+
+
+def make_plan(
+    inputs: Inputs, budget: TokenBudget, shard: Shard | None = None, order: str = PLAN_ORDER
+) -> JobPlan:
+    """Sorted, token-budget-packed batches of the rows this shard runs."""
     prepared = inputs.prepared
     mine = shard_rows(prepared, inputs.task.new_tokens_per_row(), shard)
     runnable = prepared.runnable_rows()
@@ -42,7 +49,8 @@ def make_plan(inputs: Inputs, budget: TokenBudget, shard: Shard | None = None) -
         runnable = np.intersect1d(runnable, mine)
     sort = inputs.setup.spec.batching.sort == "length"
     costs = inputs.task.row_costs(prepared) if budget.packed else None
-    batches = plan_batches(runnable, prepared.lengths, budget, sort, costs)
+    steps = inputs.task.row_steps(prepared) if budget.packed and order == "steps" else None
+    batches = plan_batches(runnable, prepared.lengths, budget, sort, costs, steps)
     file_order = plan_batches(runnable, prepared.lengths, budget, False, costs)
     return JobPlan(budget, mine, runnable, batches, file_order)
 

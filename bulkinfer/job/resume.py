@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.job.budget import token_budget
-from bulkinfer.job.planning import JobPlan, make_plan, plan_facts
+from bulkinfer.job.planning import PLAN_ORDER, JobPlan, make_plan, plan_facts
 from bulkinfer.job.setup import Inputs, JobSetup
 from bulkinfer.observe.progress import log, set_log_context
 from bulkinfer.planner import Batch, padding_fraction
@@ -37,8 +37,11 @@ def record_plan(inputs: Inputs, engine, folder: JobFolder, shard: Shard | None) 
     new_tokens = setup.task.new_tokens_per_row()
     recorded = {"max_tokens": job.max_tokens, "max_batch_size": job.max_batch_size}
     budget = token_budget(setup.spec.batching, engine.limits, setup.config, new_tokens, recorded)
-    plan = make_plan(inputs, budget, shard)
+    # a folder planned before plans recorded their order was planned by length
+    order = job.plan_order or ("length" if job.plan is not None else PLAN_ORDER)
+    plan = make_plan(inputs, budget, shard, order)
     job.max_tokens, job.max_batch_size = budget.max_tokens, budget.max_batch_size
+    job.plan_order = order
     job.rows = len(plan.rows)
     job.openai_responses = setup.openai_responses
     job.plan = plan_facts(inputs.prepared, plan)

@@ -33,6 +33,7 @@ class JobRecord:
     format: int = FORMAT_VERSION
     max_tokens: int | None = None
     max_batch_size: int | None = None
+    plan_order: str | None = None  # how the plan sorted its rows (job/planning.py PLAN_ORDER)
     rows: int | None = None
     openai_responses: bool = False
     plan: dict | None = None

@@ -36,6 +36,10 @@ class Task(Protocol):
         """Tokens each row holds on an engine that packs rows without padding (the plan of
         such an engine sums them)."""
 
+    def row_steps(self, prepared: PreparedRows) -> np.ndarray | None:
+        """Decode steps each row may take (its new-token limit); None for a task that decodes
+        nothing. A packed plan starts the rows with most steps first."""
+
     engine: str  # the engine it runs on: causal (score, generate), embed or classify
     # True for generation: `ask` a batch's sequences, the engine streams them, `answer` turns
     # its generations into the batch's columns (job/stream.py runs the whole job as one loop)

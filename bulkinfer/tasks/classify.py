@@ -67,6 +67,9 @@ class ClassifyTask:
     def row_costs(self, prepared: PreparedRows) -> np.ndarray:
         return prepared.lengths.astype(np.int64)
 
+    def row_steps(self, prepared: PreparedRows) -> None:
+        return None
+
     engine = "classify"
     streams = False
 

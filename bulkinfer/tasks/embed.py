@@ -45,6 +45,9 @@ class EmbedTask:
     def row_costs(self, prepared: PreparedRows) -> np.ndarray:
         return prepared.lengths.astype(np.int64)
 
+    def row_steps(self, prepared: PreparedRows) -> None:
+        return None
+
     engine = "embed"
     streams = False
 

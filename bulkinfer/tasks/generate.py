@@ -78,19 +78,26 @@ class GenerateTask:
     def row_costs(self, prepared: PreparedRows) -> np.ndarray:
         """Tokens each row holds on an engine that packs rows: n sequences of its prompt plus
         the new tokens it may take (its request's own limit, at most the job's)."""
+        n = np.full(prepared.num_rows, self.spec.n, dtype=np.int64)
+        params = prepared.request_params if self.per_request else None
+        if params is not None:
+            wanted = params.column("n").to_numpy(zero_copy_only=False)
+            n = np.nan_to_num(wanted.astype(float), nan=self.spec.n).astype(np.int64)
+        return n * (prepared.lengths.astype(np.int64) + self.row_steps(prepared))
+
+    def row_steps(self, prepared: PreparedRows) -> np.ndarray:
+        """The new tokens each row may take: its request's own limit, at most the job's, and
+        no more than the model's context leaves after its prompt."""
         lengths = prepared.lengths.astype(np.int64)
         limit = np.full(len(lengths), self.spec.max_new_tokens, dtype=np.int64)
-        n = np.full(len(lengths), self.spec.n, dtype=np.int64)
         params = prepared.request_params if self.per_request else None
         if params is not None:
             asked = params.column("max_new_tokens").to_numpy(zero_copy_only=False)
             asked = np.nan_to_num(asked.astype(float), nan=self.spec.max_new_tokens)
             limit = np.minimum(limit, asked.astype(np.int64))
-            wanted = params.column("n").to_numpy(zero_copy_only=False)
-            n = np.nan_to_num(wanted.astype(float), nan=self.spec.n).astype(np.int64)
         if self.max_context is not None:
             limit = np.maximum(1, np.minimum(limit, self.max_context - lengths))
-        return n * (lengths + limit)
+        return limit
 
     def run(self, engine, prepared: PreparedRows, rows: np.ndarray) -> BatchResult:
         """One batch in one engine call (a piece of it at a time on a padded engine)."""

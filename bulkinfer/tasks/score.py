@@ -57,6 +57,9 @@ class ScoreTask:
     def row_costs(self, prepared: PreparedRows) -> np.ndarray:
         return prepared.lengths.astype(np.int64)
 
+    def row_steps(self, prepared: PreparedRows) -> None:
+        return None
+
     def run(self, engine, prepared: PreparedRows, rows: np.ndarray) -> BatchResult:
         if self.choices:
             return self._run_choices(engine, prepared, rows)
