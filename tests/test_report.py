@@ -24,6 +24,9 @@ from conftest import (
     write_jsonl,
 )
 
+from bulkinfer.observe.report.charts import throughput_chart
+from bulkinfer.observe.report.facts import read_job
+
 N_ROWS = 40
 NULL_PROMPTS = (3, 17, 29)
 WIDTH, HEIGHT = 1200, 2400
@@ -166,6 +169,11 @@ def test_report_works_on_a_half_finished_job(job_spec):
     assert (out / "report" / "throughput.png").exists()
     # The run then resumes untroubled by the report's files, and --overwrite removes them.
     assert cli("run", str(job)).exit_code == 0
+    # The throughput axis spans both runs, the gap between them included.
+    summary = json.loads((out / "summary.json").read_text())
+    start, end = read_job(out).timeline
+    assert end - start > summary["wall_seconds"]
+    assert throughput_chart(read_job(out)).x_range[1] == pytest.approx(end - start)
     assert cli("run", str(job), "--overwrite").exit_code == 0
     assert not (out / "report.html").exists() and not (out / "report").exists()
 
@@ -217,6 +225,16 @@ def test_report_without_matplotlib_draws_inline_svg(finished, tmp_path):
     assert "without matplotlib" in html
     assert external_references(html) == []
     assert not list(out.glob("report/*.png"))
+    # The throughput axis is labelled from 0 to the job's wall time (a short job: seconds).
+    throughput = re.search(
+        r"<svg[^>]*>\s*<text[^>]*>Throughput over time</text>.*?</svg>", html, re.S
+    )
+    labels = re.findall(
+        r'<text x="[0-9.]+" y="[0-9.]+" text-anchor="middle">([^<]*)</text>', throughput.group(0)
+    )
+    wall = json.loads((out / "summary.json").read_text())["wall_seconds"]
+    assert labels[:2] == ["0", f"{wall:,.2g}" if wall < 100 else f"{wall:,.0f}"]
+    assert "seconds since the job started" in labels[2]
 
 
 @pytest.mark.skipif(
@@ -246,3 +264,67 @@ def test_report_of_the_sample_job_renders(tmp_path):
     assert f"{len(rows)} of {len(rows)}" in html and "SmolLM2-135M-Instruct" in html
     assert external_references(html) == []
     assert_renders(out / "report.html", tmp_path)
+
+
+def test_throughput_axis_spans_the_whole_run(finished):
+    """The chart runs from the job's start to its end (summary.json's wall time), not from the
+    first batch to the last: the start-up before the first batch shows as the time it took."""
+    summary = json.loads((finished / "summary.json").read_text())
+    facts = read_job(finished)
+    start, end = facts.timeline
+    assert end - start == pytest.approx(summary["wall_seconds"])
+    first = min(b["ended_at"] - b["seconds"] for b in facts.batches)
+    assert first - start == pytest.approx(summary["first_batch_seconds"], abs=0.1)
+    assert max(b["ended_at"] for b in facts.batches) <= end
+    chart = throughput_chart(facts)
+    assert chart.x_range == (0.0, pytest.approx(summary["wall_seconds"]))
+    assert chart.x_label == "seconds since the job started"
+    for series in chart.series:  # the slices ending before the first batch started are empty
+        half = (series.x[1] - series.x[0]) / 2
+        before = [y for x, y in zip(series.x, series.y, strict=True) if x + half < first - start]
+        assert not any(before)
+
+
+COMPLETIONS = [
+    {
+        "custom_id": f"c-{i}",
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"model": "m", "prompt": row["prompt"], "max_tokens": 2},
+    }
+    for i, row in enumerate(sample_prompts(6))
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "task", "rows", "template"),
+    [
+        ("generate", {"max_new_tokens": 2}, None, " (after the chat template)"),
+        ("raw", {"max_new_tokens": 2, "chat_template": "never"}, None, ""),
+        ("score", {"type": "score"}, None, ""),
+        ("completions", {"max_new_tokens": 2}, COMPLETIONS, ""),
+        (
+            "chat_and_completions",
+            {"max_new_tokens": 2},
+            "openai_batch.jsonl",
+            " (after the chat template, for the prompts it rendered)",
+        ),
+    ],
+)
+def test_length_caption_names_the_chat_template_only_where_prompts_went_through_it(
+    tmp_path, tiny_model, name, task, rows, template
+):
+    """Score jobs, raw-text generate jobs and OpenAI /v1/completions prompts are tokenized as
+    given; the chat template is named only where it rendered the prompts."""
+    if rows is None:
+        inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(6))
+    elif isinstance(rows, str):
+        inputs = ROOT / "sample_data" / rows
+    else:
+        inputs = write_jsonl(tmp_path / "in.jsonl", rows)
+    job = write_job(tmp_path / "job.yaml", tiny_model, inputs, tmp_path / name, task=task)
+    assert cli("run", str(job)).exit_code == 0
+    assert cli("report", str(tmp_path / name)).exit_code == 0
+    html = (tmp_path / name / "report.html").read_text()
+    assert f"Rows by prompt length in tokens{template}, in buckets" in html
+    assert html.count("chat template") == template.count("chat template")

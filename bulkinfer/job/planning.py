@@ -66,7 +66,7 @@ def shard_rows(prepared: PreparedRows, new_tokens_per_row: int, shard: Shard | N
 def plan_facts(prepared: PreparedRows, plan: JobPlan) -> dict:
     """What job.json keeps of the plan, so `bulkinfer report` shows it before the job ends: the
     token-length histogram (fixed buckets, so shards add up), planned batches, padded tokens
-    sorted and in file order."""
+    sorted and in file order, and whether the lengths are of prompts after the chat template."""
     runnable = plan.runnable
     return {
         "batches": len(plan.batches),
@@ -76,6 +76,7 @@ def plan_facts(prepared: PreparedRows, plan: JobPlan) -> dict:
         "padded_tokens": sum(b.padded_tokens for b in plan.batches),
         "padded_tokens_file_order": sum(b.padded_tokens for b in plan.file_order),
         "length_histogram": length_counts(prepared.lengths[runnable]),
+        "chat_template": prepared.chat_template,
     }
 
 

@@ -37,6 +37,10 @@ class PreparedRows:
     choice_lengths: np.ndarray | None = None
     locations: list[tuple[int, InputChunk]] = field(default_factory=list, repr=False)
     truncated: dict[int, int] = field(default_factory=dict)  # row -> tokens cut (task.truncate)
+    # Prompts the chat template rendered and prompts tokenized as given (rows failed earlier,
+    # a null prompt say, in neither): what the length figures are lengths of.
+    chat_prompts: int = 0
+    plain_prompts: int = 0
     token_file: TokenFile | None = field(default=None, repr=False)
     columns: RowColumnFiles | None = field(default=None, repr=False)
     folder: Path | None = None
@@ -49,6 +53,13 @@ class PreparedRows:
     @property
     def num_rows(self) -> int:
         return len(self.offsets) - 1
+
+    @property
+    def chat_template(self) -> str:
+        """Which prompts the chat template rendered: all, some or none."""
+        if self.chat_prompts and self.plain_prompts:
+            return "some"
+        return "all" if self.chat_prompts else "none"
 
     def tokens(self, row: int) -> np.ndarray:
         if self.token_file is None:

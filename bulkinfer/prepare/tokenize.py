@@ -75,6 +75,7 @@ class _Collected:
         self.count_parts, self.choice_parts, self.request_parts = [], [], []
         self.row_errors: dict[int, str] = {}
         self.truncated: dict[int, int] = {}
+        self.chat_prompts = self.plain_prompts = 0
         self.locations: list[tuple[int, InputChunk]] = []
         self.id_type: pa.DataType | None = None
         self.rows = 0
@@ -92,6 +93,9 @@ class _Collected:
             self.count_parts.append(choices[0])
             self.choice_parts.append(choices[1])
         self.truncated.update({first + i: n for i, n in cut.items()})
+        chat = sum(encoded.rendered.is_chat)
+        self.chat_prompts += chat
+        self.plain_prompts += len(encoded.rendered.is_chat) - chat
         self.length_parts.append(lengths.astype(np.int32))
         if self.scored_from:
             self.score_parts.append(score_from)
@@ -122,6 +126,8 @@ class _Collected:
             choice_lengths=np.concatenate(self.choice_parts) if has_choices else None,
             locations=self.locations,
             truncated=self.truncated,
+            chat_prompts=self.chat_prompts,
+            plain_prompts=self.plain_prompts,
             token_file=token_file,
             columns=self.columns if self.columns.schema is not None else None,
             folder=folder,

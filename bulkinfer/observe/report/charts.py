@@ -51,6 +51,7 @@ class Chart:
     notes: list[str] = field(default_factory=list)
     log_x: bool = False
     percent_y: bool = False
+    x_range: tuple[float, float] | None = None  # the x axis's span, where the data's is not it
 
 
 def charts(facts: JobFacts) -> list[Chart]:
@@ -83,12 +84,17 @@ def lengths_chart(facts: JobFacts) -> Chart | None:
 
 def throughput_chart(facts: JobFacts, bins: int = 60) -> Chart | None:
     """Tokens per second of the whole job over wall time: each batch's tokens spread over the
-    seconds it ran, summed across shards, in `bins` equal slices."""
+    seconds it ran, summed across shards, in `bins` equal slices. The axis spans the whole job,
+    from its start to its end, so the start-up before the first batch and the finishing after
+    the last show as the time they took."""
     batches = facts.batches
     if not batches:
         return None
     starts, ends = batch_spans(batches, facts.has_timestamps)
     t0, t1 = float(starts.min()), float(ends.max())
+    timeline = facts.timeline if facts.has_timestamps else None
+    if timeline is not None:
+        t0, t1 = min(t0, timeline[0]), max(t1, timeline[1])
     span = max(t1 - t0, 1e-6)
     edges = np.linspace(t0, t1, min(bins, max(len(batches), 8)) + 1)
     width = edges[1] - edges[0]
@@ -115,10 +121,11 @@ def throughput_chart(facts: JobFacts, bins: int = 60) -> Chart | None:
         name="throughput",
         title="Throughput over time",
         kind="lines",
-        x_label=f"{unit} since the first batch started",
+        x_label=f"{unit} since the " + ("job started" if timeline else "first batch started"),
         y_label="tokens / s",
         series=series,
         notes=notes,
+        x_range=(0.0, span / scale),
     )
 
 
@@ -246,6 +253,8 @@ def _draw(ax, chart: Chart) -> None:
         for series, colour in zip(chart.series, SERIES_COLOURS, strict=False):
             ax.plot(series.x, series.y, label=series.label, color=colour, drawstyle="steps-mid")
         ax.set_ylim(bottom=0)
+        if chart.x_range is not None:
+            ax.set_xlim(*chart.x_range)
         if len(chart.series) > 1:
             _legend_below(ax)
     elif chart.kind == "points":

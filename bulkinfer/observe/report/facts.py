@@ -45,6 +45,10 @@ class JobFacts:
     batches: list[dict]  # per-batch stats; `shard` and `run` added; `ended_at` may be None
     batches_planned: int | None
     plan: dict | None  # the plan facts summed over shards (histogram, padded tokens)
+    chat_template: str | None  # the prompts it rendered: all, some, none; None: not known
+    # (start, end) of the job on the batches' `ended_at` clock, start-up and finishing included;
+    # None in folders without batch timestamps
+    timeline: tuple[float, float] | None = None
     shards: list[ShardState] = field(default_factory=list)
 
     @property
@@ -74,6 +78,7 @@ def read_job(root: Path) -> JobFacts:
     summary = _summary(layout)
     batches = _batches(layout, folders, summary)
     totals = [(j or {}).get("rows") for j in jobs]
+    spec = (known[0].get("spec") or {}) if known else {}
     rows_done, by_status, errors = _rows(folders, [s.state for s in states] or [None])
     if summary:
         by_status = dict(summary["rows_by_status"])
@@ -82,7 +87,7 @@ def read_job(root: Path) -> JobFacts:
     return JobFacts(
         root=root,
         state=_overall_state(root, summary, states),
-        spec=(known[0].get("spec") or {}) if known else {},
+        spec=spec,
         device=_device(summary, known),
         summary=summary,
         rows_total=sum(totals) if totals and None not in totals else None,
@@ -92,6 +97,8 @@ def read_job(root: Path) -> JobFacts:
         batches=batches,
         batches_planned=_sum_plan(known, "batches", len(jobs)),
         plan=_plan(known, len(jobs)) or _plan_from_results(folders),
+        chat_template=_chat_template(known, spec),
+        timeline=_timeline(folders),
         shards=states,
     )
 
@@ -149,6 +156,37 @@ def _batches(root: OutputLayout, folders: list[OutputLayout], summary: dict | No
     return found
 
 
+def _timeline(folders: list[OutputLayout]) -> tuple[float, float] | None:
+    """From the first run's start to the last run's end, on the clock of the batches'
+    `ended_at` (shards side by side, resumed runs with the gaps between them)."""
+    spans = [span for folder in folders for span in _run_spans(folder)]
+    if not spans:
+        return None
+    return min(start for start, _ in spans), max(end for _, end in spans)
+
+
+def _run_spans(folder: OutputLayout) -> list[tuple[float, float]]:
+    """(start, end) of each run that committed parts in `folder`. A part records the seconds
+    since its run started (`elapsed`), taken just after its last batch ended, so the run started
+    that long before; it ran at least until its last part. A finished folder's last run ends
+    where its summary's wall time, less the earlier runs', says (the outputs' assembly too)."""
+    starts: dict[str, float] = {}
+    lengths: dict[str, float] = {}
+    for record in read_manifest(folder):
+        ended = [s["ended_at"] for s in record.stats if s.get("ended_at")]
+        if not ended:
+            continue
+        start = max(ended) - record.elapsed
+        starts[record.run] = max(starts.get(record.run, start), start)
+        lengths[record.run] = max(lengths.get(record.run, 0.0), record.elapsed)
+    summary = _summary(folder)
+    if summary and starts:
+        last = max(starts, key=starts.__getitem__)
+        earlier = sum(seconds for run, seconds in lengths.items() if run != last)
+        lengths[last] = max(lengths[last], summary["wall_seconds"] - earlier)
+    return [(starts[run], starts[run] + lengths[run]) for run in starts]
+
+
 def _rows(
     folders: list[OutputLayout], states: list[str | None]
 ) -> tuple[int, dict, list[ErrorGroup]]:
@@ -191,6 +229,17 @@ def _plan(jobs: list[dict], count: int) -> dict | None:
             histogram[(low, high)] += n
     total["length_histogram"] = [(lo, hi, n) for (lo, hi), n in sorted(histogram.items())]
     return total
+
+
+def _chat_template(jobs: list[dict], spec: dict) -> str | None:
+    """Whether all, some or none of the prompts went through the chat template, as planning
+    recorded it. Folders planned before it was recorded: `all` where the spec forces the
+    template, else not known (message prompts are always rendered by it, plain text prompts by
+    the task and the tokenizer)."""
+    recorded = {(j.get("plan") or {}).get("chat_template") for j in jobs} - {None}
+    if recorded:
+        return recorded.pop() if len(recorded) == 1 else "some"
+    return "all" if (spec.get("task") or {}).get("chat_template") == "always" else None
 
 
 def _plan_from_results(folders: list[OutputLayout]) -> dict | None:

@@ -21,6 +21,8 @@ def draw_svg(chart: Chart) -> str:
     if chart.kind == "bars":
         xs = xs + [x + w for x, w in zip(chart.series[0].x, chart.widths, strict=True)]
     x_low, x_high = (0.0, 1.0) if chart.kind == "hbars" else (min(xs), max(xs))
+    if chart.x_range is not None:
+        x_low, x_high = chart.x_range
     y_high = 1.0 if chart.kind == "hbars" else max(max(ys, default=0) * 1.1, 1e-9)
 
     def sx(x: float) -> float:
