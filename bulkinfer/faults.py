@@ -45,6 +45,16 @@ def slow_batch() -> None:
         time.sleep(float(delay))
 
 
+def slow_step() -> None:
+    """`BULKINFER_SLOW_STEP_SECONDS=0.05` stretches every report of a generation stream (every
+    few decode steps), so a test gets batches slower than checkpoint.every_seconds."""
+    delay = os.environ.get("BULKINFER_SLOW_STEP_SECONDS")
+    if delay:
+        import time
+
+        time.sleep(float(delay))
+
+
 def out_of_memory(padded_tokens: int) -> None:
     """`BULKINFER_OOM_ABOVE_TOKENS=N`: a model call over N padded tokens fails as a GPU out of
     memory would, so the split-and-shrink path runs on a CPU."""

@@ -5,6 +5,7 @@ Workloads (seeded, so every call measures the same job):
   sharegpt  an OpenAI Batch file of N `/v1/completions` requests: prompt lengths and
             per-request `max_tokens` drawn log-normal (means about 200 tokens each, answers up
             to 1,500, the ShareGPT-like mix serving engines publish figures on), greedy
+  json      the sharegpt requests with every answer kept to a JSON schema (task.response_format)
   score     N prompts of the same length mix, scored (log-likelihood of every token)
 
 The model is a real architecture's shape (Llama-3.1-8B by default) with random weights, built
@@ -37,6 +38,19 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_model's tokenizer trainer
 
+# json jobs: fields of an extraction; free strings and a list, so answers of any length fit
+EXTRACT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "kind": {"enum": ["question", "request", "story", "other"]},
+        "year": {"type": "integer"},
+        "keywords": {"type": "array", "items": {"type": "string"}},
+        "summary": {"type": "string"},
+    },
+    "required": ["title", "kind", "year", "keywords", "summary"],
+    "additionalProperties": False,
+}
 PEAK_BF16_FLOPS = 790e12  # dense bf16 matrix products, measured on the lent H200
 COPY_BYTES_PER_S = 4.3e12  # device-to-device copy, measured on the lent H200
 WORDS = [
@@ -217,7 +231,7 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.tiny:
-        args.shape, args.jobs = "tiny", "sharegpt:24,score:40"
+        args.shape, args.jobs = "tiny", "sharegpt:24,json:24,score:40"
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_jobs_"))
     start = time.perf_counter()
     saved = work / "model" / "bench_model.json"
@@ -238,9 +252,11 @@ def main() -> None:
         n = int(count)
         env = dict(kv.split("=", 1) for kv in "+".join(settings).split("+") if kv)
         data = work / f"{kind}-{n}.jsonl"
-        if kind == "sharegpt":
+        if kind in ("sharegpt", "json"):
             facts = write_requests(data, n, model["per_word"])
             task = {"type": "generate", "max_new_tokens": 1500, "temperature": 0.0}
+            if kind == "json":  # the same requests, every answer kept to a JSON schema
+                task["response_format"] = {"type": "json_schema", "schema": EXTRACT_SCHEMA}
         else:
             facts = write_prompts(data, n, model["per_word"])
             task = {"type": "score"}
@@ -251,7 +267,7 @@ def main() -> None:
             "task": task,
         }
         if args.tiny:
-            spec["task"]["max_new_tokens"] = 16 if kind == "sharegpt" else None
+            spec["task"]["max_new_tokens"] = 16 if kind != "score" else None
             spec["task"] = {key: v for key, v in spec["task"].items() if v is not None}
         job = work / f"{kind}-{n}.yaml"
         job.write_text(json.dumps(spec))

@@ -10,6 +10,8 @@ seeds, so running it twice produces a byte-identical ``prompts.jsonl``. It write
 
 * ``sample_data/prompts.jsonl``   - one ``{"id", "prompt", "source"}`` object per line, UTF-8
 * ``sample_data/prompts.parquet`` - the same rows and columns, all strings
+* ``sample_data/quick.jsonl``     - the shortest few prompts of each source, in file order
+  (the default sample job; ``jobs/sample_large.yaml`` runs all of them)
 
 Run it from anywhere with ``python scripts/make_sample_data.py``.
 """
@@ -27,6 +29,7 @@ import pyarrow.parquet as pq
 OUT_DIR = Path(__file__).resolve().parent.parent / "sample_data"
 JSONL_PATH = OUT_DIR / "prompts.jsonl"
 PARQUET_PATH = OUT_DIR / "prompts.parquet"
+QUICK_PATH = OUT_DIR / "quick.jsonl"
 
 SHUFFLE_SEED = 1234
 LONG_SEED = 20240611
@@ -40,6 +43,10 @@ LONG_WORDS = (400, 900)
 PARAGRAPH_WORDS = (60, 110)
 LONG_PARAGRAPHS_PER_DOC = (5, 9)
 MAX_JSONL_BYTES = 1_500_000
+# The quick sample (jobs/sample.yaml): the shortest few prompts of every source, so the first
+# run shows every kind of request and answers in about a minute on two CPU cores.
+QUICK_PER_SOURCE = 4
+QUICK_MAX_CHARS = 600
 
 COLUMNS = ("id", "prompt", "source")
 
@@ -659,6 +666,17 @@ def build_rows() -> list[dict[str, str]]:
     ]
 
 
+def quick_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The QUICK_PER_SOURCE shortest prompts of each source (under QUICK_MAX_CHARS), in file
+    order."""
+    picked = set()
+    for source in sorted({row["source"] for row in rows}):
+        mine = [r for r in rows if r["source"] == source and len(r["prompt"]) <= QUICK_MAX_CHARS]
+        mine.sort(key=lambda r: (len(r["prompt"]), r["id"]))
+        picked.update(r["id"] for r in mine[:QUICK_PER_SOURCE])
+    return [row for row in rows if row["id"] in picked]
+
+
 def write_jsonl(rows: list[dict[str, str]], path: Path) -> None:
     """One object per line, keys in COLUMNS order, UTF-8 without escaping, '\\n' endings."""
     text = "".join(
@@ -691,7 +709,10 @@ def main() -> None:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     write_jsonl(rows, JSONL_PATH)
     write_parquet(rows, PARQUET_PATH)
+    quick = quick_rows(rows)
+    write_jsonl(quick, QUICK_PATH)
     print(summary(rows))
+    print(f"wrote {len(quick)} of them to {OUT_DIR.name}/{QUICK_PATH.name}")
 
 
 if __name__ == "__main__":

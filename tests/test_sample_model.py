@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 from conftest import ROOT, cli, read_outputs, write_jsonl
@@ -36,7 +37,8 @@ def test_sample_model_answers_sensibly(tmp_path):
     assert out["fr"]["source"] == "trivia"
 
 
-def test_sample_job_plan_reads_the_shipped_data():
-    result = cli("plan", str(ROOT / "jobs" / "sample.yaml"), "--json")
+@pytest.mark.parametrize(("job", "rows"), [("sample.yaml", 44), ("sample_large.yaml", 300)])
+def test_sample_job_plan_reads_the_shipped_data(job, rows):
+    result = cli("plan", str(ROOT / "jobs" / job), "--json")
     assert result.exit_code == 0, result.output
-    assert '"rows": 300' in result.output
+    assert json.loads(result.output)["rows"] == rows

@@ -24,7 +24,7 @@ from conftest import (
 from tiny_model import build_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bulkinfer.engines.base import GenerateRequests
+from bulkinfer.engines.base import GenerateRequests, whole_groups
 from bulkinfer.engines.sampling import SamplingParams, row_key
 from bulkinfer.engines.select import engine_around
 
@@ -60,7 +60,7 @@ def test_later_groups_take_slots_before_earlier_ones_finish(engines):
             yield g, requests
 
     got = {}
-    for g, generations in fast.generate_stream(feed()):
+    for g, generations in whole_groups(fast, feed()):
         events.append(("out", g))
         got[g] = generations
     first_out = events.index(next(e for e in events if e[0] == "out"))

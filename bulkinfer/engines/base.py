@@ -93,6 +93,41 @@ class GenerateRequests:
         return first if all(p == first for p in self.params) else self.params
 
 
+@dataclass(frozen=True)
+class StreamUpdate:
+    """One report of a generation stream: the sequences of `group` that finished since its
+    last report (by their index in the group) and the tokens every row in flight produced
+    since the stream's last report. A group is done once all its sequences were reported; an
+    update with no group only reports tokens (progress within a long batch)."""
+
+    group: Hashable | None
+    finished: dict[int, Any]  # index in the group -> Generation
+    new_tokens: int = 0
+
+
+def whole_groups(
+    engine, groups: Iterable[tuple[Hashable, GenerateRequests]]
+) -> Iterator[tuple[Hashable, list[Generation]]]:
+    """The engine's stream of `groups`, as each group's generations (in request order) once its
+    last sequence is done."""
+    sizes: dict[Hashable, int] = {}
+    got: dict[Hashable, dict[int, Any]] = {}
+
+    def feed():
+        for tag, requests in groups:
+            sizes[tag], got[tag] = len(requests), {}
+            yield tag, requests
+
+    for update in engine.generate_stream(feed()):
+        if update.group is None:
+            continue
+        done = got[update.group]
+        done.update(update.finished)
+        if len(done) == sizes[update.group]:
+            del got[update.group]
+            yield update.group, [done[i] for i in range(sizes.pop(update.group))]
+
+
 class Generation(Protocol):
     tokens: list[int]
     finish_reason: str
@@ -127,11 +162,13 @@ class CausalEngine(Protocol):
 
     def generate_stream(
         self, groups: Iterable[tuple[Hashable, GenerateRequests]]
-    ) -> Iterator[tuple[Hashable, list[Generation]]]:
-        """Continue group after group (a job's checkpoint batches), yielding each group's
-        generations once its last sequence is done. An engine that keeps rows in flight draws
-        the next groups while earlier ones still decode, so its slots never drain between
-        checkpoint batches; groups may come back in another order than they went in."""
+    ) -> Iterator[StreamUpdate]:
+        """Continue group after group (a job's checkpoint batches), reporting sequences as they
+        finish and the tokens made meanwhile, every few decode steps (`StreamUpdate`), so the
+        job can commit finished rows and show progress within a long batch. An engine that
+        keeps rows in flight draws the next groups while earlier ones still decode, so its
+        slots never drain between checkpoint batches; groups may finish in another order than
+        they went in. `whole_groups` turns the stream into whole groups."""
 
 
 class EncoderEngine(Protocol):

@@ -8,6 +8,7 @@ then runs eagerly and the user hears of it once.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,24 @@ def use_compile_cache(folder: Path | None, device_name: str) -> Path | None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(where / "inductor"))
     os.environ.setdefault("TRITON_CACHE_DIR", str(where / "triton"))
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+def compiled_marker(folder: Path | None, device_name: str, config) -> Path | None:
+    """A file in the compile cache that says a fast engine of this model shape has compiled
+    on this torch and GPU before, so its compiled kernels load instead of being built (what
+    `model.engine: auto` weighs a small job against)."""
+    if folder is None:
+        return None
+    import hashlib
+
+    from bulkinfer.configs import text_config
+
+    fields = text_config(config).to_dict()
+    fields = {k: v for k, v in fields.items() if not k.startswith("_") and "version" not in k}
+    text = json.dumps(fields, sort_keys=True, default=str)
+    shape = hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+    gpu = "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()
+    return folder / "compile" / f"torch-{torch.__version__.split('+')[0]}-{gpu}" / f"{shape}.done"
 
 
 class Compiled:

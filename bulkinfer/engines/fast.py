@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from bulkinfer.configs import text_config
-from bulkinfer.engines.base import EngineLimits, GenerateRequests
+from bulkinfer.engines.base import EngineLimits, GenerateRequests, whole_groups
 from bulkinfer.engines.compiling import compile_backend
+from bulkinfer.engines.constraints import mask_logits
 from bulkinfer.engines.decoder import Decoder
 from bulkinfer.engines.hf import Generation, HFEngine, per_row_totals, scored_positions
 from bulkinfer.engines.kv import DecodeInputs, DecodeState, KVPool
@@ -117,12 +118,12 @@ class FastEngine(HFEngine):
             return []
         per_row = params if isinstance(params, list) else [params] * len(prompts)
         requests = GenerateRequests(list(prompts), list(row_keys), per_row, list(max_new), logprobs)
-        return next(iter(self.generate_stream([(0, requests)])))[1]
+        return next(whole_groups(self, [(0, requests)]))[1]
 
     def generate_stream(self, groups):
         """Continuous batching over every group: the scheduler admits rows into slots and
-        pool regions, draws the next groups while earlier ones decode, and asks this engine
-        for prefill and decode steps."""
+        pool regions, draws the next groups while earlier ones decode, asks this engine for
+        prefill and decode steps, and reports finished rows every few steps."""
         from bulkinfer.engines.scheduler import stream
 
         return stream(self, groups)
@@ -174,9 +175,11 @@ class FastEngine(HFEngine):
         keys: list[int],
         chooser: Chooser,
         logprobs: bool,
+        matchers: list | None = None,
     ) -> tuple[list[int], list[float] | None]:
         """Run new rows packed, their keys and values written from each row's region start;
-        returns each row's first token (and its log-prob when asked)."""
+        returns each row's first token (and its log-prob when asked). `matchers`: each row's
+        grammar matcher or None (engines/constraints.py), masking its first token."""
         started = time.perf_counter()
         lengths = np.array([len(p) for p in prompts], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -195,6 +198,8 @@ class FastEngine(HFEngine):
         hidden = self._hidden(ids, positions, packed)
         last = torch.from_numpy(offsets[1:] - 1).to(self.device)
         logits = self.model.get_output_embeddings()(hidden[last]).float()
+        if matchers:
+            mask_logits(logits, matchers, self.tokenizer)
         key_tensor = torch.tensor(keys, dtype=torch.int64, device=self.device)
         tokens = choose_next_tokens(logits, chooser, key_tensor, 0)
         first = tokens.tolist()
@@ -205,10 +210,18 @@ class FastEngine(HFEngine):
 
     @torch.inference_mode()
     def decode(
-        self, rows: DecodeInputs, steps: int, chooser: Chooser, logprobs: bool
+        self,
+        rows: DecodeInputs,
+        steps: int,
+        chooser: Chooser,
+        logprobs: bool,
+        matchers: list | None = None,
     ) -> tuple[list[list[int]], list[list[float]]]:
         """`steps` decode steps of these rows without looking at the tokens on the host; returns
-        each row's new tokens (and log-probs, zeros unless asked)."""
+        each row's new tokens (and log-probs, zeros unless asked). With `matchers` (rows'
+        grammar matchers, engines/constraints.py) one step, its logits masked first."""
+        if matchers:
+            assert steps == 1, "a constrained step needs the tokens of the one before"
         n = len(rows.lengths)
         size = min(next(b for b in (*DECODE_BUCKETS, self.slots) if b >= n), self.slots)
         longest = max(rows.lengths) + steps
@@ -219,6 +232,8 @@ class FastEngine(HFEngine):
         started = time.perf_counter()
         for j in range(steps):
             logits = self.decode_step(size, longest)[:n]
+            if matchers:
+                mask_logits(logits, matchers, self.tokenizer)
             # keyed_uniform's noise for step s of a key is step 0's for key + s x its constant:
             # each row draws at its own step with the very function the reference engine uses
             keys = state.keys[:n] + state.steps[:n] * STEP_KEY

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from bulkinfer.configs import text_config
-from bulkinfer.engines.base import EngineLimits, LoadOptions
+from bulkinfer.engines.base import EngineLimits, LoadOptions, StreamUpdate
+from bulkinfer.engines.constraints import consume, mask_logits, matcher
 from bulkinfer.engines.sampling import RowSampling, SamplingParams, choose_next_tokens
 from bulkinfer.engines.stops import StopStrings
 from bulkinfer.engines.to_device import move_model
@@ -25,6 +27,7 @@ from bulkinfer.errors import ModelError, model_error
 # Models whose logits are not just lm_head(hidden): chunked scoring must not skip that step.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
 LOGIT_CHUNK_TOKENS = 2048
+REPORT_EVERY = 8  # decode steps between reports of finished rows and tokens made
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,15 @@ class HFEngine:
 
         `params` is one SamplingParams for the batch or one per row (temperature, top-p, top-k
         and stop strings then differ per row); `logprobs` adds each generated token's log-prob."""
+        done: dict[int, Generation] = {}
+        for finished, _ in self._decode(prompts, row_keys, params, max_new, logprobs):
+            done.update(finished)
+        return [done[i] for i in range(len(prompts))]
+
+    @torch.inference_mode()  # a generator: the caller's inference mode does not reach it
+    def _decode(self, prompts, row_keys, params, max_new, logprobs):
+        """The decode loop of `generate`, reporting every REPORT_EVERY steps and at its end the
+        rows finished meanwhile (by index) and the tokens made."""
         from transformers import DynamicCache
 
         per_row = params if isinstance(params, list) else [params] * len(prompts)
@@ -223,29 +235,39 @@ class HFEngine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         logits = self._step(input_ids, mask, positions, cache)
+        matchers = [matcher(self.tokenizer, p.grammar) for p in per_row]
+        constrained = any(m is not None for m in matchers)
         for step in range(max(max_new)):
+            if constrained:
+                mask_logits(logits, matchers, self.tokenizer)
             tokens = rows.take(step, logits, choose_next_tokens(logits, chooser, keys, step))
+            if constrained:
+                for m, token in zip(matchers, tokens.tolist(), strict=True):
+                    consume(m, token)
             if rows.all_finished():
                 break
+            if (step + 1) % REPORT_EVERY == 0:
+                yield rows.report()
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
             logits = self._step(tokens[:, None], mask, positions, cache)
-        return rows.generations()
+        yield rows.report()
 
-    def generate_stream(self, groups):
+    def generate_stream(self, groups) -> Iterator[StreamUpdate]:
         """Group after group, each run in calls of its `piece` sequences: the reference engine
-        pads each call to its longest row, so it keeps no rows in flight between calls."""
+        pads each call to its longest row, so it keeps no rows in flight between calls. Rows
+        are reported every REPORT_EVERY steps as they finish."""
         for tag, requests in groups:
-            generations = []
+            if not len(requests):
+                yield StreamUpdate(tag, {})
+            offset = 0
             for piece in requests.pieces():
-                generations += self.generate(
-                    piece.prompts,
-                    piece.keys,
-                    piece.shared_params(),
-                    piece.limits,
-                    logprobs=piece.logprobs,
+                updates = self._decode(
+                    piece.prompts, piece.keys, piece.shared_params(), piece.limits, piece.logprobs
                 )
-            yield tag, generations
+                for finished, tokens in updates:
+                    yield StreamUpdate(tag, {offset + i: g for i, g in finished.items()}, tokens)
+                offset += len(piece)
 
     def _step(self, input_ids, mask, positions, cache) -> torch.Tensor:
         out = self.model(
@@ -296,6 +318,8 @@ class _DecodingRows:
         stops = [p.stop for p in per_row]
         self.stop_checker = StopStrings(stops, engine.tokenizer) if any(stops) else None
         self.steps = 0
+        self.reported = torch.zeros_like(self.finished)
+        self.tokens_reported = 0
 
     def take(self, step: int, logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """Record step `step`'s chosen tokens (pad where a row has finished); returns them."""
@@ -319,16 +343,28 @@ class _DecodingRows:
     def all_finished(self) -> bool:
         return bool(self.finished.all())
 
-    def generations(self) -> list[Generation]:
-        rows = self.generated[:, : self.steps].tolist()
-        batch = len(rows)
-        lps = self.token_logprobs[:, : self.steps].tolist() if self.logprobs else [None] * batch
-        return [
-            Generation(tokens[:n], "stop" if s else "length", lp[:n] if self.logprobs else None)
-            for tokens, n, s, lp in zip(
-                rows, self.counts.tolist(), self.stopped.tolist(), lps, strict=True
+    def report(self) -> tuple[dict[int, Generation], int]:
+        """The rows finished since the last report (every row once the loop has ended) and the
+        tokens made since then."""
+        ended = self.steps >= self.generated.shape[1] or self.all_finished()
+        new = ~self.reported if ended else self.finished & ~self.reported
+        index = new.nonzero().flatten().tolist()
+        self.reported |= new
+        made = int(self.counts.sum())
+        made, self.tokens_reported = made - self.tokens_reported, made
+        if not index:
+            return {}, made
+        rows = self.generated[index, : self.steps].tolist()
+        lps = self.token_logprobs[index, : self.steps].tolist() if self.logprobs else None
+        counts, stopped = self.counts[index].tolist(), self.stopped[index].tolist()
+        return {
+            i: Generation(
+                rows[k][: counts[k]],
+                "stop" if stopped[k] else "length",
+                lps[k][: counts[k]] if self.logprobs else None,
             )
-        ]
+            for k, i in enumerate(index)
+        }, made
 
 
 def scored_positions(lengths, score_from, offsets=None) -> tuple[np.ndarray, np.ndarray]:

@@ -28,6 +28,7 @@ class SamplingParams:
     seed: int = 0
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks: decode to max_new_tokens whatever the model says
+    grammar: str | None = None  # llguidance grammar the output keeps to (engines/constraints.py)
 
     @property
     def greedy(self) -> bool:

@@ -2,7 +2,8 @@
 
 The scheduler keeps up to the engine's `slots` rows in flight over a whole job: rows arrive in
 groups (a checkpoint batch each), a finished row's slot and pool region go to the next queued
-row whatever group it belongs to, and a group is handed back as soon as its last row is done.
+row whatever group it belongs to, and finished rows are reported after the decode steps that
+finished them (with the tokens made meanwhile), so a job can commit them and show progress.
 Each row owns a region of the engine's KV pool sized to its prompt plus its own new-token limit
 (a `RegionAllocator` here is the only record of who owns what). New rows are prefilled
 together; the host looks at the tokens every SYNC_EVERY decode steps (EOS, stop strings,
@@ -18,7 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bulkinfer.engines.base import GenerateRequests
+from bulkinfer.engines.base import GenerateRequests, StreamUpdate
+from bulkinfer.engines.constraints import consume, matcher
 from bulkinfer.engines.hf import Generation
 from bulkinfer.engines.kv import DecodeInputs, RegionAllocator
 from bulkinfer.engines.memory import PREFILL_TOKENS
@@ -43,6 +45,7 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     reason: str = "length"
+    matcher: object = None  # its grammar's matcher, for a constrained row
 
     @property
     def need(self) -> int:
@@ -64,17 +67,18 @@ def decode_inputs(rows: list[Row]) -> DecodeInputs:
 
 class Scheduler:
     """Rows enter as slots and pool regions free up and leave when done; groups of rows come
-    in through `add` and go out through `step` once all their rows are done."""
+    in through `add`, and `step` reports the rows it finished."""
 
     def __init__(self, engine):
         self.engine = engine
         self.slots = engine.slots
         self.queue: deque[Row] = deque()
         self.active: list[Row] = []
-        self.open: dict[Hashable, list[Row]] = {}  # group -> its rows, until all are done
-        self.left: dict[Hashable, int] = {}  # group -> rows not done yet
         self.allocator: RegionAllocator | None = None
-        self.done: list[tuple[Hashable, list[Generation]]] = []  # groups finished, not yet out
+        # rows finished and tokens made since the last report; a group of no rows is reported
+        # at once (as finished, with nothing in it)
+        self.finished: dict[Hashable, dict[int, Generation]] = {}
+        self.new_tokens = 0
 
     def add(self, group: Hashable, requests: GenerateRequests) -> None:
         rows = [
@@ -91,13 +95,16 @@ class Scheduler:
                 zip(requests.prompts, requests.keys, requests.params, requests.limits, strict=True)
             )
         ]
-        self.open[group], self.left[group] = rows, len(rows)
+        if not rows:
+            self.finished.setdefault(group, {})
+            return
+        for row in rows:
+            row.matcher = matcher(self.engine.tokenizer, row.params.grammar)
         if self.allocator is None:
             self.allocator = RegionAllocator(self.engine.reserve(sum(r.need for r in rows)), 1)
         # longest limit first: the rows that need the most steps start first, so the end of
         # a group is not a few long rows decoding alone (equal limits keep the given order)
         self.queue.extend(sorted(rows, key=lambda r: -r.limit))
-        self._finish_empty_rows()
 
     @property
     def queued(self) -> int:
@@ -105,17 +112,19 @@ class Scheduler:
 
     @property
     def busy(self) -> bool:
-        return bool(self.queue or self.active or self.done)
+        return bool(self.queue or self.active or self.finished)
 
-    def step(self) -> list[tuple[Hashable, list[Generation]]]:
-        """Admit rows where slots and regions are free, run a few decode steps, and return the
-        groups whose last row finished."""
+    def step(self) -> list[StreamUpdate]:
+        """Admit rows where slots and regions are free, run a few decode steps, and report the
+        rows finished and the tokens made."""
         if self._should_admit():
             self._admit()
         if self.active:
             self._decode_chunk()
-        finished, self.done = self.done, []
-        return finished
+        updates = [StreamUpdate(g, rows) for g, rows in self.finished.items()]
+        updates.append(StreamUpdate(None, {}, self.new_tokens))
+        self.finished, self.new_tokens = {}, 0
+        return updates
 
     def _should_admit(self) -> bool:
         if not self.queue:
@@ -167,6 +176,7 @@ class Scheduler:
             [r.key for r in rows],
             self._chooser(rows),
             want,
+            _matchers(rows),
         )
         for i, (row, token) in enumerate(zip(rows, first, strict=True)):
             if not self._accept(row, token, first_logprobs[i] if want else None):
@@ -175,10 +185,11 @@ class Scheduler:
     def _decode_chunk(self) -> None:
         """Up to SYNC_EVERY decode steps without looking at the tokens, then account for them."""
         rows = self.active
-        steps = min(SYNC_EVERY, max(r.limit - len(r.tokens) for r in rows))
+        matchers = _matchers(rows)
+        steps = 1 if matchers else min(SYNC_EVERY, max(r.limit - len(r.tokens) for r in rows))
         want = any(r.want_logprobs for r in rows)
         chosen, chosen_logprobs = self.engine.decode(
-            decode_inputs(rows), steps, self._chooser(rows), want
+            decode_inputs(rows), steps, self._chooser(rows), want, matchers
         )
         still = []
         for row, new, lps in zip(rows, chosen, chosen_logprobs, strict=True):
@@ -197,10 +208,12 @@ class Scheduler:
     def _accept(self, row: Row, token: int, logprob: float | None) -> bool:
         """Take one new token for a row (reference-engine rules); True when the row is done,
         whose region then goes back to the pool."""
+        consume(row.matcher, token)
         if token in self.engine.eos_ids and not row.params.ignore_eos:
             row.reason = "stop"
         else:
             row.tokens.append(token)
+            self.new_tokens += 1
             if row.want_logprobs:
                 row.logprobs.append(logprob)
             if row.params.stop and stop_hit(self.engine.tokenizer, row.tokens, row.params.stop):
@@ -212,29 +225,22 @@ class Scheduler:
         return True
 
     def _row_done(self, row: Row) -> None:
-        self.left[row.group] -= 1
-        if self.left[row.group] == 0:
-            rows = self.open.pop(row.group)
-            del self.left[row.group]
-            gens = [
-                Generation(r.tokens, r.reason, r.logprobs if r.want_logprobs else None)
-                for r in rows
-            ]
-            self.done.append((row.group, gens))
-
-    def _finish_empty_rows(self) -> None:
-        """A group of no rows is done at once."""
-        for group in [g for g, n in self.left.items() if n == 0]:
-            del self.left[group]
-            self.done.append((group, self.open.pop(group)))
+        logprobs = row.logprobs if row.want_logprobs else None
+        self.finished.setdefault(row.group, {})[row.index] = Generation(
+            row.tokens, row.reason, logprobs
+        )
 
 
-def stream(
-    engine, groups: Iterable[tuple[Hashable, GenerateRequests]]
-) -> Iterator[tuple[Hashable, list[Generation]]]:
-    """Generate group after group through one scheduler, yielding each group as its last row
-    finishes; the next groups are drawn from `groups` while fewer rows than slots wait, so the
-    slots stay full across groups (a job's checkpoint batches) instead of draining at each."""
+def _matchers(rows: list[Row]) -> list | None:
+    """The rows' grammar matchers, or None when no row is constrained."""
+    matchers = [r.matcher for r in rows]
+    return matchers if any(m is not None for m in matchers) else None
+
+
+def stream(engine, groups: Iterable[tuple[Hashable, GenerateRequests]]) -> Iterator[StreamUpdate]:
+    """Generate group after group through one scheduler, reporting rows as they finish; the
+    next groups are drawn from `groups` while fewer rows than slots wait, so the slots stay
+    full across groups (a job's checkpoint batches) instead of draining at each."""
     scheduler = Scheduler(engine)
     pending = iter(groups)
     exhausted = False

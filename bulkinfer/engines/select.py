@@ -18,7 +18,7 @@ import torch
 
 from bulkinfer.configs import text_config
 from bulkinfer.engines.base import EngineLimits, LoadOptions
-from bulkinfer.engines.compiling import use_compile_cache
+from bulkinfer.engines.compiling import compiled_marker, use_compile_cache
 from bulkinfer.engines.decoder import decoder_blocker
 from bulkinfer.engines.encoder import EncoderEngine
 from bulkinfer.engines.fast import CPU_SLOTS, DECODE_BUCKETS, FastEngine
@@ -77,6 +77,88 @@ def choose_kind(options: LoadOptions, config: Any) -> tuple[str, str | None]:
         return "reference", "model.engine auto runs the fast engine on a CUDA GPU only"
     blocker = config_blocker(config)
     return ("reference", blocker) if blocker else ("fast", None)
+
+
+# model.engine auto on a GPU weighs compiling the fast engine against what the reference engine
+# would spend on the job (H200, SmolLM2-135M, docs/perf.md: the 300-prompt sample took 9.7 s in
+# the model on a cold fast engine, 3.1 s once its kernels were cached, 19-28 s on the reference
+# engine). Generation: the reference engine runs every batch for as many decode steps as its
+# longest-asked row, each step launch-bound at these sizes (60 ms for 30 layers), so its steps
+# are what compiling must beat. Other tasks (one forward a batch) weigh planned tokens.
+COMPILE_SECONDS_COLD = 7.0  # the first time a model shape compiles on this torch and GPU
+COMPILE_SECONDS_WARM = 2.0  # its kernels loaded from the compile cache, graphs captured
+REFERENCE_STEP_SECONDS_PER_LAYER = 0.002
+AUTO_FAST_TOKENS_COLD = 250_000
+AUTO_FAST_TOKENS_WARM = 150_000
+
+
+def by_job_size(
+    limits: EngineLimits,
+    options: LoadOptions,
+    config: Any,
+    planned_tokens: int,
+    reference_steps: int | None = None,
+) -> tuple[EngineLimits, str | None]:
+    """The limits of the engine `model.engine: auto` runs a job on, and why, where the job's
+    size decides (auto, a GPU, a model the fast engine runs). `planned_tokens`: prompts plus
+    the new tokens rows may take; `reference_steps`: the decode steps the reference engine's
+    plan runs (generation; None for other tasks)."""
+    if options.engine != "auto" or limits.kind != "fast":
+        return limits, None
+    marker = compiled_marker(options.cache_dir, limits.device_name, config)
+    warm = marker is not None and marker.exists()
+    cache = "its compiled kernels cached" if warm else "compiling it the first time"
+    if reference_steps is not None:
+        layers = text_config(config).num_hidden_layers
+        reference = reference_steps * layers * REFERENCE_STEP_SECONDS_PER_LAYER
+        compiling = COMPILE_SECONDS_WARM if warm else COMPILE_SECONDS_COLD
+        size = f"{reference_steps:,} decode steps on the reference engine (~{reference:.0f} s)"
+        pays = reference >= compiling
+        bar = f"~{compiling:.0f} s"
+    else:
+        needed = AUTO_FAST_TOKENS_WARM if warm else AUTO_FAST_TOKENS_COLD
+        size, pays, bar = (
+            f"{planned_tokens:,} planned tokens",
+            planned_tokens >= needed,
+            f"{needed:,}",
+        )
+    if pays:
+        return limits, f"{size} pay back {cache} ({bar})"
+    why = (
+        f"{size} are too few to pay back {cache} for the fast engine ({bar}); "
+        "model.engine: fast runs it anyway"
+    )
+    reference_limits = dataclasses.replace(
+        limits, kind="reference", pads=True, slots=None, kv_tokens=None, why_not_fast=why
+    )
+    return reference_limits, why
+
+
+def fit_to_job(engine, options: LoadOptions, config: Any, size: tuple[int, int | None]):
+    """The loaded engine, or the reference engine around its weights where `model.engine: auto`
+    finds the job too small to pay back compiling the fast one (`size`: by_job_size's planned
+    tokens and reference steps); the choice is logged."""
+    limits, why = by_job_size(engine.limits, options, config, *size)
+    if why is None:
+        return engine
+    if limits.kind == engine.limits.kind:
+        log(f"engine: the fast engine runs this job ({why})", event="engine", engine="fast")
+        return engine
+    log(f"engine: the reference engine runs this job ({why})", event="engine", engine="reference")
+    return HFEngine(engine.model, engine.tokenizer, limits)
+
+
+def remember_compiled(engine, options: LoadOptions, config: Any) -> None:
+    """After a job the fast engine ran on a GPU: its compiled kernels are in the cache now, so
+    the next small job of this model shape on this box may weigh them as warm. `config`: the
+    one `by_job_size` is given (the model folder's, not the loaded model's, whose dtype and
+    attention fields the loading has changed)."""
+    if not isinstance(engine, FastEngine) or engine.limits.device_type != "cuda":
+        return
+    marker = compiled_marker(options.cache_dir, engine.limits.device_name, config)
+    if marker is not None:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
 
 
 def engine_limits(

@@ -34,6 +34,7 @@ REQUEST_SCHEMA = pa.schema(
         ("n", pa.int64()),
         ("stop", pa.list_(pa.string())),
         ("logprobs", pa.bool_()),
+        ("response_format", pa.string()),  # JSON text; engines/constraints.py
     ]
 )
 
@@ -49,7 +50,6 @@ NEUTRAL = {
     "tools": ([],),
     "tool_choice": ("none", "auto"),
     "parallel_tool_calls": (True, False),
-    "response_format": ({"type": "text"},),
 }
 # Body fields that never change the generated text.
 IGNORED = {"model", "user", "metadata", "store", "stream_options", "service_tier"}
@@ -100,6 +100,8 @@ def _settings(body: dict, url: str) -> dict:
             settings["stop"] = _stops(value)
         elif name == "logprobs":
             settings["logprobs"] = _logprobs(value, url)
+        elif name == "response_format":
+            settings["response_format"] = _response_format(value)
         elif name in NEUTRAL and value in NEUTRAL[name]:
             continue
         else:
@@ -117,6 +119,30 @@ def _number(name: str, value: Any, kind: type, low=None, high=None):
         what = "a whole number" if kind is int else "a number"
         raise RequestProblem(f"body.{name} is {json.dumps(value)}, expected {what}{bounds}")
     return kind(value)
+
+
+def _response_format(value: Any) -> str | None:
+    """A request's response_format as JSON text (None for plain text), refused with the
+    problem named where it is not one bulkinfer can keep to."""
+    if not isinstance(value, dict) or value.get("type") not in (
+        "text",
+        "json_object",
+        "json_schema",
+    ):
+        raise RequestProblem(
+            f"body.response_format = {json.dumps(value)[:60]} is not supported; "
+            "use type text, json_object or json_schema"
+        )
+    if value["type"] == "text":
+        return None
+    from bulkinfer.grammars import grammar_of_json
+
+    text = json.dumps(value, sort_keys=True)
+    try:
+        grammar_of_json(text)
+    except ValueError as exc:
+        raise RequestProblem(f"body.{exc}") from None
+    return text
 
 
 def _stops(value: Any) -> list[str]:

@@ -99,6 +99,18 @@ def write_summary(
         print(format_summary(summary.to_dict()))
 
 
+def log_next_steps(layout: OutputLayout, responses: bool) -> None:
+    """Where the results are and what to run next, at the end of a run."""
+    outputs = f"{layout.outputs_dir}/" + (f" and {layout.responses}" if responses else "")
+    lines = [
+        ("outputs", outputs),
+        ("summary", f"{layout.summary}; per batch: {layout.batch_stats}"),
+        ("next", f"bulkinfer report {layout.root}  (writes {layout.report_page})"),
+    ]
+    if log_format() == "plain":  # JSON logs: the finish event, last, holds the summary
+        print("\n".join(f"  {name:<16} {text}" for name, text in lines))
+
+
 def merge_if_last(root: OutputLayout, shard: Shard) -> None:
     """The shard that finds every shard done merges them into OUT/outputs."""
     from bulkinfer.state.merge import merge_shards
@@ -109,7 +121,8 @@ def merge_if_last(root: OutputLayout, shard: Shard) -> None:
     with writes_reported(root):
         summary = merge_shards(root)
     log(
-        f"all {shard.count} shards done: merged {summary.rows_out:,} rows into {root.outputs_dir}",
+        f"all {shard.count} shards done: merged {summary.rows_out:,} rows into "
+        f"{root.outputs_dir}; next: bulkinfer report {root.root}",
         event="merge",
         shards=shard.count,
         rows_out=summary.rows_out,

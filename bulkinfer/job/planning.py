@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,7 @@ class JobPlan:
 # How a packed generation plan orders its rows: "steps" (most decode steps first, then longest
 # prompt) since job.json records it; folders planned before that keep "length" on resume.
 PLAN_ORDER = "steps"
+AUTO_PLAN_TOKENS = 2_000_000
 
 
 def make_plan(
@@ -61,6 +63,35 @@ def shard_rows(prepared: PreparedRows, new_tokens_per_row: int, shard: Shard | N
         return np.arange(prepared.num_rows)
     costs = prepared.lengths + new_tokens_per_row
     return np.flatnonzero(assign_shards(costs, shard.count) == shard.index)
+
+
+def row_work(inputs: Inputs) -> np.ndarray:
+    """Each row's planned tokens: its prompt plus the new tokens it may take (the ETA's unit)."""
+    prepared = inputs.prepared
+    steps = inputs.task.row_steps(prepared)
+    return prepared.lengths.astype(np.int64) + (0 if steps is None else steps)
+
+
+def job_size(inputs: Inputs, limits, shard: Shard | None = None) -> tuple[int, int | None]:
+    """What `model.engine: auto` weighs against compiling the fast engine: the tokens this
+    shard's (or job's) runnable rows hold on a packing engine, and for generation the decode
+    steps the reference engine's plan would run (each batch as many as its longest-asked row).
+    A job of over AUTO_PLAN_TOKENS is not planned twice: it is large by any measure."""
+    from bulkinfer.job.budget import token_budget
+
+    prepared, task = inputs.prepared, inputs.task
+    rows = prepared.runnable_rows()
+    if shard is not None:
+        rows = np.intersect1d(rows, shard_rows(prepared, task.new_tokens_per_row(), shard))
+    tokens = int(task.row_costs(prepared)[rows].sum())
+    steps = task.row_steps(prepared)
+    if steps is None or limits.kind != "fast" or tokens > AUTO_PLAN_TOKENS:
+        return tokens, None
+    reference = dataclasses.replace(limits, kind="reference", pads=True, slots=None, kv_tokens=None)
+    spec = inputs.setup.spec
+    budget = token_budget(spec.batching, reference, inputs.setup.config, task.new_tokens_per_row())
+    plan = make_plan(inputs, budget, shard)
+    return tokens, sum(int(steps[b.rows].max()) for b in plan.batches if len(b.rows))
 
 
 def plan_facts(prepared: PreparedRows, plan: JobPlan) -> dict:
@@ -112,13 +143,15 @@ def plan_report(inputs: Inputs, plan: JobPlan) -> dict:
 def plan_job(spec) -> dict:
     """`bulkinfer plan`: the job's batches on this device, as `run` would plan them (the same
     budget, from the engine's limits known before loading), with no weights loaded."""
+    from bulkinfer.engines.select import by_job_size
     from bulkinfer.job.budget import token_budget
     from bulkinfer.job.loading import planned_engine
     from bulkinfer.job.setup import set_up, tokenize
 
     setup = set_up(spec)
     inputs = tokenize(setup)
-    _, limits = planned_engine(setup.model, setup.config, setup.task, convert=False)
+    options, limits = planned_engine(setup.model, setup.config, setup.task, convert=False)
+    limits, _ = by_job_size(limits, options, setup.config, *job_size(inputs, limits))
     new_tokens = setup.task.new_tokens_per_row()
     budget = token_budget(spec.batching, limits, setup.config, new_tokens)
     return {**plan_report(inputs, make_plan(inputs, budget)), "engine": limits.to_dict()}

@@ -3,6 +3,10 @@ keeps there, so a resume runs the very same batches; the batches still to do."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
+
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.job.budget import token_budget
 from bulkinfer.job.planning import PLAN_ORDER, JobPlan, make_plan, plan_facts
@@ -50,8 +54,11 @@ def record_plan(inputs: Inputs, engine, folder: JobFolder, shard: Shard | None) 
     return plan
 
 
-def batches_to_do(manifest: Manifest, plan: JobPlan, resumed: bool) -> list[Batch]:
-    """The planned batches no committed part holds; parts found corrupt are recomputed and
+def batches_to_do(
+    manifest: Manifest, plan: JobPlan, resumed: bool, lengths: np.ndarray
+) -> list[Batch]:
+    """The planned batches no committed part completes, less the rows parts already hold (a
+    long batch commits finished rows as it goes); parts found corrupt are recomputed and
     repeated records ignored, each with a warning."""
     for name in manifest.dropped:
         log(
@@ -68,16 +75,33 @@ def batches_to_do(manifest: Manifest, plan: JobPlan, resumed: bool) -> list[Batc
             level="warning",
             repeated=name,
         )
-    done = manifest.done_batches()
+    done, pieces = manifest.done_batches(), manifest.done_pieces()
     todo = [b for b in plan.batches if b.index not in done]
+    todo = [remaining(b, pieces.get(b.index), lengths) for b in todo]
+    todo = [b for b in todo if len(b.rows)]
     if resumed:
+        begun = sum(len(rows) for rows in pieces.values())
         log(
-            f"resuming: {len(plan.batches) - len(todo)} of {len(plan.batches)} batches already done",
+            f"resuming: {len(plan.batches) - len(todo)} of {len(plan.batches)} batches already done"
+            + (f", and {begun:,} rows of batches begun" if begun else ""),
             event="resume",
             batches_done=len(plan.batches) - len(todo),
             batches=len(plan.batches),
+            rows_of_batches_begun=begun,
         )
     return todo
+
+
+def remaining(batch: Batch, committed: set[int] | None, lengths: np.ndarray) -> Batch:
+    """The rows of `batch` that no part holds yet (rows a long batch committed before it was
+    stopped are not run again)."""
+    if not committed:
+        return batch
+    rows = batch.rows[~np.isin(batch.rows, np.fromiter(committed, dtype=np.int64))]
+    if not len(rows):
+        return dataclasses.replace(batch, rows=rows)
+    longest, real = int(lengths[rows].max()), int(lengths[rows].sum())
+    return dataclasses.replace(batch, rows=rows, longest=longest, real_tokens=real)
 
 
 def log_start(

@@ -21,12 +21,14 @@ from bulkinfer.job.batch import RowCap, first_failure, run_batch
 from bulkinfer.job.exits import failure_recorded, stop_signals, stopped, writes_reported
 from bulkinfer.job.finish import (
     finish_job,
+    log_next_steps,
     merge_if_last,
     model_cost,
     write_responses,
     write_summary,
 )
 from bulkinfer.job.loading import planned_engine
+from bulkinfer.job.planning import job_size, row_work
 from bulkinfer.job.resume import batches_to_do, log_start, open_folder, record_plan
 from bulkinfer.job.setup import (
     Inputs,
@@ -72,19 +74,25 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
             already_finished=True,
         )
         return 0
-    inputs, engine, host_seconds = load_and_tokenize(setup, layout)
+    inputs, engine, options, host_seconds = load_and_tokenize(setup, layout, shard)
     host_seconds.update(setup_seconds=setup_seconds, imports_seconds=imports_seconds(started))
     plan = record_plan(inputs, engine, folder, shard)
     manifest = Manifest(layout)
-    todo = batches_to_do(manifest, plan, folder.resumed)
+    todo = batches_to_do(manifest, plan, folder.resumed, inputs.prepared.lengths)
     log_start(layout, inputs, plan, todo, engine, shard)
     schema = part_schema(inputs.task.schema)
-    every = spec.checkpoint.every_rows
     progress = Progress(
-        plan.batches, todo, plan.budget.new_tokens_per_row, spec.progress.log_every_seconds
+        plan.batches,
+        todo,
+        row_work(inputs),
+        spec.progress.log_every_seconds,
+        "new" if inputs.task.streams else "input",
     )
     run_id = uuid.uuid4().hex[:12]
-    with PartWriter(layout, manifest, schema, every, run_id, log_checkpoint) as writer:
+    every_rows, every_seconds = spec.checkpoint.every_rows, spec.checkpoint.every_seconds
+    with PartWriter(
+        layout, manifest, schema, every_rows, run_id, log_checkpoint, every_seconds
+    ) as writer:
         signum = run_batches(inputs, engine, todo, writer, progress, started, host_seconds)
     if signum is not None:
         return stopped(signum)
@@ -94,13 +102,25 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
     if shard is None and folder.job.openai_responses:
         write_responses(layout, spec.model.path)
     write_summary(layout, summary, inputs, plan, engine, host_seconds)
+    from bulkinfer.engines.select import remember_compiled
+
+    remember_compiled(engine, options, inputs.setup.config)
+    if shard is None:
+        log_next_steps(layout, folder.job.openai_responses)
     return 0
 
 
-def load_and_tokenize(setup: JobSetup, layout: OutputLayout) -> tuple[Inputs, object, dict]:
-    """The weights load on a thread while the input is tokenized into spill files."""
+def load_and_tokenize(setup: JobSetup, layout: OutputLayout, shard: Shard | None):
+    """The weights load on a thread while the input is tokenized into spill files; then the
+    engine is fitted to the job's size. Returns the inputs, the engine, its load options and
+    the seconds each part took."""
+    from bulkinfer.engines.select import fit_to_job  # imports torch: not at `bulkinfer --help`
+
     options, limits = planned_engine(setup.model, setup.config, setup.task)  # converts a GGUF once
-    return tokenize_while_loading(setup, engine_loader(setup, options, limits), layout.prepared_dir)
+    load = engine_loader(setup, options, limits)
+    inputs, engine, seconds = tokenize_while_loading(setup, load, layout.prepared_dir)
+    engine = fit_to_job(engine, options, setup.config, job_size(inputs, engine.limits, shard))
+    return inputs, engine, options, seconds
 
 
 def run_batches(inputs: Inputs, engine, todo, writer, progress, started, timings) -> int | None:
@@ -118,7 +138,7 @@ def run_batches(inputs: Inputs, engine, todo, writer, progress, started, timings
             faults.checkpoint("batch_start")
             faults.slow_batch()
             stats = run_one(inputs, engine, batch, writer, cap, cost, started)
-            progress.update(batch, stats.real_tokens + stats.new_tokens)
+            progress.update(batch, stats.new_tokens if inputs.task.streams else stats.real_tokens)
         writer.flush(time.monotonic() - started)
         progress.close()
         return stop.signum

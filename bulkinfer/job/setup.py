@@ -19,7 +19,13 @@ from bulkinfer.errors import InputError, RowFailedError, SpecError
 from bulkinfer.io.chunks import ColumnNames
 from bulkinfer.io.files import DataFile, resolve_input_files
 from bulkinfer.io.readers import peek_columns, read_chunks
-from bulkinfer.model_files import ModelFiles, load_config, load_tokenizer, resolve_model_files
+from bulkinfer.model_files import (
+    ModelFiles,
+    load_config,
+    load_tokenizer,
+    local_model_folder,
+    resolve_model_files,
+)
 from bulkinfer.observe.progress import log
 from bulkinfer.overlap import in_background, timed
 from bulkinfer.prepare import (
@@ -79,8 +85,11 @@ def set_up(
     per_request = is_openai_batch(spec, files)
     columns = column_names(spec, files[0], per_request)
     model = resolve_model_files(spec.model)
-    if hash_model:
+    if hash_model:  # a run
         model.hash_in_background()
+        # a GGUF model is converted first, then its tokenizer and config read from the folder
+        # (from the GGUF file each takes seconds, and the conversion reads both again)
+        local_model_folder(model)
     tokenizer = load_tokenizer(model)
     config = load_config(model)
     kind = InputKind(per_request=per_request, choices=columns.choices is not None)

@@ -1,18 +1,21 @@
 """Generation as one loop over the whole job: the engine draws the next checkpoint batches
-while earlier ones still decode, so its slots never drain at a batch boundary, and each batch
-is committed as soon as its last row is done.
+while earlier ones still decode, so its slots never drain at a batch boundary; each batch is
+committed as soon as its last row is done, and a batch still running commits the rows it has
+finished once `checkpoint.every_seconds` have passed since the last part.
 
-Checkpointing stays exactly-once: a batch is committed whole or not at all, whatever else is
-in flight, and every row's sampling is keyed by (seed, row, sample), so a batch that runs again
-after a kill gives the tokens it would have given. A model failure inside the loop hands the
-batches in flight and the rest back to the batch-at-a-time loop, which bisects down to the
-rows that fail.
+Checkpointing stays exactly-once: a row is committed in one part only (the manifest records
+the rows of batches in progress), whatever else is in flight, and every row's sampling is keyed
+by (seed, row, sample), so rows that run again after a kill give the tokens they would have
+given. A model failure inside the loop hands the batches in flight (less their committed rows)
+and the rest back to the batch-at-a-time loop, which bisects down to the rows that fail.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Iterator
+
+import numpy as np
 
 from bulkinfer import faults
 from bulkinfer.io.outputs import rows_table
@@ -21,41 +24,103 @@ from bulkinfer.observe.progress import log
 from bulkinfer.planner import Batch
 
 
+@dataclasses.dataclass
+class InFlight:
+    """A batch fed to the engine: its ask, the sequences done, the rows done and committed."""
+
+    batch: Batch
+    ask: object
+    done: dict  # sequence index -> Generation
+    left: np.ndarray  # sequences not done, per row position
+    ready: list  # row positions whose sequences are all done, not committed yet
+    committed: int = 0  # rows committed in pieces
+
+    @classmethod
+    def of(cls, batch: Batch, ask) -> InFlight:
+        left = np.bincount(np.asarray(ask.owners, dtype=np.int64), minlength=len(batch.rows))
+        return cls(batch, ask, {}, left, [k for k in range(len(batch.rows)) if left[k] == 0])
+
+    def take(self, finished: dict) -> int:
+        """Record finished sequences; returns the rows they completed."""
+        completed = 0
+        for i, generation in finished.items():
+            self.done[i] = generation
+            k = self.ask.owners[i]
+            self.left[k] -= 1
+            if self.left[k] == 0:
+                self.ready.append(k)
+                completed += 1
+        return completed
+
+    @property
+    def complete(self) -> bool:
+        return self.committed + len(self.ready) == len(self.batch.rows)
+
+
 def run_stream(inputs, engine, todo: list[Batch], writer, progress, started, stop, cost):
-    """Generate `todo` through the engine's stream, committing each batch as it completes;
-    returns the batches left for the batch-at-a-time loop (none unless the model failed)."""
+    """Generate `todo` through the engine's stream, committing each batch as it completes and
+    finished rows of running batches when a part is due; returns the batches left for the
+    batch-at-a-time loop (none unless the model failed)."""
     task, prepared = inputs.task, inputs.prepared
-    waiting: dict[int, tuple[Batch, object]] = {}  # fed to the engine, not yet complete
+    running: dict[int, InFlight] = {}
+    preparing: list[Batch] = []  # taken from the queue, not yet in the engine
     queue = iter(todo)
 
-    def feed() -> Iterator[tuple[int, object]]:
+    def feed():
         for batch in queue:
             if stop.signum is not None:  # the batches in flight finish; no new one starts
                 return
-            waiting[batch.index] = (batch, None)
+            preparing[:] = [batch]
             faults.checkpoint("batch_start")
             faults.slow_batch()
             faults.out_of_memory(len(batch.rows) * (batch.longest + task.new_tokens_per_row()))
             ask = task.ask(prepared, batch.rows)
-            waiting[batch.index] = (batch, ask)
+            running[batch.index] = InFlight.of(batch, ask)
+            preparing.clear()
             yield batch.index, ask.requests
+
+    def commit(flight: InFlight, whole: bool) -> None:
+        positions = sorted(flight.ready)
+        flight.ready.clear()
+        ask, seqs = flight.ask.subset(positions)
+        rows = flight.batch.rows[positions]
+        result = task.answer(prepared, rows, ask, [flight.done[i] for i in seqs])
+        table = rows_table(rows.tolist(), result.columns, [None] * len(rows), writer.schema)
+        lengths = prepared.lengths[rows]
+        piece = dataclasses.replace(
+            flight.batch, rows=rows, longest=int(lengths.max()), real_tokens=int(lengths.sum())
+        )
+        nonlocal last
+        now = time.perf_counter()
+        stats = batch_stats(engine, piece, result.new_tokens, now - last, 0, 0, cost)
+        last = now
+        flight.committed += len(rows)
+        progress.committed(rows, result.new_tokens)
+        if whole:
+            writer.add(table, flight.batch.index, stats.to_dict(), time.monotonic() - started)
+        else:
+            writer.add_piece(table, flight.batch.index, stats.to_dict())
 
     last = time.perf_counter()
     try:
-        for index, generations in engine.generate_stream(feed()):
-            batch, ask = waiting.pop(index)
-            result = task.answer(prepared, batch.rows, ask, generations)
-            table = rows_table(
-                batch.rows.tolist(), result.columns, [None] * len(batch.rows), writer.schema
-            )
-            now = time.perf_counter()
-            stats = batch_stats(engine, batch, result.new_tokens, now - last, 0, 0, cost)
-            last = now
-            writer.add(table, batch.index, stats.to_dict(), time.monotonic() - started)
-            progress.update(batch, stats.real_tokens + stats.new_tokens)
+        for update in engine.generate_stream(feed()):
+            faults.slow_step()
+            rows_done = 0
+            if update.group is not None:
+                flight = running[update.group]
+                rows_done = flight.take(update.finished)
+                if flight.complete:
+                    commit(running.pop(update.group), whole=True)
+            progress.advance(update.new_tokens, rows_done)
+            if writer.due() and any(f.ready for f in running.values()):
+                for flight in running.values():
+                    if flight.ready:
+                        commit(flight, whole=False)
+                writer.commit_now(time.monotonic() - started)
     except ROW_FAILURES as exc:
         release_memory()
-        rest = sorted([b for b, _ in waiting.values()], key=lambda b: b.index) + list(queue)
+        rest = [_rest(f) for f in sorted(running.values(), key=lambda f: f.batch.index)]
+        rest = [b for b in rest if len(b.rows)] + preparing + list(queue)
         log(
             f"generation failed with {len(rest):,} batches to go ({type(exc).__name__}); "
             "running them one at a time to find the rows that fail",
@@ -63,3 +128,13 @@ def run_stream(inputs, engine, todo: list[Batch], writer, progress, started, sto
         )
         return rest
     return []
+
+
+def _rest(flight: InFlight) -> Batch:
+    """A batch in flight less the rows already handed to the writer."""
+    if not flight.committed:
+        return flight.batch
+    done = np.zeros(len(flight.batch.rows), dtype=bool)
+    done[flight.left == 0] = True
+    done[flight.ready] = False  # finished but not handed over: run again
+    return dataclasses.replace(flight.batch, rows=flight.batch.rows[~done])

@@ -1,8 +1,8 @@
 """Progress and log lines: a tqdm bar on a terminal, periodic plain lines elsewhere (a Slurm log),
 or one JSON object per line for log collectors (`--log-format json`, BULKINFER_LOG_FORMAT=json).
 
-The ETA counts planned work (padded tokens plus tokens to generate), not rows: batches run
-longest first, so rows early on cost many times what rows at the end do.
+The ETA counts planned work in tokens (prompts plus the new tokens rows may take), not rows:
+batches run longest first, so rows early on cost many times what rows at the end do.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
+import numpy as np
 from tqdm import tqdm
 
 from bulkinfer.planner import Batch
@@ -86,61 +87,115 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _cost(batch: Batch, new_tokens_per_row: int) -> int:
-    return len(batch.rows) * (batch.longest + new_tokens_per_row)
-
-
 class Progress:
-    """Rows done out of total, with tokens/s and an ETA, in whichever form suits the stream."""
+    """Rows and tokens done, tokens/s and one ETA: a tqdm bar on a terminal (rows, with
+    bulkinfer's ETA and no estimate of tqdm's own), else a line every `log_every` seconds.
+
+    The ETA counts planned work in tokens, not rows: each row's prompt plus the new tokens it
+    may take (`row_work`, indexed by input row). Rows early on can cost many times what rows at
+    the end do. A generation stream reports within a batch: every new token counts as work done
+    as it comes, and a row, once committed, counts its planned work in full (its unused tokens
+    are work that will not be done).
+    """
 
     def __init__(
-        self, batches: list[Batch], todo: list[Batch], new_tokens_per_row: int, log_every: float
+        self,
+        batches: list[Batch],
+        todo: list[Batch],
+        row_work: np.ndarray,
+        log_every: float,
+        token_kind: str = "new",
     ):
-        self.new_tokens_per_row = new_tokens_per_row
+        self.row_work = row_work
         self.total = sum(len(b.rows) for b in batches)
         self.done = self.total - sum(len(b.rows) for b in todo)
-        self.cost_left = sum(_cost(b, new_tokens_per_row) for b in todo)
-        self.cost_done = 0
+        self.work_left = sum(int(row_work[b.rows].sum()) for b in todo)
+        self.work_done = 0
+        self.in_flight = 0  # tokens made by rows not committed yet
         self.tokens = 0
+        self.token_kind = token_kind
         self.start = time.monotonic()
         self.log_every = log_every
         self.last_log = self.start
+        self.last_draw = self.start
+        self.logged = (self.done, self.tokens)
         self.bar = None
         if sys.stderr.isatty() and log_format() == "plain":
-            self.bar = tqdm(total=self.total, initial=self.done, unit="row", dynamic_ncols=True)
+            self.bar = tqdm(
+                total=self.total,
+                initial=self.done,
+                unit="row",
+                dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} rows [{elapsed}{postfix}]",
+            )
+
+    def advance(self, new_tokens: int, rows_done: int) -> None:
+        """Tokens made and rows finished inside running batches (a generation stream)."""
+        self.tokens += new_tokens
+        self.in_flight += new_tokens
+        self.done += rows_done
+        self._show(rows_done)
+
+    def committed(self, rows: np.ndarray, new_tokens: int) -> None:
+        """Rows of a generation stream committed: their planned work is done."""
+        work = int(self.row_work[rows].sum())
+        self.work_done += work
+        self.work_left -= work
+        self.in_flight = max(0, self.in_flight - new_tokens)
 
     def update(self, batch: Batch, tokens: int) -> None:
-        self.done += len(batch.rows)
+        """A whole batch done (the batch-at-a-time loop); `tokens` of the kind shown."""
+        self.committed(batch.rows, 0)
         self.tokens += tokens
-        cost = _cost(batch, self.new_tokens_per_row)
-        self.cost_done += cost
-        self.cost_left -= cost
-        elapsed = max(time.monotonic() - self.start, 1e-9)
-        eta = self.cost_left * elapsed / self.cost_done if self.cost_done else float("inf")
-        if self.bar is not None:
-            self.bar.set_postfix_str(
-                f"{self.tokens / elapsed:,.0f} tok/s, ETA {_clock(eta)}", refresh=False
-            )
-            self.bar.update(len(batch.rows))
-            return
+        self.done += len(batch.rows)
+        self._show(len(batch.rows))
+
+    def eta_seconds(self) -> float:
+        done = self.work_done + self.in_flight
+        left = max(0, self.work_left - self.in_flight)
+        if done <= 0:
+            return float("inf")
+        return left * (time.monotonic() - self.start) / done
+
+    def _show(self, rows: int) -> None:
         now = time.monotonic()
-        if now - self.last_log >= self.log_every or self.done >= self.total:
-            self.last_log = now
-            log(
-                f"{self.done:,}/{self.total:,} rows ({self.done / max(self.total, 1):.0%}), "
-                f"{self.tokens / elapsed:,.0f} tok/s, ETA {_clock(eta)}",
-                event="progress",
-                rows_done=self.done,
-                rows_total=self.total,
-                tokens_done=self.tokens,
-                tokens_per_second=round(self.tokens / elapsed, 2),
-                elapsed_seconds=round(elapsed, 3),
-                eta_seconds=None if eta == float("inf") else round(eta, 1),
-            )
+        if self.bar is not None:
+            if rows or now - self.last_draw >= 1.0:
+                self.last_draw = now
+                self.bar.set_postfix_str(self._figures(now), refresh=False)
+                self.bar.update(rows) if rows else self.bar.refresh()
+        elif now - self.last_log >= self.log_every:
+            self._log(now)
+
+    def _figures(self, now: float) -> str:
+        rate = self.tokens / max(now - self.start, 1e-9)
+        eta = _clock(self.eta_seconds())
+        return f"{self.tokens:,} {self.token_kind} tokens, {rate:,.0f} tok/s, ETA {eta}"
+
+    def _log(self, now: float) -> None:
+        self.last_log = now
+        self.logged = (self.done, self.tokens)
+        elapsed = max(now - self.start, 1e-9)
+        eta = self.eta_seconds()
+        log(
+            f"{self.done:,}/{self.total:,} rows ({self.done / max(self.total, 1):.0%}), "
+            + self._figures(now),
+            event="progress",
+            rows_done=self.done,
+            rows_total=self.total,
+            tokens_done=self.tokens,
+            token_kind=self.token_kind,
+            tokens_per_second=round(self.tokens / elapsed, 2),
+            elapsed_seconds=round(elapsed, 3),
+            eta_seconds=None if eta == float("inf") else round(eta, 1),
+        )
 
     def close(self) -> None:
+        """The bar closed, or the last line logged (once, where it says something new)."""
         if self.bar is not None:
             self.bar.close()
+        elif self.logged != (self.done, self.tokens):
+            self._log(time.monotonic())
 
 
 def _clock(seconds: float) -> str:

@@ -194,6 +194,10 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, int) and abs(value) > 1e300 or not math.isfinite(value):
             raise SpecError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise SpecError(f"{key}: expected a mapping, got {_kind(value)}")
+        return value
     if hint is str:
         if not isinstance(value, str):
             raise SpecError(f"{key}: expected a string, got {_kind(value)}")

@@ -40,7 +40,17 @@ class ModelSpec:
 # Task keys that only mean something for some task types; a key set away from its default on
 # another type is a mistake worth a one-line error (`pooling` on a generate job, `temperature` on
 # an embed job). Keys of other features apply to every type.
-GENERATE_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "logprobs")
+GENERATE_KEYS = (
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "n",
+    "logprobs",
+    "response_format",
+)
 TASK_ONLY_KEYS = {
     "classify": ("all_labels", "multi_label", "threshold", "truncate"),
     "embed": ("pooling", "normalize", "truncate"),
@@ -60,6 +70,10 @@ class TaskSpec:
     stop: list[str] = field(default_factory=list)
     n: int = 1
     logprobs: bool = False
+    # generate: the output kept to a JSON schema, any JSON object, a regular expression or a
+    # list of strings ({type: json_schema, schema: {...}} | {type: json_object} |
+    # {type: regex, pattern: ...} | {type: choice, choices: [...]}); engines/constraints.py
+    response_format: dict | None = None
     chat_template: Literal["auto", "always", "never"] = "auto"
     system_prompt: str | None = None
     # classify: every label's probability in `probabilities`; multi-label (sigmoid) models,
@@ -85,6 +99,13 @@ class TaskSpec:
             raise SpecError(f"{key}.stop: stop strings must not be empty")
         if not 0.0 < self.threshold < 1.0:
             raise SpecError(f"{key}.threshold: {self.threshold} must be between 0 and 1")
+        if self.response_format is not None:
+            from bulkinfer.grammars import grammar_for
+
+            try:
+                grammar_for(self.response_format)
+            except ValueError as exc:
+                raise SpecError(f"{key}.response_format: {exc}") from None
         self._check_keys_fit_type(key)
 
     def _check_keys_fit_type(self, key: str) -> None:
@@ -175,9 +196,13 @@ class BatchingSpec:
 @dataclass(frozen=True)
 class CheckpointSpec:
     every_rows: int = 2000
+    # a part is committed at least this often while rows finish, even when a batch holds
+    # fewer rows than every_rows or is still running
+    every_seconds: float = 180.0
 
     def validate(self, key: str) -> None:
         _at_least(self.every_rows, 1, f"{key}.every_rows")
+        _at_least(self.every_seconds, 1, f"{key}.every_seconds")
 
 
 @dataclass(frozen=True)

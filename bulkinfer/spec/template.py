@@ -68,7 +68,10 @@ COMMENTS = {
     "batching.sort": "length: longest first, least padding | none: file order",
     "batching.max_padding": "score: a batch holding 8k+ tokens stops before padding passes this",
     "checkpoint": "resumability",
+    "task.response_format": "generate: null (text), or {type: json_schema, schema: {...}}, "
+    "{type: json_object}, {type: regex, pattern: ...}, {type: choice, choices: [...]}",
     "checkpoint.every_rows": "commit a part at least this often",
+    "checkpoint.every_seconds": "and at least this often: rows finished so far, even mid-batch",
     "progress": "log lines",
     "progress.log_every_seconds": "progress lines when stderr is not a terminal (Slurm logs, JSON)",
     "on_error": "record: a failing row gets an `error`; fail: it stops the job",

@@ -11,6 +11,9 @@ import os
 from bulkinfer.digests import update_with_file
 
 NOT_IN_FINGERPRINT = ("output", "checkpoint", "progress", "on_error")
+# Spec keys added since folders were first fingerprinted: left out while at their defaults, so
+# a folder an earlier version wrote still resumes.
+ADDED_KEYS = {("task", "response_format"): None}
 
 
 def input_files_digest(files: list[str]) -> dict[str, dict]:
@@ -49,6 +52,9 @@ def fingerprint(spec_dict: dict, model: dict, inputs: dict) -> dict[str, str]:
     """Hashes of what decides the outputs: the spec (less output place and cadence), model, input."""
     spec_part = {k: v for k, v in spec_dict.items() if k not in NOT_IN_FINGERPRINT}
     spec_part = {**spec_part, "input": {**spec_part["input"], "path": None}}
+    for (section, key), default in ADDED_KEYS.items():
+        if section in spec_part and spec_part[section].get(key, default) == default:
+            spec_part[section] = {k: v for k, v in spec_part[section].items() if k != key}
     return {"spec": _hash(spec_part), "model": _hash(model), "input": _hash(inputs)}
 
 

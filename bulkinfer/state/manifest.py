@@ -20,7 +20,9 @@ from bulkinfer.io.layout import OutputLayout
 
 @dataclass(frozen=True)
 class PartRecord:
-    """One manifest line: a committed part and the batches it holds."""
+    """One manifest line: a committed part, the batches it completes and, in `partial`, the
+    rows (input positions) it holds of batches not done yet: a long batch commits its finished
+    rows every `checkpoint.every_seconds`, and the part that completes it holds the rest."""
 
     file: str
     batches: list[int]
@@ -29,9 +31,11 @@ class PartRecord:
     run: str
     elapsed: float
     stats: list[dict] = field(default_factory=list)
+    partial: dict[str, list[int]] = field(default_factory=dict)  # batch -> rows
 
     def to_json(self) -> str:
-        return json.dumps(self.__dict__, separators=(",", ":"))
+        fields = {k: v for k, v in self.__dict__.items() if k != "partial" or v}
+        return json.dumps(fields, separators=(",", ":"))
 
 
 def parse_manifest(raw: bytes) -> Iterator[tuple[bytes, PartRecord | None]]:
@@ -45,11 +49,30 @@ def parse_manifest(raw: bytes) -> Iterator[tuple[bytes, PartRecord | None]]:
             yield line, None
 
 
-def is_repeat(record: PartRecord, files: set[str], batches: set[int]) -> bool:
-    """Whether `record` repeats what earlier records (of `files`, holding `batches`) hold: the
-    same part recorded twice, or a batch in two parts. Two writers at once, or a killed
-    launcher's orphans, leave such lines; the first copy counts and the later is ignored."""
-    return record.file in files or not batches.isdisjoint(record.batches)
+class Seen:
+    """What earlier records hold: part files, completed batches, rows of batches in progress."""
+
+    def __init__(self) -> None:
+        self.files: set[str] = set()
+        self.batches: set[int] = set()
+        self.pieces: dict[int, set[int]] = {}
+
+    def repeats(self, record: PartRecord) -> bool:
+        """Whether `record` repeats what earlier records hold: the same part recorded twice, a
+        batch completed twice, or rows of a batch in two parts. Two writers at once, or a killed
+        launcher's orphans, leave such lines; the first copy counts and the later is ignored."""
+        if record.file in self.files or not self.batches.isdisjoint(record.batches):
+            return True
+        return any(
+            int(b) in self.batches or not self.pieces.get(int(b), set()).isdisjoint(rows)
+            for b, rows in record.partial.items()
+        )
+
+    def add(self, record: PartRecord) -> None:
+        self.files.add(record.file)
+        self.batches.update(record.batches)
+        for b, rows in record.partial.items():
+            self.pieces.setdefault(int(b), set()).update(rows)
 
 
 def read_manifest(layout: OutputLayout) -> list[PartRecord]:
@@ -59,12 +82,11 @@ def read_manifest(layout: OutputLayout) -> list[PartRecord]:
         raw = layout.manifest.read_bytes()
     except OSError:
         return []
-    records, files, batches = [], set(), set()
+    records, seen = [], Seen()
     for _, record in parse_manifest(raw):
-        if record is not None and not is_repeat(record, files, batches):
+        if record is not None and not seen.repeats(record):
             records.append(record)
-            files.add(record.file)
-            batches.update(record.batches)
+            seen.add(record)
     return records
 
 
@@ -84,19 +106,18 @@ class Manifest:
         if not path.exists():
             return
         raw = path.read_bytes()
-        good_lines, files, batches = [], set(), set()
+        good_lines, seen = [], Seen()
         for line, record in parse_manifest(raw):
             if record is None:
                 self.dropped.append("a torn manifest line")
             elif not self._part_is_intact(record):
                 self.dropped.append(record.file)
-            elif is_repeat(record, files, batches):
+            elif seen.repeats(record):
                 self.repeated.append(record.file)
             else:
                 self.records.append(record)
                 good_lines.append(line)
-                files.add(record.file)
-                batches.update(record.batches)
+                seen.add(record)
         if self.dropped or self.repeated or (raw and not raw.endswith(b"\n")):
             write_bytes_atomic(path, b"".join(line + b"\n" for line in good_lines))
 
@@ -109,6 +130,16 @@ class Manifest:
 
     def done_batches(self) -> set[int]:
         return {b for r in self.records for b in r.batches}
+
+    def done_pieces(self) -> dict[int, set[int]]:
+        """Rows committed of batches not completed yet: batch -> input positions."""
+        done = self.done_batches()
+        pieces: dict[int, set[int]] = {}
+        for r in self.records:
+            for b, rows in r.partial.items():
+                if int(b) not in done:
+                    pieces.setdefault(int(b), set()).update(rows)
+        return pieces
 
     def commit(self, record: PartRecord) -> None:
         append_line_durable(self.layout.manifest, record.to_json())

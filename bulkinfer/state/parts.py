@@ -3,6 +3,7 @@ in the manifest on a background thread while the next batch runs."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pyarrow as pa
@@ -15,7 +16,8 @@ from bulkinfer.state.manifest import Manifest, PartRecord
 
 
 class PartWriter:
-    """Accumulates batch results and commits them as one part every `every_rows` rows.
+    """Accumulates batch results and commits them as one part every `every_rows` rows, or
+    sooner once `every_seconds` have passed since the last part (`due`).
 
     A part is encoded, written, fsynced and committed in the manifest on a background thread,
     so the next batch runs on the device meanwhile. Parts are committed in order and one at a
@@ -32,17 +34,22 @@ class PartWriter:
         every_rows: int,
         run_id: str,
         on_commit: Callable[[Manifest], None] | None = None,
+        every_seconds: float = float("inf"),
     ):
         self.layout = layout
         self.manifest = manifest
         self.schema = schema
         self.every_rows = every_rows
+        self.every_seconds = every_seconds
         self.run_id = run_id
         self.on_commit = on_commit
         self._tables: list[pa.Table] = []
         self._batches: list[int] = []
+        self._partial: dict[str, list[int]] = {}
         self._stats: list[dict] = []
         self._rows = 0
+        self._parts = len(manifest.records)  # parts handed over, for unique names
+        self._last = time.monotonic()
         self._thread = SerialThread("bulkinfer-write")
 
     def __enter__(self) -> PartWriter:
@@ -52,30 +59,56 @@ class PartWriter:
         self._thread.close(failing=error)
 
     def add(self, table: pa.Table, batch: int, stats: dict, elapsed: float) -> None:
-        """Buffer a batch; hand a part to the writer thread when enough rows are waiting."""
+        """Buffer a batch's rows (all of them, or all not committed before in pieces); hand a
+        part to the writer thread when enough rows are waiting or enough time has passed."""
         self._thread.check()
-        self._tables.append(table)
         self._batches.append(batch)
-        self._stats.append(stats)
-        self._rows += table.num_rows
-        if self._rows >= self.every_rows:
+        self._buffer(table, stats)
+        if self._rows >= self.every_rows or self.due():
             self._hand_over(elapsed)
+
+    def add_piece(self, table: pa.Table, batch: int, stats: dict) -> None:
+        """Buffer finished rows of a batch still running (handed over by the next `add` or
+        `commit_now`): what a long batch has done is committed without waiting for its end."""
+        self._thread.check()
+        rows = table.column("row").to_pylist()
+        self._partial.setdefault(str(batch), []).extend(rows)
+        self._buffer(table, stats)
+
+    def due(self) -> bool:
+        """Whether `every_seconds` have passed since the last part was handed over."""
+        return time.monotonic() - self._last >= self.every_seconds
+
+    def commit_now(self, elapsed: float) -> None:
+        """Hand what is buffered to the writer thread without waiting for `every_rows`."""
+        self._hand_over(elapsed)
 
     def flush(self, elapsed: float) -> None:
         """Commit the buffered batches as one part and wait until every part is committed."""
         self._hand_over(elapsed)
         self._thread.wait()
 
+    def _buffer(self, table: pa.Table, stats: dict) -> None:
+        self._tables.append(table)
+        self._stats.append(stats)
+        self._rows += table.num_rows
+
     def _hand_over(self, elapsed: float) -> None:
+        self._last = time.monotonic()
         if not self._tables:
             return
-        part = (self._tables, self._batches, self._stats, round(elapsed, 3))
-        self._tables, self._batches, self._stats, self._rows = [], [], [], 0
+        first = self._batches[0] if self._batches else int(next(iter(self._partial)))
+        # a part holding rows of a batch still running gets a name of its own (its batch's
+        # other rows come in a later part)
+        name = f"part-b{first:07d}" + (f"-p{self._parts:06d}" if self._partial else "")
+        part = (name, self._tables, self._batches, self._partial, self._stats, round(elapsed, 3))
+        self._tables, self._batches, self._partial, self._stats, self._rows = [], [], {}, [], 0
+        self._parts += 1
         self._thread.submit(self._commit, *part)
 
-    def _commit(self, tables: list, batches: list[int], stats: list[dict], elapsed: float) -> None:
+    def _commit(self, name, tables, batches, partial, stats, elapsed: float) -> None:
         """Write the part, then commit it in the manifest (on the writer thread)."""
-        name = f"part-b{batches[0]:07d}.parquet"
+        name = f"{name}.parquet"
         table = pa.concat_tables(tables)
         sha = write_parquet_atomic(self.layout.parts_dir / name, table)
         faults.checkpoint("part_written")
@@ -87,6 +120,7 @@ class PartWriter:
             run=self.run_id,
             elapsed=elapsed,
             stats=stats,
+            partial=partial,
         )
         self.manifest.commit(record)
         faults.checkpoint("part_committed")

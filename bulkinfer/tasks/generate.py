@@ -13,9 +13,10 @@ import dataclasses
 import numpy as np
 import pyarrow as pa
 
-from bulkinfer.engines.base import GenerateRequests
+from bulkinfer.engines.base import GenerateRequests, whole_groups
 from bulkinfer.engines.sampling import SamplingParams, row_key
 from bulkinfer.engines.stops import truncate_at_stop
+from bulkinfer.grammars import grammar_for, grammar_of_json
 from bulkinfer.prepare import PreparedRows
 from bulkinfer.spec import TaskSpec
 from bulkinfer.tasks.base import BatchResult, load_causal_lm
@@ -65,6 +66,7 @@ class GenerateTask:
             top_k=spec.top_k,
             seed=spec.seed,
             stop=tuple(spec.stop),
+            grammar=grammar_for(spec.response_format),
         )
         self.schema = generate_schema(self.as_lists, self.with_logprobs)
 
@@ -102,7 +104,7 @@ class GenerateTask:
     def run(self, engine, prepared: PreparedRows, rows: np.ndarray) -> BatchResult:
         """One batch in one engine call (a piece of it at a time on a padded engine)."""
         ask = self.ask(prepared, rows)
-        generations = next(iter(engine.generate_stream([(0, ask.requests)])))[1]
+        generations = next(whole_groups(engine, [(0, ask.requests)]))[1]
         return self.answer(prepared, rows, ask, generations)
 
     def ask(self, prepared: PreparedRows, rows: np.ndarray) -> BatchAsk:
@@ -176,6 +178,23 @@ class BatchAsk:
     owners: list[int]
     rows: list[RowRequest]
 
+    def subset(self, positions: list[int]) -> tuple[BatchAsk, list[int]]:
+        """The ask of the batch's rows at `positions` (in that order), and the indices of
+        their sequences in this ask."""
+        where = {k: j for j, k in enumerate(positions)}
+        seqs = [i for i, k in enumerate(self.owners) if k in where]
+        r = self.requests
+        requests = GenerateRequests(
+            [r.prompts[i] for i in seqs],
+            [r.keys[i] for i in seqs],
+            [r.params[i] for i in seqs],
+            [r.limits[i] for i in seqs],
+            r.logprobs,
+            r.piece,
+        )
+        owners = [where[self.owners[i]] for i in seqs]
+        return BatchAsk(requests, owners, [self.rows[k] for k in positions]), seqs
+
 
 @dataclasses.dataclass(frozen=True)
 class RowRequest:
@@ -197,6 +216,8 @@ class RowRequest:
             changes["max_new_tokens"] = min(values["max_new_tokens"], self.params.max_new_tokens)
         if values.get("stop") is not None:
             changes["stop"] = tuple(values["stop"])
+        if values.get("response_format") is not None:
+            changes["grammar"] = grammar_of_json(values["response_format"])
         n = values["n"] if values.get("n") is not None else self.n
         logprobs = values["logprobs"] if values.get("logprobs") is not None else self.logprobs
         return RowRequest(dataclasses.replace(self.params, **changes), n, logprobs)

@@ -1,0 +1,94 @@
+"""Response formats as grammars: a job's `task.response_format` or an OpenAI request's, turned
+into the llguidance grammar a row's output is kept to (engines/constraints.py applies it).
+
+A leaf module, so the spec (one-line errors for a bad schema), the OpenAI reader (a 400 row
+error) and the engines all reach it. llguidance is imported only when a format is given.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+RESPONSE_TYPES = ("json_schema", "json_object", "regex", "choice")
+# JSON as json.dumps writes it: a model may not fill its token limit with whitespace between
+# fields (a schema's own "x-guidance" settings win)
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def llguidance_module():
+    try:
+        import llguidance
+        import llguidance.hf
+        import llguidance.torch
+    except ImportError:
+        raise ValueError(
+            "structured output (response_format) needs the llguidance package: "
+            "pip install llguidance"
+        ) from None
+    return llguidance
+
+
+def grammar_for(response_format: Any) -> str | None:
+    """The llguidance grammar of a `response_format` (a job's `task.response_format`, or an
+    OpenAI request body's), or None for plain text. Raises ValueError naming the problem.
+
+    Accepted: {"type": "text"}; {"type": "json_object"}; {"type": "json_schema", "json_schema":
+    {"schema": {...}}} (OpenAI's shape) or {"type": "json_schema", "schema": {...}};
+    {"type": "regex", "pattern": "..."}; {"type": "choice", "choices": ["a", "b"]}."""
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict) or "type" not in response_format:
+        raise ValueError("response_format must be an object with a `type`")
+    kind = response_format["type"]
+    if kind == "text":
+        return None
+    if kind not in RESPONSE_TYPES:
+        raise ValueError(
+            f"response_format.type {kind!r} is not one of text, {', '.join(RESPONSE_TYPES)}"
+        )
+    ll = llguidance_module()
+    if kind == "json_object":
+        grammar = ll.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_LAYOUT)
+    elif kind == "json_schema":
+        grammar = ll.LLMatcher.grammar_from_json_schema(
+            _schema_of(response_format), defaults=JSON_LAYOUT
+        )
+    elif kind == "regex":
+        pattern = response_format.get("pattern")
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError("response_format.pattern must be a non-empty regular expression")
+        grammar = ll.LLMatcher.grammar_from_regex(pattern)
+    else:
+        choices = response_format.get("choices")
+        if (
+            not isinstance(choices, list)
+            or not choices
+            or not all(isinstance(c, str) and c for c in choices)
+        ):
+            raise ValueError("response_format.choices must be a list of non-empty strings")
+        options = " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+        grammar = ll.LLMatcher.grammar_from_lark(f"start: {options}")
+    problem = ll.LLMatcher.validate_grammar(grammar)
+    if problem:
+        raise ValueError(f"response_format: {problem.strip().splitlines()[0]}")
+    return grammar
+
+
+@functools.lru_cache(maxsize=256)
+def grammar_of_json(response_format: str) -> str | None:
+    """`grammar_for` of a response_format as JSON text (OpenAI requests carry theirs per row;
+    a file of a million requests usually repeats a few)."""
+    return grammar_for(json.loads(response_format))
+
+
+def _schema_of(response_format: dict) -> dict:
+    inner = response_format.get("json_schema")
+    schema = inner.get("schema") if isinstance(inner, dict) else response_format.get("schema")
+    if not isinstance(schema, dict):
+        raise ValueError(
+            "response_format of type json_schema needs a schema object "
+            "(json_schema.schema, or schema)"
+        )
+    return schema

@@ -1,0 +1,128 @@
+"""Checkpoints by time and progress within a batch: a batch slower than
+`checkpoint.every_seconds` commits the rows it has finished while it runs, a kill then loses
+only the rows in flight, and the progress output moves (one ETA) before the batch ends."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import child_env, cli, read_outputs, write_job, write_jsonl
+
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "and",
+    "then",
+    "sleeps",
+    "in",
+    "warm",
+    "sun",
+]
+N_REQUESTS = 24
+
+
+def requests_file(path):
+    """OpenAI Batch requests whose own max_tokens differ, so rows of one batch finish apart."""
+    rows = []
+    for i in range(N_REQUESTS):
+        prompt = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(3 + i % 7))
+        body = {"model": "m", "prompt": prompt, "max_tokens": 4 + (i * 7) % 37, "temperature": 0.8}
+        rows.append(
+            {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/completions", "body": body}
+        )
+    return write_jsonl(path, rows)
+
+
+def one_batch_job(tmp_path, tiny_model, name, engine, every_seconds=180, log_every=30):
+    """All requests in one batch, parts by time only (every_rows is never reached)."""
+    job = write_job(
+        tmp_path / f"{name}.yaml",
+        tiny_model,
+        requests_file(tmp_path / "requests.jsonl"),
+        tmp_path / name,
+        task={"max_new_tokens": 40, "seed": 3},
+        batching={"max_tokens": 100_000, "max_batch_size": 64},
+        checkpoint={"every_rows": 1000, "every_seconds": every_seconds},
+        progress={"log_every_seconds": log_every},
+    )
+    spec = yaml.safe_load(job.read_text())
+    spec["model"]["engine"] = engine
+    job.write_text(yaml.safe_dump(spec))
+    return job
+
+
+def run(job, *args, **env):
+    return subprocess.run(
+        [sys.executable, "-m", "bulkinfer", *args, "run", str(job)],
+        env={**child_env(), **env},
+        capture_output=True,
+        text=True,
+    )
+
+
+def manifest_records(out):
+    lines = (out / "checkpoint" / "manifest.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_a_batch_slower_than_every_seconds_commits_finished_rows_and_resumes(
+    tmp_path, tiny_model, engine
+):
+    plain = one_batch_job(tmp_path, tiny_model, "plain", engine)
+    assert cli("run", str(plain)).exit_code == 0
+    expected = read_outputs(tmp_path / "plain")
+    assert [r["rows"] for r in manifest_records(tmp_path / "plain")] == [N_REQUESTS]
+
+    job = one_batch_job(tmp_path, tiny_model, "killed", engine, every_seconds=1)
+    killed = run(job, BULKINFER_SLOW_STEP_SECONDS="0.4", BULKINFER_KILL_AT="part_committed:1")
+    assert killed.returncode == -9, killed.stderr
+    records = manifest_records(tmp_path / "killed")
+    assert len(records) == 1 and records[0]["batches"] == []  # the batch was still running
+    committed = [row for rows in records[0]["partial"].values() for row in rows]
+    assert 0 < len(committed) < N_REQUESTS
+
+    resumed = run(job, "--log-format", "json")
+    assert resumed.returncode == 0, resumed.stderr
+    events = [json.loads(line) for line in resumed.stderr.splitlines() if line.startswith("{")]
+    resume = next(e for e in events if e["event"] == "resume")
+    assert resume["rows_of_batches_begun"] == len(committed)
+    got = read_outputs(tmp_path / "killed")
+    assert got.column("id").to_pylist() == expected.column("id").to_pylist()
+    assert got.drop(["error"]).equals(expected.drop(["error"]))  # every row once, same tokens
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert summary["rows_out"] == N_REQUESTS and summary["complete"]
+
+
+@pytest.mark.parametrize("log_format", ["plain", "json"])
+def test_progress_moves_inside_one_long_batch_with_one_eta(tmp_path, tiny_model, log_format):
+    job = one_batch_job(tmp_path, tiny_model, "progress", "reference", log_every=0.1)
+    done = run(job, "--log-format", log_format, BULKINFER_SLOW_STEP_SECONDS="0.2")
+    assert done.returncode == 0, done.stderr
+    if log_format == "json":
+        events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+        progress = [e for e in events if e["event"] == "progress"]
+        commit = next(i for i, e in enumerate(events) if e["event"] == "checkpoint")
+        before = [e for e in events[:commit] if e["event"] == "progress"]
+        assert len(before) >= 3  # while the only batch runs
+        tokens = [e["tokens_done"] for e in before]
+        assert tokens == sorted(tokens) and tokens[-1] > tokens[0] > 0
+        assert any(0 < e["rows_done"] < N_REQUESTS for e in before)
+        assert all(e["token_kind"] == "new" and "eta_seconds" in e for e in progress)
+        assert progress[-1]["rows_done"] == N_REQUESTS
+    else:
+        lines = [line for line in done.stderr.splitlines() if " rows (" in line]
+        assert len(lines) >= 3
+        assert all(line.count("ETA") == 1 and "new tokens" in line for line in lines)
+        assert any(f"/{N_REQUESTS} rows" in line and "100%" not in line for line in lines)
