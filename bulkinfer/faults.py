@@ -38,17 +38,17 @@ def write_attempt(path) -> None:
 
 def slow_batch() -> None:
     """`BULKINFER_SLOW_BATCH_SECONDS=0.3` stretches every batch, so a test can preempt mid-run."""
-    delay = os.environ.get("BULKINFER_SLOW_BATCH_SECONDS")
-    if delay:
-        import time
-
-        time.sleep(float(delay))
+    _sleep_for("BULKINFER_SLOW_BATCH_SECONDS")
 
 
 def slow_step() -> None:
     """`BULKINFER_SLOW_STEP_SECONDS=0.05` stretches every report of a generation stream (every
     few decode steps), so a test gets batches slower than checkpoint.every_seconds."""
-    delay = os.environ.get("BULKINFER_SLOW_STEP_SECONDS")
+    _sleep_for("BULKINFER_SLOW_STEP_SECONDS")
+
+
+def _sleep_for(variable: str) -> None:
+    delay = os.environ.get(variable)
     if delay:
         import time
 

@@ -8,6 +8,7 @@ encoder engine classifies and embeds. Which engine runs a job is decided once, i
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,13 @@ class EngineLimits:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+    def as_reference(self, why: str | None = None) -> EngineLimits:
+        """These limits for the reference engine on the same device (padded, no slots, no
+        pool): where the fast engine cannot run, or would not pay back, `why`."""
+        return dataclasses.replace(
+            self, kind="reference", pads=True, slots=None, kv_tokens=None, why_not_fast=why
+        )
 
 
 @dataclass(frozen=True)

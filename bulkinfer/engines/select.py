@@ -10,7 +10,6 @@ a model that fails it runs on the reference engine around the same loaded weight
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -128,10 +127,7 @@ def by_job_size(
         f"{size} are too few to pay back {cache} for the fast engine ({bar}); "
         "model.engine: fast runs it anyway"
     )
-    reference_limits = dataclasses.replace(
-        limits, kind="reference", pads=True, slots=None, kv_tokens=None, why_not_fast=why
-    )
-    return reference_limits, why
+    return limits.as_reference(why), why
 
 
 def fit_to_job(engine, options: LoadOptions, config: Any, size: tuple[int, int | None]):
@@ -220,10 +216,7 @@ def causal_engine(model, tokenizer, limits: EngineLimits) -> HFEngine:
     if blocker is None:
         return FastEngine(model, tokenizer, limits)
     log(f"engine: the reference engine runs this model ({blocker})")
-    reference = dataclasses.replace(
-        limits, kind="reference", pads=True, slots=None, kv_tokens=None, why_not_fast=blocker
-    )
-    return HFEngine(model, tokenizer, reference)
+    return HFEngine(model, tokenizer, limits.as_reference(blocker))
 
 
 def engine_around(model, tokenizer, engine: str = "fast", slots: int | None = None) -> HFEngine:

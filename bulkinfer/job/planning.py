@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,8 +86,8 @@ def job_size(inputs: Inputs, limits, shard: Shard | None = None) -> tuple[int, i
     steps = task.row_steps(prepared)
     if steps is None or limits.kind != "fast" or tokens > AUTO_PLAN_TOKENS:
         return tokens, None
-    reference = dataclasses.replace(limits, kind="reference", pads=True, slots=None, kv_tokens=None)
     spec = inputs.setup.spec
+    reference = limits.as_reference()
     budget = token_budget(spec.batching, reference, inputs.setup.config, task.new_tokens_per_row())
     plan = make_plan(inputs, budget, shard)
     return tokens, sum(int(steps[b.rows].max()) for b in plan.batches if len(b.rows))
