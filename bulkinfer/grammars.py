@@ -18,10 +18,8 @@ JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separa
 
 
 def llguidance_module():
-    try:
+    try:  # the core only: llguidance.torch compiles a kernel at import (1.4 s), unused here
         import llguidance
-        import llguidance.hf
-        import llguidance.torch
     except ImportError:
         raise ValueError(
             "structured output (response_format) needs the llguidance package: "

@@ -140,8 +140,8 @@ def test_completions_requests_and_bad_requests(tmp_path, tiny_model):
         },
         _chat_request(1, presence_penalty=0, user="someone", response_format={"type": "text"}),
         _chat_request(2, tools=[{"type": "function", "function": {"name": "f"}}]),
-        _chat_request(3, top_logprobs=3, logprobs=True),
-        {"custom_id": "embed", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
+        _chat_request(3, top_logprobs=21, logprobs=True),
+        {"custom_id": "image", "method": "POST", "url": "/v1/images/generations", "body": {}},
         _chat_request(5, temperature=7),
         {"custom_id": "no-messages", "method": "POST", "url": "/v1/chat/completions", "body": {}},
     ]
@@ -166,7 +166,7 @@ def test_completions_requests_and_bad_requests(tmp_path, tiny_model):
     for custom_id, fragment in [
         ("request-2", "body.tools"),
         ("request-3", "body.top_logprobs"),
-        ("embed", "/v1/embeddings"),
+        ("image", "/v1/images/generations"),
         ("request-5", "body.temperature"),
         ("no-messages", "no 'messages'"),
     ]:

@@ -5,11 +5,23 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+import subprocess
+import sys
 
 import jsonschema
 import pytest
 import yaml
-from conftest import ROOT, cli, read_outputs, sample_prompts, write_job, write_jsonl
+from conftest import (
+    ROOT,
+    child_env,
+    cli,
+    one_thread,
+    read_outputs,
+    sample_prompts,
+    write_job,
+    write_jsonl,
+)
 
 SCHEMA = {
     "type": "object",
@@ -84,6 +96,109 @@ def test_the_engines_agree_and_sampling_does_not_depend_on_the_batch(tmp_path, t
             outputs[engine, batch] = [(r["id"], r["text"], r["finish_reason"]) for r in rows]
     first = outputs["reference", 2]
     assert all(o == first for o in outputs.values())
+
+
+def test_resume_after_a_kill_gives_the_same_constrained_rows(tmp_path, tiny_model):
+    """Sampled constrained rows are keyed per row like unconstrained ones: a job killed after
+    its first committed part and resumed writes what an uninterrupted run writes."""
+    fmt = {"type": "json_schema", "schema": SCHEMA}
+    task = dict(temperature=0.9, seed=5, response_format=fmt)
+    whole = _job(tmp_path, tiny_model, "whole", rows=16, engine="fast", **task)
+    killed = _job(tmp_path, tiny_model, "killed", rows=16, engine="fast", **task)
+    args = ("--set", "batching.max_batch_size=4")
+    with one_thread():  # as in the child process: bit-identical arithmetic
+        expected = _run(whole, *args)
+    env = {**child_env(), "BULKINFER_KILL_AT": "part_committed:1"}
+    first = subprocess.run(
+        [sys.executable, "-m", "bulkinfer", "run", str(killed), *args], env=env, capture_output=True
+    )
+    assert first.returncode == -9
+    with one_thread():
+        result = cli("run", str(killed), *args)
+    assert result.exit_code == 0 and "resuming:" in result.output, result.output
+    rows = read_outputs(tmp_path / "killed").to_pylist()
+    assert [(r["id"], r["text"]) for r in rows] == [(r["id"], r["text"]) for r in expected]
+
+
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_rows_cut_short_are_counted_in_the_summary_and_the_log(tmp_path, tiny_model, engine):
+    """A constrained row that reaches its token limit mid-object ends with `length`; the
+    summary and the log count such rows instead of hiding them."""
+    fmt = {"type": "json_object"}
+    job = _job(tmp_path, tiny_model, "out", rows=8, engine=engine, max_new_tokens=6)
+    spec = yaml.safe_load(job.read_text())
+    spec["task"]["response_format"] = fmt
+    job.write_text(yaml.safe_dump(spec))
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output
+    rows = read_outputs(tmp_path / "out").to_pylist()
+    cut = sum(r["finish_reason"] == "length" for r in rows)
+    assert cut > 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["constrained_cut_short"] == cut
+    assert f"{cut:,} samples kept to a response_format reached their token limit" in result.output
+    plain = _job(tmp_path, tiny_model, "plain", rows=4, engine=engine, max_new_tokens=6)
+    assert cli("run", str(plain)).exit_code == 0
+    assert "constrained_cut_short" not in json.loads(
+        (tmp_path / "plain" / "summary.json").read_text()
+    )
+
+
+def _rewrite_tokenizer(folder, change) -> None:
+    path = folder / "tokenizer.json"
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    change(spec)
+    path.write_text(json.dumps(spec), encoding="utf-8")
+
+
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_a_byte_level_tokenizer_with_a_sequence_decoder(tmp_path, tiny_model, engine):
+    """Some converters (transformers' GGUF conversion in some versions) write a byte-level
+    tokenizer's decoder as ByteFallback, Fuse, Replace, ByteLevel: the masks still follow the
+    tokens' real bytes, so every row that stops validates."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+
+    def as_sequence(spec):
+        byte_level = spec["decoder"]
+        spec["decoder"] = {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+                {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                byte_level,
+            ],
+        }
+        spec["model"]["byte_fallback"] = True
+
+    _rewrite_tokenizer(model, as_sequence)
+    fmt = {"type": "json_schema", "schema": SCHEMA}
+    rows = _run(_job(tmp_path, model, "out", engine=engine, response_format=fmt))
+    stopped = [r for r in rows if r["finish_reason"] == "stop"]
+    assert stopped and all(_valid(r["text"], SCHEMA) for r in stopped), [r["text"] for r in rows]
+
+
+def test_a_tokenizer_the_grammar_library_misreads_is_one_line(tmp_path, tiny_model):
+    """A decoder whose output llguidance cannot follow stops the job before any batch, naming
+    the problem, instead of masking the wrong tokens."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+
+    def spaces_as_underscores(spec):
+        spec["decoder"] = {
+            "type": "Sequence",
+            "decoders": [
+                spec["decoder"],
+                {"type": "Replace", "pattern": {"String": " "}, "content": "_"},
+            ],
+        }
+
+    _rewrite_tokenizer(model, spaces_as_underscores)
+    fmt = {"type": "json_schema", "schema": SCHEMA}
+    result = cli("run", str(_job(tmp_path, model, "out", response_format=fmt)))
+    assert result.exit_code == 2, result.output
+    assert "reads" in result.output and "differently from the tokenizer" in result.output
 
 
 @pytest.mark.parametrize(

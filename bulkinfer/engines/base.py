@@ -68,7 +68,8 @@ class GenerateRequests:
     """One group of sequences to continue (a checkpoint batch's rows, n sequences a row):
     prompts, sampling keys and settings, each sequence's own new-token limit, whether log-probs
     are wanted, and `piece`: how many sequences a padded engine runs per call (the batch's
-    planned rows, so memory stays within the budget whatever n is)."""
+    planned rows, so memory stays within the budget whatever n is). `top_logprobs`: how many
+    most likely alternatives to report per generated token (0: none; implies log-probs)."""
 
     prompts: list[np.ndarray]
     keys: list[int]
@@ -76,6 +77,7 @@ class GenerateRequests:
     limits: list[int]
     logprobs: bool = False
     piece: int | None = None
+    top_logprobs: int = 0
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -91,6 +93,7 @@ class GenerateRequests:
                 self.limits[i : i + size],
                 self.logprobs,
                 size,
+                self.top_logprobs,
             )
             for i in range(0, len(self), size)
         ]
@@ -140,6 +143,8 @@ class Generation(Protocol):
     tokens: list[int]
     finish_reason: str
     logprobs: list[float] | None
+    top_ids: list[list[int]] | None  # per token, the most likely alternatives, when asked
+    top_logprobs: list[list[float]] | None
 
 
 class CausalEngine(Protocol):
@@ -165,8 +170,13 @@ class CausalEngine(Protocol):
         params: Any,
         max_new: list[int],
         logprobs: bool = False,
+        top_logprobs: int = 0,
     ) -> list[Generation]:
         """Continue every prompt until EOS, a stop string or its own max_new tokens."""
+
+    def embed(self, sequences: list[np.ndarray], pooling: str, normalize: bool) -> np.ndarray:
+        """One float32 vector per sequence from the final hidden states (OpenAI embeddings
+        requests in a generate job)."""
 
     def generate_stream(
         self, groups: Iterable[tuple[Hashable, GenerateRequests]]

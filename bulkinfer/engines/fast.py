@@ -20,13 +20,19 @@ import torch
 from bulkinfer.configs import text_config
 from bulkinfer.engines.base import EngineLimits, GenerateRequests, whole_groups
 from bulkinfer.engines.compiling import compile_backend
-from bulkinfer.engines.constraints import mask_logits
+from bulkinfer.engines.constraints import consume_all, mask_logits
 from bulkinfer.engines.decoder import Decoder
 from bulkinfer.engines.hf import Generation, HFEngine, per_row_totals, scored_positions
 from bulkinfer.engines.kv import DecodeInputs, DecodeState, KVPool
 from bulkinfer.engines.memory import kv_pool_tokens
 from bulkinfer.engines.packed_attention import Packed, attend
-from bulkinfer.engines.sampling import STEP_KEY, RowSampling, SamplingParams, choose_next_tokens
+from bulkinfer.engines.sampling import (
+    STEP_KEY,
+    RowSampling,
+    SamplingParams,
+    choose_next_tokens,
+    top_alternatives,
+)
 
 DECODE_BUCKETS = (8, 16, 32, 64, 128, 256, 384, 512, 768, 1024)
 CPU_SLOTS = 64  # rows decoded together on the CPU
@@ -97,6 +103,21 @@ class FastEngine(HFEngine):
         """Last hidden states [tokens, dim] of a packed forward."""
         return self.decoder.hidden(ids, positions, lambda i, q, k, v: attend(i, q, k, v, packed))
 
+    @torch.inference_mode()
+    def embed(self, sequences: list[np.ndarray], pooling: str, normalize: bool) -> np.ndarray:
+        """One vector per sequence from packed forwards (no padding, nothing written to the KV
+        pool): the final hidden states pooled as the reference engine pools them."""
+        out = []
+        for a, b in forward_pieces([len(s) for s in sequences], self.forward_tokens):
+            lengths = np.array([len(s) for s in sequences[a:b]], dtype=np.int64)
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            ids = torch.from_numpy(np.concatenate(sequences[a:b]).astype(np.int64))
+            positions = torch.from_numpy(restarting_positions(lengths)).to(self.device)
+            packed = Packed(_int32(offsets, self.device), int(lengths.max()), self.decoder.scaling)
+            hidden = self._hidden(ids.to(self.device), positions, packed).float()
+            out.append(pool_packed(hidden, offsets, pooling, normalize))
+        return np.concatenate(out)
+
     def _chunk_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The fused scoring head: no float32 [tokens x vocab] tensor is written."""
         head = self.model.get_output_embeddings()
@@ -112,12 +133,15 @@ class FastEngine(HFEngine):
         params: SamplingParams | list[SamplingParams],
         max_new: list[int],
         logprobs: bool = False,
+        top_logprobs: int = 0,
     ) -> list[Generation]:
         """One group through the scheduler (see `generate_stream`)."""
         if not prompts:
             return []
         per_row = params if isinstance(params, list) else [params] * len(prompts)
-        requests = GenerateRequests(list(prompts), list(row_keys), per_row, list(max_new), logprobs)
+        requests = GenerateRequests(
+            list(prompts), list(row_keys), per_row, list(max_new), logprobs, None, top_logprobs
+        )
         return next(whole_groups(self, [(0, requests)]))[1]
 
     def generate_stream(self, groups):
@@ -176,10 +200,13 @@ class FastEngine(HFEngine):
         chooser: Chooser,
         logprobs: bool,
         matchers: list | None = None,
-    ) -> tuple[list[int], list[float] | None]:
+        top: int = 0,
+    ) -> tuple[list[int], list[float] | None, tuple | None]:
         """Run new rows packed, their keys and values written from each row's region start;
-        returns each row's first token (and its log-prob when asked). `matchers`: each row's
-        grammar matcher or None (engines/constraints.py), masking its first token."""
+        returns each row's first token, its log-prob when asked, and with `top` its `top` most
+        likely alternatives (ids and log-probs, one list per row). `matchers`: each row's
+        grammar matcher or None (engines/constraints.py), masking its first token and then
+        consuming it."""
         started = time.perf_counter()
         lengths = np.array([len(p) for p in prompts], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -203,10 +230,16 @@ class FastEngine(HFEngine):
         key_tensor = torch.tensor(keys, dtype=torch.int64, device=self.device)
         tokens = choose_next_tokens(logits, chooser, key_tensor, 0)
         first = tokens.tolist()
+        if matchers:
+            consume_all(matchers, first)
         first_logprobs = _logprobs_of(logits, tokens).tolist() if logprobs else None
+        first_top = None
+        if top:
+            values, ids = top_alternatives(logits, top)
+            first_top = ids.tolist(), values.tolist()
         _count(self.counters, prefill_seconds=time.perf_counter() - started)
         _count(self.counters, prefill_tokens=int(lengths.sum()), prefill_calls=1)
-        return first, first_logprobs
+        return first, first_logprobs, first_top
 
     @torch.inference_mode()
     def decode(
@@ -216,12 +249,14 @@ class FastEngine(HFEngine):
         chooser: Chooser,
         logprobs: bool,
         matchers: list | None = None,
-    ) -> tuple[list[list[int]], list[list[float]]]:
+        top: int = 0,
+    ) -> tuple[list[list[int]], list[list[float]], tuple | None]:
         """`steps` decode steps of these rows without looking at the tokens on the host; returns
-        each row's new tokens (and log-probs, zeros unless asked). With `matchers` (rows'
-        grammar matchers, engines/constraints.py) one step, its logits masked first."""
-        if matchers:
-            assert steps == 1, "a constrained step needs the tokens of the one before"
+        each row's new tokens, their log-probs (zeros unless asked) and with `top` each step's
+        `top` most likely alternatives (ids and log-probs, [row][step][k]). With `matchers`
+        (rows' grammar matchers, engines/constraints.py) each step's logits are masked (on the
+        host while the step runs) and its tokens read back for the matchers to consume, which
+        the next step's masks need: the one sync a constrained step takes."""
         n = len(rows.lengths)
         size = min(next(b for b in (*DECODE_BUCKETS, self.slots) if b >= n), self.slots)
         longest = max(rows.lengths) + steps
@@ -229,6 +264,9 @@ class FastEngine(HFEngine):
         state = self._state
         chosen = torch.empty((n, steps), dtype=torch.int64, device=self.device)
         chosen_logprobs = torch.zeros((n, steps), dtype=torch.float32, device=self.device)
+        if top:
+            top_values = torch.zeros((n, steps, top), dtype=torch.float32, device=self.device)
+            top_ids = torch.zeros((n, steps, top), dtype=torch.int64, device=self.device)
         started = time.perf_counter()
         for j in range(steps):
             logits = self.decode_step(size, longest)[:n]
@@ -241,8 +279,13 @@ class FastEngine(HFEngine):
             chosen[:, j] = tokens
             if logprobs:
                 chosen_logprobs[:, j] = _logprobs_of(logits, tokens)
+            if top:
+                top_values[:, j], top_ids[:, j] = top_alternatives(logits, top)
             state.advance(n, tokens)
-        out = chosen.tolist(), chosen_logprobs.tolist()
+            if matchers:
+                consume_all(matchers, tokens.tolist())
+        alternatives = (top_ids.tolist(), top_values.tolist()) if top else None
+        out = chosen.tolist(), chosen_logprobs.tolist(), alternatives
         _count(self.counters, decode_seconds=time.perf_counter() - started, decode_steps=steps)
         _count(self.counters, decode_row_steps=n * steps, decode_slot_steps=size * steps)
         return out
@@ -335,6 +378,26 @@ def restarting_positions(lengths: np.ndarray) -> np.ndarray:
     """Positions of a packed row: 0.. again at the start of each sequence."""
     offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
     return np.arange(int(lengths.sum()), dtype=np.int64) - offsets
+
+
+def pool_packed(hidden: torch.Tensor, offsets: np.ndarray, pooling: str, normalize: bool):
+    """Float32 numpy [rows, dim] from packed hidden states [tokens, dim] whose rows start at
+    `offsets`: mean over each row's tokens, its first token (cls) or its last."""
+    starts = torch.from_numpy(offsets[:-1]).to(hidden.device)
+    ends = torch.from_numpy(offsets[1:]).to(hidden.device)
+    if pooling == "mean":
+        rows = torch.repeat_interleave(
+            torch.arange(len(starts), device=hidden.device), ends - starts
+        )
+        sums = torch.zeros((len(starts), hidden.shape[1]), device=hidden.device)
+        pooled = sums.index_add_(0, rows, hidden) / (ends - starts)[:, None].float()
+    elif pooling == "cls":
+        pooled = hidden[starts]
+    else:
+        pooled = hidden[ends - 1]
+    if normalize:
+        pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
+    return pooled.cpu().numpy()
 
 
 def _logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,13 @@ import torch
 
 from bulkinfer.configs import text_config
 from bulkinfer.engines.base import EngineLimits, LoadOptions, StreamUpdate
-from bulkinfer.engines.constraints import consume, mask_logits, matcher
-from bulkinfer.engines.sampling import RowSampling, SamplingParams, choose_next_tokens
+from bulkinfer.engines.constraints import consume_all, mask_logits, matcher
+from bulkinfer.engines.sampling import (
+    RowSampling,
+    SamplingParams,
+    choose_next_tokens,
+    top_alternatives,
+)
 from bulkinfer.engines.stops import StopStrings
 from bulkinfer.engines.to_device import move_model
 from bulkinfer.errors import ModelError, model_error
@@ -37,6 +42,9 @@ class Generation:
     # log p(token) of each generated token under the model (before temperature or top-p), when
     # asked for; None otherwise.
     logprobs: list[float] | None = None
+    # per generated token, the most likely tokens and their log-probs (top_logprobs > 0)
+    top_ids: list[list[int]] | None = None
+    top_logprobs: list[list[float]] | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -211,18 +219,21 @@ class HFEngine:
         params: SamplingParams | list[SamplingParams],
         max_new: list[int],
         logprobs: bool = False,
+        top_logprobs: int = 0,
     ) -> list[Generation]:
         """Decode every prompt until EOS, a stop string or its own max_new tokens.
 
         `params` is one SamplingParams for the batch or one per row (temperature, top-p, top-k
-        and stop strings then differ per row); `logprobs` adds each generated token's log-prob."""
+        and stop strings then differ per row); `logprobs` adds each generated token's log-prob,
+        `top_logprobs` its most likely alternatives."""
         done: dict[int, Generation] = {}
-        for finished, _ in self._decode(prompts, row_keys, params, max_new, logprobs):
+        decoding = self._decode(prompts, row_keys, params, max_new, logprobs, top_logprobs)
+        for finished, _ in decoding:
             done.update(finished)
         return [done[i] for i in range(len(prompts))]
 
     @torch.inference_mode()  # a generator: the caller's inference mode does not reach it
-    def _decode(self, prompts, row_keys, params, max_new, logprobs):
+    def _decode(self, prompts, row_keys, params, max_new, logprobs, top=0):
         """The decode loop of `generate`, reporting every REPORT_EVERY steps and at its end the
         rows finished meanwhile (by index) and the tokens made."""
         from transformers import DynamicCache
@@ -230,7 +241,7 @@ class HFEngine:
         per_row = params if isinstance(params, list) else [params] * len(prompts)
         chooser = RowSampling.of(per_row, self.device) if isinstance(params, list) else params
         keys = torch.tensor(row_keys, dtype=torch.int64, device=self.device)
-        rows = _DecodingRows(self, per_row, max_new, logprobs)
+        rows = _DecodingRows(self, per_row, max_new, logprobs or top > 0, top)
         input_ids, mask = self._left_padded(prompts)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
@@ -242,8 +253,7 @@ class HFEngine:
                 mask_logits(logits, matchers, self.tokenizer)
             tokens = rows.take(step, logits, choose_next_tokens(logits, chooser, keys, step))
             if constrained:
-                for m, token in zip(matchers, tokens.tolist(), strict=True):
-                    consume(m, token)
+                consume_all(matchers, tokens.tolist())
             if rows.all_finished():
                 break
             if (step + 1) % REPORT_EVERY == 0:
@@ -263,11 +273,26 @@ class HFEngine:
             offset = 0
             for piece in requests.pieces():
                 updates = self._decode(
-                    piece.prompts, piece.keys, piece.shared_params(), piece.limits, piece.logprobs
+                    piece.prompts,
+                    piece.keys,
+                    piece.shared_params(),
+                    piece.limits,
+                    piece.logprobs,
+                    piece.top_logprobs,
                 )
                 for finished, tokens in updates:
                     yield StreamUpdate(tag, {offset + i: g for i, g in finished.items()}, tokens)
                 offset += len(piece)
+
+    @torch.inference_mode()
+    def embed(self, sequences: list[np.ndarray], pooling: str, normalize: bool) -> np.ndarray:
+        """One vector per sequence from the model's final hidden states (after its last norm,
+        what the LM head reads), right-padded in one forward."""
+        from bulkinfer.engines.encoder import pool_padded, right_padded
+
+        input_ids, mask = right_padded(sequences, self.pad_id, self.device)
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask)
+        return pool_padded(hidden.last_hidden_state, mask, pooling, normalize)
 
     def _step(self, input_ids, mask, positions, cache) -> torch.Tensor:
         out = self.model(
@@ -301,10 +326,13 @@ class _DecodingRows:
     """The reference decode loop's per-row bookkeeping: tokens so far, counts, which rows
     finished (EOS, a stop string, their limit) and why."""
 
-    def __init__(self, engine: HFEngine, per_row: list[SamplingParams], max_new, logprobs: bool):
+    def __init__(
+        self, engine: HFEngine, per_row: list[SamplingParams], max_new, logprobs: bool, top: int
+    ):
         batch, device = len(per_row), engine.device
         self.pad_id = engine.pad_id
         self.logprobs = logprobs
+        self.top = top
         self.limits = torch.tensor(max_new, device=device)
         eos_ids = [] if per_row[0].ignore_eos else sorted(engine.eos_ids)
         self.eos = torch.tensor(eos_ids or [-1], device=device)
@@ -312,6 +340,10 @@ class _DecodingRows:
             (batch, max(max_new)), self.pad_id, dtype=torch.long, device=device
         )
         self.token_logprobs = torch.zeros(self.generated.shape, dtype=torch.float32, device=device)
+        if top:
+            shape = (*self.generated.shape, top)
+            self.top_values = torch.zeros(shape, dtype=torch.float32, device=device)
+            self.top_ids = torch.zeros(shape, dtype=torch.long, device=device)
         self.counts = torch.zeros(batch, dtype=torch.long, device=device)
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
         self.stopped = torch.zeros_like(self.finished)
@@ -328,6 +360,8 @@ class _DecodingRows:
         if self.logprobs:
             picked = logits.log_softmax(-1).gather(-1, next_tokens[:, None]).squeeze(-1)
             self.token_logprobs[:, step] = picked
+        if self.top:
+            self.top_values[:, step], self.top_ids[:, step] = top_alternatives(logits, self.top)
         is_eos = torch.isin(next_tokens, self.eos) & active
         self.generated[:, step] = next_tokens
         self.counts += (active & ~is_eos).long()
@@ -357,11 +391,17 @@ class _DecodingRows:
         rows = self.generated[index, : self.steps].tolist()
         lps = self.token_logprobs[index, : self.steps].tolist() if self.logprobs else None
         counts, stopped = self.counts[index].tolist(), self.stopped[index].tolist()
+        top_ids = top_values = None
+        if self.top:
+            top_ids = self.top_ids[index, : self.steps].tolist()
+            top_values = self.top_values[index, : self.steps].tolist()
         return {
             i: Generation(
                 rows[k][: counts[k]],
                 "stop" if stopped[k] else "length",
                 lps[k][: counts[k]] if self.logprobs else None,
+                top_ids[k][: counts[k]] if self.top else None,
+                top_values[k][: counts[k]] if self.top else None,
             )
             for k, i in enumerate(index)
         }, made

@@ -34,6 +34,17 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def choice(self) -> tuple:
+        """What the choice of a token depends on (rows equal in it can share one setting)."""
+        return (0.0,) if self.greedy else (self.temperature, self.top_p, self.top_k)
+
+
+def top_alternatives(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `k` most likely next tokens of each row and their log-probs under the model's own
+    distribution (before temperature or top-p), most likely first: (log-probs, token ids)."""
+    return logits.log_softmax(-1).topk(k, dim=-1)
+
 
 def row_key(seed: int, row: int, sample: int = 0) -> int:
     """A 63-bit key for one row's random stream (splitmix64 of seed, row and sample index)."""

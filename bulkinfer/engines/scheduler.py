@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bulkinfer.engines.base import GenerateRequests, StreamUpdate
-from bulkinfer.engines.constraints import consume, matcher
+from bulkinfer.engines.constraints import matcher
 from bulkinfer.engines.hf import Generation
 from bulkinfer.engines.kv import DecodeInputs, RegionAllocator
 from bulkinfer.engines.memory import PREFILL_TOKENS
@@ -41,9 +41,12 @@ class Row:
     key: int
     params: SamplingParams
     want_logprobs: bool = False
+    top: int = 0  # most likely alternatives to keep per token
     start: int = -1
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_ids: list[list[int]] = field(default_factory=list)
+    top_logprobs: list[list[float]] = field(default_factory=list)
     reason: str = "length"
     matcher: object = None  # its grammar's matcher, for a constrained row
 
@@ -89,7 +92,8 @@ class Scheduler:
                 int(limit),
                 int(key),
                 params,
-                requests.logprobs,
+                requests.logprobs or requests.top_logprobs > 0,
+                requests.top_logprobs,
             )
             for i, (p, key, params, limit) in enumerate(
                 zip(requests.prompts, requests.keys, requests.params, requests.limits, strict=True)
@@ -170,45 +174,55 @@ class Scheduler:
 
     def _prefill(self, rows: list[Row]) -> None:
         want = any(r.want_logprobs for r in rows)
-        first, first_logprobs = self.engine.prefill(
+        top = max(r.top for r in rows)
+        first, first_logprobs, first_top = self.engine.prefill(
             [r.prompt for r in rows],
             [r.start for r in rows],
             [r.key for r in rows],
             self._chooser(rows),
             want,
             _matchers(rows),
+            top,
         )
         for i, (row, token) in enumerate(zip(rows, first, strict=True)):
-            if not self._accept(row, token, first_logprobs[i] if want else None):
+            alternatives = (first_top[0][i], first_top[1][i]) if top else None
+            if not self._accept(row, token, first_logprobs[i] if want else None, alternatives):
                 self.active.append(row)
 
     def _decode_chunk(self) -> None:
         """Up to SYNC_EVERY decode steps without looking at the tokens, then account for them."""
         rows = self.active
         matchers = _matchers(rows)
-        steps = 1 if matchers else min(SYNC_EVERY, max(r.limit - len(r.tokens) for r in rows))
+        steps = min(SYNC_EVERY, max(r.limit - len(r.tokens) for r in rows))
         want = any(r.want_logprobs for r in rows)
-        chosen, chosen_logprobs = self.engine.decode(
-            decode_inputs(rows), steps, self._chooser(rows), want, matchers
+        top = max(r.top for r in rows)
+        chosen, chosen_logprobs, chosen_top = self.engine.decode(
+            decode_inputs(rows), steps, self._chooser(rows), want, matchers, top
         )
         still = []
-        for row, new, lps in zip(rows, chosen, chosen_logprobs, strict=True):
-            if not any(self._accept(row, t, lp) for t, lp in zip(new, lps, strict=True)):
+        for k, (row, new, lps) in enumerate(zip(rows, chosen, chosen_logprobs, strict=True)):
+            tops = (
+                zip(chosen_top[0][k], chosen_top[1][k], strict=True) if top else [None] * len(new)
+            )
+            taken = zip(new, lps, tops, strict=True)
+            if not any(self._accept(row, t, lp, alt) for t, lp, alt in taken):
                 still.append(row)
         self.active = still
 
     def _chooser(self, rows: list[Row]) -> SamplingParams | RowSampling:
-        """One setting for all rows where they share it (the common case: one job's task
-        settings), else per-row tensors."""
+        """One setting for all rows where they choose alike (the common case: one job's task
+        settings, or requests differing only in max_tokens), else per-row tensors."""
         first = rows[0].params
-        if all(r.params == first for r in rows):
+        choice = first.choice
+        if all(r.params.choice == choice for r in rows):
             return first
         return RowSampling.of([r.params for r in rows], self.engine.device)
 
-    def _accept(self, row: Row, token: int, logprob: float | None) -> bool:
+    def _accept(self, row: Row, token: int, logprob: float | None, top=None) -> bool:
         """Take one new token for a row (reference-engine rules); True when the row is done,
-        whose region then goes back to the pool."""
-        consume(row.matcher, token)
+        whose region then goes back to the pool. `top`: the step's most likely alternatives
+        (ids, log-probs), when any row in flight wants them. A constrained row's matcher has
+        consumed the token already (the engine's step did)."""
         if token in self.engine.eos_ids and not row.params.ignore_eos:
             row.reason = "stop"
         else:
@@ -216,6 +230,9 @@ class Scheduler:
             self.new_tokens += 1
             if row.want_logprobs:
                 row.logprobs.append(logprob)
+            if row.top:
+                row.top_ids.append(top[0][: row.top])
+                row.top_logprobs.append(top[1][: row.top])
             if row.params.stop and stop_hit(self.engine.tokenizer, row.tokens, row.params.stop):
                 row.reason = "stop"
             elif len(row.tokens) < row.limit:
@@ -226,8 +243,9 @@ class Scheduler:
 
     def _row_done(self, row: Row) -> None:
         logprobs = row.logprobs if row.want_logprobs else None
+        top_ids, top_logprobs = (row.top_ids, row.top_logprobs) if row.top else (None, None)
         self.finished.setdefault(row.group, {})[row.index] = Generation(
-            row.tokens, row.reason, logprobs
+            row.tokens, row.reason, logprobs, top_ids, top_logprobs
         )
 
 

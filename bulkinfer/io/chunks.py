@@ -22,6 +22,8 @@ class ColumnNames:
     id: str | None
     keep: tuple[str, ...]
     choices: str | None = None
+    # OpenAI batch input: the request urls the job answers (others are row errors); None: all
+    request_urls: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

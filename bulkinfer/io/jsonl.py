@@ -109,7 +109,9 @@ def _request_chunk(
     path: str, first_row: int, records: list[dict], lines: list[int], columns: ColumnNames
 ) -> InputChunk:
     where = [f"{path}:{n}" for n in lines]
-    prompts, ids, urls, requests, problems = request_chunk_fields(records, where)
+    prompts, ids, urls, requests, problems = request_chunk_fields(
+        records, where, columns.request_urls
+    )
     keep = _jsonl_keep(path, records, lines, [k for k in columns.keep if k != "url"])
     return InputChunk(
         path=path,

@@ -71,6 +71,11 @@ class OutputLayout:
         return self.root / "responses.jsonl"
 
     @property
+    def errors(self) -> Path:
+        """The failed requests' response lines (the Batch API's error file)."""
+        return self.root / "errors.jsonl"
+
+    @property
     def dataset_card(self) -> Path:
         return self.root / "README.md"
 
@@ -141,6 +146,7 @@ class OutputLayout:
             self.summary,
             self.dataset_card,
             self.responses,
+            self.errors,
             self.outputs_tmp,
             self.outputs_old,
             self.outputs_buckets,

@@ -2,13 +2,14 @@
 unchanged on local GPUs.
 
 A request line is `{"custom_id", "method", "url", "body"}` with `body.messages` (chat
-completions) or `body.prompt` (completions). Body fields bulkinfer honours become per-row
-generation settings; a field it cannot honour makes that request a row error (status 400 in the
-response), never a silently different answer.
+completions), `body.prompt` (completions) or `body.input` (embeddings). Body fields bulkinfer
+honours become per-row settings; a field it cannot honour makes that request a row error
+(status 400 in the response), never a silently different answer.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import time
@@ -16,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from bulkinfer.errors import InputError
@@ -23,6 +25,8 @@ from bulkinfer.io.atomic import write_lines_atomic
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
+EMBEDDINGS_URL = "/v1/embeddings"
+URLS = (CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL)
 
 # Per-row settings, null where the job's own setting holds; what the generate task reads.
 REQUEST_SCHEMA = pa.schema(
@@ -34,16 +38,21 @@ REQUEST_SCHEMA = pa.schema(
         ("n", pa.int64()),
         ("stop", pa.list_(pa.string())),
         ("logprobs", pa.bool_()),
+        ("top_logprobs", pa.int64()),
         ("response_format", pa.string()),  # JSON text; engines/constraints.py
+        # embeddings requests: the texts to embed, the answer's encoding, the size asked for
+        ("embed_input", pa.list_(pa.string())),
+        ("encoding_format", pa.string()),
+        ("dimensions", pa.int64()),
     ]
 )
+MAX_TOP_LOGPROBS = 20  # the API's limit on alternatives per token
 
 # Body fields that change nothing here when they hold these values (or null).
 NEUTRAL = {
     "presence_penalty": (0, 0.0),
     "frequency_penalty": (0, 0.0),
     "stream": (False,),
-    "top_logprobs": (0,),
     "echo": (False,),
     "best_of": (1,),
     "logit_bias": ({},),
@@ -63,20 +72,54 @@ def looks_like_batch_record(record: dict) -> bool:
     return isinstance(record, dict) and "custom_id" in record and "body" in record
 
 
-def parse_request(record: dict) -> tuple[Any, dict]:
-    """The prompt (messages or text) and the per-row settings of one request line."""
+def parse_request(record: dict, answered: tuple[str, ...] = URLS) -> tuple[Any, dict]:
+    """The prompt (messages or text) and the per-row settings of one request line, whose url
+    must be one of those the job `answered`."""
     method, url, body = record.get("method", "POST"), record.get("url"), record.get("body")
     if method != "POST":
         raise RequestProblem(f"method {method!r} is not supported; batch requests are POST")
-    if url not in (CHAT_URL, COMPLETIONS_URL):
-        raise RequestProblem(f"url {url!r} is not supported; use {CHAT_URL} or {COMPLETIONS_URL}")
+    if url not in URLS:
+        raise RequestProblem(f"url {url!r} is not supported; use {', '.join(URLS)}")
+    if url not in answered:
+        raise RequestProblem(
+            f"url {url} is not answered by this job, which answers {', '.join(answered)} "
+            "(task.type embed answers embeddings; generate answers all three)"
+        )
     if not isinstance(body, dict):
         raise RequestProblem("body is not an object")
+    if url == EMBEDDINGS_URL:
+        return _embedding_request(body)
     key = "messages" if url == CHAT_URL else "prompt"
     if key not in body:
         raise RequestProblem(f"body has no '{key}', which {url} requests need")
     prompt = _chat_messages(body[key]) if url == CHAT_URL else _completion_prompt(body[key])
     return prompt, _settings(body, url)
+
+
+def _embedding_request(body: dict) -> tuple[str, dict]:
+    """An embeddings request: its longest input stands for it in the plan (each input is
+    tokenized and embedded on its own when its batch runs)."""
+    texts = body.get("input")
+    texts = [texts] if isinstance(texts, str) else texts
+    if not isinstance(texts, list) or not texts:
+        raise RequestProblem("body.input must be a string or a non-empty list of strings")
+    for k, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise RequestProblem(
+                f"body.input[{k}] is {json.dumps(text)[:40]}, expected a non-empty string "
+                "(token arrays are not supported)"
+            )
+    settings: dict[str, Any] = {"embed_input": texts, "encoding_format": "float"}
+    for name, value in body.items():
+        if value is None or name in IGNORED or name == "input":
+            continue
+        if name == "encoding_format" and value in ("float", "base64"):
+            settings["encoding_format"] = value
+        elif name == "dimensions":
+            settings["dimensions"] = _number(name, value, int, 1)
+        else:
+            raise RequestProblem(f"body.{name} = {json.dumps(value)[:60]} is not supported")
+    return max(texts, key=len), settings
 
 
 def _settings(body: dict, url: str) -> dict:
@@ -99,13 +142,19 @@ def _settings(body: dict, url: str) -> dict:
         elif name == "stop":
             settings["stop"] = _stops(value)
         elif name == "logprobs":
-            settings["logprobs"] = _logprobs(value, url)
+            settings["logprobs"], top = _logprobs(value, url)
+            if url == COMPLETIONS_URL and top:
+                settings["top_logprobs"] = top
+        elif name == "top_logprobs" and url == CHAT_URL:
+            settings["top_logprobs"] = _number(name, value, int, 0, MAX_TOP_LOGPROBS)
         elif name == "response_format":
             settings["response_format"] = _response_format(value)
         elif name in NEUTRAL and value in NEUTRAL[name]:
             continue
         else:
             raise RequestProblem(f"body.{name} = {json.dumps(value)[:60]} is not supported")
+    if settings.get("top_logprobs") and not settings.get("logprobs"):
+        raise RequestProblem("body.top_logprobs needs body.logprobs set to true")
     return settings
 
 
@@ -152,18 +201,14 @@ def _stops(value: Any) -> list[str]:
     return stops
 
 
-def _logprobs(value: Any, url: str) -> bool:
-    """Chat: true/false. Completions: an int, the number of top alternatives; only 0 (the chosen
-    tokens alone) is supported."""
+def _logprobs(value: Any, url: str) -> tuple[bool, int]:
+    """Whether log-probs are wanted, and how many most likely alternatives per token. Chat:
+    true/false (alternatives come from body.top_logprobs). Completions: an int, the number of
+    alternatives (0: the chosen tokens alone)."""
     if url == CHAT_URL and isinstance(value, bool):
-        return value
+        return value, 0
     if url == COMPLETIONS_URL and isinstance(value, int) and not isinstance(value, bool):
-        if value == 0:
-            return True
-        raise RequestProblem(
-            "body.logprobs > 0 asks for top alternatives, which are not supported; "
-            "0 gives the chosen tokens' log-probs"
-        )
+        return True, _number("logprobs", value, int, 0, MAX_TOP_LOGPROBS)
     raise RequestProblem(f"body.logprobs is {json.dumps(value)}, not valid for {url}")
 
 
@@ -200,9 +245,10 @@ def _completion_prompt(value: Any) -> str:
 
 
 def request_chunk_fields(
-    records: list[dict], where: list[str]
+    records: list[dict], where: list[str], answered: tuple[str, ...] | None = None
 ) -> tuple[list, list, list[str], pa.Table, dict[int, str]]:
-    """prompts, custom_ids, urls, settings table and row problems of consecutive request lines."""
+    """prompts, custom_ids, urls, settings table and row problems of consecutive request lines
+    (`answered`: the urls the job answers, None for all)."""
     prompts, ids, urls, settings, problems = [], [], [], [], {}
     for i, (record, location) in enumerate(zip(records, where, strict=True)):
         custom_id = record.get("custom_id")
@@ -211,7 +257,7 @@ def request_chunk_fields(
         ids.append(custom_id)
         urls.append(record.get("url") if isinstance(record.get("url"), str) else None)
         try:
-            prompt, row_settings = parse_request(record)
+            prompt, row_settings = parse_request(record, answered or URLS)
         except RequestProblem as exc:
             prompt, row_settings = None, {}
             problems[i] = f"invalid request: {exc}"
@@ -220,27 +266,35 @@ def request_chunk_fields(
     return prompts, ids, urls, pa.Table.from_pylist(settings, schema=REQUEST_SCHEMA), problems
 
 
-def write_responses_file(layout, model_path: str) -> int:
-    """OUT/responses.jsonl from the finished outputs, in input order; returns the line count."""
+def write_responses_file(layout, model_path: str) -> tuple[int, int]:
+    """OUT/responses.jsonl from the finished outputs, in input order, and OUT/errors.jsonl with
+    the lines of the failed requests alone (the Batch API's error file); returns both counts."""
     import pyarrow.parquet as pq
 
     files = sorted(layout.outputs_dir.glob("*.parquet"))
     schema = pq.read_schema(files[0])
-    as_lists = pa.types.is_list(schema.field("text").type)
+    as_lists = pa.types.is_list(schema.field("text").type) if "text" in schema.names else True
 
-    def rows() -> Iterator[dict]:
+    def rows(failed_only: bool = False) -> Iterator[dict]:
         for f in files:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
+                if failed_only:
+                    batch = batch.filter(batch.column("error").is_valid())
                 yield from batch.to_pylist()
 
     model = model_path.removeprefix("package:").rstrip("/").rsplit("/", 1)[-1]
-    return write_responses(layout.responses, rows(), model, as_lists)
+    created = int(time.time())
+    lines = write_responses(layout.responses, rows(), model, as_lists, created)
+    errors = write_responses(layout.errors, rows(failed_only=True), model, as_lists, created)
+    return lines, errors
 
 
-def write_responses(path: Path, outputs: Iterable[dict], model: str, as_lists: bool) -> int:
+def write_responses(
+    path: Path, outputs: Iterable[dict], model: str, as_lists: bool, created: int | None = None
+) -> int:
     """Write one response line per output row, keyed by custom_id; returns the line count.
     `as_lists`: the sample columns hold one list entry per sample (n > 1 or per-request)."""
-    created = int(time.time())
+    created = int(time.time()) if created is None else created
     count = 0
 
     def lines() -> Iterator[str]:
@@ -270,6 +324,11 @@ def response_line(row: dict, model: str, created: int) -> dict:
         }
         line["error"] = {"code": kind, "message": row["error"]}
         return line
+    if row.get("url") == EMBEDDINGS_URL:
+        body = _embeddings_body(row, model)
+        line["response"] = {"status_code": 200, "request_id": f"req_{digest}", "body": body}
+        line["error"] = None
+        return line
     chat = row.get("url", CHAT_URL) != COMPLETIONS_URL
     choices = [_choice(row, k, chat) for k in range(len(row["text"]))]
     completion_tokens = sum(row["output_tokens"])
@@ -290,6 +349,20 @@ def response_line(row: dict, model: str, created: int) -> dict:
     return line
 
 
+def _embeddings_body(row: dict, model: str) -> dict:
+    """The Embeddings API's answer: one vector per input, as floats or as base64 of their
+    little-endian float32 bytes (what the API's base64 encoding holds)."""
+    as_base64 = row.get("encoding_format") == "base64"
+    data = []
+    for k, vector in enumerate(row["embedding"]):
+        value = vector
+        if as_base64:
+            value = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+        data.append({"object": "embedding", "index": k, "embedding": value})
+    usage = {"prompt_tokens": row["prompt_tokens"], "total_tokens": row["prompt_tokens"]}
+    return {"object": "list", "data": data, "model": model, "usage": usage}
+
+
 def _choice(row: dict, k: int, chat: bool) -> dict:
     text = row["text"][k]
     logprobs = None
@@ -297,18 +370,24 @@ def _choice(row: dict, k: int, chat: bool) -> dict:
     if token_logprobs and token_logprobs[k] is not None:
         tokens = row["tokens"][k]
         values = [round(float(v), 6) for v in token_logprobs[k]]
+        top = (row.get("top_logprobs") or [None] * (k + 1))[k]
         if chat:
             content = [
-                {"token": t, "logprob": v, "bytes": list(t.encode()), "top_logprobs": []}
-                for t, v in zip(tokens, values, strict=True)
+                {**_token_logprob(t, v), "top_logprobs": _alternatives(top, i)}
+                for i, (t, v) in enumerate(zip(tokens, values, strict=True))
             ]
             logprobs = {"content": content}
         else:
             offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+            by_text = None
+            if top is not None:
+                # one {token: logprob} map per position (alternatives of equal text merge)
+                by_text = [{a["token"]: a["logprob"] for a in reversed(alts)} for alts in top]
+                by_text = [{t: round(float(v), 6) for t, v in m.items()} for m in by_text]
             logprobs = {
                 "tokens": tokens,
                 "token_logprobs": values,
-                "top_logprobs": None,
+                "top_logprobs": by_text,
                 "text_offset": offsets,
             }
     choice = {"index": k, "logprobs": logprobs, "finish_reason": row["finish_reason"][k]}
@@ -319,7 +398,23 @@ def _choice(row: dict, k: int, chat: bool) -> dict:
     return choice
 
 
-SAMPLE_COLUMNS = ("text", "output_tokens", "finish_reason", "tokens", "token_logprobs")
+def _token_logprob(token: str, logprob: float) -> dict:
+    return {"token": token, "logprob": round(float(logprob), 6), "bytes": list(token.encode())}
+
+
+def _alternatives(top: list | None, i: int) -> list[dict]:
+    """The chat shape of position i's most likely alternatives ([] where none were asked)."""
+    return [] if top is None else [_token_logprob(a["token"], a["logprob"]) for a in top[i]]
+
+
+SAMPLE_COLUMNS = (
+    "text",
+    "output_tokens",
+    "finish_reason",
+    "tokens",
+    "token_logprobs",
+    "top_logprobs",
+)
 
 
 def _one_sample(row: dict) -> dict:

@@ -86,10 +86,24 @@ def assemble_outputs(
     """Write OUT/outputs/*.parquet: every expected input row once, in input order, with its id
     and kept columns (`row_columns(start, stop)`), and its input position `row` for a shard's
     part. Parts are read one at a time, never all at once."""
-    parts = (pq.read_table(path) for path in part_files)
+    parts = (conformed(pq.read_table(path), error_rows.schema) for path in part_files)
     return write_sorted_outputs(
         layout, chain(parts, [error_rows]), expected_rows, row_columns, keep_row
     )
+
+
+def conformed(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A committed part in the job's output schema: a part an earlier version wrote, before a
+    column was added (top_logprobs, say), resumes with that column null in its rows."""
+    if table.schema.equals(schema):
+        return table
+    columns = [
+        table.column(f.name).cast(f.type)
+        if f.name in table.schema.names
+        else pa.nulls(table.num_rows, f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def write_sorted_outputs(

@@ -45,7 +45,7 @@ def run_batch(task, engine, prepared: PreparedRows, batch: Batch, schema, cap: R
     """Run one batch; returns its rows' table (in no particular order) and its stats."""
     per_row = batch.longest + task.new_tokens_per_row()
     start = time.perf_counter()
-    tables, failed, splits, new_tokens = [], 0, 0, 0
+    tables, failed, splits, new_tokens, cut_short = [], 0, 0, 0, None
     pending = cap.pieces(batch, task.new_tokens_per_row())
     while pending:
         rows = pending.pop()
@@ -65,9 +65,13 @@ def run_batch(task, engine, prepared: PreparedRows, batch: Batch, schema, cap: R
             failed += 1
             continue
         new_tokens += result.new_tokens
-        tables.append(rows_table(rows.tolist(), result.columns, [None] * len(rows), schema))
+        if result.cut_short is not None:
+            cut_short = (cut_short or 0) + result.cut_short
+        tables.append(
+            rows_table(rows.tolist(), result.columns, result.error_list(len(rows)), schema)
+        )
     seconds = time.perf_counter() - start
-    stats = batch_stats(engine, batch, new_tokens, seconds, failed, splits, cost)
+    stats = batch_stats(engine, batch, new_tokens, seconds, failed, splits, cost, cut_short)
     return pa.concat_tables(tables), stats
 
 
@@ -77,7 +81,9 @@ def failed_row_table(row: int, exc: BaseException, schema: pa.Schema) -> pa.Tabl
     return rows_table([row], empty, [message], schema)
 
 
-def batch_stats(engine, batch: Batch, new_tokens, seconds, failed, splits, cost) -> BatchStats:
+def batch_stats(
+    engine, batch: Batch, new_tokens, seconds, failed, splits, cost, cut_short=None
+) -> BatchStats:
     in_flight = rows_in_flight(engine, len(batch.rows))
     fractions = (
         cost.fractions(batch.real_tokens, new_tokens, len(batch.rows), seconds, in_flight)
@@ -94,6 +100,7 @@ def batch_stats(engine, batch: Batch, new_tokens, seconds, failed, splits, cost)
         failed_rows=failed,
         splits=splits,
         ended_at=time.time(),
+        constrained_cut_short=cut_short,
         **fractions,
     )
 

@@ -52,8 +52,11 @@ def finish_job(
 def write_responses(layout: OutputLayout, model_path: str) -> None:
     from bulkinfer.io.openai_batch import write_responses_file
 
-    lines = write_responses_file(layout, model_path)
-    log(f"wrote {lines:,} OpenAI batch responses to {layout.responses}")
+    lines, errors = write_responses_file(layout, model_path)
+    log(
+        f"wrote {lines:,} OpenAI batch responses to {layout.responses} "
+        f"({errors:,} failed, also in {layout.errors.name})"
+    )
 
 
 def model_cost(engine) -> ModelCost | None:
@@ -95,6 +98,14 @@ def write_summary(
         json_only=True,
         **summary.to_dict(),
     )
+    cut_short = summary.details.get("constrained_cut_short")
+    if cut_short:
+        log(
+            f"{cut_short:,} samples kept to a response_format reached their token limit before "
+            "the format was complete (finish_reason length; their text does not parse): raise "
+            "max_tokens (task.max_new_tokens) for them",
+            level="warning",
+        )
     if log_format() == "plain":
         print(format_summary(summary.to_dict()))
 

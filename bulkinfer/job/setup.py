@@ -18,6 +18,7 @@ from bulkinfer.engines.base import EngineLimits, LoadOptions
 from bulkinfer.errors import InputError, RowFailedError, SpecError
 from bulkinfer.io.chunks import ColumnNames
 from bulkinfer.io.files import DataFile, resolve_input_files
+from bulkinfer.io.openai_batch import EMBEDDINGS_URL
 from bulkinfer.io.readers import peek_columns, read_chunks
 from bulkinfer.model_files import (
     ModelFiles,
@@ -151,12 +152,15 @@ def is_openai_batch(spec: JobSpec, files: list[DataFile]) -> bool:
     kinds = {f.kind == "openai" for f in files}
     if len(kinds) > 1:
         raise InputError("the input mixes OpenAI batch request files with other files")
-    if True in kinds and spec.task.type != "generate":
+    if True in kinds and spec.task.type not in ("generate", "embed"):
         raise SpecError(
-            f"task.type: OpenAI batch requests are answered by generate, not {spec.task.type}"
+            f"task.type: OpenAI batch requests are answered by generate (chat, completions "
+            f"and embeddings requests) or embed (embeddings requests), not {spec.task.type}"
         )
-    if spec.output.format == "openai" and spec.task.type != "generate":
-        raise SpecError("output.format: openai responses come from task.type generate")
+    if spec.output.format == "openai" and spec.task.type != "generate" and True not in kinds:
+        raise SpecError(
+            "output.format: openai responses come from task.type generate or an OpenAI batch input"
+        )
     return True in kinds
 
 
@@ -166,7 +170,8 @@ def column_names(spec: JobSpec, first_file: DataFile, per_request: bool = False)
     An OpenAI batch file's requests are keyed by custom_id."""
     if per_request:
         keep = tuple(spec.input.keep_columns)
-        return ColumnNames(prompt="body", completion=None, id="custom_id", keep=keep)
+        urls = (EMBEDDINGS_URL,) if spec.task.type == "embed" else None
+        return ColumnNames("body", None, "custom_id", keep, request_urls=urls)
     present = peek_columns(first_file)
     id_column = spec.input.id_column
     if id_column is None and "id" in present:

@@ -74,7 +74,7 @@ def run_stream(inputs, engine, todo: list[Batch], writer, progress, started, sto
             faults.checkpoint("batch_start")
             faults.slow_batch()
             faults.out_of_memory(len(batch.rows) * (batch.longest + task.new_tokens_per_row()))
-            ask = task.ask(prepared, batch.rows)
+            ask = task.ask(prepared, batch.rows, engine)
             running[batch.index] = InFlight.of(batch, ask)
             preparing.clear()
             yield batch.index, ask.requests
@@ -85,14 +85,18 @@ def run_stream(inputs, engine, todo: list[Batch], writer, progress, started, sto
         ask, seqs = flight.ask.subset(positions)
         rows = flight.batch.rows[positions]
         result = task.answer(prepared, rows, ask, [flight.done[i] for i in seqs])
-        table = rows_table(rows.tolist(), result.columns, [None] * len(rows), writer.schema)
+        table = rows_table(
+            rows.tolist(), result.columns, result.error_list(len(rows)), writer.schema
+        )
         lengths = prepared.lengths[rows]
         piece = dataclasses.replace(
             flight.batch, rows=rows, longest=int(lengths.max()), real_tokens=int(lengths.sum())
         )
         nonlocal last
         now = time.perf_counter()
-        stats = batch_stats(engine, piece, result.new_tokens, now - last, 0, 0, cost)
+        stats = batch_stats(
+            engine, piece, result.new_tokens, now - last, 0, 0, cost, result.cut_short
+        )
         last = now
         flight.committed += len(rows)
         progress.committed(rows, result.new_tokens)

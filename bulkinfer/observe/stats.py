@@ -93,6 +93,8 @@ class BatchStats:
     # on a known GPU (DEVICE_PEAKS); None elsewhere
     peak_flops_fraction: float | None = None
     decode_roofline_fraction: float | None = None
+    # samples kept to a response_format that reached their token limit first (not valid)
+    constrained_cut_short: int | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -116,6 +118,7 @@ STATS_SCHEMA = pa.schema(
         ("ended_at", pa.float64()),
         ("peak_flops_fraction", pa.float64()),
         ("decode_roofline_fraction", pa.float64()),
+        ("constrained_cut_short", pa.int64()),
         ("run", pa.string()),
     ]
 )
@@ -150,7 +153,12 @@ def summarize(
     padded = sum(s["padded_tokens"] for s in stats)
     output_tokens = sum(s["new_tokens"] for s in stats)
     wall = max(wall_seconds, 1e-9)
+    cut_short = [
+        s["constrained_cut_short"] for s in stats if s.get("constrained_cut_short") is not None
+    ]
+    constrained = {"constrained_cut_short": sum(cut_short)} if cut_short else {}
     return {
+        **constrained,
         "complete": True,
         "rows_in": rows_in,
         "rows_out": rows_out,
@@ -188,6 +196,14 @@ def format_summary(summary: dict) -> str:
         ),
         ("batches", f"{summary['batches']:,} ({summary['oom_splits']} out-of-memory splits)"),
     ]
+    if summary.get("constrained_cut_short"):
+        lines.append(
+            (
+                "cut short",
+                f"{summary['constrained_cut_short']:,} samples kept to a response_format reached "
+                "their token limit first (finish_reason length): not valid; raise max_tokens",
+            )
+        )
     if "peak_flops_fraction" in summary:
         hardware = f"{summary['peak_flops_fraction']:.1%} of peak FLOP/s"
         if "decode_roofline_fraction" in summary:

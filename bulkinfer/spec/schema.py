@@ -37,6 +37,8 @@ class ModelSpec:
         _at_least(self.max_context, 2, f"{key}.max_context")
 
 
+MAX_TOP_LOGPROBS = 20  # alternatives per generated token at most (the OpenAI API's limit)
+
 # Task keys that only mean something for some task types; a key set away from its default on
 # another type is a mistake worth a one-line error (`pooling` on a generate job, `temperature` on
 # an embed job). Keys of other features apply to every type.
@@ -49,6 +51,7 @@ GENERATE_KEYS = (
     "stop",
     "n",
     "logprobs",
+    "top_logprobs",
     "response_format",
 )
 TASK_ONLY_KEYS = {
@@ -70,6 +73,8 @@ class TaskSpec:
     stop: list[str] = field(default_factory=list)
     n: int = 1
     logprobs: bool = False
+    # generate: also each token's most likely alternatives (0-20) in `top_logprobs`
+    top_logprobs: int = 0
     # generate: the output kept to a JSON schema, any JSON object, a regular expression or a
     # list of strings ({type: json_schema, schema: {...}} | {type: json_object} |
     # {type: regex, pattern: ...} | {type: choice, choices: [...]}); engines/constraints.py
@@ -93,6 +98,10 @@ class TaskSpec:
         _at_least(self.temperature, 0.0, f"{key}.temperature")
         _at_least(self.top_k, 0, f"{key}.top_k")
         _at_least(self.n, 1, f"{key}.n")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise SpecError(
+                f"{key}.top_logprobs: {self.top_logprobs} must be from 0 to {MAX_TOP_LOGPROBS}"
+            )
         if not 0.0 < self.top_p <= 1.0:
             raise SpecError(f"{key}.top_p: {self.top_p} must be in (0, 1]")
         if any(s == "" for s in self.stop):

@@ -40,6 +40,7 @@ COMMENTS = {
     "task.stop": "stop strings; the text is cut before the first one",
     "task.n": "samples per prompt; n > 1 makes the text columns lists",
     "task.logprobs": "add each generated token's id, text and log-prob",
+    "task.top_logprobs": "0-20: also each token's most likely alternatives (top_logprobs)",
     "task.chat_template": "auto: messages always, plain prompts when generating",
     "task.system_prompt": "prepended as a system turn when the chat template is used",
     "task.all_labels": "classify: every label's probability in `probabilities`",

@@ -112,6 +112,9 @@ def merge_summaries(shards: list[Summary]) -> Summary:
         max(s["wall_seconds"] for s in summaries),
         min(s["wall_seconds"] for s in summaries),
     )
+    cut_short = [s["constrained_cut_short"] for s in summaries if "constrained_cut_short" in s]
+    if cut_short:
+        merged["constrained_cut_short"] = sum(cut_short)
     padded = merged["padded_tokens"]
     merged.update(
         complete=True,

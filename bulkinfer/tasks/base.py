@@ -18,10 +18,20 @@ from bulkinfer.prepare import PreparedRows
 
 @dataclass(frozen=True)
 class BatchResult:
-    """Output columns for the rows of one batch, in batch order, plus tokens produced."""
+    """Output columns for the rows of one batch, in batch order, plus tokens produced.
+    `errors`: rows (by position in the batch) the task found it cannot answer, their columns
+    null. `cut_short`: samples kept to a response_format that reached their token limit before
+    the format was complete (None where no row of the batch is constrained)."""
 
     columns: dict[str, list[Any]]
     new_tokens: int = 0
+    errors: dict[int, str] | None = None
+    cut_short: int | None = None
+
+    def error_list(self, rows: int) -> list[str | None]:
+        """Each row's error (None for a row answered), in batch order."""
+        errors = self.errors or {}
+        return [errors.get(k) for k in range(rows)]
 
 
 class Task(Protocol):
@@ -59,7 +69,7 @@ def make_task(spec, model, tokenizer, config, source: InputKind | None = None) -
     cheap. `model`: the resolved model files (`model_files.ModelFiles`)."""
     from bulkinfer.model_files import model_context
     from bulkinfer.tasks.classify import ClassifyTask
-    from bulkinfer.tasks.embed import EmbedTask
+    from bulkinfer.tasks.embed import EmbeddingRequests, EmbedTask
     from bulkinfer.tasks.generate import GenerateTask
     from bulkinfer.tasks.score import ScoreTask
 
@@ -68,10 +78,13 @@ def make_task(spec, model, tokenizer, config, source: InputKind | None = None) -
     if task.type == "classify":
         return ClassifyTask.for_model(spec, tokenizer, config)
     if task.type == "embed":
-        return EmbedTask.for_model(spec, model, tokenizer, config)
+        return EmbedTask.for_model(spec, model, tokenizer, config, source.per_request)
     max_context = model_context(config, spec.model)
     if task.type == "generate":
-        return GenerateTask(task, tokenizer, max_context, per_request=source.per_request)
+        embeddings = None
+        if source.per_request:  # /v1/embeddings requests beside chat and completions
+            embeddings = EmbeddingRequests.for_model(model, config, max_context)
+        return GenerateTask(task, tokenizer, max_context, source.per_request, embeddings)
     return ScoreTask(task, tokenizer, max_context, choices=source.choices)
 
 

@@ -14,12 +14,14 @@ import numpy as np
 import pyarrow as pa
 
 from bulkinfer.engines.base import GenerateRequests, whole_groups
+from bulkinfer.engines.constraints import ll_tokenizer
 from bulkinfer.engines.sampling import SamplingParams, row_key
 from bulkinfer.engines.stops import truncate_at_stop
 from bulkinfer.grammars import grammar_for, grammar_of_json
 from bulkinfer.prepare import PreparedRows
 from bulkinfer.spec import TaskSpec
 from bulkinfer.tasks.base import BatchResult, load_causal_lm
+from bulkinfer.tasks.embed import REQUEST_FIELDS, EmbeddingRequests
 
 SAMPLE_COLUMNS = (
     "text",
@@ -28,6 +30,11 @@ SAMPLE_COLUMNS = (
     "token_ids",
     "tokens",
     "token_logprobs",
+    "top_logprobs",
+)
+# one of a token's most likely alternatives (top_logprobs), most likely first
+ALTERNATIVE = pa.struct(
+    [("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32())]
 )
 
 
@@ -41,6 +48,7 @@ class Sample:
     token_ids: list[int] | None
     tokens: list[str] | None
     token_logprobs: list[float] | None
+    top_logprobs: list[list[dict]] | None = None  # per token, ALTERNATIVE values
 
 
 class GenerateTask:
@@ -52,13 +60,16 @@ class GenerateTask:
         tokenizer,
         max_context: int | None = None,
         per_request: bool = False,
+        embeddings: EmbeddingRequests | None = None,
     ):
         self.spec = spec
+        self.embeddings = embeddings  # how /v1/embeddings requests are answered
         self.tokenizer = tokenizer
         self.max_context = max_context
         self.per_request = per_request
         self.as_lists = spec.n > 1 or per_request
-        self.with_logprobs = spec.logprobs or per_request
+        self.with_logprobs = spec.logprobs or spec.top_logprobs > 0 or per_request
+        self.with_top = spec.top_logprobs > 0 or per_request
         self.params = SamplingParams(
             max_new_tokens=spec.max_new_tokens,
             temperature=spec.temperature,
@@ -68,7 +79,11 @@ class GenerateTask:
             stop=tuple(spec.stop),
             grammar=grammar_for(spec.response_format),
         )
-        self.schema = generate_schema(self.as_lists, self.with_logprobs)
+        if self.params.grammar is not None:  # a tokenizer the grammar library misreads fails here
+            ll_tokenizer(tokenizer)
+        self.schema = generate_schema(self.as_lists, self.with_logprobs, self.with_top)
+        if per_request:
+            self.schema = pa.schema([*self.schema, *REQUEST_FIELDS])
 
     engine = "causal"
     streams = True  # generation runs as one stream over the whole job
@@ -85,6 +100,7 @@ class GenerateTask:
         if params is not None:
             wanted = params.column("n").to_numpy(zero_copy_only=False)
             n = np.nan_to_num(wanted.astype(float), nan=self.spec.n).astype(np.int64)
+            n[_embedding_rows(params)] = 1
         return n * (prepared.lengths.astype(np.int64) + self.row_steps(prepared))
 
     def row_steps(self, prepared: PreparedRows) -> np.ndarray:
@@ -99,17 +115,22 @@ class GenerateTask:
             limit = np.minimum(limit, asked.astype(np.int64))
         if self.max_context is not None:
             limit = np.maximum(1, np.minimum(limit, self.max_context - lengths))
+        if params is not None:
+            limit[_embedding_rows(params)] = 0  # embedded in one forward, nothing decoded
         return limit
 
     def run(self, engine, prepared: PreparedRows, rows: np.ndarray) -> BatchResult:
         """One batch in one engine call (a piece of it at a time on a padded engine)."""
-        ask = self.ask(prepared, rows)
-        generations = next(whole_groups(engine, [(0, ask.requests)]))[1]
+        ask = self.ask(prepared, rows, engine)
+        generations = []
+        if len(ask.requests):
+            generations = next(whole_groups(engine, [(0, ask.requests)]))[1]
         return self.answer(prepared, rows, ask, generations)
 
-    def ask(self, prepared: PreparedRows, rows: np.ndarray) -> BatchAsk:
+    def ask(self, prepared: PreparedRows, rows: np.ndarray, engine=None) -> BatchAsk:
         """What a batch asks the engine for: n sequences a row, each keyed by (seed, row,
-        sample) so its tokens do not depend on the batch or the rows beside it."""
+        sample) so its tokens do not depend on the batch or the rows beside it. Embeddings
+        requests (OpenAI input) ask for no sequence: `engine` embeds them here, at once."""
         requests = self._requests(prepared, rows)
         prompts, keys, params, limits, owners = [], [], [], [], []
         for k, (row, request) in enumerate(zip(rows, requests, strict=True)):
@@ -121,47 +142,103 @@ class GenerateTask:
                 limits.append(self._room(len(prompt), request.params.max_new_tokens))
                 owners.append(k)
         want_logprobs = any(r.logprobs for r in requests)
+        top = max((r.top_logprobs for r in requests), default=0)
         # n samples of a row run as n sequences; a padded engine's calls stay the batch's
         # planned size so memory stays within the budget whatever n is.
-        group = GenerateRequests(prompts, keys, params, limits, want_logprobs, max(1, len(rows)))
-        return BatchAsk(group, owners, requests)
+        group = GenerateRequests(
+            prompts, keys, params, limits, want_logprobs, max(1, len(rows)), top
+        )
+        return BatchAsk(group, owners, requests, *self._embedded(engine, requests))
+
+    def _embedded(self, engine, requests: list[RowRequest]) -> tuple[dict, dict]:
+        """The batch's embeddings requests answered, by position: their columns and errors."""
+        positions = [k for k, r in enumerate(requests) if r.embed is not None]
+        if not positions:
+            return {}, {}
+        columns, errors = self.embeddings.answer(
+            engine, self.tokenizer, [requests[k].embed for k in positions]
+        )
+        answers = {
+            k: {name: values[j] for name, values in columns.items()}
+            for j, k in enumerate(positions)
+        }
+        return answers, {positions[j]: message for j, message in errors.items()}
 
     def answer(self, prepared: PreparedRows, rows: np.ndarray, ask, generations) -> BatchResult:
         """The batch's output columns from its sequences' generations (in `ask` order)."""
         samples: list[list[Sample]] = [[] for _ in rows]
-        new_tokens = 0
+        new_tokens, constrained, cut_short = 0, False, 0
         triples = zip(ask.owners, ask.requests.params, generations, strict=True)
         for owner, p, gen in triples:
-            samples[owner].append(self._sample(gen, p.stop, ask.rows[owner].logprobs))
+            sample = self._sample(gen, p.stop, ask.rows[owner])
+            samples[owner].append(sample)
             new_tokens += len(gen.tokens)
+            if p.grammar is not None:
+                constrained = True
+                cut_short += sample.finish_reason == "length"
         columns = {name: [] for name in self.schema.names}
-        for row, row_samples in zip(rows, samples, strict=True):
+        for k, (row, row_samples) in enumerate(zip(rows, samples, strict=True)):
+            if k in ask.embedded:  # an embeddings request: its vectors, no text
+                for name in columns:
+                    columns[name].append(ask.embedded[k].get(name))
+                continue
             columns["prompt_tokens"].append(len(prepared.tokens(int(row))))
             for name in SAMPLE_COLUMNS:
                 if name not in columns:
                     continue
                 values = [getattr(s, name) for s in row_samples]
                 columns[name].append(values if self.as_lists else values[0])
-        return BatchResult(columns, new_tokens=new_tokens)
+            for name, _ in REQUEST_FIELDS:
+                if name in columns:
+                    columns[name].append(None)
+        return BatchResult(
+            columns,
+            new_tokens,
+            errors=dict(ask.errors),
+            cut_short=cut_short if constrained else None,
+        )
 
     def _requests(self, prepared: PreparedRows, rows: np.ndarray) -> list[RowRequest]:
         """The job's settings, or each row's own where its request sets them (OpenAI input)."""
-        base = RowRequest(self.params, self.spec.n, self.spec.logprobs)
+        base = RowRequest(
+            self.params,
+            self.spec.n,
+            self.spec.logprobs or self.spec.top_logprobs > 0,
+            self.spec.top_logprobs,
+        )
         overrides = prepared.request_params
         if not self.per_request or overrides is None:
             return [base] * len(rows)
         return [base.with_overrides(v) for v in overrides.take(pa.array(rows)).to_pylist()]
 
-    def _sample(self, gen, stop: tuple[str, ...], logprobs: bool) -> Sample:
+    def _sample(self, gen, stop: tuple[str, ...], request: RowRequest) -> Sample:
         text = self.tokenizer.decode(gen.tokens, skip_special_tokens=True)
         text, hit_stop = truncate_at_stop(text, stop)
-        token_ids = tokens = token_logprobs = None
-        if logprobs:
+        token_ids = tokens = token_logprobs = top = None
+        if request.logprobs:
             token_ids = list(gen.tokens)
-            tokens = [self.tokenizer.decode([t]) for t in gen.tokens]
+            tokens = self._token_texts(gen.tokens)
             token_logprobs = gen.logprobs
+        if request.top_logprobs:
+            top = self._alternatives(gen, request.top_logprobs)
         reason = "stop" if hit_stop else gen.finish_reason
-        return Sample(text, len(gen.tokens), reason, token_ids, tokens, token_logprobs)
+        return Sample(text, len(gen.tokens), reason, token_ids, tokens, token_logprobs, top)
+
+    def _token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's own text (a token that is part of a character decodes to U+FFFD)."""
+        return self.tokenizer.batch_decode([[t] for t in ids]) if ids else []
+
+    def _alternatives(self, gen, k: int) -> list[list[dict]]:
+        """Per generated token, its row's k most likely tokens (ALTERNATIVE values)."""
+        ids = [row[:k] for row in gen.top_ids]
+        texts = iter(self._token_texts([t for row in ids for t in row]))
+        return [
+            [
+                {"token_id": t, "token": next(texts), "logprob": v}
+                for t, v in zip(row, values[:k], strict=True)
+            ]
+            for row, values in zip(ids, gen.top_logprobs, strict=True)
+        ]
 
     def _room(self, prompt_len: int, max_new_tokens: int) -> int:
         """New tokens this row may take: its max, less whatever the context cannot hold."""
@@ -177,6 +254,8 @@ class BatchAsk:
     requests: GenerateRequests
     owners: list[int]
     rows: list[RowRequest]
+    embedded: dict[int, dict] = dataclasses.field(default_factory=dict)  # position -> columns
+    errors: dict[int, str] = dataclasses.field(default_factory=dict)  # position -> row error
 
     def subset(self, positions: list[int]) -> tuple[BatchAsk, list[int]]:
         """The ask of the batch's rows at `positions` (in that order), and the indices of
@@ -191,22 +270,31 @@ class BatchAsk:
             [r.limits[i] for i in seqs],
             r.logprobs,
             r.piece,
+            r.top_logprobs,
         )
         owners = [where[self.owners[i]] for i in seqs]
-        return BatchAsk(requests, owners, [self.rows[k] for k in positions]), seqs
+        embedded = {where[k]: v for k, v in self.embedded.items() if k in where}
+        errors = {where[k]: v for k, v in self.errors.items() if k in where}
+        rows = [self.rows[k] for k in positions]
+        return BatchAsk(requests, owners, rows, embedded, errors), seqs
 
 
 @dataclasses.dataclass(frozen=True)
 class RowRequest:
-    """What one row asks for: sampling settings, samples, and whether log-probs are wanted."""
+    """What one row asks for: sampling settings, samples, whether log-probs are wanted and how
+    many most likely alternatives per token."""
 
     params: SamplingParams
     n: int
     logprobs: bool
+    top_logprobs: int = 0
+    embed: dict | None = None  # an embeddings request's settings (it generates nothing)
 
     def with_overrides(self, values: dict) -> RowRequest:
         """Apply a row's own settings (null keeps the job's); max_new_tokens is capped by the
         job's, which the batch plan reserved."""
+        if values.get("embed_input") is not None:
+            return RowRequest(self.params, 0, False, 0, values)
         changes = {
             k: values[k]
             for k in ("temperature", "top_p", "top_k", "seed")
@@ -220,10 +308,18 @@ class RowRequest:
             changes["grammar"] = grammar_of_json(values["response_format"])
         n = values["n"] if values.get("n") is not None else self.n
         logprobs = values["logprobs"] if values.get("logprobs") is not None else self.logprobs
-        return RowRequest(dataclasses.replace(self.params, **changes), n, logprobs)
+        top = values.get("top_logprobs")
+        top = self.top_logprobs if top is None else top
+        params = dataclasses.replace(self.params, **changes)
+        return RowRequest(params, n, logprobs or top > 0, top)
 
 
-def generate_schema(as_lists: bool, with_logprobs: bool) -> pa.Schema:
+def _embedding_rows(params: pa.Table) -> np.ndarray:
+    """Which rows are embeddings requests (OpenAI input)."""
+    return params.column("embed_input").is_valid().to_numpy(zero_copy_only=False)
+
+
+def generate_schema(as_lists: bool, with_logprobs: bool, with_top: bool = False) -> pa.Schema:
     def per_sample(t: pa.DataType) -> pa.DataType:
         return pa.list_(t) if as_lists else t
 
@@ -239,4 +335,6 @@ def generate_schema(as_lists: bool, with_logprobs: bool) -> pa.Schema:
             ("tokens", per_sample(pa.list_(pa.string()))),
             ("token_logprobs", per_sample(pa.list_(pa.float32()))),
         ]
+    if with_top:
+        fields.append(("top_logprobs", per_sample(pa.list_(pa.list_(ALTERNATIVE)))))
     return pa.schema(fields)
