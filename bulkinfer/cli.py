@@ -388,7 +388,29 @@ def render_plan(report: dict) -> str:
         lines.append(f"{low:>6}-{high:<7}  {count:>7,}  {bar}")
     for row, message in report["example_errors"]:
         lines.append(f"row {row}: {message}")
+    lines += render_prefixes(report.get("shared_prefixes"))
     return "\n".join(lines)
+
+
+def render_prefixes(prefixes: dict | None) -> list[str]:
+    """The plan's shared-prefix lines (none when no row is long enough to share one)."""
+    if not prefixes:
+        return []
+    if not prefixes["groups"]:
+        return [
+            "",
+            f"shared prefixes  none (no rows share their first {prefixes['min_tokens']} tokens)",
+        ]
+    lines = [
+        "",
+        f"shared prefixes  {prefixes['groups']:,} groups, {prefixes['rows']:,} rows; computing "
+        f"each prefix once would save {prefixes['saved_tokens']:,} prompt tokens "
+        f"({prefixes['saved_share']:.0%}); today every row is computed whole",
+        "prefix tokens    rows",
+    ]
+    for group in prefixes["largest"]:
+        lines.append(f"{group['prefix_tokens']:>13,}  {group['rows']:>7,}")
+    return lines
 
 
 if __name__ == "__main__":

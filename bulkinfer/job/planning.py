@@ -18,6 +18,7 @@ from bulkinfer.planner import (
     plan_batches,
 )
 from bulkinfer.prepare import PreparedRows
+from bulkinfer.prepare.prefixes import prefix_groups
 from bulkinfer.sharding import Shard
 
 
@@ -107,6 +108,7 @@ def plan_facts(prepared: PreparedRows, plan: JobPlan) -> dict:
         "padded_tokens_file_order": sum(b.padded_tokens for b in plan.file_order),
         "length_histogram": length_counts(prepared.lengths[runnable]),
         "chat_template": prepared.chat_template,
+        "shared_prefixes": shared_prefixes(prepared, runnable),
     }
 
 
@@ -136,6 +138,29 @@ def plan_report(inputs: Inputs, plan: JobPlan) -> dict:
         },
         "batch_rows": [len(b.rows) for b in plan.batches],
         "example_errors": sorted(prepared.row_errors.items())[:5],
+        "shared_prefixes": shared_prefixes(prepared, rows),
+    }
+
+
+def shared_prefixes(prepared: PreparedRows, rows: np.ndarray, top: int = 5) -> dict | None:
+    """The prefix groups among `rows`: how many, the rows in them, the largest ones, and the
+    prompt tokens each prefix computed once would save (None where no row is long enough)."""
+    if prepared.prefix_heads is None or not len(rows):
+        return None
+    groups = prefix_groups(
+        prepared.prefix_heads, prepared.prefix_shared, rows, prepared.prefix_length
+    )
+    prompt_tokens = int(prepared.lengths[rows].sum())
+    return {
+        "min_tokens": prepared.prefix_length,
+        "groups": len(groups.rows),
+        "rows": int(groups.rows.sum()),
+        "saved_tokens": groups.saved_tokens,
+        "saved_share": groups.saved_tokens / prompt_tokens if prompt_tokens else 0.0,
+        "largest": [
+            {"prefix_tokens": int(t), "rows": int(n)}
+            for t, n in zip(groups.prefix_tokens[:top], groups.rows[:top], strict=True)
+        ],
     }
 
 

@@ -45,6 +45,11 @@ class PreparedRows:
     columns: RowColumnFiles | None = field(default=None, repr=False)
     folder: Path | None = None
     temporary: Any = field(default=None, repr=False)
+    # Shared prefixes (prepare/prefixes.py): each row's head hash, 0 for a row too short (None
+    # when no row is long enough), and the prefix length of each group followed, by head.
+    prefix_heads: np.ndarray | None = field(default=None, repr=False)
+    prefix_shared: dict[int, int] = field(default_factory=dict, repr=False)
+    prefix_length: int = 0
     lengths: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -20,6 +20,7 @@ from bulkinfer.errors import InputError
 from bulkinfer.io.readers import InputChunk, read_ahead
 from bulkinfer.io.spill import RowColumnFiles, TokenFile, spill_folder
 from bulkinfer.prepare.ids import add_row_columns, check_unique_ids, id_hashes
+from bulkinfer.prepare.prefixes import PrefixFinder
 from bulkinfer.prepare.render import (
     RenderOptions,
     RowError,
@@ -38,16 +39,18 @@ def prepare_rows(
     options: RenderOptions,
     spill: Path | None = None,
     keep_tokens: bool = True,
+    prefix_tokens: int = 0,
 ) -> PreparedRows:
     """Render and tokenize every chunk; token ids, ids and kept columns go to files in `spill`
     (a temporary folder when None), per-row errors and lengths stay in memory.
 
     Reading runs a chunk ahead in a thread and the Rust tokenizer encodes the next chunk while
     this one's ids are collected, so parsing, encoding and writing overlap. `keep_tokens=False`
-    (planning) measures lengths and drops the ids."""
+    (planning) measures lengths and drops the ids. `prefix_tokens`: rows longer than this get
+    the hash of their first tokens, for the plan's shared prefixes (prepare/prefixes.py)."""
     folder, temporary = spill_folder(spill)
     token_file = TokenFile(folder / "tokens.int32") if keep_tokens else None
-    collected = _Collected(options, RowColumnFiles(folder))
+    collected = _Collected(options, RowColumnFiles(folder), PrefixFinder(prefix_tokens))
     for chunk, encoded in _encoded_ahead(read_ahead(chunks), tokenizer, options):
         ids = collected.add(chunk, encoded)
         if token_file is not None:
@@ -67,9 +70,10 @@ def prepare_rows(
 class _Collected:
     """What prepare_rows keeps of each chunk while the next one encodes."""
 
-    def __init__(self, options: RenderOptions, columns: RowColumnFiles):
+    def __init__(self, options: RenderOptions, columns: RowColumnFiles, prefixes: PrefixFinder):
         self.options = options
         self.columns = columns
+        self.prefixes = prefixes
         self.scored_from = options.has_completion or options.has_choices
         self.length_parts, self.score_parts, self.hash_parts = [], [], []
         self.count_parts, self.choice_parts, self.request_parts = [], [], []
@@ -97,6 +101,7 @@ class _Collected:
         self.chat_prompts += chat
         self.plain_prompts += len(encoded.rendered.is_chat) - chat
         self.length_parts.append(lengths.astype(np.int32))
+        self.prefixes.add(ids, lengths)
         if self.scored_from:
             self.score_parts.append(score_from)
         self.row_errors.update({first + i: msg for i, msg in errors.items()})
@@ -114,6 +119,7 @@ class _Collected:
         np.cumsum(lengths, out=offsets[1:])
         del lengths
         has_choices = self.options.has_choices
+        heads, shared = self.prefixes.finish()
         return PreparedRows(
             offsets=offsets,
             score_from=np.concatenate(self.score_parts)
@@ -132,6 +138,9 @@ class _Collected:
             columns=self.columns if self.columns.schema is not None else None,
             folder=folder,
             temporary=temporary,
+            prefix_heads=heads,
+            prefix_shared=shared,
+            prefix_length=self.prefixes.length,
         )
 
 

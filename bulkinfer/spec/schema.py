@@ -192,8 +192,12 @@ class BatchingSpec:
     sort: Literal["length", "none"] = "length"
     # A batch at least a quarter full stops taking rows that would push its padding past this.
     max_padding: float = 0.1
+    # generate, score: rows whose first this many tokens are identical share a prefix (found by
+    # the plan, reported by `bulkinfer plan`); 0 looks for none
+    min_shared_prefix: int = 256
 
     def validate(self, key: str) -> None:
+        _at_least(self.min_shared_prefix, 0, f"{key}.min_shared_prefix")
         if not 0.0 <= self.max_padding <= 1.0:
             raise SpecError(f"{key}.max_padding: {self.max_padding} must be between 0 and 1")
         if self.max_tokens != "auto":

@@ -68,6 +68,7 @@ COMMENTS = {
     "for generate on a GPU, 8192 for its packed scoring on a GPU, else 256",
     "batching.sort": "length: longest first, least padding | none: file order",
     "batching.max_padding": "score: a batch holding 8k+ tokens stops before padding passes this",
+    "batching.min_shared_prefix": "rows sharing this many first tokens share a prefix; 0: off",
     "checkpoint": "resumability",
     "task.response_format": "generate: null (text), or {type: json_schema, schema: {...}}, "
     "{type: json_object}, {type: regex, pattern: ...}, {type: choice, choices: [...]}",

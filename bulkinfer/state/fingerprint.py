@@ -13,7 +13,11 @@ from bulkinfer.digests import update_with_file
 NOT_IN_FINGERPRINT = ("output", "checkpoint", "progress", "on_error")
 # Spec keys added since folders were first fingerprinted: left out while at their defaults, so
 # a folder an earlier version wrote still resumes.
-ADDED_KEYS = {("task", "response_format"): None, ("task", "top_logprobs"): 0}
+ADDED_KEYS = {
+    ("task", "response_format"): None,
+    ("task", "top_logprobs"): 0,
+    ("batching", "min_shared_prefix"): 256,
+}
 
 
 def input_files_digest(files: list[str]) -> dict[str, dict]:

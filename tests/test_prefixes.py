@@ -1,0 +1,117 @@
+"""Shared prompt prefixes: the rows of a few-shot job are found to share their instruction, as
+long as their tokens really agree, by `bulkinfer plan` and in job.json; a job without one
+reports none and plans the same batches."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from conftest import cli, sample_prompts, write_job, write_jsonl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+from bulkinfer.prepare.prefixes import PrefixFinder, prefix_groups
+
+INSTRUCTION = (
+    "You grade answers. Read the rubric, then the answer, and reply with one word: pass or "
+    "fail. Rubric: the answer names the right city, spells it correctly, gives one fact about "
+    "it and stays under forty words. Examples follow. "
+) * 2
+
+
+def _common_prefix(rows: list[np.ndarray]) -> int:
+    """Tokens every row shares with the first, each row keeping one of its own."""
+    shared = len(rows[0]) - 1
+    for row in rows[1:]:
+        n = min(shared, len(row) - 1)
+        differ = np.flatnonzero(row[:n] != rows[0][:n])
+        shared = int(differ[0]) if len(differ) else n
+    return shared
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.data(),
+    prefixes=st.lists(st.integers(min_value=0, max_value=40), min_size=1, max_size=4),
+    chunk=st.integers(min_value=1, max_value=9),
+)
+def test_groups_are_the_rows_that_share_their_first_tokens(data, prefixes, chunk):
+    """Random rows built from a few random prefixes (some shorter than the minimum) and random
+    tails, fed in chunks of any size: a group is exactly the rows of one long prefix, and its
+    length is the tokens its rows share."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    minimum = 8
+    starts = [rng.integers(0, 5, size=n) for n in prefixes]
+    owner = data.draw(st.lists(st.integers(0, len(prefixes) - 1), min_size=1, max_size=40))
+    rows = [np.concatenate([starts[k], rng.integers(0, 5, size=rng.integers(1, 6))]) for k in owner]
+    finder = PrefixFinder(minimum)
+    for k in range(0, len(rows), chunk):
+        piece = rows[k : k + chunk]
+        finder.add(np.concatenate(piece).astype(np.int32), np.array([len(r) for r in piece]))
+    heads, shared = finder.finish()
+    if heads is None:
+        assert all(len(r) <= minimum for r in rows)
+        return
+    groups = prefix_groups(heads, shared, np.arange(len(rows)), minimum)
+    long_rows = [i for i, r in enumerate(rows) if len(r) > minimum]
+    by_head: dict[tuple, list[int]] = {}
+    for i in long_rows:
+        by_head.setdefault(tuple(rows[i][:minimum]), []).append(i)
+    expected = sorted(sorted(m) for m in by_head.values() if len(m) > 1)
+    found = sorted(
+        sorted(np.flatnonzero(groups.labels == g).tolist()) for g in range(len(groups.rows))
+    )
+    assert found == expected
+    for g in range(len(groups.rows)):
+        members = np.flatnonzero(groups.labels == g)
+        assert groups.rows[g] == len(members)
+        assert groups.prefix_tokens[g] == _common_prefix([rows[i] for i in members])
+
+
+def test_the_plan_reports_a_few_shot_instruction(tmp_path, tiny_model):
+    rows = [
+        {"id": f"r{i}", "prompt": INSTRUCTION + f"Answer {i}: {r['prompt'][:80]}"}
+        for i, r in enumerate(sample_prompts(40))
+    ]
+    rows += [{"id": f"x{i}", "prompt": r["prompt"]} for i, r in enumerate(sample_prompts(10))]
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", rows),
+        tmp_path / "out",
+        task={"type": "score"},
+        batching={"max_tokens": 20000, "max_batch_size": 8, "min_shared_prefix": 64},
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokens = [np.asarray(tokenizer(r["prompt"])["input_ids"]) for r in rows[:40]]
+    expected = _common_prefix(tokens)
+    assert expected >= 64
+
+    result = cli("plan", str(job), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])["shared_prefixes"]
+    assert report["groups"] == 1 and report["rows"] == 40
+    assert report["largest"] == [{"prefix_tokens": expected, "rows": 40}]
+    assert report["saved_tokens"] == 39 * expected
+    text = cli("plan", str(job)).output
+    assert "shared prefixes  1 groups, 40 rows" in text
+    assert cli("run", str(job)).exit_code == 0
+    facts = json.loads((tmp_path / "out" / "job.json").read_text())["plan"]["shared_prefixes"]
+    assert facts["largest"] == report["largest"]
+
+    off = cli("plan", str(job), "--json", "--set", "batching.min_shared_prefix=0").output
+    assert json.loads(off[off.index("{") :])["shared_prefixes"] is None
+
+
+def test_short_rows_report_no_prefix(tmp_path, tiny_model):
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", sample_prompts(20)),
+        tmp_path / "out",
+    )
+    result = cli("plan", str(job), "--json")
+    assert json.loads(result.output[result.output.index("{") :])["shared_prefixes"] is None
+    assert "shared prefixes" not in cli("plan", str(job)).output
