@@ -404,8 +404,8 @@ def render_prefixes(prefixes: dict | None) -> list[str]:
     lines = [
         "",
         f"shared prefixes  {prefixes['groups']:,} groups, {prefixes['rows']:,} rows; computing "
-        f"each prefix once would save {prefixes['saved_tokens']:,} prompt tokens "
-        f"({prefixes['saved_share']:.0%}); today every row is computed whole",
+        f"each prefix once saves up to {prefixes['saved_tokens']:,} prompt tokens "
+        f"({prefixes['saved_share']:.0%}; generation on the fast engine)",
         "prefix tokens    rows",
     ]
     for group in prefixes["largest"]:

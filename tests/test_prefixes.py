@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from conftest import cli, sample_prompts, write_job, write_jsonl
+import pytest
+import yaml
+from conftest import cli, read_outputs, sample_prompts, write_job, write_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
@@ -115,3 +117,49 @@ def test_short_rows_report_no_prefix(tmp_path, tiny_model):
     result = cli("plan", str(job), "--json")
     assert json.loads(result.output[result.output.index("{") :])["shared_prefixes"] is None
     assert "shared prefixes" not in cli("plan", str(job)).output
+
+
+def _few_shot_job(tmp_path, model, name, engine, share, **task):
+    rows = [
+        {"id": f"r{i}", "prompt": INSTRUCTION + f"Answer {i}: {r['prompt'][:80]}"}
+        for i, r in enumerate(sample_prompts(24))
+    ]
+    rows += [{"id": f"x{i}", "prompt": r["prompt"][:200]} for i, r in enumerate(sample_prompts(6))]
+    job = write_job(
+        tmp_path / f"{name}.yaml",
+        model,
+        write_jsonl(tmp_path / "few_shot.jsonl", rows),
+        tmp_path / name,
+        task={"max_new_tokens": 12, "logprobs": True, **task},
+        batching={"max_tokens": 20000, "max_batch_size": 16, "min_shared_prefix": share},
+    )
+    spec = yaml.safe_load(job.read_text())
+    spec["model"]["engine"] = engine
+    job.write_text(yaml.safe_dump(spec))
+    return job
+
+
+@pytest.mark.parametrize("task", [{}, {"temperature": 0.9, "seed": 4}], ids=["greedy", "sampled"])
+def test_a_shared_prefix_computed_once_gives_the_same_tokens(tmp_path, tiny_model, task):
+    """The fast engine computes the instruction's keys and values once per group of rows
+    entering together and copies them; every row's tokens equal computing it whole, on the
+    fast engine without sharing and on the reference engine."""
+    outputs, summaries = {}, {}
+    for name, engine, share in [
+        ("shared", "fast", 64),
+        ("whole", "fast", 0),
+        ("reference", "reference", 64),
+    ]:
+        job = _few_shot_job(tmp_path, tiny_model, name, engine, share, **task)
+        result = cli("run", str(job))
+        assert result.exit_code == 0, result.output
+        outputs[name] = read_outputs(tmp_path / name).to_pylist()
+        summaries[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    assert summaries["shared"]["shared_prefix_tokens"] > 0
+    assert "shared_prefix_tokens" not in summaries["whole"]
+    for name in ("whole", "reference"):
+        assert [r["token_ids"] for r in outputs["shared"]] == [
+            r["token_ids"] for r in outputs[name]
+        ], name
+    for a, b in zip(outputs["shared"], outputs["whole"], strict=True):
+        assert a["token_logprobs"] == pytest.approx(b["token_logprobs"], abs=1e-4)

@@ -78,6 +78,7 @@ class GenerateRequests:
     logprobs: bool = False
     piece: int | None = None
     top_logprobs: int = 0
+    share_prefix: int = 0  # rows sharing this many first tokens share their prefix (0: off)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -94,6 +95,7 @@ class GenerateRequests:
                 self.logprobs,
                 size,
                 self.top_logprobs,
+                self.share_prefix,
             )
             for i in range(0, len(self), size)
         ]
@@ -152,6 +154,7 @@ class CausalEngine(Protocol):
 
     limits: EngineLimits
     model: Any  # the torch module (its shape gives FLOP and byte counts for the stats)
+    counters: dict[str, float]  # what it did: prefill and decode seconds, tokens, steps
 
     def loglikelihood(
         self, sequences: list[np.ndarray], score_from: list[int]
@@ -194,6 +197,7 @@ class EncoderEngine(Protocol):
 
     limits: EngineLimits
     model: Any
+    counters: dict[str, float]
 
     def embed(self, sequences: list[np.ndarray], pooling: str, normalize: bool) -> np.ndarray:
         """One float32 vector per sequence."""

@@ -22,6 +22,7 @@ class EncoderEngine:
         self.model = model
         self.pad_id = pad_id
         self.device = model.device
+        self.counters: dict[str, float] = {}
 
     @torch.inference_mode()
     def embed(self, sequences: list[np.ndarray], pooling: str, normalize: bool) -> np.ndarray:

@@ -201,19 +201,24 @@ class FastEngine(HFEngine):
         logprobs: bool,
         matchers: list | None = None,
         top: int = 0,
+        past: list[int] | None = None,
     ) -> tuple[list[int], list[float] | None, tuple | None]:
         """Run new rows packed, their keys and values written from each row's region start;
         returns each row's first token, its log-prob when asked, and with `top` its `top` most
         likely alternatives (ids and log-probs, one list per row). `matchers`: each row's
         grammar matcher or None (engines/constraints.py), masking its first token and then
-        consuming it."""
+        consuming it. `past`: tokens of each prompt whose keys and values are in its region
+        already (a shared prefix, `fill_prefix`): only the rest runs, attending to them."""
         started = time.perf_counter()
-        lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+        past = past if past is not None and any(past) else [0] * len(prompts)
+        rest = [p[n:] for p, n in zip(prompts, past, strict=True)]
+        lengths = np.array([len(p) for p in rest], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        ids = torch.from_numpy(np.concatenate(prompts)).to(self.device)
-        positions = torch.from_numpy(restarting_positions(lengths)).to(self.device)
+        ids = torch.from_numpy(np.concatenate(rest)).to(self.device)
+        done = np.repeat(np.asarray(past, dtype=np.int64), lengths)
+        positions = torch.from_numpy(restarting_positions(lengths) + done).to(self.device)
         write = np.concatenate(
-            [s + np.arange(len(p)) for p, s in zip(prompts, starts, strict=True)]
+            [s + n + np.arange(len(p)) for p, s, n in zip(rest, starts, past, strict=True)]
         )
         packed = Packed(
             _int32(offsets, self.device),
@@ -222,6 +227,11 @@ class FastEngine(HFEngine):
             self._pool,
             torch.from_numpy(write).to(self.device),
         )
+        if any(past):
+            packed.after_prefix = True
+            packed.region_start = _int32([*starts, 0], self.device)
+            packed.used = _int32([len(p) for p in prompts], self.device)
+            packed.max_k = max(len(p) for p in prompts)
         hidden = self._hidden(ids, positions, packed)
         last = torch.from_numpy(offsets[1:] - 1).to(self.device)
         logits = self.model.get_output_embeddings()(hidden[last]).float()
@@ -240,6 +250,33 @@ class FastEngine(HFEngine):
         _count(self.counters, prefill_seconds=time.perf_counter() - started)
         _count(self.counters, prefill_tokens=int(lengths.sum()), prefill_calls=1)
         return first, first_logprobs, first_top
+
+    @torch.inference_mode()
+    def fill_prefix(self, tokens: np.ndarray, start: int, copies: list[int]) -> None:
+        """Compute a shared prefix's keys and values once, into the region at `start`, and
+        copy them to the regions at `copies` (rows that share it; a copy costs the bytes of
+        its keys and values, microseconds, where computing them again costs a prefill)."""
+        started = time.perf_counter()
+        n = len(tokens)
+        packed = Packed(
+            _int32([0, n], self.device),
+            n,
+            self.decoder.scaling,
+            self._pool,
+            torch.arange(start, start + n, device=self.device),
+        )
+        ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(self.device)
+        self._hidden(ids, torch.arange(n, device=self.device), packed)
+        if copies:
+            source = torch.arange(start, start + n, device=self.device).repeat(len(copies))
+            target = torch.from_numpy(
+                np.concatenate([c + np.arange(n) for c in copies]).astype(np.int64)
+            ).to(self.device)
+            for pool in (self._pool.keys, self._pool.values):
+                for layer in pool:
+                    layer.index_copy_(0, target, layer.index_select(0, source))
+        _count(self.counters, prefill_seconds=time.perf_counter() - started)
+        _count(self.counters, prefill_tokens=n, shared_prefix_tokens=n * len(copies))
 
     @torch.inference_mode()
     def decode(

@@ -105,6 +105,7 @@ class HFEngine:
         self.device = model.device
         self.pad_id = _pad_id(tokenizer, model)
         self.eos_ids = _eos_ids(tokenizer, model)
+        self.counters: dict[str, float] = {}  # what the engine did (the fast engine counts)
         config = text_config(model.config)
         self._chunked_logits = not any(getattr(config, k, None) for k in LOGIT_TRANSFORMS)
         # transformers renamed `past_key_values` to `cache`; speak whichever this version takes.

@@ -34,6 +34,10 @@ class Packed:
     decode: bool = False
     region_start: torch.Tensor | None = None  # int32 [rows + 1]: decode: first pool slot per row
     used: torch.Tensor | None = None  # int32 [rows]: decode: pool slots a row attends to
+    # a prefill of tokens that follow a prefix already in each row's region (shared prefixes):
+    # its queries attend, causally, to the row's region (region_start, used; max_k the most)
+    after_prefix: bool = False
+    max_k: int = 0
 
 
 def attend(layer: int, q, k, v, packed: Packed) -> torch.Tensor:
@@ -43,10 +47,40 @@ def attend(layer: int, q, k, v, packed: Packed) -> torch.Tensor:
     if packed.pool is not None:
         packed.pool.keys[layer].index_copy_(0, packed.write_index, k)
         packed.pool.values[layer].index_copy_(0, packed.write_index, v)
-        if packed.decode:
+        if packed.decode or packed.after_prefix:
             k, v = packed.pool.keys[layer], packed.pool.values[layer]
-    run = _flash if _flash_ok(q) else _reference
+    run = _flash if _flash_ok(q) and not _reference_only(packed) else _reference
     return run(q, k, v, packed)
+
+
+def _reference_only(packed: Packed) -> bool:
+    """A prefill after a prefix needs FlashAttention's causal mask aligned to the end of each
+    row's keys (FlashAttention 2.1 and later); checked once against the reference."""
+    return packed.after_prefix and not _flash_aligns_causal_to_the_end()
+
+
+_ALIGNED: list[bool] = []
+
+
+def _flash_aligns_causal_to_the_end() -> bool:
+    if not _ALIGNED:
+        torch.manual_seed(0)
+        q = torch.randn(3, 2, 64, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(8, 2, 64, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(8, 2, 64, device="cuda", dtype=torch.bfloat16)
+        probe = Packed(
+            torch.tensor([0, 3], dtype=torch.int32, device="cuda"),
+            3,
+            0.125,
+            after_prefix=True,
+            region_start=torch.tensor([0, 8], dtype=torch.int32, device="cuda"),
+            used=torch.tensor([8], dtype=torch.int32, device="cuda"),
+            max_k=8,
+        )
+        got = _flash(q, k, v, probe).float()
+        want = _reference(q.float(), k.float(), v.float(), probe)
+        _ALIGNED.append(bool(torch.allclose(got, want, atol=3e-2)))
+    return _ALIGNED[0]
 
 
 def _flash_ok(q: torch.Tensor) -> bool:
@@ -58,17 +92,17 @@ def _flash(q, k, v, packed: Packed) -> torch.Tensor:
         return decode_attention.decode_attention(
             q, k, v, packed.region_start, packed.used, packed.max_len, packed.scale
         )
-    if packed.decode:
+    if packed.decode or packed.after_prefix:
         out = torch.ops.aten._flash_attention_forward(
             q,
             k,
             v,
             packed.cu_seqlens,
             packed.region_start,
-            1,
-            packed.max_len,
+            1 if packed.decode else packed.max_len,
+            packed.max_len if packed.decode else packed.max_k,
             0.0,
-            False,
+            packed.after_prefix,
             False,
             scale=packed.scale,
             seqused_k=packed.used,
@@ -95,20 +129,25 @@ def _reference(q, k, v, packed: Packed) -> torch.Tensor:
     groups = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
     bounds = packed.cu_seqlens.tolist()
-    if packed.decode:
+    from_pool = packed.decode or packed.after_prefix
+    if from_pool:
         starts, used = packed.region_start.tolist(), packed.used.tolist()
     for i in range(len(bounds) - 1):
         a, b = bounds[i], bounds[i + 1]
-        if packed.decode:
+        mask = None
+        if from_pool:
             ks = k[starts[i] : starts[i] + used[i]]
             vs = v[starts[i] : starts[i] + used[i]]
+            if packed.after_prefix:  # query j sits at key position used - (b - a) + j
+                sits = used[i] - (b - a) + torch.arange(b - a, device=q.device)
+                mask = torch.arange(used[i], device=q.device)[None, :] <= sits[:, None]
         else:
             ks, vs = k[a:b], v[a:b]
         qh, kh, vh = (t.transpose(0, 1)[None] for t in (q[a:b], ks, vs))
         if groups > 1:
             kh, vh = kh.repeat_interleave(groups, 1), vh.repeat_interleave(groups, 1)
         o = F.scaled_dot_product_attention(
-            qh, kh, vh, is_causal=not packed.decode, scale=packed.scale
+            qh, kh, vh, attn_mask=mask, is_causal=not from_pool, scale=packed.scale
         )
         out[a:b] = o[0].transpose(0, 1)
     return out

@@ -42,6 +42,7 @@ class Row:
     params: SamplingParams
     want_logprobs: bool = False
     top: int = 0  # most likely alternatives to keep per token
+    share: int = 0  # first tokens a row must share with others to share their prefix (0: off)
     start: int = -1
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -94,6 +95,7 @@ class Scheduler:
                 params,
                 requests.logprobs or requests.top_logprobs > 0,
                 requests.top_logprobs,
+                requests.share_prefix,
             )
             for i, (p, key, params, limit) in enumerate(
                 zip(requests.prompts, requests.keys, requests.params, requests.limits, strict=True)
@@ -183,11 +185,36 @@ class Scheduler:
             want,
             _matchers(rows),
             top,
+            self._share_prefixes(rows),
         )
         for i, (row, token) in enumerate(zip(rows, first, strict=True)):
             alternatives = (first_top[0][i], first_top[1][i]) if top else None
             if not self._accept(row, token, first_logprobs[i] if want else None, alternatives):
                 self.active.append(row)
+
+    def _share_prefixes(self, rows: list[Row]) -> list[int]:
+        """Rows entering together whose prompts start with the same tokens (at least their
+        `share`) get that prefix computed once (`engine.fill_prefix`); returns the tokens of
+        each row already in its region."""
+        past = [0] * len(rows)
+        groups: dict[bytes, list[int]] = {}
+        for i, row in enumerate(rows):
+            if row.share and len(row.prompt) > row.share:
+                groups.setdefault(row.prompt[: row.share].tobytes(), []).append(i)
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            prompts = [rows[i].prompt for i in members]
+            shared = common_prefix(prompts)
+            if shared < rows[members[0]].share:
+                continue
+            first = rows[members[0]]
+            self.engine.fill_prefix(
+                first.prompt[:shared], first.start, [rows[i].start for i in members[1:]]
+            )
+            for i in members:
+                past[i] = shared
+        return past
 
     def _decode_chunk(self) -> None:
         """Up to SYNC_EVERY decode steps without looking at the tokens, then account for them."""
@@ -247,6 +274,17 @@ class Scheduler:
         self.finished.setdefault(row.group, {})[row.index] = Generation(
             row.tokens, row.reason, logprobs, top_ids, top_logprobs
         )
+
+
+def common_prefix(prompts: list[np.ndarray]) -> int:
+    """Tokens every prompt shares with the first, each keeping at least one of its own."""
+    shared = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for prompt in prompts[1:]:
+        differ = np.flatnonzero(prompt[:shared] != first[:shared])
+        if len(differ):
+            shared = int(differ[0])
+    return shared
 
 
 def _matchers(rows: list[Row]) -> list | None:

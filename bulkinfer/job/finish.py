@@ -90,6 +90,9 @@ def write_summary(
     summary.details.update(
         engine=engine.limits.kind, padding_fraction_file_order=padding_fraction(plan.file_order)
     )
+    shared = engine.counters.get("shared_prefix_tokens")
+    if shared:  # prompt tokens whose keys and values were copied, not computed again
+        summary.details["shared_prefix_tokens"] = int(shared)
     summary.write(layout.summary)
     shutil.rmtree(layout.prepared_dir, ignore_errors=True)
     log(

@@ -7,7 +7,8 @@ Per row only an 8-byte hash of its first tokens is kept, and only when some row 
 (a job of short rows keeps nothing). Each group's exact length comes from comparing its rows'
 tokens with the first row's as the chunks go by (up to MAX_PREFIX tokens; at most
 MAX_REFERENCES groups are followed at once), so `bulkinfer plan` knows it without keeping any
-token ids.
+token ids. The fast engine's scheduler finds the same groups among the rows entering its slots
+together and computes each prefix once for them (engines/scheduler.py).
 """
 
 from __future__ import annotations

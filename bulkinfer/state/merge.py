@@ -30,6 +30,8 @@ ADDED = (
     "model_seconds",
     "oom_splits",
 )
+# totals only some jobs report (structured output, shared prefixes)
+ADDED_WHERE_PRESENT = ("constrained_cut_short", "shared_prefix_tokens")
 
 
 def merge_shards(root: OutputLayout) -> Summary:
@@ -112,9 +114,10 @@ def merge_summaries(shards: list[Summary]) -> Summary:
         max(s["wall_seconds"] for s in summaries),
         min(s["wall_seconds"] for s in summaries),
     )
-    cut_short = [s["constrained_cut_short"] for s in summaries if "constrained_cut_short" in s]
-    if cut_short:
-        merged["constrained_cut_short"] = sum(cut_short)
+    for key in ADDED_WHERE_PRESENT:
+        values = [s[key] for s in summaries if key in s]
+        if values:
+            merged[key] = sum(values)
     padded = merged["padded_tokens"]
     merged.update(
         complete=True,

@@ -84,7 +84,8 @@ def make_task(spec, model, tokenizer, config, source: InputKind | None = None) -
         embeddings = None
         if source.per_request:  # /v1/embeddings requests beside chat and completions
             embeddings = EmbeddingRequests.for_model(model, config, max_context)
-        return GenerateTask(task, tokenizer, max_context, source.per_request, embeddings)
+        share = spec.batching.min_shared_prefix
+        return GenerateTask(task, tokenizer, max_context, source.per_request, embeddings, share)
     return ScoreTask(task, tokenizer, max_context, choices=source.choices)
 
 

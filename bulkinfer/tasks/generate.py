@@ -61,8 +61,10 @@ class GenerateTask:
         max_context: int | None = None,
         per_request: bool = False,
         embeddings: EmbeddingRequests | None = None,
+        share_prefix: int = 0,
     ):
         self.spec = spec
+        self.share_prefix = share_prefix  # batching.min_shared_prefix: the fast engine shares
         self.embeddings = embeddings  # how /v1/embeddings requests are answered
         self.tokenizer = tokenizer
         self.max_context = max_context
@@ -146,7 +148,7 @@ class GenerateTask:
         # n samples of a row run as n sequences; a padded engine's calls stay the batch's
         # planned size so memory stays within the budget whatever n is.
         group = GenerateRequests(
-            prompts, keys, params, limits, want_logprobs, max(1, len(rows)), top
+            prompts, keys, params, limits, want_logprobs, max(1, len(rows)), top, self.share_prefix
         )
         return BatchAsk(group, owners, requests, *self._embedded(engine, requests))
 
@@ -271,6 +273,7 @@ class BatchAsk:
             r.logprobs,
             r.piece,
             r.top_logprobs,
+            r.share_prefix,
         )
         owners = [where[self.owners[i]] for i in seqs]
         embedded = {where[k]: v for k, v in self.embedded.items() if k in where}
