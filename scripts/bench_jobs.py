@@ -7,6 +7,12 @@ Workloads (seeded, so every call measures the same job):
             to 1,500, the ShareGPT-like mix serving engines publish figures on), greedy
   json      the sharegpt requests with every answer kept to a JSON schema (task.response_format)
   score     N prompts of the same length mix, scored (log-likelihood of every token)
+  fewshot   N rows of one shared 1,000-token instruction and 150 tokens of their own, 20 new
+            tokens each (a few-shot classification-style job, shared prefixes)
+  prefixscore  N rows of one shared 500-token prefix and 150 tokens of their own, scored
+
+A setting whose name has a dot is a spec key (`fewshot:1000:batching.min_shared_prefix=0`,
+prefix sharing off); others go to the job's environment.
 
 The model is a real architecture's shape (Llama-3.1-8B by default) with random weights, built
 from its config and saved as safetensors with a byte-level BPE tokenizer. For each job the
@@ -100,6 +106,19 @@ def write_requests(path: Path, n: int, per_word: float, seed: int = 5) -> dict:
         "answer_tokens": int(answers.sum()),
         "longest_answer": int(answers.max()),
     }
+
+
+def write_shared_prefix_rows(
+    path: Path, n: int, per_word: float, prefix: int, own: int, seed: int = 13
+) -> dict:
+    """Rows of one shared prefix of about `prefix` tokens and about `own` tokens each."""
+    rng = np.random.default_rng(seed)
+    shared = text_of(prefix, rng, per_word)
+    with path.open("w") as f:
+        for k in range(n):
+            f.write(json.dumps({"prompt": f"{shared}\n\nRow {k}: {text_of(own, rng, per_word)}"}))
+            f.write("\n")
+    return {"rows": n, "shared_prefix_tokens": prefix, "own_tokens": own}
 
 
 def write_prompts(path: Path, n: int, per_word: float, seed: int = 11) -> dict:
@@ -209,6 +228,7 @@ def row_of(name: str, result: dict, model: dict, facts: dict) -> dict:
         "tokens_per_s_model": round(tokens / s["model_seconds"]) if s["model_seconds"] else None,
         "input_tokens": s["input_tokens"],
         "output_tokens": s["output_tokens"],
+        "shared_prefix_tokens": s.get("shared_prefix_tokens", 0),
         "engine": s.get("engine"),
         "device": s.get("device"),
         "floors": floors(model, s, facts.get("longest_answer")),
@@ -240,7 +260,9 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.tiny:
-        args.shape, args.jobs = "tiny", "sharegpt:24,json:24,score:40"
+        args.shape = "tiny"
+        if args.jobs == parser.get_default("jobs"):
+            args.jobs = "sharegpt:24,json:24,score:40"
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_jobs_"))
     start = time.perf_counter()
     saved = work / "model" / "bench_model.json"
@@ -259,9 +281,20 @@ def main() -> None:
         jobs.insert(1, jobs[0])
     for k, (kind, count, *settings) in enumerate(jobs):
         n = int(count)
-        env = dict(kv.split("=", 1) for kv in "+".join(settings).split("+") if kv)
+        named = dict(kv.split("=", 1) for kv in "+".join(settings).split("+") if kv)
+        env = {name: value for name, value in named.items() if "." not in name}
+        keys = {name: json.loads(value) for name, value in named.items() if "." in name}
         data = work / f"{kind}-{n}.jsonl"
-        if kind in ("sharegpt", "json"):
+        scale = 5 if args.tiny else 1  # the tiny model's context is short
+        if kind == "fewshot":
+            facts = write_shared_prefix_rows(
+                data, n, model["per_word"], 1000 // scale, 150 // scale
+            )
+            task = {"type": "generate", "max_new_tokens": 20, "temperature": 0.0}
+        elif kind == "prefixscore":
+            facts = write_shared_prefix_rows(data, n, model["per_word"], 500 // scale, 150 // scale)
+            task = {"type": "score"}
+        elif kind in ("sharegpt", "json"):
             facts = write_requests(data, n, model["per_word"])
             task = {"type": "generate", "max_new_tokens": 1500, "temperature": 0.0}
             if kind == "json":  # the same requests, every answer kept to a JSON schema
@@ -275,8 +308,12 @@ def main() -> None:
             "output": {"path": str(work / f"out-{k}")},
             "task": task,
         }
+        for name, value in keys.items():  # spec keys of this job (an A/B of one setting)
+            section, key = name.split(".", 1)
+            spec.setdefault(section, {})[key] = value
         if args.tiny:
-            spec["task"]["max_new_tokens"] = 16 if kind != "score" else None
+            scored = task["type"] == "score"
+            spec["task"]["max_new_tokens"] = 16 if not scored else None
             spec["task"] = {key: v for key, v in spec["task"].items() if v is not None}
         job = work / f"{kind}-{n}.yaml"
         job.write_text(json.dumps(spec))
@@ -292,7 +329,7 @@ def main() -> None:
         row = row_of(
             f"{kind} {n:,}"
             + (" (again)" if args.repeat_first and k == 1 else "")
-            + "".join(f" {name}={value}" for name, value in env.items()),
+            + "".join(f" {name}={value}" for name, value in named.items()),
             result,
             model,
             facts,

@@ -163,3 +163,40 @@ def test_a_shared_prefix_computed_once_gives_the_same_tokens(tmp_path, tiny_mode
         ], name
     for a, b in zip(outputs["shared"], outputs["whole"], strict=True):
         assert a["token_logprobs"] == pytest.approx(b["token_logprobs"], abs=1e-4)
+
+
+def test_scores_with_a_shared_prefix_equal_scores_computed_whole(tmp_path, tiny_model):
+    """Score rows sharing an instruction: the fast engine runs the prefix once per part and
+    the rows' own tokens after it; sums and counts equal computing every row whole."""
+    rows = [
+        {"id": f"r{i}", "prompt": INSTRUCTION + f"Answer {i}: {r['prompt'][:80]}"}
+        for i, r in enumerate(sample_prompts(20))
+    ]
+    rows += [{"id": f"x{i}", "prompt": r["prompt"][:200]} for i, r in enumerate(sample_prompts(5))]
+    inputs = write_jsonl(tmp_path / "in.jsonl", rows)
+    got = {}
+    for name, engine, share in [
+        ("shared", "fast", 64),
+        ("whole", "fast", 0),
+        ("ref", "reference", 0),
+    ]:
+        job = write_job(
+            tmp_path / f"{name}.yaml",
+            tiny_model,
+            inputs,
+            tmp_path / name,
+            task={"type": "score"},
+            batching={"max_tokens": 20000, "max_batch_size": 8, "min_shared_prefix": share},
+        )
+        spec = yaml.safe_load(job.read_text())
+        spec["model"]["engine"] = engine
+        job.write_text(yaml.safe_dump(spec))
+        result = cli("run", str(job))
+        assert result.exit_code == 0, result.output
+        got[name] = read_outputs(tmp_path / name).to_pylist()
+    summary = json.loads((tmp_path / "shared" / "summary.json").read_text())
+    assert summary["shared_prefix_tokens"] > 0
+    for name in ("whole", "ref"):
+        for a, b in zip(got["shared"], got[name], strict=True):
+            assert a["scored_tokens"] == b["scored_tokens"]
+            assert a["logprob_sum"] == pytest.approx(b["logprob_sum"], rel=1e-4, abs=1e-3)

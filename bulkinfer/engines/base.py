@@ -157,9 +157,10 @@ class CausalEngine(Protocol):
     counters: dict[str, float]  # what it did: prefill and decode seconds, tokens, steps
 
     def loglikelihood(
-        self, sequences: list[np.ndarray], score_from: list[int]
+        self, sequences: list[np.ndarray], score_from: list[int], share_prefix: int = 0
     ) -> list[tuple[float, int]]:
-        """(sum of log-probs, token count) of tokens score_from.. of each sequence."""
+        """(sum of log-probs, token count) of tokens score_from.. of each sequence; an engine
+        may compute once a prefix of `share_prefix` tokens or more that rows share."""
 
     def loglikelihood_choices(
         self, contexts: list[np.ndarray], choices: list[list[np.ndarray]]

@@ -23,7 +23,7 @@ from bulkinfer.engines.compiling import compile_backend
 from bulkinfer.engines.constraints import consume_all, mask_logits
 from bulkinfer.engines.decoder import Decoder
 from bulkinfer.engines.hf import Generation, HFEngine, per_row_totals, scored_positions
-from bulkinfer.engines.kv import DecodeInputs, DecodeState, KVPool
+from bulkinfer.engines.kv import DecodeInputs, DecodeState, KVPool, shared_prefix_groups
 from bulkinfer.engines.memory import kv_pool_tokens
 from bulkinfer.engines.packed_attention import Packed, attend
 from bulkinfer.engines.sampling import (
@@ -36,6 +36,9 @@ from bulkinfer.engines.sampling import (
 
 DECODE_BUCKETS = (8, 16, 32, 64, 128, 256, 384, 512, 768, 1024)
 CPU_SLOTS = 64  # rows decoded together on the CPU
+# rows' tokens scored in one scratch pool of a shared prefix (4.3 GB of keys and values on the
+# 8B shape); a group of rows larger than that computes its prefix once per part
+SHARED_SCORE_TOKENS = 32_768
 MIN_KV_BUCKET = 1024  # attention length buckets: powers of two from here
 INDEX_LIMIT = 1 << 31  # elements a tensor may hold before inductor needs 64-bit indexing
 
@@ -73,16 +76,84 @@ class FastEngine(HFEngine):
     # ------------------------------------------------------------------ scoring
 
     @torch.inference_mode()
-    def loglikelihood(self, sequences: list[np.ndarray], score_from: list[int]):
+    def loglikelihood(
+        self, sequences: list[np.ndarray], score_from: list[int], share_prefix: int = 0
+    ):
         """One packed forward per piece of whole sequences of at most `forward_tokens` tokens.
         A batch of the auto budget (up to ~1M tokens) in one forward passes 2^31 elements in
         its MLP activations, and inductor then compiles the fused functions again for 64-bit
         indexing (1.7-2.3 s on the 8B shape); pieces just under that run the matrix products
-        as fast (H200, 8B shape: 625 TFLOP/s at 65k tokens, 618 at 524k)."""
+        as fast (H200, 8B shape: 625 TFLOP/s at 65k tokens, 618 at 524k). Rows sharing their
+        first `share_prefix` tokens or more have the prefix computed once (`_shared_scores`)."""
         out = []
         for a, b in forward_pieces([len(s) for s in sequences], self.forward_tokens):
-            out += self._packed_loglikelihood(sequences[a:b], score_from[a:b])
+            out += self._piece_loglikelihood(sequences[a:b], score_from[a:b], share_prefix)
         return out
+
+    def _piece_loglikelihood(self, sequences, score_from, share_prefix: int):
+        results: list = [None] * len(sequences)
+        for members, shared in shared_prefix_groups(sequences, share_prefix):
+            for part in _within_tokens(members, sequences, SHARED_SCORE_TOKENS):
+                if len(part) < 2:
+                    continue
+                scores = self._shared_scores(
+                    [sequences[i] for i in part], [score_from[i] for i in part], shared
+                )
+                for i, score in zip(part, scores, strict=True):
+                    results[i] = score
+        rest = [i for i, r in enumerate(results) if r is None]
+        scores = self._packed_loglikelihood(
+            [sequences[i] for i in rest], [score_from[i] for i in rest]
+        )
+        for i, score in zip(rest, scores, strict=True):
+            results[i] = score
+        return results
+
+    def _shared_scores(self, sequences, score_from, shared: int):
+        """Scores of rows whose first `shared` tokens are identical: the prefix runs once (its
+        keys and values copied to each row's region of a scratch pool), then the rows' own
+        tokens packed, attending to their region; the same sums as computing rows whole."""
+        lengths = np.array([len(s) for s in sequences], dtype=np.int64)
+        regions = np.concatenate([[0], np.cumsum(lengths)])
+        pool = KVPool.allocate(
+            self.layers,
+            int(lengths.sum()),
+            self.kv_heads,
+            self.head_dim,
+            self.model.dtype,
+            self.device,
+        )
+        prefix_hidden = self._prefix_into(pool, sequences[0][:shared], 0, regions[1:-1].tolist())
+        own = [s[shared:] for s in sequences]
+        own_lengths = lengths - shared
+        own_offsets = np.concatenate([[0], np.cumsum(own_lengths)])
+        write = np.concatenate(
+            [r + shared + np.arange(n) for r, n in zip(regions[:-1], own_lengths, strict=True)]
+        )
+        packed = Packed(
+            _int32(own_offsets, self.device),
+            int(own_lengths.max()),
+            self.decoder.scaling,
+            pool,
+            torch.from_numpy(write).to(self.device),
+            after_prefix=True,
+            region_start=_int32(regions, self.device),
+            used=_int32(lengths, self.device),
+            max_k=int(lengths.max()),
+        )
+        ids = torch.from_numpy(np.concatenate(own).astype(np.int64)).to(self.device)
+        positions = restarting_positions(own_lengths) + shared
+        own_hidden = self._hidden(ids, torch.from_numpy(positions).to(self.device), packed)
+        hidden = torch.cat([prefix_hidden, own_hidden])
+        rows, at = scored_positions(lengths, score_from)  # `at` predicts token at + 1 of its row
+        source = np.where(at < shared, at, shared + own_offsets[rows] + at - shared)
+        full = np.concatenate(sequences).astype(np.int64)
+        targets = torch.from_numpy(full[regions[rows] + at + 1]).to(self.device)
+        token_logprobs = self._head_logprobs(
+            hidden[torch.from_numpy(source).to(self.device)], targets
+        )
+        _count(self.counters, shared_prefix_tokens=shared * (len(sequences) - 1))
+        return per_row_totals(torch.from_numpy(rows).to(self.device), token_logprobs, len(lengths))
 
     def _packed_loglikelihood(self, sequences: list[np.ndarray], score_from: list[int]):
         if not sequences:
@@ -257,26 +328,31 @@ class FastEngine(HFEngine):
         copy them to the regions at `copies` (rows that share it; a copy costs the bytes of
         its keys and values, microseconds, where computing them again costs a prefill)."""
         started = time.perf_counter()
-        n = len(tokens)
-        packed = Packed(
-            _int32([0, n], self.device),
-            n,
-            self.decoder.scaling,
-            self._pool,
-            torch.arange(start, start + n, device=self.device),
+        self._prefix_into(self._pool, tokens, start, copies)
+        _count(self.counters, prefill_seconds=time.perf_counter() - started)
+        _count(
+            self.counters,
+            prefill_tokens=len(tokens),
+            shared_prefix_tokens=len(tokens) * len(copies),
         )
+
+    def _prefix_into(self, pool: KVPool, tokens, start: int, copies: list[int]) -> torch.Tensor:
+        """Run `tokens` alone, their keys and values written from `start` of `pool` and copied
+        to the regions at `copies`; returns their hidden states."""
+        n = len(tokens)
+        at = torch.arange(start, start + n, device=self.device)
+        packed = Packed(_int32([0, n], self.device), n, self.decoder.scaling, pool, at)
         ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(self.device)
-        self._hidden(ids, torch.arange(n, device=self.device), packed)
+        hidden = self._hidden(ids, torch.arange(n, device=self.device), packed)
         if copies:
-            source = torch.arange(start, start + n, device=self.device).repeat(len(copies))
+            source = at.repeat(len(copies))
             target = torch.from_numpy(
                 np.concatenate([c + np.arange(n) for c in copies]).astype(np.int64)
             ).to(self.device)
-            for pool in (self._pool.keys, self._pool.values):
-                for layer in pool:
+            for tensors in (pool.keys, pool.values):
+                for layer in tensors:
                     layer.index_copy_(0, target, layer.index_select(0, source))
-        _count(self.counters, prefill_seconds=time.perf_counter() - started)
-        _count(self.counters, prefill_tokens=n, shared_prefix_tokens=n * len(copies))
+        return hidden
 
     @torch.inference_mode()
     def decode(
@@ -409,6 +485,18 @@ def forward_pieces(lengths: list[int], limit: int) -> list[tuple[int, int]]:
     if start < len(lengths):
         pieces.append((start, len(lengths)))
     return pieces
+
+
+def _within_tokens(members: list[int], sequences, budget: int) -> list[list[int]]:
+    """`members` in consecutive parts whose sequences hold at most `budget` tokens together."""
+    parts, part, held = [], [], 0
+    for i in members:
+        if part and held + len(sequences[i]) > budget:
+            parts.append(part)
+            part, held = [], 0
+        part.append(i)
+        held += len(sequences[i])
+    return parts + ([part] if part else [])
 
 
 def restarting_positions(lengths: np.ndarray) -> np.ndarray:

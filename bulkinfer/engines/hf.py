@@ -114,9 +114,10 @@ class HFEngine:
 
     @torch.inference_mode()
     def loglikelihood(
-        self, sequences: list[np.ndarray], score_from: list[int]
+        self, sequences: list[np.ndarray], score_from: list[int], share_prefix: int = 0
     ) -> list[tuple[float, int]]:
-        """Sum of log p(token | earlier tokens) over tokens score_from.. of each sequence."""
+        """Sum of log p(token | earlier tokens) over tokens score_from.. of each sequence
+        (every row computed whole here, whatever `share_prefix` says)."""
         lengths = [len(s) for s in sequences]
         input_ids = self._right_padded(sequences)
         rows, positions = scored_positions(lengths, score_from)

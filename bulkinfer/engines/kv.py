@@ -143,3 +143,33 @@ class DecodeState:
         self.write[:n] += 1
         self.used[:n] += 1
         self.steps[:n] += 1
+
+
+def shared_prefix_groups(prompts: list[np.ndarray], share: int) -> list[tuple[list[int], int]]:
+    """Groups of prompts (their indices) whose first `share` tokens are identical, two or more,
+    and the tokens each group shares (every prompt keeping at least one of its own): what a
+    batch of rows can compute once."""
+    if share <= 0:
+        return []
+    by_head: dict[bytes, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        if len(prompt) > share:
+            by_head.setdefault(np.asarray(prompt[:share]).tobytes(), []).append(i)
+    groups = []
+    for members in by_head.values():
+        if len(members) > 1:
+            shared = common_prefix([prompts[i] for i in members])
+            if shared >= share:
+                groups.append((members, shared))
+    return groups
+
+
+def common_prefix(prompts: list[np.ndarray]) -> int:
+    """Tokens every prompt shares with the first, each keeping at least one of its own."""
+    shared = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for prompt in prompts[1:]:
+        differ = np.flatnonzero(prompt[:shared] != first[:shared])
+        if len(differ):
+            shared = int(differ[0])
+    return shared

@@ -22,7 +22,7 @@ import numpy as np
 from bulkinfer.engines.base import GenerateRequests, StreamUpdate
 from bulkinfer.engines.constraints import matcher
 from bulkinfer.engines.hf import Generation
-from bulkinfer.engines.kv import DecodeInputs, RegionAllocator
+from bulkinfer.engines.kv import DecodeInputs, RegionAllocator, shared_prefix_groups
 from bulkinfer.engines.memory import PREFILL_TOKENS
 from bulkinfer.engines.sampling import RowSampling, SamplingParams
 from bulkinfer.engines.stops import stop_hit
@@ -197,17 +197,7 @@ class Scheduler:
         `share`) get that prefix computed once (`engine.fill_prefix`); returns the tokens of
         each row already in its region."""
         past = [0] * len(rows)
-        groups: dict[bytes, list[int]] = {}
-        for i, row in enumerate(rows):
-            if row.share and len(row.prompt) > row.share:
-                groups.setdefault(row.prompt[: row.share].tobytes(), []).append(i)
-        for members in groups.values():
-            if len(members) < 2:
-                continue
-            prompts = [rows[i].prompt for i in members]
-            shared = common_prefix(prompts)
-            if shared < rows[members[0]].share:
-                continue
+        for members, shared in shared_prefix_groups([r.prompt for r in rows], rows[0].share):
             first = rows[members[0]]
             self.engine.fill_prefix(
                 first.prompt[:shared], first.start, [rows[i].start for i in members[1:]]
@@ -274,17 +264,6 @@ class Scheduler:
         self.finished.setdefault(row.group, {})[row.index] = Generation(
             row.tokens, row.reason, logprobs, top_ids, top_logprobs
         )
-
-
-def common_prefix(prompts: list[np.ndarray]) -> int:
-    """Tokens every prompt shares with the first, each keeping at least one of its own."""
-    shared = min(len(p) for p in prompts) - 1
-    first = prompts[0]
-    for prompt in prompts[1:]:
-        differ = np.flatnonzero(prompt[:shared] != first[:shared])
-        if len(differ):
-            shared = int(differ[0])
-    return shared
 
 
 def _matchers(rows: list[Row]) -> list | None:

@@ -86,7 +86,8 @@ def make_task(spec, model, tokenizer, config, source: InputKind | None = None) -
             embeddings = EmbeddingRequests.for_model(model, config, max_context)
         share = spec.batching.min_shared_prefix
         return GenerateTask(task, tokenizer, max_context, source.per_request, embeddings, share)
-    return ScoreTask(task, tokenizer, max_context, choices=source.choices)
+    share = spec.batching.min_shared_prefix
+    return ScoreTask(task, tokenizer, max_context, choices=source.choices, share_prefix=share)
 
 
 @dataclass(frozen=True)

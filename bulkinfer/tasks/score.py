@@ -41,8 +41,10 @@ class ScoreTask:
         tokenizer,
         max_context: int | None = None,
         choices: bool = False,
+        share_prefix: int = 0,
     ):
         self.spec = spec
+        self.share_prefix = share_prefix  # batching.min_shared_prefix
         self.choices = choices
         self.schema = CHOICES_SCHEMA if choices else SEQUENCE_SCHEMA
         self.max_context = max_context
@@ -65,7 +67,7 @@ class ScoreTask:
             return self._run_choices(engine, prepared, rows)
         sequences = [prepared.tokens(int(r)) for r in rows]
         starts = [int(prepared.score_from[int(r)]) for r in rows]
-        results = engine.loglikelihood(sequences, starts)
+        results = engine.loglikelihood(sequences, starts, self.share_prefix)
         columns = {name: [] for name in self.schema.names}
         for total, count in results:
             mean = total / count if count else None
