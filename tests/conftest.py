@@ -84,6 +84,15 @@ def write_job(path: Path, model: Path, inputs, output: Path, **sections) -> Path
     return path
 
 
+def use_engine(job: Path, engine: str) -> Path:
+    """Set model.engine in a job file written by write_job (whose sections cannot name the
+    `model` one)."""
+    spec = yaml.safe_load(job.read_text())
+    spec["model"]["engine"] = engine
+    job.write_text(yaml.safe_dump(spec))
+    return job
+
+
 def sampled_job(folder: Path, model: Path, n_rows: int, task: dict, batching: dict):
     """A sampled generate job of `n_rows` sample prompts, many small batches and a part every
     4 rows; returns make(name) -> the job file writing to folder/<name>, and the outputs of

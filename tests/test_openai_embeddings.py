@@ -13,8 +13,7 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import yaml
-from conftest import child_env, cli, read_outputs, write_job, write_jsonl
+from conftest import child_env, cli, read_outputs, use_engine, write_job, write_jsonl
 from test_embed import direct_embeddings
 from tiny_model import build_tiny_encoder
 from transformers import AutoConfig
@@ -102,9 +101,7 @@ def test_a_mixed_batch_file_answers_every_request(tmp_path, tiny_model, engine):
     dim = AutoConfig.from_pretrained(tiny_model).hidden_size
     requests = _mixed(dim)
     job = _run(tmp_path, tiny_model, requests, "out")
-    spec = yaml.safe_load(job.read_text())
-    spec["model"]["engine"] = engine
-    job.write_text(yaml.safe_dump(spec))
+    use_engine(job, engine)
     result = cli("run", str(job))
     assert result.exit_code == 0, result.output
     responses = _lines(tmp_path / "out" / "responses.jsonl")

@@ -8,8 +8,7 @@ import json
 
 import numpy as np
 import pytest
-import yaml
-from conftest import cli, read_outputs, sample_prompts, write_job, write_jsonl
+from conftest import cli, read_outputs, sample_prompts, use_engine, write_job, write_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
@@ -133,9 +132,7 @@ def _few_shot_job(tmp_path, model, name, engine, share, **task):
         task={"max_new_tokens": 12, "logprobs": True, **task},
         batching={"max_tokens": 20000, "max_batch_size": 16, "min_shared_prefix": share},
     )
-    spec = yaml.safe_load(job.read_text())
-    spec["model"]["engine"] = engine
-    job.write_text(yaml.safe_dump(spec))
+    use_engine(job, engine)
     return job
 
 
@@ -188,9 +185,7 @@ def test_scores_with_a_shared_prefix_equal_scores_computed_whole(tmp_path, tiny_
             task={"type": "score"},
             batching={"max_tokens": 20000, "max_batch_size": 8, "min_shared_prefix": share},
         )
-        spec = yaml.safe_load(job.read_text())
-        spec["model"]["engine"] = engine
-        job.write_text(yaml.safe_dump(spec))
+        use_engine(job, engine)
         result = cli("run", str(job))
         assert result.exit_code == 0, result.output
         got[name] = read_outputs(tmp_path / name).to_pylist()

@@ -19,6 +19,7 @@ from conftest import (
     one_thread,
     read_outputs,
     sample_prompts,
+    use_engine,
     write_job,
     write_jsonl,
 )
@@ -44,9 +45,7 @@ def _job(tmp_path, model, name, rows=12, engine="auto", **task):
         tmp_path / name,
         task={"max_new_tokens": 96, **task},
     )
-    spec = yaml.safe_load(job.read_text())
-    spec["model"]["engine"] = engine
-    job.write_text(yaml.safe_dump(spec))
+    use_engine(job, engine)
     return job
 
 

@@ -8,8 +8,7 @@ import json
 
 import pytest
 import torch
-import yaml
-from conftest import cli, read_outputs, sample_prompts, write_job, write_jsonl
+from conftest import cli, read_outputs, sample_prompts, use_engine, write_job, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
@@ -38,12 +37,6 @@ def _requests() -> list[dict]:
     ]
 
 
-def _use_engine(job, engine: str) -> None:
-    spec = yaml.safe_load(job.read_text())
-    spec["model"]["engine"] = engine
-    job.write_text(yaml.safe_dump(spec))
-
-
 def _responses(tmp_path, model, engine: str) -> dict[str, dict]:
     job = write_job(
         tmp_path / f"{engine}.yaml",
@@ -52,7 +45,7 @@ def _responses(tmp_path, model, engine: str) -> dict[str, dict]:
         tmp_path / engine,
         task={"max_new_tokens": 8, "chat_template": "never"},
     )
-    _use_engine(job, engine)
+    use_engine(job, engine)
     result = cli("run", str(job))
     assert result.exit_code == 0, result.output
     lines = (tmp_path / engine / "responses.jsonl").read_text(encoding="utf-8").splitlines()
@@ -126,7 +119,7 @@ def test_job_spec_top_logprobs_column(tmp_path, tiny_model, engine):
         tmp_path / "out",
         task={"max_new_tokens": 5, "top_logprobs": 4},
     )
-    _use_engine(job, engine)
+    use_engine(job, engine)
     result = cli("run", str(job))
     assert result.exit_code == 0, result.output
     for row in read_outputs(tmp_path / "out").to_pylist():
