@@ -22,6 +22,18 @@ INSTRUCTION = (
 ) * 2
 
 
+def _few_shot_rows(shared: int, alone: int, alone_chars: int | None = None) -> list[dict]:
+    """`shared` rows of INSTRUCTION and a short answer each, then `alone` rows of their own."""
+    rows = [
+        {"id": f"r{i}", "prompt": INSTRUCTION + f"Answer {i}: {r['prompt'][:80]}"}
+        for i, r in enumerate(sample_prompts(shared))
+    ]
+    return rows + [
+        {"id": f"x{i}", "prompt": r["prompt"][:alone_chars]}
+        for i, r in enumerate(sample_prompts(alone))
+    ]
+
+
 def _common_prefix(rows: list[np.ndarray]) -> int:
     """Tokens every row shares with the first, each row keeping one of its own."""
     shared = len(rows[0]) - 1
@@ -72,11 +84,7 @@ def test_groups_are_the_rows_that_share_their_first_tokens(data, prefixes, chunk
 
 
 def test_the_plan_reports_a_few_shot_instruction(tmp_path, tiny_model):
-    rows = [
-        {"id": f"r{i}", "prompt": INSTRUCTION + f"Answer {i}: {r['prompt'][:80]}"}
-        for i, r in enumerate(sample_prompts(40))
-    ]
-    rows += [{"id": f"x{i}", "prompt": r["prompt"]} for i, r in enumerate(sample_prompts(10))]
+    rows = _few_shot_rows(40, 10)
     job = write_job(
         tmp_path / "job.yaml",
         tiny_model,
@@ -119,11 +127,7 @@ def test_short_rows_report_no_prefix(tmp_path, tiny_model):
 
 
 def _few_shot_job(tmp_path, model, name, engine, share, **task):
-    rows = [
-        {"id": f"r{i}", "prompt": INSTRUCTION + f"Answer {i}: {r['prompt'][:80]}"}
-        for i, r in enumerate(sample_prompts(24))
-    ]
-    rows += [{"id": f"x{i}", "prompt": r["prompt"][:200]} for i, r in enumerate(sample_prompts(6))]
+    rows = _few_shot_rows(24, 6, 200)
     job = write_job(
         tmp_path / f"{name}.yaml",
         model,
@@ -173,11 +177,7 @@ def test_a_shared_prefix_computed_once_gives_the_same_tokens(tmp_path, tiny_mode
 def test_scores_with_a_shared_prefix_equal_scores_computed_whole(tmp_path, tiny_model):
     """Score rows sharing an instruction: the fast engine runs the prefix once per part and
     the rows' own tokens after it; sums and counts equal computing every row whole."""
-    rows = [
-        {"id": f"r{i}", "prompt": INSTRUCTION + f"Answer {i}: {r['prompt'][:80]}"}
-        for i, r in enumerate(sample_prompts(20))
-    ]
-    rows += [{"id": f"x{i}", "prompt": r["prompt"][:200]} for i, r in enumerate(sample_prompts(5))]
+    rows = _few_shot_rows(20, 5, 200)
     inputs = write_jsonl(tmp_path / "in.jsonl", rows)
     got = {}
     for name, engine, share in [

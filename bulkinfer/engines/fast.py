@@ -65,8 +65,8 @@ class FastEngine(HFEngine):
             torch.float16,
             torch.bfloat16,
         )
-        # prefill/decode seconds, steps, tokens, graph captures: read by the stats and the bench
-        self.counters: dict[str, float] = {}
+        # self.counters (HFEngine): prefill/decode seconds, steps, tokens, graph captures, shared
+        # prefix tokens, read by the stats and the bench
         self._pool: KVPool | None = None
         self._state: DecodeState | None = None
         self._logits: torch.Tensor | None = None
@@ -124,29 +124,13 @@ class FastEngine(HFEngine):
             self.device,
         )
         prefix_hidden = self._prefix_into(pool, sequences[0][:shared], 0, regions[1:-1].tolist())
-        own = [s[shared:] for s in sequences]
-        own_lengths = lengths - shared
-        own_offsets = np.concatenate([[0], np.cumsum(own_lengths)])
-        write = np.concatenate(
-            [r + shared + np.arange(n) for r, n in zip(regions[:-1], own_lengths, strict=True)]
-        )
-        packed = Packed(
-            _int32(own_offsets, self.device),
-            int(own_lengths.max()),
-            self.decoder.scaling,
-            pool,
-            torch.from_numpy(write).to(self.device),
-            after_prefix=True,
-            region_start=_int32(regions, self.device),
-            used=_int32(lengths, self.device),
-            max_k=int(lengths.max()),
-        )
-        ids = torch.from_numpy(np.concatenate(own).astype(np.int64)).to(self.device)
-        positions = restarting_positions(own_lengths) + shared
-        own_hidden = self._hidden(ids, torch.from_numpy(positions).to(self.device), packed)
+        past = [shared] * len(sequences)
+        own_hidden, own_offsets = self._after_past(pool, sequences, regions[:-1].tolist(), past)
         hidden = torch.cat([prefix_hidden, own_hidden])
         rows, at = scored_positions(lengths, score_from)  # `at` predicts token at + 1 of its row
-        source = np.where(at < shared, at, shared + own_offsets[rows] + at - shared)
+        # a position in the prefix: its one pass; after it: the row's own tokens, which
+        # follow the prefix's `shared` hidden states in `hidden`
+        source = np.where(at < shared, at, own_offsets[rows] + at)
         full = np.concatenate(sequences).astype(np.int64)
         targets = torch.from_numpy(full[regions[rows] + at + 1]).to(self.device)
         token_logprobs = self._head_logprobs(
@@ -281,29 +265,7 @@ class FastEngine(HFEngine):
         consuming it. `past`: tokens of each prompt whose keys and values are in its region
         already (a shared prefix, `fill_prefix`): only the rest runs, attending to them."""
         started = time.perf_counter()
-        past = past if past is not None and any(past) else [0] * len(prompts)
-        rest = [p[n:] for p, n in zip(prompts, past, strict=True)]
-        lengths = np.array([len(p) for p in rest], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        ids = torch.from_numpy(np.concatenate(rest)).to(self.device)
-        done = np.repeat(np.asarray(past, dtype=np.int64), lengths)
-        positions = torch.from_numpy(restarting_positions(lengths) + done).to(self.device)
-        write = np.concatenate(
-            [s + n + np.arange(len(p)) for p, s, n in zip(rest, starts, past, strict=True)]
-        )
-        packed = Packed(
-            _int32(offsets, self.device),
-            int(lengths.max()),
-            self.decoder.scaling,
-            self._pool,
-            torch.from_numpy(write).to(self.device),
-        )
-        if any(past):
-            packed.after_prefix = True
-            packed.region_start = _int32([*starts, 0], self.device)
-            packed.used = _int32([len(p) for p in prompts], self.device)
-            packed.max_k = max(len(p) for p in prompts)
-        hidden = self._hidden(ids, positions, packed)
+        hidden, offsets = self._after_past(self._pool, prompts, starts, past or [0] * len(prompts))
         last = torch.from_numpy(offsets[1:] - 1).to(self.device)
         logits = self.model.get_output_embeddings()(hidden[last]).float()
         if matchers:
@@ -319,7 +281,7 @@ class FastEngine(HFEngine):
             values, ids = top_alternatives(logits, top)
             first_top = ids.tolist(), values.tolist()
         _count(self.counters, prefill_seconds=time.perf_counter() - started)
-        _count(self.counters, prefill_tokens=int(lengths.sum()), prefill_calls=1)
+        _count(self.counters, prefill_tokens=int(offsets[-1]), prefill_calls=1)
         return first, first_logprobs, first_top
 
     @torch.inference_mode()
@@ -335,6 +297,33 @@ class FastEngine(HFEngine):
             prefill_tokens=len(tokens),
             shared_prefix_tokens=len(tokens) * len(copies),
         )
+
+    def _after_past(self, pool: KVPool, prompts, starts: list[int], past: list[int]):
+        """Hidden states of each prompt's tokens after its first `past` (whose keys and values
+        are in its region of `pool` from `starts` already, a shared prefix), packed, their keys
+        and values written after them; and the offsets of the rows in the packed pass."""
+        rest = [p[n:] for p, n in zip(prompts, past, strict=True)]
+        lengths = np.array([len(p) for p in rest], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        ids = torch.from_numpy(np.concatenate(rest).astype(np.int64)).to(self.device)
+        done = np.repeat(np.asarray(past, dtype=np.int64), lengths)
+        positions = torch.from_numpy(restarting_positions(lengths) + done).to(self.device)
+        write = np.concatenate(
+            [s + n + np.arange(len(p)) for p, s, n in zip(rest, starts, past, strict=True)]
+        )
+        packed = Packed(
+            _int32(offsets, self.device),
+            int(lengths.max()),
+            self.decoder.scaling,
+            pool,
+            torch.from_numpy(write).to(self.device),
+        )
+        if any(past):  # the rest attends to the whole region: the prefix, then itself
+            packed.after_prefix = True
+            packed.region_start = _int32([*starts, 0], self.device)
+            packed.used = _int32([len(p) for p in prompts], self.device)
+            packed.max_k = max(len(p) for p in prompts)
+        return self._hidden(ids, positions, packed), offsets
 
     def _prefix_into(self, pool: KVPool, tokens, start: int, copies: list[int]) -> torch.Tensor:
         """Run `tokens` alone, their keys and values written from `start` of `pool` and copied

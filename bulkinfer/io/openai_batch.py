@@ -370,7 +370,7 @@ def _choice(row: dict, k: int, chat: bool) -> dict:
     if token_logprobs and token_logprobs[k] is not None:
         tokens = row["tokens"][k]
         values = [round(float(v), 6) for v in token_logprobs[k]]
-        top = (row.get("top_logprobs") or [None] * (k + 1))[k]
+        top = row["top_logprobs"][k] if row.get("top_logprobs") else None
         if chat:
             content = [
                 {**_token_logprob(t, v), "top_logprobs": _alternatives(top, i)}

@@ -47,6 +47,7 @@ class PrefixFinder:
         self.parts: list[np.ndarray] = []
         self.any = False  # a row long enough was seen
         self.rows_before = 0  # rows before it
+        self._powers: np.ndarray | None = None  # of the hash's multiplier, computed once
         # head -> (first row's tokens, tokens shared by every row seen so far)
         self.references: OrderedDict[int, list] = OrderedDict()
 
@@ -69,12 +70,14 @@ class PrefixFinder:
 
     def _hashes(self, flat: np.ndarray, starts: np.ndarray) -> np.ndarray:
         """A 64-bit polynomial hash of `length` tokens from each start (never 0)."""
-        powers = _MULTIPLIER ** np.arange(self.length, dtype=np.uint64)
+        if self._powers is None:
+            with np.errstate(over="ignore"):
+                self._powers = _MULTIPLIER ** np.arange(self.length, dtype=np.uint64)
         out = np.zeros(len(starts), dtype=np.uint64)
         for k in range(0, len(starts), 1024):  # a bounded block of tokens at a time
             block = flat[starts[k : k + 1024, None] + np.arange(self.length)]
             with np.errstate(over="ignore"):
-                out[k : k + 1024] = (block.astype(np.uint64) * powers).sum(axis=1)
+                out[k : k + 1024] = (block.astype(np.uint64) * self._powers).sum(axis=1)
         out[out == 0] = 1
         return out
 
