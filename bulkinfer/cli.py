@@ -401,11 +401,17 @@ def render_prefixes(prefixes: dict | None) -> list[str]:
             "",
             f"shared prefixes  none (no rows share their first {prefixes['min_tokens']} tokens)",
         ]
+    saved = f"{prefixes['saved_tokens']:,} prompt tokens ({prefixes['saved_share']:.0%})"
+    if prefixes.get("engine", "fast") == "fast":
+        saving = f"the fast engine computes each prefix once: saves up to {saved}"
+    else:  # the reference engine computes every row whole
+        saving = (
+            f"the reference engine runs this job and computes rows whole (the fast engine, "
+            f"model.engine: fast, would save up to {saved})"
+        )
     lines = [
         "",
-        f"shared prefixes  {prefixes['groups']:,} groups, {prefixes['rows']:,} rows; computing "
-        f"each prefix once saves up to {prefixes['saved_tokens']:,} prompt tokens "
-        f"({prefixes['saved_share']:.0%}; generation on the fast engine)",
+        f"shared prefixes  {prefixes['groups']:,} groups, {prefixes['rows']:,} rows; {saving}",
         "prefix tokens    rows",
     ]
     for group in prefixes["largest"]:

@@ -48,13 +48,30 @@ class Batch:
 
 
 def sort_by_length(
-    rows: np.ndarray, lengths: np.ndarray, steps: np.ndarray | None = None
+    rows: np.ndarray,
+    lengths: np.ndarray,
+    steps: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
 ) -> np.ndarray:
     """Rows ordered longest first; equal lengths keep input order (a stable, deterministic sort).
     With `steps` (decode steps per row, indexed by row), rows with the most steps come first
-    and length only breaks ties."""
+    and length only breaks ties. Otherwise with `groups` (each row's shared-prefix group, -1
+    for none, indexed by row) the rows of a group stay together, longest first, where the
+    group's longest row sorts: a packed batch then holds many rows of one prefix and computes
+    it once for all of them (a packed engine pays nothing for mixing lengths)."""
     rows = np.asarray(rows, dtype=np.int64)
-    keys = (rows, -lengths[rows]) if steps is None else (rows, -lengths[rows], -steps[rows])
+    mine = lengths[rows]
+    if steps is not None:
+        keys = (rows, -mine, -steps[rows])
+    elif groups is not None and (groups[rows] >= 0).any():
+        label = groups[rows]
+        grouped = label >= 0
+        longest = np.zeros(int(label.max()) + 1, dtype=np.int64)
+        np.maximum.at(longest, label[grouped], mine[grouped])
+        where = np.where(grouped, longest[np.maximum(label, 0)], mine)
+        keys = (rows, -mine, label, -where)
+    else:
+        keys = (rows, -mine)
     return rows[np.lexsort(keys)]
 
 
@@ -142,6 +159,7 @@ def plan_batches(
     sort: bool = True,
     costs: np.ndarray | None = None,
     steps: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
 ) -> list[Batch]:
     """The deterministic batch plan for `rows`: the same rows and lengths give the same batches.
     A packed budget needs each row's cost (`costs`, indexed by row; lengths plus the budget's
@@ -150,9 +168,14 @@ def plan_batches(
     A packed generation plan may order rows by their decode steps (`steps`), most first:
     longest-processing-time first over the whole job, so the rows that need the most steps
     start early beside the others and the job does not end with a few long rows decoding
-    alone in a nearly empty batch. A padded plan sorts by length only (padding is its cost)."""
+    alone in a nearly empty batch. Other packed plans keep the rows of each shared-prefix
+    group (`groups`) together. A padded plan sorts by length only (padding is its cost)."""
     rows = np.asarray(rows, dtype=np.int64)
-    order = sort_by_length(rows, lengths, steps if budget.packed else None) if sort else rows
+    order = rows
+    if sort and budget.packed:
+        order = sort_by_length(rows, lengths, steps, groups)
+    elif sort:
+        order = sort_by_length(rows, lengths)
     if budget.packed:
         if costs is None:
             costs = np.asarray(lengths, dtype=np.int64) + budget.new_tokens_per_row

@@ -187,6 +187,52 @@ def run_job(
     return {"process_wall_seconds": wall, "summary": summary, "log": proc.stderr}
 
 
+def read_rows(out: Path) -> dict:
+    """A job's outputs by id: the generated text, or the score (log-likelihood sum)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables(pq.read_table(f) for f in sorted((out / "outputs").glob("*.parquet")))
+    column = "text" if "text" in table.column_names else "logprob_sum"
+    return dict(zip(table.column("id").to_pylist(), table.column(column).to_pylist(), strict=True))
+
+
+def drift(ours: dict, theirs: dict) -> dict:
+    """How far one job's outputs are from another's run of the same rows (sharing on vs off,
+    bf16 on the GPU): for generation the rows whose texts are equal and, where they differ,
+    the first differing character; for scores the relative error of each row's sum."""
+    ids = sorted(set(ours) & set(theirs))
+    first = next((v for v in ours.values() if v is not None), None)
+    if not isinstance(first, float):  # texts (a list of them for n samples): equal or not
+        equal = [i for i in ids if ours[i] == theirs[i]]
+        at = [
+            next(
+                (k for k, (a, b) in enumerate(zip(ours[i], theirs[i], strict=False)) if a != b),
+                min(len(ours[i]), len(theirs[i])),  # one is the start of the other
+            )
+            for i in ids
+            if ours[i] != theirs[i] and isinstance(ours[i], str) and isinstance(theirs[i], str)
+        ]
+        return {
+            "rows": len(ids),
+            "equal_rows": len(equal),
+            "first_difference_char_median": float(np.median(at)) if at else None,
+        }
+    rel = np.array(
+        [
+            abs(ours[i] - theirs[i]) / max(abs(theirs[i]), 1e-9)
+            for i in ids
+            if ours[i] is not None and theirs[i] is not None
+        ]
+    )
+    return {
+        "rows": len(ids),
+        "relative_error_median": float(np.median(rel)),
+        "relative_error_p95": float(np.quantile(rel, 0.95)),
+        "relative_error_max": float(rel.max()),
+    }
+
+
 def profile_text(stats_file: Path, top: int = 60) -> str:
     """The functions that took the most cumulative time, and the most time of their own, as
     pstats prints them."""
@@ -222,6 +268,7 @@ def row_of(name: str, result: dict, model: dict, facts: dict) -> dict:
         "first_batch_s": round(s.get("first_batch_seconds", float("nan")), 1),
         "load_s": round(s.get("load_seconds", float("nan")), 1),
         "prepare_s": round(s.get("prepare_seconds", float("nan")), 1),
+        "setup_s": round(s.get("setup_seconds", float("nan")), 1),  # imports, tokenizer, folder
         # after the job's own clock stopped: responses.jsonl, summary, the interpreter's exit
         "after_job_s": round(wall - (s.get("imports_seconds") or 0) - s["wall_seconds"], 1),
         "tokens_per_s_wall": round(tokens / wall),
@@ -276,6 +323,7 @@ def main() -> None:
         flush=True,
     )
     rows = []
+    seen: dict = {}  # (kind, N) -> the outputs of its first run
     jobs = [j.split(":") for j in args.jobs.split(",") if j]
     if args.repeat_first and jobs:
         jobs.insert(1, jobs[0])
@@ -326,6 +374,8 @@ def main() -> None:
             if stats_file:
                 (args.out / f"profile-{k}.txt").write_text(profile_text(stats_file))
         result.pop("log", None)
+        outputs = read_rows(work / f"out-{k}")
+        first_of_kind = seen.setdefault((kind, n), outputs)
         row = row_of(
             f"{kind} {n:,}"
             + (" (again)" if args.repeat_first and k == 1 else "")
@@ -334,6 +384,8 @@ def main() -> None:
             model,
             facts,
         )
+        if first_of_kind is not outputs:  # against the first run of these rows
+            row["drift_vs_first"] = drift(outputs, first_of_kind)
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.out:  # after every job: a call cut short keeps the jobs it finished

@@ -8,7 +8,8 @@ rendering, encoding, collecting ids and planning. They alternate --repeat times,
 machine may be shared, and the median ratio is the figure.
 
     python scripts/make_big_input.py --rows 1000000 --words 100 --out /tmp/big/p1m.jsonl
-    python scripts/bench_tokenize.py --input /tmp/big/p1m.jsonl --repeat 3
+    python scripts/bench_tokenize.py --input /tmp/big/p1m.jsonl --repeat 3 \
+        --against batching.min_shared_prefix=0
 """
 
 from __future__ import annotations
@@ -45,10 +46,11 @@ def encode_alone(backend, texts: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def plan_command(spec: Path) -> float:
+def plan_command(spec: Path, settings: list[str]) -> float:
     start = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "bulkinfer", "plan", str(spec)],
+        [sys.executable, "-m", "bulkinfer", "plan", str(spec)]
+        + [arg for setting in settings for arg in ("--set", setting)],
         check=True,
         stdout=subprocess.DEVNULL,
         cwd=ROOT,
@@ -60,6 +62,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", type=Path, required=True, help="from make_big_input.py")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also time `plan --set KEY=VALUE` each round (batching.min_shared_prefix=0: "
+        "the plan without looking for shared prefixes)",
+    )
     args = parser.parse_args()
     from bulkinfer.model_files import load_tokenizer, resolve_model_files
     from bulkinfer.prepare import untruncated_backend
@@ -85,7 +95,7 @@ def main() -> None:
     rounds = []
     for k in range(args.repeat):
         alone = encode_alone(backend, texts)
-        plan = plan_command(spec_path)
+        plan = plan_command(spec_path, [])
         rounds.append(
             {
                 "encode_alone_s": round(alone, 2),
@@ -93,6 +103,10 @@ def main() -> None:
                 "ratio": round(plan / alone, 3),
             }
         )
+        if args.against:
+            other = plan_command(spec_path, args.against)
+            rounds[-1]["plan_against_s"] = round(other, 2)
+            rounds[-1]["plan_vs_against"] = round(plan / other, 3)
         print(json.dumps({"round": k, **rounds[-1]}), flush=True)
     print(
         json.dumps(
@@ -101,6 +115,16 @@ def main() -> None:
                 "median_encode_alone_s": statistics.median(r["encode_alone_s"] for r in rounds),
                 "median_plan_s": statistics.median(r["plan_s"] for r in rounds),
                 "median_ratio": statistics.median(r["ratio"] for r in rounds),
+                **(
+                    {
+                        "against": args.against,
+                        "median_plan_vs_against": statistics.median(
+                            r["plan_vs_against"] for r in rounds
+                        ),
+                    }
+                    if args.against
+                    else {}
+                ),
             }
         )
     )

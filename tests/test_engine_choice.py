@@ -63,3 +63,12 @@ def test_generation_weighs_the_reference_engines_decode_steps(tmp_path):
     assert limits.kind == "fast" and "192 decode steps on the reference engine" in why
     limits, why = by_job_size(GPU, options(tmp_path), deep, 500, reference_steps=16)
     assert limits.kind == "reference" and "too few to pay back" in why
+
+
+def test_generation_of_long_prompts_and_few_new_tokens_runs_on_the_fast_engine(tmp_path):
+    """Few decode steps, but prompts whose prefill outweighs compiling (a few-shot job)."""
+    deep = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=30)
+    limits, why = by_job_size(
+        GPU, options(tmp_path), deep, AUTO_FAST_TOKENS_COLD, reference_steps=16
+    )
+    assert limits.kind == "fast" and "planned tokens pay back" in why

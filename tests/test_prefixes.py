@@ -1,14 +1,28 @@
 """Shared prompt prefixes: the rows of a few-shot job are found to share their instruction, as
 long as their tokens really agree, by `bulkinfer plan` and in job.json; a job without one
-reports none and plans the same batches."""
+reports none and plans the same batches. The fast engine computes a shared prefix once (or
+copies it from a row in flight) and every row's outputs equal computing it whole, also across
+kills, resumes and shards."""
 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import cli, read_outputs, sample_prompts, use_engine, write_job, write_jsonl
+from conftest import (
+    child_env,
+    cli,
+    cli_subprocess,
+    read_outputs,
+    sample_prompts,
+    use_engine,
+    write_job,
+    write_jsonl,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
@@ -106,6 +120,10 @@ def test_the_plan_reports_a_few_shot_instruction(tmp_path, tiny_model):
     assert report["saved_tokens"] == 39 * expected
     text = cli("plan", str(job)).output
     assert "shared prefixes  1 groups, 40 rows" in text
+    # model.engine auto on a CPU: the reference engine, which computes rows whole
+    assert report["engine"] == "reference" and "computes rows whole" in text
+    fast = cli("plan", str(job), "--set", "model.engine=fast").output
+    assert f"computes each prefix once: saves up to {39 * expected:,} prompt tokens" in fast
     assert cli("run", str(job)).exit_code == 0
     facts = json.loads((tmp_path / "out" / "job.json").read_text())["plan"]["shared_prefixes"]
     assert facts["largest"] == report["largest"]
@@ -174,32 +192,163 @@ def test_a_shared_prefix_computed_once_gives_the_same_tokens(tmp_path, tiny_mode
             assert one == pytest.approx(other, abs=1e-4)
 
 
-def test_scores_with_a_shared_prefix_equal_scores_computed_whole(tmp_path, tiny_model):
-    """Score rows sharing an instruction: the fast engine runs the prefix once per part and
-    the rows' own tokens after it; sums and counts equal computing every row whole."""
-    rows = _few_shot_rows(20, 5, 200)
-    inputs = write_jsonl(tmp_path / "in.jsonl", rows)
+def _score_runs(tmp_path, model, inputs, runs, batch_rows: int) -> dict[str, list[dict]]:
+    """Score `inputs` once per (name, engine, min_shared_prefix) of `runs`: outputs by name."""
     got = {}
-    for name, engine, share in [
-        ("shared", "fast", 64),
-        ("whole", "fast", 0),
-        ("ref", "reference", 0),
-    ]:
+    for name, engine, share in runs:
         job = write_job(
             tmp_path / f"{name}.yaml",
-            tiny_model,
+            model,
             inputs,
             tmp_path / name,
             task={"type": "score"},
-            batching={"max_tokens": 20000, "max_batch_size": 8, "min_shared_prefix": share},
+            batching={
+                "max_tokens": 20000,
+                "max_batch_size": batch_rows,
+                "min_shared_prefix": share,
+            },
         )
         use_engine(job, engine)
         result = cli("run", str(job))
         assert result.exit_code == 0, result.output
         got[name] = read_outputs(tmp_path / name).to_pylist()
+    return got
+
+
+def test_scores_with_a_shared_prefix_equal_scores_computed_whole(tmp_path, tiny_model):
+    """Score rows sharing an instruction: the fast engine runs the prefix once per part and
+    the rows' own tokens after it; sums and counts equal computing every row whole."""
+    inputs = write_jsonl(tmp_path / "in.jsonl", _few_shot_rows(20, 5, 200))
+    runs = [("shared", "fast", 64), ("whole", "fast", 0), ("ref", "reference", 0)]
+    got = _score_runs(tmp_path, tiny_model, inputs, runs, batch_rows=8)
     summary = json.loads((tmp_path / "shared" / "summary.json").read_text())
     assert summary["shared_prefix_tokens"] > 0
     for name in ("whole", "ref"):
         for a, b in zip(got["shared"], got[name], strict=True):
             assert a["scored_tokens"] == b["scored_tokens"]
             assert a["logprob_sum"] == pytest.approx(b["logprob_sum"], rel=1e-4, abs=1e-3)
+
+
+def test_rows_entering_later_copy_the_prefix_from_a_row_in_flight(tmp_path):
+    """With three slots, rows enter a few at a time while a long row still decodes: each takes
+    the shared prefix's keys and values from a row in flight (none is computed again), and
+    every row's tokens equal the reference engine's, computed whole."""
+    import torch
+    from tiny_model import build_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    from bulkinfer.engines.base import GenerateRequests
+    from bulkinfer.engines.sampling import SamplingParams, row_key
+    from bulkinfer.engines.select import engine_around
+
+    folder = build_tiny_model(tmp_path / "m", arch="llama")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    rng = np.random.default_rng(0)
+    vocab = model.config.vocab_size
+    prefix = rng.integers(4, vocab, 40)
+    # every row's own part starts with a token of its own: the prefix is exactly 40 tokens
+    prompts = [
+        np.concatenate([prefix, [4 + i], rng.integers(4, vocab, int(rng.integers(0, 9)))])
+        for i in range(9)
+    ]
+    limits = [120] + [int(x) for x in rng.integers(6, 17, len(prompts) - 1)]
+    params = SamplingParams(120, temperature=0.8, seed=3, ignore_eos=True)
+    keys = [row_key(3, i) for i in range(len(prompts))]
+    fast = engine_around(model, tokenizer, slots=3)
+    requests = GenerateRequests(prompts, keys, [params] * len(prompts), limits, share_prefix=16)
+    got = {}
+    for update in fast.generate_stream([("g", requests)]):
+        got.update(update.finished)
+    assert fast.counters["shared_prefix_tokens"] == 40 * (len(prompts) - 1)
+    assert fast.counters["prefill_tokens"] < sum(len(p) for p in prompts) - 40 * 7
+    want = engine_around(model, tokenizer, "reference").generate(prompts, keys, params, limits)
+    assert [got[i].tokens for i in range(len(prompts))] == [w.tokens for w in want]
+
+
+@pytest.fixture(scope="module")
+def prefix_job(tmp_path_factory, tiny_model):
+    """A sampled few-shot job on the fast engine, sharing on: many 3-row batches and a part
+    every 3 rows, so batches are in flight together and later rows copy the instruction from
+    rows still decoding; and the reference engine's uninterrupted outputs of it (rows whole)."""
+    tmp = tmp_path_factory.mktemp("prefix-resume")
+    inputs = write_jsonl(tmp / "in.jsonl", _few_shot_rows(36, 6, 200))
+
+    def make(name: str, engine: str = "fast"):
+        job = write_job(
+            tmp / f"{name}.yaml",
+            tiny_model,
+            inputs,
+            tmp / name,
+            task={"temperature": 0.8, "seed": 3, "max_new_tokens": 8, "n": 2},
+            batching={"max_tokens": 2000, "max_batch_size": 3, "min_shared_prefix": 64},
+            checkpoint={"every_rows": 3},
+        )
+        return use_engine(job, engine)
+
+    reference = make("reference", engine="reference")
+    assert cli("run", str(reference)).exit_code == 0
+    return make, read_outputs(tmp / "reference")
+
+
+def _same_outputs(out_dir, reference) -> None:
+    got = read_outputs(out_dir)
+    assert got.column("id").to_pylist() == reference.column("id").to_pylist()
+    for name in ("text", "finish_reason", "output_tokens"):
+        assert got.column(name).to_pylist() == reference.column(name).to_pylist(), name
+
+
+@pytest.mark.parametrize("point", ["batch_start:5", "part_committed:2", "part_written:4"])
+def test_a_kill_with_shared_prefixes_in_flight_resumes_to_the_same_outputs(prefix_job, point):
+    make, reference = prefix_job
+    name = "kill-" + point.replace(":", "-")
+    job = make(name)
+    first = subprocess.run(
+        [sys.executable, "-m", "bulkinfer", "run", str(job)],
+        env={**child_env(), "BULKINFER_KILL_AT": point},
+        capture_output=True,
+    )
+    assert first.returncode == -signal.SIGKILL
+    second = cli_subprocess("run", str(job))
+    assert second.returncode == 0, second.stderr
+    _same_outputs(job.parent / name, reference)
+    summary = json.loads((job.parent / name / "summary.json").read_text())
+    assert summary["shared_prefix_tokens"] > 0
+
+
+def test_shards_with_shared_prefixes_merge_to_the_same_outputs(prefix_job):
+    make, reference = prefix_job
+    job = make("sharded")
+    for i in range(3):
+        result = cli("run", str(job), "--shard", f"{i}/3")
+        assert result.exit_code == 0, result.output
+    _same_outputs(job.parent / "sharded", reference)
+
+
+def test_a_packed_score_plan_keeps_each_prefix_s_rows_together(tmp_path, tiny_model):
+    """Rows of two instructions, interleaved in the file and of mixed lengths, batches of four:
+    each batch holds one instruction's rows, so each prefix is computed once a batch (sorting
+    by length alone would mix them, two and two); the scores equal computing rows whole."""
+    rng = np.random.default_rng(1)
+    other = "Score the reply below for politeness on a scale of one to five, " * 6
+    prompts = sample_prompts(24)
+    rows = [
+        {
+            "id": f"r{i}",
+            "prompt": (INSTRUCTION if i % 2 else other)
+            + f"Answer {i}: "
+            + prompts[i]["prompt"][: int(rng.integers(5, 200))],
+        }
+        for i in range(24)
+    ]
+    inputs = write_jsonl(tmp_path / "in.jsonl", rows)
+    runs = [("shared", "fast", 64), ("whole", "fast", 0)]
+    got = _score_runs(tmp_path, tiny_model, inputs, runs, batch_rows=4)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokens = [np.asarray(tokenizer(r["prompt"])["input_ids"]) for r in rows]
+    instructions = [_common_prefix(tokens[k::2]) for k in (0, 1)]
+    # 12 rows of each, three batches of four: nine rows of each reuse their batch's prefix
+    summary = json.loads((tmp_path / "shared" / "summary.json").read_text())
+    assert summary["shared_prefix_tokens"] >= 9 * sum(instructions)
+    for a, b in zip(got["shared"], got["whole"], strict=True):
+        assert a["logprob_sum"] == pytest.approx(b["logprob_sum"], rel=1e-5, abs=1e-4)

@@ -298,6 +298,15 @@ class FastEngine(HFEngine):
             shared_prefix_tokens=len(tokens) * len(copies),
         )
 
+    @torch.inference_mode()
+    def copy_prefix(self, length: int, source: int, copies: list[int]) -> None:
+        """Copy the first `length` tokens' keys and values of the region at `source` (a row in
+        flight whose prompt starts with them) to the regions at `copies`."""
+        started = time.perf_counter()
+        self._copy_regions(self._pool, source, length, copies)
+        _count(self.counters, prefill_seconds=time.perf_counter() - started)
+        _count(self.counters, shared_prefix_tokens=length * len(copies))
+
     def _after_past(self, pool: KVPool, prompts, starts: list[int], past: list[int]):
         """Hidden states of each prompt's tokens after its first `past` (whose keys and values
         are in its region of `pool` from `starts` already, a shared prefix), packed, their keys
@@ -333,15 +342,21 @@ class FastEngine(HFEngine):
         packed = Packed(_int32([0, n], self.device), n, self.decoder.scaling, pool, at)
         ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(self.device)
         hidden = self._hidden(ids, torch.arange(n, device=self.device), packed)
-        if copies:
-            source = at.repeat(len(copies))
-            target = torch.from_numpy(
-                np.concatenate([c + np.arange(n) for c in copies]).astype(np.int64)
-            ).to(self.device)
-            for tensors in (pool.keys, pool.values):
-                for layer in tensors:
-                    layer.index_copy_(0, target, layer.index_select(0, source))
+        self._copy_regions(pool, start, n, copies)
         return hidden
+
+    def _copy_regions(self, pool: KVPool, start: int, n: int, copies: list[int]) -> None:
+        """Every layer's keys and values of pool slots [start, start + n) copied to the same
+        `n` slots from each of `copies`."""
+        if not copies:
+            return
+        source = torch.arange(start, start + n, device=self.device).repeat(len(copies))
+        target = torch.from_numpy(
+            np.concatenate([c + np.arange(n) for c in copies]).astype(np.int64)
+        ).to(self.device)
+        for tensors in (pool.keys, pool.values):
+            for layer in tensors:
+                layer.index_copy_(0, target, layer.index_select(0, source))
 
     @torch.inference_mode()
     def decode(

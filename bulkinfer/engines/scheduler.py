@@ -150,14 +150,18 @@ class Scheduler:
                 break
             row.start = start
             entering.append(self.queue.popleft())
-        group: list[Row] = []
-        for row in entering:
-            if group and sum(len(r.prompt) for r in group) + len(row.prompt) > PREFILL_TOKENS:
-                self._prefill(group)
-                group = []
-            group.append(row)
+        past = self._share_prefixes(entering)
+        group: list[int] = []  # entering rows of one prefill forward
+        tokens = 0  # what it computes: the rows' tokens after their shared prefixes
+        for i, row in enumerate(entering):
+            own = len(row.prompt) - past[i]
+            if group and tokens + own > PREFILL_TOKENS:
+                self._prefill([entering[k] for k in group], [past[k] for k in group])
+                group, tokens = [], 0
+            group.append(i)
+            tokens += own
         if group:
-            self._prefill(group)
+            self._prefill([entering[k] for k in group], [past[k] for k in group])
 
     def _grow_pool(self, row: Row) -> int | None:
         """With nothing in flight, the engine may give a larger pool (on the CPU it grows to
@@ -174,7 +178,7 @@ class Scheduler:
             )
         return start
 
-    def _prefill(self, rows: list[Row]) -> None:
+    def _prefill(self, rows: list[Row], past: list[int]) -> None:
         want = any(r.want_logprobs for r in rows)
         top = max(r.top for r in rows)
         first, first_logprobs, first_top = self.engine.prefill(
@@ -185,7 +189,7 @@ class Scheduler:
             want,
             _matchers(rows),
             top,
-            self._share_prefixes(rows),
+            past,
         )
         for i, (row, token) in enumerate(zip(rows, first, strict=True)):
             alternatives = (first_top[0][i], first_top[1][i]) if top else None
@@ -194,16 +198,30 @@ class Scheduler:
 
     def _share_prefixes(self, rows: list[Row]) -> list[int]:
         """Rows entering together whose prompts start with the same tokens (at least their
-        `share`) get that prefix computed once (`engine.fill_prefix`); returns the tokens of
-        each row already in its region."""
+        `share`) get that prefix once: copied from a row in flight that holds it in its region
+        (its prompt's keys and values stay there until it finishes), else computed once
+        (`engine.fill_prefix`). Returns the tokens of each row already in its region."""
         past = [0] * len(rows)
-        for members, shared in shared_prefix_groups([r.prompt for r in rows], rows[0].share):
-            first = rows[members[0]]
-            self.engine.fill_prefix(
-                first.prompt[:shared], first.start, [rows[i].start for i in members[1:]]
-            )
+        share = rows[0].share if rows else 0
+        if share <= 0:
+            return past
+        lenders = [r for r in self.active if len(r.prompt) > share]
+        prompts = [r.prompt for r in rows] + [r.prompt for r in lenders]
+        for members, shared in shared_prefix_groups(prompts, share):
+            entering = [rows[i] for i in members if i < len(rows)]
+            held = [lenders[i - len(rows)] for i in members if i >= len(rows)]
+            if not entering:
+                continue
+            if held:
+                self.engine.copy_prefix(shared, held[0].start, [r.start for r in entering])
+            else:
+                first = entering[0]
+                self.engine.fill_prefix(
+                    first.prompt[:shared], first.start, [r.start for r in entering[1:]]
+                )
             for i in members:
-                past[i] = shared
+                if i < len(rows):
+                    past[i] = shared
         return past
 
     def _decode_chunk(self) -> None:

@@ -81,9 +81,11 @@ def choose_kind(options: LoadOptions, config: Any) -> tuple[str, str | None]:
 # model.engine auto on a GPU weighs compiling the fast engine against what the reference engine
 # would spend on the job (H200, SmolLM2-135M, docs/perf.md: the 300-prompt sample took 9.7 s in
 # the model on a cold fast engine, 3.1 s once its kernels were cached, 19-28 s on the reference
-# engine). Generation: the reference engine runs every batch for as many decode steps as its
-# longest-asked row, each step launch-bound at these sizes (60 ms for 30 layers), so its steps
-# are what compiling must beat. Other tasks (one forward a batch) weigh planned tokens.
+# engine). Every task weighs its planned tokens (prompts, and the new tokens rows may take);
+# a generation job with fewer also weighs the reference engine's decode steps: it runs every
+# batch for as many as its longest-asked row, each launch-bound at these sizes (60 ms for 30
+# layers). (Weighing steps alone ran a few-shot job of 1,000 rows of 1,150 prompt tokens and 20
+# new ones on the reference engine: 56 s in the model on an H200 where prefill takes ~4 s.)
 COMPILE_SECONDS_COLD = 7.0  # the first time a model shape compiles on this torch and GPU
 COMPILE_SECONDS_WARM = 2.0  # its kernels loaded from the compile cache, graphs captured
 REFERENCE_STEP_SECONDS_PER_LAYER = 0.002
@@ -107,20 +109,16 @@ def by_job_size(
     marker = compiled_marker(options.cache_dir, limits.device_name, config)
     warm = marker is not None and marker.exists()
     cache = "its compiled kernels cached" if warm else "compiling it the first time"
-    if reference_steps is not None:
+    needed = AUTO_FAST_TOKENS_WARM if warm else AUTO_FAST_TOKENS_COLD
+    size, pays, bar = f"{planned_tokens:,} planned tokens", planned_tokens >= needed, f"{needed:,}"
+    if reference_steps is not None and not pays:  # a generation job's many tokens pay anyway
         layers = text_config(config).num_hidden_layers
         reference = reference_steps * layers * REFERENCE_STEP_SECONDS_PER_LAYER
         compiling = COMPILE_SECONDS_WARM if warm else COMPILE_SECONDS_COLD
         size = f"{reference_steps:,} decode steps on the reference engine (~{reference:.0f} s)"
+        size += f" and {planned_tokens:,} planned tokens"
         pays = reference >= compiling
-        bar = f"~{compiling:.0f} s"
-    else:
-        needed = AUTO_FAST_TOKENS_WARM if warm else AUTO_FAST_TOKENS_COLD
-        size, pays, bar = (
-            f"{planned_tokens:,} planned tokens",
-            planned_tokens >= needed,
-            f"{needed:,}",
-        )
+        bar = f"~{compiling:.0f} s, {needed:,} tokens"
     if pays:
         return limits, f"{size} pay back {cache} ({bar})"
     why = (

@@ -52,7 +52,12 @@ def make_plan(
     sort = inputs.setup.spec.batching.sort == "length"
     costs = inputs.task.row_costs(prepared) if budget.packed else None
     steps = inputs.task.row_steps(prepared) if budget.packed and order == "steps" else None
-    batches = plan_batches(runnable, prepared.lengths, budget, sort, costs, steps)
+    groups = None
+    if budget.packed and steps is None and prepared.prefix_heads is not None:
+        groups = prefix_groups(
+            prepared.prefix_heads, prepared.prefix_shared, runnable, prepared.prefix_length
+        ).labels
+    batches = plan_batches(runnable, prepared.lengths, budget, sort, costs, steps, groups)
     file_order = plan_batches(runnable, prepared.lengths, budget, False, costs)
     return JobPlan(budget, mine, runnable, batches, file_order)
 
@@ -108,7 +113,7 @@ def plan_facts(prepared: PreparedRows, plan: JobPlan) -> dict:
         "padded_tokens_file_order": sum(b.padded_tokens for b in plan.file_order),
         "length_histogram": length_counts(prepared.lengths[runnable]),
         "chat_template": prepared.chat_template,
-        "shared_prefixes": shared_prefixes(prepared, runnable),
+        "shared_prefixes": shared_prefixes(prepared, runnable, plan.budget.packed),
     }
 
 
@@ -138,13 +143,16 @@ def plan_report(inputs: Inputs, plan: JobPlan) -> dict:
         },
         "batch_rows": [len(b.rows) for b in plan.batches],
         "example_errors": sorted(prepared.row_errors.items())[:5],
-        "shared_prefixes": shared_prefixes(prepared, rows),
+        "shared_prefixes": shared_prefixes(prepared, rows, plan.budget.packed),
     }
 
 
-def shared_prefixes(prepared: PreparedRows, rows: np.ndarray, top: int = 5) -> dict | None:
+def shared_prefixes(
+    prepared: PreparedRows, rows: np.ndarray, fast: bool, top: int = 5
+) -> dict | None:
     """The prefix groups among `rows`: how many, the rows in them, the largest ones, and the
-    prompt tokens each prefix computed once would save (None where no row is long enough)."""
+    prompt tokens each prefix computed once would save (None where no row is long enough);
+    `engine`: which engine runs the job (`fast` saves them, `reference` computes rows whole)."""
     if prepared.prefix_heads is None or not len(rows):
         return None
     groups = prefix_groups(
@@ -153,6 +161,7 @@ def shared_prefixes(prepared: PreparedRows, rows: np.ndarray, top: int = 5) -> d
     prompt_tokens = int(prepared.lengths[rows].sum())
     return {
         "min_tokens": prepared.prefix_length,
+        "engine": "fast" if fast else "reference",
         "groups": len(groups.rows),
         "rows": int(groups.rows.sum()),
         "saved_tokens": groups.saved_tokens,
