@@ -88,6 +88,18 @@ SHAPES = {
         rope_theta=5e5,
         tie_word_embeddings=False,
     ),
+    "llama-3.1-70b": dict(  # fp8 only on one 141 GB GPU (140 GB of weights in bf16)
+        model_type="llama",
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rope_theta=5e5,
+        tie_word_embeddings=False,
+    ),
     "tiny": dict(
         model_type="qwen2",
         hidden_size=64,

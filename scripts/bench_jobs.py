@@ -12,7 +12,8 @@ Workloads (seeded, so every call measures the same job):
   prefixscore  N rows of one shared 500-token prefix and 150 tokens of their own, scored
 
 A setting whose name has a dot is a spec key (`fewshot:1000:batching.min_shared_prefix=0`,
-prefix sharing off); others go to the job's environment.
+prefix sharing off; `sharegpt:10000:model.quantization=fp8+model.kv_cache_dtype=fp8`, fp8
+weights and KV cache); others go to the job's environment.
 
 The model is a real architecture's shape (Llama-3.1-8B by default) with random weights, built
 from its config and saved as safetensors with a byte-level BPE tokenizer. For each job the
@@ -187,6 +188,15 @@ def run_job(
     return {"process_wall_seconds": wall, "summary": summary, "log": proc.stderr}
 
 
+def spec_value(text: str):
+    """A spec key's value as given on the command line: JSON (0, true, [1, 2]) or a word
+    (fp8)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def read_rows(out: Path) -> dict:
     """A job's outputs by id: the generated text, or the score (log-likelihood sum)."""
     import pyarrow as pa
@@ -331,7 +341,7 @@ def main() -> None:
         n = int(count)
         named = dict(kv.split("=", 1) for kv in "+".join(settings).split("+") if kv)
         env = {name: value for name, value in named.items() if "." not in name}
-        keys = {name: json.loads(value) for name, value in named.items() if "." in name}
+        keys = {name: spec_value(value) for name, value in named.items() if "." in name}
         data = work / f"{kind}-{n}.jsonl"
         scale = 5 if args.tiny else 1  # the tiny model's context is short
         if kind == "fewshot":

@@ -26,7 +26,9 @@ from bulkinfer.engines import decode_attention as da
 from bulkinfer.engines.packed_attention import Packed, _reference
 
 results = []
-for rows, heads, kv_heads, dim, max_len, dtype in json.loads(sys.argv[1]):
+from bulkinfer.engines.kv import quantize_heads
+
+for rows, heads, kv_heads, dim, max_len, dtype, fp8 in json.loads(sys.argv[1]):
     dtype = getattr(torch, dtype)
     g = torch.Generator().manual_seed(rows * 31 + heads)
     used = torch.randint(1, max_len + 1, (rows,), generator=g)
@@ -40,7 +42,13 @@ for rows, heads, kv_heads, dim, max_len, dtype in json.loads(sys.argv[1]):
     q = torch.randn(rows, heads, dim, generator=g).to(dtype)
     starts, used = starts.int(), used.int()
     scale = dim ** -0.5
-    ours = da.decode_attention(q, keys, values, starts, used, max_len, scale)
+    scales = [None, None]
+    if fp8:  # an fp8 cache: the kernel dequantizes what the reference is given dequantized
+        (keys, key_scales), (values, value_scales) = quantize_heads(keys), quantize_heads(values)
+        scales = [key_scales, value_scales]
+    ours = da.decode_attention(q, keys, values, starts, used, max_len, scale, *scales)
+    if fp8:
+        keys, values = keys.float() * key_scales[..., None], values.float() * value_scales[..., None]
     packed = Packed(torch.arange(rows + 1, dtype=torch.int32), max_len, scale,
                     decode=True, region_start=starts, used=used)
     ref = _reference(q.float(), keys.float(), values.float(), packed)
@@ -61,10 +69,16 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("float16", 4e-3)])
-def test_decode_kernels_equal_reference_attention(dtype, tolerance):
+@pytest.mark.parametrize(
+    "dtype, fp8, tolerance",
+    [("float32", False, 1e-5), ("float16", False, 4e-3), ("float32", True, 1e-5)],
+    ids=["float32", "float16", "fp8-cache"],
+)
+def test_decode_kernels_equal_reference_attention(dtype, fp8, tolerance):
+    """Also reading an fp8 cache (model.kv_cache_dtype: fp8) with its per-token, per-head
+    scales, against the reference attention over the same values dequantized."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    cases = [[*case, dtype] for case in CASES]
+    cases = [[*case, dtype, fp8] for case in CASES]
     done = subprocess.run(
         [sys.executable, "-c", CHECK, json.dumps(cases)],
         capture_output=True,

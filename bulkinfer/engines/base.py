@@ -30,6 +30,8 @@ class LoadOptions:
     allow_pickle: bool = False
     attn_implementation: str | None = None
     cache_dir: Path | None = None  # where compiled kernels are kept between jobs
+    quantization: str = "none"  # none | fp8 (the fast engine's linear weights)
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp8 (the fast engine's KV pool)
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class EngineLimits:
     kv_tokens: int | None = None
     free_bytes: int | None = None
     why_not_fast: str | None = None
+    quantization: str = "none"  # fp8: the fast engine quantizes its linear weights at load
+    kv_cache_dtype: str = "auto"  # fp8: the fast engine's KV pool in float8 with scales
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

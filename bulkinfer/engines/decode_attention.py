@@ -37,6 +37,14 @@ MIN_SPLIT = 256  # cached tokens a split covers at least
 HEAD_DIMS = (64, 128, 256)
 
 
+def available(head_dim: int) -> bool:
+    """Whether the kernels can run on a CUDA device for this head size (Triton installed and
+    not turned off)."""
+    if triton is None or os.environ.get(KERNEL_ENV, "triton") == "flash":
+        return False
+    return head_dim in HEAD_DIMS
+
+
 def usable(q: torch.Tensor) -> bool:
     """Whether these kernels can run this decode step's attention."""
     if triton is None or os.environ.get(KERNEL_ENV, "triton") == "flash":
@@ -53,10 +61,13 @@ def decode_attention(
     used: torch.Tensor,
     max_len: int,
     scale: float,
+    key_scales: torch.Tensor | None = None,
+    value_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token a row: q [rows, heads, D]; keys/values the pool [tokens, kv_heads, D];
     row r attends to pool slots starts[r] .. starts[r] + used[r] (used[r] <= max_len).
-    Returns [rows, heads, D] in q's dtype."""
+    An fp8 pool comes with its scales ([tokens, kv_heads]): each tile is dequantized as it is
+    read. Returns [rows, heads, D] in q's dtype."""
     if q.stride(-1) != 1:
         q = q.contiguous()
     rows, heads, dim = q.shape
@@ -70,10 +81,13 @@ def decode_attention(
     else:
         partial = q.new_empty((rows, heads, splits, dim), dtype=torch.float32)
         lse = q.new_empty((rows, heads, splits), dtype=torch.float32)
+    fp8 = key_scales is not None
     _split_kernel[(rows, kv_heads, splits)](
         q,
         keys,
         values,
+        key_scales if fp8 else keys,
+        value_scales if fp8 else values,
         starts,
         used,
         partial,
@@ -84,6 +98,7 @@ def decode_attention(
         keys.stride(1),
         values.stride(0),
         values.stride(1),
+        key_scales.stride(0) if fp8 else 0,
         partial.stride(0),
         partial.stride(1),
         partial.stride(2),
@@ -94,6 +109,7 @@ def decode_attention(
         BLOCK_N=BLOCK_N,
         D=dim,
         WRITE_LSE=splits > 1,
+        FP8=fp8,
         num_warps=4,
         num_stages=2,
     )
@@ -126,6 +142,8 @@ if triton is not None:
         Q,
         K,
         V,
+        KScale,
+        VScale,
         Starts,
         Used,
         Out,
@@ -136,6 +154,7 @@ if triton is not None:
         stride_kh,
         stride_vt,
         stride_vh,
+        stride_st,
         stride_ot,
         stride_oh,
         stride_os,
@@ -146,6 +165,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         D: tl.constexpr,
         WRITE_LSE: tl.constexpr,
+        FP8: tl.constexpr,
     ):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -177,6 +197,9 @@ if triton is not None:
                 mask=token_ok[:, None],
                 other=0.0,
             )
+            if FP8:  # each token's head vector times its scale, in q's dtype
+                k_scale = tl.load(KScale + (start + n) * stride_st + kv_head, mask=token_ok)
+                k = (k.to(tl.float32) * k_scale[:, None]).to(q.dtype)
             s = tl.dot(q, tl.trans(k)) * scale
             s = tl.where(token_ok[None, :], s, float("-inf"))
             new_best = tl.maximum(best, tl.max(s, 1))
@@ -188,6 +211,9 @@ if triton is not None:
                 mask=token_ok[:, None],
                 other=0.0,
             )
+            if FP8:
+                v_scale = tl.load(VScale + (start + n) * stride_st + kv_head, mask=token_ok)
+                v = (v.to(tl.float32) * v_scale[:, None]).to(q.dtype)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             best = new_best
 

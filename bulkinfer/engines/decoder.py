@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from bulkinfer.configs import text_config
+from bulkinfer.engines import fp8
 from bulkinfer.engines.compiling import Compiled
+from bulkinfer.engines.fp8 import linear
 from bulkinfer.errors import first_line
 from bulkinfer.observe.progress import log
 
@@ -33,16 +35,16 @@ class LayerWeights(NamedTuple):
     Biases and the per-head q/k norms may be absent."""
 
     input_norm: torch.Tensor
-    qkv: torch.Tensor
+    qkv: torch.Tensor | fp8.Fp8Weight  # the four matrices: fp8 with model.quantization: fp8
     qkv_bias: torch.Tensor | None
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
-    o: torch.Tensor
+    o: torch.Tensor | fp8.Fp8Weight
     o_bias: torch.Tensor | None
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
+    gate_up: torch.Tensor | fp8.Fp8Weight
     gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
+    down: torch.Tensor | fp8.Fp8Weight
     down_bias: torch.Tensor | None
 
     @classmethod
@@ -182,6 +184,24 @@ class Decoder:
             self.norm = Compiled(self.norm, backend, self._unfused)
             self.head_logprobs = Compiled(target_logprobs, backend, self._unfused)
 
+    def quantize_fp8(self, model) -> None:
+        """Every layer's linear weights to fp8 (engines/fp8.py), here and in the model's own
+        modules (whose forward then runs on the same weights); the weights in the model's dtype
+        are freed a layer at a time."""
+        for i, layer in enumerate(model.base_model.layers):
+            attn, mlp, w = layer.self_attn, layer.mlp, self.layers[i]
+            self.layers[i] = w._replace(
+                qkv=fp8.replace_linears(
+                    w.qkv, w.qkv_bias, [(attn, "q_proj"), (attn, "k_proj"), (attn, "v_proj")]
+                ),
+                o=fp8.replace_linears(w.o, w.o_bias, [(attn, "o_proj")]),
+                gate_up=fp8.replace_linears(
+                    w.gate_up, w.gate_up_bias, [(mlp, "gate_proj"), (mlp, "up_proj")]
+                ),
+                down=fp8.replace_linears(w.down, w.down_bias, [(mlp, "down_proj")]),
+            )
+            del w
+
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         """Final hidden states [tokens, dim]; `attend(layer, q, k, v)` is the attention of a
         packed pass ([tokens, heads, head_dim] in and out), which also stores keys and values."""
@@ -227,7 +247,7 @@ def layer_steps(shape: DecoderShape):
     def before_attention(x, cos, sin, w: LayerWeights):
         h = rms_norm(x, w.input_norm, eps)
         tokens = x.shape[0]
-        q, k, v = F.linear(h, w.qkv, w.qkv_bias).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = linear(h, w.qkv, w.qkv_bias).split([q_size, kv_size, kv_size], dim=-1)
         q = q.reshape(tokens, heads, head_dim)
         k = k.reshape(tokens, kv_heads, head_dim)
         v = v.reshape(tokens, kv_heads, head_dim)
@@ -241,10 +261,10 @@ def layer_steps(shape: DecoderShape):
         return q, k, v.contiguous()
 
     def after_attention(x, attention, w: LayerWeights):
-        x = x + F.linear(attention.reshape(x.shape[0], -1), w.o, w.o_bias)
+        x = x + linear(attention.reshape(x.shape[0], -1), w.o, w.o_bias)
         h = rms_norm(x, w.post_norm, eps)
-        gate, up = F.linear(h, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
-        return x + F.linear(act(gate) * up, w.down, w.down_bias)
+        gate, up = linear(h, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+        return x + linear(act(gate) * up, w.down, w.down_bias)
 
     def norm(x, weight):
         return rms_norm(x, weight, eps)

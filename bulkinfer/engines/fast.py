@@ -60,6 +60,11 @@ class FastEngine(HFEngine):
         self.slots: int = limits.slots or CPU_SLOTS
         self.forward_tokens = forward_token_limit(config)  # of one packed scoring forward
         self.decoder = Decoder(model, compile_backend(self.device))
+        if limits.quantization == "fp8":
+            self.decoder.quantize_fp8(model)
+            if self.device.type == "cuda":  # the freed weights back to the device's free memory
+                torch.cuda.empty_cache()
+        self.kv_fp8 = limits.kv_cache_dtype == "fp8"  # the decode pool in fp8 (kv.KVPool)
         # a graph needs the flash kernel (the float32 attention loop reads sizes on the host)
         self.use_graphs = self.device.type == "cuda" and model.dtype in (
             torch.float16,
@@ -218,7 +223,7 @@ class FastEngine(HFEngine):
                 # than its weights once loaded): never more than what is free now
                 free = torch.cuda.mem_get_info(self.device)[0]
                 fits = kv_pool_tokens(
-                    self.model.config, self.model.dtype.itemsize, self.slots, free
+                    self.model.config, self.model.dtype.itemsize, self.slots, free, self.kv_fp8
                 )
                 self._allocate(min(self.limits.kv_tokens, fits))
         elif self._pool is None or self._pool.tokens < tokens_needed + 1:
@@ -233,7 +238,7 @@ class FastEngine(HFEngine):
     def _allocate(self, tokens: int) -> None:
         dtype = self.model.dtype
         self._pool = KVPool.allocate(
-            self.layers, tokens, self.kv_heads, self.head_dim, dtype, self.device
+            self.layers, tokens, self.kv_heads, self.head_dim, dtype, self.device, self.kv_fp8
         )
         self._state = DecodeState.allocate(self.slots, self.device)
         vocab = self.model.get_output_embeddings().weight.shape[0]
@@ -354,9 +359,7 @@ class FastEngine(HFEngine):
         target = torch.from_numpy(
             np.concatenate([c + np.arange(n) for c in copies]).astype(np.int64)
         ).to(self.device)
-        for tensors in (pool.keys, pool.values):
-            for layer in tensors:
-                layer.index_copy_(0, target, layer.index_select(0, source))
+        pool.copy(source, target)
 
     @torch.inference_mode()
     def decode(

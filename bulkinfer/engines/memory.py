@@ -23,13 +23,30 @@ GPU_POOL_SHARE = 0.85  # of the free memory after the fast engine's per-step wor
 MIN_POOL_TOKENS = 4096
 
 
-def kv_bytes_per_token(config: Any, width: int) -> int:
-    """Bytes of keys and values one token keeps, over all layers."""
+def kv_bytes_per_token(config: Any, width: int, fp8: bool = False) -> int:
+    """Bytes of keys and values one token keeps, over all layers (`fp8`: a byte a value and a
+    float32 scale a head vector, model.kv_cache_dtype: fp8)."""
     text = text_config(config)
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return 2 * text.num_hidden_layers * kv_heads * head_dim * width
+    per_head = head_dim + 4 if fp8 else head_dim * width
+    return 2 * text.num_hidden_layers * kv_heads * per_head
+
+
+def fp8_saved_bytes(config: Any, width: int) -> int:
+    """Device bytes model.quantization: fp8 frees once the weights are in: every decoder
+    layer's q/k/v/o and MLP matrices go from `width` bytes a value to one (their float32
+    scales, one per output channel, are a rounding error)."""
+    text = text_config(config)
+    hidden = text.hidden_size
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    per_layer = attention + 3 * hidden * intermediate
+    return text.num_hidden_layers * per_layer * max(0, width - 1)
 
 
 def bytes_per_token(config: Any, width: int, generate: bool) -> int:
@@ -49,7 +66,7 @@ def memory_token_budget(config: Any, width: int, free_bytes: int | None, generat
     return max(MIN_AUTO_TOKENS, min(MAX_AUTO_TOKENS, budget))
 
 
-def kv_pool_tokens(config: Any, width: int, slots: int, free_bytes: int) -> int:
+def kv_pool_tokens(config: Any, width: int, slots: int, free_bytes: int, fp8: bool = False) -> int:
     """Tokens of the fast engine's KV pool on a GPU: what is left after one step's working
     memory (step logits, a prefill forward, a GiB of slack), with a margin."""
     text = text_config(config)
@@ -59,5 +76,5 @@ def kv_pool_tokens(config: Any, width: int, slots: int, free_bytes: int) -> int:
         + PREFILL_TOKENS * text.hidden_size * 4
         + (1 << 30)
     )
-    per_token = kv_bytes_per_token(config, width)
+    per_token = kv_bytes_per_token(config, width, fp8)
     return max(MIN_POOL_TOKENS, int((free_bytes - working) * GPU_POOL_SHARE) // per_token)

@@ -12,6 +12,7 @@ function (slow, for the CPU tests and float32 checks).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -45,13 +46,42 @@ def attend(layer: int, q, k, v, packed: Packed) -> torch.Tensor:
     """One layer's attention over a packed pass: q [T, heads, D], k/v [T, kv_heads, D] in,
     [T, heads, D] out. With a pool, this pass's keys and values are stored in it first, and a
     decode step then attends to each row's region of the pool."""
-    if packed.pool is not None:
-        packed.pool.keys[layer].index_copy_(0, packed.write_index, k)
-        packed.pool.values[layer].index_copy_(0, packed.write_index, v)
-        if packed.decode or packed.after_prefix:
-            k, v = packed.pool.keys[layer], packed.pool.values[layer]
+    pool = packed.pool
+    if pool is not None:
+        pool.store(layer, packed.write_index, k, v)
+        if (packed.decode or packed.after_prefix) and pool.fp8:
+            if packed.decode and decode_attention.usable(q):
+                return decode_attention.decode_attention(
+                    q,
+                    pool.keys[layer],
+                    pool.values[layer],
+                    packed.region_start,
+                    packed.used,
+                    packed.max_len,
+                    packed.scale,
+                    pool.key_scales[layer],
+                    pool.value_scales[layer],
+                )
+            k, v, packed = _dequantized_regions(layer, q, packed)
+        elif packed.decode or packed.after_prefix:
+            k, v = pool.keys[layer], pool.values[layer]
     run = _flash if _flash_ok(q) and not _reference_only(packed) else _reference
     return run(q, k, v, packed)
+
+
+def _dequantized_regions(layer: int, q, packed: Packed):
+    """The rows' regions of an fp8 pool, one after another in q's dtype, and the pass with
+    its rows' regions there (a prefill after a shared prefix; on the CPU, a decode step). Not
+    for a captured decode step: it reads the regions' total size on the host."""
+    used = packed.used.long()
+    ends = torch.cumsum(used, 0)
+    total = int(ends[-1]) if len(ends) else 0
+    firsts = ends - used
+    within = torch.arange(total, device=q.device) - torch.repeat_interleave(firsts, used)
+    slots = torch.repeat_interleave(packed.region_start[:-1].long(), used) + within
+    k, v = packed.pool.read(layer, slots, q.dtype)
+    offsets = torch.cat([firsts, ends[-1:]]).to(torch.int32)
+    return k, v, dataclasses.replace(packed, region_start=offsets, pool=None)
 
 
 def _reference_only(packed: Packed) -> bool:

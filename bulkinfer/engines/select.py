@@ -21,6 +21,7 @@ from bulkinfer.engines.compiling import compiled_marker, use_compile_cache
 from bulkinfer.engines.decoder import decoder_blocker
 from bulkinfer.engines.encoder import EncoderEngine
 from bulkinfer.engines.fast import CPU_SLOTS, DECODE_BUCKETS, FastEngine
+from bulkinfer.engines.fp8 import fp8_unsupported
 from bulkinfer.engines.hf import (
     LOGIT_TRANSFORMS,
     HFEngine,
@@ -29,7 +30,7 @@ from bulkinfer.engines.hf import (
     resolve_device,
     resolve_dtype,
 )
-from bulkinfer.engines.memory import kv_pool_tokens
+from bulkinfer.engines.memory import fp8_saved_bytes, kv_pool_tokens
 from bulkinfer.errors import ModelError
 from bulkinfer.observe.progress import log
 
@@ -59,11 +60,23 @@ def config_blocker(config: Any) -> str | None:
 
 def wants_fast(options: LoadOptions) -> bool:
     """Whether `model.engine` asks for the fast engine here (auto: on a CUDA GPU, unless an
-    attention implementation is named)."""
+    attention implementation is named; fp8 weights or KV cache run on the fast engine only)."""
+    if fp8_keys(options):
+        return True
     if options.engine == "auto":
         on_gpu = resolve_device(options.device).type == "cuda"
         return on_gpu and options.attn_implementation is None
     return options.engine == "fast"
+
+
+def fp8_keys(options: LoadOptions | EngineLimits) -> str:
+    """The spec keys asking for fp8 (model.quantization, model.kv_cache_dtype), or ''."""
+    keys = [
+        f"model.{name}"
+        for name in ("quantization", "kv_cache_dtype")
+        if getattr(options, name) == "fp8"
+    ]
+    return " and ".join(keys)
 
 
 def choose_kind(options: LoadOptions, config: Any) -> tuple[str, str | None]:
@@ -75,6 +88,11 @@ def choose_kind(options: LoadOptions, config: Any) -> tuple[str, str | None]:
             return "reference", "model.attn_implementation names a kernel"
         return "reference", "model.engine auto runs the fast engine on a CUDA GPU only"
     blocker = config_blocker(config)
+    if blocker and fp8_keys(options):
+        raise ModelError(
+            f"{fp8_keys(options)}: fp8 runs on the fast engine, which cannot run "
+            f"{options.label} ({blocker})"
+        )
     return ("reference", blocker) if blocker else ("fast", None)
 
 
@@ -104,7 +122,7 @@ def by_job_size(
     size decides (auto, a GPU, a model the fast engine runs). `planned_tokens`: prompts plus
     the new tokens rows may take; `reference_steps`: the decode steps the reference engine's
     plan runs (generation; None for other tasks)."""
-    if options.engine != "auto" or limits.kind != "fast":
+    if options.engine != "auto" or limits.kind != "fast" or fp8_keys(limits):
         return limits, None
     marker = compiled_marker(options.cache_dir, limits.device_name, config)
     warm = marker is not None and marker.exists()
@@ -169,15 +187,27 @@ def engine_limits(
     width = resolve_dtype(options.dtype, device).itemsize
     free = None
     if device.type == "cuda":
+        if options.quantization == "fp8" and weights_bytes:  # what stays in once quantized
+            weights_bytes = max(0, weights_bytes - fp8_saved_bytes(config, width))
         free = max(
             0, torch.cuda.mem_get_info(device)[0] // FREE_GRANULE * FREE_GRANULE - weights_bytes
         )
+    asked = fp8_keys(options)
+    if asked and not causal:
+        raise ModelError(
+            f"{asked}: fp8 applies to causal models (generate, score), not to an encoder's "
+            "classify or embed job"
+        )
     kind, why_not_fast = choose_kind(options, config) if causal else ("encoder", None)
+    if asked:  # one line before any weights load
+        unsupported = fp8_unsupported(device, asked, config)
+        if unsupported:
+            raise ModelError(unsupported)
     kv_tokens = None
     if kind == "fast":
         slots = slots or (DECODE_BUCKETS[-1] if device.type == "cuda" else CPU_SLOTS)
         if free is not None:
-            kv_tokens = kv_pool_tokens(config, width, slots, free)
+            kv_tokens = kv_pool_tokens(config, width, slots, free, options.kv_cache_dtype == "fp8")
     else:
         slots = None
     return EngineLimits(
@@ -190,6 +220,8 @@ def engine_limits(
         kv_tokens=kv_tokens,
         free_bytes=free,
         why_not_fast=why_not_fast,
+        quantization=options.quantization if kind == "fast" else "none",
+        kv_cache_dtype=options.kv_cache_dtype if kind == "fast" else "auto",
     )
 
 
@@ -213,6 +245,11 @@ def causal_engine(model, tokenizer, limits: EngineLimits) -> HFEngine:
     blocker = decoder_blocker(model)
     if blocker is None:
         return FastEngine(model, tokenizer, limits)
+    if fp8_keys(limits):
+        raise ModelError(
+            f"{fp8_keys(limits)}: fp8 runs on the fast engine, which cannot run this model "
+            f"({blocker})"
+        )
     log(f"engine: the reference engine runs this model ({blocker})")
     return HFEngine(model, tokenizer, limits.as_reference(blocker))
 

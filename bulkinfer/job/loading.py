@@ -26,6 +26,8 @@ def load_options(files: ModelFiles, convert: bool = True) -> LoadOptions:
         allow_pickle=model.allow_pickle,
         attn_implementation=model.attn_implementation,
         cache_dir=cache_root(),
+        quantization=model.quantization,
+        kv_cache_dtype=model.kv_cache_dtype,
     )
 
 

@@ -25,6 +25,12 @@ class ModelSpec:
     # auto: the fast engine (packed scoring, continuous-batching decode) on a CUDA GPU where the
     # model supports it, the reference engine otherwise; fast or reference to force one.
     engine: Literal["auto", "fast", "reference"] = "auto"
+    # fp8: the decoder layers' linear weights in float8_e4m3 with per-channel scales, matrix
+    # products in fp8 (engines/fp8.py); on the fast engine only
+    quantization: Literal["none", "fp8"] = "none"
+    # fp8: the fast engine's KV cache in float8_e4m3 with a scale per token and head (~1.9x
+    # the tokens in the same memory; decode reads half the bytes)
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
 
     def validate(self, key: str) -> None:
         if not self.path:
@@ -35,6 +41,14 @@ class ModelSpec:
                 f"{key}.device: '{self.device}' is not one of auto, cpu, cuda, cuda:N, mps"
             )
         _at_least(self.max_context, 2, f"{key}.max_context")
+        for name, value in (
+            ("quantization", self.quantization),
+            ("kv_cache_dtype", self.kv_cache_dtype),
+        ):
+            if value == "fp8" and self.engine == "reference":
+                raise SpecError(
+                    f"{key}.{name}: fp8 runs on the fast engine; {key}.engine is reference"
+                )
 
 
 MAX_TOP_LOGPROBS = 20  # alternatives per generated token at most (the OpenAI API's limit)

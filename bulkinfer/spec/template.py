@@ -30,6 +30,8 @@ COMMENTS = {
     "model.trust_remote_code": "never run code from the model folder unless set",
     "model.allow_pickle": "refuse .bin/.pt weights (pickle can run code) unless set",
     "model.attn_implementation": "null: transformers picks (sdpa where the model has it)",
+    "model.quantization": "none | fp8: linear weights in float8 (fast engine; GPU: Ada, Hopper)",
+    "model.kv_cache_dtype": "auto: the model's dtype | fp8: the KV cache in float8 with scales",
     "task": "what to compute per row",
     "task.type": "what each output row holds (see the README: Tasks)",
     "task.max_new_tokens": "generate: tokens to add at most per row",

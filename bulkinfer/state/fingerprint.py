@@ -17,6 +17,8 @@ ADDED_KEYS = {
     ("task", "response_format"): None,
     ("task", "top_logprobs"): 0,
     ("batching", "min_shared_prefix"): 256,
+    ("model", "quantization"): "none",
+    ("model", "kv_cache_dtype"): "auto",
 }
 
 

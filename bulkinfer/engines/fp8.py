@@ -1,0 +1,144 @@
+"""fp8 weights for the fast engine (`model.quantization: fp8`).
+
+Each linear weight of the decoder layers (q/k/v, o, gate/up, down) is kept as float8_e4m3 with
+one float32 scale per output channel (the row's largest magnitude maps to 448, e4m3's largest
+finite value); each matrix product quantizes its activations per token the same way, on the
+fly, and multiplies the two in fp8: `torch._scaled_mm` with row-wise scales on a GPU that has
+fp8 matrix units (compute capability 8.9 or later: Ada, Hopper), where it runs at about twice
+the bf16 rate and reads half the bytes. Elsewhere (the CPU tests) the same quantized operands
+are multiplied after dequantizing them in float32: the same rounding of weights and
+activations, summed in another order. The embeddings, norms and LM head stay in the model's
+dtype.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+MIN_CAPABILITY = (8, 9)  # CUDA compute capability with fp8 matrix products
+QUANTIZATIONS = ("none", "fp8")
+
+
+class Fp8Weight(NamedTuple):
+    """A linear weight [out, in] as float8_e4m3 and its per-output-channel float32 scale: the
+    weight is `weight.float() * scale[:, None]`."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.weight.shape
+
+
+def quantize_weight(weight: torch.Tensor, rows_at_once: int = 4096) -> Fp8Weight:
+    """One scale per output row (its largest magnitude maps to FP8_MAX); a block of rows at a
+    time, so quantizing a 70B layer's matrices needs little memory beyond the result."""
+    out = torch.empty(weight.shape, dtype=FP8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], rows_at_once):
+        block = weight[start : start + rows_at_once].float()
+        s = block.abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX
+        out[start : start + rows_at_once] = (block / s[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        scale[start : start + rows_at_once] = s
+    return Fp8Weight(out, scale)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations [tokens, in] as float8_e4m3 with one float32 scale per token ([tokens, 1])."""
+    h = x.float()
+    scale = h.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    return (h / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear` for a weight kept in the model's dtype or as an `Fp8Weight`."""
+    if not isinstance(weight, Fp8Weight):
+        return F.linear(x, weight, bias)
+    shape = x.shape
+    x8, x_scale = quantize_rows(x.reshape(-1, shape[-1]))
+    if x.is_cuda:
+        out = torch._scaled_mm(
+            x8,
+            weight.weight.t(),
+            scale_a=x_scale,
+            scale_b=weight.scale[None, :],
+            out_dtype=x.dtype,
+        )
+    else:  # the same quantized operands, multiplied in float32
+        w = weight.weight.float() * weight.scale[:, None]
+        out = F.linear(x8.float() * x_scale, w).to(x.dtype)
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*shape[:-1], weight.shape[0])
+
+
+def fp8_unsupported(device: torch.device, keys: str, config) -> str | None:
+    """Why this device cannot run what `keys` (the spec keys asking for fp8) ask, or None (the
+    CPU emulates fp8 products and reads an fp8 KV cache dequantized)."""
+    if device.type != "cuda":
+        return None
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        return (
+            f"{keys}: fp8 needs a GPU with fp8 units (compute capability 8.9 or later: Ada, "
+            f"Hopper); {name} has {capability[0]}.{capability[1]}"
+        )
+    if "quantization" in keys and not hasattr(torch, "_scaled_mm"):
+        return f"{keys}: fp8 needs torch._scaled_mm (torch {torch.__version__})"
+    if "kv_cache_dtype" in keys:
+        from bulkinfer.configs import text_config
+        from bulkinfer.engines import decode_attention
+
+        text = text_config(config)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        if not decode_attention.available(head_dim):
+            return (
+                f"{keys}: an fp8 KV cache is read by the Triton decode kernel, which needs "
+                f"Triton and a head size of {', '.join(map(str, decode_attention.HEAD_DIMS))} "
+                f"(this model's: {head_dim}; {decode_attention.KERNEL_ENV}=flash turns it off)"
+            )
+    return None
+
+
+class Fp8Linear(torch.nn.Module):
+    """A model's linear layer with its weight in fp8 (an `Fp8Weight`), so transformers' own
+    forward (the reference path: choices, a fallback) runs on the same quantized weights as
+    the fast engine's written-out forward."""
+
+    def __init__(self, weight: Fp8Weight, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight", weight.weight)
+        self.register_buffer("weight_scale", weight.scale)
+        self.bias = bias
+        self.in_features, self.out_features = weight.weight.shape[1], weight.weight.shape[0]
+
+    @property
+    def fp8(self) -> Fp8Weight:
+        return Fp8Weight(self.weight, self.weight_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.fp8, self.bias)
+
+
+def replace_linears(
+    weight: torch.Tensor, bias: torch.Tensor | None, owners: list[tuple[torch.nn.Module, str]]
+) -> Fp8Weight:
+    """Quantize `weight`, the merged weight of linears that read the same input (the fast
+    engine runs them as one; per-output-channel scales make that the same as quantizing each
+    alone), and put an `Fp8Linear` on its rows in each linear's place (`owners`: the parent
+    module and attribute name of each, in the merged order). Returns the merged `Fp8Weight`."""
+    merged = quantize_weight(weight)
+    start = 0
+    for owner, name in owners:
+        end = start + getattr(owner, name).out_features
+        part = Fp8Weight(merged.weight[start:end], merged.scale[start:end])
+        setattr(owner, name, Fp8Linear(part, None if bias is None else bias[start:end]))
+        start = end
+    return merged

