@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -211,3 +214,90 @@ def test_what_cannot_run_fp8_is_refused_in_one_line(tmp_path, tiny_model, keys, 
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
 
+
+def _fp8_checkpoint(source: Path, target: Path, drop: str | None = None) -> Path:
+    """The model in `source` saved as an fp8 checkpoint, as llm-compressor's FP8_DYNAMIC scheme
+    writes one: each decoder linear's weight in float8 with a per-channel `weight_scale`
+    ([out, 1]) and a quantization_config saying so; `drop`: a tensor left out."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    tensors = {}
+    for file in target.glob("*.safetensors"):
+        tensors.update(load_file(file))
+        file.unlink()
+    out = {}
+    for key, tensor in tensors.items():
+        if re.search(r"layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$", key):
+            q = quantize_weight(tensor)
+            out[key], out[key + "_scale"] = q.weight, q.scale[:, None]
+        elif key != drop:
+            out[key] = tensor
+    save_file(out, str(target / "model.safetensors"))
+    config = json.loads((target / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+                "input_activations": {"num_bits": 8, "type": "float", "dynamic": True},
+            }
+        },
+        "ignore": ["lm_head"],
+    }
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_the_fp8_loader_quantizes_each_weight_as_it_reads_it(tiny_model):
+    """Read tensor by tensor: every decoder linear holds what quantizing the saved weight gives,
+    every other tensor the saved one, and the rotary frequencies are the model's own."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bulkinfer.engines.fp8 import Fp8Linear
+    from bulkinfer.engines.fp8_loading import load_fp8_model
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    model = load_fp8_model(
+        AutoModelForCausalLM, tiny_model, config, torch.float32, torch.device("cpu"), "tiny"
+    )
+    saved = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    ours = dict(model.named_modules())
+    for name, module in saved.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            want = quantize_weight(module.weight.detach())
+            assert isinstance(ours[name], Fp8Linear), name
+            assert torch.equal(ours[name].weight.view(torch.uint8), want.weight.view(torch.uint8))
+            assert torch.equal(ours[name].weight_scale, want.scale)
+    state = model.state_dict()
+    for key, tensor in saved.state_dict().items():
+        if not re.search(r"layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$", key):
+            assert torch.equal(state[key], tensor), key
+    assert torch.equal(model.model.rotary_emb.inv_freq, saved.model.rotary_emb.inv_freq)
+
+
+def test_an_fp8_checkpoint_is_read_as_stored(tmp_path, tiny_model):
+    """The same job on the model and on its fp8 checkpoint gives the same outputs: the
+    checkpoint's float8 weights and scales are the ones quantizing at load makes."""
+    fp8_folder = _fp8_checkpoint(tiny_model, tmp_path / "fp8-model")
+    for name, model in (("quantized", tiny_model), ("stored", fp8_folder)):
+        result = cli("run", str(_job(tmp_path, model, name, quantization="fp8")))
+        assert result.exit_code == 0, result.output
+    assert read_outputs(tmp_path / "stored").equals(read_outputs(tmp_path / "quantized"))
+
+
+@pytest.mark.parametrize(
+    ("drop", "keys", "message"),
+    [
+        (None, {}, "its weights are stored in fp8: set model.quantization: fp8"),
+        ("model.norm.weight", {"quantization": "fp8"}, "lacks 1 weights the model needs"),
+    ],
+    ids=["fp8-checkpoint-without-fp8", "missing-tensor"],
+)
+def test_fp8_checkpoint_problems_are_one_line(tmp_path, tiny_model, drop, keys, message):
+    folder = _fp8_checkpoint(tiny_model, tmp_path / "fp8-model", drop)
+    result = cli("run", str(_job(tmp_path, folder, "bad", **keys)))
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output

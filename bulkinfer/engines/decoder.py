@@ -50,8 +50,8 @@ class LayerWeights(NamedTuple):
     @classmethod
     def of(cls, layer) -> LayerWeights:
         attn, mlp = layer.self_attn, layer.mlp
-        qkv, qkv_bias = merge_linears(attn.q_proj, attn.k_proj, attn.v_proj)
-        gate_up, gate_up_bias = merge_linears(mlp.gate_proj, mlp.up_proj)
+        qkv, qkv_bias = _merged(attn.q_proj, attn.k_proj, attn.v_proj)
+        gate_up, gate_up_bias = _merged(mlp.gate_proj, mlp.up_proj)
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         return cls(
             layer.input_layernorm.weight,
@@ -59,14 +59,25 @@ class LayerWeights(NamedTuple):
             qkv_bias,
             q_norm.weight if q_norm is not None else None,
             k_norm.weight if k_norm is not None else None,
-            attn.o_proj.weight,
+            _weight(attn.o_proj),
             attn.o_proj.bias,
             layer.post_attention_layernorm.weight,
             gate_up,
             gate_up_bias,
-            mlp.down_proj.weight,
+            _weight(mlp.down_proj),
             mlp.down_proj.bias,
         )
+
+
+def _merged(*linears) -> tuple:
+    """merge_linears, or fp8.merge_fp8 for linears a loader put in fp8 already."""
+    if isinstance(linears[0], fp8.Fp8Linear):
+        return fp8.merge_fp8(*linears)
+    return merge_linears(*linears)
+
+
+def _weight(linear) -> torch.Tensor | fp8.Fp8Weight:
+    return linear.fp8 if isinstance(linear, fp8.Fp8Linear) else linear.weight
 
 
 def merge_linears(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -143,7 +154,7 @@ def decoder_blocker(model) -> str | None:
         ):
             return "a layer is not the llama pattern (q/k/v/o projections, gated MLP, two norms)"
         linears = [getattr(attn, p) for p in parts[0][1]] + [getattr(mlp, p) for p in parts[1][1]]
-        if any(type(m) is not torch.nn.Linear for m in linears):
+        if any(type(m) not in (torch.nn.Linear, fp8.Fp8Linear) for m in linears):
             return "a projection is not a plain torch Linear (a quantized layer?)"
     norms = [m for m in base.modules() if type(m).__name__.endswith("RMSNorm")]
     if not norms or any(not hasattr(m, "variance_epsilon") for m in norms):
@@ -187,9 +198,11 @@ class Decoder:
     def quantize_fp8(self, model) -> None:
         """Every layer's linear weights to fp8 (engines/fp8.py), here and in the model's own
         modules (whose forward then runs on the same weights); the weights in the model's dtype
-        are freed a layer at a time."""
+        are freed a layer at a time. Layers a loader put in fp8 already stay as they are."""
         for i, layer in enumerate(model.base_model.layers):
             attn, mlp, w = layer.self_attn, layer.mlp, self.layers[i]
+            if isinstance(w.qkv, fp8.Fp8Weight):
+                continue
             self.layers[i] = w._replace(
                 qkv=fp8.replace_linears(
                     w.qkv, w.qkv_bias, [(attn, "q_proj"), (attn, "k_proj"), (attn, "v_proj")]

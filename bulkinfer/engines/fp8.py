@@ -116,7 +116,7 @@ class Fp8Linear(torch.nn.Module):
         super().__init__()
         self.register_buffer("weight", weight.weight)
         self.register_buffer("weight_scale", weight.scale)
-        self.bias = bias
+        self.register_buffer("bias", bias)
         self.in_features, self.out_features = weight.weight.shape[1], weight.weight.shape[0]
 
     @property
@@ -125,6 +125,30 @@ class Fp8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.fp8, self.bias)
+
+
+def merge_fp8(*linears: Fp8Linear) -> tuple[Fp8Weight, torch.Tensor | None]:
+    """One fp8 weight (and bias) for fp8 linears that read the same input, their buffers
+    turned into views of it (as `decoder.merge_linears` does for weights in the model's
+    dtype, so memory is not doubled)."""
+    weight = torch.cat([m.weight.view(torch.uint8) for m in linears]).view(FP8)
+    scale = torch.cat([m.weight_scale for m in linears])
+    bias = None
+    if any(m.bias is not None for m in linears):
+        bias = torch.cat(
+            [
+                m.bias if m.bias is not None else m.weight_scale.new_zeros(m.out_features)
+                for m in linears
+            ]
+        )
+    start = 0
+    for m in linears:
+        end = start + m.out_features
+        m.weight, m.weight_scale = weight[start:end], scale[start:end]
+        if m.bias is not None:
+            m.bias = bias[start:end]
+        start = end
+    return Fp8Weight(weight, scale), bias
 
 
 def replace_linears(

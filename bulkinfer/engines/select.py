@@ -22,6 +22,7 @@ from bulkinfer.engines.decoder import decoder_blocker
 from bulkinfer.engines.encoder import EncoderEngine
 from bulkinfer.engines.fast import CPU_SLOTS, DECODE_BUCKETS, FastEngine
 from bulkinfer.engines.fp8 import fp8_unsupported
+from bulkinfer.engines.fp8_loading import checkpoint_in_fp8, load_fp8_weights
 from bulkinfer.engines.hf import (
     LOGIT_TRANSFORMS,
     HFEngine,
@@ -193,6 +194,11 @@ def engine_limits(
             0, torch.cuda.mem_get_info(device)[0] // FREE_GRANULE * FREE_GRANULE - weights_bytes
         )
     asked = fp8_keys(options)
+    if checkpoint_in_fp8(config) and options.quantization != "fp8":
+        raise ModelError(
+            f"{options.label}: its weights are stored in fp8: set model.quantization: fp8 to "
+            "run them (on the fast engine)"
+        )
     if asked and not causal:
         raise ModelError(
             f"{asked}: fp8 applies to causal models (generate, score), not to an encoder's "
@@ -233,7 +239,10 @@ def load_causal(options: LoadOptions, tokenizer, limits: EngineLimits) -> HFEngi
         log(f"engine: the reference engine runs this model ({limits.why_not_fast})")
     if limits.kind == "fast" and limits.device_type == "cuda":
         use_compile_cache(options.cache_dir, limits.device_name)
-    model, _ = load_weights(AutoModelForCausalLM, options)
+    if limits.quantization == "fp8":  # never all in the model's dtype on the device
+        model = load_fp8_weights(AutoModelForCausalLM, options)
+    else:
+        model, _ = load_weights(AutoModelForCausalLM, options)
     return causal_engine(model, tokenizer, limits)
 
 

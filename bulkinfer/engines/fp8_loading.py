@@ -1,0 +1,181 @@
+"""Loading a model for `model.quantization: fp8` tensor by tensor, so its weights are never all
+on the device in bf16 at once (a 70B model's 141 GB would not fit a 141 GB GPU; in fp8 its
+decoder weights take 68 GB).
+
+The model is built on the meta device, its decoder layers' linears replaced by `Fp8Linear`
+ones, and only then given device memory: fp8 for those matrices, the model's dtype for the rest
+(embeddings, norms, LM head). Each tensor of the safetensors files is then read onto the device
+and copied in: a linear weight in a floating dtype is quantized as it arrives (one matrix in
+the model's dtype at a time); one already in float8 with its `weight_scale` (the checkpoints
+llm-compressor and others save as "FP8 dynamic": a scale per output channel, or one per tensor)
+is taken as it is, with no bf16 detour.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from bulkinfer.configs import text_config
+from bulkinfer.engines.fp8 import FP8, Fp8Linear, Fp8Weight, quantize_weight
+from bulkinfer.errors import ModelError
+
+LINEARS = (
+    ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+    ("mlp", ("gate_proj", "up_proj", "down_proj")),
+)
+# tensors an fp8 checkpoint keeps beside a weight that this loader has no use for (activations
+# are quantized per token on the fly, whatever static scale the checkpoint calibrated)
+IGNORED_SUFFIXES = (".input_scale", ".weight_zero_point", ".input_zero_point")
+
+
+def checkpoint_in_fp8(config) -> bool:
+    """Whether the config says the checkpoint's linear weights are stored in fp8."""
+    quant = getattr(config, "quantization_config", None)
+    if quant is None:
+        return False
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    text = json.dumps(quant).lower()
+    return "float8" in text or '"fp8"' in text or "float-quantized" in text
+
+
+def load_fp8_weights(auto_class, options):
+    """`load_fp8_model` for a job's load options: its config, dtype and device; a checkpoint
+    it cannot read is a one-line error."""
+    from transformers import AutoConfig
+
+    from bulkinfer.engines.hf import resolve_device, resolve_dtype
+    from bulkinfer.errors import model_error
+
+    device = resolve_device(options.device)
+    try:
+        config = AutoConfig.from_pretrained(
+            options.folder, trust_remote_code=options.trust_remote_code
+        )
+        return load_fp8_model(
+            auto_class,
+            Path(options.folder),
+            config,
+            resolve_dtype(options.dtype, device),
+            device,
+            options.label,
+        )
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise model_error(f"cannot load the weights of {options.label}", exc) from None
+
+
+def load_fp8_model(auto_class, folder: Path, config, dtype: torch.dtype, device, label: str):
+    """The model in `folder` with its decoder linears in fp8 on `device` (see the module)."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{label}: model.quantization: fp8 reads safetensors files; none found")
+    if hasattr(config, "quantization_config"):  # the checkpoint's fp8 is read here, not by
+        del config.quantization_config  # transformers' quantizers
+    with torch.device("meta"):
+        model = auto_class.from_config(config, dtype=dtype)
+    slots = _fp8_slots(model)
+    for owner, name in slots.values():
+        linear = getattr(owner, name)
+        weight = torch.empty(linear.out_features, linear.in_features, dtype=FP8)
+        scale = torch.empty(linear.out_features, dtype=torch.float32)
+        bias = torch.empty(linear.out_features, dtype=dtype) if linear.bias is not None else None
+        setattr(owner, name, Fp8Linear(Fp8Weight(weight, scale), bias))
+    model.to_empty(device=device)
+    tied = getattr(text_config(config), "tie_word_embeddings", False) or getattr(
+        config, "tie_word_embeddings", False
+    )
+    if tied:  # one tensor under both names: the checkpoint may store either
+        model.tie_weights()
+    state = model.state_dict()
+    filled: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            names = set(f.keys())
+            for key in sorted(names):
+                if key.endswith(IGNORED_SUFFIXES) or key.endswith(".weight_scale"):
+                    continue
+                module_name = key.removesuffix(".weight")
+                if key.endswith(".weight") and module_name in slots:
+                    owner, name = slots[module_name]
+                    _fill_linear(getattr(owner, name), f, key, names, label)
+                    filled.update({key, f"{module_name}.weight_scale"})
+                elif key in state:
+                    state[key].copy_(f.get_tensor(key).to(state[key].dtype))
+                    filled.add(key)
+    _rebuild_rotary(model, config, device)
+    _read_generation_config(model, folder)
+    for key, tensor in state.items():  # a name sharing its tensor with a filled one
+        if key not in filled and any(
+            state[other].data_ptr() == tensor.data_ptr() for other in filled if other in state
+        ):
+            filled.add(key)
+    missing = sorted(k for k in state if k not in filled)
+    if missing:
+        raise ModelError(
+            f"{label}: the checkpoint lacks {len(missing)} weights the model needs "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+        )
+    return model.eval()
+
+
+def _fp8_slots(model) -> dict[str, tuple[torch.nn.Module, str]]:
+    """Each decoder-layer linear's full name -> (its parent module, attribute name)."""
+    slots = {}
+    prefix = next(n for n, m in model.named_modules() if m is model.base_model.layers)
+    for i, layer in enumerate(model.base_model.layers):
+        for part, names in LINEARS:
+            owner = getattr(layer, part)
+            for name in names:
+                slots[f"{prefix}.{i}.{part}.{name}"] = (owner, name)
+    return slots
+
+
+def _fill_linear(linear: Fp8Linear, f, key: str, names: set[str], label: str) -> None:
+    """One linear's weight from an open safetensors file: quantized as read, or taken as
+    stored when it is float8 with its scale beside it (a bias is copied like any tensor)."""
+    stored = f.get_tensor(key)
+    if stored.dtype == FP8:
+        scale_key = key + "_scale"
+        if scale_key not in names:
+            raise ModelError(f"{label}: {key} is float8 but {scale_key} is not in its file")
+        scale = f.get_tensor(scale_key).float().reshape(-1)
+        if scale.numel() == 1:  # one scale for the whole tensor
+            scale = scale.expand(stored.shape[0])
+        if scale.numel() != stored.shape[0]:
+            raise ModelError(
+                f"{label}: {scale_key} has {scale.numel()} scales; per-output-channel or "
+                f"per-tensor scales are read ({stored.shape[0]} or 1), not blocks"
+            )
+        weight = Fp8Weight(stored, scale)
+    elif stored.dtype.is_floating_point:
+        weight = quantize_weight(stored)
+    else:
+        raise ModelError(f"{label}: {key} is stored as {stored.dtype}, not a float or float8")
+    del stored
+    linear.weight.view(torch.uint8).copy_(weight.weight.view(torch.uint8))
+    linear.weight_scale.copy_(weight.scale)
+
+
+def _read_generation_config(model, folder: Path) -> None:
+    """generation_config.json, as from_pretrained reads it (its EOS ids end generation)."""
+    from transformers import GenerationConfig
+
+    if (folder / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+
+
+def _rebuild_rotary(model, config, device) -> None:
+    """The rotary embedding's frequencies are computed, not stored: compute them again (the
+    meta model has none)."""
+    base = model.base_model
+    rotary = getattr(base, "rotary_emb", None)
+    if rotary is None:
+        return
+    rebuilt = type(rotary)(config=text_config(config))
+    base.rotary_emb = rebuilt.to(device)
