@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, cli, read_outputs, sample_prompts, use_engine, write_job, write_jsonl
-from tiny_model import build_tiny_model
+from tiny_model import build_tiny_encoder, build_tiny_model
 
 from bulkinfer.engines.fp8 import FP8_MAX, Fp8Weight, linear, quantize_weight
 
@@ -201,15 +201,24 @@ def test_an_fp8_generate_job_runs_on_the_cpu(tmp_path, tiny_model):
             {"engine": "reference", "quantization": "none", "kv_cache_dtype": "fp8"},
             "kv_cache_dtype: fp8 runs on the fast engine; model.engine is",
         ),
-        ({"arch": "gemma2"}, "runs on the fast engine, which cannot run"),
+        ({"arch": "gemma2"}, "fp8 needs the fast engine, which cannot run"),
+        ({"encoder": "bert", "task": "embed"}, "fp8 applies to causal models"),
     ],
-    ids=["reference-engine", "kv-cache-on-reference", "unsupported-model"],
+    ids=["reference-engine", "kv-cache-on-reference", "unsupported-model", "encoder"],
 )
 def test_what_cannot_run_fp8_is_refused_in_one_line(tmp_path, tiny_model, keys, message):
     model = tiny_model
     if "arch" in keys:
         model = build_tiny_model(tmp_path / "gemma2", arch=keys.pop("arch"))
+    if "encoder" in keys:
+        model = build_tiny_encoder(tmp_path / "bert", arch=keys.pop("encoder"))
+    task = keys.pop("task", None)
     job = _job(tmp_path, model, "bad", **{"quantization": "fp8", **keys})
+    if task:
+        spec = yaml.safe_load(job.read_text())
+        spec["task"] = {"type": task, "pooling": "mean"}
+        spec["model"]["engine"] = "auto"
+        job.write_text(yaml.safe_dump(spec))
     result = cli("run", str(job))
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output

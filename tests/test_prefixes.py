@@ -229,29 +229,37 @@ def test_scores_with_a_shared_prefix_equal_scores_computed_whole(tmp_path, tiny_
             assert a["logprob_sum"] == pytest.approx(b["logprob_sum"], rel=1e-4, abs=1e-3)
 
 
-def test_rows_entering_later_copy_the_prefix_from_a_row_in_flight(tmp_path):
-    """With three slots, rows enter a few at a time while a long row still decodes: each takes
-    the shared prefix's keys and values from a row in flight (none is computed again), and
-    every row's tokens equal the reference engine's, computed whole."""
+def _rows_after_a_prefix(tmp_path, arch: str, prefix: int, own: int, seed: int):
+    """A tiny float32 model of `arch`, its tokenizer, and nine rows of random tokens sharing
+    exactly `prefix` first tokens (each row's own part starts with a token of its own), then
+    up to `own` more."""
     import torch
     from tiny_model import build_tiny_model
     from transformers import AutoModelForCausalLM
 
+    folder = build_tiny_model(tmp_path / "m", arch=arch)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    rng = np.random.default_rng(seed)
+    vocab = model.config.vocab_size
+    shared = rng.integers(4, vocab, prefix)
+    rows = [
+        np.concatenate([shared, [4 + i], rng.integers(4, vocab, int(rng.integers(0, own + 1)))])
+        for i in range(9)
+    ]
+    return model, tokenizer, rows
+
+
+def test_rows_entering_later_copy_the_prefix_from_a_row_in_flight(tmp_path):
+    """With three slots, rows enter a few at a time while a long row still decodes: each takes
+    the shared prefix's keys and values from a row in flight (none is computed again), and
+    every row's tokens equal the reference engine's, computed whole."""
     from bulkinfer.engines.base import GenerateRequests
     from bulkinfer.engines.sampling import SamplingParams, row_key
     from bulkinfer.engines.select import engine_around
 
-    folder = build_tiny_model(tmp_path / "m", arch="llama")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model, tokenizer, prompts = _rows_after_a_prefix(tmp_path, "llama", 40, 8, seed=0)
     rng = np.random.default_rng(0)
-    vocab = model.config.vocab_size
-    prefix = rng.integers(4, vocab, 40)
-    # every row's own part starts with a token of its own: the prefix is exactly 40 tokens
-    prompts = [
-        np.concatenate([prefix, [4 + i], rng.integers(4, vocab, int(rng.integers(0, 9)))])
-        for i in range(9)
-    ]
     limits = [120] + [int(x) for x in rng.integers(6, 17, len(prompts) - 1)]
     params = SamplingParams(120, temperature=0.8, seed=3, ignore_eos=True)
     keys = [row_key(3, i) for i in range(len(prompts))]
@@ -352,3 +360,20 @@ def test_a_packed_score_plan_keeps_each_prefix_s_rows_together(tmp_path, tiny_mo
     assert summary["shared_prefix_tokens"] >= 9 * sum(instructions)
     for a, b in zip(got["shared"], got["whole"], strict=True):
         assert a["logprob_sum"] == pytest.approx(b["logprob_sum"], rel=1e-5, abs=1e-4)
+
+
+def test_shared_prefix_scores_from_any_start_equal_the_reference(tmp_path):
+    """Rows sharing 30 tokens, scored from starts before, inside and after the prefix (the
+    prefix's own tokens are scored once for all rows, from the earliest start): the same sums
+    and counts as the reference engine computing each row whole."""
+    from bulkinfer.engines.select import engine_around
+
+    model, tokenizer, rows = _rows_after_a_prefix(tmp_path, "qwen2", 30, 11, seed=3)
+    starts = [0, 1, 5, 17, 29, 30, 31, 12, 3]
+    fast = engine_around(model, tokenizer)
+    ours = fast.loglikelihood(rows, starts, share_prefix=8)
+    theirs = engine_around(model, tokenizer, "reference").loglikelihood(rows, starts)
+    assert fast.counters["shared_prefix_tokens"] == 30 * 8
+    for (a, n), (b, m) in zip(ours, theirs, strict=True):
+        assert n == m
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-5)

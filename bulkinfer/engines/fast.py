@@ -133,7 +133,11 @@ class FastEngine(HFEngine):
         own_hidden, own_offsets = self._after_past(pool, sequences, regions[:-1].tolist(), past)
         hidden = torch.cat([prefix_hidden, own_hidden])
         rows, at = scored_positions(lengths, score_from)  # `at` predicts token at + 1 of its row
-        # a position in the prefix: its one pass; after it: the row's own tokens, which
+        # positions before the prefix's last predict the prefix's own tokens: the same hidden
+        # state and target in every row, so the LM head runs on them once (`_prefix_tails`)
+        rest = at >= shared - 1
+        rows, at = rows[rest], at[rest]
+        # the prefix's last position: its one pass; after it: the row's own tokens, which
         # follow the prefix's `shared` hidden states in `hidden`
         source = np.where(at < shared, at, own_offsets[rows] + at)
         full = np.concatenate(sequences).astype(np.int64)
@@ -142,7 +146,28 @@ class FastEngine(HFEngine):
             hidden[torch.from_numpy(source).to(self.device)], targets
         )
         _count(self.counters, shared_prefix_tokens=shared * (len(sequences) - 1))
-        return per_row_totals(torch.from_numpy(rows).to(self.device), token_logprobs, len(lengths))
+        totals = per_row_totals(
+            torch.from_numpy(rows).to(self.device), token_logprobs, len(lengths)
+        )
+        starts = np.maximum(np.asarray(score_from, dtype=np.int64), 1) - 1
+        tails = self._prefix_tails(prefix_hidden, sequences[0][:shared], int(starts.min()))
+        return [
+            (total + tails[start], count + shared - 1 - start)
+            if start < shared - 1
+            else (total, count)
+            for (total, count), start in zip(totals, starts.tolist(), strict=True)
+        ]
+
+    def _prefix_tails(self, prefix_hidden, prefix: np.ndarray, first: int) -> dict[int, float]:
+        """For each position j from `first` on, the log-probs the prefix's own tokens after j
+        have, summed in float64 (every row sharing the prefix scores them alike)."""
+        last = len(prefix) - 1  # the last prefix position predicts a row's own first token
+        if first >= last:
+            return {}
+        targets = torch.from_numpy(prefix[first + 1 :].astype(np.int64)).to(self.device)
+        logprobs = self._head_logprobs(prefix_hidden[first:last], targets).double()
+        tails = torch.flip(torch.cumsum(torch.flip(logprobs, [0]), 0), [0]).tolist()
+        return {first + k: value for k, value in enumerate(tails)}
 
     def _packed_loglikelihood(self, sequences: list[np.ndarray], score_from: list[int]):
         if not sequences:

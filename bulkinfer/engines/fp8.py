@@ -62,14 +62,14 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, weight, bias)
     shape = x.shape
     x8, x_scale = quantize_rows(x.reshape(-1, shape[-1]))
-    if x.is_cuda:
+    if x.is_cuda:  # row-wise scales want a bf16 result; a float16 model gets it cast
         out = torch._scaled_mm(
             x8,
             weight.weight.t(),
             scale_a=x_scale,
             scale_b=weight.scale[None, :],
-            out_dtype=x.dtype,
-        )
+            out_dtype=torch.bfloat16,
+        ).to(x.dtype)
     else:  # the same quantized operands, multiplied in float32
         w = weight.weight.float() * weight.scale[:, None]
         out = F.linear(x8.float() * x_scale, w).to(x.dtype)

@@ -91,7 +91,7 @@ def choose_kind(options: LoadOptions, config: Any) -> tuple[str, str | None]:
     blocker = config_blocker(config)
     if blocker and fp8_keys(options):
         raise ModelError(
-            f"{fp8_keys(options)}: fp8 runs on the fast engine, which cannot run "
+            f"{fp8_keys(options)}: fp8 needs the fast engine, which cannot run "
             f"{options.label} ({blocker})"
         )
     return ("reference", blocker) if blocker else ("fast", None)
@@ -256,7 +256,7 @@ def causal_engine(model, tokenizer, limits: EngineLimits) -> HFEngine:
         return FastEngine(model, tokenizer, limits)
     if fp8_keys(limits):
         raise ModelError(
-            f"{fp8_keys(limits)}: fp8 runs on the fast engine, which cannot run this model "
+            f"{fp8_keys(limits)}: fp8 needs the fast engine, which cannot run this model "
             f"({blocker})"
         )
     log(f"engine: the reference engine runs this model ({blocker})")
