@@ -5,7 +5,8 @@ decoder weights take 68 GB).
 The model is built on the meta device, its decoder layers' linears replaced by `Fp8Linear`
 ones, and only then given device memory: fp8 for those matrices, the model's dtype for the rest
 (embeddings, norms, LM head). Each tensor of the safetensors files is then read onto the device
-and copied in: a linear weight in a floating dtype is quantized as it arrives (one matrix in
+(on a GPU by several threads through pinned buffers, as engines/to_device.py moves a loaded
+model) and copied in: a linear weight in a floating dtype is quantized as it arrives (one matrix in
 the model's dtype at a time); one already in float8 with its `weight_scale` (the checkpoints
 llm-compressor and others save as "FP8 dynamic": a scale per output channel, or one per tensor)
 is taken as it is, with no bf16 detour.
@@ -14,12 +15,15 @@ is taken as it is, with no bf16 detour.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
 from bulkinfer.configs import text_config
 from bulkinfer.engines.fp8 import FP8, Fp8Linear, Fp8Weight, quantize_weight
+from bulkinfer.engines.to_device import THREADS, StagedMover
 from bulkinfer.errors import ModelError
 
 LINEARS = (
@@ -94,8 +98,11 @@ def load_fp8_model(auto_class, folder: Path, config, dtype: torch.dtype, device,
         model.tie_weights()
     state = model.state_dict()
     filled: set[str] = set()
-    for file in files:
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
+    reader = _Reader(device)
+    with ExitStack() as stack:
+        tasks = []  # (what fills it, its arguments), each a tensor of the files
+        for file in files:
+            f = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
             names = set(f.keys())
             for key in sorted(names):
                 if key.endswith(IGNORED_SUFFIXES) or key.endswith(".weight_scale"):
@@ -103,11 +110,12 @@ def load_fp8_model(auto_class, folder: Path, config, dtype: torch.dtype, device,
                 module_name = key.removesuffix(".weight")
                 if key.endswith(".weight") and module_name in slots:
                     owner, name = slots[module_name]
-                    _fill_linear(getattr(owner, name), f, key, names, label)
+                    tasks.append((_fill_linear, (getattr(owner, name), f, key, names, label)))
                     filled.update({key, f"{module_name}.weight_scale"})
                 elif key in state:
-                    state[key].copy_(f.get_tensor(key).to(state[key].dtype))
+                    tasks.append((_fill_tensor, (state[key], f, key)))
                     filled.add(key)
+        reader.run(tasks)
     _rebuild_rotary(model, config, device)
     _read_generation_config(model, folder)
     for key, tensor in state.items():  # a name sharing its tensor with a filled one
@@ -136,15 +144,44 @@ def _fp8_slots(model) -> dict[str, tuple[torch.nn.Module, str]]:
     return slots
 
 
-def _fill_linear(linear: Fp8Linear, f, key: str, names: set[str], label: str) -> None:
+class _Reader:
+    """Runs the fills, each reading its tensors onto the device: on a GPU from several threads,
+    each through its own pinned staging buffer (engines/to_device.py: the page-cache reads and
+    the copies of different threads overlap), on the CPU one after another."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.mover = StagedMover(device) if device.type == "cuda" else None
+
+    def get(self, f, key: str) -> torch.Tensor:
+        tensor = f.get_tensor(key)
+        if self.mover is not None:
+            self.mover.move(tensor)
+        return tensor
+
+    def run(self, tasks) -> None:
+        if self.mover is None:
+            for fill, args in tasks:
+                fill(self, *args)
+            return
+        with ThreadPoolExecutor(THREADS, thread_name_prefix="bulkinfer-fp8-load") as pool:
+            list(pool.map(lambda task: task[0](self, *task[1]), tasks))
+        torch.cuda.synchronize(self.device)
+
+
+def _fill_tensor(reader: _Reader, target: torch.Tensor, f, key: str) -> None:
+    target.copy_(reader.get(f, key))
+
+
+def _fill_linear(reader: _Reader, linear: Fp8Linear, f, key: str, names: set[str], label: str):
     """One linear's weight from an open safetensors file: quantized as read, or taken as
     stored when it is float8 with its scale beside it (a bias is copied like any tensor)."""
-    stored = f.get_tensor(key)
+    stored = reader.get(f, key)
     if stored.dtype == FP8:
         scale_key = key + "_scale"
         if scale_key not in names:
             raise ModelError(f"{label}: {key} is float8 but {scale_key} is not in its file")
-        scale = f.get_tensor(scale_key).float().reshape(-1)
+        scale = reader.get(f, scale_key).float().reshape(-1)
         if scale.numel() == 1:  # one scale for the whole tensor
             scale = scale.expand(stored.shape[0])
         if scale.numel() != stored.shape[0]:

@@ -29,14 +29,14 @@ def move_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         if id(t) not in seen and t.device.type == "cpu" and t.numel():
             seen.add(id(t))
             tensors.append(t)
-    mover = _StagedMover(device)
+    mover = StagedMover(device)
     with ThreadPoolExecutor(THREADS, thread_name_prefix="bulkinfer-to-gpu") as pool:
         list(pool.map(mover.move, tensors))
     torch.cuda.synchronize(device)
     return model.to(device)  # what is left (nothing, or tensors of size zero)
 
 
-class _StagedMover:
+class StagedMover:
     def __init__(self, device: torch.device):
         self.device = device
         self.local = threading.local()
