@@ -7,8 +7,10 @@ finished them (with the tokens made meanwhile), so a job can commit them and sho
 Each row owns a region of the engine's KV pool sized to its prompt plus its own new-token limit
 (a `RegionAllocator` here is the only record of who owns what). New rows are prefilled
 together; the host looks at the tokens every SYNC_EVERY decode steps (EOS, stop strings,
-limits) instead of after every step. The engine is asked only for its pool's size, a prefill
-and some decode steps (nano-vllm's scheduler / model-runner split).
+limits) instead of after every step. Rows entering together that share a long prompt prefix
+get it once: copied from a row in flight that holds it, else computed once for them. The
+engine is asked only for its pool's size, a prefill, some decode steps and a shared prefix
+computed or copied (nano-vllm's scheduler / model-runner split).
 """
 
 from __future__ import annotations
