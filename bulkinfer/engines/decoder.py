@@ -70,7 +70,8 @@ class LayerWeights(NamedTuple):
 
 
 def _merged(*linears) -> tuple:
-    """merge_linears, or fp8.merge_fp8 for linears a loader put in fp8 already."""
+    """merge_linears, or fp8.merge_fp8 for the fp8 linears of model.quantization: fp8 (which
+    engines/fp8_loading.py puts in place as it loads the weights)."""
     if isinstance(linears[0], fp8.Fp8Linear):
         return fp8.merge_fp8(*linears)
     return merge_linears(*linears)
@@ -194,26 +195,6 @@ class Decoder:
             self.after_attention = Compiled(self.after_attention, backend, self._unfused)
             self.norm = Compiled(self.norm, backend, self._unfused)
             self.head_logprobs = Compiled(target_logprobs, backend, self._unfused)
-
-    def quantize_fp8(self, model) -> None:
-        """Every layer's linear weights to fp8 (engines/fp8.py), here and in the model's own
-        modules (whose forward then runs on the same weights); the weights in the model's dtype
-        are freed a layer at a time. Layers a loader put in fp8 already stay as they are."""
-        for i, layer in enumerate(model.base_model.layers):
-            attn, mlp, w = layer.self_attn, layer.mlp, self.layers[i]
-            if isinstance(w.qkv, fp8.Fp8Weight):
-                continue
-            self.layers[i] = w._replace(
-                qkv=fp8.replace_linears(
-                    w.qkv, w.qkv_bias, [(attn, "q_proj"), (attn, "k_proj"), (attn, "v_proj")]
-                ),
-                o=fp8.replace_linears(w.o, w.o_bias, [(attn, "o_proj")]),
-                gate_up=fp8.replace_linears(
-                    w.gate_up, w.gate_up_bias, [(mlp, "gate_proj"), (mlp, "up_proj")]
-                ),
-                down=fp8.replace_linears(w.down, w.down_bias, [(mlp, "down_proj")]),
-            )
-            del w
 
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         """Final hidden states [tokens, dim]; `attend(layer, q, k, v)` is the attention of a

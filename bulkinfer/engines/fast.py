@@ -60,10 +60,6 @@ class FastEngine(HFEngine):
         self.slots: int = limits.slots or CPU_SLOTS
         self.forward_tokens = forward_token_limit(config)  # of one packed scoring forward
         self.decoder = Decoder(model, compile_backend(self.device))
-        if limits.quantization == "fp8":
-            self.decoder.quantize_fp8(model)
-            if self.device.type == "cuda":  # the freed weights back to the device's free memory
-                torch.cuda.empty_cache()
         self.kv_fp8 = limits.kv_cache_dtype == "fp8"  # the decode pool in fp8 (kv.KVPool)
         # a graph needs the flash kernel (the float32 attention loop reads sizes on the host)
         self.use_graphs = self.device.type == "cuda" and model.dtype in (

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 MIN_CAPABILITY = (8, 9)  # CUDA compute capability with fp8 matrix products
-QUANTIZATIONS = ("none", "fp8")
 
 
 class Fp8Weight(NamedTuple):
@@ -42,15 +41,14 @@ def quantize_weight(weight: torch.Tensor, rows_at_once: int = 4096) -> Fp8Weight
     out = torch.empty(weight.shape, dtype=FP8, device=weight.device)
     scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
     for start in range(0, weight.shape[0], rows_at_once):
-        block = weight[start : start + rows_at_once].float()
-        s = block.abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX
-        out[start : start + rows_at_once] = (block / s[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-        scale[start : start + rows_at_once] = s
+        rows, s = quantize_rows(weight[start : start + rows_at_once])
+        out[start : start + rows_at_once], scale[start : start + rows_at_once] = rows, s[:, 0]
     return Fp8Weight(out, scale)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations [tokens, in] as float8_e4m3 with one float32 scale per token ([tokens, 1])."""
+    """[..., n] as float8_e4m3 with one float32 scale per vector of the last dimension
+    ([..., 1]): activations per token, weights per output channel, keys and values per head."""
     h = x.float()
     scale = h.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
     return (h / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
@@ -149,20 +147,3 @@ def merge_fp8(*linears: Fp8Linear) -> tuple[Fp8Weight, torch.Tensor | None]:
             m.bias = bias[start:end]
         start = end
     return Fp8Weight(weight, scale), bias
-
-
-def replace_linears(
-    weight: torch.Tensor, bias: torch.Tensor | None, owners: list[tuple[torch.nn.Module, str]]
-) -> Fp8Weight:
-    """Quantize `weight`, the merged weight of linears that read the same input (the fast
-    engine runs them as one; per-output-channel scales make that the same as quantizing each
-    alone), and put an `Fp8Linear` on its rows in each linear's place (`owners`: the parent
-    module and attribute name of each, in the merged order). Returns the merged `Fp8Weight`."""
-    merged = quantize_weight(weight)
-    start = 0
-    for owner, name in owners:
-        end = start + getattr(owner, name).out_features
-        part = Fp8Weight(merged.weight[start:end], merged.scale[start:end])
-        setattr(owner, name, Fp8Linear(part, None if bias is None else bias[start:end]))
-        start = end
-    return merged

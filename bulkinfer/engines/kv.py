@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bulkinfer.engines.fp8 import FP8, FP8_MAX
+from bulkinfer.engines.fp8 import FP8, quantize_rows
 
 
 @dataclass
@@ -96,9 +96,8 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 def quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[n, heads, D] as float8_e4m3 and one float32 scale per (token, head)."""
-    h = x.float()
-    scale = h.abs().amax(dim=-1).clamp(min=1e-12) / FP8_MAX
-    return (h / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    q, scale = quantize_rows(x)
+    return q, scale[..., 0]
 
 
 class RegionAllocator:
