@@ -9,7 +9,11 @@ prefill sizes, in TFLOP/s; then a packed prefill forward of PREFILL_TOKENS token
 Packed scoring batches of given sizes (--score-tokens) come first, before the KV pool takes the
 memory.
 
-On a GPU:  python scripts/profile_decode.py --shape llama-3.1-8b --out $OUT
+With --fp8 the decoder's linears are quantized to fp8 and the KV pool is fp8 (as
+`model.quantization: fp8` and `model.kv_cache_dtype: fp8` run them), and the matrix-product
+table adds `torch._scaled_mm` alone and with its activations quantized.
+
+On a GPU:  python scripts/profile_decode.py --shape llama-3.1-8b [--fp8] --out $OUT
 """
 
 from __future__ import annotations
@@ -31,12 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import build_model, word_tokenizer  # noqa: E402
 
 from bulkinfer.engines.decode_attention import KERNEL_ENV, split_count  # noqa: E402
+from bulkinfer.engines.fp8 import FP8, Fp8Linear, quantize_rows, quantize_weight  # noqa: E402
 from bulkinfer.engines.kv import DecodeInputs  # noqa: E402
 from bulkinfer.engines.packed_attention import Packed, attend  # noqa: E402
 from bulkinfer.engines.select import engine_around  # noqa: E402
 
 FAMILIES = (
-    ("attention", ("flash", "fmha", "attention")),
+    ("attention", ("flash", "fmha", "attention", "split_kernel", "combine_kernel")),
     ("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "matmul")),
     ("kv write", ("index_copy", "indexing_backward", "index_put", "scatter")),
     ("fused elementwise", ("triton",)),
@@ -173,12 +178,22 @@ def main() -> None:
     parser.add_argument(
         "--score-tokens", default="", help="packed scoring batches of these token counts"
     )
+    parser.add_argument(
+        "--fp8", action="store_true", help="fp8 weights and KV cache (model.quantization: fp8)"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda")
     started = time.perf_counter()
     model = build_model(args.shape, device, torch.bfloat16)
-    fast = engine_around(model, word_tokenizer(model.config.vocab_size), "fast")
+    if args.fp8:
+        quantize_linears(model)
+    fast = engine_around(
+        model,
+        word_tokenizer(model.config.vocab_size),
+        "fast",
+        kv_cache_dtype="fp8" if args.fp8 else "auto",
+    )
     print(f"built in {time.perf_counter() - started:.1f} s", flush=True)
     report: dict = {
         "shape": args.shape,
@@ -200,7 +215,7 @@ def main() -> None:
         )
         fast.load_slots(rows, size)
         entry = {"slots": size}
-        for kernel in ("flash", "triton"):
+        for kernel in ("triton",) if args.fp8 else ("flash", "triton"):  # flash reads no fp8
             os.environ[KERNEL_ENV] = kernel
             fast.use_graphs = True
             fast.drop_graphs()
@@ -212,9 +227,13 @@ def main() -> None:
         report[f"decode_{size}"] = entry
         print(json.dumps(entry, indent=1), flush=True)
 
-        entry_attn = compare_attention(fast, model, size, ctx)
-        report[f"attention_{size}"] = entry_attn
-        print(json.dumps(entry_attn), flush=True)
+        if args.fp8:
+            report[f"fp8_attention_{size}"] = tune_fp8_attention(fast, size, ctx)
+            print(json.dumps(report[f"fp8_attention_{size}"]), flush=True)
+        else:
+            entry_attn = compare_attention(fast, model, size, ctx)
+            report[f"attention_{size}"] = entry_attn
+            print(json.dumps(entry_attn), flush=True)
 
     if args.decode_only:
         save(args.out, report)
@@ -240,6 +259,25 @@ def main() -> None:
                 "ms": round(ms, 4),
                 "tflops": round(2 * m * k_in * n_out / ms / 1e9, 1),
             }
+            if args.fp8 and name != "lm_head":  # the product alone, then with quantizing x
+                w8 = quantize_weight(w)
+                x8, scale = quantize_rows(x)
+                for label, fast_accum in (("fp8", False), ("fp8_fast_accum", True)):
+                    ms = timed(
+                        lambda x8=x8, s=scale, w8=w8, f=fast_accum: torch._scaled_mm(
+                            x8,
+                            w8.weight.t(),
+                            scale_a=s,
+                            scale_b=w8.scale[None],
+                            out_dtype=torch.bfloat16,
+                            use_fast_accum=f,
+                        ),
+                        20,
+                    )
+                    gemms[f"{name}@{m}"][f"{label}_ms"] = round(ms, 4)
+                    gemms[f"{name}@{m}"][f"{label}_tflops"] = round(
+                        2 * m * k_in * n_out / ms / 1e9, 1
+                    )
     report["gemms"] = gemms
     print(json.dumps(gemms), flush=True)
 
@@ -264,6 +302,67 @@ def main() -> None:
     report["prefill"] = entry
     print(json.dumps(entry, indent=1), flush=True)
     save(args.out, report)
+
+
+@torch.inference_mode()
+def tune_fp8_attention(fast, size: int, ctx: int) -> dict:
+    """The decode kernel over an fp8 cache alone (32 layers' worth), for tile sizes, warps and
+    pipeline stages: ms each, the bytes it reads, and the fused fp8 KV write's ms."""
+    from bulkinfer.engines import decode_attention as da
+
+    pool, s = fast._pool, fast._state
+    heads = fast.model.config.num_attention_heads
+    q = torch.randn(size, heads, fast.head_dim, device=fast.device, dtype=torch.bfloat16)
+    span = 1 + size * (ctx + 8)
+    pool.keys[0][:span] = torch.randn_like(pool.keys[0][:span], dtype=torch.float32).to(FP8)
+    pool.values[0][:span] = torch.randn_like(pool.values[0][:span], dtype=torch.float32).to(FP8)
+    pool.key_scales[0][:span] = 0.01
+    pool.value_scales[0][:span] = 0.01
+    args = (q, pool.keys[0], pool.values[0], s.starts[:size], s.used[:size], ctx + 8, 0.088)
+    scales = (pool.key_scales[0], pool.value_scales[0])
+    entry = {"kv_gb_read": round(fast.layers * size * ctx * fast.kv_heads * 2 * 132 / 1e9, 2)}
+    default = dict(da.TUNING)
+    for block_n, warps, stages in [
+        (64, 4, 2),
+        (64, 4, 3),
+        (64, 8, 2),
+        (128, 4, 2),
+        (128, 4, 3),
+        (128, 8, 3),
+        (32, 4, 2),
+    ]:
+        config = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        da.TUNING.update({(True, False): config, (True, True): config})
+        try:
+            ms = timed(lambda: [da.decode_attention(*args, *scales) for _ in range(fast.layers)])
+            entry[f"n{block_n}_w{warps}_s{stages}_ms"] = round(ms, 3)
+        except Exception as exc:  # a configuration that does not fit the GPU's shared memory
+            entry[f"n{block_n}_w{warps}_s{stages}_ms"] = str(exc).splitlines()[0][:80]
+    da.TUNING.update(default)
+    k = torch.randn(size, fast.kv_heads, fast.head_dim, device=fast.device, dtype=torch.bfloat16)
+    at = s.write[:size]
+    entry["store_fused_ms_all_layers"] = round(
+        timed(lambda: [pool.store(0, at, k, k) for _ in range(fast.layers)]), 3
+    )
+    fused, da.triton = da.triton, None  # the same writes through torch's kernels
+    entry["store_torch_ms_all_layers"] = round(
+        timed(lambda: [pool.store(0, at, k, k) for _ in range(fast.layers)]), 3
+    )
+    da.triton = fused
+    return entry
+
+
+def quantize_linears(model) -> None:
+    """The decoder layers' linears as fp8 ones, as engines/fp8_loading.py loads them."""
+    for layer in model.model.layers:
+        for owner, names in (
+            (layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+            (layer.mlp, ("gate_proj", "up_proj", "down_proj")),
+        ):
+            for name in names:
+                m = getattr(owner, name)
+                setattr(owner, name, Fp8Linear(quantize_weight(m.weight.detach()), m.bias))
+    torch.cuda.empty_cache()
 
 
 def save(out: Path | None, report: dict) -> None:

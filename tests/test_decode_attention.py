@@ -62,10 +62,12 @@ print(json.dumps(results))
 
 CASES = [
     # rows, heads, kv_heads, head_dim, max_len: grouped heads split over the cache (the
-    # combining kernel), 7 heads a group (padded to the 16-row tile), one head a group (MHA)
+    # combining kernel), 7 heads a group (padded to the 16-row tile), one head a group (MHA),
+    # 256 rows (the launch for many rows: tiles of 128 tokens over an fp8 cache)
     (5, 8, 2, 64, 512),
     (3, 14, 2, 64, 300),
     (40, 4, 4, 128, 200),
+    (256, 4, 2, 64, 150),
 ]
 
 
@@ -88,7 +90,53 @@ def test_decode_kernels_equal_reference_attention(dtype, fp8, tolerance):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert [r["splits"] for r in results] == [2, 1, 1]  # both kernel paths ran
+    assert [r["splits"] for r in results] == [2, 1, 1, 1]  # both kernel paths ran
     for case, result in zip(CASES, results, strict=True):
         assert result["dtype_kept"], case
         assert result["error"] < tolerance, (case, result)
+
+
+STORE = r"""
+import json
+import torch
+from bulkinfer.engines import decode_attention as da
+from bulkinfer.engines.fp8 import FP8
+from bulkinfer.engines.kv import quantize_heads
+
+g = torch.Generator().manual_seed(0)
+n, kv_heads, dim, tokens = 6, 2, 64, 20
+k = torch.randn(n, kv_heads, dim, generator=g) * torch.tensor([0.01, 30.0])[None, :, None]
+v = torch.randn(n, kv_heads, dim, generator=g)
+k[2, 1] = 0.0  # a zero vector keeps a finite scale
+at = torch.tensor([3, 17, 5, 9, 11, 0])
+pools = [torch.zeros(tokens, kv_heads, dim, dtype=FP8) for _ in range(2)]
+scales = [torch.zeros(tokens, kv_heads) for _ in range(2)]
+da.store_fp8(at, k, v, pools[0], pools[1], scales[0], scales[1])
+out = {"untouched_zero": True, "scale_error": 0.0, "value_error": 0.0}
+for x, pool, scale in zip((k, v), pools, scales):
+    want, want_scale = quantize_heads(x)
+    out["scale_error"] = max(out["scale_error"], ((scale[at] - want_scale) / want_scale).abs().max().item())
+    # equal, except where rounding up carries into the exponent: the interpreter drops the
+    # carry (it gives half the power of two; a GPU converts as torch does, scripts/check_fp8.py)
+    got, ref = pool[at].float(), want.float()
+    carried = (torch.frexp(ref)[0].abs() == 0.5) & (got == ref / 2)
+    out["value_error"] += int(((got != ref) & ~carried).sum())
+    others = torch.ones(tokens, dtype=torch.bool)
+    others[at] = False
+    out["untouched_zero"] &= bool((pool[others].float() == 0).all() and (scale[others] == 0).all())
+print(json.dumps(out))
+"""
+
+
+def test_fp8_cache_store_kernel_quantizes_into_the_slots():
+    """The fused fp8 KV write (one launch per layer on a GPU) computes kv.quantize_heads'
+    scales, writes each token's vectors to its own slot and nothing else."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", STORE], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["untouched_zero"]
+    assert result["scale_error"] < 1e-6
+    assert result["value_error"] == 0

@@ -32,7 +32,16 @@ except ImportError:  # no Triton (CPU-only installs): the engine keeps FlashAtte
 
 # BULKINFER_DECODE_ATTENTION=flash keeps FlashAttention for decode steps (to compare)
 KERNEL_ENV = "BULKINFER_DECODE_ATTENTION"
-BLOCK_N = 64  # cached tokens per tile
+# cached tokens per tile, warps and pipeline stages, by (fp8 cache, 256 rows or more): on an
+# H200 an fp8 cache at 256-1,024 rows reads fastest in tiles of 128 tokens (14.7 against 16.9
+# ms for 32 layers at 1,024 rows of 500 tokens), at 64 rows in tiles of 64 (1.9 against 2.5);
+# scripts/profile_decode.py --fp8 measures the choices
+TUNING = {
+    (False, False): dict(BLOCK_N=64, num_warps=4, num_stages=2),
+    (False, True): dict(BLOCK_N=64, num_warps=4, num_stages=2),
+    (True, False): dict(BLOCK_N=64, num_warps=4, num_stages=2),
+    (True, True): dict(BLOCK_N=128, num_warps=4, num_stages=2),
+}
 MIN_SPLIT = 256  # cached tokens a split covers at least
 HEAD_DIMS = (64, 128, 256)
 
@@ -74,7 +83,9 @@ def decode_attention(
     kv_heads = keys.shape[1]
     groups = heads // kv_heads
     splits = split_count(rows, kv_heads, max_len, _processors(q.device))
-    split_len = triton.cdiv(triton.cdiv(max_len, splits), BLOCK_N) * BLOCK_N
+    tuning = TUNING[key_scales is not None, rows >= 256]
+    block_n = tuning["BLOCK_N"]
+    split_len = triton.cdiv(triton.cdiv(max_len, splits), block_n) * block_n
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if splits == 1:
         partial, lse = out[:, :, None, :], out.new_empty((1,), dtype=torch.float32)
@@ -106,18 +117,51 @@ def decode_attention(
         split_len,
         GROUPS=groups,
         BLOCK_H=max(16, triton.next_power_of_2(groups)),
-        BLOCK_N=BLOCK_N,
         D=dim,
         WRITE_LSE=splits > 1,
         FP8=fp8,
-        num_warps=4,
-        num_stages=2,
+        **tuning,
     )
     if splits > 1:
         _combine_kernel[(rows, heads)](
             partial, lse, out, out.stride(0), out.stride(1), SPLITS=splits, D=dim
         )
     return out
+
+
+def store_fp8(
+    at: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    key_scales: torch.Tensor,
+    value_scales: torch.Tensor,
+) -> None:
+    """Keys and values [n, kv_heads, D] quantized (as `kv.quantize_heads` does: one scale per
+    token and head, its largest magnitude at 448) and written to the fp8 pool's slots `at`, in
+    one launch: the same in torch is ~10 small kernels a tensor, per layer and decode step."""
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        k, v = k.contiguous(), v.contiguous()
+    n, kv_heads, dim = k.shape
+    _store_kernel[(n, kv_heads)](
+        at,
+        k,
+        v,
+        keys,
+        values,
+        key_scales,
+        value_scales,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        keys.stride(0),
+        keys.stride(1),
+        key_scales.stride(0),
+        D=dim,
+        num_warps=1,
+    )
 
 
 def split_count(rows: int, kv_heads: int, max_len: int, processors: int) -> int:
@@ -197,10 +241,13 @@ if triton is not None:
                 mask=token_ok[:, None],
                 other=0.0,
             )
-            if FP8:  # each token's head vector times its scale, in q's dtype
-                k_scale = tl.load(KScale + (start + n) * stride_st + kv_head, mask=token_ok)
-                k = (k.to(tl.float32) * k_scale[:, None]).to(q.dtype)
-            s = tl.dot(q, tl.trans(k)) * scale
+            if FP8:  # the product with the stored fp8 values, times each token's scale
+                k_scale = tl.load(
+                    KScale + (start + n) * stride_st + kv_head, mask=token_ok, other=0.0
+                )
+                s = tl.dot(q, tl.trans(k.to(q.dtype))) * (k_scale[None, :] * scale)
+            else:
+                s = tl.dot(q, tl.trans(k)) * scale
             s = tl.where(token_ok[None, :], s, float("-inf"))
             new_best = tl.maximum(best, tl.max(s, 1))
             p = tl.exp(s - new_best[:, None])
@@ -211,10 +258,14 @@ if triton is not None:
                 mask=token_ok[:, None],
                 other=0.0,
             )
-            if FP8:
-                v_scale = tl.load(VScale + (start + n) * stride_st + kv_head, mask=token_ok)
-                v = (v.to(tl.float32) * v_scale[:, None]).to(q.dtype)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            if FP8:  # each token's weight times its value scale, against the fp8 values
+                v_scale = tl.load(
+                    VScale + (start + n) * stride_st + kv_head, mask=token_ok, other=0.0
+                )
+                pv = tl.dot((p * v_scale[None, :]).to(q.dtype), v.to(q.dtype))
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
             best = new_best
 
         nonempty = total > 0
@@ -252,3 +303,58 @@ if triton is not None:
         parts = tl.load(Partial + (base + offs_s)[:, None] * D + offs_d[None, :])
         out = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)
         tl.store(Out + row * stride_ot + head * stride_oh + offs_d, out)
+
+    @triton.jit
+    def _store_kernel(
+        At,
+        K,
+        V,
+        KPool,
+        VPool,
+        KScale,
+        VScale,
+        stride_kt,
+        stride_kh,
+        stride_vt,
+        stride_vh,
+        stride_pt,
+        stride_ph,
+        stride_st,
+        D: tl.constexpr,
+    ):
+        token = tl.program_id(0)
+        head = tl.program_id(1)
+        slot = tl.load(At + token).to(tl.int64)
+        _quantize_store(
+            K + token * stride_kt + head * stride_kh,
+            KPool,
+            KScale,
+            slot,
+            head,
+            stride_pt,
+            stride_ph,
+            stride_st,
+            D,
+        )
+        _quantize_store(
+            V + token * stride_vt + head * stride_vh,
+            VPool,
+            VScale,
+            slot,
+            head,
+            stride_pt,
+            stride_ph,
+            stride_st,
+            D,
+        )
+
+    @triton.jit
+    def _quantize_store(
+        X, Pool, Scale, slot, head, stride_pt, stride_ph, stride_st, D: tl.constexpr
+    ):
+        offs_d = tl.arange(0, D)
+        x = tl.load(X + offs_d).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), 0), 1e-12) / 448.0
+        q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+        tl.store(Pool + slot * stride_pt + head * stride_ph + offs_d, q.to(tl.float8e4nv))
+        tl.store(Scale + slot * stride_st + head, scale)

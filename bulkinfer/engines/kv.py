@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bulkinfer.engines import decode_attention
 from bulkinfer.engines.fp8 import FP8, quantize_rows
 
 
@@ -61,6 +62,17 @@ class KVPool:
         if not self.fp8:
             self.keys[layer].index_copy_(0, at, k)
             self.values[layer].index_copy_(0, at, v)
+            return
+        if k.is_cuda and decode_attention.triton is not None:  # one fused kernel
+            decode_attention.store_fp8(
+                at,
+                k,
+                v,
+                self.keys[layer],
+                self.values[layer],
+                self.key_scales[layer],
+                self.value_scales[layer],
+            )
             return
         for tensors, scales, x in (
             (self.keys, self.key_scales, k),

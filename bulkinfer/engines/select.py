@@ -263,7 +263,9 @@ def causal_engine(model, tokenizer, limits: EngineLimits) -> HFEngine:
     return HFEngine(model, tokenizer, limits.as_reference(blocker))
 
 
-def engine_around(model, tokenizer, engine: str = "fast", slots: int | None = None) -> HFEngine:
+def engine_around(
+    model, tokenizer, engine: str = "fast", slots: int | None = None, kv_cache_dtype: str = "auto"
+) -> HFEngine:
     """An engine around weights already in memory (benchmarks, tests), chosen as a job would."""
     options = LoadOptions(
         folder=Path(getattr(model, "name_or_path", "") or "."),
@@ -271,6 +273,7 @@ def engine_around(model, tokenizer, engine: str = "fast", slots: int | None = No
         device=str(model.device),
         dtype=str(model.dtype).removeprefix("torch."),
         engine=engine,
+        kv_cache_dtype=kv_cache_dtype,
     )
     limits = engine_limits(options, model.config, 0, causal=True, slots=slots)
     return causal_engine(model, tokenizer, limits)
