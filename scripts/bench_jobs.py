@@ -58,6 +58,14 @@ EXTRACT_SCHEMA = {
     "required": ["title", "kind", "year", "keywords", "summary"],
     "additionalProperties": False,
 }
+GENERATION_TIME = (
+    "prefill_seconds",
+    "prefill_tokens",
+    "decode_seconds",
+    "decode_steps",
+    "decode_rows_per_step",
+    "decode_slots_filled",
+)
 PEAK_BF16_FLOPS = 790e12  # dense bf16 matrix products, measured on the lent H200
 COPY_BYTES_PER_S = 4.3e12  # device-to-device copy, measured on the lent H200
 WORDS = [
@@ -286,6 +294,8 @@ def row_of(name: str, result: dict, model: dict, facts: dict) -> dict:
         "input_tokens": s["input_tokens"],
         "output_tokens": s["output_tokens"],
         "shared_prefix_tokens": s.get("shared_prefix_tokens", 0),
+        # generation's model time: prefill and decode seconds, steps, rows a step carried
+        **{k: s[k] for k in GENERATION_TIME if k in s},
         "engine": s.get("engine"),
         "device": s.get("device"),
         "floors": floors(model, s, facts.get("longest_answer")),

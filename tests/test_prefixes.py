@@ -180,6 +180,13 @@ def test_a_shared_prefix_computed_once_gives_the_same_tokens(tmp_path, tiny_mode
         summaries[name] = json.loads((tmp_path / name / "summary.json").read_text())
     assert summaries["shared"]["shared_prefix_tokens"] > 0
     assert "shared_prefix_tokens" not in summaries["whole"]
+    for name in ("shared", "whole"):  # where the fast engine's time went
+        s = summaries[name]
+        assert s["prefill_tokens"] > 0 and s["decode_steps"] > 0, s
+        assert 1 <= s["decode_rows_per_step"] <= 64 and 0 < s["decode_slots_filled"] <= 1, s
+        assert s["prefill_seconds"] + s["decode_seconds"] <= s["model_seconds"] + 0.01, s
+    assert summaries["whole"]["prefill_tokens"] > summaries["shared"]["prefill_tokens"]
+    assert "decode_steps" not in summaries["reference"]
     for name in ("whole", "reference"):
         assert [r["token_ids"] for r in outputs["shared"]] == [
             r["token_ids"] for r in outputs[name]

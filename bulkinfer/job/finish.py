@@ -79,6 +79,28 @@ def hardware_summary(summary: Summary, engine) -> dict:
     )
 
 
+def generation_time(counters: dict[str, float]) -> dict:
+    """Where the fast engine's generation time went (empty for other engines and tasks):
+    prefill seconds and tokens computed, decode seconds and steps, the rows a step carried on
+    average and the share of the slots it computed that held a row (the rest idle in a
+    bucket). Seconds are the host's clock around each call, which ends with its tokens on
+    the host, so prefill and decode add up to the model time spent generating."""
+    steps = counters.get("decode_steps", 0)
+    if not steps and not counters.get("prefill_calls"):
+        return {}
+    out = {
+        "prefill_seconds": round(counters.get("prefill_seconds", 0.0), 3),
+        "prefill_tokens": int(counters.get("prefill_tokens", 0)),
+        "decode_seconds": round(counters.get("decode_seconds", 0.0), 3),
+        "decode_steps": int(steps),
+    }
+    if steps:
+        rows = counters.get("decode_row_steps", 0)
+        out["decode_rows_per_step"] = round(rows / steps, 1)
+        out["decode_slots_filled"] = round(rows / counters["decode_slot_steps"], 3)
+    return out
+
+
 def write_summary(
     layout: OutputLayout, summary: Summary, inputs, plan, engine, host_seconds
 ) -> None:
@@ -93,6 +115,7 @@ def write_summary(
     shared = engine.counters.get("shared_prefix_tokens")
     if shared:  # prompt tokens whose keys and values were copied, not computed again
         summary.details["shared_prefix_tokens"] = int(shared)
+    summary.details.update(generation_time(engine.counters))
     summary.write(layout.summary)
     shutil.rmtree(layout.prepared_dir, ignore_errors=True)
     log(

@@ -196,6 +196,18 @@ def format_summary(summary: dict) -> str:
         ),
         ("batches", f"{summary['batches']:,} ({summary['oom_splits']} out-of-memory splits)"),
     ]
+    if "decode_steps" in summary:  # the fast engine's generation: where the model time went
+        rows = summary.get("decode_rows_per_step")  # a shard's own (not in a merged summary)
+        steps = f"{summary['decode_steps']:,} steps" + (
+            f" of {rows:,.1f} rows on average" if rows else ""
+        )
+        lines.append(
+            (
+                "generation",
+                f"prefill {summary['prefill_seconds']:.1f} s ({summary['prefill_tokens']:,} "
+                f"tokens), decode {summary['decode_seconds']:.1f} s ({steps})",
+            )
+        )
     if summary.get("constrained_cut_short"):
         lines.append(
             (

@@ -30,8 +30,16 @@ ADDED = (
     "model_seconds",
     "oom_splits",
 )
-# totals only some jobs report (structured output, shared prefixes)
-ADDED_WHERE_PRESENT = ("constrained_cut_short", "shared_prefix_tokens")
+# totals only some jobs report (structured output, shared prefixes, the fast engine's
+# generation time; its per-step averages are left to each shard's own summary)
+ADDED_WHERE_PRESENT = (
+    "constrained_cut_short",
+    "shared_prefix_tokens",
+    "prefill_seconds",
+    "prefill_tokens",
+    "decode_seconds",
+    "decode_steps",
+)
 
 
 def merge_shards(root: OutputLayout) -> Summary:
