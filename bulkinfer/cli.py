@@ -389,7 +389,29 @@ def render_plan(report: dict) -> str:
     for row, message in report["example_errors"]:
         lines.append(f"row {row}: {message}")
     lines += render_prefixes(report.get("shared_prefixes"))
+    if report.get("engine"):
+        lines += ["", render_engine(report["engine"])]
     return "\n".join(lines)
+
+
+def render_engine(limits: dict) -> str:
+    """The plan's engine line: which engine runs the job on which device, and with what."""
+    kind = limits["kind"]
+    parts = []
+    if limits.get("slots"):
+        parts.append(f"{limits['slots']:,} rows decoded together")
+    if limits.get("kv_tokens"):
+        parts.append(f"KV pool of {limits['kv_tokens']:,} tokens")
+    if limits.get("quantization") == "fp8":
+        parts.append("fp8 weights")
+    if limits.get("kv_cache_dtype") == "fp8":
+        parts.append("fp8 KV cache")
+    line = f"engine           {kind} on {limits['device_name']}"
+    if parts:
+        line += ": " + ", ".join(parts)
+    if kind == "reference" and limits.get("why_not_fast"):
+        line += f" (not the fast engine: {limits['why_not_fast']})"
+    return line
 
 
 def render_prefixes(prefixes: dict | None) -> list[str]:

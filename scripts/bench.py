@@ -12,7 +12,9 @@ synthetic prompts with log-normal lengths. Measured per shape:
   sharegpt  bulkinfer's fast engine alone on the Llama-3.1-8B shape, each row to its own drawn
             length
   runner    `bulkinfer run` end to end (--runner): throughput and the model's share of wall time
-            from summary.json, on 16x the rows above by default
+            from summary.json, on 16x the rows above by default; --runner-fp8 adds each job
+            with fp8 weights (and KV cache), beside its bf16 row (scripts/bench_jobs.py runs
+            the 8B ShareGPT-like and score jobs with any settings, fp8 among them)
   sampler   the per-step cost of each way of choosing tokens (--sampler-costs)
 
 On a GPU:  python scripts/bench.py --runner --sampler-costs --out $OUT
@@ -653,9 +655,16 @@ def runner_section(shape, model, args, device) -> list[dict]:
 
         train_tokenizer().save_pretrained(folder)
         words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "then"]
-        for work, n, new in (
-            ("score", args.score_prompts * args.runner_scale, 0),
-            ("generate", args.generate_prompts * args.runner_scale, args.new_tokens),
+        # with --runner-fp8 each job runs again with fp8 weights (and an fp8 KV cache when
+        # generating), in the same call as its bf16 row
+        variants = [None, "fp8"] if args.runner_fp8 else [None]
+        for (work, n, new), variant in (
+            (job, variant)
+            for job in (
+                ("score", args.score_prompts * args.runner_scale, 0),
+                ("generate", args.generate_prompts * args.runner_scale, args.new_tokens),
+            )
+            for variant in variants
         ):
             lengths = lognormal_lengths(n, args.median, 0.9, 8, args.max_len, seed=11)
             prompts = prompts_of(lengths, model.config.vocab_size, seed=12)
@@ -665,12 +674,17 @@ def runner_section(shape, model, args, device) -> list[dict]:
             task = {"type": work, "chat_template": "never"}
             if new:
                 task["max_new_tokens"] = new  # EOS (id 0) is 1 in 152k per step here
+            model_keys = {"path": str(folder), "device": device.type}
+            if variant == "fp8":
+                model_keys.update(engine="fast", quantization="fp8")
+                if new:
+                    model_keys["kv_cache_dtype"] = "fp8"
             spec = load_spec(
                 None,
                 data={
-                    "model": {"path": str(folder), "device": device.type},
+                    "model": model_keys,
                     "input": {"path": str(data)},
-                    "output": {"path": str(Path(tmp) / f"out_{work}")},
+                    "output": {"path": str(Path(tmp) / f"out_{work}_{variant or 'bf16'}")},
                     "task": task,
                 },
             )
@@ -678,13 +692,16 @@ def runner_section(shape, model, args, device) -> list[dict]:
             start = time.perf_counter()
             run_job(spec)
             seconds = time.perf_counter() - start
-            summary = json.loads((Path(tmp) / f"out_{work}" / "summary.json").read_text())
+            summary_file = Path(tmp) / f"out_{work}_{variant or 'bf16'}" / "summary.json"
+            summary = json.loads(summary_file.read_text())
             tokens = summary["output_tokens"] if new else summary["input_tokens"]
             out.append(
                 {
                     "shape": shape,
                     "work": work,
-                    "path": f"bulkinfer run ({summary.get('engine')}), CLI end to end",
+                    "path": f"bulkinfer run ({summary.get('engine')}"
+                    + (", fp8 weights" + (" and KV" if new else "") if variant else "")
+                    + "), CLI end to end",
                     "tokens_per_s": tokens / seconds,
                     "padding": summary["padding_fraction"],
                     "peak_gib": peak_memory_gib(device),
@@ -692,7 +709,7 @@ def runner_section(shape, model, args, device) -> list[dict]:
                     "summary": summary,
                 }
             )
-            print(shape, work, "summary:", json.dumps(summary), flush=True)
+            print(shape, work, variant or "", "summary:", json.dumps(summary), flush=True)
     return out
 
 
@@ -856,6 +873,11 @@ def main() -> None:
         "shorter than loading the weights; 16x is a job of half a minute",
     )
     parser.add_argument("--runner-only", action="store_true", help="no sections but --runner")
+    parser.add_argument(
+        "--runner-fp8",
+        action="store_true",
+        help="--runner also with model.quantization: fp8 (and kv_cache_dtype: fp8 generating)",
+    )
     parser.add_argument("--skip-generate", action="store_true", help="score sections only")
     parser.add_argument(
         "--float32-check",

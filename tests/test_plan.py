@@ -112,6 +112,14 @@ def test_plan_command_reports_padding_without_loading_weights(tmp_path, tiny_mod
     assert sum(c for _, _, c in report["histogram"]) == 60
     text = cli("plan", str(job))
     assert "sorted and packed" in text.output and "file order" in text.output
+    assert "engine           reference on cpu" in text.output  # and why not the fast one
+    assert "not the fast engine" in text.output
+    fp8 = cli(
+        "plan", str(job), "--set", "model.quantization=fp8", "--set", "model.kv_cache_dtype=fp8"
+    )
+    assert fp8.exit_code == 0, fp8.output
+    assert "engine           fast on cpu" in fp8.output
+    assert "fp8 weights, fp8 KV cache" in fp8.output
     assert not (tmp_path / "out").exists()
 
 

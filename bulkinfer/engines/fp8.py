@@ -60,7 +60,7 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, weight, bias)
     shape = x.shape
     x8, x_scale = quantize_rows(x.reshape(-1, shape[-1]))
-    if x.is_cuda:  # row-wise scales want a bf16 result; a float16 model gets it cast
+    if x.is_cuda and fits_scaled_mm(weight.shape):  # row-wise scales want a bf16 result
         out = torch._scaled_mm(
             x8,
             weight.weight.t(),
@@ -68,12 +68,34 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
             scale_b=weight.scale[None, :],
             out_dtype=torch.bfloat16,
         ).to(x.dtype)
-    else:  # the same quantized operands, multiplied in float32
+    else:  # the same quantized operands, multiplied in float32 (the CPU; odd sizes)
         w = weight.weight.float() * weight.scale[:, None]
         out = F.linear(x8.float() * x_scale, w).to(x.dtype)
     if bias is not None:
         out = out + bias
     return out.reshape(*shape[:-1], weight.shape[0])
+
+
+def fits_scaled_mm(shape) -> bool:
+    """Whether `torch._scaled_mm` takes a weight of this [out, in] shape: both sides must be
+    multiples of 16 (every released model's are; a tiny test model's may not be, and its
+    products then run dequantized)."""
+    return shape[0] % 16 == 0 and shape[1] % 16 == 0
+
+
+def _scaled_mm_fails(device: torch.device) -> str | None:
+    """Why a small row-wise scaled product fails on this GPU, or None (row-wise scales came to
+    Ada GPUs in later torch releases than to Hopper)."""
+    try:
+        x8, x_scale = quantize_rows(torch.ones(16, 32, device=device))
+        w = quantize_weight(torch.ones(16, 32, device=device))
+        torch._scaled_mm(
+            x8, w.weight.t(), scale_a=x_scale, scale_b=w.scale[None], out_dtype=torch.bfloat16
+        )
+        torch.cuda.synchronize(device)
+    except (RuntimeError, NotImplementedError) as exc:
+        return str(exc).strip().splitlines()[0][:200] or type(exc).__name__
+    return None
 
 
 def fp8_unsupported(device: torch.device, keys: str, config) -> str | None:
@@ -88,8 +110,15 @@ def fp8_unsupported(device: torch.device, keys: str, config) -> str | None:
             f"{keys}: fp8 needs a GPU with fp8 units (compute capability 8.9 or later: Ada, "
             f"Hopper); {name} has {capability[0]}.{capability[1]}"
         )
-    if "quantization" in keys and not hasattr(torch, "_scaled_mm"):
-        return f"{keys}: fp8 needs torch._scaled_mm (torch {torch.__version__})"
+    if "quantization" in keys:
+        if not hasattr(torch, "_scaled_mm"):
+            return f"{keys}: fp8 needs torch._scaled_mm (torch {torch.__version__})"
+        failed = _scaled_mm_fails(device)
+        if failed:
+            return (
+                f"{keys}: torch {torch.__version__} cannot multiply fp8 with row-wise scales "
+                f"on {torch.cuda.get_device_name(device)} ({failed})"
+            )
     if "kv_cache_dtype" in keys:
         from bulkinfer.configs import text_config
         from bulkinfer.engines import decode_attention
