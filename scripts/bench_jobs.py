@@ -65,6 +65,8 @@ GENERATION_TIME = (
     "decode_steps",
     "decode_rows_per_step",
     "decode_slots_filled",
+    "graph_captures",
+    "capture_seconds",
 )
 PEAK_BF16_FLOPS = 790e12  # dense bf16 matrix products, measured on the lent H200
 COPY_BYTES_PER_S = 4.3e12  # device-to-device copy, measured on the lent H200

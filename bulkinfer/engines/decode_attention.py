@@ -12,6 +12,12 @@ instruction), so the step is bound by reading the cache, as it should be. Splits
 a second small kernel (their outputs weighted by their log-sum-exp); with enough rows to fill the
 GPU a row is one split and the first kernel writes the result directly.
 
+An fp8 cache (`model.kv_cache_dtype: fp8`) is read as stored: the products run on its values
+converted to the query's dtype, each token's key scale applied to its scores and its value
+scale to its weight. It reads half the bytes but, on an H200, takes about as long as a bf16
+cache (docs/perf.md: the kernel is not bound by the read there). Its writes go through
+`store_fp8`, one kernel a layer that quantizes keys and values and puts them in their slots.
+
 Runs where Triton and a CUDA device are present and the head size is a power of two (64 to 256);
 anywhere else the engine keeps FlashAttention. With TRITON_INTERPRET=1 the same kernels run on
 the CPU (the tests compare them with the reference attention there).

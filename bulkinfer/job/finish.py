@@ -83,7 +83,7 @@ def generation_time(counters: dict[str, float]) -> dict:
     """Where the fast engine's generation time went (empty for other engines and tasks):
     prefill seconds and tokens computed, decode seconds and steps, the rows a step carried on
     average and the share of the slots it computed that held a row (the rest idle in a
-    bucket). Seconds are the host's clock around each call, which ends with its tokens on
+    bucket), and on a GPU the decode graphs captured and the seconds that took. Seconds are the host's clock around each call, which ends with its tokens on
     the host, so prefill and decode add up to the model time spent generating."""
     steps = counters.get("decode_steps", 0)
     if not steps and not counters.get("prefill_calls"):
@@ -94,6 +94,9 @@ def generation_time(counters: dict[str, float]) -> dict:
         "decode_seconds": round(counters.get("decode_seconds", 0.0), 3),
         "decode_steps": int(steps),
     }
+    if counters.get("graph_captures"):  # CUDA graphs captured for decode steps (GPU only)
+        out["graph_captures"] = int(counters["graph_captures"])
+        out["capture_seconds"] = round(counters["capture_seconds"], 3)
     if steps:
         rows = counters.get("decode_row_steps", 0)
         out["decode_rows_per_step"] = round(rows / steps, 1)

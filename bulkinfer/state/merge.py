@@ -39,6 +39,8 @@ ADDED_WHERE_PRESENT = (
     "prefill_tokens",
     "decode_seconds",
     "decode_steps",
+    "graph_captures",
+    "capture_seconds",
 )
 
 

@@ -1,0 +1,199 @@
+"""Where a real `bulkinfer run` generation job's model time goes, call by call.
+
+Runs the ShareGPT-like job of `scripts/bench_jobs.py` in this process (a model saved to disk,
+the OpenAI Batch file, `bulkinfer run` as a user runs it) with the fast engine's `prefill` and
+`decode` timed call by call (each ends with its tokens on the host, so a call's wall time is
+its GPU time plus the launches), and the kernels of a few decode chunks in the middle of the
+job under torch.profiler, by family. The summary sets the job's measured step costs beside
+those of `scripts/profile_decode.py` (which steps rows of equal contexts in a loop): the
+difference is what the job pays that the profile does not.
+
+    python scripts/profile_job.py --requests 10000 [--set model.quantization=fp8 ...]
+        [--work /tmp/bj8] --out $OUT
+    python scripts/profile_job.py --tiny      (CPU: a tiny model and 200 requests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import bench_jobs  # noqa: E402
+
+
+def timed_engine(calls: list[dict], window: range, kernels: list) -> None:
+    """Wrap the fast engine's prefill and decode: each call's seconds, rows and sizes go to
+    `calls`; decode calls numbered in `window` run under torch.profiler (CUDA only)."""
+    import torch
+
+    from bulkinfer.engines.fast import DECODE_BUCKETS, FastEngine
+
+    prefill, decode = FastEngine.prefill, FastEngine.decode
+
+    def timed_prefill(self, prompts, *args, **kwargs):
+        started = time.perf_counter()
+        out = prefill(self, prompts, *args, **kwargs)
+        past = args[6] if len(args) > 6 else kwargs.get("past")
+        tokens = sum(len(p) for p in prompts) - (sum(past) if past else 0)
+        calls.append(
+            {
+                "kind": "prefill",
+                "rows": len(prompts),
+                "tokens": int(tokens),
+                "seconds": time.perf_counter() - started,
+            }
+        )
+        return out
+
+    def timed_decode(self, rows, steps, *args, **kwargs):
+        n = len(rows.lengths)
+        size = min(next(b for b in (*DECODE_BUCKETS, self.slots) if b >= n), self.slots)
+        number = sum(c["kind"] == "decode" for c in calls)
+        profiling = self.device.type == "cuda" and number in window
+        if profiling:
+            from torch.profiler import ProfilerActivity, profile
+
+            torch.cuda.synchronize()
+            prof = profile(activities=[ProfilerActivity.CUDA])
+            prof.__enter__()
+        started = time.perf_counter()
+        out = decode(self, rows, steps, *args, **kwargs)
+        seconds = time.perf_counter() - started
+        if profiling:
+            torch.cuda.synchronize()
+            prof.__exit__(None, None, None)
+            kernels.append((prof, steps))
+        calls.append(
+            {
+                "kind": "decode",
+                "rows": n,
+                "size": size,
+                "steps": steps,
+                "context": int(sum(rows.lengths)),
+                "longest": max(rows.lengths) + steps,
+                "seconds": seconds,
+            }
+        )
+        return out
+
+    FastEngine.prefill, FastEngine.decode = timed_prefill, timed_decode
+
+
+def summarize(calls: list[dict]) -> dict:
+    decode = [c for c in calls if c["kind"] == "decode"]
+    prefill = [c for c in calls if c["kind"] == "prefill"]
+    by_size: dict[int, list] = defaultdict(list)
+    for c in decode:
+        by_size[c["size"]].append(c)
+    sizes = {}
+    for size, group in sorted(by_size.items()):
+        steps = sum(c["steps"] for c in group)
+        sizes[size] = {
+            "calls": len(group),
+            "steps": steps,
+            "ms_per_step": round(1e3 * sum(c["seconds"] for c in group) / steps, 2),
+            "rows_mean": round(sum(c["rows"] * c["steps"] for c in group) / steps, 1),
+            "cached_tokens_per_row": round(
+                sum(c["context"] for c in group) / max(1, sum(c["rows"] for c in group)), 1
+            ),
+            # the first call of a size captures its graph (and may compile)
+            "first_call_s": round(group[0]["seconds"], 3),
+        }
+    tokens = sum(c["tokens"] for c in prefill)
+    prefill_s = sum(c["seconds"] for c in prefill)
+    return {
+        "prefill_calls": len(prefill),
+        "prefill_tokens": tokens,
+        "prefill_seconds": round(prefill_s, 2),
+        "prefill_us_per_token": round(1e6 * prefill_s / max(1, tokens), 2),
+        "prefill_slowest_s": sorted(round(c["seconds"], 3) for c in prefill)[-5:],
+        "decode_calls": len(decode),
+        "decode_steps": sum(c["steps"] for c in decode),
+        "decode_seconds": round(sum(c["seconds"] for c in decode), 2),
+        "decode_by_size": sizes,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="llama-3.1-8b")
+    parser.add_argument("--requests", type=int, default=10000)
+    parser.add_argument("--set", dest="settings", action="append", default=[], help="KEY=VALUE")
+    parser.add_argument("--window", default="100,103", help="decode calls to profile: FIRST,END")
+    parser.add_argument("--work", type=Path, default=None, help="keeps the saved model")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    import tempfile
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.tiny:
+        args.shape, args.requests = "tiny", min(args.requests, 200)
+    work = args.work or Path(tempfile.mkdtemp(prefix="profile_job_"))
+    saved = work / "model" / "bench_model.json"
+    if saved.exists() and json.loads(saved.read_text())["shape"] == args.shape:
+        model = json.loads(saved.read_text())
+    else:
+        model = {"shape": args.shape, **bench_jobs.save_model(args.shape, work / "model", device)}
+        saved.write_text(json.dumps(model))
+    data = work / f"sharegpt-{args.requests}.jsonl"
+    bench_jobs.write_requests(data, args.requests, model["per_word"])
+    spec: dict = {
+        "model": {"path": str(work / "model"), "engine": "fast"},
+        "input": {"path": str(data)},
+        "output": {"path": str(work / "out-profile-job")},
+        "task": {"type": "generate", "max_new_tokens": 1500, "temperature": 0.0},
+    }
+    for setting in args.settings:
+        name, value = setting.split("=", 1)
+        section, key = name.split(".", 1)
+        spec.setdefault(section, {})[key] = bench_jobs.spec_value(value)
+    job = work / "profile-job.json"
+    job.write_text(json.dumps(spec))
+
+    calls: list[dict] = []
+    kernels: list = []
+    first, end = (int(x) for x in args.window.split(","))
+    timed_engine(calls, range(first, end), kernels)
+    from bulkinfer.cli import main as cli
+
+    sys.argv = ["bulkinfer", "--log-format", "json", "run", str(job), "--overwrite"]
+    started = time.perf_counter()
+    with contextlib.suppress(SystemExit):  # click's exit once the job is done
+        cli(standalone_mode=False)
+    wall = time.perf_counter() - started
+    summary = json.loads((work / "out-profile-job" / "summary.json").read_text())
+    report = {
+        "device": summary.get("device"),
+        "settings": args.settings,
+        "wall_seconds": round(wall, 1),
+        "model_seconds": round(summary["model_seconds"], 1),
+        "output_tokens": summary["output_tokens"],
+        **summarize(calls),
+    }
+    if kernels:
+        from profile_decode import kernel_table
+
+        report["kernels_per_step_in_window"] = [kernel_table(p, steps) for p, steps in kernels]
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "profile_job.json").write_text(text)
+        (args.out / "calls.json").write_text(json.dumps(calls))
+
+
+if __name__ == "__main__":
+    main()
