@@ -83,8 +83,9 @@ def generation_time(counters: dict[str, float]) -> dict:
     """Where the fast engine's generation time went (empty for other engines and tasks):
     prefill seconds and tokens computed, decode seconds and steps, the rows a step carried on
     average and the share of the slots it computed that held a row (the rest idle in a
-    bucket), and on a GPU the decode graphs captured and the seconds that took. Seconds are the host's clock around each call, which ends with its tokens on
-    the host, so prefill and decode add up to the model time spent generating."""
+    bucket), and on a GPU the decode graphs captured and the seconds that took (within the
+    decode seconds). Seconds are the host's clock around each call, which ends with its
+    tokens on the host, so prefill and decode add up to the model time spent generating."""
     steps = counters.get("decode_steps", 0)
     if not steps and not counters.get("prefill_calls"):
         return {}
