@@ -101,10 +101,14 @@ def text_of(tokens: int, rng: np.random.Generator, per_word: float) -> str:
     return " ".join(WORDS[i] for i in rng.integers(0, len(WORDS), words))
 
 
+def request_lengths(n: int, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """The sharegpt workload's prompt lengths and per-request max_tokens (tokens)."""
+    return lognormal(n, 200, 0.8, 4, 3000, seed), lognormal(n, 200, 0.9, 8, 1500, seed + 1)
+
+
 def write_requests(path: Path, n: int, per_word: float, seed: int = 5) -> dict:
     """The OpenAI Batch request file: /v1/completions, per-request max_tokens, greedy."""
-    prompts = lognormal(n, 200, 0.8, 4, 3000, seed)
-    answers = lognormal(n, 200, 0.9, 8, 1500, seed + 1)
+    prompts, answers = request_lengths(n, seed)
     rng = np.random.default_rng(seed + 2)
     with path.open("w") as f:
         for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
@@ -170,6 +174,25 @@ def save_model(shape: str, folder: Path, device: str) -> dict:
         "weight_bytes": params * (2 if device == "cuda" else 4),
         "per_word": per_word,
     }
+
+
+def saved_model(work: Path, shape: str, device: str) -> dict:
+    """The benchmark model of `shape` in work/model, saved unless a last call on this machine
+    left it there; its facts (params, weight bytes, tokens a word)."""
+    saved = work / "model" / "bench_model.json"
+    if saved.exists() and json.loads(saved.read_text())["shape"] == shape:
+        return json.loads(saved.read_text())
+    model = {"shape": shape, **save_model(shape, work / "model", device)}
+    saved.write_text(json.dumps(model))
+    return model
+
+
+def with_settings(spec: dict, keys: dict) -> dict:
+    """`spec` with spec keys (`model.quantization` -> its value) set in their sections."""
+    for name, value in keys.items():
+        section, key = name.split(".", 1)
+        spec.setdefault(section, {})[key] = value
+    return spec
 
 
 def run_job(
@@ -334,12 +357,7 @@ def main() -> None:
             args.jobs = "sharegpt:24,json:24,score:40"
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_jobs_"))
     start = time.perf_counter()
-    saved = work / "model" / "bench_model.json"
-    if saved.exists() and json.loads(saved.read_text())["shape"] == args.shape:
-        model = json.loads(saved.read_text())  # a warm machine keeps the model of a last call
-    else:
-        model = {"shape": args.shape, **save_model(args.shape, work / "model", device)}
-        saved.write_text(json.dumps(model))
+    model = saved_model(work, args.shape, device)
     print(
         f"saved {args.shape} ({model['params'] / 1e9:.2f}B) in {time.perf_counter() - start:.0f} s",
         flush=True,
@@ -378,9 +396,7 @@ def main() -> None:
             "output": {"path": str(work / f"out-{k}")},
             "task": task,
         }
-        for name, value in keys.items():  # spec keys of this job (an A/B of one setting)
-            section, key = name.split(".", 1)
-            spec.setdefault(section, {})[key] = value
+        with_settings(spec, keys)  # spec keys of this job (an A/B of one setting)
         if args.tiny:
             scored = task["type"] == "score"
             spec["task"]["max_new_tokens"] = 16 if not scored else None

@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_jobs import lognormal  # noqa: E402
+from bench_jobs import request_lengths  # noqa: E402
 
 from bulkinfer.engines.base import GenerateRequests  # noqa: E402
-from bulkinfer.engines.fast import DECODE_BUCKETS  # noqa: E402
+from bulkinfer.engines.fast import DECODE_BUCKETS, decode_bucket  # noqa: E402
 from bulkinfer.engines.sampling import SamplingParams  # noqa: E402
 from bulkinfer.engines.scheduler import stream  # noqa: E402
 
@@ -59,7 +59,7 @@ class CountingEngine:
 
     def decode(self, rows, steps, chooser, logprobs, matchers, top):
         n = len(rows.lengths)
-        size = min(next(b for b in (*DECODE_BUCKETS, self.slots) if b >= n), self.slots)
+        size = decode_bucket(n, self.slots)
         context = sum(rows.lengths)
         for j in range(steps):
             self.steps.append((n, size, context + n * j))
@@ -78,9 +78,7 @@ def main() -> None:
     parser.add_argument("--prefill-us", type=float, default=21.3)
     args = parser.parse_args()
 
-    seed = 5  # bench_jobs.write_requests's
-    prompts = lognormal(args.requests, 200, 0.8, 4, 3000, seed)
-    answers = lognormal(args.requests, 200, 0.9, 8, 1500, seed + 1)
+    prompts, answers = request_lengths(args.requests)
     order = np.lexsort((-prompts, -answers))  # the plan's order: most decode steps first
     engine = CountingEngine(args.slots, args.pool_tokens)
     params = SamplingParams(max_new_tokens=int(answers.max()))

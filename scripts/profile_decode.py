@@ -354,11 +354,11 @@ def tune_fp8_attention(fast, size: int, ctx: int) -> dict:
 
 def quantize_linears(model) -> None:
     """The decoder layers' linears as fp8 ones, as engines/fp8_loading.py loads them."""
+    from bulkinfer.engines.fp8_loading import LINEARS
+
     for layer in model.model.layers:
-        for owner, names in (
-            (layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
-            (layer.mlp, ("gate_proj", "up_proj", "down_proj")),
-        ):
+        for part, names in LINEARS:
+            owner = getattr(layer, part)
             for name in names:
                 m = getattr(owner, name)
                 setattr(owner, name, Fp8Linear(quantize_weight(m.weight.detach()), m.bias))

@@ -36,7 +36,7 @@ def timed_engine(calls: list[dict], window: range, kernels: list) -> None:
     `calls`; decode calls numbered in `window` run under torch.profiler (CUDA only)."""
     import torch
 
-    from bulkinfer.engines.fast import DECODE_BUCKETS, FastEngine
+    from bulkinfer.engines.fast import FastEngine, decode_bucket
 
     prefill, decode = FastEngine.prefill, FastEngine.decode
 
@@ -57,7 +57,7 @@ def timed_engine(calls: list[dict], window: range, kernels: list) -> None:
 
     def timed_decode(self, rows, steps, *args, **kwargs):
         n = len(rows.lengths)
-        size = min(next(b for b in (*DECODE_BUCKETS, self.slots) if b >= n), self.slots)
+        size = decode_bucket(n, self.slots)
         number = sum(c["kind"] == "decode" for c in calls)
         profiling = self.device.type == "cuda" and number in window
         if profiling:
@@ -142,12 +142,7 @@ def main() -> None:
     if args.tiny:
         args.shape, args.requests = "tiny", min(args.requests, 200)
     work = args.work or Path(tempfile.mkdtemp(prefix="profile_job_"))
-    saved = work / "model" / "bench_model.json"
-    if saved.exists() and json.loads(saved.read_text())["shape"] == args.shape:
-        model = json.loads(saved.read_text())
-    else:
-        model = {"shape": args.shape, **bench_jobs.save_model(args.shape, work / "model", device)}
-        saved.write_text(json.dumps(model))
+    model = bench_jobs.saved_model(work, args.shape, device)
     data = work / f"sharegpt-{args.requests}.jsonl"
     bench_jobs.write_requests(data, args.requests, model["per_word"])
     spec: dict = {
@@ -156,10 +151,8 @@ def main() -> None:
         "output": {"path": str(work / "out-profile-job")},
         "task": {"type": "generate", "max_new_tokens": 1500, "temperature": 0.0},
     }
-    for setting in args.settings:
-        name, value = setting.split("=", 1)
-        section, key = name.split(".", 1)
-        spec.setdefault(section, {})[key] = bench_jobs.spec_value(value)
+    settings = dict(setting.split("=", 1) for setting in args.settings)
+    bench_jobs.with_settings(spec, {k: bench_jobs.spec_value(v) for k, v in settings.items()})
     job = work / "profile-job.json"
     job.write_text(json.dumps(spec))
 

@@ -84,13 +84,18 @@ def write_job(path: Path, model: Path, inputs, output: Path, **sections) -> Path
     return path
 
 
-def use_engine(job: Path, engine: str) -> Path:
-    """Set model.engine in a job file written by write_job (whose sections cannot name the
-    `model` one)."""
+def set_model(job: Path, **keys) -> Path:
+    """Set model keys (engine, quantization, ...) in a job file written by write_job (whose
+    sections cannot name the `model` one)."""
     spec = yaml.safe_load(job.read_text())
-    spec["model"]["engine"] = engine
+    spec["model"].update(keys)
     job.write_text(yaml.safe_dump(spec))
     return job
+
+
+def use_engine(job: Path, engine: str) -> Path:
+    """Set model.engine in a job file written by write_job."""
+    return set_model(job, engine=engine)
 
 
 def sampled_job(folder: Path, model: Path, n_rows: int, task: dict, batching: dict):

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import ROOT, cli, read_outputs, sample_prompts, use_engine, write_job, write_jsonl
+from conftest import ROOT, cli, read_outputs, sample_prompts, set_model, write_job, write_jsonl
 from tiny_model import build_tiny_encoder, build_tiny_model
 
 from bulkinfer.engines.fp8 import FP8_MAX, Fp8Weight, linear, quantize_weight
@@ -145,9 +145,7 @@ def test_an_fp8_kv_cache_with_shared_prefixes_agrees_with_computing_rows_whole(
             task={"max_new_tokens": 8, "logprobs": True},
             batching={"max_tokens": 20000, "max_batch_size": 16, "min_shared_prefix": share},
         )
-        spec = yaml.safe_load(job.read_text())
-        spec["model"].update(engine="fast", kv_cache_dtype="fp8")
-        job.write_text(yaml.safe_dump(spec))
+        set_model(job, engine="fast", kv_cache_dtype="fp8")
         result = cli("run", str(job))
         assert result.exit_code == 0, result.output
         out[name] = read_outputs(tmp_path / name).to_pylist()
@@ -166,11 +164,7 @@ def _job(tmp_path, model, name, **model_keys):
         tmp_path / name,
         task={"max_new_tokens": 6},
     )
-    use_engine(job, "fast")
-    spec = yaml.safe_load(job.read_text())
-    spec["model"].update(model_keys)
-    job.write_text(yaml.safe_dump(spec))
-    return job
+    return set_model(job, **{"engine": "fast", **model_keys})
 
 
 def test_jobs_that_do_not_ask_for_fp8_are_unchanged(tmp_path, tiny_model):

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from bulkinfer.configs import text_config
 from bulkinfer.engines import fp8
 from bulkinfer.engines.compiling import Compiled
-from bulkinfer.engines.fp8 import linear
 from bulkinfer.errors import first_line
 from bulkinfer.observe.progress import log
 
@@ -241,7 +240,7 @@ def layer_steps(shape: DecoderShape):
     def before_attention(x, cos, sin, w: LayerWeights):
         h = rms_norm(x, w.input_norm, eps)
         tokens = x.shape[0]
-        q, k, v = linear(h, w.qkv, w.qkv_bias).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = fp8.linear(h, w.qkv, w.qkv_bias).split([q_size, kv_size, kv_size], dim=-1)
         q = q.reshape(tokens, heads, head_dim)
         k = k.reshape(tokens, kv_heads, head_dim)
         v = v.reshape(tokens, kv_heads, head_dim)
@@ -255,10 +254,10 @@ def layer_steps(shape: DecoderShape):
         return q, k, v.contiguous()
 
     def after_attention(x, attention, w: LayerWeights):
-        x = x + linear(attention.reshape(x.shape[0], -1), w.o, w.o_bias)
+        x = x + fp8.linear(attention.reshape(x.shape[0], -1), w.o, w.o_bias)
         h = rms_norm(x, w.post_norm, eps)
-        gate, up = linear(h, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
-        return x + linear(act(gate) * up, w.down, w.down_bias)
+        gate, up = fp8.linear(h, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+        return x + fp8.linear(act(gate) * up, w.down, w.down_bias)
 
     def norm(x, weight):
         return rms_norm(x, weight, eps)

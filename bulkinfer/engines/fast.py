@@ -399,7 +399,7 @@ class FastEngine(HFEngine):
         host while the step runs) and its tokens read back for the matchers to consume, which
         the next step's masks need: the one sync a constrained step takes."""
         n = len(rows.lengths)
-        size = min(next(b for b in (*DECODE_BUCKETS, self.slots) if b >= n), self.slots)
+        size = decode_bucket(n, self.slots)
         longest = max(rows.lengths) + steps
         self.load_slots(rows, size)
         state = self._state
@@ -483,6 +483,12 @@ class FastEngine(HFEngine):
             self._decode_logits(size, kv_bucket)
         _count(self.counters, graph_captures=1, capture_seconds=time.perf_counter() - started)
         return graph
+
+
+def decode_bucket(rows: int, slots: int) -> int:
+    """The slots a decode step of `rows` rows computes: the smallest bucket that holds them (one
+    captured graph per bucket), at most the engine's `slots`."""
+    return min(next(b for b in (*DECODE_BUCKETS, slots) if b >= rows), slots)
 
 
 def forward_token_limit(config) -> int:

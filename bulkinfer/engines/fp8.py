@@ -54,6 +54,12 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (h / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 values of fp8 vectors [..., n] and their scales [...] (one a vector, as stored:
+    a weight's per output channel, the KV cache's per token and head)."""
+    return q.float() * scale[..., None]
+
+
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
     """`F.linear` for a weight kept in the model's dtype or as an `Fp8Weight`."""
     if not isinstance(weight, Fp8Weight):
@@ -69,7 +75,7 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
             out_dtype=torch.bfloat16,
         ).to(x.dtype)
     else:  # the same quantized operands, multiplied in float32 (the CPU; odd sizes)
-        w = weight.weight.float() * weight.scale[:, None]
+        w = dequantize_rows(weight.weight, weight.scale)
         out = F.linear(x8.float() * x_scale, w).to(x.dtype)
     if bias is not None:
         out = out + bias

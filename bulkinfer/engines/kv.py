@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from bulkinfer.engines import decode_attention
-from bulkinfer.engines.fp8 import FP8, quantize_rows
+from bulkinfer.engines.fp8 import FP8, dequantize_rows, quantize_rows
 
 
 @dataclass
@@ -86,8 +86,8 @@ class KVPool:
         """Keys and values of `slots` in `dtype` (dequantized from fp8)."""
         k, v = self.keys[layer][slots], self.values[layer][slots]
         if self.fp8:
-            k = (k.float() * self.key_scales[layer][slots][..., None]).to(dtype)
-            v = (v.float() * self.value_scales[layer][slots][..., None]).to(dtype)
+            k = dequantize_rows(k, self.key_scales[layer][slots]).to(dtype)
+            v = dequantize_rows(v, self.value_scales[layer][slots]).to(dtype)
         return k, v
 
     def copy(self, source: torch.Tensor, target: torch.Tensor) -> None:

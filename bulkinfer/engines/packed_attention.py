@@ -49,22 +49,23 @@ def attend(layer: int, q, k, v, packed: Packed) -> torch.Tensor:
     pool = packed.pool
     if pool is not None:
         pool.store(layer, packed.write_index, k, v)
-        if (packed.decode or packed.after_prefix) and pool.fp8:
-            if packed.decode and decode_attention.usable(q):
-                return decode_attention.decode_attention(
-                    q,
-                    pool.keys[layer],
-                    pool.values[layer],
-                    packed.region_start,
-                    packed.used,
-                    packed.max_len,
-                    packed.scale,
-                    pool.key_scales[layer],
-                    pool.value_scales[layer],
-                )
-            k, v, packed = _dequantized_regions(layer, q, packed)
-        elif packed.decode or packed.after_prefix:
+    if pool is not None and (packed.decode or packed.after_prefix):
+        if not pool.fp8:
             k, v = pool.keys[layer], pool.values[layer]
+        elif packed.decode and decode_attention.usable(q):
+            return decode_attention.decode_attention(
+                q,
+                pool.keys[layer],
+                pool.values[layer],
+                packed.region_start,
+                packed.used,
+                packed.max_len,
+                packed.scale,
+                pool.key_scales[layer],
+                pool.value_scales[layer],
+            )
+        else:
+            k, v, packed = _dequantized_regions(layer, q, packed)
     run = _flash if _flash_ok(q) and not _reference_only(packed) else _reference
     return run(q, k, v, packed)
 

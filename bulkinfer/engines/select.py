@@ -80,6 +80,11 @@ def fp8_keys(options: LoadOptions | EngineLimits) -> str:
     return " and ".join(keys)
 
 
+def fp8_needs_fast(keys: str, model: str, blocker: str) -> ModelError:
+    """The one-line refusal of fp8 for a model the fast engine cannot run."""
+    return ModelError(f"{keys}: fp8 needs the fast engine, which cannot run {model} ({blocker})")
+
+
 def choose_kind(options: LoadOptions, config: Any) -> tuple[str, str | None]:
     """("fast" or "reference", why not fast) for a causal model, from its config alone."""
     if not wants_fast(options):
@@ -90,10 +95,7 @@ def choose_kind(options: LoadOptions, config: Any) -> tuple[str, str | None]:
         return "reference", "model.engine auto runs the fast engine on a CUDA GPU only"
     blocker = config_blocker(config)
     if blocker and fp8_keys(options):
-        raise ModelError(
-            f"{fp8_keys(options)}: fp8 needs the fast engine, which cannot run "
-            f"{options.label} ({blocker})"
-        )
+        raise fp8_needs_fast(fp8_keys(options), options.label, blocker)
     return ("reference", blocker) if blocker else ("fast", None)
 
 
@@ -255,10 +257,7 @@ def causal_engine(model, tokenizer, limits: EngineLimits) -> HFEngine:
     if blocker is None:
         return FastEngine(model, tokenizer, limits)
     if fp8_keys(limits):
-        raise ModelError(
-            f"{fp8_keys(limits)}: fp8 needs the fast engine, which cannot run this model "
-            f"({blocker})"
-        )
+        raise fp8_needs_fast(fp8_keys(limits), "this model", blocker)
     log(f"engine: the reference engine runs this model ({blocker})")
     return HFEngine(model, tokenizer, limits.as_reference(blocker))
 
