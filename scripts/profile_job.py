@@ -131,6 +131,9 @@ def main() -> None:
     parser.add_argument("--set", dest="settings", action="append", default=[], help="KEY=VALUE")
     parser.add_argument("--window", default="100,103", help="decode calls to profile: FIRST,END")
     parser.add_argument("--work", type=Path, default=None, help="keeps the saved model")
+    parser.add_argument(
+        "--pool-share", type=float, default=None, help="the KV pool's share of free memory"
+    )
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -156,6 +159,10 @@ def main() -> None:
     job = work / "profile-job.json"
     job.write_text(json.dumps(spec))
 
+    if args.pool_share is not None:
+        from bulkinfer.engines import memory
+
+        memory.GPU_POOL_SHARE = args.pool_share
     calls: list[dict] = []
     kernels: list = []
     first, end = (int(x) for x in args.window.split(","))
@@ -176,6 +183,12 @@ def main() -> None:
         "output_tokens": summary["output_tokens"],
         **summarize(calls),
     }
+    if device == "cuda":  # how close the job came to the device's memory
+        report["memory_gib"] = {
+            "device": round(torch.cuda.mem_get_info()[1] / 2**30, 1),
+            "peak_reserved": round(torch.cuda.max_memory_reserved() / 2**30, 1),
+            "peak_allocated": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+        }
     if kernels:
         from profile_decode import kernel_table
 

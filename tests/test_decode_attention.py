@@ -2,8 +2,9 @@
 Triton's interpreter (TRITON_INTERPRET=1, set before Triton is imported: a subprocess).
 
 The interpreter computes in numpy, so these check the kernels' indexing, masking, online
-softmax and the combining of splits in float32 and float16; bfloat16 (which the interpreter
-cannot represent) and the speed are checked on a GPU by scripts/profile_decode.py."""
+softmax and the combining of splits in float32 and float16, and an fp8 cache read by bfloat16
+queries (whose products run in float16); the bfloat16 cache (which the interpreter cannot
+represent) and the speed are checked on a GPU by scripts/tune_decode_attention.py."""
 
 from __future__ import annotations
 
@@ -73,8 +74,13 @@ CASES = [
 
 @pytest.mark.parametrize(
     "dtype, fp8, tolerance",
-    [("float32", False, 1e-5), ("float16", False, 4e-3), ("float32", True, 1e-5)],
-    ids=["float32", "float16", "fp8-cache"],
+    [
+        ("float32", False, 1e-5),
+        ("float16", False, 4e-3),
+        ("float32", True, 1e-5),
+        ("bfloat16", True, 2e-2),  # a bfloat16 step at outputs of 2 to 4
+    ],
+    ids=["float32", "float16", "fp8-cache", "fp8-cache-bf16"],
 )
 def test_decode_kernels_equal_reference_attention(dtype, fp8, tolerance):
     """Also reading an fp8 cache (model.kv_cache_dtype: fp8) with its per-token, per-head

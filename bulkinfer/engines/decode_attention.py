@@ -13,10 +13,13 @@ a second small kernel (their outputs weighted by their log-sum-exp); with enough
 GPU a row is one split and the first kernel writes the result directly.
 
 An fp8 cache (`model.kv_cache_dtype: fp8`) is read as stored: the products run on its values
-converted to the query's dtype, each token's key scale applied to its scores and its value
-scale to its weight. It reads half the bytes but, on an H200, takes about as long as a bf16
-cache (docs/perf.md: the kernel is not bound by the read there). Its writes go through
-`store_fp8`, one kernel a layer that quantizes keys and values and puts them in their slots.
+converted to float16 (one instruction converts two fp8 values to it; bfloat16 takes several),
+each token's key scale applied to its scores and its value scale to its weight. It reads half
+the bytes of a bf16 cache but is bound by that per-token work, not the read: on an H200 ~3 TB/s
+against the bf16 cache's 4.3 (scripts/tune_decode_attention.py, docs/perf.md). Its writes go
+through `store_fp8`, one kernel a layer that quantizes keys and values and puts them in their
+slots. A row's KV heads are neighbouring programs, so the heads of a token, stored side by
+side with their scales, are read together.
 
 Runs where Triton and a CUDA device are present and the head size is a power of two (64 to 256);
 anywhere else the engine keeps FlashAttention. With TRITON_INTERPRET=1 the same kernels run on
@@ -39,14 +42,14 @@ except ImportError:  # no Triton (CPU-only installs): the engine keeps FlashAtte
 # BULKINFER_DECODE_ATTENTION=flash keeps FlashAttention for decode steps (to compare)
 KERNEL_ENV = "BULKINFER_DECODE_ATTENTION"
 # cached tokens per tile, warps and pipeline stages, by (fp8 cache, 256 rows or more): on an
-# H200 an fp8 cache at 256-1,024 rows reads fastest in tiles of 128 tokens (14.7 against 16.9
-# ms for 32 layers at 1,024 rows of 500 tokens), at 64 rows in tiles of 64 (1.9 against 2.5);
-# scripts/profile_decode.py --fp8 measures the choices
+# H200 an fp8 cache at 1,024 rows of ~410 tokens reads fastest in tiles of 64 tokens with two
+# warps and three stages (9.7 against 12.1 ms for 32 layers with four warps and tiles of 128;
+# the same at 256 rows); scripts/tune_decode_attention.py --tiles measures the choices
 TUNING = {
     (False, False): dict(BLOCK_N=64, num_warps=4, num_stages=2),
     (False, True): dict(BLOCK_N=64, num_warps=4, num_stages=2),
     (True, False): dict(BLOCK_N=64, num_warps=4, num_stages=2),
-    (True, True): dict(BLOCK_N=128, num_warps=4, num_stages=2),
+    (True, True): dict(BLOCK_N=64, num_warps=2, num_stages=3),
 }
 MIN_SPLIT = 256  # cached tokens a split covers at least
 HEAD_DIMS = (64, 128, 256)
@@ -99,7 +102,7 @@ def decode_attention(
         partial = q.new_empty((rows, heads, splits, dim), dtype=torch.float32)
         lse = q.new_empty((rows, heads, splits), dtype=torch.float32)
     fp8 = key_scales is not None
-    _split_kernel[(rows, kv_heads, splits)](
+    _split_kernel[(kv_heads, rows, splits)](
         q,
         keys,
         values,
@@ -121,6 +124,7 @@ def decode_attention(
         partial.stride(2),
         scale,
         split_len,
+        heads,
         GROUPS=groups,
         BLOCK_H=max(16, triton.next_power_of_2(groups)),
         D=dim,
@@ -210,6 +214,7 @@ if triton is not None:
         stride_os,
         scale,
         split_len,
+        all_heads,
         GROUPS: tl.constexpr,
         BLOCK_H: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -217,8 +222,10 @@ if triton is not None:
         WRITE_LSE: tl.constexpr,
         FP8: tl.constexpr,
     ):
-        row = tl.program_id(0)
-        kv_head = tl.program_id(1)
+        # a row's KV heads are neighbouring programs: they read its tokens' keys, values and
+        # scales (contiguous across heads) together
+        kv_head = tl.program_id(0)
+        row = tl.program_id(1)
         split = tl.program_id(2)
         start = tl.load(Starts + row).to(tl.int64)
         used = tl.load(Used + row)
@@ -235,6 +242,9 @@ if triton is not None:
             mask=head_ok[:, None],
             other=0.0,
         )
+        if FP8 and q.dtype == tl.bfloat16:  # products in float16: one instruction converts
+            # two fp8 values to it, several to bfloat16
+            q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
         best = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         total = tl.zeros([BLOCK_H], dtype=tl.float32)
         acc = tl.zeros([BLOCK_H, D], dtype=tl.float32)
@@ -289,7 +299,7 @@ if triton is not None:
             lse = tl.where(nonempty, best + tl.log(tl.where(nonempty, total, 1.0)), float("-inf"))
             splits = tl.num_programs(2)
             tl.store(
-                Lse + (row * GROUPS * tl.num_programs(1) + heads) * splits + split,
+                Lse + (row * all_heads + heads) * splits + split,
                 lse,
                 mask=head_ok,
             )
