@@ -147,3 +147,29 @@ def test_a_leftover_folder_owned_by_another_user_is_reported_as_permission_denie
     message = second.stderr.strip().splitlines()[-1]
     assert "Permission denied" in message and "File exists" not in message, message
     assert "Traceback" not in second.stderr
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_a_model_whose_scores_are_nan_stops_the_job_instead_of_writing_empty_answers(
+    tmp_path, tiny_model, engine
+):
+    """NaN scores make argmax pick an arbitrary token (often the end of text): every row would
+    come back `ok` and empty. The job stops with one line and writes no part."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    broken = tmp_path / "nan-model"
+    shutil.copytree(tiny_model, broken)
+    model = AutoModelForCausalLM.from_pretrained(broken)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(broken)
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(6))
+    job = write_job(tmp_path / "job.yaml", tiny_model, inputs, tmp_path / "out")
+    spec = job.read_text().replace(str(tiny_model), str(broken))
+    job.write_text(spec)
+    done = cli_subprocess("run", str(job), "--set", f"model.engine={engine}")
+    assert done.returncode != 0
+    assert "next-token scores for row" in done.stderr and "are NaN" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert not list((tmp_path / "out" / "outputs").glob("*.parquet"))

@@ -31,6 +31,7 @@ from bulkinfer.engines.sampling import (
     RowSampling,
     SamplingParams,
     choose_next_tokens,
+    flag_nan,
     top_alternatives,
 )
 
@@ -298,7 +299,7 @@ class FastEngine(HFEngine):
             mask_logits(logits, matchers, self.tokenizer)
         key_tensor = torch.tensor(keys, dtype=torch.int64, device=self.device)
         tokens = choose_next_tokens(logits, chooser, key_tensor, 0)
-        first = tokens.tolist()
+        first = flag_nan(logits, tokens).tolist()
         if matchers:
             consume_all(matchers, first)
         first_logprobs = _logprobs_of(logits, tokens).tolist() if logprobs else None
@@ -417,7 +418,7 @@ class FastEngine(HFEngine):
             # each row draws at its own step with the very function the reference engine uses
             keys = state.keys[:n] + state.steps[:n] * STEP_KEY
             tokens = choose_next_tokens(logits, chooser, keys, 0)
-            chosen[:, j] = tokens
+            chosen[:, j] = flag_nan(logits, tokens)  # the state takes the token itself
             if logprobs:
                 chosen_logprobs[:, j] = _logprobs_of(logits, tokens)
             if top:

@@ -20,9 +20,12 @@ from bulkinfer.configs import text_config
 from bulkinfer.engines.base import EngineLimits, LoadOptions, StreamUpdate
 from bulkinfer.engines.constraints import consume_all, mask_logits, matcher
 from bulkinfer.engines.sampling import (
+    NAN_TOKEN,
     RowSampling,
     SamplingParams,
     choose_next_tokens,
+    flag_nan,
+    nan_error,
     top_alternatives,
 )
 from bulkinfer.engines.stops import StopStrings
@@ -349,6 +352,7 @@ class _DecodingRows:
         self.counts = torch.zeros(batch, dtype=torch.long, device=device)
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
         self.stopped = torch.zeros_like(self.finished)
+        self.nan = torch.zeros_like(self.finished)  # rows whose scores held a NaN
         stops = [p.stop for p in per_row]
         self.stop_checker = StopStrings(stops, engine.tokenizer) if any(stops) else None
         self.steps = 0
@@ -358,6 +362,7 @@ class _DecodingRows:
     def take(self, step: int, logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """Record step `step`'s chosen tokens (pad where a row has finished); returns them."""
         active = ~self.finished
+        self.nan |= active & (flag_nan(logits, chosen) == NAN_TOKEN)
         next_tokens = torch.where(active, chosen, self.pad_id)
         if self.logprobs:
             picked = logits.log_softmax(-1).gather(-1, next_tokens[:, None]).squeeze(-1)
@@ -377,6 +382,8 @@ class _DecodingRows:
         return next_tokens
 
     def all_finished(self) -> bool:
+        if self.nan.any():
+            raise nan_error(int(self.nan.nonzero()[0, 0]), self.steps - 1)
         return bool(self.finished.all())
 
     def report(self) -> tuple[dict[int, Generation], int]:

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from bulkinfer.engines.compiling import Compiled, compile_backend
-from bulkinfer.errors import first_line
+from bulkinfer.errors import ModelError, first_line
 from bulkinfer.observe.progress import log
 
 _MASK64 = (1 << 64) - 1
+NAN_TOKEN = -1  # what a row whose next-token scores are NaN gets back instead of a token
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,24 @@ def choose_next_tokens(
     if params.top_p < 1.0:
         scores = _top_p_filter(scores, torch.full_like(scores[:, :1], params.top_p))
     return _gumbel_argmax(scores, keys, step)
+
+
+def flag_nan(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """`tokens` with NAN_TOKEN for rows whose scores hold a NaN: argmax (greedy, and the
+    sampler's over noisy scores) takes a NaN for the largest value, so the chosen token's score
+    tells, one value a row, where weights or kernels gave non-numbers."""
+    return torch.where(logits.gather(-1, tokens[:, None])[:, 0].isnan(), NAN_TOKEN, tokens)
+
+
+def nan_error(row, made: int) -> ModelError:
+    """The job stops rather than write a NaN row's output as an empty or garbage answer."""
+    return ModelError(
+        f"the model's next-token scores for row {row} are NaN (after {made} generated "
+        "tokens): its weights or this engine's arithmetic give non-numbers; nothing was "
+        "written for the rows in flight. Check the weights; compare with model.engine: "
+        "reference, without model.quantization / model.kv_cache_dtype, or model.dtype: "
+        "float32"
+    )
 
 
 def _choose_per_row(

@@ -26,7 +26,7 @@ from bulkinfer.engines.constraints import matcher
 from bulkinfer.engines.hf import Generation
 from bulkinfer.engines.kv import DecodeInputs, RegionAllocator, shared_prefix_groups
 from bulkinfer.engines.memory import PREFILL_TOKENS
-from bulkinfer.engines.sampling import RowSampling, SamplingParams
+from bulkinfer.engines.sampling import NAN_TOKEN, RowSampling, SamplingParams, nan_error
 from bulkinfer.engines.stops import stop_hit
 
 SYNC_EVERY = 8  # decode steps between looks at the tokens on the host
@@ -260,6 +260,8 @@ class Scheduler:
         whose region then goes back to the pool. `top`: the step's most likely alternatives
         (ids, log-probs), when any row in flight wants them. A constrained row's matcher has
         consumed the token already (the engine's step did)."""
+        if token == NAN_TOKEN:
+            raise nan_error(f"{row.index} of batch {row.group}", len(row.tokens))
         if token in self.engine.eos_ids and not row.params.ignore_eos:
             row.reason = "stop"
         else:

@@ -50,6 +50,10 @@ class StagedMover:
         buffer, stream = self.local.buffer, self.local.stream
         source = tensor.data.contiguous().view(-1).view(torch.uint8)
         target = torch.empty(source.numel(), dtype=torch.uint8, device=self.device)
+        # `target` may be memory the caching allocator took back from tensors that kernels
+        # queued on the default stream still read (fp8 loading quantizes there while other
+        # threads copy): the copies wait for them, or they overwrite weights in use
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         for start in range(0, source.numel(), STAGE_BYTES):
             piece = source[start : start + STAGE_BYTES]
             staged = buffer[: piece.numel()]
