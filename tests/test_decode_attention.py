@@ -29,7 +29,8 @@ from bulkinfer.engines.packed_attention import Packed, _reference
 results = []
 from bulkinfer.engines.kv import quantize_heads
 
-for rows, heads, kv_heads, dim, max_len, dtype, fp8 in json.loads(sys.argv[1]):
+for rows, heads, kv_heads, dim, max_len, dtype, fp8, *scaled in json.loads(sys.argv[1]):
+    scaled = scaled[0] if scaled else {}
     dtype = getattr(torch, dtype)
     g = torch.Generator().manual_seed(rows * 31 + heads)
     used = torch.randint(1, max_len + 1, (rows,), generator=g)
@@ -39,8 +40,8 @@ for rows, heads, kv_heads, dim, max_len, dtype, fp8 in json.loads(sys.argv[1]):
     starts[:rows] += 1
     tokens = int(starts[rows - 1] + used[-1] + 5)
     keys = torch.randn(tokens, kv_heads, dim, generator=g).to(dtype)
-    values = torch.randn(tokens, kv_heads, dim, generator=g).to(dtype)
-    q = torch.randn(rows, heads, dim, generator=g).to(dtype)
+    values = (torch.randn(tokens, kv_heads, dim, generator=g) * scaled.get("values", 1)).to(dtype)
+    q = (torch.randn(rows, heads, dim, generator=g) * scaled.get("queries", 1)).to(dtype)
     starts, used = starts.int(), used.int()
     scale = dim ** -0.5
     scales = [None, None]
@@ -56,6 +57,7 @@ for rows, heads, kv_heads, dim, max_len, dtype, fp8 in json.loads(sys.argv[1]):
     results.append({
         "splits": da.split_count(rows, kv_heads, max_len, 4),
         "error": (ours.float() - ref).abs().max().item(),
+        "relative": ((ours.float() - ref).abs().max() / ref.abs().max()).item(),
         "dtype_kept": ours.dtype == dtype and ours.shape == q.shape,
     })
 print(json.dumps(results))
@@ -64,12 +66,26 @@ print(json.dumps(results))
 CASES = [
     # rows, heads, kv_heads, head_dim, max_len: grouped heads split over the cache (the
     # combining kernel), 7 heads a group (padded to the 16-row tile), one head a group (MHA),
-    # 256 rows (the launch for many rows: tiles of 128 tokens over an fp8 cache)
+    # 256 rows (the launch for many rows: over an fp8 cache: tiles of 64 tokens, two warps)
     (5, 8, 2, 64, 512),
     (3, 14, 2, 64, 300),
     (40, 4, 4, 128, 200),
     (256, 4, 2, 64, 150),
 ]
+
+
+def interpreted(script: str, cases: list) -> list[dict]:
+    """`script` run on `cases` by Triton's interpreter in a subprocess; its last line's JSON."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize(
@@ -85,17 +101,7 @@ CASES = [
 def test_decode_kernels_equal_reference_attention(dtype, fp8, tolerance):
     """Also reading an fp8 cache (model.kv_cache_dtype: fp8) with its per-token, per-head
     scales, against the reference attention over the same values dequantized."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    cases = [[*case, dtype, fp8] for case in CASES]
-    done = subprocess.run(
-        [sys.executable, "-c", CHECK, json.dumps(cases)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = interpreted(CHECK, [[*case, dtype, fp8] for case in CASES])
     assert [r["splits"] for r in results] == [2, 1, 1, 1]  # both kernel paths ran
     for case, result in zip(CASES, results, strict=True):
         assert result["dtype_kept"], case
@@ -137,12 +143,17 @@ print(json.dumps(out))
 def test_fp8_cache_store_kernel_quantizes_into_the_slots():
     """The fused fp8 KV write (one launch per layer on a GPU) computes kv.quantize_heads'
     scales, writes each token's vectors to its own slot and nothing else."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-c", STORE], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = interpreted(STORE, [])
     assert result["untouched_zero"]
     assert result["scale_error"] < 1e-6
     assert result["value_error"] == 0
+
+
+def test_an_fp8_cache_of_small_values_keeps_its_precision():
+    """Values whose largest magnitude is ~1e-3 make attention weights times value scales fall
+    below float16's normal range: the kernel lifts them (V_LIFT), or such a head's output was
+    2% off where a few tokens take most of the weight (bfloat16 queries, an fp8 cache)."""
+    scaled = {"values": 1e-3, "queries": 3}
+    results = interpreted(CHECK, [[*case, "bfloat16", True, scaled] for case in CASES[:3]])
+    for case, result in zip(CASES, results, strict=False):
+        assert result["relative"] < 1e-2, (case, result)  # bfloat16 outputs round at 4e-3

@@ -14,7 +14,9 @@ GPU a row is one split and the first kernel writes the result directly.
 
 An fp8 cache (`model.kv_cache_dtype: fp8`) is read as stored: the products run on its values
 converted to float16 (one instruction converts two fp8 values to it; bfloat16 takes several),
-each token's key scale applied to its scores and its value scale to its weight. It reads half
+each token's key scale applied to its scores and its value scale to its weight (times V_LIFT,
+and the output divided by it: a weight under float16's normal range, 6e-5, loses precision, and
+a head whose values' largest magnitude is ~1e-3 came out 2% off without it). It reads half
 the bytes of a bf16 cache but is bound by that per-token work, not the read: on an H200 ~3 TB/s
 against the bf16 cache's 4.3 (scripts/tune_decode_attention.py, docs/perf.md). Its writes go
 through `store_fp8`, one kernel a layer that quantizes keys and values and puts them in their
@@ -52,6 +54,7 @@ TUNING = {
     (True, True): dict(BLOCK_N=64, num_warps=2, num_stages=3),
 }
 MIN_SPLIT = 256  # cached tokens a split covers at least
+V_LIFT = 256.0  # an fp8 cache: attention weights times value scales, lifted in float16
 HEAD_DIMS = (64, 128, 256)
 
 
@@ -92,7 +95,9 @@ def decode_attention(
     kv_heads = keys.shape[1]
     groups = heads // kv_heads
     splits = split_count(rows, kv_heads, max_len, _processors(q.device))
-    tuning = TUNING[key_scales is not None, rows >= 256]
+    # the wide fp8 tiles (2 warps) were measured at head size 128; a 256-wide head's tile
+    # converted to float16 is ~256 registers a thread in two warps: it keeps four (unmeasured)
+    tuning = TUNING[key_scales is not None, rows >= 256 and dim <= 128]
     block_n = tuning["BLOCK_N"]
     split_len = triton.cdiv(triton.cdiv(max_len, splits), block_n) * block_n
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -130,6 +135,7 @@ def decode_attention(
         D=dim,
         WRITE_LSE=splits > 1,
         FP8=fp8,
+        V_LIFT=V_LIFT,
         **tuning,
     )
     if splits > 1:
@@ -221,6 +227,7 @@ if triton is not None:
         D: tl.constexpr,
         WRITE_LSE: tl.constexpr,
         FP8: tl.constexpr,
+        V_LIFT: tl.constexpr,
     ):
         # a row's KV heads are neighbouring programs: they read its tokens' keys, values and
         # scales (contiguous across heads) together
@@ -278,7 +285,10 @@ if triton is not None:
                 v_scale = tl.load(
                     VScale + (start + n) * stride_st + kv_head, mask=token_ok, other=0.0
                 )
-                pv = tl.dot((p * v_scale[None, :]).to(q.dtype), v.to(q.dtype))
+                # lifted by V_LIFT: a float16 weight under 6e-5 loses precision (values of
+                # a head whose largest magnitude is ~1e-3 lost 2%)
+                w = p * (v_scale * V_LIFT)[None, :]
+                pv = tl.dot(w.to(q.dtype), v.to(q.dtype))
             else:
                 pv = tl.dot(p.to(v.dtype), v)
             acc = acc * alpha[:, None] + pv
@@ -286,6 +296,8 @@ if triton is not None:
 
         nonempty = total > 0
         out = acc / tl.where(nonempty, total, 1.0)[:, None]
+        if FP8:
+            out = out / V_LIFT
         tl.store(
             Out
             + row * stride_ot
