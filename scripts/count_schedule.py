@@ -9,11 +9,13 @@ slots computed and the rows' cached tokens. With step costs measured on a GPU
 read) it predicts the model time of the job, to set beside what `bulkinfer run` measured.
 
     python scripts/count_schedule.py --requests 10000 [--slots 1024] [--pool-tokens 900000]
-        [--step-ms 4.1 --slot-us 15.5 --kv-ns 30.7 --prefill-us 21.3]
+        [--step-ms 4.1 --slot-us 18.4 --kv-ns 34.4 --prefill-us 23.2]
 
-The default costs are the bf16 8B figures of docs/perf.md (NVIDIA H200, 2026-12-04): step
-4.1 ms + 15.5 us a slot + 30.7 ns a cached token, prefill 21.3 us a token (a 16k-token forward
-in 349 ms).
+The default costs are the bf16 8B figures of docs/perf.md (NVIDIA H200, 2026-12-04) as the
+real job pays them (`scripts/profile_job.py`): step 4.1 ms + 18.4 us a slot + 34.4 ns a
+cached token, prefill 23.2 us a token. The profile's steps of equal rows (15.5 us, 30.7 ns,
+21.3 us) priced the job 19% low. Not counted: the first prefill's compile on a cold cache
+(9.5 s for the 8B).
 """
 
 from __future__ import annotations
@@ -73,9 +75,9 @@ def main() -> None:
     parser.add_argument("--pool-tokens", type=int, default=900_000)
     parser.add_argument("--batch-rows", type=int, default=4096, help="rows a checkpoint batch")
     parser.add_argument("--step-ms", type=float, default=4.1)
-    parser.add_argument("--slot-us", type=float, default=15.5)
-    parser.add_argument("--kv-ns", type=float, default=30.7)
-    parser.add_argument("--prefill-us", type=float, default=21.3)
+    parser.add_argument("--slot-us", type=float, default=18.4)
+    parser.add_argument("--kv-ns", type=float, default=34.4)
+    parser.add_argument("--prefill-us", type=float, default=23.2)
     args = parser.parse_args()
 
     prompts, answers = request_lengths(args.requests)
