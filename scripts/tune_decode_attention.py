@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from profile_decode import timed  # noqa: E402
 
 from bulkinfer.engines import decode_attention as da  # noqa: E402
-
-FP8 = torch.float8_e4m3fn
+from bulkinfer.engines.fp8 import dequantize_rows  # noqa: E402
+from bulkinfer.engines.kv import quantize_heads  # noqa: E402
 
 
 def pool(rows: int, context: int, kv_heads: int, dim: int, fp8: bool):
@@ -41,9 +41,8 @@ def pool(rows: int, context: int, kv_heads: int, dim: int, fp8: bool):
     used = used.to(torch.int32)
     if not fp8:
         return keys.bfloat16(), values.bfloat16(), None, None, starts, used
-    scales = [x.abs().amax(-1) / 448 for x in (keys, values)]
-    keys, values = ((x / s[..., None]).to(FP8) for x, s in zip((keys, values), scales, strict=True))
-    return keys, values, scales[0], scales[1], starts, used
+    (keys, key_scales), (values, value_scales) = quantize_heads(keys), quantize_heads(values)
+    return keys, values, key_scales, value_scales, starts, used
 
 
 def reference(q, keys, values, ks, vs, starts, used, scale):
@@ -54,7 +53,7 @@ def reference(q, keys, values, ks, vs, starts, used, scale):
         a, n = int(starts[r]), int(used[r])
         k, v = keys[a : a + n].float(), values[a : a + n].float()
         if ks is not None:
-            k, v = k * ks[a : a + n, :, None], v * vs[a : a + n, :, None]
+            k, v = dequantize_rows(k, ks[a : a + n]), dequantize_rows(v, vs[a : a + n])
         k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
         w = torch.einsum("hd,nhd->hn", q[r].float(), k) * scale
         out.append((r, torch.einsum("hn,nhd->hd", w.softmax(-1), v)))
@@ -74,14 +73,14 @@ def measure(rows, context, heads, kv_heads, dim, fp8, layers, configs) -> list[d
     expected = reference(q, keys, values, ks, vs, starts, used, scale)
     results = []
     saved = dict(da.TUNING)
+    args = (q, keys, values, starts, used, context, scale, ks, vs)
     for tuning in configs:  # None: the kernel's own choice
         da.TUNING.update({key: tuning for key in da.TUNING} if tuning else {})
         entry = {"rows": rows, "fp8": fp8, **(tuning or {"tuning": "default"})}
         try:
-            args = (q, keys, values, starts, used, context, scale, ks, vs)
             out = da.decode_attention(*args)
             err = max(float((out[r].float() - e).abs().max() / e.abs().max()) for r, e in expected)
-            ms = timed(lambda a=args: [da.decode_attention(*a) for _ in range(layers)], 5)
+            ms = timed(lambda: [da.decode_attention(*args) for _ in range(layers)], 5)
             entry.update(ms=round(ms, 3), tb_per_s=round(gb / ms, 2), max_rel_err=f"{err:.2e}")
         except Exception as exc:  # a configuration that does not fit shared memory
             entry["error"] = str(exc).splitlines()[0][:100]

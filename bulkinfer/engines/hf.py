@@ -20,12 +20,11 @@ from bulkinfer.configs import text_config
 from bulkinfer.engines.base import EngineLimits, LoadOptions, StreamUpdate
 from bulkinfer.engines.constraints import consume_all, mask_logits, matcher
 from bulkinfer.engines.sampling import (
-    NAN_TOKEN,
     RowSampling,
     SamplingParams,
     choose_next_tokens,
-    flag_nan,
     nan_error,
+    nan_rows,
     top_alternatives,
 )
 from bulkinfer.engines.stops import StopStrings
@@ -362,7 +361,7 @@ class _DecodingRows:
     def take(self, step: int, logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """Record step `step`'s chosen tokens (pad where a row has finished); returns them."""
         active = ~self.finished
-        self.nan |= active & (flag_nan(logits, chosen) == NAN_TOKEN)
+        self.nan |= active & nan_rows(logits, chosen)
         next_tokens = torch.where(active, chosen, self.pad_id)
         if self.logprobs:
             picked = logits.log_softmax(-1).gather(-1, next_tokens[:, None]).squeeze(-1)

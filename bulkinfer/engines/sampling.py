@@ -126,11 +126,16 @@ def choose_next_tokens(
     return _gumbel_argmax(scores, keys, step)
 
 
+def nan_rows(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Rows whose scores hold a NaN: argmax (greedy, and the sampler's over noisy scores)
+    takes a NaN for the largest value, so the chosen token's score tells, one value a row,
+    where weights or kernels gave non-numbers."""
+    return logits.gather(-1, tokens[:, None])[:, 0].isnan()
+
+
 def flag_nan(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """`tokens` with NAN_TOKEN for rows whose scores hold a NaN: argmax (greedy, and the
-    sampler's over noisy scores) takes a NaN for the largest value, so the chosen token's score
-    tells, one value a row, where weights or kernels gave non-numbers."""
-    return torch.where(logits.gather(-1, tokens[:, None])[:, 0].isnan(), NAN_TOKEN, tokens)
+    """`tokens` with NAN_TOKEN for the rows whose scores hold a NaN."""
+    return torch.where(nan_rows(logits, tokens), NAN_TOKEN, tokens)
 
 
 def nan_error(row, made: int) -> ModelError:
