@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,20 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_model's tokenizer trainer
 
+SHARD_BYTES = 4 << 30  # an fp8 checkpoint's files (save_fp8_model)
+# the quantization_config of an FP8 dynamic checkpoint (llm-compressor's compressed-tensors)
+FP8_DYNAMIC = {
+    "quant_method": "compressed-tensors",
+    "format": "float-quantized",
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+            "input_activations": {"num_bits": 8, "type": "float", "dynamic": True},
+        }
+    },
+    "ignore": ["lm_head"],
+}
 # json jobs: fields of an extraction; free strings and a list, so answers of any length fit
 EXTRACT_SCHEMA = {
     "type": "object",
@@ -149,7 +164,6 @@ def save_model(shape: str, folder: Path, device: str) -> dict:
     """A random-weight model of `shape` in bf16 (float32 on the CPU), saved as a user's is."""
     import torch
     from bench import SHAPES
-    from tiny_model import train_tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = dict(SHAPES[shape])
@@ -160,15 +174,11 @@ def save_model(shape: str, folder: Path, device: str) -> dict:
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(folder)
-    tokenizer = train_tokenizer()
-    tokenizer.model_max_length = config.max_position_embeddings
-    tokenizer.save_pretrained(folder)
     params = model.num_parameters()
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
-    sample = " ".join(WORDS * 20)
-    per_word = len(tokenizer(sample)["input_ids"]) / len(sample.split())
+    per_word = tokenizer_facts(folder, config.max_position_embeddings)
     return {
         "params": params,
         "weight_bytes": params * (2 if device == "cuda" else 4),
@@ -176,13 +186,120 @@ def save_model(shape: str, folder: Path, device: str) -> dict:
     }
 
 
-def saved_model(work: Path, shape: str, device: str) -> dict:
+def tokenizer_facts(folder: Path, max_length: int) -> float:
+    """The benchmark's trained byte-level BPE tokenizer saved in `folder`; its tokens a word."""
+    from tiny_model import train_tokenizer
+
+    tokenizer = train_tokenizer()
+    tokenizer.model_max_length = max_length
+    tokenizer.save_pretrained(folder)
+    sample = " ".join(WORDS * 20)
+    return len(tokenizer(sample)["input_ids"]) / len(sample.split())
+
+
+def save_fp8_model(
+    shape: str, folder: Path, device: str, spill: Path | None, keep_free: float
+) -> dict:
+    """A random-weight model of `shape` saved as an fp8 checkpoint, as llm-compressor's FP8
+    dynamic scheme writes one (each decoder linear in float8 with a scale per output channel,
+    the rest in bf16), one tensor at a time: the 70B shape is 141 GB in bf16, 72 GB so. Shards
+    that would leave less than `keep_free` GiB free on the folder's disk go to `spill` (a RAM
+    disk), linked from the folder, so a model larger than the disk is still a folder to load."""
+    import shutil
+
+    import torch
+    from bench import SHAPES
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from bulkinfer.engines.fp8 import quantize_weight
+
+    fields = dict(SHAPES[shape])
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    config.eos_token_id = config.pad_token_id = 0
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    folder.mkdir(parents=True)
+    generator = torch.Generator(device).manual_seed(0)
+    shard: dict = {}
+    files = {"disk": 0, "spilled": 0}
+
+    def write_shard() -> None:
+        name = f"model-{sum(1 for _ in folder.glob('*.safetensors')) + 1:05d}.safetensors"
+        size = sum(t.numel() * t.element_size() for t in shard.values())
+        target = folder
+        if spill is not None and shutil.disk_usage(folder).free - size < keep_free * 2**30:
+            spill.mkdir(parents=True, exist_ok=True)
+            target = spill
+        save_file(shard, str(target / name), metadata={"format": "pt"})
+        if target is not folder:
+            (folder / name).symlink_to(target / name)
+        files["spilled" if target is not folder else "disk"] += size
+        shard.clear()
+
+    params = 0
+    for name, meta in skeleton.named_parameters():  # a tied head is one parameter, saved once
+        params += meta.numel()
+        if name.endswith("norm.weight"):
+            value = torch.ones(meta.shape, dtype=dtype, device=device)
+        elif name.endswith(".bias"):
+            value = torch.zeros(meta.shape, dtype=dtype, device=device)
+        else:  # transformers' initialisation of these models: normal, std 0.02
+            value = torch.randn(meta.shape, generator=generator, device=device).mul_(0.02)
+            value = value.to(dtype)
+        if re.search(r"layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$", name):
+            quantized = quantize_weight(value)
+            shard[name] = quantized.weight.cpu()
+            shard[name + "_scale"] = quantized.scale[:, None].cpu()
+        else:
+            shard[name] = value.cpu()
+        del value
+        if sum(t.numel() * t.element_size() for t in shard.values()) >= SHARD_BYTES:
+            write_shard()
+    if shard:
+        write_shard()
+    config.save_pretrained(folder)
+    GenerationConfig.from_model_config(config).save_pretrained(folder)
+    stored = json.loads((folder / "config.json").read_text())
+    stored["quantization_config"] = FP8_DYNAMIC
+    (folder / "config.json").write_text(json.dumps(stored, indent=2))
+    per_word = tokenizer_facts(folder, config.max_position_embeddings)
+    return {
+        "params": params,
+        "weight_bytes": files["disk"] + files["spilled"],
+        "spilled_bytes": files["spilled"],
+        "per_word": per_word,
+    }
+
+
+def saved_model(
+    work: Path,
+    shape: str,
+    device: str,
+    checkpoint: str = "bf16",
+    spill: Path | None = None,
+    keep_free: float = 4.0,
+) -> dict:
     """The benchmark model of `shape` in work/model, saved unless a last call on this machine
-    left it there; its facts (params, weight bytes, tokens a word)."""
-    saved = work / "model" / "bench_model.json"
-    if saved.exists() and json.loads(saved.read_text())["shape"] == shape:
-        return json.loads(saved.read_text())
-    model = {"shape": shape, **save_model(shape, work / "model", device)}
+    left it there; its facts (params, weight bytes, tokens a word). `checkpoint`: bf16 (float32
+    on a CPU) or fp8 (save_fp8_model)."""
+    import shutil
+
+    folder = work / "model"
+    saved = folder / "bench_model.json"
+    if saved.exists():
+        model = json.loads(saved.read_text())
+        if model["shape"] == shape and model.get("checkpoint", "bf16") == checkpoint:
+            return model
+    shutil.rmtree(folder, ignore_errors=True)  # another model's shards must not mix in
+    if spill is not None:
+        shutil.rmtree(spill, ignore_errors=True)
+    if checkpoint == "fp8":
+        facts = save_fp8_model(shape, folder, device, spill, keep_free)
+    else:
+        facts = save_model(shape, folder, device)
+    model = {"shape": shape, "checkpoint": checkpoint, **facts}
     saved.write_text(json.dumps(model))
     return model
 
@@ -323,6 +440,7 @@ def row_of(name: str, result: dict, model: dict, facts: dict) -> dict:
         **{k: s[k] for k in GENERATION_TIME if k in s},
         "engine": s.get("engine"),
         "device": s.get("device"),
+        "device_memory_gib": s.get("device_memory_gib"),
         "floors": floors(model, s, facts.get("longest_answer")),
         "facts": facts,
     }
@@ -344,6 +462,21 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="cProfile the last run of the first job"
     )
+    parser.add_argument(
+        "--checkpoint",
+        choices=("bf16", "fp8"),
+        default="bf16",
+        help="how the model is saved; an fp8 checkpoint's jobs run with model.quantization: fp8",
+    )
+    parser.add_argument(
+        "--spill",
+        type=Path,
+        default=None,
+        help="fp8 checkpoint: a folder (a RAM disk) for the shards the work folder's disk cannot hold",
+    )
+    parser.add_argument(
+        "--keep-free", type=float, default=4.0, help="GiB --spill leaves free on the disk"
+    )
     parser.add_argument("--tiny", action="store_true", help="CPU check: tiny model, few rows")
     parser.add_argument("--work", type=Path, default=None, help="folder for model and jobs")
     parser.add_argument("--out", type=Path, default=None)
@@ -357,7 +490,7 @@ def main() -> None:
             args.jobs = "sharegpt:24,json:24,score:40"
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_jobs_"))
     start = time.perf_counter()
-    model = saved_model(work, args.shape, device)
+    model = saved_model(work, args.shape, device, args.checkpoint, args.spill, args.keep_free)
     print(
         f"saved {args.shape} ({model['params'] / 1e9:.2f}B) in {time.perf_counter() - start:.0f} s",
         flush=True,
@@ -372,6 +505,8 @@ def main() -> None:
         named = dict(kv.split("=", 1) for kv in "+".join(settings).split("+") if kv)
         env = {name: value for name, value in named.items() if "." not in name}
         keys = {name: spec_value(value) for name, value in named.items() if "." in name}
+        if model["checkpoint"] == "fp8":  # weights stored in fp8 run only so
+            keys.setdefault("model.quantization", "fp8")
         data = work / f"{kind}-{n}.jsonl"
         scale = 5 if args.tiny else 1  # the tiny model's context is short
         if kind == "fewshot":

@@ -52,6 +52,17 @@ def fp8_saved_bytes(config: Any, width: int) -> int:
     return text.num_hidden_layers * per_layer * max(0, width - 1)
 
 
+def resident_weight_bytes(
+    config: Any, file_bytes: int, width: int, quantize: bool, stored_fp8: bool
+) -> int:
+    """Device bytes a model's weights take once loaded, from its files' size: less the bytes
+    model.quantization: fp8 (`quantize`) frees, unless the files already hold those matrices in
+    fp8 (`stored_fp8`: a 70B fp8 checkpoint's 72 GB stay 72 GB)."""
+    if quantize and not stored_fp8:
+        return max(0, file_bytes - fp8_saved_bytes(config, width))
+    return file_bytes
+
+
 def bytes_per_token(config: Any, width: int, generate: bool) -> int:
     """Device bytes one padded token of a batch costs; `width` is the dtype's size in bytes."""
     text = text_config(config)

@@ -31,7 +31,7 @@ from bulkinfer.engines.hf import (
     resolve_device,
     resolve_dtype,
 )
-from bulkinfer.engines.memory import fp8_saved_bytes, kv_pool_tokens
+from bulkinfer.engines.memory import kv_pool_tokens, resident_weight_bytes
 from bulkinfer.errors import ModelError
 from bulkinfer.observe.progress import log
 
@@ -190,8 +190,9 @@ def engine_limits(
     width = resolve_dtype(options.dtype, device).itemsize
     free = None
     if device.type == "cuda":
-        if options.quantization == "fp8" and weights_bytes:  # what stays in once quantized
-            weights_bytes = max(0, weights_bytes - fp8_saved_bytes(config, width))
+        weights_bytes = resident_weight_bytes(
+            config, weights_bytes, width, options.quantization == "fp8", checkpoint_in_fp8(config)
+        )
         free = max(
             0, torch.cuda.mem_get_info(device)[0] // FREE_GRANULE * FREE_GRANULE - weights_bytes
         )

@@ -79,6 +79,25 @@ def hardware_summary(summary: Summary, engine) -> dict:
     )
 
 
+def device_memory(engine) -> dict:
+    """On a GPU, the most device memory the job held: allocated by its tensors (weights, KV pool,
+    activations) and reserved by torch's allocator, beside the device's total, in GiB."""
+    if engine.limits.device_type != "cuda":
+        return {}
+    import torch
+
+    gib = 2**30
+    return {
+        "device_memory_gib": {
+            "peak_allocated": round(torch.cuda.max_memory_allocated() / gib, 1),
+            "peak_reserved": round(torch.cuda.max_memory_reserved() / gib, 1),
+            "total": round(
+                torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / gib, 1
+            ),
+        }
+    }
+
+
 def generation_time(counters: dict[str, float]) -> dict:
     """Where the fast engine's generation time went (empty for other engines and tasks):
     prefill seconds and tokens computed, decode seconds and steps, the rows a step carried on
@@ -120,6 +139,7 @@ def write_summary(
     if shared:  # prompt tokens whose keys and values were copied, not computed again
         summary.details["shared_prefix_tokens"] = int(shared)
     summary.details.update(generation_time(engine.counters))
+    summary.details.update(device_memory(engine))
     summary.write(layout.summary)
     shutil.rmtree(layout.prepared_dir, ignore_errors=True)
     log(
