@@ -47,19 +47,6 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_model's tokenizer trainer
 
 SHARD_BYTES = 4 << 30  # an fp8 checkpoint's files (save_fp8_model)
-# the quantization_config of an FP8 dynamic checkpoint (llm-compressor's compressed-tensors)
-FP8_DYNAMIC = {
-    "quant_method": "compressed-tensors",
-    "format": "float-quantized",
-    "config_groups": {
-        "group_0": {
-            "targets": ["Linear"],
-            "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
-            "input_activations": {"num_bits": 8, "type": "float", "dynamic": True},
-        }
-    },
-    "ignore": ["lm_head"],
-}
 # json jobs: fields of an extraction; free strings and a list, so answers of any length fit
 EXTRACT_SCHEMA = {
     "type": "object",
@@ -213,6 +200,7 @@ def save_fp8_model(
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     from bulkinfer.engines.fp8 import quantize_weight
+    from bulkinfer.engines.fp8_loading import FP8_DYNAMIC
 
     fields = dict(SHAPES[shape])
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)

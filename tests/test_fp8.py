@@ -20,6 +20,7 @@ from conftest import ROOT, cli, read_outputs, sample_prompts, set_model, write_j
 from tiny_model import build_tiny_encoder, build_tiny_model
 
 from bulkinfer.engines.fp8 import FP8_MAX, Fp8Weight, linear, quantize_weight
+from bulkinfer.engines.fp8_loading import FP8_DYNAMIC
 
 
 def test_each_weight_rounds_to_within_a_sixteenth_of_its_row_s_largest():
@@ -238,18 +239,7 @@ def _fp8_checkpoint(source: Path, target: Path, drop: str | None = None) -> Path
             out[key] = tensor
     save_file(out, str(target / "model.safetensors"))
     config = json.loads((target / "config.json").read_text())
-    config["quantization_config"] = {
-        "quant_method": "compressed-tensors",
-        "format": "float-quantized",
-        "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
-                "input_activations": {"num_bits": 8, "type": "float", "dynamic": True},
-            }
-        },
-        "ignore": ["lm_head"],
-    }
+    config["quantization_config"] = FP8_DYNAMIC
     (target / "config.json").write_text(json.dumps(config))
     return target
 

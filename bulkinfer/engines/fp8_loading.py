@@ -33,6 +33,20 @@ LINEARS = (
 # tensors an fp8 checkpoint keeps beside a weight that this loader has no use for (activations
 # are quantized per token on the fly, whatever static scale the checkpoint calibrated)
 IGNORED_SUFFIXES = (".input_scale", ".weight_zero_point", ".input_zero_point")
+# the quantization_config of a checkpoint saved in llm-compressor's FP8 dynamic scheme (its
+# compressed-tensors format), the kind of fp8 checkpoint this loader reads as stored
+FP8_DYNAMIC = {
+    "quant_method": "compressed-tensors",
+    "format": "float-quantized",
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+            "input_activations": {"num_bits": 8, "type": "float", "dynamic": True},
+        }
+    },
+    "ignore": ["lm_head"],
+}
 
 
 def checkpoint_in_fp8(config) -> bool:
