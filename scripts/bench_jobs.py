@@ -280,9 +280,10 @@ def saved_model(
         model = json.loads(saved.read_text())
         if model["shape"] == shape and model.get("checkpoint", "bf16") == checkpoint:
             return model
-    shutil.rmtree(folder, ignore_errors=True)  # another model's shards must not mix in
-    if spill is not None:
-        shutil.rmtree(spill, ignore_errors=True)
+    for link in folder.glob("*.safetensors"):  # another model's shards must not mix in,
+        if link.is_symlink():  # nor its spilled ones fill the RAM disk
+            link.resolve().unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
     if checkpoint == "fp8":
         facts = save_fp8_model(shape, folder, device, spill, keep_free)
     else:

@@ -36,3 +36,30 @@ def test_bench_runs_on_the_cpu_with_a_tiny_model(tmp_path):
             assert r["max_rel_diff_vs_plain"] < 1e-4
         if r["work"] == "generate" and "teacher_forced" in r:
             assert r["teacher_forced"]["argmax_share"] == 1.0  # float32 on the CPU
+
+
+def test_bench_jobs_saves_an_fp8_checkpoint_across_disks_and_runs_it(tmp_path):
+    """The 70B benchmark's path on the CPU: the model saved as an fp8 checkpoint whose shards go
+    to a second folder when the disk would keep less than --keep-free (here always), linked
+    from the model folder; its jobs run with model.quantization: fp8 and make tokens."""
+    work, spill, out = tmp_path / "work", tmp_path / "spill", tmp_path / "out"
+    args = ["--tiny", "--checkpoint", "fp8", "--spill", str(spill), "--keep-free", "1e9"]
+    args += ["--jobs", "sharegpt:8,score:8", "--work", str(work), "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_jobs.py"), *args],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    shards = sorted((work / "model").glob("*.safetensors"))
+    assert shards and all(s.is_symlink() and s.resolve().parent == spill for s in shards)
+    config = json.loads((work / "model" / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "float-quantized"
+    report = json.loads((out / "bench_jobs.json").read_text())
+    assert report["model"]["spilled_bytes"] == report["model"]["weight_bytes"] > 0
+    generate, score = report["rows"]
+    assert generate["output_tokens"] > 0 and score["input_tokens"] > 0
+    job = json.loads((work / "sharegpt-8.yaml").read_text())
+    assert job["model"]["quantization"] == "fp8"
