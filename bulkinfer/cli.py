@@ -105,12 +105,31 @@ def main() -> None:
     """
 
 
+# Installed, these are imported by transformers when it loads (for the ROC curve of assisted
+# generation and the matching in object-detection losses), and never used by bulkinfer: ~1.6 s
+# of an H200 box's import time (docs/perf.md). In its own process bulkinfer marks them absent.
+UNUSED_IMPORTS = ("sklearn", "scipy")
+_OWN_PROCESS: list[bool] = []  # set by `entry`: the process is the command's alone
+
+
+def skip_unused_imports(spec) -> None:
+    """Mark UNUSED_IMPORTS absent for this process (None in sys.modules: Python's own way to
+    refuse an import), where the process is the command's (the console script, `python -m
+    bulkinfer`; not `main` called from someone's program), nothing has imported them yet, and
+    no code from the model folder will run (model.trust_remote_code)."""
+    if not _OWN_PROCESS or spec.model.trust_remote_code:
+        return
+    for name in UNUSED_IMPORTS:
+        sys.modules.setdefault(name, None)
+
+
 def entry() -> None:
     """The console script and `python -m bulkinfer`: `main`, then, once torch is loaded, an
     exit that skips the interpreter's teardown. Every file a command writes is closed and its
     threads joined before it returns; what the teardown would add is freeing torch's modules,
     the CUDA context and the compiler's worker processes one by one: a second on a CPU, a few
     on a GPU box, after the outputs are already on disk."""
+    _OWN_PROCESS.append(True)
     try:
         main()
     except SystemExit as exc:
@@ -155,6 +174,7 @@ def run(job, overrides, output, overwrite, shard, gpus) -> None:
     from bulkinfer.sharding import parse_shard, shard_from_env
 
     spec = _load(job, overrides, output)
+    skip_unused_imports(spec)
     if gpus is not None:
         from pathlib import Path
 
@@ -290,7 +310,9 @@ def plan(job: str, overrides: tuple[str, ...], as_json: bool) -> None:
     """
     from bulkinfer.job.planning import plan_job
 
-    report = plan_job(_load(job, overrides, None))
+    spec = _load(job, overrides, None)
+    skip_unused_imports(spec)
+    report = plan_job(spec)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -338,7 +360,9 @@ def validate(job: str, overrides: tuple[str, ...], output: str | None) -> None:
     """
     from bulkinfer.job.validate import check_job, format_check
 
-    click.echo(format_check(job, check_job(_load(job, overrides, output))))
+    spec = _load(job, overrides, output)
+    skip_unused_imports(spec)
+    click.echo(format_check(job, check_job(spec)))
 
 
 @main.command()
