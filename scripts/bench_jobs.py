@@ -71,6 +71,7 @@ GENERATION_TIME = (
     "capture_seconds",
 )
 PEAK_BF16_FLOPS = 790e12  # dense bf16 matrix products, measured on the lent H200
+PEAK_FP8_FLOPS = 1350e12  # fp8 row-scaled products (torch._scaled_mm), the most measured there
 COPY_BYTES_PER_S = 4.3e12  # device-to-device copy, measured on the lent H200
 WORDS = [
     "the",
@@ -395,17 +396,29 @@ def profile_text(stats_file: Path, top: int = 60) -> str:
     return buffer.getvalue()
 
 
-def floors(model: dict, summary: dict, longest_answer: int | None) -> dict:
+def floors(model: dict, summary: dict, longest_answer: int | None, fp8: bool) -> dict:
     """Where the schedule cannot go below on this card: every decode step of the longest answer
-    reads the weights once; every token costs 2 x params FLOPs at the peak rate."""
+    reads the weights once (with model.quantization: fp8, the decoder's matrices in fp8); every
+    token costs 2 x params FLOPs at the peak rate (fp8's for an fp8 job, as if every product
+    ran in fp8)."""
+    from types import SimpleNamespace
+
+    from bench import SHAPES
+
+    from bulkinfer.engines.memory import resident_weight_bytes
+
     flops = 2 * model["params"] * (summary["input_tokens"] + summary["output_tokens"])
-    out = {"arithmetic_seconds": flops / PEAK_BF16_FLOPS}
+    out = {"arithmetic_seconds": flops / (PEAK_FP8_FLOPS if fp8 else PEAK_BF16_FLOPS)}
     if longest_answer:
-        out["weight_read_seconds"] = longest_answer * model["weight_bytes"] / COPY_BYTES_PER_S
+        config = SimpleNamespace(**SHAPES[model["shape"]])
+        width = 2 if model["weight_bytes"] < 3 * model["params"] else 4  # bf16 or float32 files
+        stored_fp8 = model.get("checkpoint") == "fp8"
+        read = resident_weight_bytes(config, model["weight_bytes"], width, fp8, stored_fp8)
+        out["weight_read_seconds"] = longest_answer * read / COPY_BYTES_PER_S
     return out
 
 
-def row_of(name: str, result: dict, model: dict, facts: dict) -> dict:
+def row_of(name: str, result: dict, model: dict, facts: dict, fp8: bool = False) -> dict:
     s = result["summary"]
     wall = result["process_wall_seconds"]
     tokens = s["output_tokens"] if s["output_tokens"] else s["input_tokens"]
@@ -430,7 +443,7 @@ def row_of(name: str, result: dict, model: dict, facts: dict) -> dict:
         "engine": s.get("engine"),
         "device": s.get("device"),
         "device_memory_gib": s.get("device_memory_gib"),
-        "floors": floors(model, s, facts.get("longest_answer")),
+        "floors": floors(model, s, facts.get("longest_answer"), fp8),
         "facts": facts,
     }
 
@@ -545,6 +558,7 @@ def main() -> None:
             result,
             model,
             facts,
+            keys.get("model.quantization") == "fp8",
         )
         if first_of_kind is not outputs:  # against the first run of these rows
             row["drift_vs_first"] = drift(outputs, first_of_kind)
