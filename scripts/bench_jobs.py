@@ -16,13 +16,17 @@ prefix sharing off; `sharegpt:10000:model.quantization=fp8+model.kv_cache_dtype=
 weights and KV cache); others go to the job's environment.
 
 The model is a real architecture's shape (Llama-3.1-8B by default) with random weights, built
-from its config and saved as safetensors with a byte-level BPE tokenizer. For each job the
+from its config and saved as safetensors with a byte-level BPE tokenizer (`--checkpoint fp8`:
+as an FP8-dynamic checkpoint, tensor by tensor; `--spill` puts the shards the disk cannot hold
+on a RAM disk, so the 70B shape's 72.7 GB fit a 64 GB disk). For each job the
 table gives output (or scored) tokens per second over the wall clock and over model time, the
 time outside the model and the time to the first batch (from summary.json), and the floors of
 the schedule: the weights read once per decode step of the longest answer, and the
 arithmetic at the measured peak.
 
 On a GPU: python scripts/bench_jobs.py --jobs sharegpt:1000,sharegpt:10000 --repeat-first --out $OUT
+The 70B: python scripts/bench_jobs.py --shape llama-3.1-70b --checkpoint fp8 --spill /dev/shm/bj70
+    --jobs sharegpt:1000:model.kv_cache_dtype=fp8,score:1000 --out $OUT
 On a CPU: python scripts/bench_jobs.py --tiny   (a tiny model and a few requests: it still runs)
 """
 
