@@ -109,7 +109,7 @@ def main() -> None:
 # generation and the matching in object-detection losses), and never used by bulkinfer: ~1.6 s
 # of an H200 box's import time (docs/perf.md). In its own process bulkinfer marks them absent.
 UNUSED_IMPORTS = ("sklearn", "scipy")
-_OWN_PROCESS: list[bool] = []  # set by `entry`: the process is the command's alone
+_OWN_PROCESS = False  # set by `entry`: the process is the command's alone
 
 
 def skip_unused_imports(spec) -> None:
@@ -129,7 +129,8 @@ def entry() -> None:
     threads joined before it returns; what the teardown would add is freeing torch's modules,
     the CUDA context and the compiler's worker processes one by one: a second on a CPU, a few
     on a GPU box, after the outputs are already on disk."""
-    _OWN_PROCESS.append(True)
+    global _OWN_PROCESS
+    _OWN_PROCESS = True
     try:
         main()
     except SystemExit as exc:

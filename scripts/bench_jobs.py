@@ -216,11 +216,12 @@ def save_fp8_model(
     folder.mkdir(parents=True)
     generator = torch.Generator(device).manual_seed(0)
     shard: dict = {}
-    files = {"disk": 0, "spilled": 0}
+    files = {"disk": 0, "spilled": 0, "count": 0, "shard_bytes": 0}
 
     def write_shard() -> None:
-        name = f"model-{sum(1 for _ in folder.glob('*.safetensors')) + 1:05d}.safetensors"
-        size = sum(t.numel() * t.element_size() for t in shard.values())
+        files["count"] += 1
+        name = f"model-{files['count']:05d}.safetensors"
+        size = files["shard_bytes"]
         target = folder
         if spill is not None and shutil.disk_usage(folder).free - size < keep_free * 2**30:
             spill.mkdir(parents=True, exist_ok=True)
@@ -230,6 +231,7 @@ def save_fp8_model(
             (folder / name).symlink_to(target / name)
         files["spilled" if target is not folder else "disk"] += size
         shard.clear()
+        files["shard_bytes"] = 0
 
     params = 0
     for name, meta in skeleton.named_parameters():  # a tied head is one parameter, saved once
@@ -243,12 +245,14 @@ def save_fp8_model(
             value = value.to(dtype)
         if re.search(r"layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$", name):
             quantized = quantize_weight(value)
-            shard[name] = quantized.weight.cpu()
-            shard[name + "_scale"] = quantized.scale[:, None].cpu()
+            tensors = {name: quantized.weight, name + "_scale": quantized.scale[:, None]}
         else:
-            shard[name] = value.cpu()
-        del value
-        if sum(t.numel() * t.element_size() for t in shard.values()) >= SHARD_BYTES:
+            tensors = {name: value}
+        for key, tensor in tensors.items():
+            shard[key] = tensor.cpu()
+            files["shard_bytes"] += tensor.numel() * tensor.element_size()
+        del value, tensors
+        if files["shard_bytes"] >= SHARD_BYTES:
             write_shard()
     if shard:
         write_shard()

@@ -183,12 +183,8 @@ def main() -> None:
         "output_tokens": summary["output_tokens"],
         **summarize(calls),
     }
-    if device == "cuda":  # how close the job came to the device's memory
-        report["memory_gib"] = {
-            "device": round(torch.cuda.mem_get_info()[1] / 2**30, 1),
-            "peak_reserved": round(torch.cuda.max_memory_reserved() / 2**30, 1),
-            "peak_allocated": round(torch.cuda.max_memory_allocated() / 2**30, 1),
-        }
+    if "device_memory_gib" in summary:  # how close the job came to the device's memory
+        report["memory_gib"] = summary["device_memory_gib"]
     if kernels:
         from profile_decode import kernel_table
 

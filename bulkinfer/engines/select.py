@@ -189,15 +189,16 @@ def engine_limits(
     device = resolve_device(options.device)
     width = resolve_dtype(options.dtype, device).itemsize
     free = None
+    stored_fp8 = checkpoint_in_fp8(config)
     if device.type == "cuda":
         weights_bytes = resident_weight_bytes(
-            config, weights_bytes, width, options.quantization == "fp8", checkpoint_in_fp8(config)
+            config, weights_bytes, width, options.quantization == "fp8", stored_fp8
         )
         free = max(
             0, torch.cuda.mem_get_info(device)[0] // FREE_GRANULE * FREE_GRANULE - weights_bytes
         )
     asked = fp8_keys(options)
-    if checkpoint_in_fp8(config) and options.quantization != "fp8":
+    if stored_fp8 and options.quantization != "fp8":
         raise ModelError(
             f"{options.label}: its weights are stored in fp8: set model.quantization: fp8 to "
             "run them (on the fast engine)"
