@@ -2,7 +2,9 @@
 or fail a write as a full disk would.
 
 `BULKINFER_KILL_AT=part_written:2` kills the process the second time a part file is in place
-but not yet in the manifest. Unset (always, in real runs), `checkpoint` costs one dict lookup.
+but not yet in the manifest; `temp_written:1` kills the first all-or-nothing write before its
+rename; `overwrite_removed:1` kills a replacement after it removed one path of the old job.
+Unset (always, in real runs), `checkpoint` costs one dict lookup.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@ lock, and a killed run leaves no lock behind."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import random
 import signal
 import socket
@@ -43,6 +45,13 @@ def start_slow(*args: str, seconds: float = 0.3) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def run_killed_at(job: Path, point: str) -> None:
+    """`bulkinfer run job`, killed at the named fault point (bulkinfer/faults.py)."""
+    env = {**child_env(), "BULKINFER_KILL_AT": point}
+    killed = subprocess.run([sys.executable, "-m", "bulkinfer", "run", str(job)], env=env)
+    assert killed.returncode == -signal.SIGKILL
 
 
 def wait_for_new_part(manifest: Path, deadline: float) -> None:
@@ -117,9 +126,7 @@ def test_a_doubled_manifest_heals_on_resume(lock_job, damage):
     make, reference = lock_job
     job = make(f"heal-{damage}")
     out = job.parent / f"heal-{damage}"
-    env = {**child_env(), "BULKINFER_KILL_AT": "part_committed:3"}
-    killed = subprocess.run([sys.executable, "-m", "bulkinfer", "run", str(job)], env=env)
-    assert killed.returncode == -signal.SIGKILL
+    run_killed_at(job, "part_committed:3")
     manifest = out / "checkpoint" / "manifest.jsonl"
     lines = manifest.read_text().splitlines()
     assert len(lines) >= 2
@@ -142,6 +149,55 @@ def test_a_doubled_manifest_heals_on_resume(lock_job, damage):
     files = [json.loads(line)["file"] for line in healed]
     batches = [b for line in healed for b in json.loads(line)["batches"]]
     assert len(files) == len(set(files)) and len(batches) == len(set(batches))
+
+
+def test_a_run_killed_writing_its_job_record_leaves_a_folder_the_next_run_takes(lock_job):
+    """Killed between writing job.json's temporary file and renaming it: what is left is ours."""
+    make, reference = lock_job
+    job = make("killed-record")
+    out = job.parent / "killed-record"
+    run_killed_at(job, "temp_written:1")
+    pid = json.loads((out / ".lock").read_text())["pid"]
+    assert sorted(p.name for p in out.iterdir()) == [f".job.json.tmp-{pid}", ".lock"]
+    rerun = cli_subprocess("run", str(job))
+    assert rerun.returncode == 0, rerun.stderr
+    assert_same_outputs(out, reference)
+    assert not list(out.glob(".*.tmp-*"))
+
+
+def test_a_job_without_results_killed_while_replaced_is_replaced_by_the_next_run(lock_job):
+    """A job that committed no row is replaced without --overwrite; killed after the first path
+    of it went, the folder still holds that job, and the next run replaces it again."""
+    make, reference = lock_job
+    job = make("killed-replace")
+    out = job.parent / "killed-replace"
+    for point in ("part_written:1", "overwrite_removed:1"):
+        run_killed_at(job, point)
+        manifest = out / "checkpoint" / "manifest.jsonl"
+        assert (out / "job.json").exists()
+        assert not (manifest.exists() and manifest.read_text().strip())
+    rerun = cli_subprocess("run", str(job))
+    assert rerun.returncode == 0, rerun.stderr
+    assert_same_outputs(out, reference)
+
+
+def test_a_held_folder_between_writes_is_refused_as_in_use(lock_job):
+    """While a run holds the lock the folder may hold pieces of a job but no job.json yet (it
+    is replacing one): a second run says the folder is in use, not that it is someone else's."""
+    make, _ = lock_job
+    job = make("between")
+    out = job.parent / "between"
+    (out / "checkpoint").mkdir(parents=True)
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        busy = cli_subprocess("run", str(job))
+    finally:
+        os.close(fd)
+    free = cli_subprocess("run", str(job))
+    assert busy.returncode == 2 and len(busy.stderr.strip().splitlines()) == 1, busy.stderr
+    assert "in use by another bulkinfer run (holder not yet recorded)" in busy.stderr
+    assert free.returncode == 2 and "holds no bulkinfer job" in free.stderr, free.stderr
 
 
 def alive(pid: int) -> bool:
@@ -182,9 +238,7 @@ def test_status_of_a_killed_doubled_job_is_stopped_and_never_past_the_total(lock
     make, _ = lock_job
     job = make("doubled-status")
     out = job.parent / "doubled-status"
-    env = {**child_env(), "BULKINFER_KILL_AT": "part_committed:3"}
-    killed = subprocess.run([sys.executable, "-m", "bulkinfer", "run", str(job)], env=env)
-    assert killed.returncode == -signal.SIGKILL
+    run_killed_at(job, "part_committed:3")
     manifest = out / "checkpoint" / "manifest.jsonl"
     manifest.write_text(manifest.read_text() * 4)
     status = cli("status", str(out))

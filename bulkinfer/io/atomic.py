@@ -45,6 +45,7 @@ def _write_atomic(path: Path, pieces: Iterable, mode: str) -> None:
             f.writelines(pieces)
             f.flush()
             os.fsync(f.fileno())
+        faults.checkpoint("temp_written")
         os.replace(tmp, path)
     finally:
         if tmp.exists():

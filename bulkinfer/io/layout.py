@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SHARD_FOLDER = re.compile(r"shard-(\d+)-of-(\d+)$")
+# What an all-or-nothing write killed before its rename leaves: ".NAME.tmp-PID" (io/atomic.py).
+TEMP_FILE = re.compile(r"^\.(.+)\.tmp-\d+$")
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,20 @@ class OutputLayout:
 
     def ours(self) -> list[Path]:
         """What --overwrite removes: only files bulkinfer made, never the user's own."""
+        return [*self._named(), *self.leftovers()]
+
+    def leftovers(self) -> list[Path]:
+        """Temporary files of ours that a run killed mid-write left at the top of the folder."""
+        if not self.root.is_dir():
+            return []
+        names = {path.name for path in self._named()}
+        return sorted(
+            path
+            for path in self.root.iterdir()
+            if (match := TEMP_FILE.match(path.name)) and match.group(1) in names
+        )
+
+    def _named(self) -> list[Path]:
         return [
             self.job_file,
             self.checkpoint_dir,

@@ -38,15 +38,19 @@ def folder_lock(layout: OutputLayout) -> Iterator[None]:
     fd = os.open(layout.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         if not _take(fd):
-            raise FolderInUseError(
-                f"{root} is in use by another bulkinfer run ({holder_text(layout)}); "
-                "wait for it to end or stop it, then rerun"
-            )
+            raise in_use(layout)
         os.ftruncate(fd, 0)
         os.pwrite(fd, _holder_line().encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def in_use(layout: OutputLayout) -> FolderInUseError:
+    return FolderInUseError(
+        f"{layout.root} is in use by another bulkinfer run ({holder_text(layout)}); "
+        "wait for it to end or stop it, then rerun"
+    )
 
 
 def is_locked(layout: OutputLayout) -> bool:

@@ -21,6 +21,7 @@ from bulkinfer.io.jsonl import _jsonl_records
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.readers import peek_columns
 from bulkinfer.spec import JobSpec
+from bulkinfer.state.folder import holds_foreign
 
 # JSONL records read to find the keep columns (the reader only needs one row to have each).
 KEEP_SCAN_RECORDS = 10_000
@@ -127,7 +128,7 @@ def output_state(root: Path) -> str:
     layout = OutputLayout(root)
     if layout.job_file.exists() or layout.shards_dir.is_dir():
         return "holds a bulkinfer job: run resumes it if spec, model and input are unchanged"
-    if any(root.iterdir()):
+    if holds_foreign(layout):
         raise OutputFolderError(
             f"output.path: {root} is not empty and holds no bulkinfer job; choose a new folder "
             "or pass --overwrite to run"

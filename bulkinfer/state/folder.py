@@ -6,9 +6,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from bulkinfer import faults
 from bulkinfer.errors import OutputFolderError
 from bulkinfer.io.layout import OutputLayout
-from bulkinfer.io.lock import holder_text, is_locked
+from bulkinfer.io.lock import holder_text, in_use, is_locked
 from bulkinfer.state.records import JobRecord, read_json
 
 
@@ -27,10 +28,13 @@ def open_job_folder(
 ) -> JobFolder:
     """Start, resume or refuse: the folder must be empty, ours for this very job, or overwritten."""
     root = layout.root
-    refuse_foreign(layout, overwrite)
+    refuse_foreign(layout, overwrite, holding_lock=True)
+    for path in layout.leftovers():  # the lock is ours: no write of ours is under way
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
     existing = JobRecord.read(layout.job_file)
-    if existing is not None and not overwrite and not _has_results(layout):
-        overwrite = True  # a job that never committed a row can be replaced: nothing is lost
+    replace = existing is not None and not overwrite and not _has_results(layout)
+    overwrite = overwrite or replace  # a job that never committed a row loses nothing
     if existing is not None and not overwrite:
         mismatch = [
             k for k in ("spec", "model", "input") if existing.fingerprint.get(k) != prints[k]
@@ -46,28 +50,47 @@ def open_job_folder(
         )
     if overwrite:
         refuse_odd_removals(layout)
-        for path in layout.ours():
+        # --overwrite takes the job record first: killed midway, the folder asks for --overwrite
+        # again. A job without results keeps its record to the last: killed midway, it is
+        # still a job without results, which the next run replaces.
+        ours = layout.ours()
+        if replace:
+            ours.append(ours.pop(ours.index(layout.job_file)))
+        for path in ours:
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
+            faults.checkpoint("overwrite_removed")
     job = JobRecord(fingerprint=prints, spec=spec_dict)
     save_job(layout, job)  # first, so a folder we created is always recognisably ours
     return JobFolder(layout, job, finished=False, resumed=False)
 
 
-def refuse_foreign(layout: OutputLayout, overwrite: bool) -> None:
+def refuse_foreign(layout: OutputLayout, overwrite: bool, holding_lock: bool = False) -> None:
     """Refuse a path that is not a folder, or a folder holding files but no bulkinfer job.
 
-    Checked before the folder's lock is taken too, so a refused folder gets no lock file."""
+    Checked before the folder's lock is taken too, so a refused folder gets no lock file. A
+    folder whose lock is held is in use: its holder may be between writing one file and the
+    next (replacing a job, say), so that is what the refusal says."""
     root = layout.root
     if root.exists() and not root.is_dir():
         raise OutputFolderError(f"output.path: {root} exists and is not a folder")
-    ours = layout.job_file.exists() or layout.shards_dir.is_dir()
-    if not overwrite and not ours and _holds_anything(layout):
+    if not overwrite and holds_foreign(layout):
+        if not holding_lock and is_locked(layout):
+            raise in_use(layout)
         raise OutputFolderError(
             f"{root} is not empty and holds no bulkinfer job; choose a new folder or pass --overwrite"
         )
+
+
+def holds_foreign(layout: OutputLayout) -> bool:
+    """Files but no bulkinfer job: besides the lock files, which only say who writes the folder,
+    and the temporary files of ours a killed run left (the job record's among them)."""
+    if layout.job_file.exists() or layout.shards_dir.is_dir() or not layout.root.is_dir():
+        return False
+    ignored = {layout.lock, layout.merge_lock, *layout.leftovers()}
+    return any(path not in ignored for path in layout.root.iterdir())
 
 
 def refuse_odd_removals(layout: OutputLayout) -> None:
@@ -99,12 +122,6 @@ def save_job(layout: OutputLayout, job: JobRecord) -> None:
     layout.root.mkdir(parents=True, exist_ok=True)
     job.write(layout.job_file)
     layout.parts_dir.mkdir(parents=True, exist_ok=True)
-
-
-def _holds_anything(layout: OutputLayout) -> bool:
-    """Anything in the folder besides the lock files, which only say who writes it."""
-    locks = {layout.lock, layout.merge_lock}
-    return layout.root.exists() and any(p not in locks for p in layout.root.iterdir())
 
 
 def _has_results(layout: OutputLayout) -> bool:
