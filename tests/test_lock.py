@@ -234,6 +234,67 @@ def test_workers_die_with_their_launcher(lock_job):
     assert_same_outputs(out, reference)
 
 
+def start_launcher(job: Path, seconds: float) -> subprocess.Popen:
+    """`bulkinfer run job --gpus 2` (two CPU workers) in a process group of its own, as a shell
+    starts a command: a Ctrl-C there reaches the launcher and both workers."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "bulkinfer", "run", str(job), "--gpus", "2"],
+        env={**child_env(), "BULKINFER_SLOW_BATCH_SECONDS": str(seconds)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def stop_launcher(launcher: subprocess.Popen, signum: int, group: bool) -> str:
+    try:
+        os.killpg(launcher.pid, signum) if group else os.kill(launcher.pid, signum)
+        return launcher.communicate(timeout=120)[1]
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+
+
+def test_one_ctrl_c_lets_each_worker_finish_its_batch(lock_job):
+    """A Ctrl-C reaches each worker twice, from the terminal and from the launcher: that is one
+    stop, not the second Ctrl-C that aborts."""
+    make, reference = lock_job
+    job = make("ctrl-c")
+    out = job.parent / "ctrl-c"
+    launcher = start_launcher(job, seconds=0.5)
+    for index in range(2):
+        wait_for_parts(out / "shards" / f"shard-0000{index}-of-00002", launcher)
+    err = stop_launcher(launcher, signal.SIGINT, group=True)
+    assert launcher.returncode == 130, err
+    assert err.count("stopped by SIGINT: the batch in flight was written") == 2, err
+    assert "interrupted" not in err and "Traceback" not in err
+    rerun = cli_subprocess("run", str(job), "--gpus", "2")
+    assert rerun.returncode == 0, rerun.stderr
+    assert_same_outputs(out, reference)
+
+
+def test_a_launcher_stopped_while_its_workers_start_exits_as_stopped(lock_job):
+    """SIGTERM to the launcher while its workers are still setting up: they end at once, and
+    the launcher says so in one line and exits 143 (128 + SIGTERM), as a single run would."""
+    make, reference = lock_job
+    job = make("stop-starting")
+    out = job.parent / "stop-starting"
+    launcher = start_launcher(job, seconds=0.5)
+    locks = [out / "shards" / f"shard-0000{i}-of-00002" / ".lock" for i in range(2)]
+    deadline = time.monotonic() + 120
+    while not all(lock.exists() and lock.read_text().strip() for lock in locks):
+        assert time.monotonic() < deadline and launcher.poll() is None, "no worker started"
+        time.sleep(0.01)
+    err = stop_launcher(launcher, signal.SIGTERM, group=False)
+    assert launcher.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "Traceback" not in err, err
+    rerun = cli_subprocess("run", str(job), "--gpus", "2")
+    assert rerun.returncode == 0, rerun.stderr
+    assert_same_outputs(out, reference)
+
+
 def test_status_of_a_killed_doubled_job_is_stopped_and_never_past_the_total(lock_job):
     make, _ = lock_job
     job = make("doubled-status")

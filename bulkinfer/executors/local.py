@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 
 from bulkinfer.errors import SpecError
+from bulkinfer.observe.progress import log
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -51,7 +52,10 @@ def run_workers(base_args: list[str], count: int, devices: list[str] | None) -> 
         cmd = [sys.executable, "-m", "bulkinfer", "run", *base_args, "--shard", f"{i}/{count}"]
         procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_dies_with_launcher()))
 
+    received = []
+
     def forward(signum, frame):
+        received.append(signum)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
@@ -64,8 +68,20 @@ def run_workers(base_args: list[str], count: int, devices: list[str] | None) -> 
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-    failed = [c for c in codes if c != 0]
-    return max(failed, key=abs) if failed else 0
+    if received and any(c < 0 for c in codes):
+        # a worker the signal ended while it was starting had no batch in flight and said
+        # nothing: the launcher says it once, with the exit code a shell gives that signal
+        name, code = signal.Signals(received[0]).name, 128 + received[0]
+        log(
+            f"stopped by {name} while workers were starting; rerun the same command to resume",
+            event="signal",
+            level="warning",
+            signal=name,
+            exit_code=code,
+        )
+        return code
+    failed = [128 - c if c < 0 else c for c in codes if c != 0]  # killed by signal N: 128 + N
+    return max(failed) if failed else 0
 
 
 def _dies_with_launcher() -> Callable[[], None] | None:

@@ -1,12 +1,17 @@
 """How a run ends early. Stopping cleanly: SIGTERM, SIGINT and SIGUSR1 (Slurm's time warning) let the batch in flight
 finish and be committed, then the job exits; a second SIGINT aborts at once. A failed write
-ends the run with one line; a shard that dies leaves failed.json for `bulkinfer status`."""
+ends the run with one line; a shard that dies leaves failed.json for `bulkinfer status`.
+
+One Ctrl-C can arrive twice: the terminal sends it to the whole process group, and a `--gpus`
+launcher passes what it receives on to its workers. A signal within REPEAT_SECONDS of the first
+is taken as that same stop; a SIGINT after that aborts."""
 
 from __future__ import annotations
 
 import errno
 import os
 import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,10 +23,12 @@ from bulkinfer.observe.progress import log
 from bulkinfer.sharding import Shard
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+REPEAT_SECONDS = 1.0
 
 
 class StopFlag:
     signum: int | None = None
+    at: float = 0.0
 
 
 @contextmanager
@@ -30,9 +37,12 @@ def stop_signals() -> Iterator[StopFlag]:
     previous = {}
 
     def handler(signum, frame):
-        if flag.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        flag.signum = signum
+        now = time.monotonic()
+        if flag.signum is not None:
+            if signum == signal.SIGINT and now - flag.at > REPEAT_SECONDS:
+                raise KeyboardInterrupt
+            return  # the same stop, delivered twice
+        flag.signum, flag.at = signum, now
         log(
             f"{signal.Signals(signum).name} received: finishing the batch in flight, then stopping",
             event="signal",
