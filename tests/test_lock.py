@@ -171,9 +171,9 @@ def test_a_job_without_results_killed_while_replaced_is_replaced_by_the_next_run
     make, reference = lock_job
     job = make("killed-replace")
     out = job.parent / "killed-replace"
+    manifest = out / "checkpoint" / "manifest.jsonl"
     for point in ("part_written:1", "overwrite_removed:1"):
         run_killed_at(job, point)
-        manifest = out / "checkpoint" / "manifest.jsonl"
         assert (out / "job.json").exists()
         assert not (manifest.exists() and manifest.read_text().strip())
     rerun = cli_subprocess("run", str(job))
@@ -249,7 +249,10 @@ def start_launcher(job: Path, seconds: float) -> subprocess.Popen:
 
 def stop_launcher(launcher: subprocess.Popen, signum: int, group: bool) -> str:
     try:
-        os.killpg(launcher.pid, signum) if group else os.kill(launcher.pid, signum)
+        if group:
+            os.killpg(launcher.pid, signum)
+        else:
+            os.kill(launcher.pid, signum)
         return launcher.communicate(timeout=120)[1]
     finally:
         if launcher.poll() is None:
