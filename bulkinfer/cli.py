@@ -116,11 +116,45 @@ def skip_unused_imports(spec) -> None:
     """Mark UNUSED_IMPORTS absent for this process (None in sys.modules: Python's own way to
     refuse an import), where the process is the command's (the console script, `python -m
     bulkinfer`; not `main` called from someone's program), nothing has imported them yet, and
-    no code from the model folder will run (model.trust_remote_code)."""
+    no code from the model folder will run (model.trust_remote_code). pyarrow is told pandas
+    is absent too, unless the input is read through `datasets` (input.format hf), which hands
+    it pandas objects."""
     if not _OWN_PROCESS or spec.model.trust_remote_code:
         return
     for name in UNUSED_IMPORTS:
         sys.modules.setdefault(name, None)
+    if spec.input.format != "hf":
+        pyarrow_without_pandas()
+
+
+class _RefusePandas:
+    """An import finder that answers pandas with an ImportError."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "pandas" or name.startswith("pandas."):
+            raise ImportError("pandas is not used here")
+        return None
+
+
+def pyarrow_without_pandas() -> None:
+    """pyarrow imports pandas, where installed, the first time it builds an array from Python
+    values, to ask whether they are pandas objects (0.3-0.5 s of an H200 box's start-up, on
+    the thread that reads the input, beside the weights' loading); bulkinfer never hands it
+    any. Its Python side asks once: that probe fails here. Its C++ side asks again at every
+    conversion until pandas imports: pandas is marked absent in sys.modules for that (pyarrow's
+    Python side would take the None there for the module, hence the probe first). A pandas
+    already imported is left alone."""
+    if "pandas" in sys.modules:
+        return
+    import pyarrow.lib
+
+    finder = _RefusePandas()
+    sys.meta_path.insert(0, finder)
+    try:
+        pyarrow.lib._pandas_api.have_pandas  # noqa: B018 (the probe, answered absent)
+    finally:
+        sys.meta_path.remove(finder)
+    sys.modules["pandas"] = None
 
 
 def entry() -> None:

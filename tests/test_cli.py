@@ -271,12 +271,13 @@ def test_bytecode_is_kept_in_the_cache_folder_when_python_may_not_write_it(tmp_p
 
 
 def test_a_run_never_imports_what_transformers_would_import_unused(tmp_path, tiny_model):
-    """Installed, scikit-learn and SciPy are imported by transformers as it loads, for features
-    bulkinfer never calls (1.6 s of a GPU box's start). Stand-ins that fail when imported are
-    first on the path: transformers alone imports one; `bulkinfer run` and `plan` do not, and
-    the run's outputs are those of a run in this process."""
+    """Installed, scikit-learn and SciPy are imported by transformers as it loads, and pandas by
+    pyarrow as it first converts Python values, for features bulkinfer never calls (~2 s of a
+    GPU box's start). Stand-ins that fail when imported are first on the path: transformers
+    alone imports one; `bulkinfer run` and `plan` do not, and the run's outputs are those of a
+    run in this process."""
     fakes = tmp_path / "fakes"
-    for name in ("scipy", "sklearn"):
+    for name in ("scipy", "sklearn", "pandas"):
         (fakes / name).mkdir(parents=True)
         (fakes / name / "__init__.py").write_text(f"raise RuntimeError('{name} was imported')\n")
     env = {**child_env(), "PYTHONPATH": f"{fakes}{os.pathsep}{ROOT}"}

@@ -73,6 +73,20 @@ def test_every_input_format_gives_the_same_outputs(tmp_path, tiny_model, task):
         assert table.equals(reference), name
 
 
+def test_a_run_through_datasets_keeps_pandas(tmp_path, tiny_model):
+    """bulkinfer's own process tells pyarrow that pandas is absent (a start-up cost it never
+    uses), except where `datasets` reads the input, which needs pandas: `python -m bulkinfer`
+    with input.format hf gives the rows of a plain read."""
+    inputs = _write_inputs(tmp_path)
+    for name in ("jsonl", "hf-jsonl"):
+        path, section = inputs[name]
+        out = tmp_path / f"out-{name}"
+        job = write_job(tmp_path / f"{name}.yaml", tiny_model, path, out, input=section)
+        run = _run(job, child_env())
+        assert run.returncode == 0, run.stderr[-2000:]
+    assert read_outputs(tmp_path / "out-hf-jsonl").equals(read_outputs(tmp_path / "out-jsonl"))
+
+
 def test_output_folder_opens_with_datasets_and_pyarrow_dataset(tmp_path, tiny_model):
     job = write_job(
         tmp_path / "job.yaml",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,27 @@ def compile_backend(device: torch.device) -> str | None:
     """Inductor on a GPU (unless BULKINFER_COMPILE=0); None (eager) on the CPU."""
     wanted = device.type == "cuda" and os.environ.get(COMPILE_ENV, "1") != "0"
     return "inductor" if wanted else None
+
+
+def hash_triton_key(kind: str, device_type: str) -> None:
+    """Start Triton's key on a thread, where the engine will compile (the fast engine on a GPU).
+    Inductor's caches key every entry by it, and the first compiled call computes it: a hash of
+    Triton's 0.5 GB library, ~1 s of an H200 box's first forward, in which nothing else runs.
+    Hashing releases the GIL, so here it overlaps the weights' loading; the value is kept
+    (Triton caches it), and a failure is left for the first compiled call to meet."""
+    if kind == "fast" and compile_backend(torch.device(device_type)) is not None:
+        threading.Thread(target=_triton_key, name="bulkinfer-triton-key", daemon=True).start()
+
+
+def _triton_key() -> None:
+    try:
+        try:
+            from triton.runtime.cache import triton_key
+        except ImportError:  # Triton before 3.3
+            from triton.compiler.compiler import triton_key
+        triton_key()
+    except Exception:  # noqa: BLE001 (only a head start)
+        return
 
 
 def use_compile_cache(folder: Path | None, device_name: str) -> Path | None:

@@ -114,9 +114,11 @@ def load_and_tokenize(setup: JobSetup, layout: OutputLayout, shard: Shard | None
     """The weights load on a thread while the input is tokenized into spill files; then the
     engine is fitted to the job's size. Returns the inputs, the engine, its load options and
     the seconds each part took."""
-    from bulkinfer.engines.select import fit_to_job  # imports torch: not at `bulkinfer --help`
+    from bulkinfer.engines.compiling import hash_triton_key  # imports torch: not at --help
+    from bulkinfer.engines.select import fit_to_job
 
     options, limits = planned_engine(setup.model, setup.config, setup.task)  # converts a GGUF once
+    hash_triton_key(limits.kind, limits.device_type)
     load = engine_loader(setup, options, limits)
     inputs, engine, seconds = tokenize_while_loading(setup, load, layout.prepared_dir)
     engine = fit_to_job(engine, options, setup.config, job_size(inputs, engine.limits, shard))
