@@ -311,11 +311,17 @@ def with_settings(spec: dict, keys: dict) -> dict:
 
 
 def run_job(
-    job: Path, out: Path, overwrite: bool, profile: Path | None = None, env: dict | None = None
+    job: Path,
+    out: Path,
+    overwrite: bool,
+    profile: Path | None = None,
+    env: dict | None = None,
+    sample: Path | None = None,
 ) -> dict:
     """`python -m bulkinfer run` with JSON logs, timed from outside; its summary.json. With
     `profile`, the run goes under cProfile (main thread) and the stats land in that file;
-    `env` adds environment settings (an A/B of one setting in the same call)."""
+    `env` adds environment settings (an A/B of one setting in the same call); with `sample`,
+    every thread's stack is sampled (scripts/sample_stacks.py) into that file."""
     # under `-m cProfile` the stats would never be written: `python -m bulkinfer` ends with
     # os._exit once its files are closed (cli.entry); cProfile.run catches click's SystemExit
     profiled = (
@@ -323,6 +329,8 @@ def run_job(
         f"sys.argv[0] = 'bulkinfer'; cProfile.run('main()', {str(profile)!r})"
     )
     python = [sys.executable] + (["-c", profiled] if profile else ["-m", "bulkinfer"])
+    if sample:
+        python = [sys.executable, str(ROOT / "scripts" / "sample_stacks.py"), str(sample), "--"]
     args = python + ["--log-format", "json", "run", str(job)]
     args += ["--output", str(out)] + (["--overwrite"] if overwrite else [])
     start = time.perf_counter()
@@ -389,6 +397,12 @@ def drift(ours: dict, theirs: dict) -> dict:
         "relative_error_p95": float(np.quantile(rel, 0.95)),
         "relative_error_max": float(rel.max()),
     }
+
+
+def sample_text(samples: Path) -> str:
+    script = ROOT / "scripts" / "sample_stacks.py"
+    report = [sys.executable, str(script), "--report", str(samples)]
+    return subprocess.run(report, text=True, capture_output=True, check=True).stdout
 
 
 def profile_text(stats_file: Path, top: int = 60) -> str:
@@ -473,6 +487,11 @@ def main() -> None:
         "--profile", action="store_true", help="cProfile the last run of the first job"
     )
     parser.add_argument(
+        "--sample",
+        action="store_true",
+        help="sample every thread's stack in the last run of the first job (its first 20 s)",
+    )
+    parser.add_argument(
         "--checkpoint",
         choices=("bf16", "fp8"),
         default="bf16",
@@ -550,12 +569,18 @@ def main() -> None:
         job.write_text(json.dumps(spec))
         profiled = args.profile and k == (1 if args.repeat_first else 0)
         stats_file = work / f"profile-{k}.prof" if profiled else None
-        result = run_job(job, work / f"out-{k}", overwrite=True, profile=stats_file, env=env)
+        sampled = args.sample and k == (1 if args.repeat_first else 0)
+        samples = work / f"samples-{k}.json" if sampled else None
+        result = run_job(
+            job, work / f"out-{k}", overwrite=True, profile=stats_file, env=env, sample=samples
+        )
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / f"log-{k}-{kind}-{n}.jsonl").write_text(result.pop("log"))
             if stats_file:
                 (args.out / f"profile-{k}.txt").write_text(profile_text(stats_file))
+            if samples:
+                (args.out / f"samples-{k}.txt").write_text(sample_text(samples))
         result.pop("log", None)
         outputs = read_rows(work / f"out-{k}")
         first_of_kind = seen.setdefault((kind, n), outputs)
