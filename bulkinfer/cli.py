@@ -143,18 +143,26 @@ def pyarrow_without_pandas() -> None:
     any. Its Python side asks once: that probe fails here. Its C++ side asks again at every
     conversion until pandas imports: pandas is marked absent in sys.modules for that (pyarrow's
     Python side would take the None there for the module, hence the probe first). A pandas
-    already imported is left alone."""
-    if "pandas" in sys.modules:
-        return
+    already imported is left alone, and so is all of it where this pyarrow asks otherwise."""
+    import pyarrow
     import pyarrow.lib
 
+    shim = getattr(pyarrow.lib, "_pandas_api", None)
+    if "pandas" in sys.modules or shim is None:
+        return
     finder = _RefusePandas()
     sys.meta_path.insert(0, finder)
     try:
-        pyarrow.lib._pandas_api.have_pandas  # noqa: B018 (the probe, answered absent)
+        have = shim.have_pandas  # the probe, answered absent
     finally:
         sys.meta_path.remove(finder)
+    if have:
+        return
     sys.modules["pandas"] = None
+    try:
+        pyarrow.Table.from_pylist([{"a": 0}])  # the conversions that asked still work
+    except Exception:  # noqa: BLE001 (a pyarrow that asks again: let it import pandas)
+        del sys.modules["pandas"]
 
 
 def entry() -> None:
