@@ -383,6 +383,8 @@ def drift(ours: dict, theirs: dict) -> dict:
             "rows": len(ids),
             "equal_rows": len(equal),
             "first_difference_char_median": float(np.median(at)) if at else None,
+            # rows with no text on one side (a failed row's is null)
+            "without_text": [sum(d[i] is None for i in ids) for d in (ours, theirs)],
         }
     rel = np.array(
         [
@@ -462,6 +464,8 @@ def row_of(name: str, result: dict, model: dict, facts: dict, fp8: bool = False)
         "shared_prefix_tokens": s.get("shared_prefix_tokens", 0),
         # generation's model time: prefill and decode seconds, steps, rows a step carried
         **{k: s[k] for k in GENERATION_TIME if k in s},
+        "rows_by_status": s.get("rows_by_status"),
+        "oom_splits": s.get("oom_splits"),
         "engine": s.get("engine"),
         "device": s.get("device"),
         "device_memory_gib": s.get("device_memory_gib"),
