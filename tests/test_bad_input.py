@@ -193,6 +193,18 @@ def test_model_folder_with_only_pickle_weights_is_refused(tmp_path, tiny_model):
     _fails_cleanly(cli("run", str(_job(tmp_path, model, path))), "pickle", "allow_pickle")
 
 
+def test_a_prompt_of_another_type_is_named_in_the_words_of_json(tmp_path, tiny_model):
+    """Each bad row's error names what its prompt is as the file has it; the good row runs."""
+    rows = [{"id": k, "prompt": p} for k, p in enumerate([5, 2.5, True, {"a": 1}, "fine"])]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    assert cli("run", str(_job(tmp_path, tiny_model, path))).exit_code == 0
+    errors = read_outputs(tmp_path / "out").sort_by("id").column("error").to_pylist()
+    kinds = ["an integer", "a float", "a boolean", "an object"]
+    for error, kind in zip(errors, kinds, strict=False):
+        assert error.startswith(f"prompt is {kind}"), error
+    assert errors[-1] is None
+
+
 def test_user_errors_print_no_traceback_from_the_real_command(tmp_path, tiny_model):
     path = tmp_path / "in.jsonl"
     path.write_text('{"prompt": "a"}\nnot json\n')

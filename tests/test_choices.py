@@ -83,7 +83,7 @@ def test_choices_equal_scoring_each_completion_alone(tmp_path, model_name, reque
     errors = {r["id"]: r["error"] for r in out[len(QUESTIONS) :]}
     assert "expected a non-empty list of strings" in errors["string"]
     assert "empty list" in errors["empty"]
-    assert "choice 1 is a int" in errors["number"]
+    assert "choice 1 is an integer" in errors["number"]
     assert "choice 1 is an empty string" in errors["blank"]
     assert "choices is null" in errors["null"]
     assert all(r["choice_logprobs"] is None for r in out[len(QUESTIONS) :])

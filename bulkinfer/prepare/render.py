@@ -157,9 +157,24 @@ def length_problem(n_tokens: int, options: RenderOptions) -> str | None:
     return None
 
 
+# What a value of the input is, in the words of JSON and Parquet rather than Python's.
+KINDS = (
+    (bool, "a boolean"),
+    (int, "an integer"),
+    (float, "a float"),
+    (bytes, "binary data"),
+    (dict, "an object"),
+    ((list, tuple), "a list"),
+)
+
+
 def describe(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, str):
         return "an empty string" if not value else "a string"
-    return f"a {type(value).__name__}"
+    for kind, words in KINDS:
+        if isinstance(value, kind):
+            return words
+    name = type(value).__name__
+    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
