@@ -571,10 +571,9 @@ def main() -> None:
             spec["task"] = {key: v for key, v in spec["task"].items() if v is not None}
         job = work / f"{kind}-{n}.yaml"
         job.write_text(json.dumps(spec))
-        profiled = args.profile and k == (1 if args.repeat_first else 0)
-        stats_file = work / f"profile-{k}.prof" if profiled else None
-        sampled = args.sample and k == (1 if args.repeat_first else 0)
-        samples = work / f"samples-{k}.json" if sampled else None
+        last_of_first = k == (1 if args.repeat_first else 0)
+        stats_file = work / f"profile-{k}.prof" if args.profile and last_of_first else None
+        samples = work / f"samples-{k}.json" if args.sample and last_of_first else None
         result = run_job(
             job, work / f"out-{k}", overwrite=True, profile=stats_file, env=env, sample=samples
         )

@@ -106,14 +106,14 @@ def main() -> None:
     if "--report" in sys.argv:
         report(sys.argv[sys.argv.index("--report") + 1])
         return
-    own, _, command = " ".join(sys.argv[1:]).partition(" -- ")
+    split = sys.argv.index("--")
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--every", type=float, default=0.005)
-    args = parser.parse_args(own.split())
+    args = parser.parse_args(sys.argv[1:split])
     thread = sampler(args.out, args.seconds, args.every)
-    sys.argv = ["bulkinfer", *command.split()]
+    sys.argv = ["bulkinfer", *sys.argv[split + 1 :]]
     exit_now = os._exit
 
     def write_then_exit(code: int) -> None:  # `entry` ends the process with os._exit
