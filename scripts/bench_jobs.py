@@ -353,6 +353,19 @@ def spec_value(text: str):
         return text
 
 
+def as_text(value: str | list) -> str:
+    """A row's text; its samples' texts joined where the column holds one a sample."""
+    return "\n".join(t or "" for t in value) if isinstance(value, list) else value
+
+
+def first_difference(a: str, b: str) -> int:
+    """The first character where two texts differ (the shorter's length if one starts the
+    other)."""
+    return next(
+        (k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
 def read_rows(out: Path) -> dict:
     """A job's outputs by id: the generated text, or the score (log-likelihood sum)."""
     import pyarrow as pa
@@ -367,22 +380,22 @@ def drift(ours: dict, theirs: dict) -> dict:
     """How far one job's outputs are from another's run of the same rows (sharing on vs off,
     bf16 on the GPU): for generation the rows whose texts are equal and, where they differ,
     the first differing character; for scores the relative error of each row's sum."""
-    ids = sorted(set(ours) & set(theirs))
+    ids = sorted(set(ours) & set(theirs), key=str)  # ids of any type
     first = next((v for v in ours.values() if v is not None), None)
-    if not isinstance(first, float):  # texts (a list of them for n samples): equal or not
+    if not isinstance(first, float):  # texts (a list of them, one a sample, for OpenAI input)
         equal = [i for i in ids if ours[i] == theirs[i]]
-        at = [
-            next(
-                (k for k, (a, b) in enumerate(zip(ours[i], theirs[i], strict=False)) if a != b),
-                min(len(ours[i]), len(theirs[i])),  # one is the start of the other
-            )
+        both = [
+            (as_text(ours[i]), as_text(theirs[i]))
             for i in ids
-            if ours[i] != theirs[i] and isinstance(ours[i], str) and isinstance(theirs[i], str)
+            if ours[i] != theirs[i] and ours[i] is not None and theirs[i] is not None
         ]
+        at = [first_difference(a, b) for a, b in both]
         return {
             "rows": len(ids),
             "equal_rows": len(equal),
+            "differing_rows_with_text": len(both),
             "first_difference_char_median": float(np.median(at)) if at else None,
+            "first_difference_chars": sorted(at)[:20],
             # rows with no text on one side (a failed row's is null)
             "without_text": [sum(d[i] is None for i in ids) for d in (ours, theirs)],
         }

@@ -31,9 +31,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 import bench_jobs  # noqa: E402
 
 
-def timed_engine(calls: list[dict], window: range, kernels: list) -> None:
+def timed_engine(
+    calls: list[dict], window: range, kernels: list, prefill_window: range = range(0)
+) -> None:
     """Wrap the fast engine's prefill and decode: each call's seconds, rows and sizes go to
-    `calls`; decode calls numbered in `window` run under torch.profiler (CUDA only)."""
+    `calls`; decode calls numbered in `window` and prefill calls in `prefill_window` run under
+    torch.profiler (CUDA only)."""
     import torch
 
     from bulkinfer.engines.fast import FastEngine, decode_bucket
@@ -41,16 +44,32 @@ def timed_engine(calls: list[dict], window: range, kernels: list) -> None:
     prefill, decode = FastEngine.prefill, FastEngine.decode
 
     def timed_prefill(self, prompts, *args, **kwargs):
+        number = sum(c["kind"] == "prefill" for c in calls)
+        profiling = self.device.type == "cuda" and number in prefill_window
+        if profiling:
+            from torch.profiler import ProfilerActivity, profile
+
+            torch.cuda.synchronize()
+            prof = profile(activities=[ProfilerActivity.CUDA])
+            prof.__enter__()
         started = time.perf_counter()
         out = prefill(self, prompts, *args, **kwargs)
+        seconds = time.perf_counter() - started
         past = args[6] if len(args) > 6 else kwargs.get("past")
         tokens = sum(len(p) for p in prompts) - (sum(past) if past else 0)
+        if profiling:
+            torch.cuda.synchronize()
+            prof.__exit__(None, None, None)
+            kernels.append((prof, 1, {"prefill_call": number, "tokens": int(tokens)}))
         calls.append(
             {
                 "kind": "prefill",
                 "rows": len(prompts),
                 "tokens": int(tokens),
-                "seconds": time.perf_counter() - started,
+                # attention's work grows with the square of each prompt's length
+                "squares": int(sum(len(p) ** 2 for p in prompts)),
+                "longest": max(len(p) for p in prompts),
+                "seconds": seconds,
             }
         )
         return out
@@ -72,7 +91,7 @@ def timed_engine(calls: list[dict], window: range, kernels: list) -> None:
         if profiling:
             torch.cuda.synchronize()
             prof.__exit__(None, None, None)
-            kernels.append((prof, steps))
+            kernels.append((prof, steps, {"decode_call": number}))
         calls.append(
             {
                 "kind": "decode",
@@ -116,6 +135,13 @@ def summarize(calls: list[dict]) -> dict:
         "prefill_tokens": tokens,
         "prefill_seconds": round(prefill_s, 2),
         "prefill_us_per_token": round(1e6 * prefill_s / max(1, tokens), 2),
+        # without the first call, which compiles (or loads compiled code)
+        "prefill_us_per_token_after_first": round(
+            1e6 * sum(c["seconds"] for c in prefill[1:]) / max(1, tokens - prefill[0]["tokens"]), 2
+        )
+        if len(prefill) > 1
+        else None,
+        "prefill_first_call_s": round(prefill[0]["seconds"], 2) if prefill else None,
         "prefill_slowest_s": sorted(round(c["seconds"], 3) for c in prefill)[-5:],
         "decode_calls": len(decode),
         "decode_steps": sum(c["steps"] for c in decode),
@@ -130,6 +156,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=10000)
     parser.add_argument("--set", dest="settings", action="append", default=[], help="KEY=VALUE")
     parser.add_argument("--window", default="100,103", help="decode calls to profile: FIRST,END")
+    parser.add_argument(
+        "--prefill-window", default="0,0", help="prefill calls to profile: FIRST,END"
+    )
     parser.add_argument("--work", type=Path, default=None, help="keeps the saved model")
     parser.add_argument(
         "--pool-share", type=float, default=None, help="the KV pool's share of free memory"
@@ -166,7 +195,8 @@ def main() -> None:
     calls: list[dict] = []
     kernels: list = []
     first, end = (int(x) for x in args.window.split(","))
-    timed_engine(calls, range(first, end), kernels)
+    prefill_first, prefill_end = (int(x) for x in args.prefill_window.split(","))
+    timed_engine(calls, range(first, end), kernels, range(prefill_first, prefill_end))
     from bulkinfer.cli import main as cli
 
     sys.argv = ["bulkinfer", "--log-format", "json", "run", str(job), "--overwrite"]
@@ -188,7 +218,9 @@ def main() -> None:
     if kernels:
         from profile_decode import kernel_table
 
-        report["kernels_per_step_in_window"] = [kernel_table(p, steps) for p, steps in kernels]
+        report["kernels_per_step_in_window"] = [
+            {**which, **kernel_table(p, steps)} for p, steps, which in kernels
+        ]
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:

@@ -3,7 +3,9 @@
 against the dequantized reference, with its own tiles and (--tiles) others.
 
     python scripts/tune_decode_attention.py [--rows 64,256,1024] [--context 550] [--tiles]
-        --out $OUT
+        [--cache bf16,fp8] [--block-n 32,64,128] [--warps 2,4,8] [--stages 2,3] --out $OUT
+
+--tiles measures every combination of the three lists.
 
 GPU only. Pool contents are random (fp8 with per-token-head scales, or bf16); each row's cache
 is contiguous, as the engine's pool allocates it.
@@ -107,16 +109,25 @@ def main() -> None:
     parser.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head size")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--tiles", action="store_true", help="also other tiles, warps and stages")
+    parser.add_argument("--cache", default="bf16,fp8", help="cache dtypes measured")
+    parser.add_argument("--block-n", default="32,64,128", help="cached tokens a tile (--tiles)")
+    parser.add_argument("--warps", default="2,4,8", help="(--tiles)")
+    parser.add_argument("--stages", default="2,3", help="(--tiles)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     heads, kv_heads, dim = (int(x) for x in args.heads.split(","))
     report = []
+
+    def ints(text: str) -> list[int]:
+        return [int(x) for x in text.split(",")]
+
     tiles = [
         dict(BLOCK_N=n, num_warps=w, num_stages=s)
-        for n, w, s in itertools.product((32, 64, 128), (2, 4, 8), (2, 3))
+        for n, w, s in itertools.product(ints(args.block_n), ints(args.warps), ints(args.stages))
     ]
-    for rows in (int(x) for x in args.rows.split(",")):
-        for fp8 in (False, True):
+    caches = [name == "fp8" for name in args.cache.split(",")]
+    for rows in ints(args.rows):
+        for fp8 in caches:
             configs = [None] + (tiles if args.tiles else [])
             report += measure(rows, args.context, heads, kv_heads, dim, fp8, args.layers, configs)
             torch.cuda.empty_cache()

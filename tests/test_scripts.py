@@ -63,3 +63,18 @@ def test_bench_jobs_saves_an_fp8_checkpoint_across_disks_and_runs_it(tmp_path):
     assert generate["output_tokens"] > 0 and score["input_tokens"] > 0
     job = json.loads((work / "sharegpt-8.yaml").read_text())
     assert job["model"]["quantization"] == "fp8"
+
+
+def test_drift_places_the_first_difference_in_texts_held_one_a_sample():
+    """An OpenAI batch job's text column holds a list (one text a sample): a row that differs
+    between two runs is counted as differing text, not as a row without text."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_jobs import drift
+
+    ours = {"same": ["xy"], "other": ["abc", "q"], "failed": None, 7: ["é"]}
+    theirs = {"same": ["xy"], "other": ["abd", "q"], "failed": ["z"], 7: ["é"]}
+    result = drift(ours, theirs)
+    assert result["equal_rows"] == 2
+    assert result["differing_rows_with_text"] == 1
+    assert result["first_difference_char_median"] == 2.0
+    assert result["without_text"] == [1, 0]
