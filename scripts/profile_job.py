@@ -43,24 +43,29 @@ def timed_engine(
 
     prefill, decode = FastEngine.prefill, FastEngine.decode
 
+    @contextlib.contextmanager
+    def profiled(on: bool, steps: int, which: dict):
+        """torch.profiler around a call when `on`; its kernels go to `kernels`."""
+        if not on:
+            yield
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            yield
+            torch.cuda.synchronize()
+        kernels.append((prof, steps, which))
+
     def timed_prefill(self, prompts, *args, **kwargs):
         number = sum(c["kind"] == "prefill" for c in calls)
-        profiling = self.device.type == "cuda" and number in prefill_window
-        if profiling:
-            from torch.profiler import ProfilerActivity, profile
-
-            torch.cuda.synchronize()
-            prof = profile(activities=[ProfilerActivity.CUDA])
-            prof.__enter__()
-        started = time.perf_counter()
-        out = prefill(self, prompts, *args, **kwargs)
-        seconds = time.perf_counter() - started
         past = args[6] if len(args) > 6 else kwargs.get("past")
         tokens = sum(len(p) for p in prompts) - (sum(past) if past else 0)
-        if profiling:
-            torch.cuda.synchronize()
-            prof.__exit__(None, None, None)
-            kernels.append((prof, 1, {"prefill_call": number, "tokens": int(tokens)}))
+        on = self.device.type == "cuda" and number in prefill_window
+        with profiled(on, 1, {"prefill_call": number, "tokens": int(tokens)}):
+            started = time.perf_counter()
+            out = prefill(self, prompts, *args, **kwargs)
+            seconds = time.perf_counter() - started
         calls.append(
             {
                 "kind": "prefill",
@@ -78,20 +83,11 @@ def timed_engine(
         n = len(rows.lengths)
         size = decode_bucket(n, self.slots)
         number = sum(c["kind"] == "decode" for c in calls)
-        profiling = self.device.type == "cuda" and number in window
-        if profiling:
-            from torch.profiler import ProfilerActivity, profile
-
-            torch.cuda.synchronize()
-            prof = profile(activities=[ProfilerActivity.CUDA])
-            prof.__enter__()
-        started = time.perf_counter()
-        out = decode(self, rows, steps, *args, **kwargs)
-        seconds = time.perf_counter() - started
-        if profiling:
-            torch.cuda.synchronize()
-            prof.__exit__(None, None, None)
-            kernels.append((prof, steps, {"decode_call": number}))
+        on = self.device.type == "cuda" and number in window
+        with profiled(on, steps, {"decode_call": number}):
+            started = time.perf_counter()
+            out = decode(self, rows, steps, *args, **kwargs)
+            seconds = time.perf_counter() - started
         calls.append(
             {
                 "kind": "decode",
