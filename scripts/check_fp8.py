@@ -2,8 +2,9 @@
 
 1. Kernels (CUDA only): `fp8.linear` through `torch._scaled_mm` against the same fp8 operands
    multiplied dequantized in float32 (the CPU's path), the Triton decode kernel reading an
-   fp8 KV cache against the reference attention over the cache dequantized, and the fused fp8
-   KV write against kv.quantize_heads (bytes equal).
+   fp8 KV cache against the reference attention over the cache dequantized, the fused fp8
+   KV write against kv.quantize_heads (bytes equal), and the fused SiLU-and-quantize kernel
+   of the down projection's input, eager and compiled, against the torch code (bytes equal).
 2. Fidelity, as a user runs it (`bulkinfer run`, fast engine): the shipped score, sample and
    choices jobs on a model (the sample SmolLM2 by default; a trained model: random weights have
    flat logits) in float32, bf16, fp8 weights, fp8 KV cache and both: per-row score relative
@@ -92,7 +93,51 @@ def kernels() -> dict:
         .item(),
         "scale_relative_error": ((scales[0][at] - want_scale) / want_scale).abs().max().item(),
     }
+    out["silu_mul_fp8"] = silu_mul_kernel()
     return out
+
+
+def silu_mul_kernel() -> list[dict]:
+    """fp8_kernels.silu_mul_quantized, called as it is and inside torch.compile with dynamic
+    tokens (as the decoder calls it), against quantize_rows(silu(gate) * up) in torch."""
+    import torch
+
+    from bulkinfer.engines import fp8_kernels
+    from bulkinfer.engines.fp8 import quantize_rows
+
+    fp8_kernels.prepare(torch.device("cuda"))
+
+    def through(x):
+        return fp8_kernels.silu_mul_quantized(x)
+
+    compiled_fn = torch.compile(through, fullgraph=True)
+
+    def compiled(x):  # the token count dynamic, as the decoder marks it
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+        return compiled_fn(x)
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    results = []
+    for tokens, n in [(1, 14336), (1000, 14336), (16384, 14336), (77, 4864), (3, 28672)]:
+        x = (torch.randn(tokens, 2 * n, device="cuda", generator=g) * 2).bfloat16()
+        gate, up = x.chunk(2, dim=-1)
+        want, want_scale = quantize_rows(torch.nn.functional.silu(gate) * up)
+        for name, fn in (("eager", through), ("compiled", compiled)):
+            got, scale = fn(x)
+            same = got.view(torch.uint8) == want.view(torch.uint8)
+            results.append(
+                {
+                    "tokens": tokens,
+                    "n": n,
+                    "call": name,
+                    "bytes_equal": same.float().mean().item(),
+                    # where bytes differ, by how much (the rows' scales are the same)
+                    "largest_difference_of_row_max": (got.float() - want.float()).abs().max().item()
+                    / 448,
+                    "scale_relative_error": ((scale - want_scale) / want_scale).abs().max().item(),
+                }
+            )
+    return results
 
 
 def run_job(job: str, name: str, settings: list[str], work: Path, extra: list[str]) -> list | str:

@@ -157,3 +157,43 @@ def test_an_fp8_cache_of_small_values_keeps_its_precision():
     results = interpreted(CHECK, [[*case, "bfloat16", True, scaled] for case in CASES[:3]])
     for case, result in zip(CASES, results, strict=False):
         assert result["relative"] < 1e-2, (case, result)  # bfloat16 outputs round at 4e-3
+
+
+SILU_MUL = r"""
+import json
+import torch
+from bulkinfer.engines import fp8_kernels
+from bulkinfer.engines.fp8 import quantize_rows
+
+assert fp8_kernels.prepare(torch.device("cpu"))  # the interpreter runs it on the CPU
+out = []
+g = torch.Generator().manual_seed(0)
+for dtype, tokens, n in (("float32", 5, 96), ("float16", 3, 1000), ("float32", 2, 14336), ("float32", 0, 64)):
+    x = (torch.randn(tokens, 2 * n, generator=g) * 3).to(getattr(torch, dtype))
+    x[:, 1] = 0.0  # a gate of zero: an activation of zero
+    x8, scale = fp8_kernels.silu_mul_quantized(x)
+    gate, up = x.chunk(2, dim=-1)
+    want, want_scale = quantize_rows(torch.nn.functional.silu(gate) * up)
+    got, ref = x8.float(), want.float()
+    # the interpreter converts to fp8 in numpy: where rounding up carries into the exponent it
+    # gives half the power of two, and under e4m3's normal range (2**-6) it truncates (one
+    # step, 2**-9, low, up to 2**-6 itself); a GPU converts as torch does (scripts/check_fp8.py)
+    carried = (torch.frexp(ref)[0].abs() == 0.5) & (got == ref / 2)
+    truncated = (ref.abs() <= 2**-6) & ((got - ref).abs() <= 2**-9) & (got.abs() < ref.abs())
+    out.append({
+        "shapes": [list(x8.shape), list(scale.shape)] == [[tokens, n], [tokens, 1]],
+        "dtypes": [x8.dtype == torch.float8_e4m3fn, scale.dtype == torch.float32],
+        "values_off": int(((got != ref) & ~carried & ~truncated).sum()),
+        "scale_error": float(((scale - want_scale) / want_scale).abs().max()) if tokens else 0.0,
+    })
+print(json.dumps(out))
+"""
+
+
+def test_the_fused_silu_and_quantize_kernel_gives_the_torch_code_s_fp8_rows():
+    """The fp8 down projection's input in one pass (engines/fp8_kernels.py, on a GPU):
+    quantize_rows(silu(gate) * up) for rows of 96 to 14,336 (Llama-3.1-8B's) and none."""
+    for result in interpreted(SILU_MUL, []):
+        assert result["shapes"] and all(result["dtypes"]), result
+        assert result["values_off"] == 0, result
+        assert result["scale_error"] < 1e-6, result

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from bulkinfer.configs import text_config
-from bulkinfer.engines import fp8
+from bulkinfer.engines import fp8, fp8_kernels
 from bulkinfer.engines.compiling import Compiled
 from bulkinfer.errors import first_line
 from bulkinfer.observe.progress import log
@@ -186,6 +186,8 @@ class Decoder:
             activation=config.hidden_act,
         )
         self.before_attention, self.after_attention, self.norm = layer_steps(shape)
+        if any(isinstance(w.down, fp8.Fp8Weight) for w in self.layers):
+            fp8_kernels.prepare(self.final_norm.device)  # before any compiled call
         self.head_logprobs = target_logprobs
         self.compiled = backend is not None
         self.fell_back = False  # a compilation failed and its function runs eagerly
@@ -233,6 +235,7 @@ def layer_steps(shape: DecoderShape):
     from transformers.activations import ACT2FN
 
     act = ACT2FN[shape.activation]
+    silu = shape.activation in ("silu", "swish")
     heads, kv_heads, head_dim, eps = shape.heads, shape.kv_heads, shape.head_dim, shape.eps
 
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
@@ -256,7 +259,12 @@ def layer_steps(shape: DecoderShape):
     def after_attention(x, attention, w: LayerWeights):
         x = x + fp8.linear(attention.reshape(x.shape[0], -1), w.o, w.o_bias)
         h = rms_norm(x, w.post_norm, eps)
-        gate, up = fp8.linear(h, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+        gate_up = fp8.linear(h, w.gate_up, w.gate_up_bias)
+        if silu and isinstance(w.down, fp8.Fp8Weight) and fp8_kernels.fused(gate_up):
+            # the down projection's fp8 input in one pass over gate and up (fp8_kernels.py)
+            x8, scale = fp8_kernels.silu_mul_quantized(gate_up)
+            return x + fp8.quantized_linear(x8, scale, w.down, w.down_bias, x.dtype)
+        gate, up = gate_up.chunk(2, dim=-1)
         return x + fp8.linear(act(gate) * up, w.down, w.down_bias)
 
     def norm(x, weight):

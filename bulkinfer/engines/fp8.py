@@ -66,20 +66,29 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, weight, bias)
     shape = x.shape
     x8, x_scale = quantize_rows(x.reshape(-1, shape[-1]))
-    if x.is_cuda and fits_scaled_mm(weight.shape):  # row-wise scales want a bf16 result
+    out = quantized_linear(x8, x_scale, weight, bias, x.dtype)
+    return out.reshape(*shape[:-1], weight.shape[0])
+
+
+def quantized_linear(
+    x8: torch.Tensor, x_scale: torch.Tensor, weight: Fp8Weight, bias, dtype: torch.dtype
+) -> torch.Tensor:
+    """The product of activations already quantized per token (fp8 [tokens, in] and float32
+    [tokens, 1], as `quantize_rows` gives them) and an fp8 weight, in `dtype`."""
+    if x8.is_cuda and fits_scaled_mm(weight.shape):  # row-wise scales want a bf16 result
         out = torch._scaled_mm(
             x8,
             weight.weight.t(),
             scale_a=x_scale,
             scale_b=weight.scale[None, :],
             out_dtype=torch.bfloat16,
-        ).to(x.dtype)
+        ).to(dtype)
     else:  # the same quantized operands, multiplied in float32 (the CPU; odd sizes)
         w = dequantize_rows(weight.weight, weight.scale)
-        out = F.linear(x8.float() * x_scale, w).to(x.dtype)
+        out = F.linear(x8.float() * x_scale, w).to(dtype)
     if bias is not None:
         out = out + bias
-    return out.reshape(*shape[:-1], weight.shape[0])
+    return out
 
 
 def fits_scaled_mm(shape) -> bool:
