@@ -190,7 +190,9 @@ def test_json_logs_every_stderr_line_an_event_through_stop_and_resume(tmp_path, 
         checkpoint={"every_rows": 4},
         progress={"log_every_seconds": 0.1},
     )
-    env = {**child_env(), "BULKINFER_SLOW_BATCH_SECONDS": "0.3"}
+    temporary = tmp_path / "tmp"  # where the spill files go: empty after each run
+    temporary.mkdir()
+    env = {**child_env(), "BULKINFER_SLOW_BATCH_SECONDS": "0.3", "TMPDIR": str(temporary)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "bulkinfer", "--log-format", "json", "run", str(job)],
         env=env,
@@ -206,6 +208,7 @@ def test_json_logs_every_stderr_line_an_event_through_stop_and_resume(tmp_path, 
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert not list(temporary.glob("bulkinfer-spill-*")), "a stopped run left its spill files"
     first = _events(stderr)
     names = [e["event"] for e in first]
     assert names[0] == "start" and first[0]["rows"] == 30
@@ -215,7 +218,7 @@ def test_json_logs_every_stderr_line_an_event_through_stop_and_resume(tmp_path, 
     assert all(e["rows_total"] == 30 and 0 < e["rows_done"] <= 30 for e in progress)
 
     # The environment variable does the same as the option; the resumed run says so.
-    env = {**child_env(), "BULKINFER_LOG_FORMAT": "json"}
+    env = {**child_env(), "BULKINFER_LOG_FORMAT": "json", "TMPDIR": str(temporary)}
     resumed = subprocess.run(
         [sys.executable, "-m", "bulkinfer", "run", str(job)],
         env=env,
@@ -224,6 +227,7 @@ def test_json_logs_every_stderr_line_an_event_through_stop_and_resume(tmp_path, 
         timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr
+    assert not list(temporary.glob("bulkinfer-spill-*")), "a finished run left its spill files"
     second = _events(resumed.stderr)
     names = [e["event"] for e in second]
     assert names[0] == "resume" and "start" in names and names[-1] == "finish"
@@ -302,3 +306,33 @@ def test_a_run_never_imports_what_transformers_would_import_unused(tmp_path, tin
     in_process = write_job(tmp_path / "job2.yaml", tiny_model, inputs, tmp_path / "out2")
     assert cli("run", str(in_process)).exit_code == 0
     assert read_outputs(tmp_path / "out").equals(read_outputs(tmp_path / "out2"))
+
+
+def test_a_killed_run_s_spill_files_are_removed_by_the_next_run_on_the_host(tmp_path, tiny_model):
+    """Planning tokenizes into a temporary folder named for its host and process. A process
+    killed outright (SIGKILL) leaves it; the next run on the host removes such folders of dead
+    processes, and keeps those of live processes and of other hosts (a shared temporary
+    folder). The run itself leaves none."""
+    from bulkinfer.io.spill import SPILL_PREFIX, host_tag
+
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    killed = temporary / f"{SPILL_PREFIX}{host_tag()}-{gone.pid}-abc"
+    running = temporary / f"{SPILL_PREFIX}{host_tag()}-{os.getpid()}-def"
+    elsewhere = temporary / f"{SPILL_PREFIX}otherhost-{gone.pid}-ghi"
+    for folder in (killed, running, elsewhere):
+        folder.mkdir()
+        (folder / "rows-000000.parquet").write_bytes(b"x")
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(12))
+    job = write_job(tmp_path / "job.yaml", tiny_model, inputs, tmp_path / "out")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bulkinfer", "plan", str(job)],
+        capture_output=True,
+        text=True,
+        env={**child_env(), "TMPDIR": str(temporary)},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(temporary.iterdir()) == sorted([running, elsewhere])

@@ -10,6 +10,8 @@ process's memory.
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import tempfile
 import weakref
 from pathlib import Path
@@ -109,8 +111,40 @@ class RowColumnFiles:
 
 
 def spill_folder(folder: Path | None) -> tuple[Path, tempfile.TemporaryDirectory | None]:
-    """The given folder, emptied, or a temporary one (removed when its handle is dropped)."""
+    """The given folder, emptied, or a temporary one (removed when its handle is dropped).
+    A temporary folder's name carries the host and process: a process killed outright (a
+    preemption's SIGKILL) leaves its folder, which the next one on the host removes."""
     if folder is None:
-        temporary = tempfile.TemporaryDirectory(prefix="bulkinfer-spill-")
+        prefix = f"{SPILL_PREFIX}{host_tag()}-{os.getpid()}-"
+        remove_orphans(Path(tempfile.gettempdir()))
+        temporary = tempfile.TemporaryDirectory(prefix=prefix)
         return Path(temporary.name), temporary
     return fresh_folder(folder), None
+
+
+SPILL_PREFIX = "bulkinfer-spill-"
+
+
+def remove_orphans(parent: Path) -> None:
+    """Remove this host's temporary spill folders whose process is gone. Folders of other
+    hosts (a temporary folder on a shared file system) and of live processes stay."""
+    mine = f"{SPILL_PREFIX}{host_tag()}-"
+    for path in parent.glob(f"{mine}*"):
+        pid = path.name[len(mine) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def host_tag() -> str:
+    """This host's name, as a folder name may hold it (no dashes: they separate the fields)."""
+    return "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
