@@ -9,6 +9,7 @@ process's memory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -129,10 +130,11 @@ def remove_orphans(parent: Path) -> None:
     """Remove this host's temporary spill folders whose process is gone. Folders of other
     hosts (a temporary folder on a shared file system) and of live processes stay."""
     mine = f"{SPILL_PREFIX}{host_tag()}-"
-    for path in parent.glob(f"{mine}*"):
-        pid = path.name[len(mine) :].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):  # a folder that cannot be listed: nothing to tidy
+        for path in parent.glob(f"{mine}*"):
+            pid = path.name[len(mine) :].split("-", 1)[0]
+            if pid.isdigit() and 0 < int(pid) < 2**31 and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def host_tag() -> str:
