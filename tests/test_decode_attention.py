@@ -1,5 +1,6 @@
-"""The Triton decode-attention kernels against the reference attention, run on the CPU by
-Triton's interpreter (TRITON_INTERPRET=1, set before Triton is imported: a subprocess).
+"""The Triton decode-attention kernels against the reference attention, and the fp8 kernels
+(the KV write, the down projection's SiLU-and-quantize) against the torch code, run on the CPU
+by Triton's interpreter (TRITON_INTERPRET=1, set before Triton is imported: a subprocess).
 
 The interpreter computes in numpy, so these check the kernels' indexing, masking, online
 softmax and the combining of splits in float32 and float16, and an fp8 cache read by bfloat16

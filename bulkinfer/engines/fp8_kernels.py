@@ -12,8 +12,8 @@ the fp8 row and its scale.
 A `torch.library.triton_op`, so the compiled layer functions trace through it, registered by
 `prepare` where an fp8 decoder is built on a GPU. Rows up to MAX_WIDTH wide (every released
 model's intermediate size so far); wider rows, the CPU and installs without Triton keep the
-torch code. With TRITON_INTERPRET=1 the kernel runs on the
-CPU (the tests compare it with the torch code there).
+torch code. With TRITON_INTERPRET=1 the kernel runs on the CPU (the tests compare it with the
+torch code there).
 """
 
 from __future__ import annotations

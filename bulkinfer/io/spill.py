@@ -26,6 +26,7 @@ from bulkinfer.faults import size_setting
 from bulkinfer.io.atomic import fresh_folder
 
 SPILL_FILE_ROWS = size_setting("BULKINFER_SPILL_FILE_ROWS", 65_536)
+SPILL_PREFIX = "bulkinfer-spill-"  # a temporary spill folder: PREFIX + host + "-" + pid + "-"
 
 
 class TokenFile:
@@ -121,9 +122,6 @@ def spill_folder(folder: Path | None) -> tuple[Path, tempfile.TemporaryDirectory
         temporary = tempfile.TemporaryDirectory(prefix=prefix)
         return Path(temporary.name), temporary
     return fresh_folder(folder), None
-
-
-SPILL_PREFIX = "bulkinfer-spill-"
 
 
 def remove_orphans(parent: Path) -> None:
