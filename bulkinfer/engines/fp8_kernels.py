@@ -23,6 +23,8 @@ import os
 import torch
 
 from bulkinfer.engines.fp8 import FP8
+from bulkinfer.errors import first_line
+from bulkinfer.observe.progress import log
 
 MAX_WIDTH = 32768  # a row in registers: 32 values a thread in 32 warps
 _registered = False  # prepare() registered the op: the compiled layer functions may call it
@@ -39,6 +41,9 @@ def prepare(device: torch.device) -> bool:
         try:
             _register()
         except ImportError:  # no Triton, or a torch without triton_op: the torch code runs
+            return False
+        except Exception as exc:  # noqa: BLE001 (a Triton or torch this was not written for)
+            log(f"engine: fp8 activations quantized by the torch code ({first_line(exc)})")
             return False
         _registered = True
     return _registered
