@@ -205,6 +205,17 @@ def test_a_prompt_of_another_type_is_named_in_the_words_of_json(tmp_path, tiny_m
     assert errors[-1] is None
 
 
+def test_a_run_whose_rows_all_failed_says_so_and_why_at_the_end(tmp_path, tiny_model):
+    """A prompt column of the wrong type fails every row: the run still writes every row (with
+    its error) and exits 0, and its last lines say how many failed and the commonest reason."""
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": k, "prompt": k} for k in range(3)])
+    result = cli("run", str(_job(tmp_path, tiny_model, path)))
+    assert result.exit_code == 0
+    assert read_outputs(tmp_path / "out").column("error").null_count == 0
+    assert "3 of 3 rows failed" in result.output
+    assert "the most common, in 3 rows: prompt is an integer" in result.output
+
+
 def test_user_errors_print_no_traceback_from_the_real_command(tmp_path, tiny_model):
     path = tmp_path / "in.jsonl"
     path.write_text('{"prompt": "a"}\nnot json\n')

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections import Counter
 
 import numpy as np
 
@@ -32,6 +33,9 @@ def finish_job(
     counts = assemble_outputs(
         layout, manifest.part_files(), errors, prepared.row_columns, rows, keep_row=keep_row
     )
+    if counts.errors:
+        reasons = [prepared.row_errors[int(r)] for r in bad]
+        log(failed_rows(counts.errors, counts.rows, reasons), level="warning", failed=counts.errors)
     records = [(r.run, s) for r in manifest.records for s in r.stats]
     write_stats(layout, stats_table(records))
     earlier = {}
@@ -47,6 +51,16 @@ def finish_job(
         wall_seconds=wall,
     )
     return Summary.from_dict(totals)
+
+
+def failed_rows(failed: int, rows: int, input_errors: list[str]) -> str:
+    """One line at the end of a run with failed rows: how many, and the commonest reason found
+    in the input (a prompt of the wrong type in every row says so here, not only row by row)."""
+    line = f"{failed:,} of {rows:,} rows failed: each one's error column says why"
+    if input_errors:
+        message, count = Counter(input_errors).most_common(1)[0]
+        line += f"; the most common, in {count:,} row{'s' * (count != 1)}: {message}"
+    return line
 
 
 def write_responses(layout: OutputLayout, model_path: str) -> None:
