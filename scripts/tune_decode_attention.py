@@ -3,9 +3,15 @@
 against the dequantized reference, with its own tiles and (--tiles) others.
 
     python scripts/tune_decode_attention.py [--rows 64,256,1024] [--context 550] [--tiles]
-        [--cache bf16,fp8] [--block-n 32,64,128] [--warps 2,4,8] [--stages 2,3] --out $OUT
+        [--cache bf16,fp8] [--block-n 32,64,128] [--warps 2,4,8] [--stages 2,3]
+        [--lengths uniform,job] [--split-tokens 0,1024] --out $OUT
 
---tiles measures every combination of the three lists.
+--tiles measures every combination of the three lists. --lengths job gives the rows the
+cached lengths of a 10,000-request ShareGPT-like job in flight (prompt plus part of the answer,
+rows with longer answers more often, as they hold their slots longer) and the attention length
+bucket the engine passes; `job-sorted` the same with the longest rows first. --split-tokens
+other than 0 splits every row's tokens into that many a program (at least the kernel's own
+count), so long rows do not finish last alone.
 
 GPU only. Pool contents are random (fp8 with per-token-head scales, or bf16); each row's cache
 is contiguous, as the engine's pool allocates it.
@@ -19,7 +25,9 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+import triton
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,15 +40,32 @@ from bulkinfer.engines.fp8 import dequantize_rows  # noqa: E402
 from bulkinfer.engines.kv import quantize_heads  # noqa: E402
 
 
-def pool(rows: int, context: int, kv_heads: int, dim: int, fp8: bool):
-    tokens = rows * context
+def job_lengths(rows: int, seed: int = 0) -> np.ndarray:
+    """Cached tokens of rows in flight in the sharegpt job: a request drawn with odds by its
+    answer's length (the time it holds a slot), its prompt plus a uniform part of its answer."""
+    from bench_jobs import request_lengths
+
+    prompts, answers = request_lengths(10_000)
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(answers), rows, p=answers / answers.sum())
+    return prompts[picked] + rng.integers(0, answers[picked] + 1)
+
+
+def pool(rows: int, context: int, kv_heads: int, dim: int, fp8: bool, lengths: str = "uniform"):
     gen = torch.Generator(device="cuda").manual_seed(0)
-    shape = (tokens, kv_heads, dim)
+    if lengths == "uniform":
+        used = torch.randint(context // 2, context + 1, (rows,), device="cuda", generator=gen)
+    else:
+        drawn = job_lengths(rows)
+        if lengths == "job-sorted":
+            drawn = np.sort(drawn)[::-1].copy()
+        used = torch.from_numpy(drawn).to("cuda")
+    used = used.to(torch.int32)
+    ends = torch.cumsum(used.long(), 0)
+    starts = (ends - used).to(torch.int32)
+    shape = (int(ends[-1]), kv_heads, dim)
     keys = torch.randn(shape, device="cuda", generator=gen)
     values = torch.randn(shape, device="cuda", generator=gen)
-    starts = torch.arange(rows, device="cuda", dtype=torch.int32) * context
-    used = torch.randint(context // 2, context + 1, (rows,), device="cuda", generator=gen)
-    used = used.to(torch.int32)
     if not fp8:
         return keys.bfloat16(), values.bfloat16(), None, None, starts, used
     (keys, key_scales), (values, value_scales) = quantize_heads(keys), quantize_heads(values)
@@ -62,8 +87,12 @@ def reference(q, keys, values, ks, vs, starts, used, scale):
     return out
 
 
-def measure(rows, context, heads, kv_heads, dim, fp8, layers, configs) -> list[dict]:
-    keys, values, ks, vs, starts, used = pool(rows, context, kv_heads, dim, fp8)
+def measure(
+    rows, context, heads, kv_heads, dim, fp8, layers, configs, lengths="uniform", split_tokens=0
+) -> list[dict]:
+    keys, values, ks, vs, starts, used = pool(rows, context, kv_heads, dim, fp8, lengths)
+    if lengths != "uniform":  # the engine's attention length bucket
+        context = max(1024, 1 << (int(used.max()) - 1).bit_length())
     q = torch.randn(rows, heads, dim, device="cuda", dtype=torch.bfloat16)
     scale = dim**-0.5
     cached = int(used.sum())
@@ -76,9 +105,16 @@ def measure(rows, context, heads, kv_heads, dim, fp8, layers, configs) -> list[d
     results = []
     saved = dict(da.TUNING)
     args = (q, keys, values, starts, used, context, scale, ks, vs)
+    own_splits = da.split_count
+    if split_tokens:
+        da.split_count = lambda r, h, n, p: max(
+            own_splits(r, h, n, p), triton.next_power_of_2(triton.cdiv(n, split_tokens))
+        )
     for tuning in configs:  # None: the kernel's own choice
         da.TUNING.update({key: tuning for key in da.TUNING} if tuning else {})
-        entry = {"rows": rows, "fp8": fp8, **(tuning or {"tuning": "default"})}
+        entry = {"rows": rows, "fp8": fp8, "lengths": lengths, "split_tokens": split_tokens}
+        entry.update(tuning or {"tuning": "default"})
+        entry["mean_cached"], entry["bucket"] = round(float(used.float().mean()), 1), context
         try:
             out = da.decode_attention(*args)
             err = max(float((out[r].float() - e).abs().max() / e.abs().max()) for r, e in expected)
@@ -88,6 +124,7 @@ def measure(rows, context, heads, kv_heads, dim, fp8, layers, configs) -> list[d
             entry["error"] = str(exc).splitlines()[0][:100]
         finally:
             da.TUNING.update(saved)
+            da.split_count = own_splits
         results.append(entry)
         print(json.dumps(entry), flush=True)
     results.append(
@@ -113,6 +150,8 @@ def main() -> None:
     parser.add_argument("--block-n", default="32,64,128", help="cached tokens a tile (--tiles)")
     parser.add_argument("--warps", default="2,4,8", help="(--tiles)")
     parser.add_argument("--stages", default="2,3", help="(--tiles)")
+    parser.add_argument("--lengths", default="uniform", help="uniform, job, job-sorted")
+    parser.add_argument("--split-tokens", default="0", help="0: the kernel's own splits")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     heads, kv_heads, dim = (int(x) for x in args.heads.split(","))
@@ -126,11 +165,14 @@ def main() -> None:
         for n, w, s in itertools.product(ints(args.block_n), ints(args.warps), ints(args.stages))
     ]
     caches = [name == "fp8" for name in args.cache.split(",")]
-    for rows in ints(args.rows):
-        for fp8 in caches:
-            configs = [None] + (tiles if args.tiles else [])
-            report += measure(rows, args.context, heads, kv_heads, dim, fp8, args.layers, configs)
-            torch.cuda.empty_cache()
+    configs = [None] + (tiles if args.tiles else [])
+    variants = itertools.product(
+        ints(args.rows), caches, args.lengths.split(","), ints(args.split_tokens)
+    )
+    for rows, fp8, lengths, split_tokens in variants:
+        shape = (heads, kv_heads, dim, fp8, args.layers, configs, lengths, split_tokens)
+        report += measure(rows, args.context, *shape)
+        torch.cuda.empty_cache()
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "tune_decode_attention.json").write_text(json.dumps(report, indent=1))
