@@ -10,12 +10,14 @@ read) it predicts the model time of the job, to set beside what `bulkinfer run` 
 
     python scripts/count_schedule.py --requests 10000 [--slots 1024] [--pool-tokens 900000]
         [--step-ms 4.1 --slot-us 18.4 --kv-ns 34.4 --prefill-us 23.2]
+        [--step-table 64:5.4,256:7.2,1024:20.5]   (for example)
 
 The default costs are the bf16 8B figures of docs/perf.md (NVIDIA H200, 2026-12-04) as the
 real job pays them (`scripts/profile_job.py`): step 4.1 ms + 18.4 us a slot + 34.4 ns a
 cached token, prefill 23.2 us a token. The profile's steps of equal rows (15.5 us, 30.7 ns,
 21.3 us) priced the job 19% low. Not counted: the first prefill's compile on a cold cache
-(9.5 s for the 8B).
+(9.5 s for the 8B). `scheduler_host_s`: the scheduler's own work on this machine's CPU, which
+the GPU waits for between decode chunks.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +53,7 @@ class CountingEngine:
         self.slots, self.pool_tokens = slots, pool_tokens
         self.prefill_tokens, self.prefills = 0, 0
         self.steps: list[tuple[int, int, int]] = []  # (rows, slots computed, cached tokens)
+        self.seconds = 0.0  # spent in decode: not the scheduler's
 
     def reserve(self, tokens_needed: int) -> int:
         return self.pool_tokens
@@ -60,6 +64,13 @@ class CountingEngine:
         return [1] * len(prompts), None, None
 
     def decode(self, rows, steps, chooser, logprobs, matchers, top):
+        started = time.perf_counter()
+        try:
+            return self._decode(rows, steps)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def _decode(self, rows, steps):
         n = len(rows.lengths)
         size = decode_bucket(n, self.slots)
         context = sum(rows.lengths)
@@ -78,6 +89,12 @@ def main() -> None:
     parser.add_argument("--slot-us", type=float, default=18.4)
     parser.add_argument("--kv-ns", type=float, default=34.4)
     parser.add_argument("--prefill-us", type=float, default=23.2)
+    parser.add_argument(
+        "--step-table",
+        default="",
+        help="slots:ms,... a step's cost without its KV read by slots computed (measured by "
+        "profile_decode.py), instead of --step-ms and --slot-us",
+    )
     args = parser.parse_args()
 
     prompts, answers = request_lengths(args.requests)
@@ -98,10 +115,20 @@ def main() -> None:
                 ),
             )
 
+    def step_parts(slots: np.ndarray) -> tuple[float, float]:
+        """Seconds of the steps' fixed and per-slot parts: linear, or from --step-table (its
+        points interpolated; the part over the smallest point's cost counted per slot)."""
+        if not args.step_table:
+            return len(slots) * args.step_ms * 1e-3, slots.sum() * args.slot_us * 1e-6
+        points = sorted(tuple(map(float, p.split(":"))) for p in args.step_table.split(","))
+        ms = np.interp(slots, [p[0] for p in points], [p[1] for p in points])
+        fixed = len(slots) * points[0][1] * 1e-3
+        return fixed, ms.sum() * 1e-3 - fixed
+
     def seconds(steps: np.ndarray, prefill_tokens: int) -> tuple[float, float]:
         """Predicted prefill and decode seconds of these steps and prefill tokens."""
         slots, context = steps[:, 1], steps[:, 2]
-        decode = len(steps) * args.step_ms * 1e-3 + slots.sum() * args.slot_us * 1e-6
+        decode = sum(step_parts(slots))
         return prefill_tokens * args.prefill_us * 1e-6, decode + context.sum() * args.kv_ns * 1e-9
 
     left = {
@@ -109,12 +136,16 @@ def main() -> None:
         for b, _ in enumerate(range(0, len(order), args.batch_rows))
     }
     done_at = []  # predicted model seconds at which each checkpoint batch's last row finished
+    started = time.perf_counter()
     for update in stream(engine, groups()):
         if update.group is not None:
             left[update.group] -= len(update.finished)
             if not left[update.group]:
                 done = seconds(np.array(engine.steps, dtype=np.float64), engine.prefill_tokens)
                 done_at.append(round(sum(done), 1))
+    # the host's work between decode calls, which a GPU waits for (the groups' building and
+    # the count's own pricing included: an upper bound)
+    host_s = time.perf_counter() - started - engine.seconds
     steps = np.array(engine.steps, dtype=np.float64)
     rows, slots, context = steps[:, 0], steps[:, 1], steps[:, 2]
     prefill_s, decode_s = seconds(steps, engine.prefill_tokens)
@@ -132,11 +163,12 @@ def main() -> None:
         "cached_tokens_per_row_mean": round(float(context.sum() / rows.sum()), 1),
         "predicted_prefill_s": round(prefill_s, 1),
         "predicted_decode_s": round(decode_s, 1),
-        "of_it_fixed_s": round(len(steps) * args.step_ms * 1e-3, 1),
-        "of_it_per_slot_s": round(slots.sum() * args.slot_us * 1e-6, 1),
+        "of_it_fixed_s": round(step_parts(slots)[0], 1),
+        "of_it_per_slot_s": round(step_parts(slots)[1], 1),
         "of_it_kv_read_s": round(context.sum() * args.kv_ns * 1e-9, 1),
         "predicted_model_s": round(prefill_s + decode_s, 1),
         "predicted_batches_done_at_s": done_at,
+        "scheduler_host_s": round(host_s, 2),
     }
     print(json.dumps(report, indent=1))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,12 +22,17 @@ from conftest import (
     write_job,
     write_jsonl,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tiny_model import build_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bulkinfer.engines.base import GenerateRequests, whole_groups
+from bulkinfer.engines.kv import RegionAllocator
 from bulkinfer.engines.sampling import SamplingParams, row_key
+from bulkinfer.engines.scheduler import Row, Scheduler
 from bulkinfer.engines.select import engine_around
+from bulkinfer.errors import ModelError
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +135,47 @@ def test_a_kill_with_batches_in_flight_resumes_to_the_same_outputs(stream_job, p
     second = cli_subprocess("run", str(job))
     assert second.returncode == 0, second.stderr
     same(read_outputs(job.parent / name), reference)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tokens=st.lists(st.sampled_from([-1, 2, 3, 5, 7, 9]), min_size=1, max_size=8),
+    had=st.integers(0, 6),
+    extra=st.integers(1, 10),
+    ignore_eos=st.booleans(),
+    logprobs=st.booleans(),
+    top=st.integers(0, 2),
+)
+def test_a_chunk_s_tokens_taken_at_once_are_those_taken_one_by_one(
+    tokens, had, extra, ignore_eos, logprobs, top
+):
+    """The scheduler takes a decode chunk's tokens for a row without stop strings in one go;
+    row by row it ends as taking them one at a time does: the same tokens, log-probs and
+    alternatives, the same reason, EOS (2, 3) and limits alike, a NaN (-1) raised only where
+    the row had not ended before it."""
+    engine = SimpleNamespace(slots=4, eos_ids={2, 3}, tokenizer=None)
+    params = SamplingParams(had + extra, ignore_eos=ignore_eos)
+    steps = len(tokens)
+    lps = [-0.5 * (j + 1) for j in range(steps)]
+    tops = ([[t, t + 1, t + 2] for t in tokens], [[-0.1, -0.2, -0.3]] * steps) if top else None
+    outcomes = []
+    for at_once in (False, True):
+        scheduler = Scheduler(engine)
+        scheduler.allocator = RegionAllocator(1000)
+        row = Row(0, 0, np.ones(3, dtype=np.int64), had + extra, 1, params, logprobs, top)
+        row.start = scheduler.allocator.allocate(row.need)
+        row.tokens = [5] * had
+        row.logprobs = [-1.0] * had if logprobs else []
+        try:
+            if at_once:
+                done = scheduler._take(row, tokens, lps, tops)
+            else:
+                alts = zip(*tops, strict=True) if top else [None] * steps
+                taken = zip(tokens, lps, alts, strict=True)
+                done = any(scheduler._accept(row, t, lp, alt) for t, lp, alt in taken)
+        except ModelError as exc:  # a NaN's scores
+            outcomes.append(("raised", str(exc)))
+            continue
+        state = (row.tokens, row.logprobs, row.top_ids, row.top_logprobs, row.reason)
+        outcomes.append((done, state, scheduler.new_tokens, scheduler.allocator.free))
+    assert outcomes[0] == outcomes[1]

@@ -238,11 +238,14 @@ class Scheduler:
         )
         still = []
         for k, (row, new, lps) in enumerate(zip(rows, chosen, chosen_logprobs, strict=True)):
-            tops = (
-                zip(chosen_top[0][k], chosen_top[1][k], strict=True) if top else [None] * len(new)
-            )
-            taken = zip(new, lps, tops, strict=True)
-            if not any(self._accept(row, t, lp, alt) for t, lp, alt in taken):
+            tops = (chosen_top[0][k], chosen_top[1][k]) if top else None
+            if row.params.stop:  # stop strings are looked for after every token
+                alts = zip(*tops, strict=True) if top else [None] * len(new)
+                taken = zip(new, lps, alts, strict=True)
+                done = any(self._accept(row, t, lp, alt) for t, lp, alt in taken)
+            else:
+                done = self._take(row, new, lps, tops)
+            if not done:
                 still.append(row)
         self.active = still
 
@@ -263,19 +266,44 @@ class Scheduler:
         if token == NAN_TOKEN:
             raise nan_error(f"{row.index} of batch {row.group}", len(row.tokens))
         if token in self.engine.eos_ids and not row.params.ignore_eos:
+            return self._ended(row, stopped=True)
+        row.tokens.append(token)
+        self.new_tokens += 1
+        if row.want_logprobs:
+            row.logprobs.append(logprob)
+        if row.top:
+            row.top_ids.append(top[0][: row.top])
+            row.top_logprobs.append(top[1][: row.top])
+        stop = row.params.stop
+        return self._ended(row, bool(stop) and stop_hit(self.engine.tokenizer, row.tokens, stop))
+
+    def _take(self, row: Row, new: list[int], logprobs: list[float], tops) -> bool:
+        """`_accept` over a chunk's tokens at once, for a row without stop strings (the host's
+        work between chunks, while the GPU waits, is per row here rather than per token):
+        tokens up to the row's limit or its first EOS, which ends it. True when it is done."""
+        take = new[: row.limit - len(row.tokens)]
+        end = len(take)
+        if not row.params.ignore_eos and not self.engine.eos_ids.isdisjoint(take):
+            end = next(j for j, t in enumerate(take) if t in self.engine.eos_ids)
+        if NAN_TOKEN in take[:end]:
+            at = len(row.tokens) + take.index(NAN_TOKEN)
+            raise nan_error(f"{row.index} of batch {row.group}", at)
+        row.tokens.extend(take[:end])
+        self.new_tokens += end
+        if row.want_logprobs:
+            row.logprobs.extend(logprobs[:end])
+        if row.top:
+            row.top_ids.extend(ids[: row.top] for ids in tops[0][:end])
+            row.top_logprobs.extend(values[: row.top] for values in tops[1][:end])
+        return self._ended(row, stopped=end < len(take))
+
+    def _ended(self, row: Row, stopped: bool) -> bool:
+        """Whether a row that took its tokens is done: `stopped` (EOS or a stop string), or at
+        its limit; a done row's region goes back to the pool and its generation is reported."""
+        if stopped:
             row.reason = "stop"
-        else:
-            row.tokens.append(token)
-            self.new_tokens += 1
-            if row.want_logprobs:
-                row.logprobs.append(logprob)
-            if row.top:
-                row.top_ids.append(top[0][: row.top])
-                row.top_logprobs.append(top[1][: row.top])
-            if row.params.stop and stop_hit(self.engine.tokenizer, row.tokens, row.params.stop):
-                row.reason = "stop"
-            elif len(row.tokens) < row.limit:
-                return False
+        elif len(row.tokens) < row.limit:
+            return False
         self.allocator.release(row.start, row.need)
         self._row_done(row)
         return True
