@@ -212,6 +212,7 @@ def test_a_run_whose_rows_all_failed_says_so_and_why_at_the_end(tmp_path, tiny_m
     result = cli("run", str(_job(tmp_path, tiny_model, path)))
     assert result.exit_code == 0
     assert read_outputs(tmp_path / "out").column("error").null_count == 0
+    assert "3 rows (3 with errors, not run), 0 batches" in result.output  # said at the start
     assert "3 of 3 rows failed" in result.output
     assert "the most common, in 3 rows: prompt is an integer" in result.output
 

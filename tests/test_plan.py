@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -174,3 +176,24 @@ def test_plan_and_run_resolve_the_same_budget_and_batches(tmp_path, tiny_model, 
     assert report["batch_rows"] == ran_rows  # the very same batches, row counts one by one
     assert report["engine"]["kind"] == summary["engine"]
     assert summary["engine"] == ("fast" if engine == "fast" else "reference")
+
+
+def test_a_long_read_says_how_far_it_has_got(tmp_path, tiny_model):
+    """Reading and tokenizing millions of rows takes minutes before anything else is said: a
+    line every progress.log_every_seconds counts the rows and tokens read so far."""
+    n = 100_000
+    table = pa.table({"id": [f"r{i}" for i in range(n)], "prompt": [f"row {i}" for i in range(n)]})
+    pq.write_table(table, tmp_path / "in.parquet", row_group_size=5_000)
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        tmp_path / "in.parquet",
+        tmp_path / "out",
+        progress={"log_every_seconds": 0.1},
+    )
+    result = cli("plan", str(job))
+    assert result.exit_code == 0, result.output
+    said = re.findall(r"reading and tokenizing the input: ([\d,]+) rows so far", result.output)
+    counts = [int(c.replace(",", "")) for c in said]
+    assert counts and counts == sorted(counts) and 0 < counts[-1] <= n
+    assert f"rows             {n:,}" in result.output

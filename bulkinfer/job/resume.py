@@ -110,11 +110,14 @@ def log_start(
     where = f"shard {shard}: " if shard else ""
     device = engine.limits.device_name
     padding = padding_fraction(plan.batches)
+    failed = len(plan.rows) - len(plan.runnable)  # written with their error, never run
+    not_run = f" ({failed:,} with errors, not run)" if failed else ""
     log(
-        f"{where}{len(plan.rows):,} rows, {len(plan.batches):,} batches, budget "
+        f"{where}{len(plan.rows):,} rows{not_run}, {len(plan.batches):,} batches, budget "
         f"{plan.budget.max_tokens:,} tokens, padding {padding:.1%}, device {device}",
         event="start",
         rows=len(plan.rows),
+        rows_with_errors=failed,
         batches=len(plan.batches),
         batches_todo=len(todo),
         max_tokens=plan.budget.max_tokens,

@@ -113,7 +113,10 @@ def tokenize(setup: JobSetup, spill: Path | None = None, keep_tokens: bool = Fal
     token ids, ids and kept columns go to files in `spill` (a temporary folder when None)."""
     chunks = read_chunks(setup.files, setup.columns, setup.spec.input.max_line_bytes)
     prefix = setup.spec.batching.min_shared_prefix if setup.task.engine == "causal" else 0
-    prepared = prepare_rows(chunks, setup.tokenizer, setup.options, spill, keep_tokens, prefix)
+    every = setup.spec.progress.log_every_seconds
+    prepared = prepare_rows(
+        chunks, setup.tokenizer, setup.options, spill, keep_tokens, prefix, log_every=every
+    )
     if prepared.truncated:
         log(
             f"{len(prepared.truncated):,} rows longer than {setup.task.max_context} tokens are "

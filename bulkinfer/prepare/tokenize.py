@@ -7,6 +7,7 @@ prompt, too long for the model) get a per-row error here and never reach the mod
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import pyarrow as pa
 from bulkinfer.errors import InputError
 from bulkinfer.io.readers import InputChunk, read_ahead
 from bulkinfer.io.spill import RowColumnFiles, TokenFile, spill_folder
+from bulkinfer.observe.progress import log
 from bulkinfer.prepare.ids import add_row_columns, check_unique_ids, id_hashes
 from bulkinfer.prepare.prefixes import PrefixFinder
 from bulkinfer.prepare.render import (
@@ -40,6 +42,7 @@ def prepare_rows(
     spill: Path | None = None,
     keep_tokens: bool = True,
     prefix_tokens: int = 0,
+    log_every: float | None = None,
 ) -> PreparedRows:
     """Render and tokenize every chunk; token ids, ids and kept columns go to files in `spill`
     (a temporary folder when None), per-row errors and lengths stay in memory.
@@ -47,14 +50,17 @@ def prepare_rows(
     Reading runs a chunk ahead in a thread and the Rust tokenizer encodes the next chunk while
     this one's ids are collected, so parsing, encoding and writing overlap. `keep_tokens=False`
     (planning) measures lengths and drops the ids. `prefix_tokens`: rows longer than this get
-    the hash of their first tokens, for the plan's shared prefixes (prepare/prefixes.py)."""
+    the hash of their first tokens, for the plan's shared prefixes (prepare/prefixes.py).
+    `log_every`: seconds between lines saying how far a long read has got."""
     folder, temporary = spill_folder(spill)
     token_file = TokenFile(folder / "tokens.int32") if keep_tokens else None
     collected = _Collected(options, RowColumnFiles(folder), PrefixFinder(prefix_tokens))
+    progress = _ReadProgress(log_every)
     for chunk, encoded in _encoded_ahead(read_ahead(chunks), tokenizer, options):
         ids = collected.add(chunk, encoded)
         if token_file is not None:
             token_file.append(ids)
+        progress.show(collected.rows, int(collected.length_parts[-1].sum()))
     if collected.rows == 0:
         raise InputError("the input has no rows")
     if token_file is not None:
@@ -65,6 +71,32 @@ def prepare_rows(
         collected.hash_parts.clear()
         check_unique_ids(prepared, hashes)
     return prepared
+
+
+class _ReadProgress:
+    """A line every `every` seconds while the input is read and tokenized (millions of rows
+    take minutes before the first batch); nothing for an input read sooner."""
+
+    def __init__(self, every: float | None):
+        self.every = every
+        self.started = self.last = time.monotonic()
+        self.tokens = 0
+
+    def show(self, rows: int, tokens: int) -> None:
+        self.tokens += tokens
+        now = time.monotonic()
+        if self.every is None or now - self.last < self.every:
+            return
+        self.last = now
+        rate = rows / (now - self.started)
+        log(
+            f"reading and tokenizing the input: {rows:,} rows so far ({self.tokens:,} tokens), "
+            f"{rate:,.0f} rows/s",
+            event="tokenize",
+            rows_read=rows,
+            tokens_read=self.tokens,
+            rows_per_second=round(rate, 1),
+        )
 
 
 class _Collected:
