@@ -115,14 +115,17 @@ def main() -> None:
                 ),
             )
 
+    table = args.step_table and sorted(
+        tuple(map(float, p.split(":"))) for p in args.step_table.split(",")
+    )
+
     def step_parts(slots: np.ndarray) -> tuple[float, float]:
         """Seconds of the steps' fixed and per-slot parts: linear, or from --step-table (its
         points interpolated; the part over the smallest point's cost counted per slot)."""
-        if not args.step_table:
+        if not table:
             return len(slots) * args.step_ms * 1e-3, slots.sum() * args.slot_us * 1e-6
-        points = sorted(tuple(map(float, p.split(":"))) for p in args.step_table.split(","))
-        ms = np.interp(slots, [p[0] for p in points], [p[1] for p in points])
-        fixed = len(slots) * points[0][1] * 1e-3
+        ms = np.interp(slots, [p[0] for p in table], [p[1] for p in table])
+        fixed = len(slots) * table[0][1] * 1e-3
         return fixed, ms.sum() * 1e-3 - fixed
 
     def seconds(steps: np.ndarray, prefill_tokens: int) -> tuple[float, float]:
@@ -149,6 +152,7 @@ def main() -> None:
     steps = np.array(engine.steps, dtype=np.float64)
     rows, slots, context = steps[:, 0], steps[:, 1], steps[:, 2]
     prefill_s, decode_s = seconds(steps, engine.prefill_tokens)
+    fixed_s, per_slot_s = step_parts(slots)
     full = rows >= 0.9 * args.slots
     report = {
         "requests": args.requests,
@@ -163,8 +167,8 @@ def main() -> None:
         "cached_tokens_per_row_mean": round(float(context.sum() / rows.sum()), 1),
         "predicted_prefill_s": round(prefill_s, 1),
         "predicted_decode_s": round(decode_s, 1),
-        "of_it_fixed_s": round(step_parts(slots)[0], 1),
-        "of_it_per_slot_s": round(step_parts(slots)[1], 1),
+        "of_it_fixed_s": round(fixed_s, 1),
+        "of_it_per_slot_s": round(per_slot_s, 1),
         "of_it_kv_read_s": round(context.sum() * args.kv_ns * 1e-9, 1),
         "predicted_model_s": round(prefill_s + decode_s, 1),
         "predicted_batches_done_at_s": done_at,
