@@ -60,3 +60,12 @@ def model_error(what: str, exc: BaseException) -> ModelError:
     if "trust_remote_code" in str(exc):
         first = "the model folder contains custom code; set model.trust_remote_code: true only if you trust it"
     return ModelError(f"model.path: {what}: {first}")
+
+
+class StopRequested(BaseException):
+    """SIGTERM or SIGUSR1 outside the batch loop (job/exits.py), raised where the main thread
+    is: a BaseException, as KeyboardInterrupt is, so no `except Exception` swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

@@ -14,6 +14,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
+from bulkinfer.errors import StopRequested
+
 
 class Background:
     """`call(*args)` running on a daemon thread; `result()` waits for it and returns its value
@@ -45,12 +47,17 @@ class Background:
 def in_background(call: Callable, *args, name: str) -> Iterator[Background]:
     """`call(*args)` on a thread while the body runs. Leaving the body waits for the thread, so
     nothing is left loading behind an error: when the body fails, its error is the one raised
-    and the call's outcome is dropped. A second Ctrl-C stops the wait (the thread is a daemon)."""
+    and the call's outcome is dropped. A stop (Ctrl-C, or SIGTERM before the first batch) does
+    not wait: the thread is a daemon."""
     background = Background(call, *args, name=name)
     try:
         yield background
-    finally:
+    except (KeyboardInterrupt, StopRequested):
+        raise  # the process is stopping: its daemon thread is not waited for
+    except BaseException:
         background.join()
+        raise
+    background.join()
 
 
 def timed(call: Callable, *args) -> tuple[Any, float]:

@@ -126,3 +126,36 @@ def test_progress_moves_inside_one_long_batch_with_one_eta(tmp_path, tiny_model,
         assert len(lines) >= 3
         assert all(line.count("ETA") == 1 and "new tokens" in line for line in lines)
         assert any(f"/{N_REQUESTS} rows" in line and "100%" not in line for line in lines)
+
+
+@pytest.mark.parametrize("kill_at", ["outputs_written:1", "part_committed:2"])
+def test_a_damaged_piece_of_a_long_batch_is_computed_again(tmp_path, tiny_model, kill_at):
+    """A part holding rows a long batch committed early is lost after the kill (truncated): the
+    rerun runs those rows again, though a later part completed their batch
+    (`outputs_written:1`, every part committed), and a new part never takes the name of one
+    still committed (`part_committed:2`); the outputs are the uninterrupted run's."""
+    plain = one_batch_job(tmp_path, tiny_model, "plain", "reference")
+    assert cli("run", str(plain)).exit_code == 0
+    expected = read_outputs(tmp_path / "plain")
+
+    out = tmp_path / "damaged"
+    job = one_batch_job(tmp_path, tiny_model, "damaged", "reference", every_seconds=1)
+    killed = run(job, BULKINFER_SLOW_STEP_SECONDS="0.4", BULKINFER_KILL_AT=kill_at)
+    assert killed.returncode == -9, killed.stderr
+    records = manifest_records(out)
+    assert len(records) >= 2 and records[0]["partial"], records
+    first = out / "checkpoint" / "parts" / records[0]["file"]
+    first.write_bytes(first.read_bytes()[:100])
+
+    resumed = run(job, "--log-format", "json")
+    assert resumed.returncode == 0, resumed.stderr
+    events = [json.loads(line) for line in resumed.stderr.splitlines() if line.startswith("{")]
+    warned = [e.get("dropped") for e in events if e["event"] == "checkpoint" and "dropped" in e]
+    assert records[0]["file"] in warned
+    names = [r["file"] for r in manifest_records(out)]
+    assert len(names) == len(set(names)), names
+    got = read_outputs(out)
+    assert got.column("id").to_pylist() == expected.column("id").to_pylist()
+    assert got.drop(["error"]).equals(expected.drop(["error"]))
+    again = run(job)
+    assert again.returncode == 0 and "already finished" in again.stderr, again.stderr

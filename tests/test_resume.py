@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,6 +114,47 @@ def test_graceful_signal_writes_batch_in_flight_and_exits_nonzero(crash_job, sig
     resumed = cli_subprocess("run", str(job))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
+    _assert_same_outputs(out, reference)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_before_the_first_batch_says_so_and_resumes(crash_job, sig):
+    """SIGTERM (scancel) or Slurm's time warning while the job sets up: no batch is in flight,
+    so the run ends at once, with the stopped run's line and exit code, and resumes."""
+    make, reference = crash_job
+    job = make(f"early-{sig.name}")
+    out = job.parent / f"early-{sig.name}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bulkinfer", "run", str(job)],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lock = out / ".lock"  # written as the run takes its folder, before the set-up
+    deadline = time.monotonic() + 120
+    while not (lock.exists() and lock.read_text().strip()):
+        assert time.monotonic() < deadline and proc.poll() is None, "the run never got going"
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, stderr
+    assert f"stopped by {sig.name} before its first batch" in stderr, stderr
+    assert "Traceback" not in stderr and not (out / "checkpoint" / "manifest.jsonl").exists()
+    resumed = cli_subprocess("run", str(job))
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_outputs(out, reference)
+
+
+def test_a_finished_job_whose_outputs_were_removed_writes_them_again(crash_job):
+    make, reference = crash_job
+    job = make("outputs-removed")
+    out = job.parent / "outputs-removed"
+    assert cli_subprocess("run", str(job)).returncode == 0
+    shutil.rmtree(out / "outputs")
+    again = cli_subprocess("run", str(job))
+    assert again.returncode == 0, again.stderr
+    assert "outputs is missing from a finished job" in again.stderr
     _assert_same_outputs(out, reference)
 
 

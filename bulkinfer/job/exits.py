@@ -11,12 +11,13 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bulkinfer.errors import WriteError, first_line
+from bulkinfer.errors import StopRequested, WriteError, first_line
 from bulkinfer.io.atomic import write_json_atomic
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.observe.progress import log
@@ -53,6 +54,61 @@ def stop_signals() -> Iterator[StopFlag]:
         previous[sig] = signal.signal(sig, handler)
     try:
         yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class AtOnce:
+    """Outside the batch loop no batch is in flight: SIGTERM or SIGUSR1 stops the run at once
+    (`StopRequested`; every write there is atomic and committed parts stay, as after a kill),
+    with the line and exit code of a stopped run. While the outputs are written (`finish`),
+    SIGUSR1, the time-limit warning, lets them finish instead. SIGINT stays KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        self.when = "before its first batch"
+        self.finishing = False
+        self.signum: int | None = None
+
+    def handler(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.finishing and signum == signal.SIGUSR1:
+            log(f"{name} received {self.when}: finishing them", event="signal", signal=name)
+            return
+        if self.signum is None:  # the same stop delivered twice is one stop
+            self.signum = signum
+            raise StopRequested(signum)
+
+    def finish(self) -> None:
+        self.when, self.finishing = "while the outputs are written", True
+
+    def stopped(self) -> int:
+        """Say why the run stopped; the exit code a shell gives a process ended by it."""
+        name = signal.Signals(self.signum).name
+        log(
+            f"stopped by {name} {self.when}; committed work is kept: rerun the same command "
+            "to resume",
+            event="signal",
+            level="warning",
+            signal=name,
+            exit_code=128 + self.signum,
+        )
+        return 128 + self.signum
+
+
+@contextmanager
+def stops_at_once() -> Iterator[AtOnce]:
+    """`AtOnce`'s handler for SIGTERM and SIGUSR1 for the duration (from the main thread only:
+    a job run from another thread keeps the process's handlers)."""
+    at_once = AtOnce()
+    if threading.current_thread() is not threading.main_thread():
+        yield at_once
+        return
+    previous = {
+        sig: signal.signal(sig, at_once.handler) for sig in (signal.SIGTERM, signal.SIGUSR1)
+    }
+    try:
+        yield at_once
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)

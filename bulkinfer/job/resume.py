@@ -75,6 +75,23 @@ def batches_to_do(
             level="warning",
             repeated=name,
         )
+    for name in manifest.redone:
+        log(
+            f"checkpoint: {name} completes a batch whose earlier rows were in a part now lost; "
+            "its rows will be recomputed with them",
+            event="checkpoint",
+            level="warning",
+            dropped=name,
+        )
+    if manifest.unlisted:
+        log(
+            f"checkpoint: {manifest.layout.manifest} is missing, so the {manifest.unlisted:,} "
+            f"part files in {manifest.layout.parts_dir} cannot be checked; their rows will be "
+            "recomputed",
+            event="checkpoint",
+            level="warning",
+            unlisted=manifest.unlisted,
+        )
     done, pieces = manifest.done_batches(), manifest.done_pieces()
     todo = [b for b in plan.batches if b.index not in done]
     todo = [remaining(b, pieces.get(b.index), lengths) for b in todo]

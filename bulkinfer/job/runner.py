@@ -13,12 +13,19 @@ import uuid
 from pathlib import Path
 
 from bulkinfer import faults
-from bulkinfer.errors import RowFailedError
+from bulkinfer.errors import RowFailedError, StopRequested
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.lock import folder_lock
 from bulkinfer.io.outputs import part_schema
 from bulkinfer.job.batch import RowCap, first_failure, run_batch
-from bulkinfer.job.exits import failure_recorded, stop_signals, stopped, writes_reported
+from bulkinfer.job.exits import (
+    AtOnce,
+    failure_recorded,
+    stop_signals,
+    stopped,
+    stops_at_once,
+    writes_reported,
+)
 from bulkinfer.job.finish import (
     finish_job,
     log_next_steps,
@@ -55,14 +62,20 @@ def run_job(spec: JobSpec, overwrite: bool = False, shard: Shard | None = None) 
     root = OutputLayout(Path(spec.output.path))
     layout = root.shard(shard.index, shard.count) if shard else root
     refuse_foreign(layout, overwrite)  # before the lock, so a refused folder gets no lock file
-    with writes_reported(layout), folder_lock(layout), failure_recorded(layout, shard):
-        code = _run_job(spec, layout, overwrite, shard)
-    if code == 0 and shard is not None:
-        merge_if_last(root, shard)
+    with stops_at_once() as at_once:
+        try:
+            with writes_reported(layout), folder_lock(layout), failure_recorded(layout, shard):
+                code = _run_job(spec, layout, overwrite, shard, at_once)
+            if code == 0 and shard is not None:
+                merge_if_last(root, shard)
+        except StopRequested:
+            return at_once.stopped()
     return code
 
 
-def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard | None) -> int:
+def _run_job(
+    spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard | None, at_once: AtOnce
+) -> int:
     started = time.monotonic()
     setup = set_up(spec, hash_model=True)
     folder = open_folder(setup, layout, overwrite, shard)
@@ -96,6 +109,7 @@ def _run_job(spec: JobSpec, layout: OutputLayout, overwrite: bool, shard: Shard 
         signum = run_batches(inputs, engine, todo, writer, progress, started, host_seconds)
     if signum is not None:
         return stopped(signum)
+    at_once.finish()
     summary = finish_job(
         layout, manifest, inputs.prepared, schema, run_id, started, plan.rows, shard is not None
     )

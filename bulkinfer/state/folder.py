@@ -10,6 +10,7 @@ from bulkinfer import faults
 from bulkinfer.errors import OutputFolderError
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.lock import holder_text, in_use, is_locked
+from bulkinfer.observe.progress import log
 from bulkinfer.state.records import JobRecord, read_json
 
 
@@ -43,6 +44,14 @@ def open_job_folder(
         if mismatch:
             raise OutputFolderError(_mismatch_message(root, mismatch, existing.fingerprint, prints))
         finished = bool((read_json(layout.summary) or {}).get("complete"))
+        if finished and not layout.outputs_dir.is_dir():
+            log(
+                f"{layout.outputs_dir} is missing from a finished job: writing it again from "
+                "the committed parts",
+                event="resume",
+                level="warning",
+            )
+            finished = False
         return JobFolder(layout, existing, finished=finished, resumed=True)
     if existing is None and layout.shards_dir.is_dir() and not overwrite:
         raise OutputFolderError(
@@ -136,7 +145,7 @@ def _mismatch_message(
     what = {
         "spec": "the job spec differs",
         "model": "the model files differ",
-        "input": "the input files changed since the checkpoint was written",
+        "input": "the input files changed since the checkpoint was written (names or bytes)",
         "shard": "it was split into a different number of shards",
     }
     reasons = "; ".join(what[k] for k in mismatch)

@@ -97,29 +97,47 @@ class Manifest:
     def __init__(self, layout: OutputLayout):
         self.layout = layout
         self.records: list[PartRecord] = []
-        self.dropped: list[str] = []
-        self.repeated: list[str] = []
+        self.dropped: list[str] = []  # parts missing or corrupt, and torn lines
+        self.repeated: list[str] = []  # records repeating earlier ones (ignored)
+        self.redone: list[str] = []  # intact parts completing a batch that lost rows
+        self.unlisted = 0  # part files found without a manifest
         self._load()
 
     def _load(self) -> None:
         path = self.layout.manifest
         if not path.exists():
+            self.unlisted = sum(1 for _ in self.layout.parts_dir.glob("part-*.parquet"))
             return
         raw = path.read_bytes()
-        good_lines, seen = [], Seen()
+        kept, seen, lost = [], Seen(), set()
         for line, record in parse_manifest(raw):
             if record is None:
                 self.dropped.append("a torn manifest line")
             elif not self._part_is_intact(record):
                 self.dropped.append(record.file)
+                lost.update(int(b) for b in record.partial)
             elif seen.repeats(record):
                 self.repeated.append(record.file)
             else:
-                self.records.append(record)
-                good_lines.append(line)
+                kept.append((line, record))
                 seen.add(record)
-        if self.dropped or self.repeated or (raw and not raw.endswith(b"\n")):
-            write_bytes_atomic(path, b"".join(line + b"\n" for line in good_lines))
+        kept = self._without_batches_missing_rows(kept, lost)
+        self.records = [record for _, record in kept]
+        if self.dropped or self.repeated or self.redone or (raw and not raw.endswith(b"\n")):
+            write_bytes_atomic(path, b"".join(line + b"\n" for line, _ in kept))
+
+    def _without_batches_missing_rows(self, kept: list, lost: set[int]) -> list:
+        """Drop the parts that complete a batch some of whose rows were in a part now lost:
+        such a batch is done no longer, and its rows the lost part held are run again with the
+        rest of it (the rows its intact pieces hold are kept). A dropped part's own pieces of
+        other batches are lost in turn, so this repeats until nothing more is dropped."""
+        while lost:
+            missing = {b for b in lost if any(b in record.batches for _, record in kept)}
+            keep = [(line, r) for line, r in kept if missing.isdisjoint(r.batches)]
+            lost = {int(b) for _, r in kept if not missing.isdisjoint(r.batches) for b in r.partial}
+            self.redone += [r.file for _, r in kept if not missing.isdisjoint(r.batches)]
+            kept = keep
+        return kept
 
     def _part_is_intact(self, record: PartRecord) -> bool:
         part = self.layout.parts_dir / record.file

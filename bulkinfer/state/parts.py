@@ -3,6 +3,7 @@ in the manifest on a background thread while the next batch runs."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 
@@ -48,7 +49,7 @@ class PartWriter:
         self._partial: dict[str, list[int]] = {}
         self._stats: list[dict] = []
         self._rows = 0
-        self._parts = len(manifest.records)  # parts handed over, for unique names
+        self._parts = next_piece_number(layout)  # for the names of parts holding pieces
         self._last = time.monotonic()
         self._thread = SerialThread("bulkinfer-write")
 
@@ -126,3 +127,14 @@ class PartWriter:
         faults.checkpoint("part_committed")
         if self.on_commit is not None:
             self.on_commit(self.manifest)
+
+
+def next_piece_number(layout: OutputLayout) -> int:
+    """One past the highest number in the names of the part files already there (committed or
+    not): a part holding pieces of a running batch never takes the name of one on disk."""
+    numbers = [
+        int(match.group(1))
+        for path in layout.parts_dir.glob("part-*-p*.parquet")
+        if (match := re.search(r"-p(\d+)\.parquet$", path.name))
+    ]
+    return max(numbers, default=-1) + 1
