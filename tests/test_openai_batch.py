@@ -144,6 +144,9 @@ def test_completions_requests_and_bad_requests(tmp_path, tiny_model):
         {"custom_id": "image", "method": "POST", "url": "/v1/images/generations", "body": {}},
         _chat_request(5, temperature=7),
         {"custom_id": "no-messages", "method": "POST", "url": "/v1/chat/completions", "body": {}},
+        _chat_request(7, temperature=float("nan")),  # Python's json reads NaN
+        _chat_request(8, seed=2**70),  # beyond 64 bits: one request's error, not the job's
+        _chat_request(9, max_tokens=1e300),
     ]
     responses = _run(tmp_path, tiny_model, requests, chat_template="never")
     by_id = {r["custom_id"]: r for r in responses}
@@ -169,6 +172,9 @@ def test_completions_requests_and_bad_requests(tmp_path, tiny_model):
         ("image", "/v1/images/generations"),
         ("request-5", "body.temperature"),
         ("no-messages", "no 'messages'"),
+        ("request-7", "body.temperature is NaN"),
+        ("request-8", "body.seed"),
+        ("request-9", "body.max_tokens"),
     ]:
         line = by_id[custom_id]
         assert line["response"]["status_code"] == 400, custom_id

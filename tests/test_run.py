@@ -157,6 +157,29 @@ def test_stop_strings_cut_the_text(tmp_path, tiny_model):
             assert got["text"] == full
 
 
+def _byte_tokens(tokenizer, data: bytes) -> list[int]:
+    """A byte-level BPE tokenizer's one-byte tokens for `data` (GPT-2's byte-to-character map)."""
+    printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
+    extra = iter(range(256, 512))
+    char = {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
+    return tokenizer.convert_tokens_to_ids([char[b] for b in data])
+
+
+def test_a_stop_string_is_seen_however_many_byte_tokens_it_spans(tiny_model):
+    """A byte-level tokenizer may spend a token on each UTF-8 byte: three emoji are 12 tokens,
+    and the stop is seen the step its last byte is out; the first bytes of a character, which
+    decode to U+FFFD on their own, never match a stop string holding U+FFFD."""
+    from bulkinfer.engines.stops import stop_hit
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    ids = _byte_tokens(tokenizer, "ab 😀😀😀".encode())
+    assert tokenizer.decode(ids) == "ab 😀😀😀"
+    assert stop_hit(tokenizer, ids, ("😀😀😀",))
+    assert not stop_hit(tokenizer, ids[:-1], ("😀😀😀",))
+    east = _byte_tokens(tokenizer, "東x".encode())
+    assert [stop_hit(tokenizer, east[:n], ("\ufffd",)) for n in (1, 2, 3, 4)] == [False] * 4
+
+
 def test_messages_column_goes_through_the_chat_template(tmp_path, tiny_model):
     rows = [
         {"id": "a", "prompt": [{"role": "user", "content": "hello there"}]},

@@ -26,10 +26,21 @@ class StopStrings:
 def stop_hit(tokenizer, tokens: list[int], stops: tuple[str, ...]) -> bool:
     """Whether the text of these tokens ends in (or holds, near the end) one of `stops`. Only
     the tail is decoded, so a check costs O(window); the window is the row's own (a row's
-    result never depends on the stop strings of rows beside it)."""
-    window = max(len(s) for s in stops) + 8
+    result never depends on the stop strings of rows beside it).
+
+    The window counts a stop string's UTF-8 bytes (a byte-level tokenizer may spend a token on
+    each byte), and the decoded tail drops replacement characters at its ends: the bytes of a
+    character not finished yet, or the tail of one the window cut, are not text a stop string
+    can match."""
+    window = max(len(s.encode("utf-8", "surrogatepass")) for s in stops) + 8
     text = tokenizer.decode(tokens[-window:], skip_special_tokens=True)
+    text = text.rstrip(REPLACEMENT)
+    if len(tokens) > window:
+        text = text.lstrip(REPLACEMENT)
     return any(s in text for s in stops)
+
+
+REPLACEMENT = "\ufffd"  # what a tokenizer decodes an incomplete UTF-8 sequence to
 
 
 def truncate_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:

@@ -231,9 +231,10 @@ def _jsonl_keep(path: str, rows: list[dict], lines: list[int], names) -> pa.Tabl
         try:
             keep_arrays[name] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            line = _first_mixed(values, lines)
             raise InputError(
-                f"{path}: keep column '{name}' mixes value types between lines "
-                f"{lines[0]} and {lines[-1]} ({first_line(exc)})"
+                f"{path}:{line}: keep column '{name}' mixes value types: this line's does not "
+                f"go with the lines' before it ({first_line(exc)}); make them all one type"
             ) from None
         except OverflowError:
             line = _first_unconvertible(values, lines)
@@ -247,6 +248,19 @@ def _jsonl_keep(path: str, rows: list[dict], lines: list[int], names) -> pa.Tabl
                 f"{path}:{line}: keep column '{name}' is not valid Unicode (a lone surrogate)"
             ) from None
     return pa.table(keep_arrays) if keep_arrays else _empty_table(len(rows))
+
+
+def _first_mixed(values: list, lines: list[int]) -> int:
+    """The line of the first value Arrow cannot take together with the values before it."""
+    low, high = 1, len(values)  # values[:high] fails; find the shortest failing prefix
+    while low < high:
+        middle = (low + high) // 2
+        try:
+            pa.array(values[:middle])
+            low = middle + 1
+        except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError, OverflowError):
+            high = middle
+    return lines[high - 1]
 
 
 def _first_unconvertible(values: list, lines: list[int]) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ EMBEDDINGS_URL = "/v1/embeddings"
 URLS = (CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL)
 
 # Per-row settings, null where the job's own setting holds; what the generate task reads.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 REQUEST_SCHEMA = pa.schema(
     [
         ("max_new_tokens", pa.int64()),
@@ -47,6 +49,7 @@ REQUEST_SCHEMA = pa.schema(
     ]
 )
 MAX_TOP_LOGPROBS = 20  # the API's limit on alternatives per token
+MAX_N = 4096  # samples per request at most, as task.n (spec/schema.py)
 
 # Body fields that change nothing here when they hold these values (or null).
 NEUTRAL = {
@@ -138,7 +141,7 @@ def _settings(body: dict, url: str) -> dict:
         elif name == "seed":
             settings["seed"] = _number(name, value, int)
         elif name == "n":
-            settings["n"] = _number(name, value, int, 1)
+            settings["n"] = _number(name, value, int, 1, MAX_N)
         elif name == "stop":
             settings["stop"] = _stops(value)
         elif name == "logprobs":
@@ -159,14 +162,23 @@ def _settings(body: dict, url: str) -> dict:
 
 
 def _number(name: str, value: Any, kind: type, low=None, high=None):
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if ok and kind is int:
-        ok = float(value).is_integer()
+    """A request's number, refused unless it is of `kind` (NaN and infinities never are; a
+    whole number must fit in 64 bits) and within [low, high]."""
+    ok = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+    if isinstance(value, bool):
+        ok = False
+    elif ok and kind is int:
+        ok = INT64_MIN <= value <= INT64_MAX and (isinstance(value, int) or value.is_integer())
+    if kind is int:
+        low = INT64_MIN if low is None else low
+        high = INT64_MAX if high is None else high
     if not ok or (low is not None and value < low) or (high is not None and value > high):
         bounds = f" from {low}" if low is not None else ""
         bounds += f" to {high}" if high is not None else ""
         what = "a whole number" if kind is int else "a number"
-        raise RequestProblem(f"body.{name} is {json.dumps(value)}, expected {what}{bounds}")
+        shown = json.dumps(value)
+        shown = shown if len(shown) <= 40 else f"{shown[:20]}...({len(shown)} digits)"
+        raise RequestProblem(f"body.{name} is {shown}, expected {what}{bounds}")
     return kind(value)
 
 

@@ -15,6 +15,7 @@ import shutil
 import socket
 import tempfile
 import weakref
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -74,12 +75,17 @@ class RowColumnFiles:
         self._pending_rows = 0
 
     def append(self, table: pa.Table) -> None:
-        """Add the next rows; raises pa.ArrowTypeError/ArrowInvalid where types cannot unify."""
-        self.schema = (
-            table.schema
-            if self.schema is None
-            else pa.unify_schemas([self.schema, table.schema], promote_options="permissive")
-        )
+        """Add the next rows; raises pa.ArrowTypeError/ArrowInvalid where types cannot unify,
+        or where a unified type cannot hold some rows' values (an integer beyond 2**53 in one
+        file, a float in the next)."""
+        if self.schema is None:
+            self.schema = table.schema
+        else:
+            schema = pa.unify_schemas([self.schema, table.schema], promote_options="permissive")
+            changed = [f.name for f in self.schema if schema.field(f.name).type != f.type]
+            self._check_casts(self._earlier(changed), schema)
+            self.schema = schema
+        self._check_casts([table], self.schema)
         self._pending.append(table)
         self._pending_rows += table.num_rows
         if self._pending_rows >= SPILL_FILE_ROWS:
@@ -97,6 +103,30 @@ class RowColumnFiles:
         self.starts.append(self._rows)
         self._rows += table.num_rows
         self._pending, self._pending_rows = [], 0
+
+    def _earlier(self, names: list[str]) -> Iterator[pa.Table]:
+        """The columns `names` of every row added so far (read back from the files written)."""
+        if not names:
+            return
+        for k in range(len(self.starts)):
+            yield pq.read_table(self._file(k), columns=names)
+        for table in self._pending:
+            yield table.select(names)
+
+    @staticmethod
+    def _check_casts(tables: Iterable[pa.Table], schema: pa.Schema) -> None:
+        for table in tables:
+            for name, column in zip(table.column_names, table.columns, strict=True):
+                wanted = schema.field(name).type
+                if column.type == wanted:
+                    continue
+                try:
+                    column.cast(wanted)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                    raise pa.ArrowInvalid(
+                        f"column {name!r} is {column.type} in some rows and {wanted} cannot "
+                        f"hold all of them: {exc}"
+                    ) from None
 
     def _file(self, k: int) -> Path:
         return self.folder / f"rows-{k:06d}.parquet"

@@ -114,8 +114,12 @@ def tokenize(setup: JobSetup, spill: Path | None = None, keep_tokens: bool = Fal
     chunks = read_chunks(setup.files, setup.columns, setup.spec.input.max_line_bytes)
     prefix = setup.spec.batching.min_shared_prefix if setup.task.engine == "causal" else 0
     every = setup.spec.progress.log_every_seconds
+    names = [str(f.path) for f in setup.files]
+    source = ", ".join(names[:3]) + (
+        f" and {len(names) - 3:,} more files" if len(names) > 3 else ""
+    )
     prepared = prepare_rows(
-        chunks, setup.tokenizer, setup.options, spill, keep_tokens, prefix, log_every=every
+        chunks, setup.tokenizer, setup.options, spill, keep_tokens, prefix, every, source
     )
     if prepared.truncated:
         log(

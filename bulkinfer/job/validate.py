@@ -7,6 +7,7 @@ output folder. Rows are counted where that is cheap; no prompt is tokenized.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from itertools import islice
@@ -19,12 +20,14 @@ from bulkinfer.io.chunks import ColumnNames
 from bulkinfer.io.files import DataFile
 from bulkinfer.io.jsonl import _jsonl_records
 from bulkinfer.io.layout import OutputLayout
-from bulkinfer.io.readers import peek_columns
+from bulkinfer.io.readers import peek_columns, read_chunks
+from bulkinfer.prepare.render import RowError, render
 from bulkinfer.spec import JobSpec
 from bulkinfer.state.folder import holds_foreign
 
 # JSONL records read to find the keep columns (the reader only needs one row to have each).
 KEEP_SCAN_RECORDS = 10_000
+FIRST_ROWS = 100  # rendered by validate, as run renders them
 # Uncompressed JSONL up to this size has its rows counted (a fast line scan).
 COUNT_JSONL_BYTES = 4 << 30
 
@@ -56,6 +59,7 @@ def check_job(spec: JobSpec) -> JobCheck:
 
     setup = set_up(spec)
     checked = [check_input_file(file, setup.columns) for file in setup.files]
+    render_first_rows(setup)
     return JobCheck(
         model=spec.model.path,
         max_context=setup.task.max_context,
@@ -65,6 +69,24 @@ def check_job(spec: JobSpec) -> JobCheck:
         output=spec.output.path,
         output_state=output_state(Path(spec.output.path)),
     )
+
+
+def render_first_rows(setup) -> None:
+    """The first rows of the first file rendered as `run` renders them, so what is wrong with
+    the whole input there (chat messages for a tokenizer without a chat template) is found
+    without the weights; a row's own problem stays that row's error. (A file only `datasets`
+    reads is left to `run`.)"""
+    first = setup.files[0]
+    if first.kind not in ("saved", "openai") and first.layout is None:
+        return
+    chunks = read_chunks(setup.files[:1], setup.columns, setup.spec.input.max_line_bytes)
+    try:
+        chunk = next(iter(chunks), None)
+    finally:
+        chunks.close()
+    for value in chunk.prompts[:FIRST_ROWS] if chunk is not None else []:
+        with contextlib.suppress(RowError):
+            render(value, setup.tokenizer, setup.options)
 
 
 def check_input_file(file: DataFile, columns: ColumnNames) -> InputFile:

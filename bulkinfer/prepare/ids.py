@@ -24,16 +24,59 @@ def add_row_columns(
     if chunk.ids is not None:
         ids = _chunk_ids(chunk)
         if id_type is not None and ids.type != id_type and first_row > 0:
-            raise InputError("the id column has different types in different files or row groups")
+            raise InputError(
+                f"{chunk.location(0)}: the ids here are {_kind(ids.type)}, those before "
+                f"{_kind(id_type)}; the id column has different types in different files or "
+                "row groups: make them all one type"
+            )
         id_type = ids.type
         table = table.add_column(0, ID_COLUMN, ids)
     if table.num_columns == 0:
         return id_type
     try:
-        columns.append(table)
+        columns.append(_writable(table))
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise InputError(f"a keep column has different types in different files: {exc}") from None
+        raise InputError(
+            f"{chunk.location(0)}: a keep column has different types in different files or "
+            f"row groups: {exc}"
+        ) from None
     return id_type
+
+
+def _kind(t: pa.DataType) -> str:
+    return "strings" if pa.types.is_string(t) or pa.types.is_large_string(t) else str(t)
+
+
+def _writable(table: pa.Table) -> pa.Table:
+    """Kept columns in types the outputs can be written in: view types (string_view and the
+    like, which Arrow cannot yet take rows of) as their plain forms; any other type Arrow cannot
+    take rows of is refused with its column's name."""
+    plain = pa.schema([f.with_type(_without_views(f.type)) for f in table.schema])
+    if not plain.equals(table.schema):
+        table = table.cast(plain)
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        try:
+            column.take(pa.array([], pa.int64()))
+        except pa.ArrowNotImplementedError:
+            raise InputError(
+                f"input.keep_columns: the column {name!r} is of type {column.type}, which cannot "
+                "be written to the outputs; cast it to another type or leave it out"
+            ) from None
+    return table
+
+
+def _without_views(t: pa.DataType) -> pa.DataType:
+    if t == pa.string_view():
+        return pa.string()
+    if t == pa.binary_view():
+        return pa.binary()
+    if pa.types.is_list(t):
+        return pa.list_(t.value_field.with_type(_without_views(t.value_type)))
+    if pa.types.is_large_list(t):
+        return pa.large_list(t.value_field.with_type(_without_views(t.value_type)))
+    if pa.types.is_struct(t):
+        return pa.struct([f.with_type(_without_views(f.type)) for f in t])
+    return t
 
 
 def _chunk_ids(chunk: InputChunk) -> pa.Array:

@@ -43,6 +43,7 @@ def prepare_rows(
     keep_tokens: bool = True,
     prefix_tokens: int = 0,
     log_every: float | None = None,
+    source: str = "",
 ) -> PreparedRows:
     """Render and tokenize every chunk; token ids, ids and kept columns go to files in `spill`
     (a temporary folder when None), per-row errors and lengths stay in memory.
@@ -51,7 +52,8 @@ def prepare_rows(
     this one's ids are collected, so parsing, encoding and writing overlap. `keep_tokens=False`
     (planning) measures lengths and drops the ids. `prefix_tokens`: rows longer than this get
     the hash of their first tokens, for the plan's shared prefixes (prepare/prefixes.py).
-    `log_every`: seconds between lines saying how far a long read has got."""
+    `log_every`: seconds between lines saying how far a long read has got. `source`: the
+    input's files, for the error an input without rows gets."""
     folder, temporary = spill_folder(spill)
     token_file = TokenFile(folder / "tokens.int32") if keep_tokens else None
     collected = _Collected(options, RowColumnFiles(folder), PrefixFinder(prefix_tokens))
@@ -62,7 +64,7 @@ def prepare_rows(
             token_file.append(ids)
         progress.show(collected.rows, int(collected.length_parts[-1].sum()))
     if collected.rows == 0:
-        raise InputError("the input has no rows")
+        raise InputError(f"the input has no rows{f' ({source})' if source else ''}")
     if token_file is not None:
         token_file.finish()
     prepared = collected.finish(token_file, folder, temporary)

@@ -178,7 +178,8 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list):
-            raise SpecError(f"{key}: expected a list, got {_kind(value)}")
+            one = f"{_describe(args[0])} or " if args[0] is str else ""
+            raise SpecError(f"{key}: expected {one}a list, got {_kind(value)}")
         return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is bool:
         if not isinstance(value, bool):
@@ -187,6 +188,8 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise SpecError(f"{key}: expected a whole number, got {_kind(value)}")
+        if not -(2**63) <= value < 2**63:
+            raise SpecError(f"{key}: {value} does not fit in a 64-bit integer")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):

@@ -52,6 +52,8 @@ class ModelSpec:
 
 
 MAX_TOP_LOGPROBS = 20  # alternatives per generated token at most (the OpenAI API's limit)
+MAX_N = 4096  # samples per prompt at most (each a sequence of its own in the engine)
+MAX_LINE_BYTES = 2**40  # the longest JSONL line input.max_line_bytes may allow
 
 # Task keys that only mean something for some task types; a key set away from its default on
 # another type is a mistake worth a one-line error (`pooling` on a generate job, `temperature` on
@@ -112,6 +114,7 @@ class TaskSpec:
         _at_least(self.temperature, 0.0, f"{key}.temperature")
         _at_least(self.top_k, 0, f"{key}.top_k")
         _at_least(self.n, 1, f"{key}.n")
+        _at_most(self.n, MAX_N, f"{key}.n")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise SpecError(
                 f"{key}.top_logprobs: {self.top_logprobs} must be from 0 to {MAX_TOP_LOGPROBS}"
@@ -175,6 +178,7 @@ class InputSpec:
                     f"{key}.keep_columns: '{name}' clashes with an output column of the same name"
                 )
         _at_least(self.max_line_bytes, 64, f"{key}.max_line_bytes")
+        _at_most(self.max_line_bytes, MAX_LINE_BYTES, f"{key}.max_line_bytes")
         if len(set(self.keep_columns)) != len(self.keep_columns):
             raise SpecError(f"{key}.keep_columns: a column is listed twice")
         if self.choices_column and self.completion_column:
@@ -263,3 +267,8 @@ PACKAGE_PREFIX = "package:"
 def _at_least(value: float | None, low: float, key: str) -> None:
     if value is not None and value < low:
         raise SpecError(f"{key}: {value} is too small (the least allowed is {low})")
+
+
+def _at_most(value: float | None, high: float, key: str) -> None:
+    if value is not None and value > high:
+        raise SpecError(f"{key}: {value:,} is too large (the most allowed is {high:,})")
