@@ -218,13 +218,15 @@ def run(job, overrides, output, overwrite, shard, gpus) -> None:
 
     spec = _load(job, overrides, output)
     skip_unused_imports(spec)
+    if gpus is not None and shard:
+        raise click.UsageError("--gpus splits the job into shards itself: give it or --shard")
     if gpus is not None:
         from pathlib import Path
 
         from bulkinfer.executors.local import run_workers, worker_count
         from bulkinfer.io.layout import OutputLayout
         from bulkinfer.io.lock import folder_lock
-        from bulkinfer.state.folder import refuse_foreign
+        from bulkinfer.state.folder import refuse_foreign, refuse_unsharded
 
         count, devices = worker_count(gpus)
         args = [job, *(f"--set={o}" for o in overrides), "--output", spec.output.path]
@@ -232,6 +234,7 @@ def run(job, overrides, output, overwrite, shard, gpus) -> None:
         root = OutputLayout(Path(spec.output.path))
         refuse_foreign(root, overwrite=overwrite)
         with folder_lock(root):  # the launcher holds the job folder; each worker its shard's
+            refuse_unsharded(root, overwrite, holding_lock=True)
             sys.exit(run_workers(args, count, devices))
     chosen = parse_shard(shard) if shard else shard_from_env()
     sys.exit(run_job(spec, overwrite=overwrite, shard=chosen))
@@ -255,6 +258,9 @@ def status(output: str) -> None:
     root = OutputLayout(Path(output))
     if not root.root.is_dir():
         raise UserError(f"{root.root}: no such output folder")
+    submitted = (root.root / "sbatch.sh").is_file()  # `bulkinfer slurm`: its tasks pending
+    if not root.job_file.is_file() and not root.shard_folders() and not submitted:
+        raise UserError(f"{root.root}: not a bulkinfer job folder (no job.json or shards/)")
     click.echo(format_status(root, job_states(root)))
 
 

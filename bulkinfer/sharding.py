@@ -29,7 +29,18 @@ def parse_shard(text: str) -> Shard:
     index, count = int(match.group(1)), int(match.group(2))
     if count < 1 or not 0 <= index < count:
         raise SpecError(f"--shard {text}: I must be between 0 and N-1")
-    return Shard(index, count)
+    return checked(Shard(index, count), f"--shard {text}")
+
+
+MAX_SHARDS = 99_999  # shard folders are named shard-IIIII-of-NNNNN
+
+
+def checked(shard: Shard, where: str) -> Shard:
+    if shard.count < 1 or not 0 <= shard.index < shard.count:
+        raise SpecError(f"{where}: shard {shard.index} of {shard.count} is not between 0 and N-1")
+    if shard.count > MAX_SHARDS:
+        raise SpecError(f"{where}: at most {MAX_SHARDS:,} shards, not {shard.count:,}")
+    return shard
 
 
 def shard_from_env(env: dict[str, str] | None = None) -> Shard | None:
@@ -37,15 +48,27 @@ def shard_from_env(env: dict[str, str] | None = None) -> Shard | None:
     tasks alone, or an indexed job's JOB_COMPLETION_INDEX with BULKINFER_SHARD_COUNT."""
     env = os.environ if env is None else env
     array, tasks = None, None
+
+    def number(name: str, default: str | None = None) -> int:
+        text = env.get(name, default)
+        if text is None or not text.strip().lstrip("-").isdigit():
+            raise SpecError(f"{name}={text!r}: expected a whole number")
+        return int(text)
+
     if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        low = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        array = Shard(int(env["SLURM_ARRAY_TASK_ID"]) - low, int(env["SLURM_ARRAY_TASK_COUNT"]))
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        tasks = Shard(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]))
+        low = number("SLURM_ARRAY_TASK_MIN", "0")
+        step = number("SLURM_ARRAY_TASK_STEP", "1")
+        array = Shard(
+            (number("SLURM_ARRAY_TASK_ID") - low) // max(step, 1), number("SLURM_ARRAY_TASK_COUNT")
+        )
+    if number("SLURM_NTASKS", "1") > 1 and "SLURM_PROCID" in env:
+        tasks = Shard(number("SLURM_PROCID"), number("SLURM_NTASKS"))
     if array and tasks:
-        return Shard(array.index * tasks.count + tasks.index, array.count * tasks.count)
+        shard = Shard(array.index * tasks.count + tasks.index, array.count * tasks.count)
+        return checked(shard, "the Slurm array times its tasks")
     if array or tasks:
-        return array or tasks
+        return checked(array or tasks, "the Slurm array or tasks")
     if "JOB_COMPLETION_INDEX" in env and "BULKINFER_SHARD_COUNT" in env:
-        return Shard(int(env["JOB_COMPLETION_INDEX"]), int(env["BULKINFER_SHARD_COUNT"]))
+        shard = Shard(number("JOB_COMPLETION_INDEX"), number("BULKINFER_SHARD_COUNT"))
+        return checked(shard, "BULKINFER_SHARD_COUNT")
     return None

@@ -28,6 +28,24 @@ def test_run_returns_the_summary_and_equals_the_cli(tmp_path, tiny_model):
     assert by_api.column("text").to_pylist() == by_cli.column("text").to_pylist()
 
 
+def test_a_job_runs_from_a_thread_other_than_the_main_one(tmp_path, tiny_model):
+    """Signals reach the main thread only: a job run from another leaves the handlers alone."""
+    import threading
+
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", sample_prompts(6)),
+        tmp_path / "out",
+    )
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(bulkinfer.run(job)))
+    thread.start()
+    thread.join(timeout=300)
+    assert result.get("rows_out") == 6 and result["complete"], result
+    assert read_outputs(tmp_path / "out").num_rows == 6
+
+
 def test_overrides_as_sections_or_dotted_keys_and_a_mapping_as_the_job(tmp_path, tiny_model):
     data = {
         "model": {"path": str(tiny_model)},

@@ -7,6 +7,7 @@ import json
 import pytest
 from conftest import cli, cli_subprocess, read_outputs, sample_prompts, write_job, write_jsonl
 
+from bulkinfer.errors import SpecError
 from bulkinfer.sharding import Shard, shard_from_env
 
 N_ROWS = 60
@@ -95,12 +96,32 @@ def test_shard_from_slurm_and_srun_environment():
     assert shard_from_env({"JOB_COMPLETION_INDEX": "1", "BULKINFER_SHARD_COUNT": "5"}) == Shard(
         1, 5
     )
+    stepped = {
+        "SLURM_ARRAY_TASK_ID": "4",
+        "SLURM_ARRAY_TASK_COUNT": "6",
+        "SLURM_ARRAY_TASK_STEP": "2",
+    }
+    assert shard_from_env(stepped) == Shard(2, 6)  # --array=0-10:2
+    for bad, fragment in [
+        ({"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "3"}, "between 0 and N-1"),
+        (
+            {
+                "SLURM_ARRAY_TASK_ID": "1",
+                "SLURM_ARRAY_TASK_MIN": "2",
+                "SLURM_ARRAY_TASK_COUNT": "3",
+            },
+            "between",
+        ),
+        ({"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "3"}, "SLURM_ARRAY_TASK_ID"),
+    ]:
+        with pytest.raises(SpecError, match=fragment):
+            shard_from_env(bad)
 
 
 def test_bad_shard_flags(shard_job):
     make, _ = shard_job
     job = make("bad")
-    for flag in ("3/3", "x", "1/0"):
+    for flag in ("3/3", "x", "1/0", "0/100000"):
         result = cli("run", str(job), "--shard", flag)
         assert result.exit_code == 2 and "--shard" in result.output
 
@@ -134,3 +155,35 @@ def test_unsharded_run_on_a_sharded_folder_is_refused_clearly(shard_job):
     result = cli("run", str(job))
     assert result.exit_code == 2
     assert "sharded run" in result.output and "--shard" in result.output
+
+
+def test_a_sharded_run_on_an_unsharded_folder_is_refused_clearly(shard_job):
+    """Its merge would write another run's outputs under the finished job's record."""
+    make, reference = shard_job
+    job = make("single")  # the folder of the fixture's finished, unsharded run
+    for args in (["--shard", "0/1", "--set", "task.max_new_tokens=1"], ["--gpus", "2"]):
+        result = cli("run", str(job), *args)
+        assert result.exit_code == 2, result.output
+        assert "without shards" in result.output and "--overwrite" in result.output
+    _same(job.parent / "single", reference)
+
+
+def test_shards_of_another_split_and_folders_without_a_job_are_refused_before_any_work(
+    shard_job, tmp_path
+):
+    make, _ = shard_job
+    job = make("splits")
+    out = job.parent / "splits"
+    assert cli("run", str(job), "--shard", "0/3").exit_code == 0
+    other = cli("run", str(job), "--shard", "0/2")
+    assert other.exit_code == 2 and "split into 3, not 2" in other.output, other.output
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard-00000-of-00003"]
+    both = cli("run", str(job), "--gpus", "2", "--shard", "0/2")
+    assert both.exit_code == 2 and "--shard" in both.output
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for command in ("status", "merge"):
+        result = cli(command, str(empty))
+        assert result.exit_code == 2 and "bulkinfer:" in result.output, result.output
+    assert list(empty.iterdir()) == []  # merge wrote no lock file there

@@ -36,6 +36,9 @@ class StopFlag:
 def stop_signals() -> Iterator[StopFlag]:
     flag = StopFlag()
     previous = {}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag  # signals reach the main thread only: the process's handlers stay
+        return
 
     def handler(signum, frame):
         now = time.monotonic()

@@ -49,7 +49,7 @@ from bulkinfer.observe.progress import Progress, log
 from bulkinfer.observe.stats import imports_seconds
 from bulkinfer.sharding import Shard
 from bulkinfer.spec import JobSpec
-from bulkinfer.state.folder import refuse_foreign
+from bulkinfer.state.folder import refuse_foreign, refuse_other_counts, refuse_unsharded
 from bulkinfer.state.manifest import Manifest
 from bulkinfer.state.parts import PartWriter
 
@@ -62,6 +62,9 @@ def run_job(spec: JobSpec, overwrite: bool = False, shard: Shard | None = None) 
     root = OutputLayout(Path(spec.output.path))
     layout = root.shard(shard.index, shard.count) if shard else root
     refuse_foreign(layout, overwrite)  # before the lock, so a refused folder gets no lock file
+    if shard is not None:
+        refuse_unsharded(root, overwrite)
+        refuse_other_counts(root, shard.count, overwrite)
     with stops_at_once() as at_once:
         try:
             with writes_reported(layout), folder_lock(layout), failure_recorded(layout, shard):

@@ -77,6 +77,35 @@ def open_job_folder(
     return JobFolder(layout, job, finished=False, resumed=False)
 
 
+def refuse_unsharded(root: OutputLayout, overwrite: bool, holding_lock: bool = False) -> None:
+    """A shard's run (or a `--gpus` launcher's) where a job ran without shards: its merge would
+    put another run's outputs under that job's record, so it is refused as any other job is,
+    unless --overwrite; then the launcher, which holds the folder, retires that record, and a
+    shard leaves it to the merge (refused while a run of that job is live)."""
+    if not root.job_file.exists():
+        return
+    if not overwrite:
+        raise OutputFolderError(
+            f"{root.root} holds a job run without shards; run it the same way, use another "
+            "--output, or pass --overwrite"
+        )
+    if holding_lock:
+        root.job_file.unlink(missing_ok=True)
+    elif is_locked(root):
+        raise in_use(root)
+
+
+def refuse_other_counts(root: OutputLayout, count: int, overwrite: bool) -> None:
+    """A shard of a job split in N where shards of another split are: refused before any work
+    (their merge could never run), unless --overwrite."""
+    others = sorted({n for _, n in root.shard_folders()} - {count})
+    if others and not overwrite:
+        raise OutputFolderError(
+            f"{root.root} holds shards of a run split into {others[0]}, not {count}; run it with "
+            f"--shard I/{others[0]}, use another --output, or pass --overwrite"
+        )
+
+
 def refuse_foreign(layout: OutputLayout, overwrite: bool, holding_lock: bool = False) -> None:
     """Refuse a path that is not a folder, or a folder holding files but no bulkinfer job.
 

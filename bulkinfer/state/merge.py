@@ -52,6 +52,8 @@ def merge_shards(root: OutputLayout) -> Summary:
 
     if not root.root.is_dir():
         raise UserError(f"{root.root}: no such output folder")
+    if not shard_counts(root):
+        raise UserError(f"{root.root}: no shards to merge (bulkinfer run --shard I/N writes them)")
     with open(root.merge_lock, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         return _merge_locked(root)
@@ -82,6 +84,7 @@ def _merge_locked(root: OutputLayout) -> Summary:
     if len(prints) > 1:
         raise UserError(f"{root.root}: the shards were run with different specs, models or inputs")
     total = sum(j.rows for j in jobs)
+    root.job_file.unlink(missing_ok=True)  # an unsharded run's record (its --overwrite)
     tables = (t for shard in shards for t in _read_outputs(shard))
     write_sorted_outputs(root, tables, np.arange(total))
     if jobs[0].openai_responses:
