@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -82,6 +83,12 @@ class AtOnce:
             self.signum = signum
             raise StopRequested(signum)
 
+    def check(self) -> None:
+        """Raise the stop again where the handler's raise was lost: a signal can land in code
+        whose exceptions Python prints and drops (a weakref or import-lock callback)."""
+        if self.signum is not None and not self.finishing:
+            raise StopRequested(self.signum)
+
     def finish(self) -> None:
         self.when, self.finishing = "while the outputs are written", True
 
@@ -110,11 +117,19 @@ def stops_at_once() -> Iterator[AtOnce]:
     previous = {
         sig: signal.signal(sig, at_once.handler) for sig in (signal.SIGTERM, signal.SIGUSR1)
     }
+    hook = sys.unraisablehook
+
+    def quiet(unraisable) -> None:  # a stop dropped in a callback: `check` raises it again
+        if not isinstance(unraisable.exc_value, StopRequested):
+            hook(unraisable)
+
+    sys.unraisablehook = quiet
     try:
         yield at_once
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+        sys.unraisablehook = hook
 
 
 def stopped(signum: int) -> int:

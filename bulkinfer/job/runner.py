@@ -92,6 +92,7 @@ def _run_job(
         return 0
     inputs, engine, options, host_seconds = load_and_tokenize(setup, layout, shard)
     host_seconds.update(setup_seconds=setup_seconds, imports_seconds=imports_seconds(started))
+    at_once.check()  # a stop raised where Python drops exceptions (a callback) is kept here
     plan = record_plan(inputs, engine, folder, shard)
     manifest = Manifest(layout)
     todo = batches_to_do(manifest, plan, folder.resumed, inputs.prepared.lengths)
@@ -109,6 +110,7 @@ def _run_job(
     with PartWriter(
         layout, manifest, schema, every_rows, run_id, log_checkpoint, every_seconds
     ) as writer:
+        at_once.check()
         signum = run_batches(inputs, engine, todo, writer, progress, started, host_seconds)
     if signum is not None:
         return stopped(signum)
