@@ -209,7 +209,7 @@ def test_json_logs_every_stderr_line_an_event_through_stop_and_resume(tmp_path, 
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr
     assert not list(temporary.glob("bulkinfer-spill-*")), "a stopped run left its spill files"
-    first = _events(stderr)
+    first = [e for e in _events(stderr) if e["event"] != "tokenize"]  # a slow read's lines
     names = [e["event"] for e in first]
     assert names[0] == "start" and first[0]["rows"] == 30
     assert {"progress", "checkpoint", "signal"} <= set(names)
@@ -229,7 +229,8 @@ def test_json_logs_every_stderr_line_an_event_through_stop_and_resume(tmp_path, 
     assert resumed.returncode == 0, resumed.stderr
     assert not list(temporary.glob("bulkinfer-spill-*")), "a finished run left its spill files"
     second = _events(resumed.stderr)
-    names = [e["event"] for e in second]
+    # (a read slower than progress.log_every_seconds says how far it got first)
+    names = [e["event"] for e in second if e["event"] != "tokenize"]
     assert names[0] == "resume" and "start" in names and names[-1] == "finish"
     finish = second[-1]
     assert finish["rows_out"] == 30 and finish["rows_by_status"] == {"ok": 30, "error": 0}
