@@ -70,9 +70,12 @@ class AtOnce:
     SIGUSR1, the time-limit warning, lets them finish instead. SIGINT stays KeyboardInterrupt."""
 
     def __init__(self) -> None:
-        self.when = "before its first batch"
         self.finishing = False
         self.signum: int | None = None
+
+    @property
+    def when(self) -> str:
+        return "while the outputs are written" if self.finishing else "before its first batch"
 
     def handler(self, signum, frame) -> None:
         name = signal.Signals(signum).name
@@ -90,7 +93,7 @@ class AtOnce:
             raise StopRequested(self.signum)
 
     def finish(self) -> None:
-        self.when, self.finishing = "while the outputs are written", True
+        self.finishing = True
 
     def stopped(self) -> int:
         """Say why the run stopped; the exit code a shell gives a process ended by it."""

@@ -132,11 +132,10 @@ class Manifest:
         rest of it (the rows its intact pieces hold are kept). A dropped part's own pieces of
         other batches are lost in turn, so this repeats until nothing more is dropped."""
         while lost:
-            missing = {b for b in lost if any(b in record.batches for _, record in kept)}
-            keep = [(line, r) for line, r in kept if missing.isdisjoint(r.batches)]
-            lost = {int(b) for _, r in kept if not missing.isdisjoint(r.batches) for b in r.partial}
-            self.redone += [r.file for _, r in kept if not missing.isdisjoint(r.batches)]
-            kept = keep
+            dropped = [r for _, r in kept if not lost.isdisjoint(r.batches)]
+            kept = [(line, r) for line, r in kept if lost.isdisjoint(r.batches)]
+            self.redone += [r.file for r in dropped]
+            lost = {int(b) for r in dropped for b in r.partial}
         return kept
 
     def _part_is_intact(self, record: PartRecord) -> bool:

@@ -60,9 +60,7 @@ def merge_shards(root: OutputLayout) -> Summary:
 
 
 def _merge_locked(root: OutputLayout) -> Summary:
-    counts = shard_counts(root)
-    if not counts:
-        raise UserError(f"{root.root}: no shards to merge (bulkinfer run --shard I/N writes them)")
+    counts = shard_counts(root)  # some: merge_shards checked before taking the lock
     if len(counts) > 1:
         raise UserError(
             f"{root.root}: shard folders of different counts ({counts}); remove the stale ones"
