@@ -58,6 +58,11 @@ def grammar_for(response_format: Any) -> str | None:
         if not isinstance(pattern, str) or not pattern:
             raise ValueError("response_format.pattern must be a non-empty regular expression")
         grammar = ll.LLMatcher.grammar_from_regex(pattern)
+        if not ll.LLMatcher.validate_grammar(grammar) and _matches_nothing(ll, pattern):
+            raise ValueError(
+                f"response_format.pattern {pattern!r} matches no text: every row would end "
+                "at once, empty"
+            )
     else:
         choices = response_format.get("choices")
         if (
@@ -70,8 +75,25 @@ def grammar_for(response_format: Any) -> str | None:
         grammar = ll.LLMatcher.grammar_from_lark(f"start: {options}")
     problem = ll.LLMatcher.validate_grammar(grammar)
     if problem:
-        raise ValueError(f"response_format: {problem.strip().splitlines()[0]}")
+        raise ValueError(f"response_format: {_one_line(problem)}")
     return grammar
+
+
+def _matches_nothing(ll, pattern: str) -> bool:
+    """Whether a regular expression matches no string at all (`[^\\s\\S]`): llguidance
+    accepts such a grammar, and its matcher then allows only the end of the text. Its JSON
+    schema compiler reports the empty language, so a string schema of the pattern asks it."""
+    probe = ll.LLMatcher.grammar_from_json_schema({"type": "string", "pattern": pattern})
+    return "Regex is empty" in ll.LLMatcher.validate_grammar(probe)
+
+
+def _one_line(problem: str) -> str:
+    """llguidance's error on one line: its first line, and the reason a regular expression
+    failed to parse (a line `error: ...` below a picture of the pattern)."""
+    lines = [line.strip() for line in problem.strip().splitlines()]
+    reasons = [line for line in lines[1:] if line.startswith("error:")]
+    first = lines[0].removesuffix("regex parse error:").rstrip()
+    return " ".join([first, *reasons])
 
 
 @functools.lru_cache(maxsize=256)

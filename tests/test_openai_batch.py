@@ -215,3 +215,91 @@ def test_sharded_run_writes_the_responses_once_after_the_merge(tmp_path, tiny_mo
         a["response"]["body"].pop("created")
         b["response"]["body"].pop("created")
         assert a == b
+
+
+def test_requests_once_crashing_or_misread(tmp_path, tiny_model):
+    """A lone surrogate in `stop` or an embeddings input (a traceback, the job lost), a top_p
+    below float32's least (every token id 0) and max_tokens of 2**63-1 (wrapped negative
+    through float64) are each one request's business, answered as such."""
+    schema = {
+        "type": "object",
+        "properties": {"zeta": {"enum": [1, 2]}, "alpha": {"type": "boolean"}},
+        "required": ["zeta", "alpha"],
+        "additionalProperties": False,
+    }
+    ordered = {"type": "json_schema", "json_schema": {"name": "o", "schema": schema}}
+    embed = {"custom_id": "", "url": "/v1/embeddings", "body": {"input": ""}}
+    requests = [
+        _chat_request(0, stop="\udc00"),
+        {**embed, "custom_id": "surrogate-input", "body": {"input": "x\ud800"}},
+        {**embed, "custom_id": "long-input", "body": {"input": "Paris " * 600}},
+        _chat_request(3, max_tokens=8),
+        _chat_request(3, max_tokens=8, temperature=1.0, top_p=1e-100),
+        _chat_request(5, max_tokens=2**63 - 1),
+        _chat_request(6, max_tokens=64, response_format=ordered),
+    ]
+    for i, request in enumerate(requests):
+        if request["url"] != "/v1/embeddings":
+            request["custom_id"] = f"r{i}"
+    path = tmp_path / "in.jsonl"  # ASCII JSON: the surrogates as \u escapes, as clients write them
+    path.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    task = {"max_new_tokens": 64}
+    job = write_job(tmp_path / "job.yaml", tiny_model, path, tmp_path / "out", task=task)
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output
+    lines = (tmp_path / "out" / "responses.jsonl").read_text().splitlines()
+    by_id = {r["custom_id"]: r for r in map(json.loads, lines)}
+    for custom_id, fragment in [
+        ("r0", "body.stop is not valid Unicode: a lone surrogate '\\udc00'"),
+        ("surrogate-input", "body.input[0] is not valid Unicode"),
+        ("long-input", "embeddings input has"),
+    ]:
+        assert by_id[custom_id]["response"]["status_code"] == 400
+        assert fragment in by_id[custom_id]["error"]["message"], by_id[custom_id]["error"]
+    assert "generate" not in by_id["long-input"]["error"]["message"]
+    greedy, tiny_top_p = (by_id[f"r{i}"]["response"]["body"]["choices"][0] for i in (3, 4))
+    assert tiny_top_p["message"]["content"] == greedy["message"]["content"]
+    assert by_id["r5"]["response"]["body"]["usage"]["completion_tokens"] <= 64
+    kept = by_id["r6"]["response"]["body"]["choices"][0]
+    assert kept["finish_reason"] == "stop", kept
+    assert list(json.loads(kept["message"]["content"])) == ["zeta", "alpha"]
+
+
+def test_the_plan_of_requests_asking_for_2_63_tokens(tmp_path, tiny_model):
+    """max_tokens 2**63-1 plans as any number over task.max_new_tokens does: the job's limit."""
+    plans = []
+    for asked in (10**9, 2**63 - 1):
+        requests = [_chat_request(i, max_tokens=asked) for i in range(16)]
+        job = write_job(
+            tmp_path / f"{asked}.yaml",
+            tiny_model,
+            write_jsonl(tmp_path / f"{asked}.jsonl", requests),
+            tmp_path / f"out{asked}",
+            task={"max_new_tokens": 32},
+            batching={"max_tokens": 300},
+        )
+        proc = cli_subprocess("plan", str(job), "--json")
+        assert proc.returncode == 0 and "Warning" not in proc.stderr, proc.stderr
+        plans.append(json.loads(proc.stdout)["batch_rows"])
+    assert plans[0] == plans[1] and len(plans[0]) > 1
+
+
+def test_validate_finds_what_run_refuses_in_the_first_requests(tmp_path, tiny_model):
+    """Repeated custom_ids, and a bad request under on_error: fail, refused by validate as
+    run refuses them; an OpenAI file's requests are counted."""
+
+    def validate(name, requests, *settings):
+        inputs = write_jsonl(tmp_path / f"{name}.jsonl", requests)
+        job = write_job(tmp_path / f"{name}.yaml", tiny_model, inputs, tmp_path / name)
+        return cli_subprocess("validate", str(job), *settings)
+
+    good = validate("good", [_chat_request(i) for i in range(3)])
+    assert good.returncode == 0 and "3 rows" in good.stdout, good.stdout + good.stderr
+    twice = validate("twice", [_chat_request(0), _chat_request(1), _chat_request(0)])
+    assert twice.returncode == 2
+    assert "duplicate id 'request-0' at" in twice.stderr and "twice.jsonl:3" in twice.stderr
+    bad = [_chat_request(0), _chat_request(1, max_tokens=0)]
+    assert validate("recorded", bad).returncode == 0
+    failing = validate("failing", bad, "--set", "on_error=fail")
+    assert failing.returncode == 2
+    assert "failing.jsonl:2: invalid request: body.max_tokens" in failing.stderr, failing.stderr

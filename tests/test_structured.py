@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -45,6 +46,15 @@ def _job(tmp_path, model, name, rows=12, engine="auto", **task):
         tmp_path / name,
         task={"max_new_tokens": 96, **task},
     )
+    use_engine(job, engine)
+    return job
+
+
+def _requests_job(tmp_path, model, requests, engine="auto", **task):
+    """A job over OpenAI batch requests, written to in.jsonl, output to `out`."""
+    inputs = write_jsonl(tmp_path / "in.jsonl", requests)
+    task = {"chat_template": "never", **task}
+    job = write_job(tmp_path / "job.yaml", model, inputs, tmp_path / "out", task=task)
     use_engine(job, engine)
     return job
 
@@ -135,12 +145,37 @@ def test_rows_cut_short_are_counted_in_the_summary_and_the_log(tmp_path, tiny_mo
     assert cut > 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["constrained_cut_short"] == cut
-    assert f"{cut:,} samples kept to a response_format reached their token limit" in result.output
+    assert f"{cut:,} samples kept to a response_format ended before" in result.output
     plain = _job(tmp_path, tiny_model, "plain", rows=4, engine=engine, max_new_tokens=6)
     assert cli("run", str(plain)).exit_code == 0
     assert "constrained_cut_short" not in json.loads(
         (tmp_path / "plain" / "summary.json").read_text()
     )
+
+
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_cut_short_counts_texts_that_are_not_whole_answers(tmp_path, tiny_model, engine):
+    """A grammar completed on the row's very last token ends with `length` but is a whole
+    answer, not counted; a stop string that cuts a constrained text makes it not one,
+    counted although it ends with `stop`."""
+    fmt = {"type": "choice", "choices": ["left,right"]}
+
+    def run(name, **task):
+        job = _job(tmp_path, tiny_model, name, rows=3, engine=engine, response_format=fmt, **task)
+        rows = _run(job)
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        return rows, summary["constrained_cut_short"]
+
+    whole, cut = run("whole", max_new_tokens=32)
+    assert [r["text"] for r in whole] == ["left,right"] * 3 and cut == 0
+    exact = max(r["output_tokens"] for r in whole)
+    at_limit, cut = run("exact", max_new_tokens=exact)
+    longest = [r for r in at_limit if r["output_tokens"] == exact]
+    assert longest and all(r["finish_reason"] == "length" for r in longest)
+    assert all(r["text"] == "left,right" for r in at_limit) and cut == 0
+    stopped, cut = run("stopped", max_new_tokens=32, stop=[","])
+    assert [(r["text"], r["finish_reason"]) for r in stopped] == [("left", "stop")] * 3
+    assert cut == 3
 
 
 def _rewrite_tokenizer(folder, change) -> None:
@@ -176,6 +211,25 @@ def test_a_byte_level_tokenizer_with_a_sequence_decoder(tmp_path, tiny_model, en
     rows = _run(_job(tmp_path, model, "out", engine=engine, response_format=fmt))
     stopped = [r for r in rows if r["finish_reason"] == "stop"]
     assert stopped and all(_valid(r["text"], SCHEMA) for r in stopped), [r["text"] for r in rows]
+
+
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_a_tokenizer_without_an_end_token_ends_rows_at_the_models(tmp_path, tiny_model, engine):
+    """A tokenizer that names no eos_token, a model whose generation_config does: a complete
+    grammar allows the model's end token, so rows end with `stop` instead of running on to
+    their limit."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    settings = json.loads((model / "tokenizer_config.json").read_text())
+    settings["eos_token"] = None
+    (model / "tokenizer_config.json").write_text(json.dumps(settings))
+    generation = json.loads((model / "generation_config.json").read_text())
+    generation["eos_token_id"] = 2  # <|im_end|>, not token 0
+    (model / "generation_config.json").write_text(json.dumps(generation))
+    fmt = {"type": "choice", "choices": ["yes", "no"]}
+    rows = _run(_job(tmp_path, model, "out", rows=4, engine=engine, response_format=fmt))
+    assert [r["finish_reason"] for r in rows] == ["stop"] * 4, rows
+    assert all(r["text"] in ("yes", "no") for r in rows)
 
 
 def test_a_tokenizer_the_grammar_library_misreads_is_one_line(tmp_path, tiny_model):
@@ -235,7 +289,10 @@ def test_any_json_object(tmp_path, tiny_model):
         ({"type": "json_schema", "schema": {"type": "nonsense"}}, "nonsense"),
         ({"type": "json_schema"}, "needs a schema object"),
         ({"type": "xml"}, "'xml' is not one of"),
-        ({"type": "regex", "pattern": "(unclosed"}, "response_format"),
+        ({"type": "regex", "pattern": "(unclosed"}, "unclosed group"),
+        ({"type": "regex", "pattern": "(?<=a)b"}, "look-behind, is not supported"),
+        ({"type": "regex", "pattern": r"[^\s\S]"}, "matches no text"),
+        ({"type": "json_schema", "schema": {"enum": []}}, "Unsatisfiable"),
     ],
 )
 def test_a_bad_response_format_is_one_line_naming_it(tmp_path, tiny_model, fmt, fragment):
@@ -273,14 +330,7 @@ def test_openai_requests_with_response_format(tmp_path, tiny_model):
         chat(4, response_format={"type": "json_schema", "json_schema": {"schema": {"type": 7}}}),
         chat(5, response_format={"type": "yaml"}),
     ]
-    inputs = write_jsonl(tmp_path / "in.jsonl", requests)
-    job = write_job(
-        tmp_path / "job.yaml",
-        tiny_model,
-        inputs,
-        tmp_path / "out",
-        task={"max_new_tokens": 96, "chat_template": "never"},
-    )
+    job = _requests_job(tmp_path, tiny_model, requests, max_new_tokens=96)
     assert cli("run", str(job)).exit_code == 0
     lines = (tmp_path / "out" / "responses.jsonl").read_text().splitlines()
     by_id = {r["custom_id"]: r for r in map(json.loads, lines)}
@@ -314,3 +364,63 @@ def test_the_sample_model_fills_a_schema(tmp_path):
     stopped = [r for r in out if r["finish_reason"] == "stop"]
     assert len(stopped) >= len(out) // 2
     assert all(_valid(r["text"], schema) for r in stopped), [r["text"] for r in stopped]
+
+
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_top_logprobs_of_constrained_rows_list_allowed_tokens(tmp_path, tiny_model, engine):
+    """top_logprobs wider than the tokens a grammar allows: the alternatives are the allowed
+    ones, never -inf (which json.dumps wrote as `-Infinity`, not JSON), and responses.jsonl
+    parses strictly. Unconstrained rows of the same job keep all they asked for."""
+    enum = {"type": "json_schema", "json_schema": {"schema": {"enum": ["yes", "no"]}}}
+
+    def chat(custom_id, **body):
+        messages = [{"role": "user", "content": "Is it?"}]
+        body = {"messages": messages, "max_tokens": 16, "logprobs": True, "top_logprobs": 5, **body}
+        return {"custom_id": custom_id, "url": "/v1/chat/completions", "body": body}
+
+    requests = [chat("free"), chat("kept", response_format=enum)]
+    job = _requests_job(tmp_path, tiny_model, requests, engine)
+    assert cli("run", str(job)).exit_code == 0
+
+    def strict(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    text = (tmp_path / "out" / "responses.jsonl").read_text()
+    lines = [json.loads(line, parse_constant=strict) for line in text.splitlines()]
+    choices = {r["custom_id"]: r["response"]["body"]["choices"][0] for r in lines}
+    kept = choices["kept"]
+    assert json.loads(kept["message"]["content"]) in ("yes", "no")
+    first = kept["logprobs"]["content"][0]["top_logprobs"]
+    assert 1 <= len(first) < 5 and all(a["token"].startswith('"') for a in first), first
+    assert sum(math.exp(a["logprob"]) for a in first) == pytest.approx(1.0, abs=1e-3)
+    assert all(len(c["top_logprobs"]) == 5 for c in choices["free"]["logprobs"]["content"])
+    rows = read_outputs(tmp_path / "out").to_pylist()
+    values = [
+        a["logprob"] for r in rows for sample in r["top_logprobs"] for step in sample for a in step
+    ]
+    values += [v for r in rows for sample in r["token_logprobs"] for v in sample]
+    assert values and all(-1e30 < v <= 0 for v in values)
+
+
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_a_constrained_row_done_before_its_batch_takes_no_more_tokens(tmp_path, tiny_model, engine):
+    """A constrained row at its limit while its neighbours go on: its grammar is fed nothing
+    after its end (the reference engine fed it pad tokens, and the grammar library printed a
+    parser error for each)."""
+    chat = {"messages": [{"role": "user", "content": "Say"}]}
+    requests = [
+        {"custom_id": "short", "url": "/v1/chat/completions", "body": {**chat, "max_tokens": 2}},
+        {"custom_id": "long", "url": "/v1/chat/completions", "body": {**chat, "max_tokens": 8}},
+    ]
+    requests[0]["body"]["response_format"] = {"type": "json_object"}
+    job = _requests_job(tmp_path, tiny_model, requests, engine, max_new_tokens=8)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bulkinfer", "run", str(job)],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Parser Error" not in proc.stderr, proc.stderr
+    rows = {r["id"]: r for r in read_outputs(tmp_path / "out").to_pylist()}
+    assert rows["short"]["output_tokens"] == [2] and rows["long"]["output_tokens"] == [8]

@@ -29,7 +29,7 @@ import torch
 from bulkinfer.errors import ModelError
 from bulkinfer.grammars import llguidance_module as _llguidance
 
-_LL_TOKENIZERS: dict[int, tuple[object, object]] = {}
+_LL_TOKENIZERS: dict[tuple[int, int | None], tuple[object, object]] = {}
 
 
 @functools.cache
@@ -38,17 +38,29 @@ def _executor():
     return _llguidance().LLExecutor()
 
 
-def ll_tokenizer(tokenizer):
+def ll_tokenizer(tokenizer, end: int | None = None):
     """The llguidance view of a Hugging Face tokenizer, built once per tokenizer (0.3 s for a
-    49k vocabulary) and checked against the tokenizer's own decoding."""
-    cached = _LL_TOKENIZERS.get(id(tokenizer))
+    49k vocabulary) and checked against the tokenizer's own decoding. `end`: the token a
+    complete grammar allows, which ends the row (the engine's end-of-sequence token; by
+    default the tokenizer's)."""
+    end = tokenizer.eos_token_id if end is None else end
+    key = (id(tokenizer), end)
+    cached = _LL_TOKENIZERS.get(key)
     if cached is None or cached[0] is not tokenizer:
-        cached = (tokenizer, _checked(tokenizer, _build_ll_tokenizer(tokenizer)))
-        _LL_TOKENIZERS[id(tokenizer)] = cached
+        cached = (tokenizer, _checked(tokenizer, _build_ll_tokenizer(tokenizer, end)))
+        _LL_TOKENIZERS[key] = cached
     return cached[1]
 
 
-def _build_ll_tokenizer(tokenizer):
+def end_token(tokenizer, eos_ids: set[int]) -> int | None:
+    """The end-of-sequence token a complete grammar allows: the tokenizer's, or where it has
+    none the model's (generation_config.eos_token_id), which the engine also stops at."""
+    if isinstance(tokenizer.eos_token_id, int):
+        return tokenizer.eos_token_id
+    return min(eos_ids, default=None)
+
+
+def _build_ll_tokenizer(tokenizer, end: int | None):
     """llguidance reads a token's bytes from the tokenizer's JSON, by its decoder. Some
     converters (transformers' GGUF conversion in some versions) write a byte-level BPE
     tokenizer's decoder as a sequence (ByteFallback, Fuse, Replace, ByteLevel), where
@@ -65,7 +77,7 @@ def _build_ll_tokenizer(tokenizer):
         byte_level = [d for d in steps if d.get("type") == "ByteLevel"]
         if byte_level:
             spec["decoder"] = byte_level[0]
-    return _llguidance().LLTokenizer(json.dumps(spec), eos_token=tokenizer.eos_token_id)
+    return _llguidance().LLTokenizer(json.dumps(spec), eos_token=end)
 
 
 CHECKED_TOKENS = 2048  # tokens compared between llguidance's view and the tokenizer's
@@ -93,12 +105,24 @@ def _checked(tokenizer, ll):
     return ll
 
 
-def matcher(tokenizer, grammar: str | None):
+def matcher(tokenizer, grammar: str | None, end: int | None = None):
     """A fresh matcher of `grammar` for one sequence, or None when it is unconstrained: a copy
-    of one built per grammar and tokenizer (building one takes ~0.3 ms; a copy, 12 us)."""
+    of one built per grammar and tokenizer (building one takes ~0.3 ms; a copy, 12 us).
+    `end`: as for ll_tokenizer."""
     if grammar is None:
         return None
-    return _first_matcher(ll_tokenizer(tokenizer), grammar).deep_copy()
+    return _first_matcher(ll_tokenizer(tokenizer, end), grammar).deep_copy()
+
+
+def completes(tokenizer, grammar: str, text: str) -> bool:
+    """Whether `text` is a whole answer of `grammar`: for a row that ended at its token limit
+    (which may fall just as the grammar completes) or at a stop string (which cuts the text
+    wherever it matches). The grammar reads bytes, so the text's own tokens serve."""
+    found = matcher(tokenizer, grammar)
+    tokens = ll_tokenizer(tokenizer).tokenize_str(text)
+    if found.validate_tokens(tokens) < len(tokens):  # checked first: a refused token warns
+        return False
+    return found.consume_tokens(tokens) and found.is_accepting()
 
 
 @functools.lru_cache(maxsize=64)
@@ -110,7 +134,7 @@ def _first_matcher(tokenizer, grammar: str):
     return found
 
 
-def mask_logits(logits: torch.Tensor, matchers: list, tokenizer) -> None:
+def mask_logits(logits: torch.Tensor, matchers: list, tokenizer, end: int | None = None) -> None:
     """Set to -inf, in place, the logits [rows, vocab] of every token row i's matcher does not
     allow next (rows without a matcher, or whose matcher has failed, are left as they are).
     Token ids beyond the tokenizer's vocabulary (padded embeddings) are never allowed for a
@@ -118,7 +142,7 @@ def mask_logits(logits: torch.Tensor, matchers: list, tokenizer) -> None:
     rows = [i for i, m in enumerate(matchers) if m is not None and not m.is_error()]
     if not rows:
         return
-    vocab = ll_tokenizer(tokenizer).vocab_size
+    vocab = ll_tokenizer(tokenizer, end).vocab_size
     words = (vocab + 31) // 32
     bitmask = _host_bitmask(len(rows), words, logits.device)
     if len(rows) == 1:

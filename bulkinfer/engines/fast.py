@@ -296,7 +296,7 @@ class FastEngine(HFEngine):
         last = torch.from_numpy(offsets[1:] - 1).to(self.device)
         logits = self.model.get_output_embeddings()(hidden[last]).float()
         if matchers:
-            mask_logits(logits, matchers, self.tokenizer)
+            mask_logits(logits, matchers, self.tokenizer, self.end_token)
         key_tensor = torch.tensor(keys, dtype=torch.int64, device=self.device)
         tokens = choose_next_tokens(logits, chooser, key_tensor, 0)
         first = flag_nan(logits, tokens).tolist()
@@ -413,7 +413,7 @@ class FastEngine(HFEngine):
         for j in range(steps):
             logits = self.decode_step(size, longest)[:n]
             if matchers:
-                mask_logits(logits, matchers, self.tokenizer)
+                mask_logits(logits, matchers, self.tokenizer, self.end_token)
             # keyed_uniform's noise for step s of a key is step 0's for key + s x its constant:
             # each row draws at its own step with the very function the reference engine uses
             keys = state.keys[:n] + state.steps[:n] * STEP_KEY

@@ -18,7 +18,7 @@ import torch
 
 from bulkinfer.configs import text_config
 from bulkinfer.engines.base import EngineLimits, LoadOptions, StreamUpdate
-from bulkinfer.engines.constraints import consume_all, mask_logits, matcher
+from bulkinfer.engines.constraints import consume_all, end_token, mask_logits, matcher
 from bulkinfer.engines.sampling import (
     RowSampling,
     SamplingParams,
@@ -107,6 +107,7 @@ class HFEngine:
         self.device = model.device
         self.pad_id = _pad_id(tokenizer, model)
         self.eos_ids = _eos_ids(tokenizer, model)
+        self.end_token = end_token(tokenizer, self.eos_ids)  # what a complete grammar allows
         self.counters: dict[str, float] = {}  # what the engine did (the fast engine counts)
         config = text_config(model.config)
         self._chunked_logits = not any(getattr(config, k, None) for k in LOGIT_TRANSFORMS)
@@ -250,13 +251,15 @@ class HFEngine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         logits = self._step(input_ids, mask, positions, cache)
-        matchers = [matcher(self.tokenizer, p.grammar) for p in per_row]
+        matchers = [matcher(self.tokenizer, p.grammar, self.end_token) for p in per_row]
         constrained = any(m is not None for m in matchers)
         for step in range(max(max_new)):
             if constrained:
-                mask_logits(logits, matchers, self.tokenizer)
+                mask_logits(logits, matchers, self.tokenizer, self.end_token)
             tokens = rows.take(step, logits, choose_next_tokens(logits, chooser, keys, step))
-            if constrained:
+            if constrained:  # a finished row's matcher takes no pad tokens (it would warn)
+                done = rows.finished.tolist()
+                matchers = [None if d else m for m, d in zip(matchers, done, strict=True)]
                 consume_all(matchers, tokens.tolist())
             if rows.all_finished():
                 break

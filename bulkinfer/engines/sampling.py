@@ -239,4 +239,6 @@ def _nucleus(ranked: torch.Tensor, log_total: torch.Tensor, top_p: torch.Tensor)
     they hold together: a token is kept while the tokens before it hold less than top_p."""
     probs = (ranked - log_total).exp()
     reached = probs.cumsum(-1)
-    return (reached - probs) < top_p, reached[:, -1:]
+    kept = (reached - probs) < top_p
+    kept[:, 0] = True  # the best token always: a top_p below float32's least (1e-46) reads as 0
+    return kept, reached[:, -1:]

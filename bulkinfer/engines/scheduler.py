@@ -107,7 +107,7 @@ class Scheduler:
             self.finished.setdefault(group, {})
             return
         for row in rows:
-            row.matcher = matcher(self.engine.tokenizer, row.params.grammar)
+            row.matcher = matcher(self.engine.tokenizer, row.params.grammar, self.engine.end_token)
         if self.allocator is None:
             self.allocator = RegionAllocator(self.engine.reserve(sum(r.need for r in rows)), 1)
         # longest limit first: the rows that need the most steps start first, so the end of

@@ -112,6 +112,7 @@ def _embedding_request(body: dict) -> tuple[str, dict]:
                 f"body.input[{k}] is {json.dumps(text)[:40]}, expected a non-empty string "
                 "(token arrays are not supported)"
             )
+        _unicode(text, f"body.input[{k}]")
     settings: dict[str, Any] = {"embed_input": texts, "encoding_format": "float"}
     for name, value in body.items():
         if value is None or name in IGNORED or name == "input":
@@ -198,7 +199,7 @@ def _response_format(value: Any) -> str | None:
         return None
     from bulkinfer.grammars import grammar_of_json
 
-    text = json.dumps(value, sort_keys=True)
+    text = json.dumps(value)  # key order kept: a schema's properties come out in its order
     try:
         grammar_of_json(text)
     except ValueError as exc:
@@ -210,7 +211,21 @@ def _stops(value: Any) -> list[str]:
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
         raise RequestProblem("body.stop must be a non-empty string or a list of them")
+    for k, stop in enumerate(stops):
+        _unicode(stop, "body.stop" if isinstance(value, str) else f"body.stop[{k}]")
     return stops
+
+
+def _unicode(text: str, where: str) -> None:
+    """Refuse text holding a lone surrogate (JSON's "\\ud800" decodes to one), which no
+    tokenizer or Parquet file can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestProblem(
+            f"{where} is not valid Unicode: a lone surrogate {ascii(text[exc.start])} "
+            f"at character {exc.start}"
+        ) from None
 
 
 def _logprobs(value: Any, url: str) -> tuple[bool, int]:
@@ -381,7 +396,7 @@ def _choice(row: dict, k: int, chat: bool) -> dict:
     token_logprobs = row.get("token_logprobs")
     if token_logprobs and token_logprobs[k] is not None:
         tokens = row["tokens"][k]
-        values = [round(float(v), 6) for v in token_logprobs[k]]
+        values = [_logprob(v) for v in token_logprobs[k]]
         top = row["top_logprobs"][k] if row.get("top_logprobs") else None
         if chat:
             content = [
@@ -395,7 +410,7 @@ def _choice(row: dict, k: int, chat: bool) -> dict:
             if top is not None:
                 # one {token: logprob} map per position (alternatives of equal text merge)
                 by_text = [{a["token"]: a["logprob"] for a in reversed(alts)} for alts in top]
-                by_text = [{t: round(float(v), 6) for t, v in m.items()} for m in by_text]
+                by_text = [{t: _logprob(v) for t, v in m.items()} for m in by_text]
             logprobs = {
                 "tokens": tokens,
                 "token_logprobs": values,
@@ -411,7 +426,17 @@ def _choice(row: dict, k: int, chat: bool) -> dict:
 
 
 def _token_logprob(token: str, logprob: float) -> dict:
-    return {"token": token, "logprob": round(float(logprob), 6), "bytes": list(token.encode())}
+    return {"token": token, "logprob": _logprob(logprob), "bytes": list(token.encode())}
+
+
+LOWEST_LOGPROB = -9999.0  # what JSON gets for a log-prob of -inf (a token the model rules out)
+
+
+def _logprob(value: float) -> float:
+    """A log-prob as JSON can hold it: json.dumps writes -inf as `-Infinity`, which is not
+    JSON and which strict readers refuse."""
+    value = float(value)
+    return round(value, 6) if math.isfinite(value) else LOWEST_LOGPROB
 
 
 def _alternatives(top: list | None, i: int) -> list[dict]:

@@ -165,9 +165,9 @@ def write_summary(
     cut_short = summary.details.get("constrained_cut_short")
     if cut_short:
         log(
-            f"{cut_short:,} samples kept to a response_format reached their token limit before "
-            "the format was complete (finish_reason length; their text does not parse): raise "
-            "max_tokens (task.max_new_tokens) for them",
+            f"{cut_short:,} samples kept to a response_format ended before the format was "
+            "complete (their text does not parse): at their token limit (finish_reason length; "
+            "raise max_tokens, task.max_new_tokens) or at a stop string (task.stop)",
             level="warning",
         )
     if log_format() == "plain":

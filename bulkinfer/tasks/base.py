@@ -20,8 +20,8 @@ from bulkinfer.prepare import PreparedRows
 class BatchResult:
     """Output columns for the rows of one batch, in batch order, plus tokens produced.
     `errors`: rows (by position in the batch) the task found it cannot answer, their columns
-    null. `cut_short`: samples kept to a response_format that reached their token limit before
-    the format was complete (None where no row of the batch is constrained)."""
+    null. `cut_short`: samples kept to a response_format whose text is not a whole answer of it
+    (cut at their token limit or by a stop string; None where no row is constrained)."""
 
     columns: dict[str, list[Any]]
     new_tokens: int = 0

@@ -9,12 +9,13 @@ output keeps exactly one row per input row.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pyarrow as pa
 
 from bulkinfer.engines.base import GenerateRequests, whole_groups
-from bulkinfer.engines.constraints import ll_tokenizer
+from bulkinfer.engines.constraints import completes, ll_tokenizer
 from bulkinfer.engines.sampling import SamplingParams, row_key
 from bulkinfer.engines.stops import truncate_at_stop
 from bulkinfer.grammars import grammar_for, grammar_of_json
@@ -100,8 +101,7 @@ class GenerateTask:
         n = np.full(prepared.num_rows, self.spec.n, dtype=np.int64)
         params = prepared.request_params if self.per_request else None
         if params is not None:
-            wanted = params.column("n").to_numpy(zero_copy_only=False)
-            n = np.nan_to_num(wanted.astype(float), nan=self.spec.n).astype(np.int64)
+            n = _filled(params.column("n"), self.spec.n)
             n[_embedding_rows(params)] = 1
         return n * (prepared.lengths.astype(np.int64) + self.row_steps(prepared))
 
@@ -112,9 +112,9 @@ class GenerateTask:
         limit = np.full(len(lengths), self.spec.max_new_tokens, dtype=np.int64)
         params = prepared.request_params if self.per_request else None
         if params is not None:
-            asked = params.column("max_new_tokens").to_numpy(zero_copy_only=False)
-            asked = np.nan_to_num(asked.astype(float), nan=self.spec.max_new_tokens)
-            limit = np.minimum(limit, asked.astype(np.int64))
+            limit = np.minimum(
+                limit, _filled(params.column("max_new_tokens"), self.spec.max_new_tokens)
+            )
         if self.max_context is not None:
             limit = np.maximum(1, np.minimum(limit, self.max_context - lengths))
         if params is not None:
@@ -177,7 +177,7 @@ class GenerateTask:
             new_tokens += len(gen.tokens)
             if p.grammar is not None:
                 constrained = True
-                cut_short += sample.finish_reason == "length"
+                cut_short += self._cut_short(sample, p)
         columns = {name: [] for name in self.schema.names}
         for k, (row, row_samples) in enumerate(zip(rows, samples, strict=True)):
             if k in ask.embedded:  # an embeddings request: its vectors, no text
@@ -226,20 +226,30 @@ class GenerateTask:
         reason = "stop" if hit_stop else gen.finish_reason
         return Sample(text, len(gen.tokens), reason, token_ids, tokens, token_logprobs, top)
 
+    def _cut_short(self, sample: Sample, params) -> bool:
+        """Whether a constrained sample's text is not a whole answer of its grammar: one that
+        ended at its token limit before the grammar completed, or that a stop string cut. A
+        row that ended at its end token has a whole answer (the grammar allows that token
+        only once complete)."""
+        if sample.finish_reason != "length" and not params.stop:
+            return False
+        return not completes(self.tokenizer, params.grammar, sample.text)
+
     def _token_texts(self, ids: list[int]) -> list[str]:
         """Each token's own text (a token that is part of a character decodes to U+FFFD)."""
         return self.tokenizer.batch_decode([[t] for t in ids]) if ids else []
 
     def _alternatives(self, gen, k: int) -> list[list[dict]]:
-        """Per generated token, its row's k most likely tokens (ALTERNATIVE values)."""
-        ids = [row[:k] for row in gen.top_ids]
-        texts = iter(self._token_texts([t for row in ids for t in row]))
+        """Per generated token, its row's k most likely tokens (ALTERNATIVE values). Tokens
+        of log-prob -inf are left out: the ones a response_format's grammar did not allow
+        there (a position may allow fewer than k), or the model itself rules out."""
+        pairs = [
+            [(t, v) for t, v in zip(row[:k], values[:k], strict=True) if v != -math.inf]
+            for row, values in zip(gen.top_ids, gen.top_logprobs, strict=True)
+        ]
+        texts = iter(self._token_texts([t for row in pairs for t, _ in row]))
         return [
-            [
-                {"token_id": t, "token": next(texts), "logprob": v}
-                for t, v in zip(row, values[:k], strict=True)
-            ]
-            for row, values in zip(ids, gen.top_logprobs, strict=True)
+            [{"token_id": t, "token": next(texts), "logprob": v} for t, v in row] for row in pairs
         ]
 
     def _room(self, prompt_len: int, max_new_tokens: int) -> int:
@@ -315,6 +325,12 @@ class RowRequest:
         top = self.top_logprobs if top is None else top
         params = dataclasses.replace(self.params, **changes)
         return RowRequest(params, n, logprobs or top > 0, top)
+
+
+def _filled(column: pa.ChunkedArray, default) -> np.ndarray:
+    """A request setting per row as int64, the job's where a request leaves it unset (whole
+    numbers up to 2**63-1 exactly: through float64, 2**63-1 became 2**63 and wrapped)."""
+    return column.fill_null(int(default)).to_numpy().astype(np.int64)
 
 
 def _embedding_rows(params: pa.Table) -> np.ndarray:
