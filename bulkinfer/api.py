@@ -77,12 +77,15 @@ def validate(job: str | os.PathLike | dict | JobSpec, **overrides: Any):
     return check_job(load(job, **overrides))
 
 
-def _dotted(overrides: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    """Section mappings flattened to dotted keys: {"task": {"n": 2}} -> [("task.n", 2)]."""
+def _dotted(overrides: dict) -> list[tuple[str, Any]]:
+    """Section mappings as dotted keys: {"task": {"n": 2}} -> [("task.n", 2)]. A section's
+    settings are set one by one (an empty one sets nothing; it used to reset the section to
+    its defaults), and a setting whose value is a mapping (task.response_format) is set
+    whole, as in a YAML file, not merged into the job's."""
     out = []
     for key, value in overrides.items():
-        if isinstance(value, dict) and value:
-            out += _dotted(value, f"{prefix}{key}.")
+        if "." not in key and isinstance(value, dict):
+            out += [(f"{key}.{name}", setting) for name, setting in value.items()]
         else:
-            out.append((f"{prefix}{key}", value))
+            out.append((key, value))
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -337,10 +338,20 @@ def slurm(job, array, overrides, output, dry_run, **settings) -> None:
     if dry_run:
         click.echo(script)
         return
+    made = [p for p in (root, root / "logs") if not p.exists()]
     (root / "logs").mkdir(parents=True, exist_ok=True)
     path = root / "sbatch.sh"
+    existed = path.exists()
     write_bytes_atomic(path, script.encode())
-    job_id = submit(path)
+    try:
+        job_id = submit(path)
+    except BaseException:  # nothing was submitted: leave no folder a later run would refuse
+        if not existed:
+            path.unlink(missing_ok=True)
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     click.echo(
         f"submitted array job {job_id} ({array} tasks); follow it with: bulkinfer status {root}"
     )
@@ -470,15 +481,16 @@ def render_plan(report: dict) -> str:
 def render_engine(limits: dict) -> str:
     """The plan's engine line: which engine runs the job on which device, and with what."""
     kind = limits["kind"]
+    decodes = limits.get("task", "generate") == "generate"  # score keeps no KV cache
     parts = []
-    if limits.get("slots"):
+    if limits.get("slots") and decodes:
         parts.append(f"{limits['slots']:,} rows decoded together")
-    if limits.get("kv_tokens"):
+    if limits.get("kv_tokens") and decodes:
         parts.append(f"KV pool of {limits['kv_tokens']:,} tokens")
     if limits.get("quantization") == "fp8":
         parts.append("fp8 weights")
     if limits.get("kv_cache_dtype") == "fp8":
-        parts.append("fp8 KV cache")
+        parts.append("fp8 KV cache" if decodes else "fp8 KV cache unused (score keeps none)")
     line = f"engine           {kind} on {limits['device_name']}"
     if parts:
         line += ": " + ", ".join(parts)
@@ -499,6 +511,11 @@ def render_prefixes(prefixes: dict | None) -> list[str]:
     saved = f"{prefixes['saved_tokens']:,} prompt tokens ({prefixes['saved_share']:.0%})"
     if prefixes.get("engine", "fast") == "fast":
         saving = f"the fast engine computes each prefix once: saves up to {saved}"
+    elif not prefixes.get("fast_possible", True):
+        saving = (
+            f"the reference engine runs this model and computes rows whole (the fast engine, "
+            f"which would save up to {saved}, cannot run it)"
+        )
     else:  # the reference engine computes every row whole
         saving = (
             f"the reference engine runs this job and computes rows whole (the fast engine, "

@@ -60,6 +60,13 @@ def test_overrides_as_sections_or_dotted_keys_and_a_mapping_as_the_job(tmp_path,
     assert max(read_outputs(tmp_path / "out").column("output_tokens").to_pylist()) <= 3
     plan = bulkinfer.plan(data, **{"batching.max_batch_size": 2})
     assert plan["batches_sorted"] == 4 and plan["batch_rows"] == [2, 2, 2, 2]
+    # an empty section sets nothing (it reset the job's task to the defaults); a setting whose
+    # value is a mapping replaces the job's whole, as in YAML (merged, a json_schema's
+    # `schema` stayed beside the regex's `pattern`)
+    data["task"]["response_format"] = {"type": "json_schema", "schema": {"type": "object"}}
+    assert bulkinfer.load(data, task={}).task.max_new_tokens == 6
+    regex = {"type": "regex", "pattern": "[a-z]+"}
+    assert bulkinfer.load(data, task={"response_format": regex}).task.response_format == regex
 
 
 def test_a_bad_override_raises_the_one_line_error(tmp_path, tiny_model):

@@ -24,6 +24,8 @@ BAD = [
     {"id": "number", "prompt": "x y", "choices": [" a", 3]},
     {"id": "blank", "prompt": "x y", "choices": [" a", ""]},
     {"id": "null", "prompt": "x y", "choices": None},
+    {"id": "long", "prompt": "x y", "choices": [" a", " word" * 600]},
+    {"id": "spaces", "prompt": " \n ", "choices": [" a"]},
 ]
 
 
@@ -86,6 +88,9 @@ def test_choices_equal_scoring_each_completion_alone(tmp_path, model_name, reque
     assert "choice 1 is an integer" in errors["number"]
     assert "choice 1 is an empty string" in errors["blank"]
     assert "choices is null" in errors["null"]
+    assert errors["long"].startswith("prompt with its longest choice has ")
+    assert "more than the model's context of 512" in errors["long"]
+    assert errors["spaces"] == "prompt is empty (only whitespace)"
     assert all(r["choice_logprobs"] is None for r in out[len(QUESTIONS) :])
 
 

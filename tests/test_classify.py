@@ -109,7 +109,11 @@ def test_multi_label_uses_sigmoid_and_a_threshold(tmp_path, models):
     for row, p in zip(out, probs, strict=True):
         got = [row["probabilities"][name] for name in "abc"]
         np.testing.assert_allclose(got, p, atol=1e-4)
-        assert row["labels"] == [name for name, q in zip("abc", p, strict=True) if q >= threshold]
+        # labels by the job's own probabilities; by the direct ones where none sits within the
+        # tolerance of the threshold (the batch's arithmetic may put it on either side)
+        assert row["labels"] == [name for name in "abc" if row["probabilities"][name] >= threshold]
+        if all(abs(q - threshold) > 1e-4 for q in p):
+            assert row["labels"] == [n for n, q in zip("abc", p, strict=True) if q >= threshold]
         assert row["label"] == "abc"[int(p.argmax())]
     assert len({tuple(r["labels"]) for r in out}) > 1, "the threshold should split the rows"
 

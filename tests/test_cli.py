@@ -140,6 +140,8 @@ def test_validate_checks_columns_and_counts_rows_without_loading_weights(
         ("input.id_column=key", "no column 'key'"),
         ("task.max_new_tokens=0", "task.max_new_tokens"),
         ("batching.max_tokns=5", "unknown key 'batching.max_tokns'"),
+        ('task.stop=[","', "--set task.stop: '[\",\"' is not valid YAML"),
+        ("task.response_format={type: regex", "quote the whole value to pass it as text"),
     ],
 )
 def test_validate_names_the_problem_in_one_line(tmp_path, tiny_model, setting, expected):

@@ -132,6 +132,37 @@ def test_the_plan_reports_a_few_shot_instruction(tmp_path, tiny_model):
     assert json.loads(off[off.index("{") :])["shared_prefixes"] is None
 
 
+def test_the_plan_tells_what_a_job_and_model_can_share(tmp_path, tiny_model, tiny_gpt2):
+    """A model the fast engine cannot run is not told to set model.engine: fast; choices rows
+    (scored whole, each row's choices sharing its own prompt) report no shared prefix; a
+    score job's engine line says an fp8 KV cache is unused (scoring keeps no cache)."""
+    rows = _few_shot_rows(16, 0)
+
+    def plan(model, name, *settings, **input_section):
+        if input_section:
+            for row in rows:
+                row["choices"] = [" pass", " fail"]
+        job = write_job(
+            tmp_path / f"{name}.yaml",
+            model,
+            write_jsonl(tmp_path / f"{name}.jsonl", rows),
+            tmp_path / name,
+            task={"type": "score"},
+            input=input_section,
+            batching={"min_shared_prefix": 64, "max_tokens": 20000},
+        )
+        result = cli("plan", str(job), *settings)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    gpt2 = plan(tiny_gpt2, "gpt2", "--set", "model.engine=fast")
+    assert "the fast engine, which would save up to" in gpt2 and "cannot run it" in gpt2
+    assert "model.engine: fast" not in gpt2
+    assert "fp8 KV cache unused" in plan(tiny_model, "kv", "--set", "model.kv_cache_dtype=fp8")
+    choices = plan(tiny_model, "choices", "--set", "model.engine=fast", choices_column="choices")
+    assert "shared prefixes" not in choices and "engine           fast" in choices
+
+
 def test_short_rows_report_no_prefix(tmp_path, tiny_model):
     job = write_job(
         tmp_path / "job.yaml",

@@ -64,6 +64,18 @@ def test_gpus_flag_runs_one_worker_per_device_and_merges(shard_job):
     _same(job.parent / "workers", reference)
 
 
+def test_gpus_beyond_what_the_cpus_can_take_is_refused_before_any_worker(shard_job):
+    """Without a GPU, --gpus N starts N CPU workers, each loading the model: a GPU count typed
+    on a machine without GPUs is refused in one line, before any worker starts."""
+    make, _ = shard_job
+    job = make("many")
+    proc = cli_subprocess("run", str(job), "--gpus", "100000")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no GPU is visible" in lines[0] and "give at most" in lines[0]
+    assert not (job.parent / "many" / "shards").exists()
+
+
 def test_status_and_merge_on_a_half_finished_job_with_a_failed_shard(shard_job):
     make, _ = shard_job
     job = make("half")
@@ -146,6 +158,19 @@ def test_sbatch_script_dry_run(shard_job):
     assert throttled.exit_code == 0, throttled.output
     assert "#SBATCH --array=0-63%8\n" in throttled.output
     assert cli("slurm", str(job), "--array", "4", "--max-parallel", "0", "--dry-run").exit_code == 2
+
+
+def test_a_submission_sbatch_refuses_leaves_no_folder_behind(shard_job, tmp_path, monkeypatch):
+    """`bulkinfer slurm` where sbatch cannot submit (here: not on PATH) says so and leaves no
+    sbatch.sh or logs folder, which made a later `run` of the job refuse the folder."""
+    make, _ = shard_job
+    job = make("unsubmitted")
+    monkeypatch.setenv("PATH", str(tmp_path / "no-slurm-here"))
+    result = cli("slurm", str(job), "--array", "2")
+    assert result.exit_code == 2 and "sbatch is not on PATH" in result.output, result.output
+    assert not (job.parent / "unsubmitted").exists()
+    monkeypatch.undo()
+    assert cli("run", str(job)).exit_code == 0
 
 
 def test_unsharded_run_on_a_sharded_folder_is_refused_clearly(shard_job):

@@ -22,6 +22,9 @@ from bulkinfer.observe.progress import log
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
+CPU_WORKERS_A_CORE = 4  # the most CPU workers --gpus starts per core, where no GPU is visible
+
+
 def worker_count(gpus: str) -> tuple[int, list[str] | None]:
     """`--gpus all` or a number -> (workers, CUDA device ids or None on a machine without GPUs)."""
     import torch
@@ -38,6 +41,12 @@ def worker_count(gpus: str) -> tuple[int, list[str] | None]:
     count = int(gpus)
     if visible and count > visible:
         raise SpecError(f"--gpus {count}: only {visible} GPUs are visible")
+    cores = os.cpu_count() or 1
+    if not visible and count > CPU_WORKERS_A_CORE * cores:  # each loads the model: a typo of
+        raise SpecError(  # a GPU count on a machine without one would fill its memory
+            f"--gpus {count}: no GPU is visible, and {count} CPU workers would share "
+            f"{cores} cores; give at most {CPU_WORKERS_A_CORE * cores}"
+        )
     return count, [str(i) for i in range(count)] if visible else None
 
 

@@ -176,7 +176,7 @@ def shared_prefixes(
 def plan_job(spec) -> dict:
     """`bulkinfer plan`: the job's batches on this device, as `run` would plan them (the same
     budget, from the engine's limits known before loading), with no weights loaded."""
-    from bulkinfer.engines.select import by_job_size
+    from bulkinfer.engines.select import by_job_size, config_blocker
     from bulkinfer.job.budget import token_budget
     from bulkinfer.job.loading import planned_engine
     from bulkinfer.job.setup import set_up, tokenize
@@ -187,4 +187,7 @@ def plan_job(spec) -> dict:
     limits, _ = by_job_size(limits, options, setup.config, *job_size(inputs, limits))
     new_tokens = setup.task.new_tokens_per_row()
     budget = token_budget(spec.batching, limits, setup.config, new_tokens)
-    return {**plan_report(inputs, make_plan(inputs, budget)), "engine": limits.to_dict()}
+    report = plan_report(inputs, make_plan(inputs, budget))
+    if report["shared_prefixes"] is not None:  # whether model.engine: fast would share them
+        report["shared_prefixes"]["fast_possible"] = config_blocker(setup.config) is None
+    return {**report, "engine": {**limits.to_dict(), "task": setup.task.name}}

@@ -112,7 +112,9 @@ def tokenize(setup: JobSetup, spill: Path | None = None, keep_tokens: bool = Fal
     """Read and tokenize the whole input. Only lengths stay in memory; with `keep_tokens`
     token ids, ids and kept columns go to files in `spill` (a temporary folder when None)."""
     chunks = read_chunks(setup.files, setup.columns, setup.spec.input.max_line_bytes)
-    prefix = setup.spec.batching.min_shared_prefix if setup.task.engine == "causal" else 0
+    # rows of a choices job are scored whole (each row's choices share its own prompt)
+    shares = setup.task.engine == "causal" and setup.columns.choices is None
+    prefix = setup.spec.batching.min_shared_prefix if shares else 0
     every = setup.spec.progress.log_every_seconds
     names = [str(f.path) for f in setup.files]
     source = ", ".join(names[:3]) + (
@@ -211,8 +213,8 @@ def log_capped_requests(prepared: PreparedRows, max_new_tokens: int) -> None:
     """Requests asking for more tokens than the plan reserves get task.max_new_tokens: say so."""
     if prepared.request_params is None:
         return
-    asked = prepared.request_params.column("max_new_tokens").to_numpy(zero_copy_only=False)
-    capped = int(np.sum(np.nan_to_num(asked.astype(float), nan=0) > max_new_tokens))
+    asked = prepared.request_params.column("max_new_tokens").fill_null(0).to_numpy()
+    capped = int(np.sum(asked > max_new_tokens))
     if capped:
         log(
             f"{capped:,} requests ask for more than task.max_new_tokens={max_new_tokens} tokens "

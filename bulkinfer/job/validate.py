@@ -7,7 +7,6 @@ output folder. Rows are counted where that is cheap; no prompt is tokenized.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from itertools import islice
@@ -15,12 +14,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from bulkinfer.errors import InputError, OutputFolderError, did_you_mean
+from bulkinfer.errors import InputError, OutputFolderError, RowFailedError, did_you_mean
 from bulkinfer.io.chunks import ColumnNames
 from bulkinfer.io.files import DataFile
 from bulkinfer.io.jsonl import _jsonl_records
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.readers import peek_columns, read_chunks
+from bulkinfer.prepare.ids import chunk_ids, first_duplicate
 from bulkinfer.prepare.render import RowError, render
 from bulkinfer.spec import JobSpec
 from bulkinfer.state.folder import holds_foreign
@@ -72,10 +72,11 @@ def check_job(spec: JobSpec) -> JobCheck:
 
 
 def render_first_rows(setup) -> None:
-    """The first rows of the first file rendered as `run` renders them, so what is wrong with
-    the whole input there (chat messages for a tokenizer without a chat template) is found
-    without the weights; a row's own problem stays that row's error. (A file only `datasets`
-    reads is left to `run`.)"""
+    """The first rows of the first file checked as `run` checks them, without the weights:
+    the first chunk's ids (null, mixed, not Unicode, repeated within it) and its first rows
+    rendered, so what is wrong with the whole input there (chat messages for a tokenizer
+    without a chat template) is found; a row's own problem stays that row's error, unless
+    the job says `on_error: fail`. (A file only `datasets` reads is left to `run`.)"""
     first = setup.files[0]
     if first.kind not in ("saved", "openai") and first.layout is None:
         return
@@ -84,9 +85,24 @@ def render_first_rows(setup) -> None:
         chunk = next(iter(chunks), None)
     finally:
         chunks.close()
-    for value in chunk.prompts[:FIRST_ROWS] if chunk is not None else []:
-        with contextlib.suppress(RowError):
-            render(value, setup.tokenizer, setup.options)
+    if chunk is None:
+        return
+    if chunk.ids is not None:
+        chunk_ids(chunk)
+        first_duplicate(chunk)
+    problems = dict(chunk.problems or {})
+    for i, value in enumerate(chunk.prompts[:FIRST_ROWS]):
+        if i not in problems:
+            try:
+                render(value, setup.tokenizer, setup.options)
+            except RowError as exc:
+                problems[i] = str(exc)
+    if setup.spec.on_error == "fail" and problems:
+        i = min(problems)
+        raise RowFailedError(
+            f"{chunk.location(i)}: {problems[i]} (on_error: fail; on_error: record keeps such "
+            "rows as row errors)"
+        )
 
 
 def check_input_file(file: DataFile, columns: ColumnNames) -> InputFile:
@@ -135,7 +151,9 @@ def _check_jsonl_keep_columns(path: str, keep: tuple[str, ...]) -> None:
 def count_rows(path: str, kind: str) -> int | None:
     if kind == "parquet":
         return pq.ParquetFile(path).metadata.num_rows
-    if kind != "jsonl" or path.lower().endswith(".gz") or os.path.getsize(path) > COUNT_JSONL_BYTES:
+    if kind not in ("jsonl", "openai"):  # a saved dataset: counted when run reads it
+        return None
+    if path.lower().endswith(".gz") or os.path.getsize(path) > COUNT_JSONL_BYTES:
         return None
     with open(path, "rb") as f:
         return sum(1 for line in f if line.strip())
@@ -161,7 +179,11 @@ def output_state(root: Path) -> str:
 def format_check(job: str, check: JobCheck) -> str:
     """The short OK summary `bulkinfer validate` prints."""
     rows = [f.rows for f in check.files]
-    total = f"{sum(rows):,} rows" if None not in rows else "rows not counted (compressed or large)"
+    total = (
+        f"{sum(rows):,} rows"
+        if None not in rows
+        else "rows not counted here (compressed, large or a saved dataset)"
+    )
     cols = check.columns
     column_text = f"prompt '{cols.prompt}'"
     if cols.completion:

@@ -22,7 +22,7 @@ def add_row_columns(
     id type, which every chunk must share."""
     table = chunk.keep
     if chunk.ids is not None:
-        ids = _chunk_ids(chunk)
+        ids = chunk_ids(chunk)
         if id_type is not None and ids.type != id_type and first_row > 0:
             raise InputError(
                 f"{chunk.location(0)}: the ids here are {_kind(ids.type)}, those before "
@@ -79,7 +79,9 @@ def _without_views(t: pa.DataType) -> pa.DataType:
     return t
 
 
-def _chunk_ids(chunk: InputChunk) -> pa.Array:
+def chunk_ids(chunk: InputChunk) -> pa.Array:
+    """A chunk's ids as an Arrow array, or an InputError naming the first one that is null,
+    not a string or an integer, beyond 64 bits or not valid Unicode."""
     for i, value in enumerate(chunk.ids):
         if value is None:
             raise InputError(f"{chunk.location(i)}: the id is null; every row needs an id")
@@ -112,6 +114,19 @@ def _encodes(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def first_duplicate(chunk: InputChunk) -> None:
+    """An InputError for the first id that appears twice within one chunk (`validate` reads
+    the first chunk; `run` checks every id, by hash, across the whole input)."""
+    seen: dict = {}
+    for i, value in enumerate(chunk.ids or []):
+        if value in seen:
+            where = chunk.location(seen[value]), chunk.location(i)
+            raise InputError(
+                f"duplicate id {value!r} at {where[0]} and {where[1]}; ids must be unique"
+            )
+        seen[value] = i
 
 
 def id_hashes(ids: list) -> np.ndarray:

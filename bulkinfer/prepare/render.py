@@ -90,7 +90,7 @@ def render(value: Any, tokenizer, options: RenderOptions) -> tuple[str, bool]:
     """The text to tokenize and whether it came from a chat template (special tokens included)."""
     if isinstance(value, str):
         if not value.strip():
-            raise RowError("prompt is empty")
+            raise RowError("prompt is empty" if not value else "prompt is empty (only whitespace)")
         if not options.use_chat_for_text:
             return check_unicode(value, "prompt"), False
         messages = [{"role": "user", "content": value}]
@@ -141,19 +141,21 @@ def _check_messages(value: list) -> list[dict]:
     return [dict(m) for m in value]
 
 
-def length_problem(n_tokens: int, options: RenderOptions) -> str | None:
+def length_problem(n_tokens: int, options: RenderOptions, what: str = "prompt") -> str | None:
+    """Why a row of `n_tokens` cannot run, or None. `what` the tokens are: the prompt, or
+    the prompt with its completion or its longest choice (score)."""
     if n_tokens == 0:
-        return "prompt has no tokens after tokenization"
+        return f"{what} has no tokens after tokenization"
     if n_tokens < options.min_tokens:
-        return f"prompt has {n_tokens} token; scoring needs at least {options.min_tokens}"
+        return f"{what} has {n_tokens} token; scoring needs at least {options.min_tokens}"
     limit = options.max_context
     if limit is None:
         return None
     if options.reserve_new_tokens and n_tokens >= limit:
-        return f"prompt has {n_tokens} tokens; the model's context is {limit}, leaving no room to generate"
+        return f"{what} has {n_tokens} tokens; the model's context is {limit}, leaving no room to generate"
     if n_tokens > limit:
         hint = f"; task.truncate: true keeps the first {limit}" if options.can_truncate else ""
-        return f"prompt has {n_tokens} tokens, more than the model's context of {limit}{hint}"
+        return f"{what} has {n_tokens} tokens, more than the model's context of {limit}{hint}"
     return None
 
 

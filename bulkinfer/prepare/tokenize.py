@@ -7,6 +7,7 @@ prompt, too long for the model) get a per-row error here and never reach the mod
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -255,6 +256,8 @@ def _collect_tokens(chunk: InputChunk, encoded: EncodedChunk, options: RenderOpt
     choice_counts = np.zeros(len(chunk), dtype=np.int32)
     kept, choice_lengths = [], []
     continuations = encoded.continuations
+    embedded = _embedding_requests(chunk)
+    embedding_options = dataclasses.replace(options, reserve_new_tokens=0)
     for j, i in enumerate(encoded.rendered.positions):
         ids = encoded.prompts[j]
         longest = len(ids)
@@ -273,7 +276,10 @@ def _collect_tokens(chunk: InputChunk, encoded: EncodedChunk, options: RenderOpt
             keep_last = 0 if encoded.rendered.is_chat[j] else options.keep_last
             ids = truncated_ids(ids, limit, keep_last)
             longest = len(ids)
-        message = length_problem(longest, options)
+        if i in embedded:  # an embeddings request: one forward, nothing generated after it
+            message = length_problem(longest, embedding_options, "embeddings input")
+        else:
+            message = length_problem(longest, options, _measured(options, continuations))
         if message:
             errors[i] = message
             continue
@@ -285,6 +291,21 @@ def _collect_tokens(chunk: InputChunk, encoded: EncodedChunk, options: RenderOpt
     flat = np.fromiter(chain.from_iterable(kept), dtype=np.int32, count=int(lengths.sum()))
     choices = (choice_counts, np.asarray(choice_lengths, dtype=np.int32))
     return flat, lengths, score_from, errors, choices, truncated
+
+
+def _embedding_requests(chunk: InputChunk) -> set[int]:
+    """The rows of an OpenAI batch chunk that are embeddings requests."""
+    requests = chunk.requests
+    if requests is None or "embed_input" not in requests.column_names:
+        return set()
+    return set(np.flatnonzero(requests.column("embed_input").is_valid().to_numpy()).tolist())
+
+
+def _measured(options: RenderOptions, continuations) -> str:
+    """What a row's length counts, for its message."""
+    if continuations is None:
+        return "prompt"
+    return "prompt with its longest choice" if options.has_choices else "prompt with its completion"
 
 
 def _check_continuations(chunk: InputChunk, i: int, options: RenderOptions) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from bulkinfer.errors import SpecError, did_you_mean
+from bulkinfer.errors import SpecError, did_you_mean, first_line
 from bulkinfer.spec.schema import PACKAGE_PREFIX, JobSpec
 
 
@@ -98,8 +98,14 @@ def _apply_override(data: dict, item: str) -> str:
         raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. task.max_new_tokens=64")
     try:
         value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+    except yaml.YAMLError as exc:
+        if raw.lstrip()[:1] in ("[", "{", '"', "'"):  # meant as a list, a map or quoted
+            problem = getattr(exc, "problem", None) or first_line(exc)
+            raise SpecError(
+                f"--set {key.strip()}: {raw!r} is not valid YAML ({problem}); "
+                "quote the whole value to pass it as text"
+            ) from None
+        value = raw  # text YAML does not take as it stands (`a: b: c`) is meant as text
     parts = key.strip().split(".")
     node = data
     for i, part in enumerate(parts[:-1]):
