@@ -220,7 +220,7 @@ def run(job, overrides, output, overwrite, shard, gpus) -> None:
     spec = _load(job, overrides, output)
     skip_unused_imports(spec)
     if gpus is not None and shard:
-        raise click.UsageError("--gpus splits the job into shards itself: give it or --shard")
+        raise UserError("--gpus splits the job into shards itself: give it or --shard, not both")
     if gpus is not None:
         from pathlib import Path
 

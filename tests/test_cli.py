@@ -159,6 +159,18 @@ def test_validate_names_the_problem_in_one_line(tmp_path, tiny_model, setting, e
     assert expected in lines[0]
 
 
+def test_an_output_folder_under_a_file_is_refused_by_validate_and_run(tmp_path, tiny_model):
+    """A folder that cannot be made (a file above it) is a one-line error, exit 2, from validate
+    and run alike; run used to fail writing it, exit 74."""
+    (tmp_path / "afile").write_text("x")
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(2))
+    job = write_job(tmp_path / "job.yaml", tiny_model, inputs, tmp_path / "afile" / "out")
+    for command in ("validate", "run"):
+        proc = cli_subprocess(command, str(job))
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().endswith("afile is a file, not a folder"), proc.stderr
+
+
 def test_validate_jsonl_keep_column_and_foreign_output_folder(tmp_path, tiny_model):
     inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(5))
     job = write_job(tmp_path / "job.yaml", tiny_model, inputs, tmp_path / "out")

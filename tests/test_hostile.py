@@ -173,3 +173,23 @@ def test_a_model_whose_scores_are_nan_stops_the_job_instead_of_writing_empty_ans
     assert "next-token scores for row" in done.stderr and "are NaN" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
     assert not list((tmp_path / "out" / "outputs").glob("*.parquet"))
+    # scoring the same rows (plain, and with choices) stops the same way: never `ok` and NaN
+    rows = [{**r, "choices": [" yes", " no"]} for r in sample_prompts(6)]
+    write_jsonl(tmp_path / "choices.jsonl", rows)
+    for name, extra in (("score", ()), ("choices", ("--set", "input.choices_column=choices"))):
+        scored = cli_subprocess(
+            "run",
+            str(job),
+            "--set",
+            f"model.engine={engine}",
+            "--set",
+            "task.type=score",
+            "--set",
+            f"input.path={tmp_path / 'choices.jsonl'}",
+            "--output",
+            str(tmp_path / name),
+            *extra,
+        )
+        assert scored.returncode == 2, scored.stderr
+        assert "the model's scores for row" in scored.stderr and "are NaN" in scored.stderr
+        assert not list((tmp_path / name / "outputs").glob("*.parquet"))

@@ -26,6 +26,7 @@ from conftest import (
 
 from bulkinfer.observe.report.charts import throughput_chart
 from bulkinfer.observe.report.facts import read_job
+from bulkinfer.observe.report.page import _duration, key_figures
 
 N_ROWS = 40
 NULL_PROMPTS = (3, 17, 29)
@@ -188,11 +189,18 @@ def test_report_shows_each_shard_of_a_sharded_job(job_spec):
     assert html.count(">pending<") == 2 and html.count(">done<") == 1
     assert "incomplete" in html
     assert (out / "report" / "shards.png").exists()
+    # the wall time is the finished shard's own (start-up included), not its batches' span
+    shard = json.loads((out / "shards" / "shard-00001-of-00003" / "summary.json").read_text())
+    assert _card(out, "wall time")[0] == _duration(shard["wall_seconds"])
     for shard in ("0/3", "2/3"):
         assert cli("run", str(job), "--shard", shard).exit_code == 0
     assert cli("report", str(out)).exit_code == 0
     html = (out / "report.html").read_text()
     assert f"{N_ROWS} of {N_ROWS}" in html and html.count(">done<") == 4  # badge + 3 shards
+    # model seconds of shards side by side are a share of all the shards' seconds, not of
+    # the slowest one's wall (which read over 100%)
+    note = _card(out, "wall time")[1]
+    assert "of the shards' seconds" in note and float(re.search(r"([0-9.]+)%", note)[1]) <= 100
     assert "prompt is null" in html
 
 
@@ -328,3 +336,8 @@ def test_length_caption_names_the_chat_template_only_where_prompts_went_through_
     html = (tmp_path / name / "report.html").read_text()
     assert f"Rows by prompt length in tokens{template}, in buckets" in html
     assert html.count("chat template") == template.count("chat template")
+
+
+def _card(out, label: str) -> tuple[str, str]:
+    """A key-figure card of the report of the job in `out`: (value, note)."""
+    return next((v, n) for name, v, n in key_figures(read_job(out)) if name == label)

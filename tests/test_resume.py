@@ -175,6 +175,27 @@ def test_corrupt_part_is_detected_and_recomputed(crash_job):
     _assert_same_outputs(job.parent / "corrupt", reference)
 
 
+def test_a_removed_manifest_is_a_warning_and_keeps_the_folder_the_job_s(crash_job):
+    """Part files without their manifest: the rerun warns and recomputes their rows, and a
+    different job is refused there (the folder once looked like one without results, which
+    any job took over silently)."""
+    make, reference = crash_job
+    job = make("no-manifest")
+    out = job.parent / "no-manifest"
+    env = {**child_env(), "BULKINFER_KILL_AT": "batch_start:12"}
+    subprocess.run(
+        [sys.executable, "-m", "bulkinfer", "run", str(job)], env=env, capture_output=True
+    )
+    assert list((out / "checkpoint" / "parts").glob("*.parquet"))
+    (out / "checkpoint" / "manifest.jsonl").unlink()
+    other = cli_subprocess("run", str(job), "--set", "task.max_new_tokens=2")
+    assert other.returncode == 2 and "--overwrite" in other.stderr, other.stderr
+    resumed = cli_subprocess("run", str(job))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "manifest.jsonl is missing" in resumed.stderr, resumed.stderr
+    _assert_same_outputs(out, reference)
+
+
 def test_finished_job_is_a_noop_and_other_jobs_are_refused(crash_job, tmp_path):
     make, reference = crash_job
     job = make("reference")

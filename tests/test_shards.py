@@ -52,6 +52,12 @@ def test_shards_run_one_by_one_then_merge_automatically(shard_job):
     _same(out, reference)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["shards"] == 3 and summary["rows_out"] == N_ROWS
+    # the keys a single run's summary has: the model's share of the shards' own seconds
+    parts = [json.loads(p.read_text()) for p in sorted((out / "shards").glob("*/summary.json"))]
+    walls, model = sum(p["wall_seconds"] for p in parts), sum(p["model_seconds"] for p in parts)
+    assert summary["model_share_of_wall"] == pytest.approx(model / walls)
+    assert summary["seconds_outside_model"] == pytest.approx(walls - model)
+    assert 0 <= summary["padding_fraction_file_order"] < 1
     status = cli("status", str(out))
     assert "3 of 3 shards done" in status.output
 
@@ -205,6 +211,7 @@ def test_shards_of_another_split_and_folders_without_a_job_are_refused_before_an
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard-00000-of-00003"]
     both = cli("run", str(job), "--gpus", "2", "--shard", "0/2")
     assert both.exit_code == 2 and "--shard" in both.output
+    assert both.output.strip().startswith("bulkinfer: error:") and "\n" not in both.output.strip()
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -149,7 +149,8 @@ def run_batches(inputs: Inputs, engine, todo, writer, progress, started, timings
     stopped the run after its batches in flight, or None when every batch ran. Generation runs
     as one stream over the whole job (job/stream.py); the rest a batch at a time."""
     cap, cost = RowCap(), model_cost(engine)
-    timings["first_batch_seconds"] = time.monotonic() - started  # start-up, load included
+    if len(todo):  # start-up, load included (none where every batch had run)
+        timings["first_batch_seconds"] = time.monotonic() - started
     with stop_signals() as stop:
         if inputs.task.streams:
             todo = run_stream(inputs, engine, todo, writer, progress, started, stop, cost)

@@ -105,6 +105,13 @@ def set_up(
     if per_request:  # a completions request's prompt is raw text, never a chat turn
         options = dataclasses.replace(options, use_chat_for_text=False)
     check_output_columns(spec, task)
+    ignored = spec.task.ignored_keys()
+    if ignored:
+        log(
+            f"task: {', '.join('task.' + k for k in ignored)} have no effect on a score job "
+            "(it generates nothing); they are ignored",
+            level="warning",
+        )
     return JobSetup(spec, files, model, columns, tokenizer, config, kind, task, options)
 
 

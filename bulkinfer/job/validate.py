@@ -23,7 +23,7 @@ from bulkinfer.io.readers import peek_columns, read_chunks
 from bulkinfer.prepare.ids import chunk_ids, first_duplicate
 from bulkinfer.prepare.render import RowError, render
 from bulkinfer.spec import JobSpec
-from bulkinfer.state.folder import holds_foreign
+from bulkinfer.state.folder import holds_foreign, refuse_file_above
 
 # JSONL records read to find the keep columns (the reader only needs one row to have each).
 KEEP_SCAN_RECORDS = 10_000
@@ -162,6 +162,7 @@ def count_rows(path: str, kind: str) -> int | None:
 def output_state(root: Path) -> str:
     """What `run` will do with the output folder; a folder it would refuse is an error here."""
     if not root.exists():
+        refuse_file_above(root)
         return "new folder"
     if not root.is_dir():
         raise OutputFolderError(f"output.path: {root} exists and is not a folder")

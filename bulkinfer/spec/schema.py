@@ -134,6 +134,14 @@ class TaskSpec:
                 raise SpecError(f"{key}.response_format: {exc}") from None
         self._check_keys_fit_type(key)
 
+    def ignored_keys(self) -> list[str]:
+        """Generate's keys a score job sets away from their defaults: tolerated (score has
+        always taken them, so a job file can switch type), but without effect."""
+        if self.type != "score":
+            return []
+        defaults = TaskSpec()
+        return [k for k in GENERATE_KEYS if getattr(self, k) != getattr(defaults, k)]
+
     def _check_keys_fit_type(self, key: str) -> None:
         """A key of another task type, set away from its default, is refused with its name."""
         allowed = set(TASK_ONLY_KEYS.get(self.type, ()))

@@ -115,11 +115,22 @@ def refuse_foreign(layout: OutputLayout, overwrite: bool, holding_lock: bool = F
     root = layout.root
     if root.exists() and not root.is_dir():
         raise OutputFolderError(f"output.path: {root} exists and is not a folder")
+    refuse_file_above(root)
     if not overwrite and holds_foreign(layout):
         if not holding_lock and is_locked(layout):
             raise in_use(layout)
         raise OutputFolderError(
             f"{root} is not empty and holds no bulkinfer job; choose a new folder or pass --overwrite"
+        )
+
+
+def refuse_file_above(root: Path) -> None:
+    """A folder that cannot be made because a path above it is a file: a spec error, found
+    before any work (making it would fail later as a write error, exit 74)."""
+    above = next((p for p in root.parents if p.exists() or p.is_symlink()), None)
+    if above is not None and not above.is_dir():
+        raise OutputFolderError(
+            f"output.path: {root} cannot be made: {above} is a file, not a folder"
         )
 
 
@@ -158,14 +169,26 @@ def refuse_odd_removals(layout: OutputLayout) -> None:
 
 
 def save_job(layout: OutputLayout, job: JobRecord) -> None:
+    """The job record, and an empty manifest beside a new parts folder: part files beside an
+    empty manifest were never committed (a kill between writing one and recording it), where
+    part files without one are committed rows whose manifest was lost (_has_results; the
+    resumed run warns of those, so their folder keeps no new empty manifest)."""
     layout.root.mkdir(parents=True, exist_ok=True)
     job.write(layout.job_file)
     layout.parts_dir.mkdir(parents=True, exist_ok=True)
+    if not layout.manifest.exists() and not any(layout.parts_dir.glob("part-*.parquet")):
+        layout.manifest.touch()
 
 
 def _has_results(layout: OutputLayout) -> bool:
+    """Whether the folder holds committed rows: a manifest, outputs, or part files whose
+    manifest was lost (a folder of those is its job's, not one a different job may take;
+    parts beside an empty manifest were never committed, see save_job)."""
     manifest = layout.manifest
-    return (manifest.exists() and manifest.stat().st_size > 0) or layout.outputs_dir.exists()
+    if (manifest.exists() and manifest.stat().st_size > 0) or layout.outputs_dir.exists():
+        return True
+    parts = layout.parts_dir
+    return not manifest.exists() and parts.is_dir() and any(parts.glob("part-*.parquet"))
 
 
 def _mismatch_message(

@@ -113,7 +113,8 @@ def _merge_stats(root: OutputLayout, shards: list[OutputLayout]) -> None:
 
 
 def merge_summaries(shards: list[Summary]) -> Summary:
-    """Totals add up; wall time is the slowest shard's, since shards run side by side."""
+    """Totals add up; wall time is the slowest shard's, since shards run side by side; the
+    model's share of the wall and the seconds outside it are of all shards' seconds."""
     summaries = [s.to_dict() for s in shards]
     merged = {key: sum(s.get(key, 0) for s in summaries) for key in ADDED}
     statuses: dict[str, int] = {}
@@ -130,6 +131,13 @@ def merge_summaries(shards: list[Summary]) -> Summary:
         if values:
             merged[key] = sum(values)
     padded = merged["padded_tokens"]
+    shard_walls = sum(s["wall_seconds"] for s in summaries)
+    if shard_walls:  # shards run side by side: their model and wall seconds each add up
+        merged["model_share_of_wall"] = merged["model_seconds"] / shard_walls
+        merged["seconds_outside_model"] = max(0.0, shard_walls - merged["model_seconds"])
+    file_order = [_padded_file_order(s) for s in summaries]
+    if file_order and None not in file_order and sum(file_order):
+        merged["padding_fraction_file_order"] = 1 - merged["input_tokens"] / sum(file_order)
     merged.update(
         complete=True,
         shards=len(summaries),
@@ -144,3 +152,11 @@ def merge_summaries(shards: list[Summary]) -> Summary:
         output_tokens_per_second=merged["output_tokens"] / wall if wall else 0.0,
     )
     return Summary.from_dict(merged)
+
+
+def _padded_file_order(summary: dict) -> float | None:
+    """A shard's padded tokens had its batches kept in file order (from its fraction)."""
+    fraction = summary.get("padding_fraction_file_order")
+    if fraction is None or fraction >= 1:
+        return None
+    return summary["input_tokens"] / (1 - fraction)

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pyarrow as pa
 
+from bulkinfer.errors import ModelError
 from bulkinfer.prepare import PreparedRows
 from bulkinfer.spec import TaskSpec
 from bulkinfer.tasks.base import BatchResult, load_causal_lm
@@ -68,6 +69,7 @@ class ScoreTask:
         sequences = [prepared.tokens(int(r)) for r in rows]
         starts = [int(prepared.score_from[int(r)]) for r in rows]
         results = engine.loglikelihood(sequences, starts, self.share_prefix)
+        _refuse_nan(rows, [total for total, _ in results])
         columns = {name: [] for name in self.schema.names}
         for total, count in results:
             mean = total / count if count else None
@@ -86,7 +88,9 @@ class ScoreTask:
             contexts.append(tokens[:start])
             choices.append(np.split(tokens[start:], cuts - start))
         columns = {name: [] for name in self.schema.names}
-        for scores in engine.loglikelihood_choices(contexts, choices):
+        answers = list(engine.loglikelihood_choices(contexts, choices))
+        _refuse_nan(rows, [sum(total for total, _ in scores) for scores in answers])
+        for scores in answers:
             sums = [total for total, _ in scores]
             means = [total / count for total, count in scores]
             columns["choice_logprobs"].append(sums)
@@ -95,3 +99,16 @@ class ScoreTask:
             columns["best_choice"].append(int(np.argmax(sums)))
             columns["best_choice_norm"].append(int(np.argmax(means)))
         return BatchResult(columns)
+
+
+def _refuse_nan(rows: np.ndarray, totals: list[float]) -> None:
+    """Stop the job rather than write a NaN score as an `ok` row (generation stops the same
+    way, engines/sampling.py)."""
+    bad = next((k for k, total in enumerate(totals) if math.isnan(total)), None)
+    if bad is not None:
+        raise ModelError(
+            f"the model's scores for row {int(rows[bad])} are NaN: its weights or this "
+            "engine's arithmetic give non-numbers; nothing was written for the rows of this "
+            "batch. Check the weights; compare with model.engine: reference, without "
+            "model.quantization / model.kv_cache_dtype, or model.dtype: float32"
+        )

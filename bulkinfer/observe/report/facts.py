@@ -50,6 +50,9 @@ class JobFacts:
     # None in folders without batch timestamps
     timeline: tuple[float, float] | None = None
     shards: list[ShardState] = field(default_factory=list)
+    # per folder (the job's, or each shard's): the seconds its runs took, start-up included and
+    # the gaps between a stopped run and its resumption left out
+    run_seconds: list[float] = field(default_factory=list)
 
     @property
     def sharded(self) -> bool:
@@ -100,6 +103,7 @@ def read_job(root: Path) -> JobFacts:
         chat_template=_chat_template(known, spec),
         timeline=_timeline(folders),
         shards=states,
+        run_seconds=[sum(end - start for start, end in _run_spans(f)) for f in folders],
     )
 
 

@@ -81,7 +81,11 @@ def key_figures(facts: JobFacts) -> list[tuple[str, str, str]]:
     prompt = sum(b["real_tokens"] for b in batches)
     generated = sum(b["new_tokens"] for b in batches)
     model_seconds = sum(b["seconds"] for b in batches)
-    wall = s.get("wall_seconds") or _wall_from_batches(facts) or model_seconds
+    ran = [seconds for seconds in facts.run_seconds if seconds > 0]
+    # shards run side by side: the wall is the longest one's, the model's share is of them all
+    wall = s.get("wall_seconds") or max(ran, default=0) or _wall_from_batches(facts)
+    wall = wall or model_seconds
+    busy = sum(ran) if facts.sharded and ran else wall
     total = facts.rows_total
     if facts.state == "done":
         rows_note = "all rows"
@@ -105,7 +109,8 @@ def key_figures(facts: JobFacts) -> list[tuple[str, str, str]]:
         (
             "wall time",
             _duration(wall),
-            f"model {_duration(model_seconds)} ({_share(model_seconds, wall)})",
+            f"model {_duration(model_seconds)} ({_share(model_seconds, busy)}"
+            + (" of the shards' seconds)" if busy != wall else ")"),
         ),
         ("rows / s", f"{facts.rows_done / wall:,.2f}" if wall else "-", "over wall time"),
         ("prompt tokens", f"{prompt:,}", f"{prompt / wall:,.0f} / s" if wall else ""),
