@@ -49,7 +49,10 @@ for rows, heads, kv_heads, dim, max_len, dtype, fp8, *scaled in json.loads(sys.a
     if fp8:  # an fp8 cache: the kernel dequantizes what the reference is given dequantized
         (keys, key_scales), (values, value_scales) = quantize_heads(keys), quantize_heads(values)
         scales = [key_scales, value_scales]
-    ours = da.decode_attention(q, keys, values, starts, used, max_len, scale, *scales)
+    order = None
+    if scaled.get("ordered"):  # programs started longest row first: the same outputs
+        order = torch.from_numpy(da.longest_first(used.numpy()))
+    ours = da.decode_attention(q, keys, values, starts, used, max_len, scale, *scales, order)
     if fp8:
         keys, values = keys.float() * key_scales[..., None], values.float() * value_scales[..., None]
     packed = Packed(torch.arange(rows + 1, dtype=torch.int32), max_len, scale,
@@ -105,6 +108,21 @@ def test_decode_kernels_equal_reference_attention(dtype, fp8, tolerance):
     results = interpreted(CHECK, [[*case, dtype, fp8] for case in CASES])
     assert [r["splits"] for r in results] == [2, 1, 1, 1]  # both kernel paths ran
     for case, result in zip(CASES, results, strict=True):
+        assert result["dtype_kept"], case
+        assert result["error"] < tolerance, (case, result)
+
+
+def test_rows_started_longest_first_give_the_same_attention():
+    """BULKINFER_DECODE_ORDER=longest: each program reads the row the order names, split over
+    the cache (the combining kernel) and not, over a bfloat16-queried fp8 cache too."""
+    cases = [
+        [5, 8, 2, 64, 512, "float32", False, {"ordered": 1}],
+        [40, 4, 4, 128, 200, "float32", False, {"ordered": 1}],
+        [40, 4, 4, 128, 200, "bfloat16", True, {"ordered": 1}],
+    ]
+    results = interpreted(CHECK, cases)
+    assert [r["splits"] for r in results] == [2, 1, 1]
+    for case, result, tolerance in zip(cases, results, [1e-5, 1e-5, 2e-2], strict=True):
         assert result["dtype_kept"], case
         assert result["error"] < tolerance, (case, result)
 

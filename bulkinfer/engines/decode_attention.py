@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import os
 
+import numpy as np
 import torch
 
 try:
@@ -43,6 +44,10 @@ except ImportError:  # no Triton (CPU-only installs): the engine keeps FlashAtte
 
 # BULKINFER_DECODE_ATTENTION=flash keeps FlashAttention for decode steps (to compare)
 KERNEL_ENV = "BULKINFER_DECODE_ATTENTION"
+# BULKINFER_DECODE_ORDER=longest starts the programs of the rows with most cached tokens first
+# (the GPU starts programs in grid order; a job's rows are uneven, and a long row's programs
+# started last finish alone): `longest_first`, measured against slot order on the GPU
+ORDER_ENV = "BULKINFER_DECODE_ORDER"
 # cached tokens per tile, warps and pipeline stages, by (fp8 cache, 256 rows or more): on an
 # H200 an fp8 cache at 1,024 rows of ~410 tokens reads fastest in tiles of 64 tokens with two
 # warps and three stages (9.7 against 12.1 ms for 32 layers with four warps and tiles of 128;
@@ -84,11 +89,13 @@ def decode_attention(
     scale: float,
     key_scales: torch.Tensor | None = None,
     value_scales: torch.Tensor | None = None,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token a row: q [rows, heads, D]; keys/values the pool [tokens, kv_heads, D];
     row r attends to pool slots starts[r] .. starts[r] + used[r] (used[r] <= max_len).
     An fp8 pool comes with its scales ([tokens, kv_heads]): each tile is dequantized as it is
-    read. Returns [rows, heads, D] in q's dtype."""
+    read. `order` (int32 [rows], a permutation): the rows in the order their programs start.
+    Returns [rows, heads, D] in q's dtype."""
     if q.stride(-1) != 1:
         q = q.contiguous()
     rows, heads, dim = q.shape
@@ -115,6 +122,7 @@ def decode_attention(
         value_scales if fp8 else values,
         starts,
         used,
+        order if order is not None else used,
         partial,
         lse,
         q.stride(0),
@@ -135,6 +143,7 @@ def decode_attention(
         D=dim,
         WRITE_LSE=splits > 1,
         FP8=fp8,
+        ORDERED=order is not None,
         V_LIFT=V_LIFT,
         **tuning,
     )
@@ -180,6 +189,17 @@ def store_fp8(
     )
 
 
+def longest_first_asked() -> bool:
+    """Whether decode steps start the programs of their longest rows first
+    (BULKINFER_DECODE_ORDER=longest; slot order otherwise)."""
+    return os.environ.get(ORDER_ENV, "slots") == "longest"
+
+
+def longest_first(used: np.ndarray) -> np.ndarray:
+    """The rows' program order by their cached tokens, longest first (ties in slot order)."""
+    return np.argsort(-np.asarray(used), kind="stable").astype(np.int32)
+
+
 def split_count(rows: int, kv_heads: int, max_len: int, processors: int) -> int:
     """Splits of each row's cached tokens: enough programs for ~4 waves over the GPU's
     processors, no split under MIN_SPLIT tokens, a power of two (the combining kernel's tile)."""
@@ -206,6 +226,7 @@ if triton is not None:
         VScale,
         Starts,
         Used,
+        Order,
         Out,
         Lse,
         stride_qt,
@@ -228,11 +249,14 @@ if triton is not None:
         WRITE_LSE: tl.constexpr,
         FP8: tl.constexpr,
         V_LIFT: tl.constexpr,
+        ORDERED: tl.constexpr,
     ):
         # a row's KV heads are neighbouring programs: they read its tokens' keys, values and
         # scales (contiguous across heads) together
         kv_head = tl.program_id(0)
         row = tl.program_id(1)
+        if ORDERED:
+            row = tl.load(Order + row)
         split = tl.program_id(2)
         start = tl.load(Starts + row).to(tl.int64)
         used = tl.load(Used + row)

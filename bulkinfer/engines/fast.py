@@ -463,6 +463,7 @@ class FastEngine(HFEngine):
             decode=True,
             region_start=s.starts[: size + 1],
             used=s.used[:size],
+            order=None if s.order is None else s.order[:size],
         )
         hidden = self._hidden(s.ids[:size], s.positions[:size], packed)
         out = self._logits[:size]

@@ -171,6 +171,7 @@ class DecodeState:
     keys: torch.Tensor
     steps: torch.Tensor
     query_offsets: torch.Tensor
+    order: torch.Tensor | None = None  # int32: the rows' attention program order, or None
 
     @classmethod
     def allocate(cls, slots: int, device) -> DecodeState:
@@ -186,6 +187,7 @@ class DecodeState:
             keys=zeros(torch.int64),
             steps=zeros(torch.int64),
             query_offsets=torch.arange(slots + 1, dtype=torch.int32, device=device),
+            order=zeros(torch.int32) if decode_attention.longest_first_asked() else None,
         )
 
     def load(self, rows: DecodeInputs, size: int) -> None:
@@ -212,6 +214,9 @@ class DecodeState:
         self.used[:size] = dev[4].int()
         self.keys[:size] = dev[5]
         self.steps[:size] = dev[6]
+        if self.order is not None:  # lengths grow by one a step: the order holds for a chunk
+            order = decode_attention.longest_first(host[4])
+            self.order[:size] = torch.from_numpy(order).to(self.order.device)
 
     def advance(self, n: int, tokens: torch.Tensor) -> None:
         """The first n slots feed the tokens just chosen at the next position."""

@@ -40,6 +40,7 @@ class Packed:
     # its queries attend, causally, to the row's region (region_start, used; max_k the most)
     after_prefix: bool = False
     max_k: int = 0
+    order: torch.Tensor | None = None  # int32 [rows]: decode: the rows' program order
 
 
 def attend(layer: int, q, k, v, packed: Packed) -> torch.Tensor:
@@ -63,6 +64,7 @@ def attend(layer: int, q, k, v, packed: Packed) -> torch.Tensor:
                 packed.scale,
                 pool.key_scales[layer],
                 pool.value_scales[layer],
+                packed.order,
             )
         else:
             k, v, packed = _dequantized_regions(layer, q, packed)
@@ -129,7 +131,14 @@ def _flash_ok(q: torch.Tensor) -> bool:
 def _flash(q, k, v, packed: Packed) -> torch.Tensor:
     if packed.decode and decode_attention.usable(q):
         return decode_attention.decode_attention(
-            q, k, v, packed.region_start, packed.used, packed.max_len, packed.scale
+            q,
+            k,
+            v,
+            packed.region_start,
+            packed.used,
+            packed.max_len,
+            packed.scale,
+            order=packed.order,
         )
     if packed.decode or packed.after_prefix:
         out = torch.ops.aten._flash_attention_forward(
