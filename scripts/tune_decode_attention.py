@@ -9,7 +9,9 @@ against the dequantized reference, with its own tiles and (--tiles) others.
 --tiles measures every combination of the three lists. --lengths job gives the rows the
 cached lengths of a 10,000-request ShareGPT-like job in flight (prompt plus part of the answer,
 rows with longer answers more often, as they hold their slots longer) and the attention length
-bucket the engine passes; `job-sorted` the same with the longest rows first. --split-tokens
+bucket the engine passes; `job-sorted` the same with the longest rows first in the pool;
+`job-longest` the pool as `job`, its programs started longest row first (the kernel's `order`,
+as BULKINFER_DECODE_ORDER=longest runs it in the engine). --split-tokens
 other than 0 splits every row's tokens into that many a program (at least the kernel's own
 count), so long rows do not finish last alone.
 
@@ -104,7 +106,10 @@ def measure(
     expected = reference(q, keys, values, ks, vs, starts, used, scale)
     results = []
     saved = dict(da.TUNING)
-    args = (q, keys, values, starts, used, context, scale, ks, vs)
+    order = None
+    if lengths == "job-longest":
+        order = torch.from_numpy(da.longest_first(used.cpu().numpy())).to(used.device)
+    args = (q, keys, values, starts, used, context, scale, ks, vs, order)
     own_splits = da.split_count
     if split_tokens:
         da.split_count = lambda r, h, n, p: max(
@@ -150,7 +155,9 @@ def main() -> None:
     parser.add_argument("--block-n", default="32,64,128", help="cached tokens a tile (--tiles)")
     parser.add_argument("--warps", default="2,4,8", help="(--tiles)")
     parser.add_argument("--stages", default="2,3", help="(--tiles)")
-    parser.add_argument("--lengths", default="uniform", help="uniform, job, job-sorted")
+    parser.add_argument(
+        "--lengths", default="uniform", help="uniform, job, job-sorted, job-longest"
+    )
     parser.add_argument("--split-tokens", default="0", help="0: the kernel's own splits")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
