@@ -114,6 +114,9 @@ def test_graceful_signal_writes_batch_in_flight_and_exits_nonzero(crash_job, sig
     resumed = cli_subprocess("run", str(job))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
+    # its rows count the first run's, its tokens are its own: the line says which is which
+    last = [line for line in resumed.stderr.splitlines() if " rows (" in line][-1]
+    assert " before), " in last and " tokens this run, " in last, last
     _assert_same_outputs(out, reference)
 
 

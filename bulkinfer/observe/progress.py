@@ -109,6 +109,7 @@ class Progress:
         self.row_work = row_work
         self.total = sum(len(b.rows) for b in batches)
         self.done = self.total - sum(len(b.rows) for b in todo)
+        self.done_before = self.done  # rows committed by earlier runs of a resumed job
         self.work_left = sum(int(row_work[b.rows].sum()) for b in todo)
         self.work_done = 0
         self.in_flight = 0  # tokens made by rows not committed yet
@@ -170,19 +171,23 @@ class Progress:
     def _figures(self, now: float) -> str:
         rate = self.tokens / max(now - self.start, 1e-9)
         eta = _clock(self.eta_seconds())
-        return f"{self.tokens:,} {self.token_kind} tokens, {rate:,.0f} tok/s, ETA {eta}"
+        # a resumed run's tokens are its own, where its rows count the earlier runs' too
+        this_run = " this run" if self.done_before else ""
+        return f"{self.tokens:,} {self.token_kind} tokens{this_run}, {rate:,.0f} tok/s, ETA {eta}"
 
     def _log(self, now: float) -> None:
         self.last_log = now
         self.logged = (self.done, self.tokens)
         elapsed = max(now - self.start, 1e-9)
         eta = self.eta_seconds()
+        before = f", {self.done_before:,} before" if self.done_before else ""
         log(
-            f"{self.done:,}/{self.total:,} rows ({self.done / max(self.total, 1):.0%}), "
+            f"{self.done:,}/{self.total:,} rows ({self.done / max(self.total, 1):.0%}{before}), "
             + self._figures(now),
             event="progress",
             rows_done=self.done,
             rows_total=self.total,
+            rows_done_before=self.done_before,
             tokens_done=self.tokens,
             token_kind=self.token_kind,
             tokens_per_second=round(self.tokens / elapsed, 2),
