@@ -303,3 +303,42 @@ def test_validate_finds_what_run_refuses_in_the_first_requests(tmp_path, tiny_mo
     failing = validate("failing", bad, "--set", "on_error=fail")
     assert failing.returncode == 2
     assert "failing.jsonl:2: invalid request: body.max_tokens" in failing.stderr, failing.stderr
+
+
+def test_a_request_s_own_plain_text_and_no_logprobs_win_over_the_job_s(tmp_path, tiny_model):
+    """A job keeping its rows to a format and giving alternatives: a request asking for plain
+    text gets the free text (the same as a job without the format), one saying `logprobs:
+    false` gets none, a completions request's `logprobs: 0` gets no alternatives; and a first
+    line without its body is a 400 row of a batch file, not a prompt file's bad line."""
+    no_body = {"custom_id": "no-body", "method": "POST", "url": "/v1/chat/completions"}
+    requests = [
+        no_body,
+        _chat_request(1, temperature=0, max_tokens=8),
+        _chat_request(2, temperature=0, max_tokens=8, response_format={"type": "text"}),
+        _chat_request(3, temperature=0, max_tokens=8, logprobs=False),
+        {
+            "custom_id": "completion",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"prompt": "The quick brown", "max_tokens": 3, "logprobs": 0},
+        },
+    ]
+    kept = {"type": "choice", "choices": ["alpha", "beta"]}
+    task = {"chat_template": "never", "top_logprobs": 2}
+    by_id = {
+        r["custom_id"]: r
+        for r in _run(tmp_path, tiny_model, requests, response_format=kept, **task)
+    }
+    free = {r["custom_id"]: r for r in _run(tmp_path, tiny_model, requests[1:3], "free", **task)}
+    assert by_id["no-body"]["response"]["status_code"] == 400
+    assert "body is not an object" in by_id["no-body"]["error"]["message"]
+
+    def choice(line):
+        return line["response"]["body"]["choices"][0]
+
+    assert choice(by_id["request-1"])["message"]["content"] in ("alpha", "beta")
+    assert choice(by_id["request-2"])["message"] == choice(free["request-2"])["message"]
+    assert choice(by_id["request-1"])["logprobs"]["content"][0]["top_logprobs"]
+    assert choice(by_id["request-3"])["logprobs"] is None
+    tokens = choice(by_id["completion"])["logprobs"]
+    assert tokens["token_logprobs"] and tokens["top_logprobs"] is None

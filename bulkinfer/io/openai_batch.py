@@ -72,7 +72,11 @@ class RequestProblem(ValueError):
 
 
 def looks_like_batch_record(record: dict) -> bool:
-    return isinstance(record, dict) and "custom_id" in record and "body" in record
+    """A request line of an OpenAI Batch file: a custom_id with a body, url or method (a first
+    request missing its body is still one, answered as a 400 row, not a prompt file's line)."""
+    if not isinstance(record, dict) or "custom_id" not in record:
+        return False
+    return any(key in record for key in ("body", "url", "method"))
 
 
 def parse_request(record: dict, answered: tuple[str, ...] = URLS) -> tuple[Any, dict]:
@@ -147,7 +151,7 @@ def _settings(body: dict, url: str) -> dict:
             settings["stop"] = _stops(value)
         elif name == "logprobs":
             settings["logprobs"], top = _logprobs(value, url)
-            if url == COMPLETIONS_URL and top:
+            if url == COMPLETIONS_URL:  # its own count, 0 included, not the job's
                 settings["top_logprobs"] = top
         elif name == "top_logprobs" and url == CHAT_URL:
             settings["top_logprobs"] = _number(name, value, int, 0, MAX_TOP_LOGPROBS)
@@ -184,8 +188,9 @@ def _number(name: str, value: Any, kind: type, low=None, high=None):
 
 
 def _response_format(value: Any) -> str | None:
-    """A request's response_format as JSON text (None for plain text), refused with the
-    problem named where it is not one bulkinfer can keep to."""
+    """A request's response_format as JSON text, refused with the problem named where it is
+    not one bulkinfer can keep to. {"type": "text"} is kept too: a request asking for plain
+    text gets it where the job keeps its rows to a format."""
     if not isinstance(value, dict) or value.get("type") not in (
         "text",
         "json_object",
@@ -196,7 +201,7 @@ def _response_format(value: Any) -> str | None:
             "use type text, json_object or json_schema"
         )
     if value["type"] == "text":
-        return None
+        return json.dumps({"type": "text"})
     from bulkinfer.grammars import grammar_of_json
 
     text = json.dumps(value)  # key order kept: a schema's properties come out in its order

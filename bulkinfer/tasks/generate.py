@@ -322,7 +322,8 @@ class RowRequest:
         n = values["n"] if values.get("n") is not None else self.n
         logprobs = values["logprobs"] if values.get("logprobs") is not None else self.logprobs
         top = values.get("top_logprobs")
-        top = self.top_logprobs if top is None else top
+        if top is None:  # a request's own `logprobs: false` turns the job's alternatives off
+            top = 0 if values.get("logprobs") is False else self.top_logprobs
         params = dataclasses.replace(self.params, **changes)
         return RowRequest(params, n, logprobs or top > 0, top)
 
