@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bulkinfer.errors import UserError
+from bulkinfer.errors import SpecError, UserError
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.spec import JobSpec, load_spec
 from bulkinfer.state.records import Summary
@@ -34,24 +34,52 @@ def load(job: str | os.PathLike | dict | JobSpec, **overrides: Any) -> JobSpec:
         if overrides:
             raise TypeError("overrides apply to a YAML file or a mapping, not to a JobSpec")
         return job
+    if not isinstance(job, str | os.PathLike | dict):
+        raise TypeError(
+            f"job must be a YAML file's path, a mapping or a JobSpec, not {type(job).__name__}"
+        )
     output = overrides.pop("output", None)
-    sets = [f"{key}={json.dumps(value)}" for key, value in _dotted(overrides)]
+    if isinstance(output, os.PathLike):
+        output = os.fspath(output)
+    sets = [f"{key}={_json(value, key)}" for key, value in _dotted(overrides)]
     if isinstance(job, dict):
-        return load_spec(None, sets, output=output, data=json.loads(json.dumps(job)))
+        return load_spec(None, sets, output=output, data=json.loads(_json(job, "the job")))
     return load_spec(Path(job), sets, output=output)
+
+
+def _json(value: Any, where: str) -> str:
+    """A setting as JSON text (which YAML reads back): paths as their text; a value no job
+    file can hold (NaN, an object) is refused naming its key."""
+
+    def text_of(item: Any) -> str:
+        if isinstance(item, os.PathLike):
+            return os.fspath(item)
+        raise TypeError(type(item).__name__)
+
+    try:
+        return json.dumps(value, default=text_of, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"{where}: {value!r} is not a value a job file can hold ({exc})") from None
 
 
 def run(
     job: str | os.PathLike | dict | JobSpec,
     *,
     overwrite: bool = False,
-    shard: str | None = None,
+    shard: str | tuple[int, int] | None = None,
     **overrides: Any,
 ) -> dict:
-    """Run or resume a job (or shard "I/N" of it); returns its summary (summary.json)."""
+    """Run or resume a job (or shard "I/N", or (I, N), of it); returns its summary
+    (summary.json)."""
     from bulkinfer.job.runner import run_job
     from bulkinfer.sharding import parse_shard
 
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False, not {overwrite!r}")
+    if isinstance(shard, tuple) and len(shard) == 2:
+        shard = f"{shard[0]}/{shard[1]}"
+    if shard is not None and not isinstance(shard, str):
+        raise TypeError(f"shard must be 'I/N' (or a pair (I, N)), not {shard!r}")
     spec = load(job, **overrides)
     chosen = parse_shard(shard) if shard else None
     code = run_job(spec, overwrite=overwrite, shard=chosen)

@@ -74,3 +74,27 @@ def test_a_bad_override_raises_the_one_line_error(tmp_path, tiny_model):
     write_jsonl(tmp_path / "in.jsonl", sample_prompts(2))
     with pytest.raises(SpecError, match="task.max_new_tokenz.*did you mean 'task.max_new_tokens'"):
         bulkinfer.run(job, task={"max_new_tokenz": 3})
+
+
+def test_paths_are_taken_and_wrong_types_refused_before_any_work(tmp_path, tiny_model):
+    """pathlib paths wherever a path goes; a non-bool overwrite ("false" is true in Python:
+    it wiped a finished job), a shard that is neither "I/N" nor a pair, NaN, a job of another
+    type: each one clear error, nothing run."""
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(4))
+    job = write_job(tmp_path / "job.yaml", tiny_model, inputs, tmp_path / "unused")
+    data = {"model": {"path": tiny_model}, "input": {"path": inputs}, "task": {"max_new_tokens": 2}}
+    out = tmp_path / "out"
+    assert bulkinfer.load(job, output=out).output.path == str(out)
+    spec = bulkinfer.load(data, output=out, **{"model.path": tiny_model})
+    assert spec.model.path == str(tiny_model)
+    first = bulkinfer.run(job, output=out, shard=(0, 2))
+    assert first["rows_out"] == 2
+    with pytest.raises(TypeError, match="overwrite must be True or False"):
+        bulkinfer.run(job, output=out, shard="0/2", overwrite="false")
+    assert bulkinfer.run(job, output=out, shard="0/2") == first  # finished, untouched
+    with pytest.raises(TypeError, match="shard must be"):
+        bulkinfer.run(job, output=out, shard=1)
+    with pytest.raises(SpecError, match="task.temperature: nan"):
+        bulkinfer.load(job, task={"temperature": float("nan")})
+    with pytest.raises(TypeError, match="not int"):
+        bulkinfer.load(42)
