@@ -219,3 +219,36 @@ def test_shards_of_another_split_and_folders_without_a_job_are_refused_before_an
         result = cli(command, str(empty))
         assert result.exit_code == 2 and "bulkinfer:" in result.output, result.output
     assert list(empty.iterdir()) == []  # merge wrote no lock file there
+
+
+def test_a_done_shard_whose_outputs_or_summary_were_damaged_is_named_before_the_merge_writes(
+    shard_job,
+):
+    """Outputs removed, a part cut short, a summary edited: merge says which shard to rerun
+    in one line and writes nothing (it stopped half-way with a traceback); rerunning that
+    shard rewrites it from its checkpoint and merges."""
+    make, reference = shard_job
+    job = make("damaged")
+    out = job.parent / "damaged"
+    for i in range(3):
+        assert cli("run", str(job), "--shard", f"{i}/3").exit_code == 0
+    merged = (out / "summary.json").read_text()
+    middle = out / "shards" / "shard-00001-of-00003"
+    first_part = sorted((middle / "outputs").glob("*.parquet"))[0]
+    summary = json.loads((middle / "summary.json").read_text())
+    damages = [
+        lambda: first_part.write_bytes(first_part.read_bytes()[:100]),
+        lambda: [p.unlink() for p in (middle / "outputs").glob("*.parquet")],
+        lambda: (middle / "summary.json").write_text(json.dumps({**summary, "rows_out": "x"})),
+    ]
+    for damage in damages:
+        damage()
+        result = cli("merge", str(out))
+        assert result.exit_code == 2, result.output
+        line = result.output.strip()
+        assert "\n" not in line and "1/3" in line, line  # the shard to rerun
+        assert (out / "summary.json").read_text() == merged  # nothing written
+        assert cli("status", str(out)).exit_code == 0
+        assert cli("run", str(job), "--shard", "1/3").exit_code == 0
+        _same(out, reference)
+        merged = (out / "summary.json").read_text()

@@ -6,6 +6,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from bulkinfer import faults
 from bulkinfer.errors import OutputFolderError
 from bulkinfer.io.layout import OutputLayout
@@ -44,10 +47,13 @@ def open_job_folder(
         if mismatch:
             raise OutputFolderError(_mismatch_message(root, mismatch, existing.fingerprint, prints))
         finished = bool((read_json(layout.summary) or {}).get("complete"))
-        if finished and not layout.outputs_dir.is_dir():
+        problem = finished_damage(layout) if finished else None
+        if problem:
+            whole = layout.outputs_dir.is_dir()
+            where = f"{layout.root}: {problem} in" if whole else f"{problem} from"
             log(
-                f"{layout.outputs_dir} is missing from a finished job: writing it again from "
-                "the committed parts",
+                f"{where} a finished job: writing its outputs and summary again from the "
+                "committed parts",
                 event="resume",
                 level="warning",
             )
@@ -122,6 +128,54 @@ def refuse_foreign(layout: OutputLayout, overwrite: bool, holding_lock: bool = F
         raise OutputFolderError(
             f"{root} is not empty and holds no bulkinfer job; choose a new folder or pass --overwrite"
         )
+
+
+# what a finished job's summary.json must hold as numbers (status, report and merge read them)
+SUMMARY_NUMBERS = (
+    "rows_in",
+    "rows_out",
+    "batches",
+    "input_tokens",
+    "output_tokens",
+    "padded_tokens",
+    "model_seconds",
+    "oom_splits",
+    "wall_seconds",
+)
+
+
+def finished_damage(layout: OutputLayout) -> str | None:
+    """What is wrong with a finished job's summary, outputs or batch stats (removed, cut
+    short, edited), or None when they are whole: its committed parts can write them again."""
+    data = read_json(layout.summary) or {}
+    wrong = unreadable_figures(data)
+    if wrong:
+        return f"summary.json has no number for {', '.join(wrong)}"
+    if not layout.outputs_dir.is_dir():
+        return f"{layout.outputs_dir} is missing"
+    rows = 0
+    try:
+        for path in sorted(layout.outputs_dir.glob("*.parquet")):
+            rows += pq.ParquetFile(path).metadata.num_rows
+        pq.read_metadata(layout.batch_stats)
+    except (OSError, pa.ArrowException) as exc:
+        return f"a file is unreadable ({str(exc).splitlines()[0][:120]})"
+    if rows != data["rows_out"]:
+        return f"{layout.outputs_dir.name}/ holds {rows:,} rows of {data['rows_out']:,}"
+    return None
+
+
+def unreadable_figures(summary: dict) -> list[str]:
+    """The figures of a summary.json that are not numbers (an edited or foreign file)."""
+    wrong = [key for key in SUMMARY_NUMBERS if not _number(summary.get(key))]
+    statuses = summary.get("rows_by_status")
+    if not isinstance(statuses, dict) or not all(_number(v) for v in statuses.values()):
+        wrong.append("rows_by_status")
+    return wrong
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def refuse_file_above(root: Path) -> None:

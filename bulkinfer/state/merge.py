@@ -17,6 +17,7 @@ from bulkinfer.errors import UserError
 from bulkinfer.io.atomic import write_parquet_atomic
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.outputs import write_sorted_outputs
+from bulkinfer.state.folder import finished_damage
 from bulkinfer.state.records import JobRecord, Summary
 from bulkinfer.state.status import shard_counts, shard_states
 
@@ -81,6 +82,10 @@ def _merge_locked(root: OutputLayout) -> Summary:
     }
     if len(prints) > 1:
         raise UserError(f"{root.root}: the shards were run with different specs, models or inputs")
+    summaries = [
+        _checked_shard(root, shard, job, state.shard)
+        for shard, job, state in zip(shards, jobs, states, strict=True)
+    ]
     total = sum(j.rows for j in jobs)
     root.job_file.unlink(missing_ok=True)  # an unsharded run's record (its --overwrite)
     tables = (t for shard in shards for t in _read_outputs(shard))
@@ -90,9 +95,26 @@ def _merge_locked(root: OutputLayout) -> Summary:
 
         write_responses_file(root, jobs[0].spec["model"]["path"])
     _merge_stats(root, shards)
-    summary = merge_summaries([Summary.read_if_there(shard.summary) for shard in shards])
+    summary = merge_summaries(summaries)
     summary.write(root.summary)
     return summary
+
+
+def _checked_shard(root: OutputLayout, shard: OutputLayout, job: JobRecord, name) -> Summary:
+    """A done shard's summary, once its record, summary, outputs and batch stats are whole:
+    all read before the merge writes anything (a shard whose outputs were removed, cut short
+    or corrupted, or whose summary was edited, stopped the merge half-way with a traceback)."""
+    problem = finished_damage(shard)
+    if isinstance(job.rows, bool) or not isinstance(job.rows, int):
+        problem = f"{shard.job_file.name} has no row count"
+    elif problem is None and Summary.read_if_there(shard.summary).rows_out != job.rows:
+        problem = f"{shard.outputs_dir.name}/ holds rows of another split"
+    if problem:
+        raise UserError(
+            f"{root.root}: cannot merge, shard {name}: {problem}; rerun that shard "
+            f"(bulkinfer run JOB --shard {name}) to write it again from its checkpoint"
+        )
+    return Summary.read_if_there(shard.summary)
 
 
 def _read_outputs(shard: OutputLayout) -> Iterator[pa.Table]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.lock import is_locked
 from bulkinfer.sharding import Shard
+from bulkinfer.state.folder import unreadable_figures
 from bulkinfer.state.manifest import read_manifest
 from bulkinfer.state.records import JobRecord, Summary, read_json
 
@@ -29,6 +30,10 @@ def read_state(layout: OutputLayout, shard: Shard) -> ShardState:
         return ShardState(shard, "pending", 0, None, 0.0, 0.0)
     job = JobRecord.read_if_there(layout.job_file)
     summary = Summary.read_if_there(layout.summary)
+    if summary is not None and unreadable_figures(summary.to_dict()):
+        summary = None  # an edited summary: the manifest says how far the job got
+    if job is not None and (isinstance(job.rows, bool) or not isinstance(job.rows, int)):
+        job = None
     records = read_manifest(layout)
     stats = [s for r in records for s in r.stats]
     seconds = sum(s["seconds"] for s in stats)
@@ -103,7 +108,9 @@ def format_status(root: OutputLayout, states: list[ShardState]) -> str:
     done = sum(s.state == "done" for s in states)
     eta = eta_seconds(states)
     eta_text = "done" if done == len(states) else ("unknown" if eta is None else _clock(eta))
-    merged = root.summary.exists() and root.outputs_dir.exists()
+    # the merge of these shards, not of another split's or an unsharded run's
+    merged = (read_json(root.summary) or {}).get("shards") == len(states)
+    merged = merged and root.outputs_dir.exists()
     lines.append(
         f"{done} of {len(states)} shards done; ETA {eta_text}"
         + ("; outputs merged" if merged and len(states) > 1 else "")
