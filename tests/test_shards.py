@@ -252,3 +252,24 @@ def test_a_done_shard_whose_outputs_or_summary_were_damaged_is_named_before_the_
         assert cli("run", str(job), "--shard", "1/3").exit_code == 0
         _same(out, reference)
         merged = (out / "summary.json").read_text()
+
+
+def test_overwrite_with_another_split_retires_the_old_split_and_its_merge(shard_job):
+    """Shards of 3 merged, then the job split in 2 with --overwrite: the old split's shards and
+    merged summary go (they stayed: the new merge failed on two counts, and status called the
+    old outputs this split's merge), and the new split merges to the same outputs."""
+    make, reference = shard_job
+    job = make("resplit")
+    out = job.parent / "resplit"
+    for i in range(3):
+        assert cli("run", str(job), "--shard", f"{i}/3").exit_code == 0
+    first = cli("run", str(job), "--shard", "0/2", "--overwrite")
+    assert first.exit_code == 0, first.output
+    assert [p.name for p in (out / "shards").iterdir()] == ["shard-00000-of-00002"]
+    assert not (out / "summary.json").exists()
+    status = cli("status", str(out)).output
+    assert "1 of 2 shards done" in status and "merged" not in status, status
+    assert cli("run", str(job), "--shard", "1/2").exit_code == 0
+    _same(out, reference)
+    assert json.loads((out / "summary.json").read_text())["shards"] == 2
+    assert "2 of 2 shards done; ETA done; outputs merged" in cli("status", str(out)).output

@@ -103,13 +103,23 @@ def refuse_unsharded(root: OutputLayout, overwrite: bool, holding_lock: bool = F
 
 def refuse_other_counts(root: OutputLayout, count: int, overwrite: bool) -> None:
     """A shard of a job split in N where shards of another split are: refused before any work
-    (their merge could never run), unless --overwrite."""
+    (their merge could never run), unless --overwrite; then those shards are removed (refused
+    while one of them runs) with the summary of their merge, which `status` and `report` would
+    read as this split's (the merge of this split writes the outputs again)."""
     others = sorted({n for _, n in root.shard_folders()} - {count})
     if others and not overwrite:
         raise OutputFolderError(
             f"{root.root} holds shards of a run split into {others[0]}, not {count}; run it with "
             f"--shard I/{others[0]}, use another --output, or pass --overwrite"
         )
+    stale = [f for (_, n), f in root.shard_folders().items() if n != count]
+    for folder in stale:
+        if is_locked(OutputLayout(folder)):
+            raise in_use(OutputLayout(folder))
+    for folder in stale:  # shards of the new split starting together may remove them at once
+        shutil.rmtree(folder, ignore_errors=True)
+    if stale and (read_json(root.summary) or {}).get("shards") not in (None, count):
+        root.summary.unlink(missing_ok=True)
 
 
 def refuse_foreign(layout: OutputLayout, overwrite: bool, holding_lock: bool = False) -> None:
