@@ -92,8 +92,12 @@ def _one_line(problem: str) -> str:
     failed to parse (a line `error: ...` below a picture of the pattern)."""
     lines = [line.strip() for line in problem.strip().splitlines()]
     reasons = [line for line in lines[1:] if line.startswith("error:")]
-    first = lines[0].removesuffix("regex parse error:").rstrip()
-    return " ".join([first, *reasons])
+    first = lines[0].removesuffix("regex parse error:").rstrip().removesuffix("(in regex):")
+    first = first.replace(
+        "Enable 'coerce_one_of' option to approximate oneOf with anyOf",
+        "use anyOf where any of the options may match",
+    )
+    return " ".join(part.strip() for part in [first, *reasons] if part.strip())
 
 
 @functools.lru_cache(maxsize=256)

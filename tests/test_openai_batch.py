@@ -147,6 +147,13 @@ def test_completions_requests_and_bad_requests(tmp_path, tiny_model):
         _chat_request(7, temperature=float("nan")),  # Python's json reads NaN
         _chat_request(8, seed=2**70),  # beyond 64 bits: one request's error, not the job's
         _chat_request(9, max_tokens=1e300),
+        _chat_request(
+            10,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"schema": {"type": "string", "const": "a\ud800"}},
+            },
+        ),
     ]
     responses = _run(tmp_path, tiny_model, requests, chat_template="never")
     by_id = {r["custom_id"]: r for r in responses}
@@ -175,6 +182,7 @@ def test_completions_requests_and_bad_requests(tmp_path, tiny_model):
         ("request-7", "body.temperature is NaN"),
         ("request-8", "body.seed"),
         ("request-9", "body.max_tokens"),
+        ("request-10", "body.response_format is not valid Unicode: a lone surrogate"),
     ]:
         line = by_id[custom_id]
         assert line["response"]["status_code"] == 400, custom_id

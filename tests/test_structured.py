@@ -292,6 +292,7 @@ def test_any_json_object(tmp_path, tiny_model):
         ({"type": "regex", "pattern": "(unclosed"}, "unclosed group"),
         ({"type": "regex", "pattern": "(?<=a)b"}, "look-behind, is not supported"),
         ({"type": "regex", "pattern": r"[^\s\S]"}, "matches no text"),
+        ({"type": "regex", "pattern": r"(a)\1"}, 'regex "(a)\\\\1" error: backreferences are'),
         ({"type": "json_schema", "schema": {"enum": []}}, "Unsatisfiable"),
     ],
 )

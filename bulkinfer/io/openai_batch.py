@@ -205,6 +205,7 @@ def _response_format(value: Any) -> str | None:
     from bulkinfer.grammars import grammar_of_json
 
     text = json.dumps(value)  # key order kept: a schema's properties come out in its order
+    _unicode(json.dumps(value, ensure_ascii=False), "body.response_format")
     try:
         grammar_of_json(text)
     except ValueError as exc:
