@@ -108,6 +108,8 @@ def format_status(root: OutputLayout, states: list[ShardState]) -> str:
     done = sum(s.state == "done" for s in states)
     eta = eta_seconds(states)
     eta_text = "done" if done == len(states) else ("unknown" if eta is None else _clock(eta))
+    if done < len(states) and not any(s.state == "running" for s in states):
+        eta_text = "none: nothing is running"  # no run is under way to end
     # the merge of these shards, not of another split's or an unsharded run's
     merged = (read_json(root.summary) or {}).get("shards") == len(states)
     merged = merged and root.outputs_dir.exists()
