@@ -278,11 +278,12 @@ def merge(output: str) -> None:
 
     from bulkinfer.io.layout import OutputLayout
     from bulkinfer.job.exits import writes_reported
+    from bulkinfer.job.finish import token_bytes_of_job
     from bulkinfer.state.merge import merge_shards
 
     root = OutputLayout(Path(output))
     with writes_reported(root):
-        summary = merge_shards(root)
+        summary = merge_shards(root, token_bytes_of_job)
     click.echo(
         f"merged {summary.details['shards']} shards: {summary.rows_out:,} rows in {output}/outputs"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -32,10 +33,12 @@ def _chat_request(i: int, **body) -> dict:
 
 
 def _run(tmp_path, model, requests, name="out", **task):
+    batch = tmp_path / f"{name}.jsonl"  # non-ASCII as \u escapes: a lone surrogate too
+    batch.write_text("".join(json.dumps(r) + "\n" for r in requests), encoding="ascii")
     job = write_job(
         tmp_path / f"{name}.yaml",
         model,
-        write_jsonl(tmp_path / f"{name}.jsonl", requests),
+        batch,
         tmp_path / name,
         task={"max_new_tokens": 8, **task},
         batching={"max_tokens": 2000, "max_batch_size": 16},
@@ -350,3 +353,42 @@ def test_a_request_s_own_plain_text_and_no_logprobs_win_over_the_job_s(tmp_path,
     assert choice(by_id["request-3"])["logprobs"] is None
     tokens = choice(by_id["completion"])["logprobs"]
     assert tokens["token_logprobs"] and tokens["top_logprobs"] is None
+
+
+def test_chat_logprob_bytes_rebuild_the_text_where_tokens_split_a_character(tmp_path, tiny_model):
+    """A token that is part of a character decodes to U+FFFD on its own: its `bytes` are its
+    own (they were U+FFFD's), so the bytes of a choice's tokens, joined, are its text, also in
+    a sharded run whose merge writes the responses."""
+    requests = [
+        _chat_request(i, temperature=1.0, seed=i, max_tokens=40, logprobs=True, top_logprobs=2)
+        for i in range(8)
+    ]
+    specials = AutoTokenizer.from_pretrained(tiny_model).all_special_tokens
+    for name, args in (("single", []), ("sharded", ["--gpus", "2"])):
+        job = write_job(
+            tmp_path / f"{name}.yaml",
+            tiny_model,
+            write_jsonl(tmp_path / "requests.jsonl", requests),
+            tmp_path / name,
+            task={"max_new_tokens": 40, "chat_template": "never"},
+        )
+        result = cli("run", str(job), *args)
+        assert result.exit_code == 0, result.output
+        split = 0
+        for line in (tmp_path / name / "responses.jsonl").read_text().splitlines():
+            choice = json.loads(line)["response"]["body"]["choices"][0]
+            content = choice["logprobs"]["content"]
+            joined = b"".join(bytes(t["bytes"]) for t in content).decode(errors="replace")
+            for special in specials:  # tokens the text leaves out
+                joined = joined.replace(special, "")
+            # bytes no character completes: one U+FFFD or several, as the decoder counts them
+            assert _one_fffd(joined) == _one_fffd(choice["message"]["content"])
+            split += sum("\ufffd" in t["token"] for t in content)
+            for t in content:  # alternatives too: each one's bytes, not U+FFFD's
+                for alt in t["top_logprobs"]:
+                    assert bytes(alt["bytes"]) != "\ufffd".encode() or alt["token"] != "\ufffd"
+        assert split, "no token split a character: the test did not test it"
+
+
+def _one_fffd(text: str) -> str:
+    return re.sub("\ufffd+", "\ufffd", text)

@@ -64,7 +64,11 @@ def test_requests_get_their_top_alternatives_on_both_engines(tmp_path, tiny_mode
                 values = [a["logprob"] for a in alternatives]
                 assert values == sorted(values, reverse=True)
                 assert entry["logprob"] <= values[0] + 1e-5
-                assert all(a["bytes"] == list(a["token"].encode()) for a in alternatives)
+                # a token that is part of a character has its own bytes, not U+FFFD's
+                assert all(
+                    a["bytes"] == list(a["token"].encode()) or "\ufffd" in a["token"]
+                    for a in alternatives
+                )
             if custom_id == "chat-0":  # greedy: the chosen token is the most likely one
                 assert all(e["token"] == e["top_logprobs"][0]["token"] for e in content)
         plain = by_id["chat-2"]["response"]["body"]["choices"][0]["logprobs"]["content"]

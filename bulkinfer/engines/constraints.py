@@ -52,6 +52,17 @@ def ll_tokenizer(tokenizer, end: int | None = None):
     return cached[1]
 
 
+def token_bytes_of(tokenizer):
+    """Token id -> the token's own bytes, through the grammar library's view of the tokenizer
+    (byte-level BPE, byte-fallback pieces and added tokens alike); None where the library is
+    missing or misreads this tokenizer."""
+    try:
+        ll = ll_tokenizer(tokenizer)
+    except (ValueError, ModelError):
+        return None
+    return functools.lru_cache(maxsize=1 << 16)(lambda token_id: ll.decode_bytes([token_id]))
+
+
 def end_token(tokenizer, eos_ids: set[int]) -> int | None:
     """The end-of-sequence token a complete grammar allows: the tokenizer's, or where it has
     none the model's (generation_config.eos_token_id), which the engine also stops at."""

@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,9 @@ NEUTRAL = {
 }
 # Body fields that never change the generated text.
 IGNORED = {"model", "user", "metadata", "store", "stream_options", "service_tier"}
+
+
+TokenBytes = Callable[[int], bytes]  # a token id's own bytes
 
 
 class RequestProblem(ValueError):
@@ -299,14 +302,21 @@ def request_chunk_fields(
     return prompts, ids, urls, pa.Table.from_pylist(settings, schema=REQUEST_SCHEMA), problems
 
 
-def write_responses_file(layout, model_path: str) -> tuple[int, int]:
+def write_responses_file(
+    layout, model_path: str, token_bytes_for: Callable[[], TokenBytes | None] | None = None
+) -> tuple[int, int]:
     """OUT/responses.jsonl from the finished outputs, in input order, and OUT/errors.jsonl with
-    the lines of the failed requests alone (the Batch API's error file); returns both counts."""
+    the lines of the failed requests alone (the Batch API's error file); returns both counts.
+    `token_bytes_for`: gives the model's token id -> bytes, asked for where the outputs hold
+    log-probs (a token that is part of a character has bytes its text, U+FFFD, does not)."""
     import pyarrow.parquet as pq
 
     files = sorted(layout.outputs_dir.glob("*.parquet"))
     schema = pq.read_schema(files[0])
     as_lists = pa.types.is_list(schema.field("text").type) if "text" in schema.names else True
+    token_bytes = None
+    if token_bytes_for is not None and "token_ids" in schema.names:
+        token_bytes = token_bytes_for()
 
     def rows(failed_only: bool = False) -> Iterator[dict]:
         for f in files:
@@ -317,13 +327,20 @@ def write_responses_file(layout, model_path: str) -> tuple[int, int]:
 
     model = model_path.removeprefix("package:").rstrip("/").rsplit("/", 1)[-1]
     created = int(time.time())
-    lines = write_responses(layout.responses, rows(), model, as_lists, created)
-    errors = write_responses(layout.errors, rows(failed_only=True), model, as_lists, created)
+    lines = write_responses(layout.responses, rows(), model, as_lists, created, token_bytes)
+    errors = write_responses(
+        layout.errors, rows(failed_only=True), model, as_lists, created, token_bytes
+    )
     return lines, errors
 
 
 def write_responses(
-    path: Path, outputs: Iterable[dict], model: str, as_lists: bool, created: int | None = None
+    path: Path,
+    outputs: Iterable[dict],
+    model: str,
+    as_lists: bool,
+    created: int | None = None,
+    token_bytes: TokenBytes | None = None,
 ) -> int:
     """Write one response line per output row, keyed by custom_id; returns the line count.
     `as_lists`: the sample columns hold one list entry per sample (n > 1 or per-request)."""
@@ -334,14 +351,16 @@ def write_responses(
         nonlocal count
         for row in outputs:
             count += 1
-            line = response_line(row if as_lists else _one_sample(row), model, created)
+            line = response_line(row if as_lists else _one_sample(row), model, created, token_bytes)
             yield json.dumps(line, ensure_ascii=False) + "\n"
 
     write_lines_atomic(path, lines())
     return count
 
 
-def response_line(row: dict, model: str, created: int) -> dict:
+def response_line(
+    row: dict, model: str, created: int, token_bytes: TokenBytes | None = None
+) -> dict:
     """The Batch API output record of one finished (or failed) request."""
     custom_id = str(row["id"])
     digest = hashlib.blake2b(custom_id.encode(), digest_size=12).hexdigest()
@@ -363,7 +382,7 @@ def response_line(row: dict, model: str, created: int) -> dict:
         line["error"] = None
         return line
     chat = row.get("url", CHAT_URL) != COMPLETIONS_URL
-    choices = [_choice(row, k, chat) for k in range(len(row["text"]))]
+    choices = [_choice(row, k, chat, token_bytes) for k in range(len(row["text"]))]
     completion_tokens = sum(row["output_tokens"])
     body = {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{digest}",
@@ -396,7 +415,7 @@ def _embeddings_body(row: dict, model: str) -> dict:
     return {"object": "list", "data": data, "model": model, "usage": usage}
 
 
-def _choice(row: dict, k: int, chat: bool) -> dict:
+def _choice(row: dict, k: int, chat: bool, token_bytes: TokenBytes | None) -> dict:
     text = row["text"][k]
     logprobs = None
     token_logprobs = row.get("token_logprobs")
@@ -405,9 +424,13 @@ def _choice(row: dict, k: int, chat: bool) -> dict:
         values = [_logprob(v) for v in token_logprobs[k]]
         top = row["top_logprobs"][k] if row.get("top_logprobs") else None
         if chat:
+            ids = row["token_ids"][k] if row.get("token_ids") else [None] * len(tokens)
             content = [
-                {**_token_logprob(t, v), "top_logprobs": _alternatives(top, i)}
-                for i, (t, v) in enumerate(zip(tokens, values, strict=True))
+                {
+                    **_token_logprob(t, v, token_bytes, token_id),
+                    "top_logprobs": _alternatives(top, i, token_bytes),
+                }
+                for i, (t, v, token_id) in enumerate(zip(tokens, values, ids, strict=True))
             ]
             logprobs = {"content": content}
         else:
@@ -431,8 +454,15 @@ def _choice(row: dict, k: int, chat: bool) -> dict:
     return choice
 
 
-def _token_logprob(token: str, logprob: float) -> dict:
-    return {"token": token, "logprob": _logprob(logprob), "bytes": list(token.encode())}
+def _token_logprob(
+    token: str, logprob: float, token_bytes: TokenBytes | None = None, token_id: int | None = None
+) -> dict:
+    """A token's chat log-prob entry. A token that is part of a character decodes to U+FFFD:
+    its bytes are the tokenizer's own where it is at hand (else U+FFFD's)."""
+    raw = token.encode()
+    if "\ufffd" in token and token_bytes is not None and token_id is not None:
+        raw = token_bytes(token_id)
+    return {"token": token, "logprob": _logprob(logprob), "bytes": list(raw)}
 
 
 LOWEST_LOGPROB = -9999.0  # what JSON gets for a log-prob of -inf (a token the model rules out)
@@ -445,9 +475,13 @@ def _logprob(value: float) -> float:
     return round(value, 6) if math.isfinite(value) else LOWEST_LOGPROB
 
 
-def _alternatives(top: list | None, i: int) -> list[dict]:
+def _alternatives(top: list | None, i: int, token_bytes: TokenBytes | None) -> list[dict]:
     """The chat shape of position i's most likely alternatives ([] where none were asked)."""
-    return [] if top is None else [_token_logprob(a["token"], a["logprob"]) for a in top[i]]
+    if top is None:
+        return []
+    return [
+        _token_logprob(a["token"], a["logprob"], token_bytes, a.get("token_id")) for a in top[i]
+    ]
 
 
 SAMPLE_COLUMNS = (

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections import Counter
@@ -63,10 +64,11 @@ def failed_rows(failed: int, rows: int, input_errors: list[str]) -> str:
     return line
 
 
-def write_responses(layout: OutputLayout, model_path: str) -> None:
+def write_responses(layout: OutputLayout, model_path: str, tokenizer) -> None:
+    from bulkinfer.engines.constraints import token_bytes_of
     from bulkinfer.io.openai_batch import write_responses_file
 
-    lines, errors = write_responses_file(layout, model_path)
+    lines, errors = write_responses_file(layout, model_path, lambda: token_bytes_of(tokenizer))
     log(
         f"wrote {lines:,} OpenAI batch responses to {layout.responses} "
         f"({errors:,} failed, also in {layout.errors.name})"
@@ -186,6 +188,21 @@ def log_next_steps(layout: OutputLayout, responses: bool) -> None:
         print("\n".join(f"  {name:<16} {text}" for name, text in lines))
 
 
+def token_bytes_of_job(spec: dict):
+    """The token id -> bytes of a recorded job's tokenizer (a merge writing an OpenAI job's
+    responses), or None where it cannot be loaded now."""
+    from bulkinfer.engines.constraints import token_bytes_of
+    from bulkinfer.errors import UserError
+    from bulkinfer.model_files import load_tokenizer, resolve_model_files
+    from bulkinfer.spec import load_spec
+
+    try:
+        job = load_spec(None, data=json.loads(json.dumps(spec)))
+        return token_bytes_of(load_tokenizer(resolve_model_files(job.model)))
+    except UserError:
+        return None
+
+
 def merge_if_last(root: OutputLayout, shard: Shard) -> None:
     """The shard that finds every shard done merges them into OUT/outputs."""
     from bulkinfer.state.merge import merge_shards
@@ -194,7 +211,7 @@ def merge_if_last(root: OutputLayout, shard: Shard) -> None:
     if not all(s.state == "done" for s in shard_states(root, shard.count)):
         return
     with writes_reported(root):
-        summary = merge_shards(root)
+        summary = merge_shards(root, token_bytes_of_job)
     log(
         f"all {shard.count} shards done: merged {summary.rows_out:,} rows into "
         f"{root.outputs_dir}; next: bulkinfer report {root.root}",

@@ -119,7 +119,7 @@ def _run_job(
         layout, manifest, inputs.prepared, schema, run_id, started, plan.rows, shard is not None
     )
     if shard is None and folder.job.openai_responses:
-        write_responses(layout, spec.model.path)
+        write_responses(layout, spec.model.path, inputs.setup.tokenizer)
     write_summary(layout, summary, inputs, plan, engine, host_seconds)
     from bulkinfer.engines.select import remember_compiled
 

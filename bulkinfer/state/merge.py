@@ -45,8 +45,9 @@ ADDED_WHERE_PRESENT = (
 )
 
 
-def merge_shards(root: OutputLayout) -> Summary:
+def merge_shards(root: OutputLayout, token_bytes_for=None) -> Summary:
     """Write OUT/outputs/, OUT/stats/batches.parquet and OUT/summary.json from the shards.
+    `token_bytes_for(spec)`: the job's token id -> bytes, for an OpenAI job's responses.
 
     Shards finishing together may both try: a lock file lets one merge and the other see it."""
     import fcntl
@@ -57,10 +58,10 @@ def merge_shards(root: OutputLayout) -> Summary:
         raise UserError(f"{root.root}: no shards to merge (bulkinfer run --shard I/N writes them)")
     with open(root.merge_lock, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _merge_locked(root)
+        return _merge_locked(root, token_bytes_for)
 
 
-def _merge_locked(root: OutputLayout) -> Summary:
+def _merge_locked(root: OutputLayout, token_bytes_for) -> Summary:
     counts = shard_counts(root)  # some: merge_shards checked before taking the lock
     if len(counts) > 1:
         raise UserError(
@@ -93,7 +94,9 @@ def _merge_locked(root: OutputLayout) -> Summary:
     if jobs[0].openai_responses:
         from bulkinfer.io.openai_batch import write_responses_file
 
-        write_responses_file(root, jobs[0].spec["model"]["path"])
+        spec = jobs[0].spec
+        given = (lambda: token_bytes_for(spec)) if token_bytes_for else None
+        write_responses_file(root, spec["model"]["path"], given)
     _merge_stats(root, shards)
     summary = merge_summaries(summaries)
     summary.write(root.summary)
