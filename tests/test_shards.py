@@ -274,3 +274,22 @@ def test_overwrite_with_another_split_retires_the_old_split_and_its_merge(shard_
     _same(out, reference)
     assert json.loads((out / "summary.json").read_text())["shards"] == 2
     assert "2 of 2 shards done; ETA done; outputs merged" in cli("status", str(out)).output
+
+
+def test_a_shard_run_with_other_settings_than_its_siblings_is_refused_before_any_batch(
+    shard_job,
+):
+    """Its merge could never run: it was found there, after every batch had run."""
+    make, reference = shard_job
+    job = make("unlike")
+    out = job.parent / "unlike"
+    assert cli("run", str(job), "--shard", "0/2").exit_code == 0
+    other = cli("run", str(job), "--shard", "1/2", "--set", "task.max_new_tokens=3")
+    assert other.exit_code == 2, other.output
+    line = other.output.strip()
+    assert "\n" not in line and "shard 0/2" in line and "task.max_new_tokens" in line, line
+    parts = out / "shards" / "shard-00001-of-00002" / "checkpoint" / "parts"
+    assert not parts.exists() or not list(parts.iterdir())  # no batch ran
+    again = cli("run", str(job), "--shard", "1/2")
+    assert again.exit_code == 0, again.output
+    _same(out, reference)

@@ -4,6 +4,7 @@ keeps there, so a resume runs the very same batches; the batches still to do."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 
@@ -15,7 +16,7 @@ from bulkinfer.observe.progress import log, set_log_context
 from bulkinfer.planner import Batch, padding_fraction
 from bulkinfer.sharding import Shard
 from bulkinfer.state.fingerprint import fingerprint, input_files_digest
-from bulkinfer.state.folder import JobFolder, open_job_folder, save_job
+from bulkinfer.state.folder import JobFolder, open_job_folder, refuse_unlike_shards, save_job
 from bulkinfer.state.manifest import Manifest
 
 
@@ -31,6 +32,8 @@ def open_folder(
     if shard is not None:
         prints["shard"] = str(shard)
         set_log_context(shard=str(shard))
+        root = OutputLayout(Path(spec.output.path))
+        refuse_unlike_shards(root, shard.index, shard.count, prints, spec.to_dict(), overwrite)
     return open_job_folder(layout, prints, spec.to_dict(), overwrite)
 
 

@@ -122,6 +122,45 @@ def refuse_other_counts(root: OutputLayout, count: int, overwrite: bool) -> None
         root.summary.unlink(missing_ok=True)
 
 
+def refuse_unlike_shards(
+    root: OutputLayout, index: int, count: int, prints: dict, spec: dict, overwrite: bool
+) -> None:
+    """A shard whose sibling shards ran another job (other settings, model or input): refused
+    before any work, naming the sibling and what differs (its merge could never run; it was
+    found there, after every batch). --overwrite skips the check."""
+    if overwrite:
+        return
+    for (other, n), folder in root.shard_folders().items():
+        if n != count or other == index:
+            continue
+        record = JobRecord.read_if_there(OutputLayout(folder).job_file)
+        if record is None:
+            continue
+        mismatch = [k for k in ("spec", "model", "input") if record.fingerprint.get(k) != prints[k]]
+        if not mismatch:
+            continue
+        reasons = "; ".join(_WHAT_DIFFERS[k] for k in mismatch)
+        keys = _differing_keys(record.spec, spec) if "spec" in mismatch and record.spec else []
+        if keys:
+            reasons += f" ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        raise OutputFolderError(
+            f"{root.root}: shard {other}/{n} of this job ran another job ({reasons}); run every "
+            "shard with the same job, settings, model and input, or pass --overwrite"
+        )
+
+
+def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two spec mappings."""
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys += _differing_keys(x, y, f"{prefix}{key}.")
+        elif x != y:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
 def refuse_foreign(layout: OutputLayout, overwrite: bool, holding_lock: bool = False) -> None:
     """Refuse a path that is not a folder, or a folder holding files but no bulkinfer job.
 
@@ -200,10 +239,11 @@ def refuse_file_above(root: Path) -> None:
 
 def holds_foreign(layout: OutputLayout) -> bool:
     """Files but no bulkinfer job: besides the lock files, which only say who writes the folder,
-    and the temporary files of ours a killed run left (the job record's among them)."""
+    the temporary files of ours a killed run left (the job record's among them), and the
+    failure record of a shard refused before it recorded its job."""
     if layout.job_file.exists() or layout.shards_dir.is_dir() or not layout.root.is_dir():
         return False
-    ignored = {layout.lock, layout.merge_lock, *layout.leftovers()}
+    ignored = {layout.lock, layout.merge_lock, layout.failed, *layout.leftovers()}
     return any(path not in ignored for path in layout.root.iterdir())
 
 
@@ -255,16 +295,18 @@ def _has_results(layout: OutputLayout) -> bool:
     return not manifest.exists() and parts.is_dir() and any(parts.glob("part-*.parquet"))
 
 
+_WHAT_DIFFERS = {
+    "spec": "the job spec differs",
+    "model": "the model files differ",
+    "input": "the input files changed since the checkpoint was written (names or bytes)",
+    "shard": "it was split into a different number of shards",
+}
+
+
 def _mismatch_message(
     root: Path, mismatch: list[str], recorded: dict[str, str], prints: dict[str, str]
 ) -> str:
-    what = {
-        "spec": "the job spec differs",
-        "model": "the model files differ",
-        "input": "the input files changed since the checkpoint was written (names or bytes)",
-        "shard": "it was split into a different number of shards",
-    }
-    reasons = "; ".join(what[k] for k in mismatch)
+    reasons = "; ".join(_WHAT_DIFFERS[k] for k in mismatch)
     message = (
         f"{root} holds another job's outputs ({reasons}); use another --output or pass --overwrite"
     )
