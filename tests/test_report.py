@@ -341,3 +341,26 @@ def test_length_caption_names_the_chat_template_only_where_prompts_went_through_
 def _card(out, label: str) -> tuple[str, str]:
     """A key-figure card of the report of the job in `out`: (value, note)."""
     return next((v, n) for name, v, n in key_figures(read_job(out)) if name == label)
+
+
+def test_a_summary_edited_so_a_figure_is_no_number_is_read_as_unfinished(tmp_path, tiny_model):
+    """report and status read the checkpoint instead (both stopped with a traceback), and the
+    next run writes the summary again from the committed parts."""
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", sample_prompts(6)),
+        tmp_path / "out",
+        task={"max_new_tokens": 3},
+    )
+    assert cli("run", str(job)).exit_code == 0
+    summary_file = tmp_path / "out" / "summary.json"
+    summary = json.loads(summary_file.read_text())
+    for edit in ({"rows_out": "x"}, {"wall_seconds": None}):
+        summary_file.write_text(json.dumps({**summary, **edit}))
+        assert cli("report", str(tmp_path / "out")).exit_code == 0
+        status = cli("status", str(tmp_path / "out"))
+        assert status.exit_code == 0 and "stopped" in status.output, status.output
+        again = cli_subprocess("run", str(job))
+        assert again.returncode == 0 and "summary.json has no number for" in again.stderr
+        assert json.loads(summary_file.read_text())["rows_out"] == 6

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from bulkinfer.errors import UserError
 from bulkinfer.io.layout import OutputLayout
+from bulkinfer.state.folder import unreadable_figures
 from bulkinfer.state.manifest import read_manifest
 from bulkinfer.state.records import JobRecord, Summary
 from bulkinfer.state.status import ShardState, job_states
@@ -139,9 +140,12 @@ def _job(folder: OutputLayout) -> dict | None:
 
 
 def _summary(folder: OutputLayout) -> dict | None:
-    """summary.json of a complete job, else None."""
+    """summary.json of a complete job, else None (also one whose figures are not numbers: an
+    edited file; the report then reads the checkpoint, as for a job still running)."""
     summary = Summary.read_if_there(folder.summary)
-    return summary.to_dict() if summary else None
+    if summary is None or unreadable_figures(summary.to_dict()):
+        return None
+    return summary.to_dict()
 
 
 def _batches(root: OutputLayout, folders: list[OutputLayout], summary: dict | None) -> list[dict]:
