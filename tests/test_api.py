@@ -98,3 +98,5 @@ def test_paths_are_taken_and_wrong_types_refused_before_any_work(tmp_path, tiny_
         bulkinfer.load(job, task={"temperature": float("nan")})
     with pytest.raises(TypeError, match="not int"):
         bulkinfer.load(42)
+    with pytest.raises(SpecError, match="is a folder; give the job's YAML file"):
+        bulkinfer.load(tmp_path)

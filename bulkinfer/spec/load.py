@@ -71,6 +71,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _read_yaml(path: Path) -> dict:
+    if path.is_dir():
+        raise SpecError(f"{path} is a folder; give the job's YAML file")
     if not path.is_file():
         raise SpecError(f"{path}: no such job spec file")
     try:
