@@ -116,3 +116,55 @@ def _schema_of(response_format: dict) -> dict:
             "(json_schema.schema, or schema)"
         )
     return schema
+
+
+def breaks_schema(grammar: str, text: str) -> bool:
+    """Whether a JSON text its grammar completed still breaks its schema where llguidance
+    lets it through: a key repeated in an object open to other keys, or (with the jsonschema
+    package) any other rule, such as an exclusive bound on a narrow number range. False for
+    grammars that are not JSON schemas."""
+    schema = _json_schema_of(grammar)
+    if schema is None:
+        return False
+    try:
+        value = json.loads(text, object_pairs_hook=_unique_keys)
+    except ValueError:  # a repeated key, or (never after a completed grammar) not JSON
+        return True
+    validator = _validator_of(grammar)
+    return validator is not None and not validator.is_valid(value)
+
+
+@functools.lru_cache(maxsize=256)
+def _validator_of(grammar: str):
+    """A jsonschema validator of the grammar's schema; None without the package, or for a
+    schema llguidance reads and jsonschema does not."""
+    try:
+        import jsonschema
+    except ImportError:
+        return None
+    schema = _json_schema_of(grammar)
+    try:
+        cls = jsonschema.validators.validator_for(schema)
+        cls.check_schema(schema)
+    except jsonschema.exceptions.SchemaError:
+        return None
+    return cls(schema)
+
+
+@functools.lru_cache(maxsize=256)
+def _json_schema_of(grammar: str) -> dict | None:
+    try:
+        parts = json.loads(grammar).get("grammars") or []
+    except (ValueError, AttributeError):
+        return None
+    schema = parts[0].get("json_schema") if len(parts) == 1 else None
+    if not isinstance(schema, dict):
+        return None
+    return {k: v for k, v in schema.items() if k != "x-guidance"}
+
+
+def _unique_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) < len(keys):
+        raise ValueError("a key repeated")
+    return dict(pairs)

@@ -17,6 +17,7 @@ from conftest import (
     ROOT,
     child_env,
     cli,
+    cli_subprocess,
     one_thread,
     read_outputs,
     sample_prompts,
@@ -145,7 +146,7 @@ def test_rows_cut_short_are_counted_in_the_summary_and_the_log(tmp_path, tiny_mo
     assert cut > 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["constrained_cut_short"] == cut
-    assert f"{cut:,} samples kept to a response_format ended before" in result.output
+    assert f"{cut:,} samples kept to a response_format are not whole, valid answers" in result.output
     plain = _job(tmp_path, tiny_model, "plain", rows=4, engine=engine, max_new_tokens=6)
     assert cli("run", str(plain)).exit_code == 0
     assert "constrained_cut_short" not in json.loads(
@@ -425,3 +426,47 @@ def test_a_constrained_row_done_before_its_batch_takes_no_more_tokens(tmp_path, 
     assert "Parser Error" not in proc.stderr, proc.stderr
     rows = {r["id"]: r for r in read_outputs(tmp_path / "out").to_pylist()}
     assert rows["short"]["output_tokens"] == [2] and rows["long"]["output_tokens"] == [8]
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {  # an object open to other keys: llguidance lets a key repeat
+            "type": "object",
+            "patternProperties": {"^[ab]$": {"type": "integer", "minimum": 0, "maximum": 9}},
+            "additionalProperties": False,
+            "minProperties": 2,
+            "maxProperties": 2,
+        },
+        {  # an exclusive bound on a range narrower than 1: llguidance lets the bound through
+            "type": "object",
+            "properties": {"n": {"type": "number", "exclusiveMinimum": 0, "maximum": 0.5}},
+            "required": ["n"],
+            "additionalProperties": False,
+        },
+    ],
+    ids=["repeated-key", "exclusive-bound"],
+)
+def test_completed_json_that_breaks_its_schema_is_counted(tmp_path, tiny_model, schema):
+    """The grammar completed (finish_reason stop) and the text still breaks the schema: it is
+    counted with the texts that are not whole answers, and the run warns."""
+    fmt = {"type": "json_schema", "schema": schema}
+    job = _job(tmp_path, tiny_model, "out", rows=16, temperature=1.0, seed=3, response_format=fmt)
+    done = cli_subprocess("run", str(job))
+    assert done.returncode == 0, done.stderr
+    rows = read_outputs(tmp_path / "out").to_pylist()
+
+    def valid(text: str) -> bool:
+        pairs = json.loads(text, object_pairs_hook=lambda p: p)
+        keys = [k for k, _ in pairs] if isinstance(pairs, list) else []
+        return len(keys) == len(set(keys)) and jsonschema.Draft202012Validator(schema).is_valid(
+            json.loads(text)
+        )
+
+    broken = [r for r in rows if r["finish_reason"] == "stop" and not valid(r["text"])]
+    cut = [r for r in rows if r["finish_reason"] == "length"]
+    assert broken, "no completed text broke the schema: the test did not test it"
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["constrained_cut_short"] >= len(broken)
+    assert summary["constrained_cut_short"] <= len(broken) + len(cut)
+    assert "breaks its schema" in done.stderr

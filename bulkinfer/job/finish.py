@@ -167,9 +167,11 @@ def write_summary(
     cut_short = summary.details.get("constrained_cut_short")
     if cut_short:
         log(
-            f"{cut_short:,} samples kept to a response_format ended before the format was "
-            "complete (their text does not parse): at their token limit (finish_reason length; "
-            "raise max_tokens, task.max_new_tokens) or at a stop string (task.stop)",
+            f"{cut_short:,} samples kept to a response_format are not whole, valid answers of "
+            "it: ended at their token limit (finish_reason length; raise max_tokens, "
+            "task.max_new_tokens) or at a stop string (task.stop) before the format was "
+            "complete, or JSON that breaks its schema where the grammar library lets it through "
+            "(a repeated key, an exclusive bound)",
             level="warning",
         )
     if log_format() == "plain":

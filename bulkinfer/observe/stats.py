@@ -212,8 +212,9 @@ def format_summary(summary: dict) -> str:
         lines.append(
             (
                 "cut short",
-                f"{summary['constrained_cut_short']:,} samples kept to a response_format reached "
-                "their token limit first (finish_reason length): not valid; raise max_tokens",
+                f"{summary['constrained_cut_short']:,} samples kept to a response_format are "
+                "not whole, valid answers of it (cut at their token limit or by a stop string, "
+                "or JSON breaking its schema): see the warning of the run",
             )
         )
     if "peak_flops_fraction" in summary:

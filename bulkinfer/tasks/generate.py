@@ -18,7 +18,7 @@ from bulkinfer.engines.base import GenerateRequests, whole_groups
 from bulkinfer.engines.constraints import completes, ll_tokenizer
 from bulkinfer.engines.sampling import SamplingParams, row_key
 from bulkinfer.engines.stops import truncate_at_stop
-from bulkinfer.grammars import grammar_for, grammar_of_json
+from bulkinfer.grammars import breaks_schema, grammar_for, grammar_of_json
 from bulkinfer.prepare import PreparedRows
 from bulkinfer.spec import TaskSpec
 from bulkinfer.tasks.base import BatchResult, load_causal_lm
@@ -227,13 +227,14 @@ class GenerateTask:
         return Sample(text, len(gen.tokens), reason, token_ids, tokens, token_logprobs, top)
 
     def _cut_short(self, sample: Sample, params) -> bool:
-        """Whether a constrained sample's text is not a whole answer of its grammar: one that
-        ended at its token limit before the grammar completed, or that a stop string cut. A
-        row that ended at its end token has a whole answer (the grammar allows that token
-        only once complete)."""
-        if sample.finish_reason != "length" and not params.stop:
-            return False
-        return not completes(self.tokenizer, params.grammar, sample.text)
+        """Whether a constrained sample's text is not a whole, valid answer of its format: one
+        that ended at its token limit before the grammar completed, or that a stop string cut
+        (a row that ended at its end token completed it: the grammar allows that token only
+        then), or JSON that breaks its schema where the grammar library lets it through."""
+        completed = sample.finish_reason != "length" and not params.stop
+        if not completed and not completes(self.tokenizer, params.grammar, sample.text):
+            return True
+        return breaks_schema(params.grammar, sample.text)
 
     def _token_texts(self, ids: list[int]) -> list[str]:
         """Each token's own text (a token that is part of a character decodes to U+FFFD)."""
