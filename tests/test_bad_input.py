@@ -11,6 +11,7 @@ from conftest import (
     cli_subprocess,
     read_outputs,
     sample_prompts,
+    set_model,
     write_job,
     write_jsonl,
     write_parquet,
@@ -521,3 +522,24 @@ def test_a_keep_column_mixing_types_names_the_line_at_fault(tmp_path, tiny_model
     path = write_jsonl(tmp_path / "in.jsonl", rows)
     job = _job(tmp_path, tiny_model, path, input={"keep_columns": ["meta"]})
     _fails_cleanly(cli("run", str(job)), "in.jsonl:4:", "'meta'", "mixes value types")
+
+
+def test_a_prompt_over_the_context_is_told_so_and_a_kernel_the_fast_engine_skips_is_named(
+    tmp_path, tiny_model
+):
+    """A generate prompt longer than the context: "more than the model's context" (it was told
+    it leaves no room to generate); model.engine: fast with model.attn_implementation: the
+    kernel is not used, and the run says so."""
+    inputs = write_jsonl(
+        tmp_path / "in.jsonl",
+        [{"id": "short", "prompt": "hello there"}, {"id": "long", "prompt": "word " * 2000}],
+    )
+    job = _job(tmp_path, tiny_model, inputs, task={"max_new_tokens": 2})
+    set_model(job, engine="fast", attn_implementation="eager")
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output
+    assert "model.attn_implementation eager is not used" in result.output
+    outputs = read_outputs(tmp_path / "out").to_pydict()
+    errors = dict(zip(outputs["id"], outputs["error"], strict=True))
+    assert errors["short"] is None
+    assert "more than the model's context of 512" in errors["long"], errors["long"]

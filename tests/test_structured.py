@@ -146,7 +146,9 @@ def test_rows_cut_short_are_counted_in_the_summary_and_the_log(tmp_path, tiny_mo
     assert cut > 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["constrained_cut_short"] == cut
-    assert f"{cut:,} samples kept to a response_format are not whole, valid answers" in result.output
+    assert (
+        f"{cut:,} samples kept to a response_format are not whole, valid answers" in result.output
+    )
     plain = _job(tmp_path, tiny_model, "plain", rows=4, engine=engine, max_new_tokens=6)
     assert cli("run", str(plain)).exit_code == 0
     assert "constrained_cut_short" not in json.loads(

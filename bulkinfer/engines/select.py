@@ -96,7 +96,16 @@ def choose_kind(options: LoadOptions, config: Any) -> tuple[str, str | None]:
     blocker = config_blocker(config)
     if blocker and fp8_keys(options):
         raise fp8_needs_fast(fp8_keys(options), options.label, blocker)
-    return ("reference", blocker) if blocker else ("fast", None)
+    if blocker:
+        return "reference", blocker
+    if options.attn_implementation is not None:
+        log(
+            f"model.attn_implementation {options.attn_implementation} is not used: the fast "
+            "engine runs its own attention (model.engine: reference runs the named kernel)",
+            event="engine",
+            level="warning",
+        )
+    return "fast", None
 
 
 # model.engine auto on a GPU weighs compiling the fast engine against what the reference engine

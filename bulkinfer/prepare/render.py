@@ -151,7 +151,9 @@ def length_problem(n_tokens: int, options: RenderOptions, what: str = "prompt") 
     limit = options.max_context
     if limit is None:
         return None
-    if options.reserve_new_tokens and n_tokens >= limit:
+    if options.reserve_new_tokens and n_tokens > limit:
+        return f"{what} has {n_tokens} tokens, more than the model's context of {limit}"
+    if options.reserve_new_tokens and n_tokens == limit:
         return f"{what} has {n_tokens} tokens; the model's context is {limit}, leaving no room to generate"
     if n_tokens > limit:
         hint = f"; task.truncate: true keeps the first {limit}" if options.can_truncate else ""
