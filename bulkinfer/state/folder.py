@@ -14,7 +14,7 @@ from bulkinfer.errors import OutputFolderError
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.lock import holder_text, in_use, is_locked
 from bulkinfer.observe.progress import log
-from bulkinfer.state.records import JobRecord, read_json
+from bulkinfer.state.records import SUMMARY_TOTALS, JobRecord, read_json
 
 
 @dataclass
@@ -180,17 +180,7 @@ def refuse_foreign(layout: OutputLayout, overwrite: bool, holding_lock: bool = F
 
 
 # what a finished job's summary.json must hold as numbers (status, report and merge read them)
-SUMMARY_NUMBERS = (
-    "rows_in",
-    "rows_out",
-    "batches",
-    "input_tokens",
-    "output_tokens",
-    "padded_tokens",
-    "model_seconds",
-    "oom_splits",
-    "wall_seconds",
-)
+SUMMARY_NUMBERS = (*SUMMARY_TOTALS, "wall_seconds")
 
 
 def finished_damage(layout: OutputLayout) -> str | None:

@@ -18,19 +18,9 @@ from bulkinfer.io.atomic import write_parquet_atomic
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.outputs import write_sorted_outputs
 from bulkinfer.state.folder import finished_damage
-from bulkinfer.state.records import JobRecord, Summary
+from bulkinfer.state.records import SUMMARY_TOTALS, JobRecord, Summary
 from bulkinfer.state.status import shard_counts, shard_states
 
-ADDED = (
-    "rows_in",
-    "rows_out",
-    "batches",
-    "input_tokens",
-    "output_tokens",
-    "padded_tokens",
-    "model_seconds",
-    "oom_splits",
-)
 # totals only some jobs report (structured output, shared prefixes, the fast engine's
 # generation time; its per-step averages are left to each shard's own summary)
 ADDED_WHERE_PRESENT = (
@@ -108,16 +98,17 @@ def _checked_shard(root: OutputLayout, shard: OutputLayout, job: JobRecord, name
     all read before the merge writes anything (a shard whose outputs were removed, cut short
     or corrupted, or whose summary was edited, stopped the merge half-way with a traceback)."""
     problem = finished_damage(shard)
+    summary = Summary.read_if_there(shard.summary)
     if isinstance(job.rows, bool) or not isinstance(job.rows, int):
         problem = f"{shard.job_file.name} has no row count"
-    elif problem is None and Summary.read_if_there(shard.summary).rows_out != job.rows:
+    elif problem is None and summary.rows_out != job.rows:
         problem = f"{shard.outputs_dir.name}/ holds rows of another split"
     if problem:
         raise UserError(
             f"{root.root}: cannot merge, shard {name}: {problem}; rerun that shard "
             f"(bulkinfer run JOB --shard {name}) to write it again from its checkpoint"
         )
-    return Summary.read_if_there(shard.summary)
+    return summary
 
 
 def _read_outputs(shard: OutputLayout) -> Iterator[pa.Table]:
@@ -141,7 +132,7 @@ def merge_summaries(shards: list[Summary]) -> Summary:
     """Totals add up; wall time is the slowest shard's, since shards run side by side; the
     model's share of the wall and the seconds outside it are of all shards' seconds."""
     summaries = [s.to_dict() for s in shards]
-    merged = {key: sum(s.get(key, 0) for s in summaries) for key in ADDED}
+    merged = {key: sum(s.get(key, 0) for s in summaries) for key in SUMMARY_TOTALS}
     statuses: dict[str, int] = {}
     for s in summaries:
         for k, v in s["rows_by_status"].items():

@@ -71,6 +71,19 @@ class JobRecord:
         return cls.from_dict({"spec": {}, **data})
 
 
+# the figures of a summary that add up across shards (a merge sums them)
+SUMMARY_TOTALS = (
+    "rows_in",
+    "rows_out",
+    "batches",
+    "input_tokens",
+    "output_tokens",
+    "padded_tokens",
+    "model_seconds",
+    "oom_splits",
+)
+
+
 @dataclass
 class Summary:
     """summary.json: the numbers people read in the morning. `details` holds what only some
