@@ -157,6 +157,17 @@ def test_completions_requests_and_bad_requests(tmp_path, tiny_model):
                 "json_schema": {"schema": {"type": "string", "const": "a\ud800"}},
             },
         ),
+        _chat_request(11, max_completion_tokens=4),  # both limits, differing: which one?
+        _chat_request(12, max_completion_tokens=1 + 12 % 5),  # both, equal: fine
+        {**_chat_request(13), "body": {"messages": [{"role": "robot", "content": "hi"}]}},
+        {
+            **_chat_request(14),
+            "body": {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+        },
+        {
+            **_chat_request(15),
+            "body": {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+        },
     ]
     responses = _run(tmp_path, tiny_model, requests, chat_template="never")
     by_id = {r["custom_id"]: r for r in responses}
@@ -176,6 +187,7 @@ def test_completions_requests_and_bad_requests(tmp_path, tiny_model):
     text = tokenizer.decode(ref[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert choice["text"] == truncate_at_stop(text, ())[0]
     assert by_id["request-1"]["error"] is None  # neutral values of unsupported fields are fine
+    assert by_id["request-12"]["error"] is None
     for custom_id, fragment in [
         ("request-2", "body.tools"),
         ("request-3", "body.top_logprobs"),
@@ -186,6 +198,10 @@ def test_completions_requests_and_bad_requests(tmp_path, tiny_model):
         ("request-8", "body.seed"),
         ("request-9", "body.max_tokens"),
         ("request-10", "body.response_format is not valid Unicode: a lone surrogate"),
+        ("request-11", "body.max_tokens and body.max_completion_tokens differ (2 and 4); give one"),
+        ("request-13", 'body.messages[0].role is "robot", expected one of system, developer'),
+        ("request-14", "body.messages[0].content[0].text is null, expected a string"),
+        ("request-15", "body.messages[0].content[0].text is 5, expected a string"),
     ]:
         line = by_id[custom_id]
         assert line["response"]["status_code"] == 400, custom_id

@@ -63,6 +63,8 @@ NEUTRAL = {
     "tool_choice": ("none", "auto"),
     "parallel_tool_calls": (True, False),
 }
+# The roles a chat message may have (the API's; `developer` is read as `system`).
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 # Body fields that never change the generated text.
 IGNORED = {"model", "user", "metadata", "store", "stream_options", "service_tier"}
 
@@ -139,7 +141,13 @@ def _settings(body: dict, url: str) -> dict:
         if value is None or name in IGNORED or name in ("messages", "prompt"):
             continue
         if name in ("max_tokens", "max_completion_tokens"):
-            settings["max_new_tokens"] = _number(name, value, int, 1)
+            limit = _number(name, value, int, 1)
+            if settings.get("max_new_tokens", limit) != limit:
+                raise RequestProblem(
+                    "body.max_tokens and body.max_completion_tokens differ "
+                    f"({body['max_tokens']} and {body['max_completion_tokens']}); give one"
+                )
+            settings["max_new_tokens"] = limit
         elif name == "temperature":
             settings["temperature"] = _number(name, value, float, 0.0, 2.0)
         elif name == "top_p":
@@ -257,13 +265,24 @@ def _chat_messages(value: Any) -> list[dict]:
         if not isinstance(message, dict) or "role" not in message:
             raise RequestProblem(f"body.messages[{k}] is not an object with a role")
         message = dict(message)
+        if message["role"] not in ROLES:
+            raise RequestProblem(
+                f"body.messages[{k}].role is {json.dumps(message['role'])[:40]}, "
+                f"expected one of {', '.join(ROLES)}"
+            )
         content = message.get("content")
         if isinstance(content, list):
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
                 raise RequestProblem(
                     f"body.messages[{k}].content has non-text parts, which are not supported"
                 )
-            message["content"] = "".join(str(p.get("text", "")) for p in content)
+            for j, part in enumerate(content):
+                if not isinstance(part.get("text"), str):
+                    raise RequestProblem(
+                        f"body.messages[{k}].content[{j}].text is "
+                        f"{json.dumps(part.get('text'))[:40]}, expected a string"
+                    )
+            message["content"] = "".join(part["text"] for part in content)
         if message["role"] == "developer":
             message["role"] = "system"
         messages.append(message)

@@ -158,7 +158,7 @@ def merge_summaries(shards: list[Summary]) -> Summary:
         complete=True,
         shards=len(summaries),
         task=summaries[0].get("task"),
-        device=sorted({s.get("device", "?") for s in summaries}),
+        device=", ".join(sorted({str(s.get("device", "?")) for s in summaries})),
         rows_by_status=statuses,
         wall_seconds=wall,
         shard_wall_seconds={"slowest": slowest, "fastest": fastest},
