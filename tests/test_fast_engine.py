@@ -278,3 +278,48 @@ def test_a_compiler_that_fails_leaves_the_forward_unfused(engines, capsys):
     assert [s for s, _ in ours] == pytest.approx([s for s, _ in theirs], rel=1e-5)
     assert capsys.readouterr().err.count("compiling the fused forward failed (") == 1
     torch._dynamo.reset()
+
+
+def test_engines_of_many_models_in_one_process_all_compile(tmp_path):
+    """The layer functions of every engine share their source: dynamo keeps 8 compiled
+    variants of one code object, and a process that built engines for a few models and
+    settings (a notebook running jobs in turn) failed the next job's first forward. Each
+    engine's functions now compile on their own, and none falls back to running unfused."""
+    from tiny_model import train_tokenizer
+    from transformers import AutoConfig
+
+    tokenizer = train_tokenizer()
+    ids = torch.tensor(random_sequences(1, len(tokenizer), seed=3)[0])
+    positions = torch.arange(len(ids))
+
+    def attend(layer, q, k, v):  # one causal sequence, grouped heads repeated
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True
+        )
+        return out.transpose(0, 1)
+
+    variants = 0
+    for arch in ("llama", "qwen2", "qwen3"):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for heads in (4, 8)[: 1 + (arch == "llama")]:
+                config = AutoConfig.for_model(
+                    arch,
+                    vocab_size=len(tokenizer),
+                    hidden_size=32,
+                    intermediate_size=48,
+                    num_hidden_layers=2,
+                    num_attention_heads=heads,
+                    num_key_value_heads=2,
+                    head_dim=8,
+                )
+                torch.manual_seed(0)
+                model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+                with torch.no_grad():
+                    compiled = Decoder(model, backend="eager")
+                    got = compiled.hidden(ids, positions, attend)
+                    want = Decoder(model).hidden(ids, positions, attend)
+                assert not compiled.fell_back, (arch, dtype, heads)
+                assert torch.equal(got, want), (arch, dtype, heads)
+                variants += 1
+    assert variants > 8  # more than dynamo keeps of one code object

@@ -81,6 +81,25 @@ def compiled_marker(folder: Path | None, device_name: str, config) -> Path | Non
     return folder / "compile" / f"torch-{torch.__version__.split('+')[0]}-{gpu}" / f"{shape}.done"
 
 
+# raised (fullgraph) when a function's code has been compiled for more variants than dynamo keeps
+COMPILE_LIMIT = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", RuntimeError)
+
+
+def own_code(fn):
+    """`fn` with a copy of its code object. Dynamo keeps its compiled variants, and counts them
+    against its recompile limit (8), per code object: the layer functions of every engine a
+    process builds share one code, so a process that ran jobs on a few models or settings (a
+    notebook, a script calling bulkinfer.run in turn) hit the limit and the next job failed."""
+    import types
+
+    copy = types.FunctionType(
+        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+    )
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__qualname__ = fn.__qualname__
+    return copy
+
+
 class Compiled:
     """`fn` compiled, or `fn` itself once compiling it has failed; `failed(exc)` is told."""
 
@@ -88,12 +107,12 @@ class Compiled:
         self.eager = fn
         self.failed = failed
         # dynamic=None: sizes are static except those the caller marks dynamic
-        self.run = torch.compile(fn, dynamic=None, fullgraph=True, backend=backend)
+        self.run = torch.compile(own_code(fn), dynamic=None, fullgraph=True, backend=backend)
 
     def __call__(self, *args):
         try:
             return self.run(*args)
-        except torch._dynamo.exc.TorchDynamoException as exc:
+        except (torch._dynamo.exc.TorchDynamoException, COMPILE_LIMIT) as exc:
             if self.run is self.eager:
                 raise
             self.run = self.eager
