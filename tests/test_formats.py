@@ -101,13 +101,17 @@ def test_output_folder_opens_with_datasets_and_pyarrow_dataset(tmp_path, tiny_mo
     outputs = tmp_path / "out" / "outputs"
     by_arrow = pads.dataset(str(outputs), format="parquet").to_table()
     assert by_arrow.equals(expected)
-    loaded = datasets.load_dataset("parquet", data_files=str(outputs / "*.parquet"), split="train")
+    # a cache of this test's own: one a run before filled at the same path would be read back
+    cache = str(tmp_path / "hf-cache")
+    loaded = datasets.load_dataset(
+        "parquet", data_files=str(outputs / "*.parquet"), split="train", cache_dir=cache
+    )
     assert loaded.column_names == expected.column_names
     assert loaded.num_rows == len(ROWS)
     assert loaded.to_list() == expected.to_pylist()
     # The whole job folder holds stats and checkpoint parts too; the dataset card at its root
     # points `load_dataset` at the outputs only.
-    whole = datasets.load_dataset(str(tmp_path / "out"), split="train")
+    whole = datasets.load_dataset(str(tmp_path / "out"), split="train", cache_dir=cache)
     assert whole.to_list() == expected.to_pylist()
 
 

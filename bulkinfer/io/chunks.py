@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from bulkinfer.errors import InputError
 from bulkinfer.faults import size_setting
 
 CHUNK_ROWS = size_setting("BULKINFER_CHUNK_ROWS", 8192)
@@ -24,6 +25,18 @@ class ColumnNames:
     choices: str | None = None
     # OpenAI batch input: the request urls the job answers (others are row errors); None: all
     request_urls: tuple[str, ...] | None = None
+    # the column that would have been the ids had the first row had it ('id', no id_column
+    # set): a row or file that has it is refused, since its ids would be replaced by positions
+    absent_id: str | None = None
+
+    def refuse_absent_id(self, names, where: str, what: str) -> None:
+        """An error if `names` (a row's fields, a file's columns: `what`) hold `absent_id`."""
+        if self.absent_id is not None and self.absent_id in names:
+            raise InputError(
+                f"{where} has an '{self.absent_id}' {what}, but the input's first rows have "
+                f"none, so row positions are the ids: give every row an '{self.absent_id}' "
+                "(or none), or name the id column with input.id_column"
+            )
 
 
 @dataclass(frozen=True)

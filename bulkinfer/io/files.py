@@ -79,9 +79,12 @@ def resolve_input_files(
 
 def _folder_inputs(folder: str, fmt: str, split: str | None) -> list[str]:
     """Data files under a folder, in sorted order; a saved dataset inside it is one input (its
-    state.json is not read as JSONL)."""
+    state.json is not read as JSONL). Files and folders whose names start with '.' or '_' are
+    passed over, as pyarrow's datasets do (a notebook's .ipynb_checkpoints copies, a writer's
+    _temporary parts)."""
     found = []
     for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith((".", "_"))]
         saved = [d for d in dirs if is_saved_dataset(os.path.join(root, d))]
         found += [saved_dataset_split(os.path.join(root, d), split) for d in saved]
         dirs[:] = sorted(d for d in dirs if d not in saved)

@@ -59,6 +59,7 @@ def _read_jsonl(path: str, columns: ColumnNames, max_line_bytes: int) -> Iterato
             record = _long_line_row(path, line_no, record, columns)
         else:
             _check_required_fields(record, columns, f"{path}:{line_no}")
+            columns.refuse_absent_id(record, f"{path}:{line_no}", "field")
             for name in columns.keep:
                 seen_keep[name] = seen_keep[name] or name in record
         rows.append(record)
@@ -126,9 +127,9 @@ def _request_chunk(
     )
 
 
-def _jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
+def _jsonl_records(path: str, max_line_bytes: int = PEEK_LINE_BYTES) -> Iterator[tuple[int, dict]]:
     """The records of a JSONL file, over-long lines left out: for looking at its first rows."""
-    for line_no, record in _jsonl_lines(path, PEEK_LINE_BYTES):
+    for line_no, record in _jsonl_lines(path, max_line_bytes):
         if not isinstance(record, LongLine):
             yield line_no, record
 
@@ -247,7 +248,22 @@ def _jsonl_keep(path: str, rows: list[dict], lines: list[int], names) -> pa.Tabl
             raise InputError(
                 f"{path}:{line}: keep column '{name}' is not valid Unicode (a lone surrogate)"
             ) from None
+        if _empty_struct(keep_arrays[name].type):
+            raise InputError(
+                f"{path}:{lines[0]}: keep column '{name}' has objects without fields ({{}}) "
+                f"throughout lines {lines[0]}-{lines[-1]}, which Parquet cannot store; give "
+                "them a field or drop the column from keep_columns"
+            )
     return pa.table(keep_arrays) if keep_arrays else _empty_table(len(rows))
+
+
+def _empty_struct(kind: pa.DataType) -> bool:
+    """Whether a type holds a struct of no fields (Arrow's type of `{}`) at any depth."""
+    if pa.types.is_struct(kind):
+        return kind.num_fields == 0 or any(_empty_struct(f.type) for f in kind)
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return _empty_struct(kind.value_type)
+    return False
 
 
 def _first_mixed(values: list, lines: list[int]) -> int:

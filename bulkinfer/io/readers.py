@@ -27,6 +27,7 @@ from bulkinfer.io.chunks import (
 )
 from bulkinfer.io.files import DataFile, suffix_layout
 from bulkinfer.io.jsonl import (
+    PEEK_LINE_BYTES,
     _json_file,
     _jsonl_records,
     _read_jsonl,
@@ -73,6 +74,7 @@ def _read_parquet(path: str, columns: ColumnNames) -> Iterator[InputChunk]:
 def _check_columns(path: str, names: list[str], columns: ColumnNames) -> list[str]:
     """The columns to read, all present in `names`, or an error naming the missing one."""
     wanted = _wanted_columns(columns)
+    columns.refuse_absent_id(names, path, "column")
     for name in wanted:
         if name not in names:
             raise InputError(
@@ -83,16 +85,36 @@ def _check_columns(path: str, names: list[str], columns: ColumnNames) -> list[st
 
 
 def _table_chunk(path: str, first_row: int, table: pa.Table, columns: ColumnNames) -> InputChunk:
+    try:
+        prompts = table.column(columns.prompt).to_pylist()
+        completions = _pylist(table, columns.completion)
+        ids = _pylist(table, columns.id)
+        choices = _pylist(table, columns.choices)
+    except UnicodeDecodeError:  # a writer that does not check UTF-8 (Arrow reads it as is)
+        raise InputError(_not_utf8(path, first_row, table, columns)) from None
     return InputChunk(
         path=path,
         first_row_in_file=first_row,
-        prompts=table.column(columns.prompt).to_pylist(),
-        completions=_pylist(table, columns.completion),
-        ids=_pylist(table, columns.id),
+        prompts=prompts,
+        completions=completions,
+        ids=ids,
         keep=table.select(list(columns.keep)),
         lines=None,
-        choices=_pylist(table, columns.choices),
+        choices=choices,
     )
+
+
+def _not_utf8(path: str, first_row: int, table: pa.Table, columns: ColumnNames) -> str:
+    """Where a chunk's text is not valid UTF-8: the first row and column found."""
+    for name in (columns.id, columns.prompt, columns.completion, columns.choices):
+        if name is None:
+            continue
+        for i, value in enumerate(table.column(name)):
+            try:
+                value.as_py()
+            except UnicodeDecodeError:
+                return f"{path}: row {first_row + i}: column '{name}' is not valid UTF-8"
+    return f"{path}: rows from {first_row}: text that is not valid UTF-8"
 
 
 def _saved_dataset_table(folder: str) -> pa.Table:
@@ -113,10 +135,23 @@ def _saved_dataset_table(folder: str) -> pa.Table:
 def _read_saved_dataset(folder: str, columns: ColumnNames) -> Iterator[InputChunk]:
     table = _saved_dataset_table(folder)
     wanted = _check_columns(folder, table.column_names, columns)
+    _refuse_json_text(folder, table.schema, wanted)
     row = 0
     for batch in table.select(wanted).to_batches(max_chunksize=CHUNK_ROWS):
         yield _table_chunk(folder, row, pa.Table.from_batches([batch]), columns)
         row += batch.num_rows
+
+
+def _refuse_json_text(path: str, schema: pa.Schema, wanted: list[str]) -> None:
+    """`datasets` stores a column whose values mix types as JSON text (its Json feature, an
+    Arrow extension type): read as is, its strings would keep their quotes. Refused, named."""
+    for name in wanted:
+        kind = schema.field(name).type
+        if isinstance(kind, pa.BaseExtensionType):
+            raise InputError(
+                f"{path}: column '{name}' is {kind} (datasets stores a column whose values mix "
+                "types as JSON text); give its values one type"
+            )
 
 
 def _read_through_datasets(path: str, columns: ColumnNames) -> Iterator[InputChunk]:
@@ -130,6 +165,7 @@ def _read_through_datasets(path: str, columns: ColumnNames) -> Iterator[InputChu
     except Exception as exc:  # the library's own parse errors name the problem
         raise InputError(f"{path}: datasets could not load it ({first_line(exc)})") from None
     wanted = _check_columns(path, dataset.column_names, columns)
+    _refuse_json_text(path, dataset.data.schema, wanted)
     row = 0
     for table in dataset.select_columns(wanted).with_format("arrow").iter(batch_size=CHUNK_ROWS):
         yield _table_chunk(path, row, table, columns)
@@ -148,8 +184,9 @@ def import_datasets():
     return datasets
 
 
-def peek_columns(file: DataFile) -> list[str]:
-    """The column names of a file's schema (Parquet, a saved dataset) or first record (JSONL)."""
+def peek_columns(file: DataFile, max_line_bytes: int = PEEK_LINE_BYTES) -> list[str]:
+    """The column names of a file's schema (Parquet, a saved dataset) or first record (JSONL;
+    lines over `max_line_bytes` passed over)."""
     path, kind = file.path, file.kind
     if kind == "saved":
         return _saved_dataset_table(path).column_names
@@ -160,7 +197,7 @@ def peek_columns(file: DataFile) -> list[str]:
             return pq.ParquetFile(path).schema_arrow.names
         except (pa.ArrowInvalid, OSError) as exc:
             raise InputError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
-    for _, record in _jsonl_records(path):
+    for _, record in _jsonl_records(path, max_line_bytes):
         return list(record)
     return []
 

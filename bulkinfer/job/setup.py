@@ -84,7 +84,7 @@ def set_up(
         spec.input.path, spec.input.format, spec.output.path, spec.input.split
     )
     per_request = is_openai_batch(spec, files)
-    columns = column_names(spec, files[0], per_request)
+    columns = column_names(spec, files, per_request)
     model = resolve_model_files(spec.model)
     if hash_model:  # a run
         model.hash_in_background()
@@ -181,18 +181,26 @@ def is_openai_batch(spec: JobSpec, files: list[DataFile]) -> bool:
     return True in kinds
 
 
-def column_names(spec: JobSpec, first_file: DataFile, per_request: bool = False) -> ColumnNames:
-    """The columns to read; with no id_column, an input column named 'id' is the id if present,
-    and with the default prompt_column, a file with `messages` but no `prompt` uses `messages`.
-    An OpenAI batch file's requests are keyed by custom_id."""
+def column_names(spec: JobSpec, files: list[DataFile], per_request: bool = False) -> ColumnNames:
+    """The columns to read, from the first file with a row; with no id_column, an input column
+    named 'id' is the id if present (and a later row or file that has one where the first has
+    none is refused), and with the default prompt_column, a file with `messages` but no
+    `prompt` uses `messages`. An OpenAI batch file's requests are keyed by custom_id."""
     if per_request:
         keep = tuple(spec.input.keep_columns)
         urls = (EMBEDDINGS_URL,) if spec.task.type == "embed" else None
         return ColumnNames("body", None, "custom_id", keep, request_urls=urls)
-    present = peek_columns(first_file)
+    present: list[str] = []
+    for file in files:
+        present = peek_columns(file, spec.input.max_line_bytes)
+        if present:
+            break
     id_column = spec.input.id_column
+    absent_id = None
     if id_column is None and "id" in present:
         id_column = "id"
+    elif id_column is None:
+        absent_id = "id"
     prompt = spec.input.prompt_column
     if prompt == "prompt" and "prompt" not in present and "messages" in present:
         prompt = "messages"
@@ -202,6 +210,7 @@ def column_names(spec: JobSpec, first_file: DataFile, per_request: bool = False)
         id=id_column,
         keep=tuple(spec.input.keep_columns),
         choices=spec.input.choices_column,
+        absent_id=absent_id,
     )
 
 

@@ -58,7 +58,11 @@ def check_job(spec: JobSpec) -> JobCheck:
     from bulkinfer.job.setup import set_up
 
     setup = set_up(spec)
-    checked = [check_input_file(file, setup.columns) for file in setup.files]
+    line_bytes = spec.input.max_line_bytes
+    checked = [check_input_file(file, setup.columns, line_bytes) for file in setup.files]
+    if all(f.rows == 0 for f in checked):  # as run finds it, before loading the model
+        shown = checked[0].path if len(checked) == 1 else f"{len(checked)} files"
+        raise InputError(f"the input has no rows ({shown})")
     render_first_rows(setup)
     return JobCheck(
         model=spec.model.path,
@@ -105,16 +109,18 @@ def render_first_rows(setup) -> None:
         )
 
 
-def check_input_file(file: DataFile, columns: ColumnNames) -> InputFile:
+def check_input_file(file: DataFile, columns: ColumnNames, max_line_bytes: int) -> InputFile:
     """The file's columns hold everything the job reads; its rows counted if cheap. A file only
-    `datasets` reads (input.format hf, not Parquet or JSONL) is checked when the job reads it."""
+    `datasets` reads (input.format hf, not Parquet or JSONL) is checked when the job reads it;
+    an empty file among others is passed over, as run passes it over."""
     path, kind = file.path, file.kind
     layout = kind if kind in ("saved", "openai") else file.layout
     if layout is None:
         return InputFile(path, kind, None)
-    names = peek_columns(file)
-    if not names:
-        raise InputError(f"{path}: the file holds no rows")
+    names = peek_columns(file, max_line_bytes)
+    if not names:  # no row, or only lines too long to read (row errors when run)
+        return InputFile(path, kind, count_rows(path, layout))
+    columns.refuse_absent_id(names, path, "column" if layout != "jsonl" else "field")
     required = [columns.prompt, columns.completion, columns.choices, columns.id]
     if layout != "jsonl":  # a file with a schema: every column is in it
         required += list(columns.keep)

@@ -1,0 +1,130 @@
+"""Inputs a user's tooling writes that bulkinfer used to misread: ids that appear after the
+first rows, hidden folders beside the data, text that is not UTF-8, columns Parquet cannot
+store, columns `datasets` keeps as JSON text. Each either runs right or stops in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import cli, read_outputs, write_job, write_jsonl
+
+
+def _run(tmp_path, model, inputs, name="out", command="run", **input_section):
+    job = write_job(
+        tmp_path / f"{name}.yaml",
+        model,
+        inputs,
+        tmp_path / name,
+        task={"max_new_tokens": 2},
+        input=input_section,
+    )
+    return cli(command, str(job))
+
+
+def _refused(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+
+
+@pytest.mark.parametrize("layout", ["first-line", "second-file"])
+def test_an_id_after_first_rows_without_one_is_refused_not_replaced(tmp_path, tiny_model, layout):
+    """With no id_column the ids are the `id` field of the first row, else row positions: a
+    row or file further on that has ids had them silently replaced by positions."""
+    if layout == "first-line":
+        inputs = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}, {"id": "x", "prompt": "b"}])
+        where = "in.jsonl:2 has an 'id' field"
+    else:
+        (tmp_path / "d").mkdir()
+        write_jsonl(tmp_path / "d" / "a.jsonl", [{"prompt": "a"}])
+        pq.write_table(pa.table({"id": ["b0"], "prompt": ["b"]}), tmp_path / "d" / "b.parquet")
+        inputs, where = tmp_path / "d", "b.parquet has an 'id' column"
+    for command in ("validate", "run"):
+        _refused(_run(tmp_path, tiny_model, inputs, command=command), where, "input.id_column")
+    assert not (tmp_path / "out" / "outputs").exists()
+
+
+def test_ids_found_past_an_empty_first_file_and_over_long_lines(tmp_path, tiny_model):
+    """The id column is looked for in the first file with a row, under the job's own
+    max_line_bytes: an empty first part, or first lines longer than 8 MiB with the limit
+    raised, lost every id to row positions."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "part-0.jsonl").write_text("")
+    write_jsonl(
+        tmp_path / "d" / "part-1.jsonl", [{"id": "x1", "prompt": "a"}, {"id": "x2", "prompt": "b"}]
+    )
+    assert _run(tmp_path, tiny_model, tmp_path / "d", command="validate").exit_code == 0
+    assert _run(tmp_path, tiny_model, tmp_path / "d").exit_code == 0
+    assert read_outputs(tmp_path / "out").column("id").to_pylist() == ["x1", "x2"]
+
+    long_rows = [{"id": f"L{i}", "prompt": f"hi {i}", "doc": "x" * (9 * 2**20)} for i in range(2)]
+    write_jsonl(tmp_path / "long.jsonl", long_rows)
+    result = _run(tmp_path, tiny_model, tmp_path / "long.jsonl", "long", max_line_bytes=2**25)
+    assert result.exit_code == 0, result.output
+    assert read_outputs(tmp_path / "long").column("id").to_pylist() == ["L0", "L1"]
+
+
+def test_hidden_and_underscore_folders_are_passed_over(tmp_path, tiny_model):
+    """A notebook's .ipynb_checkpoints copy and a writer's _temporary part doubled rows."""
+    rows = [{"id": "a", "prompt": "one"}, {"id": "b", "prompt": "two"}]
+    (tmp_path / "d").mkdir()
+    write_jsonl(tmp_path / "d" / "rows.jsonl", rows)
+    (tmp_path / "d" / ".ipynb_checkpoints").mkdir()
+    write_jsonl(tmp_path / "d" / ".ipynb_checkpoints" / "rows-checkpoint.jsonl", rows)
+    (tmp_path / "d" / "_temporary" / "0").mkdir(parents=True)
+    write_jsonl(tmp_path / "d" / "_temporary" / "0" / "part.jsonl", [{"id": "c", "prompt": "x"}])
+    assert _run(tmp_path, tiny_model, tmp_path / "d").exit_code == 0
+    assert read_outputs(tmp_path / "out").column("id").to_pylist() == ["a", "b"]
+
+
+def test_inputs_that_cannot_be_stored_or_read_stop_in_one_line(tmp_path, tiny_model):
+    # a Parquet file with no rows: validate said OK, run then refused it
+    pq.write_table(
+        pa.table({"id": pa.array([], pa.string()), "prompt": pa.array([], pa.string())}),
+        tmp_path / "zero.parquet",
+    )
+    for command in ("validate", "run"):
+        _refused(
+            _run(tmp_path, tiny_model, tmp_path / "zero.parquet", command=command),
+            "the input has no rows",
+        )
+
+    # a keep column of empty objects: Parquet has no struct of no fields (a traceback)
+    rows = [{"id": "a", "prompt": "hi", "meta": {}}, {"id": "b", "prompt": "yo", "meta": {"x": {}}}]
+    write_jsonl(tmp_path / "meta.jsonl", rows)
+    _refused(
+        _run(tmp_path, tiny_model, tmp_path / "meta.jsonl", keep_columns=["meta"]),
+        "meta.jsonl:1: keep column 'meta' has objects without fields",
+    )
+
+    # strings that are not UTF-8, as a writer that does not check them leaves (a traceback)
+    data, offsets = b"hellowor\xffld", pa.array([0, 5, 11], pa.int32()).buffers()[1]
+    text = pa.Array.from_buffers(pa.string(), 2, [None, offsets, pa.py_buffer(data)])
+    pq.write_table(pa.table({"id": ["a", "b"], "prompt": text}), tmp_path / "bad.parquet")
+    for command in ("validate", "run"):
+        _refused(
+            _run(tmp_path, tiny_model, tmp_path / "bad.parquet", command=command),
+            "bad.parquet: row 1: column 'prompt' is not valid UTF-8",
+        )
+
+
+def test_a_column_datasets_keeps_as_json_text_is_refused(tmp_path, tiny_model):
+    """`datasets` stores a column of mixed value types as JSON text: its prompts were run with
+    their quotes, a number as text, the ids quoted."""
+    pytest.importorskip("datasets")
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [{"id": "a", "prompt": "hello world"}, {"id": "c", "prompt": 7}]
+        )
+    )
+    _refused(
+        _run(tmp_path, tiny_model, path, format="hf"),
+        "mixed.jsonl: column 'prompt' is extension<arrow.json>",
+    )
