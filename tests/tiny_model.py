@@ -6,6 +6,7 @@ A few hundred KB, built in seconds, and real transformers architectures, so ever
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 CHATML_TEMPLATE = (
@@ -50,6 +51,63 @@ def train_tokenizer(vocab_size: int = 512):
         model_max_length=512,
     )
     fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def train_sentencepiece_like_tokenizer(vocab_size: int = 300):
+    """A Llama-2-style tokenizer as transformers converts SentencePiece ones: spaces as '▁' with
+    one prepended, BPE with byte fallback, a decoder that strips the text's leading space (so
+    `▁Paris` decoded alone is 'Paris'), <s> before every plain prompt, a [INST] chat template."""
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [
+        "The capital of France is Paris.",
+        "Question: is the sky blue? Answer: yes no",
+        "London Berlin Madrid the quick brown fox",
+    ] * 20
+    trained = Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    specials = ["<unk>", "<s>", "</s>"]
+    trained.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials)
+    )
+    model = json.loads(trained.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in model["vocab"]:
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tok = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    )
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+    )
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("\u2581", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    tok.add_special_tokens(specials)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
+        "{{ m['content'] }} [/INST]{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+    )
     return fast
 
 

@@ -453,6 +453,11 @@ def _choice(row: dict, k: int, chat: bool, token_bytes: TokenBytes | None) -> di
             ]
             logprobs = {"content": content}
         else:
+            ids = row["token_ids"][k] if row.get("token_ids") else [None] * len(tokens)
+            tokens = [
+                _own_text(t, token_bytes, token_id)[0]
+                for t, token_id in zip(tokens, ids, strict=True)
+            ]
             offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
             by_text = None
             if top is not None:
@@ -476,12 +481,27 @@ def _choice(row: dict, k: int, chat: bool, token_bytes: TokenBytes | None) -> di
 def _token_logprob(
     token: str, logprob: float, token_bytes: TokenBytes | None = None, token_id: int | None = None
 ) -> dict:
-    """A token's chat log-prob entry. A token that is part of a character decodes to U+FFFD:
-    its bytes are the tokenizer's own where it is at hand (else U+FFFD's)."""
-    raw = token.encode()
-    if "\ufffd" in token and token_bytes is not None and token_id is not None:
-        raw = token_bytes(token_id)
+    """A token's chat log-prob entry (its text and bytes as `_own_text` gives them)."""
+    token, raw = _own_text(token, token_bytes, token_id)
     return {"token": token, "logprob": _logprob(logprob), "bytes": list(raw)}
+
+
+def _own_text(
+    token: str, token_bytes: TokenBytes | None, token_id: int | None
+) -> tuple[str, bytes]:
+    """A token's text and bytes as it adds them to the generated text. Decoded alone, a token
+    that is part of a character is U+FFFD, and a SentencePiece-style decoder strips the
+    leading space of `▁Paris`: where the tokenizer's own bytes are at hand they are used (the
+    text too, where they are whole UTF-8), so the tokens join back into the text."""
+    if token_bytes is None or token_id is None:
+        return token, token.encode()
+    raw = token_bytes(token_id)
+    if not raw or raw.startswith(b"\xff"):  # the grammar library's mark of a special token
+        return token, token.encode()
+    try:
+        return raw.decode("utf-8"), raw
+    except UnicodeDecodeError:
+        return token, raw
 
 
 LOWEST_LOGPROB = -9999.0  # what JSON gets for a log-prob of -inf (a token the model rules out)

@@ -1,0 +1,75 @@
+"""Tokenizers unlike the fixtures' byte-level BPE: a Llama-2-style SentencePiece conversion
+(whose decoder strips a text's leading space, with byte-fallback pieces) and WordPiece."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from conftest import cli, read_outputs, write_job, write_jsonl
+from tiny_model import tiny_config, train_sentencepiece_like_tokenizer, train_wordpiece_tokenizer
+from transformers import AutoModelForCausalLM
+
+
+def _model(folder, tokenizer, arch="llama"):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, tokenizer, 32, 2, 256))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_structured_output_and_logprob_tokens_with_a_sentencepiece_tokenizer(tmp_path):
+    """The grammar library's view was checked against each token decoded alone, which drops
+    `▁London`'s space: every such tokenizer was refused, and the OpenAI output's token texts
+    lost their spaces and byte pieces their bytes."""
+    model = _model(tmp_path / "l2", train_sentencepiece_like_tokenizer())
+    write_jsonl(tmp_path / "q.jsonl", [{"id": "a", "prompt": "Is the sky blue?"}])
+    choice = {"type": "choice", "choices": [" yes", " no", " London Paris"]}
+    job = write_job(
+        tmp_path / "rf.yaml",
+        model,
+        tmp_path / "q.jsonl",
+        tmp_path / "rf",
+        task={"max_new_tokens": 8, "chat_template": "never", "response_format": choice},
+    )
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output
+    # the text is the new tokens decoded, as transformers decodes them: its leading space
+    # stripped by this tokenizer's decoder
+    text = read_outputs(tmp_path / "rf").column("text").to_pylist()[0]
+    assert text in [c.lstrip() for c in choice["choices"]]
+
+    request = {
+        "custom_id": "q1",
+        "url": "/v1/completions",
+        "body": {"prompt": "The capital of France is", "max_tokens": 12, "logprobs": 0},
+    }
+    write_jsonl(tmp_path / "batch.jsonl", [request])
+    job = write_job(tmp_path / "oai.yaml", model, tmp_path / "batch.jsonl", tmp_path / "oai")
+    assert cli("run", str(job)).exit_code == 0
+    body = json.loads((tmp_path / "oai" / "responses.jsonl").read_text())["response"]["body"]
+    choice = body["choices"][0]
+    tokens, offsets = choice["logprobs"]["tokens"], choice["logprobs"]["text_offset"]
+    assert offsets == [sum(map(len, tokens[:i])) for i in range(len(tokens))]
+    if "\ufffd" not in choice["text"]:  # the tokens join back into the text
+        assert "".join(tokens) == choice["text"]
+    assert any(t.startswith(" ") for t in tokens), tokens
+
+
+def test_structured_output_on_a_tokenizer_the_grammar_library_cannot_read(tmp_path):
+    """A WordPiece decoder: a traceback before, one line now, from validate and run alike."""
+    model = _model(tmp_path / "wp", train_wordpiece_tokenizer(), arch="gpt2")
+    write_jsonl(tmp_path / "q.jsonl", [{"id": "a", "prompt": "is the sky blue"}])
+    job = write_job(
+        tmp_path / "rf.yaml",
+        model,
+        tmp_path / "q.jsonl",
+        tmp_path / "rf",
+        task={"response_format": {"type": "choice", "choices": ["yes", "no"]}},
+    )
+    for command in ("validate", "run"):
+        result = cli(command, str(job))
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output
+        assert "the grammar library cannot read this tokenizer" in result.output.splitlines()[-1]
