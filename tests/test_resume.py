@@ -305,3 +305,43 @@ def test_out_of_memory_splits_the_batch_and_later_batches_run_smaller(tmp_path, 
     oversized = [s for s in stats if s["padded_tokens"] + 6 * s["rows"] > 800]
     assert len(oversized) > 1
     assert sum(s["splits"] > 0 for s in oversized) < len(oversized)
+
+
+def test_what_a_kill_leaves_in_finished_folders_goes_at_the_next_run(tmp_path, tiny_model):
+    """A kill between writing summary.json and removing the tokenized input kept the spill (~4
+    bytes a token) for good; temporary files of writes a kill cut short stayed in the parts and
+    stats folders, and at the top of a sharded job (written by its merges)."""
+    rows = [{"id": i, "prompt": text} for i, text in enumerate(sample_prompts(12))]
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", rows),
+        tmp_path / "out",
+    )
+    out = tmp_path / "out"
+    assert cli("run", str(job)).exit_code == 0
+    reference = read_outputs(out)
+    left = [
+        out / "checkpoint" / "prepared" / "tokens.int32",
+        out / "checkpoint" / "parts" / ".part-b0000001.parquet.tmp-4242",
+        out / "stats" / ".batches.parquet.tmp-4242",
+    ]
+    for path in left:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    result = cli("run", str(job))
+    assert result.exit_code == 0 and "already finished" in result.output
+    assert not any(path.exists() for path in left)
+    assert not (out / "checkpoint" / "prepared").exists()
+    assert read_outputs(out).equals(reference)
+
+    sharded = tmp_path / "sharded"
+    job = write_job(tmp_path / "s.yaml", tiny_model, tmp_path / "in.jsonl", sharded)
+    for i in range(2):
+        assert cli("run", str(job), "--shard", f"{i}/2").exit_code == 0
+    left = [sharded / ".summary.json.tmp-4242", sharded / "stats" / ".batches.parquet.tmp-4242"]
+    for path in left:
+        path.write_bytes(b"x")
+    assert cli("merge", str(sharded)).exit_code == 0
+    assert not any(path.exists() for path in left)
+    assert read_outputs(sharded).equals(reference)

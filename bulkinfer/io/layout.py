@@ -143,15 +143,21 @@ class OutputLayout:
         return [*self._named(), *self.leftovers()]
 
     def leftovers(self) -> list[Path]:
-        """Temporary files of ours that a run killed mid-write left at the top of the folder."""
+        """Temporary files of ours that a run killed mid-write left: at the top of the folder
+        (beside the files of ours they were to replace), and in the folders only we write
+        (checkpoint parts, stats)."""
         if not self.root.is_dir():
             return []
         names = {path.name for path in self._named()}
-        return sorted(
+        found = [
             path
             for path in self.root.iterdir()
             if (match := TEMP_FILE.match(path.name)) and match.group(1) in names
-        )
+        ]
+        for folder in (self.parts_dir, self.stats_dir):
+            if folder.is_dir():
+                found += [path for path in folder.iterdir() if TEMP_FILE.match(path.name)]
+        return sorted(found)
 
     def _named(self) -> list[Path]:
         return [

@@ -8,6 +8,7 @@ thread while the next batch runs.
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -84,6 +85,8 @@ def _run_job(
     folder = open_folder(setup, layout, overwrite, shard)
     setup_seconds = time.monotonic() - started
     if folder.finished:
+        # a run killed between writing the summary and removing its tokenized input left it
+        shutil.rmtree(layout.prepared_dir, ignore_errors=True)
         log(
             f"{layout.root}: this job already finished; nothing to do (--overwrite runs it again)",
             event="finish",
