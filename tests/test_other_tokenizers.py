@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import cli, read_outputs, write_job, write_jsonl
 from tiny_model import tiny_config, train_sentencepiece_like_tokenizer, train_wordpiece_tokenizer
@@ -73,3 +74,34 @@ def test_structured_output_on_a_tokenizer_the_grammar_library_cannot_read(tmp_pa
         assert result.exit_code == 2, result.output
         assert "Traceback" not in result.output
         assert "the grammar library cannot read this tokenizer" in result.output.splitlines()[-1]
+
+
+def test_choices_are_tokenized_as_they_follow_the_prompt(tmp_path):
+    """A choice written with its leading space, encoded alone by a SentencePiece-style
+    tokenizer, got an extra '▁' token ('▁', '▁Pa', 'ris'): scored as a double space. Now its
+    tokens are those lm-evaluation-harness takes from prompt and choice encoded together."""
+    tokenizer = train_sentencepiece_like_tokenizer()
+    folder = _model(tmp_path / "l2", tokenizer)
+    prompt, choices = "The capital of France is", [" Paris", " London", "Madrid"]
+    write_jsonl(tmp_path / "mc.jsonl", [{"id": "a", "prompt": prompt, "choices": choices}])
+    job = write_job(
+        tmp_path / "mc.yaml",
+        folder,
+        tmp_path / "mc.jsonl",
+        tmp_path / "mc",
+        task={"type": "score"},
+        input={"choices_column": "choices"},
+    )
+    assert cli("run", str(job)).exit_code == 0
+    row = read_outputs(tmp_path / "mc").to_pylist()[0]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    context = tokenizer(prompt)["input_ids"]
+    for k, choice in enumerate(choices[:2]):  # lm-eval's split of the two encoded together
+        whole = tokenizer(prompt + choice)["input_ids"]
+        assert whole[: len(context)] == context
+        continuation = whole[len(context) :]
+        with torch.no_grad():
+            logprobs = model(torch.tensor([whole])).logits[0].log_softmax(-1)
+        want = sum(logprobs[len(context) + i - 1, t].item() for i, t in enumerate(continuation))
+        assert row["choice_tokens"][k] == len(continuation)
+        assert row["choice_logprobs"][k] == pytest.approx(want, rel=1e-4)

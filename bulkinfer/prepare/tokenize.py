@@ -336,8 +336,27 @@ def _encode_continuations(
     else:
         return None
     flat = [text for texts in per_row for text in texts]
-    encoded = iter(_encode(tokenizer, flat, [True] * len(flat)))
+    encoded = iter(_after_text(tokenizer, flat))
     return [[next(encoded) for _ in texts] for texts in per_row]
+
+
+CONTEXT_ANCHOR = "a"  # a word that continuations are tokenized after
+
+
+def _after_text(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each continuation's tokens as they follow other text, where they join it cleanly (the
+    tokens of anchor + text begin with the anchor's own): a SentencePiece-style tokenizer
+    puts '▁' before a text it encodes alone, so ' Paris' alone is ['▁', '▁Pa', 'ris'] where
+    after a word it is ['▁Pa', 'ris'], as lm-evaluation-harness splits the context and
+    continuation encoded together. Elsewhere (a continuation merging with the anchor) the
+    text is encoded alone; byte-level BPE gives the same tokens either way."""
+    alone = _encode(tokenizer, texts, [True] * len(texts))
+    anchor = _encode(tokenizer, [CONTEXT_ANCHOR], [True])[0]
+    joined = _encode(tokenizer, [CONTEXT_ANCHOR + t for t in texts], [True] * len(texts))
+    return [
+        ids[len(anchor) :] if len(ids) > len(anchor) and ids[: len(anchor)] == anchor else own
+        for ids, own in zip(joined, alone, strict=True)
+    ]
 
 
 def _encode(tokenizer, texts: list[str], is_chat: list[bool]) -> list[list[int]]:
