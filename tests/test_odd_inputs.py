@@ -128,3 +128,20 @@ def test_a_column_datasets_keeps_as_json_text_is_refused(tmp_path, tiny_model):
         _run(tmp_path, tiny_model, path, format="hf"),
         "mixed.jsonl: column 'prompt' is extension<arrow.json>",
     )
+
+
+def test_a_byte_order_mark_alone_on_the_first_line_and_twice_named_columns(tmp_path, tiny_model):
+    """A BOM then a blank line was 'not valid JSON' (other blank lines are passed over); a
+    Parquet file with two columns of one name gave a KeyError traceback."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf\r\n{"id": "a", "prompt": "hi"}\n')
+    assert _run(tmp_path, tiny_model, path).exit_code == 0
+    assert read_outputs(tmp_path / "out").column("id").to_pylist() == ["a"]
+    columns = [pa.array(["a"]), pa.array(["x"]), pa.array(["y"])]
+    twice = pa.Table.from_arrays(columns, names=["id", "prompt", "prompt"])
+    pq.write_table(twice, tmp_path / "twice.parquet")
+    for command in ("validate", "run"):
+        _refused(
+            _run(tmp_path, tiny_model, tmp_path / "twice.parquet", "twice", command=command),
+            "twice.parquet: 2 columns are named 'prompt'; rename all but one",
+        )

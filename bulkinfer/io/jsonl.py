@@ -142,7 +142,7 @@ def _jsonl_lines(path: str, max_line_bytes: int) -> Iterator[tuple[int, dict | L
             for line_no, raw in _bounded_lines(f, max_line_bytes):
                 if isinstance(raw, LongLine):
                     yield line_no, raw
-                elif raw.strip():
+                elif (raw.removeprefix(BOM) if line_no == 1 else raw).strip():
                     yield line_no, _parse_line(path, line_no, raw)
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
         if line_no == 0:
@@ -150,6 +150,9 @@ def _jsonl_lines(path: str, max_line_bytes: int) -> Iterator[tuple[int, dict | L
         raise InputError(
             f"{path}: corrupt gzip data after line {line_no} ({first_line(exc)})"
         ) from None
+
+
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark, which some editors put first
 
 
 def _bounded_lines(f, limit: int) -> Iterator[tuple[int, bytes | LongLine]]:

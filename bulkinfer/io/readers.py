@@ -76,6 +76,10 @@ def _check_columns(path: str, names: list[str], columns: ColumnNames) -> list[st
     wanted = _wanted_columns(columns)
     columns.refuse_absent_id(names, path, "column")
     for name in wanted:
+        if names.count(name) > 1:
+            raise InputError(
+                f"{path}: {names.count(name)} columns are named '{name}'; rename all but one"
+            )
         if name not in names:
             raise InputError(
                 f"{path}: no column '{name}'{did_you_mean(name, names)}; "

@@ -162,7 +162,7 @@ def count_rows(path: str, kind: str) -> int | None:
     if path.lower().endswith(".gz") or os.path.getsize(path) > COUNT_JSONL_BYTES:
         return None
     with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
+        return sum(1 for line in f if line.strip(b" \t\r\n\xef\xbb\xbf"))  # BOM: not a row
 
 
 def output_state(root: Path) -> str:
