@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -90,8 +91,6 @@ def own_code(fn):
     against its recompile limit (8), per code object: the layer functions of every engine a
     process builds share one code, so a process that ran jobs on a few models or settings (a
     notebook, a script calling bulkinfer.run in turn) hit the limit and the next job failed."""
-    import types
-
     copy = types.FunctionType(
         fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
     )

@@ -159,6 +159,13 @@ class OutputLayout:
                 found += [path for path in folder.iterdir() if TEMP_FILE.match(path.name)]
         return sorted(found)
 
+    def remove_leftovers(self) -> None:
+        """Remove `leftovers`: only while holding the folder's (or a merge's) lock, when no
+        write of ours is under way."""
+        for path in self.leftovers():
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
+
     def _named(self) -> list[Path]:
         return [
             self.job_file,

@@ -350,13 +350,17 @@ def _after_text(tokenizer, texts: list[str]) -> list[list[int]]:
     after a word it is ['▁Pa', 'ris'], as lm-evaluation-harness splits the context and
     continuation encoded together. Elsewhere (a continuation merging with the anchor) the
     text is encoded alone; byte-level BPE gives the same tokens either way."""
-    alone = _encode(tokenizer, texts, [True] * len(texts))
     anchor = _encode(tokenizer, [CONTEXT_ANCHOR], [True])[0]
     joined = _encode(tokenizer, [CONTEXT_ANCHOR + t for t in texts], [True] * len(texts))
-    return [
-        ids[len(anchor) :] if len(ids) > len(anchor) and ids[: len(anchor)] == anchor else own
-        for ids, own in zip(joined, alone, strict=True)
+    out = [
+        ids[len(anchor) :] if len(ids) > len(anchor) and ids[: len(anchor)] == anchor else None
+        for ids in joined
     ]
+    alone = [i for i, ids in enumerate(out) if ids is None]
+    encoded = _encode(tokenizer, [texts[i] for i in alone], [True] * len(alone))
+    for i, ids in zip(alone, encoded, strict=True):
+        out[i] = ids
+    return out
 
 
 def _encode(tokenizer, texts: list[str], is_chat: list[bool]) -> list[list[int]]:

@@ -34,9 +34,7 @@ def open_job_folder(
     root = layout.root
     refuse_foreign(layout, overwrite, holding_lock=True)
     if not layout.shards_dir.is_dir():  # (a sharded job's top is written by its merges)
-        for path in layout.leftovers():  # the lock is ours: no write of ours is under way
-            if path.is_file() and not path.is_symlink():
-                path.unlink()
+        layout.remove_leftovers()  # the lock is ours: no write of ours is under way
     existing = JobRecord.read(layout.job_file)
     replace = existing is not None and not overwrite and not _has_results(layout)
     overwrite = overwrite or replace  # a job that never committed a row loses nothing

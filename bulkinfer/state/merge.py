@@ -52,9 +52,7 @@ def merge_shards(root: OutputLayout, token_bytes_for=None) -> Summary:
 
 
 def _merge_locked(root: OutputLayout, token_bytes_for) -> Summary:
-    for path in root.leftovers():  # a merge killed mid-write left them; the lock is ours
-        if path.is_file() and not path.is_symlink():
-            path.unlink()
+    root.remove_leftovers()  # a merge killed mid-write left them; the lock is ours
     counts = shard_counts(root)  # some: merge_shards checked before taking the lock
     if len(counts) > 1:
         raise UserError(
