@@ -116,9 +116,9 @@ def test_null_id(tmp_path, tiny_model):
 
 
 def test_unknown_file_type(tmp_path, tiny_model):
-    path = tmp_path / "in.csv"
+    path = tmp_path / "in.txt"
     path.write_text("prompt\nhello\n")
-    _fails_cleanly(cli("run", str(_job(tmp_path, tiny_model, path))), "in.csv", "unknown file type")
+    _fails_cleanly(cli("run", str(_job(tmp_path, tiny_model, path))), "in.txt", "unknown file type")
 
 
 def test_messages_without_chat_template(tmp_path, tiny_model):

@@ -4,6 +4,7 @@ through `datasets`) give the same outputs; the output folder opens with `dataset
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -35,18 +36,24 @@ def _run(job, env: dict) -> subprocess.CompletedProcess:
 
 
 def _write_inputs(tmp_path) -> dict:
-    """The same rows as JSONL, Parquet and a save_to_disk folder; the last two also through
-    `datasets` (input.format hf)."""
+    """The same rows as JSONL, Parquet and a save_to_disk folder; the first two, a CSV file and
+    a JSON array also through `datasets` (input.format hf)."""
     jsonl = write_jsonl(tmp_path / "in.jsonl", ROWS)
     parquet = write_parquet(tmp_path / "in.parquet", ROWS)
     saved = tmp_path / "saved"
     datasets.Dataset.from_list(ROWS).save_to_disk(str(saved), max_shard_size="2KB")
+    csv = tmp_path / "in.csv"
+    datasets.Dataset.from_list(ROWS).to_csv(str(csv), index=False)
+    array = tmp_path / "array.json"
+    array.write_text(json.dumps(ROWS, ensure_ascii=False, indent=1), encoding="utf-8")
     return {
         "jsonl": (jsonl, {}),
         "parquet": (parquet, {}),
         "saved": (saved, {}),
         "hf-jsonl": (jsonl, {"format": "hf"}),
         "hf-parquet": (parquet, {"format": "hf"}),
+        "hf-csv": (csv, {"format": "hf"}),
+        "hf-json-array": (array, {"format": "hf"}),
     }
 
 
@@ -70,6 +77,9 @@ def test_every_input_format_gives_the_same_outputs(tmp_path, tiny_model, task):
     assert reference.column("id").to_pylist() == [r["id"] for r in ROWS]
     assert reference.column("error").null_count == len(ROWS)
     for name, table in outputs.items():
+        if name == "hf-csv":  # datasets reads CSV text as large_string
+            assert table.schema.field("source").type == "large_string"
+            table = table.cast(reference.schema)
         assert table.equals(reference), name
 
 
@@ -203,3 +213,29 @@ def test_saved_datasets_inside_a_folder_or_a_glob(tmp_path, tiny_model):
         outputs.append(read_outputs(tmp_path / f"out-{name}"))
     assert outputs[0].column("id").to_pylist() == [r["id"] for r in ROWS]
     assert outputs[0].equals(outputs[1])
+
+
+def test_validate_reads_a_csv_file_through_datasets(tmp_path, tiny_model):
+    """validate checks a file only `datasets` reads as run reads it: a CSV file's rows
+    counted, a column it lacks named; without input.format hf a CSV file is refused in one line
+    saying how to read it (it was read as JSONL)."""
+    csv = tmp_path / "in.csv"
+    datasets.Dataset.from_list(ROWS).to_csv(str(csv), index=False)
+    job = write_job(
+        tmp_path / "job.yaml", tiny_model, csv, tmp_path / "out", input={"format": "hf"}
+    )
+    result = cli("validate", str(job))
+    assert result.exit_code == 0, result.output
+    assert f"1 file, {len(ROWS)} rows" in result.output
+    job = write_job(
+        tmp_path / "bad.yaml",
+        tiny_model,
+        csv,
+        tmp_path / "out",
+        input={"format": "hf", "keep_columns": ["nope"]},
+    )
+    result = cli("validate", str(job))
+    assert result.exit_code == 2 and "no column 'nope'" in result.output, result.output
+    job = write_job(tmp_path / "auto.yaml", tiny_model, csv, tmp_path / "out")
+    result = cli("validate", str(job))
+    assert result.exit_code == 2 and "input.format: hf" in result.output, result.output

@@ -145,3 +145,29 @@ def test_a_byte_order_mark_alone_on_the_first_line_and_twice_named_columns(tmp_p
             _run(tmp_path, tiny_model, tmp_path / "twice.parquet", "twice", command=command),
             "twice.parquet: 2 columns are named 'prompt'; rename all but one",
         )
+
+
+def test_parquet_files_that_encode_a_column_differently_run_together(tmp_path, tiny_model):
+    """One file's column dictionary-encoded (pandas' categoricals), another's plain; string
+    beside large_string; int32 beside int64: the rows of both files reach the outputs, each
+    column in one plain type (a dictionary column beside a plain one was refused)."""
+    (tmp_path / "d").mkdir()
+    first = {
+        "id": pa.array(["a", "b"]).dictionary_encode(),
+        "prompt": pa.array(["a b", "c d"], pa.large_string()),
+        "source": pa.array(["x", "y"]).dictionary_encode(),
+        "n": pa.array([1, 2], pa.int32()),
+    }
+    second = {"id": ["c"], "prompt": ["e f"], "source": ["z"], "n": pa.array([3], pa.int64())}
+    pq.write_table(pa.table(first), tmp_path / "d" / "a.parquet")
+    pq.write_table(pa.table(second), tmp_path / "d" / "b.parquet")
+    result = _run(tmp_path, tiny_model, tmp_path / "d", keep_columns=["source", "n"])
+    assert result.exit_code == 0, result.output
+    table = read_outputs(tmp_path / "out")
+    assert table.schema.field("source").type == pa.string()
+    rows = sorted(table.select(["id", "source", "n"]).to_pylist(), key=lambda r: r["id"])
+    assert rows == [
+        {"id": "a", "source": "x", "n": 1},
+        {"id": "b", "source": "y", "n": 2},
+        {"id": "c", "source": "z", "n": 3},
+    ]

@@ -13,6 +13,7 @@ from bulkinfer.io.openai_batch import looks_like_batch_record
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".json", ".json.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+DATASETS_ONLY_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".tsv.gz")  # input.format hf
 
 
 @dataclass(frozen=True)
@@ -28,16 +29,7 @@ class DataFile:
         """parquet or jsonl: how the bytes are laid out, whoever reads them (None: unknown)."""
         if self.kind in ("parquet", "jsonl", "openai"):
             return "jsonl" if self.kind == "openai" else self.kind
-        return suffix_layout(self.path)
-
-
-def suffix_layout(path: str) -> str | None:
-    lower = path.lower()
-    if lower.endswith(PARQUET_SUFFIXES):
-        return "parquet"
-    if lower.endswith(JSONL_SUFFIXES):
-        return "jsonl"
-    return None
+        return None  # a saved dataset; a file only `datasets` reads (CSV, a JSON array)
 
 
 def resolve_input_files(
@@ -111,6 +103,8 @@ def file_format(path: str, fmt: str = "auto") -> str:
     if lower.endswith(JSONL_SUFFIXES):
         first = next(_jsonl_records(path), (0, {}))[1]
         return "openai" if looks_like_batch_record(first) else "jsonl"
+    if lower.endswith(DATASETS_ONLY_SUFFIXES):
+        raise InputError(f"{path}: CSV is read through `datasets`: set input.format: hf")
     raise InputError(
         f"{path}: unknown file type; name it .parquet or .jsonl(.gz), or set input.format"
     )
@@ -118,6 +112,8 @@ def file_format(path: str, fmt: str = "auto") -> str:
 
 def _is_data_file(name: str, fmt: str) -> bool:
     lower = name.lower()
+    if fmt == "hf":
+        return lower.endswith(PARQUET_SUFFIXES + JSONL_SUFFIXES + DATASETS_ONLY_SUFFIXES)
     if fmt == "parquet":
         return lower.endswith(PARQUET_SUFFIXES)
     if fmt == "jsonl":

@@ -25,7 +25,7 @@ from bulkinfer.io.chunks import (
     _pylist,
     _wanted_columns,
 )
-from bulkinfer.io.files import DataFile, suffix_layout
+from bulkinfer.io.files import DataFile
 from bulkinfer.io.jsonl import (
     PEEK_LINE_BYTES,
     _json_file,
@@ -159,21 +159,37 @@ def _refuse_json_text(path: str, schema: pa.Schema, wanted: list[str]) -> None:
 
 
 def _read_through_datasets(path: str, columns: ColumnNames) -> Iterator[InputChunk]:
-    """A Parquet or JSONL file loaded by `datasets.load_dataset` (its type inference and cache),
-    for input.format hf."""
-    datasets = import_datasets()
-    builder = "parquet" if suffix_layout(path) == "parquet" else "json"
-    datasets.disable_progress_bars()
-    try:
-        dataset = datasets.load_dataset(builder, data_files=[path], split="train")
-    except Exception as exc:  # the library's own parse errors name the problem
-        raise InputError(f"{path}: datasets could not load it ({first_line(exc)})") from None
+    """A file loaded by `datasets.load_dataset` (its type inference and cache), for
+    input.format hf."""
+    dataset = _load_through_datasets(path)
     wanted = _check_columns(path, dataset.column_names, columns)
     _refuse_json_text(path, dataset.data.schema, wanted)
     row = 0
     for table in dataset.select_columns(wanted).with_format("arrow").iter(batch_size=CHUNK_ROWS):
         yield _table_chunk(path, row, table, columns)
         row += table.num_rows
+
+
+DATASETS_BUILDERS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "csv"}
+
+
+def _load_through_datasets(path: str):
+    """`path` as a `datasets` Dataset: Parquet, CSV (.tsv split at tabs), else JSON (lines, or
+    one array of objects); loaded once, later loads come from the library's cache."""
+    datasets = import_datasets()
+    suffix = os.path.splitext(path.lower().removesuffix(".gz"))[1]
+    builder = DATASETS_BUILDERS.get(suffix, "json")
+    options = {"sep": "\t"} if suffix == ".tsv" else {}
+    datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(builder, data_files=[path], split="train", **options)
+    except Exception as exc:  # the library's own parse errors name the problem
+        raise InputError(f"{path}: datasets could not load it ({first_line(exc)})") from None
+
+
+def datasets_rows(path: str) -> int:
+    """The rows of a file `datasets` reads (from its cache once loaded)."""
+    return _load_through_datasets(path).num_rows
 
 
 def import_datasets():
@@ -189,13 +205,15 @@ def import_datasets():
 
 
 def peek_columns(file: DataFile, max_line_bytes: int = PEEK_LINE_BYTES) -> list[str]:
-    """The column names of a file's schema (Parquet, a saved dataset) or first record (JSONL;
-    lines over `max_line_bytes` passed over)."""
+    """The column names of a file's schema (Parquet, a saved dataset, a file `datasets` reads)
+    or first record (JSONL; lines over `max_line_bytes` passed over)."""
     path, kind = file.path, file.kind
     if kind == "saved":
         return _saved_dataset_table(path).column_names
     if kind == "openai":
         return ["custom_id", "method", "url", "body"]
+    if kind == "datasets":
+        return _load_through_datasets(path).column_names
     if file.layout == "parquet":
         try:
             return pq.ParquetFile(path).schema_arrow.names

@@ -19,7 +19,7 @@ from bulkinfer.io.chunks import ColumnNames
 from bulkinfer.io.files import DataFile
 from bulkinfer.io.jsonl import _jsonl_records
 from bulkinfer.io.layout import OutputLayout
-from bulkinfer.io.readers import peek_columns, read_chunks
+from bulkinfer.io.readers import datasets_rows, peek_columns, read_chunks
 from bulkinfer.prepare.ids import chunk_ids, first_duplicate
 from bulkinfer.prepare.render import RowError, render
 from bulkinfer.spec import JobSpec
@@ -80,10 +80,7 @@ def render_first_rows(setup) -> None:
     the first chunk's ids (null, mixed, not Unicode, repeated within it) and its first rows
     rendered, so what is wrong with the whole input there (chat messages for a tokenizer
     without a chat template) is found; a row's own problem stays that row's error, unless
-    the job says `on_error: fail`. (A file only `datasets` reads is left to `run`.)"""
-    first = setup.files[0]
-    if first.kind not in ("saved", "openai") and first.layout is None:
-        return
+    the job says `on_error: fail`."""
     chunks = read_chunks(setup.files[:1], setup.columns, setup.spec.input.max_line_bytes)
     try:
         chunk = next(iter(chunks), None)
@@ -110,13 +107,10 @@ def render_first_rows(setup) -> None:
 
 
 def check_input_file(file: DataFile, columns: ColumnNames, max_line_bytes: int) -> InputFile:
-    """The file's columns hold everything the job reads; its rows counted if cheap. A file only
-    `datasets` reads (input.format hf, not Parquet or JSONL) is checked when the job reads it;
-    an empty file among others is passed over, as run passes it over."""
+    """The file's columns hold everything the job reads; its rows counted if cheap. An empty
+    file among others is passed over, as run passes it over."""
     path, kind = file.path, file.kind
-    layout = kind if kind in ("saved", "openai") else file.layout
-    if layout is None:
-        return InputFile(path, kind, None)
+    layout = kind if kind in ("saved", "openai", "datasets") else file.layout
     names = peek_columns(file, max_line_bytes)
     if not names:  # no row, or only lines too long to read (row errors when run)
         return InputFile(path, kind, count_rows(path, layout))
@@ -157,6 +151,8 @@ def _check_jsonl_keep_columns(path: str, keep: tuple[str, ...]) -> None:
 def count_rows(path: str, kind: str) -> int | None:
     if kind == "parquet":
         return pq.ParquetFile(path).metadata.num_rows
+    if kind == "datasets":
+        return datasets_rows(path)
     if kind not in ("jsonl", "openai"):  # a saved dataset: counted when run reads it
         return None
     if path.lower().endswith(".gz") or os.path.getsize(path) > COUNT_JSONL_BYTES:

@@ -49,9 +49,10 @@ def _kind(t: pa.DataType) -> str:
 
 def _writable(table: pa.Table) -> pa.Table:
     """Kept columns in types the outputs can be written in: view types (string_view and the
-    like, which Arrow cannot yet take rows of) as their plain forms; any other type Arrow cannot
-    take rows of is refused with its column's name."""
-    plain = pa.schema([f.with_type(_without_views(f.type)) for f in table.schema])
+    like, which Arrow cannot yet take rows of) and dictionary-encoded columns (pandas'
+    categoricals; one file's column may be encoded where another's is not) as their plain
+    forms; any other type Arrow cannot take rows of is refused with its column's name."""
+    plain = pa.schema([f.with_type(_plain(f.type)) for f in table.schema])
     if not plain.equals(table.schema):
         table = table.cast(plain)
     for name, column in zip(table.column_names, table.columns, strict=True):
@@ -65,17 +66,19 @@ def _writable(table: pa.Table) -> pa.Table:
     return table
 
 
-def _without_views(t: pa.DataType) -> pa.DataType:
+def _plain(t: pa.DataType) -> pa.DataType:
+    if pa.types.is_dictionary(t):
+        return _plain(t.value_type)
     if t == pa.string_view():
         return pa.string()
     if t == pa.binary_view():
         return pa.binary()
     if pa.types.is_list(t):
-        return pa.list_(t.value_field.with_type(_without_views(t.value_type)))
+        return pa.list_(t.value_field.with_type(_plain(t.value_type)))
     if pa.types.is_large_list(t):
-        return pa.large_list(t.value_field.with_type(_without_views(t.value_type)))
+        return pa.large_list(t.value_field.with_type(_plain(t.value_type)))
     if pa.types.is_struct(t):
-        return pa.struct([f.with_type(_without_views(f.type)) for f in t])
+        return pa.struct([f.with_type(_plain(f.type)) for f in t])
     return t
 
 
