@@ -171,3 +171,19 @@ def test_parquet_files_that_encode_a_column_differently_run_together(tmp_path, t
         {"id": "b", "source": "y", "n": 2},
         {"id": "c", "source": "z", "n": 3},
     ]
+
+
+def test_status_says_a_run_that_failed_failed(tmp_path, tiny_model):
+    """A run that stops on an error after opening its folder (an input with no rows is found
+    only when read) left a folder `status` showed as pending; it says failed, and why, and a
+    run with the input fixed goes on in the same folder."""
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text("")
+    _refused(_run(tmp_path, tiny_model, inputs), "the input has no rows")
+    status = cli("status", str(tmp_path / "out"))
+    assert status.exit_code == 0, status.output
+    assert "failed" in status.output and "the input has no rows" in status.output, status.output
+    write_jsonl(inputs, [{"id": "a", "prompt": "one"}])
+    assert _run(tmp_path, tiny_model, inputs).exit_code == 0
+    status = cli("status", str(tmp_path / "out"))
+    assert "done" in status.output and "failed" not in status.output, status.output

@@ -408,3 +408,48 @@ def test_chat_logprob_bytes_rebuild_the_text_where_tokens_split_a_character(tmp_
 
 def _one_fffd(text: str) -> str:
     return re.sub("\ufffd+", "\ufffd", text)
+
+
+def test_completions_logprobs_name_byte_pieces_and_list_the_likeliest_first(tmp_path, tiny_model):
+    """The legacy completions shape: a token that is part of a character is `bytes:\\xNN..`
+    (it was U+FFFD, and the tokens did not join back into the text), `text_offset` says where
+    each token starts in the text, and each `top_logprobs` map lists the likeliest first."""
+    requests = [
+        {
+            "custom_id": f"c{i}",
+            "url": "/v1/completions",
+            "body": {
+                "prompt": "The quick brown",
+                "max_tokens": 40,
+                "temperature": 1.0,
+                "seed": i,
+                "logprobs": 3,
+            },
+        }
+        for i in range(8)
+    ]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    split = 0
+    for line in _run(tmp_path, tiny_model, requests, max_new_tokens=40):
+        choice = line["response"]["body"]["choices"][0]
+        logprobs, text = choice["logprobs"], choice["text"]
+        pieces = [
+            bytes.fromhex(t[6:].replace("\\x", "")) if t.startswith("bytes:") else t.encode()
+            for t in logprobs["tokens"]
+        ]
+        joined = b"".join(pieces).decode(errors="replace")
+        for special in specials:  # tokens the text leaves out
+            joined = joined.replace(special, "")
+        assert _one_fffd(joined) == _one_fffd(text)
+        split += sum(t.startswith("bytes:") for t in logprobs["tokens"])
+        assert not any("\ufffd" in t for t in logprobs["tokens"])
+        offsets = logprobs["text_offset"]
+        assert offsets == sorted(offsets) and offsets[0] == 0
+        for token, offset in zip(logprobs["tokens"], offsets, strict=True):
+            if not token.startswith("bytes:") and token not in specials:
+                assert text[offset : offset + len(token)] == token
+        for top in logprobs["top_logprobs"]:
+            values = list(top.values())
+            assert values == sorted(values, reverse=True), top
+    assert split, "no token split a character: the test did not test it"

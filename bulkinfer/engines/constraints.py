@@ -52,15 +52,25 @@ def ll_tokenizer(tokenizer, end: int | None = None):
     return cached[1]
 
 
+SPECIAL_MARK = b"\xff"  # before a special token's text: no UTF-8 text starts with this byte
+
+
 def token_bytes_of(tokenizer):
     """Token id -> the token's own bytes, through the grammar library's view of the tokenizer
-    (byte-level BPE, byte-fallback pieces and added tokens alike); None where the library is
-    missing or misreads this tokenizer."""
+    (byte-level BPE, byte-fallback pieces and added tokens alike), a special token's text after
+    SPECIAL_MARK (the text leaves those out); None where the library is missing or misreads
+    this tokenizer."""
     try:
         ll = ll_tokenizer(tokenizer)
     except (ValueError, ModelError):
         return None
-    return functools.lru_cache(maxsize=1 << 16)(lambda token_id: ll.decode_bytes([token_id]))
+
+    @functools.lru_cache(maxsize=1 << 16)
+    def token_bytes(token_id: int) -> bytes:
+        raw = ll.decode_bytes([token_id])
+        return SPECIAL_MARK + raw if ll.is_special_token(token_id) else raw
+
+    return token_bytes
 
 
 def end_token(tokenizer, eos_ids: set[int]) -> int | None:

@@ -10,6 +10,7 @@ honours become per-row settings; a field it cannot honour makes that request a r
 from __future__ import annotations
 
 import base64
+import codecs
 import hashlib
 import json
 import math
@@ -454,16 +455,27 @@ def _choice(row: dict, k: int, chat: bool, token_bytes: TokenBytes | None) -> di
             logprobs = {"content": content}
         else:
             ids = row["token_ids"][k] if row.get("token_ids") else [None] * len(tokens)
-            tokens = [
-                _own_text(t, token_bytes, token_id)[0]
-                for t, token_id in zip(tokens, ids, strict=True)
+            own = [_own_text(t, token_bytes, i) for t, i in zip(tokens, ids, strict=True)]
+            tokens = [_completion_token(text, raw) for text, raw in own]
+            # a special token is not in the text (decoded without them)
+            in_text = [
+                b"" if _special(token_bytes, i) else raw
+                for (_, raw), i in zip(own, ids, strict=True)
             ]
-            offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+            offsets = _text_offsets(in_text)
             by_text = None
             if top is not None:
-                # one {token: logprob} map per position (alternatives of equal text merge)
-                by_text = [{a["token"]: a["logprob"] for a in reversed(alts)} for alts in top]
-                by_text = [{t: _logprob(v) for t, v in m.items()} for m in by_text]
+                # one {token: logprob} map per position, most likely first (of alternatives
+                # of equal text, the likelier is kept)
+                by_text = []
+                for alts in top:
+                    merged: dict[str, float] = {}
+                    for a in alts:
+                        shown = _completion_token(
+                            *_own_text(a["token"], token_bytes, a.get("token_id"))
+                        )
+                        merged.setdefault(shown, _logprob(a["logprob"]))
+                    by_text.append(merged)
             logprobs = {
                 "tokens": tokens,
                 "token_logprobs": values,
@@ -502,6 +514,65 @@ def _own_text(
         return raw.decode("utf-8"), raw
     except UnicodeDecodeError:
         return token, raw
+
+
+def _special(token_bytes: TokenBytes | None, token_id: int | None) -> bool:
+    """Whether a token is one the text leaves out (the grammar library marks them)."""
+    return token_bytes is not None and token_id is not None and token_bytes(token_id)[:1] == b"\xff"
+
+
+def _completion_token(text: str, raw: bytes) -> str:
+    """A completions token as the legacy API writes it: its text, or `bytes:\\xNN...` for a
+    token that is part of a character (its bytes are not whole UTF-8)."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+    return text
+
+
+def _text_offsets(pieces: list[bytes]) -> list[int]:
+    """Where each token starts in the generated text, in characters of the pieces' bytes
+    decoded as the text is (a run of bytes that completes no character is one U+FFFD); a token
+    that starts inside a character starts where that character does."""
+    text_bytes = b"".join(pieces)
+    char_at = _char_index_of_bytes(text_bytes)
+    offsets, start = [], 0
+    for raw in pieces:
+        offsets.append(char_at[start])
+        start += len(raw)
+    return offsets
+
+
+def _char_index_of_bytes(data: bytes) -> list[int]:
+    """For each byte of `data` (and one past its end), the index of the character it belongs to
+    when `data` is decoded as UTF-8 with errors replaced: a whole character, or the longest
+    start of one that the next byte breaks (Python's and Rust's rule for U+FFFD)."""
+    index, j, chars = [], 0, 0
+    while j < len(data):
+        size = next((n for n in range(1, 5) if _decodes(data[j : j + n])), 0)
+        if not size:  # the longest prefix of a character that is held, not refused
+            decoder = codecs.getincrementaldecoder("utf-8")()
+            size = 1
+            for n in range(1, min(4, len(data) - j + 1)):
+                try:
+                    if decoder.decode(data[j + n - 1 : j + n]):
+                        break
+                except UnicodeDecodeError:
+                    break
+                size = n
+        index += [chars] * size
+        j += size
+        chars += 1
+    return [*index, chars]
+
+
+def _decodes(piece: bytes) -> bool:
+    try:
+        piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 LOWEST_LOGPROB = -9999.0  # what JSON gets for a log-prob of -inf (a token the model rules out)

@@ -8,6 +8,7 @@ is taken as that same stop; a SIGINT after that aborts."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -18,11 +19,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bulkinfer.errors import StopRequested, WriteError, first_line
+from bulkinfer.errors import OutputFolderError, StopRequested, WriteError, first_line
 from bulkinfer.io.atomic import write_json_atomic
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.observe.progress import log
-from bulkinfer.sharding import Shard
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 REPEAT_SECONDS = 1.0
@@ -149,17 +149,18 @@ def stopped(signum: int) -> int:
 
 
 @contextmanager
-def failure_recorded(layout: OutputLayout, shard: Shard | None):
-    """A shard that dies of an error leaves failed.json, so `bulkinfer status` can say so."""
-    if shard is None:
-        yield
-        return
+def failure_recorded(layout: OutputLayout):
+    """A run that dies of an error leaves failed.json in its folder (a shard's, or the job's),
+    so `bulkinfer status` says it failed and why, not that it is pending. A refusal to touch
+    the folder (OutputFolderError) leaves it as it was."""
     layout.failed.unlink(missing_ok=True)
     try:
         yield
     except Exception as exc:
-        if layout.root.exists():
-            write_json_atomic(layout.failed, {"error": f"{type(exc).__name__}: {first_line(exc)}"})
+        if layout.root.exists() and not isinstance(exc, OutputFolderError):
+            error = {"error": f"{type(exc).__name__}: {first_line(exc)}"}
+            with contextlib.suppress(OSError):  # a full disk: the error is what the user must see
+                write_json_atomic(layout.failed, error)
         raise
 
 

@@ -68,7 +68,7 @@ def run_job(spec: JobSpec, overwrite: bool = False, shard: Shard | None = None) 
         refuse_other_counts(root, shard.count, overwrite)
     with stops_at_once() as at_once:
         try:
-            with writes_reported(layout), folder_lock(layout), failure_recorded(layout, shard):
+            with writes_reported(layout), folder_lock(layout), failure_recorded(layout):
                 code = _run_job(spec, layout, overwrite, shard, at_once)
             if code == 0 and shard is not None:
                 merge_if_last(root, shard)
