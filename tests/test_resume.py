@@ -345,3 +345,36 @@ def test_what_a_kill_leaves_in_finished_folders_goes_at_the_next_run(tmp_path, t
     assert cli("merge", str(sharded)).exit_code == 0
     assert not any(path.exists() for path in left)
     assert read_outputs(sharded).equals(reference)
+
+
+def test_the_same_files_in_another_order_are_another_input(tmp_path, tiny_model):
+    """Rows are known by their position, so a run resumed, or a shard run, on input.path's
+    files in another order would put answers on the wrong ids; it was taken for the same input
+    (each file's bytes were hashed, not their order). Now it is refused, naming the input."""
+    rows = sample_prompts(24)
+    first = write_jsonl(tmp_path / "b.jsonl", rows[:12])
+    second = write_jsonl(tmp_path / "a.jsonl", [{**r, "id": f"a-{r['id']}"} for r in rows[12:]])
+    orders = {"given": [first, second], "sorted": [second, first]}
+    jobs = {
+        name: write_job(tmp_path / f"{name}.yaml", tiny_model, files, tmp_path / "out")
+        for name, files in orders.items()
+    }
+    killed = subprocess.run(
+        [sys.executable, "-m", "bulkinfer", "run", str(jobs["given"])],
+        env={**child_env(), "BULKINFER_KILL_AT": "part_committed:1"},
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    refused = cli("run", str(jobs["sorted"]))
+    assert refused.exit_code == 2 and "input files changed" in refused.output, refused.output
+    assert cli("run", str(jobs["given"])).exit_code == 0
+    reference = write_job(tmp_path / "ref.yaml", tiny_model, orders["given"], tmp_path / "ref")
+    assert cli("run", str(reference)).exit_code == 0
+    assert_every_id_once(tmp_path / "out", read_outputs(tmp_path / "ref"), len(rows))
+
+    for index, name in enumerate(orders):  # shards of one job, given the files each way round
+        job = write_job(tmp_path / f"s{index}.yaml", tiny_model, orders[name], tmp_path / "sh")
+        result = cli("run", str(job), "--shard", f"{index}/2")
+    assert result.exit_code == 2 and "input" in result.output, result.output
+    assert not (tmp_path / "sh" / "outputs").exists()

@@ -296,3 +296,23 @@ def test_a_shard_run_with_other_settings_than_its_siblings_is_refused_before_any
     again = cli("run", str(job), "--shard", "1/2")
     assert again.exit_code == 0, again.output
     _same(out, reference)
+
+
+def test_a_shard_run_again_unlike_the_others_is_named_and_the_old_merge_not_shown(shard_job):
+    """A shard run again with --overwrite and other settings runs (its siblings are not
+    checked then), and the merge it ends with is refused: the refusal names the shard and
+    what differs, and status no longer calls the old merge the job's outputs."""
+    make, reference = shard_job
+    job = make("again")
+    out = job.parent / "again"
+    for i in range(2):
+        assert cli("run", str(job), "--shard", f"{i}/2").exit_code == 0
+    assert "outputs merged" in cli("status", str(out)).output
+    other = cli("run", str(job), "--shard", "1/2", "--overwrite", "--set", "task.max_new_tokens=3")
+    assert other.exit_code == 2, other.output
+    assert "1/2 (spec)" in other.output, other.output
+    status = cli("status", str(out))
+    assert "2 of 2 shards done" in status.output and "outputs merged" not in status.output
+    assert cli("run", str(job), "--shard", "1/2", "--overwrite").exit_code == 0
+    assert "outputs merged" in cli("status", str(out)).output
+    _same(out, reference)

@@ -23,14 +23,22 @@ ADDED_KEYS = {
 
 
 def input_files_digest(files: list[str]) -> dict[str, dict]:
-    """Content hash of each input file, so an input edited since the checkpoint is caught."""
-    return {
+    """Content hash of each input file, so an input edited since the checkpoint is caught;
+    and the files' order where it is not sorted (a list in input.path), since rows are known
+    by their position: the same files in another order are another input."""
+    digest: dict = {
         os.path.basename(f) if len(files) == 1 else f: {
             "bytes": _size(f),
             "blake2b": _blake2b(f),
         }
         for f in files
     }
+    if files != sorted(files):  # sorted: as every checkpoint before the order was hashed
+        digest[ORDER_KEY] = list(files)
+    return digest
+
+
+ORDER_KEY = "(order)"  # no input path: those are absolute
 
 
 def _blake2b(path: str) -> str:

@@ -286,7 +286,7 @@ def _has_results(layout: OutputLayout) -> bool:
 _WHAT_DIFFERS = {
     "spec": "the job spec differs",
     "model": "the model files differ",
-    "input": "the input files changed since the checkpoint was written (names or bytes)",
+    "input": "the input files changed since the checkpoint was written (names, order or bytes)",
     "shard": "it was split into a different number of shards",
 }
 

@@ -6,7 +6,6 @@ drops a shard.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 
 import numpy as np
@@ -68,12 +67,18 @@ def _merge_locked(root: OutputLayout, token_bytes_for) -> Summary:
         )
     shards = [root.shard(s.shard.index, count) for s in states]
     jobs = [JobRecord.read(shard.job_file) for shard in shards]
-    prints = {
-        json.dumps({k: v for k, v in j.fingerprint.items() if k != "shard"}, sort_keys=True)
-        for j in jobs
-    }
-    if len(prints) > 1:
-        raise UserError(f"{root.root}: the shards were run with different specs, models or inputs")
+    prints = [{k: v for k, v in j.fingerprint.items() if k != "shard"} for j in jobs]
+    unlike = [
+        f"{state.shard} ({', '.join(k for k in sorted(p) if p[k] != prints[0].get(k))})"
+        for state, p in zip(states, prints, strict=True)
+        if p != prints[0]
+    ]
+    if unlike:
+        raise UserError(
+            f"{root.root}: the shards were run with different specs, models or inputs: "
+            f"{', '.join(unlike)} differ from shard {states[0].shard} in what is named; "
+            "rerun those with the same job (--overwrite)"
+        )
     summaries = [
         _checked_shard(root, shard, job, state.shard)
         for shard, job, state in zip(shards, jobs, states, strict=True)

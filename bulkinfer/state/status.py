@@ -110,14 +110,25 @@ def format_status(root: OutputLayout, states: list[ShardState]) -> str:
     eta_text = "done" if done == len(states) else ("unknown" if eta is None else _clock(eta))
     if done < len(states) and not any(s.state == "running" for s in states):
         eta_text = "none: nothing is running"  # no run is under way to end
-    # the merge of these shards, not of another split's or an unsharded run's
+    # the merge of these shards, not of another split's or an unsharded run's, nor of a shard
+    # run again since
     merged = (read_json(root.summary) or {}).get("shards") == len(states)
-    merged = merged and root.outputs_dir.exists()
+    merged = merged and root.outputs_dir.exists() and done == len(states)
+    merged = merged and all(
+        _newer(root.summary, root.shard(s.shard.index, s.shard.count).summary) for s in states
+    )
     lines.append(
         f"{done} of {len(states)} shards done; ETA {eta_text}"
         + ("; outputs merged" if merged and len(states) > 1 else "")
     )
     return "\n".join(lines)
+
+
+def _newer(path, than) -> bool:
+    try:
+        return path.stat().st_mtime_ns >= than.stat().st_mtime_ns
+    except OSError:
+        return False
 
 
 def _clock(seconds: float) -> str:
