@@ -215,13 +215,14 @@ def run(job, overrides, output, overwrite, shard, gpus) -> None:
       bulkinfer run jobs/sample.yaml --log-format json # JSON lines on stderr for collectors
     """
     from bulkinfer.job.runner import run_job
-    from bulkinfer.sharding import parse_shard, shard_from_env
+    from bulkinfer.sharding import parse_shard, refuse_row_column, shard_from_env
 
     spec = _load(job, overrides, output)
     skip_unused_imports(spec)
     if gpus is not None and shard:
         raise UserError("--gpus splits the job into shards itself: give it or --shard, not both")
     if gpus is not None:
+        refuse_row_column(spec.input.keep_columns)
         from pathlib import Path
 
         from bulkinfer.executors.local import run_workers, worker_count
@@ -254,13 +255,15 @@ def status(output: str) -> None:
 
     from bulkinfer.errors import UserError
     from bulkinfer.io.layout import OutputLayout
+    from bulkinfer.io.lock import is_locked
     from bulkinfer.state.status import format_status, job_states
 
     root = OutputLayout(Path(output))
     if not root.root.is_dir():
         raise UserError(f"{root.root}: no such output folder")
     submitted = (root.root / "sbatch.sh").is_file()  # `bulkinfer slurm`: its tasks pending
-    if not root.job_file.is_file() and not root.shard_folders() and not submitted:
+    starting = is_locked(root) or root.failed.is_file()  # a run before it records its job
+    if not root.job_file.is_file() and not root.shard_folders() and not (submitted or starting):
         raise UserError(f"{root.root}: not a bulkinfer job folder (no job.json or shards/)")
     click.echo(format_status(root, job_states(root)))
 
@@ -449,6 +452,7 @@ def report(output: str) -> None:
 
 
 def render_plan(report: dict) -> str:
+    planned = "sorted and packed" if report.get("sorted", True) else "as planned (sort: none)"
     lines = [
         f"rows             {report['rows']:,} ({report['row_errors']:,} with errors, not run)",
         f"input tokens     {report['input_tokens']:,} "
@@ -460,9 +464,9 @@ def render_plan(report: dict) -> str:
             if report["new_tokens_per_row"]
             else ""
         ),
-        f"batches          {report['batches_sorted']:,} sorted and packed "
+        f"batches          {report['batches_sorted']:,} {planned} "
         f"({report['batches_file_order']:,} in file order)",
-        f"padding          {report['padding_sorted']:.1%} sorted and packed, "
+        f"padding          {report['padding_sorted']:.1%} {planned}, "
         f"{report['padding_file_order']:.1%} in file order",
         "",
         "prompt tokens    rows",

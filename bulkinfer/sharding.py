@@ -72,3 +72,15 @@ def shard_from_env(env: dict[str, str] | None = None) -> Shard | None:
         shard = Shard(number("JOB_COMPLETION_INDEX"), number("BULKINFER_SHARD_COUNT"))
         return checked(shard, "BULKINFER_SHARD_COUNT")
     return None
+
+
+def refuse_row_column(keep_columns) -> None:
+    """A sharded run's outputs keep each row's input position in a column named `row` (the
+    merge orders the shards' rows by it and drops it): a kept input column of that name was
+    overwritten there and lost in the merge. Refused before any work."""
+    if "row" in keep_columns:
+        raise SpecError(
+            "input.keep_columns: 'row' is the column in which a sharded run (--shard, --gpus, "
+            "a Slurm array) keeps each row's input position; rename the input column, or run "
+            "the job unsharded"
+        )

@@ -543,3 +543,43 @@ def test_a_prompt_over_the_context_is_told_so_and_a_kernel_the_fast_engine_skips
     errors = dict(zip(outputs["id"], outputs["error"], strict=True))
     assert errors["short"] is None
     assert "more than the model's context of 512" in errors["long"], errors["long"]
+
+
+def test_settings_that_ran_wrong_or_led_nowhere_stop_in_one_line(tmp_path, tiny_model):
+    """Each of these ran wrong or ended in a traceback or a dead end:
+    - a kept input column named `row` in a sharded run (its values replaced by positions,
+      then dropped by the merge);
+    - an empty input.path (an unset variable: the spec's whole folder was read);
+    - model.device mps where torch has none (a traceback), cuda:x (passed the check);
+    - a job.json that cannot be read, with --overwrite (which its error asked for: refused);
+    - 7e-1 for a number (YAML 1.1 reads it as a string).
+    A folder holding another job's outputs names the settings that differ."""
+    rows = [{"id": f"r{i}", "prompt": f"hello {i}", "row": 7} for i in range(4)]
+    inputs = write_jsonl(tmp_path / "in.jsonl", rows)
+    job = _job(tmp_path, tiny_model, inputs, input={"keep_columns": ["row"]})
+    assert cli("run", str(job)).exit_code == 0  # unsharded, kept as it is
+    assert read_outputs(tmp_path / "out").column("row").to_pylist() == [7] * 4
+    for flag in (["--shard", "0/2"], ["--gpus", "2"]):
+        _fails_cleanly(cli("run", str(job), "-o", str(tmp_path / "sh"), *flag), "'row'")
+    assert not (tmp_path / "sh" / "shards").exists()
+
+    _fails_cleanly(cli("validate", str(job), "--set", "input.path="), "input.path", "empty")
+    for setting in ("input.completion_column=prompt", "task.system_prompt=hi", "input.split=x"):
+        never = ["--set", "task.chat_template=never"]
+        # each was ignored
+        _fails_cleanly(cli("validate", str(job), "--set", setting, *never), setting.split("=")[0])
+    _fails_cleanly(cli("run", str(job), "-o", str(tmp_path / "m"), "--set", "model.device=mps"))
+    _fails_cleanly(cli("validate", str(job), "--set", "model.device=cuda:x"), "model.device")
+
+    (tmp_path / "out" / "job.json").write_text("")
+    _fails_cleanly(cli("run", str(job)), "job.json is unreadable", "--overwrite")
+    result = cli("run", str(job), "--overwrite", "--set", "task.temperature=7e-1")
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((tmp_path / "out" / "job.json").read_text())["spec"]["task"][
+        "temperature"
+    ] == pytest.approx(0.7)
+    _fails_cleanly(
+        cli("run", str(job), "--set", "task.temperature=0.5", "--set", "task.top_k=3"),
+        "another job's outputs",
+        "task.temperature, task.top_k",
+    )

@@ -192,8 +192,10 @@ def test_a_held_folder_between_writes_is_refused_as_in_use(lock_job):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         busy = cli_subprocess("run", str(job))
+        status = cli_subprocess("status", str(out))  # a run in its first seconds
     finally:
         os.close(fd)
+    assert status.returncode == 0 and "running" in status.stdout, status.stderr
     free = cli_subprocess("run", str(job))
     assert busy.returncode == 2 and len(busy.stderr.strip().splitlines()) == 1, busy.stderr
     assert "in use by another bulkinfer run (holder not yet recorded)" in busy.stderr

@@ -453,3 +453,26 @@ def test_completions_logprobs_name_byte_pieces_and_list_the_likeliest_first(tmp_
             values = list(top.values())
             assert values == sorted(values, reverse=True), top
     assert split, "no token split a character: the test did not test it"
+
+
+def test_a_request_for_several_greedy_samples_is_warned_of(tmp_path, tiny_model):
+    """A request without `temperature` takes the job's (0), not the API's default of 1, so its
+    n samples are equal: the run says so (it did not)."""
+    requests = [_chat_request(0, n=3), _chat_request(1, n=3, temperature=0.8), _chat_request(2)]
+    batch = write_jsonl(tmp_path / "batch.jsonl", requests)
+    job = write_job(tmp_path / "job.yaml", tiny_model, batch, tmp_path / "out")
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output
+    assert "1 requests ask for n > 1 samples at temperature 0" in result.output, result.output
+    lines = [json.loads(x) for x in (tmp_path / "out" / "responses.jsonl").read_text().splitlines()]
+    texts = [c["message"]["content"] for c in lines[0]["response"]["body"]["choices"]]
+    assert len(texts) == 3 and len(set(texts)) == 1
+    first = {k: v for k, v in _chat_request(5).items() if k != "custom_id"}
+    job = write_job(
+        tmp_path / "noid.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "noid.jsonl", [first, _chat_request(6)]),
+        tmp_path / "noid",
+    )
+    result = cli("run", str(job))  # a batch file, its first line without its custom_id
+    assert result.exit_code == 2 and "noid.jsonl:1: custom_id" in result.output, result.output

@@ -116,6 +116,8 @@ def test_plan_command_reports_padding_without_loading_weights(tmp_path, tiny_mod
     assert "sorted and packed" in text.output and "file order" in text.output
     assert "engine           reference on cpu" in text.output  # and why not the fast one
     assert "not the fast engine" in text.output
+    unsorted = cli("plan", str(job), "--set", "batching.sort=none")  # was "sorted and packed"
+    assert "as planned (sort: none)" in unsorted.output and "sorted" not in unsorted.output
     fp8 = cli(
         "plan", str(job), "--set", "model.quantization=fp8", "--set", "model.kv_cache_dtype=fp8"
     )

@@ -250,6 +250,34 @@ def test_output_folder_with_foreign_files_is_refused(tmp_path, tiny_model):
     assert "not empty" in result.output
     assert os.listdir(out) == ["notes.txt"]
 
+    # --overwrite removes only what bulkinfer made: the user's files under the names it writes
+    # (a README.md, a stats/ folder) were deleted, and the README replaced by the dataset card
+    (out / "README.md").write_text("my notes")
+    (out / "stats").mkdir()
+    (out / "stats" / "results.csv").write_text("a,b")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    result = cli("run", str(job), "--overwrite")
+    assert result.exit_code == 2, result.output
+    assert "README.md" in result.output and "stats/" in result.output
+    assert "deleted nothing" in result.output
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.name != ".lock") == before
+    (out / "README.md").unlink()
+    shutil.rmtree(out / "stats")
+    result = cli("run", str(job), "--overwrite")  # beside the user's other files
+    assert result.exit_code == 0, result.output
+    assert (out / "notes.txt").read_text() == "mine"
+    killed = subprocess.run(
+        [sys.executable, "-m", "bulkinfer", "run", str(job), "--overwrite"],
+        env={**child_env(), "BULKINFER_KILL_AT": "overwrite_removed:2"},
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    refused = cli("run", str(job))  # half emptied: no job to resume; --overwrite goes on
+    assert refused.exit_code == 2 and "--overwrite" in refused.output, refused.output
+    assert cli("run", str(job), "--overwrite").exit_code == 0
+    assert read_outputs(out).num_rows == 3 and (out / "notes.txt").exists()
+
 
 @pytest.mark.parametrize("nth", [2, 5])
 def test_full_disk_stops_cleanly_and_a_rerun_resumes(crash_job, nth):

@@ -61,6 +61,8 @@ def test_shards_run_one_by_one_then_merge_automatically(shard_job):
     assert summary["model_share_of_wall"] == pytest.approx(model / walls)
     assert summary["seconds_outside_model"] == pytest.approx(walls - model)
     assert 0 <= summary["padding_fraction_file_order"] < 1
+    assert summary["engine"] == parts[0]["engine"]  # and start-up as the slowest shard's
+    assert summary["first_batch_seconds"] == max(p["first_batch_seconds"] for p in parts)
     status = cli("status", str(out))
     assert "3 of 3 shards done" in status.output
 

@@ -56,6 +56,13 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"model.device is '{name}' but no CUDA GPU is visible")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ModelError(
+            f"model.device is '{name}' but {torch.cuda.device_count()} CUDA GPU(s) are visible "
+            "(numbered from 0)"
+        )
+    if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ModelError("model.device is 'mps' but this torch has no usable Apple GPU (MPS)")
     return torch.device(name)
 
 

@@ -66,7 +66,13 @@ def resolve_input_files(
         unique = [f for f in unique if not f.startswith(inside)]
         if not unique:
             raise InputError(f"{', '.join(patterns)}: no input files outside the output folder")
-    return [DataFile(f, file_format(f, fmt)) for f in unique]
+    found = [DataFile(f, file_format(f, fmt)) for f in unique]
+    if split is not None and not any(f.kind == "saved" for f in found):
+        raise InputError(
+            f"input.split: {split!r} names a split of a saved DatasetDict, and the input holds "
+            "none (its files have no splits); remove input.split"
+        )
+    return found
 
 
 def _folder_inputs(folder: str, fmt: str, split: str | None) -> list[str]:

@@ -92,6 +92,13 @@ class OutputLayout:
         return self.root / "failed.json"
 
     @property
+    def overwriting(self) -> Path:
+        """The job record of a folder --overwrite is emptying, renamed: the record goes first
+        (a folder so killed is no job to resume), this mark last (until then the folder is
+        known as ours, to a later --overwrite)."""
+        return self.root / ".overwriting-job.json"
+
+    @property
     def shards_dir(self) -> Path:
         return self.root / "shards"
 
@@ -184,4 +191,5 @@ class OutputLayout:
             self.shards_dir,
             self.report_page,
             self.report_dir,
+            self.overwriting,  # last: removed after everything else
         ]

@@ -79,9 +79,14 @@ class RequestProblem(ValueError):
 
 def looks_like_batch_record(record: dict) -> bool:
     """A request line of an OpenAI Batch file: a custom_id with a body, url or method (a first
-    request missing its body is still one, answered as a 400 row, not a prompt file's line)."""
-    if not isinstance(record, dict) or "custom_id" not in record:
+    request missing its body is still one, answered as a 400 row, not a prompt file's line),
+    or a body with an API url (a first request missing its custom_id: refused naming it, not
+    read as a prompt file's line)."""
+    if not isinstance(record, dict):
         return False
+    if "custom_id" not in record:  # one missing only its custom_id: a 400 row naming it
+        url = record.get("url")
+        return isinstance(record.get("body"), dict) and isinstance(url, str) and url in URLS
     return any(key in record for key in ("body", "url", "method"))
 
 

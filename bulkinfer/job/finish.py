@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import time
 from collections import Counter
@@ -184,7 +185,10 @@ def log_next_steps(layout: OutputLayout, responses: bool) -> None:
     lines = [
         ("outputs", outputs),
         ("summary", f"{layout.summary}; per batch: {layout.batch_stats}"),
-        ("next", f"bulkinfer report {layout.root}  (writes {layout.report_page})"),
+        (
+            "next",
+            f"bulkinfer report {shlex.quote(str(layout.root))}  (writes {layout.report_page})",
+        ),
     ]
     if log_format() == "plain":  # JSON logs: the finish event, last, holds the summary
         print("\n".join(f"  {name:<16} {text}" for name, text in lines))

@@ -132,6 +132,7 @@ def plan_report(inputs: Inputs, plan: JobPlan) -> dict:
         "max_batch_size": plan.budget.max_batch_size,
         "new_tokens_per_row": plan.budget.new_tokens_per_row,
         "histogram": length_histogram(lengths),
+        "sorted": inputs.setup.spec.batching.sort == "length",
         "batches_sorted": len(plan.batches),
         "batches_file_order": len(plan.file_order),
         "padding_sorted": padding_fraction(plan.batches),

@@ -48,7 +48,7 @@ from bulkinfer.job.setup import (
 from bulkinfer.job.stream import run_stream
 from bulkinfer.observe.progress import Progress, log
 from bulkinfer.observe.stats import imports_seconds
-from bulkinfer.sharding import Shard
+from bulkinfer.sharding import Shard, refuse_row_column
 from bulkinfer.spec import JobSpec
 from bulkinfer.state.folder import refuse_foreign, refuse_other_counts, refuse_unsharded
 from bulkinfer.state.manifest import Manifest
@@ -62,6 +62,8 @@ def run_job(spec: JobSpec, overwrite: bool = False, shard: Shard | None = None) 
     The folder's lock is taken before anything in it changes: one writer per folder."""
     root = OutputLayout(Path(spec.output.path))
     layout = root.shard(shard.index, shard.count) if shard else root
+    if shard is not None:
+        refuse_row_column(spec.input.keep_columns)
     refuse_foreign(layout, overwrite)  # before the lock, so a refused folder gets no lock file
     if shard is not None:
         refuse_unsharded(root, overwrite)

@@ -150,7 +150,7 @@ def tokenize_while_loading(setup: JobSetup, load, spill: Path) -> tuple[Inputs, 
         if setup.spec.on_error == "fail":
             check_no_failed_rows(inputs.prepared)
         engine, load_seconds = loading.result()
-    log_capped_requests(inputs.prepared, setup.spec.task.max_new_tokens)
+    log_capped_requests(inputs.prepared, setup.spec.task)
     return inputs, engine, {"load_seconds": load_seconds, "prepare_seconds": prepare_seconds}
 
 
@@ -225,16 +225,30 @@ def check_output_columns(spec: JobSpec, task) -> None:
             )
 
 
-def log_capped_requests(prepared: PreparedRows, max_new_tokens: int) -> None:
-    """Requests asking for more tokens than the plan reserves get task.max_new_tokens: say so."""
-    if prepared.request_params is None:
+def log_capped_requests(prepared: PreparedRows, task) -> None:
+    """Requests asking for more tokens than the plan reserves get task.max_new_tokens, and
+    requests for several samples that run greedy (a request without `temperature` takes the
+    job's, 0 by default, not the API's 1) get that many equal ones: say so."""
+    params = prepared.request_params
+    if params is None:
         return
-    asked = prepared.request_params.column("max_new_tokens").fill_null(0).to_numpy()
-    capped = int(np.sum(asked > max_new_tokens))
+    asked = params.column("max_new_tokens").fill_null(0).to_numpy()
+    capped = int(np.sum(asked > task.max_new_tokens))
     if capped:
         log(
-            f"{capped:,} requests ask for more than task.max_new_tokens={max_new_tokens} tokens "
-            "and stop there (finish_reason length); raise task.max_new_tokens to honour them"
+            f"{capped:,} requests ask for more than task.max_new_tokens={task.max_new_tokens} "
+            "tokens and stop there (finish_reason length); raise task.max_new_tokens to honour "
+            "them"
+        )
+    samples = params.column("n").fill_null(task.n).to_numpy()
+    temperature = params.column("temperature").fill_null(task.temperature).to_numpy()
+    greedy = int(np.sum((samples > 1) & (temperature == 0)))
+    if greedy:
+        log(
+            f"{greedy:,} requests ask for n > 1 samples at temperature 0 (greedy: their samples "
+            f"are equal); a request without `temperature` takes task.temperature="
+            f"{task.temperature:g}, not the OpenAI API's default of 1",
+            level="warning",
         )
 
 

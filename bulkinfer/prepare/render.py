@@ -39,6 +39,15 @@ def render_options(
         raise SpecError(
             f"input.choices_column: choices are scored by task.type score, not {task.type}"
         )
+    if has_completion and task.type == "generate":  # it was read, then not used
+        raise SpecError(
+            "input.completion_column: a completion is scored by task.type score, not generate"
+        )
+    if task.system_prompt is not None and task.chat_template == "never":
+        raise SpecError(
+            "task.system_prompt: it is a turn of the chat template, which task.chat_template: "
+            "never leaves out; remove one of them"
+        )
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if task.chat_template == "always" and not has_template:
         raise InputError(

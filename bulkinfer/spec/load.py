@@ -7,6 +7,7 @@ import dataclasses
 import glob
 import math
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -68,6 +69,15 @@ class UniqueKeyLoader(yaml.SafeLoader):
                         problem_mark=key_node.start_mark,
                     )
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 (PyYAML's) reads 1e-3 and 7e-1 as strings, wanting a dot in a float; YAML 1.2 and
+# JSON read them as the numbers they are, and so do bulkinfer's specs
+UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def _read_yaml(path: Path) -> dict:

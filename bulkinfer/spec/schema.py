@@ -35,7 +35,10 @@ class ModelSpec:
     def validate(self, key: str) -> None:
         if not self.path:
             raise SpecError(f"{key}.path: give a model folder, a .gguf file or package:NAME/FILE")
-        ok_device = self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")
+        index = self.device.removeprefix("cuda:")
+        ok_device = self.device in ("auto", "cpu", "cuda", "mps") or (
+            self.device.startswith("cuda:") and index.isascii() and index.isdigit()
+        )
         if not ok_device:
             raise SpecError(
                 f"{key}.device: '{self.device}' is not one of auto, cpu, cuda, cuda:N, mps"
@@ -179,6 +182,8 @@ class InputSpec:
     def validate(self, key: str) -> None:
         if not self.path:
             raise SpecError(f"{key}.path: give at least one file, folder or glob")
+        if any(not p.strip() for p in self.path):  # "" would read the spec's folder, all of it
+            raise SpecError(f"{key}.path: a path is empty (an unset variable?)")
         reserved = {"id", "error"}
         for name in self.keep_columns:
             if name in reserved:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from bulkinfer.errors import OutputFolderError
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.lock import holder_text, in_use, is_locked
 from bulkinfer.observe.progress import log
+from bulkinfer.state.fingerprint import NOT_IN_FINGERPRINT
 from bulkinfer.state.records import SUMMARY_TOTALS, JobRecord, read_json
 
 
@@ -35,7 +37,8 @@ def open_job_folder(
     refuse_foreign(layout, overwrite, holding_lock=True)
     if not layout.shards_dir.is_dir():  # (a sharded job's top is written by its merges)
         layout.remove_leftovers()  # the lock is ours: no write of ours is under way
-    existing = JobRecord.read(layout.job_file)
+    # --overwrite replaces whatever record is there, an unreadable one too (as its error says)
+    existing = None if overwrite else JobRecord.read(layout.job_file)
     replace = existing is not None and not overwrite and not _has_results(layout)
     overwrite = overwrite or replace  # a job that never committed a row loses nothing
     if existing is not None and not overwrite:
@@ -43,7 +46,10 @@ def open_job_folder(
             k for k in ("spec", "model", "input") if existing.fingerprint.get(k) != prints[k]
         ]
         if mismatch:
-            raise OutputFolderError(_mismatch_message(root, mismatch, existing.fingerprint, prints))
+            keys = spec_keys_differing(existing.spec, spec_dict) if "spec" in mismatch else []
+            raise OutputFolderError(
+                _mismatch_message(root, mismatch, existing.fingerprint, prints, keys)
+            )
         finished = bool((read_json(layout.summary) or {}).get("complete"))
         problem = finished_damage(layout) if finished else None
         if problem:
@@ -64,12 +70,16 @@ def open_job_folder(
         )
     if overwrite:
         refuse_odd_removals(layout)
-        # --overwrite takes the job record first: killed midway, the folder asks for --overwrite
-        # again. A job without results keeps its record to the last: killed midway, it is
-        # still a job without results, which the next run replaces.
+        refuse_theirs(layout)
+        # --overwrite takes the job record first, renamed to the mark of a folder it empties:
+        # killed midway, the folder asks for --overwrite again. A job without results keeps
+        # its record to the last: killed midway, it is still a job without results, which the
+        # next run replaces.
         ours = layout.ours()
         if replace:
             ours.append(ours.pop(ours.index(layout.job_file)))
+        elif layout.job_file.exists():
+            os.replace(layout.job_file, layout.overwriting)
         for path in ours:
             if path.is_dir():
                 shutil.rmtree(path)
@@ -138,13 +148,24 @@ def refuse_unlike_shards(
         if not mismatch:
             continue
         reasons = "; ".join(_WHAT_DIFFERS[k] for k in mismatch)
-        keys = _differing_keys(record.spec, spec) if "spec" in mismatch and record.spec else []
-        if keys:
-            reasons += f" ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        keys = spec_keys_differing(record.spec, spec) if "spec" in mismatch else []
+        reasons += _named_keys(keys)
         raise OutputFolderError(
             f"{root.root}: shard {other}/{n} of this job ran another job ({reasons}); run every "
             "shard with the same job, settings, model and input, or pass --overwrite"
         )
+
+
+def spec_keys_differing(recorded: dict | None, spec: dict) -> list[str]:
+    """The dotted keys of the fingerprinted spec sections whose values differ."""
+    if not recorded:
+        return []
+    keys = _differing_keys(recorded, spec)
+    return [k for k in keys if k.split(".")[0] not in NOT_IN_FINGERPRINT and k != "input.path"]
+
+
+def _named_keys(keys: list[str]) -> str:
+    return f": {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}" if keys else ""
 
 
 def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -260,6 +281,24 @@ def refuse_odd_removals(layout: OutputLayout) -> None:
             )
 
 
+def refuse_theirs(layout: OutputLayout) -> None:
+    """Before --overwrite deletes anything in a folder that holds no bulkinfer job (no record,
+    no mark of an --overwrite under way, no shards): files and folders there under the names
+    bulkinfer writes (a README.md, an outputs/ or stats/ folder) are the user's, and
+    --overwrite removes only what bulkinfer made."""
+    if layout.job_file.exists() or layout.overwriting.exists() or layout.shards_dir.is_dir():
+        return
+    ours_anyway = {layout.failed, layout.heartbeat}  # written before a job record can be
+    theirs = [p for p in layout.ours() if p not in ours_anyway and os.path.lexists(p)]
+    if theirs:
+        names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in theirs)
+        raise OutputFolderError(
+            f"--overwrite: {layout.root} holds no bulkinfer job, and {names} there "
+            "are not bulkinfer's to remove (it removes only what it made); deleted nothing: "
+            "move them away or choose a new folder"
+        )
+
+
 def save_job(layout: OutputLayout, job: JobRecord) -> None:
     """The job record, and an empty manifest beside a new parts folder: part files beside an
     empty manifest were never committed (a kill between writing one and recording it), where
@@ -292,9 +331,9 @@ _WHAT_DIFFERS = {
 
 
 def _mismatch_message(
-    root: Path, mismatch: list[str], recorded: dict[str, str], prints: dict[str, str]
+    root: Path, mismatch: list[str], recorded: dict[str, str], prints: dict[str, str], keys
 ) -> str:
-    reasons = "; ".join(_WHAT_DIFFERS[k] for k in mismatch)
+    reasons = "; ".join(_WHAT_DIFFERS[k] for k in mismatch) + _named_keys(keys)
     message = (
         f"{root} holds another job's outputs ({reasons}); use another --output or pass --overwrite"
     )

@@ -157,6 +157,14 @@ def merge_summaries(shards: list[Summary]) -> Summary:
     if shard_walls:  # shards run side by side: their model and wall seconds each add up
         merged["model_share_of_wall"] = merged["model_seconds"] / shard_walls
         merged["seconds_outside_model"] = max(0.0, shard_walls - merged["model_seconds"])
+    # start-up as the slowest shard paid it (they start side by side)
+    for key in ("first_batch_seconds", "setup_seconds", "load_seconds", "imports_seconds"):
+        values = [s[key] for s in summaries if isinstance(s.get(key), int | float)]
+        if values:
+            merged[key] = max(values)
+    engines = sorted({str(s["engine"]) for s in summaries if s.get("engine")})
+    if engines:
+        merged["engine"] = ", ".join(engines)
     file_order = [_padded_file_order(s) for s in summaries]
     if file_order and None not in file_order and sum(file_order):
         merged["padding_fraction_file_order"] = 1 - merged["input_tokens"] / sum(file_order)
