@@ -583,3 +583,10 @@ def test_settings_that_ran_wrong_or_led_nowhere_stop_in_one_line(tmp_path, tiny_
         "another job's outputs",
         "task.temperature, task.top_k",
     )
+
+
+def test_ids_mixing_strings_and_numbers_name_the_line_at_fault(tmp_path, tiny_model):
+    rows = [{"id": 1, "prompt": "a"}, {"id": 2, "prompt": "b"}, {"id": "x3", "prompt": "c"}]
+    job = _job(tmp_path, tiny_model, write_jsonl(tmp_path / "in.jsonl", rows))
+    for command in ("validate", "run"):  # the file was named, not the line
+        _fails_cleanly(cli(command, str(job)), "in.jsonl:3:", "'x3' is a string")

@@ -106,8 +106,12 @@ def chunk_ids(chunk: InputChunk) -> pa.Array:
             "(a lone surrogate)"
         ) from None
     except (pa.ArrowInvalid, pa.ArrowTypeError):
+        first = isinstance(chunk.ids[0], str)
+        i = next(i for i, v in enumerate(chunk.ids) if isinstance(v, str) != first)
+        kind, before = ("a string", "numbers") if not first else ("a number", "strings")
         raise InputError(
-            f"{chunk.path}: the id column mixes strings and numbers; make them all one type"
+            f"{chunk.location(i)}: the id {chunk.ids[i]!r:.40} is {kind}, the ids before it "
+            f"are {before}; the id column mixes strings and numbers: make them all one type"
         ) from None
 
 
