@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import child_env, cli, read_outputs, write_job, write_jsonl
@@ -103,6 +104,9 @@ def test_a_batch_slower_than_every_seconds_commits_finished_rows_and_resumes(
     assert got.drop(["error"]).equals(expected.drop(["error"]))  # every row once, same tokens
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert summary["rows_out"] == N_REQUESTS and summary["complete"]
+    # one batch, committed in pieces across the kill: counted once (it was once a piece)
+    pieces = pq.read_table(tmp_path / "killed" / "stats" / "batches.parquet").column("batch")
+    assert len(pieces) > 1 and summary["batches"] == len(set(pieces.to_pylist())) == 1
 
 
 @pytest.mark.parametrize("log_format", ["plain", "json"])

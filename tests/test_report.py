@@ -215,18 +215,22 @@ def test_report_refuses_a_folder_that_is_not_a_job(tmp_path):
     assert not (tmp_path / "report.html").exists()
 
 
-def test_report_without_matplotlib_draws_inline_svg(finished, tmp_path):
-    out = tmp_path / "copy"
-    shutil.copytree(finished, out)
-    shutil.rmtree(out / "report", ignore_errors=True)
+def _report_without_matplotlib(out) -> subprocess.CompletedProcess:
     code = (
         "import sys; sys.modules['matplotlib'] = None\n"
         "from bulkinfer.cli import main\n"
         f"main(['report', {str(out)!r}])\n"
     )
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", code], env=child_env(), capture_output=True, text=True
     )
+
+
+def test_report_without_matplotlib_draws_inline_svg(finished, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    shutil.rmtree(out / "report", ignore_errors=True)
+    proc = _report_without_matplotlib(out)
     assert proc.returncode == 0, proc.stderr
     html = (out / "report.html").read_text()
     assert html.count("<svg") == 3 and "<img" not in html
@@ -364,3 +368,48 @@ def test_a_summary_edited_so_a_figure_is_no_number_is_read_as_unfinished(tmp_pat
         again = cli_subprocess("run", str(job))
         assert again.returncode == 0 and "summary.json has no number for" in again.stderr
         assert json.loads(summary_file.read_text())["rows_out"] == 6
+
+
+def test_a_job_whose_batches_took_no_measurable_time_is_reported(finished, tmp_path):
+    """Batches of zero seconds ending at one instant: the throughput chart divided by a zero
+    bin width (NaN plotted with matplotlib, a traceback without); the page renders."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "zero"
+    shutil.copytree(finished, out)
+    stats = pq.read_table(out / "stats" / "batches.parquet")
+    for name, value in (("seconds", 0.0), ("ended_at", 1.7e9), ("tokens_per_second", 0.0)):
+        index = stats.schema.get_field_index(name)
+        stats = stats.set_column(index, name, pa.array([value] * stats.num_rows))
+    pq.write_table(stats, out / "stats" / "batches.parquet")
+    records = [json.loads(line) for line in (out / "checkpoint" / "manifest.jsonl").open()]
+    for record in records:
+        record["elapsed"] = 0.0
+        for batch in record["stats"]:
+            batch["seconds"], batch["ended_at"] = 0.0, 1.7e9
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    (out / "checkpoint" / "manifest.jsonl").write_text(text)
+    summary = json.loads((out / "summary.json").read_text())
+    for key in [k for k in summary if k.endswith(("seconds", "per_second"))]:
+        summary[key] = 0.0
+    (out / "summary.json").write_text(json.dumps(summary))
+    proc = _report_without_matplotlib(out)
+    assert proc.returncode == 0, proc.stderr
+    html = (out / "report.html").read_text()
+    assert "NaN" not in html and "nan" not in html.lower().split()
+
+
+def test_the_report_of_a_failed_job_says_why(tmp_path, tiny_model):
+    rows = [{"id": "a", "prompt": "hello"}, {"id": "b", "prompt": None}]
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", rows),
+        tmp_path / "out",
+    )
+    failed = cli("run", str(job), "--set", "on_error=fail")
+    assert failed.exit_code == 2, failed.output
+    assert cli("report", str(tmp_path / "out")).exit_code == 0
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "The last run stopped on an error: RowFailedError" in html and "prompt is null" in html

@@ -163,7 +163,8 @@ def summarize(
         "rows_in": rows_in,
         "rows_out": rows_out,
         "rows_by_status": rows_by_status,
-        "batches": len(stats),
+        # a batch committed in pieces (checkpoint.every_seconds, a resume) counts once
+        "batches": len({s.get("batch", -1 - i) for i, s in enumerate(stats)}),
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,
         "padded_tokens": padded,

@@ -95,7 +95,9 @@ def throughput_chart(facts: JobFacts, bins: int = 60) -> Chart | None:
     timeline = facts.timeline if facts.has_timestamps else None
     if timeline is not None:
         t0, t1 = min(t0, timeline[0]), max(t1, timeline[1])
-    span = max(t1 - t0, 1e-6)
+    if not t1 - t0 > 0:  # no time measured (zero seconds): no rate to draw
+        return None
+    span = t1 - t0
     edges = np.linspace(t0, t1, min(bins, max(len(batches), 8)) + 1)
     width = edges[1] - edges[0]
     prompt = np.array([b["real_tokens"] for b in batches], dtype=float)

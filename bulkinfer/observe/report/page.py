@@ -7,8 +7,10 @@ import time
 from html import escape
 from pathlib import Path
 
+from bulkinfer.io.layout import OutputLayout
 from bulkinfer.observe.report.charts import STATE_COLOURS, padding_fractions
 from bulkinfer.observe.report.facts import JobFacts
+from bulkinfer.state.records import read_json
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; color: #212121;
@@ -45,6 +47,7 @@ def render_page(facts: JobFacts, figures: dict[str, tuple[str, str]], note: str 
         f"<h1>{escape(title)}{_state_badge(facts.state)}</h1>",
         f'<div class="sub">{escape(str(facts.root.resolve()))} &middot; written '
         f"{time.strftime('%Y-%m-%d %H:%M %Z')}</div>",
+        _failure(facts),
         _cards(facts),
         "<h2>Rows by status</h2>",
         _status_table(facts),
@@ -66,6 +69,18 @@ def render_page(facts: JobFacts, figures: dict[str, tuple[str, str]], note: str 
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{escape(title)}</title><style>{CSS}</style></head>"
         f"<body><main>\n" + "\n".join(body) + "\n</main></body></html>\n"
+    )
+
+
+def _failure(facts: JobFacts) -> str:
+    """Why a job that is not sharded failed (a sharded job's table says it for each shard)."""
+    if facts.state != "failed" or facts.shards:
+        return ""
+    error = (read_json(OutputLayout(facts.root).failed) or {}).get("error")
+    return (
+        f'<p class="note">The last run stopped on an error: {escape(str(error))}</p>'
+        if error
+        else ""
     )
 
 
@@ -124,7 +139,8 @@ def key_figures(facts: JobFacts) -> list[tuple[str, str, str]]:
         ),
         (
             "batches",
-            f"{len(batches):,}"
+            # pieces of one batch (committed by time, or across a resume) count once
+            f"{len({(b.get('shard'), b.get('batch', i)) for i, b in enumerate(batches)}):,}"
             + (f" of {facts.batches_planned:,}" if facts.batches_planned else ""),
             f"{sum(b.get('splits', 0) for b in batches)} out-of-memory splits, "
             f"{sum(b.get('failed_rows', 0) for b in batches)} rows failed in the model",
