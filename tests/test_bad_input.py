@@ -590,3 +590,39 @@ def test_ids_mixing_strings_and_numbers_name_the_line_at_fault(tmp_path, tiny_mo
     job = _job(tmp_path, tiny_model, write_jsonl(tmp_path / "in.jsonl", rows))
     for command in ("validate", "run"):  # the file was named, not the line
         _fails_cleanly(cli(command, str(job)), "in.jsonl:3:", "'x3' is a string")
+
+
+def test_a_score_too_low_for_a_float_perplexity_is_infinite(tmp_path):
+    """A model sure of other tokens (a mean log-prob under about -709): exp(-mean) overflowed
+    and the job ended in a traceback, every rerun alike; the perplexity is infinite now."""
+    import math
+
+    import torch
+    from tiny_model import build_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    folder = build_tiny_model(tmp_path / "sure")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(300.0)
+    model.save_pretrained(folder)
+    rows = [{"id": 1, "prompt": "The quick brown fox"}, {"id": 2, "prompt": "What is it?"}]
+    job = _job(tmp_path, folder, write_jsonl(tmp_path / "in.jsonl", rows), task={"type": "score"})
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output
+    table = read_outputs(tmp_path / "out")
+    means = table.column("logprob_mean").to_pylist()
+    assert min(means) < -710  # the case this checks
+    for mean, ppl in zip(means, table.column("perplexity").to_pylist(), strict=True):
+        assert ppl == (math.inf if mean < -709.78 else pytest.approx(math.exp(-mean)))
+
+
+def test_a_system_prompt_a_score_job_gives_no_plain_prompt_is_warned_of(tmp_path, tiny_model):
+    job = _job(
+        tmp_path,
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", sample_prompts(2)),
+        task={"type": "score", "system_prompt": "Be terse."},
+    )
+    result = cli("validate", str(job))  # plain prompts of a score job: no chat template
+    assert result.exit_code == 0 and "task.system_prompt: a score job renders" in result.output

@@ -87,7 +87,9 @@ def test_choices_are_tokenized_as_they_follow_the_prompt(tmp_path):
     tokenizer = train_sentencepiece_like_tokenizer()
     folder = _model(tmp_path / "l2", tokenizer)
     prompt, choices = "The capital of France is", [" Paris", " London", "Madrid"]
-    write_jsonl(tmp_path / "mc.jsonl", [{"id": "a", "prompt": prompt, "choices": choices}])
+    # lm-eval moves a prompt's trailing space into the choice: the same split as row a's
+    spaced = {"id": "b", "prompt": prompt + " ", "choices": [c.lstrip() for c in choices[:2]]}
+    write_jsonl(tmp_path / "mc.jsonl", [{"id": "a", "prompt": prompt, "choices": choices}, spaced])
     job = write_job(
         tmp_path / "mc.yaml",
         folder,
@@ -97,7 +99,9 @@ def test_choices_are_tokenized_as_they_follow_the_prompt(tmp_path):
         input={"choices_column": "choices"},
     )
     assert cli("run", str(job)).exit_code == 0
-    row = read_outputs(tmp_path / "mc").to_pylist()[0]
+    row, moved = read_outputs(tmp_path / "mc").to_pylist()
+    assert moved["choice_tokens"] == row["choice_tokens"][:2]
+    assert moved["choice_logprobs"] == pytest.approx(row["choice_logprobs"][:2], rel=1e-5)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     context = tokenizer(prompt)["input_ids"]
     for k, choice in enumerate(choices[:2]):  # lm-eval's split of the two encoded together

@@ -112,6 +112,13 @@ def set_up(
             "(it generates nothing); they are ignored",
             level="warning",
         )
+    if spec.task.system_prompt is not None and not options.use_chat_for_text:
+        log(
+            f"task.system_prompt: a {spec.task.type} job renders plain-text prompts without the "
+            "chat template (task.chat_template: auto), so only prompts given as messages get "
+            "it; set chat_template: always to give it to every row",
+            level="warning",
+        )
     return JobSetup(spec, files, model, columns, tokenizer, config, kind, task, options)
 
 

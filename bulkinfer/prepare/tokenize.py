@@ -238,9 +238,24 @@ def _render_chunk(chunk: InputChunk, tokenizer, options: RenderOptions) -> Rende
 def _encode_rendered(
     tokenizer, rendered: RenderedChunk, chunk: InputChunk, options: RenderOptions
 ) -> EncodedChunk:
-    prompts = _encode(tokenizer, rendered.texts, rendered.is_chat)
-    continuations = _encode_continuations(chunk, rendered.positions, tokenizer, options)
+    texts, moved = rendered.texts, None
+    if options.has_completion or options.has_choices:
+        texts, moved = _trailing_space_moved(texts)
+    prompts = _encode(tokenizer, texts, rendered.is_chat)
+    continuations = _encode_continuations(chunk, rendered.positions, tokenizer, options, moved)
     return EncodedChunk(rendered, prompts, continuations)
+
+
+def _trailing_space_moved(texts: list[str]) -> tuple[list[str], list[str]]:
+    """Each prompt less its trailing whitespace, and that whitespace, which its completion or
+    choices begin with instead: lm-evaluation-harness's split (a prompt 'Answer: ' scores
+    ' yes', not 'yes' after a lone space token, a word no text ever split so)."""
+    kept, moved = [], []
+    for text in texts:
+        cut = len(text.rstrip())
+        kept.append(text[:cut])
+        moved.append(text[cut:])
+    return kept, moved
 
 
 def _collect_tokens(chunk: InputChunk, encoded: EncodedChunk, options: RenderOptions):
@@ -326,15 +341,18 @@ def _check_continuations(chunk: InputChunk, i: int, options: RenderOptions) -> N
 
 
 def _encode_continuations(
-    chunk: InputChunk, positions: list[int], tokenizer, options: RenderOptions
+    chunk: InputChunk, positions: list[int], tokenizer, options: RenderOptions, moved=None
 ) -> list[list[list[int]]] | None:
-    """Per runnable row, the token ids of its completion (one part) or of each choice."""
+    """Per runnable row, the token ids of its completion (one part) or of each choice, after
+    the whitespace `moved` from the end of its prompt."""
     if options.has_completion:
         per_row = [[chunk.completions[i]] for i in positions]
     elif options.has_choices:
         per_row = [list(chunk.choices[i]) for i in positions]
     else:
         return None
+    if moved is not None:
+        per_row = [[space + t for t in texts] for space, texts in zip(moved, per_row, strict=True)]
     flat = [text for texts in per_row for text in texts]
     encoded = iter(_after_text(tokenizer, flat))
     return [[next(encoded) for _ in texts] for texts in per_row]

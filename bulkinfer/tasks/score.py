@@ -76,7 +76,7 @@ class ScoreTask:
             columns["logprob_sum"].append(total if count else None)
             columns["logprob_mean"].append(mean)
             columns["scored_tokens"].append(count)
-            columns["perplexity"].append(math.exp(-mean) if mean is not None else None)
+            columns["perplexity"].append(perplexity(mean) if mean is not None else None)
         return BatchResult(columns)
 
     def _run_choices(self, engine, prepared: PreparedRows, rows: np.ndarray) -> BatchResult:
@@ -112,3 +112,12 @@ def _refuse_nan(rows: np.ndarray, totals: list[float]) -> None:
             "batch. Check the weights; compare with model.engine: reference, without "
             "model.quantization / model.kv_cache_dtype, or model.dtype: float32"
         )
+
+
+def perplexity(mean_logprob: float) -> float:
+    """exp(-mean): infinity where that is beyond a float (a mean log-prob under about -709, a
+    model sure of other tokens), which math.exp raised as an OverflowError, ending the job."""
+    try:
+        return math.exp(-mean_logprob)
+    except OverflowError:
+        return math.inf

@@ -106,8 +106,10 @@ def key_figures(facts: JobFacts) -> list[tuple[str, str, str]]:
         rows_note = "all rows"
     elif total:
         rows_note = f"{_share(facts.rows_done, total)} done"
-    else:
+    elif facts.sharded:
         rows_note = "total known once every shard has started"
+    else:
+        rows_note = "total known once the input is read"
     errors = facts.rows_by_status.get("error", 0)
     sorted_padding, file_padding = padding_fractions(facts)
     cards = [
