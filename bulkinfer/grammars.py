@@ -15,6 +15,9 @@ RESPONSE_TYPES = ("json_schema", "json_object", "regex", "choice")
 # JSON as json.dumps writes it: a model may not fill its token limit with whitespace between
 # fields (a schema's own "x-guidance" settings win)
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# before a special token's text in a token's bytes as engines/constraints.token_bytes_of gives
+# them (the text leaves those tokens out): no UTF-8 text starts with this byte
+SPECIAL_MARK = b"\xff"
 
 
 def llguidance_module():

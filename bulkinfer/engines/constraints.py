@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from bulkinfer.errors import ModelError, first_line
+from bulkinfer.grammars import SPECIAL_MARK
 from bulkinfer.grammars import llguidance_module as _llguidance
 
 _LL_TOKENIZERS: dict[tuple[int, int | None], tuple[object, object]] = {}
@@ -50,9 +51,6 @@ def ll_tokenizer(tokenizer, end: int | None = None):
         cached = (tokenizer, _checked(tokenizer, _build_ll_tokenizer(tokenizer, end)))
         _LL_TOKENIZERS[key] = cached
     return cached[1]
-
-
-SPECIAL_MARK = b"\xff"  # before a special token's text: no UTF-8 text starts with this byte
 
 
 def token_bytes_of(tokenizer):

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from bulkinfer.errors import InputError
+from bulkinfer.grammars import SPECIAL_MARK
 from bulkinfer.io.atomic import write_lines_atomic
 
 CHAT_URL = "/v1/chat/completions"
@@ -513,7 +514,7 @@ def _own_text(
     if token_bytes is None or token_id is None:
         return token, token.encode()
     raw = token_bytes(token_id)
-    if not raw or raw.startswith(b"\xff"):  # the grammar library's mark of a special token
+    if not raw or raw.startswith(SPECIAL_MARK):
         return token, token.encode()
     try:
         return raw.decode("utf-8"), raw
@@ -522,8 +523,10 @@ def _own_text(
 
 
 def _special(token_bytes: TokenBytes | None, token_id: int | None) -> bool:
-    """Whether a token is one the text leaves out (the grammar library marks them)."""
-    return token_bytes is not None and token_id is not None and token_bytes(token_id)[:1] == b"\xff"
+    """Whether a token is one the text leaves out (token_bytes marks them)."""
+    if token_bytes is None or token_id is None:
+        return False
+    return token_bytes(token_id).startswith(SPECIAL_MARK)
 
 
 def _completion_token(text: str, raw: bytes) -> str:

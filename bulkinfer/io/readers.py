@@ -9,6 +9,7 @@ InputError naming the file and line; row problems (a null prompt) travel on as v
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import threading
@@ -175,7 +176,14 @@ DATASETS_BUILDERS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".t
 
 def _load_through_datasets(path: str):
     """`path` as a `datasets` Dataset: Parquet, CSV (.tsv split at tabs), else JSON (lines, or
-    one array of objects); loaded once, later loads come from the library's cache."""
+    one array of objects). Peeking its columns, counting its rows and reading it load it once
+    (the dataset is memory-mapped); a file changed since is loaded again."""
+    stat = os.stat(path)
+    return _loaded_through_datasets(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _loaded_through_datasets(path: str, size: int, mtime_ns: int):
     datasets = import_datasets()
     suffix = os.path.splitext(path.lower().removesuffix(".gz"))[1]
     builder = DATASETS_BUILDERS.get(suffix, "json")

@@ -157,7 +157,7 @@ def tokenize_while_loading(setup: JobSetup, load, spill: Path) -> tuple[Inputs, 
         if setup.spec.on_error == "fail":
             check_no_failed_rows(inputs.prepared)
         engine, load_seconds = loading.result()
-    log_capped_requests(inputs.prepared, setup.spec.task)
+    log_request_caveats(inputs.prepared, setup.spec.task)
     return inputs, engine, {"load_seconds": load_seconds, "prepare_seconds": prepare_seconds}
 
 
@@ -232,7 +232,7 @@ def check_output_columns(spec: JobSpec, task) -> None:
             )
 
 
-def log_capped_requests(prepared: PreparedRows, task) -> None:
+def log_request_caveats(prepared: PreparedRows, task) -> None:
     """Requests asking for more tokens than the plan reserves get task.max_new_tokens, and
     requests for several samples that run greedy (a request without `temperature` takes the
     job's, 0 by default, not the API's 1) get that many equal ones: say so."""
