@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import cli, read_outputs, write_job, write_jsonl
+from conftest import cli, read_outputs, use_engine, write_job, write_jsonl
 from tiny_model import tiny_config, train_sentencepiece_like_tokenizer, train_wordpiece_tokenizer
 from transformers import AutoModelForCausalLM
 
@@ -36,10 +36,9 @@ def test_structured_output_and_logprob_tokens_with_a_sentencepiece_tokenizer(tmp
     )
     result = cli("run", str(job))
     assert result.exit_code == 0, result.output
-    # the text is the new tokens decoded, as transformers decodes them: its leading space
-    # stripped by this tokenizer's decoder
+    # the text the tokens add after the prompt, its leading space kept
     text = read_outputs(tmp_path / "rf").column("text").to_pylist()[0]
-    assert text in [c.lstrip() for c in choice["choices"]]
+    assert text in choice["choices"]
 
     request = {
         "custom_id": "q1",
@@ -60,6 +59,50 @@ def test_structured_output_and_logprob_tokens_with_a_sentencepiece_tokenizer(tmp
     if not any(t.startswith("bytes:") for t in tokens):  # the tokens join back into the text
         assert "".join(tokens) == choice["text"]
     assert any(t.startswith(" ") for t in tokens), tokens
+
+
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_generated_text_keeps_the_space_its_first_token_adds(tmp_path, engine):
+    """`▁Paris` decoded alone is 'Paris': the text of a completion lost the space between the
+    prompt and its first word ('The capital of France isParis' once joined). It is now what
+    the tokens add after the prompt, as transformers' text-generation pipeline and vLLM give
+    it, and the row's token texts join back into it."""
+    tokenizer = train_sentencepiece_like_tokenizer()
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(tiny_config("llama", tokenizer, 32, 2, 256))
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    words = [i for i, piece in enumerate(pieces) if piece.startswith("\u2581")]
+    with torch.no_grad():  # the random model's answers are words that start with '▁'
+        head = lm.get_output_embeddings().weight
+        kept = head[words] * 10
+        head.zero_()
+        head[words] = kept
+    lm.save_pretrained(tmp_path / "l2")
+    tokenizer.save_pretrained(tmp_path / "l2")
+    model = tmp_path / "l2"
+    prompts = ["The capital of France is", "Question: is the sky blue? Answer:", "London"]
+    write_jsonl(tmp_path / "q.jsonl", [{"id": i, "prompt": p} for i, p in enumerate(prompts)])
+    job = write_job(
+        tmp_path / "g.yaml",
+        model,
+        tmp_path / "q.jsonl",
+        tmp_path / "g",
+        task={"max_new_tokens": 10, "chat_template": "never", "logprobs": True},
+    )
+    use_engine(job, engine)
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output
+    rows = read_outputs(tmp_path / "g").to_pylist()
+    spaced = 0
+    for row, prompt in zip(rows, prompts, strict=True):
+        context = tokenizer(prompt)["input_ids"]
+        whole = tokenizer.decode(context + row["token_ids"], skip_special_tokens=True)
+        start = len(tokenizer.decode(context, skip_special_tokens=True))
+        assert row["text"] == whole[start:]  # the pipeline's text
+        if "\ufffd" not in row["text"]:
+            assert "".join(row["tokens"]) == row["text"]
+        spaced += row["text"].startswith(" ")
+    assert spaced, [r["text"] for r in rows]  # a first token with its '▁' was drawn
 
 
 def test_structured_output_on_a_tokenizer_the_grammar_library_cannot_read(tmp_path):

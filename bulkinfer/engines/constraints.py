@@ -26,6 +26,7 @@ import json
 import numpy as np
 import torch
 
+from bulkinfer.engines.stops import generated_texts
 from bulkinfer.errors import ModelError, first_line
 from bulkinfer.grammars import SPECIAL_MARK
 from bulkinfer.grammars import llguidance_module as _llguidance
@@ -114,7 +115,7 @@ def _checked(tokenizer, ll):
     special = set(tokenizer.all_special_ids)
     size = min(ll.vocab_size, len(tokenizer))
     ids = [i for i in range(0, size, max(1, size // CHECKED_TOKENS)) if i not in special]
-    texts = _in_context(tokenizer, ids)
+    texts = generated_texts(tokenizer, [[i] for i in ids], skip_special=False)
     wrong = [
         (i, text)
         for i, text in zip(ids, texts, strict=True)
@@ -128,22 +129,6 @@ def _checked(tokenizer, ll):
             f"tokenizer decodes {text!r}); structured output cannot run with this tokenizer"
         )
     return ll
-
-
-def _in_context(tokenizer, ids: list[int]) -> list[str]:
-    """Each token's text as it reads after another token: a SentencePiece-style decoder strips
-    the leading space of the text it decodes (Llama-2's `▁Paris` alone is 'Paris', after a
-    word ' Paris', which is what the token adds to a text and what llguidance reads)."""
-    anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
-    base = tokenizer.decode(anchor)
-    if not anchor or not base:
-        return tokenizer.batch_decode([[i] for i in ids])
-    texts = tokenizer.batch_decode([[*anchor, i] for i in ids])
-    alone = tokenizer.batch_decode([[i] for i in ids])
-    return [
-        text[len(base) :] if text.startswith(base) else own
-        for text, own in zip(texts, alone, strict=True)
-    ]
 
 
 def matcher(tokenizer, grammar: str | None, end: int | None = None):

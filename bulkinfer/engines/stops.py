@@ -1,6 +1,9 @@
-"""Stop strings: text-level ends of a generated row, checked on the decoded tail only."""
+"""Generated text: what a row's new tokens add to its prompt, and stop strings (text-level ends
+of a row, checked on the decoded tail only)."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -33,7 +36,7 @@ def stop_hit(tokenizer, tokens: list[int], stops: tuple[str, ...]) -> bool:
     character not finished yet, or the tail of one the window cut, are not text a stop string
     can match."""
     window = max(len(s.encode("utf-8", "surrogatepass")) for s in stops) + 8
-    text = tokenizer.decode(tokens[-window:], skip_special_tokens=True)
+    text = generated_texts(tokenizer, [tokens[-window:]])[0]
     text = text.rstrip(REPLACEMENT)
     if len(tokens) > window:
         text = text.lstrip(REPLACEMENT)
@@ -41,6 +44,36 @@ def stop_hit(tokenizer, tokens: list[int], stops: tuple[str, ...]) -> bool:
 
 
 REPLACEMENT = "\ufffd"  # what a tokenizer decodes an incomplete UTF-8 sequence to
+
+
+def generated_texts(tokenizer, sequences: list[list[int]], skip_special: bool = True) -> list[str]:
+    """The text each token sequence adds after a word, as vLLM and transformers' text-generation
+    pipeline give it (both decode the new tokens with the prompt before them). Decoded alone, a
+    SentencePiece-style decoder strips the text's leading space (Llama-2's `▁Paris` alone is
+    'Paris', after a word ' Paris'), so each sequence is decoded after one anchor token and the
+    anchor's text cut off; where that does not hold (a decoder that rewrites across the join),
+    the sequence decoded alone. Byte-level BPE decodes the same either way."""
+    anchor = _anchor(tokenizer)
+    if not anchor:
+        return tokenizer.batch_decode(sequences, skip_special_tokens=skip_special)
+    ids, base = anchor
+    joined = tokenizer.batch_decode(
+        [[*ids, *s] for s in sequences], skip_special_tokens=skip_special
+    )
+    return [
+        text[len(base) :]
+        if text.startswith(base)
+        else tokenizer.decode(s, skip_special_tokens=skip_special)
+        for text, s in zip(joined, sequences, strict=True)
+    ]
+
+
+@functools.lru_cache(maxsize=8)
+def _anchor(tokenizer) -> tuple[list[int], str] | None:
+    """A one-token word and its text, or None where the tokenizer has none."""
+    ids = tokenizer.encode("a", add_special_tokens=False)[-1:]
+    base = tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+    return (ids, base) if base else None
 
 
 def truncate_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:

@@ -17,7 +17,7 @@ import pyarrow as pa
 from bulkinfer.engines.base import GenerateRequests, whole_groups
 from bulkinfer.engines.constraints import completes, ll_tokenizer
 from bulkinfer.engines.sampling import SamplingParams, row_key
-from bulkinfer.engines.stops import truncate_at_stop
+from bulkinfer.engines.stops import generated_texts, truncate_at_stop
 from bulkinfer.grammars import breaks_schema, grammar_for, grammar_of_json
 from bulkinfer.prepare import PreparedRows
 from bulkinfer.spec import TaskSpec
@@ -214,7 +214,7 @@ class GenerateTask:
         return [base.with_overrides(v) for v in overrides.take(pa.array(rows)).to_pylist()]
 
     def _sample(self, gen, stop: tuple[str, ...], request: RowRequest) -> Sample:
-        text = self.tokenizer.decode(gen.tokens, skip_special_tokens=True)
+        text = generated_texts(self.tokenizer, [gen.tokens])[0]
         text, hit_stop = truncate_at_stop(text, stop)
         token_ids = tokens = token_logprobs = top = None
         if request.logprobs:
@@ -237,8 +237,9 @@ class GenerateTask:
         return breaks_schema(params.grammar, sample.text)
 
     def _token_texts(self, ids: list[int]) -> list[str]:
-        """Each token's own text (a token that is part of a character decodes to U+FFFD)."""
-        return self.tokenizer.batch_decode([[t] for t in ids]) if ids else []
+        """Each token's text as it adds it after a word (a token that is part of a character
+        decodes to U+FFFD)."""
+        return generated_texts(self.tokenizer, [[t] for t in ids], skip_special=False)
 
     def _alternatives(self, gen, k: int) -> list[list[dict]]:
         """Per generated token, its row's k most likely tokens (ALTERNATIVE values). Tokens
