@@ -46,6 +46,7 @@ class CountingEngine:
     """The engine surface the scheduler uses; every token is 1 (never EOS), nothing computed."""
 
     eos_ids = frozenset({0})
+    end_token = 0
     tokenizer = None
     device = "cpu"
 

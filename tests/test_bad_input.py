@@ -42,6 +42,18 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path, tiny_model):
     assert not (tmp_path / "out" / "outputs").exists()
 
 
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_a_key_twice_in_one_line_names_the_line(tmp_path, tiny_model, command):
+    """`{"prompt": "a", "prompt": "b"}` ran the last value silently (json keeps it; other
+    readers keep the first or refuse): a row answered for a prompt its author may not mean."""
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"prompt": "a"}\n{"id": 1, "prompt": "x", "prompt": "y"}\n')
+    _fails_cleanly(
+        cli(command, str(_job(tmp_path, tiny_model, path))), "in.jsonl:2:", "'prompt' appears twice"
+    )
+    assert not (tmp_path / "out" / "outputs").exists()
+
+
 def test_invalid_utf8_names_the_line(tmp_path, tiny_model):
     path = tmp_path / "in.jsonl"
     path.write_bytes(b'{"prompt": "fine"}\n{"prompt": "bad \xff\xfe"}\n')

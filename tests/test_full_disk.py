@@ -147,3 +147,29 @@ def test_a_write_error_without_a_file_name_names_the_output_folder(tmp_path, cod
         write_failure(denied, tmp_path)
         == f"cannot write {tmp_path / 'job.json'}: Permission denied"
     )
+
+
+def _unwritable_folder() -> Path | None:
+    """A folder where even root cannot make one (sysfs), or None on a machine where it can."""
+    folder = Path("/sys/kernel")
+    try:
+        folder.joinpath(".bulkinfer-test").mkdir()
+    except OSError:
+        return folder
+    folder.joinpath(".bulkinfer-test").rmdir()
+    return None
+
+
+@pytest.mark.skipif(_unwritable_folder() is None, reason="no folder here refuses root's writes")
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_an_output_folder_that_cannot_be_written_is_refused_by_validate_as_run(
+    tmp_path, tiny_model, command
+):
+    """validate said 'output (new folder)' for a place run then could not write (exit 74)."""
+    inputs = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}])
+    out = _unwritable_folder() / "out"
+    result = cli(command, str(write_job(tmp_path / "job.yaml", tiny_model, inputs, out)))
+    assert result.exit_code == 74, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("bulkinfer: error:") and f"cannot write {out}" in last, last
+    assert "Traceback" not in result.output

@@ -182,9 +182,14 @@ def _parse_line(path: str, line_no: int, raw: bytes) -> dict:
             f"{path}:{line_no}: not valid UTF-8 (byte {exc.start + 1} of the line)"
         ) from None
     try:
-        record = json.loads(text)
+        record = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}:{line_no}:{exc.colno}: not valid JSON: {exc.msg}") from None
+    except _DuplicateKey as exc:
+        raise InputError(
+            f"{path}:{line_no}: key {exc.args[0]!r} appears twice in one object (which value "
+            f"is meant is not known; JSON parsers differ on it)"
+        ) from None
     except RecursionError:  # the parser recurses once per level of nesting
         raise InputError(
             f"{path}:{line_no}: JSON nested too deeply "
@@ -194,6 +199,23 @@ def _parse_line(path: str, line_no: int, raw: bytes) -> dict:
         raise InputError(
             f"{path}:{line_no}: expected a JSON object per line, got {type(record).__name__}"
         )
+    return record
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """An object's keys and values, refused where a key repeats (`json` keeps the last value
+    silently, pyarrow's reader refuses the line)."""
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
     return record
 
 

@@ -8,13 +8,14 @@ output folder. Rows are counted where that is cheap; no prompt is tokenized.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from bulkinfer.errors import InputError, OutputFolderError, RowFailedError, did_you_mean
+from bulkinfer.errors import InputError, OutputFolderError, RowFailedError, WriteError, did_you_mean
 from bulkinfer.io.chunks import ColumnNames
 from bulkinfer.io.files import DataFile
 from bulkinfer.io.jsonl import _jsonl_records
@@ -165,9 +166,11 @@ def output_state(root: Path) -> str:
     """What `run` will do with the output folder; a folder it would refuse is an error here."""
     if not root.exists():
         refuse_file_above(root)
+        _refuse_unwritable(root, next(p for p in root.parents if p.is_dir()))
         return "new folder"
     if not root.is_dir():
         raise OutputFolderError(f"output.path: {root} exists and is not a folder")
+    _refuse_unwritable(root, root)
     layout = OutputLayout(root)
     if layout.job_file.exists() or layout.shards_dir.is_dir():
         return "holds a bulkinfer job: run resumes it if spec, model and input are unchanged"
@@ -177,6 +180,18 @@ def output_state(root: Path) -> str:
             "or pass --overwrite to run"
         )
     return "empty folder"
+
+
+def _refuse_unwritable(root: Path, where: Path) -> None:
+    """`run` would stop at its first write (exit 74): a folder made and removed in `where` (the
+    output folder, or the nearest folder above it that exists) says so now. Permission bits
+    alone do not (root ignores them; a read-only mount or a network file system decides)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".bulkinfer-probe-", dir=where))
+    except OSError as exc:
+        raise WriteError(
+            f"output.path: cannot write {root}: {exc.strerror or exc} (in {where})"
+        ) from None
 
 
 def format_check(job: str, check: JobCheck) -> str:
