@@ -476,3 +476,30 @@ def test_a_request_for_several_greedy_samples_is_warned_of(tmp_path, tiny_model)
     )
     result = cli("run", str(job))  # a batch file, its first line without its custom_id
     assert result.exit_code == 2 and "noid.jsonl:1: custom_id" in result.output, result.output
+
+
+def test_responses_asked_of_a_job_that_finished_without_them(tmp_path, tiny_model):
+    """`output.format: openai` on a job finished with `parquet` said 'nothing to do' and wrote
+    no responses.jsonl; it now writes them from the finished outputs, as a run would have."""
+    requests = [_chat_request(i) for i in range(6)]
+    want = _run(tmp_path, tiny_model, requests, name="auto")
+    batch = tmp_path / "auto.jsonl"
+    job = write_job(
+        tmp_path / "late.yaml",
+        tiny_model,
+        batch,
+        tmp_path / "late",
+        task={"max_new_tokens": 8},
+        batching={"max_tokens": 2000, "max_batch_size": 16},
+    )
+    assert cli("run", str(job), "--set", "output.format=parquet").exit_code == 0
+    assert not (tmp_path / "late" / "responses.jsonl").exists()
+    result = cli("run", str(job), "--set", "output.format=openai")
+    assert result.exit_code == 0, result.output
+    lines = (tmp_path / "late" / "responses.jsonl").read_text(encoding="utf-8").splitlines()
+    got = [json.loads(line) for line in lines]
+    assert [r["custom_id"] for r in got] == [r["custom_id"] for r in requests]
+    bodies = [[c["message"] for c in r["response"]["body"]["choices"]] for r in got]
+    assert bodies == [[c["message"] for c in r["response"]["body"]["choices"]] for r in want]
+    again = cli("run", str(job), "--set", "output.format=openai")
+    assert "already finished" in again.output

@@ -89,6 +89,10 @@ def _run_job(
     if folder.finished:
         # a run killed between writing the summary and removing its tokenized input left it
         shutil.rmtree(layout.prepared_dir, ignore_errors=True)
+        if shard is None and setup.openai_responses and not layout.responses.exists():
+            # output.format: openai asked of a job that finished without it
+            write_responses(layout, spec.model.path, setup.tokenizer)
+            return 0
         log(
             f"{layout.root}: this job already finished; nothing to do (--overwrite runs it again)",
             event="finish",
