@@ -215,7 +215,12 @@ def run(job, overrides, output, overwrite, shard, gpus) -> None:
       bulkinfer run jobs/sample.yaml --log-format json # JSON lines on stderr for collectors
     """
     from bulkinfer.job.runner import run_job
-    from bulkinfer.sharding import parse_shard, refuse_row_column, shard_from_env
+    from bulkinfer.sharding import (
+        parse_shard,
+        refuse_row_column,
+        shard_from_env,
+        slurm_tasks_unused,
+    )
 
     spec = _load(job, overrides, output)
     skip_unused_imports(spec)
@@ -239,6 +244,13 @@ def run(job, overrides, output, overwrite, shard, gpus) -> None:
             refuse_unsharded(root, overwrite, holding_lock=True)
             sys.exit(run_workers(args, count, devices))
     chosen = parse_shard(shard) if shard else shard_from_env()
+    if not shard and slurm_tasks_unused():
+        from bulkinfer.observe.progress import log
+
+        log(
+            f"this Slurm job has {slurm_tasks_unused()} tasks but bulkinfer was not started by "
+            "srun: it runs as one task (`srun bulkinfer run ...` gives each task a shard)"
+        )
     sys.exit(run_job(spec, overwrite=overwrite, shard=chosen))
 
 

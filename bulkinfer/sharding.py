@@ -45,7 +45,10 @@ def checked(shard: Shard, where: str) -> Shard:
 
 def shard_from_env(env: dict[str, str] | None = None) -> Shard | None:
     """The shard a scheduler assigned: a Slurm array task (times srun tasks, if several), srun
-    tasks alone, or an indexed job's JOB_COMPLETION_INDEX with BULKINFER_SHARD_COUNT."""
+    tasks alone, or an indexed job's JOB_COMPLETION_INDEX with BULKINFER_SHARD_COUNT. Tasks
+    count only inside a job step (srun sets SLURM_STEP_ID): the batch script itself sees its
+    allocation's SLURM_NTASKS and SLURM_PROCID=0 too, and a run there is the only one, so it
+    took shard 0 and the other shards never ran (`slurm_tasks_unused` says so)."""
     env = os.environ if env is None else env
     array, tasks = None, None
 
@@ -61,7 +64,7 @@ def shard_from_env(env: dict[str, str] | None = None) -> Shard | None:
         array = Shard(
             (number("SLURM_ARRAY_TASK_ID") - low) // max(step, 1), number("SLURM_ARRAY_TASK_COUNT")
         )
-    if number("SLURM_NTASKS", "1") > 1 and "SLURM_PROCID" in env:
+    if number("SLURM_NTASKS", "1") > 1 and "SLURM_PROCID" in env and _in_step(env):
         tasks = Shard(number("SLURM_PROCID"), number("SLURM_NTASKS"))
     if array and tasks:
         shard = Shard(array.index * tasks.count + tasks.index, array.count * tasks.count)
@@ -72,6 +75,20 @@ def shard_from_env(env: dict[str, str] | None = None) -> Shard | None:
         shard = Shard(number("JOB_COMPLETION_INDEX"), number("BULKINFER_SHARD_COUNT"))
         return checked(shard, "BULKINFER_SHARD_COUNT")
     return None
+
+
+def _in_step(env) -> bool:
+    return "SLURM_STEP_ID" in env or "SLURM_STEPID" in env
+
+
+def slurm_tasks_unused(env: dict[str, str] | None = None) -> int:
+    """The tasks of a Slurm allocation whose batch script runs bulkinfer without srun (0 when
+    none): the run does the whole job (or its array task's shard) as one task."""
+    env = os.environ if env is None else env
+    tasks = env.get("SLURM_NTASKS", "1").strip()
+    if "SLURM_JOB_ID" not in env or _in_step(env) or not tasks.isdigit() or int(tasks) < 2:
+        return 0
+    return int(tasks)
 
 
 def refuse_row_column(keep_columns) -> None:

@@ -8,7 +8,7 @@ import pytest
 from conftest import cli, cli_subprocess, read_outputs, sample_prompts, write_job, write_jsonl
 
 from bulkinfer.errors import SpecError
-from bulkinfer.sharding import Shard, shard_from_env
+from bulkinfer.sharding import Shard, shard_from_env, slurm_tasks_unused
 
 N_ROWS = 60
 
@@ -114,8 +114,14 @@ def test_shard_from_slurm_and_srun_environment():
     assert shard_from_env({}) is None
     env = {"SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_MIN": "10", "SLURM_ARRAY_TASK_COUNT": "4"}
     assert shard_from_env(env) == Shard(2, 4)
-    assert shard_from_env({**env, "SLURM_NTASKS": "2", "SLURM_PROCID": "1"}) == Shard(5, 8)
-    assert shard_from_env({"SLURM_NTASKS": "3", "SLURM_PROCID": "2"}) == Shard(2, 3)
+    step = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0"}  # srun's tasks
+    assert shard_from_env({**env, **step, "SLURM_NTASKS": "2", "SLURM_PROCID": "1"}) == Shard(5, 8)
+    assert shard_from_env({**step, "SLURM_NTASKS": "3", "SLURM_PROCID": "2"}) == Shard(2, 3)
+    # the batch script itself (no step): its allocation's tasks are not shards of this run
+    batch = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "3", "SLURM_PROCID": "0"}
+    assert shard_from_env(batch) is None
+    assert shard_from_env({**env, **batch}) == Shard(2, 4)
+    assert slurm_tasks_unused(batch) == 3 and slurm_tasks_unused({**batch, **step}) == 0
     assert shard_from_env({"JOB_COMPLETION_INDEX": "1", "BULKINFER_SHARD_COUNT": "5"}) == Shard(
         1, 5
     )

@@ -65,3 +65,40 @@ def test_array_with_a_preempted_task_merges_to_the_single_run(tmp_path, tiny_mod
     assert got.equals(reference)
     status = cli("status", str(out))
     assert "4 of 4 shards done" in status.output
+
+
+def test_a_batch_script_of_several_tasks_without_srun_runs_the_whole_job(tmp_path, tiny_model):
+    """The batch script of `sbatch --ntasks=2` sees SLURM_NTASKS=2 and SLURM_PROCID=0 as srun's
+    first task does: a plain `bulkinfer run` there ran shard 0 of 2, and no run ever did shard
+    1. It now runs the whole job and says how to use the tasks; under srun each task is a shard."""
+    import sys
+
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(12))
+    jobs = {
+        name: write_job(tmp_path / f"{name}.yaml", tiny_model, inputs, tmp_path / name)
+        for name in ("plain", "srun", "single")
+    }
+    assert cli("run", str(jobs["single"])).exit_code == 0
+    run = f"{sys.executable} -m bulkinfer run"
+    script = tmp_path / "two_tasks.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        f"#SBATCH --ntasks=2\n#SBATCH --output={tmp_path}/slurm-%j.out\n"
+        f"{run} {jobs['plain']}\n"
+        f"srun {run} {jobs['srun']}\n"
+    )
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=True
+    )
+    states = wait_for_jobs(submitted.stdout, timeout=300)
+    log = next(tmp_path.glob("slurm-*.out")).read_text()
+    assert set(states.values()) == {"COMPLETED"}, log[-3000:]
+    assert "has 2 tasks but bulkinfer was not started by srun" in log, log[-3000:]
+    reference = read_outputs(tmp_path / "single")
+    assert not (tmp_path / "plain" / "shards").exists()
+    assert read_outputs(tmp_path / "plain").equals(reference)
+    assert sorted(p.name for p in (tmp_path / "srun" / "shards").iterdir()) == [
+        "shard-00000-of-00002",
+        "shard-00001-of-00002",
+    ]
+    assert read_outputs(tmp_path / "srun").equals(reference)
