@@ -304,16 +304,32 @@ def load_config(model: ModelFiles):
         raise model_error(f"cannot read the model config of {spec.path}", exc) from None
 
 
+# models whose positions are rows of a learned table (no position past its end exists), where
+# the config does not say so itself (BERT-style configs say position_embedding_type: absolute)
+LEARNED_POSITIONS = ("gpt2", "gpt_neo", "gpt_bigcode", "opt", "biogpt", "distilbert")
+
+
 def model_context(config, spec: ModelSpec) -> int | None:
-    """The longest sequence the model takes: the spec's max_context, else the config's."""
-    if spec.max_context is not None:
-        return spec.max_context
+    """The longest sequence the model takes: the spec's max_context, else the config's. A
+    max_context past the end of a learned position table is refused (every row running past
+    it failed with an IndexError); a rotary model may be asked for more than it was trained on."""
     text = text_config(config)
-    for key in CONTEXT_KEYS:
-        value = getattr(text, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    table = next(
+        (v for v in (getattr(text, k, None) for k in CONTEXT_KEYS) if isinstance(v, int) and v > 0),
+        None,
+    )
+    if spec.max_context is None:
+        return table
+    learned = (
+        text.model_type in LEARNED_POSITIONS
+        or getattr(text, "position_embedding_type", None) == "absolute"
+    )
+    if learned and table is not None and spec.max_context > table:
+        raise ModelError(
+            f"model.max_context: {spec.max_context:,} is more than the {table:,} positions of "
+            f"the model's learned position table; set it at most {table:,}, or leave it out"
+        )
+    return spec.max_context
 
 
 POOLING_MODES = {"mean_tokens": "mean", "cls_token": "cls", "lasttoken": "last"}
@@ -387,7 +403,7 @@ def input_limit(
     model_max_length (RoBERTa-style models reserve positions for padding) and a
     sentence-transformers max_seq_length."""
     if spec.max_context is not None:
-        return spec.max_context
+        return model_context(config, spec)
     limits = [model_context(config, spec), recipe.max_seq_length]
     tokenizer_limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000:

@@ -77,3 +77,46 @@ def test_a_prompt_column_wins_over_messages(tmp_path, tiny_model):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     out = read_outputs(tmp_path / "out").to_pylist()
     assert out[0]["prompt_tokens"] == len(tokenizer("the fox")["input_ids"])
+
+
+def test_messages_are_refused_where_chat_template_is_never(tmp_path, tiny_model):
+    """`chat_template: never` with a messages column: every conversation went through the
+    template all the same, with no word, and job.json recorded never."""
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "chats.jsonl", CHATS[:3]),
+        tmp_path / "out",
+        task={"max_new_tokens": 2, "chat_template": "never"},
+    )
+    for command in ("validate", "run"):
+        result = cli(command, str(job))
+        assert result.exit_code == 2, result.output
+        last = result.output.strip().splitlines()[-1]
+        assert "chat messages" in last and "task.chat_template is never" in last, last
+    assert not (tmp_path / "out" / "outputs").exists()
+
+
+def test_a_system_prompt_a_model_without_a_chat_template_cannot_use(tmp_path, tiny_model):
+    """The warning said plain prompts skip the template under `auto` and to set `always`, which
+    then failed: the tokenizer has no template at all."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(tiny_model, tmp_path / "no-template")
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert not AutoTokenizer.from_pretrained(folder).chat_template
+    job = write_job(
+        tmp_path / "job.yaml",
+        folder,
+        write_jsonl(tmp_path / "in.jsonl", [{"prompt": "the fox"}]),
+        tmp_path / "out",
+        task={"max_new_tokens": 2, "system_prompt": SYSTEM},
+    )
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output
+    assert "tokenizer has no chat template" in result.output
+    assert "chat_template: always" not in result.output

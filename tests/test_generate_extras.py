@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cli, read_outputs, sample_prompts, write_job, write_jsonl
+from conftest import cli, read_outputs, sample_prompts, set_model, write_job, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bulkinfer.engines.sampling import RowSampling, SamplingParams, choose_next_tokens
@@ -108,3 +108,30 @@ def test_per_row_sampling_equals_one_setting_at_a_time():
         for i, params in enumerate(settings):
             alone = choose_next_tokens(logits[i : i + 1], params, keys[i : i + 1], step)
             assert together[i].item() == alone.item(), (step, i)
+
+
+def test_a_learned_position_table_is_not_run_past_by_finished_rows(tmp_path):
+    """GPT-2 (n_positions 32): rows of a padded batch that finished early stepped on past the
+    position table while longer rows went on; the IndexError split the batch as if memory had
+    run out ('5 out-of-memory splits'). A max_context past the table made every row fail."""
+    import json
+
+    from tiny_model import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "gpt2", arch="gpt2", max_context=32)
+    rows = [{"id": i, "prompt": "the fox " * (1 + i % 7)} for i in range(16)]
+    task = {"max_new_tokens": 40}
+    batched = _run(tmp_path, model, rows, "batched", task, {"max_batch_size": 8})
+    alone = _run(tmp_path, model, rows, "alone", task, {"max_batch_size": 1})
+    summary = json.loads((tmp_path / "batched" / "summary.json").read_text())
+    assert summary["oom_splits"] == 0 and summary["rows_by_status"]["ok"] == 16, summary
+    for a, b in zip(batched, alone, strict=True):
+        assert a["error"] is None and a["text"] == b["text"]
+        assert a["prompt_tokens"] + a["output_tokens"] == 32  # to the end of the table
+    job = write_job(tmp_path / "long.yaml", model, tmp_path / "in.jsonl", tmp_path / "long")
+    set_model(job, max_context=128)
+    for command in ("validate", "run"):
+        result = cli(command, str(job))
+        assert result.exit_code == 2, result.output
+        assert "model.max_context: 128 is more than the 32 positions" in result.output
+        assert "Traceback" not in result.output

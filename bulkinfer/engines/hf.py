@@ -273,7 +273,10 @@ class HFEngine:
             if (step + 1) % REPORT_EVERY == 0:
                 yield rows.report()
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            positions = positions[:, -1:] + 1
+            # a finished row steps on with pad tokens whose outputs are dropped: its position
+            # stays put, so it never runs past a learned position table (GPT-2's n_positions)
+            # while the batch's longer rows go on
+            positions = positions[:, -1:] + (~rows.finished[:, None]).long()
             logits = self._step(tokens[:, None], mask, positions, cache)
         yield rows.report()
 

@@ -102,8 +102,8 @@ def set_up(
         columns.completion is not None,
         has_choices=columns.choices is not None,
     )
-    if per_request:  # a completions request's prompt is raw text, never a chat turn
-        options = dataclasses.replace(options, use_chat_for_text=False)
+    if per_request:  # a completions request's prompt is raw text, a chat request's a chat
+        options = dataclasses.replace(options, use_chat_for_text=False, chat_never=False)
     check_output_columns(spec, task)
     ignored = spec.task.ignored_keys()
     if ignored:
@@ -114,12 +114,23 @@ def set_up(
         )
     if spec.task.system_prompt is not None and not options.use_chat_for_text:
         log(
-            f"task.system_prompt: a {spec.task.type} job renders plain-text prompts without the "
-            "chat template (task.chat_template: auto), so only prompts given as messages get "
-            "it; set chat_template: always to give it to every row",
+            f"task.system_prompt: {_system_prompt_unused(spec, tokenizer, per_request)}",
             level="warning",
         )
     return JobSetup(spec, files, model, columns, tokenizer, config, kind, task, options)
+
+
+def _system_prompt_unused(spec: JobSpec, tokenizer, per_request: bool) -> str:
+    """Why plain-text prompts do not get the job's system prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        return "the model's tokenizer has no chat template, whose system turn it is; it is not used"
+    if per_request:
+        return "completions requests' prompts are raw text and do not get it (chat requests do)"
+    return (
+        f"a {spec.task.type} job renders plain-text prompts without the chat template "
+        "(task.chat_template: auto), so only prompts given as messages get it; set "
+        "chat_template: always to give it to every row"
+    )
 
 
 def tokenize(setup: JobSetup, spill: Path | None = None, keep_tokens: bool = False) -> Inputs:

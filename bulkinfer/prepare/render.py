@@ -26,6 +26,7 @@ class RenderOptions:
     can_truncate: bool = False
     truncate: bool = False
     keep_last: int = 0
+    chat_never: bool = False  # task.chat_template: never (messages cannot be rendered then)
 
 
 def render_options(
@@ -71,6 +72,7 @@ def render_options(
         can_truncate=can_truncate,
         truncate=can_truncate and task.truncate,
         keep_last=appended_special_tokens(tokenizer) if can_truncate else 0,
+        chat_never=task.chat_template == "never",
     )
 
 
@@ -104,6 +106,11 @@ def render(value: Any, tokenizer, options: RenderOptions) -> tuple[str, bool]:
             return check_unicode(value, "prompt"), False
         messages = [{"role": "user", "content": value}]
     elif isinstance(value, list):
+        if options.chat_never:
+            raise InputError(
+                "the prompts are chat messages, which only the chat template renders, and "
+                "task.chat_template is never; set it to auto, or give plain text prompts"
+            )
         messages = _check_messages(value)
     else:
         raise RowError(f"prompt is {describe(value)}, expected a string or a list of messages")
