@@ -487,8 +487,8 @@ def render_plan(report: dict) -> str:
     for low, high, count in report["histogram"]:
         bar = "#" * (round(40 * count / peak) if peak else 0)
         lines.append(f"{low:>6}-{high:<7}  {count:>7,}  {bar}")
-    for row, message in report["example_errors"]:
-        lines.append(f"row {row}: {message}")
+    for where, message in report["example_errors"]:
+        lines.append(f"{where}: {message}")
     lines += render_prefixes(report.get("shared_prefixes"))
     if report.get("engine"):
         lines += ["", render_engine(report["engine"])]

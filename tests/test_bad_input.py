@@ -638,3 +638,19 @@ def test_a_system_prompt_a_score_job_gives_no_plain_prompt_is_warned_of(tmp_path
     )
     result = cli("validate", str(job))  # plain prompts of a score job: no chat template
     assert result.exit_code == 0 and "task.system_prompt: a score job renders" in result.output
+
+
+def test_validate_tells_of_the_first_rows_that_cannot_run(tmp_path, tiny_model):
+    """validate printed a plain OK for a job whose every row fails (a chat template refusing a
+    system turn, empty prompts): run then wrote only errors and exited 0."""
+    path = write_jsonl(
+        tmp_path / "in.jsonl",
+        [{"id": "a", "prompt": "the fox"}, {"id": "b", "prompt": ""}, {"id": "c", "prompt": " "}],
+    )
+    result = cli("validate", str(_job(tmp_path, tiny_model, path)))
+    assert result.exit_code == 0, result.output
+    assert "2 of the first 3 rows cannot run" in result.output
+    assert "in.jsonl:2: prompt is empty" in result.output
+    path = write_jsonl(tmp_path / "none.jsonl", [{"prompt": ""}, {"prompt": "\t"}])
+    result = cli("validate", str(_job(tmp_path, tiny_model, path)))
+    assert "none of the first 2 rows can run" in result.output, result.output

@@ -120,3 +120,27 @@ def test_a_system_prompt_a_model_without_a_chat_template_cannot_use(tmp_path, ti
     assert result.exit_code == 0, result.output
     assert "tokenizer has no chat template" in result.output
     assert "chat_template: always" not in result.output
+
+
+def test_message_content_given_as_text_parts(tmp_path, tiny_model):
+    """Content as OpenAI's list of text parts reached the chat template as a list: 'chat
+    template failed: can only concatenate str (not "list") to str' on every such row."""
+    parts = [{"type": "text", "text": "Where is "}, {"type": "text", "text": "Paris?"}]
+    rows = [
+        {"id": "parts", "messages": [{"role": "user", "content": parts}]},
+        {"id": "string", "messages": [{"role": "user", "content": "Where is Paris?"}]},
+        {"id": "image", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+    ]
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "chats.jsonl", rows),
+        tmp_path / "out",
+        task={"max_new_tokens": 3},
+    )
+    assert cli("run", str(job)).exit_code == 0
+    parts_row, string_row, image_row = read_outputs(tmp_path / "out").to_pylist()
+    assert parts_row["error"] is None
+    assert parts_row["text"] == string_row["text"]
+    assert parts_row["prompt_tokens"] == string_row["prompt_tokens"]
+    assert "messages[0].content[0] is not a text part" in image_row["error"]

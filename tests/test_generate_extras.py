@@ -135,3 +135,20 @@ def test_a_learned_position_table_is_not_run_past_by_finished_rows(tmp_path):
         assert result.exit_code == 2, result.output
         assert "model.max_context: 128 is more than the 32 positions" in result.output
         assert "Traceback" not in result.output
+
+
+def test_several_greedy_samples_are_warned_of(tmp_path, tiny_model):
+    """`n: 2` at the default temperature 0 gave two equal copies of every answer, silently."""
+    write_jsonl(tmp_path / "in.jsonl", sample_prompts(2))
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        tmp_path / "in.jsonl",
+        tmp_path / "out",
+        task={"max_new_tokens": 3, "n": 2},
+    )
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output
+    assert "task.n: 2 samples at temperature 0 are greedy, so all equal" in result.output
+    for row in read_outputs(tmp_path / "out").to_pylist():
+        assert row["text"][0] == row["text"][1]

@@ -199,3 +199,34 @@ def test_a_long_read_says_how_far_it_has_got(tmp_path, tiny_model):
     counts = [int(c.replace(",", "")) for c in said]
     assert counts and counts == sorted(counts) and 0 < counts[-1] <= n
     assert f"rows             {n:,}" in result.output
+
+
+def test_plan_names_where_a_row_that_cannot_run_is(tmp_path, tiny_model):
+    """The plan named a failing row by its position from 0 ('row 1'), which is neither its id
+    (6 here) nor its line (2)."""
+    rows = [{"id": 5, "prompt": "the fox"}, {"id": 6, "prompt": ""}, {"id": 7, "prompt": "a"}]
+    inputs = write_jsonl(tmp_path / "in.jsonl", rows)
+    result = cli("plan", str(write_job(tmp_path / "job.yaml", tiny_model, inputs, tmp_path / "o")))
+    assert result.exit_code == 0, result.output
+    assert f"{inputs}:2: prompt is empty" in result.output
+    assert "row 1:" not in result.output
+
+
+def test_rows_over_the_token_budget_are_warned_of(tmp_path, tiny_model):
+    """A row whose prompt plus new tokens is more than batching.max_tokens runs alone, over
+    the budget the user set to bound memory: said only now."""
+    rows = [{"id": i, "prompt": "the quick brown fox " * (1 + 3 * i)} for i in range(3)]
+    inputs = write_jsonl(tmp_path / "in.jsonl", rows)
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        inputs,
+        tmp_path / "out",
+        task={"max_new_tokens": 6, "chat_template": "never"},
+        batching={"max_tokens": 30, "max_batch_size": 8},
+    )
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output
+    assert re.search(r"[12] rows? needs? more than the budget of 30 tokens", result.output)
+    fine = cli("run", str(job), "--set", "batching.max_tokens=600", "--output", str(tmp_path / "o"))
+    assert fine.exit_code == 0 and "more than the budget" not in fine.output

@@ -19,6 +19,7 @@ from bulkinfer.planner import (
 )
 from bulkinfer.prepare import PreparedRows
 from bulkinfer.prepare.prefixes import prefix_groups
+from bulkinfer.prepare.rows import prepared_location
 from bulkinfer.sharding import Shard
 
 
@@ -143,7 +144,11 @@ def plan_report(inputs: Inputs, plan: JobPlan) -> dict:
             "max": int(lengths.max()) if len(rows) else 0,
         },
         "batch_rows": [len(b.rows) for b in plan.batches],
-        "example_errors": sorted(prepared.row_errors.items())[:5],
+        # where each row is (file:line), not its position: a row's id may be another number
+        "example_errors": [
+            (prepared_location(prepared, row), message)
+            for row, message in sorted(prepared.row_errors.items())[:5]
+        ],
         "shared_prefixes": shared_prefixes(prepared, rows, plan.budget.packed),
     }
 

@@ -146,3 +146,15 @@ def log_start(
         task=inputs.task.name,
         output=str(layout.root),
     )
+    budget = plan.budget
+    need = inputs.prepared.lengths[plan.runnable].astype(np.int64) + budget.new_tokens_per_row
+    over = int(np.sum(need > budget.max_tokens))
+    if over:
+        new = f" plus {budget.new_tokens_per_row:,} new tokens" if budget.new_tokens_per_row else ""
+        log(
+            f"{where}{over:,} row{'s need' if over > 1 else ' needs'} more than the budget of "
+            f"{budget.max_tokens:,} tokens a batch (prompt{new}, up to {int(need.max()):,}) "
+            "and run one to a batch, "
+            "over it; raise batching.max_tokens (or auto) if memory allows",
+            level="warning",
+        )

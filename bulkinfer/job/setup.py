@@ -117,6 +117,14 @@ def set_up(
             f"task.system_prompt: {_system_prompt_unused(spec, tokenizer, per_request)}",
             level="warning",
         )
+    generate = spec.task  # a requests file's own n and temperature: log_request_caveats
+    greedy = generate.type == "generate" and generate.temperature == 0
+    if greedy and generate.n > 1 and not per_request:
+        log(
+            f"task.n: {generate.n} samples at temperature 0 are greedy, so all equal; "
+            "set task.temperature above 0 for different ones",
+            level="warning",
+        )
     return JobSetup(spec, files, model, columns, tokenizer, config, kind, task, options)
 
 

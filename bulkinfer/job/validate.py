@@ -51,6 +51,9 @@ class JobCheck:
     files: list[InputFile]
     output: str
     output_state: str
+    # of the first rows rendered: how many, and where and why each that cannot run fails
+    rows_checked: int = 0
+    row_problems: tuple[str, ...] = ()
 
 
 def check_job(spec: JobSpec) -> JobCheck:
@@ -64,7 +67,7 @@ def check_job(spec: JobSpec) -> JobCheck:
     if all(f.rows == 0 for f in checked):  # as run finds it, before loading the model
         shown = checked[0].path if len(checked) == 1 else f"{len(checked)} files"
         raise InputError(f"the input has no rows ({shown})")
-    render_first_rows(setup)
+    checked_rows, problems = render_first_rows(setup)
     return JobCheck(
         model=spec.model.path,
         max_context=setup.task.max_context,
@@ -73,22 +76,25 @@ def check_job(spec: JobSpec) -> JobCheck:
         files=checked,
         output=spec.output.path,
         output_state=output_state(Path(spec.output.path)),
+        rows_checked=checked_rows,
+        row_problems=tuple(problems),
     )
 
 
-def render_first_rows(setup) -> None:
+def render_first_rows(setup) -> tuple[int, list[str]]:
     """The first rows of the first file checked as `run` checks them, without the weights:
     the first chunk's ids (null, mixed, not Unicode, repeated within it) and its first rows
     rendered, so what is wrong with the whole input there (chat messages for a tokenizer
     without a chat template) is found; a row's own problem stays that row's error, unless
-    the job says `on_error: fail`."""
+    the job says `on_error: fail`. Returns the rows rendered and each problem found, with
+    where its row is."""
     chunks = read_chunks(setup.files[:1], setup.columns, setup.spec.input.max_line_bytes)
     try:
         chunk = next(iter(chunks), None)
     finally:
         chunks.close()
     if chunk is None:
-        return
+        return 0, []
     if chunk.ids is not None:
         chunk_ids(chunk)
         first_duplicate(chunk)
@@ -105,6 +111,10 @@ def render_first_rows(setup) -> None:
             f"{chunk.location(i)}: {problems[i]} (on_error: fail; on_error: record keeps such "
             "rows as row errors)"
         )
+    rendered = min(len(chunk.prompts), FIRST_ROWS)
+    return rendered, [
+        f"{chunk.location(i)}: {problems[i]}" for i in sorted(problems) if i < rendered
+    ]
 
 
 def check_input_file(file: DataFile, columns: ColumnNames, max_line_bytes: int) -> InputFile:
@@ -222,4 +232,14 @@ def format_check(job: str, check: JobCheck) -> str:
         ("columns", column_text),
         ("output", f"{check.output} ({check.output_state})"),
     ]
+    if check.row_problems:
+        n, of = len(check.row_problems), check.rows_checked
+        if of == 1:
+            share = "the input's one row cannot run"
+        elif n == of:
+            share = f"none of the first {of} rows can run"
+        else:
+            share = f"{n} of the first {of} rows cannot run"
+        first = check.row_problems[0]
+        lines.append(("rows", f"{share} (run writes them with their error); first: {first}"))
     return "\n".join([lines[0], *(f"  {k:<8} {v}" for k, v in lines[1:])])

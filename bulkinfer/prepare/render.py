@@ -154,7 +154,27 @@ def _check_messages(value: list) -> list[dict]:
             raise RowError(
                 f"messages[{k}].content is {describe(message['content'])}, expected a string"
             )
-    return [dict(m) for m in value]
+    return [_text_content(dict(m), k) for k, m in enumerate(value)]
+
+
+def _text_content(message: dict, k: int) -> dict:
+    """A message whose content is a list of text parts (OpenAI's [{"type": "text", "text":
+    ...}]) with the parts joined, as an OpenAI batch file's are: most chat templates add the
+    content to a string and fail on a list."""
+    content = message["content"]
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            if not (
+                isinstance(part, dict)
+                and part.get("type") == "text"
+                and isinstance(part.get("text"), str)
+            ):
+                raise RowError(
+                    f"messages[{k}].content[{j}] is not a text part "
+                    '({"type": "text", "text": "..."}); only text is supported'
+                )
+        message["content"] = "".join(part["text"] for part in content)
+    return message
 
 
 def length_problem(n_tokens: int, options: RenderOptions, what: str = "prompt") -> str | None:
