@@ -249,7 +249,12 @@ def load_causal(options: LoadOptions, tokenizer, limits: EngineLimits) -> HFEngi
     from transformers import AutoModelForCausalLM
 
     if limits.kind == "reference" and wants_fast(options):
-        log(f"engine: the reference engine runs this model ({limits.why_not_fast})")
+        asked = options.engine == "fast"  # asked by name: a warning, not news
+        log(
+            f"engine: the reference engine runs this model ({limits.why_not_fast})"
+            + ("; model.engine fast cannot" if asked else ""),
+            level="warning" if asked else "info",
+        )
     if limits.kind == "fast" and limits.device_type == "cuda":
         use_compile_cache(options.cache_dir, limits.device_name)
     if limits.quantization == "fp8":  # never all in the model's dtype on the device
