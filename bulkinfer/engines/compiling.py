@@ -49,6 +49,21 @@ def _triton_key() -> None:
         return
 
 
+def import_compiler() -> None:
+    """Import inductor's modules (~0.9 s of an H200 box's first forward, Python holding the
+    GIL throughout), meant for a thread while the weights are copied to the GPU, whose threads
+    wait with the GIL released: the first forward then starts with them imported. Measured
+    before (docs/perf.md): beside the loader's own imports it only moved the time. Whoever runs
+    this joins it before the first compile (two threads importing one package in turn may
+    deadlock). BULKINFER_IMPORT_AHEAD=0 leaves the imports to the first forward."""
+    if os.environ.get("BULKINFER_IMPORT_AHEAD", "1") == "0":
+        return
+    try:
+        import torch._inductor.compile_fx  # noqa: F401  (what torch.compile's inductor loads)
+    except Exception:  # noqa: BLE001 (only a head start; the first compile meets any failure)
+        return
+
+
 def use_compile_cache(folder: Path | None, device_name: str) -> Path | None:
     """Keep the compiler's work on disk in bulkinfer's cache folder (inductor's FX-graph and
     autotuning caches, Triton's kernels), so the second job on a box, and every Slurm array

@@ -80,10 +80,12 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def load_weights(auto_class, options: LoadOptions) -> tuple[torch.nn.Module, set[str]]:
+def load_weights(
+    auto_class, options: LoadOptions, beside_copy=None
+) -> tuple[torch.nn.Module, set[str]]:
     """Load the weights in `options.folder` as `auto_class` (an Auto* class of transformers) on
     its device, in eval mode; also returns the names of weights the checkpoint lacked, which
-    transformers would have initialised at random."""
+    transformers would have initialised at random. `beside_copy`: see `move_model`."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -100,7 +102,7 @@ def load_weights(auto_class, options: LoadOptions) -> tuple[torch.nn.Module, set
         )
     except Exception as exc:  # any loader failure here is a model the user must fix
         raise model_error(f"cannot load the weights of {options.label}", exc) from None
-    move_model(model, device).eval()
+    move_model(model, device, beside_copy).eval()
     return model, set(info.get("missing_keys") or ())
 
 

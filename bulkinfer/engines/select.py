@@ -17,7 +17,12 @@ import torch
 
 from bulkinfer.configs import text_config
 from bulkinfer.engines.base import EngineLimits, LoadOptions
-from bulkinfer.engines.compiling import compiled_marker, use_compile_cache
+from bulkinfer.engines.compiling import (
+    compile_backend,
+    compiled_marker,
+    import_compiler,
+    use_compile_cache,
+)
 from bulkinfer.engines.decoder import decoder_blocker
 from bulkinfer.engines.encoder import EncoderEngine
 from bulkinfer.engines.fast import CPU_SLOTS, DECODE_BUCKETS, FastEngine
@@ -260,7 +265,9 @@ def load_causal(options: LoadOptions, tokenizer, limits: EngineLimits) -> HFEngi
     if limits.quantization == "fp8":  # never all in the model's dtype on the device
         model = load_fp8_weights(AutoModelForCausalLM, options)
     else:
-        model, _ = load_weights(AutoModelForCausalLM, options)
+        compiles = limits.kind == "fast" and compile_backend(resolve_device(options.device))
+        beside = import_compiler if compiles else None
+        model, _ = load_weights(AutoModelForCausalLM, options, beside)
     return causal_engine(model, tokenizer, limits)
 
 

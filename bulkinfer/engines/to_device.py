@@ -11,6 +11,7 @@ docs/perf.md). Anything not on a CUDA device moves the ordinary way.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -19,11 +20,19 @@ STAGE_BYTES = 64 << 20  # one thread's pinned staging buffer
 THREADS = 8
 
 
-def move_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def move_model(
+    model: torch.nn.Module, device: torch.device, beside: Callable[[], None] | None = None
+) -> torch.nn.Module:
     """`model.to(device)`, with the tensors on the CPU staged through pinned memory when the
-    device is a GPU. Tensors shared by several modules (tied weights) stay shared."""
+    device is a GPU. Tensors shared by several modules (tied weights) stay shared. `beside`:
+    work for a thread of its own while the copies run (they wait on the page cache and the GPU
+    with the GIL released), done when this returns."""
     if device.type != "cuda":
         return model.to(device)
+    helper = None
+    if beside is not None:
+        helper = threading.Thread(target=beside, name="bulkinfer-beside-copy", daemon=True)
+        helper.start()
     tensors, seen = [], set()
     for t in [*model.parameters(), *model.buffers()]:
         if id(t) not in seen and t.device.type == "cpu" and t.numel():
@@ -33,6 +42,8 @@ def move_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     with ThreadPoolExecutor(THREADS, thread_name_prefix="bulkinfer-to-gpu") as pool:
         list(pool.map(mover.move, tensors))
     torch.cuda.synchronize(device)
+    if helper is not None:
+        helper.join()
     return model.to(device)  # what is left (nothing, or tensors of size zero)
 
 
