@@ -53,7 +53,10 @@ def generated_texts(tokenizer, sequences: list[list[int]], skip_special: bool = 
     'Paris', after a word ' Paris'), so each sequence is decoded after one anchor token and the
     anchor's text cut off; where that does not hold (a decoder that rewrites across the join),
     the sequence decoded alone. Byte-level BPE decodes the same either way."""
-    anchor = _anchor(tokenizer)
+    try:
+        anchor = _anchor(tokenizer)
+    except TypeError:  # a tokenizer that cannot be a cache key
+        anchor = _anchor.__wrapped__(tokenizer)
     if not anchor:
         return tokenizer.batch_decode(sequences, skip_special_tokens=skip_special)
     ids, base = anchor
