@@ -89,7 +89,8 @@ def _run_job(
     if folder.finished:
         # a run killed between writing the summary and removing its tokenized input left it
         shutil.rmtree(layout.prepared_dir, ignore_errors=True)
-        if shard is None and setup.openai_responses and not layout.responses.exists():
+        written = layout.responses.exists() and layout.errors.exists()
+        if shard is None and setup.openai_responses and not written:
             # output.format: openai asked of a job that finished without it
             write_responses(layout, spec.model.path, setup.tokenizer)
             return 0
