@@ -195,7 +195,8 @@ def format_summary(summary: dict) -> str:
             f"{summary['padding_fraction']:.1%} of {summary['padded_tokens']:,} padded prompt tokens"
             f" ({summary.get('padding_fraction_file_order', 0):.1%} in file order)",
         ),
-        ("batches", f"{summary['batches']:,} ({summary['oom_splits']} out-of-memory splits)"),
+        # a batch is split when memory runs out, and to find the rows that fail in the model
+        ("batches", f"{summary['batches']:,} ({summary['oom_splits']} splits)"),
     ]
     if "decode_steps" in summary:  # the fast engine's generation: where the model time went
         rows = summary.get("decode_rows_per_step")  # a shard's own (not in a merged summary)

@@ -144,7 +144,8 @@ def key_figures(facts: JobFacts) -> list[tuple[str, str, str]]:
             # pieces of one batch (committed by time, or across a resume) count once
             f"{len({(b.get('shard'), b.get('batch', i)) for i, b in enumerate(batches)}):,}"
             + (f" of {facts.batches_planned:,}" if facts.batches_planned else ""),
-            f"{sum(b.get('splits', 0) for b in batches)} out-of-memory splits, "
+            f"{sum(b.get('splits', 0) for b in batches)} splits (out of memory, or to find "
+            "failing rows), "
             f"{sum(b.get('failed_rows', 0) for b in batches)} rows failed in the model",
         ),
         ("task", str(s.get("task") or facts.spec.get("task", {}).get("type", "-")), ""),
