@@ -49,15 +49,19 @@ def _triton_key() -> None:
         return
 
 
+def compiler_import_ahead() -> Callable[[], None] | None:
+    """`import_compiler` where BULKINFER_IMPORT_AHEAD=1 asks for it, else None."""
+    return import_compiler if os.environ.get("BULKINFER_IMPORT_AHEAD") == "1" else None
+
+
 def import_compiler() -> None:
     """Import inductor's modules (~0.9 s of an H200 box's first forward, Python holding the
     GIL throughout), meant for a thread while the weights are copied to the GPU, whose threads
     wait with the GIL released: the first forward then starts with them imported. Measured
     before (docs/perf.md): beside the loader's own imports it only moved the time. Whoever runs
     this joins it before the first compile (two threads importing one package in turn may
-    deadlock). BULKINFER_IMPORT_AHEAD=0 leaves the imports to the first forward."""
-    if os.environ.get("BULKINFER_IMPORT_AHEAD", "1") == "0":
-        return
+    deadlock). Not measured yet on a GPU: the copying threads also need the GIL between
+    pieces, so it is off unless BULKINFER_IMPORT_AHEAD=1 (scripts/bench_jobs.py A/B)."""
     try:
         import torch._inductor.compile_fx  # noqa: F401  (what torch.compile's inductor loads)
     except Exception:  # noqa: BLE001 (only a head start; the first compile meets any failure)

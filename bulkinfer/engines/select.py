@@ -20,7 +20,7 @@ from bulkinfer.engines.base import EngineLimits, LoadOptions
 from bulkinfer.engines.compiling import (
     compile_backend,
     compiled_marker,
-    import_compiler,
+    compiler_import_ahead,
     use_compile_cache,
 )
 from bulkinfer.engines.decoder import decoder_blocker
@@ -266,8 +266,9 @@ def load_causal(options: LoadOptions, tokenizer, limits: EngineLimits) -> HFEngi
         model = load_fp8_weights(AutoModelForCausalLM, options)
     else:
         compiles = limits.kind == "fast" and compile_backend(resolve_device(options.device))
-        beside = import_compiler if compiles else None
-        model, _ = load_weights(AutoModelForCausalLM, options, beside)
+        model, _ = load_weights(
+            AutoModelForCausalLM, options, compiler_import_ahead() if compiles else None
+        )
     return causal_engine(model, tokenizer, limits)
 
 
