@@ -259,6 +259,35 @@ def test_gzip_folder_and_glob_inputs(tmp_path, tiny_model):
         assert read_outputs(tmp_path / name).column("id").to_pylist() == [r["id"] for r in rows]
 
 
+def test_jsonl_compressed_with_zstd_bzip2_or_xz(tmp_path, tiny_model):
+    """Large JSONL dumps often come as .jsonl.zst (or .bz2, .xz): 'unknown file type' before."""
+    import bz2
+    import lzma
+
+    import pyarrow as pa
+
+    rows = sample_prompts(12)
+    a, b, c = ("".join(json.dumps(r) + "\n" for r in rows[k : k + 4]).encode() for k in (0, 4, 8))
+    folder = tmp_path / "data"
+    folder.mkdir()
+    with pa.CompressedOutputStream(str(folder / "a.jsonl.zst"), "zstd") as f:
+        f.write(a)
+    (folder / "b.ndjson.bz2").write_bytes(bz2.compress(b))
+    (folder / "c.json.xz").write_bytes(lzma.compress(c))
+    plain = write_jsonl(tmp_path / "plain.jsonl", rows)
+    for name, inputs in (("packed", folder), ("plain", plain)):
+        job = write_job(tmp_path / f"{name}.yaml", tiny_model, inputs, tmp_path / name)
+        result = cli("run", str(job))
+        assert result.exit_code == 0, result.output
+    assert read_outputs(tmp_path / "packed").equals(read_outputs(tmp_path / "plain"))
+    check = cli("validate", str(tmp_path / "packed.yaml"))
+    assert check.exit_code == 0 and "3 files" in check.output, check.output
+    (folder / "a.jsonl.zst").write_bytes(b"not zstd at all")
+    broken = cli("run", str(tmp_path / "packed.yaml"), "--overwrite")
+    assert broken.exit_code == 2, broken.output
+    assert "a.jsonl.zst: not a readable zstd file" in broken.output.strip().splitlines()[-1]
+
+
 def test_rows_without_ids_get_their_position(tmp_path, tiny_model):
     rows = [{"prompt": p["prompt"]} for p in sample_prompts(5)]
     job = write_job(

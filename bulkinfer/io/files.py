@@ -11,7 +11,11 @@ from bulkinfer.errors import InputError
 from bulkinfer.io.jsonl import _json_file, _jsonl_records
 from bulkinfer.io.openai_batch import looks_like_batch_record
 
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".json", ".json.gz")
+JSONL_SUFFIXES = tuple(
+    base + packed
+    for base in (".jsonl", ".ndjson", ".json")
+    for packed in ("", ".gz", ".zst", ".bz2", ".xz")
+)
 PARQUET_SUFFIXES = (".parquet", ".pq")
 DATASETS_ONLY_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".tsv.gz")  # input.format hf
 
@@ -112,7 +116,8 @@ def file_format(path: str, fmt: str = "auto") -> str:
     if lower.endswith(DATASETS_ONLY_SUFFIXES):
         raise InputError(f"{path}: CSV is read through `datasets`: set input.format: hf")
     raise InputError(
-        f"{path}: unknown file type; name it .parquet or .jsonl(.gz), or set input.format"
+        f"{path}: unknown file type; name it .parquet or .jsonl (.gz, .zst, .bz2, .xz "
+        "compressed), or set input.format"
     )
 
 

@@ -1,10 +1,13 @@
-"""JSON Lines (and gzip-compressed JSON Lines, and OpenAI Batch request files) read a chunk at
-a time, with the line number of every row for error messages."""
+"""JSON Lines (also compressed: gzip, zstd, bzip2, xz; and OpenAI Batch request files) read a
+chunk at a time, with the line number of every row for error messages."""
 
 from __future__ import annotations
 
+import bz2
 import gzip
+import io
 import json
+import lzma
 import sys
 import zlib
 from collections.abc import Iterator
@@ -134,21 +137,45 @@ def _jsonl_records(path: str, max_line_bytes: int = PEEK_LINE_BYTES) -> Iterator
             yield line_no, record
 
 
+# compressed JSONL by the file name's last suffix, and the codec's name in messages
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bzip2", ".xz": "xz"}
+COMPRESSION_ERRORS = (EOFError, zlib.error, lzma.LZMAError, OSError)  # gzip's BadGzipFile too
+
+
+def compression_of(path: str) -> str | None:
+    """The codec a JSONL file's name says it is compressed with (.gz, .zst, .bz2, .xz)."""
+    return next((name for s, name in COMPRESSIONS.items() if path.lower().endswith(s)), None)
+
+
+def _open_binary(path: str, codec: str | None):
+    if codec == "gzip":
+        return gzip.open(path, "rb")
+    if codec == "zstd":  # pyarrow's codec: the standard library has none before Python 3.14
+        return io.BufferedReader(pa.input_stream(path, compression="zstd"))
+    if codec == "bzip2":
+        return bz2.open(path, "rb")
+    if codec == "xz":
+        return lzma.open(path, "rb")
+    return open(path, "rb")
+
+
 def _jsonl_lines(path: str, max_line_bytes: int) -> Iterator[tuple[int, dict | LongLine]]:
-    opener = gzip.open if path.lower().endswith(".gz") else open
+    codec = compression_of(path)
     line_no = 0
     try:
-        with opener(path, "rb") as f:
+        with _open_binary(path, codec) as f:
             for line_no, raw in _bounded_lines(f, max_line_bytes):
                 if isinstance(raw, LongLine):
                     yield line_no, raw
                 elif (raw.removeprefix(BOM) if line_no == 1 else raw).strip():
                     yield line_no, _parse_line(path, line_no, raw)
-    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+    except COMPRESSION_ERRORS as exc:
+        if codec is None or isinstance(exc, FileNotFoundError | PermissionError):
+            raise
         if line_no == 0:
-            raise InputError(f"{path}: not a readable gzip file ({first_line(exc)})") from None
+            raise InputError(f"{path}: not a readable {codec} file ({first_line(exc)})") from None
         raise InputError(
-            f"{path}: corrupt gzip data after line {line_no} ({first_line(exc)})"
+            f"{path}: corrupt {codec} data after line {line_no} ({first_line(exc)})"
         ) from None
 
 

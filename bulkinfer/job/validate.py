@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from bulkinfer.errors import InputError, OutputFolderError, RowFailedError, WriteError, did_you_mean
 from bulkinfer.io.chunks import ColumnNames
 from bulkinfer.io.files import DataFile
-from bulkinfer.io.jsonl import _jsonl_records
+from bulkinfer.io.jsonl import _jsonl_records, compression_of
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.readers import datasets_rows, peek_columns, read_chunks
 from bulkinfer.prepare.ids import chunk_ids, first_duplicate
@@ -166,7 +166,7 @@ def count_rows(path: str, kind: str) -> int | None:
         return datasets_rows(path)
     if kind not in ("jsonl", "openai"):  # a saved dataset: counted when run reads it
         return None
-    if path.lower().endswith(".gz") or os.path.getsize(path) > COUNT_JSONL_BYTES:
+    if compression_of(path) or os.path.getsize(path) > COUNT_JSONL_BYTES:
         return None
     with open(path, "rb") as f:
         return sum(1 for line in f if line.strip(b" \t\r\n\xef\xbb\xbf"))  # BOM: not a row
