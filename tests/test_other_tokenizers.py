@@ -156,3 +156,43 @@ def test_choices_are_tokenized_as_they_follow_the_prompt(tmp_path):
         want = sum(logprobs[len(context) + i - 1, t].item() for i, t in enumerate(continuation))
         assert row["choice_tokens"][k] == len(continuation)
         assert row["choice_logprobs"][k] == pytest.approx(want, rel=1e-4)
+
+
+def test_a_stop_string_after_byte_pieces_ends_the_row_where_it_is_made():
+    """A newline after three CJK characters, each three byte-fallback pieces (<0xE3>...): the
+    stop check decoded a window starting mid-character, which this decoder turns into U+FFFD
+    whole, newline piece and all, so the row ran on past its stop string."""
+    from bulkinfer.engines.stops import generated_texts, stop_hit
+
+    tokenizer = train_sentencepiece_like_tokenizer()
+    pieces = [tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in "ㅎ中日\n".encode()]
+    words = tokenizer.encode("Paris London", add_special_tokens=False)
+    tokens = pieces + words
+    assert generated_texts(tokenizer, [pieces])[0] == "ㅎ中日\n"
+    hits = [stop_hit(tokenizer, tokens[:n], ("\n",)) for n in range(1, len(tokens) + 1)]
+    assert hits.index(True) == len(pieces) - 1  # at the newline piece itself
+    assert not stop_hit(tokenizer, pieces[:-1], ("\n",))
+
+
+def test_text_after_a_tokenizer_with_no_token_for_a():
+    """The anchor was the word 'a': a WordPiece vocabulary without it ([UNK]) decoded each
+    sequence alone, without the space a word adds after the prompt, and the token texts did
+    not join back into the text."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from bulkinfer.engines.stops import generated_texts
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    corpus = ["don't stop. it's the fox's den, isn't it? yes!"] * 20
+    tok.train_from_iterator(corpus, trainers.WordPieceTrainer(special_tokens=["[UNK]"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    assert tokenizer.encode("a", add_special_tokens=False) == [tokenizer.unk_token_id]
+    prompt = tokenizer.encode("is it the fox", add_special_tokens=False)
+    new = tokenizer.encode("don't stop.", add_special_tokens=False)
+    pipeline = tokenizer.decode(prompt + new)[len(tokenizer.decode(prompt)) :]
+    assert generated_texts(tokenizer, [new])[0] == pipeline
+    assert pipeline.startswith(" don")

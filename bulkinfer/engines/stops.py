@@ -4,6 +4,7 @@ of a row, checked on the decoded tail only)."""
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 
@@ -34,13 +35,37 @@ def stop_hit(tokenizer, tokens: list[int], stops: tuple[str, ...]) -> bool:
     The window counts a stop string's UTF-8 bytes (a byte-level tokenizer may spend a token on
     each byte), and the decoded tail drops replacement characters at its ends: the bytes of a
     character not finished yet, or the tail of one the window cut, are not text a stop string
-    can match."""
+    can match. A window never starts inside a run of byte-fallback pieces (`<0x0A>`): a
+    SentencePiece-style decoder turns the whole run into U+FFFD when it starts mid-character,
+    a newline piece in it too, and decodes it whole or not at all."""
     window = max(len(s.encode("utf-8", "surrogatepass")) for s in stops) + 8
-    text = generated_texts(tokenizer, [tokens[-window:]])[0]
+    start = max(0, len(tokens) - window)
+    pieces = byte_pieces(tokenizer)
+    while start > 0 and tokens[start] in pieces:
+        start -= 1
+    text = generated_texts(tokenizer, [tokens[start:]])[0]
     text = text.rstrip(REPLACEMENT)
-    if len(tokens) > window:
+    if start > 0:
         text = text.lstrip(REPLACEMENT)
     return any(s in text for s in stops)
+
+
+def byte_pieces(tokenizer) -> frozenset[int]:
+    """The ids of a byte-fallback vocabulary's byte pieces (`<0x00>`..`<0xFF>`; none in
+    byte-level BPE)."""
+    try:
+        return _byte_pieces(tokenizer)
+    except TypeError:  # a tokenizer that cannot be a cache key
+        return _byte_pieces.__wrapped__(tokenizer)
+
+
+@functools.lru_cache(maxsize=8)
+def _byte_pieces(tokenizer) -> frozenset[int]:
+    vocab = tokenizer.get_vocab()
+    return frozenset(i for t, i in vocab.items() if len(t) == 6 and BYTE_PIECE.fullmatch(t))
+
+
+BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 REPLACEMENT = "\ufffd"  # what a tokenizer decodes an incomplete UTF-8 sequence to
@@ -73,10 +98,16 @@ def generated_texts(tokenizer, sequences: list[list[int]], skip_special: bool = 
 
 @functools.lru_cache(maxsize=8)
 def _anchor(tokenizer) -> tuple[list[int], str] | None:
-    """A one-token word and its text, or None where the tokenizer has none."""
-    ids = tokenizer.encode("a", add_special_tokens=False)[-1:]
-    base = tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
-    return (ids, base) if base else None
+    """A word of one token, not a special one (a WordPiece vocabulary may lack "a": [UNK]), and
+    its text; None where the tokenizer has none of these."""
+    special = set(tokenizer.all_special_ids)
+    for word in ("a", "the", "I", "x", "1", "."):
+        ids = tokenizer.encode(word, add_special_tokens=False)
+        if len(ids) == 1 and ids[0] not in special:
+            base = tokenizer.decode(ids, skip_special_tokens=True)
+            if base:
+                return ids, base
+    return None
 
 
 def truncate_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
