@@ -50,17 +50,25 @@ def stop_hit(tokenizer, tokens: list[int], stops: tuple[str, ...]) -> bool:
     return any(s in text for s in stops)
 
 
+def _per_tokenizer(fn):
+    """`fn(tokenizer)` computed once per tokenizer (the last few), and every time for one that
+    cannot be a cache key."""
+    cached = functools.lru_cache(maxsize=8)(fn)
+
+    @functools.wraps(fn)
+    def call(tokenizer):
+        try:
+            return cached(tokenizer)
+        except TypeError:
+            return fn(tokenizer)
+
+    return call
+
+
+@_per_tokenizer
 def byte_pieces(tokenizer) -> frozenset[int]:
     """The ids of a byte-fallback vocabulary's byte pieces (`<0x00>`..`<0xFF>`; none in
     byte-level BPE)."""
-    try:
-        return _byte_pieces(tokenizer)
-    except TypeError:  # a tokenizer that cannot be a cache key
-        return _byte_pieces.__wrapped__(tokenizer)
-
-
-@functools.lru_cache(maxsize=8)
-def _byte_pieces(tokenizer) -> frozenset[int]:
     vocab = tokenizer.get_vocab()
     return frozenset(i for t, i in vocab.items() if len(t) == 6 and BYTE_PIECE.fullmatch(t))
 
@@ -78,10 +86,7 @@ def generated_texts(tokenizer, sequences: list[list[int]], skip_special: bool = 
     'Paris', after a word ' Paris'), so each sequence is decoded after one anchor token and the
     anchor's text cut off; where that does not hold (a decoder that rewrites across the join),
     the sequence decoded alone. Byte-level BPE decodes the same either way."""
-    try:
-        anchor = _anchor(tokenizer)
-    except TypeError:  # a tokenizer that cannot be a cache key
-        anchor = _anchor.__wrapped__(tokenizer)
+    anchor = _anchor(tokenizer)
     if not anchor:
         return tokenizer.batch_decode(sequences, skip_special_tokens=skip_special)
     ids, base = anchor
@@ -96,7 +101,7 @@ def generated_texts(tokenizer, sequences: list[list[int]], skip_special: bool = 
     ]
 
 
-@functools.lru_cache(maxsize=8)
+@_per_tokenizer
 def _anchor(tokenizer) -> tuple[list[int], str] | None:
     """A word of one token, not a special one (a WordPiece vocabulary may lack "a": [UNK]), and
     its text; None where the tokenizer has none of these."""
