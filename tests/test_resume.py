@@ -143,7 +143,11 @@ def test_a_stop_before_the_first_batch_says_so_and_resumes(crash_job, sig):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, stderr
     assert f"stopped by {sig.name} before its first batch" in stderr, stderr
-    assert "Traceback" not in stderr and not (out / "checkpoint" / "manifest.jsonl").exists()
+    assert "Traceback" not in stderr
+    # nothing committed: no manifest yet, or the empty one a new job's folder starts with (a
+    # stop that lands after the plan is recorded, as on a loaded machine)
+    manifest = out / "checkpoint" / "manifest.jsonl"
+    assert not manifest.exists() or not manifest.read_text().strip()
     resumed = cli_subprocess("run", str(job))
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_outputs(out, reference)
