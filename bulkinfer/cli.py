@@ -244,11 +244,12 @@ def run(job, overrides, output, overwrite, shard, gpus) -> None:
             refuse_unsharded(root, overwrite, holding_lock=True)
             sys.exit(run_workers(args, count, devices))
     chosen = parse_shard(shard) if shard else shard_from_env()
-    if not shard and slurm_tasks_unused():
+    unused = 0 if shard else slurm_tasks_unused()
+    if unused:
         from bulkinfer.observe.progress import log
 
         log(
-            f"this Slurm job has {slurm_tasks_unused()} tasks but bulkinfer was not started by "
+            f"this Slurm job has {unused} tasks but bulkinfer was not started by "
             "srun: it runs as one task (`srun bulkinfer run ...` gives each task a shard)"
         )
     sys.exit(run_job(spec, overwrite=overwrite, shard=chosen))

@@ -154,7 +154,7 @@ def log_start(
         log(
             f"{where}{over:,} row{'s need' if over > 1 else ' needs'} more than the budget of "
             f"{budget.max_tokens:,} tokens a batch (prompt{new}, up to {int(need.max()):,}) "
-            "and run one to a batch, "
-            "over it; raise batching.max_tokens (or auto) if memory allows",
+            "and run one to a batch, over it; raise batching.max_tokens (or auto) if memory "
+            "allows",
             level="warning",
         )
