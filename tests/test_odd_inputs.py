@@ -128,6 +128,24 @@ def test_a_column_datasets_keeps_as_json_text_is_refused(tmp_path, tiny_model):
         _run(tmp_path, tiny_model, path, format="hf"),
         "mixed.jsonl: column 'prompt' is extension<arrow.json>",
     )
+    # inside a column: a message's content, a string in one row and text parts in another,
+    # reached the chat template as JSON text with its quotes (read through datasets, or from
+    # the Parquet file datasets writes)
+    messages = [
+        {"id": "a", "messages": [{"role": "user", "content": "hello"}]},
+        {"id": "b", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
+    ]
+    path = write_jsonl(tmp_path / "parts.jsonl", messages)
+    field = "field 'messages[].content' is extension<arrow.json>"
+    _refused(_run(tmp_path, tiny_model, path, format="hf", prompt_column="messages"), field)
+    content = pa.array(['"hello"', '[{"type": "text", "text": "hi"}]'], pa.json_(pa.string()))
+    turns = pa.StructArray.from_arrays([pa.array(["user", "user"]), content], ["role", "content"])
+    offsets = pa.array([0, 1, 2], pa.int32())
+    column = pa.ListArray.from_arrays(offsets, turns)
+    pq.write_table(pa.table({"id": ["a", "b"], "messages": column}), tmp_path / "parts.parquet")
+    _refused(
+        _run(tmp_path, tiny_model, tmp_path / "parts.parquet", prompt_column="messages"), field
+    )
 
 
 def test_a_byte_order_mark_alone_on_the_first_line_and_twice_named_columns(tmp_path, tiny_model):

@@ -61,6 +61,7 @@ def _read_parquet(path: str, columns: ColumnNames) -> Iterator[InputChunk]:
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
     wanted = _check_columns(path, parquet.schema_arrow.names, columns)
+    _refuse_json_text(path, parquet.schema_arrow, wanted)
     row = 0
     try:
         for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=wanted):
@@ -148,15 +149,52 @@ def _read_saved_dataset(folder: str, columns: ColumnNames) -> Iterator[InputChun
 
 
 def _refuse_json_text(path: str, schema: pa.Schema, wanted: list[str]) -> None:
-    """`datasets` stores a column whose values mix types as JSON text (its Json feature, an
-    Arrow extension type): read as is, its strings would keep their quotes. Refused, named."""
+    """`datasets` stores values that mix types as JSON text (its Json feature, an Arrow
+    extension type), a whole column or a field inside one (a message's content, a string here
+    and a list of parts there): read as is, its strings would keep their quotes. Any extension
+    type is refused, named, wherever it sits."""
     for name in wanted:
-        kind = schema.field(name).type
-        if isinstance(kind, pa.BaseExtensionType):
+        found = _extension_at(schema.field(name).type, name)
+        if found is not None:
+            where, kind = found
+            part = "column" if where == name else "field"
             raise InputError(
-                f"{path}: column '{name}' is {kind} (datasets stores a column whose values mix "
-                "types as JSON text); give its values one type"
+                f"{path}: {part} '{where}' is {kind} (datasets stores values that mix types as "
+                "JSON text); give its values one type"
             )
+
+
+LIST_TYPES = tuple(
+    getattr(pa, name)
+    for name in (
+        "ListType",
+        "LargeListType",
+        "FixedSizeListType",
+        "ListViewType",
+        "LargeListViewType",
+    )
+    if hasattr(pa, name)
+)
+
+
+def _extension_at(kind: pa.DataType, where: str) -> tuple[str, pa.DataType] | None:
+    """Where in a value of type `kind` (named `where`) an extension type sits, and that type."""
+    if isinstance(kind, pa.BaseExtensionType):
+        return where, kind
+    inner: list[tuple[pa.DataType, str]] = []
+    if pa.types.is_struct(kind):
+        inner = [
+            (kind.field(i).type, f"{where}.{kind.field(i).name}") for i in range(kind.num_fields)
+        ]
+    elif pa.types.is_map(kind):
+        inner = [(kind.key_type, f"{where}{{}}"), (kind.item_type, f"{where}{{}}")]
+    elif isinstance(kind, LIST_TYPES):
+        inner = [(kind.value_type, f"{where}[]")]
+    for value_type, name in inner:
+        found = _extension_at(value_type, name)
+        if found is not None:
+            return found
+    return None
 
 
 def _read_through_datasets(path: str, columns: ColumnNames) -> Iterator[InputChunk]:
