@@ -126,10 +126,12 @@ def test_structured_output_on_a_tokenizer_the_grammar_library_cannot_read(tmp_pa
 def test_choices_are_tokenized_as_they_follow_the_prompt(tmp_path):
     """A choice written with its leading space, encoded alone by a SentencePiece-style
     tokenizer, got an extra '▁' token ('▁', '▁Pa', 'ris'): scored as a double space. Now its
-    tokens are those lm-evaluation-harness takes from prompt and choice encoded together."""
+    tokens are those lm-evaluation-harness takes from prompt and choice encoded together. A
+    choice that merges with the word it was encoded after ('nd' into '▁and') was encoded alone
+    and got the '▁' too."""
     tokenizer = train_sentencepiece_like_tokenizer()
     folder = _model(tmp_path / "l2", tokenizer)
-    prompt, choices = "The capital of France is", [" Paris", " London", "Madrid"]
+    prompt, choices = "The capital of France is", [" Paris", " London", "nd", " nd"]
     # lm-eval moves a prompt's trailing space into the choice: the same split as row a's
     spaced = {"id": "b", "prompt": prompt + " ", "choices": [c.lstrip() for c in choices[:2]]}
     write_jsonl(tmp_path / "mc.jsonl", [{"id": "a", "prompt": prompt, "choices": choices}, spaced])
@@ -147,7 +149,7 @@ def test_choices_are_tokenized_as_they_follow_the_prompt(tmp_path):
     assert moved["choice_logprobs"] == pytest.approx(row["choice_logprobs"][:2], rel=1e-5)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     context = tokenizer(prompt)["input_ids"]
-    for k, choice in enumerate(choices[:2]):  # lm-eval's split of the two encoded together
+    for k, choice in enumerate(choices):  # lm-eval's split of the two encoded together
         whole = tokenizer(prompt + choice)["input_ids"]
         assert whole[: len(context)] == context
         continuation = whole[len(context) :]

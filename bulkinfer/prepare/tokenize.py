@@ -358,22 +358,29 @@ def _encode_continuations(
     return [[next(encoded) for _ in texts] for texts in per_row]
 
 
-CONTEXT_ANCHOR = "a"  # a word that continuations are tokenized after
+# Texts that continuations are tokenized after, in turn: the first whose tokens a continuation
+# joins cleanly. One is not enough: after "a", SentencePiece merges "nd" into "▁and".
+CONTEXT_ANCHORS = ("a", ".", "x", "1", "the")
 
 
 def _after_text(tokenizer, texts: list[str]) -> list[list[int]]:
     """Each continuation's tokens as they follow other text, where they join it cleanly (the
     tokens of anchor + text begin with the anchor's own): a SentencePiece-style tokenizer
     puts '▁' before a text it encodes alone, so ' Paris' alone is ['▁', '▁Pa', 'ris'] where
-    after a word it is ['▁Pa', 'ris'], as lm-evaluation-harness splits the context and
-    continuation encoded together. Elsewhere (a continuation merging with the anchor) the
-    text is encoded alone; byte-level BPE gives the same tokens either way."""
-    anchor = _encode(tokenizer, [CONTEXT_ANCHOR], [True])[0]
-    joined = _encode(tokenizer, [CONTEXT_ANCHOR + t for t in texts], [True] * len(texts))
-    out = [
-        ids[len(anchor) :] if len(ids) > len(anchor) and ids[: len(anchor)] == anchor else None
-        for ids in joined
-    ]
+    after a word it is ['▁Pa', 'ris'], and 'nd' alone ['▁', 'n', 'd'] where after '.' it is
+    ['n', 'd'], as lm-evaluation-harness splits the context and continuation encoded together.
+    A continuation that merges with every anchor is encoded alone; byte-level BPE gives the
+    same tokens either way."""
+    out: list[list[int] | None] = [None] * len(texts)
+    for text in CONTEXT_ANCHORS:
+        todo = [i for i, ids in enumerate(out) if ids is None]
+        if not todo:
+            break
+        anchor = _encode(tokenizer, [text], [True])[0]
+        joined = _encode(tokenizer, [text + texts[i] for i in todo], [True] * len(todo))
+        for i, ids in zip(todo, joined, strict=True):
+            if len(ids) > len(anchor) and ids[: len(anchor)] == anchor:
+                out[i] = ids[len(anchor) :]
     alone = [i for i, ids in enumerate(out) if ids is None]
     encoded = _encode(tokenizer, [texts[i] for i in alone], [True] * len(alone))
     for i, ids in zip(alone, encoded, strict=True):
