@@ -10,7 +10,9 @@ import subprocess
 import sys
 
 import datasets
+import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 from conftest import (
     child_env,
@@ -213,6 +215,41 @@ def test_saved_datasets_inside_a_folder_or_a_glob(tmp_path, tiny_model):
         outputs.append(read_outputs(tmp_path / f"out-{name}"))
     assert outputs[0].column("id").to_pylist() == [r["id"] for r in ROWS]
     assert outputs[0].equals(outputs[1])
+
+
+def test_empty_inputs_beside_others_are_passed_over_through_datasets_too(tmp_path, tiny_model):
+    """An empty file among others is passed over; a saved empty dataset (datasets writes no
+    data file for it) and, with format hf, an empty JSONL, a header-only CSV or a Parquet file
+    of no rows failed the whole job, each with its own puzzling message."""
+    data = tmp_path / "data"
+    data.mkdir()
+    datasets.Dataset.from_list(ROWS[:10]).save_to_disk(str(data / "a"))
+    datasets.Dataset.from_dict({"id": [], "prompt": []}).save_to_disk(str(data / "b"))
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    write_jsonl(hf / "a.jsonl", ROWS[:10])
+    (hf / "b.jsonl").write_text("\n")
+    (hf / "c.csv").write_text("id,prompt\n")
+    empty = {"id": pa.array([], pa.string()), "prompt": pa.array([], pa.string())}
+    pq.write_table(pa.table(empty), hf / "d.parquet")
+    for name, path, section in (("saved", data, {}), ("hf", hf, {"format": "hf"})):
+        job = write_job(
+            tmp_path / f"{name}.yaml",
+            tiny_model,
+            path,
+            tmp_path / f"out-{name}",
+            task={"type": "score"},
+            input=section,
+        )
+        result = cli("run", str(job))
+        assert result.exit_code == 0, result.output
+        assert read_outputs(tmp_path / f"out-{name}").column("id").to_pylist() == [
+            r["id"] for r in ROWS[:10]
+        ]
+    job = write_job(tmp_path / "empty.yaml", tiny_model, data / "b", tmp_path / "out-empty")
+    result = cli("run", str(job))
+    assert result.exit_code == 2
+    assert "the input has no rows" in result.output.splitlines()[-1]
 
 
 def test_validate_reads_a_csv_file_through_datasets(tmp_path, tiny_model):

@@ -10,6 +10,7 @@ InputError naming the file and line; row problems (a null prompt) travel on as v
 from __future__ import annotations
 
 import functools
+import gzip
 import os
 import queue
 import threading
@@ -133,13 +134,15 @@ def _saved_dataset_table(folder: str) -> pa.Table:
             tables.append(pa.ipc.open_stream(pa.memory_map(path)).read_all())
         except (pa.ArrowInvalid, OSError) as exc:
             raise InputError(f"{path}: not a readable Arrow file ({first_line(exc)})") from None
-    if not tables:
-        raise InputError(f"{folder}: the saved dataset lists no data files in state.json")
+    if not tables:  # an empty dataset's (datasets writes none for it): passed over, as empty
+        return pa.table({})
     return pa.concat_tables(tables)
 
 
 def _read_saved_dataset(folder: str, columns: ColumnNames) -> Iterator[InputChunk]:
     table = _saved_dataset_table(folder)
+    if not table.num_rows:
+        return  # an empty input among others is passed over
     wanted = _check_columns(folder, table.column_names, columns)
     _refuse_json_text(folder, table.schema, wanted)
     row = 0
@@ -201,6 +204,8 @@ def _read_through_datasets(path: str, columns: ColumnNames) -> Iterator[InputChu
     """A file loaded by `datasets.load_dataset` (its type inference and cache), for
     input.format hf."""
     dataset = _load_through_datasets(path)
+    if not dataset.num_rows:
+        return  # an empty input among others is passed over
     wanted = _check_columns(path, dataset.column_names, columns)
     _refuse_json_text(path, dataset.data.schema, wanted)
     row = 0
@@ -227,10 +232,34 @@ def _loaded_through_datasets(path: str, size: int, mtime_ns: int):
     builder = DATASETS_BUILDERS.get(suffix, "json")
     options = {"sep": "\t"} if suffix == ".tsv" else {}
     datasets.disable_progress_bars()
+    if _holds_no_rows(path, builder):  # which datasets fails to load ("corresponds to no data")
+        return datasets.Dataset.from_dict({})
     try:
         return datasets.load_dataset(builder, data_files=[path], split="train", **options)
     except Exception as exc:  # the library's own parse errors name the problem
         raise InputError(f"{path}: datasets could not load it ({first_line(exc)})") from None
+
+
+def _holds_no_rows(path: str, builder: str, block: int = 1 << 16) -> bool:
+    """Whether a file for `datasets` holds no rows: a Parquet file of none, a text file of
+    blank lines (or `[]`), a CSV file of its header alone. Only the first `block` characters
+    of a text file are read."""
+    if builder == "parquet":
+        try:
+            return pq.ParquetFile(path).metadata.num_rows == 0
+        except (pa.ArrowInvalid, OSError):
+            return False  # datasets names the problem
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            text = f.read(block)
+            whole = not f.read(1)
+    except (OSError, EOFError):
+        return False
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if builder == "csv":
+        return whole and len(lines) <= 1
+    return whole and lines in ([], ["[]"])
 
 
 def datasets_rows(path: str) -> int:
