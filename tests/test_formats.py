@@ -155,6 +155,9 @@ def test_saved_dataset_dict_split_and_resume_after_a_kill(tmp_path, tiny_model):
     env = {**child_env(), "BULKINFER_KILL_AT": "part_committed:3"}
     first = _run(killed, env)
     assert first.returncode == -signal.SIGKILL, first.stderr
+    # mapping the loaded dataset writes a cache file into its folder: the rows are the same
+    datasets.load_from_disk(str(folder))["train"].map(lambda row: {"extra": 1})
+    assert list((folder / "train").glob("cache-*.arrow"))
     second = cli_subprocess("run", str(killed))
     assert second.returncode == 0, second.stderr
     assert "resuming" in second.stderr

@@ -53,7 +53,15 @@ def _blake2b(path: str) -> str:
 
 
 def _folder_files(folder: str) -> list[str]:
-    return sorted(os.path.join(root, n) for root, _, names in os.walk(folder) for n in names)
+    """A saved dataset's files, less the cache files `datasets` writes beside its data when the
+    loaded dataset is mapped or filtered (`cache-<fingerprint>.arrow`): the rows are the same,
+    and a resume must not be refused for them."""
+    return sorted(
+        os.path.join(root, n)
+        for root, _, names in os.walk(folder)
+        for n in names
+        if not (n.startswith("cache-") and n.endswith(".arrow"))
+    )
 
 
 def _size(path: str) -> int:
