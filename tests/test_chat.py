@@ -3,6 +3,7 @@ prompt where a conversation has none of its own."""
 
 from __future__ import annotations
 
+import pytest
 from conftest import cli, read_outputs, write_job, write_jsonl, write_parquet
 from transformers import AutoTokenizer
 
@@ -144,3 +145,34 @@ def test_message_content_given_as_text_parts(tmp_path, tiny_model):
     assert parts_row["text"] == string_row["text"]
     assert parts_row["prompt_tokens"] == string_row["prompt_tokens"]
     assert "messages[0].content[0] is not a text part" in image_row["error"]
+
+
+def test_messages_a_saved_dataset_stores_a_field_at_a_time(tmp_path, tiny_model):
+    """`datasets` stores a Sequence of role and content as one list per field
+    ({"role": [...], "content": [...]}): every such row was 'prompt is an object'."""
+    datasets = pytest.importorskip("datasets")
+    chats = [c for c in CHATS if c["id"] != "broken"]
+    turn = {"role": datasets.Value("string"), "content": datasets.Value("string")}
+    features = datasets.Features(
+        {"id": datasets.Value("string"), "messages": datasets.Sequence(turn)}
+    )
+    by_field = [
+        {"id": c["id"], "messages": {k: [m[k] for m in c["messages"]] for k in turn}} for c in chats
+    ]
+    datasets.Dataset.from_list(by_field, features=features).save_to_disk(str(tmp_path / "saved"))
+    outputs = []
+    for name, inputs in (
+        ("by-field", tmp_path / "saved"),
+        ("by-turn", write_jsonl(tmp_path / "chats.jsonl", chats)),
+    ):
+        job = write_job(
+            tmp_path / f"{name}.yaml",
+            tiny_model,
+            inputs,
+            tmp_path / name,
+            task={"max_new_tokens": 3},
+        )
+        assert cli("run", str(job)).exit_code == 0
+        outputs.append(read_outputs(tmp_path / name))
+    assert outputs[0].column("error").null_count == len(chats)
+    assert outputs[0].equals(outputs[1])

@@ -99,6 +99,8 @@ class RowError(ValueError):
 
 def render(value: Any, tokenizer, options: RenderOptions) -> tuple[str, bool]:
     """The text to tokenize and whether it came from a chat template (special tokens included)."""
+    if isinstance(value, dict):
+        value = _messages_by_field(value)
     if isinstance(value, str):
         if not value.strip():
             raise RowError("prompt is empty" if not value else "prompt is empty (only whitespace)")
@@ -140,6 +142,18 @@ def check_unicode(text: str, what: str) -> str:
                 f"at character {exc.start}"
             ) from None
     return text
+
+
+def _messages_by_field(value: dict) -> Any:
+    """Messages stored a field at a time, as `datasets` stores a Sequence of role and content
+    (`{"role": [...], "content": [...]}`), as the list of messages they are; any other object
+    as it is."""
+    fields = list(value.values())
+    if "role" not in value or "content" not in value:
+        return value
+    if not all(isinstance(f, list) and len(f) == len(fields[0]) for f in fields):
+        return value
+    return [dict(zip(value, turn, strict=True)) for turn in zip(*fields, strict=True)]
 
 
 def _check_messages(value: list) -> list[dict]:
