@@ -279,3 +279,16 @@ def test_validate_reads_a_csv_file_through_datasets(tmp_path, tiny_model):
     job = write_job(tmp_path / "auto.yaml", tiny_model, csv, tmp_path / "out")
     result = cli("validate", str(job))
     assert result.exit_code == 2 and "input.format: hf" in result.output, result.output
+
+
+def test_a_csv_row_without_an_id_is_named(tmp_path, tiny_model):
+    """pandas reads a CSV column of integer ids with a gap as floats: the error blamed the first
+    row ('the id is a float') instead of the one without an id."""
+    csv = tmp_path / "rows.csv"
+    csv.write_text("id,prompt\n1,hello a\n2,hello b\n,hello c\n4,hello d\n")
+    job = write_job(
+        tmp_path / "job.yaml", tiny_model, csv, tmp_path / "out", input={"format": "hf"}
+    )
+    result = cli("run", str(job))
+    assert result.exit_code == 2, result.output
+    assert "rows.csv: row 2: the id is missing" in result.output.splitlines()[-1]

@@ -3,6 +3,8 @@ valid Unicode, unique) and spilled beside the token ids."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow as pa
 
@@ -82,12 +84,25 @@ def _plain(t: pa.DataType) -> pa.DataType:
     return t
 
 
+def _refuse_missing(chunk: InputChunk) -> None:
+    """A column of integer ids with a gap comes as floats (pandas, reading CSV): the row
+    without an id is the one to name."""
+    for i, value in enumerate(chunk.ids):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            raise InputError(
+                f"{chunk.location(i)}: the id is missing, and the column's ids read as floats "
+                "(a column of integers with a gap is); every row needs an id"
+            )
+
+
 def chunk_ids(chunk: InputChunk) -> pa.Array:
     """A chunk's ids as an Arrow array, or an InputError naming the first one that is null,
     not a string or an integer, beyond 64 bits or not valid Unicode."""
     for i, value in enumerate(chunk.ids):
         if value is None:
             raise InputError(f"{chunk.location(i)}: the id is null; every row needs an id")
+        if isinstance(value, float):
+            _refuse_missing(chunk)
         if not isinstance(value, str | int) or isinstance(value, bool):
             raise InputError(
                 f"{chunk.location(i)}: the id is {describe(value)}; ids must be strings or integers"
