@@ -139,9 +139,15 @@ check_loopback_hostname() {
 '127.0.0.1 $(hostname)' to /etc/hosts so that the daemons bind to loopback only"
 }
 
+# The machine's processors: nproc alone answers OMP_NUM_THREADS when it is set (a test run
+# with OMP_NUM_THREADS=1 made a one-CPU node, on which a job of two tasks waited forever).
+cores() {
+    env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc
+}
+
 write_conf() {
     local cpus mem_total mem real_mem
-    cpus=${BULKINFER_SLURM_CPUS:-$(nproc)}
+    cpus=${BULKINFER_SLURM_CPUS:-$(cores)}
     mem_total=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
     # A node that reports less memory than configured is drained ("Low RealMemory"): stay under.
     real_mem=$((mem_total * 95 / 100))
@@ -195,7 +201,7 @@ NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE CPUs=$cpus RealMemory=$real
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
     # BULKINFER_SLURM_CPUS above nproc overcommits the node: keep slurmd from draining it.
-    if ((cpus > $(nproc))); then
+    if ((cpus > $(cores))); then
         echo "SlurmdParameters=config_overrides" >>"$CONF"
     fi
 }
