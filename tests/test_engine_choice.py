@@ -72,3 +72,53 @@ def test_generation_of_long_prompts_and_few_new_tokens_runs_on_the_fast_engine(t
         GPU, options(tmp_path), deep, AUTO_FAST_TOKENS_COLD, reference_steps=16
     )
     assert limits.kind == "fast" and "planned tokens pay back" in why
+
+
+ROPE_BY_LENGTH = {
+    "longrope": {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0] * 8,
+        "long_factor": [4.0] * 8,
+        "original_max_position_embeddings": 64,
+    },
+    "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+}
+
+
+@pytest.mark.parametrize("rope", sorted(ROPE_BY_LENGTH))
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_a_rotary_scaling_by_length_keeps_each_rows_result_its_own(tmp_path, rope, engine):
+    """transformers picks a dynamic or longrope scaling from a call's longest sequence: a short
+    row scored beside a long one (one packed call on the fast engine, one padded batch on the
+    reference) got another score than alone. Such a model's rows now run alone."""
+    import torch
+    from conftest import cli, read_outputs, set_model, write_job, write_jsonl
+    from tiny_model import tiny_config, train_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = train_tokenizer()
+    config = tiny_config("llama", tokenizer, 64, 2, 64, rope_parameters=ROPE_BY_LENGTH[rope])
+    torch.manual_seed(0)
+    folder = tmp_path / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    short = {"id": "short", "prompt": "the quick brown fox jumps over"}
+    long = {"id": "long", "prompt": "the quick brown fox jumps over the lazy dog " * 12}
+    scores = {}
+    for name, rows in (("alone", [short]), ("beside", [short, long])):
+        job = write_job(
+            tmp_path / f"{name}.yaml",
+            folder,
+            write_jsonl(tmp_path / f"{name}.jsonl", rows),
+            tmp_path / name,
+            task={"type": "score"},
+        )
+        set_model(job, engine=engine, dtype="float32", max_context=512)
+        result = cli("run", str(job))
+        assert result.exit_code == 0, result.output
+        assert "each row runs in a call of its own" in result.output
+        table = read_outputs(tmp_path / name)
+        assert table.column("error").null_count == len(rows)
+        scores[name] = table.column("logprob_sum").to_pylist()[0]
+    assert scores["beside"] == pytest.approx(scores["alone"], rel=1e-6)

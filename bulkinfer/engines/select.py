@@ -61,6 +61,26 @@ def config_blocker(config: Any) -> str | None:
         return "the model has sliding-window layers"
     if text.model_type == "mistral" and getattr(text, "sliding_window", None):
         return "the model has a sliding attention window"
+    scaled = length_scaled_rope(config)
+    if scaled:
+        return f"rope_type {scaled} scales positions by a call's longest sequence"
+    return None
+
+
+# Rotary scalings that transformers picks per forward call from its longest sequence: batched,
+# a row's result would depend on the rows beside it.
+LENGTH_SCALED_ROPE = ("dynamic", "longrope")
+
+
+def length_scaled_rope(config: Any) -> str | None:
+    """The model's rope type where it scales by the sequence's length (dynamic, longrope)."""
+    text = text_config(config)
+    for key in ("rope_parameters", "rope_scaling"):
+        params = getattr(text, key, None)
+        if isinstance(params, dict):
+            kind = params.get("rope_type", params.get("type"))
+            if kind in LENGTH_SCALED_ROPE:
+                return kind
     return None
 
 
@@ -246,6 +266,7 @@ def engine_limits(
         why_not_fast=why_not_fast,
         quantization=options.quantization if kind == "fast" else "none",
         kv_cache_dtype=options.kv_cache_dtype if kind == "fast" else "auto",
+        rows_alone=causal and length_scaled_rope(config) is not None,
     )
 
 
@@ -259,6 +280,12 @@ def load_causal(options: LoadOptions, tokenizer, limits: EngineLimits) -> HFEngi
             f"engine: the reference engine runs this model ({limits.why_not_fast})"
             + ("; model.engine fast cannot" if asked else ""),
             level="warning" if asked else "info",
+        )
+    if limits.rows_alone:
+        log(
+            "engine: each row runs in a call of its own: the model's rotary scaling "
+            "(rope_type dynamic or longrope) follows a call's longest sequence, so batched rows "
+            "would change each other's results"
         )
     if limits.kind == "fast" and limits.device_type == "cuda":
         use_compile_cache(options.cache_dir, limits.device_name)

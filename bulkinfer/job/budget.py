@@ -54,7 +54,10 @@ def max_tokens(batching: BatchingSpec, limits: EngineLimits, config: Any, genera
 
 
 def max_batch_size(batching: BatchingSpec, limits: EngineLimits, generate: bool) -> int:
-    """Rows per batch at most: the spec's, or with auto what the engine keeps busy."""
+    """Rows per batch at most: the spec's, or with auto what the engine keeps busy; one where
+    the model's rows must run alone."""
+    if limits.rows_alone:
+        return 1
     if batching.max_batch_size != "auto":
         return batching.max_batch_size
     if limits.kind == "fast" and limits.device_type == "cuda":
