@@ -10,6 +10,7 @@ docs/perf.md). Anything not on a CUDA device moves the ordinary way.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,32 @@ import torch
 
 STAGE_BYTES = 64 << 20  # one thread's pinned staging buffer
 THREADS = 8
+# BULKINFER_CUDA_AHEAD=1: start CUDA on a thread while the tokenizer loads (start_device)
+CUDA_AHEAD_ENV = "BULKINFER_CUDA_AHEAD"
+
+
+def start_device(name: str) -> None:
+    """Start CUDA on the GPU `name` (a model.device setting) on a thread, where the
+    BULKINFER_CUDA_AHEAD=1 asks for it. The driver's start and the context's creation (~0.5 s of
+    an H200 box) wait with the GIL released, so they overlap the tokenizer's imports on the main
+    thread, which otherwise meet them later, when the engine's limits read the free memory. Any
+    failure is left for that later, ordinary path to report."""
+    if os.environ.get(CUDA_AHEAD_ENV) == "1" and name not in ("cpu", "mps"):
+        threading.Thread(
+            target=_start_cuda, args=(name,), name="bulkinfer-cuda", daemon=True
+        ).start()
+
+
+def _start_cuda(name: str) -> None:
+    try:
+        if not torch.cuda.is_available():
+            return
+        device = torch.device("cuda" if name == "auto" else name)
+        if device.type == "cuda":
+            torch.cuda.init()
+            torch.empty(1, device=device)  # the context, through the allocator (GIL released)
+    except Exception:  # noqa: BLE001 (only a head start)
+        return
 
 
 def move_model(

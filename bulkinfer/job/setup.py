@@ -87,6 +87,9 @@ def set_up(
     columns = column_names(spec, files, per_request)
     model = resolve_model_files(spec.model)
     if hash_model:  # a run
+        from bulkinfer.engines.to_device import start_device  # imports torch, before the thread
+
+        start_device(spec.model.device)
         model.hash_in_background()
         # a GGUF model is converted first, then its tokenizer and config read from the folder
         # (from the GGUF file each takes seconds, and the conversion reads both again)
