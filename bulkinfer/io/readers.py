@@ -10,7 +10,7 @@ InputError naming the file and line; row problems (a null prompt) travel on as v
 from __future__ import annotations
 
 import functools
-import gzip
+import io
 import os
 import queue
 import threading
@@ -29,11 +29,14 @@ from bulkinfer.io.chunks import (
 )
 from bulkinfer.io.files import DataFile
 from bulkinfer.io.jsonl import (
+    COMPRESSION_ERRORS,
     PEEK_LINE_BYTES,
     _json_file,
     _jsonl_records,
+    _open_binary,
     _read_jsonl,
     _read_openai_requests,
+    compression_of,
 )
 
 
@@ -249,13 +252,13 @@ def _holds_no_rows(path: str, builder: str, block: int = 1 << 16) -> bool:
             return pq.ParquetFile(path).metadata.num_rows == 0
         except (pa.ArrowInvalid, OSError):
             return False  # datasets names the problem
-    opener = gzip.open if path.lower().endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        binary = _open_binary(path, compression_of(path))
+        with io.TextIOWrapper(binary, encoding="utf-8", errors="replace") as f:
             text = f.read(block)
             whole = not f.read(1)
-    except (OSError, EOFError):
-        return False
+    except COMPRESSION_ERRORS:
+        return False  # datasets names the problem
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if builder == "csv":
         return whole and len(lines) <= 1

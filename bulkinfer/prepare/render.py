@@ -148,9 +148,9 @@ def _messages_by_field(value: dict) -> Any:
     """Messages stored a field at a time, as `datasets` stores a Sequence of role and content
     (`{"role": [...], "content": [...]}`), as the list of messages they are; any other object
     as it is."""
-    fields = list(value.values())
     if "role" not in value or "content" not in value:
         return value
+    fields = list(value.values())
     if not all(isinstance(f, list) and len(f) == len(fields[0]) for f in fields):
         return value
     return [dict(zip(value, turn, strict=True)) for turn in zip(*fields, strict=True)]
