@@ -86,14 +86,8 @@ ROPE_BY_LENGTH = {
 }
 
 
-@pytest.mark.parametrize("rope", sorted(ROPE_BY_LENGTH))
-@pytest.mark.parametrize("engine", ["fast", "reference"])
-def test_a_rotary_scaling_by_length_keeps_each_rows_result_its_own(tmp_path, rope, engine):
-    """transformers picks a dynamic or longrope scaling from a call's longest sequence: a short
-    row scored beside a long one (one packed call on the fast engine, one padded batch on the
-    reference) got another score than alone. Such a model's rows now run alone."""
+def _rope_model(tmp_path, rope):
     import torch
-    from conftest import cli, read_outputs, set_model, write_job, write_jsonl
     from tiny_model import tiny_config, train_tokenizer
     from transformers import AutoModelForCausalLM
 
@@ -103,22 +97,64 @@ def test_a_rotary_scaling_by_length_keeps_each_rows_result_its_own(tmp_path, rop
     folder = tmp_path / "model"
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    short = {"id": "short", "prompt": "the quick brown fox jumps over"}
-    long = {"id": "long", "prompt": "the quick brown fox jumps over the lazy dog " * 12}
-    scores = {}
-    for name, rows in (("alone", [short]), ("beside", [short, long])):
-        job = write_job(
-            tmp_path / f"{name}.yaml",
-            folder,
-            write_jsonl(tmp_path / f"{name}.jsonl", rows),
-            tmp_path / name,
-            task={"type": "score"},
-        )
-        set_model(job, engine=engine, dtype="float32", max_context=512)
-        result = cli("run", str(job))
-        assert result.exit_code == 0, result.output
-        assert "each row runs in a call of its own" in result.output
-        table = read_outputs(tmp_path / name)
-        assert table.column("error").null_count == len(rows)
-        scores[name] = table.column("logprob_sum").to_pylist()[0]
-    assert scores["beside"] == pytest.approx(scores["alone"], rel=1e-6)
+    return folder
+
+
+def _scores(tmp_path, folder, rope, name, rows, engine="reference", **input_section):
+    """Each row's score (logprob_sum, or choice_logprobs with choices) from a score job."""
+    from conftest import cli, read_outputs, set_model, write_job, write_jsonl
+
+    job = write_job(
+        tmp_path / f"{name}.yaml",
+        folder,
+        write_jsonl(tmp_path / f"{name}.jsonl", rows),
+        tmp_path / name,
+        task={"type": "score"},
+        input=input_section,
+    )
+    set_model(job, engine=engine, dtype="float32", max_context=512)
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output
+    assert f"each row runs in a call of its own: the model's rope_type {rope}" in result.output
+    table = read_outputs(tmp_path / name)
+    assert table.column("error").null_count == len(rows)
+    column = "choice_logprobs" if input_section.get("choices_column") else "logprob_sum"
+    return dict(zip(table.column("id").to_pylist(), table.column(column).to_pylist(), strict=True))
+
+
+FOX = "the quick brown fox jumps over the lazy dog "
+
+
+@pytest.mark.parametrize("rope", sorted(ROPE_BY_LENGTH))
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_a_rotary_scaling_by_length_keeps_each_rows_result_its_own(tmp_path, rope, engine):
+    """transformers picks a dynamic or longrope scaling from a call's longest sequence: a short
+    row scored beside a long one (one packed call on the fast engine, one padded batch on the
+    reference) got another score than alone. Such a model's rows now run alone, and dynamic
+    scaling's frequencies, which transformers keeps from a longer call, start afresh for each
+    (the medium row, past the model's 64 positions, ran after the long one with its scaling)."""
+    folder = _rope_model(tmp_path, rope)
+    rows = {
+        "short": {"id": "short", "prompt": "the quick brown fox jumps over"},
+        "medium": {"id": "medium", "prompt": FOX * 8},
+        "long": {"id": "long", "prompt": FOX * 12},
+    }
+    together = _scores(tmp_path, folder, rope, "together", list(rows.values()), engine)
+    for name, row in rows.items():
+        alone = _scores(tmp_path, folder, rope, f"alone-{name}", [row], engine)
+        assert together[name] == pytest.approx(alone[name], rel=1e-6), name
+
+
+@pytest.mark.parametrize("rope", sorted(ROPE_BY_LENGTH))
+def test_a_rotary_scaling_by_length_scores_each_choice_alone(tmp_path, rope):
+    """A row's choices ran in one call after its context: each choice's positions were scaled by
+    the longest choice's length. Each choice now scores as its context and it scored alone."""
+    folder = _rope_model(tmp_path, rope)
+    question = {"id": "q", "prompt": FOX * 5, "choices": [" cat", " and the dog" * 6]}
+    got = _scores(tmp_path, folder, rope, "choices", [question], choices_column="choices")["q"]
+    pairs = [
+        {"id": str(k), "prompt": question["prompt"], "completion": choice}
+        for k, choice in enumerate(question["choices"])
+    ]
+    alone = _scores(tmp_path, folder, rope, "pairs", pairs, completion_column="completion")
+    assert got == pytest.approx([alone["0"], alone["1"]], rel=1e-6)

@@ -43,8 +43,8 @@ class EngineLimits:
     once). `kv_tokens`: tokens the fast engine's KV pool holds (None where no pool is kept).
     `free_bytes`: device memory left for batches once the weights are in (None on the CPU).
     `dtype_bytes`: the size of one weight or activation value (2 for bf16), for budgets.
-    `rows_alone`: each row must run in a call of its own (a rotary scaling that transformers
-    picks from a call's longest sequence)."""
+    `rows_alone`: each row must run in a call of its own; the model's rope type (a rotary
+    scaling that transformers picks from a call's longest sequence), else None."""
 
     kind: str  # fast | reference | encoder
     device_name: str
@@ -57,7 +57,7 @@ class EngineLimits:
     why_not_fast: str | None = None
     quantization: str = "none"  # fp8: the fast engine quantizes its linear weights at load
     kv_cache_dtype: str = "auto"  # fp8: the fast engine's KV pool in float8 with scales
-    rows_alone: bool = False
+    rows_alone: str | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

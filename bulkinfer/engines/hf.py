@@ -123,6 +123,7 @@ class HFEngine:
         # transformers renamed `past_key_values` to `cache`; speak whichever this version takes.
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._dynamic_rotary = [m for m in model.modules() if hasattr(m, "original_max_seq_len")]
 
     @torch.inference_mode()
     def loglikelihood(
@@ -130,6 +131,7 @@ class HFEngine:
     ) -> list[tuple[float, int]]:
         """Sum of log p(token | earlier tokens) over tokens score_from.. of each sequence
         (every row computed whole here, whatever `share_prefix` says)."""
+        self._fresh_rotary()
         lengths = [len(s) for s in sequences]
         input_ids = self._right_padded(sequences)
         rows, positions = scored_positions(lengths, score_from)
@@ -147,7 +149,13 @@ class HFEngine:
 
         The context runs once: all but its last token are prefilled into a KV cache, which is
         then repeated for each choice; each choice runs as (last context token + choice), so the
-        first choice token is predicted from the full context like the rest."""
+        first choice token is predicted from the full context like the rest. Where rows run
+        alone (a rotary scaling by a call's length), so does each choice, whole."""
+        if self.limits.rows_alone:
+            return [
+                [self.loglikelihood([np.concatenate([c, o])], [len(c)])[0] for o in options]
+                for c, options in zip(contexts, choices, strict=True)
+            ]
         owners = [b for b, options in enumerate(choices) for _ in options]
         flat = [np.asarray(c) for options in choices for c in options]
         prefixes = [np.asarray(c[:-1]) for c in contexts]
@@ -258,6 +266,7 @@ class HFEngine:
         rows = _DecodingRows(self, per_row, max_new, logprobs or top > 0, top)
         input_ids, mask = self._left_padded(prompts)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self._fresh_rotary()
         cache = DynamicCache(config=self.model.config)
         logits = self._step(input_ids, mask, positions, cache)
         matchers = [matcher(self.tokenizer, p.grammar, self.end_token) for p in per_row]
@@ -312,6 +321,21 @@ class HFEngine:
         input_ids, mask = right_padded(sequences, self.pad_id, self.device)
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask)
         return pool_padded(hidden.last_hidden_state, mask, pooling, normalize)
+
+    def _fresh_rotary(self) -> None:
+        """Dynamic rotary scaling as a freshly loaded model has it: transformers keeps the
+        frequencies of the longest call so far, so a later, shorter row past the model's
+        positions would run with another row's scaling."""
+        for module in self._dynamic_rotary:
+            for name in [k for k in vars(module) if k.endswith("max_seq_len_cached")]:
+                prefix = name.removesuffix("max_seq_len_cached")
+                original = getattr(module, f"{prefix}original_inv_freq", None)
+                if original is None or getattr(module, name) == module.original_max_seq_len:
+                    continue
+                module.register_buffer(
+                    f"{prefix}inv_freq", original.to(self.device).clone(), persistent=False
+                )
+                setattr(module, name, module.original_max_seq_len)
 
     def _step(self, input_ids, mask, positions, cache) -> torch.Tensor:
         out = self.model(

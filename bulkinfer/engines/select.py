@@ -266,7 +266,7 @@ def engine_limits(
         why_not_fast=why_not_fast,
         quantization=options.quantization if kind == "fast" else "none",
         kv_cache_dtype=options.kv_cache_dtype if kind == "fast" else "auto",
-        rows_alone=causal and length_scaled_rope(config) is not None,
+        rows_alone=length_scaled_rope(config) if causal else None,
     )
 
 
@@ -283,8 +283,8 @@ def load_causal(options: LoadOptions, tokenizer, limits: EngineLimits) -> HFEngi
         )
     if limits.rows_alone:
         log(
-            "engine: each row runs in a call of its own: the model's rotary scaling "
-            "(rope_type dynamic or longrope) follows a call's longest sequence, so batched rows "
+            "engine: each row runs in a call of its own: the model's rope_type "
+            f"{limits.rows_alone} scales positions by a call's longest sequence, so batched rows "
             "would change each other's results"
         )
     if limits.kind == "fast" and limits.device_type == "cuda":
