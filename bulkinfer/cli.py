@@ -233,7 +233,7 @@ def run(job, overrides, output, overwrite, shard, gpus) -> None:
         from bulkinfer.executors.local import run_workers, worker_count
         from bulkinfer.io.layout import OutputLayout
         from bulkinfer.io.lock import folder_lock
-        from bulkinfer.state.folder import refuse_foreign, refuse_unsharded
+        from bulkinfer.state.folder import clear_shards, refuse_foreign, refuse_unsharded
 
         count, devices = worker_count(gpus)
         args = [job, *(f"--set={o}" for o in overrides), "--output", spec.output.path]
@@ -242,6 +242,8 @@ def run(job, overrides, output, overwrite, shard, gpus) -> None:
         refuse_foreign(root, overwrite=overwrite)
         with folder_lock(root):  # the launcher holds the job folder; each worker its shard's
             refuse_unsharded(root, overwrite, holding_lock=True)
+            if overwrite:
+                clear_shards(root)
             sys.exit(run_workers(args, count, devices))
     chosen = parse_shard(shard) if shard else shard_from_env()
     unused = 0 if shard else slurm_tasks_unused()
@@ -347,6 +349,8 @@ def slurm(job, array, overrides, output, dry_run, **settings) -> None:
 
     from bulkinfer.executors.slurm import SlurmOptions, sbatch_script, submit
     from bulkinfer.io.atomic import write_bytes_atomic
+    from bulkinfer.io.layout import OutputLayout
+    from bulkinfer.state.folder import refuse_for_array
 
     spec = _load(job, overrides, output)
     root = Path(spec.output.path)
@@ -355,6 +359,7 @@ def slurm(job, array, overrides, output, dry_run, **settings) -> None:
     if dry_run:
         click.echo(script)
         return
+    refuse_for_array(OutputLayout(root), array)
     made = [p for p in (root, root / "logs") if not p.exists()]
     (root / "logs").mkdir(parents=True, exist_ok=True)
     path = root / "sbatch.sh"

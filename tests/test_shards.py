@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 from conftest import cli, cli_subprocess, read_outputs, sample_prompts, write_job, write_jsonl
@@ -324,3 +326,180 @@ def test_a_shard_run_again_unlike_the_others_is_named_and_the_old_merge_not_show
     assert cli("run", str(job), "--shard", "1/2", "--overwrite").exit_code == 0
     assert "outputs merged" in cli("status", str(out)).output
     _same(out, reference)
+
+
+def test_slurm_options_a_task_could_not_use_are_refused_and_paths_with_spaces_quoted(
+    shard_job, tmp_path
+):
+    """--gpus-per-task 2 gave each task two GPUs and used one; a grace period as long as the
+    time limit warned every task as it started; a space in a path broke the #SBATCH line."""
+    make, _ = shard_job
+    job = make("slurm-options")
+    two = cli("slurm", str(job), "--array", "2", "--gpus-per-task", "2", "--dry-run")
+    assert two.exit_code == 2 and "--array 4 --gpus-per-task 1" in two.output, two.output
+    late = cli("slurm", str(job), "--array", "2", "--time", "1", "--grace", "60", "--dry-run")
+    assert late.exit_code == 2 and "--time 1 is 60 s" in late.output, late.output
+    for limit in ("2", "1-00", "0:01:05"):  # 120, 86,400 and 65 seconds: room for 60 s
+        ok = cli("slurm", str(job), "--array", "2", "--time", limit, "--grace", "60", "--dry-run")
+        assert ok.exit_code == 0, ok.output
+    spaced = cli(
+        "slurm", str(job), "--array", "4", "--output", str(tmp_path / "my out"), "--dry-run"
+    )
+    assert spaced.exit_code == 0, spaced.output
+    assert f'#SBATCH --output="{tmp_path}/my out/logs/%A_%a.log"' in spaced.output
+    assert '--shard "${SLURM_ARRAY_TASK_ID}/4" &' in spaced.output
+
+
+def test_slurm_refuses_a_folder_every_task_would_refuse_before_submitting(
+    shard_job, tmp_path, monkeypatch
+):
+    """`bulkinfer slurm --array 2` on a folder split 3 ways (or holding a job run without
+    shards) submitted an array whose every task failed, and overwrote sbatch.sh."""
+    make, _ = shard_job
+    monkeypatch.setenv("PATH", str(tmp_path / "no-slurm-here"))  # never reach sbatch
+    split = make("split-three")
+    assert cli("run", str(split), "--shard", "0/3").exit_code == 0
+    result = cli("slurm", str(split), "--array", "2")
+    assert result.exit_code == 2, result.output
+    assert "split into 3, not 2" in result.output and "--array 3" in result.output
+    assert not (split.parent / "split-three" / "sbatch.sh").exists()
+    whole = make("whole-then-array")
+    assert cli("run", str(whole)).exit_code == 0
+    result = cli("slurm", str(whole), "--array", "2")
+    assert result.exit_code == 2 and "without shards" in result.output, result.output
+    assert not (whole.parent / "whole-then-array" / "sbatch.sh").exists()
+
+
+def test_the_sbatch_script_does_not_requeue_a_task_warned_before_its_first_batch(
+    shard_job, tmp_path
+):
+    """A task whose start-up outlasts its time limit less the grace period was warned before
+    its first batch, exited 138 and was requeued, to stop at the same place again, forever.
+    The script, run here as Slurm runs it (a stand-in scontrol records any requeue), lets it
+    end instead, saying why."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import child_env
+
+    make, _ = shard_job
+    job = make("warned-early")
+    out = job.parent / "warned-early"
+    script = tmp_path / "sbatch.sh"
+    dry = cli("slurm", str(job), "--array", "2", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    script.write_text(dry.output)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    requeued = tmp_path / "requeued"
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" >> {requeued}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {
+        **child_env(),
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_ARRAY_JOB_ID": "7",
+        "SLURM_ARRAY_TASK_ID": "1",
+    }
+    proc = subprocess.Popen(
+        ["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    lock = out / "shards" / "shard-00001-of-00002" / ".lock"
+    deadline = time.monotonic() + 120
+    while not (lock.exists() and lock.read_text().strip()):
+        assert time.monotonic() < deadline and proc.poll() is None, "the task never got going"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@S sends the batch shell
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stdout + stderr
+    assert "before the first batch; not requeued" in stdout, stdout
+    assert "raise --time or lower --grace" in stdout
+    assert not requeued.exists(), requeued.read_text()
+    # the task's own shard, named by its array id: resubmitted alone, it runs shard 1 of 2
+    rerun = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert (out / "shards" / "shard-00001-of-00002" / "summary.json").exists()
+    assert not (out / "shards" / "shard-00000-of-00002").exists()
+
+
+def _worker_pid(job, shard: str, timeout: float = 120) -> int:
+    """The pid of the `--gpus` worker running `shard` ("1/2") of this job file."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            try:
+                args = (proc / "cmdline").read_bytes().decode().split("\0")
+            except OSError:
+                continue
+            if str(job) in args and "--shard" in args and shard in args:
+                return int(proc.name)
+        time.sleep(0.05)
+    raise AssertionError(f"no worker for shard {shard} of {job}")
+
+
+def test_gpus_overwrite_never_merges_a_slow_siblings_old_shard(shard_job):
+    """`--gpus 2 --overwrite` with new settings: each worker cleared only its own shard, so
+    the first to finish took its slow sibling's old summary for done and merged (here: refused
+    to merge, exit 2). The launcher now clears every shard before its workers start."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import child_env
+
+    make, _ = shard_job
+    single = make("single-3")
+    assert cli("run", str(single), "--set", "task.max_new_tokens=3").exit_code == 0
+    reference = read_outputs(single.parent / "single-3")
+    job = make("overwrite-workers")
+    out = job.parent / "overwrite-workers"
+    assert cli_subprocess("run", str(job), "--gpus", "2").returncode == 0
+    again = [sys.executable, "-m", "bulkinfer", "run", str(job), "--gpus", "2", "--overwrite"]
+    launcher = subprocess.Popen(
+        [*again, "--set", "task.max_new_tokens=3"],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    slow = _worker_pid(job, "1/2")
+    os.kill(slow, signal.SIGSTOP)
+    try:
+        fast = _worker_pid(job, "0/2")
+        deadline = time.monotonic() + 180
+        while Path(f"/proc/{fast}").exists() and launcher.poll() is None:
+            assert time.monotonic() < deadline, "shard 0 never finished"
+            time.sleep(0.1)
+    finally:
+        os.kill(slow, signal.SIGCONT)
+    _, stderr = launcher.communicate(timeout=180)
+    assert launcher.returncode == 0, stderr
+    _same(out, reference)
+
+
+def test_a_gpus_worker_killed_from_outside_is_named_and_the_rerun_resumes(shard_job):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    make, reference = shard_job
+    job = make("killed-worker")
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "bulkinfer", "run", str(job), "--gpus", "2"],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.kill(_worker_pid(job, "1/2"), signal.SIGKILL)
+    _, stderr = launcher.communicate(timeout=180)
+    assert launcher.returncode == 137, stderr
+    assert "shard 1/2 was killed by SIGKILL" in stderr and "rerun the same command" in stderr
+    assert cli_subprocess("run", str(job), "--gpus", "2").returncode == 0
+    _same(job.parent / "killed-worker", reference)

@@ -102,3 +102,33 @@ def test_a_batch_script_of_several_tasks_without_srun_runs_the_whole_job(tmp_pat
         "shard-00001-of-00002",
     ]
     assert read_outputs(tmp_path / "srun").equals(reference)
+
+
+def test_tasks_submitted_apart_run_their_own_shards_of_one_split(tmp_path, tiny_model):
+    """Resubmitting one task of the array, as Slurm users do (`sbatch --array=1 sbatch.sh`),
+    gave it SLURM_ARRAY_TASK_COUNT=1 and it was refused as a split into 1; tasks submitted
+    apart now run the shards their ids name, and the last merges. The output folder's name
+    has a space, which the #SBATCH lines once split on."""
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(30))
+    job = write_job(tmp_path / "apart.yaml", tiny_model, inputs, tmp_path / "single")
+    assert cli("run", str(job)).exit_code == 0
+    reference = read_outputs(tmp_path / "single")
+    out = tmp_path / "by hand"
+    dry = cli("slurm", str(job), "--array", "3", "--output", str(out), "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    out.mkdir()
+    (out / "logs").mkdir()
+    script = out / "sbatch.sh"
+    script.write_text(dry.output)
+    for tasks in ("0,2", "1"):
+        submitted = subprocess.run(
+            ["sbatch", "--parsable", f"--array={tasks}", str(script)],
+            capture_output=True,
+            text=True,
+        )
+        assert submitted.returncode == 0, submitted.stderr
+        states = wait_for_jobs(submitted.stdout.strip().split(";")[0], timeout=300)
+        logs = "".join(p.read_text() for p in (out / "logs").glob("*.log"))
+        assert set(states.values()) == {"COMPLETED"}, logs[-3000:]
+    assert read_outputs(out).equals(reference)
+    assert "3 of 3 shards done" in cli("status", str(out)).output

@@ -90,7 +90,35 @@ def run_workers(base_args: list[str], count: int, devices: list[str] | None) -> 
         )
         return code
     failed = [128 - c if c < 0 else c for c in codes if c != 0]  # killed by signal N: 128 + N
+    if not received:
+        _name_failed_workers(codes)
     return max(failed) if failed else 0
+
+
+def _name_failed_workers(codes: list[int]) -> None:
+    """One line for the workers that failed, naming each shard and how it ended: a worker
+    killed from outside (the OOM killer, a kill -9) says nothing itself, and the launcher's
+    exit code alone read as if the launcher had been killed."""
+    count = len(codes)
+    ended = [
+        f"shard {i}/{count} "
+        + (f"was killed by {_signal_name(-c)}" if c < 0 else f"exited with code {c}")
+        for i, c in enumerate(codes)
+        if c != 0
+    ]
+    if ended:
+        log(
+            f"{'; '.join(ended)}; the other shards' work and what these committed are kept: "
+            "rerun the same command to resume",
+            level="warning",
+        )
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _dies_with_launcher() -> Callable[[], None] | None:

@@ -2,7 +2,10 @@
 
 Slurm sends USR1 a grace period before the time limit (`--signal=B:USR1@S`); the task finishes
 its batch in flight, checkpoints and exits 138, and the script requeues it. The requeued task
-resumes its shard; the last task to finish merges.
+resumes its shard; the last task to finish merges. A task warned before its first batch exits
+STOPPED_BEFORE_WORK instead and is not requeued: a fresh start would stop at the same place.
+Each task names its shard (`--shard ID/N`), so resubmitting one task (`sbatch --array=3
+OUT/sbatch.sh`) runs that shard of the same split.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bulkinfer.errors import UserError
+from bulkinfer.errors import STOPPED_BEFORE_WORK, SpecError, UserError
 
 STOPPED_BY_USR1 = 128 + 10
 
@@ -31,14 +34,55 @@ class SlurmOptions:
     grace_seconds: int = 120
     max_parallel: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.gpus_per_task > 1:
+            raise SpecError(
+                f"--gpus-per-task {self.gpus_per_task}: each array task runs one shard on one "
+                f"GPU; ask for --array {self.array * self.gpus_per_task} --gpus-per-task 1 "
+                "instead"
+            )
+        limit = slurm_seconds(self.time) if self.time else None
+        if limit is not None and self.grace_seconds >= limit:
+            raise SpecError(
+                f"--grace {self.grace_seconds}: the warning would come before the task starts "
+                f"(--time {self.time} is {limit} s); give a grace period well under the limit"
+            )
+
+
+def slurm_seconds(text: str) -> int | None:
+    """Seconds in a Slurm time limit (minutes, m:s, h:m:s, d-h, d-h:m, d-h:m:s), or None where
+    it is unlimited or not in a form Slurm documents (sbatch then says what is wrong)."""
+    days, _, rest = text.strip().rpartition("-")
+    parts = rest.split(":")
+    if not all(p.isdigit() for p in parts) or (days and not days.isdigit()) or len(parts) > 3:
+        return None
+    numbers = [int(p) for p in parts]
+    if days:  # d-h, d-h:m, d-h:m:s
+        numbers += [0] * (3 - len(numbers))
+        h, m, sec = numbers
+        return ((int(days) * 24 + h) * 60 + m) * 60 + sec
+    if len(numbers) == 1:
+        return numbers[0] * 60
+    if len(numbers) == 2:
+        return numbers[0] * 60 + numbers[1]
+    return (numbers[0] * 60 + numbers[1]) * 60 + numbers[2]
+
+
+def _directive(flag: str, value) -> str:
+    """One #SBATCH line's option, quoted where the value has spaces (sbatch splits there)."""
+    text = str(value)
+    if '"' in text or "\n" in text:
+        raise UserError(f"{flag}: {text!r} holds a quote or a line break, which sbatch cannot take")
+    return f'{flag}="{text}"' if any(c.isspace() for c in text) else f"{flag}={text}"
+
 
 def sbatch_script(job: Path, output: Path, run_args: list[str], options: SlurmOptions) -> str:
     """The sbatch script text: array, per-task logs, warning signal, requeue on it."""
     array = f"0-{options.array - 1}" + (f"%{options.max_parallel}" if options.max_parallel else "")
     directives = [
-        f"--job-name=bulkinfer-{job.stem}",
+        _directive("--job-name", f"bulkinfer-{job.stem}"),
         f"--array={array}",
-        f"--output={output}/logs/%A_%a.log",
+        _directive("--output", f"{output}/logs/%A_%a.log"),
         "--open-mode=append",
         f"--signal=B:USR1@{options.grace_seconds}",
         "--requeue",
@@ -52,14 +96,15 @@ def sbatch_script(job: Path, output: Path, run_args: list[str], options: SlurmOp
         ("--mem", options.mem),
     ):
         if value is not None:
-            directives.append(f"{flag}={value}")
+            directives.append(_directive(flag, value))
     command = shlex.join(
         [sys.executable, "-m", "bulkinfer", "run", str(job), "--output", str(output), *run_args]
     )
     lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives), ""]
     lines += [
-        "# One shard per array task: bulkinfer reads SLURM_ARRAY_TASK_ID/_MIN/_COUNT.",
-        f"{command} &",
+        f"# One shard per array task, of {options.array}: resubmitting a task by its id",
+        "# (sbatch --array=ID this-script) runs that shard of the same split.",
+        f'{command} --shard "${{SLURM_ARRAY_TASK_ID}}/{options.array}" &',
         "pid=$!",
         "# The warning signal reaches this shell (B:); pass it on and keep waiting for the exit.",
         "trap 'kill -USR1 $pid 2>/dev/null' USR1",
@@ -72,6 +117,9 @@ def sbatch_script(job: Path, output: Path, run_args: list[str], options: SlurmOp
         f"if [ $code -eq {STOPPED_BY_USR1} ]; then",
         '    echo "bulkinfer: checkpointed before the time limit; requeueing"',
         '    scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
+        f"elif [ $code -eq {STOPPED_BEFORE_WORK} ]; then",
+        '    echo "bulkinfer: warned of the time limit before the first batch; not requeued'
+        ' (it would stop there again): raise --time or lower --grace, then resubmit"',
         "fi",
         "exit $code",
         "",

@@ -19,7 +19,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bulkinfer.errors import OutputFolderError, StopRequested, WriteError, first_line
+from bulkinfer.errors import (
+    STOPPED_BEFORE_WORK,
+    OutputFolderError,
+    StopRequested,
+    WriteError,
+    first_line,
+)
 from bulkinfer.io.atomic import write_json_atomic
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.observe.progress import log
@@ -96,17 +102,27 @@ class AtOnce:
         self.finishing = True
 
     def stopped(self) -> int:
-        """Say why the run stopped; the exit code a shell gives a process ended by it."""
+        """Say why the run stopped; the exit code a shell gives a process ended by it, except
+        for Slurm's time-limit warning (SIGUSR1) before the first batch: STOPPED_BEFORE_WORK,
+        which the sbatch script does not requeue (a fresh start would stop there again)."""
         name = signal.Signals(self.signum).name
+        early = self.signum == signal.SIGUSR1 and not self.finishing
+        code = STOPPED_BEFORE_WORK if early else 128 + self.signum
+        advice = (
+            "; if it is Slurm's time-limit warning, the task's start-up outlasts its time "
+            "limit less the grace period: give it more time (--time) or less warning (--grace)"
+            if early
+            else ""
+        )
         log(
             f"stopped by {name} {self.when}; committed work is kept: rerun the same command "
-            "to resume",
+            f"to resume{advice}",
             event="signal",
             level="warning",
             signal=name,
-            exit_code=128 + self.signum,
+            exit_code=code,
         )
-        return 128 + self.signum
+        return code
 
 
 @contextmanager

@@ -130,6 +130,37 @@ def refuse_other_counts(root: OutputLayout, count: int, overwrite: bool) -> None
         root.summary.unlink(missing_ok=True)
 
 
+def clear_shards(root: OutputLayout) -> None:
+    """Remove every shard folder and the job's summary before a `--gpus` launcher's workers run
+    with --overwrite (the launcher holds the job folder). Each worker clears only its own shard,
+    so a fast one's merge took a slow sibling's old summary for done and merged its old rows."""
+    folders = list(root.shard_folders().values())
+    for folder in folders:
+        if is_locked(OutputLayout(folder)):
+            raise in_use(OutputLayout(folder))
+    for folder in folders:
+        shutil.rmtree(folder)
+    root.summary.unlink(missing_ok=True)
+
+
+def refuse_for_array(root: OutputLayout, count: int) -> None:
+    """What `bulkinfer slurm --array N` would submit into, checked before submitting: tasks
+    that would all be refused (a job run without shards there, or shards of another split)
+    are a failed array and an overwritten sbatch.sh."""
+    refuse_foreign(root, overwrite=False)
+    if root.job_file.exists():
+        raise OutputFolderError(
+            f"{root.root} holds a job run without shards; resume it with `bulkinfer run`, or "
+            "use another --output"
+        )
+    others = sorted({n for _, n in root.shard_folders()} - {count})
+    if others:
+        raise OutputFolderError(
+            f"{root.root} holds shards of a run split into {others[0]}, not {count}; submit "
+            f"it with --array {others[0]} to resume it, or use another --output"
+        )
+
+
 def refuse_unlike_shards(
     root: OutputLayout, index: int, count: int, prints: dict, spec: dict, overwrite: bool
 ) -> None:
