@@ -11,7 +11,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import child_env, cli, read_outputs, write_job, write_jsonl
+from conftest import child_env, cli, read_outputs, use_engine, write_job, write_jsonl
 
 WORDS = [
     "the",
@@ -163,3 +163,60 @@ def test_a_damaged_piece_of_a_long_batch_is_computed_again(tmp_path, tiny_model,
     assert got.drop(["error"]).equals(expected.drop(["error"]))
     again = run(job)
     assert again.returncode == 0 and "already finished" in again.stderr, again.stderr
+
+
+def test_the_eta_counts_every_sample_of_a_row(tmp_path, tiny_model):
+    """With n samples a row, every sample's tokens count as work done, but a row's planned
+    work counted one: the work ran out long before the batch did, and the ETA read 0:00:00
+    with most of the batch still to run. Until the batch is committed some work is left."""
+    job = one_batch_job(tmp_path, tiny_model, "samples", "reference", log_every=0.1)
+    spec = yaml.safe_load(job.read_text())
+    spec["task"]["n"] = 4
+    job.write_text(yaml.safe_dump(spec))
+    done = run(job, "--log-format", "json", BULKINFER_SLOW_STEP_SECONDS="0.05")
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    commit = next(i for i, e in enumerate(events) if e["event"] == "checkpoint")
+    before = [e for e in events[:commit] if e["event"] == "progress"]
+    running = [e["eta_seconds"] for e in before if e["rows_done"] < N_REQUESTS]
+    assert len(running) >= 3 and all(eta > 0 for eta in running), running
+
+
+def test_a_batch_committed_in_pieces_reports_the_padding_it_ran_with(tmp_path, tiny_model):
+    """Each piece of a long batch counted its padding against its own longest row, but the
+    batch ran padded to the batch's longest: the summary said less padding than the plan.
+    Here the short rows finish and are committed while the one long row goes on."""
+    rows = [{"id": "long", "prompt": " ".join(WORDS * 3), "max_tokens": 40}]
+    rows += [
+        {"id": f"short-{i}", "prompt": " ".join(WORDS[i : i + 3]), "max_tokens": 3}
+        for i in range(10)
+    ]
+    requests = [
+        {
+            "custom_id": r["id"],
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": "m", "prompt": r["prompt"], "max_tokens": r["max_tokens"]},
+        }
+        for r in rows
+    ]
+    job = write_job(
+        tmp_path / "padding.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "padding.jsonl", requests),
+        tmp_path / "padding",
+        task={"max_new_tokens": 40},
+        batching={"max_tokens": 100_000, "max_batch_size": 64},
+        checkpoint={"every_rows": 1000, "every_seconds": 1},
+    )
+    use_engine(job, "reference")
+    planned = cli("plan", str(job), "--json")
+    assert planned.exit_code == 0, planned.output
+    plan = json.loads(planned.output)
+    done = run(job, BULKINFER_SLOW_STEP_SECONDS="0.5")  # a report every 8 decode steps
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "padding"
+    pieces = pq.read_table(out / "stats" / "batches.parquet").column("batch").to_pylist()
+    assert pieces == [0, 0]  # the short rows, then the long one
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["padding_fraction"] == pytest.approx(plan["padding_sorted"], abs=1e-9)

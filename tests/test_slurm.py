@@ -3,15 +3,31 @@ output identical to a single-process run of the same job."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from conftest import cli, read_outputs, sample_prompts, write_job, write_jsonl
 from slurm_fixture import slurm_cluster, wait_for_jobs  # noqa: F401  (the fixture, by import)
 
 pytestmark = pytest.mark.usefixtures("slurm_cluster")
+
+
+def _batch_shell(job, shard: str) -> int:
+    """The pid of the batch shell running `shard` of this job file (its bulkinfer's parent)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().decode().split("\0")
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        if str(job) in args and shard in args and "--shard" in args:
+            return int(stat.rsplit(")", 1)[1].split()[1])
+    raise AssertionError(f"no bulkinfer of shard {shard} of {job} is running")
 
 
 def _manifest_lines(folder) -> int:
@@ -49,10 +65,11 @@ def test_array_with_a_preempted_task_merges_to_the_single_run(tmp_path, tiny_mod
     while _manifest_lines(victim) < 1:
         assert time.monotonic() < deadline, "array task 1 never committed a part"
         time.sleep(0.2)
-    preempt = subprocess.run(
-        ["scancel", "--batch", "--signal=USR1", f"{job_id}_1"], capture_output=True, text=True
-    )
-    assert preempt.returncode == 0, preempt.stderr
+    # Slurm's warning (--signal=B:USR1@S) goes to the task's batch shell. Sent here straight
+    # to it: `scancel --batch --signal=USR1` retries its request for seconds and can signal the
+    # requeued task again as it starts, which ends it unrequeued (a warning before the first
+    # batch means start-up outlasts the time limit)
+    os.kill(_batch_shell(job, "1/4"), signal.SIGUSR1)
 
     states = wait_for_jobs(job_id, timeout=600)
     assert set(states.values()) == {"COMPLETED"}, states

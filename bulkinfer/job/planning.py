@@ -72,10 +72,10 @@ def shard_rows(prepared: PreparedRows, new_tokens_per_row: int, shard: Shard | N
 
 
 def row_work(inputs: Inputs) -> np.ndarray:
-    """Each row's planned tokens: its prompt plus the new tokens it may take (the ETA's unit)."""
-    prepared = inputs.prepared
-    steps = inputs.task.row_steps(prepared)
-    return prepared.lengths.astype(np.int64) + (0 if steps is None else steps)
+    """Each row's planned tokens (the ETA's unit): its prompt plus the new tokens it may take,
+    for each of its n sequences, as the tokens a generation reports come from all n (counted
+    once, the work ran out at a third of a job of n: 3 and the ETA read 0)."""
+    return inputs.task.row_costs(inputs.prepared)
 
 
 def job_size(inputs: Inputs, limits, shard: Shard | None = None) -> tuple[int, int | None]:

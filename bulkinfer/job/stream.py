@@ -88,9 +88,10 @@ def run_stream(inputs, engine, todo: list[Batch], writer, progress, started, sto
         table = rows_table(
             rows.tolist(), result.columns, result.error_list(len(rows)), writer.schema
         )
-        lengths = prepared.lengths[rows]
+        # a piece's rows ran padded to the batch's longest row, not their own (a padding engine
+        # runs the batch in one call): the summary's padding is then the plan's
         piece = dataclasses.replace(
-            flight.batch, rows=rows, longest=int(lengths.max()), real_tokens=int(lengths.sum())
+            flight.batch, rows=rows, real_tokens=int(prepared.lengths[rows].sum())
         )
         nonlocal last
         now = time.perf_counter()
