@@ -9,7 +9,7 @@ import sys
 import click
 
 from bulkinfer import __version__
-from bulkinfer.errors import UserError
+from bulkinfer.errors import UserError, counted
 
 SET_HELP = "Override a spec field, e.g. --set task.max_new_tokens=64 (repeatable)."
 
@@ -546,7 +546,8 @@ def render_prefixes(prefixes: dict | None) -> list[str]:
         )
     lines = [
         "",
-        f"shared prefixes  {prefixes['groups']:,} groups, {prefixes['rows']:,} rows; {saving}",
+        f"shared prefixes  {counted(prefixes['groups'], 'group')}, "
+        f"{counted(prefixes['rows'], 'row')}; {saving}",
         "prefix tokens    rows",
     ]
     for group in prefixes["largest"]:

@@ -47,6 +47,13 @@ class WriteError(UserError):
     exit_code = 74  # EX_IOERR: a scheduler may retry once the disk has room
 
 
+def counted(n: int, noun: str) -> str:
+    """ "1 batch", "3 batches": a count and its noun (plural by -s, or -es after s/x/ch/sh)."""
+    if n == 1:
+        return f"1 {noun}"
+    return f"{n:,} {noun}{'es' if noun.endswith(('s', 'x', 'ch', 'sh')) else 's'}"
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none): loaders and
     kernels raise many-line messages, and a user-facing error is one line."""

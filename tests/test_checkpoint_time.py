@@ -82,7 +82,9 @@ def test_a_batch_slower_than_every_seconds_commits_finished_rows_and_resumes(
     tmp_path, tiny_model, engine
 ):
     plain = one_batch_job(tmp_path, tiny_model, "plain", engine)
-    assert cli("run", str(plain)).exit_code == 0
+    result = cli("run", str(plain))
+    assert result.exit_code == 0, result.output
+    assert f"{N_REQUESTS} rows, 1 batch, budget" in result.output  # not "1 batches"
     expected = read_outputs(tmp_path / "plain")
     assert [r["rows"] for r in manifest_records(tmp_path / "plain")] == [N_REQUESTS]
 

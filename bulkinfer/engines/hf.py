@@ -29,7 +29,7 @@ from bulkinfer.engines.sampling import (
 )
 from bulkinfer.engines.stops import StopStrings
 from bulkinfer.engines.to_device import move_model
-from bulkinfer.errors import ModelError, model_error
+from bulkinfer.errors import ModelError, counted, model_error
 
 # Models whose logits are not just lm_head(hidden): chunked scoring must not skip that step.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
@@ -77,7 +77,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
+    return f"cpu ({counted(torch.get_num_threads(), 'thread')})"
 
 
 def load_weights(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bulkinfer.errors import counted
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.job.budget import token_budget
 from bulkinfer.job.planning import PLAN_ORDER, JobPlan, make_plan, plan_facts
@@ -133,7 +134,7 @@ def log_start(
     failed = len(plan.rows) - len(plan.runnable)  # written with their error, never run
     not_run = f" ({failed:,} with errors, not run)" if failed else ""
     log(
-        f"{where}{len(plan.rows):,} rows{not_run}, {len(plan.batches):,} batches, budget "
+        f"{where}{counted(len(plan.rows), 'row')}{not_run}, {counted(len(plan.batches), 'batch')}, budget "
         f"{plan.budget.max_tokens:,} tokens, padding {padding:.1%}, device {device}",
         event="start",
         rows=len(plan.rows),
