@@ -225,8 +225,32 @@ def test_rows_over_the_token_budget_are_warned_of(tmp_path, tiny_model):
         task={"max_new_tokens": 6, "chat_template": "never"},
         batching={"max_tokens": 30, "max_batch_size": 8},
     )
-    result = cli("run", str(job))
-    assert result.exit_code == 0, result.output
-    assert re.search(r"[12] rows? needs? more than the budget of 30 tokens", result.output)
+    # plan says it too, as run does before its first batch (plan was silent)
+    for command in ("plan", "run"):
+        result = cli(command, str(job))
+        assert result.exit_code == 0, result.output
+        assert re.search(r"[12] rows? needs? more than the budget of 30 tokens", result.output)
     fine = cli("run", str(job), "--set", "batching.max_tokens=600", "--output", str(tmp_path / "o"))
     assert fine.exit_code == 0 and "more than the budget" not in fine.output
+
+
+def test_plan_says_what_run_says_of_requests_it_cannot_honour(tmp_path, tiny_model):
+    """A requests file asking for more tokens than task.max_new_tokens (cut there), or for
+    n > 1 greedy samples (all equal): run said so, plan did not."""
+    body = {"model": "m", "prompt": "the quick brown fox", "max_tokens": 50, "n": 2}
+    requests = [
+        {"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions", "body": body}
+        for i in range(3)
+    ]
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "requests.jsonl", requests),
+        tmp_path / "out",
+        task={"max_new_tokens": 8},
+    )
+    for command in ("plan", "run"):
+        result = cli(command, str(job))
+        assert result.exit_code == 0, result.output
+        assert "3 requests ask for more than task.max_new_tokens=8" in result.output
+        assert "3 requests ask for n > 1 samples at temperature 0" in result.output

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bulkinfer.job.setup import Inputs
+from bulkinfer.observe.progress import log
 from bulkinfer.planner import (
     Batch,
     TokenBudget,
@@ -179,21 +180,41 @@ def shared_prefixes(
     }
 
 
+def warn_rows_over_budget(inputs: Inputs, plan: JobPlan, where: str = "") -> None:
+    """Rows longer than a batch's token budget run one to a batch, over it: say how many (run
+    and plan both say it, before any batch)."""
+    budget = plan.budget
+    need = inputs.prepared.lengths[plan.runnable].astype(np.int64) + budget.new_tokens_per_row
+    over = int(np.sum(need > budget.max_tokens))
+    if over:
+        new = f" plus {budget.new_tokens_per_row:,} new tokens" if budget.new_tokens_per_row else ""
+        log(
+            f"{where}{over:,} row{'s need' if over > 1 else ' needs'} more than the budget of "
+            f"{budget.max_tokens:,} tokens a batch (prompt{new}, up to {int(need.max()):,}) "
+            "and run one to a batch, over it; raise batching.max_tokens (or auto) if memory "
+            "allows",
+            level="warning",
+        )
+
+
 def plan_job(spec) -> dict:
     """`bulkinfer plan`: the job's batches on this device, as `run` would plan them (the same
     budget, from the engine's limits known before loading), with no weights loaded."""
     from bulkinfer.engines.select import by_job_size, config_blocker
     from bulkinfer.job.budget import token_budget
     from bulkinfer.job.loading import planned_engine
-    from bulkinfer.job.setup import set_up, tokenize
+    from bulkinfer.job.setup import log_request_caveats, set_up, tokenize
 
     setup = set_up(spec)
     inputs = tokenize(setup)
+    log_request_caveats(inputs.prepared, spec.task)
     options, limits = planned_engine(setup.model, setup.config, setup.task, convert=False)
     limits, _ = by_job_size(limits, options, setup.config, *job_size(inputs, limits))
     new_tokens = setup.task.new_tokens_per_row()
     budget = token_budget(spec.batching, limits, setup.config, new_tokens)
-    report = plan_report(inputs, make_plan(inputs, budget))
+    plan = make_plan(inputs, budget)
+    warn_rows_over_budget(inputs, plan)
+    report = plan_report(inputs, plan)
     if report["shared_prefixes"] is not None:  # whether model.engine: fast would share them
         report["shared_prefixes"]["fast_possible"] = config_blocker(setup.config) is None
     return {**report, "engine": {**limits.to_dict(), "task": setup.task.name}}

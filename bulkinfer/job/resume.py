@@ -11,7 +11,13 @@ import numpy as np
 from bulkinfer.errors import counted
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.job.budget import token_budget
-from bulkinfer.job.planning import PLAN_ORDER, JobPlan, make_plan, plan_facts
+from bulkinfer.job.planning import (
+    PLAN_ORDER,
+    JobPlan,
+    make_plan,
+    plan_facts,
+    warn_rows_over_budget,
+)
 from bulkinfer.job.setup import Inputs, JobSetup
 from bulkinfer.observe.progress import log, set_log_context
 from bulkinfer.planner import Batch, padding_fraction
@@ -147,15 +153,4 @@ def log_start(
         task=inputs.task.name,
         output=str(layout.root),
     )
-    budget = plan.budget
-    need = inputs.prepared.lengths[plan.runnable].astype(np.int64) + budget.new_tokens_per_row
-    over = int(np.sum(need > budget.max_tokens))
-    if over:
-        new = f" plus {budget.new_tokens_per_row:,} new tokens" if budget.new_tokens_per_row else ""
-        log(
-            f"{where}{over:,} row{'s need' if over > 1 else ' needs'} more than the budget of "
-            f"{budget.max_tokens:,} tokens a batch (prompt{new}, up to {int(need.max()):,}) "
-            "and run one to a batch, over it; raise batching.max_tokens (or auto) if memory "
-            "allows",
-            level="warning",
-        )
+    warn_rows_over_budget(inputs, plan, where)
