@@ -119,7 +119,7 @@ def test_the_plan_reports_a_few_shot_instruction(tmp_path, tiny_model):
     assert report["largest"] == [{"prefix_tokens": expected, "rows": 40}]
     assert report["saved_tokens"] == 39 * expected
     text = cli("plan", str(job)).output
-    assert "shared prefixes  1 groups, 40 rows" in text
+    assert "shared prefixes  1 group, 40 rows" in text
     # model.engine auto on a CPU: the reference engine, which computes rows whole
     assert report["engine"] == "reference" and "computes rows whole" in text
     fast = cli("plan", str(job), "--set", "model.engine=fast").output
