@@ -69,10 +69,6 @@ def model_error(what: str, exc: BaseException) -> ModelError:
     return ModelError(f"model.path: {what}: {first}")
 
 
-# EX_TEMPFAIL: SIGUSR1 (Slurm's time-limit warning) before a run's first batch; not requeued
-STOPPED_BEFORE_WORK = 75
-
-
 class StopRequested(BaseException):
     """SIGTERM or SIGUSR1 outside the batch loop (job/exits.py), raised where the main thread
     is: a BaseException, as KeyboardInterrupt is, so no `except Exception` swallows it."""

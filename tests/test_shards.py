@@ -375,8 +375,8 @@ def test_the_sbatch_script_does_not_requeue_a_task_warned_before_its_first_batch
 ):
     """A task whose start-up outlasts its time limit less the grace period was warned before
     its first batch, exited 138 and was requeued, to stop at the same place again, forever.
-    The script, run here as Slurm runs it (a stand-in scontrol records any requeue), lets it
-    end instead, saying why."""
+    The script, run here as Slurm runs it (a stand-in scontrol records any requeue), requeues
+    only a task that committed a part, and says why it lets this one end."""
     import os
     import signal
     import subprocess
@@ -412,10 +412,26 @@ def test_the_sbatch_script_does_not_requeue_a_task_warned_before_its_first_batch
         time.sleep(0.01)
     proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@S sends the batch shell
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 75, stdout + stderr
-    assert "before the first batch; not requeued" in stdout, stdout
+    assert proc.returncode == 128 + signal.SIGUSR1, stdout + stderr
+    assert "before committing anything; not requeued" in stdout, stdout
     assert "raise --time or lower --grace" in stdout
     assert not requeued.exists(), requeued.read_text()
+    # warned after committing a part: requeued
+    slow = subprocess.Popen(
+        ["bash", str(script)],
+        env={**env, "BULKINFER_SLOW_BATCH_SECONDS": "0.3"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    manifest = out / "shards" / "shard-00001-of-00002" / "checkpoint" / "manifest.jsonl"
+    while not (manifest.exists() and manifest.read_text().strip()):
+        assert time.monotonic() < deadline + 120 and slow.poll() is None, "no part committed"
+        time.sleep(0.05)
+    slow.send_signal(signal.SIGUSR1)
+    stdout, stderr = slow.communicate(timeout=120)
+    assert slow.returncode == 128 + signal.SIGUSR1, stdout + stderr
+    assert "requeueing" in stdout and requeued.read_text().split() == ["requeue", "7_1"]
     # the task's own shard, named by its array id: resubmitted alone, it runs shard 1 of 2
     rerun = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr

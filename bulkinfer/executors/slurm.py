@@ -2,8 +2,9 @@
 
 Slurm sends USR1 a grace period before the time limit (`--signal=B:USR1@S`); the task finishes
 its batch in flight, checkpoints and exits 138, and the script requeues it. The requeued task
-resumes its shard; the last task to finish merges. A task warned before its first batch exits
-STOPPED_BEFORE_WORK instead and is not requeued: a fresh start would stop at the same place.
+resumes its shard; the last task to finish merges. A task that committed nothing before the
+warning (its start-up outlasts the time limit less the grace period) is not requeued: a fresh
+start would stop at the same place, forever.
 Each task names its shard (`--shard ID/N`), so resubmitting one task (`sbatch --array=3
 OUT/sbatch.sh`) runs that shard of the same split.
 """
@@ -17,7 +18,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bulkinfer.errors import STOPPED_BEFORE_WORK, SpecError, UserError
+from bulkinfer.errors import SpecError, UserError
+from bulkinfer.io.layout import OutputLayout
 
 STOPPED_BY_USR1 = 128 + 10
 
@@ -104,6 +106,10 @@ def sbatch_script(job: Path, output: Path, run_args: list[str], options: SlurmOp
     lines += [
         f"# One shard per array task, of {options.array}: resubmitting a task by its id",
         "# (sbatch --array=ID this-script) runs that shard of the same split.",
+        f"manifest={_task_manifest(output, options.array)}",
+        "# parts this task's shard has committed (a line each in its manifest)",
+        'committed() { if [ -f "$manifest" ]; then wc -l < "$manifest"; else echo 0; fi; }',
+        "before=$(committed)",
         f'{command} --shard "${{SLURM_ARRAY_TASK_ID}}/{options.array}" &',
         "pid=$!",
         "# The warning signal reaches this shell (B:); pass it on and keep waiting for the exit.",
@@ -114,17 +120,26 @@ def sbatch_script(job: Path, output: Path, run_args: list[str], options: SlurmOp
         "    wait $pid; code=$?",
         "    kill -0 $pid 2>/dev/null || break",
         "done",
-        f"if [ $code -eq {STOPPED_BY_USR1} ]; then",
+        f'if [ $code -eq {STOPPED_BY_USR1} ] && [ "$(committed)" -gt "$before" ]; then',
         '    echo "bulkinfer: checkpointed before the time limit; requeueing"',
         '    scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
-        f"elif [ $code -eq {STOPPED_BEFORE_WORK} ]; then",
-        '    echo "bulkinfer: warned of the time limit before the first batch; not requeued'
-        ' (it would stop there again): raise --time or lower --grace, then resubmit"',
+        f"elif [ $code -eq {STOPPED_BY_USR1} ]; then",
+        '    echo "bulkinfer: warned of the time limit before committing anything; not requeued'
+        " (a fresh start would stop at the same place): raise --time or lower --grace, then"
+        ' resubmit"',
         "fi",
         "exit $code",
         "",
     ]
     return "\n".join(lines)
+
+
+def _task_manifest(output: Path, count: int) -> str:
+    """The manifest of the array task's shard, as a shell word (the task id filled in)."""
+    layout = OutputLayout(output)
+    inside = layout.shard(0, count).manifest.relative_to(layout.shard(0, count).root)
+    folder = f'shard-$(printf %05d "$SLURM_ARRAY_TASK_ID")-of-{count:05d}'
+    return f"{shlex.quote(str(layout.shards_dir))}/{folder}/{shlex.quote(str(inside))}"
 
 
 def submit(script_path: Path) -> str:

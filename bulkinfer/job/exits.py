@@ -19,13 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bulkinfer.errors import (
-    STOPPED_BEFORE_WORK,
-    OutputFolderError,
-    StopRequested,
-    WriteError,
-    first_line,
-)
+from bulkinfer.errors import OutputFolderError, StopRequested, WriteError, first_line
 from bulkinfer.io.atomic import write_json_atomic
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.observe.progress import log
@@ -102,12 +96,13 @@ class AtOnce:
         self.finishing = True
 
     def stopped(self) -> int:
-        """Say why the run stopped; the exit code a shell gives a process ended by it, except
-        for Slurm's time-limit warning (SIGUSR1) before the first batch: STOPPED_BEFORE_WORK,
-        which the sbatch script does not requeue (a fresh start would stop there again)."""
+        """Say why the run stopped; the exit code a shell gives a process ended by it. Slurm's
+        time-limit warning (SIGUSR1) before the first batch means the start-up outlasts the
+        limit less the grace period: said, and the sbatch script does not requeue a task that
+        committed nothing (a fresh start would stop there again)."""
         name = signal.Signals(self.signum).name
         early = self.signum == signal.SIGUSR1 and not self.finishing
-        code = STOPPED_BEFORE_WORK if early else 128 + self.signum
+        code = 128 + self.signum
         advice = (
             "; if it is Slurm's time-limit warning, the task's start-up outlasts its time "
             "limit less the grace period: give it more time (--time) or less warning (--grace)"
