@@ -137,7 +137,8 @@ def sbatch_script(job: Path, output: Path, run_args: list[str], options: SlurmOp
 def _task_manifest(output: Path, count: int) -> str:
     """The manifest of the array task's shard, as a shell word (the task id filled in)."""
     layout = OutputLayout(output)
-    inside = layout.shard(0, count).manifest.relative_to(layout.shard(0, count).root)
+    shard = layout.shard(0, count)
+    inside = shard.manifest.relative_to(shard.root)
     folder = f'shard-$(printf %05d "$SLURM_ARRAY_TASK_ID")-of-{count:05d}'
     return f"{shlex.quote(str(layout.shards_dir))}/{folder}/{shlex.quote(str(inside))}"
 

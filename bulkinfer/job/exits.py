@@ -101,12 +101,10 @@ class AtOnce:
         limit less the grace period: said, and the sbatch script does not requeue a task that
         committed nothing (a fresh start would stop there again)."""
         name = signal.Signals(self.signum).name
-        early = self.signum == signal.SIGUSR1 and not self.finishing
-        code = 128 + self.signum
         advice = (
             "; if it is Slurm's time-limit warning, the task's start-up outlasts its time "
             "limit less the grace period: give it more time (--time) or less warning (--grace)"
-            if early
+            if self.signum == signal.SIGUSR1 and not self.finishing
             else ""
         )
         log(
@@ -115,9 +113,9 @@ class AtOnce:
             event="signal",
             level="warning",
             signal=name,
-            exit_code=code,
+            exit_code=128 + self.signum,
         )
-        return code
+        return 128 + self.signum
 
 
 @contextmanager

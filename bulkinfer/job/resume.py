@@ -139,9 +139,10 @@ def log_start(
     padding = padding_fraction(plan.batches)
     failed = len(plan.rows) - len(plan.runnable)  # written with their error, never run
     not_run = f" ({failed:,} with errors, not run)" if failed else ""
+    rows, batches = counted(len(plan.rows), "row"), counted(len(plan.batches), "batch")
     log(
-        f"{where}{counted(len(plan.rows), 'row')}{not_run}, {counted(len(plan.batches), 'batch')}, budget "
-        f"{plan.budget.max_tokens:,} tokens, padding {padding:.1%}, device {device}",
+        f"{where}{rows}{not_run}, {batches}, budget {plan.budget.max_tokens:,} tokens, "
+        f"padding {padding:.1%}, device {device}",
         event="start",
         rows=len(plan.rows),
         rows_with_errors=failed,

@@ -109,12 +109,17 @@ def refuse_unsharded(root: OutputLayout, overwrite: bool, holding_lock: bool = F
         raise in_use(root)
 
 
+def other_splits(root: OutputLayout, count: int) -> list[int]:
+    """The shard counts of shard folders present other than `count`."""
+    return sorted({n for _, n in root.shard_folders()} - {count})
+
+
 def refuse_other_counts(root: OutputLayout, count: int, overwrite: bool) -> None:
     """A shard of a job split in N where shards of another split are: refused before any work
     (their merge could never run), unless --overwrite; then those shards are removed (refused
     while one of them runs) with the summary of their merge, which `status` and `report` would
     read as this split's (the merge of this split writes the outputs again)."""
-    others = sorted({n for _, n in root.shard_folders()} - {count})
+    others = other_splits(root, count)
     if others and not overwrite:
         raise OutputFolderError(
             f"{root.root} holds shards of a run split into {others[0]}, not {count}; run it with "
@@ -153,7 +158,7 @@ def refuse_for_array(root: OutputLayout, count: int) -> None:
             f"{root.root} holds a job run without shards; resume it with `bulkinfer run`, or "
             "use another --output"
         )
-    others = sorted({n for _, n in root.shard_folders()} - {count})
+    others = other_splits(root, count)
     if others:
         raise OutputFolderError(
             f"{root.root} holds shards of a run split into {others[0]}, not {count}; submit "
