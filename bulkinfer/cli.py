@@ -469,6 +469,15 @@ def report(output: str) -> None:
     click.echo(f"wrote {page}")
 
 
+def render_new_tokens(new_tokens: int, samples: int) -> str:
+    """The plan's new tokens, a sample's where a row generates several."""
+    if not new_tokens:
+        return ""
+    if samples > 1:
+        return f", {new_tokens:,} new tokens per sample, up to {samples} samples per row"
+    return f", {new_tokens:,} new tokens per row"
+
+
 def render_plan(report: dict) -> str:
     planned = "sorted and packed" if report.get("sorted", True) else "as planned (sort: none)"
     lines = [
@@ -477,11 +486,7 @@ def render_plan(report: dict) -> str:
         f"(min {report['lengths']['min']}, median {report['lengths']['median']:.0f}, "
         f"max {report['lengths']['max']})",
         f"token budget     {report['max_tokens']:,} per batch, at most {report['max_batch_size']} rows"
-        + (
-            f", {report['new_tokens_per_row']} new tokens per row"
-            if report["new_tokens_per_row"]
-            else ""
-        ),
+        + render_new_tokens(report["new_tokens_per_row"], report.get("samples_per_row", 1)),
         f"batches          {report['batches_sorted']:,} {planned} "
         f"({report['batches_file_order']:,} in file order)",
         f"padding          {report['padding_sorted']:.1%} {planned}, "

@@ -254,3 +254,39 @@ def test_plan_says_what_run_says_of_requests_it_cannot_honour(tmp_path, tiny_mod
         assert result.exit_code == 0, result.output
         assert "3 requests ask for more than task.max_new_tokens=8" in result.output
         assert "3 requests ask for n > 1 samples at temperature 0" in result.output
+
+
+def test_plan_counts_new_tokens_per_sample_where_rows_ask_for_several(tmp_path, tiny_model):
+    """The new tokens in the plan's budget line are each sample's: a row asking for n of them
+    holds n times as many (the packed plan's costs count them so)."""
+    prompts = write_jsonl(tmp_path / "in.jsonl", sample_prompts(6))
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        prompts,
+        tmp_path / "out",
+        task={"max_new_tokens": 8, "n": 3, "temperature": 0.7},
+    )
+    result = cli("plan", str(job))
+    assert result.exit_code == 0, result.output
+    assert "8 new tokens per sample, up to 3 samples per row" in result.output
+
+    requests = [
+        {
+            "custom_id": f"r{i}",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": "m", "prompt": "a b c", "max_tokens": 4, "n": n, "temperature": 1},
+        }
+        for i, n in enumerate([1, 4, 2])
+    ]
+    job = write_job(
+        tmp_path / "requests.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "requests.jsonl", requests),
+        tmp_path / "out2",
+        task={"max_new_tokens": 8},
+    )
+    result = cli("plan", str(job))
+    assert result.exit_code == 0, result.output
+    assert "8 new tokens per sample, up to 4 samples per row" in result.output

@@ -119,6 +119,14 @@ def plan_facts(prepared: PreparedRows, plan: JobPlan) -> dict:
     }
 
 
+def most_samples(task, prepared: PreparedRows, rows: np.ndarray) -> int:
+    """The most sequences a row of `rows` generates (n); 1 for a task that samples nothing."""
+    samples = getattr(task, "row_samples", None)
+    if samples is None or not len(rows):
+        return 1
+    return int(samples(prepared)[rows].max())
+
+
 def plan_report(inputs: Inputs, plan: JobPlan) -> dict:
     """What `bulkinfer plan` prints: rows, length histogram, batches, padding file order vs
     sorted, and each batch's rows (so a run's job.json can be compared with it)."""
@@ -133,6 +141,7 @@ def plan_report(inputs: Inputs, plan: JobPlan) -> dict:
         "max_tokens": plan.budget.max_tokens,
         "max_batch_size": plan.budget.max_batch_size,
         "new_tokens_per_row": plan.budget.new_tokens_per_row,
+        "samples_per_row": most_samples(inputs.task, prepared, rows),
         "histogram": length_histogram(lengths),
         "sorted": inputs.setup.spec.batching.sort == "length",
         "batches_sorted": len(plan.batches),

@@ -98,12 +98,18 @@ class GenerateTask:
     def row_costs(self, prepared: PreparedRows) -> np.ndarray:
         """Tokens each row holds on an engine that packs rows: n sequences of its prompt plus
         the new tokens it may take (its request's own limit, at most the job's)."""
+        lengths = prepared.lengths.astype(np.int64)
+        return self.row_samples(prepared) * (lengths + self.row_steps(prepared))
+
+    def row_samples(self, prepared: PreparedRows) -> np.ndarray:
+        """The sequences each row generates: its request's n, else the job's (one for an
+        embeddings request, which generates nothing)."""
         n = np.full(prepared.num_rows, self.spec.n, dtype=np.int64)
         params = prepared.request_params if self.per_request else None
         if params is not None:
             n = _filled(params.column("n"), self.spec.n)
             n[_embedding_rows(params)] = 1
-        return n * (prepared.lengths.astype(np.int64) + self.row_steps(prepared))
+        return n
 
     def row_steps(self, prepared: PreparedRows) -> np.ndarray:
         """The new tokens each row may take: its request's own limit, at most the job's, and
