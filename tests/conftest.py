@@ -21,6 +21,16 @@ from bulkinfer.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist each worker is a process of its own: its in-process torch work keeps
+    to one thread, as the CLI's child processes do (child_env), so workers share the cores
+    instead of fighting over them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama")
