@@ -281,7 +281,7 @@ def test_overwrite_with_another_split_retires_the_old_split_and_its_merge(shard_
     assert [p.name for p in (out / "shards").iterdir()] == ["shard-00000-of-00002"]
     assert not (out / "summary.json").exists()
     status = cli("status", str(out)).output
-    assert "1 of 2 shards done; ETA none: nothing is running" in status, status
+    assert "1 of 2 shards done; ETA none: no shard is running now" in status, status
     assert "merged" not in status
     assert cli("run", str(job), "--shard", "1/2").exit_code == 0
     _same(out, reference)

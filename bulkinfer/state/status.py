@@ -109,7 +109,8 @@ def format_status(root: OutputLayout, states: list[ShardState]) -> str:
     eta = eta_seconds(states)
     eta_text = "done" if done == len(states) else ("unknown" if eta is None else _clock(eta))
     if done < len(states) and not any(s.state == "running" for s in states):
-        eta_text = "none: nothing is running"  # no run is under way to end
+        # no run is under way to end (the folder cannot tell a task waiting in a queue)
+        eta_text = "none: " + ("no shard is running now" if len(states) > 1 else "not running now")
     # the merge of these shards, not of another split's or an unsharded run's, nor of a shard
     # run again since
     merged = (read_json(root.summary) or {}).get("shards") == len(states)
