@@ -219,10 +219,20 @@ def test_what_cannot_run_fp8_is_refused_in_one_line(tmp_path, tiny_model, keys, 
     assert message in result.output and "Traceback" not in result.output
 
 
-def _fp8_checkpoint(source: Path, target: Path, drop: str | None = None) -> Path:
+def _fp8_checkpoint(
+    source: Path,
+    target: Path,
+    drop: str | None = None,
+    dtype: torch.dtype = torch.float8_e4m3fn,
+    head: bool = False,
+    shards: bool = False,
+    config: dict | None = FP8_DYNAMIC,
+) -> Path:
     """The model in `source` saved as an fp8 checkpoint, as llm-compressor's FP8_DYNAMIC scheme
     writes one: each decoder linear's weight in float8 with a per-channel `weight_scale`
-    ([out, 1]) and a quantization_config saying so; `drop`: a tensor left out."""
+    ([out, 1]) and a quantization_config saying so (`config`; None: none). `drop`: a tensor
+    left out; `dtype`: the float8 kind; `head`: the LM head in float8 too; `shards`: two files
+    and an index, each weight's scale in the file after its weight's."""
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(source, target)
@@ -232,15 +242,36 @@ def _fp8_checkpoint(source: Path, target: Path, drop: str | None = None) -> Path
         file.unlink()
     out = {}
     for key, tensor in tensors.items():
-        if re.search(r"layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$", key):
-            q = quantize_weight(tensor)
-            out[key], out[key + "_scale"] = q.weight, q.scale[:, None]
+        linear = re.search(r"layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$", key)
+        if linear or (head and key == "lm_head.weight"):
+            if dtype == torch.float8_e4m3fn:  # as quantizing at load does, byte for byte
+                q = quantize_weight(tensor)
+                weight, scale = q.weight, q.scale
+            else:
+                scale = tensor.abs().amax(dim=1).clamp(min=1e-12) / torch.finfo(dtype).max
+                weight = (tensor / scale[:, None]).to(dtype)
+            out[key], out[key + "_scale"] = weight, scale[:, None]
         elif key != drop:
             out[key] = tensor
-    save_file(out, str(target / "model.safetensors"))
-    config = json.loads((target / "config.json").read_text())
-    config["quantization_config"] = FP8_DYNAMIC
-    (target / "config.json").write_text(json.dumps(config))
+    if shards:
+        names = sorted(out)
+        first = {k: out[k] for k in names if not k.endswith("_scale")}
+        second = {k: out[k] for k in names if k.endswith("_scale")}
+        files = {
+            "model-00001-of-00002.safetensors": first,
+            "model-00002-of-00002.safetensors": second,
+        }
+        for name, part in files.items():
+            save_file(part, str(target / name))
+        weight_map = {k: name for name, part in files.items() for k in part}
+        index = {"metadata": {}, "weight_map": weight_map}
+        (target / "model.safetensors.index.json").write_text(json.dumps(index))
+    else:
+        save_file(out, str(target / "model.safetensors"))
+    spec = json.loads((target / "config.json").read_text())
+    if config is not None:
+        spec["quantization_config"] = config
+    (target / "config.json").write_text(json.dumps(spec))
     return target
 
 
@@ -271,14 +302,72 @@ def test_the_fp8_loader_quantizes_each_weight_as_it_reads_it(tiny_model):
     assert torch.equal(model.model.rotary_emb.inv_freq, saved.model.rotary_emb.inv_freq)
 
 
-def test_an_fp8_checkpoint_is_read_as_stored(tmp_path, tiny_model):
+@pytest.mark.parametrize("shards", [False, True], ids=["one-file", "scales-in-another-shard"])
+def test_an_fp8_checkpoint_is_read_as_stored(tmp_path, tiny_model, shards):
     """The same job on the model and on its fp8 checkpoint gives the same outputs: the
-    checkpoint's float8 weights and scales are the ones quantizing at load makes."""
-    fp8_folder = _fp8_checkpoint(tiny_model, tmp_path / "fp8-model")
+    checkpoint's float8 weights and scales are the ones quantizing at load makes (also where a
+    sharded checkpoint keeps a weight's scale in another file than the weight)."""
+    fp8_folder = _fp8_checkpoint(tiny_model, tmp_path / "fp8-model", shards=shards)
     for name, model in (("quantized", tiny_model), ("stored", fp8_folder)):
         result = cli("run", str(_job(tmp_path, model, name, quantization="fp8")))
         assert result.exit_code == 0, result.output
     assert read_outputs(tmp_path / "stored").equals(read_outputs(tmp_path / "quantized"))
+
+
+def test_float8_tensors_are_read_with_their_scales_whatever_their_kind(tmp_path, tiny_model):
+    """An LM head stored in float8 (a checkpoint that quantized it too) is scaled back to the
+    model's dtype, and linears stored as float8_e5m2 are scaled back and quantized again: each
+    holds the saved weight within its rounding, never the float8 values unscaled."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bulkinfer.engines.fp8 import dequantize_rows
+    from bulkinfer.engines.fp8_loading import load_fp8_model
+
+    folder = _fp8_checkpoint(tiny_model, tmp_path / "e5m2", dtype=torch.float8_e5m2, head=True)
+    config = AutoConfig.from_pretrained(folder)
+    model = load_fp8_model(
+        AutoModelForCausalLM, folder, config, torch.float32, torch.device("cpu"), "tiny"
+    )
+    saved = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    ours = dict(model.named_modules())
+    for name, module in saved.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            want = module.weight.detach()
+            got = ours[name].weight
+            if got.dtype != torch.float32:
+                got = dequantize_rows(got, ours[name].weight_scale)
+            largest = want.abs().amax(dim=1, keepdim=True)
+            assert ((got - want).abs() <= largest / 6).all(), name  # e5m2: 2 mantissa bits
+    text = _job(tmp_path, folder, "e5m2-job", quantization="fp8")
+    result = cli("run", str(text))
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("config", "keys", "message"),
+    [
+        (None, {}, "its weights are stored in fp8: set model.quantization: fp8"),
+        (
+            {"quant_method": "fp8", "weight_block_size": [128, 128]},
+            {"quantization": "fp8"},
+            "have a scale per block (quantization_config.weight_block_size [128, 128])",
+        ),
+        (
+            {"quant_method": "gptq", "bits": 4},
+            {"quantization": "fp8"},
+            "quantized with gptq, which model.quantization: fp8 does not read",
+        ),
+    ],
+    ids=["float8-without-a-config", "block-scales", "gptq"],
+)
+def test_checkpoints_quantized_another_way_are_named(tmp_path, tiny_model, config, keys, message):
+    """float8 tensors are found in the files when the config says nothing of them (they would
+    run unscaled), and a quantization this loader does not read is named, not reported as
+    missing scales or weights."""
+    folder = _fp8_checkpoint(tiny_model, tmp_path / "fp8-model", config=config)
+    result = cli("run", str(_job(tmp_path, folder, "bad", **keys)))
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.parametrize(
@@ -317,3 +406,55 @@ def test_the_device_memory_planned_for_weights_is_what_loading_them_takes(tmp_pa
         tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}
         loaded = sum(t.numel() * t.element_size() for t in tensors.values())
         assert abs(planned - loaded) <= 0.05 * loaded, (folder.name, planned, loaded)
+
+
+def test_an_fp8_run_says_so_and_counts_its_fp8_weights(tmp_path, tiny_model):
+    """The start line and summary.json name fp8; the model's cost (the summary's shares of a
+    GPU's peaks) counts the fp8 linears' weights, one byte each, and an fp8 KV cache's bytes;
+    an fp8 KV cache asked of a score job, which keeps none, is a warning."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bulkinfer.engines.base import EngineLimits
+    from bulkinfer.engines.fp8_loading import load_fp8_model
+    from bulkinfer.observe.stats import ModelCost
+
+    job = _job(tmp_path, tiny_model, "fp8", quantization="fp8", kv_cache_dtype="fp8")
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output
+    assert re.search(r"device cpu[^,\n]*, fp8 weights, fp8 KV cache\n", result.output), (
+        result.output
+    )
+    summary = json.loads((tmp_path / "fp8" / "summary.json").read_text())
+    assert (summary["quantization"], summary["kv_cache_dtype"]) == ("fp8", "fp8")
+
+    spec = yaml.safe_load(job.read_text())
+    spec["task"] = {"type": "score"}
+    spec["output"]["path"] = str(tmp_path / "score")
+    job.write_text(yaml.safe_dump(spec))
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output
+    assert "model.kv_cache_dtype: fp8 has no effect on this job" in result.output
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    fp8 = load_fp8_model(
+        AutoModelForCausalLM, tiny_model, config, torch.float32, torch.device("cpu"), "tiny"
+    )
+    costs = {}
+    for name, model, keys in (
+        ("plain", plain, {}),
+        ("fp8", fp8, {"quantization": "fp8", "kv_cache_dtype": "fp8"}),
+    ):
+        limits = EngineLimits("fast", "NVIDIA H100 80GB HBM3", "cuda", 4, False, **keys)
+        costs[name] = ModelCost.of(SimpleNamespace(model=model, limits=limits))
+    assert costs["fp8"].params == costs["plain"].params
+    linears = sum(
+        m.weight.numel()
+        for name, m in plain.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".layers." in name
+    )  # float32 (4 bytes) in the plain model, 1 byte in fp8
+    assert costs["fp8"].weight_bytes == costs["plain"].weight_bytes - 3 * linears
+    assert costs["fp8"].kv_bytes_per_token * 4 == costs["plain"].kv_bytes_per_token
+    assert costs["fp8"].peaks[0] == 2 * costs["plain"].peaks[0]

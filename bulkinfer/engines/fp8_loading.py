@@ -30,6 +30,11 @@ LINEARS = (
     ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
     ("mlp", ("gate_proj", "up_proj", "down_proj")),
 )
+FLOAT8_TYPES = tuple(
+    getattr(torch, name)
+    for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, name)
+)
 # tensors an fp8 checkpoint keeps beside a weight that this loader has no use for (activations
 # are quantized per token on the fly, whatever static scale the checkpoint calibrated)
 IGNORED_SUFFIXES = (".input_scale", ".weight_zero_point", ".input_zero_point")
@@ -49,14 +54,75 @@ FP8_DYNAMIC = {
 }
 
 
-def checkpoint_in_fp8(config) -> bool:
-    """Whether the config says the checkpoint's linear weights are stored in fp8."""
+def checkpoint_in_fp8(config, folder: Path | None = None) -> bool:
+    """Whether the checkpoint's linear weights are stored in fp8: its config says so, or (a
+    checkpoint saved without a quantization_config) a safetensors header holds float8 tensors."""
+    quant = quantization_dict(config)
+    if quant is not None:
+        text = json.dumps(quant).lower()
+        if "float8" in text or "fp8" in text or "float-quantized" in text:
+            return True
+    return folder is not None and any(
+        dtype.startswith("F8") for dtype in stored_dtypes(checkpoint_files(folder))
+    )
+
+
+def quantization_dict(config) -> dict | None:
     quant = getattr(config, "quantization_config", None)
     if quant is None:
-        return False
-    quant = quant if isinstance(quant, dict) else quant.to_dict()
-    text = json.dumps(quant).lower()
-    return "float8" in text or '"fp8"' in text or "float-quantized" in text
+        return None
+    return quant if isinstance(quant, dict) else quant.to_dict()
+
+
+def refuse_other_quantization(config, label: str) -> None:
+    """A checkpoint quantized some way this loader does not read (block scales, GPTQ, AWQ...)
+    is refused in one line naming it, before its tensors are read as if they were fp8."""
+    quant = quantization_dict(config)
+    if quant is None:
+        return
+    method = quant.get("quant_method", "?")
+    if quant.get("weight_block_size"):
+        raise ModelError(
+            f"{label}: its fp8 weights have a scale per block "
+            f"(quantization_config.weight_block_size {quant['weight_block_size']}); "
+            "model.quantization: fp8 reads per-output-channel or per-tensor scales"
+        )
+    if not checkpoint_in_fp8(config):
+        raise ModelError(
+            f"{label}: its weights are quantized with {method}, which model.quantization: fp8 "
+            "does not read; run it without model.quantization (the reference engine), or give "
+            "the model in bf16 or in fp8"
+        )
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: those its index names where it has one."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [folder / name for name in names]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # an unreadable index: every file, as without one
+    return sorted(folder.glob("*.safetensors"))
+
+
+def stored_dtypes(files: list[Path]) -> set[str]:
+    """The dtypes (safetensors' names: BF16, F8_E4M3...) of the tensors in these files, read
+    from their headers alone; a file that cannot be read adds none (loading says why)."""
+    dtypes = set()
+    for file in files:
+        try:
+            with open(file, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                if not 0 < size < 1 << 28:
+                    continue
+                header = json.loads(f.read(size))
+        except (OSError, ValueError):
+            continue
+        if isinstance(header, dict):
+            dtypes |= {v["dtype"] for v in header.values() if isinstance(v, dict) and "dtype" in v}
+    return dtypes
 
 
 def load_fp8_weights(auto_class, options):
@@ -90,9 +156,10 @@ def load_fp8_model(auto_class, folder: Path, config, dtype: torch.dtype, device,
     """The model in `folder` with its decoder linears in fp8 on `device` (see the module)."""
     from safetensors import safe_open
 
-    files = sorted(folder.glob("*.safetensors"))
+    files = checkpoint_files(folder)
     if not files:
         raise ModelError(f"{label}: model.quantization: fp8 reads safetensors files; none found")
+    refuse_other_quantization(config, label)
     if hasattr(config, "quantization_config"):  # the checkpoint's fp8 is read here, not by
         del config.quantization_config  # transformers' quantizers
     with torch.device("meta"):
@@ -114,21 +181,22 @@ def load_fp8_model(auto_class, folder: Path, config, dtype: torch.dtype, device,
     filled: set[str] = set()
     reader = _Reader(device)
     with ExitStack() as stack:
-        tasks = []  # (what fills it, its arguments), each a tensor of the files
+        where = {}  # each tensor's name -> its open file (a weight's scale may be in another)
         for file in files:
             f = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
-            names = set(f.keys())
-            for key in sorted(names):
-                if key.endswith(IGNORED_SUFFIXES) or key.endswith(".weight_scale"):
-                    continue
-                module_name = key.removesuffix(".weight")
-                if key.endswith(".weight") and module_name in slots:
-                    owner, name = slots[module_name]
-                    tasks.append((_fill_linear, (getattr(owner, name), f, key, names, label)))
-                    filled.update({key, f"{module_name}.weight_scale"})
-                elif key in state:
-                    tasks.append((_fill_tensor, (state[key], f, key)))
-                    filled.add(key)
+            where.update(dict.fromkeys(f.keys(), f))
+        tasks = []  # (what fills it, its arguments), each a tensor of the files
+        for key in sorted(where):
+            if key.endswith(IGNORED_SUFFIXES) or key.endswith(".weight_scale"):
+                continue
+            module_name = key.removesuffix(".weight")
+            if key.endswith(".weight") and module_name in slots:
+                owner, name = slots[module_name]
+                tasks.append((_fill_linear, (getattr(owner, name), where, key, label)))
+                filled.update({key, f"{module_name}.weight_scale"})
+            elif key in state:
+                tasks.append((_fill_tensor, (state[key], where, key, label)))
+                filled.add(key)
         reader.run(tasks)
     _rebuild_rotary(model, config, device)
     _read_generation_config(model, folder)
@@ -183,27 +251,24 @@ class _Reader:
         torch.cuda.synchronize(self.device)
 
 
-def _fill_tensor(reader: _Reader, target: torch.Tensor, f, key: str) -> None:
-    target.copy_(reader.get(f, key))
+def _fill_tensor(reader: _Reader, target: torch.Tensor, where: dict, key: str, label: str):
+    """A tensor kept in the model's dtype (embeddings, norms, an LM head): one stored in
+    float8 is multiplied back by its scale."""
+    stored = reader.get(where[key], key)
+    if stored.dtype in FLOAT8_TYPES:
+        stored = _scaled(stored, _scale(reader, where, key, stored, label))
+    target.copy_(stored)
 
 
-def _fill_linear(reader: _Reader, linear: Fp8Linear, f, key: str, names: set[str], label: str):
-    """One linear's weight from an open safetensors file: quantized as read, or taken as
-    stored when it is float8 with its scale beside it (a bias is copied like any tensor)."""
-    stored = reader.get(f, key)
+def _fill_linear(reader: _Reader, linear: Fp8Linear, where: dict, key: str, label: str):
+    """One linear's weight: quantized as read, or taken as stored when it is float8_e4m3 with
+    its scale (another float8, such as e5m2, is scaled back and quantized again)."""
+    stored = reader.get(where[key], key)
     if stored.dtype == FP8:
-        scale_key = key + "_scale"
-        if scale_key not in names:
-            raise ModelError(f"{label}: {key} is float8 but {scale_key} is not in its file")
-        scale = reader.get(f, scale_key).float().reshape(-1)
-        if scale.numel() == 1:  # one scale for the whole tensor
-            scale = scale.expand(stored.shape[0])
-        if scale.numel() != stored.shape[0]:
-            raise ModelError(
-                f"{label}: {scale_key} has {scale.numel()} scales; per-output-channel or "
-                f"per-tensor scales are read ({stored.shape[0]} or 1), not blocks"
-            )
-        weight = Fp8Weight(stored, scale)
+        weight = Fp8Weight(stored, _scale(reader, where, key, stored, label))
+    elif stored.dtype in FLOAT8_TYPES:
+        scale = _scale(reader, where, key, stored, label)
+        weight = quantize_weight(_scaled(stored, scale))
     elif stored.dtype.is_floating_point:
         weight = quantize_weight(stored)
     else:
@@ -211,6 +276,29 @@ def _fill_linear(reader: _Reader, linear: Fp8Linear, f, key: str, names: set[str
     del stored
     linear.weight.view(torch.uint8).copy_(weight.weight.view(torch.uint8))
     linear.weight_scale.copy_(weight.scale)
+
+
+def _scale(reader: _Reader, where: dict, key: str, stored: torch.Tensor, label: str):
+    """The float32 scale per output channel of a float8 tensor, from its `weight_scale` (one
+    per row, or one for the whole tensor)."""
+    scale_key = key + "_scale"
+    if scale_key not in where:
+        raise ModelError(f"{label}: {key} is float8 but the checkpoint has no {scale_key}")
+    scale = reader.get(where[scale_key], scale_key).float().reshape(-1)
+    rows = stored.shape[0] if stored.dim() else 1
+    if scale.numel() == 1:  # one scale for the whole tensor
+        scale = scale.expand(rows)
+    if scale.numel() != rows:
+        raise ModelError(
+            f"{label}: {scale_key} has {scale.numel()} scales; per-output-channel or "
+            f"per-tensor scales are read ({rows} or 1), not blocks"
+        )
+    return scale
+
+
+def _scaled(stored: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float8 values times their scale (one a row), in float32."""
+    return stored.float() * scale.reshape(-1, *[1] * (stored.dim() - 1))
 
 
 def _read_generation_config(model, folder: Path) -> None:

@@ -223,7 +223,7 @@ def engine_limits(
     device = resolve_device(options.device)
     width = resolve_dtype(options.dtype, device).itemsize
     free = None
-    stored_fp8 = checkpoint_in_fp8(config)
+    stored_fp8 = checkpoint_in_fp8(config, Path(options.folder))
     if device.type == "cuda":
         weights_bytes = resident_weight_bytes(
             config, weights_bytes, width, options.quantization == "fp8", stored_fp8

@@ -152,6 +152,10 @@ def write_summary(
     summary.details.update(
         engine=engine.limits.kind, padding_fraction_file_order=padding_fraction(plan.file_order)
     )
+    if engine.limits.quantization != "none":
+        summary.details["quantization"] = engine.limits.quantization
+    if engine.limits.kv_cache_dtype != "auto":
+        summary.details["kv_cache_dtype"] = engine.limits.kv_cache_dtype
     shared = engine.counters.get("shared_prefix_tokens")
     if shared:  # prompt tokens whose keys and values were copied, not computed again
         summary.details["shared_prefix_tokens"] = int(shared)

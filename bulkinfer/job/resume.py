@@ -131,6 +131,21 @@ def remaining(batch: Batch, committed: set[int] | None, lengths: np.ndarray) -> 
     return dataclasses.replace(batch, rows=rows, longest=longest, real_tokens=real)
 
 
+def fp8_parts(limits, decodes: bool, where: str) -> list[str]:
+    """What the start line says of fp8 ("fp8 weights", "fp8 KV cache"); an fp8 KV cache asked
+    of a job that decodes nothing (score keeps no cache) is a warning."""
+    parts = ["fp8 weights"] if limits.quantization == "fp8" else []
+    if limits.kv_cache_dtype == "fp8" and decodes:
+        parts.append("fp8 KV cache")
+    elif limits.kv_cache_dtype == "fp8":
+        log(
+            f"{where}model.kv_cache_dtype: fp8 has no effect on this job: it generates nothing, "
+            "so it keeps no KV cache",
+            level="warning",
+        )
+    return parts
+
+
 def log_start(
     layout: OutputLayout, inputs: Inputs, plan: JobPlan, todo: list, engine, shard: Shard | None
 ) -> None:
@@ -140,9 +155,10 @@ def log_start(
     failed = len(plan.rows) - len(plan.runnable)  # written with their error, never run
     not_run = f" ({failed:,} with errors, not run)" if failed else ""
     rows, batches = counted(len(plan.rows), "row"), counted(len(plan.batches), "batch")
+    fp8 = fp8_parts(engine.limits, inputs.task.streams, where)
     log(
         f"{where}{rows}{not_run}, {batches}, budget {plan.budget.max_tokens:,} tokens, "
-        f"padding {padding:.1%}, device {device}",
+        f"padding {padding:.1%}, device {device}" + "".join(f", {part}" for part in fp8),
         event="start",
         rows=len(plan.rows),
         rows_with_errors=failed,
@@ -151,6 +167,8 @@ def log_start(
         max_tokens=plan.budget.max_tokens,
         padding_fraction=round(padding, 4),
         device=device,
+        quantization=engine.limits.quantization,
+        kv_cache_dtype=engine.limits.kv_cache_dtype,
         task=inputs.task.name,
         output=str(layout.root),
     )

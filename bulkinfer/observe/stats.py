@@ -48,14 +48,23 @@ class ModelCost:
         the device its limits name."""
         model = engine.model
         config = text_config(model.config)
-        params = sum(p.numel() for p in model.parameters())
-        width = next(model.parameters()).element_size()
+        # model.quantization: fp8 keeps the decoder's linear weights as buffers (engines/fp8.py)
+        weights = [*model.parameters()] + [
+            b for name, b in model.named_buffers() if name.endswith(".weight")
+        ]
+        params = sum(w.numel() for w in weights)
+        weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+        limits = engine.limits
+        width = 1 if limits.kv_cache_dtype == "fp8" else next(model.parameters()).element_size()
         heads = getattr(config, "num_attention_heads", 0) or 1
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         layers = getattr(config, "num_hidden_layers", 0) or 0
         kv = 2 * layers * kv_heads * head_dim * width
-        return cls(params, params * width, kv, device_peaks(engine.limits.device_name))
+        peaks = device_peaks(limits.device_name)
+        if peaks is not None and limits.quantization == "fp8":  # fp8 products: twice bf16's rate
+            peaks = (2 * peaks[0], peaks[1])
+        return cls(params, weight_bytes, kv, peaks)
 
     def fractions(
         self, prompt_tokens: int, new_tokens: int, rows: int, seconds: float, in_flight: float
