@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import cli, cli_subprocess, read_outputs, write_job, write_jsonl
+from conftest import cli, cli_subprocess, read_outputs, sample_prompts, write_job, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bulkinfer.engines.stops import truncate_at_stop
@@ -503,3 +503,28 @@ def test_responses_asked_of_a_job_that_finished_without_them(tmp_path, tiny_mode
     assert bodies == [[c["message"] for c in r["response"]["body"]["choices"]] for r in want]
     again = cli("run", str(job), "--set", "output.format=openai")
     assert "already finished" in again.output
+
+
+@pytest.mark.parametrize("top", [0, 2])
+def test_plain_prompts_with_logprobs_give_openai_responses(tmp_path, tiny_model, top):
+    """output.format: openai on a plain prompt file with task.logprobs and one sample a row:
+    writing the responses failed on every run (a sample's token ids were not made a list of
+    one), so the job could never finish. Each choice now carries a log-prob a token."""
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", sample_prompts(5)),
+        tmp_path / "out",
+        task={"max_new_tokens": 6, "logprobs": True, "top_logprobs": top},
+    )
+    result = cli("run", str(job), "--set", "output.format=openai")
+    assert result.exit_code == 0, result.output
+    outputs = {r["id"]: r for r in read_outputs(tmp_path / "out").to_pylist()}
+    lines = (tmp_path / "out" / "responses.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 5
+    for line in map(json.loads, lines):
+        (choice,) = line["response"]["body"]["choices"]
+        content = choice["logprobs"]["content"]
+        want = outputs[line["custom_id"]]
+        assert [t["logprob"] for t in content] == pytest.approx(want["token_logprobs"])
+        assert all(len(t["top_logprobs"]) == top for t in content)

@@ -606,6 +606,7 @@ SAMPLE_COLUMNS = (
     "text",
     "output_tokens",
     "finish_reason",
+    "token_ids",
     "tokens",
     "token_logprobs",
     "top_logprobs",
