@@ -110,3 +110,21 @@ def test_compiled_draw_equals_the_eager_draw(mixed_rows):
         )
     assert counters["stats"]["unique_graphs"] == 1
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("temperature", [1e-44, 1e-38, 1e-300, 9e-6])
+def test_a_temperature_too_small_to_divide_by_is_greedy(mixed_rows, temperature):
+    """Logits divided by 1e-38 overflow float32 to infinities and the draw took the first of
+    them (token 0 on every row); one setting for all rows, and per row beside rows that sample
+    (whose float32 tensor held 1e-300 as 0, so the same request ran greedy there): both take
+    the argmax now, and the sampling rows still sample as they did alone."""
+    logits, keys = mixed_rows
+    greedy = logits.argmax(-1)
+    tiny = SamplingParams(max_new_tokens=1, temperature=temperature)
+    assert torch.equal(choose_next_tokens(logits, tiny, keys, 0), greedy)
+    warm = SamplingParams(max_new_tokens=1, temperature=0.9, top_p=0.8)
+    mixed = RowSampling.of([tiny, warm] * 3, logits.device)
+    chosen = choose_next_tokens(logits, mixed, keys, 0)
+    assert torch.equal(chosen[0::2], greedy[0::2])
+    alone = RowSampling.of([warm] * 6, logits.device)
+    assert torch.equal(chosen[1::2], choose_next_tokens(logits, alone, keys, 0)[1::2])

@@ -15,6 +15,7 @@ import torch
 from bulkinfer.engines.compiling import Compiled, compile_backend
 from bulkinfer.errors import ModelError, first_line
 from bulkinfer.observe.progress import log
+from bulkinfer.spec.schema import GREEDY_BELOW
 
 _MASK64 = (1 << 64) - 1
 NAN_TOKEN = -1  # what a row whose next-token scores are NaN gets back instead of a token
@@ -33,7 +34,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def choice(self) -> tuple:
@@ -94,7 +95,7 @@ def keyed_uniform(
 @dataclass(frozen=True)
 class RowSampling:
     """Sampling settings that differ per row (an OpenAI batch file sets them per request), as
-    tensors of shape [rows]; a row with temperature 0 is greedy."""
+    tensors of shape [rows]; a row with temperature 0 (under GREEDY_BELOW) is greedy."""
 
     temperature: torch.Tensor
     top_p: torch.Tensor
@@ -154,7 +155,7 @@ def _choose_per_row(
 ) -> torch.Tensor:
     """The same choice as with one SamplingParams per row, vectorised over the batch: each row's
     filters and noise depend on that row alone, so its tokens do not depend on its neighbours."""
-    greedy = params.temperature == 0
+    greedy = params.temperature < GREEDY_BELOW
     if bool(greedy.all()):
         return logits.argmax(-1)
     scores = logits / torch.where(greedy, 1.0, params.temperature)[:, None]

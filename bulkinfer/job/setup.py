@@ -37,6 +37,7 @@ from bulkinfer.prepare import (
     render_options,
 )
 from bulkinfer.spec import JobSpec
+from bulkinfer.spec.schema import GREEDY_BELOW
 from bulkinfer.tasks.base import InputKind, Task, make_task
 
 
@@ -121,7 +122,7 @@ def set_up(
             level="warning",
         )
     generate = spec.task  # a requests file's own n and temperature: log_request_caveats
-    greedy = generate.type == "generate" and generate.temperature == 0
+    greedy = generate.type == "generate" and generate.temperature < GREEDY_BELOW
     if greedy and generate.n > 1 and not per_request:
         log(
             f"task.n: {generate.n} samples at temperature 0 are greedy, so all equal; "
@@ -271,7 +272,7 @@ def log_request_caveats(prepared: PreparedRows, task) -> None:
         )
     samples = params.column("n").fill_null(task.n).to_numpy()
     temperature = params.column("temperature").fill_null(task.temperature).to_numpy()
-    greedy = int(np.sum((samples > 1) & (temperature == 0)))
+    greedy = int(np.sum((samples > 1) & (temperature < GREEDY_BELOW)))
     if greedy:
         log(
             f"{greedy:,} requests ask for n > 1 samples at temperature 0 (greedy: their samples "

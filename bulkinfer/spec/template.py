@@ -35,7 +35,7 @@ COMMENTS = {
     "task": "what to compute per row",
     "task.type": "what each output row holds (see the README: Tasks)",
     "task.max_new_tokens": "generate: tokens to add at most per row",
-    "task.temperature": "0 = greedy",
+    "task.temperature": "0 = greedy (so is anything under 1e-5)",
     "task.top_p": "nucleus sampling; 1.0 = off",
     "task.top_k": "0 = off",
     "task.seed": "sampling is keyed by (seed, row): resumed runs reproduce exactly",
