@@ -458,3 +458,36 @@ def test_an_fp8_run_says_so_and_counts_its_fp8_weights(tmp_path, tiny_model):
     assert costs["fp8"].weight_bytes == costs["plain"].weight_bytes - 3 * linears
     assert costs["fp8"].kv_bytes_per_token * 4 == costs["plain"].kv_bytes_per_token
     assert costs["fp8"].peaks[0] == 2 * costs["plain"].peaks[0]
+
+
+def test_weights_planned_in_the_dtype_they_run_in_not_the_files(tmp_path, tiny_model):
+    """A bf16 checkpoint run in float32 takes twice its files on the device (it was counted at
+    its files' size, and quantized at load at none at all, so the KV pool was planned into
+    memory the weights take): the planned bytes are within 5% of the loaded model's."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bulkinfer.engines.fp8_loading import checkpoint_files, load_fp8_model, stored_width
+    from bulkinfer.engines.memory import resident_weight_bytes
+
+    half = tmp_path / "bf16-model"
+    shutil.copytree(tiny_model, half)
+    for file in half.glob("*.safetensors"):
+        tensors = {k: v.to(torch.bfloat16) for k, v in load_file(file).items()}
+        save_file(tensors, str(file), metadata={"format": "pt"})
+    assert stored_width(checkpoint_files(tiny_model)) == 4
+    assert stored_width(checkpoint_files(half)) == 2
+    config = AutoConfig.from_pretrained(half)
+    files = checkpoint_files(half)
+    file_bytes = sum(f.stat().st_size for f in files)
+    for quantize in (False, True):
+        planned = resident_weight_bytes(config, file_bytes, 4, quantize, False, stored_width(files))
+        if quantize:
+            model = load_fp8_model(
+                AutoModelForCausalLM, half, config, torch.float32, torch.device("cpu"), "tiny"
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(half, dtype=torch.float32)
+        tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}
+        loaded = sum(t.numel() * t.element_size() for t in tensors.values())
+        assert abs(planned - loaded) <= 0.05 * loaded, (quantize, planned, loaded)

@@ -110,7 +110,22 @@ def checkpoint_files(folder: Path) -> list[Path]:
 def stored_dtypes(files: list[Path]) -> set[str]:
     """The dtypes (safetensors' names: BF16, F8_E4M3...) of the tensors in these files, read
     from their headers alone; a file that cannot be read adds none (loading says why)."""
-    dtypes = set()
+    return {dtype for header in _headers(files) for dtype, _ in _tensor_bytes(header)}
+
+
+def stored_width(files: list[Path]) -> int | None:
+    """Bytes per value of the float dtype holding most of the files' bytes (2 for a bf16
+    checkpoint, 4 for float32), fp8 matrices aside; None where the headers say nothing."""
+    held: dict[str, int] = {}
+    for header in _headers(files):
+        for dtype, size in _tensor_bytes(header):
+            held[dtype] = held.get(dtype, 0) + size
+    widths = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}
+    floats = {d: n for d, n in held.items() if d in widths}
+    return widths[max(floats, key=floats.get)] if floats else None
+
+
+def _headers(files: list[Path]):
     for file in files:
         try:
             with open(file, "rb") as f:
@@ -121,8 +136,18 @@ def stored_dtypes(files: list[Path]) -> set[str]:
         except (OSError, ValueError):
             continue
         if isinstance(header, dict):
-            dtypes |= {v["dtype"] for v in header.values() if isinstance(v, dict) and "dtype" in v}
-    return dtypes
+            yield header
+
+
+def _tensor_bytes(header: dict):
+    """(dtype, bytes) of each tensor a safetensors header lists."""
+    for value in header.values():
+        if isinstance(value, dict) and "dtype" in value:
+            offsets = value.get("data_offsets") or (0, 0)
+            try:
+                yield value["dtype"], int(offsets[1]) - int(offsets[0])
+            except (TypeError, ValueError, IndexError):
+                yield value["dtype"], 0
 
 
 def load_fp8_weights(auto_class, options):

@@ -53,11 +53,20 @@ def fp8_saved_bytes(config: Any, width: int) -> int:
 
 
 def resident_weight_bytes(
-    config: Any, file_bytes: int, width: int, quantize: bool, stored_fp8: bool
+    config: Any,
+    file_bytes: int,
+    width: int,
+    quantize: bool,
+    stored_fp8: bool,
+    file_width: int | None = None,
 ) -> int:
-    """Device bytes a model's weights take once loaded, from its files' size: less the bytes
-    model.quantization: fp8 (`quantize`) frees, unless the files already hold those matrices in
-    fp8 (`stored_fp8`: a 70B fp8 checkpoint's 72 GB stay 72 GB)."""
+    """Device bytes a model's weights take once loaded, from its files' size: scaled from the
+    files' dtype (`file_width` bytes a value) to the run's (`width`: a bf16 checkpoint run in
+    float32 takes twice its files), less the bytes model.quantization: fp8 (`quantize`) frees,
+    unless the files already hold those matrices in fp8 (`stored_fp8`: a 70B fp8 checkpoint's
+    72 GB stay 72 GB)."""
+    if file_width and not stored_fp8 and file_width != width:
+        file_bytes = file_bytes * width // file_width
     if quantize and not stored_fp8:
         return max(0, file_bytes - fp8_saved_bytes(config, width))
     return file_bytes

@@ -27,7 +27,12 @@ from bulkinfer.engines.decoder import decoder_blocker
 from bulkinfer.engines.encoder import EncoderEngine
 from bulkinfer.engines.fast import CPU_SLOTS, DECODE_BUCKETS, FastEngine
 from bulkinfer.engines.fp8 import fp8_unsupported
-from bulkinfer.engines.fp8_loading import checkpoint_in_fp8, load_fp8_weights
+from bulkinfer.engines.fp8_loading import (
+    checkpoint_files,
+    checkpoint_in_fp8,
+    load_fp8_weights,
+    stored_width,
+)
 from bulkinfer.engines.hf import (
     LOGIT_TRANSFORMS,
     HFEngine,
@@ -225,8 +230,16 @@ def engine_limits(
     free = None
     stored_fp8 = checkpoint_in_fp8(config, Path(options.folder))
     if device.type == "cuda":
+        files = checkpoint_files(Path(options.folder))
+        if weights_bytes and files:  # the files that load (a GGUF model's: its conversion's)
+            weights_bytes = sum(f.stat().st_size for f in files)
         weights_bytes = resident_weight_bytes(
-            config, weights_bytes, width, options.quantization == "fp8", stored_fp8
+            config,
+            weights_bytes,
+            width,
+            options.quantization == "fp8",
+            stored_fp8,
+            stored_width(files),
         )
         free = max(
             0, torch.cuda.mem_get_info(device)[0] // FREE_GRANULE * FREE_GRANULE - weights_bytes
