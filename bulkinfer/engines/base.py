@@ -16,6 +16,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+# a temperature under this is greedy (as vLLM's sampler takes it): dividing logits by less
+# overflows float32 to infinities, and the sampler would take the first of them
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class LoadOptions:

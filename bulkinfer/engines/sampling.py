@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from bulkinfer.engines.base import GREEDY_BELOW
 from bulkinfer.engines.compiling import Compiled, compile_backend
 from bulkinfer.errors import ModelError, first_line
 from bulkinfer.observe.progress import log
-from bulkinfer.spec.schema import GREEDY_BELOW
 
 _MASK64 = (1 << 64) - 1
 NAN_TOKEN = -1  # what a row whose next-token scores are NaN gets back instead of a token

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bulkinfer.engines.base import EngineLimits, LoadOptions
+from bulkinfer.engines.base import GREEDY_BELOW, EngineLimits, LoadOptions
 from bulkinfer.errors import InputError, RowFailedError, SpecError
 from bulkinfer.io.chunks import ColumnNames
 from bulkinfer.io.files import DataFile, resolve_input_files
@@ -37,7 +37,6 @@ from bulkinfer.prepare import (
     render_options,
 )
 from bulkinfer.spec import JobSpec
-from bulkinfer.spec.schema import GREEDY_BELOW
 from bulkinfer.tasks.base import InputKind, Task, make_task
 
 

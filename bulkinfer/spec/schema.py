@@ -59,9 +59,6 @@ MAX_N = 4096  # samples per prompt at most (each a sequence of its own in the en
 MAX_LINE_BYTES = 2**40  # the longest JSONL line input.max_line_bytes may allow
 
 # Task keys that only mean something for some task types; a key set away from its default on
-# a temperature under this is greedy (as vLLM's sampler takes it): dividing logits by less
-# overflows float32 to infinities, and the sampler would take the first of them
-GREEDY_BELOW = 1e-5
 # another type is a mistake worth a one-line error (`pooling` on a generate job, `temperature` on
 # an embed job). Keys of other features apply to every type.
 GENERATE_KEYS = (
