@@ -54,17 +54,16 @@ FP8_DYNAMIC = {
 }
 
 
-def checkpoint_in_fp8(config, folder: Path | None = None) -> bool:
+def checkpoint_in_fp8(config, files: list[Path] = ()) -> bool:
     """Whether the checkpoint's linear weights are stored in fp8: its config says so, or (a
-    checkpoint saved without a quantization_config) a safetensors header holds float8 tensors."""
+    checkpoint saved without a quantization_config) a header of its safetensors `files` holds
+    float8 tensors."""
     quant = quantization_dict(config)
     if quant is not None:
         text = json.dumps(quant).lower()
         if "float8" in text or "fp8" in text or "float-quantized" in text:
             return True
-    return folder is not None and any(
-        dtype.startswith("F8") for dtype in stored_dtypes(checkpoint_files(folder))
-    )
+    return any(dtype.startswith("F8") for dtype in stored_dtypes(files))
 
 
 def quantization_dict(config) -> dict | None:

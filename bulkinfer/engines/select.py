@@ -228,9 +228,9 @@ def engine_limits(
     device = resolve_device(options.device)
     width = resolve_dtype(options.dtype, device).itemsize
     free = None
-    stored_fp8 = checkpoint_in_fp8(config, Path(options.folder))
+    files = checkpoint_files(Path(options.folder))
+    stored_fp8 = checkpoint_in_fp8(config, files)
     if device.type == "cuda":
-        files = checkpoint_files(Path(options.folder))
         if weights_bytes and files:  # the files that load (a GGUF model's: its conversion's)
             weights_bytes = sum(f.stat().st_size for f in files)
         weights_bytes = resident_weight_bytes(

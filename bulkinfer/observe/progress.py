@@ -93,9 +93,9 @@ class Progress:
 
     The ETA counts planned work in tokens, not rows: each row's prompt plus the new tokens it
     may take, times its n sequences (`row_work`, indexed by input row). Rows early on can cost
-    many times what rows at the end do. A generation stream reports within a batch: every new token counts as work done
-    as it comes, and a row, once committed, counts its planned work in full (its unused tokens
-    are work that will not be done).
+    many times what rows at the end do. A generation stream reports within a batch: every new
+    token counts as work done as it comes, and a row, once committed, counts its planned work in
+    full (its unused tokens are work that will not be done).
     """
 
     def __init__(
