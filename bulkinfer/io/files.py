@@ -6,9 +6,11 @@ from __future__ import annotations
 import glob
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from bulkinfer.errors import InputError
 from bulkinfer.io.jsonl import _json_file, _jsonl_records
+from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.openai_batch import looks_like_batch_record
 
 JSONL_SUFFIXES = tuple(
@@ -83,10 +85,15 @@ def _folder_inputs(folder: str, fmt: str, split: str | None) -> list[str]:
     """Data files under a folder, in sorted order; a saved dataset inside it is one input (its
     state.json is not read as JSONL). Files and folders whose names start with '.' or '_' are
     passed over, as pyarrow's datasets do (a notebook's .ipynb_checkpoints copies, a writer's
-    _temporary parts)."""
+    _temporary parts). The output folders of bulkinfer jobs inside it are passed over too (a
+    job's own, and another's: its outputs are not input)."""
     found = []
     for root, dirs, names in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith((".", "_"))]
+        dirs[:] = [
+            d
+            for d in dirs
+            if not d.startswith((".", "_")) and not OutputLayout(Path(root, d)).holds_job()
+        ]
         saved = [d for d in dirs if is_saved_dataset(os.path.join(root, d))]
         found += [saved_dataset_split(os.path.join(root, d), split) for d in saved]
         dirs[:] = sorted(d for d in dirs if d not in saved)

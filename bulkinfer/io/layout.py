@@ -132,6 +132,13 @@ class OutputLayout:
                 found[(int(match.group(1)), int(match.group(2)))] = path
         return found
 
+    def holds_job(self) -> bool:
+        """Whether this is a bulkinfer job's folder: its record, its checkpoint's manifest (even
+        where job.json was removed) or a shard's record."""
+        if self.job_file.is_file() or self.manifest.is_file():
+            return True
+        return any((folder / "job.json").is_file() for folder in self.shard_folders().values())
+
     def our_folders(self) -> set[Path]:
         """Those of ours() that bulkinfer makes as folders; the others it makes as files."""
         return {

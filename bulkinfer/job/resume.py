@@ -22,7 +22,7 @@ from bulkinfer.job.setup import Inputs, JobSetup
 from bulkinfer.observe.progress import log, set_log_context
 from bulkinfer.planner import Batch, padding_fraction
 from bulkinfer.sharding import Shard
-from bulkinfer.state.fingerprint import fingerprint, input_files_digest
+from bulkinfer.state.fingerprint import RunIdentity, fingerprint, input_files_digest
 from bulkinfer.state.folder import JobFolder, open_job_folder, refuse_unlike_shards, save_job
 from bulkinfer.state.manifest import Manifest
 
@@ -30,7 +30,8 @@ from bulkinfer.state.manifest import Manifest
 def open_folder(
     setup: JobSetup, layout: OutputLayout, overwrite: bool, shard: Shard | None
 ) -> JobFolder:
-    """Start, resume or refuse, by the fingerprint of spec, model files and input contents."""
+    """Start, resume or refuse, by the fingerprint of spec, model files and input contents, and
+    by what the spec's `auto` settings resolve to on this machine."""
     spec = setup.spec
     model = setup.model.identity()
     prints = fingerprint(spec.to_dict(), model, input_files_digest([f.path for f in setup.files]))
@@ -38,10 +39,27 @@ def open_folder(
     prints.update({f"model/{name}": f["blake2b"] for name, f in model["files"].items()})
     if shard is not None:
         prints["shard"] = str(shard)
+    run = RunIdentity(prints, spec.to_dict(), resolved_settings(setup))
+    if shard is not None:
         set_log_context(shard=str(shard))
         root = OutputLayout(Path(spec.output.path))
-        refuse_unlike_shards(root, shard.index, shard.count, prints, spec.to_dict(), overwrite)
-    return open_job_folder(layout, prints, spec.to_dict(), overwrite)
+        refuse_unlike_shards(root, shard.index, shard.count, run, overwrite)
+    return open_job_folder(layout, run, overwrite)
+
+
+def resolved_settings(setup: JobSetup) -> dict:
+    """What the spec's `auto` settings that change outputs resolve to here (RESOLVED_KEYS):
+    the dtype the model runs in on this machine's device, an embed task's pooling and
+    normalisation as the model's files give them."""
+    from bulkinfer.engines.hf import resolve_device, resolve_dtype  # imports torch
+
+    model = setup.spec.model
+    dtype = resolve_dtype(model.dtype, resolve_device(model.device))
+    resolved = {"dtype": str(dtype).removeprefix("torch.")}
+    for name in ("pooling", "normalize"):  # an embed task's, never `auto` once it is made
+        if hasattr(setup.task, name):
+            resolved[name] = getattr(setup.task, name)
+    return resolved
 
 
 def record_plan(inputs: Inputs, engine, folder: JobFolder, shard: Shard | None) -> JobPlan:

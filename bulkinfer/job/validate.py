@@ -24,7 +24,16 @@ from bulkinfer.io.readers import datasets_rows, peek_columns, read_chunks
 from bulkinfer.prepare.ids import chunk_ids, first_duplicate
 from bulkinfer.prepare.render import RowError, render
 from bulkinfer.spec import JobSpec
-from bulkinfer.state.folder import holds_foreign, refuse_file_above
+from bulkinfer.state.fingerprint import RESOLVED_KEYS, fingerprint
+from bulkinfer.state.folder import (
+    foreign_message,
+    has_results,
+    holds_foreign,
+    other_settings,
+    refuse_file_above,
+    spec_keys_differing,
+)
+from bulkinfer.state.records import JobRecord
 
 # JSONL records read to find the keep columns (the reader only needs one row to have each).
 KEEP_SCAN_RECORDS = 10_000
@@ -75,7 +84,7 @@ def check_job(spec: JobSpec) -> JobCheck:
         columns=setup.columns,
         files=checked,
         output=spec.output.path,
-        output_state=output_state(Path(spec.output.path)),
+        output_state=output_state(Path(spec.output.path), spec.to_dict()),
         rows_checked=checked_rows,
         row_problems=tuple(problems),
     )
@@ -172,7 +181,7 @@ def count_rows(path: str, kind: str) -> int | None:
         return sum(1 for line in f if line.strip(b" \t\r\n\xef\xbb\xbf"))  # BOM: not a row
 
 
-def output_state(root: Path) -> str:
+def output_state(root: Path, spec: dict) -> str:
     """What `run` will do with the output folder; a folder it would refuse is an error here."""
     if not root.exists():
         refuse_file_above(root)
@@ -182,13 +191,21 @@ def output_state(root: Path) -> str:
         raise OutputFolderError(f"output.path: {root} exists and is not a folder")
     _refuse_unwritable(root, root)
     layout = OutputLayout(root)
-    if layout.job_file.exists() or layout.shards_dir.is_dir():
-        return "holds a bulkinfer job: run resumes it if spec, model and input are unchanged"
-    if holds_foreign(layout):
+    record = JobRecord.read_if_there(layout.job_file)
+    ours = record is not None and has_results(layout)  # (run replaces a job with none)
+    keys = []
+    if ours and record.fingerprint.get("spec") != fingerprint(spec, {}, {})["spec"]:
+        keys = spec_keys_differing(record.spec, spec)
+    if set(keys) - {"model.path", *RESOLVED_KEYS}:  # those may differ in name only: run sees
         raise OutputFolderError(
-            f"output.path: {root} is not empty and holds no bulkinfer job; choose a new folder "
-            "or pass --overwrite to run"
+            f"output.path: {root} holds another job's outputs "
+            f"({other_settings(record.spec, keys, spec)}); run would refuse it: use another "
+            "--output, or pass --overwrite to run"
         )
+    if layout.job_file.exists() or layout.shards_dir.is_dir():
+        return "holds a bulkinfer job: run resumes it if its model and input are unchanged"
+    if holds_foreign(layout):
+        raise OutputFolderError(f"output.path: {foreign_message(layout)}")
     return "empty folder"
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 
 from bulkinfer.digests import update_with_file
 
@@ -20,6 +21,23 @@ ADDED_KEYS = {
     ("model", "quantization"): "none",
     ("model", "kv_cache_dtype"): "auto",
 }
+
+
+# spec keys whose `auto` resolves on the machine that runs the job (the dtype by its device; an
+# embed task's pooling and normalisation by the model's sentence-transformers files), and the
+# name each resolved value is recorded under in job.json
+RESOLVED_KEYS = {"model.dtype": "dtype", "task.pooling": "pooling", "task.normalize": "normalize"}
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What decides a run's outputs: the fingerprint (`prints`: hashes of the spec, the model's
+    files and the input, and each model file's own hash as "model/<name>"), the spec itself (to
+    name what differs) and what its `auto` settings resolved to here (`resolved`)."""
+
+    prints: dict[str, str]
+    spec: dict
+    resolved: dict
 
 
 def input_files_digest(files: list[str]) -> dict[str, dict]:

@@ -15,7 +15,7 @@ from bulkinfer.errors import OutputFolderError
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.lock import holder_text, in_use, is_locked
 from bulkinfer.observe.progress import log
-from bulkinfer.state.fingerprint import NOT_IN_FINGERPRINT
+from bulkinfer.state.fingerprint import NOT_IN_FINGERPRINT, RESOLVED_KEYS, RunIdentity
 from bulkinfer.state.records import SUMMARY_TOTALS, JobRecord, read_json
 
 
@@ -29,9 +29,7 @@ class JobFolder:
     resumed: bool
 
 
-def open_job_folder(
-    layout: OutputLayout, prints: dict[str, str], spec_dict: dict, overwrite: bool
-) -> JobFolder:
+def open_job_folder(layout: OutputLayout, run: RunIdentity, overwrite: bool) -> JobFolder:
     """Start, resume or refuse: the folder must be empty, ours for this very job, or overwritten."""
     root = layout.root
     refuse_foreign(layout, overwrite, holding_lock=True)
@@ -39,22 +37,21 @@ def open_job_folder(
         layout.remove_leftovers()  # the lock is ours: no write of ours is under way
     # --overwrite replaces whatever record is there, an unreadable one too (as its error says)
     existing = None if overwrite else JobRecord.read(layout.job_file)
-    replace = existing is not None and not overwrite and not _has_results(layout)
+    replace = existing is not None and not overwrite and not has_results(layout)
     overwrite = overwrite or replace  # a job that never committed a row loses nothing
     if existing is not None and not overwrite:
-        mismatch = [
-            k for k in ("spec", "model", "input") if existing.fingerprint.get(k) != prints[k]
-        ]
-        if mismatch:
-            keys = spec_keys_differing(existing.spec, spec_dict) if "spec" in mismatch else []
+        differs = differences(existing, run)
+        if differs:
             raise OutputFolderError(
-                _mismatch_message(root, mismatch, existing.fingerprint, prints, keys)
+                f"{root} holds another job's outputs ({differs}); rerun with the folder's "
+                "settings, model and input to resume it, use another --output, or pass "
+                "--overwrite to start afresh"
             )
         finished = bool((read_json(layout.summary) or {}).get("complete"))
         problem = finished_damage(layout) if finished else None
         if problem:
-            whole = layout.outputs_dir.is_dir()
-            where = f"{layout.root}: {problem} in" if whole else f"{problem} from"
+            missing = problem.endswith(" is missing")
+            where = f"{problem} from" if missing else f"{layout.root}: {problem} in"
             log(
                 f"{where} a finished job: writing its outputs and summary again from the "
                 "committed parts",
@@ -86,7 +83,7 @@ def open_job_folder(
             elif path.exists():
                 path.unlink()
             faults.checkpoint("overwrite_removed")
-    job = JobRecord(fingerprint=prints, spec=spec_dict)
+    job = JobRecord(fingerprint=run.prints, spec=run.spec, resolved=run.resolved)
     save_job(layout, job)  # first, so a folder we created is always recognisably ours
     return JobFolder(layout, job, finished=False, resumed=False)
 
@@ -167,29 +164,107 @@ def refuse_for_array(root: OutputLayout, count: int) -> None:
 
 
 def refuse_unlike_shards(
-    root: OutputLayout, index: int, count: int, prints: dict, spec: dict, overwrite: bool
+    root: OutputLayout, index: int, count: int, run: RunIdentity, overwrite: bool
 ) -> None:
-    """A shard whose sibling shards ran another job (other settings, model or input): refused
-    before any work, naming the sibling and what differs (its merge could never run; it was
-    found there, after every batch). --overwrite skips the check."""
+    """A shard whose sibling shards ran another job (other settings, model or input, or an
+    `auto` dtype resolved otherwise on another kind of node): refused before any work, naming
+    the sibling and what differs (its merge could never run; it was found there, after every
+    batch). --overwrite skips the check."""
     if overwrite:
         return
     for (other, n), folder in root.shard_folders().items():
         if n != count or other == index:
             continue
         record = JobRecord.read_if_there(OutputLayout(folder).job_file)
-        if record is None:
-            continue
-        mismatch = [k for k in ("spec", "model", "input") if record.fingerprint.get(k) != prints[k]]
-        if not mismatch:
-            continue
-        reasons = "; ".join(_WHAT_DIFFERS[k] for k in mismatch)
-        keys = spec_keys_differing(record.spec, spec) if "spec" in mismatch else []
-        reasons += _named_keys(keys)
-        raise OutputFolderError(
-            f"{root.root}: shard {other}/{n} of this job ran another job ({reasons}); run every "
-            "shard with the same job, settings, model and input, or pass --overwrite"
+        differs = differences(record, run) if record is not None else None
+        if differs:
+            raise OutputFolderError(
+                f"{root.root}: shard {other}/{n} of this job ran another job ({differs}); run "
+                "every shard with the same job, settings, model and input, or pass --overwrite"
+            )
+
+
+def differences(record: JobRecord, run: RunIdentity) -> str | None:
+    """How the rows a folder holds were computed otherwise than this run would compute them
+    ("the job spec differs: task.top_k: 3 there, 5 here", "the model files differ", ...), or
+    None for the same job. Settings that differ in name only are the same job: a model at
+    another path with the same files (staged to a node's disk), or a dtype, pooling or
+    normalisation set to what `auto` resolved to for the folder's rows."""
+    mismatch = [k for k in ("spec", "model", "input") if record.fingerprint.get(k) != run.prints[k]]
+    keys = spec_keys_differing(record.spec, run.spec) if "spec" in mismatch else []
+    if mismatch and _same_in_effect(record, run, mismatch, keys):
+        return None
+    reasons = [other_settings(record.spec, keys, run.spec)] if "spec" in mismatch else []
+    if "model" in mismatch:
+        changed = _changed_model_files(record.fingerprint, run.prints)
+        reasons.append(
+            "the model files differ" + (f" ({', '.join(changed)} changed)" if changed else "")
         )
+    if "input" in mismatch:
+        reasons.append(
+            "the input files changed since the checkpoint was written (names, order or bytes)"
+        )
+    for key, name in RESOLVED_KEYS.items():
+        before, now = (record.resolved or {}).get(name), run.resolved.get(name)
+        if not mismatch and before is not None and before != now:
+            where = f" on {record.device}" if record.device else ""
+            reasons.append(
+                f"{key} {_get(record.spec, key)} resolved to {_value(before)} for its rows"
+                f"{where} and to {_value(now)} here; --set {key}={_value(before)} resumes it "
+                "as it ran"
+            )
+    return "; ".join(reasons) or None
+
+
+def _same_in_effect(record: JobRecord, run: RunIdentity, mismatch: list[str], keys) -> bool:
+    """The spec differs only in the model's path (the same files found elsewhere) and in
+    settings whose resolved values are those the folder's rows were computed with."""
+    if "input" in mismatch or ("spec" in mismatch and not keys):
+        return False
+    if not set(keys) <= {"model.path", *RESOLVED_KEYS}:
+        return False
+    if "model" in mismatch:
+        files = [_model_files(p) for p in (record.fingerprint, run.prints)]
+        if "model.path" not in keys or not files[0] or files[0] != files[1]:
+            return False
+    resolved = [RESOLVED_KEYS[k] for k in keys if k in RESOLVED_KEYS]
+    return all(
+        record.resolved is not None and record.resolved.get(name) == run.resolved.get(name)
+        for name in resolved
+    )
+
+
+def _model_files(prints: dict) -> dict:
+    return {k: v for k, v in prints.items() if k.startswith("model/")}
+
+
+def _changed_model_files(recorded: dict, prints: dict) -> list[str]:
+    """The model files whose hashes differ (the fingerprint keeps each as "model/<name>")."""
+    files = set(_model_files(recorded)) | set(_model_files(prints))
+    return sorted(k.removeprefix("model/") for k in files if recorded.get(k) != prints.get(k))
+
+
+def other_settings(recorded: dict, keys: list[str], spec: dict) -> str:
+    """'the job spec differs: task.top_k (task.top_k: 3 there, 5 here)': the first three keys,
+    with their values."""
+    named = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+    values = "; ".join(
+        f"{k}: {_value(_get(recorded, k))} there, {_value(_get(spec, k))} here" for k in keys[:3]
+    )
+    return f"the job spec differs: {named} ({values})"
+
+
+def _get(spec: dict, key: str):
+    for part in key.split("."):
+        spec = spec.get(part) if isinstance(spec, dict) else None
+    return spec
+
+
+def _value(value) -> str:
+    text = (
+        "unset" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    )
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def spec_keys_differing(recorded: dict | None, spec: dict) -> list[str]:
@@ -198,10 +273,6 @@ def spec_keys_differing(recorded: dict | None, spec: dict) -> list[str]:
         return []
     keys = _differing_keys(recorded, spec)
     return [k for k in keys if k.split(".")[0] not in NOT_IN_FINGERPRINT and k != "input.path"]
-
-
-def _named_keys(keys: list[str]) -> str:
-    return f": {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}" if keys else ""
 
 
 def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -229,9 +300,31 @@ def refuse_foreign(layout: OutputLayout, overwrite: bool, holding_lock: bool = F
     if not overwrite and holds_foreign(layout):
         if not holding_lock and is_locked(layout):
             raise in_use(layout)
-        raise OutputFolderError(
-            f"{root} is not empty and holds no bulkinfer job; choose a new folder or pass --overwrite"
+        raise OutputFolderError(foreign_message(layout))
+
+
+def foreign_message(layout: OutputLayout) -> str:
+    """Why a folder with files but no job record is refused: a bulkinfer job whose job.json
+    was removed (its committed rows cannot be checked against any job), or not one at all."""
+    if record_lost(layout):
+        return (
+            f"{layout.root} holds a bulkinfer job's checkpoint but no job.json, so its rows "
+            "cannot be checked against this job; pass --overwrite to start it afresh, or put "
+            "job.json back to resume it"
         )
+    return (
+        f"{layout.root} is not empty and holds no bulkinfer job; choose a new folder or pass "
+        "--overwrite"
+    )
+
+
+def record_lost(layout: OutputLayout) -> bool:
+    """A job folder whose job.json is gone: its checkpoint's manifest is there (no other tool
+    writes checkpoint/manifest.jsonl), or a summary.json that bulkinfer wrote."""
+    if layout.job_file.exists():
+        return False
+    summary = read_json(layout.summary) or {}
+    return layout.manifest.is_file() or ("rows_by_status" in summary and "rows_out" in summary)
 
 
 # what a finished job's summary.json must hold as numbers (status, report and merge read them)
@@ -245,8 +338,9 @@ def finished_damage(layout: OutputLayout) -> str | None:
     wrong = unreadable_figures(data)
     if wrong:
         return f"summary.json has no number for {', '.join(wrong)}"
-    if not layout.outputs_dir.is_dir():
-        return f"{layout.outputs_dir} is missing"
+    for path in (layout.outputs_dir, layout.batch_stats, layout.dataset_card):
+        if not path.exists():
+            return f"{path} is missing"
     rows = 0
     try:
         for path in sorted(layout.outputs_dir.glob("*.parquet")):
@@ -324,6 +418,8 @@ def refuse_theirs(layout: OutputLayout) -> None:
     --overwrite removes only what bulkinfer made."""
     if layout.job_file.exists() or layout.overwriting.exists() or layout.shards_dir.is_dir():
         return
+    if record_lost(layout):
+        return
     ours_anyway = {layout.failed, layout.heartbeat}  # written before a job record can be
     theirs = [p for p in layout.ours() if p not in ours_anyway and os.path.lexists(p)]
     if theirs:
@@ -338,7 +434,7 @@ def refuse_theirs(layout: OutputLayout) -> None:
 def save_job(layout: OutputLayout, job: JobRecord) -> None:
     """The job record, and an empty manifest beside a new parts folder: part files beside an
     empty manifest were never committed (a kill between writing one and recording it), where
-    part files without one are committed rows whose manifest was lost (_has_results; the
+    part files without one are committed rows whose manifest was lost (has_results; the
     resumed run warns of those, so their folder keeps no new empty manifest)."""
     layout.root.mkdir(parents=True, exist_ok=True)
     job.write(layout.job_file)
@@ -347,7 +443,7 @@ def save_job(layout: OutputLayout, job: JobRecord) -> None:
         layout.manifest.touch()
 
 
-def _has_results(layout: OutputLayout) -> bool:
+def has_results(layout: OutputLayout) -> bool:
     """Whether the folder holds committed rows: a manifest, outputs, or part files whose
     manifest was lost (a folder of those is its job's, not one a different job may take;
     parts beside an empty manifest were never committed, see save_job)."""
@@ -356,26 +452,3 @@ def _has_results(layout: OutputLayout) -> bool:
         return True
     parts = layout.parts_dir
     return not manifest.exists() and parts.is_dir() and any(parts.glob("part-*.parquet"))
-
-
-_WHAT_DIFFERS = {
-    "spec": "the job spec differs",
-    "model": "the model files differ",
-    "input": "the input files changed since the checkpoint was written (names, order or bytes)",
-    "shard": "it was split into a different number of shards",
-}
-
-
-def _mismatch_message(
-    root: Path, mismatch: list[str], recorded: dict[str, str], prints: dict[str, str], keys
-) -> str:
-    reasons = "; ".join(_WHAT_DIFFERS[k] for k in mismatch) + _named_keys(keys)
-    message = (
-        f"{root} holds another job's outputs ({reasons}); use another --output or pass --overwrite"
-    )
-    # the fingerprint keeps each model file's hash as "model/<name>": name the files that changed
-    files = {k for k in (*recorded, *prints) if k.startswith("model/")}
-    changed = sorted(k.removeprefix("model/") for k in files if recorded.get(k) != prints.get(k))
-    if changed:
-        message += f"; model files changed since the checkpoint: {', '.join(changed)}"
-    return message

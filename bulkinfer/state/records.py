@@ -38,6 +38,9 @@ class JobRecord:
     openai_responses: bool = False
     plan: dict | None = None
     device: str | None = None
+    # what `auto` settings resolved to when the job started (RESOLVED_KEYS), which the spec's
+    # hash cannot see; None in folders written before it was recorded
+    resolved: dict | None = None
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}

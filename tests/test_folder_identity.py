@@ -1,0 +1,205 @@
+"""What a rerun on a job's folder may change and what it may not: settings that change outputs
+only in name resume (a model staged to another path, a dtype or pooling set to what `auto`
+gave), settings `auto` resolves otherwise are refused; folders that lost their record, runs
+whose input folder holds output folders, validate's view of a changed setting."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from conftest import (
+    assert_every_id_once,
+    cli,
+    read_outputs,
+    sample_prompts,
+    write_job,
+    write_jsonl,
+)
+from tiny_model import build_tiny_encoder
+
+ROWS = 24
+
+
+def _finished(tmp_path: Path, weights: Path, name: str = "out", *args: str, **sections) -> Path:
+    """A finished job on ROWS sample prompts (a part every 10 rows); its job file."""
+    inputs = tmp_path / "in.jsonl"
+    if not inputs.exists():
+        write_jsonl(inputs, sample_prompts(ROWS))
+    job = write_job(tmp_path / f"{name}.yaml", weights, inputs, tmp_path / name, **sections)
+    result = cli("run", str(job), *args)
+    assert result.exit_code == 0, result.output
+    return job
+
+
+def _lose_last_part(out: Path) -> None:
+    """As if the run had been killed before its last part: the rerun computes those rows."""
+    parts = sorted((out / "checkpoint" / "parts").glob("part-*.parquet"))
+    assert len(parts) > 1
+    parts[-1].unlink()
+    shutil.rmtree(out / "outputs")
+    (out / "summary.json").unlink()
+
+
+def _record(out: Path) -> dict:
+    return json.loads((out / "job.json").read_text())
+
+
+def test_rows_computed_in_a_dtype_auto_no_longer_gives_are_refused(tmp_path, tiny_model):
+    """model.dtype auto resolves by the device (bf16 on a GPU, float32 on a CPU): a folder
+    begun on a GPU node and resumed on a CPU one mixed bf16 rows with float32 ones, its spec
+    unchanged. The dtype rows ran in is recorded; another is refused, naming the setting that
+    resumes the folder as it ran, and that setting resumes it."""
+    job = _finished(tmp_path, tiny_model)
+    out = tmp_path / "out"
+    assert _record(out)["resolved"] == {"dtype": "float32"}
+    reference = read_outputs(out)
+
+    record = _record(out)  # the folder as a GPU node would have left it
+    record["resolved"]["dtype"] = "bfloat16"
+    (out / "job.json").write_text(json.dumps(record))
+    _lose_last_part(out)
+    refused = cli("run", str(job))
+    assert refused.exit_code == 2, refused.output
+    assert "model.dtype auto resolved to bfloat16" in refused.output, refused.output
+    assert "--set model.dtype=bfloat16" in refused.output, refused.output
+    assert not (out / "outputs").exists()
+
+    other = cli("run", str(job), "--set", "model.dtype=float16")
+    assert other.exit_code == 2 and "(model.dtype: auto there, float16 here)" in other.output
+
+    resumed = cli("run", str(job), "--set", "model.dtype=bfloat16")
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming" in resumed.output
+    got = read_outputs(out)
+    assert sorted(got.column("id").to_pylist()) == sorted(reference.column("id").to_pylist())
+
+    # a folder started with the dtype set resumes with it set, and with auto where auto gives it
+    job = _finished(tmp_path, tiny_model, "pinned", "--set", "model.dtype=float32")
+    _lose_last_part(tmp_path / "pinned")
+    auto = cli("run", str(job))
+    assert auto.exit_code == 0, auto.output
+    assert_every_id_once(tmp_path / "pinned", reference, ROWS)
+
+
+def test_the_same_model_files_at_another_path_resume_the_folder(tmp_path, tiny_model):
+    """A Slurm task that stages the model to its node's disk names another path for the same
+    files: refused as "the model files differ" before. The files' hashes decide; a file
+    changed in the copy is still refused, named."""
+    job = _finished(tmp_path, tiny_model)
+    out = tmp_path / "out"
+    reference = read_outputs(out)
+    staged = shutil.copytree(tiny_model, tmp_path / "staged")
+    _lose_last_part(out)
+    resumed = cli("run", str(job), "--set", f"model.path={staged}")
+    assert resumed.exit_code == 0, resumed.output
+    assert_every_id_once(out, reference, ROWS)
+
+    config = json.loads((staged / "config.json").read_text())
+    (staged / "config.json").write_text(json.dumps({**config, "initializer_range": 0.5}))
+    _lose_last_part(out)
+    refused = cli("run", str(job), "--set", f"model.path={staged}")
+    assert refused.exit_code == 2, refused.output
+    assert "the model files differ (config.json changed)" in refused.output, refused.output
+
+
+def test_an_embed_pooling_changed_in_the_model_files_is_refused(tmp_path):
+    """task.pooling auto reads the model's 1_Pooling/config.json, which the model's fingerprint
+    (its top-level files) does not cover: a folder begun with mean pooling resumed with cls
+    pooling and mixed the two. The pooling rows ran with is recorded and compared."""
+    encoder = build_tiny_encoder(tmp_path / "enc")
+    (encoder / "modules.json").write_text(
+        json.dumps(
+            [
+                {
+                    "idx": 0,
+                    "name": "0",
+                    "path": "",
+                    "type": "sentence_transformers.models.Transformer",
+                },
+                {
+                    "idx": 1,
+                    "name": "1",
+                    "path": "1_Pooling",
+                    "type": "sentence_transformers.models.Pooling",
+                },
+            ]
+        )
+    )
+    pooling = encoder / "1_Pooling" / "config.json"
+    pooling.parent.mkdir()
+    pooling.write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    task = {"type": "embed", "pooling": "auto", "max_new_tokens": 128}  # (128: its default)
+    job = _finished(tmp_path, encoder, task=task)
+    out = tmp_path / "out"
+    reference = read_outputs(out)
+    assert _record(out)["resolved"] == {"dtype": "float32", "pooling": "mean", "normalize": False}
+
+    pooling.write_text(json.dumps({"pooling_mode_cls_token": True}))
+    _lose_last_part(out)
+    refused = cli("run", str(job))
+    assert refused.exit_code == 2, refused.output
+    assert (
+        "task.pooling auto resolved to mean" in refused.output
+        and "--set task.pooling=mean" in refused.output
+    )
+    resumed = cli("run", str(job), "--set", "task.pooling=mean")
+    assert resumed.exit_code == 0, resumed.output
+    assert_every_id_once(out, reference, ROWS)
+
+
+def test_a_folder_that_lost_its_job_json_asks_for_overwrite_which_then_works(tmp_path, tiny_model):
+    """Its error asked for --overwrite, which then refused the folder as not bulkinfer's: the
+    only way out was removing files by hand."""
+    job = _finished(tmp_path, tiny_model)
+    out = tmp_path / "out"
+    reference = read_outputs(out)
+    (out / "job.json").unlink()
+    for command in ("run", "validate"):
+        refused = cli(command, str(job))
+        assert refused.exit_code == 2, refused.output
+        assert "no job.json" in refused.output and "--overwrite" in refused.output
+    again = cli("run", str(job), "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert read_outputs(out).equals(reference)
+
+
+def test_validate_names_a_setting_the_folder_ran_without(tmp_path, tiny_model):
+    """validate said the folder would resume; run then refused it."""
+    job = _finished(tmp_path, tiny_model)
+    refused = cli("validate", str(job), "--set", "task.max_new_tokens=9")
+    assert refused.exit_code == 2, refused.output
+    assert "task.max_new_tokens (task.max_new_tokens: 6 there, 9 here)" in refused.output, (
+        refused.output
+    )
+    assert cli("validate", str(job)).exit_code == 0
+    run = cli("run", str(job), "--set", "task.max_new_tokens=9")
+    assert run.exit_code == 2 and "task.max_new_tokens: 6 there, 9 here" in run.output
+
+
+def test_an_input_folder_holding_job_folders_reads_only_its_data(tmp_path, tiny_model):
+    """Jobs writing into a shared data folder read each other's outputs (and job.json, as JSON
+    lines) as input: only a job's own output folder was passed over."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "rows.jsonl", sample_prompts(ROWS))
+    first = write_job(tmp_path / "a.yaml", tiny_model, data, data / "a")
+    assert cli("run", str(first)).exit_code == 0
+    second = write_job(tmp_path / "b.yaml", tiny_model, data, data / "b")
+    result = cli("run", str(second))
+    assert result.exit_code == 0, result.output
+    assert read_outputs(data / "b").num_rows == ROWS
+    assert read_outputs(data / "b").equals(read_outputs(data / "a"))
+
+
+def test_a_finished_job_missing_its_stats_or_card_writes_them_again(tmp_path, tiny_model):
+    """A removed stats/ ended in pyarrow's error cut mid-word; a removed README.md stayed gone."""
+    job = _finished(tmp_path, tiny_model)
+    out = tmp_path / "out"
+    for removed in (out / "stats", out / "README.md"):
+        shutil.rmtree(removed) if removed.is_dir() else removed.unlink()
+        result = cli("run", str(job))
+        assert result.exit_code == 0, result.output
+        assert "is missing from a finished job" in result.output, result.output
+        assert removed.exists()
