@@ -104,6 +104,21 @@ def test_the_same_model_files_at_another_path_resume_the_folder(tmp_path, tiny_m
     assert "the model files differ (config.json changed)" in refused.output, refused.output
 
 
+def test_shards_given_the_model_at_other_paths_merge(tmp_path, tiny_model):
+    """Array tasks that each stage the model to their node's disk: each shard was refused by
+    its siblings' record, and where it was not, the merge refused the shards for differing."""
+    job = _finished(tmp_path, tiny_model)
+    staged = shutil.copytree(tiny_model, tmp_path / "staged")
+    sharded = tmp_path / "sharded"
+    for index, model in enumerate((tiny_model, staged)):
+        result = cli(
+            "run", str(job), "--shard", f"{index}/2", "-o", str(sharded),
+            "--set", f"model.path={model}",
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+    assert_every_id_once(sharded, read_outputs(tmp_path / "out"), ROWS)
+
+
 def test_an_embed_pooling_changed_in_the_model_files_is_refused(tmp_path):
     """task.pooling auto reads the model's 1_Pooling/config.json, which the model's fingerprint
     (its top-level files) does not cover: a folder begun with mean pooling resumed with cls

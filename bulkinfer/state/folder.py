@@ -206,7 +206,7 @@ def differences(record: JobRecord, run: RunIdentity) -> str | None:
         )
     for key, name in RESOLVED_KEYS.items():
         before, now = (record.resolved or {}).get(name), run.resolved.get(name)
-        if not mismatch and before is not None and before != now:
+        if not mismatch and None not in (before, now) and before != now:
             where = f" on {record.device}" if record.device else ""
             reasons.append(
                 f"{key} {_get(record.spec, key)} resolved to {_value(before)} for its rows"

@@ -16,7 +16,8 @@ from bulkinfer.errors import UserError
 from bulkinfer.io.atomic import write_parquet_atomic
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.outputs import write_sorted_outputs
-from bulkinfer.state.folder import finished_damage
+from bulkinfer.state.fingerprint import RunIdentity
+from bulkinfer.state.folder import differences, finished_damage
 from bulkinfer.state.records import SUMMARY_TOTALS, JobRecord, Summary
 from bulkinfer.state.status import shard_counts, shard_states
 
@@ -67,17 +68,17 @@ def _merge_locked(root: OutputLayout, token_bytes_for) -> Summary:
         )
     shards = [root.shard(s.shard.index, count) for s in states]
     jobs = [JobRecord.read(shard.job_file) for shard in shards]
-    prints = [{k: v for k, v in j.fingerprint.items() if k != "shard"} for j in jobs]
+    first = RunIdentity(jobs[0].fingerprint, jobs[0].spec, jobs[0].resolved or {})
     unlike = [
-        f"{state.shard} ({', '.join(k for k in sorted(p) if p[k] != prints[0].get(k))})"
-        for state, p in zip(states, prints, strict=True)
-        if p != prints[0]
+        f"{state.shard} ({', '.join(_parts_differing(job, first)) or 'auto settings'}): {differs}"
+        for state, job in zip(states[1:], jobs[1:], strict=True)
+        if (differs := differences(job, first))
     ]
     if unlike:
         raise UserError(
-            f"{root.root}: the shards were run with different specs, models or inputs: "
-            f"{', '.join(unlike)} differ from shard {states[0].shard} in what is named; "
-            "rerun those with the same job (--overwrite)"
+            f"{root.root}: the shards were run with different specs, models or inputs, against "
+            f"shard {states[0].shard}: {'; '.join(unlike)}; rerun those with the same job "
+            "(--overwrite)"
         )
     summaries = [
         _checked_shard(root, shard, job, state.shard)
@@ -97,6 +98,10 @@ def _merge_locked(root: OutputLayout, token_bytes_for) -> Summary:
     summary = merge_summaries(summaries)
     summary.write(root.summary)
     return summary
+
+
+def _parts_differing(job: JobRecord, first: RunIdentity) -> list[str]:
+    return [k for k in ("model", "spec", "input") if job.fingerprint.get(k) != first.prints[k]]
 
 
 def _checked_shard(root: OutputLayout, shard: OutputLayout, job: JobRecord, name) -> Summary:
