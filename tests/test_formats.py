@@ -17,7 +17,7 @@ import pytest
 from conftest import (
     child_env,
     cli,
-    cli_subprocess,
+    cli_again,
     read_outputs,
     sample_prompts,
     write_job,
@@ -158,7 +158,7 @@ def test_saved_dataset_dict_split_and_resume_after_a_kill(tmp_path, tiny_model):
     # mapping the loaded dataset writes a cache file into its folder: the rows are the same
     datasets.load_from_disk(str(folder))["train"].map(lambda row: {"extra": 1})
     assert list((folder / "train").glob("cache-*.arrow"))
-    second = cli_subprocess("run", str(killed))
+    second = cli_again("run", str(killed))
     assert second.returncode == 0, second.stderr
     assert "resuming" in second.stderr
     assert read_outputs(tmp_path / "killed").equals(reference)
@@ -171,7 +171,7 @@ def test_saved_dataset_dict_split_and_resume_after_a_kill(tmp_path, tiny_model):
     for f in (tmp_path / "other" / "train").iterdir():
         f.rename(folder / "train" / f.name)
     (tmp_path / "killed" / "summary.json").unlink()
-    changed = cli_subprocess("run", str(killed))
+    changed = cli_again("run", str(killed))
     assert changed.returncode == 2
     assert "input" in changed.stderr
 

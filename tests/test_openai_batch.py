@@ -318,18 +318,18 @@ def test_validate_finds_what_run_refuses_in_the_first_requests(tmp_path, tiny_mo
     def validate(name, requests, *settings):
         inputs = write_jsonl(tmp_path / f"{name}.jsonl", requests)
         job = write_job(tmp_path / f"{name}.yaml", tiny_model, inputs, tmp_path / name)
-        return cli_subprocess("validate", str(job), *settings)
+        return cli("validate", str(job), *settings)
 
     good = validate("good", [_chat_request(i) for i in range(3)])
-    assert good.returncode == 0 and "3 rows" in good.stdout, good.stdout + good.stderr
+    assert good.exit_code == 0 and "3 rows" in good.output, good.output
     twice = validate("twice", [_chat_request(0), _chat_request(1), _chat_request(0)])
-    assert twice.returncode == 2
-    assert "duplicate id 'request-0' at" in twice.stderr and "twice.jsonl:3" in twice.stderr
+    assert twice.exit_code == 2
+    assert "duplicate id 'request-0' at" in twice.output and "twice.jsonl:3" in twice.output
     bad = [_chat_request(0), _chat_request(1, max_tokens=0)]
-    assert validate("recorded", bad).returncode == 0
+    assert validate("recorded", bad).exit_code == 0
     failing = validate("failing", bad, "--set", "on_error=fail")
-    assert failing.returncode == 2
-    assert "failing.jsonl:2: invalid request: body.max_tokens" in failing.stderr, failing.stderr
+    assert failing.exit_code == 2
+    assert "failing.jsonl:2: invalid request: body.max_tokens" in failing.output, failing.output
 
 
 def test_a_request_s_own_plain_text_and_no_logprobs_win_over_the_job_s(tmp_path, tiny_model):

@@ -14,6 +14,7 @@ import pytest
 from conftest import (
     child_env,
     cli,
+    cli_again,
     cli_subprocess,
     read_outputs,
     sample_prompts,
@@ -169,7 +170,7 @@ def test_write_error_on_the_writer_thread_ends_the_run_and_a_rerun_resumes(overl
     assert not list(out.rglob(".*.tmp-*"))
     # every part before the failure is committed
     assert len(_manifest(out)) == max(0, nth - WRITES_BEFORE_PARTS - 1) // 2
-    resumed = cli_subprocess("run", str(job))
+    resumed = cli_again("run", str(job))
     assert resumed.returncode == 0, resumed.stderr
     _assert_every_id_once(out, reference)
 
@@ -185,7 +186,7 @@ def test_sigkill_during_a_background_write_resumes_every_id_once(overlap_job, po
     where, nth = point.split(":")
     # Killed on the writer thread: the nth part is in place but uncommitted, or just committed.
     assert len(_manifest(out)) == (int(nth) - 1 if where == "part_written" else int(nth))
-    second = cli_subprocess("run", str(job))
+    second = cli_again("run", str(job))
     assert second.returncode == 0, second.stderr
     assert "resuming" in second.stderr
     _assert_every_id_once(out, reference)
@@ -214,6 +215,6 @@ def test_sigterm_commits_every_batch_that_ran_before_exiting(overlap_job):
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     rows_run = max(e["rows_done"] for e in events if e["event"] == "progress")
     assert sum(p["rows"] for p in _manifest(out)) == rows_run < N_ROWS
-    resumed = cli_subprocess("run", str(job))
+    resumed = cli_again("run", str(job))
     assert resumed.returncode == 0, resumed.stderr
     _assert_every_id_once(out, reference)

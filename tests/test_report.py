@@ -18,6 +18,7 @@ from conftest import (
     ROOT,
     child_env,
     cli,
+    cli_again,
     cli_subprocess,
     sample_prompts,
     write_job,
@@ -365,7 +366,7 @@ def test_a_summary_edited_so_a_figure_is_no_number_is_read_as_unfinished(tmp_pat
         assert cli("report", str(tmp_path / "out")).exit_code == 0
         status = cli("status", str(tmp_path / "out"))
         assert status.exit_code == 0 and "stopped" in status.output, status.output
-        again = cli_subprocess("run", str(job))
+        again = cli_again("run", str(job))
         assert again.returncode == 0 and "summary.json has no number for" in again.stderr
         assert json.loads(summary_file.read_text())["rows_out"] == 6
 

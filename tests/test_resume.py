@@ -16,6 +16,7 @@ from conftest import (
     assert_every_id_once,
     child_env,
     cli,
+    cli_again,
     cli_subprocess,
     read_outputs,
     sample_prompts,
@@ -56,7 +57,7 @@ def test_kill_at_each_write_point_then_resume(crash_job, point):
         text=True,
     )
     assert first.returncode == -signal.SIGKILL, first.stderr
-    second = cli_subprocess("run", str(job))
+    second = cli_again("run", str(job))
     assert second.returncode == 0, second.stderr
     _assert_same_outputs(job.parent / f"kill-{point}", reference)
 
@@ -83,7 +84,7 @@ def test_sigkill_at_random_moments_then_resume(crash_job):
             proc.wait()
             kills += 1
     assert kills >= 2
-    final = cli_subprocess("run", str(job))
+    final = cli_again("run", str(job))
     assert final.returncode == 0, final.stderr
     _assert_same_outputs(job.parent / "random-kills", reference)
 
@@ -111,7 +112,7 @@ def test_graceful_signal_writes_batch_in_flight_and_exits_nonzero(crash_job, sig
     assert proc.returncode == 128 + sig, stderr
     assert "rerun the same command to resume" in stderr
     assert not (out / "summary.json").exists()
-    resumed = cli_subprocess("run", str(job))
+    resumed = cli_again("run", str(job))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
     # its rows count the first run's, its tokens are its own: the line says which is which
@@ -149,7 +150,7 @@ def test_a_stop_before_the_first_batch_says_so_and_resumes(crash_job, sig):
     # stop that lands after the plan is recorded, as on a loaded machine)
     manifest = out / "checkpoint" / "manifest.jsonl"
     assert not manifest.exists() or not manifest.read_text().strip()
-    resumed = cli_subprocess("run", str(job))
+    resumed = cli_again("run", str(job))
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_outputs(out, reference)
 
@@ -160,7 +161,7 @@ def test_a_finished_job_whose_outputs_were_removed_writes_them_again(crash_job):
     out = job.parent / "outputs-removed"
     assert cli_subprocess("run", str(job)).returncode == 0
     shutil.rmtree(out / "outputs")
-    again = cli_subprocess("run", str(job))
+    again = cli_again("run", str(job))
     assert again.returncode == 0, again.stderr
     assert "outputs is missing from a finished job" in again.stderr
     _assert_same_outputs(out, reference)
@@ -177,7 +178,7 @@ def test_corrupt_part_is_detected_and_recomputed(crash_job):
     assert len(parts) >= 2
     data = parts[1].read_bytes()
     parts[1].write_bytes(data[: len(data) // 2])
-    resumed = cli_subprocess("run", str(job))
+    resumed = cli_again("run", str(job))
     assert resumed.returncode == 0, resumed.stderr
     assert "corrupt" in resumed.stderr
     _assert_same_outputs(job.parent / "corrupt", reference)
@@ -196,9 +197,9 @@ def test_a_removed_manifest_is_a_warning_and_keeps_the_folder_the_job_s(crash_jo
     )
     assert list((out / "checkpoint" / "parts").glob("*.parquet"))
     (out / "checkpoint" / "manifest.jsonl").unlink()
-    other = cli_subprocess("run", str(job), "--set", "task.max_new_tokens=2")
+    other = cli_again("run", str(job), "--set", "task.max_new_tokens=2")
     assert other.returncode == 2 and "--overwrite" in other.stderr, other.stderr
-    resumed = cli_subprocess("run", str(job))
+    resumed = cli_again("run", str(job))
     assert resumed.returncode == 0, resumed.stderr
     assert "manifest.jsonl is missing" in resumed.stderr, resumed.stderr
     _assert_same_outputs(out, reference)
@@ -299,7 +300,7 @@ def test_full_disk_stops_cleanly_and_a_rerun_resumes(crash_job, nth):
     assert "No space left on device" in failed.stderr
     assert "Traceback" not in failed.stderr
     assert not list((job.parent / f"enospc-{nth}").rglob(".*.tmp-*"))
-    resumed = cli_subprocess("run", str(job))
+    resumed = cli_again("run", str(job))
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_outputs(job.parent / f"enospc-{nth}", reference)
 
