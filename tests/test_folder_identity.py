@@ -96,6 +96,12 @@ def test_the_same_model_files_at_another_path_resume_the_folder(tmp_path, tiny_m
     assert resumed.exit_code == 0, resumed.output
     assert_every_id_once(out, reference, ROWS)
 
+    record = _record(out)  # staged on a GPU node, where auto gave bf16: refused all the same
+    (out / "job.json").write_text(json.dumps({**record, "resolved": {"dtype": "bfloat16"}}))
+    refused = cli("run", str(job), "--set", f"model.path={staged}")
+    assert refused.exit_code == 2 and "--set model.dtype=bfloat16" in refused.output
+    (out / "job.json").write_text(json.dumps(record))
+
     config = json.loads((staged / "config.json").read_text())
     (staged / "config.json").write_text(json.dumps({**config, "initializer_range": 0.5}))
     _lose_last_part(out)

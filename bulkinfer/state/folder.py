@@ -193,7 +193,7 @@ def differences(record: JobRecord, run: RunIdentity) -> str | None:
     mismatch = [k for k in ("spec", "model", "input") if record.fingerprint.get(k) != run.prints[k]]
     keys = spec_keys_differing(record.spec, run.spec) if "spec" in mismatch else []
     if mismatch and _same_in_effect(record, run, mismatch, keys):
-        return None
+        mismatch = []  # the same job: what `auto` resolved to is still compared below
     reasons = [other_settings(record.spec, keys, run.spec)] if "spec" in mismatch else []
     if "model" in mismatch:
         changed = _changed_model_files(record.fingerprint, run.prints)
