@@ -79,7 +79,30 @@ def grammar_for(response_format: Any) -> str | None:
     problem = ll.LLMatcher.validate_grammar(grammar)
     if problem:
         raise ValueError(f"response_format: {_one_line(problem)}")
+    if _allows_no_text(ll, grammar):
+        raise ValueError(
+            "response_format: no text matches it (a $ref that only leads to itself, say): "
+            "every row would end at once, empty"
+        )
     return grammar
+
+
+def _allows_no_text(ll, grammar: str) -> bool:
+    """Whether a grammar llguidance accepts lets no text through: a matcher over single bytes
+    fails at its first mask, or allows only the end where the empty text is no answer (a
+    circular $ref compiles, and every row then ended at once, empty, marked ok)."""
+    tokenizer = _byte_tokenizer(ll)
+    found = ll.LLMatcher(tokenizer, grammar, log_level=0)
+    bits = found.compute_bitmask()
+    if found.is_error():
+        return True
+    allowed = {8 * i + b for i, byte in enumerate(bits) for b in range(8) if byte >> b & 1}
+    return not found.is_accepting() and allowed <= {tokenizer.eos_token}
+
+
+@functools.cache
+def _byte_tokenizer(ll):
+    return ll.LLTokenizer("byte")
 
 
 def _matches_nothing(ll, pattern: str) -> bool:

@@ -472,3 +472,59 @@ def test_completed_json_that_breaks_its_schema_is_counted(tmp_path, tiny_model, 
     assert summary["constrained_cut_short"] >= len(broken)
     assert summary["constrained_cut_short"] <= len(broken) + len(cut)
     assert "breaks its schema" in done.stderr
+
+
+CIRCULAR = {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}
+# an object whose property `c` must be another such object: no finite JSON value is one
+ENDLESS = {
+    "$defs": {
+        "n": {
+            "type": "object",
+            "properties": {"c": {"$ref": "#/$defs/n"}},
+            "required": ["c"],
+            "additionalProperties": False,
+        }
+    },
+    "$ref": "#/$defs/n",
+}
+
+
+def test_a_schema_no_text_matches_is_refused_before_any_row_runs(tmp_path, tiny_model):
+    """A circular $ref compiled: every row ended at once, empty, finish_reason stop, counted
+    ok; as an OpenAI request, an empty 200 answer."""
+    fmt = {"type": "json_schema", "schema": CIRCULAR}
+    job = _job(tmp_path, tiny_model, "out", rows=4, response_format=fmt)
+    for command in ("validate", "run"):
+        result = cli(command, str(job))
+        assert result.exit_code == 2, result.output
+        assert "no text matches it" in result.output, result.output
+    request = {
+        "custom_id": "r0",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 8,
+            "response_format": {"type": "json_schema", "json_schema": {"schema": CIRCULAR}},
+        },
+    }
+    (tmp_path / "requests").mkdir()
+    result = cli("run", str(_requests_job(tmp_path / "requests", tiny_model, [request])))
+    assert result.exit_code == 0, result.output
+    (row,) = read_outputs(tmp_path / "requests" / "out").to_pylist()
+    assert "no text matches it" in row["error"], row
+
+
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_a_row_whose_grammar_fails_is_an_error_not_unconstrained_text(tmp_path, tiny_model, engine):
+    """llguidance gives up on a schema no finite value satisfies a few tokens in: the row ran
+    on unconstrained (garbage after its `{`, counted ok), and the library's warning, a line
+    a row on stderr, broke --log-format json. The row is now an error, and stderr stays JSON."""
+    fmt = {"type": "json_schema", "schema": ENDLESS}
+    job = _job(tmp_path, tiny_model, "out", rows=3, engine=engine, response_format=fmt)
+    result = cli_subprocess("--log-format", "json", "run", str(job))
+    assert result.returncode == 0, result.stderr
+    assert all(json.loads(line) for line in result.stderr.splitlines()), result.stderr
+    rows = read_outputs(tmp_path / "out").to_pylist()
+    assert all("the grammar library gave up" in (r["error"] or "") for r in rows), rows
+    assert {r["finish_reason"] for r in rows} == {"grammar_failed"}

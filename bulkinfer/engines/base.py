@@ -19,6 +19,9 @@ import numpy as np
 # a temperature under this is greedy (as vLLM's sampler takes it): dividing logits by less
 # overflows float32 to infinities, and the sampler would take the first of them
 GREEDY_BELOW = 1e-5
+# the finish reason of a constrained row whose grammar matcher failed (llguidance gave up on
+# the grammar, e.g. a schema with no finite value): its text was not kept to the format
+GRAMMAR_FAILED = "grammar_failed"
 
 
 @dataclass(frozen=True)

@@ -154,7 +154,7 @@ def completes(tokenizer, grammar: str, text: str) -> bool:
 @functools.lru_cache(maxsize=64)
 def _first_matcher(tokenizer, grammar: str):
     ll = _llguidance()
-    found = ll.LLMatcher(tokenizer, grammar)
+    found = ll.LLMatcher(tokenizer, grammar, log_level=0)  # failures are read with is_error()
     if found.is_error():
         raise ValueError(f"response_format: {found.get_error()}")
     return found
@@ -215,7 +215,8 @@ def consume_all(matchers: list, tokens: list[int]) -> None:
     costs ~5-10 microseconds a row, which for a thousand rows in the host's critical path
     between two decode steps would take longer than a small model's step. A refused token
     (which the mask makes impossible) leaves a matcher in its error state: that row then runs
-    unconstrained. Rows without a matcher, or whose matcher has stopped, are skipped."""
+    unconstrained, until its engine ends it (`failed`). Rows without a matcher, or whose
+    matcher has stopped, are skipped."""
     pairs = [
         (m, t)
         for m, t in zip(matchers, tokens, strict=True)
@@ -225,3 +226,10 @@ def consume_all(matchers: list, tokens: list[int]) -> None:
         pairs[0][0].consume_token(pairs[0][1])
     elif pairs:
         _executor().consume_token_par(pairs)
+
+
+def failed(found) -> bool:
+    """Whether a row's matcher has failed: llguidance gave up on the grammar (its parser's
+    limits; a schema no finite value satisfies) or was handed a token it did not allow. The
+    row's text is no longer kept to its format, so the engine ends it as GRAMMAR_FAILED."""
+    return found is not None and found.is_error()

@@ -17,8 +17,14 @@ import numpy as np
 import torch
 
 from bulkinfer.configs import text_config
-from bulkinfer.engines.base import EngineLimits, LoadOptions, StreamUpdate
-from bulkinfer.engines.constraints import consume_all, end_token, mask_logits, matcher
+from bulkinfer.engines.base import GRAMMAR_FAILED, EngineLimits, LoadOptions, StreamUpdate
+from bulkinfer.engines.constraints import (
+    consume_all,
+    end_token,
+    failed,
+    mask_logits,
+    matcher,
+)
 from bulkinfer.engines.sampling import (
     RowSampling,
     SamplingParams,
@@ -279,6 +285,7 @@ class HFEngine:
                 done = rows.finished.tolist()
                 matchers = [None if d else m for m, d in zip(matchers, done, strict=True)]
                 consume_all(matchers, tokens.tolist())
+                rows.fail([i for i, m in enumerate(matchers) if failed(m)])
             if rows.all_finished():
                 break
             if (step + 1) % REPORT_EVERY == 0:
@@ -391,6 +398,7 @@ class _DecodingRows:
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
         self.stopped = torch.zeros_like(self.finished)
         self.nan = torch.zeros_like(self.finished)  # rows whose scores held a NaN
+        self.failed = torch.zeros_like(self.finished)  # rows whose grammar matcher failed
         stops = [p.stop for p in per_row]
         self.stop_checker = StopStrings(stops, engine.tokenizer) if any(stops) else None
         self.steps = 0
@@ -419,6 +427,13 @@ class _DecodingRows:
             self.finished |= hit
         return next_tokens
 
+    def fail(self, index: list[int]) -> None:
+        """End the rows whose grammar matcher failed (GRAMMAR_FAILED): their next tokens would
+        not be kept to the format."""
+        if index:
+            self.failed[index] = True
+            self.finished[index] = True
+
     def all_finished(self) -> bool:
         if self.nan.any():
             raise nan_error(int(self.nan.nonzero()[0, 0]), self.steps - 1)
@@ -438,6 +453,7 @@ class _DecodingRows:
         rows = self.generated[index, : self.steps].tolist()
         lps = self.token_logprobs[index, : self.steps].tolist() if self.logprobs else None
         counts, stopped = self.counts[index].tolist(), self.stopped[index].tolist()
+        failures = self.failed[index].tolist()
         top_ids = top_values = None
         if self.top:
             top_ids = self.top_ids[index, : self.steps].tolist()
@@ -445,7 +461,7 @@ class _DecodingRows:
         return {
             i: Generation(
                 rows[k][: counts[k]],
-                "stop" if stopped[k] else "length",
+                GRAMMAR_FAILED if failures[k] else "stop" if stopped[k] else "length",
                 lps[k][: counts[k]] if self.logprobs else None,
                 top_ids[k][: counts[k]] if self.top else None,
                 top_values[k][: counts[k]] if self.top else None,

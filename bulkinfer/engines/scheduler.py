@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bulkinfer.engines.base import GenerateRequests, StreamUpdate
-from bulkinfer.engines.constraints import matcher
+from bulkinfer.engines.base import GRAMMAR_FAILED, GenerateRequests, StreamUpdate
+from bulkinfer.engines.constraints import failed, matcher
 from bulkinfer.engines.hf import Generation
 from bulkinfer.engines.kv import DecodeInputs, RegionAllocator, shared_prefix_groups
 from bulkinfer.engines.memory import PREFILL_TOKENS
@@ -239,6 +239,10 @@ class Scheduler:
         still = []
         for k, (row, new, lps) in enumerate(zip(rows, chosen, chosen_logprobs, strict=True)):
             tops = (chosen_top[0][k], chosen_top[1][k]) if top else None
+            if failed(row.matcher):  # its tokens are not kept to the format: it ends here
+                row.reason = GRAMMAR_FAILED
+                self._release(row)
+                continue
             if row.params.stop:  # stop strings are looked for after every token
                 alts = zip(*tops, strict=True) if top else [None] * len(new)
                 taken = zip(new, lps, alts, strict=True)
@@ -304,9 +308,12 @@ class Scheduler:
             row.reason = "stop"
         elif len(row.tokens) < row.limit:
             return False
+        self._release(row)
+        return True
+
+    def _release(self, row: Row) -> None:
         self.allocator.release(row.start, row.need)
         self._row_done(row)
-        return True
 
     def _row_done(self, row: Row) -> None:
         logprobs = row.logprobs if row.want_logprobs else None

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from bulkinfer.engines.base import GenerateRequests, whole_groups
+from bulkinfer.engines.base import GRAMMAR_FAILED, GenerateRequests, whole_groups
 from bulkinfer.engines.constraints import completes, ll_tokenizer
 from bulkinfer.engines.sampling import SamplingParams, row_key
 from bulkinfer.engines.stops import generated_texts, truncate_at_stop
@@ -176,13 +176,20 @@ class GenerateTask:
         """The batch's output columns from its sequences' generations (in `ask` order)."""
         samples: list[list[Sample]] = [[] for _ in rows]
         new_tokens, constrained, cut_short = 0, False, 0
+        errors = dict(ask.errors)
         triples = zip(ask.owners, ask.requests.params, generations, strict=True)
         for owner, p, gen in triples:
             sample = self._sample(gen, p.stop, ask.rows[owner])
             samples[owner].append(sample)
             new_tokens += len(gen.tokens)
-            if p.grammar is not None:
-                constrained = True
+            constrained |= p.grammar is not None
+            if gen.finish_reason == GRAMMAR_FAILED:
+                errors[owner] = (
+                    "response_format: the grammar library gave up on this row's output after "
+                    f"{len(gen.tokens)} tokens (its parser's limits: a schema no finite value "
+                    "satisfies, or nesting too deep); the text is not kept to the format"
+                )
+            elif p.grammar is not None:
                 cut_short += self._cut_short(sample, p)
         columns = {name: [] for name in self.schema.names}
         for k, (row, row_samples) in enumerate(zip(rows, samples, strict=True)):
@@ -202,7 +209,7 @@ class GenerateTask:
         return BatchResult(
             columns,
             new_tokens,
-            errors=dict(ask.errors),
+            errors=errors,
             cut_short=cut_short if constrained else None,
         )
 
