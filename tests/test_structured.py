@@ -528,3 +528,28 @@ def test_a_row_whose_grammar_fails_is_an_error_not_unconstrained_text(tmp_path, 
     rows = read_outputs(tmp_path / "out").to_pylist()
     assert all("the grammar library gave up" in (r["error"] or "") for r in rows), rows
     assert {r["finish_reason"] for r in rows} == {"grammar_failed"}
+
+
+def test_yaml_words_yes_no_on_off_in_a_schema_stay_strings(tmp_path, tiny_model):
+    """YAML 1.1 read `enum: [yes, no, maybe]` as [true, false, "maybe"] and Norway's `NO` as
+    false: every answer came out a boolean the user never listed. Only true and false are
+    booleans now (YAML 1.2, JSON); a boolean setting still takes yes and no."""
+    job = _job(tmp_path, tiny_model, "out", rows=6)
+    schema = (
+        "  response_format:\n"
+        "    type: json_schema\n"
+        "    schema:\n"
+        "      type: object\n"
+        "      properties:\n"
+        "        answer: {enum: [yes, no, maybe]}\n"
+        "        country: {enum: [SE, NO, DK]}\n"
+        "      required: [answer, country]\n"
+        "      additionalProperties: false\n"
+        "  logprobs: yes\n"
+    )
+    job.write_text(job.read_text().replace("task:\n", "task:\n" + schema))
+    rows = _run(job)
+    answers = [json.loads(r["text"]) for r in rows]
+    assert all(a["answer"] in ("yes", "no", "maybe") for a in answers), answers
+    assert all(a["country"] in ("SE", "NO", "DK") for a in answers), answers
+    assert all(r["token_logprobs"] for r in rows)

@@ -79,6 +79,18 @@ UniqueKeyLoader.add_implicit_resolver(
     list("-+0123456789"),
 )
 
+# YAML 1.1 reads yes, no, on and off as booleans too: in a response_format's schema `enum: [yes,
+# no, maybe]` became [true, false, "maybe"] and `NO` (Norway) false, silently. As in YAML 1.2
+# and JSON, only true and false are booleans; a boolean setting still takes the other words.
+UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in UniqueKeyLoader.yaml_implicit_resolvers.items()
+}
+UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+YAML_11_BOOLEANS = {"yes": True, "on": True, "no": False, "off": False}
+
 
 def _read_yaml(path: Path) -> dict:
     if path.is_dir():
@@ -200,6 +212,8 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
             raise SpecError(f"{key}: expected {one}a list, got {_kind(value)}")
         return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is bool:
+        if isinstance(value, str) and value.lower() in YAML_11_BOOLEANS:
+            return YAML_11_BOOLEANS[value.lower()]
         if not isinstance(value, bool):
             raise SpecError(f"{key}: expected true or false, got {_kind(value)}")
         return value
