@@ -49,6 +49,11 @@ def grammar_for(response_format: Any) -> str | None:
         raise ValueError(
             f"response_format.type {kind!r} is not one of text, {', '.join(RESPONSE_TYPES)}"
         )
+    if kind == "json_object" and ("schema" in response_format or "json_schema" in response_format):
+        raise ValueError(
+            "response_format of type json_object takes no schema (any object is allowed); "
+            "use type json_schema to keep rows to one"
+        )
     ll = llguidance_module()
     if kind == "json_object":
         grammar = ll.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_LAYOUT)
@@ -134,8 +139,11 @@ def grammar_of_json(response_format: str) -> str | None:
 
 
 def _schema_of(response_format: dict) -> dict:
+    """The schema of a json_schema format: OpenAI's json_schema.schema, or schema beside it."""
     inner = response_format.get("json_schema")
-    schema = inner.get("schema") if isinstance(inner, dict) else response_format.get("schema")
+    schema = inner.get("schema") if isinstance(inner, dict) else None
+    if schema is None:
+        schema = response_format.get("schema")
     if not isinstance(schema, dict):
         raise ValueError(
             "response_format of type json_schema needs a schema object "

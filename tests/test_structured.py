@@ -297,6 +297,7 @@ def test_any_json_object(tmp_path, tiny_model):
         ({"type": "regex", "pattern": r"[^\s\S]"}, "matches no text"),
         ({"type": "regex", "pattern": r"(a)\1"}, 'regex "(a)\\\\1" error: backreferences are'),
         ({"type": "json_schema", "schema": {"enum": []}}, "Unsatisfiable"),
+        ({"type": "json_object", "schema": {"required": ["a"]}}, "json_object takes no schema"),
     ],
 )
 def test_a_bad_response_format_is_one_line_naming_it(tmp_path, tiny_model, fmt, fragment):
@@ -304,7 +305,15 @@ def test_a_bad_response_format_is_one_line_naming_it(tmp_path, tiny_model, fmt, 
     assert result.exit_code == 2
     message = result.output.strip()
     assert message.startswith("bulkinfer: error: task.response_format") and fragment in message
-    assert "\n" not in message
+    assert "\n" not in message and "response_format: response_format" not in message
+
+
+def test_a_schema_beside_openai_s_json_schema_name_is_read(tmp_path, tiny_model):
+    """{json_schema: {name: x}, schema: {...}} was refused as needing a schema object."""
+    schema = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}}, "required": ["a"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "pick"}, "schema": schema}
+    rows = _run(_job(tmp_path, tiny_model, "out", rows=3, response_format=fmt))
+    assert all(json.loads(r["text"])["a"] in ("x", "y") for r in rows), rows
 
 
 def test_openai_requests_with_response_format(tmp_path, tiny_model):

@@ -11,6 +11,7 @@ from collections import Counter
 
 import numpy as np
 
+from bulkinfer.errors import counted
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.outputs import assemble_outputs, error_rows_table, write_stats
 from bulkinfer.job.batch import rows_in_flight
@@ -172,8 +173,9 @@ def write_summary(
     cut_short = summary.details.get("constrained_cut_short")
     if cut_short:
         log(
-            f"{cut_short:,} samples kept to a response_format are not whole, valid answers of "
-            "it: ended at their token limit (finish_reason length; raise max_tokens, "
+            f"{counted(cut_short, 'sample')} kept to a response_format "
+            f"{'is not a whole, valid answer' if cut_short == 1 else 'are not whole, valid answers'}"
+            " of it: ended at their token limit (finish_reason length; raise max_tokens, "
             "task.max_new_tokens) or at a stop string (task.stop) before the format was "
             "complete, or JSON that breaks its schema where the grammar library lets it through "
             "(a repeated key, an exclusive bound)",

@@ -134,7 +134,8 @@ class TaskSpec:
             try:
                 grammar_for(self.response_format)
             except ValueError as exc:
-                raise SpecError(f"{key}.response_format: {exc}") from None
+                problem = str(exc).removeprefix("response_format").lstrip(": ")
+                raise SpecError(f"{key}.response_format: {problem}") from None
         self._check_keys_fit_type(key)
 
     def ignored_keys(self) -> list[str]:
