@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import (
     assert_every_id_once,
+    child_env,
     cli,
     read_outputs,
     sample_prompts,
@@ -181,6 +185,13 @@ def test_a_folder_that_lost_its_job_json_asks_for_overwrite_which_then_works(tmp
         refused = cli(command, str(job))
         assert refused.exit_code == 2, refused.output
         assert "no job.json" in refused.output and "--overwrite" in refused.output
+    killed = subprocess.run(  # killed while --overwrite empties the folder: it asks again
+        [sys.executable, "-m", "bulkinfer", "run", str(job), "--overwrite"],
+        env={**child_env(), "BULKINFER_KILL_AT": "overwrite_removed:5"},
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     again = cli("run", str(job), "--overwrite")
     assert again.exit_code == 0, again.output
     assert read_outputs(out).equals(reference)

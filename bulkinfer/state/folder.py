@@ -77,6 +77,8 @@ def open_job_folder(layout: OutputLayout, run: RunIdentity, overwrite: bool) -> 
             ours.append(ours.pop(ours.index(layout.job_file)))
         elif layout.job_file.exists():
             os.replace(layout.job_file, layout.overwriting)
+        elif record_lost(layout):  # the same mark, for a folder whose record was removed
+            layout.overwriting.write_text("{}\n")
         for path in ours:
             if path.is_dir():
                 shutil.rmtree(path)
