@@ -111,7 +111,7 @@ def test_the_same_model_files_at_another_path_resume_the_folder(tmp_path, tiny_m
     _lose_last_part(out)
     refused = cli("run", str(job), "--set", f"model.path={staged}")
     assert refused.exit_code == 2, refused.output
-    assert "the model files differ (config.json changed)" in refused.output, refused.output
+    assert "model files changed since the checkpoint: config.json" in refused.output, refused.output
 
 
 def test_shards_given_the_model_at_other_paths_merge(tmp_path, tiny_model):

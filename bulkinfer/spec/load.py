@@ -89,7 +89,28 @@ UniqueKeyLoader.yaml_implicit_resolvers = {
 UniqueKeyLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
-YAML_11_BOOLEANS = {"yes": True, "on": True, "no": False, "off": False}
+YAML_11_WORDS = {"yes": True, "on": True, "no": False, "off": False}
+PLAIN_WORD_TAG = "tag:bulkinfer,2026:yaml-1.1-bool"
+
+
+class PlainWord(str):
+    """An unquoted yes, no, on or off: text, as YAML 1.2 reads it (a schema's enum value),
+    and still true or false where a setting is true or false, as YAML 1.1 read it. A quoted
+    'yes' is plain text everywhere."""
+
+    @property
+    def truth(self) -> bool:
+        return YAML_11_WORDS[self.lower()]
+
+
+UniqueKeyLoader.add_implicit_resolver(
+    PLAIN_WORD_TAG,
+    re.compile(r"^(?:yes|Yes|YES|no|No|NO|on|On|ON|off|Off|OFF)$"),
+    list("yYnNoO"),
+)
+UniqueKeyLoader.add_constructor(
+    PLAIN_WORD_TAG, lambda loader, node: PlainWord(loader.construct_scalar(node))
+)
 
 
 def _read_yaml(path: Path) -> dict:
@@ -212,8 +233,8 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
             raise SpecError(f"{key}: expected {one}a list, got {_kind(value)}")
         return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is bool:
-        if isinstance(value, str) and value.lower() in YAML_11_BOOLEANS:
-            return YAML_11_BOOLEANS[value.lower()]
+        if isinstance(value, PlainWord):
+            return value.truth
         if not isinstance(value, bool):
             raise SpecError(f"{key}: expected true or false, got {_kind(value)}")
         return value

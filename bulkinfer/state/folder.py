@@ -199,9 +199,8 @@ def differences(record: JobRecord, run: RunIdentity) -> str | None:
     reasons = [other_settings(record.spec, keys, run.spec)] if "spec" in mismatch else []
     if "model" in mismatch:
         changed = _changed_model_files(record.fingerprint, run.prints)
-        reasons.append(
-            "the model files differ" + (f" ({', '.join(changed)} changed)" if changed else "")
-        )
+        since = f" (model files changed since the checkpoint: {', '.join(changed)})"
+        reasons.append("the model files differ" + (since if changed else ""))
     if "input" in mismatch:
         reasons.append(
             "the input files changed since the checkpoint was written (names, order or bytes)"
