@@ -203,7 +203,7 @@ def output_state(root: Path, spec: dict) -> str:
             "--output, or pass --overwrite to run"
         )
     if layout.job_file.exists() or layout.shards_dir.is_dir():
-        return "holds a bulkinfer job: run resumes it if its model and input are unchanged"
+        return "holds a bulkinfer job: run resumes it if spec, model and input are unchanged"
     if holds_foreign(layout):
         raise OutputFolderError(f"output.path: {foreign_message(layout)}")
     return "empty folder"

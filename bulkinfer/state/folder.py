@@ -43,9 +43,9 @@ def open_job_folder(layout: OutputLayout, run: RunIdentity, overwrite: bool) -> 
         differs = differences(existing, run)
         if differs:
             raise OutputFolderError(
-                f"{root} holds another job's outputs ({differs}); rerun with the folder's "
-                "settings, model and input to resume it, use another --output, or pass "
-                "--overwrite to start afresh"
+                f"{root} holds another job's outputs ({differs}); use another --output or "
+                "pass --overwrite to start afresh (with the folder's own settings, model and "
+                "input the run resumes it)"
             )
         finished = bool((read_json(layout.summary) or {}).get("complete"))
         problem = finished_damage(layout) if finished else None
