@@ -11,7 +11,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import child_env, cli, read_outputs, use_engine, write_job, write_jsonl
+from conftest import child_env, cli, cli_again, read_outputs, use_engine, write_job, write_jsonl
 
 WORDS = [
     "the",
@@ -163,7 +163,7 @@ def test_a_damaged_piece_of_a_long_batch_is_computed_again(tmp_path, tiny_model,
     got = read_outputs(out)
     assert got.column("id").to_pylist() == expected.column("id").to_pylist()
     assert got.drop(["error"]).equals(expected.drop(["error"]))
-    again = run(job)
+    again = cli_again("run", str(job))
     assert again.returncode == 0 and "already finished" in again.stderr, again.stderr
 
 
