@@ -235,3 +235,31 @@ def test_a_finished_job_missing_its_stats_or_card_writes_them_again(tmp_path, ti
         assert result.exit_code == 0, result.output
         assert "is missing from a finished job" in result.output, result.output
         assert removed.exists()
+
+
+def test_a_shard_an_older_version_finished_merges_with_one_of_this_version(tmp_path, tiny_model):
+    """A shard written before a column was added (its stats without constrained_cut_short,
+    an OpenAI job's outputs without top_logprobs) failed the merge with Arrow's traceback, on
+    every rerun. Its rows merge, null in the columns it lacks."""
+    import pyarrow.parquet as pq
+
+    job = _finished(tmp_path, tiny_model)
+    sharded = tmp_path / "sharded"
+    first = cli("run", str(job), "--shard", "0/2", "-o", str(sharded))
+    assert first.exit_code == 0, first.output
+    old = sharded / "shards" / "shard-00000-of-00002"
+    stats = old / "stats" / "batches.parquet"
+    pq.write_table(pq.read_table(stats).drop(["constrained_cut_short"]), stats)
+    (part,) = (old / "outputs").glob("*.parquet")
+    pq.write_table(pq.read_table(part).drop(["finish_reason"]), part)
+    second = cli("run", str(job), "--shard", "1/2", "-o", str(sharded))
+    assert second.exit_code == 0, second.output
+    merged = read_outputs(sharded)
+    assert sorted(merged.column("id").to_pylist()) == sorted(
+        read_outputs(tmp_path / "out").column("id").to_pylist()
+    )
+    reasons = merged.column("finish_reason").to_pylist()
+    assert None in reasons and {"length", "stop"} & set(reasons)
+    assert (
+        "constrained_cut_short" in pq.read_table(sharded / "stats" / "batches.parquet").schema.names
+    )

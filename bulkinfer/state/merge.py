@@ -86,7 +86,8 @@ def _merge_locked(root: OutputLayout, token_bytes_for) -> Summary:
     ]
     total = sum(j.rows for j in jobs)
     root.job_file.unlink(missing_ok=True)  # an unsharded run's record (its --overwrite)
-    tables = (t for shard in shards for t in _read_outputs(shard))
+    schema = _outputs_schema(shards)
+    tables = (_aligned(t, schema) for shard in shards for t in _read_outputs(shard))
     write_sorted_outputs(root, tables, np.arange(total))
     if jobs[0].openai_responses:
         from bulkinfer.io.openai_batch import write_responses_file
@@ -122,6 +123,24 @@ def _checked_shard(root: OutputLayout, shard: OutputLayout, job: JobRecord, name
     return summary
 
 
+def _outputs_schema(shards: list[OutputLayout]) -> pa.Schema:
+    """The columns of every shard's outputs: shards a version of bulkinfer finished before
+    another version finished the rest lack the columns added since (top_logprobs, say)."""
+    files = [path for shard in shards for path in sorted(shard.outputs_dir.glob("*.parquet"))]
+    return pa.unify_schemas([pq.read_schema(f) for f in files], promote_options="permissive")
+
+
+def _aligned(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with `schema`'s columns in its order, null where it has no such column."""
+    columns = [
+        table.column(f.name).cast(f.type)
+        if f.name in table.column_names
+        else pa.nulls(table.num_rows, f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
 def _read_outputs(shard: OutputLayout) -> Iterator[pa.Table]:
     """A shard's outputs, a row group at a time."""
     for path in sorted(shard.outputs_dir.glob("*.parquet")):
@@ -136,7 +155,8 @@ def _merge_stats(root: OutputLayout, shards: list[OutputLayout]) -> None:
         table = pq.read_table(shard.batch_stats)
         tables.append(table.append_column("shard", pa.array([index] * table.num_rows, pa.int32())))
     root.stats_dir.mkdir(exist_ok=True)
-    write_parquet_atomic(root.batch_stats, pa.concat_tables(tables))
+    # shards of an older version lack the stats added since: null there
+    write_parquet_atomic(root.batch_stats, pa.concat_tables(tables, promote_options="default"))
 
 
 def merge_summaries(shards: list[Summary]) -> Summary:
