@@ -263,3 +263,23 @@ def test_a_shard_an_older_version_finished_merges_with_one_of_this_version(tmp_p
     assert (
         "constrained_cut_short" in pq.read_table(sharded / "stats" / "batches.parquet").schema.names
     )
+
+
+def test_a_folder_written_before_dtypes_were_recorded_is_judged_by_its_device(tmp_path, tiny_model):
+    """Folders of earlier versions record no resolved dtype, only the device their plan named:
+    one begun on a GPU resumed on a CPU without a word, mixing bf16 and float32 rows."""
+    job = _finished(tmp_path, tiny_model)
+    out = tmp_path / "out"
+    reference = read_outputs(out)
+    record = {k: v for k, v in _record(out).items() if k != "resolved"}
+    (out / "job.json").write_text(json.dumps({**record, "device": "NVIDIA H100 80GB HBM3"}))
+    _lose_last_part(out)
+    refused = cli("run", str(job))
+    assert refused.exit_code == 2 and "--set model.dtype=bfloat16" in refused.output
+    assert cli("run", str(job), "--set", "model.dtype=float16").exit_code == 0
+
+    (out / "job.json").write_text(json.dumps(record))  # a CPU's: float32 set resumes it
+    _lose_last_part(out)
+    resumed = cli("run", str(job), "--set", "model.dtype=float32")
+    assert resumed.exit_code == 0, resumed.output
+    assert_every_id_once(out, reference, ROWS)

@@ -206,8 +206,9 @@ def differences(record: JobRecord, run: RunIdentity) -> str | None:
             "the input files changed since the checkpoint was written (names, order or bytes)"
         )
     for key, name in RESOLVED_KEYS.items():
-        before, now = (record.resolved or {}).get(name), run.resolved.get(name)
-        if not mismatch and None not in (before, now) and before != now:
+        before, now = recorded_resolution(record).get(name), run.resolved.get(name)
+        if not mismatch and None not in (before, now) and not _same(before, now):
+            before = before[0] if isinstance(before, tuple) else before
             where = f" on {record.device}" if record.device else ""
             reasons.append(
                 f"{key} {_get(record.spec, key)} resolved to {_value(before)} for its rows"
@@ -229,10 +230,32 @@ def _same_in_effect(record: JobRecord, run: RunIdentity, mismatch: list[str], ke
         if "model.path" not in keys or not files[0] or files[0] != files[1]:
             return False
     resolved = [RESOLVED_KEYS[k] for k in keys if k in RESOLVED_KEYS]
+    recorded = recorded_resolution(record)
     return all(
-        record.resolved is not None and record.resolved.get(name) == run.resolved.get(name)
-        for name in resolved
+        name in recorded and _same(recorded[name], run.resolved.get(name)) for name in resolved
     )
+
+
+def recorded_resolution(record: JobRecord) -> dict:
+    """What the folder's `auto` settings resolved to: recorded in job.json; for a folder
+    written before that was recorded, the dtype told by the device its plan named (float32 on
+    a CPU, bf16 on a CUDA GPU, as `auto` gives them)."""
+    if record.resolved is not None:
+        return record.resolved
+    dtype = (record.spec.get("model") or {}).get("dtype", "auto")
+    if dtype != "auto":
+        return {"dtype": dtype}
+    if not record.device:
+        return {}
+    on_host = record.device.startswith(("cpu", "mps"))
+    return {"dtype": "float32" if on_host else GPU_AUTO_DTYPES}
+
+
+GPU_AUTO_DTYPES = ("bfloat16", "float16")  # `auto` on a CUDA GPU: bf16 where it has it
+
+
+def _same(before, now) -> bool:
+    return now in before if isinstance(before, tuple) else before == now
 
 
 def _model_files(prints: dict) -> dict:
