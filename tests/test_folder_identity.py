@@ -283,3 +283,26 @@ def test_a_folder_written_before_dtypes_were_recorded_is_judged_by_its_device(tm
     resumed = cli("run", str(job), "--set", "model.dtype=float32")
     assert resumed.exit_code == 0, resumed.output
     assert_every_id_once(out, reference, ROWS)
+
+
+def test_a_folder_written_before_a_setting_was_added_resumes(tmp_path, tiny_model):
+    """A setting added since a folder was written (input.max_line_bytes) changed the spec's
+    hash: every folder of the earlier version was refused, the message listing the new
+    settings at their defaults as differences."""
+    from bulkinfer.state.fingerprint import fingerprint
+
+    job = _finished(tmp_path, tiny_model)
+    out = tmp_path / "out"
+    reference = read_outputs(out)
+    record = _record(out)
+    del record["spec"]["input"]["max_line_bytes"]
+    record["fingerprint"]["spec"] = fingerprint(record["spec"], {}, {})["spec"]
+    (out / "job.json").write_text(json.dumps(record))
+    _lose_last_part(out)
+    resumed = cli("run", str(job))
+    assert resumed.exit_code == 0, resumed.output
+    assert_every_id_once(out, reference, ROWS)
+    _lose_last_part(out)
+    refused = cli("run", str(job), "--set", "task.max_new_tokens=5")
+    assert refused.exit_code == 2, refused.output
+    assert "max_line_bytes" not in refused.output and "task.max_new_tokens" in refused.output

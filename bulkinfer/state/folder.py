@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import os
 import shutil
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,7 +204,9 @@ def differences(record: JobRecord, run: RunIdentity) -> str | None:
     if "model" in mismatch:
         changed = _changed_model_files(record.fingerprint, run.prints)
         since = f" (model files changed since the checkpoint: {', '.join(changed)})"
-        reasons.append("the model files differ" + (since if changed else ""))
+        if not _model_files(record.fingerprint):
+            since = " (the folder's record, of an earlier bulkinfer, keeps no hash of each file)"
+        reasons.append("the model files differ" + since)
     if "input" in mismatch:
         reasons.append(
             "the input files changed since the checkpoint was written (names, order or bytes)"
@@ -221,7 +227,7 @@ def differences(record: JobRecord, run: RunIdentity) -> str | None:
 def _same_in_effect(record: JobRecord, run: RunIdentity, mismatch: list[str], keys) -> bool:
     """The spec differs only in the model's path (the same files found elsewhere) and in
     settings whose resolved values are those the folder's rows were computed with."""
-    if "input" in mismatch or ("spec" in mismatch and not keys):
+    if "input" in mismatch:  # (a spec differing in no key: in settings added at their defaults)
         return False
     if not set(keys) <= {"model.path", *RESOLVED_KEYS}:
         return False
@@ -292,11 +298,46 @@ def _value(value) -> str:
 
 
 def spec_keys_differing(recorded: dict | None, spec: dict) -> list[str]:
-    """The dotted keys of the fingerprinted spec sections whose values differ."""
+    """The dotted keys of the fingerprinted spec sections whose values differ, less settings
+    added since the record was written that are at their defaults (the record predates them:
+    its job ran as their default does)."""
     if not recorded:
         return []
     keys = _differing_keys(recorded, spec)
-    return [k for k in keys if k.split(".")[0] not in NOT_IN_FINGERPRINT and k != "input.path"]
+    return [
+        k
+        for k in keys
+        if k.split(".")[0] not in NOT_IN_FINGERPRINT
+        and k != "input.path"
+        and not _added_since(recorded, spec, k)
+    ]
+
+
+def _added_since(recorded: dict, spec: dict, key: str) -> bool:
+    section, _, name = key.partition(".")
+    if "." in name or name in (recorded.get(section) or {}):
+        return False
+    defaults = _spec_defaults().get(section, {})
+    return name in defaults and (spec.get(section) or {}).get(name) == defaults[name]
+
+
+@functools.cache
+def _spec_defaults() -> dict[str, dict]:
+    """Each spec section's settings at their defaults, as the spec's to_dict writes them."""
+    from bulkinfer.spec.schema import JobSpec
+
+    found = {}
+    for section, hint in typing.get_type_hints(JobSpec).items():
+        if not dataclasses.is_dataclass(hint):
+            continue
+        values = {}
+        for f in dataclasses.fields(hint):
+            if f.default is not dataclasses.MISSING:
+                values[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                values[f.name] = f.default_factory()
+        found[section] = json.loads(json.dumps(values, default=str))
+    return found
 
 
 def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
