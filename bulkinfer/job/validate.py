@@ -24,8 +24,9 @@ from bulkinfer.io.readers import datasets_rows, peek_columns, read_chunks
 from bulkinfer.prepare.ids import chunk_ids, first_duplicate
 from bulkinfer.prepare.render import RowError, render
 from bulkinfer.spec import JobSpec
-from bulkinfer.state.fingerprint import RESOLVED_KEYS, fingerprint
+from bulkinfer.state.fingerprint import fingerprint
 from bulkinfer.state.folder import (
+    NAME_ONLY_KEYS,
     foreign_message,
     has_results,
     holds_foreign,
@@ -196,7 +197,7 @@ def output_state(root: Path, spec: dict) -> str:
     keys = []
     if ours and record.fingerprint.get("spec") != fingerprint(spec, {}, {})["spec"]:
         keys = spec_keys_differing(record.spec, spec)
-    if set(keys) - {"model.path", *RESOLVED_KEYS}:  # those may differ in name only: run sees
+    if set(keys) - NAME_ONLY_KEYS:  # those run compares by the files and resolved values
         raise OutputFolderError(
             f"output.path: {root} holds another job's outputs "
             f"({other_settings(record.spec, keys, spec)}); run would refuse it: use another "

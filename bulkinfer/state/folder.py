@@ -190,6 +190,11 @@ def refuse_unlike_shards(
             )
 
 
+# spec keys that may differ in name only: the model's path (the same files found elsewhere)
+# and settings set to what `auto` resolved to
+NAME_ONLY_KEYS = {"model.path", *RESOLVED_KEYS}
+
+
 def differences(record: JobRecord, run: RunIdentity) -> str | None:
     """How the rows a folder holds were computed otherwise than this run would compute them
     ("the job spec differs: task.top_k: 3 there, 5 here", "the model files differ", ...), or
@@ -211,8 +216,9 @@ def differences(record: JobRecord, run: RunIdentity) -> str | None:
         reasons.append(
             "the input files changed since the checkpoint was written (names, order or bytes)"
         )
+    recorded = recorded_resolution(record)
     for key, name in RESOLVED_KEYS.items():
-        before, now = recorded_resolution(record).get(name), run.resolved.get(name)
+        before, now = recorded.get(name), run.resolved.get(name)
         if not mismatch and None not in (before, now) and not _same(before, now):
             before = before[0] if isinstance(before, tuple) else before
             where = f" on {record.device}" if record.device else ""
@@ -227,9 +233,8 @@ def differences(record: JobRecord, run: RunIdentity) -> str | None:
 def _same_in_effect(record: JobRecord, run: RunIdentity, mismatch: list[str], keys) -> bool:
     """The spec differs only in the model's path (the same files found elsewhere) and in
     settings whose resolved values are those the folder's rows were computed with."""
-    if "input" in mismatch:  # (a spec differing in no key: in settings added at their defaults)
-        return False
-    if not set(keys) <= {"model.path", *RESOLVED_KEYS}:
+    # (a spec hash differing in no key differs in settings added since, at their defaults)
+    if "input" in mismatch or not set(keys) <= NAME_ONLY_KEYS:
         return False
     if "model" in mismatch:
         files = [_model_files(p) for p in (record.fingerprint, run.prints)]
@@ -242,10 +247,13 @@ def _same_in_effect(record: JobRecord, run: RunIdentity, mismatch: list[str], ke
     )
 
 
+GPU_AUTO_DTYPES = ("bfloat16", "float16")  # `auto` on a CUDA GPU: bf16 where it has it
+
+
 def recorded_resolution(record: JobRecord) -> dict:
     """What the folder's `auto` settings resolved to: recorded in job.json; for a folder
     written before that was recorded, the dtype told by the device its plan named (float32 on
-    a CPU, bf16 on a CUDA GPU, as `auto` gives them)."""
+    a CPU, bf16 or fp16 on a CUDA GPU, as `auto` gives them)."""
     if record.resolved is not None:
         return record.resolved
     dtype = (record.spec.get("model") or {}).get("dtype", "auto")
@@ -255,9 +263,6 @@ def recorded_resolution(record: JobRecord) -> dict:
         return {}
     on_host = record.device.startswith(("cpu", "mps"))
     return {"dtype": "float32" if on_host else GPU_AUTO_DTYPES}
-
-
-GPU_AUTO_DTYPES = ("bfloat16", "float16")  # `auto` on a CUDA GPU: bf16 where it has it
 
 
 def _same(before, now) -> bool:
@@ -291,9 +296,9 @@ def _get(spec: dict, key: str):
 
 
 def _value(value) -> str:
-    text = (
-        "unset" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-    )
+    if value is None:
+        return "unset"
+    text = str(value).lower() if isinstance(value, bool) else str(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
