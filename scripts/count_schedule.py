@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_jobs import request_lengths  # noqa: E402
 
 from bulkinfer.engines.base import GenerateRequests  # noqa: E402
-from bulkinfer.engines.fast import DECODE_BUCKETS, decode_bucket  # noqa: E402
+from bulkinfer.engines.fast import GPU_SLOTS, decode_bucket  # noqa: E402
 from bulkinfer.engines.sampling import SamplingParams  # noqa: E402
 from bulkinfer.engines.scheduler import stream  # noqa: E402
 
@@ -83,7 +83,7 @@ class CountingEngine:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=10000)
-    parser.add_argument("--slots", type=int, default=DECODE_BUCKETS[-1])
+    parser.add_argument("--slots", type=int, default=GPU_SLOTS)
     parser.add_argument("--pool-tokens", type=int, default=900_000)
     parser.add_argument("--batch-rows", type=int, default=4096, help="rows a checkpoint batch")
     parser.add_argument("--step-ms", type=float, default=4.1)

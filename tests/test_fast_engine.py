@@ -13,7 +13,7 @@ from tiny_model import build_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bulkinfer.engines.decoder import Decoder
-from bulkinfer.engines.fast import FastEngine
+from bulkinfer.engines.fast import GPU_SLOTS, SLOTS_ENV, FastEngine, decode_bucket, gpu_slots
 from bulkinfer.engines.hf import HFEngine
 from bulkinfer.engines.kv import RegionAllocator
 from bulkinfer.engines.sampling import SamplingParams, row_key
@@ -127,6 +127,16 @@ def test_region_allocator_reuses_and_coalesces_freed_regions():
     pool.release(a, 30)
     pool.release(c, 30)
     assert pool.free == [(1, 100)] and pool.allocate(99) == 1
+
+
+def test_decode_slots_set_by_the_environment_stay_within_the_buckets(monkeypatch):
+    assert gpu_slots() == GPU_SLOTS
+    for asked, slots in [("2048", 2048), ("1500", 1500), ("4096", GPU_SLOTS), ("x", GPU_SLOTS)]:
+        monkeypatch.setenv(SLOTS_ENV, asked)
+        assert gpu_slots() == slots
+    # a step computes the smallest bucket holding its rows, never more than the slots
+    assert [decode_bucket(r, 1500) for r in (5, 1025, 1300, 1499)] == [8, 1280, 1500, 1500]
+    assert decode_bucket(1025, 1024) == 1024
 
 
 @pytest.mark.parametrize("task", [{"type": "score"}, {"type": "generate", "max_new_tokens": 7}])

@@ -12,6 +12,7 @@ engine runs a model at all is decided once, in `engines.select`.
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -35,7 +36,11 @@ from bulkinfer.engines.sampling import (
     top_alternatives,
 )
 
-DECODE_BUCKETS = (8, 16, 32, 64, 128, 256, 384, 512, 768, 1024)
+DECODE_BUCKETS = (8, 16, 32, 64, 128, 256, 384, 512, 768, 1024, 1280, 1536, 1792, 2048)
+GPU_SLOTS = 1024  # rows decoded together on a GPU
+# BULKINFER_DECODE_SLOTS=N decodes N rows together on a GPU (at most DECODE_BUCKETS[-1]), to
+# measure against GPU_SLOTS
+SLOTS_ENV = "BULKINFER_DECODE_SLOTS"
 CPU_SLOTS = 64  # rows decoded together on the CPU
 # rows' tokens scored in one scratch pool of a shared prefix (4.3 GB of keys and values on the
 # 8B shape); a group of rows larger than that computes its prefix once per part
@@ -485,6 +490,14 @@ class FastEngine(HFEngine):
             self._decode_logits(size, kv_bucket)
         _count(self.counters, graph_captures=1, capture_seconds=time.perf_counter() - started)
         return graph
+
+
+def gpu_slots() -> int:
+    """Rows a decode step on a GPU holds at most: GPU_SLOTS, or BULKINFER_DECODE_SLOTS."""
+    asked = os.environ.get(SLOTS_ENV, "")
+    if not asked.isdigit() or not 8 <= int(asked) <= DECODE_BUCKETS[-1]:
+        return GPU_SLOTS
+    return int(asked)
 
 
 def decode_bucket(rows: int, slots: int) -> int:

@@ -25,7 +25,7 @@ from bulkinfer.engines.compiling import (
 )
 from bulkinfer.engines.decoder import decoder_blocker
 from bulkinfer.engines.encoder import EncoderEngine
-from bulkinfer.engines.fast import CPU_SLOTS, DECODE_BUCKETS, FastEngine
+from bulkinfer.engines.fast import CPU_SLOTS, FastEngine, gpu_slots
 from bulkinfer.engines.fp8 import fp8_unsupported
 from bulkinfer.engines.fp8_loading import (
     checkpoint_files,
@@ -262,7 +262,7 @@ def engine_limits(
             raise ModelError(unsupported)
     kv_tokens = None
     if kind == "fast":
-        slots = slots or (DECODE_BUCKETS[-1] if device.type == "cuda" else CPU_SLOTS)
+        slots = slots or (gpu_slots() if device.type == "cuda" else CPU_SLOTS)
         if free is not None:
             kv_tokens = kv_pool_tokens(config, width, slots, free, options.kv_cache_dtype == "fp8")
     else:
