@@ -180,7 +180,9 @@ def test_the_eta_counts_every_sample_of_a_row(tmp_path, tiny_model):
     events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
     commit = next(i for i, e in enumerate(events) if e["event"] == "checkpoint")
     before = [e for e in events[:commit] if e["event"] == "progress"]
-    running = [e["eta_seconds"] for e in before if e["rows_done"] < N_REQUESTS]
+    # a quarter of the rows still running is work left (an accurate ETA near the end rounds
+    # to 0.0 s, as it should)
+    running = [e["eta_seconds"] for e in before if e["rows_done"] < N_REQUESTS * 3 // 4]
     assert len(running) >= 3 and all(eta > 0 for eta in running), running
 
 
@@ -222,3 +224,43 @@ def test_a_batch_committed_in_pieces_reports_the_padding_it_ran_with(tmp_path, t
     assert pieces == [0, 0]  # the short rows, then the long one
     summary = json.loads((out / "summary.json").read_text())
     assert summary["padding_fraction"] == pytest.approx(plan["padding_sorted"], abs=1e-9)
+
+
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_the_eta_counts_the_prompts_of_rows_that_finished(tmp_path, tiny_model, engine):
+    """A row's planned work is its prompt plus its new tokens, but while a batch ran only new
+    tokens counted as done: on prompt-heavy rows the ETA read many times the time taken
+    (an 8B job's 99 s left with 6 s to go). Ten rows of long prompts and two new tokens
+    finish; one short row runs on: most of the work is done, and the ETA says so."""
+    rows = [{"id": "long-answer", "prompt": "the fox", "max_tokens": 40}]
+    rows += [
+        {"id": f"long-prompt-{i}", "prompt": " ".join(WORDS * 6), "max_tokens": 2}
+        for i in range(10)
+    ]
+    requests = [
+        {
+            "custom_id": r["id"],
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": "m", "prompt": r["prompt"], "max_tokens": r["max_tokens"]},
+        }
+        for r in rows
+    ]
+    job = write_job(
+        tmp_path / "eta.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "eta.jsonl", requests),
+        tmp_path / "eta",
+        task={"max_new_tokens": 40},
+        batching={"max_tokens": 100_000, "max_batch_size": 64},
+        checkpoint={"every_rows": 1000, "every_seconds": 600},
+        progress={"log_every_seconds": 0.1},
+    )
+    use_engine(job, engine)
+    done = run(job, "--log-format", "json", BULKINFER_SLOW_STEP_SECONDS="0.2")
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    waiting = [e for e in events if e["event"] == "progress" and e["rows_done"] == len(rows) - 1]
+    assert waiting, [e for e in events if e["event"] == "progress"]
+    # planned work left: under 40 of the long row's ~45 tokens, against ~10 x 90 done
+    assert all(e["eta_seconds"] < e["elapsed_seconds"] for e in waiting), waiting

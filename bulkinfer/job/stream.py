@@ -40,17 +40,23 @@ class InFlight:
         left = np.bincount(np.asarray(ask.owners, dtype=np.int64), minlength=len(batch.rows))
         return cls(batch, ask, {}, left, [k for k in range(len(batch.rows)) if left[k] == 0])
 
-    def take(self, finished: dict) -> int:
-        """Record finished sequences; returns the rows they completed."""
-        completed = 0
+    def take(self, finished: dict) -> list[int]:
+        """Record finished sequences; returns the row positions they completed."""
+        completed = []
         for i, generation in finished.items():
             self.done[i] = generation
             k = self.ask.owners[i]
             self.left[k] -= 1
             if self.left[k] == 0:
                 self.ready.append(k)
-                completed += 1
+                completed.append(k)
         return completed
+
+    def new_tokens(self, positions: list[int]) -> int:
+        """Tokens the sequences of these (completed) row positions generated."""
+        wanted = set(positions)
+        owners = self.ask.owners
+        return sum(len(g.tokens) for i, g in self.done.items() if owners[i] in wanted)
 
     @property
     def complete(self) -> bool:
@@ -100,7 +106,6 @@ def run_stream(inputs, engine, todo: list[Batch], writer, progress, started, sto
         )
         last = now
         flight.committed += len(rows)
-        progress.committed(rows, result.new_tokens)
         if whole:
             writer.add(table, flight.batch.index, stats.to_dict(), time.monotonic() - started)
         else:
@@ -110,13 +115,14 @@ def run_stream(inputs, engine, todo: list[Batch], writer, progress, started, sto
     try:
         for update in engine.generate_stream(feed()):
             faults.slow_step()
-            rows_done = 0
+            rows, made = np.empty(0, dtype=np.int64), 0
             if update.group is not None:
                 flight = running[update.group]
-                rows_done = flight.take(update.finished)
+                completed = flight.take(update.finished)
+                rows, made = flight.batch.rows[completed], flight.new_tokens(completed)
                 if flight.complete:
                     commit(running.pop(update.group), whole=True)
-            progress.advance(update.new_tokens, rows_done)
+            progress.advance(update.new_tokens, rows, made)
             if writer.due() and any(f.ready for f in running.values()):
                 for flight in running.values():
                     if flight.ready:

@@ -94,8 +94,8 @@ class Progress:
     The ETA counts planned work in tokens, not rows: each row's prompt plus the new tokens it
     may take, times its n sequences (`row_work`, indexed by input row). Rows early on can cost
     many times what rows at the end do. A generation stream reports within a batch: every new
-    token counts as work done as it comes, and a row, once committed, counts its planned work in
-    full (its unused tokens are work that will not be done).
+    token counts as work done as it comes, and a row, once finished, counts its planned work in
+    full (its unused tokens are work that will not be done; its prompt is done too).
     """
 
     def __init__(
@@ -107,12 +107,13 @@ class Progress:
         token_kind: str = "new",
     ):
         self.row_work = row_work
+        self.counted = np.zeros(len(row_work), dtype=bool)  # rows whose work is done
         self.total = sum(len(b.rows) for b in batches)
         self.done = self.total - sum(len(b.rows) for b in todo)
         self.done_before = self.done  # rows committed by earlier runs of a resumed job
         self.work_left = sum(int(row_work[b.rows].sum()) for b in todo)
         self.work_done = 0
-        self.in_flight = 0  # tokens made by rows not committed yet
+        self.in_flight = 0  # tokens made by rows not finished yet
         self.tokens = 0
         self.token_kind = token_kind
         self.start = time.monotonic()
@@ -130,26 +131,32 @@ class Progress:
                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} rows [{elapsed}{postfix}]",
             )
 
-    def advance(self, new_tokens: int, rows_done: int) -> None:
-        """Tokens made and rows finished inside running batches (a generation stream)."""
+    def advance(self, new_tokens: int, finished: np.ndarray, finished_tokens: int) -> None:
+        """A generation stream's report: `new_tokens` made by rows in flight since the last,
+        and the rows that finished (`finished_tokens` of those tokens and earlier ones theirs)."""
         self.tokens += new_tokens
         self.in_flight += new_tokens
-        self.done += rows_done
-        self._show(rows_done)
-
-    def committed(self, rows: np.ndarray, new_tokens: int) -> None:
-        """Rows of a generation stream committed: their planned work is done."""
-        work = int(self.row_work[rows].sum())
-        self.work_done += work
-        self.work_left -= work
-        self.in_flight = max(0, self.in_flight - new_tokens)
+        self._count(finished)
+        self.in_flight = max(0, self.in_flight - finished_tokens)
+        self.done += len(finished)
+        self._show(len(finished))
 
     def update(self, batch: Batch, tokens: int) -> None:
         """A whole batch done (the batch-at-a-time loop); `tokens` of the kind shown."""
-        self.committed(batch.rows, 0)
+        self._count(batch.rows)
         self.tokens += tokens
         self.done += len(batch.rows)
         self._show(len(batch.rows))
+
+    def _count(self, rows: np.ndarray) -> None:
+        """These rows' planned work done (once a row: one finished in a stream that failed runs
+        again in the batch-at-a-time loop)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        rows = rows[~self.counted[rows]]
+        self.counted[rows] = True
+        work = int(self.row_work[rows].sum())
+        self.work_done += work
+        self.work_left -= work
 
     def eta_seconds(self) -> float:
         done = self.work_done + self.in_flight
