@@ -111,6 +111,31 @@ def test_a_batch_slower_than_every_seconds_commits_finished_rows_and_resumes(
     assert len(pieces) > 1 and summary["batches"] == len(set(pieces.to_pylist())) == 1
 
 
+def uneven_rows_job(tmp_path, tiny_model, name, rows, engine, **settings):
+    """One batch of completions requests `rows` ({id, prompt, max_tokens}), parts by time."""
+    requests = [
+        {
+            "custom_id": r["id"],
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": "m", "prompt": r["prompt"], "max_tokens": r["max_tokens"]},
+        }
+        for r in rows
+    ]
+    job = write_job(
+        tmp_path / f"{name}.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / f"{name}.jsonl", requests),
+        tmp_path / name,
+        task={"max_new_tokens": 40},
+        batching={"max_tokens": 100_000, "max_batch_size": 64},
+        checkpoint={"every_rows": 1000, "every_seconds": 1},
+        **settings,
+    )
+    use_engine(job, engine)
+    return job
+
+
 @pytest.mark.parametrize("log_format", ["plain", "json"])
 def test_progress_moves_inside_one_long_batch_with_one_eta(tmp_path, tiny_model, log_format):
     job = one_batch_job(tmp_path, tiny_model, "progress", "reference", log_every=0.1)
@@ -195,25 +220,7 @@ def test_a_batch_committed_in_pieces_reports_the_padding_it_ran_with(tmp_path, t
         {"id": f"short-{i}", "prompt": " ".join(WORDS[i : i + 3]), "max_tokens": 3}
         for i in range(10)
     ]
-    requests = [
-        {
-            "custom_id": r["id"],
-            "method": "POST",
-            "url": "/v1/completions",
-            "body": {"model": "m", "prompt": r["prompt"], "max_tokens": r["max_tokens"]},
-        }
-        for r in rows
-    ]
-    job = write_job(
-        tmp_path / "padding.yaml",
-        tiny_model,
-        write_jsonl(tmp_path / "padding.jsonl", requests),
-        tmp_path / "padding",
-        task={"max_new_tokens": 40},
-        batching={"max_tokens": 100_000, "max_batch_size": 64},
-        checkpoint={"every_rows": 1000, "every_seconds": 1},
-    )
-    use_engine(job, "reference")
+    job = uneven_rows_job(tmp_path, tiny_model, "padding", rows, "reference")
     planned = cli("plan", str(job), "--json")
     assert planned.exit_code == 0, planned.output
     plan = json.loads(planned.output)
@@ -237,26 +244,12 @@ def test_the_eta_counts_the_prompts_of_rows_that_finished(tmp_path, tiny_model, 
         {"id": f"long-prompt-{i}", "prompt": " ".join(WORDS * 6), "max_tokens": 2}
         for i in range(10)
     ]
-    requests = [
-        {
-            "custom_id": r["id"],
-            "method": "POST",
-            "url": "/v1/completions",
-            "body": {"model": "m", "prompt": r["prompt"], "max_tokens": r["max_tokens"]},
-        }
-        for r in rows
-    ]
-    job = write_job(
-        tmp_path / "eta.yaml",
-        tiny_model,
-        write_jsonl(tmp_path / "eta.jsonl", requests),
-        tmp_path / "eta",
-        task={"max_new_tokens": 40},
-        batching={"max_tokens": 100_000, "max_batch_size": 64},
-        checkpoint={"every_rows": 1000, "every_seconds": 600},
-        progress={"log_every_seconds": 0.1},
+    job = uneven_rows_job(
+        tmp_path, tiny_model, "eta", rows, engine, progress={"log_every_seconds": 0.1}
     )
-    use_engine(job, engine)
+    spec = yaml.safe_load(job.read_text())
+    spec["checkpoint"]["every_seconds"] = 600  # no part before the batch ends
+    job.write_text(yaml.safe_dump(spec))
     done = run(job, "--log-format", "json", BULKINFER_SLOW_STEP_SECONDS="0.2")
     assert done.returncode == 0, done.stderr
     events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
