@@ -78,9 +78,9 @@ CASES = [
 ]
 
 
-def interpreted(script: str, cases: list, **env: str) -> list[dict]:
+def interpreted(script: str, cases: list) -> list[dict]:
     """`script` run on `cases` by Triton's interpreter in a subprocess; its last line's JSON."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), **env}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [sys.executable, "-c", script, json.dumps(cases)],
         capture_output=True,
@@ -102,13 +102,10 @@ def interpreted(script: str, cases: list, **env: str) -> list[dict]:
     ],
     ids=["float32", "float16", "fp8-cache", "fp8-cache-bf16"],
 )
-@pytest.mark.parametrize("lean", ["0", "1"], ids=["masked-tiles", "lean"])
-def test_decode_kernels_equal_reference_attention(dtype, fp8, tolerance, lean):
+def test_decode_kernels_equal_reference_attention(dtype, fp8, tolerance):
     """Also reading an fp8 cache (model.kv_cache_dtype: fp8) with its per-token, per-head
-    scales, against the reference attention over the same values dequantized; and with
-    BULKINFER_DECODE_LEAN=1 (whole tiles unmasked, the last part tile masked, base-2 scores)."""
-    cases = [[*case, dtype, fp8] for case in CASES]
-    results = interpreted(CHECK, cases, BULKINFER_DECODE_LEAN=lean)
+    scales, against the reference attention over the same values dequantized."""
+    results = interpreted(CHECK, [[*case, dtype, fp8] for case in CASES])
     assert [r["splits"] for r in results] == [2, 1, 1, 1]  # both kernel paths ran
     for case, result in zip(CASES, results, strict=True):
         assert result["dtype_kept"], case

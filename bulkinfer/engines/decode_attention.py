@@ -58,9 +58,6 @@ TUNING = {
     (True, False): dict(BLOCK_N=64, num_warps=4, num_stages=2),
     (True, True): dict(BLOCK_N=64, num_warps=2, num_stages=3),
 }
-# BULKINFER_DECODE_LEAN=1: whole tiles read without masks and scores in base 2 (exp2), less
-# arithmetic a cached token, to measure against the default
-LEAN_ENV = "BULKINFER_DECODE_LEAN"
 MIN_SPLIT = 256  # cached tokens a split covers at least
 V_LIFT = 256.0  # an fp8 cache: attention weights times value scales, lifted in float16
 HEAD_DIMS = (64, 128, 256)
@@ -148,7 +145,6 @@ def decode_attention(
         FP8=fp8,
         ORDERED=order is not None,
         V_LIFT=V_LIFT,
-        LEAN=os.environ.get(LEAN_ENV) == "1",
         **tuning,
     )
     if splits > 1:
@@ -220,96 +216,6 @@ def _processors(device: torch.device) -> int:
 
 
 if triton is not None:
-    LOG2E = tl.constexpr(1.4426950408889634)
-    LN2 = tl.constexpr(0.6931471805599453)
-
-    @triton.jit
-    def _tile(
-        q,
-        K,
-        V,
-        KScale,
-        VScale,
-        start,
-        n0,
-        hi,
-        kv_head,
-        stride_kt,
-        stride_kh,
-        stride_vt,
-        stride_vh,
-        stride_st,
-        scale,
-        acc,
-        best,
-        total,
-        BLOCK_N: tl.constexpr,
-        D: tl.constexpr,
-        FP8: tl.constexpr,
-        V_LIFT: tl.constexpr,
-        MASKED: tl.constexpr,
-        BASE2: tl.constexpr,
-    ):
-        """One tile of BLOCK_N cached tokens from n0 folded into the online softmax. MASKED:
-        tokens at or past `hi` are left out (only a row's last tile has any). BASE2: scores
-        and `best` in base 2 (exp2, the scale times log2(e)), one multiply a score fewer."""
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, D)
-        n = n0 + offs_n
-        token_ok = n < hi
-        slot = (start + n)[:, None]
-        if BASE2:
-            scale = scale * LOG2E
-        if MASKED:
-            k = tl.load(
-                K + slot * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                mask=token_ok[:, None],
-                other=0.0,
-            )
-        else:
-            k = tl.load(K + slot * stride_kt + kv_head * stride_kh + offs_d[None, :])
-        if FP8:  # the product with the stored fp8 values, times each token's scale
-            if MASKED:
-                k_scale = tl.load(
-                    KScale + (start + n) * stride_st + kv_head, mask=token_ok, other=0.0
-                )
-            else:
-                k_scale = tl.load(KScale + (start + n) * stride_st + kv_head)
-            s = tl.dot(q, tl.trans(k.to(q.dtype))) * (k_scale[None, :] * scale)
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale
-        if MASKED:
-            s = tl.where(token_ok[None, :], s, float("-inf"))
-        new_best = tl.maximum(best, tl.max(s, 1))
-        if BASE2:
-            p = tl.exp2(s - new_best[:, None])
-            alpha = tl.exp2(best - new_best)
-        else:
-            p = tl.exp(s - new_best[:, None])
-            alpha = tl.exp(best - new_best)
-        total = total * alpha + tl.sum(p, 1)
-        if MASKED:
-            v = tl.load(
-                V + slot * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                mask=token_ok[:, None],
-                other=0.0,
-            )
-        else:
-            v = tl.load(V + slot * stride_vt + kv_head * stride_vh + offs_d[None, :])
-        if FP8:  # each token's weight times its value scale, against the fp8 values
-            if MASKED:
-                v_scale = tl.load(
-                    VScale + (start + n) * stride_st + kv_head, mask=token_ok, other=0.0
-                )
-            else:
-                v_scale = tl.load(VScale + (start + n) * stride_st + kv_head)
-            # lifted by V_LIFT: a float16 weight under 6e-5 loses precision (values of
-            # a head whose largest magnitude is ~1e-3 lost 2%)
-            w = p * (v_scale * V_LIFT)[None, :]
-            pv = tl.dot(w.to(q.dtype), v.to(q.dtype))
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        return acc * alpha[:, None] + pv, new_best, total
 
     @triton.jit
     def _split_kernel(
@@ -344,7 +250,6 @@ if triton is not None:
         FP8: tl.constexpr,
         V_LIFT: tl.constexpr,
         ORDERED: tl.constexpr,
-        LEAN: tl.constexpr,
     ):
         # a row's KV heads are neighbouring programs: they read its tokens' keys, values and
         # scales (contiguous across heads) together
@@ -360,6 +265,7 @@ if triton is not None:
 
         offs_h = tl.arange(0, BLOCK_H)
         offs_d = tl.arange(0, D)
+        offs_n = tl.arange(0, BLOCK_N)
         head_ok = offs_h < GROUPS
         heads = kv_head * GROUPS + offs_h
         q = tl.load(
@@ -373,92 +279,44 @@ if triton is not None:
         best = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         total = tl.zeros([BLOCK_H], dtype=tl.float32)
         acc = tl.zeros([BLOCK_H, D], dtype=tl.float32)
-        if LEAN:  # whole tiles without masks, then the last part tile with them
-            whole = lo + (tl.maximum(hi - lo, 0) // BLOCK_N) * BLOCK_N
-            for n0 in range(lo, whole, BLOCK_N):
-                acc, best, total = _tile(
-                    q,
-                    K,
-                    V,
-                    KScale,
-                    VScale,
-                    start,
-                    n0,
-                    hi,
-                    kv_head,
-                    stride_kt,
-                    stride_kh,
-                    stride_vt,
-                    stride_vh,
-                    stride_st,
-                    scale,
-                    acc,
-                    best,
-                    total,
-                    BLOCK_N,
-                    D,
-                    FP8,
-                    V_LIFT,
-                    False,
-                    True,
+        for n0 in range(lo, hi, BLOCK_N):
+            n = n0 + offs_n
+            token_ok = n < hi
+            slot = (start + n)[:, None]
+            k = tl.load(
+                K + slot * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                mask=token_ok[:, None],
+                other=0.0,
+            )
+            if FP8:  # the product with the stored fp8 values, times each token's scale
+                k_scale = tl.load(
+                    KScale + (start + n) * stride_st + kv_head, mask=token_ok, other=0.0
                 )
-            if whole < hi:
-                acc, best, total = _tile(
-                    q,
-                    K,
-                    V,
-                    KScale,
-                    VScale,
-                    start,
-                    whole,
-                    hi,
-                    kv_head,
-                    stride_kt,
-                    stride_kh,
-                    stride_vt,
-                    stride_vh,
-                    stride_st,
-                    scale,
-                    acc,
-                    best,
-                    total,
-                    BLOCK_N,
-                    D,
-                    FP8,
-                    V_LIFT,
-                    True,
-                    True,
+                s = tl.dot(q, tl.trans(k.to(q.dtype))) * (k_scale[None, :] * scale)
+            else:
+                s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.where(token_ok[None, :], s, float("-inf"))
+            new_best = tl.maximum(best, tl.max(s, 1))
+            p = tl.exp(s - new_best[:, None])
+            alpha = tl.exp(best - new_best)
+            total = total * alpha + tl.sum(p, 1)
+            v = tl.load(
+                V + slot * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                mask=token_ok[:, None],
+                other=0.0,
+            )
+            if FP8:  # each token's weight times its value scale, against the fp8 values
+                v_scale = tl.load(
+                    VScale + (start + n) * stride_st + kv_head, mask=token_ok, other=0.0
                 )
-        else:
-            for n0 in range(lo, hi, BLOCK_N):
-                acc, best, total = _tile(
-                    q,
-                    K,
-                    V,
-                    KScale,
-                    VScale,
-                    start,
-                    n0,
-                    hi,
-                    kv_head,
-                    stride_kt,
-                    stride_kh,
-                    stride_vt,
-                    stride_vh,
-                    stride_st,
-                    scale,
-                    acc,
-                    best,
-                    total,
-                    BLOCK_N,
-                    D,
-                    FP8,
-                    V_LIFT,
-                    True,
-                    False,
-                )
-        if LEAN:  # scores were in base 2
-            best = best * LN2
+                # lifted by V_LIFT: a float16 weight under 6e-5 loses precision (values of
+                # a head whose largest magnitude is ~1e-3 lost 2%)
+                w = p * (v_scale * V_LIFT)[None, :]
+                pv = tl.dot(w.to(q.dtype), v.to(q.dtype))
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            best = new_best
 
         nonempty = total > 0
         out = acc / tl.where(nonempty, total, 1.0)[:, None]
