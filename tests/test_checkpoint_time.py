@@ -257,3 +257,26 @@ def test_the_eta_counts_the_prompts_of_rows_that_finished(tmp_path, tiny_model, 
     assert waiting, [e for e in events if e["event"] == "progress"]
     # planned work left: under 40 of the long row's ~45 tokens, against ~10 x 90 done
     assert all(e["eta_seconds"] < e["elapsed_seconds"] for e in waiting), waiting
+
+
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_the_first_eta_counts_the_prompts_already_run(tmp_path, tiny_model, engine):
+    """Before any row finished, only new tokens counted as work done while the work left
+    counted every prompt: the first line of a 7-minute job read ETA 17:23:23. Ten rows of
+    long prompts, forty new tokens each: once they have started, most of the work is done."""
+    rows = [{"id": f"row-{i}", "prompt": " ".join(WORDS * 6), "max_tokens": 40} for i in range(10)]
+    job = uneven_rows_job(
+        tmp_path, tiny_model, "first", rows, engine, progress={"log_every_seconds": 0.1}
+    )
+    spec = yaml.safe_load(job.read_text())
+    spec["checkpoint"]["every_seconds"] = 600
+    job.write_text(yaml.safe_dump(spec))
+    done = run(job, "--log-format", "json", BULKINFER_SLOW_STEP_SECONDS="0.2")
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    started = [
+        e for e in events if e["event"] == "progress" and e["rows_done"] == 0 and e["tokens_done"]
+    ]
+    assert started, [e for e in events if e["event"] == "progress"]
+    # work left: at most the 10 x 40 new tokens, against 10 prompts of ~90 tokens done
+    assert all(e["eta_seconds"] < e["elapsed_seconds"] for e in started), started

@@ -123,13 +123,15 @@ class GenerateRequests:
 @dataclass(frozen=True)
 class StreamUpdate:
     """One report of a generation stream: the sequences of `group` that finished since its
-    last report (by their index in the group) and the tokens every row in flight produced
-    since the stream's last report. A group is done once all its sequences were reported; an
-    update with no group only reports tokens (progress within a long batch)."""
+    last report (by their index in the group), the tokens every row in flight produced since
+    the stream's last report, and the prompt tokens of the sequences it started meanwhile (the
+    progress's work done before a first new token). A group is done once all its sequences were
+    reported; an update with no group only reports tokens (progress within a long batch)."""
 
     group: Hashable | None
     finished: dict[int, Any]  # index in the group -> Generation
     new_tokens: int = 0
+    prompt_tokens: int = 0
 
 
 def whole_groups(

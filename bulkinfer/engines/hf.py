@@ -315,8 +315,11 @@ class HFEngine:
                     piece.logprobs,
                     piece.top_logprobs,
                 )
+                started = sum(len(p) for p in piece.prompts)  # reported with the first tokens
                 for finished, tokens in updates:
-                    yield StreamUpdate(tag, {offset + i: g for i, g in finished.items()}, tokens)
+                    done = {offset + i: g for i, g in finished.items()}
+                    yield StreamUpdate(tag, done, tokens, started)
+                    started = 0
                 offset += len(piece)
 
     @torch.inference_mode()

@@ -85,6 +85,7 @@ class Scheduler:
         # at once (as finished, with nothing in it)
         self.finished: dict[Hashable, dict[int, Generation]] = {}
         self.new_tokens = 0
+        self.prompt_tokens = 0  # of the rows prefilled since the last report
 
     def add(self, group: Hashable, requests: GenerateRequests) -> None:
         rows = [
@@ -130,8 +131,8 @@ class Scheduler:
         if self.active:
             self._decode_chunk()
         updates = [StreamUpdate(g, rows) for g, rows in self.finished.items()]
-        updates.append(StreamUpdate(None, {}, self.new_tokens))
-        self.finished, self.new_tokens = {}, 0
+        updates.append(StreamUpdate(None, {}, self.new_tokens, self.prompt_tokens))
+        self.finished, self.new_tokens, self.prompt_tokens = {}, 0, 0
         return updates
 
     def _should_admit(self) -> bool:
@@ -181,6 +182,7 @@ class Scheduler:
         return start
 
     def _prefill(self, rows: list[Row], past: list[int]) -> None:
+        self.prompt_tokens += sum(len(r.prompt) for r in rows)
         want = any(r.want_logprobs for r in rows)
         top = max(r.top for r in rows)
         first, first_logprobs, first_top = self.engine.prefill(

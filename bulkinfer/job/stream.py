@@ -52,11 +52,13 @@ class InFlight:
                 completed.append(k)
         return completed
 
-    def new_tokens(self, positions: list[int]) -> int:
-        """Tokens the sequences of these (completed) row positions generated."""
+    def tokens(self, positions: list[int]) -> int:
+        """The prompt and new tokens of the sequences of these (completed) row positions."""
         wanted = set(positions)
-        owners = self.ask.owners
-        return sum(len(g.tokens) for i, g in self.done.items() if owners[i] in wanted)
+        owners, prompts = self.ask.owners, self.ask.requests.prompts
+        return sum(
+            len(prompts[i]) + len(g.tokens) for i, g in self.done.items() if owners[i] in wanted
+        )
 
     @property
     def complete(self) -> bool:
@@ -119,10 +121,10 @@ def run_stream(inputs, engine, todo: list[Batch], writer, progress, started, sto
             if update.group is not None:
                 flight = running[update.group]
                 completed = flight.take(update.finished)
-                rows, made = flight.batch.rows[completed], flight.new_tokens(completed)
+                rows, made = flight.batch.rows[completed], flight.tokens(completed)
                 if flight.complete:
                     commit(running.pop(update.group), whole=True)
-            progress.advance(update.new_tokens, rows, made)
+            progress.advance(update.new_tokens, rows, made, update.prompt_tokens)
             if writer.due() and any(f.ready for f in running.values()):
                 for flight in running.values():
                     if flight.ready:

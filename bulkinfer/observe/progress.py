@@ -94,8 +94,9 @@ class Progress:
     The ETA counts planned work in tokens, not rows: each row's prompt plus the new tokens it
     may take, times its n sequences (`row_work`, indexed by input row). Rows early on can cost
     many times what rows at the end do. A generation stream reports within a batch: every new
-    token counts as work done as it comes, and a row, once finished, counts its planned work in
-    full (its unused tokens are work that will not be done; its prompt is done too).
+    token counts as work done as it comes, a prompt once its row has started, and a row, once
+    finished, counts its planned work in full (its unused tokens are work that will not be
+    done).
     """
 
     def __init__(
@@ -131,11 +132,14 @@ class Progress:
                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} rows [{elapsed}{postfix}]",
             )
 
-    def advance(self, new_tokens: int, finished: np.ndarray, finished_tokens: int) -> None:
+    def advance(
+        self, new_tokens: int, finished: np.ndarray, finished_tokens: int, prompt_tokens: int = 0
+    ) -> None:
         """A generation stream's report: `new_tokens` made by rows in flight since the last,
-        and the rows that finished (`finished_tokens` of those tokens and earlier ones theirs)."""
+        `prompt_tokens` of the sequences started meanwhile (work done, as their new tokens
+        are), and the rows that finished (`finished_tokens`: their prompt and new tokens)."""
         self.tokens += new_tokens
-        self.in_flight += new_tokens
+        self.in_flight += new_tokens + prompt_tokens
         self._count(finished)
         self.in_flight = max(0, self.in_flight - finished_tokens)
         self.done += len(finished)
