@@ -225,6 +225,21 @@ def test_an_input_folder_holding_job_folders_reads_only_its_data(tmp_path, tiny_
     assert read_outputs(data / "b").equals(read_outputs(data / "a"))
 
 
+def test_an_input_folder_holding_a_failed_run_s_folder_reads_only_its_data(tmp_path, tiny_model):
+    """A run that failed before writing its record leaves its lock and failed.json (one JSON
+    object over several lines): the next job on the folder read that as JSON lines input and
+    stopped on it."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "rows.jsonl", sample_prompts(ROWS))
+    job = write_job(tmp_path / "a.yaml", tiny_model, data, data / "failed")
+    failed = cli("run", str(job), "--set", "model.device=cuda:7")
+    assert failed.exit_code != 0 and (data / "failed" / "failed.json").is_file(), failed.output
+    result = cli("run", str(job), "-o", str(data / "ok"))
+    assert result.exit_code == 0, result.output
+    assert read_outputs(data / "ok").num_rows == ROWS
+
+
 def test_a_finished_job_missing_its_stats_or_card_writes_them_again(tmp_path, tiny_model):
     """A removed stats/ ended in pyarrow's error cut mid-word; a removed README.md stayed gone."""
     job = _finished(tmp_path, tiny_model)

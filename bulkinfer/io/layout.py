@@ -134,8 +134,11 @@ class OutputLayout:
 
     def holds_job(self) -> bool:
         """Whether this is a bulkinfer job's folder: its record, its checkpoint's manifest (even
-        where job.json was removed) or a shard's record."""
-        if self.job_file.is_file() or self.manifest.is_file():
+        where job.json was removed), what a run that failed before writing its record leaves
+        (its lock and failed.json), an --overwrite's mark, or a shard's record."""
+        if self.job_file.is_file() or self.manifest.is_file() or self.overwriting.is_file():
+            return True
+        if self.lock.is_file() and self.failed.is_file():
             return True
         return any((folder / "job.json").is_file() for folder in self.shard_folders().values())
 
