@@ -31,7 +31,9 @@ class BulkinferGroup(click.Group):
                 click.echo(f"bulkinfer: error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            message = "interrupted; committed work is kept, rerun to resume"
+            message = "interrupted"
+            if ctx.invoked_subcommand in ("run", "merge"):  # the commands that commit work
+                message += "; committed work is kept, rerun to resume"
             if log_format() == "json":
                 log(message, event="signal", level="error", signal="SIGINT", exit_code=130)
             else:
