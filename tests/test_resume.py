@@ -262,9 +262,14 @@ def test_output_folder_with_foreign_files_is_refused(tmp_path, tiny_model):
     (out / "stats").mkdir()
     (out / "stats" / "results.csv").write_text("a,b")
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    # the plain run's refusal does not send the user to an --overwrite that refuses too
+    result = cli("run", str(job))
+    assert result.exit_code == 2 and "pass --overwrite" not in result.output, result.output
+    assert "--overwrite would not remove" in result.output, result.output
+    assert "README.md" in result.output and "stats/" in result.output
     result = cli("run", str(job), "--overwrite")
     assert result.exit_code == 2, result.output
-    assert "README.md" in result.output and "stats/" in result.output
+    assert "there are not bulkinfer's" in result.output
     assert "deleted nothing" in result.output
     assert sorted(p.relative_to(out) for p in out.rglob("*") if p.name != ".lock") == before
     (out / "README.md").unlink()

@@ -382,6 +382,12 @@ def foreign_message(layout: OutputLayout) -> str:
             "cannot be checked against this job; pass --overwrite to start it afresh, or put "
             "job.json back to resume it"
         )
+    theirs = _theirs(layout)
+    if theirs:  # --overwrite would refuse them: not offered
+        return (
+            f"{layout.root} is not empty and holds no bulkinfer job; choose a new folder "
+            f"(--overwrite would not remove {_listed(theirs)} there: not bulkinfer's)"
+        )
     return (
         f"{layout.root} is not empty and holds no bulkinfer job; choose a new folder or pass "
         "--overwrite"
@@ -486,19 +492,29 @@ def refuse_theirs(layout: OutputLayout) -> None:
     no mark of an --overwrite under way, no shards): files and folders there under the names
     bulkinfer writes (a README.md, an outputs/ or stats/ folder) are the user's, and
     --overwrite removes only what bulkinfer made."""
-    if layout.job_file.exists() or layout.overwriting.exists() or layout.shards_dir.is_dir():
-        return
-    if record_lost(layout):
-        return
-    ours_anyway = {layout.failed, layout.heartbeat}  # written before a job record can be
-    theirs = [p for p in layout.ours() if p not in ours_anyway and os.path.lexists(p)]
+    theirs = _theirs(layout)
     if theirs:
-        names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in theirs)
+        verb, them = ("is", "it") if len(theirs) == 1 else ("are", "them")
         raise OutputFolderError(
-            f"--overwrite: {layout.root} holds no bulkinfer job, and {names} there "
-            "are not bulkinfer's to remove (it removes only what it made); deleted nothing: "
-            "move them away or choose a new folder"
+            f"--overwrite: {layout.root} holds no bulkinfer job, and {_listed(theirs)} there "
+            f"{verb} not bulkinfer's to remove (it removes only what it made); deleted nothing: "
+            f"move {them} away or choose a new folder"
         )
+
+
+def _theirs(layout: OutputLayout) -> list[Path]:
+    """Paths under the names bulkinfer writes, in a folder that holds no job of its own: the
+    user's, which --overwrite does not remove."""
+    if layout.job_file.exists() or layout.overwriting.exists() or layout.shards_dir.is_dir():
+        return []
+    if record_lost(layout):
+        return []
+    ours_anyway = {layout.failed, layout.heartbeat}  # written before a job record can be
+    return [p for p in layout.ours() if p not in ours_anyway and os.path.lexists(p)]
+
+
+def _listed(paths: list[Path]) -> str:
+    return ", ".join(p.name + ("/" if p.is_dir() else "") for p in paths)
 
 
 def save_job(layout: OutputLayout, job: JobRecord) -> None:
