@@ -200,6 +200,10 @@ def local_model_folder(model: ModelFiles, convert: bool = True) -> Path | None:
     return target
 
 
+# files that hold a tokenizer's vocabulary (fast, SentencePiece, BPE, WordPiece, tiktoken)
+TOKENIZER_FILES = ("tokenizer.json", "*.model", "vocab.json", "vocab.txt", "*.tiktoken")
+
+
 def _check_model_folder(path: Path, spec: ModelSpec) -> None:
     if not path.is_dir():
         raise ModelError(f"model.path: {path} is neither a model folder nor a .gguf file")
@@ -213,6 +217,13 @@ def _check_model_folder(path: Path, spec: ModelSpec) -> None:
         raise ModelError(
             f"model.path: {path} has only pickle weights (.bin/.pt), which can run code when "
             "loaded; convert them to safetensors, or set model.allow_pickle: true if you trust them"
+        )
+    if not has_safetensors and not has_pickle:
+        raise ModelError(f"model.path: {path} has no weights (*.safetensors)")
+    if not any(glob.glob(str(path / pattern)) for pattern in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer from the config alone (every word unknown)
+        raise ModelError(
+            f"model.path: {path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}...)"
         )
 
 

@@ -157,6 +157,10 @@ def test_messages_without_chat_template(tmp_path, tiny_model):
             ["unknown key 'task.max_new_tokenz'", "did you mean 'task.max_new_tokens'"],
         ),
         ({"taks": {}}, ["unknown key 'taks'", "did you mean 'task'"]),
+        # a key outside its section: where it belongs, for a bare key or in the wrong section
+        ({"max_new_tokens": 5}, ["unknown key 'max_new_tokens'", "'task.max_new_tokens'"]),
+        ({"task": {"device": "cpu"}}, ["unknown key 'task.device'", "'model.device'"]),
+        ({"tempreature": 1}, ["unknown key 'tempreature'", "did you mean 'task.temperature'"]),
         ({"task": {"max_new_tokens": "many"}}, ["task.max_new_tokens", "whole number"]),
         ({"task": {"max_new_tokens": 0}}, ["task.max_new_tokens", "too small"]),
         ({"task": {"top_p": 1.5}}, ["task.top_p"]),
@@ -217,6 +221,37 @@ def test_model_folder_with_only_pickle_weights_is_refused(tmp_path, tiny_model):
     torch.save(load_file(tiny_model / "model.safetensors"), model / "pytorch_model.bin")
     path = write_jsonl(tmp_path / "in.jsonl", sample_prompts(2))
     _fails_cleanly(cli("run", str(_job(tmp_path, model, path))), "pickle", "allow_pickle")
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_a_model_folder_without_weights_or_tokenizer_is_refused(tmp_path, tiny_model, command):
+    """A folder with a config but no tokenizer files loaded as an empty tokenizer (every word
+    unknown) and validate said the job was fine; without weights only the run's loading
+    failed. Both are refused where the model folder is first read."""
+    path = write_jsonl(tmp_path / "in.jsonl", sample_prompts(2))
+    for missing, fragments in [
+        ({".safetensors"}, ["has no weights"]),
+        ({".json", ".txt", ".model"}, ["has no tokenizer files", "tokenizer.json"]),
+    ]:
+        model = tmp_path / f"model-{len(missing)}"
+        model.mkdir()
+        for f in tiny_model.iterdir():
+            keep = f.name == "config.json" or f.suffix not in missing
+            if f.is_file() and keep:
+                (model / f.name).write_bytes(f.read_bytes())
+        job = _job(tmp_path, model, path)
+        _fails_cleanly(cli(command, str(job)), "model.path", *fragments)
+
+
+def test_validate_refuses_a_gpu_that_is_not_there(tmp_path, tiny_model):
+    """run refused model.device: cuda on a machine without a GPU; validate said OK."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    job = _job(tmp_path, tiny_model, write_jsonl(tmp_path / "in.jsonl", sample_prompts(2)))
+    result = cli("validate", str(job), "--set", "model.device=cuda")
+    _fails_cleanly(result, "model.device is 'cuda' but no CUDA GPU is visible")
 
 
 def test_a_prompt_of_another_type_is_named_in_the_words_of_json(tmp_path, tiny_model):

@@ -4,12 +4,14 @@ one-line errors naming the key (unknown key, wrong type, missing file)."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import glob
 import math
 import os
 import re
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -179,7 +181,8 @@ def _build(cls: type, data: Any, key: str) -> Any:
         if name not in fields:
             where = f"{key}.{name}" if key else str(name)
             known = {f"{key}.{f}" if key else f for f in fields}
-            raise SpecError(f"unknown key '{where}'{did_you_mean(where, known)}")
+            hint = _in_other_sections(str(name), where) or did_you_mean(where, known)
+            raise SpecError(f"unknown key '{where}'{hint}")
     values = {}
     for name, f in fields.items():
         where = f"{key}.{name}" if key else name
@@ -191,6 +194,31 @@ def _build(cls: type, data: Any, key: str) -> Any:
     if hasattr(obj, "validate"):
         obj.validate(key)
     return obj
+
+
+def _in_other_sections(name: str, where: str) -> str:
+    """' (did you mean 'task.max_new_tokens'?)' for a key given outside its section (a bare
+    `max_new_tokens`, or `task.device`): the spec's keys of that name elsewhere, else a bare
+    key's close match among every section's keys (`tempreature`)."""
+    paths = list(_key_paths(JobSpec, ""))
+    found = [path for path in paths if path.rsplit(".", 1)[-1] == name and path != where]
+    if not found:
+        if "." in where:
+            return ""
+        by_name = {path.rsplit(".", 1)[-1]: path for path in paths if "." in path}
+        close = difflib.get_close_matches(name, list(by_name), n=1, cutoff=0.6)
+        return f" (did you mean '{by_name[close[0]]}'?)" if close else ""
+    return " (did you mean " + " or ".join(f"'{path}'" for path in found) + "?)"
+
+
+def _key_paths(cls: type, prefix: str) -> Iterator[str]:
+    """Every key of the spec dataclass `cls`, dotted, sections' keys included."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}.{f.name}" if prefix else f.name
+        yield path
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _key_paths(hints[f.name], path)
 
 
 def _convert(value: Any, hint: Any, key: str) -> Any:
