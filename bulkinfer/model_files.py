@@ -201,7 +201,14 @@ def local_model_folder(model: ModelFiles, convert: bool = True) -> Path | None:
 
 
 # files that hold a tokenizer's vocabulary (fast, SentencePiece, BPE, WordPiece, tiktoken)
-TOKENIZER_FILES = ("tokenizer.json", "*.model", "vocab.json", "vocab.txt", "*.tiktoken")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "*.model",
+    "vocab.json",
+    "vocab.txt",
+    "*.tiktoken",
+    "tekken.json",
+)
 
 
 def _check_model_folder(path: Path, spec: ModelSpec) -> None:
