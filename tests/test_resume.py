@@ -121,15 +121,20 @@ def test_graceful_signal_writes_batch_in_flight_and_exits_nonzero(crash_job, sig
     _assert_same_outputs(out, reference)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_a_stop_before_the_first_batch_says_so_and_resumes(crash_job, sig):
+@pytest.mark.parametrize(
+    "sig, overwrite",
+    [(signal.SIGTERM, False), (signal.SIGUSR1, False), (signal.SIGTERM, True)],
+)
+def test_a_stop_before_the_first_batch_says_so_and_resumes(crash_job, sig, overwrite):
     """SIGTERM (scancel) or Slurm's time warning while the job sets up: no batch is in flight,
-    so the run ends at once, with the stopped run's line and exit code, and resumes."""
+    so the run ends at once, with the stopped run's line and exit code, and resumes. A run
+    with --overwrite is resumed without it (the same command would start afresh)."""
     make, reference = crash_job
-    job = make(f"early-{sig.name}")
-    out = job.parent / f"early-{sig.name}"
+    name = f"early-{sig.name}" + ("-overwrite" if overwrite else "")
+    job = make(name)
+    out = job.parent / name
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bulkinfer", "run", str(job)],
+        [sys.executable, "-m", "bulkinfer", "run", str(job)] + ["--overwrite"] * overwrite,
         env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -144,6 +149,8 @@ def test_a_stop_before_the_first_batch_says_so_and_resumes(crash_job, sig):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, stderr
     assert f"stopped by {sig.name} before its first batch" in stderr, stderr
+    advice = "rerun it without --overwrite" if overwrite else "rerun the same command"
+    assert advice in stderr, stderr
     assert ("give it more time (--time)" in stderr) == (sig == signal.SIGUSR1), stderr
     assert "Traceback" not in stderr
     # nothing committed: no manifest yet, or the empty one a new job's folder starts with (a
@@ -153,6 +160,43 @@ def test_a_stop_before_the_first_batch_says_so_and_resumes(crash_job, sig):
     resumed = cli_again("run", str(job))
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_outputs(out, reference)
+
+
+STOP_IN_IMPORT = r"""
+import pathlib, sys, time
+from bulkinfer.errors import StopRequested
+from bulkinfer.job.exits import stops_at_once
+
+folder = pathlib.Path(sys.argv[1])
+(folder / "stopping_module.py").write_text(
+    "import signal\nsignal.raise_signal(signal.SIGTERM)\nfinished = True\n"
+)
+sys.path.insert(0, str(folder))
+with stops_at_once():
+    try:
+        import stopping_module
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+        print("not stopped")
+    except StopRequested:
+        print("stopped", getattr(sys.modules.get("stopping_module"), "finished", False))
+"""
+
+
+def test_a_stop_landing_inside_an_import_waits_for_the_import(tmp_path):
+    """SIGTERM raised as StopRequested inside a module torch's C++ side was importing aborted
+    the process (an 88-line C++ dump, exit 134, not the stopped run's 143). A stop inside
+    any import now comes again a moment later: the import completes, then the run stops."""
+    done = subprocess.run(
+        [sys.executable, "-c", STOP_IN_IMPORT, str(tmp_path)],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["stopped", "True"], done.stdout + done.stderr
 
 
 def test_a_finished_job_whose_outputs_were_removed_writes_them_again(crash_job):
@@ -286,6 +330,8 @@ def test_output_folder_with_foreign_files_is_refused(tmp_path, tiny_model):
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     refused = cli("run", str(job))  # half emptied: no job to resume; --overwrite goes on
     assert refused.exit_code == 2 and "--overwrite" in refused.output, refused.output
+    # said as what it is (it spoke of a lost job.json to put back, which bulkinfer set aside)
+    assert "an --overwrite was stopped while emptying" in refused.output, refused.output
     assert cli("run", str(job), "--overwrite").exit_code == 0
     assert read_outputs(out).num_rows == 3 and (out / "notes.txt").exists()
 

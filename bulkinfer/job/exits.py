@@ -63,15 +63,28 @@ def stop_signals() -> Iterator[StopFlag]:
             signal.signal(sig, old)
 
 
+IMPORT_RETRY_SECONDS = 0.05
+
+
+def _importing(frame) -> bool:
+    """Whether the main thread is inside an import (its stack holds the import machinery)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 class AtOnce:
     """Outside the batch loop no batch is in flight: SIGTERM or SIGUSR1 stops the run at once
     (`StopRequested`; every write there is atomic and committed parts stay, as after a kill),
     with the line and exit code of a stopped run. While the outputs are written (`finish`),
     SIGUSR1, the time-limit warning, lets them finish instead. SIGINT stays KeyboardInterrupt."""
 
-    def __init__(self) -> None:
+    def __init__(self, overwrite: bool = False) -> None:
         self.finishing = False
         self.signum: int | None = None
+        self.overwrite = overwrite  # the run was asked to start afresh
 
     @property
     def when(self) -> str:
@@ -83,6 +96,14 @@ class AtOnce:
             log(f"{name} received {self.when}: finishing them", event="signal", signal=name)
             return
         if self.signum is None:  # the same stop delivered twice is one stop
+            if _importing(frame):
+                # raised inside a module a C++ extension is importing (torch's), the exception
+                # cannot pass back through it and the process aborts: the signal comes again
+                # in a moment, by then most likely outside any import
+                again = threading.Timer(IMPORT_RETRY_SECONDS, os.kill, (os.getpid(), signum))
+                again.daemon = True
+                again.start()
+                return
             self.signum = signum
             raise StopRequested(signum)
 
@@ -108,8 +129,8 @@ class AtOnce:
             else ""
         )
         log(
-            f"stopped by {name} {self.when}; committed work is kept: rerun the same command "
-            f"to resume{advice}",
+            f"stopped by {name} {self.when}; committed work is kept: "
+            f"{resume_advice(self.overwrite)}{advice}",
             event="signal",
             level="warning",
             signal=name,
@@ -119,10 +140,11 @@ class AtOnce:
 
 
 @contextmanager
-def stops_at_once() -> Iterator[AtOnce]:
+def stops_at_once(overwrite: bool = False) -> Iterator[AtOnce]:
     """`AtOnce`'s handler for SIGTERM and SIGUSR1 for the duration (from the main thread only:
-    a job run from another thread keeps the process's handlers)."""
-    at_once = AtOnce()
+    a job run from another thread keeps the process's handlers); `overwrite`: the run's own
+    --overwrite, which its resume advice leaves out."""
+    at_once = AtOnce(overwrite)
     if threading.current_thread() is not threading.main_thread():
         yield at_once
         return
@@ -144,11 +166,19 @@ def stops_at_once() -> Iterator[AtOnce]:
         sys.unraisablehook = hook
 
 
-def stopped(signum: int) -> int:
+def resume_advice(overwrite: bool) -> str:
+    """How to resume a stopped run: its own command, less an --overwrite (which would start the
+    job afresh, dropping what this run committed)."""
+    if overwrite:
+        return "rerun it without --overwrite to resume (with it, the job starts afresh)"
+    return "rerun the same command to resume"
+
+
+def stopped(signum: int, overwrite: bool = False) -> int:
     """Say why the run stopped; the exit code a shell gives a process ended by that signal."""
     name = signal.Signals(signum).name
     log(
-        f"stopped by {name}: the batch in flight was written; rerun the same command to resume",
+        f"stopped by {name}: the batch in flight was written; {resume_advice(overwrite)}",
         event="signal",
         level="warning",
         signal=name,

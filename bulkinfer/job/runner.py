@@ -68,7 +68,7 @@ def run_job(spec: JobSpec, overwrite: bool = False, shard: Shard | None = None) 
     if shard is not None:
         refuse_unsharded(root, overwrite)
         refuse_other_counts(root, shard.count, overwrite)
-    with stops_at_once() as at_once:
+    with stops_at_once(overwrite) as at_once:
         try:
             with writes_reported(layout), folder_lock(layout), failure_recorded(layout):
                 code = _run_job(spec, layout, overwrite, shard, at_once)
@@ -123,7 +123,7 @@ def _run_job(
         at_once.check()
         signum = run_batches(inputs, engine, todo, writer, progress, started, host_seconds)
     if signum is not None:
-        return stopped(signum)
+        return stopped(signum, overwrite)
     at_once.finish()
     summary = finish_job(
         layout, manifest, inputs.prepared, schema, run_id, started, plan.rows, shard is not None

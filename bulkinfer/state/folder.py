@@ -375,7 +375,14 @@ def refuse_foreign(layout: OutputLayout, overwrite: bool, holding_lock: bool = F
 
 def foreign_message(layout: OutputLayout) -> str:
     """Why a folder with files but no job record is refused: a bulkinfer job whose job.json
-    was removed (its committed rows cannot be checked against any job), or not one at all."""
+    was removed (its committed rows cannot be checked against any job), one an --overwrite
+    was stopped while emptying, or not one at all."""
+    if layout.overwriting.exists():
+        return (
+            f"{layout.root} is a bulkinfer job's folder an --overwrite was stopped while "
+            "emptying (its job record is set aside in .overwriting-job.json); pass --overwrite "
+            "again to finish it and run this job afresh"
+        )
     if record_lost(layout):
         return (
             f"{layout.root} holds a bulkinfer job's checkpoint but no job.json, so its rows "
