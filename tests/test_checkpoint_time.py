@@ -63,6 +63,13 @@ def one_batch_job(tmp_path, tiny_model, name, engine, every_seconds=180, log_eve
     return job
 
 
+def progress_events(done) -> list[dict]:
+    """The progress events of a run logged with --log-format json (it must have succeeded)."""
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    return [e for e in events if e["event"] == "progress"]
+
+
 def run(job, *args, **env):
     return subprocess.run(
         [sys.executable, "-m", "bulkinfer", *args, "run", str(job)],
@@ -111,7 +118,7 @@ def test_a_batch_slower_than_every_seconds_commits_finished_rows_and_resumes(
     assert len(pieces) > 1 and summary["batches"] == len(set(pieces.to_pylist())) == 1
 
 
-def uneven_rows_job(tmp_path, tiny_model, name, rows, engine, **settings):
+def uneven_rows_job(tmp_path, tiny_model, name, rows, engine, every_seconds=1, **settings):
     """One batch of completions requests `rows` ({id, prompt, max_tokens}), parts by time."""
     requests = [
         {
@@ -129,7 +136,7 @@ def uneven_rows_job(tmp_path, tiny_model, name, rows, engine, **settings):
         tmp_path / name,
         task={"max_new_tokens": 40},
         batching={"max_tokens": 100_000, "max_batch_size": 64},
-        checkpoint={"every_rows": 1000, "every_seconds": 1},
+        checkpoint={"every_rows": 1000, "every_seconds": every_seconds},
         **settings,
     )
     use_engine(job, engine)
@@ -244,17 +251,12 @@ def test_the_eta_counts_the_prompts_of_rows_that_finished(tmp_path, tiny_model, 
         {"id": f"long-prompt-{i}", "prompt": " ".join(WORDS * 6), "max_tokens": 2}
         for i in range(10)
     ]
-    job = uneven_rows_job(
-        tmp_path, tiny_model, "eta", rows, engine, progress={"log_every_seconds": 0.1}
+    job = uneven_rows_job(  # no part before the batch ends
+        tmp_path, tiny_model, "eta", rows, engine, 600, progress={"log_every_seconds": 0.1}
     )
-    spec = yaml.safe_load(job.read_text())
-    spec["checkpoint"]["every_seconds"] = 600  # no part before the batch ends
-    job.write_text(yaml.safe_dump(spec))
-    done = run(job, "--log-format", "json", BULKINFER_SLOW_STEP_SECONDS="0.2")
-    assert done.returncode == 0, done.stderr
-    events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
-    waiting = [e for e in events if e["event"] == "progress" and e["rows_done"] == len(rows) - 1]
-    assert waiting, [e for e in events if e["event"] == "progress"]
+    progress = progress_events(run(job, "--log-format", "json", BULKINFER_SLOW_STEP_SECONDS="0.2"))
+    waiting = [e for e in progress if e["rows_done"] == len(rows) - 1]
+    assert waiting, progress
     # planned work left: under 40 of the long row's ~45 tokens, against ~10 x 90 done
     assert all(e["eta_seconds"] < e["elapsed_seconds"] for e in waiting), waiting
 
@@ -266,17 +268,10 @@ def test_the_first_eta_counts_the_prompts_already_run(tmp_path, tiny_model, engi
     long prompts, forty new tokens each: once they have started, most of the work is done."""
     rows = [{"id": f"row-{i}", "prompt": " ".join(WORDS * 6), "max_tokens": 40} for i in range(10)]
     job = uneven_rows_job(
-        tmp_path, tiny_model, "first", rows, engine, progress={"log_every_seconds": 0.1}
+        tmp_path, tiny_model, "first", rows, engine, 600, progress={"log_every_seconds": 0.1}
     )
-    spec = yaml.safe_load(job.read_text())
-    spec["checkpoint"]["every_seconds"] = 600
-    job.write_text(yaml.safe_dump(spec))
-    done = run(job, "--log-format", "json", BULKINFER_SLOW_STEP_SECONDS="0.2")
-    assert done.returncode == 0, done.stderr
-    events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
-    started = [
-        e for e in events if e["event"] == "progress" and e["rows_done"] == 0 and e["tokens_done"]
-    ]
-    assert started, [e for e in events if e["event"] == "progress"]
+    progress = progress_events(run(job, "--log-format", "json", BULKINFER_SLOW_STEP_SECONDS="0.2"))
+    started = [e for e in progress if e["rows_done"] == 0 and e["tokens_done"]]
+    assert started, progress
     # work left: at most the 10 x 40 new tokens, against 10 prompts of ~90 tokens done
     assert all(e["eta_seconds"] < e["elapsed_seconds"] for e in started), started

@@ -33,12 +33,14 @@ class InFlight:
     done: dict  # sequence index -> Generation
     left: np.ndarray  # sequences not done, per row position
     ready: list  # row positions whose sequences are all done, not committed yet
+    spent: np.ndarray  # prompt and new tokens of the done sequences, per row position
     committed: int = 0  # rows committed in pieces
 
     @classmethod
     def of(cls, batch: Batch, ask) -> InFlight:
         left = np.bincount(np.asarray(ask.owners, dtype=np.int64), minlength=len(batch.rows))
-        return cls(batch, ask, {}, left, [k for k in range(len(batch.rows)) if left[k] == 0])
+        ready = [k for k in range(len(batch.rows)) if left[k] == 0]
+        return cls(batch, ask, {}, left, ready, np.zeros(len(batch.rows), dtype=np.int64))
 
     def take(self, finished: dict) -> list[int]:
         """Record finished sequences; returns the row positions they completed."""
@@ -47,18 +49,11 @@ class InFlight:
             self.done[i] = generation
             k = self.ask.owners[i]
             self.left[k] -= 1
+            self.spent[k] += len(self.ask.requests.prompts[i]) + len(generation.tokens)
             if self.left[k] == 0:
                 self.ready.append(k)
                 completed.append(k)
         return completed
-
-    def tokens(self, positions: list[int]) -> int:
-        """The prompt and new tokens of the sequences of these (completed) row positions."""
-        wanted = set(positions)
-        owners, prompts = self.ask.owners, self.ask.requests.prompts
-        return sum(
-            len(prompts[i]) + len(g.tokens) for i, g in self.done.items() if owners[i] in wanted
-        )
 
     @property
     def complete(self) -> bool:
@@ -121,7 +116,7 @@ def run_stream(inputs, engine, todo: list[Batch], writer, progress, started, sto
             if update.group is not None:
                 flight = running[update.group]
                 completed = flight.take(update.finished)
-                rows, made = flight.batch.rows[completed], flight.tokens(completed)
+                rows, made = flight.batch.rows[completed], int(flight.spent[completed].sum())
                 if flight.complete:
                     commit(running.pop(update.group), whole=True)
             progress.advance(update.new_tokens, rows, made, update.prompt_tokens)
