@@ -314,6 +314,9 @@ def test_status_of_a_killed_doubled_job_is_stopped_and_never_past_the_total(lock
     done, total = int(row[2].replace(",", "")), int(row[4].replace(",", ""))
     assert 0 < done < total == N_ROWS
     assert "ETA -" not in status.output
+    # an unsharded job is one row named `job`, not a shard 0/1 of 1
+    assert row[0] == "job" and "shard" not in status.output, status.output
+    assert status.output.splitlines()[-1] == "job stopped; ETA none: not running now"
 
 
 @pytest.mark.parametrize("oddity", ["outputs_is_a_link", "summary_is_a_folder"])

@@ -98,10 +98,14 @@ def eta_seconds(states: list[ShardState]) -> float | None:
 
 
 def format_status(root: OutputLayout, states: list[ShardState]) -> str:
-    lines = [f"{'shard':>11}  {'state':<8}{'rows done':>22}{'tokens/s':>12}"]
+    """The table of `job_states(root)` and a line on the whole; an unsharded job is one row,
+    named `job`, not a shard 0/1."""
+    sharded = bool(shard_counts(root))
+    lines = [f"{'shard' if sharded else '':>11}  {'state':<8}{'rows done':>22}{'tokens/s':>12}"]
     for s in states:
         total = f"{s.rows_total:,}" if s.rows_total is not None else "?"
-        line = f"{str(s.shard):>11}  {s.state:<8}{f'{s.rows_done:,} / {total}':>22}{s.tokens_per_second:>12,.0f}"
+        name = str(s.shard) if sharded else "job"
+        line = f"{name:>11}  {s.state:<8}{f'{s.rows_done:,} / {total}':>22}{s.tokens_per_second:>12,.0f}"
         if s.error:
             line += f"  {s.error}"
         lines.append(line)
@@ -118,6 +122,9 @@ def format_status(root: OutputLayout, states: list[ShardState]) -> str:
     merged = merged and all(
         _newer(root.summary, root.shard(s.shard.index, s.shard.count).summary) for s in states
     )
+    if not sharded:
+        lines.append(f"job {states[0].state}" + ("" if done else f"; ETA {eta_text}"))
+        return "\n".join(lines)
     lines.append(
         f"{done} of {len(states)} shards done; ETA {eta_text}"
         + ("; outputs merged" if merged and len(states) > 1 else "")
