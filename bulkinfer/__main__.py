@@ -1,3 +1,3 @@
-from bulkinfer.cli import entry
+from bulkinfer.console import entry
 
 entry()

@@ -19,26 +19,25 @@ class BulkinferGroup(click.Group):
     `--log-format json` every error is a JSON `error` event instead (a bug's keeps its traceback
     as a field)."""
 
-    def invoke(self, ctx):
-        from bulkinfer.observe.progress import log, log_format
-
+    def make_context(self, *args, **kwargs):
         try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt:  # a Ctrl-C while the arguments are read: click's "Aborted!"
+            _interrupted(None)
+
+    def invoke(self, ctx):
+        try:
+            from bulkinfer.observe.progress import log, log_format
+
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            _interrupted(ctx.invoked_subcommand)
         except UserError as exc:
             if log_format() == "json":
                 log(str(exc), event="error", level="error", exit_code=exc.exit_code)
             else:
                 click.echo(f"bulkinfer: error: {exc}", err=True)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            message = "interrupted"
-            if ctx.invoked_subcommand in ("run", "merge"):  # the commands that commit work
-                message += "; committed work is kept, rerun to resume"
-            if log_format() == "json":
-                log(message, event="signal", level="error", signal="SIGINT", exit_code=130)
-            else:
-                click.echo(f"bulkinfer: {message}", err=True)
-            sys.exit(130)
         except click.ClickException as exc:
             if log_format() != "json":
                 raise
@@ -57,6 +56,20 @@ class BulkinferGroup(click.Group):
                 traceback=traceback.format_exc(),
             )
             sys.exit(1)
+
+
+def _interrupted(command: str | None) -> None:
+    """Ctrl-C: one line (a JSON event with --log-format json), exit 130."""
+    from bulkinfer.observe.progress import log, log_format
+
+    message = "interrupted"
+    if command in ("run", "merge"):  # the commands that commit work
+        message += "; committed work is kept, rerun to resume"
+    if log_format() == "json":
+        log(message, event="signal", level="error", signal="SIGINT", exit_code=130)
+    else:
+        click.echo(f"bulkinfer: {message}", err=True)
+    sys.exit(130)
 
 
 def _set_log_format(ctx, param, value: str | None) -> None:

@@ -351,3 +351,44 @@ def test_a_killed_run_s_spill_files_are_removed_by_the_next_run_on_the_host(tmp_
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(temporary.iterdir()) == sorted([running, elsewhere])
+
+
+# a real SIGINT, sent by the process to itself at the moment named: while the command line's
+# own modules import (before bulkinfer.cli exists), and while click reads the arguments
+INTERRUPTED_AT = {
+    "import": (
+        "class Stop:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'bulkinfer.cli':\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "sys.meta_path.insert(0, Stop())\n"
+    ),
+    "arguments": (
+        "import click\n"
+        "init = click.Context.__init__\n"
+        "def interrupted(self, *args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    init(self, *args, **kwargs)\n"
+        "click.Context.__init__ = interrupted\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("moment", sorted(INTERRUPTED_AT))
+def test_ctrl_c_before_the_command_starts_is_one_line_and_exit_130(tmp_path, moment):
+    """A Ctrl-C in a command's first fraction of a second gave a traceback (during imports) or
+    click's 'Aborted!' with exit 1 (while the arguments were read)."""
+    code = (
+        "import os, signal, sys\n"
+        + INTERRUPTED_AT[moment]
+        + "from bulkinfer.console import entry\n"
+        + "entry()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, "status", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 130, result.stderr
+    assert result.stderr == "bulkinfer: interrupted\n", result.stderr
