@@ -7,6 +7,7 @@ error) and the engines all reach it. llguidance is imported only when a format i
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 from typing import Any
@@ -18,6 +19,31 @@ JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separa
 # before a special token's text in a token's bytes as engines/constraints.token_bytes_of gives
 # them (the text leaves those tokens out): no UTF-8 text starts with this byte
 SPECIAL_MARK = b"\xff"
+# JSON Schema's keywords (drafts 4 to 2020-12): those whose value maps names to subschemas,
+# those whose value is a subschema or a list of them, and the rest
+SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+SCHEMA_VALUES = (
+    *("allOf", "anyOf", "oneOf", "not", "if", "then", "else", "prefixItems", "items"),
+    *("additionalItems", "contains", "additionalProperties", "propertyNames"),
+    *("unevaluatedItems", "unevaluatedProperties", "contentSchema"),
+)
+SCHEMA_KEYWORDS = frozenset(
+    (
+        *SCHEMA_MAPS,
+        *SCHEMA_VALUES,
+        *("$schema", "$id", "$ref", "$anchor", "$dynamicRef", "$dynamicAnchor", "$comment"),
+        *("$recursiveRef", "$recursiveAnchor", "$vocabulary", "dependencies", "type", "enum"),
+        *("const", "multipleOf", "maximum", "exclusiveMaximum", "minimum", "exclusiveMinimum"),
+        *("maxLength", "minLength", "pattern", "maxItems", "minItems", "uniqueItems"),
+        *("maxContains", "minContains", "maxProperties", "minProperties", "required"),
+        *("dependentRequired", "title", "description", "default", "deprecated", "readOnly"),
+        *("writeOnly", "examples", "format", "contentEncoding", "contentMediaType"),
+    )
+)
+# an unknown key is an annotation that constrains nothing, so one a letter or two from a
+# keyword ("requried", "maxLenght") is taken for a misspelling; except the annotations that
+# schemas written for OpenAPI, pydantic and llguidance carry
+ANNOTATIONS = frozenset(("example", "nullable", "discriminator", "strict", "name", "x-guidance"))
 
 
 def llguidance_module():
@@ -58,9 +84,9 @@ def grammar_for(response_format: Any) -> str | None:
     if kind == "json_object":
         grammar = ll.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_LAYOUT)
     elif kind == "json_schema":
-        grammar = ll.LLMatcher.grammar_from_json_schema(
-            _schema_of(response_format), defaults=JSON_LAYOUT
-        )
+        schema = _schema_of(response_format)
+        _refuse_misspelled(schema, "schema")
+        grammar = ll.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
     elif kind == "regex":
         pattern = response_format.get("pattern")
         if not isinstance(pattern, str) or not pattern:
@@ -150,6 +176,30 @@ def _schema_of(response_format: dict) -> dict:
             "(json_schema.schema, or schema)"
         )
     return schema
+
+
+def _refuse_misspelled(schema: Any, where: str) -> None:
+    """Raise ValueError for a key of this schema or its subschemas that is no keyword but
+    close to one: the constraint it meant would be passed over (JSON Schema reads an unknown
+    key as an annotation), and every row would be kept to a looser schema without a word."""
+    if not isinstance(schema, dict):
+        return
+    for key, value in schema.items():
+        if key in SCHEMA_KEYWORDS or key in ANNOTATIONS or not isinstance(key, str):
+            pass
+        elif meant := difflib.get_close_matches(key, SCHEMA_KEYWORDS, n=1, cutoff=0.8):
+            raise ValueError(
+                f"response_format: {where} has {key!r}, no JSON Schema keyword (did you mean "
+                f"{meant[0]!r}?): as it is, it would constrain nothing"
+            )
+        if key in SCHEMA_MAPS and isinstance(value, dict):
+            for name, sub in value.items():
+                _refuse_misspelled(sub, f"{where}.{key}.{name}")
+        elif key in SCHEMA_VALUES:
+            for i, sub in enumerate(value if isinstance(value, list) else [value]):
+                _refuse_misspelled(
+                    sub, f"{where}.{key}" + (f"[{i}]" if isinstance(value, list) else "")
+                )
 
 
 def breaks_schema(grammar: str, text: str) -> bool:

@@ -298,6 +298,15 @@ def test_any_json_object(tmp_path, tiny_model):
         ({"type": "regex", "pattern": r"(a)\1"}, 'regex "(a)\\\\1" error: backreferences are'),
         ({"type": "json_schema", "schema": {"enum": []}}, "Unsatisfiable"),
         ({"type": "json_object", "schema": {"required": ["a"]}}, "json_object takes no schema"),
+        # a misspelt keyword constrained nothing, without a word
+        (
+            {"type": "json_schema", "schema": {"properties": {"a": {}}, "requried": ["a"]}},
+            "schema has 'requried', no JSON Schema keyword (did you mean 'required'?)",
+        ),
+        (
+            {"type": "json_schema", "schema": {"items": {"anyOf": [{"maxLenght": 3}]}}},
+            "schema.items.anyOf[0] has 'maxLenght'",
+        ),
     ],
 )
 def test_a_bad_response_format_is_one_line_naming_it(tmp_path, tiny_model, fmt, fragment):
