@@ -7,7 +7,6 @@ Loading the tokenizer and config from here never loads the weights, so `bulkinfe
 from __future__ import annotations
 
 import functools
-import glob
 import hashlib
 import importlib.util
 import json
@@ -218,8 +217,9 @@ def _check_model_folder(path: Path, spec: ModelSpec) -> None:
         raise ModelError(
             f"model.path: {path} has no config.json; is it a Hugging Face model folder?"
         )
-    has_safetensors = bool(glob.glob(str(path / "*.safetensors")))
-    has_pickle = bool(glob.glob(str(path / "*.bin")) + glob.glob(str(path / "*.pt")))
+    # the folder's own name is no pattern: a model in models/tiny[v1] has files too
+    has_safetensors = any(path.glob("*.safetensors"))
+    has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt"))
     if not has_safetensors and has_pickle and not spec.allow_pickle:
         raise ModelError(
             f"model.path: {path} has only pickle weights (.bin/.pt), which can run code when "
@@ -227,7 +227,7 @@ def _check_model_folder(path: Path, spec: ModelSpec) -> None:
         )
     if not has_safetensors and not has_pickle:
         raise ModelError(f"model.path: {path} has no weights (*.safetensors)")
-    if not any(glob.glob(str(path / pattern)) for pattern in TOKENIZER_FILES):
+    if not any(any(path.glob(pattern)) for pattern in TOKENIZER_FILES):
         # transformers would build an empty tokenizer from the config alone (every word unknown)
         raise ModelError(
             f"model.path: {path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}...)"

@@ -205,3 +205,17 @@ def test_status_says_a_run_that_failed_failed(tmp_path, tiny_model):
     assert _run(tmp_path, tiny_model, inputs).exit_code == 0
     status = cli("status", str(tmp_path / "out"))
     assert "done" in status.output and "failed" not in status.output, status.output
+
+
+def test_a_model_folder_whose_name_looks_like_a_glob_runs(tmp_path, tiny_model):
+    """The check for weights and tokenizer files read the folder's path as a pattern: a model
+    in `tiny[v1]` had 'no weights' and was refused by validate and run."""
+    import shutil
+
+    model = tmp_path / "models" / "tiny[v1]"
+    shutil.copytree(tiny_model, model)
+    inputs = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "hello"}])
+    for command in ("validate", "run"):
+        result = _run(tmp_path, model, inputs, command=command)
+        assert result.exit_code == 0, result.output
+    assert read_outputs(tmp_path / "out").column("id").to_pylist() == ["a"]
