@@ -291,13 +291,16 @@ def test_any_json_object(tmp_path, tiny_model):
     [
         ({"type": "json_schema", "schema": {"type": "nonsense"}}, "nonsense"),
         ({"type": "json_schema"}, "needs a schema object"),
-        ({"type": "xml"}, "'xml' is not one of"),
+        ({"type": "xml"}, "task.response_format.type 'xml' is not one of"),
         ({"type": "regex", "pattern": "(unclosed"}, "unclosed group"),
         ({"type": "regex", "pattern": "(?<=a)b"}, "look-behind, is not supported"),
         ({"type": "regex", "pattern": r"[^\s\S]"}, "matches no text"),
         ({"type": "regex", "pattern": r"(a)\1"}, 'regex "(a)\\\\1" error: backreferences are'),
         ({"type": "json_schema", "schema": {"enum": []}}, "Unsatisfiable"),
-        ({"type": "json_object", "schema": {"required": ["a"]}}, "json_object takes no schema"),
+        (
+            {"type": "json_object", "schema": {"required": ["a"]}},
+            "task.response_format of type json_object takes no schema",
+        ),
         # a misspelt keyword constrained nothing, without a word
         (
             {"type": "json_schema", "schema": {"properties": {"a": {}}, "requried": ["a"]}},

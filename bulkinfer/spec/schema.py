@@ -134,8 +134,10 @@ class TaskSpec:
             try:
                 grammar_for(self.response_format)
             except ValueError as exc:
-                problem = str(exc).removeprefix("response_format").lstrip(": ")
-                raise SpecError(f"{key}.response_format: {problem}") from None
+                problem = str(exc)  # "response_format.type ...", "response_format: ..."
+                if not problem.startswith("response_format"):
+                    problem = f"response_format: {problem}"
+                raise SpecError(f"{key}.{problem}") from None
         self._check_keys_fit_type(key)
 
     def ignored_keys(self) -> list[str]:
