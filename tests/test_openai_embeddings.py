@@ -102,8 +102,12 @@ def test_a_mixed_batch_file_answers_every_request(tmp_path, tiny_model, engine):
     requests = _mixed(dim)
     job = _run(tmp_path, tiny_model, requests, "out")
     use_engine(job, engine)
-    result = cli("run", str(job))
+    result = cli("--log-format", "json", "run", str(job))
     assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    progress = [e for e in events if e["event"] == "progress"]
+    # the requests with nothing to generate count as done (the last line read 2/6 rows)
+    assert progress[-1]["rows_done"] == progress[-1]["rows_total"] > 2, progress
     responses = _lines(tmp_path / "out" / "responses.jsonl")
     assert list(responses) == [r["custom_id"] for r in requests]  # one line each, in order
 

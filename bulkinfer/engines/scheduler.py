@@ -130,8 +130,10 @@ class Scheduler:
             self._admit()
         if self.active:
             self._decode_chunk()
-        updates = [StreamUpdate(g, rows) for g, rows in self.finished.items()]
-        updates.append(StreamUpdate(None, {}, self.new_tokens, self.prompt_tokens))
+        # the tokens made first, then the rows that finished: a row started and finished in
+        # this step has its tokens counted before they are taken off as its own
+        updates = [StreamUpdate(None, {}, self.new_tokens, self.prompt_tokens)]
+        updates += [StreamUpdate(g, rows) for g, rows in self.finished.items()]
         self.finished, self.new_tokens, self.prompt_tokens = {}, 0, 0
         return updates
 

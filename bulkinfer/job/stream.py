@@ -78,7 +78,10 @@ def run_stream(inputs, engine, todo: list[Batch], writer, progress, started, sto
             faults.slow_batch()
             faults.out_of_memory(len(batch.rows) * (batch.longest + task.new_tokens_per_row()))
             ask = task.ask(prepared, batch.rows, engine)
-            running[batch.index] = InFlight.of(batch, ask)
+            flight = running[batch.index] = InFlight.of(batch, ask)
+            if flight.ready:  # rows with nothing to generate (an embeddings request among
+                # completions): done as they enter
+                progress.advance(0, batch.rows[flight.ready], 0)
             preparing.clear()
             yield batch.index, ask.requests
 

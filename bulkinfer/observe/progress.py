@@ -203,7 +203,7 @@ class Progress:
             token_kind=self.token_kind,
             tokens_per_second=round(self.tokens / elapsed, 2),
             elapsed_seconds=round(elapsed, 3),
-            eta_seconds=None if eta == float("inf") else round(eta, 1),
+            eta_seconds=None if eta == float("inf") else round(eta, 3),
         )
 
     def close(self) -> None:
