@@ -69,6 +69,9 @@ def test_rows_computed_in_a_dtype_auto_no_longer_gives_are_refused(tmp_path, tin
     assert "model.dtype auto resolved to bfloat16" in refused.output, refused.output
     assert "--set model.dtype=bfloat16" in refused.output, refused.output
     assert not (out / "outputs").exists()
+    checked = cli("validate", str(job))  # said run would resume the folder
+    assert checked.exit_code == 2 and "--set model.dtype=bfloat16" in checked.output, checked.output
+    assert cli("validate", str(job), "--set", "model.dtype=bfloat16").exit_code == 0
 
     other = cli("run", str(job), "--set", "model.dtype=float16")
     assert other.exit_code == 2 and "(model.dtype: auto there, float16 here)" in other.output

@@ -32,6 +32,7 @@ from bulkinfer.state.folder import (
     holds_foreign,
     other_settings,
     refuse_file_above,
+    resolved_otherwise,
     spec_keys_differing,
 )
 from bulkinfer.state.records import JobRecord
@@ -70,6 +71,7 @@ def check_job(spec: JobSpec) -> JobCheck:
     """Raise a UserError naming the first problem; return what was checked when all is well.
     The set-up is `run`'s own (job/setup.py), so validate accepts exactly the jobs run does."""
     from bulkinfer.engines.hf import resolve_device
+    from bulkinfer.job.resume import resolved_settings
     from bulkinfer.job.setup import set_up
 
     setup = set_up(spec)
@@ -87,7 +89,7 @@ def check_job(spec: JobSpec) -> JobCheck:
         columns=setup.columns,
         files=checked,
         output=spec.output.path,
-        output_state=output_state(Path(spec.output.path), spec.to_dict()),
+        output_state=output_state(Path(spec.output.path), spec.to_dict(), resolved_settings(setup)),
         rows_checked=checked_rows,
         row_problems=tuple(problems),
     )
@@ -184,8 +186,9 @@ def count_rows(path: str, kind: str) -> int | None:
         return sum(1 for line in f if line.strip(b" \t\r\n\xef\xbb\xbf"))  # BOM: not a row
 
 
-def output_state(root: Path, spec: dict) -> str:
-    """What `run` will do with the output folder; a folder it would refuse is an error here."""
+def output_state(root: Path, spec: dict, resolved: dict) -> str:
+    """What `run` will do with the output folder; a folder it would refuse is an error here.
+    `resolved`: what the spec's `auto` settings resolve to here (RunIdentity.resolved)."""
     if not root.exists():
         refuse_file_above(root)
         _refuse_unwritable(root, next(p for p in root.parents if p.is_dir()))
@@ -199,11 +202,15 @@ def output_state(root: Path, spec: dict) -> str:
     keys = []
     if ours and record.fingerprint.get("spec") != fingerprint(spec, {}, {})["spec"]:
         keys = spec_keys_differing(record.spec, spec)
+    reasons = []
     if set(keys) - NAME_ONLY_KEYS:  # those run compares by the files and resolved values
+        reasons = [other_settings(record.spec, keys, spec)]
+    elif ours:
+        reasons = resolved_otherwise(record, resolved)
+    if reasons:
         raise OutputFolderError(
-            f"output.path: {root} holds another job's outputs "
-            f"({other_settings(record.spec, keys, spec)}); run would refuse it: use another "
-            "--output, or pass --overwrite to run"
+            f"output.path: {root} holds another job's outputs ({'; '.join(reasons)}); run "
+            "would refuse it: use another --output, or pass --overwrite to run"
         )
     if layout.job_file.exists() or layout.shards_dir.is_dir():
         return "holds a bulkinfer job: run resumes it if spec, model and input are unchanged"

@@ -216,10 +216,19 @@ def differences(record: JobRecord, run: RunIdentity) -> str | None:
         reasons.append(
             "the input files changed since the checkpoint was written (names, order or bytes)"
         )
+    if not mismatch:
+        reasons += resolved_otherwise(record, run.resolved)
+    return "; ".join(reasons) or None
+
+
+def resolved_otherwise(record: JobRecord, resolved: dict) -> list[str]:
+    """The settings whose `auto` resolved otherwise for the folder's rows than it does here
+    (`resolved`, as RunIdentity.resolved), each with the --set that resumes the folder."""
     recorded = recorded_resolution(record)
+    reasons = []
     for key, name in RESOLVED_KEYS.items():
-        before, now = recorded.get(name), run.resolved.get(name)
-        if not mismatch and None not in (before, now) and not _same(before, now):
+        before, now = recorded.get(name), resolved.get(name)
+        if None not in (before, now) and not _same(before, now):
             before = before[0] if isinstance(before, tuple) else before
             where = f" on {record.device}" if record.device else ""
             reasons.append(
@@ -227,7 +236,7 @@ def differences(record: JobRecord, run: RunIdentity) -> str | None:
                 f"{where} and to {_value(now)} here; --set {key}={_value(before)} resumes it "
                 "as it ran"
             )
-    return "; ".join(reasons) or None
+    return reasons
 
 
 def _same_in_effect(record: JobRecord, run: RunIdentity, mismatch: list[str], keys) -> bool:
