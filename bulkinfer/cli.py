@@ -286,6 +286,7 @@ def status(output: str) -> None:
     from bulkinfer.errors import UserError
     from bulkinfer.io.layout import OutputLayout
     from bulkinfer.io.lock import is_locked
+    from bulkinfer.state.folder import record_lost
     from bulkinfer.state.status import format_status, job_states
 
     root = OutputLayout(Path(output))
@@ -293,7 +294,9 @@ def status(output: str) -> None:
         raise UserError(f"{root.root}: no such output folder")
     submitted = (root.root / "sbatch.sh").is_file()  # `bulkinfer slurm`: its tasks pending
     starting = is_locked(root) or root.failed.is_file()  # a run before it records its job
-    if not root.job_file.is_file() and not root.shard_folders() and not (submitted or starting):
+    # a job's folder without its record: an --overwrite stopped midway, or job.json removed
+    unrecorded = root.overwriting.is_file() or record_lost(root)
+    if not (root.job_file.is_file() or root.shard_folders() or submitted or starting or unrecorded):
         raise UserError(f"{root.root}: not a bulkinfer job folder (no job.json or shards/)")
     click.echo(format_status(root, job_states(root)))
 

@@ -188,6 +188,9 @@ def test_a_folder_that_lost_its_job_json_asks_for_overwrite_which_then_works(tmp
         refused = cli(command, str(job))
         assert refused.exit_code == 2, refused.output
         assert "no job.json" in refused.output and "--overwrite" in refused.output
+    status = cli("status", str(out))  # not 'no bulkinfer job folder': what run says of it
+    assert status.exit_code == 0 and "job  stopped" in status.output, status.output
+    assert "no job.json" in status.output, status.output
     killed = subprocess.run(  # killed while --overwrite empties the folder: it asks again
         [sys.executable, "-m", "bulkinfer", "run", str(job), "--overwrite"],
         env={**child_env(), "BULKINFER_KILL_AT": "overwrite_removed:5"},
@@ -195,6 +198,8 @@ def test_a_folder_that_lost_its_job_json_asks_for_overwrite_which_then_works(tmp
         text=True,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
+    refused = cli("run", str(job))  # not 'its job record is set aside': there was none
+    assert "it had lost its job.json before" in refused.output, refused.output
     again = cli("run", str(job), "--overwrite")
     assert again.exit_code == 0, again.output
     assert read_outputs(out).equals(reference)

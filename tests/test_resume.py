@@ -332,6 +332,9 @@ def test_output_folder_with_foreign_files_is_refused(tmp_path, tiny_model):
     assert refused.exit_code == 2 and "--overwrite" in refused.output, refused.output
     # said as what it is (it spoke of a lost job.json to put back, which bulkinfer set aside)
     assert "an --overwrite was stopped while emptying" in refused.output, refused.output
+    status = cli("status", str(out))  # said it was no bulkinfer job's folder, exit 2
+    assert status.exit_code == 0, status.output
+    assert "job  stopped" in status.output and "stopped while emptying" in status.output
     assert cli("run", str(job), "--overwrite").exit_code == 0
     assert read_outputs(out).num_rows == 3 and (out / "notes.txt").exists()
 

@@ -387,10 +387,14 @@ def foreign_message(layout: OutputLayout) -> str:
     was removed (its committed rows cannot be checked against any job), one an --overwrite
     was stopped while emptying, or not one at all."""
     if layout.overwriting.exists():
+        record = (
+            "its job record is set aside in .overwriting-job.json"
+            if read_json(layout.overwriting)
+            else "it had lost its job.json before"
+        )
         return (
             f"{layout.root} is a bulkinfer job's folder an --overwrite was stopped while "
-            "emptying (its job record is set aside in .overwriting-job.json); pass --overwrite "
-            "again to finish it and run this job afresh"
+            f"emptying ({record}); pass --overwrite again to finish it and run this job afresh"
         )
     if record_lost(layout):
         return (

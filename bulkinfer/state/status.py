@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.lock import is_locked
 from bulkinfer.sharding import Shard
-from bulkinfer.state.folder import unreadable_figures
+from bulkinfer.state.folder import foreign_message, record_lost, unreadable_figures
 from bulkinfer.state.manifest import read_manifest
 from bulkinfer.state.records import JobRecord, Summary, read_json
 
@@ -43,7 +43,11 @@ def read_state(layout: OutputLayout, shard: Shard) -> ShardState:
     if rows_total is not None:
         rows_done = min(rows_done, rows_total)  # never past the total, whatever the manifest holds
     failed = read_json(layout.failed)
-    if summary is not None:
+    if job is None and (layout.overwriting.exists() or record_lost(layout)):
+        # a job's folder without its record (an --overwrite stopped, job.json removed): what
+        # run says of it
+        state, failed = "stopped", {"error": foreign_message(layout)}
+    elif summary is not None:
         state, rows_done = "done", summary.rows_out
     elif failed:
         state = "failed"
