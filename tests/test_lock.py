@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -317,6 +318,21 @@ def test_status_of_a_killed_doubled_job_is_stopped_and_never_past_the_total(lock
     # an unsharded job is one row named `job`, not a shard 0/1 of 1
     assert row[0] == "job" and "shard" not in status.output, status.output
     assert status.output.splitlines()[-1] == "job stopped; ETA none: not running now"
+
+
+def test_status_of_a_run_stopped_before_it_planned_its_rows_is_stopped(lock_job):
+    """A run killed while it read and tokenized the input (minutes, on millions of rows) has
+    recorded its job but not yet its rows: `status` called it pending, as if never started."""
+    make, _ = lock_job
+    job = make("stopped-early")
+    out = job.parent / "stopped-early"
+    run_killed_at(job, "part_committed:1")
+    record = json.loads((out / "job.json").read_text())  # as it was before the plan was kept
+    (out / "job.json").write_text(json.dumps({**record, "rows": None}))
+    shutil.rmtree(out / "checkpoint")
+    status = cli("status", str(out))
+    assert status.exit_code == 0, status.output
+    assert status.output.splitlines()[1].split()[:5] == ["job", "stopped", "0", "/", "?"]
 
 
 @pytest.mark.parametrize("oddity", ["outputs_is_a_link", "summary_is_a_folder"])

@@ -20,8 +20,10 @@ ID_COLUMN = "id"
 class PreparedRows:
     """Every input row, in input order: lengths in memory, everything else in spill files.
 
-    What stays in memory grows by 12 bytes a row (offset and length; 4 more with completions);
-    token ids, ids and kept columns are read back from disk when a batch or the outputs need them.
+    What these rows keep in memory grows by 12 bytes a row (offset and length; 4 more with
+    completions); token ids, ids and kept columns are read back from disk when a batch or the
+    outputs need them. A whole run's memory grew by ~110-140 bytes a row on 0.4-1M rows of a
+    score job (the plan, the progress and the sort's arrays beside these).
     """
 
     offsets: np.ndarray

@@ -101,6 +101,7 @@ class Manifest:
         self.repeated: list[str] = []  # records repeating earlier ones (ignored)
         self.redone: list[str] = []  # intact parts completing a batch that lost rows
         self.unlisted = 0  # part files found without a manifest
+        self.rows_committed = 0  # rows the records hold, kept as parts are committed
         self._load()
 
     def _load(self) -> None:
@@ -123,6 +124,7 @@ class Manifest:
                 seen.add(record)
         kept = self._without_batches_missing_rows(kept, lost)
         self.records = [record for _, record in kept]
+        self.rows_committed = sum(r.rows for r in self.records)
         if self.dropped or self.repeated or self.redone or (raw and not raw.endswith(b"\n")):
             write_bytes_atomic(path, b"".join(line + b"\n" for line, _ in kept))
 
@@ -161,3 +163,4 @@ class Manifest:
     def commit(self, record: PartRecord) -> None:
         append_line_durable(self.layout.manifest, record.to_json())
         self.records.append(record)
+        self.rows_committed += record.rows

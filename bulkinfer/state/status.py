@@ -32,13 +32,13 @@ def read_state(layout: OutputLayout, shard: Shard) -> ShardState:
     summary = Summary.read_if_there(layout.summary)
     if summary is not None and unreadable_figures(summary.to_dict()):
         summary = None  # an edited summary: the manifest says how far the job got
-    if job is not None and (isinstance(job.rows, bool) or not isinstance(job.rows, int)):
-        job = None
+    rows_total = None  # until the run has planned its rows (a run stopped while tokenizing)
+    if job is not None and isinstance(job.rows, int) and not isinstance(job.rows, bool):
+        rows_total = job.rows
     records = read_manifest(layout)
     stats = [s for r in records for s in r.stats]
     seconds = sum(s["seconds"] for s in stats)
     tokens = sum(s["real_tokens"] + s["new_tokens"] for s in stats)
-    rows_total = job.rows if job else None
     rows_done = sum(r.rows for r in records)
     if rows_total is not None:
         rows_done = min(rows_done, rows_total)  # never past the total, whatever the manifest holds
