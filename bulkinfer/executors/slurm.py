@@ -109,7 +109,7 @@ def sbatch_script(job: Path, output: Path, run_args: list[str], options: SlurmOp
         f"manifest={_task_manifest(output, options.array)}",
         "# the last part this task's shard committed: its manifest's last line (a run may drop",
         "# torn or repeated lines as it starts, so the count of lines can fall as parts are added)",
-        'committed() { if [ -f "$manifest" ]; then tail -n 1 "$manifest" | cksum; fi; }',
+        'committed() { if [ -s "$manifest" ]; then tail -n 1 "$manifest" | cksum; fi; }',
         "before=$(committed)",
         f'{command} --shard "${{SLURM_ARRAY_TASK_ID}}/{options.array}" &',
         "pid=$!",
