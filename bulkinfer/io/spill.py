@@ -27,6 +27,8 @@ from bulkinfer.faults import size_setting
 from bulkinfer.io.atomic import fresh_folder
 
 SPILL_FILE_ROWS = size_setting("BULKINFER_SPILL_FILE_ROWS", 65_536)
+# a kept-columns file's row groups: what a read of a few of its rows decodes
+SPILL_GROUP_ROWS = size_setting("BULKINFER_SPILL_GROUP_ROWS", 4096)
 SPILL_PREFIX = "bulkinfer-spill-"  # a temporary spill folder: PREFIX + host + "-" + pid + "-"
 
 
@@ -98,8 +100,9 @@ class RowColumnFiles:
         if not self._pending:
             return
         table = pa.concat_tables(self._pending, promote_options="permissive")
-        faults.write_attempt(self._file(len(self.starts)))
-        pq.write_table(table, self._file(len(self.starts)), compression="zstd")
+        path = self._file(len(self.starts))
+        faults.write_attempt(path)
+        pq.write_table(table, path, compression="zstd", row_group_size=SPILL_GROUP_ROWS)
         self.starts.append(self._rows)
         self._rows += table.num_rows
         self._pending, self._pending_rows = [], 0
@@ -132,14 +135,27 @@ class RowColumnFiles:
         return self.folder / f"rows-{k:06d}.parquet"
 
     def read(self, start: int, stop: int) -> pa.Table:
-        """Rows start..stop-1, in the unified schema."""
+        """Rows start..stop-1, in the unified schema; only the row groups that hold them are
+        read (a file's 65,536 rows of kept documents are hundreds of MB)."""
         first = max(int(np.searchsorted(self.starts, start, side="right")) - 1, 0)
         last = int(np.searchsorted(self.starts, stop, side="left"))
-        tables = [pq.read_table(self._file(k)).cast(self.schema) for k in range(first, last)]
+        tables = []
+        for k in range(first, last):
+            file = pq.ParquetFile(self._file(k))
+            offset = self.starts[k]
+            groups, at, skipped = [], 0, None
+            for g in range(file.metadata.num_row_groups):
+                rows = file.metadata.row_group(g).num_rows
+                if offset + at + rows > start and offset + at < stop:
+                    groups.append(g)
+                    skipped = at if skipped is None else skipped
+                at += rows
+            if groups:
+                tables.append((offset + skipped, file.read_row_groups(groups).cast(self.schema)))
         if not tables:
             return self.schema.empty_table()
-        table = pa.concat_tables(tables)
-        return table.slice(start - self.starts[first], stop - start)
+        table = pa.concat_tables([t for _, t in tables])
+        return table.slice(start - tables[0][0], stop - start)
 
 
 def spill_folder(folder: Path | None) -> tuple[Path, tempfile.TemporaryDirectory | None]:
