@@ -41,8 +41,19 @@ SCHEMA_KEYWORDS = frozenset(
     )
 )
 # an unknown key is an annotation that constrains nothing, so one a letter or two from a
-# keyword ("requried", "maxLenght") is taken for a misspelling; except the annotations that
-# schemas written for OpenAPI, pydantic and llguidance carry
+# keyword that constrains ("requried", "maxLenght") is taken for a misspelling; a near miss of
+# an annotation keyword ("defaults", "readonly") constrains nothing either way, nor of a
+# container of subschemas (a "$ref" may point into a "definition" as well)
+DESCRIBING = frozenset(
+    (
+        *("$schema", "$id", "$anchor", "$dynamicAnchor", "$recursiveAnchor", "$vocabulary"),
+        *("$defs", "definitions"),
+        *("$comment", "title", "description", "default", "deprecated", "readOnly"),
+        *("writeOnly", "examples", "contentEncoding", "contentMediaType", "contentSchema"),
+    )
+)
+CONSTRAINING = sorted(SCHEMA_KEYWORDS - DESCRIBING)
+# the annotations that schemas written for OpenAPI, pydantic and llguidance carry
 ANNOTATIONS = frozenset(("example", "nullable", "discriminator", "strict", "name", "x-guidance"))
 
 
@@ -187,7 +198,7 @@ def _refuse_misspelled(schema: Any, where: str) -> None:
     for key, value in schema.items():
         if key in SCHEMA_KEYWORDS or key in ANNOTATIONS or not isinstance(key, str):
             pass
-        elif meant := difflib.get_close_matches(key, SCHEMA_KEYWORDS, n=1, cutoff=0.8):
+        elif meant := difflib.get_close_matches(key, CONSTRAINING, n=1, cutoff=0.8):
             raise ValueError(
                 f"response_format: {where} has {key!r}, no JSON Schema keyword (did you mean "
                 f"{meant[0]!r}?): as it is, it would constrain nothing"

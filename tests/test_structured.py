@@ -574,3 +574,26 @@ def test_yaml_words_yes_no_on_off_in_a_schema_stay_strings(tmp_path, tiny_model)
     assert all(a["answer"] in ("yes", "no", "maybe") for a in answers), answers
     assert all(a["country"] in ("SE", "NO", "DK") for a in answers), answers
     assert all(r["token_logprobs"] for r in rows)
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        # annotations, and near misses of keywords that constrain nothing themselves
+        {"type": "object", "properties": {"a": {"type": "string"}}, "readonly": True},
+        {"type": "string", "contentType": "text/plain", "defaults": "x", "example": "y"},
+        {"type": "string", "nullable": False, "x-order": 1, "markdownDescription": "z"},
+        # property names that look like misspelt keywords are names, not keywords
+        {
+            "type": "object",
+            "properties": {"requried": {"type": "string"}},
+            "required": ["requried"],
+        },
+        # a container of subschemas under another name, which a $ref points into
+        {"properties": {"a": {"$ref": "#/definition/A"}}, "definition": {"A": {"type": "integer"}}},
+    ],
+)
+def test_schemas_with_annotations_and_odd_names_are_not_refused_as_misspelt(schema):
+    from bulkinfer.grammars import grammar_for
+
+    assert grammar_for({"type": "json_schema", "schema": schema}) is not None
