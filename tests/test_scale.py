@@ -142,3 +142,29 @@ def test_read_ahead_keeps_order_and_raises_where_the_reader_failed():
         for item in read_ahead(chunks(), depth=2):
             seen.append(item)
     assert seen == [0, 1, 2, 3, 4]
+
+
+def test_kept_columns_are_read_by_the_row_groups_that_hold_them(tmp_path, monkeypatch):
+    """A shard's rows are spread over the whole input: its kept columns are read row group by
+    row group (any rows, ranges crossing files and groups) as a whole read would give them."""
+    import numpy as np
+    import pyarrow as pa
+
+    from bulkinfer.io import spill
+
+    monkeypatch.setattr(spill, "SPILL_FILE_ROWS", 10)
+    monkeypatch.setattr(spill, "SPILL_GROUP_ROWS", 3)
+    files = spill.RowColumnFiles(tmp_path)
+    rng = np.random.default_rng(0)
+    texts = []
+    for size in (4, 0, 7, 1, 13, 2, 9):  # chunks as a reader gives them
+        chunk = [f"ü{len(texts) + i}" * int(rng.integers(1, 4)) for i in range(size)]
+        texts += chunk
+        files.append(pa.table({"id": pa.array(chunk, pa.string())}))
+    files.finish()
+    for _ in range(50):
+        rows = np.sort(rng.choice(len(texts), size=int(rng.integers(0, 12)), replace=False))
+        assert files.take(rows).column("id").to_pylist() == [texts[r] for r in rows]
+        start = int(rng.integers(0, len(texts)))
+        stop = int(rng.integers(start, len(texts) + 1))
+        assert files.read(start, stop).column("id").to_pylist() == texts[start:stop]

@@ -83,12 +83,12 @@ def assemble_outputs(
     layout: OutputLayout,
     part_files: list[Path],
     error_rows: pa.Table,
-    row_columns: Callable[[int, int], pa.Table],
+    row_columns: Callable[[np.ndarray], pa.Table],
     expected_rows: np.ndarray,
     keep_row: bool = False,
 ) -> OutputCounts:
     """Write OUT/outputs/*.parquet: every expected input row once, in input order, with its id
-    and kept columns (`row_columns(start, stop)`), and its input position `row` for a shard's
+    and kept columns (`row_columns(rows)`), and its input position `row` for a shard's
     part. Parts are read one at a time, never all at once."""
     parts = (conformed(pq.read_table(path), error_rows.schema) for path in part_files)
     return write_sorted_outputs(
@@ -114,7 +114,7 @@ def write_sorted_outputs(
     layout: OutputLayout,
     tables: Iterable[pa.Table],
     expected_rows: np.ndarray,
-    row_columns: Callable[[int, int], pa.Table] | None = None,
+    row_columns: Callable[[np.ndarray], pa.Table] | None = None,
     keep_row: bool = False,
 ) -> OutputCounts:
     """Put result tables (each with a `row` column, in any order) into input order, in bounded
@@ -165,11 +165,7 @@ def _output_table(results: pa.Table, expected: np.ndarray, row_columns, keep_row
     if row_columns is None:
         columns = {n: results.column(n) for n in results.column_names if n != "row"}
     else:
-        start = int(expected[0]) if len(expected) else 0
-        stop = int(expected[-1]) + 1 if len(expected) else 0
-        given = row_columns(start, stop)
-        if len(expected) < stop - start:  # a shard's rows, not every row in the range
-            given = given.take(pa.array(expected - start))
+        given = row_columns(expected)
         columns = {"id": given.column("id")}
         columns.update({n: results.column(n) for n in results.column_names if n != "row"})
         columns.update({n: given.column(n) for n in given.column_names if n != "id"})

@@ -75,6 +75,7 @@ class RowColumnFiles:
         self._pending: list[pa.Table] = []
         self._rows = 0
         self._pending_rows = 0
+        self._group_index = None  # built on the first `take`, once every file is written
 
     def append(self, table: pa.Table) -> None:
         """Add the next rows; raises pa.ArrowTypeError/ArrowInvalid where types cannot unify,
@@ -156,6 +157,43 @@ class RowColumnFiles:
             return self.schema.empty_table()
         table = pa.concat_tables([t for _, t in tables])
         return table.slice(start - tables[0][0], stop - start)
+
+    def take(self, rows: np.ndarray) -> pa.Table:
+        """The rows at input positions `rows` (ascending), in the unified schema, reading only
+        the row groups that hold them (a shard's rows are spread over the whole input)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return self.schema.empty_table()
+        starts, sizes, where = self._groups()
+        group = np.searchsorted(starts, rows, side="right") - 1
+        needed = np.unique(group)
+        tables = []
+        for k in np.unique(where[needed, 0]):
+            in_file = needed[where[needed, 0] == k]
+            file = pq.ParquetFile(self._file(int(k)))
+            tables.append(file.read_row_groups(where[in_file, 1].tolist()).cast(self.schema))
+        base = np.zeros(len(starts), dtype=np.int64)  # each needed group's first row, as read
+        base[needed] = np.concatenate([[0], np.cumsum(sizes[needed])[:-1]])
+        return pa.concat_tables(tables).take(pa.array(base[group] + rows - starts[group]))
+
+    def _groups(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every row group of the files, in row order: its first row, its size and (file,
+        group in the file)."""
+        if self._group_index is None:
+            starts, sizes, where = [], [], []
+            for k, at in enumerate(self.starts):
+                meta = pq.ParquetFile(self._file(k)).metadata
+                for g in range(meta.num_row_groups):
+                    starts.append(at)
+                    sizes.append(meta.row_group(g).num_rows)
+                    where.append((k, g))
+                    at += sizes[-1]
+            self._group_index = (
+                np.asarray(starts, dtype=np.int64),
+                np.asarray(sizes, dtype=np.int64),
+                np.asarray(where, dtype=np.int64).reshape(-1, 2),
+            )
+        return self._group_index
 
 
 def spill_folder(folder: Path | None) -> tuple[Path, tempfile.TemporaryDirectory | None]:

@@ -34,7 +34,7 @@ def finish_job(
     bad = bad[np.isin(bad, rows)]
     errors = error_rows_table({int(r): prepared.row_errors[int(r)] for r in bad}, schema)
     counts = assemble_outputs(
-        layout, manifest.part_files(), errors, prepared.row_columns, rows, keep_row=keep_row
+        layout, manifest.part_files(), errors, prepared.columns_of, rows, keep_row=keep_row
     )
     if counts.errors:
         reasons = [prepared.row_errors[int(r)] for r in bad]

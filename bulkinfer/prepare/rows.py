@@ -89,6 +89,16 @@ class PreparedRows:
             mask[np.fromiter(self.row_errors, dtype=np.int64)] = False
         return np.flatnonzero(mask)
 
+    def columns_of(self, rows: np.ndarray) -> pa.Table:
+        """The `id` and kept input columns of `rows` (ascending input positions)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and rows[-1] - rows[0] + 1 == len(rows):  # a range: read as it lies
+            return self.row_columns(int(rows[0]), int(rows[-1]) + 1)
+        table = empty_table(len(rows)) if self.columns is None else self.columns.take(rows)
+        if self.id_type is None:
+            return table.add_column(0, ID_COLUMN, pa.array(rows))
+        return table
+
     def row_columns(self, start: int, stop: int) -> pa.Table:
         """The `id` and kept input columns of rows start..stop-1."""
         if self.columns is None:
