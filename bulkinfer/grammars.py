@@ -198,7 +198,7 @@ def _refuse_misspelled(schema: Any, where: str) -> None:
     for key, value in schema.items():
         if key in SCHEMA_KEYWORDS or key in ANNOTATIONS or not isinstance(key, str):
             pass
-        elif meant := difflib.get_close_matches(key, CONSTRAINING, n=1, cutoff=0.8):
+        elif meant := _misspelt(key):
             raise ValueError(
                 f"response_format: {where} has {key!r}, no JSON Schema keyword (did you mean "
                 f"{meant[0]!r}?): as it is, it would constrain nothing"
@@ -211,6 +211,17 @@ def _refuse_misspelled(schema: Any, where: str) -> None:
                 _refuse_misspelled(
                     sub, f"{where}.{key}" + (f"[{i}]" if isinstance(value, list) else "")
                 )
+
+
+def _misspelt(key: str) -> list[str]:
+    """The keyword that constrains which `key` misspells: the same but for case ("Format",
+    "anyof"), or a long one a letter or two off ("requried", "maxLenght"); short words near
+    short keywords ("note", "cost", "form", "item") are words, not misspellings."""
+    same = [k for k in CONSTRAINING if k.lower() == key.lower()]
+    if same or len(key) < 6:
+        return same
+    longer = [k for k in CONSTRAINING if len(k) >= 6]
+    return difflib.get_close_matches(key, longer, n=1, cutoff=0.84)
 
 
 def breaks_schema(grammar: str, text: str) -> bool:

@@ -583,6 +583,8 @@ def test_yaml_words_yes_no_on_off_in_a_schema_stay_strings(tmp_path, tiny_model)
         {"type": "object", "properties": {"a": {"type": "string"}}, "readonly": True},
         {"type": "string", "contentType": "text/plain", "defaults": "x", "example": "y"},
         {"type": "string", "nullable": False, "x-order": 1, "markdownDescription": "z"},
+        # words near short keywords: a note is not a `not`, a cost not a `const`
+        {"type": "string", "note": "n", "cost": 1, "form": "f", "types": [], "item": {}},
         # property names that look like misspelt keywords are names, not keywords
         {
             "type": "object",
