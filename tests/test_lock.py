@@ -335,6 +335,24 @@ def test_status_of_a_run_stopped_before_it_planned_its_rows_is_stopped(lock_job)
     assert status.output.splitlines()[1].split()[:5] == ["job", "stopped", "0", "/", "?"]
 
 
+def test_status_of_an_overwrite_under_way_is_running(lock_job):
+    """While `run --overwrite` empties a folder (its job record set aside, the lock held),
+    status said it had been stopped and to pass --overwrite again."""
+    from bulkinfer.io.layout import OutputLayout
+    from bulkinfer.io.lock import folder_lock
+
+    make, _ = lock_job
+    job = make("overwriting")
+    out = job.parent / "overwriting"
+    assert cli("run", str(job)).exit_code == 0
+    with folder_lock(OutputLayout(out)):  # as the overwrite holds it, job.json set aside
+        os.replace(out / "job.json", out / ".overwriting-job.json")
+        status = cli("status", str(out))
+    assert status.exit_code == 0, status.output
+    assert status.output.splitlines()[1].split()[:2] == ["job", "running"], status.output
+    assert "was stopped" not in status.output
+
+
 @pytest.mark.parametrize("oddity", ["outputs_is_a_link", "summary_is_a_folder"])
 def test_overwrite_refuses_before_deleting_anything(lock_job, tmp_path, oddity):
     make, _ = lock_job

@@ -43,9 +43,12 @@ def read_state(layout: OutputLayout, shard: Shard) -> ShardState:
     if rows_total is not None:
         rows_done = min(rows_done, rows_total)  # never past the total, whatever the manifest holds
     failed = read_json(layout.failed)
-    if job is None and (layout.overwriting.exists() or record_lost(layout)):
-        # a job's folder without its record (an --overwrite stopped, job.json removed): what
-        # run says of it
+    # a job's folder without its record: an --overwrite emptying it (it holds the lock), or one
+    # that was stopped, or job.json removed (then what run says of it)
+    unrecorded = job is None and (layout.overwriting.exists() or record_lost(layout))
+    if unrecorded and is_locked(layout):
+        state = "running"
+    elif unrecorded:
         state, failed = "stopped", {"error": foreign_message(layout)}
     elif summary is not None:
         state, rows_done = "done", summary.rows_out
