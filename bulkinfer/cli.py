@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 
 import click
@@ -19,10 +20,14 @@ class BulkinferGroup(click.Group):
     `--log-format json` every error is a JSON `error` event instead (a bug's keeps its traceback
     as a field)."""
 
-    def make_context(self, *args, **kwargs):
+    def make_context(self, info_name, args, *rest, **kwargs):
         try:
-            return super().make_context(*args, **kwargs)
+            return super().make_context(info_name, args, *rest, **kwargs)
         except KeyboardInterrupt:  # a Ctrl-C while the arguments are read: click's "Aborted!"
+            from bulkinfer.console import log_format_asked
+            from bulkinfer.observe.progress import LOG_FORMAT_ENV
+
+            os.environ[LOG_FORMAT_ENV] = log_format_asked(list(args))  # (read, not yet set)
             _interrupted(None)
 
     def invoke(self, ctx):

@@ -374,8 +374,9 @@ INTERRUPTED_AT = {
 }
 
 
+@pytest.mark.parametrize("log_format", ["plain", "json"])
 @pytest.mark.parametrize("moment", sorted(INTERRUPTED_AT))
-def test_ctrl_c_before_the_command_starts_is_one_line_and_exit_130(tmp_path, moment):
+def test_ctrl_c_before_the_command_starts_is_one_line_and_exit_130(tmp_path, moment, log_format):
     """A Ctrl-C in a command's first fraction of a second gave a traceback (during imports) or
     click's 'Aborted!' with exit 1 (while the arguments were read)."""
     code = (
@@ -385,10 +386,15 @@ def test_ctrl_c_before_the_command_starts_is_one_line_and_exit_130(tmp_path, mom
         + "entry()\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code, "status", str(tmp_path)],
+        [sys.executable, "-c", code, "--log-format", log_format, "status", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 130, result.stderr
-    assert result.stderr == "bulkinfer: interrupted\n", result.stderr
+    if log_format == "plain":
+        assert result.stderr == "bulkinfer: interrupted\n", result.stderr
+    else:  # the signal event, as a stop later in the command logs it
+        (event,) = [json.loads(line) for line in result.stderr.splitlines()]
+        assert event["event"] == "signal" and event["exit_code"] == 130, event
+        assert event["message"] == "interrupted" and event["signal"] == "SIGINT", event

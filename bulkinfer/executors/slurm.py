@@ -110,7 +110,7 @@ def sbatch_script(job: Path, output: Path, run_args: list[str], options: SlurmOp
         "# the parts this task's shard had committed as it started: the task committed one if its",
         "# manifest then holds a line that was not there (a run drops torn and repeated lines as",
         "# it starts, so neither the count of lines nor the last line says it)",
-        'before=$(mktemp) && trap \'rm -f "$before"\' EXIT',
+        "before=$(mktemp) && trap 'rm -f \"$before\"' EXIT",
         'if [ -f "$manifest" ]; then cp "$manifest" "$before"; fi',
         'committed() { [ -s "$manifest" ] && grep -vxFf "$before" "$manifest" | grep -q .; }',
         f'{command} --shard "${{SLURM_ARRAY_TASK_ID}}/{options.array}" &',
