@@ -381,6 +381,9 @@ def test_ctrl_c_before_the_command_starts_is_one_line_and_exit_130(tmp_path, mom
     click's 'Aborted!' with exit 1 (while the arguments were read)."""
     code = (
         "import os, signal, sys\n"
+        # Python's own Ctrl-C handler, as in a terminal (a test worker may start its children
+        # with SIGINT ignored)
+        + "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         + INTERRUPTED_AT[moment]
         + "from bulkinfer.console import entry\n"
         + "entry()\n"
