@@ -402,35 +402,35 @@ def test_the_sbatch_script_does_not_requeue_a_task_warned_before_its_first_batch
         "SLURM_ARRAY_JOB_ID": "7",
         "SLURM_ARRAY_TASK_ID": "1",
     }
-    proc = subprocess.Popen(
-        ["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+
+    def warned_when(ready, **settings) -> str:
+        """The task run as Slurm runs it, warned once `ready()` (what --signal=B:USR1@S sends
+        the batch shell); its output. It exits as stopped by the warning."""
+        task = subprocess.Popen(
+            ["bash", str(script)],
+            env={**env, **settings},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while not ready():
+            assert time.monotonic() < deadline and task.poll() is None, "the task never got there"
+            time.sleep(0.01)
+        task.send_signal(signal.SIGUSR1)
+        stdout, stderr = task.communicate(timeout=120)
+        assert task.returncode == 128 + signal.SIGUSR1, stdout + stderr
+        return stdout
+
     lock = out / "shards" / "shard-00001-of-00002" / ".lock"
-    deadline = time.monotonic() + 120
-    while not (lock.exists() and lock.read_text().strip()):
-        assert time.monotonic() < deadline and proc.poll() is None, "the task never got going"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@S sends the batch shell
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGUSR1, stdout + stderr
+    stdout = warned_when(lambda: lock.exists() and lock.read_text().strip())
     assert "before committing anything; not requeued" in stdout, stdout
     assert "raise --time or lower --grace" in stdout
     assert not requeued.exists(), requeued.read_text()
     # warned after committing a part: requeued
-    slow = subprocess.Popen(
-        ["bash", str(script)],
-        env={**env, "BULKINFER_SLOW_BATCH_SECONDS": "0.3"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
     manifest = out / "shards" / "shard-00001-of-00002" / "checkpoint" / "manifest.jsonl"
-    while not (manifest.exists() and manifest.read_text().strip()):
-        assert time.monotonic() < deadline + 120 and slow.poll() is None, "no part committed"
-        time.sleep(0.05)
-    slow.send_signal(signal.SIGUSR1)
-    stdout, stderr = slow.communicate(timeout=120)
-    assert slow.returncode == 128 + signal.SIGUSR1, stdout + stderr
+    slow = {"BULKINFER_SLOW_BATCH_SECONDS": "0.3"}
+    stdout = warned_when(lambda: manifest.exists() and manifest.read_text().strip(), **slow)
     assert "requeueing" in stdout and requeued.read_text().split() == ["requeue", "7_1"]
     # warned after committing fewer parts than its run dropped as it started (repeated lines):
     # requeued all the same (the script counted lines, fewer than before the run, and let the
@@ -439,19 +439,7 @@ def test_the_sbatch_script_does_not_requeue_a_task_warned_before_its_first_batch
     with manifest.open("a") as f:
         f.write((last + "\n") * 3)
     lines = len(manifest.read_text().splitlines())
-    again = subprocess.Popen(
-        ["bash", str(script)],
-        env={**env, "BULKINFER_SLOW_BATCH_SECONDS": "0.3"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    while manifest.read_text().splitlines()[-1:] == [last]:  # until its first part
-        assert time.monotonic() < deadline + 240 and again.poll() is None, "no part committed"
-        time.sleep(0.05)
-    again.send_signal(signal.SIGUSR1)
-    stdout, stderr = again.communicate(timeout=120)
-    assert again.returncode == 128 + signal.SIGUSR1, stdout + stderr
+    stdout = warned_when(lambda: manifest.read_text().splitlines()[-1:] != [last], **slow)
     assert len(manifest.read_text().splitlines()) < lines
     assert "requeueing" in stdout and requeued.read_text().split() == ["requeue", "7_1"] * 2
     # the task's own shard, named by its array id: resubmitted alone, it runs shard 1 of 2

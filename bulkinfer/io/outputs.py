@@ -118,11 +118,11 @@ def write_sorted_outputs(
     keep_row: bool = False,
 ) -> OutputCounts:
     """Put result tables (each with a `row` column, in any order) into input order, in bounded
-        memory: an external bucket sort. Pass one appends each table's rows to the bucket of their
-        row range (Arrow stream files under OUT/outputs.buckets); pass two sorts one bucket at a
-        time, checks it holds exactly its expected rows, joins the id and kept columns and appends it
-        to the output files, SLICE_ROWS at a time. Memory holds one input table, one bucket of results
-    and one slice's kept columns."""
+    memory: an external bucket sort. Pass one appends each table's rows to the bucket of their
+    row range (Arrow stream files under OUT/outputs.buckets); pass two sorts one bucket at a
+    time, checks it holds exactly its expected rows, joins the id and kept columns and appends it
+    to the output files, SLICE_ROWS at a time. Memory holds one input table, one bucket of
+    results and one slice's kept columns."""
     expected_rows = np.asarray(expected_rows, dtype=np.int64)
     span = int(expected_rows[-1]) + 1 if len(expected_rows) else 0
     width = max(BUCKET_ROWS, -(-span // MAX_BUCKETS))

@@ -75,7 +75,7 @@ class RowColumnFiles:
         self._pending: list[pa.Table] = []
         self._rows = 0
         self._pending_rows = 0
-        self._group_index = None  # built on the first `take`, once every file is written
+        self._group_index = None  # the files' row groups, built when first read
 
     def append(self, table: pa.Table) -> None:
         """Add the next rows; raises pa.ArrowTypeError/ArrowInvalid where types cannot unify,
@@ -107,6 +107,7 @@ class RowColumnFiles:
         self.starts.append(self._rows)
         self._rows += table.num_rows
         self._pending, self._pending_rows = [], 0
+        self._group_index = None  # a file more
 
     def _earlier(self, names: list[str]) -> Iterator[pa.Table]:
         """The columns `names` of every row added so far (read back from the files written)."""
@@ -138,25 +139,11 @@ class RowColumnFiles:
     def read(self, start: int, stop: int) -> pa.Table:
         """Rows start..stop-1, in the unified schema; only the row groups that hold them are
         read (a file's 65,536 rows of kept documents are hundreds of MB)."""
-        first = max(int(np.searchsorted(self.starts, start, side="right")) - 1, 0)
-        last = int(np.searchsorted(self.starts, stop, side="left"))
-        tables = []
-        for k in range(first, last):
-            file = pq.ParquetFile(self._file(k))
-            offset = self.starts[k]
-            groups, at, skipped = [], 0, None
-            for g in range(file.metadata.num_row_groups):
-                rows = file.metadata.row_group(g).num_rows
-                if offset + at + rows > start and offset + at < stop:
-                    groups.append(g)
-                    skipped = at if skipped is None else skipped
-                at += rows
-            if groups:
-                tables.append((offset + skipped, file.read_row_groups(groups).cast(self.schema)))
-        if not tables:
+        starts, sizes, _ = self._groups()
+        needed = np.flatnonzero((starts < stop) & (starts + sizes > start))
+        if not len(needed):
             return self.schema.empty_table()
-        table = pa.concat_tables([t for _, t in tables])
-        return table.slice(start - tables[0][0], stop - start)
+        return self._read(needed).slice(start - starts[needed[0]], stop - start)
 
     def take(self, rows: np.ndarray) -> pa.Table:
         """The rows at input positions `rows` (ascending), in the unified schema, reading only
@@ -164,17 +151,22 @@ class RowColumnFiles:
         rows = np.asarray(rows, dtype=np.int64)
         if not len(rows):
             return self.schema.empty_table()
-        starts, sizes, where = self._groups()
+        starts, sizes, _ = self._groups()
         group = np.searchsorted(starts, rows, side="right") - 1
         needed = np.unique(group)
+        base = np.zeros(len(starts), dtype=np.int64)  # each needed group's first row, as read
+        base[needed] = np.concatenate([[0], np.cumsum(sizes[needed])[:-1]])
+        return self._read(needed).take(pa.array(base[group] + rows - starts[group]))
+
+    def _read(self, needed: np.ndarray) -> pa.Table:
+        """The row groups `needed` (ascending indices into `_groups`), read one after another."""
+        where = self._groups()[2]
         tables = []
         for k in np.unique(where[needed, 0]):
             in_file = needed[where[needed, 0] == k]
             file = pq.ParquetFile(self._file(int(k)))
             tables.append(file.read_row_groups(where[in_file, 1].tolist()).cast(self.schema))
-        base = np.zeros(len(starts), dtype=np.int64)  # each needed group's first row, as read
-        base[needed] = np.concatenate([[0], np.cumsum(sizes[needed])[:-1]])
-        return pa.concat_tables(tables).take(pa.array(base[group] + rows - starts[group]))
+        return pa.concat_tables(tables)
 
     def _groups(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every row group of the files, in row order: its first row, its size and (file,
