@@ -24,7 +24,14 @@ from bulkinfer.state.records import Summary
 
 
 class JobStopped(UserError):
-    """The run was stopped by a signal after committing the batch in flight; rerun to resume."""
+    """The run was stopped by a signal after committing the batch in flight; rerun to resume.
+    `exit_code` is the command line's for that signal (130 for SIGINT, 143 for SIGTERM).
+    A UserError, so `except Exception` catches it too: a loop over jobs that should end on
+    Ctrl-C catches JobStopped first."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def load(job: str | os.PathLike | dict | JobSpec, **overrides: Any) -> JobSpec:
@@ -84,7 +91,7 @@ def run(
     chosen = parse_shard(shard) if shard else None
     code = run_job(spec, overwrite=overwrite, shard=chosen)
     if code != 0:
-        raise JobStopped(f"stopped by a signal (exit code {code}); run it again to resume")
+        raise JobStopped(f"stopped by a signal (exit code {code}); run it again to resume", code)
     layout = OutputLayout(Path(spec.output.path))
     if chosen is not None:
         layout = layout.shard(chosen.index, chosen.count)

@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from bulkinfer import __version__
+from bulkinfer import __version__, process
 from bulkinfer.errors import UserError, counted
 
 SET_HELP = "Override a spec field, e.g. --set task.max_new_tokens=64 (repeatable)."
@@ -130,7 +130,6 @@ def main() -> None:
 # generation and the matching in object-detection losses), and never used by bulkinfer: ~1.6 s
 # of an H200 box's import time (docs/perf.md). In its own process bulkinfer marks them absent.
 UNUSED_IMPORTS = ("sklearn", "scipy")
-_OWN_PROCESS = False  # set by `entry`: the process is the command's alone
 
 
 def skip_unused_imports(spec) -> None:
@@ -140,7 +139,7 @@ def skip_unused_imports(spec) -> None:
     no code from the model folder will run (model.trust_remote_code). pyarrow is told pandas
     is absent too, unless the input is read through `datasets` (input.format hf), which hands
     it pandas objects."""
-    if not _OWN_PROCESS or spec.model.trust_remote_code:
+    if not process.OWN or spec.model.trust_remote_code:
         return
     for name in UNUSED_IMPORTS:
         sys.modules.setdefault(name, None)
@@ -191,13 +190,14 @@ def entry() -> None:
     exit that skips the interpreter's teardown. Every file a command writes is closed and its
     threads joined before it returns; what the teardown would add is freeing torch's modules,
     the CUDA context and the compiler's worker processes one by one: a second on a CPU, a few
-    on a GPU box, after the outputs are already on disk."""
-    global _OWN_PROCESS
-    _OWN_PROCESS = True
+    on a GPU box, after the outputs are already on disk. Not inside a notebook's kernel
+    (`%run -m bulkinfer`): its process is the notebook's, and gets the SystemExit."""
+    process.claim()
     try:
         main()
     except SystemExit as exc:
-        if "torch" in sys.modules and (exc.code is None or isinstance(exc.code, int)):
+        code_exit = exc.code is None or isinstance(exc.code, int)
+        if process.OWN and "torch" in sys.modules and code_exit:
             import logging
             import os
 

@@ -100,3 +100,134 @@ def test_paths_are_taken_and_wrong_types_refused_before_any_work(tmp_path, tiny_
         bulkinfer.load(42)
     with pytest.raises(SpecError, match="is a folder; give the job's YAML file"):
         bulkinfer.load(tmp_path)
+
+
+NOTEBOOK = """
+import json, os, sys
+import transformers
+import bulkinfer
+from bulkinfer.engines import constraints
+
+job, out = sys.argv[1], sys.argv[2]
+os.environ.pop("TOKENIZERS_PARALLELISM", None)
+transformers.utils.logging.enable_progress_bar()
+summaries = [
+    bulkinfer.run(job, output=f"{out}/{k}", task={"response_format": {"type": "json_object"}})
+    for k in range(6)
+]
+print(json.dumps({
+    "parallelism": os.environ.get("TOKENIZERS_PARALLELISM"),
+    "bars": transformers.utils.logging.is_progress_bar_enabled(),
+    "imports_seconds": [s.get("imports_seconds") for s in summaries],
+    "views": len(constraints._LL_TOKENIZERS),
+    "rows": [s["rows_out"] for s in summaries],
+}))
+"""
+
+
+def test_a_notebook_running_jobs_keeps_its_process_as_it_was(tmp_path, tiny_model):
+    """Called from someone's program, a run leaves the process as it found it: no environment
+    variable set (TOKENIZERS_PARALLELISM=true made forked children that tokenize hang),
+    transformers' progress bars as they were, no figure about the process's age (the
+    notebook's, not the imports'), and not a tokenizer view kept per structured job."""
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", sample_prompts(3)),
+        tmp_path / "unused",
+    )
+    env = {k: v for k, v in child_env().items() if k != "TOKENIZERS_PARALLELISM"}
+    run = subprocess.run(
+        [sys.executable, "-c", NOTEBOOK, str(job), str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    state = json.loads(run.stdout.strip().splitlines()[-1])
+    assert state["rows"] == [3] * 6
+    assert state["parallelism"] is None
+    assert state["bars"] is True
+    assert state["imports_seconds"] == [None] * 6
+    assert 1 <= state["views"] <= 4
+
+
+def test_run_module_inside_a_notebook_kernel_returns_to_it(tmp_path):
+    """`%run -m bulkinfer ...` runs the command in the kernel's process: it ends with
+    SystemExit, which the kernel catches, not an exit of the whole process."""
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    code = (
+        "import sys, types\n"
+        "sys.modules['IPython'] = types.ModuleType('IPython')\n"
+        "import torch\n"
+        "sys.argv = ['bulkinfer', '--version']\n"
+        "try:\n"
+        "    import runpy; runpy.run_module('bulkinfer', run_name='__main__')\n"
+        "except SystemExit as exc:\n"
+        "    print('kernel still here, exit code', exc.code)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "kernel still here, exit code 0" in run.stdout
+
+
+STOPPED = """
+import os, signal, sys, threading, time
+import bulkinfer
+from bulkinfer.io.layout import OutputLayout
+
+job, out = sys.argv[1], sys.argv[2]
+parts = OutputLayout(__import__("pathlib").Path(out)).parts_dir
+
+def stop_after_a_part():
+    while not any(parts.glob("*.parquet")) if parts.exists() else True:
+        time.sleep(0.02)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=stop_after_a_part, daemon=True).start()
+try:
+    bulkinfer.run(job)
+except Exception as exc:
+    print(type(exc).__name__, exc.exit_code)
+print(bulkinfer.run(job)["rows_out"])
+"""
+
+
+def test_a_stop_by_a_signal_says_which_exit_code_the_command_gives(tmp_path, tiny_model):
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    out = tmp_path / "out"
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", sample_prompts(40)),
+        out,
+        checkpoint={"every_rows": 8},
+        batching={"max_batch_size": 4},
+    )
+    env = child_env() | {"BULKINFER_SLOW_BATCH_SECONDS": "0.2"}
+    run = subprocess.run(
+        [sys.executable, "-c", STOPPED, str(job), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()  # the summary table between
+    assert (lines[0], lines[-1]) == ("JobStopped 143", "40"), run.stdout

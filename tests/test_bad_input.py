@@ -278,6 +278,35 @@ def test_a_run_whose_rows_all_failed_says_so_and_why_at_the_end(tmp_path, tiny_m
     assert "the most common, in 3 rows: prompt is an integer" in result.output
 
 
+def test_rows_the_model_fails_on_keep_their_token_counts(tmp_path, tiny_model):
+    """A row the model fails on (out of memory alone, here) was given its tokens: its
+    prompt_tokens says how many, so the outputs add up to the summary's input tokens; the last
+    line names the input's commonest problem as the input's, not as every failure's."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    prompts = sample_prompts(12)
+    rows = [{"id": k, "prompt": r["prompt"]} for k, r in enumerate(prompts)]
+    rows.append({"id": 99, "prompt": None})
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    job = _job(tmp_path, tiny_model, path, task={"max_new_tokens": 2})
+    env = {**child_env(), "BULKINFER_OOM_ABOVE_TOKENS": "60"}  # the longer rows fail alone
+    command = [sys.executable, "-m", "bulkinfer", "run", str(job)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = read_outputs(tmp_path / "out").sort_by("id").to_pylist()
+    failed = [r for r in table if r["error"] and r["error"].startswith("model failed")]
+    assert failed and len(failed) < len(prompts)
+    assert all(r["prompt_tokens"] > 0 for r in failed)
+    assert table[-1]["prompt_tokens"] is None  # never tokenized
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert sum(r["prompt_tokens"] or 0 for r in table) == summary["input_tokens"]
+    assert "the most common in the input, in 1 row: prompt is null" in proc.stderr
+
+
 def test_user_errors_print_no_traceback_from_the_real_command(tmp_path, tiny_model):
     path = tmp_path / "in.jsonl"
     path.write_text('{"prompt": "a"}\nnot json\n')

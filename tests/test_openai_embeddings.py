@@ -143,6 +143,9 @@ def test_a_mixed_batch_file_answers_every_request(tmp_path, tiny_model, engine):
     rows = {r["id"]: r for r in read_outputs(tmp_path / "out").to_pylist()}
     assert rows["many"]["text"] is None and len(rows["many"]["embedding"]) == 3
     assert rows["b64"]["encoding_format"] == "base64"
+    # the summary counts every input of a request, as the rows and their usage do
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["input_tokens"] == sum(r["prompt_tokens"] or 0 for r in rows.values())
 
 
 def test_an_embed_job_answers_embeddings_requests_and_refuses_the_rest(tmp_path):
@@ -162,6 +165,11 @@ def test_an_embed_job_answers_embeddings_requests_and_refuses_the_rest(tmp_path)
     errors = _lines(tmp_path / "out" / "errors.jsonl")
     assert list(errors) == ["chat"]
     assert "task.type embed answers embeddings" in errors["chat"]["error"]["message"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    usage = [responses[k]["response"]["body"]["usage"]["prompt_tokens"] for k in ("a", "b")]
+    assert summary["input_tokens"] == sum(usage)
+    stats = pq.read_table(tmp_path / "out" / "stats" / "batches.parquet").to_pylist()
+    assert all(s["padded_tokens"] >= s["real_tokens"] for s in stats)
 
 
 def test_a_batch_file_without_failures_has_an_empty_error_file(tmp_path, tiny_model):

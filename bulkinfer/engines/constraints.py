@@ -31,7 +31,9 @@ from bulkinfer.errors import ModelError, first_line
 from bulkinfer.grammars import SPECIAL_MARK
 from bulkinfer.grammars import llguidance_module as _llguidance
 
+# the last few tokenizers' llguidance views (a notebook running job after job keeps no more)
 _LL_TOKENIZERS: dict[tuple[int, int | None], tuple[object, object]] = {}
+LL_TOKENIZERS_KEPT = 4
 
 
 @functools.cache
@@ -50,7 +52,11 @@ def ll_tokenizer(tokenizer, end: int | None = None):
     cached = _LL_TOKENIZERS.get(key)
     if cached is None or cached[0] is not tokenizer:
         cached = (tokenizer, _checked(tokenizer, _build_ll_tokenizer(tokenizer, end)))
+        _LL_TOKENIZERS.pop(key, None)
         _LL_TOKENIZERS[key] = cached
+        while len(_LL_TOKENIZERS) > LL_TOKENIZERS_KEPT:  # the oldest first
+            del _LL_TOKENIZERS[next(iter(_LL_TOKENIZERS))]
+            _first_matcher.cache_clear()  # its keys hold the views too
     return cached[1]
 
 

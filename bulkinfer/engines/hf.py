@@ -8,8 +8,8 @@ batch a row lands in, which is what makes a resumed run equal an uninterrupted o
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -86,26 +86,39 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({counted(torch.get_num_threads(), 'thread')})"
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers' progress bars off while weights load (a job logs its own progress), and
+    as they were afterwards: a notebook that runs a job keeps its own bars."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def load_weights(
     auto_class, options: LoadOptions, beside_copy=None
 ) -> tuple[torch.nn.Module, set[str]]:
     """Load the weights in `options.folder` as `auto_class` (an Auto* class of transformers) on
     its device, in eval mode; also returns the names of weights the checkpoint lacked, which
     transformers would have initialised at random. `beside_copy`: see `move_model`."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     device = resolve_device(options.device)
     try:
-        model, info = auto_class.from_pretrained(
-            options.folder,
-            dtype=resolve_dtype(options.dtype, device),
-            trust_remote_code=options.trust_remote_code,
-            use_safetensors=None if options.allow_pickle else True,
-            # None lets transformers pick: SDPA where the architecture supports it.
-            attn_implementation=options.attn_implementation,
-            output_loading_info=True,
-        )
+        with _no_progress_bars():
+            model, info = auto_class.from_pretrained(
+                options.folder,
+                dtype=resolve_dtype(options.dtype, device),
+                trust_remote_code=options.trust_remote_code,
+                use_safetensors=None if options.allow_pickle else True,
+                # None lets transformers pick: SDPA where the architecture supports it.
+                attn_implementation=options.attn_implementation,
+                output_loading_info=True,
+            )
     except Exception as exc:  # any loader failure here is a model the user must fix
         raise model_error(f"cannot load the weights of {options.label}", exc) from None
     move_model(model, device, beside_copy).eval()
@@ -516,6 +529,3 @@ def _eos_ids(tokenizer, model) -> set[int]:
         elif isinstance(source, list | tuple):
             ids.update(int(x) for x in source)
     return ids
-
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")

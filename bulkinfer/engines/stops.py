@@ -53,7 +53,7 @@ def stop_hit(tokenizer, tokens: list[int], stops: tuple[str, ...]) -> bool:
 def _per_tokenizer(fn):
     """`fn(tokenizer)` computed once per tokenizer (the last few), and every time for one that
     cannot be a cache key."""
-    cached = functools.lru_cache(maxsize=8)(fn)
+    cached = functools.lru_cache(maxsize=2)(fn)
 
     @functools.wraps(fn)
     def call(tokenizer):

@@ -55,6 +55,9 @@ class InputChunk:
     # whose request cannot be answered as asked, with the reason.
     requests: pa.Table | None = None
     problems: dict[int, str] | None = None
+    # The Arrow type a typed file (Parquet, a saved dataset) gives its id column, which the
+    # outputs' id column keeps (ids are checked and spilled as int64 or strings); None for JSONL.
+    id_type: pa.DataType | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -111,6 +111,7 @@ def _table_chunk(path: str, first_row: int, table: pa.Table, columns: ColumnName
         keep=table.select(list(columns.keep)),
         lines=None,
         choices=choices,
+        id_type=table.schema.field(columns.id).type if columns.id else None,
     )
 
 
@@ -234,13 +235,17 @@ def _loaded_through_datasets(path: str, size: int, mtime_ns: int):
     suffix = os.path.splitext(path.lower().removesuffix(".gz"))[1]
     builder = DATASETS_BUILDERS.get(suffix, "json")
     options = {"sep": "\t"} if suffix == ".tsv" else {}
-    datasets.disable_progress_bars()
     if _holds_no_rows(path, builder):  # which datasets fails to load ("corresponds to no data")
         return datasets.Dataset.from_dict({})
+    was_on = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # a job logs its own progress; a notebook keeps its bars
     try:
         return datasets.load_dataset(builder, data_files=[path], split="train", **options)
     except Exception as exc:  # the library's own parse errors name the problem
         raise InputError(f"{path}: datasets could not load it ({first_line(exc)})") from None
+    finally:
+        if was_on:
+            datasets.enable_progress_bars()
 
 
 def _holds_no_rows(path: str, builder: str, block: int = 1 << 16) -> bool:

@@ -7,10 +7,12 @@ size that fitted, so one OOM is not paid again on every batch.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from bulkinfer import faults
 from bulkinfer.errors import first_line
@@ -61,7 +63,7 @@ def run_batch(task, engine, prepared: PreparedRows, batch: Batch, schema, cap: R
                 pending += [rows[half:], rows[:half]]
                 splits += 1
                 continue
-            tables.append(failed_row_table(int(rows[0]), exc, schema))
+            tables.append(failed_row_table(int(rows[0]), exc, schema, prepared))
             failed += 1
             continue
         new_tokens += result.new_tokens
@@ -71,14 +73,36 @@ def run_batch(task, engine, prepared: PreparedRows, batch: Batch, schema, cap: R
             rows_table(rows.tolist(), result.columns, result.error_list(len(rows)), schema)
         )
     seconds = time.perf_counter() - start
+    table = pa.concat_tables(tables)
+    batch = counted_tokens(batch, table)
     stats = batch_stats(engine, batch, new_tokens, seconds, failed, splits, cost, cut_short)
-    return pa.concat_tables(tables), stats
+    return table, stats
 
 
-def failed_row_table(row: int, exc: BaseException, schema: pa.Schema) -> pa.Table:
+def counted_tokens(batch: Batch, table: pa.Table) -> Batch:
+    """The batch with its input tokens as its rows' outputs count them (`prompt_tokens`),
+    where they do: an OpenAI embeddings request of several inputs is planned as its longest
+    input (what its memory needs) but runs every input, and the stats count what ran."""
+    if "prompt_tokens" not in table.column_names:
+        return batch
+    counted = pc.sum(table.column("prompt_tokens")).as_py() or 0
+    if counted <= batch.real_tokens:
+        return batch
+    return dataclasses.replace(batch, real_tokens=counted)
+
+
+def failed_row_table(
+    row: int, exc: BaseException, schema: pa.Schema, prepared: PreparedRows
+) -> pa.Table:
+    """A row the model failed on: its error, and its token counts (the tokens it was given,
+    which the summary's input tokens count), nothing else."""
     message = f"model failed on this row: {type(exc).__name__}: {first_line(exc)}"
-    empty = {n: [None] for n in schema.names if n not in ("row", "error")}
-    return rows_table([row], empty, [message], schema)
+    columns = {n: [None] for n in schema.names if n not in ("row", "error")}
+    if "prompt_tokens" in columns:
+        columns["prompt_tokens"] = [int(prepared.lengths[row])]
+    if "truncated_tokens" in columns:
+        columns["truncated_tokens"] = [prepared.truncated.get(row, 0)]
+    return rows_table([row], columns, [message], schema)
 
 
 def batch_stats(
@@ -94,7 +118,10 @@ def batch_stats(
         batch=batch.index,
         rows=len(batch.rows),
         real_tokens=batch.real_tokens,
-        padded_tokens=batch.padded_tokens if engine.limits.pads else batch.real_tokens,
+        # (a padded batch's inputs counted past its plan ran in calls of their own)
+        padded_tokens=max(batch.padded_tokens, batch.real_tokens)
+        if engine.limits.pads
+        else batch.real_tokens,
         new_tokens=new_tokens,
         seconds=seconds,
         failed_rows=failed,

@@ -62,7 +62,9 @@ def failed_rows(failed: int, rows: int, input_errors: list[str]) -> str:
     line = f"{failed:,} of {rows:,} rows failed: each one's error column says why"
     if input_errors:
         message, count = Counter(input_errors).most_common(1)[0]
-        line += f"; the most common, in {count:,} row{'s' * (count != 1)}: {message}"
+        # rows the model failed on are not among these: then this is the input's commonest
+        what = "the most common" if len(input_errors) == failed else "the most common in the input"
+        line += f"; {what}, in {count:,} row{'s' * (count != 1)}: {message}"
     return line
 
 

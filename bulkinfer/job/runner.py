@@ -13,7 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bulkinfer import faults
+from bulkinfer import faults, process
 from bulkinfer.errors import RowFailedError, StopRequested
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.lock import folder_lock
@@ -101,7 +101,9 @@ def _run_job(
         )
         return 0
     inputs, engine, options, host_seconds = load_and_tokenize(setup, layout, shard)
-    host_seconds.update(setup_seconds=setup_seconds, imports_seconds=imports_seconds(started))
+    # the process's age at the start is its imports' time only where the process is the command's
+    imports = imports_seconds(started) if process.OWN else None
+    host_seconds.update(setup_seconds=setup_seconds, imports_seconds=imports)
     at_once.check()  # a stop raised where Python drops exceptions (a callback) is kept here
     plan = record_plan(inputs, engine, folder, shard)
     manifest = Manifest(layout)
@@ -170,7 +172,7 @@ def run_batches(inputs: Inputs, engine, todo, writer, progress, started, timings
             faults.checkpoint("batch_start")
             faults.slow_batch()
             stats = run_one(inputs, engine, batch, writer, cap, cost, started)
-            progress.update(batch, stats.new_tokens if inputs.task.streams else stats.real_tokens)
+            progress.update(batch, stats.new_tokens if inputs.task.streams else batch.real_tokens)
         writer.flush(time.monotonic() - started)
         progress.close()
         return stop.signum

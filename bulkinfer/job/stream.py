@@ -19,7 +19,7 @@ import numpy as np
 
 from bulkinfer import faults
 from bulkinfer.io.outputs import rows_table
-from bulkinfer.job.batch import ROW_FAILURES, batch_stats, release_memory
+from bulkinfer.job.batch import ROW_FAILURES, batch_stats, counted_tokens, release_memory
 from bulkinfer.observe.progress import log
 from bulkinfer.planner import Batch
 
@@ -99,6 +99,7 @@ def run_stream(inputs, engine, todo: list[Batch], writer, progress, started, sto
         piece = dataclasses.replace(
             flight.batch, rows=rows, real_tokens=int(prepared.lengths[rows].sum())
         )
+        piece = counted_tokens(piece, table)
         nonlocal last
         now = time.perf_counter()
         stats = batch_stats(

@@ -45,6 +45,24 @@ def add_row_columns(
     return id_type
 
 
+def declared_id_type(
+    declared: pa.DataType | None, chunk: InputChunk, first_row: int
+) -> pa.DataType | None:
+    """The id type the outputs keep: the one every typed file gives its id column (an int32
+    or large_string id column comes out as such, so the outputs join back to the input), or
+    None where files differ or a file has no types (JSONL: int64 or strings then)."""
+    if chunk.ids is None:
+        return declared
+    given = _plain(chunk.id_type) if chunk.id_type is not None else None
+    if given is not None and not (
+        pa.types.is_integer(given) or pa.types.is_string(given) or pa.types.is_large_string(given)
+    ):
+        given = None
+    if first_row == 0:
+        return given
+    return given if given == declared else None
+
+
 def _kind(t: pa.DataType) -> str:
     return "strings" if pa.types.is_string(t) or pa.types.is_large_string(t) else str(t)
 

@@ -97,7 +97,7 @@ class PreparedRows:
         table = empty_table(len(rows)) if self.columns is None else self.columns.take(rows)
         if self.id_type is None:
             return table.add_column(0, ID_COLUMN, pa.array(rows))
-        return table
+        return self._typed_ids(table)
 
     def row_columns(self, start: int, stop: int) -> pa.Table:
         """The `id` and kept input columns of rows start..stop-1."""
@@ -108,7 +108,15 @@ class PreparedRows:
         if self.id_type is None:
             positions = pa.array(np.arange(start, stop, dtype=np.int64))
             return table.add_column(0, ID_COLUMN, positions)
-        return table
+        return self._typed_ids(table)
+
+    def _typed_ids(self, table: pa.Table) -> pa.Table:
+        """The id column in the input's own type (spilled as int64 or strings, checked)."""
+        ids = table.column(ID_COLUMN)
+        if ids.type == self.id_type:
+            return table
+        at = table.schema.get_field_index(ID_COLUMN)
+        return table.set_column(at, ID_COLUMN, ids.cast(self.id_type))
 
 
 def prepared_location(prepared: PreparedRows, row: int) -> str:

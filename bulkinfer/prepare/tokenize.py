@@ -22,7 +22,12 @@ from bulkinfer.errors import InputError
 from bulkinfer.io.readers import InputChunk, read_ahead
 from bulkinfer.io.spill import RowColumnFiles, TokenFile, spill_folder
 from bulkinfer.observe.progress import log
-from bulkinfer.prepare.ids import add_row_columns, check_unique_ids, id_hashes
+from bulkinfer.prepare.ids import (
+    add_row_columns,
+    check_unique_ids,
+    declared_id_type,
+    id_hashes,
+)
 from bulkinfer.prepare.prefixes import PrefixFinder
 from bulkinfer.prepare.render import (
     RenderOptions,
@@ -117,6 +122,7 @@ class _Collected:
         self.chat_prompts = self.plain_prompts = 0
         self.locations: list[tuple[int, InputChunk]] = []
         self.id_type: pa.DataType | None = None
+        self.declared_id_type: pa.DataType | None = None
         self.rows = 0
 
     def add(self, chunk: InputChunk, encoded) -> list:
@@ -141,6 +147,7 @@ class _Collected:
             self.score_parts.append(score_from)
         self.row_errors.update({first + i: msg for i, msg in errors.items()})
         self.id_type = add_row_columns(self.columns, chunk, self.id_type, first)
+        self.declared_id_type = declared_id_type(self.declared_id_type, chunk, first)
         if chunk.ids is not None:
             self.hash_parts.append(id_hashes(chunk.ids))
         self.rows += len(chunk)
@@ -161,7 +168,7 @@ class _Collected:
             if self.scored_from
             else np.broadcast_to(np.int32(1), (self.rows,)),
             row_errors=self.row_errors,
-            id_type=self.id_type,
+            id_type=(self.declared_id_type or self.id_type) if self.id_type else None,
             request_params=pa.concat_tables(self.request_parts) if self.request_parts else None,
             choice_counts=np.concatenate(self.count_parts) if has_choices else None,
             choice_lengths=np.concatenate(self.choice_parts) if has_choices else None,
