@@ -43,6 +43,12 @@ def slow_batch() -> None:
     _sleep_for("BULKINFER_SLOW_BATCH_SECONDS")
 
 
+def slow_load() -> None:
+    """`BULKINFER_SLOW_LOAD_SECONDS=2` stretches the weights' loading, so a test can stop a run
+    while it loads."""
+    _sleep_for("BULKINFER_SLOW_LOAD_SECONDS")
+
+
 def slow_step() -> None:
     """`BULKINFER_SLOW_STEP_SECONDS=0.05` stretches every report of a generation stream (every
     few decode steps), so a test gets batches slower than checkpoint.every_seconds."""

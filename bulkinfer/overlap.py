@@ -14,7 +14,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
+from bulkinfer import process
 from bulkinfer.errors import StopRequested
+from bulkinfer.observe.progress import log
 
 
 class Background:
@@ -36,6 +38,9 @@ class Background:
     def join(self) -> None:
         self._thread.join()
 
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def result(self) -> Any:
         self.join()
         if self._error is not None:
@@ -48,12 +53,17 @@ def in_background(call: Callable, *args, name: str) -> Iterator[Background]:
     """`call(*args)` on a thread while the body runs. Leaving the body waits for the thread, so
     nothing is left loading behind an error: when the body fails, its error is the one raised
     and the call's outcome is dropped. A stop (Ctrl-C, or SIGTERM before the first batch) does
-    not wait: the thread is a daemon."""
+    not wait where the process is the command's, which is ending (the thread is a daemon); in
+    someone's program (a notebook) it does, so that a run started next does not load its
+    weights beside these (a second Ctrl-C leaves at once)."""
     background = Background(call, *args, name=name)
     try:
         yield background
     except (KeyboardInterrupt, StopRequested):
-        raise  # the process is stopping: its daemon thread is not waited for
+        if not process.OWN and background.running():
+            log(f"stopping: waiting for {name} to end (Ctrl-C again to leave it running)")
+            background.join()
+        raise
     except BaseException:
         background.join()
         raise

@@ -231,3 +231,51 @@ def test_a_stop_by_a_signal_says_which_exit_code_the_command_gives(tmp_path, tin
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()  # the summary table between
     assert (lines[0], lines[-1]) == ("JobStopped 143", "40"), run.stdout
+
+
+STOPPED_WHILE_LOADING = """
+import signal, sys, threading, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # (a background shell ignores it)
+import bulkinfer
+
+def ctrl_c_once_loading():
+    while not any(t.name == "bulkinfer-load" for t in threading.enumerate()):
+        time.sleep(0.01)
+    signal.raise_signal(signal.SIGINT)
+
+threading.Thread(target=ctrl_c_once_loading, daemon=True).start()
+try:
+    bulkinfer.run(sys.argv[1])
+except KeyboardInterrupt:
+    loading = [t for t in threading.enumerate() if t.name == "bulkinfer-load"]
+    print("interrupted; still loading:", len(loading))
+print(bulkinfer.run(sys.argv[1])["rows_out"])
+"""
+
+
+def test_ctrl_c_while_the_weights_load_leaves_nothing_loading_behind(tmp_path, tiny_model):
+    """In a notebook, a Ctrl-C while the weights load waits for the loader before it returns:
+    a run started next would otherwise load its weights beside the first's."""
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", sample_prompts(4)),
+        tmp_path / "out",
+    )
+    env = child_env() | {"BULKINFER_SLOW_LOAD_SECONDS": "2"}
+    run = subprocess.run(
+        [sys.executable, "-c", STOPPED_WHILE_LOADING, str(job)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert lines[0] == "interrupted; still loading: 0" and lines[-1] == "4", run.stdout
+    assert "stopping: waiting for bulkinfer-load to end" in run.stderr

@@ -148,6 +148,22 @@ def test_a_column_datasets_keeps_as_json_text_is_refused(tmp_path, tiny_model):
     )
 
 
+def test_kept_columns_of_arrow_extension_types_pass_through(tmp_path, tiny_model):
+    """A kept column is not read, only carried: a uuid column, JSON text or a tensor column
+    comes out as it went in (they were refused as `datasets`' JSON text, which matters only
+    in the columns bulkinfer reads)."""
+    uuids = pa.array([bytes([i]) * 16 for i in range(2)], pa.binary(16)).cast(pa.uuid())
+    json_text = pa.array(['{"a": 1}', "[2]"], pa.json_(pa.string()))
+    table = pa.table({"id": ["a", "b"], "prompt": ["one", "two"], "u": uuids, "j": json_text})
+    pq.write_table(table, tmp_path / "ext.parquet")
+    result = _run(tmp_path, tiny_model, tmp_path / "ext.parquet", keep_columns=["u", "j"])
+    assert result.exit_code == 0, result.output
+    out = read_outputs(tmp_path / "out")
+    for name in ("u", "j"):
+        assert out.schema.field(name).type == table.schema.field(name).type
+        assert out.column(name).to_pylist() == table.column(name).to_pylist()
+
+
 def test_a_byte_order_mark_alone_on_the_first_line_and_twice_named_columns(tmp_path, tiny_model):
     """A BOM then a blank line was 'not valid JSON' (other blank lines are passed over); a
     Parquet file with two columns of one name gave a KeyError traceback."""

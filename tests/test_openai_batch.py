@@ -79,6 +79,15 @@ def test_hundred_chat_requests_give_hundred_responses_keyed_by_custom_id(tmp_pat
         assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
+def test_line_separators_in_a_request_stay_inside_its_response_line(tmp_path, tiny_model):
+    """U+2028 and U+2029 are escaped in the response file (JSON either way): split on Unicode
+    line breaks, as str.splitlines and JavaScript do, it is still one line a request."""
+    requests = [_chat_request(i) | {"custom_id": f"id\u2028{i}\u2029"} for i in range(3)]
+    requests[1]["body"]["messages"][1]["content"] = "first\u2028second\u2029third"
+    responses = _run(tmp_path, tiny_model, requests)
+    assert [r["custom_id"] for r in responses] == [r["custom_id"] for r in requests]
+
+
 def test_per_request_settings_match_the_same_settings_as_a_job(tmp_path, tiny_model):
     """A request's temperature, seed, n, stop and max_tokens give what a job with those settings
     gives for the same messages."""

@@ -67,6 +67,57 @@ def test_shards_run_one_by_one_then_merge_automatically(shard_job):
     assert summary["first_batch_seconds"] == max(p["first_batch_seconds"] for p in parts)
     status = cli("status", str(out))
     assert "3 of 3 shards done" in status.output
+    single = json.loads((job.parent / "single" / "summary.json").read_text())
+    _same_keys(single, summary)
+
+
+def _same_keys(single: dict, merged: dict) -> None:
+    """A merged summary has every key a single run's has, each of the same type (a reader of
+    many summary.json files sees one schema), and says how many shards it merged."""
+    kinds = {k: type(v).__name__ for k, v in single.items() if v is not None}
+    merged_kinds = {k: type(merged.get(k)).__name__ for k in kinds}
+    assert merged_kinds == kinds
+    assert merged["shards"] > 1
+
+
+def test_a_merged_summary_of_failed_rows_has_a_single_runs_keys(tmp_path, tiny_model):
+    inputs = write_jsonl(tmp_path / "in.jsonl", [{"id": k, "prompt": k} for k in range(6)])
+    summaries = []
+    for name, flags in (
+        ("single", []),
+        ("sharded", ["--shard", "0/2"]),
+        ("sharded", ["--shard", "1/2"]),
+    ):
+        job = write_job(tmp_path / f"{name}.yaml", tiny_model, inputs, tmp_path / name)
+        assert cli("run", str(job), *flags).exit_code == 0
+    for name in ("single", "sharded"):
+        summaries.append(json.loads((tmp_path / name / "summary.json").read_text()))
+    assert summaries[0]["rows_by_status"] == summaries[1]["rows_by_status"] == {"ok": 0, "error": 6}
+    _same_keys(*summaries)
+    assert isinstance(summaries[0]["model_seconds"], float)  # 0.0, not 0, with no batch run
+
+
+def test_status_of_shards_whose_merge_was_killed_says_they_are_not_merged(shard_job):
+    """Every shard done but the merge killed as it wrote: the outputs are not there, and
+    `status` says so and how to merge, where it said only "2 of 2 shards done"."""
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    make, reference = shard_job
+    job = make("merge-killed")
+    out = job.parent / "merge-killed"
+    assert cli("run", str(job), "--shard", "0/2").exit_code == 0
+    env = {**child_env(), "BULKINFER_KILL_AT": "outputs_written:2"}  # the merge's write
+    command = [sys.executable, "-m", "bulkinfer", "run", str(job), "--shard", "1/2"]
+    assert subprocess.run(command, env=env, capture_output=True).returncode == -9
+    assert not (out / "outputs").exists()
+    status = cli("status", str(out)).output
+    assert "2 of 2 shards done" in status and f"outputs not merged: bulkinfer merge {out}" in status
+    assert cli("merge", str(out)).exit_code == 0
+    assert "; outputs merged" in cli("status", str(out)).output
+    _same(out, reference)
 
 
 def test_gpus_flag_runs_one_worker_per_device_and_merges(shard_job):

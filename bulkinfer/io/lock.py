@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from bulkinfer.errors import OutputFolderError
 from bulkinfer.io.layout import OutputLayout
@@ -55,8 +56,13 @@ def in_use(layout: OutputLayout) -> FolderInUseError:
 
 def is_locked(layout: OutputLayout) -> bool:
     """Whether a live process holds the folder's lock (probed without waiting, then let go)."""
+    return lock_held(layout.lock)
+
+
+def lock_held(path: Path) -> bool:
+    """Whether a live process holds the lock on the file at `path` (probed without waiting)."""
     try:
-        fd = os.open(layout.lock, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     try:

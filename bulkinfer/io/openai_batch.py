@@ -26,6 +26,10 @@ from bulkinfer.errors import InputError
 from bulkinfer.grammars import SPECIAL_MARK
 from bulkinfer.io.atomic import write_lines_atomic
 
+# U+2028 and U+2029 escaped in the lines written: valid JSON either way, but tools that split
+# text on Unicode line breaks (str.splitlines, JavaScript) would cut a line at them
+LINE_SEPARATORS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029"})
+
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 EMBEDDINGS_URL = "/v1/embeddings"
@@ -378,7 +382,7 @@ def write_responses(
         for row in outputs:
             count += 1
             line = response_line(row if as_lists else _one_sample(row), model, created, token_bytes)
-            yield json.dumps(line, ensure_ascii=False) + "\n"
+            yield json.dumps(line, ensure_ascii=False).translate(LINE_SEPARATORS) + "\n"
 
     write_lines_atomic(path, lines())
     return count

@@ -65,7 +65,7 @@ def _read_parquet(path: str, columns: ColumnNames) -> Iterator[InputChunk]:
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
     wanted = _check_columns(path, parquet.schema_arrow.names, columns)
-    _refuse_json_text(path, parquet.schema_arrow, wanted)
+    _refuse_json_text(path, parquet.schema_arrow, columns)
     row = 0
     try:
         for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=wanted):
@@ -148,19 +148,21 @@ def _read_saved_dataset(folder: str, columns: ColumnNames) -> Iterator[InputChun
     if not table.num_rows:
         return  # an empty input among others is passed over
     wanted = _check_columns(folder, table.column_names, columns)
-    _refuse_json_text(folder, table.schema, wanted)
+    _refuse_json_text(folder, table.schema, columns)
     row = 0
     for batch in table.select(wanted).to_batches(max_chunksize=CHUNK_ROWS):
         yield _table_chunk(folder, row, pa.Table.from_batches([batch]), columns)
         row += batch.num_rows
 
 
-def _refuse_json_text(path: str, schema: pa.Schema, wanted: list[str]) -> None:
+def _refuse_json_text(path: str, schema: pa.Schema, columns: ColumnNames) -> None:
     """`datasets` stores values that mix types as JSON text (its Json feature, an Arrow
     extension type), a whole column or a field inside one (a message's content, a string here
     and a list of parts there): read as is, its strings would keep their quotes. Any extension
-    type is refused, named, wherever it sits."""
-    for name in wanted:
+    type is refused, named, wherever it sits in a column bulkinfer reads values of (prompt,
+    completion, choices, id); a kept column is passed through as it is (a uuid column, say)."""
+    read = [columns.prompt, columns.completion, columns.choices, columns.id]
+    for name in dict.fromkeys(n for n in read if n is not None):
         found = _extension_at(schema.field(name).type, name)
         if found is not None:
             where, kind = found
@@ -211,7 +213,7 @@ def _read_through_datasets(path: str, columns: ColumnNames) -> Iterator[InputChu
     if not dataset.num_rows:
         return  # an empty input among others is passed over
     wanted = _check_columns(path, dataset.column_names, columns)
-    _refuse_json_text(path, dataset.data.schema, wanted)
+    _refuse_json_text(path, dataset.data.schema, columns)
     row = 0
     for table in dataset.select_columns(wanted).with_format("arrow").iter(batch_size=CHUNK_ROWS):
         yield _table_chunk(path, row, table, columns)

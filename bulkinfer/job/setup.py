@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bulkinfer import faults
 from bulkinfer.engines.base import GREEDY_BELOW, EngineLimits, LoadOptions
 from bulkinfer.errors import InputError, RowFailedError, SpecError
 from bulkinfer.io.chunks import ColumnNames
@@ -283,4 +284,9 @@ def log_request_caveats(prepared: PreparedRows, task) -> None:
 
 def engine_loader(setup: JobSetup, options: LoadOptions, limits: EngineLimits):
     """A call that loads the job's engine (run on a thread while the input is tokenized)."""
-    return lambda: setup.task.load_engine(options, setup.tokenizer, limits)
+
+    def load():
+        faults.slow_load()
+        return setup.task.load_engine(options, setup.tokenizer, limits)
+
+    return load

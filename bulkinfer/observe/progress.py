@@ -19,6 +19,9 @@ from tqdm import tqdm
 
 from bulkinfer.planner import Batch
 
+# U+2028 and U+2029 escaped in JSON log lines (valid JSON either way): log tools that split on
+# Unicode line breaks would cut a record at them
+LINE_SEPARATORS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029"})
 LOG_FORMATS = ("plain", "json")
 LOG_FORMAT_ENV = "BULKINFER_LOG_FORMAT"
 # Fields every JSON line of this process carries (the shard, once known).
@@ -78,7 +81,8 @@ def log(message: str, event: str = "info", level: str = "info", json_only: bool 
         record = {"ts": _now(), "level": level, "event": event, "message": message}
         record.update(_context)
         record.update(fields)
-        print(json.dumps(record, default=str, ensure_ascii=False), file=sys.stderr, flush=True)
+        line = json.dumps(record, default=str, ensure_ascii=False).translate(LINE_SEPARATORS)
+        print(line, file=sys.stderr, flush=True)
     elif not json_only:
         print(f"[bulkinfer] {message}", file=sys.stderr, flush=True)
 

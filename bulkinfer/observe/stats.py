@@ -157,7 +157,7 @@ def summarize(
     wall_seconds: float,
 ) -> dict:
     """The numbers people read in the morning; rates use model time and wall time both."""
-    model_seconds = sum(s["seconds"] for s in stats)
+    model_seconds = float(sum(s["seconds"] for s in stats))  # a float with no batch too
     input_tokens = sum(s["real_tokens"] for s in stats)
     padded = sum(s["padded_tokens"] for s in stats)
     output_tokens = sum(s["new_tokens"] for s in stats)

@@ -183,7 +183,8 @@ def merge_summaries(shards: list[Summary]) -> Summary:
         merged["model_share_of_wall"] = merged["model_seconds"] / shard_walls
         merged["seconds_outside_model"] = max(0.0, shard_walls - merged["model_seconds"])
     # start-up as the slowest shard paid it (they start side by side)
-    for key in ("first_batch_seconds", "setup_seconds", "load_seconds", "imports_seconds"):
+    start_up = ("first_batch_seconds", "setup_seconds", "load_seconds", "prepare_seconds")
+    for key in (*start_up, "imports_seconds"):
         values = [s[key] for s in summaries if isinstance(s.get(key), int | float)]
         if values:
             merged[key] = max(values)
@@ -191,8 +192,10 @@ def merge_summaries(shards: list[Summary]) -> Summary:
     if engines:
         merged["engine"] = ", ".join(engines)
     file_order = [_padded_file_order(s) for s in summaries]
-    if file_order and None not in file_order and sum(file_order):
-        merged["padding_fraction_file_order"] = 1 - merged["input_tokens"] / sum(file_order)
+    if file_order and None not in file_order:  # (no batch ran: none, as one job says it)
+        padded_in_order = sum(file_order)
+        fraction = 1 - merged["input_tokens"] / padded_in_order if padded_in_order else 0.0
+        merged["padding_fraction_file_order"] = fraction
     merged.update(
         complete=True,
         shards=len(summaries),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bulkinfer.io.layout import OutputLayout
-from bulkinfer.io.lock import is_locked
+from bulkinfer.io.lock import is_locked, lock_held
 from bulkinfer.sharding import Shard
 from bulkinfer.state.folder import foreign_message, record_lost, unreadable_figures
 from bulkinfer.state.manifest import read_manifest
@@ -132,10 +132,16 @@ def format_status(root: OutputLayout, states: list[ShardState]) -> str:
     if not sharded:
         lines.append(f"job {states[0].state}" + ("" if done else f"; ETA {eta_text}"))
         return "\n".join(lines)
-    lines.append(
-        f"{done} of {len(states)} shards done; ETA {eta_text}"
-        + ("; outputs merged" if merged and len(states) > 1 else "")
-    )
+    line = f"{done} of {len(states)} shards done; ETA {eta_text}"
+    if merged and len(states) > 1:
+        line += "; outputs merged"
+    elif done == len(states) > 1:  # the last shard's merge is under way, or was stopped
+        line += (
+            "; merging now"
+            if lock_held(root.merge_lock)
+            else (f"; outputs not merged: bulkinfer merge {root.root} (or a rerun of any shard)")
+        )
+    lines.append(line)
     return "\n".join(lines)
 
 
