@@ -104,10 +104,23 @@ def reading_gguf(gguf: Path, what: str):
 
 
 def converted_gguf_folder(gguf: Path) -> Path:
-    """The cache folder for a GGUF file's safetensors conversion, keyed by file identity."""
+    """The cache folder for a GGUF file's safetensors conversion, keyed by file identity and
+    the transformers version that converts it (versions write the tokenizer differently: 5.17
+    names another end-of-text token than 5.25), so a cache shared by machines, a home folder on
+    a cluster, hands each the conversion its own transformers makes."""
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    identity = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_transformers_version()}"
+    key = hashlib.sha256(identity.encode()).hexdigest()
     return cache_root() / "gguf" / f"{gguf.stem}-{key[:16]}"
+
+
+def _transformers_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return "?"
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import cli, read_outputs, write_job, write_jsonl
+from conftest import cli, read_outputs, sample_prompts, write_job, write_jsonl
 
 
 def _run(tmp_path, model, inputs, name="out", command="run", **input_section):
@@ -235,3 +235,42 @@ def test_a_model_folder_whose_name_looks_like_a_glob_runs(tmp_path, tiny_model):
         result = _run(tmp_path, model, inputs, command=command)
         assert result.exit_code == 0, result.output
     assert read_outputs(tmp_path / "out").column("id").to_pylist() == ["a"]
+
+
+def test_the_output_id_keeps_the_input_files_id_type(tmp_path, tiny_model):
+    """Outputs join back to their input: an id column of int32 or large_string (polars writes
+    strings so) comes out of that type; files that disagree (int32 beside int64) still run,
+    their ids as int64."""
+    prompts = [r["prompt"] for r in sample_prompts(6)]
+    cases = {
+        "int32": [pa.array(range(6), pa.int32())],
+        "uint16": [pa.array(range(6), pa.uint16())],
+        "large_string": [pa.array([f"é{i}" for i in range(6)], pa.large_string())],
+        "mixed": [pa.array(range(3), pa.int32()), pa.array(range(3, 6), pa.int64())],
+    }
+    for name, arrays in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        at = 0
+        for k, ids in enumerate(arrays):
+            rows = prompts[at : at + len(ids)]
+            pq.write_table(pa.table({"id": ids, "prompt": rows}), folder / f"in-{k}.parquet")
+            at += len(ids)
+        out = tmp_path / f"out-{name}"
+        job = write_job(
+            tmp_path / f"{name}.yaml",
+            tiny_model,
+            str(folder / "*.parquet"),
+            out,
+            task={"type": "score"},
+        )
+        result = cli("run", str(job))
+        assert result.exit_code == 0, result.output
+        table = read_outputs(out)
+        expected = pa.int64() if name == "mixed" else arrays[0].type
+        assert table.schema.field("id").type == expected, name
+        schema = pa.schema([("id", expected), ("prompt", pa.string())])
+        files = sorted(folder.glob("*.parquet"))
+        inputs = pa.concat_tables(pq.read_table(f).cast(schema) for f in files)
+        joined = inputs.join(table.select(["id", "logprob_sum"]), "id")
+        assert joined.num_rows == 6 and joined.column("logprob_sum").null_count == 0, name

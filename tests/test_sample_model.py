@@ -42,3 +42,18 @@ def test_sample_job_plan_reads_the_shipped_data(job, rows):
     result = cli("plan", str(ROOT / "jobs" / job), "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["rows"] == rows
+
+
+def test_a_gguf_conversion_is_kept_per_transformers_version(tmp_path, monkeypatch):
+    """Versions of transformers convert a GGUF file's tokenizer differently (5.17 names another
+    end-of-text token than 5.25): a cache shared between machines keeps one conversion per
+    version, where the file's identity alone handed one version's to the other."""
+    from bulkinfer import model_files
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    folders = set()
+    for version in ("5.17.0", "5.25.0", "5.17.0"):
+        monkeypatch.setattr(model_files, "_transformers_version", lambda v=version: v)
+        folders.add(model_files.converted_gguf_folder(gguf))
+    assert len(folders) == 2
