@@ -274,3 +274,16 @@ def test_the_output_id_keeps_the_input_files_id_type(tmp_path, tiny_model):
         inputs = pa.concat_tables(pq.read_table(f).cast(schema) for f in files)
         joined = inputs.join(table.select(["id", "logprob_sum"]), "id")
         assert joined.num_rows == 6 and joined.column("logprob_sum").null_count == 0, name
+
+
+def test_a_kept_column_named_as_an_output_column_but_for_case_is_warned_of(tmp_path, tiny_model):
+    """`Text` beside the output's `text` runs (the names differ), with a warning: DuckDB
+    renames one of them and Spark, ignoring case, refuses the file's columns as ambiguous."""
+    rows = [{"id": "a", "prompt": "one", "Text": "kept"}]
+    result = _run(
+        tmp_path, tiny_model, write_jsonl(tmp_path / "in.jsonl", rows), keep_columns=["Text"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "'Text' differs from the output column 'text' only in case" in result.output
+    out = read_outputs(tmp_path / "out")
+    assert out.column("Text").to_pylist() == ["kept"] and "text" in out.column_names

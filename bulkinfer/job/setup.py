@@ -253,6 +253,13 @@ def check_output_columns(spec: JobSpec, task) -> None:
                 f"input.keep_columns: '{name}' clashes with the {task.name} task's output column "
                 "of the same name; rename it in the input or drop it from keep_columns"
             )
+        alike = next((t for t in sorted(taken) if t.lower() == name.lower()), None)
+        if alike is not None:  # allowed, but a reader that ignores case sees one name twice
+            log(
+                f"input.keep_columns: '{name}' differs from the output column '{alike}' only "
+                "in case; readers that ignore case (Spark, DuckDB) take them for one column",
+                level="warning",
+            )
 
 
 def log_request_caveats(prepared: PreparedRows, task) -> None:
