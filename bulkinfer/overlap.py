@@ -26,6 +26,9 @@ class Background:
     def __init__(self, call: Callable, *args, name: str):
         self._value: Any = None
         self._error: BaseException | None = None
+        # the call's end, set by the thread itself: a join interrupted by a signal marks a
+        # thread still running as stopped (CPython, issue 90882), so is_alive() cannot tell
+        self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(call, args), name=name, daemon=True)
         self._thread.start()
 
@@ -34,12 +37,20 @@ class Background:
             self._value = call(*args)
         except BaseException as exc:  # raised again by result(), in the caller's thread
             self._error = exc
+        finally:
+            self._done.set()
 
     def join(self) -> None:
         self._thread.join()
 
     def running(self) -> bool:
-        return self._thread.is_alive()
+        return not self._done.is_set()
+
+    def wait_and_drop(self) -> None:
+        """Wait for the call to end, then let go of what it made (a traceback kept by a
+        notebook holds this object)."""
+        self._done.wait()
+        self._value = self._error = None
 
     def result(self) -> Any:
         self.join()
@@ -53,16 +64,20 @@ def in_background(call: Callable, *args, name: str) -> Iterator[Background]:
     """`call(*args)` on a thread while the body runs. Leaving the body waits for the thread, so
     nothing is left loading behind an error: when the body fails, its error is the one raised
     and the call's outcome is dropped. A stop (Ctrl-C, or SIGTERM before the first batch) does
-    not wait where the process is the command's, which is ending (the thread is a daemon); in
-    someone's program (a notebook) it does, so that a run started next does not load its
-    weights beside these (a second Ctrl-C leaves at once)."""
+    not wait where the process is the command's, which is ending (the thread is a daemon). A
+    Ctrl-C in someone's program (a notebook) does, so that a run started next does not load its
+    weights beside these (a second Ctrl-C leaves at once); a SIGTERM there does not (a
+    scheduler's grace period is short)."""
     background = Background(call, *args, name=name)
     try:
         yield background
-    except (KeyboardInterrupt, StopRequested):
-        if not process.OWN and background.running():
-            log(f"stopping: waiting for {name} to end (Ctrl-C again to leave it running)")
-            background.join()
+    except KeyboardInterrupt:
+        if not process.OWN:
+            if background.running():
+                log(f"stopping: waiting for {name} to end (a second Ctrl-C leaves it running)")
+            background.wait_and_drop()
+        raise
+    except StopRequested:
         raise
     except BaseException:
         background.join()

@@ -111,6 +111,8 @@ from bulkinfer.engines import constraints
 job, out = sys.argv[1], sys.argv[2]
 os.environ.pop("TOKENIZERS_PARALLELISM", None)
 transformers.utils.logging.enable_progress_bar()
+import huggingface_hub
+huggingface_hub.utils.disable_progress_bars()  # the hub's off, transformers' own on
 summaries = [
     bulkinfer.run(job, output=f"{out}/{k}", task={"response_format": {"type": "json_object"}})
     for k in range(6)
@@ -118,6 +120,7 @@ summaries = [
 print(json.dumps({
     "parallelism": os.environ.get("TOKENIZERS_PARALLELISM"),
     "bars": transformers.utils.logging.is_progress_bar_enabled(),
+    "hub_bars_off": huggingface_hub.utils.are_progress_bars_disabled(),
     "imports_seconds": [s.get("imports_seconds") for s in summaries],
     "views": len(constraints._LL_TOKENIZERS),
     "rows": [s["rows_out"] for s in summaries],
@@ -153,7 +156,7 @@ def test_a_notebook_running_jobs_keeps_its_process_as_it_was(tmp_path, tiny_mode
     state = json.loads(run.stdout.strip().splitlines()[-1])
     assert state["rows"] == [3] * 6
     assert state["parallelism"] is None
-    assert state["bars"] is True
+    assert state["bars"] is True and state["hub_bars_off"] is True
     assert state["imports_seconds"] == [None] * 6
     assert 1 <= state["views"] <= 4
 
@@ -234,22 +237,31 @@ def test_a_stop_by_a_signal_says_which_exit_code_the_command_gives(tmp_path, tin
 
 
 STOPPED_WHILE_LOADING = """
-import signal, sys, threading, time
+import gc, os, signal, sys, threading, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # (a background shell ignores it)
-import bulkinfer
+import bulkinfer, transformers
 
-def ctrl_c_once_loading():
-    while not any(t.name == "bulkinfer-load" for t in threading.enumerate()):
+loader = {}
+
+def ctrl_c_while_loading():
+    while not loader:
+        found = [t for t in threading.enumerate() if t.name == "bulkinfer-load"]
+        loader.update({"id": found[0].ident} if found else {})
         time.sleep(0.01)
-    signal.raise_signal(signal.SIGINT)
+    time.sleep(float(sys.argv[2]))  # 0: tokenizing; 1.5: the run waits for the loading
+    os.kill(os.getpid(), signal.SIGINT)  # to the process, as a terminal's Ctrl-C
 
-threading.Thread(target=ctrl_c_once_loading, daemon=True).start()
+threading.Thread(target=ctrl_c_while_loading, daemon=True).start()
+job = {"job": sys.argv[1], "output": sys.argv[3]}
 try:
-    bulkinfer.run(sys.argv[1])
-except KeyboardInterrupt:
-    loading = [t for t in threading.enumerate() if t.name == "bulkinfer-load"]
-    print("interrupted; still loading:", len(loading))
-print(bulkinfer.run(sys.argv[1])["rows_out"])
+    bulkinfer.run(**job)
+except KeyboardInterrupt as exc:
+    kept = exc  # as a notebook keeps the last traceback
+    running = loader["id"] in sys._current_frames()  # (is_alive() is wrong after a join's Ctrl-C)
+    gc.collect()
+    models = sum(isinstance(o, transformers.PreTrainedModel) for o in gc.get_objects())
+    print("interrupted; still loading:", int(running), "models:", models)
+print(bulkinfer.run(**job)["rows_out"])
 """
 
 
@@ -267,15 +279,17 @@ def test_ctrl_c_while_the_weights_load_leaves_nothing_loading_behind(tmp_path, t
         write_jsonl(tmp_path / "in.jsonl", sample_prompts(4)),
         tmp_path / "out",
     )
-    env = child_env() | {"BULKINFER_SLOW_LOAD_SECONDS": "2"}
-    run = subprocess.run(
-        [sys.executable, "-c", STOPPED_WHILE_LOADING, str(job)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = run.stdout.strip().splitlines()
-    assert lines[0] == "interrupted; still loading: 0" and lines[-1] == "4", run.stdout
-    assert "stopping: waiting for bulkinfer-load to end" in run.stderr
+    env = child_env() | {"BULKINFER_SLOW_LOAD_SECONDS": "3"}
+    for delay in ("0", "1.5"):
+        run = subprocess.run(
+            [sys.executable, "-c", STOPPED_WHILE_LOADING, str(job), delay, str(tmp_path / delay)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        lines = run.stdout.strip().splitlines()
+        assert lines[0] == "interrupted; still loading: 0 models: 0", (delay, run.stdout)
+        assert lines[-1] == "4", run.stdout
+        assert "stopping: waiting for bulkinfer-load to end" in run.stderr

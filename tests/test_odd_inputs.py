@@ -162,6 +162,11 @@ def test_kept_columns_of_arrow_extension_types_pass_through(tmp_path, tiny_model
     for name in ("u", "j"):
         assert out.schema.field(name).type == table.schema.field(name).type
         assert out.column(name).to_pylist() == table.column(name).to_pylist()
+    # a uuid id (as DuckDB and Spark write them) is not datasets' JSON text: said so
+    pq.write_table(table.set_column(0, "id", uuids), tmp_path / "uuid-id.parquet")
+    result = _run(tmp_path, tiny_model, tmp_path / "uuid-id.parquet", "uuid")
+    _refused(result, "column 'id' is extension<arrow.uuid>", "cast it to strings")
+    assert "JSON text" not in result.output
 
 
 def test_a_byte_order_mark_alone_on_the_first_line_and_twice_named_columns(tmp_path, tiny_model):

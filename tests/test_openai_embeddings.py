@@ -154,6 +154,7 @@ def test_an_embed_job_answers_embeddings_requests_and_refuses_the_rest(tmp_path)
         _embedding("a", input=["first text", "second, longer text than the first"]),
         _request("chat", "/v1/chat/completions", messages=[{"role": "user", "content": "hi"}]),
         _embedding("b", input="third"),
+        _embedding("c", input="refused as its batch runs " * 8, dimensions=7),
     ]
     job = _run(tmp_path, encoder, requests, "out", type="embed", pooling="mean", normalize=True)
     result = cli("run", str(job))
@@ -163,7 +164,7 @@ def test_an_embed_job_answers_embeddings_requests_and_refuses_the_rest(tmp_path)
         expected = direct_embeddings(encoder, inputs, "mean", True)
         np.testing.assert_allclose(np.stack(_vectors(responses[custom_id])), expected, atol=2e-5)
     errors = _lines(tmp_path / "out" / "errors.jsonl")
-    assert list(errors) == ["chat"]
+    assert list(errors) == ["chat", "c"]
     assert "task.type embed answers embeddings" in errors["chat"]["error"]["message"]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     usage = [responses[k]["response"]["body"]["usage"]["prompt_tokens"] for k in ("a", "b")]

@@ -97,7 +97,22 @@ def test_a_merged_summary_of_failed_rows_has_a_single_runs_keys(tmp_path, tiny_m
     assert isinstance(summaries[0]["model_seconds"], float)  # 0.0, not 0, with no batch run
 
 
-def test_status_of_shards_whose_merge_was_killed_says_they_are_not_merged(shard_job):
+def test_a_merged_summary_keeps_the_jobs_fp8_settings(tmp_path, tiny_model):
+    """kv_cache_dtype (and quantization) say how a job ran: the merge of its shards kept
+    neither."""
+    from conftest import set_model
+
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(6))
+    job = write_job(tmp_path / "job.yaml", tiny_model, inputs, tmp_path / "out")
+    set_model(job, engine="fast", kv_cache_dtype="fp8")
+    for k in range(2):
+        assert cli("run", str(job), "--shard", f"{k}/2").exit_code == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["shards"] == 2 and summary["kv_cache_dtype"] == "fp8"
+
+
+@pytest.mark.parametrize("shards", [2, 1])
+def test_status_of_shards_whose_merge_was_killed_says_they_are_not_merged(shard_job, shards):
     """Every shard done but the merge killed as it wrote: the outputs are not there, and
     `status` says so and how to merge, where it said only "2 of 2 shards done"."""
     import subprocess
@@ -106,15 +121,18 @@ def test_status_of_shards_whose_merge_was_killed_says_they_are_not_merged(shard_
     from conftest import child_env
 
     make, reference = shard_job
-    job = make("merge-killed")
-    out = job.parent / "merge-killed"
-    assert cli("run", str(job), "--shard", "0/2").exit_code == 0
+    job = make(f"merge-killed-{shards}")
+    out = job.parent / f"merge-killed-{shards}"
+    for k in range(shards - 1):
+        assert cli("run", str(job), "--shard", f"{k}/{shards}").exit_code == 0
     env = {**child_env(), "BULKINFER_KILL_AT": "outputs_written:2"}  # the merge's write
-    command = [sys.executable, "-m", "bulkinfer", "run", str(job), "--shard", "1/2"]
+    last = f"{shards - 1}/{shards}"
+    command = [sys.executable, "-m", "bulkinfer", "run", str(job), "--shard", last]
     assert subprocess.run(command, env=env, capture_output=True).returncode == -9
     assert not (out / "outputs").exists()
     status = cli("status", str(out)).output
-    assert "2 of 2 shards done" in status and f"outputs not merged: bulkinfer merge {out}" in status
+    done = f"{shards} of {shards} shards done"
+    assert done in status and f"outputs not merged: bulkinfer merge {out}" in status
     assert cli("merge", str(out)).exit_code == 0
     assert "; outputs merged" in cli("status", str(out)).output
     _same(out, reference)

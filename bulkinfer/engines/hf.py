@@ -90,15 +90,18 @@ def device_name(device: torch.device) -> str:
 def _no_progress_bars():
     """transformers' progress bars off while weights load (a job logs its own progress), and
     as they were afterwards: a notebook that runs a job keeps its own bars."""
+    from huggingface_hub import utils as hub
     from transformers.utils import logging as hf_logging
 
-    was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+    was_on, hub_off = hf_logging.is_progress_bar_enabled(), hub.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # (the hub's bars too)
     try:
         yield
     finally:
         if was_on:
-            hf_logging.enable_progress_bar()
+            hf_logging.enable_progress_bar()  # (the hub's bars too)
+        if hub_off != hub.are_progress_bars_disabled():
+            (hub.disable_progress_bars if hub_off else hub.enable_progress_bars)()
 
 
 def load_weights(

@@ -167,9 +167,14 @@ def _refuse_json_text(path: str, schema: pa.Schema, columns: ColumnNames) -> Non
         if found is not None:
             where, kind = found
             part = "column" if where == name else "field"
-            raise InputError(
-                f"{path}: {part} '{where}' is {kind} (datasets stores values that mix types as "
-                "JSON text); give its values one type"
+            if "json" in str(getattr(kind, "extension_name", "")).lower():
+                raise InputError(
+                    f"{path}: {part} '{where}' is {kind} (datasets stores values that mix types "
+                    "as JSON text); give its values one type"
+                )
+            raise InputError(  # a uuid id column, say, as DuckDB and Spark write them
+                f"{path}: {part} '{where}' is {kind}, which bulkinfer does not read as text or "
+                "numbers; cast it to strings"
             )
 
 

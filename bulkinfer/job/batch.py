@@ -82,11 +82,12 @@ def run_batch(task, engine, prepared: PreparedRows, batch: Batch, schema, cap: R
 def counted_tokens(batch: Batch, table: pa.Table) -> Batch:
     """The batch with its input tokens as its rows' outputs count them (`prompt_tokens`),
     where they do: an OpenAI embeddings request of several inputs is planned as its longest
-    input (what its memory needs) but runs every input, and the stats count what ran."""
+    input (what its memory needs) but runs every input, and a request refused as its batch
+    runs (its `dimensions`, say) runs none; the stats count what ran."""
     if "prompt_tokens" not in table.column_names:
         return batch
     counted = pc.sum(table.column("prompt_tokens")).as_py() or 0
-    if counted <= batch.real_tokens:
+    if counted == batch.real_tokens:
         return batch
     return dataclasses.replace(batch, real_tokens=counted)
 

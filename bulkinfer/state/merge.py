@@ -188,9 +188,10 @@ def merge_summaries(shards: list[Summary]) -> Summary:
         values = [s[key] for s in summaries if isinstance(s.get(key), int | float)]
         if values:
             merged[key] = max(values)
-    engines = sorted({str(s["engine"]) for s in summaries if s.get("engine")})
-    if engines:
-        merged["engine"] = ", ".join(engines)
+    for key in ("engine", "quantization", "kv_cache_dtype"):  # one job's settings: one value
+        values = sorted({str(s[key]) for s in summaries if s.get(key)})
+        if values:
+            merged[key] = ", ".join(values)
     file_order = [_padded_file_order(s) for s in summaries]
     if file_order and None not in file_order:  # (no batch ran: none, as one job says it)
         padded_in_order = sum(file_order)

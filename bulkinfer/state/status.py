@@ -133,9 +133,9 @@ def format_status(root: OutputLayout, states: list[ShardState]) -> str:
         lines.append(f"job {states[0].state}" + ("" if done else f"; ETA {eta_text}"))
         return "\n".join(lines)
     line = f"{done} of {len(states)} shards done; ETA {eta_text}"
-    if merged and len(states) > 1:
+    if merged:
         line += "; outputs merged"
-    elif done == len(states) > 1:  # the last shard's merge is under way, or was stopped
+    elif done == len(states):  # the last shard's merge is under way, or was stopped
         line += (
             "; merging now"
             if lock_held(root.merge_lock)
