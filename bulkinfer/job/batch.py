@@ -20,6 +20,7 @@ from bulkinfer.io.outputs import rows_table
 from bulkinfer.observe.stats import BatchStats
 from bulkinfer.planner import Batch
 from bulkinfer.prepare import PreparedRows, prepared_location
+from bulkinfer.tasks.single_pass import token_columns
 
 ROW_FAILURES = (RuntimeError, IndexError)
 
@@ -99,10 +100,8 @@ def failed_row_table(
     which the summary's input tokens count), nothing else."""
     message = f"model failed on this row: {type(exc).__name__}: {first_line(exc)}"
     columns = {n: [None] for n in schema.names if n not in ("row", "error")}
-    if "prompt_tokens" in columns:
-        columns["prompt_tokens"] = [int(prepared.lengths[row])]
-    if "truncated_tokens" in columns:
-        columns["truncated_tokens"] = [prepared.truncated.get(row, 0)]
+    counts = token_columns(prepared, np.array([row]))
+    columns.update({n: v for n, v in counts.items() if n in columns})
     return rows_table([row], columns, [message], schema)
 
 

@@ -183,8 +183,13 @@ def merge_summaries(shards: list[Summary]) -> Summary:
         merged["model_share_of_wall"] = merged["model_seconds"] / shard_walls
         merged["seconds_outside_model"] = max(0.0, shard_walls - merged["model_seconds"])
     # start-up as the slowest shard paid it (they start side by side)
-    start_up = ("first_batch_seconds", "setup_seconds", "load_seconds", "prepare_seconds")
-    for key in (*start_up, "imports_seconds"):
+    for key in (
+        "first_batch_seconds",
+        "setup_seconds",
+        "load_seconds",
+        "prepare_seconds",
+        "imports_seconds",
+    ):
         values = [s[key] for s in summaries if isinstance(s.get(key), int | float)]
         if values:
             merged[key] = max(values)
