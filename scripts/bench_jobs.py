@@ -317,6 +317,7 @@ def run_job(
     profile: Path | None = None,
     env: dict | None = None,
     sample: Path | None = None,
+    sample_seconds: float = 20.0,
 ) -> dict:
     """`python -m bulkinfer run` with JSON logs, timed from outside; its summary.json. With
     `profile`, the run goes under cProfile (main thread) and the stats land in that file;
@@ -330,7 +331,8 @@ def run_job(
     )
     python = [sys.executable] + (["-c", profiled] if profile else ["-m", "bulkinfer"])
     if sample:
-        python = [sys.executable, str(ROOT / "scripts" / "sample_stacks.py"), str(sample), "--"]
+        script = str(ROOT / "scripts" / "sample_stacks.py")
+        python = [sys.executable, script, str(sample), "--seconds", str(sample_seconds), "--"]
     args = python + ["--log-format", "json", "run", str(job)]
     args += ["--output", str(out)] + (["--overwrite"] if overwrite else [])
     start = time.perf_counter()
@@ -506,7 +508,13 @@ def main() -> None:
     parser.add_argument(
         "--sample",
         action="store_true",
-        help="sample every thread's stack in the last run of the first job (its first 20 s)",
+        help="sample every thread's stack in the last run of the first job",
+    )
+    parser.add_argument(
+        "--sample-seconds",
+        type=float,
+        default=20.0,
+        help="how many seconds of the sampled run to sample, from its start",
     )
     parser.add_argument(
         "--checkpoint",
@@ -588,7 +596,13 @@ def main() -> None:
         stats_file = work / f"profile-{k}.prof" if args.profile and last_of_first else None
         samples = work / f"samples-{k}.json" if args.sample and last_of_first else None
         result = run_job(
-            job, work / f"out-{k}", overwrite=True, profile=stats_file, env=env, sample=samples
+            job,
+            work / f"out-{k}",
+            overwrite=True,
+            profile=stats_file,
+            env=env,
+            sample=samples,
+            sample_seconds=args.sample_seconds,
         )
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)

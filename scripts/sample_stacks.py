@@ -38,7 +38,10 @@ def sampler(out: str, seconds: float, every: float) -> threading.Thread:
         for (file, name, line), i in frames.items():
             table[i] = f"{file}:{line}:{name}"
         with open(out, "w") as f:
-            json.dump({"every": every, "frames": table, "samples": samples}, f)
+            json.dump(
+                {"every": every, "frames": table, "samples": samples, "compile": compile_times()},
+                f,
+            )
 
     def run() -> None:
         me = threading.get_ident()
@@ -59,6 +62,18 @@ def sampler(out: str, seconds: float, every: float) -> threading.Thread:
     thread.start()
     thread.stop = stop  # type: ignore[attr-defined]
     return thread
+
+
+def compile_times() -> str | None:
+    """torch.compile's own account of its phases in this process (dynamo's tracing, inductor's
+    lowering and code generation, waiting for kernels), where it compiled anything."""
+    dynamo = sys.modules.get("torch._dynamo.utils")
+    if dynamo is None:
+        return None
+    try:
+        return dynamo.compile_times(repr="str", aggregate=True)
+    except Exception as exc:  # noqa: BLE001 (a diagnosis aid only)
+        return f"compile_times failed: {exc}"
 
 
 def report(path: str, window: float = 0.5, top: int = 40) -> None:
@@ -100,6 +115,8 @@ def report(path: str, window: float = 0.5, top: int = 40) -> None:
         print(f"\n== {thread}: {counts[thread]:.2f} s sampled")
         for name, n in c.most_common(top):
             print(f"{n:7.2f}s {name}")
+    if data.get("compile"):
+        print("\n== torch.compile's phases (seconds)\n" + data["compile"])
 
 
 def main() -> None:
@@ -122,6 +139,7 @@ def main() -> None:
         exit_now(code)
 
     os._exit = write_then_exit
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this tree's
     from bulkinfer.cli import entry
 
     entry()
