@@ -289,21 +289,28 @@ def status(output: str) -> None:
     from pathlib import Path
 
     from bulkinfer.errors import UserError
+    from bulkinfer.executors.slurm import task_states
     from bulkinfer.io.layout import OutputLayout
     from bulkinfer.io.lock import is_locked
     from bulkinfer.state.folder import record_lost
+    from bulkinfer.state.records import SlurmSubmission
     from bulkinfer.state.status import format_status, job_states
 
     root = OutputLayout(Path(output))
     if not root.root.is_dir():
         raise UserError(f"{root.root}: no such output folder")
-    submitted = (root.root / "sbatch.sh").is_file()  # `bulkinfer slurm`: its tasks pending
+    submitted = root.slurm_script.is_file()  # `bulkinfer slurm`: its tasks pending
     starting = is_locked(root) or root.failed.is_file()  # a run before it records its job
     # a job's folder without its record: an --overwrite stopped midway, or job.json removed
     unrecorded = root.overwriting.is_file() or record_lost(root)
     if not (root.job_file.is_file() or root.shard_folders() or submitted or starting or unrecorded):
         raise UserError(f"{root.root}: not a bulkinfer job folder (no job.json or shards/)")
-    click.echo(format_status(root, job_states(root)))
+    states = job_states(root)
+    queue = None
+    if any(s.state not in ("running", "done") for s in states):  # ask Slurm what it holds
+        jobs = SlurmSubmission.read_all(root.slurm_jobs)
+        queue = task_states([j.job_id for j in jobs if j.tasks == len(states)], len(states))
+    click.echo(format_status(root, states, queue))
 
 
 @main.command()
@@ -374,6 +381,7 @@ def slurm(job, array, overrides, output, dry_run, **settings) -> None:
     from bulkinfer.io.atomic import write_bytes_atomic
     from bulkinfer.io.layout import OutputLayout
     from bulkinfer.state.folder import refuse_for_array
+    from bulkinfer.state.records import SlurmSubmission
 
     spec = _load(job, overrides, output)
     root = Path(spec.output.path)
@@ -383,9 +391,10 @@ def slurm(job, array, overrides, output, dry_run, **settings) -> None:
         click.echo(script)
         return
     refuse_for_array(OutputLayout(root), array)
-    made = [p for p in (root, root / "logs") if not p.exists()]
-    (root / "logs").mkdir(parents=True, exist_ok=True)
-    path = root / "sbatch.sh"
+    layout = OutputLayout(root)
+    made = [p for p in (root, layout.slurm_logs) if not p.exists()]
+    layout.slurm_logs.mkdir(parents=True, exist_ok=True)
+    path = layout.slurm_script
     existed = path.exists()
     write_bytes_atomic(path, script.encode())
     try:
@@ -397,6 +406,7 @@ def slurm(job, array, overrides, output, dry_run, **settings) -> None:
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
+    SlurmSubmission.add(layout.slurm_jobs, job_id, array)
     click.echo(
         f"submitted array job {job_id} ({array} tasks); follow it with: bulkinfer status {root}"
     )

@@ -149,3 +149,80 @@ def test_tasks_submitted_apart_run_their_own_shards_of_one_split(tmp_path, tiny_
         assert set(states.values()) == {"COMPLETED"}, logs[-3000:]
     assert read_outputs(out).equals(reference)
     assert "3 of 3 shards done" in cli("status", str(out)).output
+
+
+def test_status_tells_tasks_waiting_in_the_queue_and_how_to_resubmit_cancelled_ones(
+    tmp_path, tiny_model, monkeypatch
+):
+    """The folder alone cannot tell a shard whose task waits in Slurm's queue from one whose
+    task was cancelled (both have no folder, or a stopped one): `status` asks squeue about the
+    array `bulkinfer slurm` submitted, says which tasks wait and how to resubmit those that
+    ended, and a resubmission into the folder finishes the job."""
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(24))
+    job = write_job(
+        tmp_path / "queued.yaml",
+        tiny_model,
+        inputs,
+        tmp_path / "out",
+        batching={"max_tokens": 400, "max_batch_size": 2},
+        checkpoint={"every_rows": 2},
+    )
+    single = write_job(tmp_path / "single.yaml", tiny_model, inputs, tmp_path / "single")
+    assert cli("run", str(single)).exit_code == 0
+    out = tmp_path / "out"
+    monkeypatch.setenv("BULKINFER_SLOW_BATCH_SECONDS", "1")
+    submitted = cli("slurm", str(job), "--array", "3", "--max-parallel", "1")
+    assert submitted.exit_code == 0, submitted.output
+    job_id = re.search(r"submitted array job (\d+)", submitted.output).group(1)
+
+    deadline = time.monotonic() + 120
+    while True:
+        status = cli("status", str(out)).output
+        if re.search(r"0/3\s+running", status):
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(0.5)
+    for shard in (1, 2):
+        assert re.search(rf"{shard}/3\s+pending.*Slurm task {job_id}_{shard} waiting", status), (
+            status
+        )
+    subprocess.run(["scancel", job_id], check=True)
+    wait_for_jobs(job_id, timeout=120)
+    status = cli("status", str(out)).output
+    for shard in (1, 2):
+        assert f"resubmit it with: sbatch --array={shard} {out}/sbatch.sh" in status, status
+    assert "waiting in the queue" not in status, status
+
+    monkeypatch.delenv("BULKINFER_SLOW_BATCH_SECONDS")
+    again = cli("slurm", str(job), "--array", "3")
+    assert again.exit_code == 0, again.output
+    second = re.search(r"submitted array job (\d+)", again.output).group(1)
+    states = wait_for_jobs(second, timeout=300)
+    assert set(states.values()) == {"COMPLETED"}, states
+    assert read_outputs(out).equals(read_outputs(tmp_path / "single"))
+    assert "3 of 3 shards done" in cli("status", str(out)).output
+
+
+def test_a_folder_left_by_a_submission_cancelled_before_any_task_started_takes_a_new_one(
+    tmp_path, tiny_model
+):
+    """`bulkinfer slurm` into a folder holding only an earlier submission's script, record and
+    empty logs folder (its tasks cancelled while queued) was refused as "not empty and holds
+    no bulkinfer job", and the command has no --overwrite; `status` showed one pending job,
+    not the array's shards."""
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(10))
+    job = write_job(tmp_path / "again.yaml", tiny_model, inputs, tmp_path / "out")
+    out = tmp_path / "out"
+    (out / "logs").mkdir(parents=True)
+    (out / "sbatch.sh").write_text(cli("slurm", str(job), "--array", "2", "--dry-run").output)
+    (out / "slurm-jobs.json").write_text('{"jobs": [{"job_id": "999999", "tasks": 2}]}\n')
+    status = cli("status", str(out))
+    assert status.exit_code == 0, status.output
+    assert re.search(r"0/2\s+pending", status.output) and re.search(r"1/2\s+pending", status.output)
+    assert "0 of 2 shards done" in status.output
+
+    submitted = cli("slurm", str(job), "--array", "2")
+    assert submitted.exit_code == 0, submitted.output
+    job_id = re.search(r"submitted array job (\d+)", submitted.output).group(1)
+    assert set(wait_for_jobs(job_id, timeout=300).values()) == {"COMPLETED"}
+    assert len(read_outputs(out)) == 10

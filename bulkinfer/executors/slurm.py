@@ -158,3 +158,53 @@ def submit(script_path: Path) -> str:
             f"sbatch refused the job: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
         )
     return proc.stdout.strip().split(";")[0]
+
+
+# Slurm's states of a task that has not started (or is waiting to start again)
+QUEUED_STATES = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SPECIAL_EXIT"})
+
+
+@dataclass(frozen=True)
+class SlurmTask:
+    """An array task as squeue lists it; `state` None where squeue no longer lists it."""
+
+    name: str  # JOBID_INDEX, as Slurm names the task (and its log file)
+    state: str | None
+    reason: str = ""
+
+    @property
+    def queued(self) -> bool:
+        return self.state in QUEUED_STATES
+
+
+def task_states(jobs: list[str], count: int) -> dict[int, SlurmTask] | None:
+    """Slurm's word on the task of each of `count` shards, by shard index (task i of an array
+    job of `jobs`, oldest first, runs shard i): of the newest job that still lists it, else the
+    newest job's task as not listed. None where squeue cannot say (not on PATH, no controller
+    answering) or no job is given."""
+    if not jobs or shutil.which("squeue") is None:
+        return None
+    ids = ",".join(dict.fromkeys(jobs))
+    command = ["squeue", "--noheader", "--array", f"--jobs={ids}", "--format=%i|%T|%r"]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0 and "invalid job id" not in proc.stderr.lower():
+        return None  # a lone id Slurm has forgotten is "invalid": then none is listed
+    listed: dict[tuple[str, int], SlurmTask] = {}
+    for line in proc.stdout.splitlines():
+        name, _, rest = line.strip().partition("|")
+        state, _, reason = rest.partition("|")
+        job, _, index = name.partition("_")
+        if index.isdigit():
+            reason = "" if reason.strip() == "None" else reason.strip()
+            listed[(job, int(index))] = SlurmTask(name, state.strip(), reason)
+    newest_first = list(dict.fromkeys(reversed(jobs)))
+    return {
+        i: next(
+            (listed[(job, i)] for job in newest_first if (job, i) in listed),
+            SlurmTask(f"{newest_first[0]}_{i}", None),
+        )
+        for i in range(count)
+    }

@@ -112,6 +112,20 @@ class OutputLayout:
         return self.root / ".merge.lock"
 
     @property
+    def slurm_script(self) -> Path:
+        """`bulkinfer slurm`'s sbatch script; resubmitting one task of it reruns that shard."""
+        return self.root / "sbatch.sh"
+
+    @property
+    def slurm_jobs(self) -> Path:
+        """The array jobs `bulkinfer slurm` submitted here (ids and task counts), for status."""
+        return self.root / "slurm-jobs.json"
+
+    @property
+    def slurm_logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
     def report_page(self) -> Path:
         return self.root / "report.html"
 

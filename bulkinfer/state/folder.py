@@ -154,8 +154,10 @@ def clear_shards(root: OutputLayout) -> None:
 def refuse_for_array(root: OutputLayout, count: int) -> None:
     """What `bulkinfer slurm --array N` would submit into, checked before submitting: tasks
     that would all be refused (a job run without shards there, or shards of another split)
-    are a failed array and an overwritten sbatch.sh."""
-    refuse_foreign(root, overwrite=False)
+    are a failed array and an overwritten sbatch.sh. A folder holding only an earlier
+    submission's files (its tasks cancelled before any started) takes this one."""
+    if not submission_only(root):
+        refuse_foreign(root, overwrite=False)
     if root.job_file.exists():
         raise OutputFolderError(
             f"{root.root} holds a job run without shards; resume it with `bulkinfer run`, or "
@@ -167,6 +169,14 @@ def refuse_for_array(root: OutputLayout, count: int) -> None:
             f"{root.root} holds shards of a run split into {others[0]}, not {count}; submit "
             f"it with --array {others[0]} to resume it, or use another --output"
         )
+
+
+def submission_only(root: OutputLayout) -> bool:
+    """Whether the folder holds nothing but what `bulkinfer slurm` writes as it submits."""
+    if not root.root.is_dir():
+        return False
+    theirs = {root.slurm_script, root.slurm_jobs, root.slurm_logs, root.lock, *root.leftovers()}
+    return all(path in theirs for path in root.root.iterdir())
 
 
 def refuse_unlike_shards(

@@ -136,3 +136,31 @@ class Summary:
             return cls.from_dict(data)
         except TypeError:
             return None
+
+
+@dataclass(frozen=True)
+class SlurmSubmission:
+    """An array job `bulkinfer slurm` submitted into the folder (slurm-jobs.json holds them all,
+    oldest first): its task i runs shard i of `tasks`. Lets `status` show the shards of an array
+    whose tasks have not started yet, and ask Slurm about them."""
+
+    job_id: str
+    tasks: int
+
+    @staticmethod
+    def add(path: Path, job_id: str, tasks: int) -> None:
+        jobs = [asdict(s) for s in SlurmSubmission.read_all(path)]
+        write_json_atomic(path, {"jobs": [*jobs, {"job_id": job_id, "tasks": tasks}]})
+
+    @staticmethod
+    def read_all(path: Path) -> list[SlurmSubmission]:
+        """What the file holds; entries that are not what `add` writes are passed over."""
+        jobs = (read_json(path) or {}).get("jobs")
+        found = []
+        for job in jobs if isinstance(jobs, list) else []:
+            if not isinstance(job, dict):
+                continue
+            job_id, tasks = job.get("job_id"), job.get("tasks")
+            if isinstance(job_id, str) and type(tasks) is int and tasks >= 1:
+                found.append(SlurmSubmission(job_id, tasks))
+        return found

@@ -9,7 +9,7 @@ from bulkinfer.io.lock import is_locked, lock_held
 from bulkinfer.sharding import Shard
 from bulkinfer.state.folder import foreign_message, record_lost, unreadable_figures
 from bulkinfer.state.manifest import read_manifest
-from bulkinfer.state.records import JobRecord, Summary, read_json
+from bulkinfer.state.records import JobRecord, SlurmSubmission, Summary, read_json
 
 
 @dataclass(frozen=True)
@@ -81,11 +81,15 @@ def shard_counts(root: OutputLayout) -> list[int]:
 
 
 def job_states(root: OutputLayout) -> list[ShardState]:
-    """Every shard of the job in `root`, or the job itself when it is not sharded."""
+    """Every shard of the job in `root`, or the job itself when it is not sharded: the shards
+    of an array `bulkinfer slurm` submitted, pending, before any of its tasks has started."""
     counts = shard_counts(root)
-    if not counts:
-        return [read_state(root, Shard(0, 1))]
-    return shard_states(root, counts[-1])
+    if counts:
+        return shard_states(root, counts[-1])
+    submitted = SlurmSubmission.read_all(root.slurm_jobs)
+    if submitted and not root.job_file.exists():
+        return shard_states(root, submitted[-1].tasks)
+    return [read_state(root, Shard(0, 1))]
 
 
 def eta_seconds(states: list[ShardState]) -> float | None:
@@ -104,10 +108,12 @@ def eta_seconds(states: list[ShardState]) -> float | None:
     return max(left, default=0.0)
 
 
-def format_status(root: OutputLayout, states: list[ShardState]) -> str:
+def format_status(root: OutputLayout, states: list[ShardState], queue=None) -> str:
     """The table of `job_states(root)` and a line on the whole; an unsharded job is one row,
-    named `job`, not a shard 0/1."""
-    sharded = bool(shard_counts(root))
+    named `job`, not a shard 0/1. `queue`: Slurm's word on each shard's array task, by index
+    (executors/slurm.task_states), where squeue could say."""
+    sharded = len(states) > 1 or bool(shard_counts(root))
+    queue = queue or {}
     lines = [f"{'shard' if sharded else '':>11}  {'state':<8}{'rows done':>22}{'tokens/s':>12}"]
     for s in states:
         total = f"{s.rows_total:,}" if s.rows_total is not None else "?"
@@ -115,6 +121,9 @@ def format_status(root: OutputLayout, states: list[ShardState]) -> str:
         line = f"{name:>11}  {s.state:<8}{f'{s.rows_done:,} / {total}':>22}{s.tokens_per_second:>12,.0f}"
         if s.error:
             line += f"  {s.error}"
+        note = queue_note(root, s, queue.get(s.shard.index))
+        if note:
+            line += f"  ({note})"
         lines.append(line)
     done = sum(s.state == "done" for s in states)
     eta = eta_seconds(states)
@@ -122,6 +131,9 @@ def format_status(root: OutputLayout, states: list[ShardState]) -> str:
     if done < len(states) and not any(s.state == "running" for s in states):
         # no run is under way to end (the folder cannot tell a task waiting in a queue)
         eta_text = "none: " + ("no shard is running now" if len(states) > 1 else "not running now")
+        waiting = sum(task.queued for task in queue.values())
+        if waiting:
+            eta_text += f"; {waiting} of its Slurm tasks waiting in the queue"
     # the merge of these shards, not of another split's or an unsharded run's, nor of a shard
     # run again since
     merged = (read_json(root.summary) or {}).get("shards") == len(states)
@@ -143,6 +155,28 @@ def format_status(root: OutputLayout, states: list[ShardState]) -> str:
         )
     lines.append(line)
     return "\n".join(lines)
+
+
+def queue_note(root: OutputLayout, state: ShardState, task) -> str | None:
+    """What Slurm says of a shard that is not running or done: its task waits in the queue,
+    is starting, or has ended without finishing it (then how to resubmit it)."""
+    if task is None or state.state in ("running", "done"):
+        return None
+    if task.queued:
+        return f"Slurm task {task.name} waiting in the queue" + (
+            f": {task.reason}" if task.reason else ""
+        )
+    if task.state in ("RUNNING", "CONFIGURING", "COMPLETING"):
+        return f"Slurm task {task.name} is {task.state.lower()}"
+    if task.state in ("SUSPENDED", "STOPPED"):
+        return f"Slurm task {task.name} is {task.state.lower()}"
+    ended = f"ended {task.state.lower()}" if task.state else "no longer in the queue"
+    log = root.slurm_logs / f"{task.name}.log"
+    seen = f"; its log: {log}" if log.is_file() else ""
+    return (
+        f"Slurm task {task.name} {ended}{seen}; resubmit it with: "
+        f"sbatch --array={state.shard.index} {root.slurm_script}"
+    )
 
 
 def _newer(path, than) -> bool:
