@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import (
     cli,
+    cli_subprocess,
     read_outputs,
     sample_prompts,
     write_job,
@@ -307,6 +308,30 @@ def test_gpt2_shape_with_no_pad_token(tmp_path, tiny_gpt2):
     )
     assert cli("run", str(job)).exit_code == 0
     assert read_outputs(tmp_path / "out").num_rows == 9
+
+
+def test_gpt2_scores_of_padded_rows_without_a_false_alarm(tmp_path, tiny_gpt2):
+    """Rows of a score batch are right-padded, which causal attention never looks at; GPT-2's
+    forward saw its pad token at the end of a row and printed transformers' warning to pass an
+    attention mask, on every score job of a GPT-2 model. Each row's score is its score alone."""
+    rows = sample_prompts(6)
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_gpt2,
+        write_jsonl(tmp_path / "in.jsonl", rows),
+        tmp_path / "out",
+        task={"type": "score"},
+    )
+    run = cli_subprocess("run", str(job))
+    assert run.returncode == 0, run.stderr
+    assert "attention_mask" not in run.stderr, run.stderr
+    batched = read_outputs(tmp_path / "out").column("logprob_sum").to_pylist()
+    alone = cli_subprocess(
+        "run", str(job), "--output", str(tmp_path / "alone"), "--set", "batching.max_batch_size=1"
+    )
+    assert alone.returncode == 0, alone.stderr
+    single = read_outputs(tmp_path / "alone").column("logprob_sum").to_pylist()
+    assert batched == pytest.approx(single, rel=1e-5)
 
 
 def test_poison_rows_are_isolated_by_bisection(tmp_path, tiny_model):

@@ -155,7 +155,7 @@ class HFEngine:
         (every row computed whole here, whatever `share_prefix` says)."""
         self._fresh_rotary()
         lengths = [len(s) for s in sequences]
-        input_ids = self._right_padded(sequences)
+        input_ids = self._right_padded(sequences, self._unseen_fill())
         rows, positions = scored_positions(lengths, score_from)
         row_idx = torch.from_numpy(rows).to(self.device)
         pos_idx = torch.from_numpy(positions).to(self.device)
@@ -374,9 +374,15 @@ class HFEngine:
         )
         return out.logits[:, -1].float()
 
-    def _right_padded(self, sequences: list[np.ndarray]) -> torch.Tensor:
+    def _unseen_fill(self) -> int:
+        """A token id for right padding no real position attends to (causal attention looks
+        back only): any id but the config's pad token, whose presence at the end of a row
+        makes transformers warn of a missing attention mask (GPT-2's forward does)."""
+        return 1 if getattr(self.model.config, "pad_token_id", None) == 0 else 0
+
+    def _right_padded(self, sequences: list[np.ndarray], fill: int | None = None) -> torch.Tensor:
         longest = max(len(s) for s in sequences)
-        out = np.full((len(sequences), longest), self.pad_id, dtype=np.int64)
+        out = np.full((len(sequences), longest), self.pad_id if fill is None else fill, np.int64)
         for i, s in enumerate(sequences):
             out[i, : len(s)] = s
         return torch.from_numpy(out).to(self.device)
