@@ -16,10 +16,19 @@ from pathlib import Path
 
 
 def cache_root() -> Path:
-    base = os.environ.get("BULKINFER_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "bulkinfer"
-    )
-    return Path(base)
+    """BULKINFER_CACHE, else bulkinfer/ in XDG_CACHE_HOME, else in ~/.cache. An empty variable
+    counts as unset (as the XDG spec says), and a user without a home folder (no HOME, no
+    passwd entry: ~ stays ~) gets one in the temporary folder, never the current one."""
+    if os.environ.get("BULKINFER_CACHE"):
+        return Path(os.environ["BULKINFER_CACHE"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "bulkinfer"
+    home = os.path.expanduser("~")
+    if home == "~" or not os.path.isabs(home):
+        import tempfile
+
+        return Path(tempfile.gettempdir()) / f"bulkinfer-cache-{os.getuid()}"
+    return Path(home) / ".cache" / "bulkinfer"
 
 
 def keep_bytecode() -> None:

@@ -10,7 +10,7 @@ import sys
 import click
 
 from bulkinfer import __version__, process
-from bulkinfer.errors import UserError, counted
+from bulkinfer.errors import UserError, counted, file_access_error
 
 SET_HELP = "Override a spec field, e.g. --set task.max_new_tokens=64 (repeatable)."
 
@@ -38,11 +38,12 @@ class BulkinferGroup(click.Group):
         except KeyboardInterrupt:
             _interrupted(ctx.invoked_subcommand)
         except UserError as exc:
-            if log_format() == "json":
-                log(str(exc), event="error", level="error", exit_code=exc.exit_code)
-            else:
-                click.echo(f"bulkinfer: error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            _user_error(exc)
+        except OSError as exc:  # a permission, a name too long, ...: one line, not a traceback
+            failure = file_access_error(exc)
+            if failure is None:
+                raise
+            _user_error(failure)
         except click.ClickException as exc:
             if log_format() != "json":
                 raise
@@ -61,6 +62,26 @@ class BulkinferGroup(click.Group):
                 traceback=traceback.format_exc(),
             )
             sys.exit(1)
+
+
+def _shell_word(path) -> str:
+    """A path as a command line takes it: quoted where it has spaces, and never read as an
+    option (a name starting with a dash)."""
+    import shlex
+
+    text = str(path)
+    return shlex.quote(f"./{text}" if text.startswith("-") else text)
+
+
+def _user_error(exc: UserError) -> None:
+    """One line (a JSON event with --log-format json), exit with the error's code."""
+    from bulkinfer.observe.progress import log, log_format
+
+    if log_format() == "json":
+        log(str(exc), event="error", level="error", exit_code=exc.exit_code)
+    else:
+        click.echo(f"bulkinfer: error: {exc}", err=True)
+    sys.exit(exc.exit_code)
 
 
 def _interrupted(command: str | None) -> None:
@@ -203,7 +224,9 @@ def entry() -> None:
 
             logging.shutdown()
             for stream in (sys.stdout, sys.stderr):
-                stream.flush()
+                if stream is not None:  # a closed stdout (`>&-`) has none
+                    with contextlib.suppress(OSError, ValueError):
+                        stream.flush()
             os._exit(exc.code or 0)
         raise
 
@@ -408,7 +431,7 @@ def slurm(job, array, overrides, output, dry_run, **settings) -> None:
         raise
     SlurmSubmission.add(layout.slurm_jobs, job_id, array)
     click.echo(
-        f"submitted array job {job_id} ({array} tasks); follow it with: bulkinfer status {root}"
+        f"submitted array job {job_id} ({array} tasks); follow it with: bulkinfer status {_shell_word(root)}"
     )
 
 
@@ -457,7 +480,7 @@ def init(path: str, force: bool) -> None:
         raise UserError(f"{target.parent}: no such folder")
     write_bytes_atomic(target, job_template(target.name).encode())
     click.echo(
-        f"wrote {target}; fill in the three FILL IN paths, then: bulkinfer validate {target}"
+        f"wrote {target}; fill in the three FILL IN paths, then: bulkinfer validate {_shell_word(target)}"
     )
 
 

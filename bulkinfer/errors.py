@@ -6,6 +6,7 @@ Anything else that escapes is a bug and keeps its traceback.
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable
 
 
@@ -45,6 +46,34 @@ class WriteError(UserError):
     """The output folder cannot be written (disk full, permissions): fix it and rerun to resume."""
 
     exit_code = 74  # EX_IOERR: a scheduler may retry once the disk has room
+
+
+class FileAccessError(UserError):
+    """A file or folder the machine will not let bulkinfer use (permissions, a name too long
+    for the file system, a read-only or full disk), wherever it was met: fix it and rerun."""
+
+    exit_code = 74
+
+
+# what a file's system says of a path, not a bug of ours; and what to do about it
+FILE_ERRNOS = {
+    errno.EACCES: "check its permissions and those of the folders above it",
+    errno.EPERM: "check its permissions and those of the folders above it",
+    errno.ENAMETOOLONG: "use a shorter name",
+    errno.ELOOP: "a symbolic link points back at itself",
+    errno.EROFS: "the file system is read-only",
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+}
+
+
+def file_access_error(exc: OSError) -> FileAccessError | None:
+    """The one line for an OSError on a named path that the machine's set-up caused, or None
+    (then it is a bug, and keeps its traceback)."""
+    hint = FILE_ERRNOS.get(exc.errno)
+    if hint is None or exc.filename is None:
+        return None
+    return FileAccessError(f"{exc.filename}: {exc.strerror or exc} ({hint}); fix that and rerun")
 
 
 def counted(n: int, noun: str) -> str:

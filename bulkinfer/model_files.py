@@ -7,6 +7,7 @@ Loading the tokenizer and config from here never loads the weights, so `bulkinfe
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import importlib.util
 import json
@@ -24,6 +25,7 @@ from bulkinfer.configs import text_config
 from bulkinfer.digests import cached_file_blake2b
 from bulkinfer.errors import ModelError, first_line, model_error
 from bulkinfer.observe.progress import log
+from bulkinfer.process import host_tag, pid_alive
 from bulkinfer.spec import PACKAGE_PREFIX, ModelSpec
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
@@ -111,7 +113,7 @@ def converted_gguf_folder(gguf: Path) -> Path:
     stat = gguf.stat()
     identity = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_transformers_version()}"
     key = hashlib.sha256(identity.encode()).hexdigest()
-    return cache_root() / "gguf" / f"{gguf.stem}-{key[:16]}"
+    return cache_root() / "gguf" / f"{gguf.stem[:96]}-{key[:16]}"  # a name the disk takes
 
 
 def _transformers_version() -> str:
@@ -201,6 +203,8 @@ def local_model_folder(model: ModelFiles, convert: bool = True) -> Path | None:
     if gguf is None:
         return model.path
     target = converted_gguf_folder(gguf)
+    if convert:
+        remove_dead_conversions(target)
     if (target / "config.json").exists():
         return target
     if not convert:
@@ -273,7 +277,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         raise ModelError(
             "model.path: reading GGUF files needs the 'gguf' package: pip install 'bulkinfer[gguf]'"
         ) from None
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    tmp = target.with_name(f"{target.name}.tmp-{host_tag()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     kwargs = {"gguf_file": gguf.name}
@@ -291,11 +295,33 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     save_model(model, str(tmp / "model.safetensors"))
+    readable_as_folder(tmp)
     try:
         os.rename(tmp, target)
     except OSError:
         # Another worker converted the same file first; its copy is as good as ours.
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_dead_conversions(target: Path) -> None:
+    """Remove what conversions to `target` killed midway on this host left (a SIGKILL, a
+    preemption): up to the whole model's weights each. Those of live processes, and of other
+    hosts sharing the cache, stay."""
+    mine = f"{target.name}.tmp-{host_tag()}-"
+    for path in target.parent.glob(f"{glob.escape(mine)}*"):
+        pid = path.name[len(mine) :]
+        if pid.isdigit() and 0 < int(pid) < 2**31 and not pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def readable_as_folder(folder: Path) -> None:
+    """The converted files readable as the cache folder is (its mode follows the umask): the
+    safetensors file is written owner-only, so a cache shared by a team served only whoever
+    converted first, and the others were told the weights did not exist."""
+    mode = folder.stat().st_mode & 0o777
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(mode & 0o666)
 
 
 def load_tokenizer(model: ModelFiles):

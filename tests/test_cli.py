@@ -328,7 +328,8 @@ def test_a_killed_run_s_spill_files_are_removed_by_the_next_run_on_the_host(tmp_
     killed outright (SIGKILL) leaves it; the next run on the host removes such folders of dead
     processes, and keeps those of live processes and of other hosts (a shared temporary
     folder). The run itself leaves none."""
-    from bulkinfer.io.spill import SPILL_PREFIX, host_tag
+    from bulkinfer.io.spill import SPILL_PREFIX
+    from bulkinfer.process import host_tag
 
     temporary = tmp_path / "tmp"
     temporary.mkdir()

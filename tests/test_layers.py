@@ -19,7 +19,7 @@ ALLOWED = {
     "spec": {"errors", "grammars"},
     "faults": set(),
     "grammars": set(),
-    "io": {"errors", "faults", "grammars"},
+    "io": {"errors", "faults", "grammars", "process"},
     "engines": {"errors", "observe", "configs", "grammars"},
 }
 # layer -> layers of ours it must never import

@@ -414,3 +414,27 @@ def test_the_report_of_a_failed_job_says_why(tmp_path, tiny_model):
     assert cli("report", str(tmp_path / "out")).exit_code == 0
     html = (tmp_path / "out" / "report.html").read_text()
     assert "The last run stopped on an error: RowFailedError" in html and "prompt is null" in html
+
+
+def test_report_of_a_job_still_starting_says_so(tmp_path, tiny_model):
+    """While a run loads its model and reads its input it holds the folder but has recorded
+    nothing: `report` said the folder was no bulkinfer job, while `status` said running."""
+    import subprocess
+    import sys
+    import time
+
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(4))
+    job = write_job(tmp_path / "job.yaml", tiny_model, inputs, tmp_path / "out")
+    env = {**child_env(), "BULKINFER_SLOW_LOAD_SECONDS": "30"}
+    run = subprocess.Popen([sys.executable, "-m", "bulkinfer", "run", str(job)], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while "running" not in cli("status", str(tmp_path / "out")).output:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        report = cli("report", str(tmp_path / "out"))
+        assert report.exit_code == 2
+        assert "the job is starting" in report.output, report.output
+    finally:
+        run.kill()
+        run.wait()

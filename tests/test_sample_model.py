@@ -57,3 +57,42 @@ def test_a_gguf_conversion_is_kept_per_transformers_version(tmp_path, monkeypatc
         monkeypatch.setattr(model_files, "_transformers_version", lambda v=version: v)
         folders.add(model_files.converted_gguf_folder(gguf))
     assert len(folders) == 2
+
+
+def test_a_conversion_killed_midway_is_tidied_and_the_cache_is_readable_by_others(
+    tmp_path, monkeypatch
+):
+    """A GGUF conversion killed midway (a SIGKILL, a preemption) left its temporary folder, up
+    to the model's whole weights, in the cache forever; and the converted weights were written
+    owner-only, so a cache shared by a team failed everyone but whoever converted first."""
+    import os
+    import subprocess
+    import sys
+
+    from bulkinfer.model_files import converted_gguf_folder, resolve_model_files
+    from bulkinfer.process import host_tag
+    from bulkinfer.spec import load_spec
+
+    monkeypatch.setenv("BULKINFER_CACHE", str(tmp_path / "cache"))
+    spec = load_spec(str(ROOT / "jobs" / "sample.yaml"), [])
+    target = converted_gguf_folder(resolve_model_files(spec.model).gguf)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    killed = target.with_name(f"{target.name}.tmp-{host_tag()}-{gone.pid}")
+    running = target.with_name(f"{target.name}.tmp-{host_tag()}-{os.getpid()}")
+    other_host = target.with_name(f"{target.name}.tmp-elsewhere-{gone.pid}")
+    for folder in (killed, running, other_host):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"partial")
+    inputs = write_jsonl(
+        tmp_path / "in.jsonl", [{"id": 1, "prompt": "Say hi.", "source": "greeting"}]
+    )
+    run = [sys.executable, "-m", "bulkinfer", "run", str(ROOT / "jobs" / "sample.yaml")]
+    run += ["--set", f"input.path={inputs}", "--set", "task.max_new_tokens=2"]
+    run += ["--output", str(tmp_path / "out")]
+    done = subprocess.run(run, capture_output=True, text=True, umask=0o022)
+    assert done.returncode == 0, done.stderr
+    assert not killed.exists()
+    assert running.exists() and other_host.exists()
+    for path in target.iterdir():
+        assert path.stat().st_mode & 0o044 == 0o044, (path, oct(path.stat().st_mode))

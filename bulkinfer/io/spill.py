@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import tempfile
 import weakref
 from collections.abc import Iterable, Iterator
@@ -25,6 +24,7 @@ import pyarrow.parquet as pq
 from bulkinfer import faults
 from bulkinfer.faults import size_setting
 from bulkinfer.io.atomic import fresh_folder
+from bulkinfer.process import host_tag, pid_alive
 
 SPILL_FILE_ROWS = size_setting("BULKINFER_SPILL_FILE_ROWS", 65_536)
 # a kept-columns file's row groups: what a read of a few of its rows decodes
@@ -207,20 +207,5 @@ def remove_orphans(parent: Path) -> None:
     with contextlib.suppress(OSError):  # a folder that cannot be listed: nothing to tidy
         for path in parent.glob(f"{mine}*"):
             pid = path.name[len(mine) :].split("-", 1)[0]
-            if pid.isdigit() and 0 < int(pid) < 2**31 and not _alive(int(pid)):
+            if pid.isdigit() and 0 < int(pid) < 2**31 and not pid_alive(int(pid)):
                 shutil.rmtree(path, ignore_errors=True)
-
-
-def host_tag() -> str:
-    """This host's name, as a folder name may hold it (no dashes: they separate the fields)."""
-    return "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True

@@ -16,7 +16,7 @@ from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.outputs import assemble_outputs, error_rows_table, write_stats
 from bulkinfer.job.batch import rows_in_flight
 from bulkinfer.job.exits import writes_reported
-from bulkinfer.observe.progress import log, log_format
+from bulkinfer.observe.progress import log, log_format, say
 from bulkinfer.observe.stats import ModelCost, format_summary, stats_table, summarize
 from bulkinfer.planner import padding_fraction
 from bulkinfer.prepare import PreparedRows
@@ -184,7 +184,7 @@ def write_summary(
             level="warning",
         )
     if log_format() == "plain":
-        print(format_summary(summary.to_dict()))
+        say(format_summary(summary.to_dict()))
 
 
 def log_next_steps(layout: OutputLayout, responses: bool) -> None:
@@ -199,7 +199,7 @@ def log_next_steps(layout: OutputLayout, responses: bool) -> None:
         ),
     ]
     if log_format() == "plain":  # JSON logs: the finish event, last, holds the summary
-        print("\n".join(f"  {name:<16} {text}" for name, text in lines))
+        say("\n".join(f"  {name:<16} {text}" for name, text in lines))
 
 
 def token_bytes_of_job(spec: dict):
@@ -228,7 +228,7 @@ def merge_if_last(root: OutputLayout, shard: Shard) -> None:
         summary = merge_shards(root, token_bytes_of_job)
     log(
         f"all {shard.count} shards done: merged {summary.rows_out:,} rows into "
-        f"{root.outputs_dir}; next: bulkinfer report {root.root}",
+        f"{root.outputs_dir}; next: bulkinfer report {shlex.quote(str(root.root))}",
         event="merge",
         shards=shard.count,
         rows_out=summary.rows_out,

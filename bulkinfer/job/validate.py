@@ -32,6 +32,7 @@ from bulkinfer.state.folder import (
     holds_foreign,
     other_settings,
     refuse_file_above,
+    refuse_not_a_folder,
     resolved_otherwise,
     spec_keys_differing,
 )
@@ -189,12 +190,11 @@ def count_rows(path: str, kind: str) -> int | None:
 def output_state(root: Path, spec: dict, resolved: dict) -> str:
     """What `run` will do with the output folder; a folder it would refuse is an error here.
     `resolved`: what the spec's `auto` settings resolve to here (RunIdentity.resolved)."""
+    refuse_not_a_folder(root)
     if not root.exists():
         refuse_file_above(root)
         _refuse_unwritable(root, next(p for p in root.parents if p.is_dir()))
         return "new folder"
-    if not root.is_dir():
-        raise OutputFolderError(f"output.path: {root} exists and is not a folder")
     _refuse_unwritable(root, root)
     layout = OutputLayout(root)
     record = JobRecord.read_if_there(layout.job_file)

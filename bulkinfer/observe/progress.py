@@ -87,6 +87,20 @@ def log(message: str, event: str = "info", level: str = "info", json_only: bool 
         print(f"[bulkinfer] {message}", file=sys.stderr, flush=True)
 
 
+def say(text: str) -> None:
+    """Lines on stdout (the end-of-run summary) that never fail the run: a character the
+    stream's encoding lacks is shown escaped, as Python shows it on stderr, and a closed stdout
+    gets nothing. The outputs are on disk by then."""
+    stream = sys.stdout
+    if stream is None:
+        return
+    try:
+        print(text, file=stream, flush=True)
+    except UnicodeEncodeError:
+        encoding = stream.encoding or "ascii"
+        print(text.encode(encoding, "backslashreplace").decode(encoding), file=stream, flush=True)
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 

@@ -383,13 +383,24 @@ def refuse_foreign(layout: OutputLayout, overwrite: bool, holding_lock: bool = F
     folder whose lock is held is in use: its holder may be between writing one file and the
     next (replacing a job, say), so that is what the refusal says."""
     root = layout.root
-    if root.exists() and not root.is_dir():
-        raise OutputFolderError(f"output.path: {root} exists and is not a folder")
+    refuse_not_a_folder(root)
     refuse_file_above(root)
     if not overwrite and holds_foreign(layout):
         if not holding_lock and is_locked(layout):
             raise in_use(layout)
         raise OutputFolderError(foreign_message(layout))
+
+
+def refuse_not_a_folder(root: Path) -> None:
+    """An output path that is a file, or a symbolic link to nothing (which no folder can be
+    made at: the lock's mkdir said "File exists")."""
+    if root.exists() and not root.is_dir():
+        raise OutputFolderError(f"output.path: {root} exists and is not a folder")
+    if root.is_symlink() and not root.exists():
+        raise OutputFolderError(
+            f"output.path: {root} is a symbolic link to {os.readlink(root)}, which does not "
+            "exist; make that folder, or give another output folder"
+        )
 
 
 def foreign_message(layout: OutputLayout) -> str:

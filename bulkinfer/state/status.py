@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 
 from bulkinfer.io.layout import OutputLayout
@@ -151,7 +152,10 @@ def format_status(root: OutputLayout, states: list[ShardState], queue=None) -> s
         line += (
             "; merging now"
             if lock_held(root.merge_lock)
-            else (f"; outputs not merged: bulkinfer merge {root.root} (or a rerun of any shard)")
+            else (
+                f"; outputs not merged: bulkinfer merge {shlex.quote(str(root.root))} (or a "
+                "rerun of any shard)"
+            )
         )
     lines.append(line)
     return "\n".join(lines)
@@ -175,7 +179,7 @@ def queue_note(root: OutputLayout, state: ShardState, task) -> str | None:
     seen = f"; its log: {log}" if log.is_file() else ""
     return (
         f"Slurm task {task.name} {ended}{seen}; resubmit it with: "
-        f"sbatch --array={state.shard.index} {root.slurm_script}"
+        f"sbatch --array={state.shard.index} {shlex.quote(str(root.slurm_script))}"
     )
 
 

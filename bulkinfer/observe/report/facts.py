@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from bulkinfer.errors import UserError
 from bulkinfer.io.layout import OutputLayout
+from bulkinfer.io.lock import is_locked
 from bulkinfer.state.folder import unreadable_figures
 from bulkinfer.state.manifest import read_manifest
 from bulkinfer.state.records import JobRecord, Summary
@@ -71,6 +72,11 @@ def read_job(root: Path) -> JobFacts:
     layout = OutputLayout(root)
     shards = layout.shard_folders()
     if not layout.job_file.is_file() and not shards:
+        if is_locked(layout):  # a run between taking the folder and recording its job
+            raise UserError(
+                f"{root}: the job is starting (loading the model, reading the input) and has "
+                "recorded nothing to report yet; run `bulkinfer report` again in a moment"
+            )
         raise UserError(
             f"{root}: not a bulkinfer job folder (no job.json or shards/); "
             "give the output folder of a job"

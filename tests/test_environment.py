@@ -1,0 +1,89 @@
+"""The machine's set-up, not the job's data: files the process may not read, a closed or
+ASCII-only stdout, cache variables left empty. A run either works or says in one line what to
+fix; never a traceback after the outputs are written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import child_env, read_outputs, sample_prompts, write_job, write_jsonl
+
+
+def _as_a_user() -> list[str]:
+    """A command prefix under which file permissions hold (root ignores them), or a skip."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: permissions cannot be taken away")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+
+
+def test_an_input_file_the_process_may_not_read_is_one_line(tmp_path, tiny_model):
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(4))
+    job = write_job(tmp_path / "job.yaml", tiny_model, inputs, tmp_path / "out")
+    inputs.chmod(0)
+    run = subprocess.run(
+        [*_as_a_user(), sys.executable, "-m", "bulkinfer", "run", str(job)],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+    )
+    assert run.returncode == 74, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    assert f"{inputs}: Permission denied" in run.stderr, run.stderr
+
+
+def test_a_closed_or_ascii_only_stdout_does_not_fail_a_finished_run(tmp_path, tiny_model):
+    """The end-of-run summary printed to a closed stdout (`>&-`) or one that cannot encode the
+    output folder's name (PYTHONIOENCODING=ascii) failed the run after its outputs were
+    written: exit 1, a traceback, and a failed.json that `status` then showed."""
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(4))
+    job = write_job(tmp_path / "job.yaml", tiny_model, inputs, tmp_path / "out")
+    closed = subprocess.run(
+        ["bash", "-c", f'"{sys.executable}" -m bulkinfer run "{job}" >&-'],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+    )
+    assert closed.returncode == 0, closed.stderr
+    out = tmp_path / "sortie é 日本"
+    ascii_only = subprocess.run(
+        [sys.executable, "-m", "bulkinfer", "run", str(job), "--output", str(out)],
+        capture_output=True,
+        env={**child_env(), "PYTHONIOENCODING": "ascii"},
+    )
+    assert ascii_only.returncode == 0, ascii_only.stderr.decode(errors="replace")
+    assert b"sortie \\xe9 \\u65e5\\u672c" in ascii_only.stdout
+    assert not (out / "failed.json").exists()
+    assert read_outputs(out).equals(read_outputs(tmp_path / "out"))
+
+
+def test_an_empty_cache_variable_or_no_home_never_caches_in_the_current_folder(monkeypatch):
+    """XDG_CACHE_HOME="" made the cache `bulkinfer/` in the current folder (75 MB of bytecode
+    among the user's files), and a user without a home folder got a literal `./~/.cache`."""
+    from bulkinfer.cache import cache_root
+
+    monkeypatch.delenv("BULKINFER_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    assert cache_root().is_absolute()
+    monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # no HOME, no passwd entry
+    assert cache_root().is_absolute()
+
+
+def test_an_output_path_linking_to_nothing_is_named_as_such(tmp_path, tiny_model):
+    """A symbolic link to a folder that does not exist: `run` said it could not write it
+    ("File exists", exit 74) and `validate` called it a new folder."""
+    from conftest import cli
+
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(2))
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "missing")
+    job = write_job(tmp_path / "job.yaml", tiny_model, inputs, link)
+    for command in ("validate", "run"):
+        result = cli(command, str(job))
+        assert result.exit_code == 2, result.output
+        assert "is a symbolic link to" in result.output, result.output
