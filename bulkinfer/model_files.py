@@ -249,6 +249,27 @@ def _check_model_folder(path: Path, spec: ModelSpec) -> None:
         raise ModelError(
             f"model.path: {path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}...)"
         )
+    _check_generation_config(path / "generation_config.json")
+
+
+def _check_generation_config(path: Path) -> None:
+    """transformers passes over a generation_config.json it cannot parse (at info level), and
+    with it the end-of-text ids that may live only there (Llama 3's): generation would run past
+    them to the token limit, silently."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelError(f"model.path: cannot read {path}: {exc}") from None
+    try:
+        found = json.loads(text)
+    except ValueError as exc:
+        raise ModelError(
+            f"model.path: {path} is not valid JSON ({exc}); its end-of-text ids would be lost"
+        ) from None
+    if not isinstance(found, dict):
+        raise ModelError(f"model.path: {path} holds no JSON object")
 
 
 @contextmanager

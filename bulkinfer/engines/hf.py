@@ -520,21 +520,31 @@ def per_row_totals(
 
 
 def _pad_id(tokenizer, model) -> int:
+    """The id padding is filled with: one the embedding table has (a conversion that ships
+    pad_token_id -1 made every padded batch fail, then run a row at a time)."""
+    try:
+        rows = model.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):  # remote code without the accessor
+        rows = 2**62
     for candidate in (
         tokenizer.pad_token_id,
         getattr(model.generation_config, "pad_token_id", None),
         tokenizer.eos_token_id,
     ):
-        if isinstance(candidate, int):
+        if _is_id(candidate) and candidate < rows:
             return candidate
     return 0
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _eos_ids(tokenizer, model) -> set[int]:
     ids: set[int] = set()
     for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(source, int):
+        if _is_id(source):
             ids.add(source)
         elif isinstance(source, list | tuple):
-            ids.update(int(x) for x in source)
+            ids.update(x for x in source if _is_id(x))  # ([2, null] in a hand-edited file)
     return ids

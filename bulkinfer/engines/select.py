@@ -215,6 +215,45 @@ def remember_compiled(engine, options: LoadOptions, config: Any) -> None:
         marker.touch()
 
 
+# Encoders that transformers' AutoModelForCausalLM still loads (as *LMHeadModel/*ForCausalLM),
+# meant as the decoder of an encoder-decoder pair: unless their config says is_decoder, the
+# attention is bidirectional (a "log-likelihood" sees the tokens after it) and the head random.
+ENCODER_ONLY_TYPES = frozenset(
+    {
+        "bert",
+        "bert-generation",
+        "camembert",
+        "data2vec-text",
+        "electra",
+        "ernie",
+        "megatron-bert",
+        "rembert",
+        "roberta",
+        "roberta-prelayernorm",
+        "roformer",
+        "xlm-roberta",
+        "xlm-roberta-xl",
+        "xmod",
+    }
+)
+
+
+def refuse_not_decoder(label: str, config: Any) -> None:
+    """Generate and score run decoder-only models: an encoder (BERT and kin) or an
+    encoder-decoder (T5, BART) is refused in one line before any weights load."""
+    kind = getattr(config, "model_type", "?")
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelError(
+            f"model.path: {label} is an encoder-decoder (seq2seq) model ({kind}); "
+            "generate and score run decoder-only models"
+        )
+    if kind in ENCODER_ONLY_TYPES and not getattr(config, "is_decoder", False):
+        raise ModelError(
+            f"model.path: {label} is an encoder-only model ({kind}): it cannot "
+            "generate or score text; use task.type embed or classify"
+        )
+
+
 def engine_limits(
     options: LoadOptions,
     config: Any,
@@ -306,10 +345,25 @@ def load_causal(options: LoadOptions, tokenizer, limits: EngineLimits) -> HFEngi
         model = load_fp8_weights(AutoModelForCausalLM, options)
     else:
         compiles = limits.kind == "fast" and compile_backend(resolve_device(options.device))
-        model, _ = load_weights(
+        model, missing = load_weights(
             AutoModelForCausalLM, options, compiler_import_ahead() if compiles else None
         )
+        refuse_missing(options, model, missing, "all its weights")
     return causal_engine(model, tokenizer, limits)
+
+
+def refuse_missing(options: LoadOptions, model, missing: set[str], what: str) -> None:
+    """A checkpoint that lacks weights the model has (tied ones aside) is refused: transformers
+    fills them with random values, which differ from run to run, so a resumed job would mix
+    rows of two random models."""
+    params = {name for name, _ in model.named_parameters()}  # tied weights are named once
+    missing = sorted(k for k in missing if k in params)
+    if missing:
+        names = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+        raise ModelError(
+            f"model.path: {options.label} lacks {what} (missing {names}); "
+            "transformers would fill them with random values"
+        )
 
 
 def causal_engine(model, tokenizer, limits: EngineLimits) -> HFEngine:
@@ -351,13 +405,8 @@ def load_encoder(options: LoadOptions, tokenizer, head: str, limits: EngineLimit
     model, missing = load_weights(auto_class, options)
     if head == "embed":
         missing = {k for k in missing if not k.startswith(UNUSED_BY_EMBED)}
-    if missing:
-        names = ", ".join(sorted(missing)[:3]) + (" ..." if len(missing) > 3 else "")
-        what = "a trained classification head" if head == "classify" else "all its weights"
-        raise ModelError(
-            f"model.path: {options.label} lacks {what} (missing {names}); "
-            "transformers would fill them with random values"
-        )
+    what = "a trained classification head" if head == "classify" else "all its weights"
+    refuse_missing(options, model, missing, what)
     pad_id = tokenizer.pad_token_id
     if not isinstance(pad_id, int):
         pad_id = getattr(model.config, "pad_token_id", None) or 0

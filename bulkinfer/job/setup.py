@@ -99,6 +99,10 @@ def set_up(
     config = load_config(model)
     kind = InputKind(per_request=per_request, choices=columns.choices is not None)
     task = make_task(spec, model, tokenizer, config, kind)
+    if task.engine == "causal":  # (validate and plan load no weights: said here for them too)
+        from bulkinfer.engines.select import refuse_not_decoder
+
+        refuse_not_decoder(spec.model.path, config)
     options = render_options(
         spec.task,
         tokenizer,
