@@ -250,6 +250,27 @@ def _check_model_folder(path: Path, spec: ModelSpec) -> None:
             f"model.path: {path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}...)"
         )
     _check_generation_config(path / "generation_config.json")
+    if has_safetensors:
+        _check_safetensors(path)
+
+
+def _check_safetensors(folder: Path) -> None:
+    """The weight files the checkpoint's index names are there: `validate` and `plan` say so
+    before a run meets it as it loads. (The files' bytes are left to the load: validate reads
+    no weights.)"""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    try:
+        names = set(json.loads(index.read_text())["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ModelError(f"model.path: {index} is not a safetensors index") from None
+    missing = sorted(name for name in names if not (folder / name).is_file())
+    if missing:
+        raise ModelError(
+            f"model.path: {index} names {', '.join(missing[:3])}, not in {folder}; "
+            "copy the whole checkpoint"
+        )
 
 
 def _check_generation_config(path: Path) -> None:

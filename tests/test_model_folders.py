@@ -82,3 +82,15 @@ def test_odd_ids_in_a_generation_config_run_as_the_valid_ones_say(tmp_path, tiny
     assert "one at a time" not in result.output, result.output
     got, want = read_outputs(tmp_path / "odd"), read_outputs(tmp_path / "plain")
     assert got.column("text").to_pylist() == want.column("text").to_pylist()
+
+
+def test_plan_finds_a_weight_shard_missing(tmp_path, tiny_model):
+    """validate and plan said OK, and run failed only as it loaded the weights."""
+    sharded = _copy(tiny_model, tmp_path, "sharded")
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
+    (sharded / "model.safetensors").rename(sharded / "model-00001-of-00002.safetensors")
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    for command in ("validate", "plan"):
+        result = cli(command, str(_job(tmp_path, sharded, f"out-{command}")))
+        assert result.exit_code == 2, result.output
+        assert "names model-00002-of-00002.safetensors, not in" in result.output
