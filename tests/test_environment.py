@@ -44,7 +44,7 @@ def test_a_closed_or_ascii_only_stdout_does_not_fail_a_finished_run(tmp_path, ti
     inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(4))
     job = write_job(tmp_path / "job.yaml", tiny_model, inputs, tmp_path / "out")
     closed = subprocess.run(
-        ["bash", "-c", f'"{sys.executable}" -m bulkinfer run "{job}" >&-'],
+        ["bash", "-c", f'"{sys.executable}" -m bulkinfer --log-format plain run "{job}" >&-'],
         capture_output=True,
         text=True,
         env=child_env(),
@@ -52,7 +52,17 @@ def test_a_closed_or_ascii_only_stdout_does_not_fail_a_finished_run(tmp_path, ti
     assert closed.returncode == 0, closed.stderr
     out = tmp_path / "sortie é 日本"
     ascii_only = subprocess.run(
-        [sys.executable, "-m", "bulkinfer", "run", str(job), "--output", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "bulkinfer",
+            "--log-format",
+            "plain",
+            "run",
+            str(job),
+            "-o",
+            str(out),
+        ],
         capture_output=True,
         env={**child_env(), "PYTHONIOENCODING": "ascii"},
     )
