@@ -176,3 +176,44 @@ def test_messages_a_saved_dataset_stores_a_field_at_a_time(tmp_path, tiny_model)
         outputs.append(read_outputs(tmp_path / name))
     assert outputs[0].column("error").null_count == len(chats)
     assert outputs[0].equals(outputs[1])
+
+
+def test_a_completion_after_chat_messages_scores_its_own_tokens_only(tmp_path, tiny_model):
+    """A prompt's trailing whitespace moves to its completion (lm-eval's split of 'Answer: '
+    and ' yes'); on a prompt the chat template rendered, that was the newline ending the
+    assistant header, scored as the completion's first token: one token too many, and the
+    mean log-prob and perplexity of every row off. The sum now equals a direct computation."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    rows = [
+        {
+            "id": "a",
+            "prompt": [{"role": "user", "content": "the capital?"}],
+            "completion": "東京 fox",
+        },
+        {"id": "b", "prompt": [{"role": "user", "content": "lazy dog"}], "completion": "the quick"},
+    ]
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", rows),
+        tmp_path / "out",
+        task={"type": "score"},
+        input={"completion_column": "completion"},
+    )
+    assert cli("run", str(job)).exit_code == 0
+    for row, out in zip(rows, read_outputs(tmp_path / "out").to_pylist(), strict=True):
+        prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True)
+        prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+        answer = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+        assert out["scored_tokens"] == len(answer)
+        ids = torch.tensor([prompt + answer])
+        with torch.no_grad():
+            logprobs = model(ids).logits[0, :-1].log_softmax(-1)
+        direct = sum(logprobs[len(prompt) - 1 + k, token].item() for k, token in enumerate(answer))
+        assert math.isclose(out["logprob_sum"], direct, rel_tol=1e-4)

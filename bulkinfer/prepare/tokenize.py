@@ -247,19 +247,21 @@ def _encode_rendered(
 ) -> EncodedChunk:
     texts, moved = rendered.texts, None
     if options.has_completion or options.has_choices:
-        texts, moved = _trailing_space_moved(texts)
+        texts, moved = _trailing_space_moved(texts, rendered.is_chat)
     prompts = _encode(tokenizer, texts, rendered.is_chat)
     continuations = _encode_continuations(chunk, rendered.positions, tokenizer, options, moved)
     return EncodedChunk(rendered, prompts, continuations)
 
 
-def _trailing_space_moved(texts: list[str]) -> tuple[list[str], list[str]]:
+def _trailing_space_moved(texts: list[str], is_chat: list[bool]) -> tuple[list[str], list[str]]:
     """Each prompt less its trailing whitespace, and that whitespace, which its completion or
     choices begin with instead: lm-evaluation-harness's split (a prompt 'Answer: ' scores
-    ' yes', not 'yes' after a lone space token, a word no text ever split so)."""
+    ' yes', not 'yes' after a lone space token, a word no text ever split so). Not a prompt
+    the chat template rendered: the newline ending its assistant header is the template's, and
+    moved it was scored as the answer's first token."""
     kept, moved = [], []
-    for text in texts:
-        cut = len(text.rstrip())
+    for text, chat in zip(texts, is_chat, strict=True):
+        cut = len(text) if chat else len(text.rstrip())
         kept.append(text[:cut])
         moved.append(text[cut:])
     return kept, moved
