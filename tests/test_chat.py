@@ -3,6 +3,8 @@ prompt where a conversation has none of its own."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import cli, read_outputs, write_job, write_jsonl, write_parquet
 from transformers import AutoTokenizer
@@ -217,3 +219,45 @@ def test_a_completion_after_chat_messages_scores_its_own_tokens_only(tmp_path, t
             logprobs = model(ids).logits[0, :-1].log_softmax(-1)
         direct = sum(logprobs[len(prompt) - 1 + k, token].item() for k, token in enumerate(answer))
         assert math.isclose(out["logprob_sum"], direct, rel_tol=1e-4)
+
+
+def test_messages_stored_as_maps_render_as_objects(tmp_path, tiny_model):
+    """Spark writes a message as map<string, string>, which pyarrow reads as (key, value)
+    pairs: every row failed as 'not an object with role and content'."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    message = pa.list_(pa.map_(pa.string(), pa.string()))
+    turns = [[("role", "user"), ("content", "the quick brown fox")]]
+    pq.write_table(
+        pa.table({"id": [1], "prompt": pa.array([turns], message)}), tmp_path / "m.parquet"
+    )
+    write_jsonl(tmp_path / "o.jsonl", [{"id": 1, "prompt": [dict(turns[0])]}])
+    outputs = []
+    for name in ("m.parquet", "o.jsonl"):
+        job = write_job(
+            tmp_path / f"{name}.yaml", tiny_model, tmp_path / name, tmp_path / f"out-{name}"
+        )
+        assert cli("run", str(job)).exit_code == 0
+        outputs.append(read_outputs(tmp_path / f"out-{name}").select(["prompt_tokens", "text"]))
+    assert outputs[0].to_pylist() == outputs[1].to_pylist()
+    assert outputs[0].column("text").to_pylist()[0] is not None
+
+
+def test_messages_for_a_model_without_a_chat_template_name_the_row(tmp_path, tiny_model):
+    """The whole job's error named no file or line: in a large or mixed input the user could
+    not find the row that holds messages."""
+    import shutil
+
+    model = tmp_path / "no-template"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    rows = [{"id": 1, "prompt": "plain"}, {"id": 2, "prompt": [{"role": "user", "content": "hi"}]}]
+    inputs = write_jsonl(tmp_path / "in.jsonl", rows)
+    job = write_job(tmp_path / "job.yaml", model, inputs, tmp_path / "out")
+    result = cli("run", str(job))
+    assert result.exit_code == 2, result.output
+    assert f"{inputs}:2: the prompts are chat messages" in result.output, result.output

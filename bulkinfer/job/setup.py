@@ -114,6 +114,13 @@ def set_up(
     )
     if per_request:  # a completions request's prompt is raw text, a chat request's a chat
         options = dataclasses.replace(options, use_chat_for_text=False, chat_never=False)
+        if spec.task.chat_template != "auto":
+            log(
+                f"task.chat_template: {spec.task.chat_template} is not used for an OpenAI batch "
+                "file: each request says itself (a chat request's messages go through the "
+                "template, a completions request's prompt is raw text)",
+                level="warning",
+            )
     check_output_columns(spec, task)
     ignored = spec.task.ignored_keys()
     if ignored:

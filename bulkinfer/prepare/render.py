@@ -159,6 +159,7 @@ def _messages_by_field(value: dict) -> Any:
 def _check_messages(value: list) -> list[dict]:
     if not value:
         raise RowError("messages list is empty")
+    value = [_map_as_object(message) for message in value]
     for k, message in enumerate(value):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise RowError(f"messages[{k}] is not an object with 'role' and 'content'")
@@ -169,6 +170,16 @@ def _check_messages(value: list) -> list[dict]:
                 f"messages[{k}].content is {describe(message['content'])}, expected a string"
             )
     return [_text_content(dict(m), k) for k, m in enumerate(value)]
+
+
+def _map_as_object(message: Any) -> Any:
+    """A message stored as a map (Spark's MapType, Arrow's map<string, string>), which pyarrow
+    reads as a list of (key, value) pairs, as the object it is."""
+    if isinstance(message, list) and all(
+        isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) for pair in message
+    ):
+        return dict(message)
+    return message
 
 
 def _text_content(message: dict, k: int) -> dict:

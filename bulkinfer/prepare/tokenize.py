@@ -236,6 +236,8 @@ def _render_chunk(chunk: InputChunk, tokenizer, options: RenderOptions) -> Rende
         except RowError as exc:
             errors[i] = str(exc)
             continue
+        except InputError as exc:  # the whole job's: said with the first row that meets it
+            raise InputError(f"{chunk.location(i)}: {exc}") from None
         texts.append(text)
         is_chat.append(chat)
         positions.append(i)
