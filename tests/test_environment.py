@@ -97,3 +97,15 @@ def test_an_output_path_linking_to_nothing_is_named_as_such(tmp_path, tiny_model
         result = cli(command, str(job))
         assert result.exit_code == 2, result.output
         assert "is a symbolic link to" in result.output, result.output
+
+
+def test_a_log_reader_that_goes_away_does_not_stop_the_job(tmp_path, tiny_model):
+    """`bulkinfer run job.yaml 2>&1 | head -1`: the first log line after head had gone failed
+    the run (BrokenPipeError in failed.json, no outputs); the job goes on unheard now."""
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(4))
+    job = write_job(tmp_path / "job.yaml", tiny_model, inputs, tmp_path / "out")
+    command = f'"{sys.executable}" -m bulkinfer --log-format plain run "{job}" 2>&1 | head -1'
+    piped = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=child_env())
+    assert piped.stdout.startswith("[bulkinfer]"), piped.stdout
+    assert not (tmp_path / "out" / "failed.json").exists()
+    assert read_outputs(tmp_path / "out").num_rows == 4

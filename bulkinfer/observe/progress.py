@@ -7,6 +7,7 @@ batches run longest first, so rows early on cost many times what rows at the end
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -82,9 +83,22 @@ def log(message: str, event: str = "info", level: str = "info", json_only: bool 
         record.update(_context)
         record.update(fields)
         line = json.dumps(record, default=str, ensure_ascii=False).translate(LINE_SEPARATORS)
-        print(line, file=sys.stderr, flush=True)
+        _emit(line, sys.stderr)
     elif not json_only:
-        print(f"[bulkinfer] {message}", file=sys.stderr, flush=True)
+        _emit(f"[bulkinfer] {message}", sys.stderr)
+
+
+def _emit(line: str, stream) -> None:
+    """A line on a stream whose reader may go away (`bulkinfer run job.yaml 2>&1 | head`): the
+    job goes on, its later lines unheard, where the first write to the closed pipe stopped it
+    with the outputs unwritten."""
+    if stream is None:
+        return
+    try:
+        print(line, file=stream, flush=True)
+    except BrokenPipeError:
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 def say(text: str) -> None:
@@ -92,13 +106,11 @@ def say(text: str) -> None:
     stream's encoding lacks is shown escaped, as Python shows it on stderr, and a closed stdout
     gets nothing. The outputs are on disk by then."""
     stream = sys.stdout
-    if stream is None:
-        return
     try:
-        print(text, file=stream, flush=True)
+        _emit(text, stream)
     except UnicodeEncodeError:
         encoding = stream.encoding or "ascii"
-        print(text.encode(encoding, "backslashreplace").decode(encoding), file=stream, flush=True)
+        _emit(text.encode(encoding, "backslashreplace").decode(encoding), stream)
 
 
 def _now() -> str:
