@@ -158,3 +158,47 @@ def test_a_rotary_scaling_by_length_scores_each_choice_alone(tmp_path, rope):
     ]
     alone = _scores(tmp_path, folder, rope, "pairs", pairs, completion_column="completion")
     assert got == pytest.approx([alone["0"], alone["1"]], rel=1e-6)
+
+
+def test_a_llama_config_naming_a_window_decodes_as_its_forward_does(tmp_path, tiny_model):
+    """transformers' cache for a config drops keys past its `sliding_window`, even where the
+    architecture's attention has no window (llama's): the reference engine's decode saw only
+    the last window and its tokens differed from the model's own forward and the fast
+    engine's. Both engines now equal greedy decoding by whole forwards."""
+    import json
+    import shutil
+
+    import torch
+    from conftest import cli, read_outputs, sample_prompts, use_engine, write_job, write_jsonl
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path / "windowed"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["sliding_window"] = 4
+    (folder / "config.json").write_text(json.dumps(config))
+    rows = sample_prompts(4)
+    inputs = write_jsonl(tmp_path / "in.jsonl", rows)
+    texts = {}
+    for engine in ("reference", "fast"):
+        job = write_job(
+            tmp_path / f"{engine}.yaml",
+            folder,
+            inputs,
+            tmp_path / engine,
+            task={"max_new_tokens": 6, "chat_template": "never"},
+        )
+        assert cli("run", str(use_engine(job, engine))).exit_code == 0
+        texts[engine] = read_outputs(tmp_path / engine).column("text").to_pylist()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    expected = []
+    for row in rows:
+        ids = tokenizer(row["prompt"], return_tensors="pt").input_ids
+        start = ids.shape[1]
+        with torch.no_grad():
+            for _ in range(6):
+                ids = torch.cat([ids, hf(ids, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+        expected.append(tokenizer.decode(ids[0, start:], skip_special_tokens=True))
+    assert texts["reference"] == expected
+    assert texts["fast"] == expected

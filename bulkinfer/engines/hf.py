@@ -215,9 +215,8 @@ class HFEngine:
     def _shared_prefix_cache(self, prefixes: list[np.ndarray], owners: list[int]):
         """Prefill the prefixes once (left-padded), then give each choice its owner's copy of
         the KV cache; returns the cache and its attention mask, one row per choice."""
-        from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        cache = full_cache()
         if not max(len(p) for p in prefixes):
             return cache, torch.zeros((len(owners), 0), dtype=torch.long, device=self.device)
         prefix_ids, prefix_mask = self._left_padded(prefixes)
@@ -280,7 +279,6 @@ class HFEngine:
     def _decode(self, prompts, row_keys, params, max_new, logprobs, top=0):
         """The decode loop of `generate`, reporting every REPORT_EVERY steps and at its end the
         rows finished meanwhile (by index) and the tokens made."""
-        from transformers import DynamicCache
 
         per_row = params if isinstance(params, list) else [params] * len(prompts)
         chooser = RowSampling.of(per_row, self.device) if isinstance(params, list) else params
@@ -289,7 +287,7 @@ class HFEngine:
         input_ids, mask = self._left_padded(prompts)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         self._fresh_rotary()
-        cache = DynamicCache(config=self.model.config)
+        cache = full_cache()
         logits = self._step(input_ids, mask, positions, cache)
         matchers = [matcher(self.tokenizer, p.grammar, self.end_token) for p in per_row]
         constrained = any(m is not None for m in matchers)
@@ -517,6 +515,17 @@ def per_row_totals(
     sums.index_add_(0, row_idx, token_logprobs.double())
     counts = torch.bincount(row_idx, minlength=n_rows)
     return list(zip(sums.tolist(), counts.tolist(), strict=True))
+
+
+def full_cache():
+    """A KV cache that keeps every token: the model's own masks apply any attention window.
+    transformers' cache for a config (`DynamicCache(config=...)`) drops keys past a
+    `sliding_window` the config names even where the architecture's attention has none (a
+    llama config with one): decoding then saw only the last window, and its tokens differed
+    from the model's own forward."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
 
 
 def _pad_id(tokenizer, model) -> int:
