@@ -94,22 +94,3 @@ def test_plan_finds_a_weight_shard_missing(tmp_path, tiny_model):
         result = cli(command, str(_job(tmp_path, sharded, f"out-{command}")))
         assert result.exit_code == 2, result.output
         assert "names model-00002-of-00002.safetensors, not in" in result.output
-
-
-def test_a_tokenizer_past_the_embedding_table_is_told_before_any_row_runs(tmp_path, tiny_model):
-    """Rows holding an id past the table fail one by one, each with its own error; the cause,
-    the tokenizer against config.json's vocab_size, is said once up front (validate too)."""
-    from safetensors.torch import load_file, save_file
-
-    model = _copy(tiny_model, tmp_path, "small-table")
-    config = json.loads((model / "config.json").read_text())
-    weights = load_file(model / "model.safetensors")
-    cut = config["vocab_size"] - 20
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        weights[name] = weights[name][:cut].clone()
-    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
-    config["vocab_size"] = cut
-    (model / "config.json").write_text(json.dumps(config))
-    result = cli("validate", str(_job(tmp_path, model, "out")))
-    assert result.exit_code == 0, result.output
-    assert f"embedding table (config.json vocab_size) {cut:,}" in result.output, result.output

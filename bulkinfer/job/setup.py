@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from bulkinfer import faults
-from bulkinfer.configs import text_config
 from bulkinfer.engines.base import GREEDY_BELOW, EngineLimits, LoadOptions
 from bulkinfer.errors import InputError, RowFailedError, SpecError
 from bulkinfer.io.chunks import ColumnNames
@@ -104,7 +103,6 @@ def set_up(
         from bulkinfer.engines.select import refuse_not_decoder
 
         refuse_not_decoder(spec.model.path, config)
-        warn_vocabulary_past_table(spec.model.path, tokenizer, config)
     options = render_options(
         spec.task,
         tokenizer,
@@ -156,19 +154,6 @@ def _system_prompt_unused(spec: JobSpec, tokenizer, per_request: bool) -> str:
         "(task.chat_template: auto), so only prompts given as messages get it; set "
         "chat_template: always to give it to every row"
     )
-
-
-def warn_vocabulary_past_table(label: str, tokenizer, config) -> None:
-    """A tokenizer with ids past the model's embedding table: the rows that hold one fail,
-    each with its own error, and their batches run again a row at a time to find them."""
-    table = getattr(text_config(config), "vocab_size", None)
-    if isinstance(table, int) and len(tokenizer) > table:
-        log(
-            f"model: {label}'s tokenizer has {len(tokenizer):,} ids, its embedding table "
-            f"(config.json vocab_size) {table:,}: a row holding an id past {table - 1:,} fails "
-            "with an error of its own",
-            level="warning",
-        )
 
 
 def tokenize(setup: JobSetup, spill: Path | None = None, keep_tokens: bool = False) -> Inputs:
