@@ -330,9 +330,10 @@ def status(output: str) -> None:
         raise UserError(f"{root.root}: not a bulkinfer job folder (no job.json or shards/)")
     states = job_states(root)
     queue = None
-    if any(s.state not in ("running", "done") for s in states):  # ask Slurm what it holds
+    if submitted and any(s.state not in ("running", "done") for s in states):  # ask Slurm
         jobs = SlurmSubmission.read_all(root.slurm_jobs)
-        queue = task_states([j.job_id for j in jobs if j.tasks == len(states)], len(states))
+        recorded = [j.job_id for j in jobs if j.tasks == len(states)]
+        queue = task_states(root.slurm_script, len(states), recorded)
     click.echo(format_status(root, states, queue))
 
 
@@ -400,7 +401,12 @@ def slurm(job, array, overrides, output, dry_run, **settings) -> None:
     """
     from pathlib import Path
 
-    from bulkinfer.executors.slurm import SlurmOptions, sbatch_script, submit
+    from bulkinfer.executors.slurm import (
+        SlurmOptions,
+        refuse_while_queued,
+        sbatch_script,
+        submit,
+    )
     from bulkinfer.io.atomic import write_bytes_atomic
     from bulkinfer.io.layout import OutputLayout
     from bulkinfer.state.folder import refuse_for_array
@@ -413,8 +419,9 @@ def slurm(job, array, overrides, output, dry_run, **settings) -> None:
     if dry_run:
         click.echo(script)
         return
-    refuse_for_array(OutputLayout(root), array)
     layout = OutputLayout(root)
+    refuse_for_array(layout, array)
+    refuse_while_queued(layout.slurm_script)
     made = [p for p in (root, layout.slurm_logs) if not p.exists()]
     layout.slurm_logs.mkdir(parents=True, exist_ok=True)
     path = layout.slurm_script

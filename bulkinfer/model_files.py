@@ -113,7 +113,8 @@ def converted_gguf_folder(gguf: Path) -> Path:
     stat = gguf.stat()
     identity = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_transformers_version()}"
     key = hashlib.sha256(identity.encode()).hexdigest()
-    return cache_root() / "gguf" / f"{gguf.stem[:96]}-{key[:16]}"  # a name the disk takes
+    stem = gguf.stem.encode()[:96].decode(errors="ignore")  # a name the disk takes, with .tmp-*
+    return cache_root() / "gguf" / f"{stem}-{key[:16]}"
 
 
 def _transformers_version() -> str:
@@ -259,8 +260,8 @@ def _check_safetensors(folder: Path) -> None:
     before a run meets it as it loads. (The files' bytes are left to the load: validate reads
     no weights.)"""
     index = folder / "model.safetensors.index.json"
-    if not index.is_file():
-        return
+    if not index.is_file() or (folder / "model.safetensors").is_file():
+        return  # (transformers loads model.safetensors where both are: an index left behind)
     try:
         names = set(json.loads(index.read_text())["weight_map"].values())
     except (ValueError, KeyError, TypeError, AttributeError):
@@ -281,8 +282,8 @@ def _check_generation_config(path: Path) -> None:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ModelError(f"model.path: cannot read {path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ModelError(f"model.path: {path} is not UTF-8 text ({exc})") from None
     try:
         found = json.loads(text)
     except ValueError as exc:

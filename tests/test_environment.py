@@ -109,3 +109,27 @@ def test_a_log_reader_that_goes_away_does_not_stop_the_job(tmp_path, tiny_model)
     assert piped.stdout.startswith("[bulkinfer]"), piped.stdout
     assert not (tmp_path / "out" / "failed.json").exists()
     assert read_outputs(tmp_path / "out").num_rows == 4
+
+
+def test_a_library_caller_keeps_its_stderr_when_the_reader_goes_away(monkeypatch):
+    """In a program calling bulkinfer (a notebook, a service), a closed log pipe silences
+    bulkinfer's lines only: the program's own file descriptor 2 stays as it was."""
+    from bulkinfer import process
+    from bulkinfer.observe import progress
+
+    class Closed:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self):
+            return 2
+
+    before = os.readlink("/proc/self/fd/2")
+    monkeypatch.setattr(process, "OWN", False)
+    monkeypatch.setattr(sys, "stderr", Closed())
+    progress.log("one")
+    progress.log("two")
+    assert os.readlink("/proc/self/fd/2") == before

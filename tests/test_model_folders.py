@@ -94,3 +94,14 @@ def test_plan_finds_a_weight_shard_missing(tmp_path, tiny_model):
         result = cli(command, str(_job(tmp_path, sharded, f"out-{command}")))
         assert result.exit_code == 2, result.output
         assert "names model-00002-of-00002.safetensors, not in" in result.output
+
+
+def test_an_index_left_beside_whole_weights_is_passed_over(tmp_path, tiny_model):
+    """save_pretrained leaves an older save's index behind when it saves the model whole into
+    the same folder; transformers loads model.safetensors then, and so does a run."""
+    model = _copy(tiny_model, tmp_path, "left-index")
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    result = cli("run", str(_job(tmp_path, model, "out")))
+    assert result.exit_code == 0, result.output
+    assert read_outputs(tmp_path / "out").num_rows == 8

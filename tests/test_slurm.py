@@ -186,12 +186,23 @@ def test_status_tells_tasks_waiting_in_the_queue_and_how_to_resubmit_cancelled_o
         assert re.search(rf"{shard}/3\s+pending.*Slurm task {job_id}_{shard} waiting", status), (
             status
         )
+    twice = cli("slurm", str(job), "--array", "3")  # its shards would run twice
+    assert twice.exit_code == 2 and "still in Slurm's queue" in twice.output, twice.output
     subprocess.run(["scancel", job_id], check=True)
     wait_for_jobs(job_id, timeout=120)
     status = cli("status", str(out)).output
     for shard in (1, 2):
         assert f"resubmit it with: sbatch --array={shard} {out}/sbatch.sh" in status, status
     assert "waiting in the queue" not in status, status
+    by_hand = subprocess.run(
+        ["sbatch", "--parsable", "--array=1", str(out / "sbatch.sh")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    status = cli("status", str(out)).output  # the task resubmitted by hand is seen
+    assert "sbatch --array=1" not in status and "sbatch --array=2" in status, status
+    wait_for_jobs(by_hand, timeout=120)
 
     monkeypatch.delenv("BULKINFER_SLOW_BATCH_SECONDS")
     again = cli("slurm", str(job), "--array", "3")
@@ -214,6 +225,10 @@ def test_a_folder_left_by_a_submission_cancelled_before_any_task_started_takes_a
     job = write_job(tmp_path / "again.yaml", tiny_model, inputs, tmp_path / "out")
     out = tmp_path / "out"
     (out / "logs").mkdir(parents=True)
+    (out / "sbatch.sh").write_text("#!/bin/bash\n# the user's own\n")
+    refused = cli("slurm", str(job), "--array", "2")  # no record of ours: the script is theirs
+    assert refused.exit_code == 2, refused.output
+    assert (out / "sbatch.sh").read_text() == "#!/bin/bash\n# the user's own\n"
     (out / "sbatch.sh").write_text(cli("slurm", str(job), "--array", "2", "--dry-run").output)
     (out / "slurm-jobs.json").write_text('{"jobs": [{"job_id": "999999", "tasks": 2}]}\n')
     status = cli("status", str(out))

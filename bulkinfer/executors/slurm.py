@@ -11,6 +11,8 @@ OUT/sbatch.sh`) runs that shard of the same split.
 
 from __future__ import annotations
 
+import contextlib
+import getpass
 import shlex
 import shutil
 import subprocess
@@ -177,34 +179,70 @@ class SlurmTask:
         return self.state in QUEUED_STATES
 
 
-def task_states(jobs: list[str], count: int) -> dict[int, SlurmTask] | None:
-    """Slurm's word on the task of each of `count` shards, by shard index (task i of an array
-    job of `jobs`, oldest first, runs shard i): of the newest job that still lists it, else the
-    newest job's task as not listed. None where squeue cannot say (not on PATH, no controller
-    answering) or no job is given."""
-    if not jobs or shutil.which("squeue") is None:
+def task_states(script: Path, count: int, recorded: list[str]) -> dict[int, SlurmTask] | None:
+    """Slurm's word on the task of each of `count` shards, by shard index (array task i runs
+    shard i): the newest task squeue lists that runs `script`, so a task resubmitted by hand
+    (`sbatch --array=I OUT/sbatch.sh`) counts too; a shard with none is named by the newest
+    array `bulkinfer slurm` submitted (`recorded`, oldest first). None where squeue cannot
+    say (not on PATH, no controller answering)."""
+    tasks = script_tasks(script)
+    if tasks is None:
         return None
-    ids = ",".join(dict.fromkeys(jobs))
-    command = ["squeue", "--noheader", "--array", f"--jobs={ids}", "--format=%i|%T|%r"]
+    newest: dict[int, SlurmTask] = {}
+    for task in tasks:
+        job, _, index = task.name.partition("_")
+        i = int(index)
+        if i not in newest or _job_number(job) > _job_number(newest[i].name.partition("_")[0]):
+            newest[i] = task
+    latest = recorded[-1] if recorded else "?"
+    return {i: newest.get(i, SlurmTask(f"{latest}_{i}", None)) for i in range(count)}
+
+
+def script_tasks(script: Path) -> list[SlurmTask] | None:
+    """Every array task squeue lists (this user's) whose batch script is `script`; None where
+    squeue cannot say."""
+    if shutil.which("squeue") is None:
+        return None
+    command = ["squeue", "--noheader", "--array", "--format=%i|%T|%r|%o"]
+    with contextlib.suppress(Exception):  # (no user name: every user's jobs, filtered below)
+        command.append(f"--user={getpass.getuser()}")
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    if proc.returncode != 0 and "invalid job id" not in proc.stderr.lower():
-        return None  # a lone id Slurm has forgotten is "invalid": then none is listed
-    listed: dict[tuple[str, int], SlurmTask] = {}
+    if proc.returncode != 0:
+        return None
+    target = str(script.resolve())
+    found = []
     for line in proc.stdout.splitlines():
-        name, _, rest = line.strip().partition("|")
-        state, _, reason = rest.partition("|")
-        job, _, index = name.partition("_")
-        if index.isdigit():
-            reason = "" if reason.strip() == "None" else reason.strip()
-            listed[(job, int(index))] = SlurmTask(name, state.strip(), reason)
-    newest_first = list(dict.fromkeys(reversed(jobs)))
-    return {
-        i: next(
-            (listed[(job, i)] for job in newest_first if (job, i) in listed),
-            SlurmTask(f"{newest_first[0]}_{i}", None),
+        fields = line.strip().split("|", 3)
+        if len(fields) != 4 or fields[3].strip() != target:
+            continue
+        name, state, reason = (f.strip() for f in fields[:3])
+        if name.partition("_")[2].isdigit():
+            found.append(SlurmTask(name, state, "" if reason == "None" else reason))
+    return found
+
+
+def _job_number(job: str) -> int:
+    return int(job) if job.isdigit() else -1
+
+
+def refuse_while_queued(script: Path) -> None:
+    """A new array from a folder whose last one still has tasks in Slurm's queue would run
+    their shards twice (or, split otherwise, be refused task by task): refused, naming them."""
+    tasks = [t for t in script_tasks(script) or [] if t.state not in FINISHED_STATES]
+    if tasks:
+        jobs = sorted({t.name.partition("_")[0] for t in tasks})
+        raise UserError(
+            f"{script.parent}: an array submitted from {script.name} is still in Slurm's queue "
+            f"({len(tasks)} tasks of job {', '.join(jobs)}); cancel it (scancel "
+            f"{' '.join(jobs)}) or let it finish, then submit again"
         )
-        for i in range(count)
-    }
+
+
+# states squeue still lists a task in for a while after it ended
+FINISHED_STATES = frozenset(
+    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+     "DEADLINE", "OUT_OF_MEMORY", "REVOKED"}
+)  # fmt: skip

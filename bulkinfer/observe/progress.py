@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 import numpy as np
 from tqdm import tqdm
 
+from bulkinfer import process
 from bulkinfer.planner import Batch
 
 # U+2028 and U+2029 escaped in JSON log lines (valid JSON either way): log tools that split on
@@ -92,13 +93,21 @@ def _emit(line: str, stream) -> None:
     """A line on a stream whose reader may go away (`bulkinfer run job.yaml 2>&1 | head`): the
     job goes on, its later lines unheard, where the first write to the closed pipe stopped it
     with the outputs unwritten."""
-    if stream is None:
+    if stream is None or stream in _gone:
         return
     try:
         print(line, file=stream, flush=True)
     except BrokenPipeError:
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        _gone.add(stream)
+        if process.OWN:  # the stream's later writes (Python's own at exit too) go nowhere
+            with contextlib.suppress(OSError, ValueError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, stream.fileno())
+                os.close(devnull)
+                _gone.discard(stream)
+
+
+_gone: set = set()  # streams whose reader went away, in a process not bulkinfer's own
 
 
 def say(text: str) -> None:

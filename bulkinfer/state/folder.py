@@ -172,8 +172,9 @@ def refuse_for_array(root: OutputLayout, count: int) -> None:
 
 
 def submission_only(root: OutputLayout) -> bool:
-    """Whether the folder holds nothing but what `bulkinfer slurm` writes as it submits."""
-    if not root.root.is_dir():
+    """Whether the folder holds nothing but what `bulkinfer slurm` writes as it submits (its
+    record among them: an sbatch.sh of the user's own is theirs)."""
+    if not root.root.is_dir() or not root.slurm_jobs.is_file():
         return False
     theirs = {root.slurm_script, root.slurm_jobs, root.slurm_logs, root.lock, *root.leftovers()}
     return all(path in theirs for path in root.root.iterdir())

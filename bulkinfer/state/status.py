@@ -166,19 +166,16 @@ def queue_note(root: OutputLayout, state: ShardState, task) -> str | None:
     is starting, or has ended without finishing it (then how to resubmit it)."""
     if task is None or state.state in ("running", "done"):
         return None
+    who = "its Slurm task" if task.name.startswith("?") else f"Slurm task {task.name}"
     if task.queued:
-        return f"Slurm task {task.name} waiting in the queue" + (
-            f": {task.reason}" if task.reason else ""
-        )
-    if task.state in ("RUNNING", "CONFIGURING", "COMPLETING"):
-        return f"Slurm task {task.name} is {task.state.lower()}"
-    if task.state in ("SUSPENDED", "STOPPED"):
-        return f"Slurm task {task.name} is {task.state.lower()}"
+        return f"{who} waiting in the queue" + (f": {task.reason}" if task.reason else "")
+    if task.state in ("RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "STOPPED"):
+        return f"{who} is {task.state.lower()}"
     ended = f"ended {task.state.lower()}" if task.state else "no longer in the queue"
     log = root.slurm_logs / f"{task.name}.log"
     seen = f"; its log: {log}" if log.is_file() else ""
     return (
-        f"Slurm task {task.name} {ended}{seen}; resubmit it with: "
+        f"{who} {ended}{seen}; resubmit it with: "
         f"sbatch --array={state.shard.index} {shlex.quote(str(root.slurm_script))}"
     )
 
