@@ -80,8 +80,37 @@ def test_an_empty_cache_variable_or_no_home_never_caches_in_the_current_folder(m
     monkeypatch.delenv("BULKINFER_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", "")
     assert cache_root().is_absolute()
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    assert cache_root().is_absolute()
     monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # no HOME, no passwd entry
     assert cache_root().is_absolute()
+
+
+def test_a_temporary_cache_folder_someone_else_may_write_is_not_used(tmp_path, monkeypatch):
+    """Without a home folder the cache is in the shared temporary folder under a fixed name;
+    its compiled code and bytecode run, so a folder of that name others may write is passed
+    over for a private one."""
+    import tempfile
+
+    from bulkinfer.cache import cache_root
+
+    monkeypatch.delenv("BULKINFER_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(os.path, "expanduser", lambda path: path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    planted = tmp_path / f"bulkinfer-cache-{os.getuid()}"
+    planted.mkdir(mode=0o777)
+    planted.chmod(0o777)  # (the umask would have taken the others' write bit)
+    from bulkinfer import cache
+
+    cache._private_temporary_cache.cache_clear()
+    chosen = cache_root()
+    assert chosen != planted and chosen.is_dir() and chosen.stat().st_mode & 0o077 == 0
+    assert cache_root() == chosen  # the same folder for the whole process
+    cache._private_temporary_cache.cache_clear()
+    planted.chmod(0o700)
+    assert cache_root() == planted
+    cache._private_temporary_cache.cache_clear()
 
 
 def test_an_output_path_linking_to_nothing_is_named_as_such(tmp_path, tiny_model):
