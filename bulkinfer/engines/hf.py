@@ -215,7 +215,6 @@ class HFEngine:
     def _shared_prefix_cache(self, prefixes: list[np.ndarray], owners: list[int]):
         """Prefill the prefixes once (left-padded), then give each choice its owner's copy of
         the KV cache; returns the cache and its attention mask, one row per choice."""
-
         cache = full_cache()
         if not max(len(p) for p in prefixes):
             return cache, torch.zeros((len(owners), 0), dtype=torch.long, device=self.device)
@@ -279,7 +278,6 @@ class HFEngine:
     def _decode(self, prompts, row_keys, params, max_new, logprobs, top=0):
         """The decode loop of `generate`, reporting every REPORT_EVERY steps and at its end the
         rows finished meanwhile (by index) and the tokens made."""
-
         per_row = params if isinstance(params, list) else [params] * len(prompts)
         chooser = RowSampling.of(per_row, self.device) if isinstance(params, list) else params
         keys = torch.tensor(row_keys, dtype=torch.int64, device=self.device)

@@ -99,15 +99,14 @@ def _emit(line: str, stream) -> None:
         print(line, file=stream, flush=True)
     except BrokenPipeError:
         _gone.add(stream)
-        if process.OWN:  # the stream's later writes (Python's own at exit too) go nowhere
+        if process.OWN:  # Python's own writes at exit go nowhere too; a library caller's stay
             with contextlib.suppress(OSError, ValueError):
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, stream.fileno())
                 os.close(devnull)
-                _gone.discard(stream)
 
 
-_gone: set = set()  # streams whose reader went away, in a process not bulkinfer's own
+_gone: set = set()  # streams whose reader went away: bulkinfer writes no more to them
 
 
 def say(text: str) -> None:
