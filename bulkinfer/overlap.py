@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from bulkinfer import process
-from bulkinfer.errors import StopRequested
+from bulkinfer.errors import StopRequested, UserError
 from bulkinfer.observe.progress import log
 
 
@@ -63,8 +63,10 @@ class Background:
 def in_background(call: Callable, *args, name: str) -> Iterator[Background]:
     """`call(*args)` on a thread while the body runs. Leaving the body waits for the thread, so
     nothing is left loading behind an error: when the body fails, its error is the one raised
-    and the call's outcome is dropped. A stop (Ctrl-C, or SIGTERM before the first batch) does
-    not wait where the process is the command's, which is ending (the thread is a daemon). A
+    and the call's outcome is dropped. Where the process is the command's, which is ending (the
+    thread is a daemon, and the command exits without the interpreter's teardown), a stop
+    (Ctrl-C, or SIGTERM before the first batch) and a user's error (a refused folder, a bad
+    input row) do not wait: the message comes at once, not after the weights have loaded. A
     Ctrl-C in someone's program (a notebook) does, so that a run started next does not load its
     weights beside these (a second Ctrl-C leaves at once); a SIGTERM there does not (a
     scheduler's grace period is short)."""
@@ -78,6 +80,10 @@ def in_background(call: Callable, *args, name: str) -> Iterator[Background]:
             background.wait_and_drop()
         raise
     except StopRequested:
+        raise
+    except UserError:
+        if not process.OWN:
+            background.join()
         raise
     except BaseException:
         background.join()

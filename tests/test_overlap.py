@@ -49,12 +49,13 @@ def overlap_job(tmp_path_factory, tiny_model):
     return make, read_outputs(tmp / "one-part")
 
 
-def _run(job, **env) -> subprocess.CompletedProcess:
+def _run(job, *args: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "bulkinfer", "run", str(job)],
+        [sys.executable, "-m", "bulkinfer", "run", str(job), *args],
         env={**child_env(), **env},
         capture_output=True,
         text=True,
+        timeout=300,
     )
 
 
@@ -152,6 +153,25 @@ def test_weights_that_cannot_load_give_their_own_message(tmp_path, tiny_model):
     in_process = cli("run", str(job))
     assert in_process.exit_code == 2
     assert in_process.output.strip() == result.stderr.strip().splitlines()[-1]
+
+
+def test_a_refusal_or_a_bad_row_while_the_weights_load_is_said_at_once(tmp_path, tiny_model):
+    """A new folder's weights start loading before its fingerprint is taken: a shard refused
+    there (its sibling ran other settings), or a bad input row found while the weights load,
+    is said without waiting for the load (here stretched far past the subprocess' timeout)."""
+    rows = write_jsonl(tmp_path / "in.jsonl", sample_prompts(20))
+    job = write_job(tmp_path / "job.yaml", tiny_model, rows, tmp_path / "out")
+    assert cli("run", str(job), "--shard", "0/2").exit_code == 0
+    slow = {"BULKINFER_SLOW_LOAD_SECONDS": "900"}
+    unlike = _run(job, "--shard", "1/2", "--set", "task.max_new_tokens=3", **slow)
+    assert unlike.returncode == 2, unlike.stderr
+    _one_line_error(unlike.stderr, "shard 0/2", "task.max_new_tokens")
+    bad = write_jsonl(tmp_path / "bad.jsonl", sample_prompts(20))
+    bad.write_text(bad.read_text() + '{"prompt": "last",,}\n')
+    job = write_job(tmp_path / "bad.yaml", tiny_model, bad, tmp_path / "bad-out")
+    result = _run(job, **slow)
+    assert result.returncode == 2, result.stderr
+    _one_line_error(result.stderr, "bad.jsonl:21", "not valid JSON")
 
 
 # Writes, counted: job.json, the tokens spill file (created, then one write for the one input

@@ -2,7 +2,8 @@
 
 Data flows one way. The output folder holds all state (fingerprint, manifest, parts), so a
 rerun of the same job picks up exactly the batches that were not committed. Host work overlaps
-the model: the weights load while the input is tokenized, and parts are written on a background
+the model: the weights load while the input is tokenized (in a new folder, from before the
+fingerprint, so beside the model's content hash too), and parts are written on a background
 thread while the next batch runs.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import shutil
 import time
 import uuid
+from contextlib import ExitStack
 from pathlib import Path
 
 from bulkinfer import faults, process
@@ -35,14 +37,13 @@ from bulkinfer.job.finish import (
     write_responses,
     write_summary,
 )
-from bulkinfer.job.loading import planned_engine
 from bulkinfer.job.planning import job_size, row_work
 from bulkinfer.job.resume import batches_to_do, log_start, open_folder, record_plan
 from bulkinfer.job.setup import (
     Inputs,
     JobSetup,
-    engine_loader,
     set_up,
+    start_loading,
     tokenize_while_loading,
 )
 from bulkinfer.job.stream import run_stream
@@ -84,23 +85,23 @@ def _run_job(
 ) -> int:
     started = time.monotonic()
     setup = set_up(spec, hash_model=True)
-    folder = open_folder(setup, layout, overwrite, shard)
-    setup_seconds = time.monotonic() - started
-    if folder.finished:
-        # a run killed between writing the summary and removing its tokenized input left it
-        shutil.rmtree(layout.prepared_dir, ignore_errors=True)
-        written = layout.responses.exists() and layout.errors.exists()
-        if shard is None and setup.openai_responses and not written:
-            # output.format: openai asked of a job that finished without it
-            write_responses(layout, spec.model.path, setup.tokenizer)
-            return 0
-        log(
-            f"{layout.root}: this job already finished; nothing to do (--overwrite runs it again)",
-            event="finish",
-            already_finished=True,
+    with ExitStack() as beside:
+        # a folder that holds no job has no fingerprint to refuse this run by, so the weights
+        # start loading now, beside the wait for the model's content hash (a box's first run)
+        early = overwrite or not layout.holds_job()
+        loading = beside.enter_context(start_loading(setup)) if early else None
+        folder = open_folder(setup, layout, overwrite, shard)
+        setup_seconds = time.monotonic() - started
+        if folder.finished:
+            return finished_already(setup, layout, shard)
+        background, options = loading or beside.enter_context(start_loading(setup))
+        inputs, engine, host_seconds = tokenize_while_loading(
+            setup, background, layout.prepared_dir
         )
-        return 0
-    inputs, engine, options, host_seconds = load_and_tokenize(setup, layout, shard)
+    from bulkinfer.engines.select import fit_to_job  # imports torch: not at --help
+
+    size = job_size(inputs, engine.limits, shard)
+    engine = fit_to_job(engine, options, setup.config, size)
     # the process's age at the start is its imports' time only where the process is the command's
     imports = imports_seconds(started) if process.OWN else None
     host_seconds.update(setup_seconds=setup_seconds, imports_seconds=imports)
@@ -141,19 +142,22 @@ def _run_job(
     return 0
 
 
-def load_and_tokenize(setup: JobSetup, layout: OutputLayout, shard: Shard | None):
-    """The weights load on a thread while the input is tokenized into spill files; then the
-    engine is fitted to the job's size. Returns the inputs, the engine, its load options and
-    the seconds each part took."""
-    from bulkinfer.engines.compiling import hash_triton_key  # imports torch: not at --help
-    from bulkinfer.engines.select import fit_to_job
-
-    options, limits = planned_engine(setup.model, setup.config, setup.task)  # converts a GGUF once
-    hash_triton_key(limits.kind, limits.device_type)
-    load = engine_loader(setup, options, limits)
-    inputs, engine, seconds = tokenize_while_loading(setup, load, layout.prepared_dir)
-    engine = fit_to_job(engine, options, setup.config, job_size(inputs, engine.limits, shard))
-    return inputs, engine, options, seconds
+def finished_already(setup: JobSetup, layout: OutputLayout, shard: Shard | None) -> int:
+    """A run of a job whose folder says it finished: nothing to do but what a run killed after
+    its summary, or a job that finished without OpenAI responses asked of it now, left out."""
+    # a run killed between writing the summary and removing its tokenized input left it
+    shutil.rmtree(layout.prepared_dir, ignore_errors=True)
+    written = layout.responses.exists() and layout.errors.exists()
+    if shard is None and setup.openai_responses and not written:
+        # output.format: openai asked of a job that finished without it
+        write_responses(layout, setup.spec.model.path, setup.tokenizer)
+        return 0
+    log(
+        f"{layout.root}: this job already finished; nothing to do (--overwrite runs it again)",
+        event="finish",
+        already_finished=True,
+    )
+    return 0
 
 
 def run_batches(inputs: Inputs, engine, todo, writer, progress, started, timings) -> int | None:

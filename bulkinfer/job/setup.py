@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from bulkinfer import faults
-from bulkinfer.engines.base import GREEDY_BELOW, EngineLimits, LoadOptions
+from bulkinfer.engines.base import GREEDY_BELOW, LoadOptions
 from bulkinfer.errors import InputError, RowFailedError, SpecError
 from bulkinfer.io.chunks import ColumnNames
 from bulkinfer.io.files import DataFile, resolve_input_files
 from bulkinfer.io.openai_batch import EMBEDDINGS_URL
 from bulkinfer.io.readers import peek_columns, read_chunks
+from bulkinfer.job.loading import planned_engine
 from bulkinfer.model_files import (
     ModelFiles,
     load_config,
@@ -29,7 +32,7 @@ from bulkinfer.model_files import (
     resolve_model_files,
 )
 from bulkinfer.observe.progress import log
-from bulkinfer.overlap import in_background, timed
+from bulkinfer.overlap import Background, in_background, timed
 from bulkinfer.prepare import (
     PreparedRows,
     RenderOptions,
@@ -179,18 +182,18 @@ def tokenize(setup: JobSetup, spill: Path | None = None, keep_tokens: bool = Fal
     return Inputs(setup, prepared)
 
 
-def tokenize_while_loading(setup: JobSetup, load, spill: Path) -> tuple[Inputs, object, dict]:
-    """Tokenize the input on this thread while `load()` loads the weights on another
-    (safetensors and the Rust tokenizer both release the GIL); returns the inputs, the engine
-    and the seconds each took. An input error stops the job before any batch runs, the loading
-    waited for and dropped; a loading error is raised as the loader raised it."""
-    with in_background(timed, load, name="bulkinfer-load") as loading:
-        start = time.monotonic()
-        inputs = tokenize(setup, spill, keep_tokens=True)
-        prepare_seconds = time.monotonic() - start
-        if setup.spec.on_error == "fail":
-            check_no_failed_rows(inputs.prepared)
-        engine, load_seconds = loading.result()
+def tokenize_while_loading(setup: JobSetup, loading: Background, spill: Path):
+    """Tokenize the input on this thread while `loading` (start_loading's) loads the weights on
+    another (safetensors and the Rust tokenizer both release the GIL); returns the inputs, the
+    engine and the seconds each took. An input error stops the job before any batch runs (see
+    in_background for what becomes of the loading); a loading error is raised as the loader
+    raised it."""
+    start = time.monotonic()
+    inputs = tokenize(setup, spill, keep_tokens=True)
+    prepare_seconds = time.monotonic() - start
+    if setup.spec.on_error == "fail":
+        check_no_failed_rows(inputs.prepared)
+    engine, load_seconds = loading.result()
     log_request_caveats(inputs.prepared, setup.spec.task)
     return inputs, engine, {"load_seconds": load_seconds, "prepare_seconds": prepare_seconds}
 
@@ -300,11 +303,18 @@ def log_request_caveats(prepared: PreparedRows, task) -> None:
         )
 
 
-def engine_loader(setup: JobSetup, options: LoadOptions, limits: EngineLimits):
-    """A call that loads the job's engine (run on a thread while the input is tokenized)."""
+@contextmanager
+def start_loading(setup: JobSetup) -> Iterator[tuple[Background, LoadOptions]]:
+    """The job's engine loading on a thread while the body runs (in_background: leaving the
+    body waits for it, or lets go of it as that says), and its load options."""
+    from bulkinfer.engines.compiling import hash_triton_key  # imports torch: not at --help
+
+    options, limits = planned_engine(setup.model, setup.config, setup.task)  # converts a GGUF once
+    hash_triton_key(limits.kind, limits.device_type)
 
     def load():
         faults.slow_load()
         return setup.task.load_engine(options, setup.tokenizer, limits)
 
-    return load
+    with in_background(timed, load, name="bulkinfer-load") as loading:
+        yield loading, options
