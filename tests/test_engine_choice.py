@@ -202,3 +202,51 @@ def test_a_llama_config_naming_a_window_decodes_as_its_forward_does(tmp_path, ti
         expected.append(tokenizer.decode(ids[0, start:], skip_special_tokens=True))
     assert texts["reference"] == expected
     assert texts["fast"] == expected
+
+
+@pytest.mark.parametrize("arch", ["phi3", "llama"])
+def test_a_longrope_model_decodes_past_its_switch_as_its_forward_does(tmp_path, arch):
+    """transformers rotates a longrope model's positions by its long factors once a call
+    reaches `original_max_position_embeddings`; keys cached before were rotated by the short
+    ones, so decoding past that point drifted from a forward of the same text (and from
+    Phi-3's own generation, which computes the whole sequence again there). Greedy tokens now
+    equal greedy decoding by whole forwards, for prompts that start short and past it."""
+    import torch
+    from conftest import cli, read_outputs, set_model, write_job, write_jsonl
+    from tiny_model import tiny_config, train_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = train_tokenizer()
+    rope = dict(ROPE_BY_LENGTH["longrope"], long_factor=[1.0, 2, 3, 4, 5, 6, 7, 8])
+    # weights large enough for attention, and so positions, to decide the greedy tokens
+    config = tiny_config(arch, tokenizer, 64, 2, 256, rope_parameters=rope, initializer_range=0.2)
+    if arch == "phi3":
+        config.original_max_position_embeddings = rope["original_max_position_embeddings"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20.0)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    prompts = [FOX * 4, FOX * 9]  # ~40 and ~90 tokens: the switch is at position 64
+    ids = [tokenizer(p, return_tensors="pt").input_ids for p in prompts]
+    assert ids[0].shape[1] < 64 - 10 and ids[1].shape[1] > 64
+    job = write_job(
+        tmp_path / "job.yaml",
+        folder,
+        write_jsonl(tmp_path / "in.jsonl", [{"prompt": p} for p in prompts]),
+        tmp_path / "out",
+        task={"max_new_tokens": 40, "chat_template": "never", "logprobs": True},
+    )
+    set_model(job, engine="reference", dtype="float32", max_context=256)
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output
+    tokens = read_outputs(tmp_path / "out").column("token_ids").to_pylist()
+    for row, start in zip(tokens, ids, strict=True):
+        seq = start
+        with torch.no_grad():
+            for _ in range(len(row)):
+                nxt = model(seq, use_cache=False).logits[:, -1:].argmax(-1)
+                seq = torch.cat([seq, nxt], 1)
+        assert row == seq[0, start.shape[1] :].tolist()

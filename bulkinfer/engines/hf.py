@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bulkinfer.configs import text_config
+from bulkinfer.configs import length_scaled_rope, text_config
 from bulkinfer.engines.base import GRAMMAR_FAILED, EngineLimits, LoadOptions, StreamUpdate
 from bulkinfer.engines.constraints import (
     consume_all,
@@ -146,6 +146,7 @@ class HFEngine:
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._dynamic_rotary = [m for m in model.modules() if hasattr(m, "original_max_seq_len")]
+        self._long_rope_from = longrope_switch(config)
 
     @torch.inference_mode()
     def loglikelihood(
@@ -307,6 +308,12 @@ class HFEngine:
             # stays put, so it never runs past a learned position table (GPT-2's n_positions)
             # while the batch's longer rows go on
             positions = positions[:, -1:] + (~rows.finished[:, None]).long()
+            if positions.max() == self._long_rope_from:  # see longrope_switch
+                ids = torch.cat([input_ids, rows.generated[:, : step + 1]], dim=1)
+                cache = full_cache()
+                whole = (mask.cumsum(-1) - 1).clamp(min=0)
+                logits = self._step(ids, mask, whole, cache)
+                continue
             logits = self._step(tokens[:, None], mask, positions, cache)
         yield rows.report()
 
@@ -513,6 +520,22 @@ def per_row_totals(
     sums.index_add_(0, row_idx, token_logprobs.double())
     counts = torch.bincount(row_idx, minlength=n_rows)
     return list(zip(sums.tolist(), counts.tolist(), strict=True))
+
+
+def longrope_switch(config) -> int | None:
+    """The position from which a longrope model's rotary frequencies are its long ones, or None
+    for other models. transformers picks them by a call's last position, so keys cached
+    before a decode step reaches it were rotated by the short ones; as Phi-3's own generation
+    does, the decode loop then computes the whole sequence again, and goes on as a forward of
+    the whole text would."""
+    if length_scaled_rope(config) != "longrope":
+        return None
+    for key in ("rope_parameters", "rope_scaling"):
+        params = getattr(config, key, None)
+        if isinstance(params, dict) and params.get("original_max_position_embeddings"):
+            return int(params["original_max_position_embeddings"])
+    found = getattr(config, "original_max_position_embeddings", None)
+    return int(found) if found else None
 
 
 def full_cache():

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from bulkinfer.configs import text_config
+from bulkinfer.configs import length_scaled_rope, text_config
 from bulkinfer.engines.base import EngineLimits, LoadOptions
 from bulkinfer.engines.compiling import (
     compile_backend,
@@ -69,23 +69,6 @@ def config_blocker(config: Any) -> str | None:
     scaled = length_scaled_rope(config)
     if scaled:
         return f"rope_type {scaled} scales positions by a call's longest sequence"
-    return None
-
-
-# Rotary scalings that transformers picks per forward call from its longest sequence: batched,
-# a row's result would depend on the rows beside it.
-LENGTH_SCALED_ROPE = ("dynamic", "longrope")
-
-
-def length_scaled_rope(config: Any) -> str | None:
-    """The model's rope type where it scales by the sequence's length (dynamic, longrope)."""
-    text = text_config(config)
-    for key in ("rope_parameters", "rope_scaling"):
-        params = getattr(text, key, None)
-        if isinstance(params, dict):
-            kind = params.get("rope_type", params.get("type"))
-            if kind in LENGTH_SCALED_ROPE:
-                return kind
     return None
 
 
