@@ -26,3 +26,49 @@ def length_scaled_rope(config: Any) -> str | None:
             if kind in LENGTH_SCALED_ROPE:
                 return kind
     return None
+
+
+# Architectures that carry a recurrent state from token to token (state-space, linear-attention,
+# convolution or recurrent layers), wholly or beside attention: their cache is no KV cache
+RECURRENT_TYPES = frozenset(
+    {
+        "bamba",
+        "falcon_h1",
+        "falcon_mamba",
+        "granitemoehybrid",
+        "jamba",
+        "lfm2",
+        "lfm2_moe",
+        "mamba",
+        "mamba2",
+        "nemotron_h",
+        "plamo2",
+        "qwen3_next",
+        "recurrent_gemma",
+        "rwkv",
+        "xlstm",
+        "zamba",
+        "zamba2",
+    }
+)
+# words in a config's per-layer kinds (layer_types and its older names) of such layers
+RECURRENT_LAYER_WORDS = ("mamba", "linear", "conv", "recurrent", "lstm", "rwkv", "ssm", "delta")
+
+
+def recurrent_state(config: Any) -> str | None:
+    """What makes the model carry a recurrent state between tokens (its model type, or the
+    kinds of some of its layers), or None for a model whose only state is its KV cache."""
+    text = text_config(config)
+    kind = getattr(text, "model_type", None)
+    if kind in RECURRENT_TYPES:
+        return f"model type {kind}"
+    for key in ("layer_types", "layers_block_type", "block_types"):
+        kinds = getattr(text, key, None)
+        if not isinstance(kinds, list | tuple):
+            continue
+        odd = sorted(
+            {str(k) for k in kinds if any(w in str(k).lower() for w in RECURRENT_LAYER_WORDS)}
+        )
+        if odd:
+            return f"its {key} name {', '.join(odd)} layers"
+    return None

@@ -250,3 +250,135 @@ def test_a_longrope_model_decodes_past_its_switch_as_its_forward_does(tmp_path, 
                 nxt = model(seq, use_cache=False).logits[:, -1:].argmax(-1)
                 seq = torch.cat([seq, nxt], 1)
         assert row == seq[0, start.shape[1] :].tolist()
+
+
+# Architectures whose logits are more than the LM head over the last hidden states, by a
+# config key the engine had no name for (each built at toy size; falcon_h1 a Mamba hybrid)
+HEAD_TRANSFORMS = {
+    "falcon_h1": dict(
+        lm_head_multiplier=0.5,
+        mamba_d_ssm=64,
+        mamba_n_heads=4,
+        mamba_d_head=16,
+        mamba_d_state=16,
+        mamba_n_groups=1,
+        mamba_chunk_size=16,
+        head_dim=16,
+        num_key_value_heads=2,
+    ),
+    "recurrent_gemma": dict(
+        num_hidden_layers=3,
+        lru_width=64,
+        attention_window_size=16,
+        head_dim=16,
+        num_key_value_heads=1,
+        logits_soft_cap=3.0,
+        block_types=["recurrent", "recurrent", "attention"],
+    ),
+}
+
+
+def _toy_model(tmp_path, arch: str):
+    """A toy model of `arch` (HEAD_TRANSFORMS' settings) saved with its tokenizer: the
+    tokenizer, the model and its folder; skipped where this transformers lacks the type."""
+    import torch
+    from tiny_model import train_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if arch not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"this transformers has no {arch}")
+    tokenizer = train_tokenizer()
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    shape.update(num_attention_heads=4, max_position_embeddings=256, tie_word_embeddings=False)
+    config = AutoConfig.for_model(
+        arch,
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **{**shape, **HEAD_TRANSFORMS[arch]},
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return tokenizer, model, folder
+
+
+@pytest.mark.parametrize("arch", sorted(HEAD_TRANSFORMS))
+def test_scores_go_through_a_logit_transform_the_config_names_its_own_way(tmp_path, arch):
+    """Scoring ran the LM head over the base model's hidden states unless the config had one of
+    four known keys: falcon_h1's lm_head_multiplier and recurrent_gemma's logits_soft_cap were
+    skipped, and every score was off by nats. Each score now equals the model's own forward."""
+    import torch
+    from conftest import cli, read_outputs, set_model, write_job, write_jsonl
+
+    tokenizer, model, folder = _toy_model(tmp_path, arch)
+    prompts = [FOX, FOX * 3, "the lazy dog"]
+    job = write_job(
+        tmp_path / "job.yaml",
+        folder,
+        write_jsonl(tmp_path / "in.jsonl", [{"prompt": p} for p in prompts]),
+        tmp_path / "out",
+        task={"type": "score", "chat_template": "never"},
+    )
+    set_model(job, engine="reference", dtype="float32")
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output
+    table = read_outputs(tmp_path / "out")
+    assert table.column("error").null_count == len(prompts)
+    for prompt, got in zip(prompts, table.column("logprob_sum").to_pylist(), strict=True):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            logits = model(ids, use_cache=False).logits.float()
+        want = logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).sum().item()
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", sorted(HEAD_TRANSFORMS))
+def test_a_model_with_a_recurrent_state_scores_choices_and_is_refused_generating(tmp_path, arch):
+    """Mamba hybrids and recurrent Gemma carry a state between tokens that the reference
+    engine's KV cache does not hold: generation failed on every row (falcon_h1) or went wrong
+    from its second token (recurrent_gemma), and choices reused a prefix cache they cannot
+    share. Generation is now refused in one line before any weights load, by validate too, and
+    each choice is scored whole, as the model's own forward scores it."""
+    from conftest import cli, read_outputs, set_model, write_job, write_jsonl
+
+    _, _, folder = _toy_model(tmp_path, arch)
+    question = {"id": "q", "prompt": FOX * 2, "choices": [" cat", " and the lazy dog" * 3]}
+    pairs = [
+        {"id": str(k), "prompt": question["prompt"], "completion": choice}
+        for k, choice in enumerate(question["choices"])
+    ]
+    scores = {}
+    for name, rows, section in (
+        ("choices", [question], {"choices_column": "choices"}),
+        ("pairs", pairs, {"completion_column": "completion"}),
+    ):
+        job = write_job(
+            tmp_path / f"{name}.yaml",
+            folder,
+            write_jsonl(tmp_path / f"{name}.jsonl", rows),
+            tmp_path / name,
+            task={"type": "score", "chat_template": "never"},
+            input=section,
+        )
+        set_model(job, engine="reference", dtype="float32")
+        result = cli("run", str(job))
+        assert result.exit_code == 0, result.output
+        table = read_outputs(tmp_path / name)
+        assert table.column("error").null_count == len(rows)
+        column = "choice_logprobs" if name == "choices" else "logprob_sum"
+        scores[name] = table.column(column).to_pylist()
+    assert scores["choices"][0] == pytest.approx(scores["pairs"], rel=1e-5)
+    rows = write_jsonl(tmp_path / "in.jsonl", [{"prompt": FOX}])
+    for weights in folder.glob("*.safetensors"):  # refused before they load
+        weights.write_bytes(b"not weights")
+    generate = write_job(tmp_path / "gen.yaml", folder, rows, tmp_path / "gen")
+    for command in ("validate", "run"):
+        refused = cli(command, str(generate))
+        assert refused.exit_code == 2, refused.output
+        line = refused.output.strip()
+        assert "\n" not in line and "recurrent state" in line and "not generate" in line, line

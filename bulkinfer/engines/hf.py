@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bulkinfer.configs import length_scaled_rope, text_config
+from bulkinfer.configs import length_scaled_rope, recurrent_state, text_config
 from bulkinfer.engines.base import GRAMMAR_FAILED, EngineLimits, LoadOptions, StreamUpdate
 from bulkinfer.engines.constraints import (
     consume_all,
@@ -38,6 +38,8 @@ from bulkinfer.engines.to_device import move_model
 from bulkinfer.errors import ModelError, counted, model_error
 
 # Models whose logits are not just lm_head(hidden): chunked scoring must not skip that step.
+# Config keys naming a logit, an LM head or an output multiplier count too (falcon_h1's
+# lm_head_multiplier, recurrent_gemma's logits_soft_cap), and a probe forward catches the rest.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
 LOGIT_CHUNK_TOKENS = 2048
 REPORT_EVERY = 8  # decode steps between reports of finished rows and tokens made
@@ -141,12 +143,13 @@ class HFEngine:
         self.end_token = end_token(tokenizer, self.eos_ids)  # what a complete grammar allows
         self.counters: dict[str, float] = {}  # what the engine did (the fast engine counts)
         config = text_config(model.config)
-        self._chunked_logits = not any(getattr(config, k, None) for k in LOGIT_TRANSFORMS)
+        self._chunked_logits = not logit_transform_keys(config) and head_gives_logits(model)
         # transformers renamed `past_key_values` to `cache`; speak whichever this version takes.
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._dynamic_rotary = [m for m in model.modules() if hasattr(m, "original_max_seq_len")]
         self._long_rope_from = longrope_switch(config)
+        self._recurrent = recurrent_state(config) is not None
 
     @torch.inference_mode()
     def loglikelihood(
@@ -179,6 +182,11 @@ class HFEngine:
                 [self.loglikelihood([np.concatenate([c, o])], [len(c)])[0] for o in options]
                 for c, options in zip(contexts, choices, strict=True)
             ]
+        if self._recurrent:  # its cache is no KV cache to repeat: each choice runs whole
+            pairs = [(c, o) for c, options in zip(contexts, choices, strict=True) for o in options]
+            whole = [np.concatenate([c, o]) for c, o in pairs]
+            totals = iter(self.loglikelihood(whole, [len(c) for c, _ in pairs]))
+            return [[next(totals) for _ in options] for options in choices]
         owners = [b for b, options in enumerate(choices) for _ in options]
         flat = [np.asarray(c) for options in choices for c in options]
         prefixes = [np.asarray(c[:-1]) for c in contexts]
@@ -520,6 +528,41 @@ def per_row_totals(
     sums.index_add_(0, row_idx, token_logprobs.double())
     counts = torch.bincount(row_idx, minlength=n_rows)
     return list(zip(sums.tolist(), counts.tolist(), strict=True))
+
+
+def logit_transform_keys(config) -> list[str]:
+    """The config's keys that change logits after the LM head (LOGIT_TRANSFORMS, or any number
+    whose key names a logit, the LM head or an output multiplier)."""
+    found = [k for k in LOGIT_TRANSFORMS if getattr(config, k, None)]
+    for key, value in vars(config).items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value:
+            continue
+        name = key.lower()
+        if "to_keep" in name:  # num_logits_to_keep: how many positions, not their values
+            continue
+        if "logit" in name or "lm_head" in name or name.startswith("output_mult"):
+            found.append(key)
+    return found
+
+
+@torch.inference_mode()
+def head_gives_logits(model) -> bool:
+    """Whether the model's logits are its output embeddings applied to its base model's last
+    hidden states (what chunked scoring computes), as one short forward of each shows; a
+    model with its own head (ModernBERT's decoder: a dense layer and a norm before it) or
+    whose forward cannot be probed is scored through its own forward."""
+    try:
+        vocab = model.get_output_embeddings().weight.shape[0]
+        ids = (torch.arange(8, device=model.device) * 7919 % vocab)[None]
+        whole = model(input_ids=ids, use_cache=False).logits.float()
+        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        head = model.get_output_embeddings()(hidden).float()
+    except Exception:  # noqa: BLE001 (the model's own forward is the safe way)
+        return False
+    if whole.shape != head.shape:
+        return False
+    scale = max(1.0, float(whole.abs().max()))
+    return bool(torch.allclose(whole, head, rtol=1e-3, atol=1e-3 * scale))
 
 
 def longrope_switch(config) -> int | None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from bulkinfer.configs import length_scaled_rope, text_config
+from bulkinfer.configs import length_scaled_rope, recurrent_state, text_config
 from bulkinfer.engines.base import EngineLimits, LoadOptions
 from bulkinfer.engines.compiling import (
     compile_backend,
@@ -221,10 +221,19 @@ ENCODER_ONLY_TYPES = frozenset(
 )
 
 
-def refuse_not_decoder(label: str, config: Any) -> None:
+def refuse_not_decoder(label: str, config: Any, generates: bool = False) -> None:
     """Generate and score run decoder-only models: an encoder (BERT and kin) or an
-    encoder-decoder (T5, BART) is refused in one line before any weights load."""
+    encoder-decoder (T5, BART) is refused in one line before any weights load; so is a model
+    with a recurrent state (Mamba and its hybrids), which scores but does not generate here:
+    the reference engine's decode keeps a KV cache only."""
     kind = getattr(config, "model_type", "?")
+    recurrent = recurrent_state(config) if generates else None
+    if recurrent:
+        raise ModelError(
+            f"model.path: {label} carries a recurrent state from token to token ({recurrent}), "
+            "which bulkinfer's engines do not decode: it can score (task.type: score), not "
+            "generate"
+        )
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(
             f"model.path: {label} is an encoder-decoder (seq2seq) model ({kind}); "

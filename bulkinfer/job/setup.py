@@ -105,7 +105,7 @@ def set_up(
     if task.engine == "causal":  # (validate and plan load no weights: said here for them too)
         from bulkinfer.engines.select import refuse_not_decoder
 
-        refuse_not_decoder(spec.model.path, config)
+        refuse_not_decoder(spec.model.path, config, generates=task.streams)
     options = render_options(
         spec.task,
         tokenizer,
