@@ -316,7 +316,8 @@ class HFEngine:
             # stays put, so it never runs past a learned position table (GPT-2's n_positions)
             # while the batch's longer rows go on
             positions = positions[:, -1:] + (~rows.finished[:, None]).long()
-            if positions.max() == self._long_rope_from:  # see longrope_switch
+            switch = self._long_rope_from  # see longrope_switch
+            if switch is not None and positions.max() == switch:
                 ids = torch.cat([input_ids, rows.generated[:, : step + 1]], dim=1)
                 cache = full_cache()
                 whole = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -534,7 +535,7 @@ def logit_transform_keys(config) -> list[str]:
     """The config's keys that change logits after the LM head (LOGIT_TRANSFORMS, or any number
     whose key names a logit, the LM head or an output multiplier)."""
     found = [k for k in LOGIT_TRANSFORMS if getattr(config, k, None)]
-    for key, value in vars(config).items():
+    for key, value in getattr(config, "__dict__", {}).items():
         if isinstance(value, bool) or not isinstance(value, int | float) or not value:
             continue
         name = key.lower()
