@@ -25,9 +25,8 @@ class BulkinferGroup(click.Group):
             return super().make_context(info_name, args, *rest, **kwargs)
         except KeyboardInterrupt:  # a Ctrl-C while the arguments are read: click's "Aborted!"
             from bulkinfer.console import log_format_asked
-            from bulkinfer.observe.progress import LOG_FORMAT_ENV
 
-            os.environ[LOG_FORMAT_ENV] = log_format_asked(list(args))  # (read, not yet set)
+            os.environ["BULKINFER_LOG_FORMAT"] = log_format_asked(list(args))  # (not yet set)
             _interrupted(None)
 
     def invoke(self, ctx):
@@ -86,11 +85,15 @@ def _user_error(exc: UserError) -> None:
 
 def _interrupted(command: str | None) -> None:
     """Ctrl-C: one line (a JSON event with --log-format json), exit 130."""
-    from bulkinfer.observe.progress import log, log_format
-
     message = "interrupted"
     if command in ("run", "merge"):  # the commands that commit work
         message += "; committed work is kept, rerun to resume"
+    try:
+        from bulkinfer.observe.progress import log, log_format
+    except Exception:  # noqa: BLE001 (the Ctrl-C cut numpy's import short: it cannot run again)
+        from bulkinfer.console import say_interrupted
+
+        say_interrupted(message)
     if log_format() == "json":
         log(message, event="signal", level="error", signal="SIGINT", exit_code=130)
     else:
@@ -314,7 +317,6 @@ def status(output: str) -> None:
     from bulkinfer.errors import UserError
     from bulkinfer.executors.slurm import task_states
     from bulkinfer.io.layout import OutputLayout
-    from bulkinfer.io.lock import is_locked
     from bulkinfer.state.folder import record_lost
     from bulkinfer.state.records import SlurmSubmission
     from bulkinfer.state.status import format_status, job_states
@@ -323,7 +325,8 @@ def status(output: str) -> None:
     if not root.root.is_dir():
         raise UserError(f"{root.root}: no such output folder")
     submitted = root.slurm_script.is_file()  # `bulkinfer slurm`: its tasks pending
-    starting = is_locked(root) or root.failed.is_file()  # a run before it records its job
+    # a run before it records its job, or one that failed or was stopped then
+    starting = root.lock.is_file() or root.failed.is_file()
     # a job's folder without its record: an --overwrite stopped midway, or job.json removed
     unrecorded = root.overwriting.is_file() or record_lost(root)
     if not (root.job_file.is_file() or root.shard_folders() or submitted or starting or unrecorded):

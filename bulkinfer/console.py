@@ -11,23 +11,24 @@ def entry() -> None:
     try:
         from bulkinfer.cli import entry as command
     except KeyboardInterrupt:
-        _interrupted()
+        say_interrupted()
     command()
 
 
-def _interrupted() -> None:
+def say_interrupted(message: str = "interrupted") -> None:
     """What bulkinfer.cli says of a Ctrl-C, with the standard library alone (nothing of
-    bulkinfer's may have imported yet)."""
+    bulkinfer's may have imported yet, or an import the Ctrl-C cut short cannot run again:
+    numpy's)."""
     import json
     from datetime import datetime, timezone
 
     if log_format_asked(sys.argv[1:]) == "json":
         now = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        record = {"ts": now, "level": "error", "event": "signal", "message": "interrupted"}
+        record = {"ts": now, "level": "error", "event": "signal", "message": message}
         record.update(signal="SIGINT", exit_code=130)
         sys.stderr.write(json.dumps(record) + "\n")
     else:
-        sys.stderr.write("bulkinfer: interrupted\n")
+        sys.stderr.write(f"bulkinfer: {message}\n")
     sys.exit(130)
 
 

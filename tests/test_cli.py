@@ -355,12 +355,26 @@ def test_a_killed_run_s_spill_files_are_removed_by_the_next_run_on_the_host(tmp_
 
 
 # a real SIGINT, sent by the process to itself at the moment named: while the command line's
-# own modules import (before bulkinfer.cli exists), and while click reads the arguments
+# own modules import (before bulkinfer.cli exists), while numpy imports, and while click reads
+# the arguments
 INTERRUPTED_AT = {
     "import": (
         "class Stop:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name == 'bulkinfer.cli':\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "sys.meta_path.insert(0, Stop())\n"
+    ),
+    # numpy's import cut short by the Ctrl-C cannot run again ("cannot load module more than
+    # once per process"): the handler's own imports must not need it
+    "numpy": (
+        "class Stop:\n"
+        "    seen = False\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'numpy':\n"
+        "            if Stop.seen:\n"
+        "                raise ImportError('cannot load module more than once per process')\n"
+        "            Stop.seen = True\n"
         "            os.kill(os.getpid(), signal.SIGINT)\n"
         "sys.meta_path.insert(0, Stop())\n"
     ),
