@@ -325,7 +325,7 @@ def status(output: str) -> None:
     if not root.root.is_dir():
         raise UserError(f"{root.root}: no such output folder")
     submitted = root.slurm_script.is_file()  # `bulkinfer slurm`: its tasks pending
-    # a run before it records its job, or one that failed or was stopped then
+    # a run before it records its job, or one that failed, was stopped or was refused then
     starting = root.lock.is_file() or root.failed.is_file()
     # a job's folder without its record: an --overwrite stopped midway, or job.json removed
     unrecorded = root.overwriting.is_file() or record_lost(root)

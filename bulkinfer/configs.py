@@ -52,7 +52,17 @@ RECURRENT_TYPES = frozenset(
     }
 )
 # words in a config's per-layer kinds (layer_types and its older names) of such layers
-RECURRENT_LAYER_WORDS = ("mamba", "linear", "conv", "recurrent", "lstm", "rwkv", "ssm", "delta")
+RECURRENT_LAYER_WORDS = (
+    "mamba",
+    "linear",
+    "conv",
+    "recurrent",
+    "lstm",
+    "rwkv",
+    "ssm",
+    "delta",
+    "hybrid",
+)
 
 
 def recurrent_state(config: Any) -> str | None:

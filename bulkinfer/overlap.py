@@ -82,8 +82,8 @@ def in_background(call: Callable, *args, name: str) -> Iterator[Background]:
     except StopRequested:
         raise
     except UserError:
-        if not process.OWN:
-            background.join()
+        if not process.OWN:  # (its traceback, kept by a notebook, must not keep the weights)
+            background.wait_and_drop()
         raise
     except BaseException:
         background.join()

@@ -293,3 +293,42 @@ def test_ctrl_c_while_the_weights_load_leaves_nothing_loading_behind(tmp_path, t
         assert lines[0] == "interrupted; still loading: 0 models: 0", (delay, run.stdout)
         assert lines[-1] == "4", run.stdout
         assert "stopping: waiting for bulkinfer-load to end" in run.stderr
+
+
+BAD_ROW_WHILE_LOADING = """
+import gc, sys
+import bulkinfer, transformers
+
+try:
+    bulkinfer.run(job=sys.argv[1], output=sys.argv[2])
+except bulkinfer.errors.UserError as exc:
+    kept = exc  # as a notebook keeps the last traceback
+    gc.collect()
+    models = sum(isinstance(o, transformers.PreTrainedModel) for o in gc.get_objects())
+    print("refused:", type(exc).__name__, "models:", models)
+"""
+
+
+def test_a_bad_row_found_while_the_weights_load_keeps_no_model_behind_its_error(
+    tmp_path, tiny_model
+):
+    """In a notebook, an input error raised while the weights load waits for the loader, then
+    lets go of what it loaded: the error's traceback, which the notebook keeps, held the
+    model (a second copy of the weights on the GPU beside the next run's)."""
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    rows = write_jsonl(tmp_path / "in.jsonl", sample_prompts(20))
+    rows.write_text(rows.read_text() + '{"prompt": "last",,}\n')
+    job = write_job(tmp_path / "job.yaml", tiny_model, rows, tmp_path / "out")
+    run = subprocess.run(
+        [sys.executable, "-c", BAD_ROW_WHILE_LOADING, str(job), str(tmp_path / "out")],
+        env=child_env() | {"BULKINFER_SLOW_LOAD_SECONDS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "refused: InputError models: 0", run.stdout

@@ -382,3 +382,24 @@ def test_a_model_with_a_recurrent_state_scores_choices_and_is_refused_generating
         assert refused.exit_code == 2, refused.output
         line = refused.output.strip()
         assert "\n" not in line and "recurrent state" in line and "not generate" in line, line
+
+
+@pytest.mark.parametrize(
+    ("layers", "recurrent"),
+    [
+        (["hybrid", "hybrid_sliding"], True),  # zaya, inkling: attention with a state beside
+        (["linear_attention", "full_attention"], True),  # qwen3_next
+        (["conv", "full_attention"], True),  # lfm2
+        (["sliding_attention", "full_attention"], False),  # gemma3, cohere2
+        (["full_attention", "chunked_attention"], False),  # llama4
+    ],
+)
+def test_a_recurrent_state_is_found_by_the_kinds_of_a_models_layers(layers, recurrent):
+    """A model type bulkinfer has no name for is judged by its layer kinds: any layer that keeps
+    a state between tokens makes it one that scores but does not generate."""
+    from types import SimpleNamespace
+
+    from bulkinfer.configs import recurrent_state
+
+    config = SimpleNamespace(model_type="unnamed", layer_types=layers)
+    assert (recurrent_state(config) is not None) == recurrent

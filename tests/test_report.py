@@ -440,11 +440,13 @@ def test_report_of_a_job_still_starting_says_so(tmp_path, tiny_model):
         run.wait()
 
 
-def test_a_folder_whose_run_was_killed_while_starting_shows_as_stopped(tmp_path, tiny_model):
-    """A run killed (SIGKILL, or scancel's SIGTERM) after taking the folder's lock and before
-    recording its job leaves the lock file alone: `status` and `report` called that no job
-    folder, while `run` resumes it. Status now shows it stopped, report says what happened,
-    and the run starts it again."""
+def test_a_folder_whose_run_was_killed_or_refused_while_starting_is_a_job_not_yet_run(
+    tmp_path, tiny_model
+):
+    """A run killed (SIGKILL, or scancel's SIGTERM) or refused after taking the folder's lock and
+    before recording its job leaves the lock file alone: `status` and `report` called that no
+    job folder, while `run` starts it. Status now shows it pending, report says nothing was
+    recorded there, and the run starts it."""
     inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(4))
     out = tmp_path / "out"
     job = write_job(tmp_path / "job.yaml", tiny_model, inputs, out)
@@ -452,10 +454,11 @@ def test_a_folder_whose_run_was_killed_while_starting_shows_as_stopped(tmp_path,
     (out / ".lock").touch()  # what such a run leaves
     status = cli("status", str(out))
     assert status.exit_code == 0, status.output
-    assert "stopped" in status.output.splitlines()[1], status.output
+    assert "pending" in status.output.splitlines()[1], status.output
     report = cli("report", str(out))
     assert report.exit_code == 2
     line = report.output.strip()
-    assert "\n" not in line and "stopped while it started" in line, line
+    assert "\n" not in line and "has recorded nothing here yet" not in line, line
+    assert "no run of a job has recorded anything here yet" in line, line
     assert cli("run", str(job)).exit_code == 0
     assert "done" in cli("status", str(out)).output

@@ -87,8 +87,9 @@ def _run_job(
     setup = set_up(spec, hash_model=True)
     with ExitStack() as beside:
         # a folder that holds no job has no fingerprint to refuse this run by, so the weights
-        # start loading now, beside the wait for the model's content hash (a box's first run)
-        early = overwrite or not layout.holds_job()
+        # start loading now, beside the wait for the model's content hash (a box's first run);
+        # not in someone's program, whose refused run would wait for the load (in_background)
+        early = process.OWN and (overwrite or not layout.holds_job())
         loading = beside.enter_context(start_loading(setup)) if early else None
         folder = open_folder(setup, layout, overwrite, shard)
         setup_seconds = time.monotonic() - started

@@ -57,7 +57,7 @@ def read_state(layout: OutputLayout, shard: Shard) -> ShardState:
         state = "failed"
     elif is_locked(layout):
         state = "running"
-    elif job is not None or layout.lock.exists():  # (a run stopped before recording its job)
+    elif job is not None:
         state = "stopped"
     else:
         state = "pending"

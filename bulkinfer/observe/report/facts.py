@@ -77,10 +77,10 @@ def read_job(root: Path) -> JobFacts:
                 f"{root}: the job is starting (loading the model, reading the input) and has "
                 "recorded nothing to report yet; run `bulkinfer report` again in a moment"
             )
-        if layout.lock.is_file():  # that run, stopped before it recorded its job
+        if layout.lock.is_file():  # a run stopped or refused before it recorded its job
             raise UserError(
-                f"{root}: a run of a job was stopped while it started, before it recorded "
-                "anything to report; `bulkinfer run` starts it again"
+                f"{root}: no run of a job has recorded anything here yet (one was stopped or "
+                "refused before it recorded its job); nothing to report"
             )
         raise UserError(
             f"{root}: not a bulkinfer job folder (no job.json or shards/); "
