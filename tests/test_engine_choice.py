@@ -403,3 +403,75 @@ def test_a_recurrent_state_is_found_by_the_kinds_of_a_models_layers(layers, recu
 
     config = SimpleNamespace(model_type="unnamed", layer_types=layers)
     assert (recurrent_state(config) is not None) == recurrent
+
+
+def test_a_model_whose_base_model_is_itself_scores_by_its_hidden_states_and_embeds(tmp_path):
+    """Llama 4's text model names a base-model prefix it has no module for, so transformers'
+    base_model is the whole model: scoring fell back to full float32 logits over its ~200k
+    vocabulary and embedding failed on every row. Its trunk is its `model`: scores equal the
+    model's own forward and embeddings its last hidden states, pooled."""
+    import torch
+    import yaml
+    from conftest import cli, read_outputs, set_model, write_job, write_jsonl
+    from tiny_model import train_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    from bulkinfer.engines.hf import head_gives_logits
+
+    if "llama4_text" not in CONFIG_MAPPING_NAMES:
+        pytest.skip("this transformers has no llama4_text")
+    tokenizer = train_tokenizer()
+    config = AutoConfig.for_model(
+        "llama4_text",
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        intermediate_size_mlp=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert model.base_model is model and head_gives_logits(model)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    prompts = [FOX, "the lazy dog"]
+    rows = write_jsonl(tmp_path / "in.jsonl", [{"prompt": p} for p in prompts])
+    got = {}
+    for kind in ("score", "embed"):
+        job = write_job(
+            tmp_path / f"{kind}.yaml",
+            folder,
+            rows,
+            tmp_path / kind,
+            task={"type": kind, "chat_template": "never"},
+        )
+        set_model(job, engine="reference", dtype="float32")
+        spec = yaml.safe_load(job.read_text())
+        if kind == "embed":
+            spec["task"].pop("max_new_tokens")
+            spec["task"].update(pooling="mean", normalize=False)
+        job.write_text(yaml.safe_dump(spec))
+        result = cli("run", str(job))
+        assert result.exit_code == 0, result.output
+        table = read_outputs(tmp_path / kind)
+        assert table.column("error").null_count == len(prompts)
+        got[kind] = table
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            logits = model(ids, use_cache=False).logits.float()
+            hidden = model.model(ids).last_hidden_state[0]
+        want = logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).sum().item()
+        assert got["score"].column("logprob_sum")[i].as_py() == pytest.approx(want, rel=1e-4)
+        embedding = torch.tensor(got["embed"].column("embedding")[i].as_py())
+        assert torch.allclose(embedding, hidden.mean(0), atol=1e-4)

@@ -143,6 +143,7 @@ class HFEngine:
         self.end_token = end_token(tokenizer, self.eos_ids)  # what a complete grammar allows
         self.counters: dict[str, float] = {}  # what the engine did (the fast engine counts)
         config = text_config(model.config)
+        self._trunk = trunk(model)
         self._chunked_logits = not logit_transform_keys(config) and head_gives_logits(model)
         # transformers renamed `past_key_values` to `cache`; speak whichever this version takes.
         params = inspect.signature(model.forward).parameters
@@ -210,7 +211,7 @@ class HFEngine:
             self._cache_kwarg: cache,
         }
         if self._chunked_logits:
-            hidden = self.model.base_model(**inputs).last_hidden_state
+            hidden = self._trunk(**inputs).last_hidden_state
             token_logprobs = self._head_logprobs(hidden[row_idx, pos_idx], targets)
         else:
             logits = self.model(**inputs).logits[row_idx, pos_idx].float()
@@ -228,7 +229,7 @@ class HFEngine:
         if not max(len(p) for p in prefixes):
             return cache, torch.zeros((len(owners), 0), dtype=torch.long, device=self.device)
         prefix_ids, prefix_mask = self._left_padded(prefixes)
-        self.model.base_model(
+        self._trunk(
             input_ids=prefix_ids,
             attention_mask=prefix_mask,
             position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0),
@@ -257,7 +258,7 @@ class HFEngine:
     def _target_logprobs(self, input_ids, row_idx, pos_idx, targets) -> torch.Tensor:
         """Log-probs of the targets, never holding float32 logits for more than a chunk of tokens."""
         if self._chunked_logits:
-            hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+            hidden = self._trunk(input_ids=input_ids, use_cache=False).last_hidden_state
             return self._head_logprobs(hidden[row_idx, pos_idx], targets)
         logits = self.model(input_ids=input_ids, use_cache=False).logits[row_idx, pos_idx].float()
         return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
@@ -357,7 +358,7 @@ class HFEngine:
         from bulkinfer.engines.encoder import pool_padded, right_padded
 
         input_ids, mask = right_padded(sequences, self.pad_id, self.device)
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask)
+        hidden = self._trunk(input_ids=input_ids, attention_mask=mask)
         return pool_padded(hidden.last_hidden_state, mask, pooling, normalize)
 
     def _fresh_rotary(self) -> None:
@@ -531,6 +532,17 @@ def per_row_totals(
     return list(zip(sums.tolist(), counts.tolist(), strict=True))
 
 
+def trunk(model) -> torch.nn.Module:
+    """The model's body under its LM head (what gives the last hidden states): transformers'
+    base_model, or, where that is the model itself (Llama 4's text model names a prefix it has
+    no module for), its `model`."""
+    base = model.base_model
+    inner = getattr(model, "model", None)
+    if base is model and isinstance(inner, torch.nn.Module):
+        return inner
+    return base
+
+
 def logit_transform_keys(config) -> list[str]:
     """The config's keys that change logits after the LM head (LOGIT_TRANSFORMS, or any number
     whose key names a logit, the LM head or an output multiplier)."""
@@ -556,7 +568,7 @@ def head_gives_logits(model) -> bool:
         vocab = model.get_output_embeddings().weight.shape[0]
         ids = (torch.arange(8, device=model.device) * 7919 % vocab)[None]
         whole = model(input_ids=ids, use_cache=False).logits.float()
-        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        hidden = trunk(model)(input_ids=ids, use_cache=False).last_hidden_state
         head = model.get_output_embeddings()(hidden).float()
     except Exception:  # noqa: BLE001 (the model's own forward is the safe way)
         return False
