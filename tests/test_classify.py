@@ -30,7 +30,9 @@ LABELS = ["négatif", "позитив", "😀 happy", "中立"]
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("classifiers")
     return {
-        "single": build_tiny_classifier(root / "single", LABELS),
+        "single": build_tiny_classifier(
+            root / "single", LABELS, texts=[r["prompt"] for r in sample_prompts(40)]
+        ),
         "multi": build_tiny_classifier(
             root / "multi", ["a", "b", "c"], problem_type="multi_label_classification", seed=1
         ),

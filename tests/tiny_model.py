@@ -211,9 +211,13 @@ def build_tiny_classifier(
     problem_type: str | None = None,
     max_context: int = 512,
     seed: int = 0,
+    texts: list[str] | None = None,
 ) -> Path:
     """Save a random-weight sequence classifier with `labels` as its id2label; bert gets a
-    WordPiece tokenizer ([CLS] ... [SEP]), decoder archs the byte-level BPE one."""
+    WordPiece tokenizer ([CLS] ... [SEP]), decoder archs the byte-level BPE one. With `texts`,
+    a model that gives them all one label is drawn again (the next seeds): the trained
+    tokenizer differs from run to run (its trainer breaks ties in hash order), and now and then
+    it made a model that answered one label for everything."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -230,9 +234,18 @@ def build_tiny_classifier(
         label2id={name: i for i, name in enumerate(labels)},
         problem_type=problem_type,
     )
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_config(config).eval()
-    _spread_labels(model, tokenizer, len(labels))
+    for attempt in range(10):
+        torch.manual_seed(seed + attempt)
+        model = AutoModelForSequenceClassification.from_config(config).eval()
+        _spread_labels(model, tokenizer, len(labels))
+        if texts is None or len(labels) < 2:
+            break
+        with torch.no_grad():  # each text alone, as a test's direct forward runs it
+            answers = {
+                int(model(**tokenizer(t, return_tensors="pt")).logits.argmax()) for t in texts
+            }
+        if len(answers) > 1:
+            break
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
