@@ -278,9 +278,10 @@ HEAD_TRANSFORMS = {
 }
 
 
-def _toy_model(tmp_path, arch: str):
-    """A toy model of `arch` (HEAD_TRANSFORMS' settings) saved with its tokenizer: the
-    tokenizer, the model and its folder; skipped where this transformers lacks the type."""
+def _toy_model(tmp_path, arch: str, settings: dict | None = None):
+    """A toy model of `arch` (`settings`, by default HEAD_TRANSFORMS') saved with its
+    tokenizer: the tokenizer, the model and its folder; skipped where this transformers lacks
+    the type."""
     import torch
     from tiny_model import train_tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -297,7 +298,7 @@ def _toy_model(tmp_path, arch: str):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
-        **{**shape, **HEAD_TRANSFORMS[arch]},
+        **{**shape, **(HEAD_TRANSFORMS[arch] if settings is None else settings)},
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
@@ -413,37 +414,14 @@ def test_a_model_whose_base_model_is_itself_scores_by_its_hidden_states_and_embe
     import torch
     import yaml
     from conftest import cli, read_outputs, set_model, write_job, write_jsonl
-    from tiny_model import train_tokenizer
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     from bulkinfer.engines.hf import head_gives_logits
 
-    if "llama4_text" not in CONFIG_MAPPING_NAMES:
-        pytest.skip("this transformers has no llama4_text")
-    tokenizer = train_tokenizer()
-    config = AutoConfig.for_model(
-        "llama4_text",
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        intermediate_size_mlp=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_local_experts=2,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
+    settings = dict(
+        intermediate_size_mlp=128, num_key_value_heads=2, head_dim=16, num_local_experts=2
     )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    tokenizer, model, folder = _toy_model(tmp_path, "llama4_text", settings)
     assert model.base_model is model and head_gives_logits(model)
-    folder = tmp_path / "model"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
     prompts = [FOX, "the lazy dog"]
     rows = write_jsonl(tmp_path / "in.jsonl", [{"prompt": p} for p in prompts])
     got = {}
