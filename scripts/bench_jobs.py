@@ -470,6 +470,8 @@ def row_of(name: str, result: dict, model: dict, facts: dict, fp8: bool = False)
         "load_s": round(s.get("load_seconds", float("nan")), 1),
         "prepare_s": round(s.get("prepare_seconds", float("nan")), 1),
         "setup_s": round(s.get("setup_seconds", float("nan")), 1),  # imports, tokenizer, folder
+        # the weights' copy onto the device during set-up (none: read by the loader)
+        "read_ahead_s": s.get("read_ahead_seconds"),
         # after the job's own clock stopped: responses.jsonl, summary, the interpreter's exit
         "after_job_s": round(wall - (s.get("imports_seconds") or 0) - s["wall_seconds"], 1),
         "tokens_per_s_wall": round(tokens / wall),
@@ -641,7 +643,9 @@ def print_table(rows: list[dict]) -> None:
         "model_s",
         "outside_model_s",
         "first_batch_s",
+        "setup_s",
         "load_s",
+        "read_ahead_s",
         "after_job_s",
         "tokens_per_s_wall",
         "tokens_per_s_model",

@@ -150,12 +150,13 @@ def cli_again(*args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(list(args), result.exit_code, result.output, result.output)
 
 
-def cli_subprocess(*args: str, **kwargs) -> subprocess.CompletedProcess:
+def cli_subprocess(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m bulkinfer ARGS` in a child process; `env`: variables set beside child_env's."""
     return subprocess.run(
         [sys.executable, "-m", "bulkinfer", *args],
         capture_output=True,
         text=True,
-        env=child_env(),
+        env={**child_env(), **(env or {})},
         **kwargs,
     )
 

@@ -18,6 +18,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +26,9 @@ from bulkinfer.configs import text_config
 from bulkinfer.engines.fp8 import FP8, Fp8Linear, Fp8Weight, quantize_weight
 from bulkinfer.engines.to_device import THREADS, StagedMover
 from bulkinfer.errors import ModelError
+
+if TYPE_CHECKING:
+    from bulkinfer.engines.read_ahead import ReadAhead
 
 LINEARS = (
     ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
@@ -149,46 +153,81 @@ def _tensor_bytes(header: dict):
                 yield value["dtype"], 0
 
 
-def load_fp8_weights(auto_class, options):
+def load_fp8_weights(auto_class, options, ahead: ReadAhead | None = None):
     """`load_fp8_model` for a job's load options: its config, dtype and device; a checkpoint
-    it cannot read is a one-line error."""
-    from transformers import AutoConfig
-
-    from bulkinfer.engines.hf import resolve_device, resolve_dtype
+    it cannot read is a one-line error. `ahead`: the run's read-ahead of the files, if any."""
     from bulkinfer.errors import model_error
 
-    device = resolve_device(options.device)
     try:
-        config = AutoConfig.from_pretrained(
-            options.folder, trust_remote_code=options.trust_remote_code
-        )
-        return load_fp8_model(
-            auto_class,
-            Path(options.folder),
-            config,
-            resolve_dtype(options.dtype, device),
-            device,
-            options.label,
-        )
+        return load_by_tensor(auto_class, options, fp8=True, ahead=ahead)
     except ModelError:
         raise
     except Exception as exc:
         raise model_error(f"cannot load the weights of {options.label}", exc) from None
 
 
-def load_fp8_model(auto_class, folder: Path, config, dtype: torch.dtype, device, label: str):
-    """The model in `folder` with its decoder linears in fp8 on `device` (see the module)."""
+def load_by_tensor(auto_class, options, fp8: bool, ahead: ReadAhead | None = None):
+    """The model of a job's load options built on the meta device, then given its tensors by
+    name (`load_fp8_model`), with its config, dtype and device; `fp8` false: every weight in the
+    model's dtype, as from_pretrained loads it."""
+    from transformers import AutoConfig
+
+    from bulkinfer.engines.hf import resolve_device, resolve_dtype
+
+    device = resolve_device(options.device)
+    config = AutoConfig.from_pretrained(options.folder, trust_remote_code=options.trust_remote_code)
+    kwargs = {"trust_remote_code": options.trust_remote_code}
+    if options.attn_implementation is not None:
+        kwargs["attn_implementation"] = options.attn_implementation
+    return load_fp8_model(
+        auto_class,
+        Path(options.folder),
+        config,
+        resolve_dtype(options.dtype, device),
+        device,
+        options.label,
+        fp8=fp8,
+        ahead=ahead,
+        **kwargs,
+    )
+
+
+def load_fp8_model(
+    auto_class,
+    folder: Path,
+    config,
+    dtype: torch.dtype,
+    device,
+    label: str,
+    fp8: bool = True,
+    ahead: ReadAhead | None = None,
+    **kwargs,
+):
+    """The model in `folder` with its decoder linears in fp8 on `device` (see the module); with
+    `fp8` false, in `dtype`. Tensors `ahead` holds are taken from it, not read again; it is
+    closed once the model is built. `kwargs` go to the model's from_config."""
+    try:
+        return _load_by_name(auto_class, folder, config, dtype, device, label, fp8, ahead, kwargs)
+    finally:
+        if ahead is not None:
+            ahead.close()
+
+
+def _load_by_name(auto_class, folder, config, dtype, device, label, fp8, ahead, kwargs):
     from safetensors import safe_open
 
     files = checkpoint_files(folder)
     if not files:
         raise ModelError(f"{label}: model.quantization: fp8 reads safetensors files; none found")
-    refuse_other_quantization(config, label)
+    if fp8:
+        refuse_other_quantization(config, label)
+    elif quantization_dict(config) is not None:
+        raise ModelError(f"{label}: a quantized checkpoint is loaded by transformers")
     if hasattr(config, "quantization_config"):  # the checkpoint's fp8 is read here, not by
         del config.quantization_config  # transformers' quantizers
     with torch.device("meta"):
-        model = auto_class.from_config(config, dtype=dtype)
-    slots = _fp8_slots(model)
+        model = auto_class.from_config(config, dtype=dtype, **kwargs)
+    slots = _fp8_slots(model) if fp8 else {}
     for owner, name in slots.values():
         linear = getattr(owner, name)
         weight = torch.empty(linear.out_features, linear.in_features, dtype=FP8)
@@ -203,12 +242,12 @@ def load_fp8_model(auto_class, folder: Path, config, dtype: torch.dtype, device,
         model.tie_weights()
     state = model.state_dict()
     filled: set[str] = set()
-    reader = _Reader(device)
+    reader = _Reader(device, ahead)
     with ExitStack() as stack:
-        where = {}  # each tensor's name -> its open file (a weight's scale may be in another)
+        where = {}  # each tensor's name -> its file, open (a weight's scale may be in another)
         for file in files:
             f = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
-            where.update(dict.fromkeys(f.keys(), f))
+            where.update(dict.fromkeys(f.keys(), (file, f)))
         tasks = []  # (what fills it, its arguments), each a tensor of the files
         for key in sorted(where):
             if key.endswith(IGNORED_SUFFIXES) or key.endswith(".weight_scale"):
@@ -235,7 +274,23 @@ def load_fp8_model(auto_class, folder: Path, config, dtype: torch.dtype, device,
             f"{label}: the checkpoint lacks {len(missing)} weights the model needs "
             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
         )
+    computed = [] if fp8 else _computed_buffers(model)
+    if computed:  # (the fp8 layers' models have none but the rotary's)
+        raise ModelError(f"{label}: buffers computed when the model is made ({computed[0]})")
     return model.eval()
+
+
+def _computed_buffers(model) -> list[str]:
+    """Buffers not kept in a checkpoint (computed when the model is made), the rotary
+    embedding's aside: on the meta device they were never computed."""
+    rotary = getattr(model.base_model, "rotary_emb", None)
+    return [
+        f"{name}.{buffer}" if name else buffer
+        for name, module in model.named_modules()
+        if rotary is None or not any(module is m for m in rotary.modules())
+        for buffer in module._non_persistent_buffers_set
+        if module._buffers.get(buffer) is not None
+    ]
 
 
 def _fp8_slots(model) -> dict[str, tuple[torch.nn.Module, str]]:
@@ -255,11 +310,17 @@ class _Reader:
     each through its own pinned staging buffer (engines/to_device.py: the page-cache reads and
     the copies of different threads overlap), on the CPU one after another."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, ahead: ReadAhead | None = None):
+        self.device, self.ahead = device, ahead
         self.mover = StagedMover(device) if device.type == "cuda" else None
 
-    def get(self, f, key: str) -> torch.Tensor:
+    def get(self, source: tuple[Path, Any], key: str) -> torch.Tensor:
+        """The tensor `key` of `source` (its file, open) on the device."""
+        file, f = source
+        if self.ahead is not None:
+            tensor = self.ahead.get(file, key)
+            if tensor is not None:
+                return tensor
         tensor = f.get_tensor(key)
         if self.mover is not None:
             self.mover.move(tensor)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from bulkinfer.configs import length_scaled_rope, recurrent_state, text_config
+from bulkinfer.engines import read_ahead
 from bulkinfer.engines.base import EngineLimits, LoadOptions
 from bulkinfer.engines.compiling import (
     compile_backend,
@@ -30,6 +31,7 @@ from bulkinfer.engines.fp8 import fp8_unsupported
 from bulkinfer.engines.fp8_loading import (
     checkpoint_files,
     checkpoint_in_fp8,
+    load_by_tensor,
     load_fp8_weights,
     stored_width,
 )
@@ -272,9 +274,7 @@ def engine_limits(
             stored_fp8,
             stored_width(files),
         )
-        free = max(
-            0, torch.cuda.mem_get_info(device)[0] // FREE_GRANULE * FREE_GRANULE - weights_bytes
-        )
+        free = max(0, read_ahead.free_memory(device) // FREE_GRANULE * FREE_GRANULE - weights_bytes)
     asked = fp8_keys(options)
     if stored_fp8 and options.quantization != "fp8":
         raise ModelError(
@@ -333,15 +333,37 @@ def load_causal(options: LoadOptions, tokenizer, limits: EngineLimits) -> HFEngi
         )
     if limits.kind == "fast" and limits.device_type == "cuda":
         use_compile_cache(options.cache_dir, limits.device_name)
+    ahead = read_ahead.take(options.folder, resolve_device(options.device), limits.kind == "fast")
+    seconds = ahead.seconds if ahead is not None else None
     if limits.quantization == "fp8":  # never all in the model's dtype on the device
-        model = load_fp8_weights(AutoModelForCausalLM, options)
+        model = load_fp8_weights(AutoModelForCausalLM, options, ahead)
     else:
-        compiles = limits.kind == "fast" and compile_backend(resolve_device(options.device))
-        model, missing = load_weights(
-            AutoModelForCausalLM, options, compiler_import_ahead() if compiles else None
-        )
-        refuse_missing(options, model, missing, "all its weights")
-    return causal_engine(model, tokenizer, limits)
+        model = by_tensor(options, ahead) if ahead is not None else None
+        if model is None:
+            seconds = None
+            compiles = limits.kind == "fast" and compile_backend(resolve_device(options.device))
+            model, missing = load_weights(
+                AutoModelForCausalLM, options, compiler_import_ahead() if compiles else None
+            )
+            refuse_missing(options, model, missing, "all its weights")
+    engine = causal_engine(model, tokenizer, limits)
+    if seconds is not None:  # the weights came from the read-ahead (engines/read_ahead.py)
+        engine.counters["read_ahead_seconds"] = seconds
+    return engine
+
+
+def by_tensor(options: LoadOptions, ahead: read_ahead.ReadAhead):
+    """The model in the model's dtype, its tensors taken from the run's read-ahead; None where
+    the checkpoint's names are not the model's (transformers' loader maps those) or its layers
+    compute buffers of their own."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return load_by_tensor(AutoModelForCausalLM, options, fp8=False, ahead=ahead)
+    except Exception:  # noqa: BLE001 (transformers' loader says what is wrong, if anything)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None
 
 
 def refuse_missing(options: LoadOptions, model, missing: set[str], what: str) -> None:

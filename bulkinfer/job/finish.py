@@ -163,6 +163,9 @@ def write_summary(
     if shared:  # prompt tokens whose keys and values were copied, not computed again
         summary.details["shared_prefix_tokens"] = int(shared)
     summary.details.update(generation_time(engine.counters))
+    ahead = engine.counters.get("read_ahead_seconds")
+    if ahead is not None:  # the weights read onto the device during set-up (read_ahead.py)
+        summary.details["read_ahead_seconds"] = round(ahead, 3)
     summary.details.update(device_memory(engine))
     summary.write(layout.summary)
     shutil.rmtree(layout.prepared_dir, ignore_errors=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bulkinfer import faults
+from bulkinfer import faults, process
 from bulkinfer.engines.base import GREEDY_BELOW, LoadOptions
 from bulkinfer.errors import InputError, RowFailedError, SpecError
 from bulkinfer.io.chunks import ColumnNames
@@ -97,7 +97,8 @@ def set_up(
         model.hash_in_background()
         # a GGUF model is converted first, then its tokenizer and config read from the folder
         # (from the GGUF file each takes seconds, and the conversion reads both again)
-        local_model_folder(model)
+        folder = local_model_folder(model)
+        read_weights_ahead(spec, folder)
     tokenizer = load_tokenizer(model)
     config = load_config(model)
     kind = InputKind(per_request=per_request, choices=columns.choices is not None)
@@ -144,6 +145,21 @@ def set_up(
             level="warning",
         )
     return JobSetup(spec, files, model, columns, tokenizer, config, kind, task, options)
+
+
+def read_weights_ahead(spec: JobSpec, folder: Path | None) -> None:
+    """The weights on their way to the GPU while the tokenizer and config load
+    (engines/read_ahead.py), in the command's own process: a library caller's refused run
+    would hold them in device memory."""
+    from bulkinfer.engines import read_ahead
+
+    causal = spec.task.type in ("generate", "score")
+    if (
+        process.OWN
+        and folder is not None
+        and read_ahead.wanted(spec.model.device, spec.model.engine, causal)
+    ):
+        read_ahead.start(folder, spec.model.device)
 
 
 def _system_prompt_unused(spec: JobSpec, tokenizer, per_request: bool) -> str:

@@ -1,0 +1,135 @@
+"""The weights read onto the device during a run's set-up (engines/read_ahead.py): a model built
+from them is the one transformers loads, and a job gives the same outputs with and without it.
+
+On a GPU the read-ahead runs by itself; here BULKINFER_READ_AHEAD=1 makes it read onto the CPU,
+so that what the loader builds from it is checked where the tests run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import (
+    cli_subprocess,
+    read_outputs,
+    sample_prompts,
+    set_model,
+    write_job,
+    write_jsonl,
+)
+from tiny_model import build_tiny_model, tiny_config, train_tokenizer
+
+CPU = torch.device("cpu")
+
+
+def _read_ahead(folder):
+    from bulkinfer.engines import read_ahead
+
+    read_ahead.start(folder, "cpu")
+    return read_ahead.take(folder, CPU)
+
+
+def _by_tensor(folder, dtype: str):
+    from bulkinfer.engines.base import LoadOptions
+    from bulkinfer.engines.select import by_tensor
+
+    options = LoadOptions(folder=folder, label=str(folder), device="cpu", dtype=dtype)
+    return by_tensor(options, _read_ahead(folder))
+
+
+def _same_model(ours, theirs) -> None:
+    """Every parameter and buffer equal, bit for bit, in the same dtype; the same logits."""
+    for kind in ("named_parameters", "named_buffers"):
+        a = dict(getattr(ours, kind)(remove_duplicate=False))
+        b = dict(getattr(theirs, kind)(remove_duplicate=False))
+        assert a.keys() == b.keys(), kind
+        for name, tensor in a.items():
+            assert tensor.dtype == b[name].dtype and torch.equal(tensor, b[name]), name
+    assert ours.generation_config.eos_token_id == theirs.generation_config.eos_token_id
+    assert not ours.training
+    ids = torch.randint(
+        0, ours.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, theirs(ids).logits)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_model_built_from_the_read_ahead_is_the_one_transformers_loads(tmp_path, arch, dtype):
+    from transformers import AutoModelForCausalLM
+
+    folder = build_tiny_model(tmp_path / arch, arch=arch)
+    ours = _by_tensor(folder, dtype)
+    assert ours is not None
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    _same_model(ours, theirs)
+
+
+def test_tied_embeddings_stay_one_tensor(tmp_path):
+    """A checkpoint that stores the embedding once (tie_word_embeddings): the LM head is the
+    embedding, as transformers ties it."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = train_tokenizer()
+    config = tiny_config("qwen2", tokenizer, 32, 2, 512)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tied")
+    tokenizer.save_pretrained(tmp_path / "tied")
+    ours = _by_tensor(tmp_path / "tied", "float32")
+    assert ours.lm_head.weight.data_ptr() == ours.model.embed_tokens.weight.data_ptr()
+    _same_model(ours, AutoModelForCausalLM.from_pretrained(tmp_path / "tied").eval())
+
+
+def _renamed(folder):
+    """The checkpoint saved under the base model's names (no `model.` prefix), which
+    transformers' loader maps and a load by name cannot."""
+    from safetensors.torch import load_file, save_file
+
+    file = folder / "model.safetensors"
+    tensors = {k.removeprefix("model."): v for k, v in load_file(file).items()}
+    save_file(tensors, file, metadata={"format": "pt"})
+    return folder
+
+
+def test_a_checkpoint_named_otherwise_is_left_to_transformers(tmp_path):
+    folder = _renamed(build_tiny_model(tmp_path / "renamed"))
+    assert _by_tensor(folder, "float32") is None
+
+
+def _run(tmp_path, model, name: str, ahead: str, **model_keys):
+    job = write_job(
+        tmp_path / f"{name}.yaml",
+        model,
+        write_jsonl(tmp_path / "in.jsonl", sample_prompts(12)),
+        tmp_path / name,
+        task={"max_new_tokens": 6},
+    )
+    set_model(job, engine="fast", **model_keys)
+    result = cli_subprocess("run", str(job), env={"BULKINFER_READ_AHEAD": ahead})
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / name / "summary.json").read_text())
+    return read_outputs(tmp_path / name), summary
+
+
+@pytest.mark.parametrize("model_keys", [{}, {"quantization": "fp8"}], ids=["bf16", "fp8"])
+def test_a_job_gives_the_same_outputs_with_its_weights_read_ahead(tmp_path, tiny_model, model_keys):
+    """The command with the weights read ahead (forced onto the CPU here) and without: the
+    same outputs; the summary says where the read-ahead was used."""
+    plain, plain_summary = _run(tmp_path, tiny_model, "plain", "0", **model_keys)
+    ahead, ahead_summary = _run(tmp_path, tiny_model, "ahead", "1", **model_keys)
+    assert ahead.equals(plain)
+    assert "read_ahead_seconds" not in plain_summary
+    assert ahead_summary["read_ahead_seconds"] >= 0
+
+
+def test_a_renamed_checkpoint_runs_the_same_with_the_read_ahead(tmp_path):
+    """Where the load by name cannot build the model, transformers loads it as before: the job
+    runs, with the same outputs, and the summary says no read-ahead was used."""
+    folder = _renamed(build_tiny_model(tmp_path / "renamed"))
+    plain, _ = _run(tmp_path, folder, "plain", "0")
+    ahead, summary = _run(tmp_path, folder, "ahead", "1")
+    assert ahead.equals(plain)
+    assert "read_ahead_seconds" not in summary
