@@ -11,6 +11,10 @@ def text_config(config: Any) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+# The model types whose layers the fast engine implements (engines/decoder.py)
+SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+
 # Rotary scalings that transformers picks per forward call from its longest sequence: batched,
 # a row's result would depend on the rows beside it.
 LENGTH_SCALED_ROPE = ("dynamic", "longrope")

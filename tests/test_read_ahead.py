@@ -26,8 +26,8 @@ CPU = torch.device("cpu")
 def _read_ahead(folder):
     from bulkinfer.engines import read_ahead
 
-    read_ahead.start(folder, "cpu")
-    return read_ahead.take(folder, CPU)
+    read_ahead.start(folder, "cpu", fp8=False)
+    return read_ahead.take(folder, CPU, fp8=False)
 
 
 def _by_tensor(folder, dtype: str):
@@ -133,3 +133,82 @@ def test_a_renamed_checkpoint_runs_the_same_with_the_read_ahead(tmp_path):
     ahead, summary = _run(tmp_path, folder, "ahead", "1")
     assert ahead.equals(plain)
     assert "read_ahead_seconds" not in summary
+
+
+def _saved_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def _save_tensors(tensors, file) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_only_the_files_transformers_reads_are_read(tmp_path):
+    """A folder with another safetensors file beside model.safetensors (an EMA copy under the
+    same names): the model is built from model.safetensors, as transformers builds it."""
+    from transformers import AutoModelForCausalLM
+
+    folder = build_tiny_model(tmp_path / "extra")
+    tensors = {k: v + 1 for k, v in _saved_tensors(folder).items()}
+    _save_tensors(tensors, folder / "model_ema.safetensors")
+    ours = _by_tensor(folder, "float32")
+    _same_model(ours, AutoModelForCausalLM.from_pretrained(folder).eval())
+
+
+def test_shards_without_their_index_are_left_to_transformers(tmp_path):
+    folder = build_tiny_model(tmp_path / "noindex")
+    tensors = _saved_tensors(folder)
+    names = sorted(tensors)
+    _save_tensors({k: tensors[k] for k in names[::2]}, folder / "model-00001-of-00002.safetensors")
+    _save_tensors({k: tensors[k] for k in names[1::2]}, folder / "model-00002-of-00002.safetensors")
+    (folder / "model.safetensors").unlink()
+    assert _by_tensor(folder, "float32") is None
+
+
+def test_a_tensor_of_another_shape_is_refused_not_broadcast(tmp_path):
+    """A stored tensor whose shape is not the config's (a norm of one value): transformers
+    refuses it; the load by name does not broadcast it into the model (bf16 leaves the load
+    to transformers, fp8 says which tensor in one line)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bulkinfer.engines.fp8_loading import load_fp8_model
+    from bulkinfer.errors import ModelError
+
+    folder = build_tiny_model(tmp_path / "shape")
+    tensors = _saved_tensors(folder)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"][:1].clone()
+    _save_tensors(tensors, folder / "model.safetensors")
+    assert _by_tensor(folder, "float32") is None
+    config = AutoConfig.from_pretrained(folder)
+    with pytest.raises(ModelError, match=r"model\.norm\.weight is stored with shape \[1\]"):
+        load_fp8_model(AutoModelForCausalLM, folder, config, torch.float32, CPU, "shape")
+
+
+def test_embeddings_stored_apart_stay_apart_where_the_config_ties_them(tmp_path):
+    """tie_word_embeddings with both embeddings stored, differing: transformers keeps them
+    apart, and so does the job with its weights read ahead."""
+    folder = build_tiny_model(tmp_path / "both")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    assert _by_tensor(folder, "float32") is None
+    plain, _ = _run(tmp_path, folder, "plain", "0")
+    ahead, _ = _run(tmp_path, folder, "ahead", "1")
+    assert ahead.equals(plain)
+
+
+def test_an_fp8_job_that_names_an_attention_implementation_still_runs(tmp_path, tiny_model):
+    """The fast engine runs its own attention: a named implementation (not installed here) is
+    not asked of transformers while fp8 builds the model."""
+    outputs, _ = _run(
+        tmp_path,
+        tiny_model,
+        "named",
+        "1",
+        quantization="fp8",
+        attn_implementation="flash_attention_2",
+    )
+    assert outputs.num_rows == 12

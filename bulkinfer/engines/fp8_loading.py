@@ -110,6 +110,33 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
+def loaded_files(folder: Path, fp8: bool) -> list[Path]:
+    """The safetensors files a load reads: with `fp8`, checkpoint_files; otherwise the ones
+    transformers' loader reads, model.safetensors where there is one, else those its index
+    names (none where neither is there: transformers' loader says what is missing)."""
+    if fp8:
+        return checkpoint_files(folder)
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if (folder / "model.safetensors.index.json").is_file():
+        return checkpoint_files(folder)
+    return []
+
+
+def _stores_both_embeddings(model, files: list[Path]) -> bool:
+    """Whether the checkpoint holds the input and the output embedding each under its name."""
+    head, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or inputs is None:
+        return False
+    keys = {
+        name
+        for name, p in model.named_parameters(remove_duplicate=False)
+        if p is head.weight or p is inputs.weight
+    }
+    return len(keys & {name for header in _headers(files) for name in header}) >= 2
+
+
 def stored_dtypes(files: list[Path]) -> set[str]:
     """The dtypes (safetensors' names: BF16, F8_E4M3...) of the tensors in these files, read
     from their headers alone; a file that cannot be read adds none (loading says why)."""
@@ -177,7 +204,7 @@ def load_by_tensor(auto_class, options, fp8: bool, ahead: ReadAhead | None = Non
     device = resolve_device(options.device)
     config = AutoConfig.from_pretrained(options.folder, trust_remote_code=options.trust_remote_code)
     kwargs = {"trust_remote_code": options.trust_remote_code}
-    if options.attn_implementation is not None:
+    if options.attn_implementation is not None and not fp8:  # as from_pretrained is given it
         kwargs["attn_implementation"] = options.attn_implementation
     return load_fp8_model(
         auto_class,
@@ -216,7 +243,7 @@ def load_fp8_model(
 def _load_by_name(auto_class, folder, config, dtype, device, label, fp8, ahead, kwargs):
     from safetensors import safe_open
 
-    files = checkpoint_files(folder)
+    files = loaded_files(folder, fp8)
     if not files:
         raise ModelError(f"{label}: model.quantization: fp8 reads safetensors files; none found")
     if fp8:
@@ -227,6 +254,9 @@ def _load_by_name(auto_class, folder, config, dtype, device, label, fp8, ahead, 
         del config.quantization_config  # transformers' quantizers
     with torch.device("meta"):
         model = auto_class.from_config(config, dtype=dtype, **kwargs)
+    computed = [] if fp8 else _computed_buffers(model)
+    if computed:  # (the fp8 layers' models have none but the rotary's)
+        raise ModelError(f"{label}: buffers computed when the model is made ({computed[0]})")
     slots = _fp8_slots(model) if fp8 else {}
     for owner, name in slots.values():
         linear = getattr(owner, name)
@@ -238,6 +268,9 @@ def _load_by_name(auto_class, folder, config, dtype, device, label, fp8, ahead, 
     tied = getattr(text_config(config), "tie_word_embeddings", False) or getattr(
         config, "tie_word_embeddings", False
     )
+    if tied and not fp8 and _stores_both_embeddings(model, files):
+        # transformers keeps the two apart then (with a warning), whatever the config says
+        raise ModelError(f"{label}: the checkpoint stores both tied embeddings")
     if tied:  # one tensor under both names: the checkpoint may store either
         model.tie_weights()
     state = model.state_dict()
@@ -274,9 +307,6 @@ def _load_by_name(auto_class, folder, config, dtype, device, label, fp8, ahead, 
             f"{label}: the checkpoint lacks {len(missing)} weights the model needs "
             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
         )
-    computed = [] if fp8 else _computed_buffers(model)
-    if computed:  # (the fp8 layers' models have none but the rotary's)
-        raise ModelError(f"{label}: buffers computed when the model is made ({computed[0]})")
     return model.eval()
 
 
@@ -340,15 +370,26 @@ def _fill_tensor(reader: _Reader, target: torch.Tensor, where: dict, key: str, l
     """A tensor kept in the model's dtype (embeddings, norms, an LM head): one stored in
     float8 is multiplied back by its scale."""
     stored = reader.get(where[key], key)
+    _same_shape(stored, target.shape, key, label)
     if stored.dtype in FLOAT8_TYPES:
         stored = _scaled(stored, _scale(reader, where, key, stored, label))
     target.copy_(stored)
+
+
+def _same_shape(stored: torch.Tensor, shape, key: str, label: str) -> None:
+    """A stored tensor of another shape than the model's is refused, not broadcast into it."""
+    if stored.shape != shape:
+        raise ModelError(
+            f"{label}: {key} is stored with shape {list(stored.shape)}; the model's config "
+            f"makes it {list(shape)}"
+        )
 
 
 def _fill_linear(reader: _Reader, linear: Fp8Linear, where: dict, key: str, label: str):
     """One linear's weight: quantized as read, or taken as stored when it is float8_e4m3 with
     its scale (another float8, such as e5m2, is scaled back and quantized again)."""
     stored = reader.get(where[key], key)
+    _same_shape(stored, linear.weight.shape, key, label)
     if stored.dtype == FP8:
         weight = Fp8Weight(stored, _scale(reader, where, key, stored, label))
     elif stored.dtype in FLOAT8_TYPES:

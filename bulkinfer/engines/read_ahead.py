@@ -32,7 +32,14 @@ READ_AHEAD_ENV = "BULKINFER_READ_AHEAD"
 READ_AHEAD_SHARE = 0.4  # of the device's free memory, at most
 ALIGN = 256  # bytes: each tensor's place in the buffer
 
-_pending: ReadAhead | None = None  # the one a run started, until its loader takes it
+_pending: ReadAhead | None = None
+
+
+class _Dropped(Exception):
+    """No loader will take the copy."""
+
+
+# the one a run started, until its loader takes it
 
 
 class ReadAhead:
@@ -45,6 +52,7 @@ class ReadAhead:
         self.seconds: float | None = None  # the copy's, once done (None: nothing read ahead)
         self._buffer: torch.Tensor | None = None
         self._lock = threading.Lock()  # the buffer's allocation against `free_memory`
+        self._stop = threading.Event()  # no loader will take it: copy no more
         self._thread = threading.Thread(target=self._run, name="bulkinfer-read-ahead", daemon=True)
         self._thread.start()
 
@@ -101,6 +109,8 @@ class ReadAhead:
             local = _staging(self.device)
             with torch.cuda.stream(local.stream):
                 for start in range(0, raw.numel(), STAGE_BYTES):
+                    if self._stop.is_set():
+                        raise _Dropped  # ends the copy (caught in _run)
                     piece = raw[start : start + STAGE_BYTES]
                     staged = local.buffer[: piece.numel()]
                     staged.copy_(piece)
@@ -112,6 +122,12 @@ class ReadAhead:
         """The tensor `key` of `file` on the device, once (None where it was not read ahead)."""
         self._thread.join()
         return self.tensors.pop((str(file), key), None)
+
+    def drop(self) -> None:
+        """Stop copying, then let go of the buffer."""
+        self._stop.set()
+        self._thread.join()
+        self.close()
 
     def close(self) -> None:
         """Let go of the buffer (and give it back to the device)."""
@@ -132,44 +148,61 @@ def _staging(device: torch.device):
     return _local
 
 
-def wanted(device: str, engine: str, causal: bool) -> bool:
-    """Whether a run reads its weights ahead: a causal job the fast engine may run, on a CUDA
-    device (any device with BULKINFER_READ_AHEAD=1; none with =0)."""
+def wanted(folder: Path, device: str, engine: str, attn_implementation, causal: bool) -> bool:
+    """Whether a run reads its weights ahead: a causal job the fast engine may run (a model type
+    it implements, no attention implementation named unless it is asked by name) on a CUDA
+    device; on any device with BULKINFER_READ_AHEAD=1, on none with =0."""
+    import json
     import os
 
-    asked = os.environ.get(READ_AHEAD_ENV, "")
-    if asked == "0" or not causal or engine == "reference":
+    from bulkinfer.configs import SUPPORTED_TYPES
+
+    asked = os.environ.get(READ_AHEAD_ENV, "").strip().lower()
+    if asked in ("0", "false", "no", "off") or not causal or engine == "reference":
+        return False
+    if engine == "auto" and attn_implementation is not None:
+        return False  # the reference engine runs what names its attention
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+        text = config.get("text_config") or config
+        if text.get("model_type", config.get("model_type")) not in SUPPORTED_TYPES:
+            return False
+    except (OSError, ValueError, AttributeError):
         return False
     if asked == "1":
         return True
     return device not in ("cpu", "mps") and torch.cuda.is_available()
 
 
-def start(folder: Path, device: str) -> None:
-    """Read the safetensors files of `folder` ahead onto `device` (a model.device setting)."""
+def start(folder: Path, device: str, fp8: bool) -> None:
+    """Read the safetensors files a load of `folder` reads (`fp8`: model.quantization: fp8)
+    ahead onto `device` (a model.device setting)."""
     global _pending
-    from bulkinfer.engines.fp8_loading import checkpoint_files
+    from bulkinfer.engines.fp8_loading import loaded_files
 
     drop()
-    files = checkpoint_files(Path(folder))
+    files = loaded_files(Path(folder), fp8)
     where = _device(device)
     if files and where is not None:
         _pending = ReadAhead(files, where)
 
 
-def take(folder: Path, device: torch.device, used: bool = True) -> ReadAhead | None:
-    """The read-ahead of `folder`'s files onto `device`, done, for its loader to use and close;
-    None where there is none, or it read nothing (the files did not fit), or it is not `used`
-    (one of other files or another device is let go of)."""
+def take(folder: Path, device: torch.device, fp8: bool, used: bool = True) -> ReadAhead | None:
+    """The read-ahead of what a load of `folder` reads onto `device`, done, for its loader to
+    use and close; None where there is none, or it read nothing (the files did not fit), or it
+    is not `used` (one of other files or another device is let go of)."""
     global _pending
-    from bulkinfer.engines.fp8_loading import checkpoint_files
+    from bulkinfer.engines.fp8_loading import loaded_files
 
     found, _pending = _pending, None
     if found is None:
         return None
+    if not used:
+        found.drop()
+        return None
     found._thread.join()
-    same = found.device == _device(str(device)) and found.files == checkpoint_files(Path(folder))
-    if not (used and same and found.seconds is not None):
+    same = found.device == _device(str(device)) and found.files == loaded_files(Path(folder), fp8)
+    if not (same and found.seconds is not None):
         found.close()
         return None
     return found
@@ -194,8 +227,7 @@ def drop() -> None:
     global _pending
     found, _pending = _pending, None
     if found is not None:
-        found._thread.join()
-        found.close()
+        found.drop()
 
 
 def free_memory(device: torch.device) -> int:

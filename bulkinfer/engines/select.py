@@ -15,7 +15,12 @@ from typing import Any
 
 import torch
 
-from bulkinfer.configs import length_scaled_rope, recurrent_state, text_config
+from bulkinfer.configs import (
+    SUPPORTED_TYPES,
+    length_scaled_rope,
+    recurrent_state,
+    text_config,
+)
 from bulkinfer.engines import read_ahead
 from bulkinfer.engines.base import EngineLimits, LoadOptions
 from bulkinfer.engines.compiling import (
@@ -47,7 +52,6 @@ from bulkinfer.engines.memory import kv_pool_tokens, resident_weight_bytes
 from bulkinfer.errors import ModelError
 from bulkinfer.observe.progress import log
 
-SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 # Weights an embedding never reads: a missing BERT pooler is no reason to refuse the model.
 UNUSED_BY_EMBED = ("pooler.",)
 # Free device memory is read in whole steps of this, so that `bulkinfer plan` and the run that
@@ -333,7 +337,8 @@ def load_causal(options: LoadOptions, tokenizer, limits: EngineLimits) -> HFEngi
         )
     if limits.kind == "fast" and limits.device_type == "cuda":
         use_compile_cache(options.cache_dir, limits.device_name)
-    ahead = read_ahead.take(options.folder, resolve_device(options.device), limits.kind == "fast")
+    fast, fp8 = limits.kind == "fast", options.quantization == "fp8"
+    ahead = read_ahead.take(options.folder, resolve_device(options.device), fp8, used=fast)
     seconds = ahead.seconds if ahead is not None else None
     if limits.quantization == "fp8":  # never all in the model's dtype on the device
         model = load_fp8_weights(AutoModelForCausalLM, options, ahead)

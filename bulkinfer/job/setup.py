@@ -153,13 +153,14 @@ def read_weights_ahead(spec: JobSpec, folder: Path | None) -> None:
     would hold them in device memory."""
     from bulkinfer.engines import read_ahead
 
+    model = spec.model
     causal = spec.task.type in ("generate", "score")
     if (
         process.OWN
         and folder is not None
-        and read_ahead.wanted(spec.model.device, spec.model.engine, causal)
+        and read_ahead.wanted(folder, model.device, model.engine, model.attn_implementation, causal)
     ):
-        read_ahead.start(folder, spec.model.device)
+        read_ahead.start(folder, model.device, fp8=model.quantization == "fp8")
 
 
 def _system_prompt_unused(spec: JobSpec, tokenizer, per_request: bool) -> str:
