@@ -32,14 +32,11 @@ READ_AHEAD_ENV = "BULKINFER_READ_AHEAD"
 READ_AHEAD_SHARE = 0.4  # of the device's free memory, at most
 ALIGN = 256  # bytes: each tensor's place in the buffer
 
-_pending: ReadAhead | None = None
+_pending: ReadAhead | None = None  # the one a run started, until its loader takes it
 
 
 class _Dropped(Exception):
     """No loader will take the copy."""
-
-
-# the one a run started, until its loader takes it
 
 
 class ReadAhead:
