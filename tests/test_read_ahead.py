@@ -1,8 +1,8 @@
 """The weights read onto the device during a run's set-up (engines/read_ahead.py): a model built
 from them is the one transformers loads, and a job gives the same outputs with and without it.
 
-On a GPU the read-ahead runs by itself; here BULKINFER_READ_AHEAD=1 makes it read onto the CPU,
-so that what the loader builds from it is checked where the tests run."""
+BULKINFER_READ_AHEAD=1 asks for it; here it reads onto the CPU, so that what the loader builds
+from it is checked where the tests run."""
 
 from __future__ import annotations
 
@@ -116,9 +116,9 @@ def _run(tmp_path, model, name: str, ahead: str, **model_keys):
 
 @pytest.mark.parametrize("model_keys", [{}, {"quantization": "fp8"}], ids=["bf16", "fp8"])
 def test_a_job_gives_the_same_outputs_with_its_weights_read_ahead(tmp_path, tiny_model, model_keys):
-    """The command with the weights read ahead (forced onto the CPU here) and without: the
-    same outputs; the summary says where the read-ahead was used."""
-    plain, plain_summary = _run(tmp_path, tiny_model, "plain", "0", **model_keys)
+    """The command with the weights read ahead (onto the CPU here) and without (the default):
+    the same outputs; the summary says where the read-ahead was used."""
+    plain, plain_summary = _run(tmp_path, tiny_model, "plain", "", **model_keys)
     ahead, ahead_summary = _run(tmp_path, tiny_model, "ahead", "1", **model_keys)
     assert ahead.equals(plain)
     assert "read_ahead_seconds" not in plain_summary

@@ -9,11 +9,12 @@ the copies wait with the GIL released, beside the imports). The loader then take
 from the buffer by file and name instead of reading it again (engines/fp8_loading.py,
 `load_by_tensor`) and frees the buffer once the model is built.
 
-Only for a job the fast engine may run on a CUDA device, and only where the files take at most
+Only for a job the fast engine may run, and on a GPU only where the files take at most
 READ_AHEAD_SHARE of the free device memory (the model is built beside the buffer). The device
 memory a planned engine counts as free includes the buffer (`free_memory`), so a run plans as
-one without a read-ahead would. BULKINFER_READ_AHEAD=0 turns it off; =1 reads ahead on any device
-(the CPU too: the tests check what the loader builds from it).
+one without a read-ahead would. Off unless BULKINFER_READ_AHEAD=1 asks for it, until a GPU
+measures what it saves (docs/perf.md); on any device then, the CPU too (the tests check what the
+loader builds from it).
 """
 
 from __future__ import annotations
@@ -145,17 +146,17 @@ def _staging(device: torch.device):
     return _local
 
 
-def wanted(folder: Path, device: str, engine: str, attn_implementation, causal: bool) -> bool:
-    """Whether a run reads its weights ahead: a causal job the fast engine may run (a model type
-    it implements, no attention implementation named unless it is asked by name) on a CUDA
-    device; on any device with BULKINFER_READ_AHEAD=1, on none with =0."""
+def wanted(folder: Path, engine: str, attn_implementation, causal: bool) -> bool:
+    """Whether a run reads its weights ahead: asked (BULKINFER_READ_AHEAD=1; off until measured
+    on a GPU, docs/perf.md), for a causal job the fast engine may run (a model type it
+    implements, no attention implementation named unless the fast engine is asked by name)."""
     import json
     import os
 
     from bulkinfer.configs import SUPPORTED_TYPES
 
     asked = os.environ.get(READ_AHEAD_ENV, "").strip().lower()
-    if asked in ("0", "false", "no", "off") or not causal or engine == "reference":
+    if asked not in ("1", "true", "yes", "on") or not causal or engine == "reference":
         return False
     if engine == "auto" and attn_implementation is not None:
         return False  # the reference engine runs what names its attention
@@ -166,9 +167,7 @@ def wanted(folder: Path, device: str, engine: str, attn_implementation, causal: 
             return False
     except (OSError, ValueError, AttributeError):
         return False
-    if asked == "1":
-        return True
-    return device not in ("cpu", "mps") and torch.cuda.is_available()
+    return True
 
 
 def start(folder: Path, device: str, fp8: bool) -> None:
