@@ -103,6 +103,18 @@ def set_model(job: Path, **keys) -> Path:
     return job
 
 
+def fast_job(tmp_path: Path, model: Path, name: str, **model_keys) -> Path:
+    """A generate job `name` of 12 sample prompts on the fast engine, with these model keys."""
+    job = write_job(
+        tmp_path / f"{name}.yaml",
+        model,
+        write_jsonl(tmp_path / "in.jsonl", sample_prompts(12)),
+        tmp_path / name,
+        task={"max_new_tokens": 6},
+    )
+    return set_model(job, **{"engine": "fast", **model_keys})
+
+
 def use_engine(job: Path, engine: str) -> Path:
     """Set model.engine in a job file written by write_job."""
     return set_model(job, engine=engine)

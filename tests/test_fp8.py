@@ -16,7 +16,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import ROOT, cli, read_outputs, sample_prompts, set_model, write_job, write_jsonl
+from conftest import (
+    ROOT,
+    cli,
+    fast_job,
+    read_outputs,
+    set_model,
+    write_job,
+    write_jsonl,
+)
 from tiny_model import build_tiny_encoder, build_tiny_model
 
 from bulkinfer.engines.fp8 import FP8_MAX, Fp8Weight, linear, quantize_weight
@@ -159,23 +167,12 @@ def test_an_fp8_kv_cache_with_shared_prefixes_agrees_with_computing_rows_whole(
         assert a["token_logprobs"][0] == pytest.approx(b["token_logprobs"][0], abs=0.05)
 
 
-def _job(tmp_path, model, name, **model_keys):
-    job = write_job(
-        tmp_path / f"{name}.yaml",
-        model,
-        write_jsonl(tmp_path / "in.jsonl", sample_prompts(12)),
-        tmp_path / name,
-        task={"max_new_tokens": 6},
-    )
-    return set_model(job, **{"engine": "fast", **model_keys})
-
-
 def test_jobs_that_do_not_ask_for_fp8_are_unchanged(tmp_path, tiny_model):
     """`quantization: none` written out is the default: the same outputs and the same job (a
     folder run without the key is finished for the spec with it)."""
-    plain = _job(tmp_path, tiny_model, "plain")
+    plain = fast_job(tmp_path, tiny_model, "plain")
     assert cli("run", str(plain)).exit_code == 0
-    named = _job(tmp_path, tiny_model, "named", quantization="none")
+    named = fast_job(tmp_path, tiny_model, "named", quantization="none")
     assert cli("run", str(named)).exit_code == 0
     assert read_outputs(tmp_path / "named").equals(read_outputs(tmp_path / "plain"))
     again = cli("run", str(named), "--output", str(tmp_path / "plain"))
@@ -183,7 +180,7 @@ def test_jobs_that_do_not_ask_for_fp8_are_unchanged(tmp_path, tiny_model):
 
 
 def test_an_fp8_generate_job_runs_on_the_cpu(tmp_path, tiny_model):
-    job = _job(tmp_path, tiny_model, "fp8", quantization="fp8")
+    job = fast_job(tmp_path, tiny_model, "fp8", quantization="fp8")
     result = cli("run", str(job))
     assert result.exit_code == 0, result.output
     out = read_outputs(tmp_path / "fp8").to_pylist()
@@ -210,7 +207,7 @@ def test_what_cannot_run_fp8_is_refused_in_one_line(tmp_path, tiny_model, keys, 
     if "encoder" in keys:
         model = build_tiny_encoder(tmp_path / "bert", arch=keys.pop("encoder"))
     task = keys.pop("task", None)
-    job = _job(tmp_path, model, "bad", **{"quantization": "fp8", **keys})
+    job = fast_job(tmp_path, model, "bad", **{"quantization": "fp8", **keys})
     if task:
         spec = yaml.safe_load(job.read_text())
         spec["task"] = {"type": task, "pooling": "mean"}
@@ -311,7 +308,7 @@ def test_an_fp8_checkpoint_is_read_as_stored(tmp_path, tiny_model, shards):
     sharded checkpoint keeps a weight's scale in another file than the weight)."""
     fp8_folder = _fp8_checkpoint(tiny_model, tmp_path / "fp8-model", shards=shards)
     for name, model in (("quantized", tiny_model), ("stored", fp8_folder)):
-        result = cli("run", str(_job(tmp_path, model, name, quantization="fp8")))
+        result = cli("run", str(fast_job(tmp_path, model, name, quantization="fp8")))
         assert result.exit_code == 0, result.output
     assert read_outputs(tmp_path / "stored").equals(read_outputs(tmp_path / "quantized"))
 
@@ -340,7 +337,7 @@ def test_float8_tensors_are_read_with_their_scales_whatever_their_kind(tmp_path,
                 got = dequantize_rows(got, ours[name].weight_scale)
             largest = want.abs().amax(dim=1, keepdim=True)
             assert ((got - want).abs() <= largest / 6).all(), name  # e5m2: 2 mantissa bits
-    text = _job(tmp_path, folder, "e5m2-job", quantization="fp8")
+    text = fast_job(tmp_path, folder, "e5m2-job", quantization="fp8")
     result = cli("run", str(text))
     assert result.exit_code == 0, result.output
 
@@ -367,7 +364,7 @@ def test_checkpoints_quantized_another_way_are_named(tmp_path, tiny_model, confi
     run unscaled), and a quantization this loader does not read is named, not reported as
     missing scales or weights."""
     folder = _fp8_checkpoint(tiny_model, tmp_path / "fp8-model", config=config)
-    result = cli("run", str(_job(tmp_path, folder, "bad", **keys)))
+    result = cli("run", str(fast_job(tmp_path, folder, "bad", **keys)))
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
 
@@ -382,7 +379,7 @@ def test_checkpoints_quantized_another_way_are_named(tmp_path, tiny_model, confi
 )
 def test_fp8_checkpoint_problems_are_one_line(tmp_path, tiny_model, drop, keys, message):
     folder = _fp8_checkpoint(tiny_model, tmp_path / "fp8-model", drop)
-    result = cli("run", str(_job(tmp_path, folder, "bad", **keys)))
+    result = cli("run", str(fast_job(tmp_path, folder, "bad", **keys)))
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
 
@@ -422,7 +419,7 @@ def test_an_fp8_run_says_so_and_counts_its_fp8_weights(tmp_path, tiny_model):
     from bulkinfer.engines.fp8_loading import load_fp8_model
     from bulkinfer.observe.stats import ModelCost
 
-    job = _job(tmp_path, tiny_model, "fp8", quantization="fp8", kv_cache_dtype="fp8")
+    job = fast_job(tmp_path, tiny_model, "fp8", quantization="fp8", kv_cache_dtype="fp8")
     result = cli("run", str(job))
     assert result.exit_code == 0, result.output
     assert re.search(r"device cpu[^,\n]*, fp8 weights, fp8 KV cache\n", result.output), (

@@ -10,14 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import (
-    cli_subprocess,
-    read_outputs,
-    sample_prompts,
-    set_model,
-    write_job,
-    write_jsonl,
-)
+from conftest import cli_subprocess, fast_job, read_outputs
 from tiny_model import build_tiny_model, tiny_config, train_tokenizer
 
 CPU = torch.device("cpu")
@@ -100,14 +93,7 @@ def test_a_checkpoint_named_otherwise_is_left_to_transformers(tmp_path):
 
 
 def _run(tmp_path, model, name: str, ahead: str, **model_keys):
-    job = write_job(
-        tmp_path / f"{name}.yaml",
-        model,
-        write_jsonl(tmp_path / "in.jsonl", sample_prompts(12)),
-        tmp_path / name,
-        task={"max_new_tokens": 6},
-    )
-    set_model(job, engine="fast", **model_keys)
+    job = fast_job(tmp_path, model, name, **model_keys)
     result = cli_subprocess("run", str(job), env={"BULKINFER_READ_AHEAD": ahead})
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / name / "summary.json").read_text())
