@@ -4,11 +4,12 @@ keeps there, so a resume runs the very same batches; the batches still to do."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import numpy as np
 
-from bulkinfer.errors import counted
+from bulkinfer.errors import OutputFolderError, counted
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.job.budget import token_budget
 from bulkinfer.job.planning import (
@@ -72,7 +73,17 @@ def record_plan(inputs: Inputs, engine, folder: JobFolder, shard: Shard | None) 
     # a folder planned before plans recorded their order was planned by length
     order = job.plan_order or ("length" if job.plan is not None else PLAN_ORDER)
     plan = make_plan(inputs, budget, shard, order)
+    digest = plan_digest(plan)
+    if job.plan_digest is not None and job.plan_digest != digest:
+        raise OutputFolderError(
+            f"{folder.layout.root}: this run plans other batches than the run that committed "
+            "its parts, so what they hold cannot be told apart from what is left (the input "
+            "tokenized otherwise: another tokenizers or transformers version, or another "
+            "bulkinfer); run it with the versions it started with, or pass --overwrite to "
+            "start afresh"
+        )
     job.max_tokens, job.max_batch_size = budget.max_tokens, budget.max_batch_size
+    job.plan_digest, job.engine = digest, engine.limits.kind
     job.plan_order = order
     job.rows = len(plan.rows)
     job.openai_responses = setup.openai_responses
@@ -80,6 +91,33 @@ def record_plan(inputs: Inputs, engine, folder: JobFolder, shard: Shard | None) 
     job.device = engine.limits.device_name
     save_job(folder.layout, job)
     return plan
+
+
+def plan_digest(plan: JobPlan) -> str:
+    """A hash of the planned batches' rows, in order: parts name the batches they complete by
+    number, so a resume must plan the very same ones."""
+    digest = hashlib.blake2b(digest_size=16)
+    for batch in plan.batches:
+        digest.update(np.int64(len(batch.rows)).tobytes())
+        digest.update(np.ascontiguousarray(batch.rows, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def engine_as_ran(setup: JobSetup, folder: JobFolder) -> str | None:
+    """The engine `model.engine: auto` resolves to on a resume: the one that ran the folder's
+    rows (job.json), not what this machine or the rows left would pick (a warm compile cache,
+    another GPU), which would plan other batches and compute the rest otherwise; None where
+    the spec names one, or the folder is new or keeps no record of it."""
+    ran = folder.job.engine
+    if not folder.resumed or setup.spec.model.engine != "auto" or ran not in ("fast", "reference"):
+        return None
+    log(
+        f"engine: the {ran} engine runs the rest of this job, as it ran the rows committed "
+        "(model.engine: auto)",
+        event="engine",
+        engine=ran,
+    )
+    return ran
 
 
 def batches_to_do(

@@ -38,7 +38,13 @@ from bulkinfer.job.finish import (
     write_summary,
 )
 from bulkinfer.job.planning import job_size, row_work
-from bulkinfer.job.resume import batches_to_do, log_start, open_folder, record_plan
+from bulkinfer.job.resume import (
+    batches_to_do,
+    engine_as_ran,
+    log_start,
+    open_folder,
+    record_plan,
+)
 from bulkinfer.job.setup import (
     Inputs,
     JobSetup,
@@ -95,7 +101,8 @@ def _run_job(
         setup_seconds = time.monotonic() - started
         if folder.finished:
             return finished_already(setup, layout, shard)
-        background, options = loading or beside.enter_context(start_loading(setup))
+        pinned = engine_as_ran(setup, folder)
+        background, options = loading or beside.enter_context(start_loading(setup, pinned))
         inputs, engine, host_seconds = tokenize_while_loading(
             setup, background, layout.prepared_dir
         )

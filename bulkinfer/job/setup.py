@@ -321,12 +321,16 @@ def log_request_caveats(prepared: PreparedRows, task) -> None:
 
 
 @contextmanager
-def start_loading(setup: JobSetup) -> Iterator[tuple[Background, LoadOptions]]:
+def start_loading(
+    setup: JobSetup, engine: str | None = None
+) -> Iterator[tuple[Background, LoadOptions]]:
     """The job's engine loading on a thread while the body runs (in_background: leaving the
-    body waits for it, or lets go of it as that says), and its load options."""
+    body waits for it, or lets go of it as that says), and its load options; `engine`: the one
+    `model.engine: auto` resolves to (a resume's, job/resume.py engine_as_ran)."""
     from bulkinfer.engines.compiling import hash_triton_key  # imports torch: not at --help
 
-    options, limits = planned_engine(setup.model, setup.config, setup.task)  # converts a GGUF once
+    # converts a GGUF once
+    options, limits = planned_engine(setup.model, setup.config, setup.task, engine=engine)
     hash_triton_key(limits.kind, limits.device_type)
 
     def load():

@@ -38,6 +38,11 @@ class JobRecord:
     openai_responses: bool = False
     plan: dict | None = None
     device: str | None = None
+    # the engine that ran the rows ("fast" or "reference"; `model.engine: auto` resolves to it
+    # again on a resume) and a hash of the planned batches' rows (a resume that plans other
+    # batches is refused: their numbers name what parts hold); None in older folders
+    engine: str | None = None
+    plan_digest: str | None = None
     # what `auto` settings resolved to when the job started (RESOLVED_KEYS), which the spec's
     # hash cannot see; None in folders written before it was recorded
     resolved: dict | None = None
