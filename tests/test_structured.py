@@ -235,6 +235,30 @@ def test_a_tokenizer_without_an_end_token_ends_rows_at_the_models(tmp_path, tiny
     assert all(r["text"] in ("yes", "no") for r in rows)
 
 
+def test_a_model_without_any_end_token_is_refused_structured_output(tmp_path, tiny_model):
+    """No end-of-sequence token in the tokenizer, config.json or generation_config.json: the
+    grammar library guessed token 0 as the end, which the engines do not stop at, so a
+    complete answer ran on with that token to the row's limit (finish_reason length, the
+    tokens counted). The job is refused before any weight loads; one without a format runs."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    for name, key in (("tokenizer_config.json", "eos_token"), ("config.json", "eos_token_id")):
+        settings = json.loads((model / name).read_text())
+        settings[key] = None
+        (model / name).write_text(json.dumps(settings))
+    generation = json.loads((model / "generation_config.json").read_text())
+    generation.pop("eos_token_id", None)
+    (model / "generation_config.json").write_text(json.dumps(generation))
+    fmt = {"type": "choice", "choices": ["yes", "no"]}
+    for command in ("validate", "run"):
+        result = cli_subprocess(command, str(_job(tmp_path, model, "out", response_format=fmt)))
+        assert result.returncode == 2, result.stderr
+        assert "names no end-of-sequence token" in result.stderr
+        assert "Traceback" not in result.stderr
+    plain = _run(_job(tmp_path, model, "plain", rows=2, max_new_tokens=4))  # no format: runs
+    assert [r["finish_reason"] for r in plain] == ["length"] * 2
+
+
 def test_a_tokenizer_the_grammar_library_misreads_is_one_line(tmp_path, tiny_model):
     """A decoder whose output llguidance cannot follow stops the job before any batch, naming
     the problem, instead of masking the wrong tokens."""

@@ -143,7 +143,17 @@ def matcher(tokenizer, grammar: str | None, end: int | None = None):
     `end`: as for ll_tokenizer."""
     if grammar is None:
         return None
+    if end is None and tokenizer.eos_token_id is None:
+        raise ModelError(NO_END_TOKEN)
     return _first_matcher(ll_tokenizer(tokenizer, end), grammar).deep_copy()
+
+
+NO_END_TOKEN = (
+    "response_format: the model names no end-of-sequence token (neither its tokenizer's "
+    "eos_token nor eos_token_id in config.json or generation_config.json), which ends a row "
+    "once its format is complete; structured output cannot run with it (name one in "
+    "generation_config.json)"
+)
 
 
 def completes(tokenizer, grammar: str, text: str) -> bool:

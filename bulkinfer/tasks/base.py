@@ -7,12 +7,14 @@ runner never needs to know which task it runs.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 
+from bulkinfer.errors import ModelError
 from bulkinfer.prepare import PreparedRows
 
 
@@ -85,9 +87,30 @@ def make_task(spec, model, tokenizer, config, source: InputKind | None = None) -
         if source.per_request:  # /v1/embeddings requests beside chat and completions
             embeddings = EmbeddingRequests.for_model(model, config, max_context)
         share = spec.batching.min_shared_prefix
+        if task.response_format is not None and not model_end_tokens(model, tokenizer, config):
+            from bulkinfer.engines.constraints import NO_END_TOKEN
+
+            raise ModelError(NO_END_TOKEN)
         return GenerateTask(task, tokenizer, max_context, source.per_request, embeddings, share)
     share = spec.batching.min_shared_prefix
     return ScoreTask(task, tokenizer, max_context, choices=source.choices, share_prefix=share)
+
+
+def model_end_tokens(model, tokenizer, config) -> bool:
+    """Whether the model names an end-of-sequence token where the engines look for one (the
+    tokenizer, the generation config, config.json); True where that cannot be told before the
+    weights load (a GGUF file's own)."""
+    if tokenizer.eos_token_id is not None or not model.path.is_dir():
+        return True
+    found = [getattr(config, "eos_token_id", None)]
+    found.append(getattr(getattr(config, "text_config", None), "eos_token_id", None))
+    generation = model.path / "generation_config.json"
+    if generation.is_file():
+        try:
+            found.append(json.loads(generation.read_text(encoding="utf-8")).get("eos_token_id"))
+        except (ValueError, AttributeError, OSError):
+            return True  # the loader says what is wrong with the file
+    return any(value not in (None, [], ()) for value in found)
 
 
 @dataclass(frozen=True)

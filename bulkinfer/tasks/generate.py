@@ -187,7 +187,8 @@ class GenerateTask:
                 errors[owner] = (
                     "response_format: the grammar library gave up on this row's output after "
                     f"{len(gen.tokens)} tokens (its parser's limits: a schema no finite value "
-                    "satisfies, or nesting too deep); the text is not kept to the format"
+                    "satisfies, nesting too deep, or text the format fixes that is a special "
+                    "token's, such as '<|im_end|>'); the text is not kept to the format"
                 )
             elif p.grammar is not None:
                 cut_short += self._cut_short(sample, p)
