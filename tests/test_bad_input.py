@@ -42,6 +42,24 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path, tiny_model):
     assert not (tmp_path / "out" / "outputs").exists()
 
 
+@pytest.mark.parametrize(
+    "text, what",
+    [
+        ('[\n {"prompt": "a"},\n {"prompt": "b"}\n]\n', "an array"),
+        ('[{"prompt": "a"}, {"prompt": "b"}]\n', "an array"),
+        ('{\n "prompt": "a"\n}\n', "an object spread over several lines"),
+    ],
+)
+def test_a_json_document_read_as_jsonl_says_what_it_looks_like(tmp_path, tiny_model, text, what):
+    """A .json file holding one JSON array was 'not valid JSON: Expecting value' at 1:1,
+    though it is valid JSON: the error says it looks like an array and what reads one."""
+    path = tmp_path / "in.json"
+    path.write_text(text)
+    _fails_cleanly(
+        cli("run", str(_job(tmp_path, tiny_model, path))), "in.json:1", what, "input.format: hf"
+    )
+
+
 @pytest.mark.parametrize("command", ["validate", "run"])
 def test_a_key_twice_in_one_line_names_the_line(tmp_path, tiny_model, command):
     """`{"prompt": "a", "prompt": "b"}` ran the last value silently (json keeps it; other

@@ -69,6 +69,23 @@ def test_ids_found_past_an_empty_first_file_and_over_long_lines(tmp_path, tiny_m
     assert read_outputs(tmp_path / "long").column("id").to_pylist() == ["L0", "L1"]
 
 
+def test_an_empty_parquet_file_beside_others_is_passed_over(tmp_path, tiny_model):
+    """A writer's Parquet part with no rows has a schema all the same, often not the job's:
+    its columns decided the ids (positions where the next file has an 'id', refused) and its
+    missing kept column was refused, though an empty file is passed over."""
+    (tmp_path / "d").mkdir()
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), tmp_path / "d" / "a.parquet")
+    pq.write_table(
+        pa.table({"id": ["x", "y"], "prompt": ["one", "two"], "k": [1, 2]}),
+        tmp_path / "d" / "b.parquet",
+    )
+    for command in ("validate", "run"):
+        result = _run(tmp_path, tiny_model, tmp_path / "d", command=command, keep_columns=["k"])
+        assert result.exit_code == 0, result.output
+    got = read_outputs(tmp_path / "out")
+    assert got.column("id").to_pylist() == ["x", "y"] and got.column("k").to_pylist() == [1, 2]
+
+
 def test_hidden_and_underscore_folders_are_passed_over(tmp_path, tiny_model):
     """A notebook's .ipynb_checkpoints copy and a writer's _temporary part doubled rows."""
     rows = [{"id": "a", "prompt": "one"}, {"id": "b", "prompt": "two"}]

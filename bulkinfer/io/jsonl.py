@@ -211,7 +211,10 @@ def _parse_line(path: str, line_no: int, raw: bytes) -> dict:
     try:
         record = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
-        raise InputError(f"{path}:{line_no}:{exc.colno}: not valid JSON: {exc.msg}") from None
+        raise InputError(
+            f"{path}:{line_no}:{exc.colno}: not valid JSON: {exc.msg}"
+            + _whole_file_hint(line_no, text)
+        ) from None
     except _DuplicateKey as exc:
         raise InputError(
             f"{path}:{line_no}: key {exc.args[0]!r} appears twice in one object (which value "
@@ -225,8 +228,22 @@ def _parse_line(path: str, line_no: int, raw: bytes) -> dict:
     if not isinstance(record, dict):
         raise InputError(
             f"{path}:{line_no}: expected a JSON object per line, got {type(record).__name__}"
+            + _whole_file_hint(line_no, text)
         )
     return record
+
+
+def _whole_file_hint(line_no: int, line: str) -> str:
+    """Where the first line opens a JSON array or an object spread over lines: the file is
+    likely one JSON document, not JSON Lines; what reads it."""
+    start = line.lstrip()[:1]
+    if line_no != 1 or start not in ("[", "{"):
+        return ""
+    what = "an array" if start == "[" else "an object spread over several lines"
+    return (
+        f" (this looks like {what}: JSONL holds one object per line; input.format: hf reads "
+        "a JSON file that is one array of objects)"
+    )
 
 
 class _DuplicateKey(Exception):

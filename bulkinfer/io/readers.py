@@ -64,6 +64,8 @@ def _read_parquet(path: str, columns: ColumnNames) -> Iterator[InputChunk]:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
+    if parquet.metadata.num_rows == 0:  # passed over, as an empty JSONL file is: its schema
+        return  # (a writer's, with no row to hold) need not have the job's columns
     wanted = _check_columns(path, parquet.schema_arrow.names, columns)
     _refuse_json_text(path, parquet.schema_arrow, columns)
     row = 0
@@ -306,7 +308,8 @@ def peek_columns(file: DataFile, max_line_bytes: int = PEEK_LINE_BYTES) -> list[
         return _load_through_datasets(path).column_names
     if file.layout == "parquet":
         try:
-            return pq.ParquetFile(path).schema_arrow.names
+            parquet = pq.ParquetFile(path)
+            return parquet.schema_arrow.names if parquet.metadata.num_rows else []
         except (pa.ArrowInvalid, OSError) as exc:
             raise InputError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
     for _, record in _jsonl_records(path, max_line_bytes):
