@@ -12,6 +12,7 @@ import numpy as np
 from bulkinfer.errors import OutputFolderError, counted
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.job.budget import token_budget
+from bulkinfer.job.loading import load_options
 from bulkinfer.job.planning import (
     PLAN_ORDER,
     JobPlan,
@@ -108,15 +109,19 @@ def engine_as_ran(setup: JobSetup, folder: JobFolder) -> str | None:
     rows (job.json), not what this machine or the rows left would pick (a warm compile cache,
     another GPU), which would plan other batches and compute the rest otherwise; None where
     the spec names one, or the folder is new or keeps no record of it."""
+    from bulkinfer.engines.select import wants_fast
+
     ran = folder.job.engine
     if not folder.resumed or setup.spec.model.engine != "auto" or ran not in ("fast", "reference"):
         return None
-    log(
-        f"engine: the {ran} engine runs the rest of this job, as it ran the rows committed "
-        "(model.engine: auto)",
-        event="engine",
-        engine=ran,
-    )
+    here = "fast" if wants_fast(load_options(setup.model, convert=False)) else "reference"
+    if ran != here:  # (where auto would pick it anyway, nothing to say)
+        log(
+            f"engine: the {ran} engine runs the rest of this job, as it ran the rows committed "
+            "(model.engine: auto)",
+            event="engine",
+            engine=ran,
+        )
     return ran
 
 
