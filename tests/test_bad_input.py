@@ -736,3 +736,24 @@ def test_validate_tells_of_the_first_rows_that_cannot_run(tmp_path, tiny_model):
     path = write_jsonl(tmp_path / "none.jsonl", [{"prompt": ""}, {"prompt": "\t"}])
     result = cli("validate", str(_job(tmp_path, tiny_model, path)))
     assert "none of the first 2 rows can run" in result.output, result.output
+
+
+@pytest.mark.parametrize("problem", ["too long", "null completion"])
+def test_validate_finds_the_row_problems_run_finds(tmp_path, tiny_model, problem):
+    """validate rendered the first rows only: a prompt longer than the context, or a score
+    row's null completion, passed it (and, under on_error: fail, run then stopped at once)."""
+    if problem == "too long":
+        rows = [{"prompt": "the fox"}, {"prompt": "the fox jumps " * 400}]
+        sections, expected = {}, "in.jsonl:2: prompt has"
+    else:
+        rows = [{"prompt": "the fox", "completion": "runs"}, {"prompt": "a", "completion": None}]
+        sections = {"task": {"type": "score"}, "input": {"completion_column": "completion"}}
+        expected = "in.jsonl:2: completion is null"
+    job = _job(tmp_path, tiny_model, write_jsonl(tmp_path / "in.jsonl", rows), **sections)
+    result = cli("validate", str(job))
+    assert result.exit_code == 0 and expected in result.output, result.output
+    for command in ("validate", "run"):
+        result = cli(command, str(job), "--set", "on_error=fail")
+        last = result.output.strip().splitlines()[-1]  # (a score job warns of max_new_tokens)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert last.startswith("bulkinfer: error:") and expected in last, result.output

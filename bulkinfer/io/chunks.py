@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,24 @@ class InputChunk:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def head(self, n: int) -> InputChunk:
+        """The chunk's first n rows."""
+
+        def first(values):
+            return None if values is None else values[:n]
+
+        return dataclasses.replace(
+            self,
+            prompts=self.prompts[:n],
+            completions=first(self.completions),
+            ids=first(self.ids),
+            keep=self.keep.slice(0, n),
+            lines=first(self.lines),
+            choices=first(self.choices),
+            requests=None if self.requests is None else self.requests.slice(0, n),
+            problems={i: p for i, p in (self.problems or {}).items() if i < n} or None,
+        )
 
     def location(self, i: int) -> str:
         """Where row i of this chunk sits in its file, for error messages."""

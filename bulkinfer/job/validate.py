@@ -22,7 +22,7 @@ from bulkinfer.io.jsonl import _jsonl_records, compression_of
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.readers import datasets_rows, peek_columns, read_chunks
 from bulkinfer.prepare.ids import chunk_ids, first_duplicate
-from bulkinfer.prepare.render import RowError, render
+from bulkinfer.prepare.tokenize import row_problems
 from bulkinfer.spec import JobSpec
 from bulkinfer.state.fingerprint import fingerprint
 from bulkinfer.state.folder import (
@@ -113,13 +113,7 @@ def render_first_rows(setup) -> tuple[int, list[str]]:
     if chunk.ids is not None:
         chunk_ids(chunk)
         first_duplicate(chunk)
-    problems = dict(chunk.problems or {})
-    for i, value in enumerate(chunk.prompts[:FIRST_ROWS]):
-        if i not in problems:
-            try:
-                render(value, setup.tokenizer, setup.options)
-            except RowError as exc:
-                problems[i] = str(exc)
+    problems = row_problems(chunk.head(FIRST_ROWS), setup.tokenizer, setup.options)
     if setup.spec.on_error == "fail" and problems:
         i = min(problems)
         raise RowFailedError(

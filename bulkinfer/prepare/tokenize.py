@@ -220,6 +220,13 @@ class EncodedChunk:
     continuations: list[list[list[int]]] | None
 
 
+def row_problems(chunk: InputChunk, tokenizer, options: RenderOptions) -> dict[int, str]:
+    """Each row's error, by its index in `chunk`, as a run finds it (the row read, rendered,
+    its completion or choices, its length in tokens), without keeping any token."""
+    encoded = _encode_rendered(tokenizer, _render_chunk(chunk, tokenizer, options), chunk, options)
+    return _collect_tokens(chunk, encoded, options)[3]
+
+
 def _render_chunk(chunk: InputChunk, tokenizer, options: RenderOptions) -> RenderedChunk:
     errors: dict[int, str] = {}
     texts: list[str] = []
