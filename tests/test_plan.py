@@ -98,6 +98,28 @@ def test_histogram_counts_every_length():
     assert buckets[0][0] == 1 and buckets[-1][1] >= 4000
 
 
+def test_new_tokens_past_the_context_are_not_reserved(tmp_path):
+    """max_new_tokens above the model's context: no row can make more than the context holds,
+    but every row reserved all of them, so each ran alone, with a warning that it needs more
+    than the budget."""
+    from tiny_model import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "model", max_context=64)
+    job = write_job(
+        tmp_path / "job.yaml",
+        model,
+        write_jsonl(tmp_path / "in.jsonl", sample_prompts(12)),
+        tmp_path / "out",
+        task={"max_new_tokens": 1000},
+        batching={"max_tokens": 1024, "max_batch_size": 8},
+    )
+    result = cli("plan", str(job), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    assert report["new_tokens_per_row"] == 64 and max(report["batch_rows"]) > 1, report
+    assert "more than the budget" not in result.output
+
+
 def test_plan_command_reports_padding_without_loading_weights(tmp_path, tiny_model):
     rows = sample_prompts(60)
     job = write_job(

@@ -93,7 +93,10 @@ class GenerateTask:
     load_engine = staticmethod(load_causal_lm)
 
     def new_tokens_per_row(self) -> int:
-        return self.spec.max_new_tokens
+        """The job's max_new_tokens, at most the model's context (no row makes more)."""
+        if self.max_context is None:
+            return self.spec.max_new_tokens
+        return min(self.spec.max_new_tokens, self.max_context)
 
     def row_costs(self, prepared: PreparedRows) -> np.ndarray:
         """Tokens each row holds on an engine that packs rows: n sequences of its prompt plus
