@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 
 import click
@@ -84,7 +85,11 @@ def _user_error(exc: UserError) -> None:
 
 
 def _interrupted(command: str | None) -> None:
-    """Ctrl-C: one line (a JSON event with --log-format json), exit 130."""
+    """Ctrl-C: one line (a JSON event with --log-format json), exit 130. A second SIGINT (a
+    terminal's to the process group, and a launcher's forwarded to its workers) no longer
+    cuts this short into a traceback and a death by the signal."""
+    if process.OWN:  # the command's own process, which ends here
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     message = "interrupted"
     if command in ("run", "merge"):  # the commands that commit work
         message += "; committed work is kept, rerun to resume"

@@ -85,6 +85,7 @@ class AtOnce:
         self.finishing = False
         self.signum: int | None = None
         self.overwrite = overwrite  # the run was asked to start afresh
+        self.interrupted = False  # a Ctrl-C whose KeyboardInterrupt a callback dropped
 
     @property
     def when(self) -> str:
@@ -109,7 +110,11 @@ class AtOnce:
 
     def check(self) -> None:
         """Raise the stop again where the handler's raise was lost: a signal can land in code
-        whose exceptions Python prints and drops (a weakref or import-lock callback)."""
+        whose exceptions Python prints and drops (a weakref or import-lock callback). So can
+        Ctrl-C's KeyboardInterrupt, which then ran the whole job."""
+        if self.interrupted:
+            self.interrupted = False
+            raise KeyboardInterrupt
         if self.signum is not None and not self.finishing:
             raise StopRequested(self.signum)
 
@@ -154,7 +159,9 @@ def stops_at_once(overwrite: bool = False) -> Iterator[AtOnce]:
     hook = sys.unraisablehook
 
     def quiet(unraisable) -> None:  # a stop dropped in a callback: `check` raises it again
-        if not isinstance(unraisable.exc_value, StopRequested):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            at_once.interrupted = True
+        elif not isinstance(unraisable.exc_value, StopRequested):
             hook(unraisable)
 
     sys.unraisablehook = quiet
