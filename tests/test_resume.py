@@ -516,37 +516,42 @@ def _auto_picks_fast(monkeypatch) -> None:
     monkeypatch.setattr(select, "AUTO_FAST_TOKENS_WARM", 0)
 
 
+def _engine_job(tmp_path, model, name: str):
+    """A generate job of 40 rows whose two engines plan other batches, writing to
+    tmp_path/NAME."""
+    return write_job(
+        tmp_path / f"{name}.yaml",
+        model,
+        write_jsonl(tmp_path / "in.jsonl", sample_prompts(40)),
+        tmp_path / name,
+        task={"max_new_tokens": 8},  # (at 6 both engines plan the same batches)
+        batching={"max_tokens": 400, "max_batch_size": 6},
+        checkpoint={"every_rows": 4},
+    )
+
+
+def _killed(job):
+    """`job` run once and killed after its third part."""
+    killed = cli_subprocess("run", str(job), env={"BULKINFER_KILL_AT": "part_committed:3"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    return job
+
+
 def test_a_resume_runs_the_engine_that_ran_the_committed_rows(tmp_path, tiny_model, monkeypatch):
     """`model.engine: auto` resolves by the machine and the rows left (a warm compile cache,
     a GPU); the engines plan other batches (one pads, one packs), and parts name the batches
     they complete by number: a resume under the other engine left rows missing and others
     doubled, and every rerun failed at the end. The engine that ran the folder's rows runs the
     rest."""
-    rows = sample_prompts(40)
-    inputs = write_jsonl(tmp_path / "in.jsonl", rows)
-    batching = {"max_tokens": 400, "max_batch_size": 6}
-
-    def job(name: str):
-        return write_job(
-            tmp_path / f"{name}.yaml",
-            tiny_model,
-            inputs,
-            tmp_path / name,
-            task={"max_new_tokens": 8},  # (at 6 both engines plan the same batches)
-            batching=batching,
-            checkpoint={"every_rows": 4},
-        )
-
-    assert cli("run", str(job("whole"))).exit_code == 0
-    killed = cli_subprocess("run", str(job("out")), env={"BULKINFER_KILL_AT": "part_committed:3"})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert cli("run", str(_engine_job(tmp_path, tiny_model, "whole"))).exit_code == 0
+    job = _killed(_engine_job(tmp_path, tiny_model, "out"))
     recorded = json.loads((tmp_path / "out" / "job.json").read_text())
     assert recorded["engine"] == "reference"
     _auto_picks_fast(monkeypatch)
-    resumed = cli("run", str(job("out")))
+    resumed = cli("run", str(job))
     assert resumed.exit_code == 0, resumed.output
     assert "the reference engine runs the rest of this job" in resumed.output
-    assert_every_id_once(tmp_path / "out", read_outputs(tmp_path / "whole"), len(rows))
+    assert_every_id_once(tmp_path / "out", read_outputs(tmp_path / "whole"), 40)
 
 
 def test_a_resume_that_plans_other_batches_is_refused_in_one_line(tmp_path, tiny_model):
@@ -554,18 +559,7 @@ def test_a_resume_that_plans_other_batches_is_refused_in_one_line(tmp_path, tiny
     (the input tokenized otherwise by another library version; here a record saying the other
     engine ran them), the rerun stops before running anything, saying so, and the folder
     resumes once the record is back."""
-    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(40))
-    spec = write_job(
-        tmp_path / "job.yaml",
-        tiny_model,
-        inputs,
-        tmp_path / "out",
-        task={"max_new_tokens": 8},
-        batching={"max_tokens": 400, "max_batch_size": 6},
-        checkpoint={"every_rows": 4},
-    )
-    killed = cli_subprocess("run", str(spec), env={"BULKINFER_KILL_AT": "part_committed:3"})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    spec = _killed(_engine_job(tmp_path, tiny_model, "out"))
     record = tmp_path / "out" / "job.json"
     kept = record.read_text()
     record.write_text(json.dumps({**json.loads(kept), "engine": "fast"}))
