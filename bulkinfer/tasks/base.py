@@ -87,11 +87,12 @@ def make_task(spec, model, tokenizer, config, source: InputKind | None = None) -
         if source.per_request:  # /v1/embeddings requests beside chat and completions
             embeddings = EmbeddingRequests.for_model(model, config, max_context)
         share = spec.batching.min_shared_prefix
+        made = GenerateTask(task, tokenizer, max_context, source.per_request, embeddings, share)
         if task.response_format is not None and not model_end_tokens(model, tokenizer, config):
             from bulkinfer.engines.constraints import NO_END_TOKEN
 
-            raise ModelError(NO_END_TOKEN)
-        return GenerateTask(task, tokenizer, max_context, source.per_request, embeddings, share)
+            raise ModelError(NO_END_TOKEN)  # (after a tokenizer the grammar library misreads)
+        return made
     share = spec.batching.min_shared_prefix
     return ScoreTask(task, tokenizer, max_context, choices=source.choices, share_prefix=share)
 
