@@ -88,7 +88,7 @@ def make_task(spec, model, tokenizer, config, source: InputKind | None = None) -
             embeddings = EmbeddingRequests.for_model(model, config, max_context)
         share = spec.batching.min_shared_prefix
         made = GenerateTask(task, tokenizer, max_context, source.per_request, embeddings, share)
-        if task.response_format is not None and not model_end_tokens(model, tokenizer, config):
+        if task.response_format is not None and not names_an_end_token(model, tokenizer, config):
             from bulkinfer.engines.constraints import NO_END_TOKEN
 
             raise ModelError(NO_END_TOKEN)  # (after a tokenizer the grammar library misreads)
@@ -97,7 +97,7 @@ def make_task(spec, model, tokenizer, config, source: InputKind | None = None) -
     return ScoreTask(task, tokenizer, max_context, choices=source.choices, share_prefix=share)
 
 
-def model_end_tokens(model, tokenizer, config) -> bool:
+def names_an_end_token(model, tokenizer, config) -> bool:
     """Whether the model names an end-of-sequence token where the engines look for one (the
     tokenizer, the generation config, config.json); True where that cannot be told before the
     weights load (a GGUF file's own)."""
