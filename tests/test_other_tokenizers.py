@@ -62,6 +62,23 @@ def test_structured_output_and_logprob_tokens_with_a_sentencepiece_tokenizer(tmp
 
 
 @pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_a_format_holding_special_tokens_text_with_a_sentencepiece_tokenizer(tmp_path, engine):
+    """`</s>` fixed by a format is written as plain text (`<`, `/`, `s`, `>`), not as the end
+    token, which ended every row before its answer; the text between is tokenized as the
+    tokenizer does, without the space it puts before a text of its own."""
+    model = _model(tmp_path / "l2", train_sentencepiece_like_tokenizer())
+    write_jsonl(tmp_path / "q.jsonl", [{"id": f"r{i}", "prompt": f"Row {i}"} for i in range(3)])
+    choice = {"type": "choice", "choices": ["</s> ok", "a<s>b"]}
+    task = {"max_new_tokens": 16, "chat_template": "never", "response_format": choice}
+    job = write_job(tmp_path / "rf.yaml", model, tmp_path / "q.jsonl", tmp_path / "rf", task=task)
+    use_engine(job, engine)
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output
+    rows = read_outputs(tmp_path / "rf").to_pylist()
+    assert all(r["text"] in choice["choices"] and r["finish_reason"] == "stop" for r in rows), rows
+
+
+@pytest.mark.parametrize("engine", ["reference", "fast"])
 def test_generated_text_keeps_the_space_its_first_token_adds(tmp_path, engine):
     """`▁Paris` decoded alone is 'Paris': the text of a completion lost the space between the
     prompt and its first word ('The capital of France isParis' once joined). It is now what

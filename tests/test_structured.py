@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -64,6 +65,14 @@ def _run(job, *args):
     result = cli("run", str(job), *args)
     assert result.exit_code == 0, result.output
     return read_outputs(job.parent / job.stem).to_pylist()
+
+
+def _counted(tmp_path, model, engine, name, **task):
+    """Three rows' outputs, and the summary's count of samples cut short of their format."""
+    job = _job(tmp_path, model, name, rows=3, engine=engine, **task)
+    rows = _run(job)
+    summary = json.loads((tmp_path / name / "summary.json").read_text())
+    return rows, summary["constrained_cut_short"]
 
 
 def _valid(text: str, schema: dict) -> bool:
@@ -164,10 +173,7 @@ def test_cut_short_counts_texts_that_are_not_whole_answers(tmp_path, tiny_model,
     fmt = {"type": "choice", "choices": ["left,right"]}
 
     def run(name, **task):
-        job = _job(tmp_path, tiny_model, name, rows=3, engine=engine, response_format=fmt, **task)
-        rows = _run(job)
-        summary = json.loads((tmp_path / name / "summary.json").read_text())
-        return rows, summary["constrained_cut_short"]
+        return _counted(tmp_path, tiny_model, engine, name, response_format=fmt, **task)
 
     whole, cut = run("whole", max_new_tokens=32)
     assert [r["text"] for r in whole] == ["left,right"] * 3 and cut == 0
@@ -179,6 +185,47 @@ def test_cut_short_counts_texts_that_are_not_whole_answers(tmp_path, tiny_model,
     stopped, cut = run("stopped", max_new_tokens=32, stop=[","])
     assert [(r["text"], r["finish_reason"]) for r in stopped] == [("left", "stop")] * 3
     assert cut == 3
+
+
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+@pytest.mark.parametrize(
+    "fmt, text",
+    [
+        ({"type": "choice", "choices": ["<|im_end|> done"]}, "<|im_end|> done"),
+        ({"type": "regex", "pattern": r"<\|im_start\|>[0-9]"}, None),
+        (
+            {
+                "type": "json_schema",
+                "schema": {
+                    "type": "object",
+                    "properties": {"end": {"const": "a <|im_end|>"}},
+                    "required": ["end"],
+                    "additionalProperties": False,
+                },
+            },
+            '{"end": "a <|im_end|>"}',
+        ),
+    ],
+)
+def test_text_a_format_fixes_may_be_a_special_token_s_own(tmp_path, tiny_model, engine, fmt, text):
+    """A special token's text that the format fixes is written as text: not forced as that one
+    token, which ended the row (the end token) or failed its grammar. So is a row that
+    completes its format on its very last token counted as whole."""
+
+    rows, cut = _counted(
+        tmp_path, tiny_model, engine, "out", response_format=fmt, max_new_tokens=32
+    )
+    assert cut == 0 and all(r["error"] is None for r in rows), rows
+    assert all(r["finish_reason"] == "stop" for r in rows)
+    if text is None:
+        assert all(re.fullmatch(r"<\|im_start\|>[0-9]", r["text"]) for r in rows), rows
+    else:
+        assert [r["text"] for r in rows] == [text] * 3
+    exact = max(r["output_tokens"] for r in rows)
+    rows, cut = _counted(
+        tmp_path, tiny_model, engine, "exact", response_format=fmt, max_new_tokens=exact
+    )
+    assert cut == 0 and all(r["error"] is None for r in rows), rows
 
 
 def _rewrite_tokenizer(folder, change) -> None:

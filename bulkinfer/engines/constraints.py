@@ -19,9 +19,11 @@ cut short (and not valid).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
+import re
 
 import numpy as np
 import torch
@@ -32,7 +34,7 @@ from bulkinfer.grammars import SPECIAL_MARK
 from bulkinfer.grammars import llguidance_module as _llguidance
 
 # the last few tokenizers' llguidance views (a notebook running job after job keeps no more)
-_LL_TOKENIZERS: dict[tuple[int, int | None], tuple[object, object]] = {}
+_LL_TOKENIZERS: dict[tuple, tuple[object, object]] = {}
 LL_TOKENIZERS_KEPT = 4
 
 
@@ -58,6 +60,76 @@ def ll_tokenizer(tokenizer, end: int | None = None):
             del _LL_TOKENIZERS[next(iter(_LL_TOKENIZERS))]
             _first_matcher.cache_clear()  # its keys hold the views too
     return cached[1]
+
+
+def _splitting_view(tokenizer, end: int | None):
+    """The llguidance view, but one that reads a special token's text in the grammar (or in a
+    text checked against it) as the plain text it is. The view built from the tokenizer's JSON
+    tokenizes text as the tokenizer does, special tokens matched, so text a format fixes (a
+    const "<|im_end|>") was forced as that one token, which the grammar then refused (or, the
+    end token, ended the row). This one tokenizes the text between special tokens' texts as
+    that view does, and their texts by the longest plain tokens: a call into Python for each
+    forced text, so taken only for grammars that hold a special token's text
+    (`mentions_special`)."""
+    key = (id(tokenizer), end, "split")
+    cached = _LL_TOKENIZERS.get(key)
+    if cached is not None and cached[0] is tokenizer:
+        return cached[1]
+    ll = _llguidance()
+    plain = ll_tokenizer(tokenizer, end)
+    special = [i for i in range(plain.vocab_size) if plain.is_special_token(i)]
+    texts = sorted({plain.decode_bytes([i]) for i in special} - {b""}, key=len, reverse=True)
+    pattern = re.compile(b"(" + b"|".join(re.escape(t) for t in texts) + b")")
+
+    class Split:  # the shape llguidance.TokenizerWrapper reads
+        eos_token_id = plain.eos_token
+        bos_token_id = tokenizer.bos_token_id
+        special_token_ids = special
+        tokens = [
+            SPECIAL_MARK + plain.decode_bytes([i])
+            if plain.is_special_token(i)
+            else plain.decode_bytes([i])
+            for i in range(plain.vocab_size)
+        ]
+
+        def __call__(self, data: bytes) -> list[int]:
+            tokens: list[int] = []
+            for k, piece in enumerate(pattern.split(data) if texts else [data]):
+                if k % 2:  # a special token's text
+                    tokens += plain.greedy_tokenize(piece.decode("utf-8"))
+                elif piece:
+                    tokens += plain.tokenize_bytes(piece)
+            return tokens
+
+    view = ll.LLTokenizer(ll.TokenizerWrapper(Split()), eos_token=end)
+    _LL_TOKENIZERS[key] = (tokenizer, view)
+    while len(_LL_TOKENIZERS) > LL_TOKENIZERS_KEPT:
+        del _LL_TOKENIZERS[next(iter(_LL_TOKENIZERS))]
+        _first_matcher.cache_clear()
+    return view
+
+
+@functools.lru_cache(maxsize=256)  # asked once per row: a grammar is read once
+def mentions_special(tokenizer, text: str) -> bool:
+    """Whether `text` (a grammar, or a text checked against one) holds a special token's own
+    text, JSON's and regular expressions' escapes read through."""
+    specials = {t for t in tokenizer.all_special_tokens if len(t) > 1}
+    specials.update(
+        t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special
+    )
+    if not specials:
+        return False
+    with contextlib.suppress(ValueError):  # a grammar is JSON: its \uXXXX escapes read back
+        text = json.dumps(json.loads(text), ensure_ascii=False)
+    bare = text.replace("\\", "")
+    return any(t in text or t.replace("\\", "") in bare for t in specials)
+
+
+def _view(tokenizer, end: int | None, *texts: str):
+    """The llguidance view for a grammar and the texts checked against it."""
+    if any(mentions_special(tokenizer, text) for text in texts):
+        return _splitting_view(tokenizer, end)
+    return ll_tokenizer(tokenizer, end)
 
 
 def token_bytes_of(tokenizer):
@@ -145,7 +217,7 @@ def matcher(tokenizer, grammar: str | None, end: int | None = None):
         return None
     if end is None and tokenizer.eos_token_id is None:
         raise ModelError(NO_END_TOKEN)
-    return _first_matcher(ll_tokenizer(tokenizer, end), grammar).deep_copy()
+    return _first_matcher(_view(tokenizer, end, grammar), grammar).deep_copy()
 
 
 NO_END_TOKEN = (
@@ -161,7 +233,7 @@ def completes(tokenizer, grammar: str, text: str) -> bool:
     (which may fall just as the grammar completes) or at a stop string (which cuts the text
     wherever it matches). The grammar reads bytes, so the text's own tokens serve."""
     found = matcher(tokenizer, grammar)
-    tokens = ll_tokenizer(tokenizer).tokenize_str(text)
+    tokens = _view(tokenizer, None, grammar, text).tokenize_str(text)
     if found.validate_tokens(tokens) < len(tokens):  # checked first: a refused token warns
         return False
     return found.consume_tokens(tokens) and found.is_accepting()
