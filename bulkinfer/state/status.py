@@ -8,7 +8,12 @@ from dataclasses import dataclass
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.lock import is_locked, lock_held
 from bulkinfer.sharding import Shard
-from bulkinfer.state.folder import foreign_message, record_lost, unreadable_figures
+from bulkinfer.state.folder import (
+    finished_damage,
+    foreign_message,
+    record_lost,
+    unreadable_figures,
+)
 from bulkinfer.state.manifest import read_manifest
 from bulkinfer.state.records import JobRecord, SlurmSubmission, Summary, read_json
 
@@ -33,6 +38,9 @@ def read_state(layout: OutputLayout, shard: Shard) -> ShardState:
     summary = Summary.read_if_there(layout.summary)
     if summary is not None and unreadable_figures(summary.to_dict()):
         summary = None  # an edited summary: the manifest says how far the job got
+    damage = finished_damage(layout) if summary is not None and summary.complete else None
+    if damage:  # outputs removed or cut short: the rerun writes them again (stopped, as run says)
+        summary = None
     rows_total = None  # until the run has planned its rows (a run stopped while tokenizing)
     if job is not None and isinstance(job.rows, int) and not isinstance(job.rows, bool):
         rows_total = job.rows
@@ -59,6 +67,8 @@ def read_state(layout: OutputLayout, shard: Shard) -> ShardState:
         state = "running"
     elif job is not None:
         state = "stopped"
+        if damage:
+            failed = {"error": f"{damage}; rerun to write the outputs again"}
     else:
         state = "pending"
     return ShardState(

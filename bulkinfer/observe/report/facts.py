@@ -12,9 +12,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bulkinfer.errors import UserError
+from bulkinfer.errors import OutputFolderError, UserError, first_line
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.lock import is_locked
 from bulkinfer.state.folder import unreadable_figures
@@ -163,7 +164,7 @@ def _batches(root: OutputLayout, folders: list[OutputLayout], summary: dict | No
     """Per-batch stats: the final stats file of a finished job, else the manifests' records."""
     merged = root.batch_stats
     if summary and merged.is_file():
-        rows = pq.read_table(merged).to_pylist()
+        rows = _read(merged).to_pylist()
         for r in rows:
             r.setdefault("shard", 0)
         return rows
@@ -216,7 +217,7 @@ def _rows(
     done = 0
     for folder in folders:
         for path in _result_files(folder):
-            column = pq.read_table(path, columns=["error"]).column("error")
+            column = _read(path, ["error"]).column("error")
             done += len(column)
             for message, count in Counter(column.drop_null().to_pylist()).items():
                 key = re.sub(r"\d+", "N", message)
@@ -225,6 +226,18 @@ def _rows(
     failed = sum(messages.values())
     groups = [ErrorGroup(c, examples[k]) for k, c in messages.most_common(TOP_ERRORS)]
     return done, {"ok": done - failed, "error": failed}, groups
+
+
+def _read(path: Path, columns: list[str] | None = None, schema_only: bool = False):
+    """A Parquet file of the folder (its schema only: `schema_only`), or one line saying it is
+    damaged and how to repair it."""
+    try:
+        return pq.read_schema(path) if schema_only else pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        raise OutputFolderError(
+            f"{path}: unreadable ({first_line(exc)[:120]}); rerun the job (`bulkinfer run` "
+            "with its spec) to write it again from the committed parts"
+        ) from None
 
 
 def _result_files(folder: OutputLayout) -> list[Path]:
@@ -271,8 +284,8 @@ def _plan_from_results(folders: list[OutputLayout]) -> dict | None:
     lengths = []
     for folder in folders:
         for path in _result_files(folder):
-            if "prompt_tokens" in pq.read_schema(path).names:
-                column = pq.read_table(path, columns=["prompt_tokens"]).column("prompt_tokens")
+            if "prompt_tokens" in _read(path, schema_only=True).names:
+                column = _read(path, ["prompt_tokens"]).column("prompt_tokens")
                 lengths.append(column.drop_null().to_numpy())
     if not lengths:
         return None
