@@ -495,6 +495,39 @@ def _read_json(path: Path):
         raise ModelError(f"model.path: {path} is not valid JSON ({exc})") from None
 
 
+# encoders whose position ids start after the padding id (RoBERTa's create_position_ids_...):
+# the table holds max_position_embeddings - (pad_token_id + 1) tokens' positions
+PADDING_OFFSET_TYPES = frozenset(
+    {
+        "camembert",
+        "data2vec-text",
+        "esm",
+        "ibert",
+        "lilt",
+        "longformer",
+        "luke",
+        "markuplm",
+        "mpnet",
+        "roberta",
+        "roberta-prelayernorm",
+        "xlm-roberta",
+        "xlm-roberta-xl",
+        "xmod",
+    }
+)
+
+
+def padding_offset(config) -> int:
+    """The positions a RoBERTa-style encoder's table reserves below its first token's (the
+    padding id and those before it); 0 for other models. Its tokenizer's model_max_length says
+    the same where it is set; a fine-tune's often is not."""
+    pad = getattr(config, "pad_token_id", None)
+    absolute = getattr(config, "position_embedding_type", "absolute") in (None, "absolute")
+    if getattr(config, "model_type", None) not in PADDING_OFFSET_TYPES or not absolute:
+        return 0
+    return pad + 1 if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0 else 0
+
+
 def input_limit(
     config, tokenizer, spec: ModelSpec, recipe: SentenceTransformerRecipe
 ) -> int | None:
@@ -504,7 +537,10 @@ def input_limit(
     sentence-transformers max_seq_length."""
     if spec.max_context is not None:
         return model_context(config, spec)
-    limits = [model_context(config, spec), recipe.max_seq_length]
+    context = model_context(config, spec)
+    if context is not None:
+        context -= padding_offset(config)
+    limits = [context, recipe.max_seq_length]
     tokenizer_limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000:
         limits.append(tokenizer_limit)

@@ -21,7 +21,7 @@ class EncoderEngine:
         self.limits = limits
         self.model = model
         self.pad_id = pad_id
-        self.device = model.device
+        self.device = next(model.parameters()).device  # (an encoder stack has no .device)
         self.counters: dict[str, float] = {}
 
     @torch.inference_mode()

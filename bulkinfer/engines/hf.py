@@ -606,20 +606,23 @@ def full_cache():
 
 
 def _pad_id(tokenizer, model) -> int:
-    """The id padding is filled with: one the embedding table has (a conversion that ships
-    pad_token_id -1 made every padded batch fail, then run a row at a time)."""
+    """The id padding is filled with (`pad_id_in_table`)."""
+    generation = getattr(model, "generation_config", None)
+    return pad_id_in_table(
+        model,
+        (tokenizer.pad_token_id, getattr(generation, "pad_token_id", None), tokenizer.eos_token_id),
+    )
+
+
+def pad_id_in_table(model, candidates) -> int:
+    """The first of `candidates` that the embedding table has, else 0: a conversion that ships
+    pad_token_id -1, or a tokenizer given a [PAD] past the table, made every padded batch
+    fail, then run a row at a time."""
     try:
         rows = model.get_input_embeddings().num_embeddings
     except (AttributeError, NotImplementedError):  # remote code without the accessor
         rows = 2**62
-    for candidate in (
-        tokenizer.pad_token_id,
-        getattr(model.generation_config, "pad_token_id", None),
-        tokenizer.eos_token_id,
-    ):
-        if _is_id(candidate) and candidate < rows:
-            return candidate
-    return 0
+    return next((c for c in candidates if _is_id(c) and c < rows), 0)
 
 
 def _is_id(value) -> bool:

@@ -45,6 +45,7 @@ from bulkinfer.engines.hf import (
     HFEngine,
     device_name,
     load_weights,
+    pad_id_in_table,
     resolve_device,
     resolve_dtype,
 )
@@ -211,17 +212,22 @@ ENCODER_ONLY_TYPES = frozenset(
     {
         "bert",
         "bert-generation",
+        "big_bird",
         "camembert",
         "data2vec-text",
         "electra",
         "ernie",
         "megatron-bert",
+        "reformer",
         "rembert",
         "roberta",
         "roberta-prelayernorm",
+        "roc_bert",
         "roformer",
+        "xlm",  # a causal XLM (`causal: true`) runs
         "xlm-roberta",
         "xlm-roberta-xl",
+        "xlnet",  # permutation language modelling: its logits see the tokens after them
         "xmod",
     }
 )
@@ -245,7 +251,8 @@ def refuse_not_decoder(label: str, config: Any, generates: bool = False) -> None
             f"model.path: {label} is an encoder-decoder (seq2seq) model ({kind}); "
             "generate and score run decoder-only models"
         )
-    if kind in ENCODER_ONLY_TYPES and not getattr(config, "is_decoder", False):
+    decoder = getattr(config, "is_decoder", False) or getattr(config, "causal", False)
+    if kind in ENCODER_ONLY_TYPES and not decoder:
         raise ModelError(
             f"model.path: {label} is an encoder-only model ({kind}): it cannot "
             "generate or score text; use task.type embed or classify"
@@ -426,7 +433,9 @@ def load_encoder(options: LoadOptions, tokenizer, head: str, limits: EngineLimit
         missing = {k for k in missing if not k.startswith(UNUSED_BY_EMBED)}
     what = "a trained classification head" if head == "classify" else "all its weights"
     refuse_missing(options, model, missing, what)
-    pad_id = tokenizer.pad_token_id
-    if not isinstance(pad_id, int):
-        pad_id = getattr(model.config, "pad_token_id", None) or 0
+    config_pad = getattr(model.config, "pad_token_id", None)
+    candidates = (tokenizer.pad_token_id, config_pad, tokenizer.eos_token_id)
+    pad_id = pad_id_in_table(model, candidates)
+    if head == "embed" and getattr(model.config, "is_encoder_decoder", False):
+        model = model.get_encoder()  # T5, BART: the encoder's states embed the text
     return EncoderEngine(model, pad_id, limits)

@@ -22,7 +22,9 @@ from bulkinfer.planner import Batch
 from bulkinfer.prepare import PreparedRows, prepared_location
 from bulkinfer.tasks.single_pass import token_columns
 
-ROW_FAILURES = (RuntimeError, IndexError)
+# what a model's forward raises for rows it cannot take (a BART classifier's ValueError for a
+# row whose text holds </s>): bisected down to those rows, each a row error
+ROW_FAILURES = (RuntimeError, IndexError, ValueError)
 
 
 class RowCap:
