@@ -22,6 +22,7 @@ def _run(tmp_path, model, rows, name="out", **task):
     job = write_job(tmp_path / f"{name}.yaml", model, inputs, tmp_path / name)
     spec = yaml.safe_load(job.read_text())
     spec["task"] = task
+    spec["model"]["device"] = "cpu"  # compared with float32 on the CPU, on a GPU box too
     job.write_text(yaml.safe_dump(spec))
     return cli("run", str(job)), tmp_path / name
 

@@ -1,8 +1,9 @@
 """The weights read onto the device during a run's set-up (engines/read_ahead.py): a model built
 from them is the one transformers loads, and a job gives the same outputs with and without it.
 
-BULKINFER_READ_AHEAD=1 asks for it; here it reads onto the CPU, so that what the loader builds
-from it is checked where the tests run."""
+A run onto a CUDA device reads ahead unless BULKINFER_READ_AHEAD=0; BULKINFER_READ_AHEAD=1 asks
+for it on any device: here it reads onto the CPU, so that what the loader builds from it is
+checked where the tests run."""
 
 from __future__ import annotations
 
@@ -102,9 +103,9 @@ def _run(tmp_path, model, name: str, ahead: str, **model_keys):
 
 @pytest.mark.parametrize("model_keys", [{}, {"quantization": "fp8"}], ids=["bf16", "fp8"])
 def test_a_job_gives_the_same_outputs_with_its_weights_read_ahead(tmp_path, tiny_model, model_keys):
-    """The command with the weights read ahead (onto the CPU here) and without (the default):
-    the same outputs; the summary says where the read-ahead was used."""
-    plain, plain_summary = _run(tmp_path, tiny_model, "plain", "", **model_keys)
+    """The command with the weights read ahead (onto the CPU here) and without: the same
+    outputs; the summary says where the read-ahead was used."""
+    plain, plain_summary = _run(tmp_path, tiny_model, "plain", "0", **model_keys)
     ahead, ahead_summary = _run(tmp_path, tiny_model, "ahead", "1", **model_keys)
     assert ahead.equals(plain)
     assert "read_ahead_seconds" not in plain_summary
@@ -198,3 +199,21 @@ def test_an_fp8_job_that_names_an_attention_implementation_still_runs(tmp_path, 
         attn_implementation="flash_attention_2",
     )
     assert outputs.num_rows == 12
+
+
+def test_it_is_on_by_default_for_a_gpu_only(tmp_path, tiny_model, monkeypatch):
+    """Measured on an H100 (docs/perf.md, 2026-12-07): on by default for a CUDA device, off
+    for the CPU unless asked; BULKINFER_READ_AHEAD=0 turns it off; never for the reference
+    engine or an embed job."""
+    from bulkinfer.engines.read_ahead import READ_AHEAD_ENV, wanted
+
+    monkeypatch.delenv(READ_AHEAD_ENV, raising=False)
+    gpu = torch.cuda.is_available()
+    assert wanted(tiny_model, "auto", None, True, "auto") is gpu
+    assert wanted(tiny_model, "auto", None, True, "cpu") is False
+    monkeypatch.setenv(READ_AHEAD_ENV, "1")
+    assert wanted(tiny_model, "auto", None, True, "cpu") is True
+    assert wanted(tiny_model, "reference", None, True, "cpu") is False
+    assert wanted(tiny_model, "auto", None, False, "cpu") is False
+    monkeypatch.setenv(READ_AHEAD_ENV, "0")
+    assert wanted(tiny_model, "auto", None, True, "auto") is False

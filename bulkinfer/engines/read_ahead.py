@@ -146,18 +146,23 @@ def _staging(device: torch.device):
     return _local
 
 
-def wanted(folder: Path, engine: str, attn_implementation, causal: bool) -> bool:
-    """Whether a run reads its weights ahead: asked (BULKINFER_READ_AHEAD=1; off until measured
-    on a GPU, docs/perf.md), for a causal job the fast engine may run (a model type it
-    implements, no attention implementation named unless the fast engine is asked by name)."""
+def wanted(folder: Path, engine: str, attn_implementation, causal: bool, device: str) -> bool:
+    """Whether a run reads its weights ahead: onto a CUDA device unless BULKINFER_READ_AHEAD=0
+    (BULKINFER_READ_AHEAD=1 asks for it on any device), for a causal job the fast engine may
+    run (a model type it implements, no attention implementation named unless the fast engine
+    is asked by name)."""
     import json
     import os
 
     from bulkinfer.configs import SUPPORTED_TYPES
 
     asked = os.environ.get(READ_AHEAD_ENV, "").strip().lower()
-    if asked not in ("1", "true", "yes", "on") or not causal or engine == "reference":
+    if asked in ("0", "false", "no", "off") or not causal or engine == "reference":
         return False
+    if asked not in ("1", "true", "yes", "on"):
+        where = _device(device)
+        if where is None or where.type != "cuda" or not torch.cuda.is_available():
+            return False
     if engine == "auto" and attn_implementation is not None:
         return False  # the reference engine runs what names its attention
     try:

@@ -158,7 +158,7 @@ def read_weights_ahead(spec: JobSpec, folder: Path | None) -> None:
     if (
         process.OWN
         and folder is not None
-        and read_ahead.wanted(folder, model.engine, model.attn_implementation, causal)
+        and read_ahead.wanted(folder, model.engine, model.attn_implementation, causal, model.device)
     ):
         read_ahead.start(folder, model.device, fp8=model.quantization == "fp8")
 
