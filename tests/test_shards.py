@@ -270,6 +270,26 @@ def test_unsharded_run_on_a_sharded_folder_is_refused_clearly(shard_job):
     assert "sharded run" in result.output and "--shard" in result.output
 
 
+def test_validate_reads_a_sharded_folder_and_an_unreadable_record_as_run_does(shard_job):
+    """validate read only the top folder's job.json: on a sharded folder it said "run resumes
+    it" (a plain run is refused there) and passed settings every shard would refuse; on an
+    unreadable job.json it passed a folder run refuses."""
+    make, _ = shard_job
+    job = make("validated")
+    out = job.parent / "validated"
+    assert cli("run", str(job), "--shard", "0/2").exit_code == 0
+    same = cli("validate", str(job))
+    assert same.exit_code == 0, same.output
+    assert "split into 2 shards" in same.output and "--shard I/2" in same.output, same.output
+    other = cli("validate", str(job), "--set", "task.max_new_tokens=7")
+    assert other.exit_code == 2 and "another job's outputs" in other.output, other.output
+    assert "task.max_new_tokens" in other.output
+    (out / "shards").rename(out / "kept")
+    (out / "job.json").write_text("{bad")
+    refused = cli("validate", str(job))
+    assert refused.exit_code == 2 and "job.json is unreadable" in refused.output, refused.output
+
+
 def test_a_sharded_run_on_an_unsharded_folder_is_refused_clearly(shard_job):
     """Its merge would write another run's outputs under the finished job's record."""
     make, reference = shard_job

@@ -191,7 +191,15 @@ def output_state(root: Path, spec: dict, resolved: dict) -> str:
         return "new folder"
     _refuse_unwritable(root, root)
     layout = OutputLayout(root)
-    record = JobRecord.read_if_there(layout.job_file)
+    record = JobRecord.read(layout.job_file)  # an unreadable record: the line run gives
+    splits = sorted({n for _, n in layout.shard_folders()}) if record is None else []
+    if splits:  # a sharded run: its shards' records say which job it is (any one of them)
+        for folder in layout.shard_folders().values():
+            shard = OutputLayout(folder)
+            record = JobRecord.read_if_there(shard.job_file)
+            if record is not None and has_results(shard):
+                layout = shard
+                break
     ours = record is not None and has_results(layout)  # (run replaces a job with none)
     keys = []
     if ours and record.fingerprint.get("spec") != fingerprint(spec, {}, {})["spec"]:
@@ -205,6 +213,12 @@ def output_state(root: Path, spec: dict, resolved: dict) -> str:
         raise OutputFolderError(
             f"output.path: {root} holds another job's outputs ({'; '.join(reasons)}); run "
             "would refuse it: use another --output, or pass --overwrite to run"
+        )
+    if splits:
+        n = splits[-1]
+        return (
+            f"holds a run of a job split into {n} shards: `run --shard I/{n}` (or --gpus {n}) "
+            "resumes it if spec, model and input are unchanged; run without them refuses it"
         )
     if layout.job_file.exists() or layout.shards_dir.is_dir():
         return "holds a bulkinfer job: run resumes it if spec, model and input are unchanged"
