@@ -111,6 +111,32 @@ def test_a_merged_summary_keeps_the_jobs_fp8_settings(tmp_path, tiny_model):
     assert summary["shards"] == 2 and summary["kv_cache_dtype"] == "fp8"
 
 
+def test_a_finished_sharded_job_run_again_is_not_merged_again(shard_job):
+    """Every rerun of a finished shard (a requeued array task, `--gpus` run again) merged all
+    the shards again, rewriting the outputs (briefly missing to readers) once per shard. A
+    merge whose outputs were removed since is redone."""
+    make, reference = shard_job
+    job = make("again")
+    out = job.parent / "again"
+    for k in range(2):
+        assert cli("run", str(job), "--shard", f"{k}/2").exit_code == 0
+    summary = (out / "summary.json").read_text()
+    part = next((out / "outputs").glob("*.parquet"))
+    written = part.stat().st_mtime_ns
+    for k in range(2):
+        again = cli("run", str(job), "--shard", f"{k}/2")
+        assert again.exit_code == 0, again.output
+        assert "shards done: merged" not in again.output, again.output
+    assert (out / "summary.json").read_text() == summary
+    assert part.stat().st_mtime_ns == written
+    import shutil
+
+    shutil.rmtree(out / "outputs")
+    again = cli("run", str(job), "--shard", "1/2")
+    assert again.exit_code == 0 and "shards done: merged" in again.output, again.output
+    _same(out, reference)
+
+
 @pytest.mark.parametrize("shards", [2, 1])
 def test_status_of_shards_whose_merge_was_killed_says_they_are_not_merged(shard_job, shards):
     """Every shard done but the merge killed as it wrote: the outputs are not there, and

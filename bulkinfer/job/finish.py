@@ -221,11 +221,13 @@ def token_bytes_of_job(spec: dict):
 
 
 def merge_if_last(root: OutputLayout, shard: Shard) -> None:
-    """The shard that finds every shard done merges them into OUT/outputs."""
+    """The shard that finds every shard done merges them into OUT/outputs; not again where they
+    are merged already (a finished shard run again, a requeued array task)."""
     from bulkinfer.state.merge import merge_shards
-    from bulkinfer.state.status import shard_states
+    from bulkinfer.state.status import outputs_merged, shard_states
 
-    if not all(s.state == "done" for s in shard_states(root, shard.count)):
+    states = shard_states(root, shard.count)
+    if not all(s.state == "done" for s in states) or outputs_merged(root, states):
         return
     with writes_reported(root):
         summary = merge_shards(root, token_bytes_of_job)

@@ -145,13 +145,7 @@ def format_status(root: OutputLayout, states: list[ShardState], queue=None) -> s
         waiting = sum(task.queued for task in queue.values())
         if waiting:
             eta_text += f"; {waiting} of its Slurm tasks waiting in the queue"
-    # the merge of these shards, not of another split's or an unsharded run's, nor of a shard
-    # run again since
-    merged = (read_json(root.summary) or {}).get("shards") == len(states)
-    merged = merged and root.outputs_dir.exists() and done == len(states)
-    merged = merged and all(
-        _newer(root.summary, root.shard(s.shard.index, s.shard.count).summary) for s in states
-    )
+    merged = outputs_merged(root, states)
     if not sharded:
         lines.append(f"job {states[0].state}" + ("" if done else f"; ETA {eta_text}"))
         return "\n".join(lines)
@@ -169,6 +163,20 @@ def format_status(root: OutputLayout, states: list[ShardState], queue=None) -> s
         )
     lines.append(line)
     return "\n".join(lines)
+
+
+def outputs_merged(root: OutputLayout, states: list[ShardState]) -> bool:
+    """Whether OUT/outputs is the whole merge of these shards, all done: not of another split's
+    or an unsharded run's, nor of a shard run again since, nor removed or damaged since."""
+    if not states or any(s.state != "done" for s in states):
+        return False
+    if (read_json(root.summary) or {}).get("shards") != len(states):
+        return False
+    if not all(
+        _newer(root.summary, root.shard(s.shard.index, s.shard.count).summary) for s in states
+    ):
+        return False
+    return root.outputs_dir.exists() and finished_damage(root) is None
 
 
 def queue_note(root: OutputLayout, state: ShardState, task) -> str | None:
