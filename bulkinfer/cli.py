@@ -417,18 +417,21 @@ def slurm(job, array, overrides, output, dry_run, **settings) -> None:
     )
     from bulkinfer.io.atomic import write_bytes_atomic
     from bulkinfer.io.layout import OutputLayout
+    from bulkinfer.sharding import Shard, checked, refuse_row_column
     from bulkinfer.state.folder import refuse_for_array
     from bulkinfer.state.records import SlurmSubmission
 
     spec = _load(job, overrides, output)
     root = Path(spec.output.path)
+    checked(Shard(0, array), "--array")  # what every task's --shard I/N would refuse
+    refuse_row_column(spec.input.keep_columns)
     options = SlurmOptions(array=array, **settings)
     script = sbatch_script(Path(job).resolve(), root, [f"--set={o}" for o in overrides], options)
+    layout = OutputLayout(root)
+    refuse_for_array(layout, array)
     if dry_run:
         click.echo(script)
         return
-    layout = OutputLayout(root)
-    refuse_for_array(layout, array)
     refuse_while_queued(layout.slurm_script)
     made = [p for p in (root, layout.slurm_logs) if not p.exists()]
     layout.slurm_logs.mkdir(parents=True, exist_ok=True)

@@ -116,8 +116,8 @@ def test_a_finished_sharded_job_run_again_is_not_merged_again(shard_job):
     the shards again, rewriting the outputs (briefly missing to readers) once per shard. A
     merge whose outputs were removed since is redone."""
     make, reference = shard_job
-    job = make("again")
-    out = job.parent / "again"
+    job = make("done-twice")
+    out = job.parent / "done-twice"
     for k in range(2):
         assert cli("run", str(job), "--shard", f"{k}/2").exit_code == 0
     summary = (out / "summary.json").read_text()
@@ -483,6 +483,30 @@ def test_slurm_refuses_a_folder_every_task_would_refuse_before_submitting(
     result = cli("slurm", str(whole), "--array", "2")
     assert result.exit_code == 2 and "without shards" in result.output, result.output
     assert not (whole.parent / "whole-then-array" / "sbatch.sh").exists()
+    # a dry run says the same; so do a split past the shard folders' names and a kept `row`
+    # column, which every task refused
+    for args, fragment in [
+        ([str(whole), "--array", "2", "--dry-run"], "without shards"),
+        ([str(split), "--array", "100000", "-o", str(tmp_path / "wide")], "at most 99,999"),
+        ([str(split), "--array", "2", "--set", "input.keep_columns=[row]"], "row"),
+    ]:
+        result = cli("slurm", *args)
+        assert result.exit_code == 2 and fragment in result.output, (args, result.output)
+        assert "#SBATCH" not in result.output
+    assert not (tmp_path / "wide").exists()
+
+
+def test_the_sbatch_script_runs_where_it_was_submitted(shard_job, tmp_path, monkeypatch):
+    """Relative paths given with --set name files of the folder the submission ran in: a task
+    resubmitted from another folder (`sbatch --array=I OUT/sbatch.sh`) read them elsewhere."""
+    make, _ = shard_job
+    job = make("slurm-chdir")
+    (tmp_path / "in.jsonl").write_bytes((job.parent / "in.jsonl").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    result = cli("slurm", str(job), "--array", "2", "--set", "input.path=in.jsonl", "--dry-run")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert f"#SBATCH --chdir={tmp_path}" in lines, result.output
 
 
 def test_the_sbatch_script_does_not_requeue_a_task_warned_before_its_first_batch(

@@ -87,6 +87,9 @@ def sbatch_script(job: Path, output: Path, run_args: list[str], options: SlurmOp
         _directive("--job-name", f"bulkinfer-{job.stem}"),
         f"--array={array}",
         _directive("--output", f"{output}/logs/%A_%a.log"),
+        # the folder of the submission: relative --set paths name what they named there, also
+        # for a task resubmitted from elsewhere (sbatch --array=ID OUT/sbatch.sh)
+        _directive("--chdir", Path.cwd()),
         "--open-mode=append",
         f"--signal=B:USR1@{options.grace_seconds}",
         "--requeue",
