@@ -492,7 +492,7 @@ def init(path: str, force: bool) -> None:
     from bulkinfer.spec.template import job_template
 
     target = Path(path)
-    if target.exists() and not force:
+    if (target.exists() or target.is_symlink()) and not force:  # a dangling link too
         raise UserError(f"{target} already exists; pass --force to replace it")
     if not target.parent.is_dir():
         raise UserError(f"{target.parent}: no such folder")

@@ -93,6 +93,40 @@ def test_init_refuses_to_overwrite_unless_forced(tmp_path):
     assert "model:" in path.read_text()
 
 
+def test_init_does_not_replace_a_link_unless_forced(tmp_path):
+    """A dangling link at the path was replaced by a file: exists() follows links."""
+    link = tmp_path / "job.yaml"
+    link.symlink_to(tmp_path / "nowhere.yaml")
+    result = cli("init", str(link))
+    assert result.exit_code == 2 and "already exists" in result.output, result.output
+    assert link.is_symlink()
+
+
+def test_a_section_set_on_the_command_line_has_paths_relative_to_the_current_folder(
+    tmp_path, tiny_model, monkeypatch
+):
+    """`--set output={path: out}` resolved the path against the job file's folder, where
+    `--set output.path=out` resolves it against the current one, as the README says."""
+    jobs, here = tmp_path / "jobs", tmp_path / "here"
+    jobs.mkdir()
+    here.mkdir()
+    inputs = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "hi"}])
+    job = write_job(jobs / "j.yaml", tiny_model, inputs, tmp_path / "out")
+    monkeypatch.chdir(here)
+    for item in ("output.path=mine", "output={path: mine}"):
+        assert load_spec(str(job), [item]).output.path == str(here / "mine"), item
+
+
+def test_a_whole_number_out_of_range_is_said_for_keys_that_also_take_auto(tmp_path, tiny_model):
+    inputs = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "hi"}])
+    job = write_job(tmp_path / "j.yaml", tiny_model, inputs, tmp_path / "out")
+    for key in ("batching.max_tokens", "batching.max_batch_size"):
+        result = cli("validate", str(job), "--set", f"{key}=99999999999999999999999")
+        assert result.exit_code == 2 and "does not fit in a 64-bit integer" in result.output, (
+            result.output
+        )
+
+
 def test_init_without_a_path_writes_job_yaml_in_the_current_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli("init").exit_code == 0

@@ -237,7 +237,8 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
             try:
                 return _convert(value, arg, key)
             except SpecError:
-                pass
+                if arg is int and isinstance(value, int) and not isinstance(value, bool):
+                    raise  # a whole number out of range: that, not "expected a number or 'auto'"
         keywords = [
             str(k)
             for a in alternatives
@@ -318,7 +319,8 @@ def _resolve_paths(spec: JobSpec, base: Path, from_command_line: set[str]) -> Jo
         expanded = os.path.expanduser(os.path.expandvars(p))
         if os.path.isabs(expanded):
             return os.path.normpath(expanded)
-        root = Path.cwd() if key in from_command_line else base
+        given = key in from_command_line or key.split(".")[0] in from_command_line  # (its section)
+        root = Path.cwd() if given else base
         return os.path.normpath(root / expanded)
 
     model_path = spec.model.path
