@@ -87,11 +87,14 @@ def test_a_conversion_killed_midway_is_tidied_and_the_cache_is_readable_by_other
     inputs = write_jsonl(
         tmp_path / "in.jsonl", [{"id": 1, "prompt": "Say hi.", "source": "greeting"}]
     )
-    run = [sys.executable, "-m", "bulkinfer", "run", str(ROOT / "jobs" / "sample.yaml")]
+    run = [sys.executable, "-m", "bulkinfer", "--log-format", "json", "run"]
+    run += [str(ROOT / "jobs" / "sample.yaml"), "--output", str(tmp_path / "out")]
     run += ["--set", f"input.path={inputs}", "--set", "task.max_new_tokens=2"]
-    run += ["--output", str(tmp_path / "out")]
     done = subprocess.run(run, capture_output=True, text=True, umask=0o022)
     assert done.returncode == 0, done.stderr
+    # JSON lines only, the conversion's own progress bar (transformers' tqdm) left out
+    for line in filter(str.strip, done.stderr.splitlines()):
+        assert isinstance(json.loads(line), dict), line
     assert not killed.exists()
     assert running.exists() and other_host.exists()
     for path in target.iterdir():

@@ -16,7 +16,6 @@ import time
 from datetime import datetime, timezone
 
 import numpy as np
-from tqdm import tqdm
 
 from bulkinfer import process
 from bulkinfer.planner import Batch
@@ -162,6 +161,10 @@ class Progress:
         self.logged = (self.done, self.tokens)
         self.bar = None
         if sys.stderr.isatty() and log_format() == "plain":
+            # imported here: tqdm reads TQDM_DISABLE as it is imported, which JSON mode sets
+            # (route_library_output_to_json) for libraries' bars, transformers' GGUF one among them
+            from tqdm import tqdm
+
             self.bar = tqdm(
                 total=self.total,
                 initial=self.done,
