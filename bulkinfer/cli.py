@@ -284,7 +284,12 @@ def run(job, overrides, output, overwrite, shard, gpus) -> None:
         from bulkinfer.executors.local import run_workers, worker_count
         from bulkinfer.io.layout import OutputLayout
         from bulkinfer.io.lock import folder_lock
-        from bulkinfer.state.folder import clear_shards, refuse_foreign, refuse_unsharded
+        from bulkinfer.state.folder import (
+            clear_shards,
+            refuse_foreign,
+            refuse_other_counts,
+            refuse_unsharded,
+        )
 
         count, devices = worker_count(gpus)
         args = [job, *(f"--set={o}" for o in overrides), "--output", spec.output.path]
@@ -293,6 +298,7 @@ def run(job, overrides, output, overwrite, shard, gpus) -> None:
         refuse_foreign(root, overwrite=overwrite)
         with folder_lock(root):  # the launcher holds the job folder; each worker its shard's
             refuse_unsharded(root, overwrite, holding_lock=True)
+            refuse_other_counts(root, count, overwrite, flag="--gpus")
             if overwrite:
                 clear_shards(root)
             sys.exit(run_workers(args, count, devices))

@@ -170,6 +170,17 @@ def test_gpus_flag_runs_one_worker_per_device_and_merges(shard_job):
     proc = cli_subprocess("run", str(job), "--gpus", "3")
     assert proc.returncode == 0, proc.stderr
     _same(job.parent / "workers", reference)
+    # another count on that folder: one line naming --gpus 3, before any worker starts (each
+    # worker refused it, naming --shard, and the launcher then said to rerun the same command)
+    other = cli_subprocess("run", str(job), "--gpus", "2")
+    assert other.returncode == 2, other.stderr
+    lines = other.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--gpus 3" in lines[0], other.stderr
+    assert "rerun the same command" not in other.stderr
+    # other settings: each worker refuses its shard, and the launcher does not say to resume
+    changed = cli_subprocess("run", str(job), "--gpus", "3", "--set", "task.max_new_tokens=2")
+    assert changed.returncode != 0 and "ran another job" in changed.stderr, changed.stderr
+    assert "rerun the same command" not in changed.stderr, changed.stderr
 
 
 def test_gpus_beyond_what_the_cpus_can_take_is_refused_before_any_worker(shard_job):

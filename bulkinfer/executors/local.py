@@ -16,7 +16,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-from bulkinfer.errors import SpecError
+from bulkinfer.errors import SpecError, UserError
 from bulkinfer.observe.progress import log
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -106,7 +106,13 @@ def _name_failed_workers(codes: list[int]) -> None:
         for i, c in enumerate(codes)
         if c != 0
     ]
-    if ended:
+    if ended and all(c == UserError.exit_code for c in codes if c != 0):  # each said why
+        log(
+            f"{'; '.join(ended)}: refused as said above; fix that, then rerun (what the shards "
+            "committed is kept)",
+            level="warning",
+        )
+    elif ended:
         log(
             f"{'; '.join(ended)}; the other shards' work and what these committed are kept: "
             "rerun the same command to resume",

@@ -117,7 +117,9 @@ def other_splits(root: OutputLayout, count: int) -> list[int]:
     return sorted({n for _, n in root.shard_folders()} - {count})
 
 
-def refuse_other_counts(root: OutputLayout, count: int, overwrite: bool) -> None:
+def refuse_other_counts(
+    root: OutputLayout, count: int, overwrite: bool, flag: str = "--shard"
+) -> None:
     """A shard of a job split in N where shards of another split are: refused before any work
     (their merge could never run), unless --overwrite; then those shards are removed (refused
     while one of them runs) with the summary of their merge, which `status` and `report` would
@@ -126,7 +128,8 @@ def refuse_other_counts(root: OutputLayout, count: int, overwrite: bool) -> None
     if others and not overwrite:
         raise OutputFolderError(
             f"{root.root} holds shards of a run split into {others[0]}, not {count}; run it with "
-            f"--shard I/{others[0]}, use another --output, or pass --overwrite"
+            f"{flag} {'I/' if flag == '--shard' else ''}{others[0]}, use another --output, or "
+            "pass --overwrite"
         )
     stale = [f for (_, n), f in root.shard_folders().items() if n != count]
     for folder in stale:
