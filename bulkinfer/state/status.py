@@ -59,6 +59,9 @@ def read_state(layout: OutputLayout, shard: Shard) -> ShardState:
         state = "running"
     elif unrecorded:
         state, failed = "stopped", {"error": foreign_message(layout)}
+    elif job is None and layout.job_file.exists() and not is_locked(layout):
+        state = "stopped"  # what run says of the folder, not a finished summary's "done"
+        failed = {"error": f"{layout.job_file} is unreadable; rerun with --overwrite"}
     elif summary is not None:
         state, rows_done = "done", summary.rows_out
     elif failed:
@@ -69,6 +72,8 @@ def read_state(layout: OutputLayout, shard: Shard) -> ShardState:
         state = "stopped"
         if damage:
             failed = {"error": f"{damage}; rerun to write the outputs again"}
+    elif layout.lock.is_file():  # a run took the folder, and stopped before recording the job
+        state = "stopped"
     else:
         state = "pending"
     return ShardState(
