@@ -95,6 +95,8 @@ def model_error(what: str, exc: BaseException) -> ModelError:
     first = first_line(exc)
     if "trust_remote_code" in str(exc):
         first = "the model folder contains custom code; set model.trust_remote_code: true only if you trust it"
+    if "attn_implementation" in first:  # transformers' refusal of the setting, not of the model
+        return ModelError(f"model.attn_implementation: {first}")
     return ModelError(f"model.path: {what}: {first}")
 
 

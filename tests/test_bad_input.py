@@ -757,3 +757,13 @@ def test_validate_finds_the_row_problems_run_finds(tmp_path, tiny_model, problem
         last = result.output.strip().splitlines()[-1]  # (a score job warns of max_new_tokens)
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output
         assert last.startswith("bulkinfer: error:") and expected in last, result.output
+
+
+def test_an_attention_implementation_transformers_does_not_know_is_named(tmp_path, tiny_model):
+    """`model.attn_implementation: spda` passed validate; run then blamed model.path ("cannot
+    load the weights of ...") with transformers' message."""
+    job = _job(tmp_path, tiny_model, write_jsonl(tmp_path / "in.jsonl", sample_prompts(2)))
+    set_model(job, attn_implementation="spda", engine="reference")
+    _fails_cleanly(cli("validate", str(job)), "model.attn_implementation", "did you mean 'sdpa'")
+    message = _fails_cleanly(cli("run", str(job)), "model.attn_implementation")
+    assert "model.path" not in message

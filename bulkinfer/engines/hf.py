@@ -35,7 +35,7 @@ from bulkinfer.engines.sampling import (
 )
 from bulkinfer.engines.stops import StopStrings
 from bulkinfer.engines.to_device import move_model
-from bulkinfer.errors import ModelError, counted, model_error
+from bulkinfer.errors import ModelError, SpecError, counted, did_you_mean, model_error
 
 # Models whose logits are not just lm_head(hidden): chunked scoring must not skip that step.
 # Config keys naming a logit, an LM head or an output multiplier count too (falcon_h1's
@@ -104,6 +104,24 @@ def _no_progress_bars():
             hf_logging.enable_progress_bar()  # (the hub's bars too)
         if hub_off != hub.are_progress_bars_disabled():
             (hub.disable_progress_bars if hub_off else hub.enable_progress_bars)()
+
+
+def refuse_unknown_attention(name: str | None) -> None:
+    """A model.attn_implementation transformers does not know, said before any weights load (a
+    kernel named from the Hugging Face hub, `org/name`, is transformers' to check)."""
+    if name is None or "/" in name or name.startswith("paged|"):
+        return
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    except (ImportError, AttributeError):  # another transformers: its loader says
+        return
+    if name not in known:
+        raise SpecError(
+            f"model.attn_implementation: {name!r} is not one this transformers knows "
+            f"({', '.join(known)}){did_you_mean(name, known)}"
+        )
 
 
 def load_weights(

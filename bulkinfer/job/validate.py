@@ -71,12 +71,13 @@ class JobCheck:
 def check_job(spec: JobSpec) -> JobCheck:
     """Raise a UserError naming the first problem; return what was checked when all is well.
     The set-up is `run`'s own (job/setup.py), so validate accepts exactly the jobs run does."""
-    from bulkinfer.engines.hf import resolve_device
+    from bulkinfer.engines.hf import refuse_unknown_attention, resolve_device
     from bulkinfer.job.resume import resolved_settings
     from bulkinfer.job.setup import set_up
 
     setup = set_up(spec)
     resolve_device(spec.model.device)  # a GPU asked for where none is visible, as run refuses it
+    refuse_unknown_attention(spec.model.attn_implementation)  # (run's loader refuses it)
     line_bytes = spec.input.max_line_bytes
     checked = [check_input_file(file, setup.columns, line_bytes) for file in setup.files]
     if all(f.rows == 0 for f in checked):  # as run finds it, before loading the model
