@@ -767,3 +767,12 @@ def test_an_attention_implementation_transformers_does_not_know_is_named(tmp_pat
     _fails_cleanly(cli("validate", str(job)), "model.attn_implementation", "did you mean 'sdpa'")
     message = _fails_cleanly(cli("run", str(job)), "model.attn_implementation")
     assert "model.path" not in message
+
+
+def test_openai_format_on_a_file_of_prompts_says_what_the_file_holds(tmp_path, tiny_model):
+    """With a kept column, `input.format: openai` on a file of prompts said "no column 'source';
+    the file has: custom_id, method, url, body": the columns it wanted, not the file's."""
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(2))
+    job = _job(tmp_path, tiny_model, inputs, input={"format": "openai", "keep_columns": ["source"]})
+    for command in ("validate", "run"):
+        _fails_cleanly(cli(command, str(job)), "in.jsonl:1", "no custom_id", "id, prompt, source")

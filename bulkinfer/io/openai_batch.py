@@ -318,6 +318,7 @@ def request_chunk_fields(
     prompts, ids, urls, settings, problems = [], [], [], [], {}
     for i, (record, location) in enumerate(zip(records, where, strict=True)):
         custom_id = record.get("custom_id")
+        refuse_not_a_request(location, record)
         if not isinstance(custom_id, str) or not custom_id:
             raise InputError(f"{location}: custom_id must be a non-empty string")
         ids.append(custom_id)
@@ -620,3 +621,17 @@ SAMPLE_COLUMNS = (
 def _one_sample(row: dict) -> dict:
     """A row of single-sample columns, as lists of one sample."""
     return {**row, **{k: [row[k]] for k in SAMPLE_COLUMNS if k in row}}
+
+
+def refuse_not_a_request(location: str, record: dict) -> None:
+    """A line with none of a request's keys, in a file read as OpenAI Batch requests (a file of
+    prompts given input.format openai): said with what the line holds."""
+    if not REQUEST_KEYS & set(record):
+        raise InputError(
+            f"{location}: not an OpenAI Batch request (no custom_id; the line has: "
+            f"{', '.join(map(str, record)) or 'no keys'}); input.format openai reads lines of "
+            "custom_id, method, url and body"
+        )
+
+
+REQUEST_KEYS = frozenset({"custom_id", "method", "url", "body"})

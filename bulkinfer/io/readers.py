@@ -38,6 +38,7 @@ from bulkinfer.io.jsonl import (
     _read_openai_requests,
     compression_of,
 )
+from bulkinfer.io.openai_batch import refuse_not_a_request
 
 
 def read_chunks(
@@ -303,6 +304,9 @@ def peek_columns(file: DataFile, max_line_bytes: int = PEEK_LINE_BYTES) -> list[
     if kind == "saved":
         return _saved_dataset_table(path).column_names
     if kind == "openai":
+        for line, record in _jsonl_records(path, max_line_bytes):
+            refuse_not_a_request(f"{path}:{line}", record)  # before a kept column is looked for
+            break
         return ["custom_id", "method", "url", "body"]
     if kind == "datasets":
         return _load_through_datasets(path).column_names
