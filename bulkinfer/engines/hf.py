@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -106,6 +107,34 @@ def _no_progress_bars():
             (hub.disable_progress_bars if hub_off else hub.enable_progress_bars)()
 
 
+@contextlib.contextmanager
+def _load_report_held():
+    """transformers' LOAD REPORT (a table of the checkpoint's missing and unused weights, logged
+    as a warning) held back while weights load: what matters of it bulkinfer says in one line
+    (`refuse_missing`: a head the checkpoint lacks); unused weights (an LM head an embed job
+    leaves out) are no problem. Yields the records held, for a load that fails to show."""
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            held.append(record)
+            return False
+        return True
+
+    # the logger transformers passes to its report (modeling_utils'), or the report's own
+    loggers = [logging.getLogger(f"transformers.{name}") for name in REPORT_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(hold)
+    try:
+        yield held
+    finally:
+        for logger in loggers:
+            logger.removeFilter(hold)
+
+
+REPORT_LOGGERS = ("modeling_utils", "utils.loading_report")
+
+
 def refuse_unknown_attention(name: str | None) -> None:
     """A model.attn_implementation transformers does not know, said before any weights load (a
     kernel named from the Hugging Face hub, `org/name`, is transformers' to check)."""
@@ -132,7 +161,7 @@ def load_weights(
     transformers would have initialised at random. `beside_copy`: see `move_model`."""
     device = resolve_device(options.device)
     try:
-        with _no_progress_bars():
+        with _no_progress_bars(), _load_report_held() as report:
             model, info = auto_class.from_pretrained(
                 options.folder,
                 dtype=resolve_dtype(options.dtype, device),
@@ -143,6 +172,8 @@ def load_weights(
                 output_loading_info=True,
             )
     except Exception as exc:  # any loader failure here is a model the user must fix
+        for record in report:  # the details transformers' error refers to ("the above report")
+            logging.getLogger(record.name).handle(record)
         raise model_error(f"cannot load the weights of {options.label}", exc) from None
     move_model(model, device, beside_copy).eval()
     return model, set(info.get("missing_keys") or ())
