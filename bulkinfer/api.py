@@ -12,8 +12,10 @@ sections (`task={"max_new_tokens": 32}`) or dotted keys (`**{"task.max_new_token
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +89,10 @@ def run(
         shard = f"{shard[0]}/{shard[1]}"
     if shard is not None and not isinstance(shard, str):
         raise TypeError(f"shard must be 'I/N' (or a pair (I, N)), not {shard!r}")
-    spec = load(job, **overrides)
-    chosen = parse_shard(shard) if shard else None
-    code = run_job(spec, overwrite=overwrite, shard=chosen)
+    with _api_words():
+        spec = load(job, **overrides)
+        chosen = parse_shard(shard) if shard else None
+        code = run_job(spec, overwrite=overwrite, shard=chosen)
     if code != 0:
         raise JobStopped(f"stopped by a signal (exit code {code}); run it again to resume", code)
     layout = OutputLayout(Path(spec.output.path))
@@ -102,14 +105,41 @@ def plan(job: str | os.PathLike | dict | JobSpec, **overrides: Any) -> dict:
     """What `bulkinfer plan --json` prints: rows, lengths, budget and batches; no weights."""
     from bulkinfer.job.planning import plan_job
 
-    return plan_job(load(job, **overrides))
+    with _api_words():
+        return plan_job(load(job, **overrides))
 
 
 def validate(job: str | os.PathLike | dict | JobSpec, **overrides: Any):
     """What `bulkinfer validate` checks; raises the first problem as a UserError."""
     from bulkinfer.job.validate import check_job
 
-    return check_job(load(job, **overrides))
+    with _api_words():
+        return check_job(load(job, **overrides))
+
+
+# the command line's words in messages, and what a caller of this module passes instead
+API_WORDS = (
+    (re.compile(r"pass --overwrite\b"), "pass overwrite=True"),
+    (re.compile(r"--overwrite\b"), "overwrite=True"),
+    (re.compile(r"another --output\b"), "another output.path"),
+    (re.compile(r"--shard I/(\d+)"), r"shard='I/\1'"),
+    (re.compile(r"rerun the same command"), "run it again"),
+)
+
+
+@contextlib.contextmanager
+def _api_words():
+    """A UserError raised as the command line words it, reworded for a caller of this module
+    (overwrite=True where the command says --overwrite); the same error class."""
+    try:
+        yield
+    except UserError as exc:
+        text = str(exc)
+        for pattern, words in API_WORDS:
+            text = pattern.sub(words, text)
+        if text == str(exc) or type(exc).__init__ is not UserError.__init__:
+            raise
+        raise type(exc)(text) from None
 
 
 def _dotted(overrides: dict) -> list[tuple[str, Any]]:

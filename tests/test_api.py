@@ -332,3 +332,19 @@ def test_a_bad_row_found_while_the_weights_load_keeps_no_model_behind_its_error(
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == "refused: InputError models: 0", run.stdout
+
+
+def test_errors_name_the_api_s_arguments_not_the_command_line_s_flags(tmp_path, tiny_model):
+    """A folder of another job told a notebook user to "use another --output or pass
+    --overwrite": the arguments here are output.path and overwrite=True."""
+    from bulkinfer.errors import OutputFolderError
+
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(3))
+    job = write_job(tmp_path / "job.yaml", tiny_model, inputs, tmp_path / "out")
+    bulkinfer.run(job)
+    with pytest.raises(OutputFolderError) as refused:
+        bulkinfer.run(job, task={"max_new_tokens": 2})
+    message = str(refused.value)
+    assert "overwrite=True" in message and "--overwrite" not in message, message
+    assert "another output.path" in message and "--output" not in message, message
+    assert bulkinfer.run(job, task={"max_new_tokens": 2}, overwrite=True)["rows_out"] == 3
