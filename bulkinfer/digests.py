@@ -87,9 +87,15 @@ def cached_file_blake2b(path: str | os.PathLike) -> str:
         tmp.write_text(json.dumps({"key": key, "blake2b": value}))
         os.replace(tmp, entry)
     except OSError as exc:  # the hash is right either way; only the next run pays again
-        log(
-            f"{entry}: cannot keep a file hash in bulkinfer's cache folder ({exc.strerror}); "
-            "the next run reads the file again (BULKINFER_CACHE names a writable folder)",
-            level="warning",
-        )
+        if entry.parent not in _UNWRITABLE:  # said once per folder, not once per model file
+            _UNWRITABLE.add(entry.parent)
+            log(
+                f"{entry.parent}: cannot keep file hashes in bulkinfer's cache folder "
+                f"({exc.strerror}); the next run reads the files again (BULKINFER_CACHE names a "
+                "writable folder)",
+                level="warning",
+            )
     return value
+
+
+_UNWRITABLE: set = set()  # cache folders found unwritable by this process

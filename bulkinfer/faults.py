@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import sys
 
 _counts: dict[str, int] = {}
 
@@ -80,6 +81,9 @@ def size_setting(name: str, default: int) -> int:
     value = os.environ.get(name, "").strip()
     if not value:
         return default
-    if not value.isdigit() or int(value) < 1:
-        raise SystemExit(f"bulkinfer: error: {name}={value!r}: expected a whole number above 0")
+    if not value.isdigit() or int(value) < 1:  # a spec error's line and exit code
+        print(
+            f"bulkinfer: error: {name}={value!r}: expected a whole number above 0", file=sys.stderr
+        )
+        raise SystemExit(2)
     return int(value)

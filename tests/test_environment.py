@@ -10,7 +10,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import child_env, read_outputs, sample_prompts, write_job, write_jsonl
+from conftest import (
+    child_env,
+    cli_subprocess,
+    read_outputs,
+    sample_prompts,
+    write_job,
+    write_jsonl,
+)
 
 
 def _as_a_user() -> list[str]:
@@ -162,3 +169,20 @@ def test_a_library_caller_keeps_its_stderr_when_the_reader_goes_away(monkeypatch
     progress.log("one")
     progress.log("two")
     assert os.readlink("/proc/self/fd/2") == before
+
+
+def test_a_cache_folder_that_cannot_be_written_is_said_once(tmp_path, tiny_model):
+    """Said once per run, not once per model file (six lines for a tiny model)."""
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(2))
+    job = write_job(tmp_path / "job.yaml", tiny_model, inputs, tmp_path / "out")
+    (tmp_path / "cache").write_text("a file, not a folder")
+    proc = cli_subprocess("run", str(job), env={"BULKINFER_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("cannot keep file hashes") == 1, proc.stderr
+
+
+def test_a_bad_block_size_setting_is_a_spec_error(tmp_path, tiny_model):
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(2))
+    job = write_job(tmp_path / "job.yaml", tiny_model, inputs, tmp_path / "out")
+    proc = cli_subprocess("validate", str(job), env={"BULKINFER_CHUNK_ROWS": "abc"})
+    assert proc.returncode == 2 and "BULKINFER_CHUNK_ROWS='abc'" in proc.stderr, proc.stderr
