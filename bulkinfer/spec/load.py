@@ -295,6 +295,7 @@ def _describe(hint: Any) -> str:
     if typing.get_origin(hint) is Literal:
         return " or ".join(repr(a) for a in typing.get_args(hint))
     names = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+    names.update({dict: "a mapping", list: "a list"})
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
