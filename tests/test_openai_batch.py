@@ -177,6 +177,13 @@ def test_completions_requests_and_bad_requests(tmp_path, tiny_model):
             **_chat_request(15),
             "body": {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
         },
+        # the other endpoint's prompt field: not answered, so refused (it was left out)
+        {**_chat_request(16), "body": {**_chat_request(16)["body"], "prompt": "ignored?"}},
+        {
+            "custom_id": "completion-with-messages",
+            "url": "/v1/completions",
+            "body": {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]},
+        },
     ]
     responses = _run(tmp_path, tiny_model, requests, chat_template="never")
     by_id = {r["custom_id"]: r for r in responses}
@@ -188,6 +195,10 @@ def test_completions_requests_and_bad_requests(tmp_path, tiny_model):
     assert (
         len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["text_offset"])
     )
+    # logprobs: 0 gives the sampled token's log-prob alone at each position (it was null)
+    assert logprobs["top_logprobs"] == [
+        {t: v} for t, v in zip(logprobs["tokens"], logprobs["token_logprobs"], strict=True)
+    ]
     # A completions prompt is raw text: the same as greedy transformers on the plain prompt.
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
@@ -211,6 +222,8 @@ def test_completions_requests_and_bad_requests(tmp_path, tiny_model):
         ("request-13", 'body.messages[0].role is "robot", expected one of system, developer'),
         ("request-14", "body.messages[0].content[0].text is null, expected a string"),
         ("request-15", "body.messages[0].content[0].text is 5, expected a string"),
+        ("request-16", "body.prompt"),
+        ("completion-with-messages", "body.messages"),
     ]:
         line = by_id[custom_id]
         assert line["response"]["status_code"] == 400, custom_id
@@ -344,7 +357,8 @@ def test_validate_finds_what_run_refuses_in_the_first_requests(tmp_path, tiny_mo
 def test_a_request_s_own_plain_text_and_no_logprobs_win_over_the_job_s(tmp_path, tiny_model):
     """A job keeping its rows to a format and giving alternatives: a request asking for plain
     text gets the free text (the same as a job without the format), one saying `logprobs:
-    false` gets none, a completions request's `logprobs: 0` gets no alternatives; and a first
+    false` gets none, a completions request's `logprobs: 0` gets no alternatives (its map at
+    each position holds the sampled token alone, as OpenAI's does); and a first
     line without its body is a 400 row of a batch file, not a prompt file's bad line."""
     no_body = {"custom_id": "no-body", "method": "POST", "url": "/v1/chat/completions"}
     requests = [
@@ -376,8 +390,8 @@ def test_a_request_s_own_plain_text_and_no_logprobs_win_over_the_job_s(tmp_path,
     assert choice(by_id["request-2"])["message"] == choice(free["request-2"])["message"]
     assert choice(by_id["request-1"])["logprobs"]["content"][0]["top_logprobs"]
     assert choice(by_id["request-3"])["logprobs"] is None
-    tokens = choice(by_id["completion"])["logprobs"]
-    assert tokens["token_logprobs"] and tokens["top_logprobs"] is None
+    tokens = choice(by_id["completion"])["logprobs"]  # the sampled token's alone, no others
+    assert tokens["token_logprobs"] and all(len(top) == 1 for top in tokens["top_logprobs"])
 
 
 def test_chat_logprob_bytes_rebuild_the_text_where_tokens_split_a_character(tmp_path, tiny_model):
@@ -458,9 +472,13 @@ def test_completions_logprobs_name_byte_pieces_and_list_the_likeliest_first(tmp_
         for token, offset in zip(logprobs["tokens"], offsets, strict=True):
             if not token.startswith("bytes:") and token not in specials:
                 assert text[offset : offset + len(token)] == token
-        for top in logprobs["top_logprobs"]:
+        for top, token, value in zip(
+            logprobs["top_logprobs"], logprobs["tokens"], logprobs["token_logprobs"], strict=True
+        ):
             values = list(top.values())
             assert values == sorted(values, reverse=True), top
+            # the sampled token too ("up to logprobs+1 elements"), where the top 3 leave it out
+            assert top[token] == value and len(top) <= 4, (top, token, value)
     assert split, "no token split a character: the test did not test it"
 
 

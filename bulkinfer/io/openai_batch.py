@@ -149,8 +149,12 @@ def _embedding_request(body: dict) -> tuple[str, dict]:
 def _settings(body: dict, url: str) -> dict:
     settings: dict[str, Any] = {}
     for name, value in body.items():
-        if value is None or name in IGNORED or name in ("messages", "prompt"):
-            continue
+        if (
+            value is None
+            or name in IGNORED
+            or name == ("messages" if url == CHAT_URL else "prompt")
+        ):
+            continue  # (the other one, prompt in a chat request, is refused below: not answered)
         if name in ("max_tokens", "max_completion_tokens"):
             limit = _number(name, value, int, 1)
             if settings.get("max_new_tokens", limit) != limit:
@@ -474,19 +478,19 @@ def _choice(row: dict, k: int, chat: bool, token_bytes: TokenBytes | None) -> di
                 for (_, raw), i in zip(own, ids, strict=True)
             ]
             offsets = _text_offsets(in_text)
-            by_text = None
-            if top is not None:
-                # one {token: logprob} map per position, most likely first (of alternatives
-                # of equal text, the likelier is kept)
-                by_text = []
-                for alts in top:
-                    merged: dict[str, float] = {}
-                    for a in alts:
-                        shown = _completion_token(
-                            *_own_text(a["token"], token_bytes, a.get("token_id"))
-                        )
-                        merged.setdefault(shown, _logprob(a["logprob"]))
-                    by_text.append(merged)
+            # one {token: logprob} map per position: the most likely first (of alternatives of
+            # equal text, the likelier is kept), then the sampled token where they leave it out,
+            # as OpenAI gives "up to logprobs+1" entries (so `logprobs: 0` gives it alone)
+            by_text = []
+            for i, (token, value) in enumerate(zip(tokens, values, strict=True)):
+                merged: dict[str, float] = {}
+                for a in top[i] if top is not None else ():
+                    shown = _completion_token(
+                        *_own_text(a["token"], token_bytes, a.get("token_id"))
+                    )
+                    merged.setdefault(shown, _logprob(a["logprob"]))
+                merged.setdefault(token, value)
+                by_text.append(merged)
             logprobs = {
                 "tokens": tokens,
                 "token_logprobs": values,
