@@ -348,3 +348,43 @@ def test_errors_name_the_api_s_arguments_not_the_command_line_s_flags(tmp_path, 
     assert "overwrite=True" in message and "--overwrite" not in message, message
     assert "another output.path" in message and "--output" not in message, message
     assert bulkinfer.run(job, task={"max_new_tokens": 2}, overwrite=True)["rows_out"] == 3
+
+
+INTERRUPTED_AT = """
+import os, signal, sys, threading
+import bulkinfer
+
+threading.Timer(float(sys.argv[2]), os.kill, (os.getpid(), signal.SIGINT)).start()
+try:
+    bulkinfer.run(sys.argv[1])
+except KeyboardInterrupt:
+    print("interrupted")
+print(bulkinfer.run(sys.argv[1])["rows_out"])
+"""
+
+
+def test_a_ctrl_c_during_the_first_run_s_imports_leaves_the_next_run_working(tmp_path, tiny_model):
+    """A notebook's Ctrl-C that landed inside torch's or transformers' import (the first run in
+    a process imports them) left them half made: every later run failed ("cannot import name
+    'nn' from partially initialized module 'torch'") or crashed the kernel."""
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    runs = {}
+    for delay in ("0.3", "0.6", "1.0"):  # (when the imports are under way on this machine)
+        job = write_job(
+            tmp_path / f"{delay}.yaml",
+            tiny_model,
+            write_jsonl(tmp_path / "in.jsonl", sample_prompts(4)),
+            tmp_path / delay,
+        )
+        command = [sys.executable, "-c", INTERRUPTED_AT, str(job), delay]
+        runs[delay] = subprocess.Popen(
+            command, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    for delay, run in runs.items():
+        out, err = run.communicate(timeout=600)
+        assert run.returncode == 0, (delay, err[-3000:])
+        assert out.strip().splitlines()[-1] == "4", (delay, out, err[-2000:])

@@ -156,6 +156,8 @@ def stops_at_once(overwrite: bool = False) -> Iterator[AtOnce]:
     previous = {
         sig: signal.signal(sig, at_once.handler) for sig in (signal.SIGTERM, signal.SIGUSR1)
     }
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not a caller's own)
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt_outside_imports)
     hook = sys.unraisablehook
 
     def quiet(unraisable) -> None:  # a stop dropped in a callback: `check` raises it again
@@ -171,6 +173,19 @@ def stops_at_once(overwrite: bool = False) -> Iterator[AtOnce]:
         for sig, old in previous.items():
             signal.signal(sig, old)
         sys.unraisablehook = hook
+
+
+def _interrupt_outside_imports(signum, frame) -> None:
+    """Ctrl-C as Python's own handler answers it, but never inside an import: one cut short
+    leaves its module half made in sys.modules (torch's, accelerate's), and every later run in
+    the process (a notebook's next cell) failed on it or crashed. There the KeyboardInterrupt
+    comes a moment later, once the import is done."""
+    if _importing(frame):
+        again = threading.Timer(IMPORT_RETRY_SECONDS, os.kill, (os.getpid(), signum))
+        again.daemon = True
+        again.start()
+        return
+    raise KeyboardInterrupt
 
 
 def resume_advice(overwrite: bool) -> str:
