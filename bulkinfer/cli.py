@@ -370,6 +370,9 @@ def merge(output: str) -> None:
     root = OutputLayout(Path(output))
     with writes_reported(root):
         summary = merge_shards(root, token_bytes_of_job)
+    if summary is None:
+        click.echo(f"{output}/outputs: the shards are merged already; nothing to do")
+        return
     click.echo(
         f"merged {summary.details['shards']} shards: {summary.rows_out:,} rows in {output}/outputs"
     )

@@ -127,6 +127,8 @@ def test_a_finished_sharded_job_run_again_is_not_merged_again(shard_job):
         again = cli("run", str(job), "--shard", f"{k}/2")
         assert again.exit_code == 0, again.output
         assert "shards done: merged" not in again.output, again.output
+    merged = cli("merge", str(out))  # nor `bulkinfer merge`, which said "merged" again
+    assert merged.exit_code == 0 and "merged already" in merged.output, merged.output
     assert (out / "summary.json").read_text() == summary
     assert part.stat().st_mtime_ns == written
     import shutil

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from bulkinfer import process
 from bulkinfer.configs import (
     SUPPORTED_TYPES,
     length_scaled_rope,
@@ -342,7 +343,9 @@ def load_causal(options: LoadOptions, tokenizer, limits: EngineLimits) -> HFEngi
             f"{limits.rows_alone} scales positions by a call's longest sequence, so batched rows "
             "would change each other's results"
         )
-    if limits.kind == "fast" and limits.device_type == "cuda":
+    if limits.kind == "fast" and limits.device_type == "cuda" and process.OWN:
+        # (its environment variables are the process's: a program calling bulkinfer keeps its
+        # own, and torch's default caches)
         use_compile_cache(options.cache_dir, limits.device_name)
     fast, fp8 = limits.kind == "fast", options.quantization == "fp8"
     ahead = read_ahead.take(options.folder, resolve_device(options.device), fp8, used=fast)

@@ -231,6 +231,8 @@ def merge_if_last(root: OutputLayout, shard: Shard) -> None:
         return
     with writes_reported(root):
         summary = merge_shards(root, token_bytes_of_job)
+    if summary is None:  # a sibling finishing as this shard did merged them first
+        return
     log(
         f"all {shard.count} shards done: merged {summary.rows_out:,} rows into "
         f"{root.outputs_dir}; next: bulkinfer report {shlex.quote(str(root.root))}",

@@ -19,7 +19,7 @@ from bulkinfer.io.outputs import write_sorted_outputs
 from bulkinfer.state.fingerprint import RunIdentity
 from bulkinfer.state.folder import differences, finished_damage
 from bulkinfer.state.records import SUMMARY_TOTALS, JobRecord, Summary
-from bulkinfer.state.status import shard_counts, shard_states
+from bulkinfer.state.status import outputs_merged, shard_counts, shard_states
 
 # totals only some jobs report (structured output, shared prefixes, the fast engine's
 # generation time; its per-step averages are left to each shard's own summary)
@@ -35,9 +35,10 @@ ADDED_WHERE_PRESENT = (
 )
 
 
-def merge_shards(root: OutputLayout, token_bytes_for=None) -> Summary:
-    """Write OUT/outputs/, OUT/stats/batches.parquet and OUT/summary.json from the shards.
-    `token_bytes_for(spec)`: the job's token id -> bytes, for an OpenAI job's responses.
+def merge_shards(root: OutputLayout, token_bytes_for=None) -> Summary | None:
+    """Write OUT/outputs/, OUT/stats/batches.parquet and OUT/summary.json from the shards;
+    None where they are merged already (`outputs_merged`), nothing written. `token_bytes_for
+    (spec)`: the job's token id -> bytes, for an OpenAI job's responses.
 
     Shards finishing together may both try: a lock file lets one merge and the other see it."""
     import fcntl
@@ -60,6 +61,8 @@ def _merge_locked(root: OutputLayout, token_bytes_for) -> Summary:
         )
     count = counts[0]
     states = shard_states(root, count)
+    if outputs_merged(root, states):  # by a sibling that held the lock first, or long ago
+        return None
     unfinished = [s for s in states if s.state != "done"]
     if unfinished:
         names = ", ".join(f"{s.shard} ({s.state})" for s in unfinished)
