@@ -50,6 +50,8 @@ def load(job: str | os.PathLike | dict | JobSpec, **overrides: Any) -> JobSpec:
     output = overrides.pop("output", None)
     if isinstance(output, os.PathLike):
         output = os.fspath(output)
+    if isinstance(output, dict):  # the section, as task={...} is (its path among its keys)
+        overrides["output"], output = output, None
     sets = [f"{key}={_json(value, key)}" for key, value in _dotted(overrides)]
     if isinstance(job, dict):
         return load_spec(None, sets, output=output, data=json.loads(_json(job, "the job")))

@@ -388,3 +388,14 @@ def test_a_ctrl_c_during_the_first_run_s_imports_leaves_the_next_run_working(tmp
         out, err = run.communicate(timeout=600)
         assert run.returncode == 0, (delay, err[-3000:])
         assert out.strip().splitlines()[-1] == "4", (delay, out, err[-2000:])
+
+
+def test_output_as_a_section_like_the_others(tmp_path, tiny_model):
+    """output= is the folder as a path, and the section as a mapping (it was refused:
+    "output.path: expected a string, got a mapping")."""
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(2))
+    job = write_job(tmp_path / "job.yaml", tiny_model, inputs, tmp_path / "out")
+    summary = bulkinfer.run(job, output={"path": str(tmp_path / "oai"), "format": "openai"})
+    assert summary["rows_out"] == 2 and (tmp_path / "oai" / "responses.jsonl").is_file()
+    assert bulkinfer.run(job, output={"format": "openai"})["rows_out"] == 2
+    assert (tmp_path / "out" / "responses.jsonl").is_file()
