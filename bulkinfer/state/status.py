@@ -72,8 +72,6 @@ def read_state(layout: OutputLayout, shard: Shard) -> ShardState:
         state = "stopped"
         if damage:
             failed = {"error": f"{damage}; rerun to write the outputs again"}
-    elif layout.lock.is_file():  # a run took the folder, and stopped before recording the job
-        state = "stopped"
     else:
         state = "pending"
     return ShardState(
