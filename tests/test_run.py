@@ -498,3 +498,23 @@ def test_max_batch_size_auto_is_resolved_once_and_kept_in_job_json(
     sizes = pq.read_table(tmp_path / "out" / "stats" / "batches.parquet").column("rows").to_pylist()
     assert max(sizes) == expected and sum(sizes) == 300
     assert read_outputs(tmp_path / "out").column("id").to_pylist() == [r["id"] for r in rows]
+
+
+def test_two_folders_trade_places_in_one_step_or_not_at_all(tmp_path):
+    """What outputs/ is replaced with on Linux (renameat2 RENAME_EXCHANGE); elsewhere, or with
+    a path missing, it reports False and changes nothing (the two renames then do it)."""
+    import sys
+
+    from bulkinfer.io.outputs import _exchange
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "new").touch()
+    (b / "old").touch()
+    swapped = _exchange(a, b)
+    assert swapped or not sys.platform.startswith("linux")
+    if swapped:
+        assert [p.name for p in a.iterdir()] == ["old"] and [p.name for p in b.iterdir()] == ["new"]
+    assert _exchange(a, tmp_path / "missing") is False
+    assert a.is_dir() and not (tmp_path / "missing").exists()

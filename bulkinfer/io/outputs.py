@@ -291,15 +291,34 @@ class _OutputFiles:
 
 
 def _swap_in(layout: OutputLayout, tmp: Path) -> None:
+    """`tmp` becomes outputs/. Where outputs/ is there already the two folders trade places in
+    one step (Linux's renameat2 RENAME_EXCHANGE), so a reader never finds no outputs/; where
+    that is not to be had (another system, a file system without it), by two renames."""
     fsync_dir(tmp)
     old = layout.outputs_old
     remove_tree(old)  # one left by a killed run; a failure says why, not ENOTEMPTY later
-    if layout.outputs_dir.exists():
-        layout.outputs_dir.rename(old)
-    tmp.rename(layout.outputs_dir)
+    if layout.outputs_dir.exists() and _exchange(tmp, layout.outputs_dir):
+        tmp.rename(old)  # the outputs replaced, now under tmp's name
+    else:
+        if layout.outputs_dir.exists():
+            layout.outputs_dir.rename(old)
+        tmp.rename(layout.outputs_dir)
     shutil.rmtree(old, ignore_errors=True)
     write_bytes_atomic(layout.dataset_card, DATASET_CARD.encode())
     fsync_dir(layout.root)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (renameat2 with RENAME_EXCHANGE); False where the system or
+    the file system cannot, nothing changed."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a C library without it
+        return False
+    at_cwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
+    return renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange) == 0
 
 
 def write_stats(layout: OutputLayout, table: pa.Table) -> None:
