@@ -27,10 +27,12 @@ def _run(tmp_path, model, rows, name="out", **task):
     return cli("run", str(job)), tmp_path / name
 
 
-def _seq2seq(folder, arch):
+def _seq2seq(folder, arch, tokenizer=None, auto_class=None, **extra):
+    """A tiny random T5 or BART saved with its tokenizer (`auto_class`: AutoModel by default;
+    `extra`: more config keys)."""
     from transformers import AutoConfig, AutoModel
 
-    tokenizer = train_tokenizer()
+    tokenizer = tokenizer or train_tokenizer()
     config = AutoConfig.for_model(
         arch,
         vocab_size=len(tokenizer),
@@ -51,9 +53,10 @@ def _seq2seq(folder, arch):
         ),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **extra,
     )
     torch.manual_seed(0)
-    AutoModel.from_config(config).save_pretrained(folder)
+    (auto_class or AutoModel).from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -87,7 +90,7 @@ def test_a_row_a_classifier_refuses_is_that_row_s_error(tmp_path):
     raises ValueError for a batch whose rows hold different counts of it: a prompt holding the
     text `</s>` stopped the whole job with a traceback. The batch is bisected instead: alone,
     that row is classified as transformers classifies it."""
-    from transformers import BartConfig, BartForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, BartForSequenceClassification
 
     tokenizer = train_tokenizer()
     bos, eos = tokenizer.bos_token, tokenizer.eos_token
@@ -95,36 +98,25 @@ def test_a_row_a_classifier_refuses_is_that_row_s_error(tmp_path):
         single=f"{bos} $A {eos}",
         special_tokens=[(bos, tokenizer.bos_token_id), (eos, tokenizer.eos_token_id)],
     )
-    config = BartConfig(
-        vocab_size=len(tokenizer),
-        d_model=32,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
+    folder = _seq2seq(
+        tmp_path / "bart",
+        "bart",
+        tokenizer,
+        AutoModelForSequenceClassification,
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.eos_token_id,
         id2label={0: "no", 1: "yes"},
         label2id={"no": 0, "yes": 1},
     )
-    torch.manual_seed(0)
-    BartForSequenceClassification(config).save_pretrained(tmp_path / "bart")
-    tokenizer.save_pretrained(tmp_path / "bart")
     rows = [{"id": f"r{i}", "prompt": f"row {i} says hello"} for i in range(5)]
     rows.append({"id": "odd", "prompt": f"a row with {eos} inside"})
-    result, out = _run(tmp_path, tmp_path / "bart", rows, type="classify")
+    result, out = _run(tmp_path, folder, rows, type="classify")
     assert result.exit_code == 0, result.output
     got = {r["id"]: r for r in read_outputs(out).to_pylist()}
     assert all(r["error"] is None for r in got.values()), got
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "bart")
-    model = BartForSequenceClassification.from_pretrained(tmp_path / "bart").eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = BartForSequenceClassification.from_pretrained(folder).eval()
     with torch.no_grad():
         want = model(**tokenizer(rows[-1]["prompt"], return_tensors="pt")).logits[0].softmax(0)
     assert got["odd"]["label"] == ["no", "yes"][int(want.argmax())]

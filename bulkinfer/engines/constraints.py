@@ -78,6 +78,7 @@ def _splitting_view(tokenizer, end: int | None):
     ll = _llguidance()
     plain = ll_tokenizer(tokenizer, end)
     special = [i for i in range(plain.vocab_size) if plain.is_special_token(i)]
+    marked = set(special)
     texts = sorted({plain.decode_bytes([i]) for i in special} - {b""}, key=len, reverse=True)
     pattern = re.compile(b"(" + b"|".join(re.escape(t) for t in texts) + b")")
 
@@ -86,10 +87,7 @@ def _splitting_view(tokenizer, end: int | None):
         bos_token_id = tokenizer.bos_token_id
         special_token_ids = special
         tokens = [
-            SPECIAL_MARK + plain.decode_bytes([i])
-            if plain.is_special_token(i)
-            else plain.decode_bytes([i])
-            for i in range(plain.vocab_size)
+            SPECIAL_MARK * (i in marked) + plain.decode_bytes([i]) for i in range(plain.vocab_size)
         ]
 
         def __call__(self, data: bytes) -> list[int]:
