@@ -121,7 +121,6 @@ def validate(job: str | os.PathLike | dict | JobSpec, **overrides: Any):
 
 # the command line's words in messages, and what a caller of this module passes instead
 API_WORDS = (
-    (re.compile(r"pass --overwrite\b"), "pass overwrite=True"),
     (re.compile(r"--overwrite\b"), "overwrite=True"),
     (re.compile(r"another --output\b"), "another output.path"),
     (re.compile(r"--shard I/(\d+)"), r"shard='I/\1'"),
