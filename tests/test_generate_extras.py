@@ -152,3 +152,31 @@ def test_several_greedy_samples_are_warned_of(tmp_path, tiny_model):
     assert "task.n: 2 samples at temperature 0 are greedy, so all equal" in result.output
     for row in read_outputs(tmp_path / "out").to_pylist():
         assert row["text"][0] == row["text"][1]
+
+
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_a_stop_string_naming_a_special_token_ends_the_row(tmp_path, tiny_model, engine):
+    # A model whose final norm is zero scores every token alike, so greedy picks id 0 at
+    # every step: <|endoftext|>, a special token that is not the end token. Decoded text drops
+    # it, so a stop string of its text can only match by the token.
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    model.save_pretrained(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.save_pretrained(tmp_path / "model")
+    assert tokenizer.convert_ids_to_tokens(0) == "<|endoftext|>" != tokenizer.eos_token
+    rows = sample_prompts(3)
+    free = _run(tmp_path, tmp_path / "model", rows, f"free-{engine}", {"max_new_tokens": 5})
+    assert [r["finish_reason"] for r in free] == ["length"] * 3
+    job = write_job(
+        tmp_path / f"stop-{engine}.yaml",
+        tmp_path / "model",
+        tmp_path / "in.jsonl",
+        tmp_path / f"stop-{engine}",
+        task={"chat_template": "never", "max_new_tokens": 5, "stop": ["<|endoftext|>"]},
+    )
+    assert cli("run", str(set_model(job, engine=engine))).exit_code == 0
+    out = read_outputs(tmp_path / f"stop-{engine}").to_pylist()
+    assert [(r["text"], r["finish_reason"]) for r in out] == [("", "stop")] * 3
+    assert [r["output_tokens"] for r in out] == [1] * 3

@@ -37,7 +37,10 @@ def stop_hit(tokenizer, tokens: list[int], stops: tuple[str, ...]) -> bool:
     character not finished yet, or the tail of one the window cut, are not text a stop string
     can match. A window never starts inside a run of byte-fallback pieces (`<0x0A>`): a
     SentencePiece-style decoder turns the whole run into U+FFFD when it starts mid-character,
-    a newline piece in it too, and decodes it whole or not at all."""
+    a newline piece in it too, and decodes it whole or not at all. A stop string that is a
+    special token's own text (`<|im_end|>`, which decoded text drops) matches that token."""
+    if tokens and special_texts(tokenizer).get(tokens[-1]) in stops:
+        return True  # a special token's own text: decoded text drops it, so the id tells
     window = max(len(s.encode("utf-8", "surrogatepass")) for s in stops) + 8
     start = max(0, len(tokens) - window)
     pieces = byte_pieces(tokenizer)
@@ -74,6 +77,18 @@ def byte_pieces(tokenizer) -> frozenset[int]:
 
 
 BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+@_per_tokenizer
+def special_texts(tokenizer) -> dict[int, str]:
+    """The special tokens' ids and their own texts (`<|im_end|>`): the tokens that decoding
+    with skip_special_tokens drops, so a stop string naming one is matched by its id."""
+    named = {
+        i: t.content for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special
+    }
+    for text, i in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids, strict=False):
+        named.setdefault(i, text)
+    return named
 
 
 REPLACEMENT = "\ufffd"  # what a tokenizer decodes an incomplete UTF-8 sequence to
