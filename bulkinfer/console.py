@@ -1,13 +1,19 @@
 """The console script: `bulkinfer.cli.entry`, with a Ctrl-C that lands while the command line's
 own modules are still importing answered as any other (one line, exit 130, a JSON `signal`
-event with --log-format json), not a traceback."""
+event with --log-format json), not a traceback; so are SIGTERM and SIGUSR1 (one line, exit
+128 + the signal) until a command sets its own handlers (a run's, once it takes its folder),
+rather than a silent death by the signal."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 
 def entry() -> None:
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, _stop_now)
     try:
         from bulkinfer.cli import entry as command
     except KeyboardInterrupt:
@@ -15,21 +21,40 @@ def entry() -> None:
     command()
 
 
+def _stop_now(signum, frame) -> None:
+    """A stop where the command has no handler of its own (a run commits parts only under
+    its own): the process ends at once, as the signal itself would end it, but saying so.
+    os._exit, not an exception: one raised inside an import that a C extension runs (torch's)
+    aborts the process."""
+    name = signal.Signals(signum).name
+    message = f"stopped by {name}"
+    if sys.argv[1:2] == ["run"]:
+        message += "; committed work is kept: rerun the same command to resume"
+    _say(message, "warning", name, 128 + signum)
+    os._exit(128 + signum)
+
+
 def say_interrupted(message: str = "interrupted") -> None:
     """What bulkinfer.cli says of a Ctrl-C, with the standard library alone (nothing of
     bulkinfer's may have imported yet, or an import the Ctrl-C cut short cannot run again:
     numpy's)."""
+    _say(message, "error", "SIGINT", 130)
+    sys.exit(130)
+
+
+def _say(message: str, level: str, signal_name: str, code: int) -> None:
+    """One line on stderr (a JSON `signal` event with --log-format json)."""
     import json
     from datetime import datetime, timezone
 
     if log_format_asked(sys.argv[1:]) == "json":
         now = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        record = {"ts": now, "level": "error", "event": "signal", "message": message}
-        record.update(signal="SIGINT", exit_code=130)
+        record = {"ts": now, "level": level, "event": "signal", "message": message}
+        record.update(signal=signal_name, exit_code=code)
         sys.stderr.write(json.dumps(record) + "\n")
     else:
         sys.stderr.write(f"bulkinfer: {message}\n")
-    sys.exit(130)
+    sys.stderr.flush()
 
 
 def log_format_asked(args: list[str]) -> str:

@@ -162,6 +162,32 @@ def test_a_stop_before_the_first_batch_says_so_and_resumes(crash_job, sig, overw
     _assert_same_outputs(out, reference)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_while_the_command_starts_says_so(crash_job, sig):
+    """SIGTERM (scancel) or Slurm's warning a moment after the command starts, while its
+    modules import (before the run has handlers of its own): one line and exit 128 + the
+    signal, not a silent death by it; the rerun finishes the job."""
+    make, reference = crash_job
+    name = f"starting-{sig.name}"
+    job = make(name)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bulkinfer", "run", str(job)],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, stderr
+    assert f"stopped by {sig.name}" in stderr and "rerun the same command" in stderr, stderr
+    assert "Traceback" not in stderr
+    resumed = cli_again("run", str(job))
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_outputs(job.parent / name, reference)
+
+
 STOP_IN_IMPORT = r"""
 import pathlib, sys, time
 from bulkinfer.errors import StopRequested
