@@ -26,6 +26,7 @@ from conftest import (
     write_parquet,
 )
 
+import bulkinfer
 from bulkinfer import spec as specs
 from bulkinfer.cli import main
 from bulkinfer.spec import load_spec
@@ -115,6 +116,32 @@ def test_a_section_set_on_the_command_line_has_paths_relative_to_the_current_fol
     monkeypatch.chdir(here)
     for item in ("output.path=mine", "output={path: mine}"):
         assert load_spec(str(job), [item]).output.path == str(here / "mine"), item
+
+
+def test_a_section_set_as_a_mapping_keeps_the_spec_s_other_settings(tmp_path, tiny_model):
+    """`--set 'input={path: other.jsonl}'` sets the path alone, as the Python API's
+    `input={...}` does: the spec's kept columns (and a task's system prompt) were dropped
+    silently, and the outputs lost their columns. The spec's own relative paths stay
+    relative to its folder."""
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    rows = [{"id": "a", "prompt": "hi", "source": "s"}]
+    write_jsonl(jobs / "in.jsonl", rows)
+    other = write_jsonl(tmp_path / "other.jsonl", rows)
+    job = write_job(
+        jobs / "j.yaml",
+        tiny_model,
+        "in.jsonl",
+        tmp_path / "out",
+        input={"keep_columns": ["source"]},
+        task={"system_prompt": "Be brief.", "max_new_tokens": 3},
+    )
+    spec = load_spec(str(job), [f"input={{path: {other}}}", "task={max_new_tokens: 2}"])
+    assert spec.input.path == [str(other)] and spec.input.keep_columns == ["source"]
+    assert spec.task.system_prompt == "Be brief." and spec.task.max_new_tokens == 2
+    spec = load_spec(str(job), ["input={keep_columns: []}"])
+    assert spec.input.path == [str(jobs / "in.jsonl")] and spec.input.keep_columns == []
+    assert spec == bulkinfer.load(job, input={"keep_columns": []})
 
 
 def test_a_whole_number_out_of_range_is_said_for_keys_that_also_take_auto(tmp_path, tiny_model):

@@ -34,7 +34,7 @@ def load_spec(
     if data is None:
         data = _read_yaml(Path(path))
     base = Path(path).resolve().parent if path is not None else Path.cwd()
-    from_command_line = {_apply_override(data, item) for item in overrides}
+    from_command_line = {key for item in overrides for key in _apply_override(data, item)}
     if output is not None:
         data.setdefault("output", {})
         if not isinstance(data["output"], dict):
@@ -136,10 +136,12 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _apply_override(data: dict, item: str) -> str:
+def _apply_override(data: dict, item: str) -> list[str]:
     """`--set task.max_new_tokens=64`: the value is parsed as YAML, so lists and numbers work.
+    A section given as a mapping (`--set 'task={n: 2}'`) sets its settings one by one, as the
+    Python API's keywords do; the section's other settings stay the spec's.
 
-    Returns the dotted key that was set."""
+    Returns the dotted keys that were set."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. task.max_new_tokens=64")
@@ -154,6 +156,12 @@ def _apply_override(data: dict, item: str) -> str:
             ) from None
         value = raw  # text YAML does not take as it stands (`a: b: c`) is meant as text
     parts = key.strip().split(".")
+    if len(parts) == 1 and isinstance(value, dict):
+        section = data.get(parts[0])
+        if not isinstance(section, dict):
+            section = data[parts[0]] = {}
+        section.update(value)
+        return [f"{parts[0]}.{name}" for name in value]
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
@@ -161,7 +169,7 @@ def _apply_override(data: dict, item: str) -> str:
             raise SpecError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is not a section")
         node = child
     node[parts[-1]] = value
-    return ".".join(parts)
+    return [".".join(parts)]
 
 
 def _normalise_input_path(data: dict) -> None:
