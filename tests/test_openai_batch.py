@@ -244,6 +244,28 @@ def test_missing_custom_id_is_one_line(tmp_path, tiny_model):
     assert "batch.jsonl:2" in result.output and "custom_id" in result.output
 
 
+def test_a_keep_column_no_request_has_is_refused_as_validate_refuses_it(tmp_path, tiny_model):
+    """A job file's keep_columns (`[source]`, as the sample job's) pointed at a batch file:
+    run wrote the column all nulls, while validate refused it."""
+    requests = [_chat_request(i) for i in range(3)]
+    requests[1]["team"] = "search"  # a request line's own field can be kept
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "batch.jsonl", requests),
+        tmp_path / "out",
+        input={"keep_columns": ["source"]},
+    )
+    for command in ("validate", "run"):
+        result = cli(command, str(job))
+        assert result.exit_code == 2, result.output
+        assert "no row has the keep column 'source'" in result.output, result.output
+    assert not (tmp_path / "out" / "outputs").exists()
+    result = cli("run", str(job), "--set", "input.keep_columns=[team]")
+    assert result.exit_code == 0, result.output
+    assert read_outputs(tmp_path / "out").column("team").to_pylist() == [None, "search", None]
+
+
 def test_sharded_run_writes_the_responses_once_after_the_merge(tmp_path, tiny_model):
     requests = [_chat_request(i, temperature=0.9, seed=i, n=1 + i % 2) for i in range(12)]
     single = _run(tmp_path, tiny_model, requests, name="single")

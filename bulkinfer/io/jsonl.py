@@ -92,13 +92,17 @@ def _long_line_row(path: str, line_no: int, line: LongLine, columns: ColumnNames
 def _read_openai_requests(
     path: str, columns: ColumnNames, max_line_bytes: int
 ) -> Iterator[InputChunk]:
-    """An OpenAI Batch API request file: one chunk of requests at a time."""
+    """An OpenAI Batch API request file: one chunk of requests at a time. A keep column no
+    request line has is refused (as in any JSONL file), not written as nulls."""
     records: list[dict] = []
     lines: list[int] = []
     first_row = 0
+    seen_keep = {name: False for name in columns.keep if name != "url"}
     for line_no, record in _jsonl_lines(path, max_line_bytes):
         if isinstance(record, LongLine):
             record = _long_line_row(path, line_no, record, columns)
+        for name in seen_keep:
+            seen_keep[name] = seen_keep[name] or name in record
         records.append(record)
         lines.append(line_no)
         if len(records) == CHUNK_ROWS:
@@ -107,6 +111,9 @@ def _read_openai_requests(
             records, lines = [], []
     if records:
         yield _request_chunk(path, first_row, records, lines, columns)
+    missing = [name for name, seen in seen_keep.items() if not seen and first_row + len(records)]
+    if missing:
+        raise InputError(f"{path}: no row has the keep column '{missing[0]}'")
 
 
 def _request_chunk(

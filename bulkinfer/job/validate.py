@@ -137,15 +137,16 @@ def check_input_file(file: DataFile, columns: ColumnNames, max_line_bytes: int) 
         return InputFile(path, kind, count_rows(path, layout))
     columns.refuse_absent_id(names, path, "column" if layout != "jsonl" else "field")
     required = [columns.prompt, columns.completion, columns.choices, columns.id]
-    if layout != "jsonl":  # a file with a schema: every column is in it
+    lines = layout in ("jsonl", "openai")  # records that each hold the fields they have
+    if not lines:  # a file with a schema: every column is in it
         required += list(columns.keep)
     for name in (n for n in required if n is not None):
         if name not in names:
             raise InputError(
                 f"{path}: no column '{name}'{did_you_mean(name, names)}; "
-                f"the {'first line' if layout == 'jsonl' else 'file'} has: {', '.join(names)}"
+                f"the {'first line' if lines else 'file'} has: {', '.join(names)}"
             )
-    if layout == "jsonl":
+    if lines:
         _check_jsonl_keep_columns(path, columns.keep)
     return InputFile(path, kind, count_rows(path, layout))
 
