@@ -123,7 +123,9 @@ def validate(job: str | os.PathLike | dict | JobSpec, **overrides: Any):
 API_WORDS = (
     (re.compile(r"--overwrite\b"), "overwrite=True"),
     (re.compile(r"another --output\b"), "another output.path"),
-    (re.compile(r"--shard I/(\d+)"), r"shard='I/\1'"),
+    # `--shard 5/2`, `--shard 'x'`, `--shard I/N`: the flag and its value, as the argument
+    (re.compile(r"--shard (?:'([^']*)'|([^\s,;:)'`]+))"), lambda m: f"shard='{m[1] or m[2]}'"),
+    (re.compile(r"e\.g\. shard='0/8'"), "e.g. shard='0/8' or (0, 8)"),
     (re.compile(r"rerun the same command"), "run it again"),
 )
 

@@ -348,6 +348,15 @@ def test_errors_name_the_api_s_arguments_not_the_command_line_s_flags(tmp_path, 
     assert "overwrite=True" in message and "--overwrite" not in message, message
     assert "another output.path" in message and "--output" not in message, message
     assert bulkinfer.run(job, task={"max_new_tokens": 2}, overwrite=True)["rows_out"] == 3
+    for shard, words in (("5/2", "shard='5/2'"), ("x", "shard='x'"), ((1, 1), "shard='1/1'")):
+        with pytest.raises(SpecError) as refused:
+            bulkinfer.run(job, output=tmp_path / "sharded", shard=shard)
+        assert words in str(refused.value) and "--shard" not in str(refused.value)
+    bulkinfer.run(job, output=tmp_path / "sharded", shard="0/2")
+    with pytest.raises(OutputFolderError) as refused:
+        bulkinfer.run(job, output=tmp_path / "sharded")
+    message = str(refused.value)
+    assert "shard='I/N'" in message and "--shard" not in message, message
 
 
 INTERRUPTED_AT = """
