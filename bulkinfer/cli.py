@@ -517,7 +517,8 @@ def init(path: str, force: bool) -> None:
 @click.option("--output", "-o", default=None, help="Output folder (overrides output.path).")
 def validate(job: str, overrides: tuple[str, ...], output: str | None) -> None:
     """Check the spec, the model's tokenizer and config, the input files and their columns, and
-    the output folder, without loading weights or tokenizing: exit 0 and a summary, or one line.
+    the output folder, without loading weights: exit 0 and a summary, or one line. The first
+    rows are rendered and tokenized (their length checked); the rest are counted.
 
     \b
     Example:

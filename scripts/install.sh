@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install bulkinfer with everything the sample job and the tests need, on a fresh machine.
-# torch goes first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build, and a
-# GPU box that already has its own CUDA torch keeps it (the package itself asks only torch>=2.4).
+# torch goes first, pinned to the release the suite is run with (the build pip's index offers:
+# the CPU wheel on the machines here; PyPI's own Linux wheel is the CUDA one), and only where no
+# torch is installed: a GPU box keeps its own CUDA torch (the package itself asks torch>=2.4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -193,6 +193,20 @@ def test_validate_checks_columns_and_counts_rows_without_loading_weights(
     assert cli_subprocess("run", str(job)).returncode != 0
 
 
+def test_validate_says_what_run_would_do_with_a_job_s_folder(tmp_path, tiny_model):
+    """A finished job's folder was said to be one "run resumes", where run does nothing."""
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(4))
+    job = write_job(tmp_path / "j.yaml", tiny_model, inputs, tmp_path / "out")
+    assert cli("run", str(job)).exit_code == 0
+    result = cli("validate", str(job))
+    assert result.exit_code == 0 and "finished: run has nothing to do" in result.output, (
+        result.output
+    )
+    (tmp_path / "out" / "summary.json").unlink()  # stopped before its summary: run resumes
+    result = cli("validate", str(job))
+    assert result.exit_code == 0 and "run resumes it" in result.output, result.output
+
+
 @pytest.mark.parametrize(
     ("setting", "expected"),
     [

@@ -27,6 +27,7 @@ from bulkinfer.spec import JobSpec
 from bulkinfer.state.fingerprint import fingerprint
 from bulkinfer.state.folder import (
     NAME_ONLY_KEYS,
+    finished_damage,
     foreign_message,
     has_results,
     holds_foreign,
@@ -36,7 +37,7 @@ from bulkinfer.state.folder import (
     resolved_otherwise,
     spec_keys_differing,
 )
-from bulkinfer.state.records import JobRecord
+from bulkinfer.state.records import JobRecord, read_json
 
 # JSONL records read to find the keep columns (the reader only needs one row to have each).
 KEEP_SCAN_RECORDS = 10_000
@@ -222,11 +223,19 @@ def output_state(root: Path, spec: dict, resolved: dict) -> str:
             f"holds a run of a job split into {n} shards: `run --shard I/{n}` (or --gpus {n}) "
             "resumes it if spec, model and input are unchanged; run without them refuses it"
         )
+    if layout.job_file.exists() and _finished(layout):
+        return "holds this job, finished: run has nothing to do (--overwrite runs it again)"
     if layout.job_file.exists() or layout.shards_dir.is_dir():
         return "holds a bulkinfer job: run resumes it if spec, model and input are unchanged"
     if holds_foreign(layout):
         raise OutputFolderError(f"output.path: {foreign_message(layout)}")
     return "empty folder"
+
+
+def _finished(layout: OutputLayout) -> bool:
+    """Whether run would find the job finished (its summary complete, nothing damaged)."""
+    summary = read_json(layout.summary) or {}
+    return bool(summary.get("complete")) and finished_damage(layout) is None
 
 
 def _refuse_unwritable(root: Path, where: Path) -> None:
