@@ -340,6 +340,25 @@ def test_a_sharded_run_on_an_unsharded_folder_is_refused_clearly(shard_job):
     _same(job.parent / "single", reference)
 
 
+def test_a_shard_with_overwrite_retires_the_unsharded_job_for_its_siblings(shard_job):
+    """`--shard 0/2 --overwrite` over a finished unsharded job left its record and summary:
+    `status` and `report` showed the half-run split job as done, and shard 1 was refused
+    without --overwrite (which, on a requeue, would drop the shard's own checkpoint)."""
+    make, reference = shard_job
+    job = make("split-over-single")
+    out = job.parent / "split-over-single"
+    assert cli("run", str(job)).exit_code == 0
+    result = cli("run", str(job), "--shard", "0/2", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not (out / "summary.json").exists() and not (out / "checkpoint").exists()
+    status = cli("status", str(out))
+    assert status.exit_code == 0 and "1 of 2 shards done" in status.output, status.output
+    result = cli("run", str(job), "--shard", "1/2")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["shards"] == 2
+    _same(out, reference)
+
+
 def test_shards_of_another_split_and_folders_without_a_job_are_refused_before_any_work(
     shard_job, tmp_path
 ):

@@ -97,8 +97,10 @@ def open_job_folder(layout: OutputLayout, run: RunIdentity, overwrite: bool) -> 
 def refuse_unsharded(root: OutputLayout, overwrite: bool, holding_lock: bool = False) -> None:
     """A shard's run (or a `--gpus` launcher's) where a job ran without shards: its merge would
     put another run's outputs under that job's record, so it is refused as any other job is,
-    unless --overwrite; then the launcher, which holds the folder, retires that record, and a
-    shard leaves it to the merge (refused while a run of that job is live)."""
+    unless --overwrite (refused while a run of that job is live); then that job is retired:
+    its record (so the other shards run without --overwrite), its summary (which `status` and
+    `report` read as the split job's until the merge) and its checkpoint. Its outputs stay
+    until the merge replaces them."""
     if not root.job_file.exists():
         return
     if not overwrite:
@@ -106,10 +108,11 @@ def refuse_unsharded(root: OutputLayout, overwrite: bool, holding_lock: bool = F
             f"{root.root} holds a job run without shards; run it the same way, use another "
             "--output, or pass --overwrite"
         )
-    if holding_lock:
-        root.job_file.unlink(missing_ok=True)
-    elif is_locked(root):
+    if not holding_lock and is_locked(root):
         raise in_use(root)
+    root.job_file.unlink(missing_ok=True)
+    root.summary.unlink(missing_ok=True)
+    shutil.rmtree(root.checkpoint_dir, ignore_errors=True)
 
 
 def other_splits(root: OutputLayout, count: int) -> list[int]:
