@@ -179,3 +179,19 @@ def test_a_chunk_s_tokens_taken_at_once_are_those_taken_one_by_one(
         state = (row.tokens, row.logprobs, row.top_ids, row.top_logprobs, row.reason)
         outcomes.append((done, state, scheduler.new_tokens, scheduler.allocator.free))
     assert outcomes[0] == outcomes[1]
+
+
+def test_rows_a_failed_stream_finished_count_once_when_run_again():
+    """A stream that fails (a row out of memory) hands its batches to the batch-at-a-time
+    loop, which runs the rows it had finished again: they counted twice, and the progress
+    line read past the job's rows (14/12)."""
+    from bulkinfer.observe.progress import Progress
+    from bulkinfer.planner import Batch
+
+    batches = [Batch(0, np.arange(0, 8), 5, 40), Batch(1, np.arange(8, 12), 3, 12)]
+    progress = Progress(batches, batches, np.full(12, 10), log_every=3600)
+    progress.advance(20, np.array([0, 1]), 20)  # two rows of batch 0 finish, then it fails
+    for batch in batches:
+        progress.update(batch, 8)
+    assert (progress.done, progress.total) == (12, 12)
+    assert progress.work_done == 120 and progress.work_left == 0

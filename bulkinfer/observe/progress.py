@@ -181,27 +181,29 @@ class Progress:
         are), and the rows that finished (`finished_tokens`: their prompt and new tokens)."""
         self.tokens += new_tokens
         self.in_flight += new_tokens + prompt_tokens
-        self._count(finished)
+        rows = self._count(finished)
         self.in_flight = max(0, self.in_flight - finished_tokens)
-        self.done += len(finished)
-        self._show(len(finished))
+        self.done += rows
+        self._show(rows)
 
     def update(self, batch: Batch, tokens: int) -> None:
         """A whole batch done (the batch-at-a-time loop); `tokens` of the kind shown."""
-        self._count(batch.rows)
+        rows = self._count(batch.rows)
         self.tokens += tokens
-        self.done += len(batch.rows)
-        self._show(len(batch.rows))
+        self.done += rows
+        self._show(rows)
 
-    def _count(self, rows: np.ndarray) -> None:
-        """These rows' planned work done (once a row: one finished in a stream that failed runs
-        again in the batch-at-a-time loop)."""
+    def _count(self, rows: np.ndarray) -> int:
+        """These rows' planned work done, once a row (one finished in a stream that failed runs
+        again in the batch-at-a-time loop, and was counted past the job's rows); returns how
+        many were not counted before."""
         rows = np.asarray(rows, dtype=np.int64)
         rows = rows[~self.counted[rows]]
         self.counted[rows] = True
         work = int(self.row_work[rows].sum())
         self.work_done += work
         self.work_left -= work
+        return len(rows)
 
     def eta_seconds(self) -> float:
         done = self.work_done + self.in_flight
