@@ -217,6 +217,10 @@ def test_missing_files_and_bad_overrides(tmp_path, tiny_model):
     _fails_cleanly(
         cli("run", str(job), "--set", "model.path=/no/such/model"), "model.path", "does not exist"
     )
+    long_name = (
+        f"input.path={tmp_path / ('x' * 300)}.jsonl"  # not "matches no file": it may be there
+    )
+    _fails_cleanly(cli("validate", str(job), "--set", long_name), "input.path", "name too long")
     _fails_cleanly(cli("run", str(job), "--set", "novalue"), "KEY=VALUE")
     _fails_cleanly(cli("run", str(job), "--set", "task.max_new_tokens.x=1"), "not a section")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import glob
 import math
 import os
@@ -347,7 +348,20 @@ def _resolve_paths(spec: JobSpec, base: Path, from_command_line: set[str]) -> Jo
 
 def _check_files_exist(spec: JobSpec) -> None:
     if not spec.model.path.startswith(PACKAGE_PREFIX) and not os.path.exists(spec.model.path):
-        raise SpecError(f"model.path: {spec.model.path} does not exist")
+        why = _unreadable(spec.model.path)
+        raise SpecError(f"model.path: {spec.model.path} {why or 'does not exist'}")
     for p in spec.input.path:
         if not (os.path.exists(p) or glob.glob(p, recursive=True)):
-            raise SpecError(f"input.path: {p} matches no file")
+            why = _unreadable(p)
+            raise SpecError(f"input.path: {p} {why or 'matches no file'}")
+
+
+def _unreadable(path: str) -> str | None:
+    """Why a path that does not exist to os.path.exists cannot be looked at, where it is
+    not simply missing: a name too long for the file system, a folder that may not be read."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR) and exc.strerror:
+            return f"cannot be read: {exc.strerror.lower()}"
+    return None
