@@ -84,14 +84,16 @@ def kernels() -> dict:
     at = torch.randperm(8192, device="cuda", generator=g)[:4096]
     pool = [torch.zeros(8192, 8, 128, dtype=k8.dtype, device="cuda") for _ in range(2)]
     scales = [torch.zeros(8192, 8, device="cuda") for _ in range(2)]
-    da.store_fp8(at, k, k, pool[0], pool[1], scales[0], scales[1])
+    back, _ = da.store_fp8(at, k, k, pool[0], pool[1], scales[0], scales[1], read_back=True)
     want, want_scale = quantize_heads(k)
+    read = (pool[0][at].float() * scales[0][at][..., None]).to(k.dtype)  # KVPool.read's
     out["kv_store"] = {
         "bytes_equal": (pool[0][at].view(torch.uint8) == want.view(torch.uint8))
         .float()
         .mean()
         .item(),
         "scale_relative_error": ((scales[0][at] - want_scale) / want_scale).abs().max().item(),
+        "read_back_equal": (back == read).float().mean().item(),
     }
     out["silu_mul_fp8"] = silu_mul_kernel()
     return out

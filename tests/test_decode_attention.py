@@ -155,15 +155,28 @@ for x, pool, scale in zip((k, v), pools, scales):
     others = torch.ones(tokens, dtype=torch.bool)
     others[at] = False
     out["untouched_zero"] &= bool((pool[others].float() == 0).all() and (scale[others] == 0).all())
+# read back in the same launch: what the pool gives for those slots, in the inputs' dtype
+# (float32 exactly; bfloat16 within its rounding: the interpreter truncates where a GPU
+# rounds to nearest even, as torch does)
+out["read_back_equal"] = True
+for dtype, ulp in ((torch.float32, 0.0), (torch.bfloat16, 2.0**-7)):
+    back = da.store_fp8(
+        at, k.to(dtype), v.to(dtype), pools[0], pools[1], scales[0], scales[1], read_back=True
+    )
+    for got, pool, scale in zip(back, pools, scales):
+        want = pool[at].float() * scale[at][..., None]
+        close = (got.float() - want).abs() <= ulp * want.abs()
+        out["read_back_equal"] &= got.dtype == dtype and bool(close.all())
 print(json.dumps(out))
 """
 
 
 def test_fp8_cache_store_kernel_quantizes_into_the_slots():
     """The fused fp8 KV write (one launch per layer on a GPU) computes kv.quantize_heads'
-    scales, writes each token's vectors to its own slot and nothing else."""
+    scales, writes each token's vectors to its own slot and nothing else; asked to, it also
+    gives them back as the pool keeps them (a prefill attends to those)."""
     result = interpreted(STORE, [])
-    assert result["untouched_zero"]
+    assert result["untouched_zero"] and result["read_back_equal"]
     assert result["scale_error"] < 1e-6
     assert result["value_error"] == 0
 

@@ -162,13 +162,18 @@ def store_fp8(
     values: torch.Tensor,
     key_scales: torch.Tensor,
     value_scales: torch.Tensor,
-) -> None:
+    read_back: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Keys and values [n, kv_heads, D] quantized (as `kv.quantize_heads` does: one scale per
     token and head, its largest magnitude at 448) and written to the fp8 pool's slots `at`, in
-    one launch: the same in torch is ~10 small kernels a tensor, per layer and decode step."""
+    one launch: the same in torch is ~10 small kernels a tensor, per layer and decode step.
+    `read_back`: also return them as the pool keeps them, dequantized in their dtype (what
+    `KVPool.read` of those slots gives), written by the same launch."""
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         k, v = k.contiguous(), v.contiguous()
     n, kv_heads, dim = k.shape
+    k_out = torch.empty((n, kv_heads, dim), dtype=k.dtype, device=k.device) if read_back else k
+    v_out = torch.empty((n, kv_heads, dim), dtype=v.dtype, device=v.device) if read_back else v
     _store_kernel[(n, kv_heads)](
         at,
         k,
@@ -177,6 +182,8 @@ def store_fp8(
         values,
         key_scales,
         value_scales,
+        k_out,
+        v_out,
         k.stride(0),
         k.stride(1),
         v.stride(0),
@@ -185,8 +192,10 @@ def store_fp8(
         keys.stride(1),
         key_scales.stride(0),
         D=dim,
+        READ_BACK=read_back,
         num_warps=1,
     )
+    return (k_out, v_out) if read_back else None
 
 
 def longest_first_asked() -> bool:
@@ -365,6 +374,8 @@ if triton is not None:
         VPool,
         KScale,
         VScale,
+        KOut,
+        VOut,
         stride_kt,
         stride_kh,
         stride_vt,
@@ -373,40 +384,60 @@ if triton is not None:
         stride_ph,
         stride_st,
         D: tl.constexpr,
+        READ_BACK: tl.constexpr,
     ):
         token = tl.program_id(0)
         head = tl.program_id(1)
+        heads = tl.num_programs(1)
         slot = tl.load(At + token).to(tl.int64)
+        out = (token * heads + head) * D  # the read-back outputs: contiguous [n, heads, D]
         _quantize_store(
             K + token * stride_kt + head * stride_kh,
             KPool,
             KScale,
+            KOut + out,
             slot,
             head,
             stride_pt,
             stride_ph,
             stride_st,
             D,
+            READ_BACK,
         )
         _quantize_store(
             V + token * stride_vt + head * stride_vh,
             VPool,
             VScale,
+            VOut + out,
             slot,
             head,
             stride_pt,
             stride_ph,
             stride_st,
             D,
+            READ_BACK,
         )
 
     @triton.jit
     def _quantize_store(
-        X, Pool, Scale, slot, head, stride_pt, stride_ph, stride_st, D: tl.constexpr
+        X,
+        Pool,
+        Scale,
+        Out,
+        slot,
+        head,
+        stride_pt,
+        stride_ph,
+        stride_st,
+        D: tl.constexpr,
+        READ_BACK: tl.constexpr,
     ):
         offs_d = tl.arange(0, D)
-        x = tl.load(X + offs_d).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), 0), 1e-12) / 448.0
-        q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
-        tl.store(Pool + slot * stride_pt + head * stride_ph + offs_d, q.to(tl.float8e4nv))
+        x = tl.load(X + offs_d)
+        x32 = x.to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x32), 0), 1e-12) / 448.0
+        q = tl.minimum(tl.maximum(x32 / scale, -448.0), 448.0).to(tl.float8e4nv)
+        tl.store(Pool + slot * stride_pt + head * stride_ph + offs_d, q)
         tl.store(Scale + slot * stride_st + head, scale)
+        if READ_BACK:  # as KVPool.read dequantizes the stored bytes
+            tl.store(Out + offs_d, (q.to(tl.float32) * scale).to(x.dtype))

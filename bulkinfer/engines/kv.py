@@ -57,14 +57,18 @@ class KVPool:
     def fp8(self) -> bool:
         return self.key_scales is not None
 
-    def store(self, layer: int, at: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write keys and values [n, kv_heads, D] to the slots `at` (quantized in fp8)."""
+    def store(
+        self, layer: int, at: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept=False
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Write keys and values [n, kv_heads, D] to the slots `at` (quantized in fp8).
+        `kept`: also return them as the pool keeps them, in their dtype (what `read` of those
+        slots gives: dequantized in fp8, themselves otherwise)."""
         if not self.fp8:
             self.keys[layer].index_copy_(0, at, k)
             self.values[layer].index_copy_(0, at, v)
-            return
+            return (k, v) if kept else None
         if k.is_cuda and decode_attention.triton is not None:  # one fused kernel
-            decode_attention.store_fp8(
+            return decode_attention.store_fp8(
                 at,
                 k,
                 v,
@@ -72,8 +76,9 @@ class KVPool:
                 self.values[layer],
                 self.key_scales[layer],
                 self.value_scales[layer],
+                read_back=kept,
             )
-            return
+        back = []
         for tensors, scales, x in (
             (self.keys, self.key_scales, k),
             (self.values, self.value_scales, v),
@@ -81,6 +86,9 @@ class KVPool:
             q, scale = quantize_heads(x)
             _bytes(tensors[layer]).index_copy_(0, at, _bytes(q))
             scales[layer].index_copy_(0, at, scale)
+            if kept:
+                back.append(dequantize_rows(q, scale).to(x.dtype))
+        return tuple(back) if kept else None
 
     def read(self, layer: int, slots: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of `slots` in `dtype` (dequantized from fp8)."""

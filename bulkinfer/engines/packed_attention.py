@@ -48,7 +48,12 @@ def attend(layer: int, q, k, v, packed: Packed) -> torch.Tensor:
     [T, heads, D] out. With a pool, this pass's keys and values are stored in it first, and a
     decode step then attends to each row's region of the pool."""
     pool = packed.pool
-    if pool is not None:
+    if pool is not None and pool.fp8 and not (packed.decode or packed.after_prefix):
+        # a prefill attends to its keys and values as the pool keeps them, as its later decode
+        # steps and a row prefilled after a shared prefix read them: a row's tokens are then
+        # the same whichever way it was prefilled, so whatever else was in flight (a resume)
+        k, v = pool.store(layer, packed.write_index, k, v, kept=True)
+    elif pool is not None:
         pool.store(layer, packed.write_index, k, v)
     if pool is not None and (packed.decode or packed.after_prefix):
         if not pool.fp8:
