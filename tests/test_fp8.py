@@ -21,6 +21,7 @@ from conftest import (
     cli,
     fast_job,
     read_outputs,
+    sample_prompts,
     set_model,
     write_job,
     write_jsonl,
@@ -493,3 +494,62 @@ def test_weights_planned_in_the_dtype_they_run_in_not_the_files(tmp_path, tiny_m
         tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}
         loaded = sum(t.numel() * t.element_size() for t in tensors.values())
         assert abs(planned - loaded) <= 0.05 * loaded, (quantize, planned, loaded)
+
+
+def _score_job(tmp_path, model, name: str, **model_keys) -> list[float]:
+    """The log-prob sums of a score job of 8 sample prompts on `model`."""
+    job = write_job(
+        tmp_path / f"{name}.yaml",
+        model,
+        write_jsonl(tmp_path / "in.jsonl", sample_prompts(8)),
+        tmp_path / name,
+        task={"type": "score"},
+    )
+    result = cli("run", str(set_model(job, **model_keys)))
+    assert result.exit_code == 0, result.output
+    return read_outputs(tmp_path / name).column("logprob_sum").to_pylist()
+
+
+def test_the_fp8_load_reads_the_files_transformers_reads(tmp_path, tiny_model):
+    """A stray copy of the weights beside model.safetensors (an EMA's) replaced the model's
+    weights under fp8, silently, whichever file sorted last; and a stray fp8 file beside a
+    bf16 model had it refused as "stored in fp8" without fp8."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    clean = _score_job(tmp_path, tiny_model, "clean", engine="fast", quantization="fp8")
+    weights = load_file(folder / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    noise = {k: torch.randn(t.shape, generator=g).to(t.dtype) for k, t in weights.items()}
+    save_file(noise, str(folder / "model_ema.safetensors"))
+    stray = _score_job(tmp_path, folder, "stray", engine="fast", quantization="fp8")
+    assert stray == clean
+    (folder / "model_ema.safetensors").unlink()
+    _fp8_checkpoint(tiny_model, tmp_path / "fp8-model")
+    shutil.copy(tmp_path / "fp8-model" / "model.safetensors", folder / "model-fp8.safetensors")
+    plain = _score_job(tmp_path, tiny_model, "plain")
+    assert _score_job(tmp_path, folder, "beside") == plain
+    (folder / "model.safetensors").rename(folder / "model_ema.safetensors")
+    # two files, neither model.safetensors nor an index: which is the model is not known
+    job = set_model(
+        write_job(tmp_path / "two.yaml", folder, tmp_path / "in.jsonl", tmp_path / "two"),
+        engine="fast",
+        quantization="fp8",
+    )
+    result = cli("run", str(job))
+    assert result.exit_code == 2 and "there are several" in result.output, result.output
+
+
+def test_a_tied_model_storing_two_embeddings_keeps_them_apart_in_fp8(tmp_path, tiny_model):
+    """Its config ties the LM head to the input embedding, its file stores both, different:
+    transformers keeps them apart and reads each, and so does the fp8 load (one of the two
+    took the other's values, and the scores came out another model's)."""
+    folder = tmp_path / "tied"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    plain = _score_job(tmp_path, folder, "plain")
+    fp8 = _score_job(tmp_path, folder, "fp8", engine="fast", quantization="fp8")
+    for a, b in zip(fp8, plain, strict=True):
+        assert a == pytest.approx(b, rel=0.05)

@@ -99,27 +99,30 @@ def refuse_other_quantization(config, label: str) -> None:
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: those its index names where it has one."""
+    """The safetensors files of a checkpoint, as transformers' loader picks them:
+    model.safetensors where there is one, else those its index names, else the folder's one
+    .safetensors file. None where several are there without either: every file was read, and
+    a stray copy beside the model (an EMA's) replaced its weights silently."""
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
     index = folder / "model.safetensors.index.json"
     if index.exists():
         try:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             return [folder / name for name in names]
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass  # an unreadable index: every file, as without one
-    return sorted(folder.glob("*.safetensors"))
+            pass  # an unreadable index: as without one
+    found = sorted(folder.glob("*.safetensors"))
+    return found if len(found) == 1 else []
 
 
 def loaded_files(folder: Path, fp8: bool) -> list[Path]:
     """The safetensors files a load reads: with `fp8`, checkpoint_files; otherwise the ones
     transformers' loader reads, model.safetensors where there is one, else those its index
     names (none where neither is there: transformers' loader says what is missing)."""
-    if fp8:
-        return checkpoint_files(folder)
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
-    if (folder / "model.safetensors.index.json").is_file():
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if fp8 or single.is_file() or index.is_file():
         return checkpoint_files(folder)
     return []
 
@@ -245,7 +248,16 @@ def _load_by_name(auto_class, folder, config, dtype, device, label, fp8, ahead, 
 
     files = loaded_files(folder, fp8)
     if not files:
-        raise ModelError(f"{label}: model.quantization: fp8 reads safetensors files; none found")
+        several = len(list(folder.glob("*.safetensors"))) > 1
+        raise ModelError(
+            f"{label}: model.quantization: fp8 reads safetensors files; "
+            + (
+                "there are several and neither model.safetensors nor "
+                "model.safetensors.index.json says which hold the model"
+                if several
+                else "none found"
+            )
+        )
     if fp8:
         refuse_other_quantization(config, label)
     elif quantization_dict(config) is not None:
@@ -268,11 +280,14 @@ def _load_by_name(auto_class, folder, config, dtype, device, label, fp8, ahead, 
     tied = getattr(text_config(config), "tie_word_embeddings", False) or getattr(
         config, "tie_word_embeddings", False
     )
-    if tied and not fp8 and _stores_both_embeddings(model, files):
+    both = tied and _stores_both_embeddings(model, files)
+    if both and not fp8:
         # transformers keeps the two apart then (with a warning), whatever the config says
         raise ModelError(f"{label}: the checkpoint stores both tied embeddings")
-    if tied:  # one tensor under both names: the checkpoint may store either
+    if not both and tied:  # one tensor under both names: the checkpoint may store either
         model.tie_weights()
+    # (both stored, in fp8: kept apart as transformers keeps them, each filled from its own;
+    # tied, the head took the input embedding's values, whichever was read last)
     state = model.state_dict()
     filled: set[str] = set()
     reader = _Reader(device, ahead)
