@@ -553,3 +553,17 @@ def test_a_tied_model_storing_two_embeddings_keeps_them_apart_in_fp8(tmp_path, t
     fp8 = _score_job(tmp_path, folder, "fp8", engine="fast", quantization="fp8")
     for a, b in zip(fp8, plain, strict=True):
         assert a == pytest.approx(b, rel=0.05)
+
+
+def test_merged_fp8_linears_keep_their_biases_dtype_where_one_has_none():
+    """q and v with biases, k without (as some models have): k's zeros were float32 (its
+    scale's dtype), which made the merged bias float32 and a bf16 model's activations float32."""
+    from bulkinfer.engines.fp8 import Fp8Linear, merge_fp8
+
+    def fp8_linear(bias: bool) -> Fp8Linear:
+        weight = quantize_weight(torch.randn(32, 16, dtype=torch.bfloat16))
+        return Fp8Linear(weight, torch.ones(32, dtype=torch.bfloat16) if bias else None)
+
+    merged, bias = merge_fp8(fp8_linear(True), fp8_linear(False), fp8_linear(True))
+    assert merged.weight.shape == (96, 16) and bias.dtype == torch.bfloat16
+    assert bias.tolist() == [1.0] * 32 + [0.0] * 32 + [1.0] * 32

@@ -176,12 +176,10 @@ def merge_fp8(*linears: Fp8Linear) -> tuple[Fp8Weight, torch.Tensor | None]:
     weight = torch.cat([m.weight.view(torch.uint8) for m in linears]).view(FP8)
     scale = torch.cat([m.weight_scale for m in linears])
     bias = None
-    if any(m.bias is not None for m in linears):
+    given = [m.bias for m in linears if m.bias is not None]
+    if given:  # a linear without one adds zeros in the others' dtype (not its scale's float32)
         bias = torch.cat(
-            [
-                m.bias if m.bias is not None else m.weight_scale.new_zeros(m.out_features)
-                for m in linears
-            ]
+            [m.bias if m.bias is not None else given[0].new_zeros(m.out_features) for m in linears]
         )
     start = 0
     for m in linears:
