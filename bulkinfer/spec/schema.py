@@ -127,7 +127,9 @@ class TaskSpec:
         if any(s == "" for s in self.stop):
             raise SpecError(f"{key}.stop: stop strings must not be empty")
         if not 0.0 < self.threshold < 1.0:
-            raise SpecError(f"{key}.threshold: {self.threshold} must be in (0, 1)")
+            raise SpecError(
+                f"{key}.threshold: {self.threshold} must be between 0 and 1, both excluded"
+            )
         if self.response_format is not None:
             from bulkinfer.grammars import grammar_for
 
