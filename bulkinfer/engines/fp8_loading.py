@@ -286,8 +286,8 @@ def _load_by_name(auto_class, folder, config, dtype, device, label, fp8, ahead, 
         raise ModelError(f"{label}: the checkpoint stores both tied embeddings")
     if not both and tied:  # one tensor under both names: the checkpoint may store either
         model.tie_weights()
-    # (both stored, in fp8: kept apart as transformers keeps them, each filled from its own;
-    # tied, the head took the input embedding's values, whichever was read last)
+    # (both stored, in fp8: kept apart as transformers keeps them, each filled under its own
+    # name; tied, one of them took the other's values, whichever was read last)
     state = model.state_dict()
     filled: set[str] = set()
     reader = _Reader(device, ahead)

@@ -127,7 +127,8 @@ def set_up(
     ignored = spec.task.ignored_keys()
     if ignored:
         log(
-            f"task: {', '.join('task.' + k for k in ignored)} {'has' if len(ignored) == 1 else 'have'} no effect on a score job "
+            f"task: {', '.join('task.' + k for k in ignored)} "
+            f"{'has' if len(ignored) == 1 else 'have'} no effect on a score job "
             "(it generates nothing); they are ignored",
             level="warning",
         )

@@ -69,7 +69,8 @@ COMMENTS = {
     "batching.max_batch_size": "rows per batch at most; auto: 4x the fast engine's decode slots "
     "for generate on a GPU, 8192 for its packed scoring on a GPU, else 256",
     "batching.sort": "length: longest first, least padding | none: file order",
-    "batching.max_padding": "score, classify, embed: a batch of max_tokens/4 (8k at most) tokens stops past this padding",
+    "batching.max_padding": "score, classify, embed: a batch of max_tokens/4 (8k at most) "
+    "tokens stops past this padding",
     "batching.min_shared_prefix": "rows sharing this many first tokens share a prefix; 0: off",
     "checkpoint": "resumability",
     "task.response_format": "generate: null (text), or {type: json_schema, schema: {...}}, "
