@@ -10,10 +10,15 @@ import os
 import signal
 import sys
 
+# set in the environment of a `--gpus` launcher's workers: a worker the stop ends while it
+# starts dies by the signal, saying nothing, and the launcher says it once for them all
+WORKER_ENV = "BULKINFER_LAUNCHED_WORKER"
+
 
 def entry() -> None:
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, _stop_now)
+    if os.environ.get(WORKER_ENV) != "1":
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, _stop_now)
     try:
         from bulkinfer.cli import entry as command
     except KeyboardInterrupt:
@@ -28,8 +33,13 @@ def _stop_now(signum, frame) -> None:
     aborts the process."""
     name = signal.Signals(signum).name
     message = f"stopped by {name}"
-    if sys.argv[1:2] == ["run"]:
-        message += "; committed work is kept: rerun the same command to resume"
+    args = sys.argv[1:]
+    if "run" in args:  # (after the global options, --log-format's)
+        message += "; committed work is kept: " + (
+            "rerun it without --overwrite to resume (with it, the job starts afresh)"
+            if "--overwrite" in args
+            else "rerun the same command to resume"
+        )
     _say(message, "warning", name, 128 + signum)
     os._exit(128 + signum)
 

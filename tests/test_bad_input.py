@@ -221,6 +221,10 @@ def test_missing_files_and_bad_overrides(tmp_path, tiny_model):
         f"input.path={tmp_path / ('x' * 300)}.jsonl"  # not "matches no file": it may be there
     )
     _fails_cleanly(cli("validate", str(job), "--set", long_name), "input.path", "name too long")
+    spec = yaml.safe_load(job.read_text())
+    spec["input"]["path"] = str(tmp_path / "in\0.jsonl")  # YAML "\0" in a name: a traceback
+    (tmp_path / "nul.yaml").write_text(yaml.safe_dump(spec))
+    _fails_cleanly(cli("validate", str(tmp_path / "nul.yaml")), "input.path", "NUL")
     _fails_cleanly(cli("run", str(job), "--set", "novalue"), "KEY=VALUE")
     _fails_cleanly(cli("run", str(job), "--set", "task.max_new_tokens.x=1"), "not a section")
 

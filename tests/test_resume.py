@@ -162,16 +162,20 @@ def test_a_stop_before_the_first_batch_says_so_and_resumes(crash_job, sig, overw
     _assert_same_outputs(out, reference)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_a_stop_while_the_command_starts_says_so(crash_job, sig):
+@pytest.mark.parametrize(
+    "sig, overwrite", [(signal.SIGTERM, False), (signal.SIGUSR1, False), (signal.SIGTERM, True)]
+)
+def test_a_stop_while_the_command_starts_says_so(crash_job, sig, overwrite):
     """SIGTERM (scancel) or Slurm's warning a moment after the command starts, while its
     modules import (before the run has handlers of its own): one line and exit 128 + the
-    signal, not a silent death by it; the rerun finishes the job."""
+    signal, not a silent death by it; the rerun finishes the job. A run with --overwrite is
+    resumed without it."""
     make, reference = crash_job
-    name = f"starting-{sig.name}"
+    name = f"starting-{sig.name}" + ("-overwrite" if overwrite else "")
     job = make(name)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bulkinfer", "run", str(job)],
+        [sys.executable, "-m", "bulkinfer", "--log-format", "plain", "run", str(job)]
+        + ["--overwrite"] * overwrite,
         env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -181,7 +185,8 @@ def test_a_stop_while_the_command_starts_says_so(crash_job, sig):
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, stderr
-    assert f"stopped by {sig.name}" in stderr and "rerun the same command" in stderr, stderr
+    advice = "rerun it without --overwrite" if overwrite else "rerun the same command"
+    assert f"stopped by {sig.name}" in stderr and advice in stderr, stderr
     assert "Traceback" not in stderr
     resumed = cli_again("run", str(job))
     assert resumed.returncode == 0, resumed.stderr

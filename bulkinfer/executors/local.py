@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+from bulkinfer.console import WORKER_ENV
 from bulkinfer.errors import SpecError, UserError
 from bulkinfer.observe.progress import log
 
@@ -55,7 +56,7 @@ def run_workers(base_args: list[str], count: int, devices: list[str] | None) -> 
     caller holds the job folder's lock meanwhile; each worker holds its shard folder's)."""
     procs = []
     for i in range(count):
-        env = dict(os.environ)
+        env = {**os.environ, WORKER_ENV: "1"}
         if devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = devices[i]
         cmd = [sys.executable, "-m", "bulkinfer", "run", *base_args, "--shard", f"{i}/{count}"]

@@ -224,7 +224,10 @@ def output_state(root: Path, spec: dict, resolved: dict) -> str:
             "resumes it if spec, model and input are unchanged; run without them refuses it"
         )
     if layout.job_file.exists() and _finished(layout):
-        return "holds this job, finished: run has nothing to do (--overwrite runs it again)"
+        return (
+            "holds this job, finished: run has nothing to do if spec, model and input are "
+            "unchanged (--overwrite runs it again)"
+        )
     if layout.job_file.exists() or layout.shards_dir.is_dir():
         return "holds a bulkinfer job: run resumes it if spec, model and input are unchanged"
     if holds_foreign(layout):

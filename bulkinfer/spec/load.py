@@ -364,4 +364,6 @@ def _unreadable(path: str) -> str | None:
     except OSError as exc:
         if exc.errno not in (errno.ENOENT, errno.ENOTDIR) and exc.strerror:
             return f"cannot be read: {exc.strerror.lower()}"
+    except ValueError:  # a NUL character in the name
+        return "cannot be a file name (it holds a NUL character)"
     return None
