@@ -82,8 +82,13 @@ def run_workers(base_args: list[str], count: int, devices: list[str] | None) -> 
         # a worker the signal ended while it was starting had no batch in flight and said
         # nothing: the launcher says it once, with the exit code a shell gives that signal
         name, code = signal.Signals(received[0]).name, 128 + received[0]
+        advice = (
+            "rerun it without --overwrite to resume (with it, the job starts afresh)"
+            if "--overwrite" in base_args
+            else "rerun the same command to resume"
+        )
         log(
-            f"stopped by {name} while workers were starting; rerun the same command to resume",
+            f"stopped by {name} while workers were starting; {advice}",
             event="signal",
             level="warning",
             signal=name,
