@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import (
@@ -162,6 +163,21 @@ def test_a_stop_before_the_first_batch_says_so_and_resumes(crash_job, sig, overw
     _assert_same_outputs(out, reference)
 
 
+def _wait_for_handler(pid: int, sig: int, seconds: float = 60) -> None:
+    """Until the process catches `sig` (its SigCgt mask in /proc): before that the signal's
+    default action, not bulkinfer, would end it."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        status = Path(f"/proc/{pid}/status").read_text()
+        caught = int(
+            next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16
+        )
+        if caught >> (sig - 1) & 1:
+            return
+        time.sleep(0.002)
+    raise AssertionError(f"the process never caught signal {sig}")
+
+
 @pytest.mark.parametrize(
     "sig, overwrite", [(signal.SIGTERM, False), (signal.SIGUSR1, False), (signal.SIGTERM, True)]
 )
@@ -181,7 +197,7 @@ def test_a_stop_while_the_command_starts_says_so(crash_job, sig, overwrite):
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(0.3)
+    _wait_for_handler(proc.pid, sig)  # as early as the command can answer it
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, stderr
