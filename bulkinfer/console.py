@@ -35,13 +35,17 @@ def _stop_now(signum, frame) -> None:
     message = f"stopped by {name}"
     args = sys.argv[1:]
     if "run" in args:  # (after the global options, --log-format's)
-        message += "; committed work is kept: " + (
-            "rerun it without --overwrite to resume (with it, the job starts afresh)"
-            if "--overwrite" in args
-            else "rerun the same command to resume"
-        )
+        message += f"; committed work is kept: {resume_advice('--overwrite' in args)}"
     _say(message, "warning", name, 128 + signum)
     os._exit(128 + signum)
+
+
+def resume_advice(overwrite: bool) -> str:
+    """How to resume a stopped run: its own command, less an --overwrite (which would start the
+    job afresh, dropping what this run committed)."""
+    if overwrite:
+        return "rerun it without --overwrite to resume (with it, the job starts afresh)"
+    return "rerun the same command to resume"
 
 
 def say_interrupted(message: str = "interrupted") -> None:

@@ -28,7 +28,7 @@ import re
 import numpy as np
 import torch
 
-from bulkinfer.engines.stops import generated_texts
+from bulkinfer.engines.stops import generated_texts, special_texts
 from bulkinfer.errors import ModelError, first_line
 from bulkinfer.grammars import SPECIAL_MARK
 from bulkinfer.grammars import llguidance_module as _llguidance
@@ -111,10 +111,7 @@ def _splitting_view(tokenizer, end: int | None):
 def mentions_special(tokenizer, text: str) -> bool:
     """Whether `text` (a grammar, or a text checked against one) holds a special token's own
     text, JSON's and regular expressions' escapes read through."""
-    specials = {t for t in tokenizer.all_special_tokens if len(t) > 1}
-    specials.update(
-        t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special
-    )
+    specials = {t for t in special_texts(tokenizer).values() if len(t) > 1}
     if not specials:
         return False
     with contextlib.suppress(ValueError):  # a grammar is JSON: its \uXXXX escapes read back

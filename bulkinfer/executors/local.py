@@ -16,7 +16,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-from bulkinfer.console import WORKER_ENV
+from bulkinfer.console import WORKER_ENV, resume_advice
 from bulkinfer.errors import SpecError, UserError
 from bulkinfer.observe.progress import log
 
@@ -82,13 +82,9 @@ def run_workers(base_args: list[str], count: int, devices: list[str] | None) -> 
         # a worker the signal ended while it was starting had no batch in flight and said
         # nothing: the launcher says it once, with the exit code a shell gives that signal
         name, code = signal.Signals(received[0]).name, 128 + received[0]
-        advice = (
-            "rerun it without --overwrite to resume (with it, the job starts afresh)"
-            if "--overwrite" in base_args
-            else "rerun the same command to resume"
-        )
         log(
-            f"stopped by {name} while workers were starting; {advice}",
+            f"stopped by {name} while workers were starting; "
+            f"{resume_advice('--overwrite' in base_args)}",
             event="signal",
             level="warning",
             signal=name,

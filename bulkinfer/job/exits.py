@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from bulkinfer.console import resume_advice
 from bulkinfer.errors import OutputFolderError, StopRequested, WriteError, first_line
 from bulkinfer.io.atomic import write_json_atomic
 from bulkinfer.io.layout import OutputLayout
@@ -186,14 +187,6 @@ def _interrupt_outside_imports(signum, frame) -> None:
         again.start()
         return
     raise KeyboardInterrupt
-
-
-def resume_advice(overwrite: bool) -> str:
-    """How to resume a stopped run: its own command, less an --overwrite (which would start the
-    job afresh, dropping what this run committed)."""
-    if overwrite:
-        return "rerun it without --overwrite to resume (with it, the job starts afresh)"
-    return "rerun the same command to resume"
 
 
 def stopped(signum: int, overwrite: bool = False) -> int:
