@@ -74,6 +74,14 @@ def out_of_memory(padded_tokens: int) -> None:
         raise torch.OutOfMemoryError(f"injected: {padded_tokens} padded tokens > {limit}")
 
 
+def failing_row(rows) -> None:
+    """`BULKINFER_FAIL_ROW=N`: a model call holding input row N fails (not for lack of
+    memory), so the bisection down to the row that fails runs."""
+    target = os.environ.get("BULKINFER_FAIL_ROW")
+    if target and int(target) in {int(r) for r in rows}:
+        raise RuntimeError(f"injected: a model call holding row {target} failed")
+
+
 def size_setting(name: str, default: int) -> int:
     """A block size the scale tests shrink so a few hundred rows cross every boundary
     (BULKINFER_CHUNK_ROWS, BULKINFER_SPILL_FILE_ROWS, BULKINFER_BUCKET_ROWS,

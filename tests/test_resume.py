@@ -444,6 +444,25 @@ def test_full_disk_stops_cleanly_and_a_rerun_resumes(crash_job, nth):
     _assert_same_outputs(job.parent / f"enospc-{nth}", reference)
 
 
+def test_a_failing_row_s_bisection_is_not_counted_as_out_of_memory(tmp_path, tiny_model):
+    """The batch halves down to the row that fails: its splits are in the batch's stats, but
+    the summary's oom_splits counts only splits for out of memory (none here)."""
+    import pyarrow.parquet as pq
+
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(16))
+    job = write_job(tmp_path / "job.yaml", tiny_model, inputs, tmp_path / "out", task={"type": "score"})
+    env = {**child_env(), "BULKINFER_FAIL_ROW": "5"}
+    command = [sys.executable, "-m", "bulkinfer", "run", str(job)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    errors = read_outputs(tmp_path / "out").column("error").to_pylist()
+    assert [i for i, e in enumerate(errors) if e] == [5] and "injected" in errors[5]
+    stats = pq.read_table(tmp_path / "out" / "stats" / "batches.parquet").to_pylist()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert sum(s["splits"] for s in stats) > 0
+    assert summary["oom_splits"] == 0 and sum(s["oom_splits"] for s in stats) == 0
+
+
 def test_out_of_memory_splits_the_batch_and_later_batches_run_smaller(tmp_path, tiny_model):
     import pyarrow.parquet as pq
 
@@ -474,6 +493,7 @@ def test_out_of_memory_splits_the_batch_and_later_batches_run_smaller(tmp_path, 
     stats = pq.read_table(tmp_path / "oom" / "stats" / "batches.parquet").to_pylist()
     summary = json.loads((tmp_path / "oom" / "summary.json").read_text())
     assert summary["oom_splits"] == sum(s["splits"] for s in stats) > 0
+    assert summary["oom_splits"] == sum(s["oom_splits"] for s in stats)
     # After the first split the smaller size holds: later oversized batches need no split.
     oversized = [s for s in stats if s["padded_tokens"] + 6 * s["rows"] > 800]
     assert len(oversized) > 1

@@ -50,21 +50,24 @@ def run_batch(task, engine, prepared: PreparedRows, batch: Batch, schema, cap: R
     """Run one batch; returns its rows' table (in no particular order) and its stats."""
     per_row = batch.longest + task.new_tokens_per_row()
     start = time.perf_counter()
-    tables, failed, splits, new_tokens, cut_short = [], 0, 0, 0, None
+    tables, failed, splits, oom_splits, new_tokens, cut_short = [], 0, 0, 0, 0, None
     pending = cap.pieces(batch, task.new_tokens_per_row())
     while pending:
         rows = pending.pop()
         try:
             faults.out_of_memory(len(rows) * per_row)
+            faults.failing_row(rows)
             result = task.run(engine, prepared, rows)
         except ROW_FAILURES as exc:
             release_memory()
             if len(rows) > 1:
-                if is_out_of_memory(exc):
+                out_of_memory = is_out_of_memory(exc)
+                if out_of_memory:
                     cap.shrink(len(rows), per_row)
                 half = len(rows) // 2
                 pending += [rows[half:], rows[:half]]
                 splits += 1
+                oom_splits += out_of_memory  # the others halve to find the rows that fail
                 continue
             tables.append(failed_row_table(int(rows[0]), exc, schema, prepared))
             failed += 1
@@ -78,7 +81,9 @@ def run_batch(task, engine, prepared: PreparedRows, batch: Batch, schema, cap: R
     seconds = time.perf_counter() - start
     table = pa.concat_tables(tables)
     batch = counted_tokens(batch, table)
-    stats = batch_stats(engine, batch, new_tokens, seconds, failed, splits, cost, cut_short)
+    stats = batch_stats(
+        engine, batch, new_tokens, seconds, failed, splits, cost, cut_short, oom_splits
+    )
     return table, stats
 
 
@@ -108,8 +113,9 @@ def failed_row_table(
 
 
 def batch_stats(
-    engine, batch: Batch, new_tokens, seconds, failed, splits, cost, cut_short=None
+    engine, batch: Batch, new_tokens, seconds, failed, splits, cost, cut_short=None, oom_splits=0
 ) -> BatchStats:
+    """`splits`: the batch's halvings; `oom_splits`: those of them for out of memory."""
     in_flight = rows_in_flight(engine, len(batch.rows))
     fractions = (
         cost.fractions(batch.real_tokens, new_tokens, len(batch.rows), seconds, in_flight)
@@ -128,6 +134,7 @@ def batch_stats(
         seconds=seconds,
         failed_rows=failed,
         splits=splits,
+        oom_splits=oom_splits,
         ended_at=time.time(),
         constrained_cut_short=cut_short,
         **fractions,

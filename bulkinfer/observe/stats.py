@@ -97,13 +97,15 @@ class BatchStats:
     new_tokens: int
     seconds: float
     failed_rows: int = 0
-    splits: int = 0
+    splits: int = 0  # halvings: out of memory, or to find the rows that fail
     ended_at: float | None = None
     # on a known GPU (DEVICE_PEAKS); None elsewhere
     peak_flops_fraction: float | None = None
     decode_roofline_fraction: float | None = None
     # samples kept to a response_format that reached their token limit first (not valid)
     constrained_cut_short: int | None = None
+    # of the splits, those for out of memory (None in folders written before it was kept)
+    oom_splits: int | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -128,6 +130,7 @@ STATS_SCHEMA = pa.schema(
         ("peak_flops_fraction", pa.float64()),
         ("decode_roofline_fraction", pa.float64()),
         ("constrained_cut_short", pa.int64()),
+        ("oom_splits", pa.int64()),
         ("run", pa.string()),
     ]
 )
@@ -185,8 +188,13 @@ def summarize(
         "rows_per_second": rows_out / wall,
         "input_tokens_per_second": input_tokens / wall,
         "output_tokens_per_second": output_tokens / wall,
-        "oom_splits": sum(s.get("splits", 0) for s in stats),
+        # a batch recorded before its out-of-memory splits were kept apart: all its splits
+        "oom_splits": sum(_or(s.get("oom_splits"), s.get("splits", 0)) for s in stats),
     }
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def format_summary(summary: dict) -> str:
