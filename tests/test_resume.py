@@ -444,19 +444,32 @@ def test_full_disk_stops_cleanly_and_a_rerun_resumes(crash_job, nth):
     _assert_same_outputs(job.parent / f"enospc-{nth}", reference)
 
 
-def test_a_failing_row_s_bisection_is_not_counted_as_out_of_memory(tmp_path, tiny_model):
-    """The batch halves down to the row that fails: its splits are in the batch's stats, but
-    the summary's oom_splits counts only splits for out of memory (none here)."""
+@pytest.mark.parametrize(
+    "task",
+    [{"type": "score"}, {"type": "generate", "max_new_tokens": 4}],
+    ids=["score", "generate"],
+)
+def test_a_failing_row_s_bisection_is_not_counted_as_out_of_memory(tmp_path, tiny_model, task):
+    """The batch halves down to the row that fails (a generation stream first falls back to a
+    batch at a time): its splits are in the batch's stats, but the summary's oom_splits counts
+    only splits for out of memory (none here); every other row is as a clean run gives it."""
     import pyarrow.parquet as pq
 
     inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(16))
-    job = write_job(tmp_path / "job.yaml", tiny_model, inputs, tmp_path / "out", task={"type": "score"})
-    env = {**child_env(), "BULKINFER_FAIL_ROW": "5"}
-    command = [sys.executable, "-m", "bulkinfer", "run", str(job)]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    errors = read_outputs(tmp_path / "out").column("error").to_pylist()
+    outputs = {}
+    for name, fail in (("clean", None), ("out", "5")):
+        job = write_job(tmp_path / f"{name}.yaml", tiny_model, inputs, tmp_path / name, task=task)
+        env = {**child_env(), **({"BULKINFER_FAIL_ROW": fail} if fail else {})}
+        command = [sys.executable, "-m", "bulkinfer", "run", str(job)]
+        proc = subprocess.run(command, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outputs[name] = read_outputs(tmp_path / name).sort_by("id").to_pylist()
+    errors = [r["error"] for r in outputs["out"]]
     assert [i for i, e in enumerate(errors) if e] == [5] and "injected" in errors[5]
+    column = "logprob_sum" if task["type"] == "score" else "text"
+    for i, (got, want) in enumerate(zip(outputs["out"], outputs["clean"], strict=True)):
+        if i != 5:
+            assert got[column] == pytest.approx(want[column], rel=1e-4), i
     stats = pq.read_table(tmp_path / "out" / "stats" / "batches.parquet").to_pylist()
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert sum(s["splits"] for s in stats) > 0

@@ -52,3 +52,29 @@ def test_a_cpu_run_reports_time_outside_the_model_and_no_fraction(tmp_path, tiny
     assert "peak_flops_fraction" not in summary
     stats = pq.read_table(tmp_path / "out" / "stats" / "batches.parquet").to_pylist()
     assert stats and all(s["peak_flops_fraction"] is None for s in stats)
+
+
+def test_batch_figures_a_later_version_recorded_are_left_out_not_a_failure(tmp_path, tiny_model):
+    """A folder whose manifest holds a batch figure this version does not know (written by a
+    later one, then resumed here) finishes: the stats table keeps the figures it knows."""
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", sample_prompts(12)),
+        tmp_path / "out",
+    )
+    assert cli("run", str(job)).exit_code == 0
+    manifest = tmp_path / "out" / "checkpoint" / "manifest.jsonl"
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for line in lines:
+        for stats in line["stats"]:
+            stats["a_later_figure"] = 1
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (tmp_path / "out" / "summary.json").unlink()  # killed before its summary
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output
+    stats = pq.read_table(tmp_path / "out" / "stats" / "batches.parquet").to_pylist()
+    assert len(stats) == sum(len(line["stats"]) for line in lines)
+    assert "a_later_figure" not in stats[0]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["rows_out"] == 12

@@ -77,6 +77,7 @@ def run_stream(inputs, engine, todo: list[Batch], writer, progress, started, sto
             faults.checkpoint("batch_start")
             faults.slow_batch()
             faults.out_of_memory(len(batch.rows) * (batch.longest + task.new_tokens_per_row()))
+            faults.failing_row(batch.rows)
             ask = task.ask(prepared, batch.rows, engine)
             flight = running[batch.index] = InFlight.of(batch, ask)
             if flight.ready:  # rows with nothing to generate (an embeddings request among

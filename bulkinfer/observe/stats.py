@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import pyarrow as pa
 
@@ -140,8 +140,9 @@ def stats_table(records: list[tuple[str, dict]]) -> pa.Table:
     """One row per batch, from (run id, BatchStats dict) pairs, in batch order."""
     rows = sorted(records, key=lambda r: r[1]["batch"])
     columns = {name: [] for name in STATS_SCHEMA.names}
-    for run, s in rows:
-        stats = BatchStats(**s)
+    known = {f.name for f in fields(BatchStats)}
+    for run, s in rows:  # a figure a later version records is left out, not a failure
+        stats = BatchStats(**{k: v for k, v in s.items() if k in known})
         for name in STATS_SCHEMA.names:
             if name == "run":
                 columns[name].append(run)
@@ -212,8 +213,8 @@ def format_summary(summary: dict) -> str:
             f"{summary['padding_fraction']:.1%} of {summary['padded_tokens']:,} padded prompt tokens"
             f" ({summary.get('padding_fraction_file_order', 0):.1%} in file order)",
         ),
-        # a batch is split when memory runs out, and to find the rows that fail in the model
-        ("batches", f"{summary['batches']:,} ({summary['oom_splits']} splits)"),
+        # (batches.parquet's `splits` also counts the halvings that find a failing row)
+        ("batches", f"{summary['batches']:,} ({summary['oom_splits']} out-of-memory splits)"),
     ]
     if "decode_steps" in summary:  # the fast engine's generation: where the model time went
         rows = summary.get("decode_rows_per_step")  # a shard's own (not in a merged summary)
