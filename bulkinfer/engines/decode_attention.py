@@ -17,8 +17,10 @@ converted to float16 (one instruction converts two fp8 values to it; bfloat16 ta
 each token's key scale applied to its scores and its value scale to its weight (times V_LIFT,
 and the output divided by it: a weight under float16's normal range, 6e-5, loses precision, and
 a head whose values' largest magnitude is ~1e-3 came out 2% off without it). It reads half
-the bytes of a bf16 cache but is bound by that per-token work, not the read: on an H200 ~3 TB/s
-against the bf16 cache's 4.3 (scripts/tune_decode_attention.py, docs/perf.md). Its writes go
+the bytes of a bf16 cache but not at its rate: on an H200 ~3 TB/s against the bf16 cache's 4.3
+(scripts/tune_decode_attention.py, docs/perf.md). What bounds it is not placed; not the tile
+arithmetic, nor the compiler's byte-by-byte transposition of the fp8 values in shared memory
+(values stored transposed read 13% slower in the job, docs/perf.md). Its writes go
 through `store_fp8`, one kernel a layer that quantizes keys and values and puts them in their
 slots. A row's KV heads are neighbouring programs, so the heads of a token, stored side by
 side with their scales, are read together.
