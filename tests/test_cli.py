@@ -207,6 +207,28 @@ def test_validate_says_what_run_would_do_with_a_job_s_folder(tmp_path, tiny_mode
     assert result.exit_code == 0 and "run resumes it" in result.output, result.output
 
 
+def test_validate_refuses_a_finished_folder_whose_input_or_model_changed(tmp_path, tiny_model):
+    """validate said such a folder "holds this job, finished"; run then refused it. Both now
+    give run's reason: the input's contents and the model's files are compared, as run does."""
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(6))
+    job = write_job(tmp_path / "j.yaml", tiny_model, inputs, tmp_path / "out")
+    assert cli("run", str(job)).exit_code == 0
+    other_model = tmp_path / "model2"
+    shutil.copytree(tiny_model, other_model)
+    weights = other_model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # the same size, another last byte
+    weights.write_bytes(bytes(data))
+    result = cli("validate", str(job), "--set", f"model.path={other_model}")
+    assert result.exit_code == 2 and "the model files differ" in result.output, result.output
+    assert cli("run", str(job), "--set", f"model.path={other_model}").exit_code == 2
+    write_jsonl(inputs, sample_prompts(5))  # edited since
+    for command in ("validate", "run"):
+        result = cli(command, str(job))
+        assert result.exit_code == 2, (command, result.output)
+        assert "the input files changed since the checkpoint" in result.output, result.output
+
+
 @pytest.mark.parametrize(
     ("setting", "expected"),
     [

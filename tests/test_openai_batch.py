@@ -512,7 +512,7 @@ def test_a_request_for_several_greedy_samples_is_warned_of(tmp_path, tiny_model)
     job = write_job(tmp_path / "job.yaml", tiny_model, batch, tmp_path / "out")
     result = cli("run", str(job))
     assert result.exit_code == 0, result.output
-    assert "1 requests ask for n > 1 samples at temperature 0" in result.output, result.output
+    assert "1 request asks for n > 1 samples at temperature 0" in result.output, result.output
     lines = [json.loads(x) for x in (tmp_path / "out" / "responses.jsonl").read_text().splitlines()]
     texts = [c["message"]["content"] for c in lines[0]["response"]["body"]["choices"]]
     assert len(texts) == 3 and len(set(texts)) == 1

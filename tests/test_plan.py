@@ -120,6 +120,21 @@ def test_new_tokens_past_the_context_are_not_reserved(tmp_path):
     assert "more than the budget" not in result.output
 
 
+def test_plan_stops_where_run_stops_on_a_row_with_on_error_fail(tmp_path, tiny_model):
+    """A row that cannot be tokenized stops an `on_error: fail` run before any batch: its plan
+    said "(1 with errors, not run)" and planned the rest; now both give run's one line."""
+    rows = [{"id": i, "prompt": r["prompt"]} for i, r in enumerate(sample_prompts(8))]
+    rows[3]["prompt"] = None
+    job = write_job(
+        tmp_path / "job.yaml", tiny_model, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "o"
+    )
+    assert cli("plan", str(job)).exit_code == 0  # on_error: record keeps it as the row's error
+    for command in ("plan", "run"):
+        result = cli(command, str(job), "--set", "on_error=fail")
+        assert result.exit_code == 2, (command, result.output)
+        assert "in.jsonl:4: prompt is null" in result.output, result.output
+
+
 def test_plan_command_reports_padding_without_loading_weights(tmp_path, tiny_model):
     rows = sample_prompts(60)
     job = write_job(

@@ -180,6 +180,18 @@ def test_report_works_on_a_half_finished_job(job_spec):
     assert not (out / "report.html").exists() and not (out / "report").exists()
 
 
+def test_report_of_a_job_whose_rows_all_failed_at_read_time_says_no_batch_ran(tmp_path, tiny_model):
+    """Its charts of batches said "no batch has finished yet" of a finished job."""
+    rows = [{"id": i, "prompt": None} for i in range(3)]
+    job = write_job(
+        tmp_path / "j.yaml", tiny_model, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "o"
+    )
+    assert cli("run", str(job)).exit_code == 0
+    assert cli("report", str(tmp_path / "o")).exit_code == 0
+    html = (tmp_path / "o" / "report.html").read_text()
+    assert "no batch ran" in html and "no batch has finished yet" not in html
+
+
 def test_report_shows_each_shard_of_a_sharded_job(job_spec):
     job = job_spec("sharded")
     out = job.parent / "sharded"

@@ -212,10 +212,12 @@ def plan_job(spec) -> dict:
     from bulkinfer.engines.select import by_job_size, config_blocker
     from bulkinfer.job.budget import token_budget
     from bulkinfer.job.loading import planned_engine
-    from bulkinfer.job.setup import log_request_caveats, set_up, tokenize
+    from bulkinfer.job.setup import check_no_failed_rows, log_request_caveats, set_up, tokenize
 
     setup = set_up(spec)
     inputs = tokenize(setup)
+    if spec.on_error == "fail":  # run stops on such a row before any batch: so does its plan
+        check_no_failed_rows(inputs.prepared)
     log_request_caveats(inputs.prepared, spec.task)
     options, limits = planned_engine(setup.model, setup.config, setup.task, convert=False)
     limits, _ = by_job_size(limits, options, setup.config, *job_size(inputs, limits))

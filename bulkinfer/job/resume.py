@@ -35,18 +35,25 @@ def open_folder(
     """Start, resume or refuse, by the fingerprint of spec, model files and input contents, and
     by what the spec's `auto` settings resolve to on this machine."""
     spec = setup.spec
+    run = run_identity(setup, shard)
+    if shard is not None:
+        set_log_context(shard=str(shard))
+        root = OutputLayout(Path(spec.output.path))
+        refuse_unlike_shards(root, shard.index, shard.count, run, overwrite)
+    return open_job_folder(layout, run, overwrite)
+
+
+def run_identity(setup: JobSetup, shard: Shard | None = None) -> RunIdentity:
+    """The fingerprint a folder's record is compared with: spec, model files (hashed, or from
+    the digest cache) and input contents, and what `auto` resolves to here."""
+    spec = setup.spec
     model = setup.model.identity()
     prints = fingerprint(spec.to_dict(), model, input_files_digest([f.path for f in setup.files]))
     # Each model file's hash is kept too, so a refused resume can say which file changed.
     prints.update({f"model/{name}": f["blake2b"] for name, f in model["files"].items()})
     if shard is not None:
         prints["shard"] = str(shard)
-    run = RunIdentity(prints, spec.to_dict(), resolved_settings(setup))
-    if shard is not None:
-        set_log_context(shard=str(shard))
-        root = OutputLayout(Path(spec.output.path))
-        refuse_unlike_shards(root, shard.index, shard.count, run, overwrite)
-    return open_job_folder(layout, run, overwrite)
+    return RunIdentity(prints, spec.to_dict(), resolved_settings(setup))
 
 
 def resolved_settings(setup: JobSetup) -> dict:

@@ -305,7 +305,7 @@ def log_request_caveats(prepared: PreparedRows, task) -> None:
     capped = int(np.sum(asked > task.max_new_tokens))
     if capped:
         log(
-            f"{capped:,} requests ask for more than task.max_new_tokens={task.max_new_tokens} "
+            f"{_requests(capped)} for more than task.max_new_tokens={task.max_new_tokens} "
             "tokens and stop there (finish_reason length); raise task.max_new_tokens to honour "
             "them"
         )
@@ -314,11 +314,15 @@ def log_request_caveats(prepared: PreparedRows, task) -> None:
     greedy = int(np.sum((samples > 1) & (temperature < GREEDY_BELOW)))
     if greedy:
         log(
-            f"{greedy:,} requests ask for n > 1 samples at temperature 0 (greedy: their samples "
+            f"{_requests(greedy)} for n > 1 samples at temperature 0 (greedy: their samples "
             f"are equal); a request without `temperature` takes task.temperature="
             f"{task.temperature:g}, not the OpenAI API's default of 1",
             level="warning",
         )
+
+
+def _requests(count: int) -> str:
+    return "1 request asks" if count == 1 else f"{count:,} requests ask"
 
 
 @contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -24,18 +25,15 @@ from bulkinfer.io.readers import datasets_rows, peek_columns, read_chunks
 from bulkinfer.prepare.ids import chunk_ids, first_duplicate
 from bulkinfer.prepare.tokenize import row_problems
 from bulkinfer.spec import JobSpec
-from bulkinfer.state.fingerprint import fingerprint
+from bulkinfer.state.fingerprint import RunIdentity
 from bulkinfer.state.folder import (
-    NAME_ONLY_KEYS,
+    differences,
     finished_damage,
     foreign_message,
     has_results,
     holds_foreign,
-    other_settings,
     refuse_file_above,
     refuse_not_a_folder,
-    resolved_otherwise,
-    spec_keys_differing,
 )
 from bulkinfer.state.records import JobRecord, read_json
 
@@ -73,7 +71,7 @@ def check_job(spec: JobSpec) -> JobCheck:
     """Raise a UserError naming the first problem; return what was checked when all is well.
     The set-up is `run`'s own (job/setup.py), so validate accepts exactly the jobs run does."""
     from bulkinfer.engines.hf import refuse_unknown_attention, resolve_device
-    from bulkinfer.job.resume import resolved_settings
+    from bulkinfer.job.resume import run_identity
     from bulkinfer.job.setup import set_up
 
     setup = set_up(spec)
@@ -92,7 +90,7 @@ def check_job(spec: JobSpec) -> JobCheck:
         columns=setup.columns,
         files=checked,
         output=spec.output.path,
-        output_state=output_state(Path(spec.output.path), spec.to_dict(), resolved_settings(setup)),
+        output_state=output_state(Path(spec.output.path), lambda: run_identity(setup)),
         rows_checked=checked_rows,
         row_problems=tuple(problems),
     )
@@ -184,9 +182,10 @@ def count_rows(path: str, kind: str) -> int | None:
         return sum(1 for line in f if line.strip(b" \t\r\n\xef\xbb\xbf"))  # BOM: not a row
 
 
-def output_state(root: Path, spec: dict, resolved: dict) -> str:
+def output_state(root: Path, identity: Callable[[], RunIdentity]) -> str:
     """What `run` will do with the output folder; a folder it would refuse is an error here.
-    `resolved`: what the spec's `auto` settings resolve to here (RunIdentity.resolved)."""
+    `identity`: this job's fingerprint (job/resume.py run_identity), which hashes the model's
+    files where the digest cache has not, so it is taken only for a folder holding a job."""
     refuse_not_a_folder(root)
     if not root.exists():
         refuse_file_above(root)
@@ -204,17 +203,12 @@ def output_state(root: Path, spec: dict, resolved: dict) -> str:
                 layout = shard
                 break
     ours = record is not None and has_results(layout)  # (run replaces a job with none)
-    keys = []
-    if ours and record.fingerprint.get("spec") != fingerprint(spec, {}, {})["spec"]:
-        keys = spec_keys_differing(record.spec, spec)
-    reasons = []
-    if set(keys) - NAME_ONLY_KEYS:  # those run compares by the files and resolved values
-        reasons = [other_settings(record.spec, keys, spec)]
-    elif ours:
-        reasons = resolved_otherwise(record, resolved)
+    # as run compares them: the spec, the model's files, the input's contents, what `auto`
+    # resolves to (a finished job whose input was edited since is another job's folder)
+    reasons = differences(record, identity()) if ours else None
     if reasons:
         raise OutputFolderError(
-            f"output.path: {root} holds another job's outputs ({'; '.join(reasons)}); run "
+            f"output.path: {root} holds another job's outputs ({reasons}); run "
             "would refuse it: use another --output, or pass --overwrite to run"
         )
     if splits:

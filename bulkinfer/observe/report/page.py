@@ -55,10 +55,10 @@ def render_page(facts: JobFacts, figures: dict[str, tuple[str, str]], note: str 
         "<h2>Input token lengths</h2>",
         _figure(figures, "lengths", "no token lengths recorded in this folder"),
         "<h2>Throughput over time</h2>",
-        _figure(figures, "throughput", "no batch has finished yet"),
+        _figure(figures, "throughput", _no_batch(facts)),
         "<h2>Padding</h2>",
         _padding_text(facts),
-        _figure(figures, "padding", "no batch has finished yet"),
+        _figure(figures, "padding", _no_batch(facts)),
     ]
     if facts.sharded:
         body += ["<h2>Shards</h2>", _shards_table(facts), _figure(figures, "shards", "")]
@@ -237,6 +237,12 @@ def _shards_table(facts: JobFacts) -> str:
         "<table><tr><th>shard</th><th>state</th><th>rows done</th><th>tokens/s</th>"
         f"<th>error</th></tr>{''.join(cells)}</table>"
     )
+
+
+def _no_batch(facts: JobFacts) -> str:
+    """Why a chart of batches is empty: none ran (a finished job whose rows all failed at
+    read time), or none has finished yet."""
+    return "no batch ran" if facts.state == "done" else "no batch has finished yet"
 
 
 def _figure(figures: dict[str, tuple[str, str]], name: str, missing: str) -> str:
