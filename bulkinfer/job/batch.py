@@ -82,7 +82,7 @@ def run_batch(task, engine, prepared: PreparedRows, batch: Batch, schema, cap: R
     table = pa.concat_tables(tables)
     batch = counted_tokens(batch, table)
     stats = batch_stats(
-        engine, batch, new_tokens, seconds, failed, splits, cost, cut_short, oom_splits
+        engine, batch, new_tokens, seconds, failed, splits, cost, cut_short, oom_splits=oom_splits
     )
     return table, stats
 
