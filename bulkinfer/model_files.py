@@ -105,6 +105,11 @@ def reading_gguf(gguf: Path, what: str):
         raise
 
 
+# the conversion's own format: 2 names tied weights as transformers saves them (1 kept the LM
+# head's name alone, so a bare model for `embed` found no embeddings)
+GGUF_CONVERSION = 2
+
+
 def converted_gguf_folder(gguf: Path) -> Path:
     """The cache folder for a GGUF file's safetensors conversion, keyed by file identity and
     the transformers version that converts it (versions write the tokenizer differently: 5.17
@@ -112,6 +117,7 @@ def converted_gguf_folder(gguf: Path) -> Path:
     a cluster, hands each the conversion its own transformers makes."""
     stat = gguf.stat()
     identity = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_transformers_version()}"
+    identity += f"|{GGUF_CONVERSION}"
     key = hashlib.sha256(identity.encode()).hexdigest()
     stem = gguf.stem.encode()[:96].decode(errors="ignore")  # a name the disk takes, with .tmp-*
     return cache_root() / "gguf" / f"{stem}-{key[:16]}"
@@ -311,7 +317,7 @@ def tensor_names_cached():
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """De-quantize a GGUF checkpoint with transformers and save it as safetensors, atomically."""
     import torch
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -337,13 +343,33 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     if model.generation_config is not None:
         model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    save_model(model, str(tmp / "model.safetensors"))
+    save_file(named_once(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     readable_as_folder(tmp)
     try:
         os.rename(tmp, target)
     except OSError:
         # Another worker converted the same file first; its copy is as good as ours.
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def named_once(model) -> dict:
+    """The model's tensors, a weight tied to others saved once, under the input embeddings'
+    name where it is theirs (as transformers saves a tied model: the bare model that `embed`
+    loads has no LM head to find the shared weight under)."""
+    embeddings = model.get_input_embeddings()
+    prefix = next(name for name, module in model.named_modules() if module is embeddings)
+    preferred = f"{prefix}.weight" if prefix else "weight"
+    kept: dict = {}
+    by_storage: dict = {}
+    for name, tensor in model.state_dict().items():
+        shared = (tensor.data_ptr(), tuple(tensor.shape)) if tensor.numel() else name
+        first = by_storage.setdefault(shared, name)
+        if first == name:
+            kept[name] = tensor.contiguous()
+        elif name == preferred:  # the embeddings' name replaces the head's
+            kept[name] = kept.pop(first)
+            by_storage[shared] = name
+    return kept
 
 
 def remove_dead_conversions(target: Path) -> None:

@@ -99,3 +99,41 @@ def test_a_conversion_killed_midway_is_tidied_and_the_cache_is_readable_by_other
     assert running.exists() and other_host.exists()
     for path in target.iterdir():
         assert path.stat().st_mode & 0o044 == 0o044, (path, oct(path.stat().st_mode))
+
+
+def test_embed_runs_on_the_sample_gguf_with_its_own_embeddings(tmp_path):
+    """SmolLM2 ties its LM head to its token embeddings; the conversion saved the shared
+    weight under the head's name alone, so `embed` (a bare model, no head) was refused as
+    lacking its embeddings. The vectors now equal the GGUF's own model's last hidden state."""
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from bulkinfer.model_files import resolve_model_files
+    from bulkinfer.spec import load_spec
+
+    spec = load_spec(str(ROOT / "jobs" / "sample.yaml"), [])
+    gguf = resolve_model_files(spec.model).gguf
+    prompts = ["Bonjour, le monde ✨", "A second, longer line of text to embed."]
+    inputs = write_jsonl(
+        tmp_path / "in.jsonl", [{"id": i, "prompt": p} for i, p in enumerate(prompts)]
+    )
+    job = {
+        "model": {"path": spec.model.path},
+        "task": {"type": "embed", "pooling": "last", "normalize": False},
+        "input": {"path": str(inputs)},
+        "output": {"path": str(tmp_path / "out")},
+    }
+    (tmp_path / "job.yaml").write_text(json.dumps(job))
+    result = cli("run", str(tmp_path / "job.yaml"))
+    assert result.exit_code == 0, result.output
+    got = {r["id"]: r["embedding"] for r in read_outputs(tmp_path / "out").to_pylist()}
+    assert pq.read_table(tmp_path / "out" / "outputs").num_rows == 2
+    kwargs = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    model = AutoModel.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            want = model(**ids).last_hidden_state[0, -1]
+        assert torch.allclose(torch.tensor(got[i]), want, atol=1e-4, rtol=1e-4), i

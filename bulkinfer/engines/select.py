@@ -360,7 +360,7 @@ def load_causal(options: LoadOptions, tokenizer, limits: EngineLimits) -> HFEngi
             model, missing = load_weights(
                 AutoModelForCausalLM, options, compiler_import_ahead() if compiles else None
             )
-            refuse_missing(options, model, missing, "all its weights")
+            refuse_missing(options, model, missing, "weights the model needs")
     engine = causal_engine(model, tokenizer, limits)
     if seconds is not None:  # the weights came from the read-ahead (engines/read_ahead.py)
         engine.counters["read_ahead_seconds"] = seconds
@@ -434,7 +434,7 @@ def load_encoder(options: LoadOptions, tokenizer, head: str, limits: EngineLimit
     model, missing = load_weights(auto_class, options)
     if head == "embed":
         missing = {k for k in missing if not k.startswith(UNUSED_BY_EMBED)}
-    what = "a trained classification head" if head == "classify" else "all its weights"
+    what = "a trained classification head" if head == "classify" else "weights the model needs"
     refuse_missing(options, model, missing, what)
     config_pad = getattr(model.config, "pad_token_id", None)
     candidates = (tokenizer.pad_token_id, config_pad, tokenizer.eos_token_id)
