@@ -7,7 +7,10 @@ owns one contiguous region, so rows of any length share one batch and a finished
 is handed to the next prompt. On a CUDA device in bf16/fp16 this is FlashAttention through
 `torch.ops.aten._flash_attention_forward`, except decode steps, whose one query token a row
 reads the pool through `decode_attention`'s Triton kernel where Triton is present; elsewhere a per-sequence SDPA loop computes the same
-function (slow, for the CPU tests and float32 checks).
+function (slow, for the CPU tests and float32 checks). cuDNN's ragged attention
+(`aten._cudnn_attention_forward` with cumulative lengths) was measured for prefill on torch 2.11:
+it builds a graph at every call, ~65 ms whatever the size (docs/perf.md, 2026-12-07, sixth
+session), so FlashAttention stays.
 """
 
 from __future__ import annotations
