@@ -356,9 +356,12 @@ def named_once(model) -> dict:
     """The model's tensors, a weight tied to others saved once, under the input embeddings'
     name where it is theirs (as transformers saves a tied model: the bare model that `embed`
     loads has no LM head to find the shared weight under)."""
-    embeddings = model.get_input_embeddings()
-    prefix = next(name for name, module in model.named_modules() if module is embeddings)
-    preferred = f"{prefix}.weight" if prefix else "weight"
+    try:
+        embeddings = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):  # a model class without the accessor
+        embeddings = None
+    found = [name for name, module in model.named_modules() if module is embeddings]
+    preferred = f"{found[0]}.weight" if embeddings is not None and found else None
     kept: dict = {}
     by_storage: dict = {}
     for name, tensor in model.state_dict().items():

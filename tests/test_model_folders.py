@@ -105,3 +105,31 @@ def test_an_index_left_beside_whole_weights_is_passed_over(tmp_path, tiny_model)
     result = cli("run", str(_job(tmp_path, model, "out")))
     assert result.exit_code == 0, result.output
     assert read_outputs(tmp_path / "out").num_rows == 8
+
+
+def test_a_converted_model_names_a_tied_weight_as_the_embeddings_and_keeps_untied_ones():
+    """A GGUF conversion saves every tensor once: a weight the LM head shares with the
+    embeddings under the embeddings' name (the bare model `embed` loads has no head), and
+    untied heads and embeddings both."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bulkinfer.model_files import named_once
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    for tied in (True, False):
+        config.tie_word_embeddings = tied
+        model = LlamaForCausalLM(config)
+        kept = named_once(model)
+        assert "model.embed_tokens.weight" in kept
+        assert ("lm_head.weight" in kept) is not tied
+        assert len(kept) == len(model.state_dict()) - tied
+        for name, tensor in kept.items():
+            assert torch.equal(tensor, model.state_dict()[name])
