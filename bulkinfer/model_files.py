@@ -364,11 +364,16 @@ def named_once(model) -> dict:
     preferred = f"{found[0]}.weight" if embeddings is not None and found else None
     kept: dict = {}
     by_storage: dict = {}
+    storages: set = set()
     for name, tensor in model.state_dict().items():
         shared = (tensor.data_ptr(), tuple(tensor.shape)) if tensor.numel() else name
         first = by_storage.setdefault(shared, name)
         if first == name:
-            kept[name] = tensor.contiguous()
+            storage = tensor.untyped_storage().data_ptr()
+            # another part of a storage already kept (a view of a fused weight) is copied:
+            # safetensors refuses tensors that share memory
+            kept[name] = tensor.clone() if storage in storages else tensor.contiguous()
+            storages.add(storage)
         elif name == preferred:  # the embeddings' name replaces the head's
             kept[name] = kept.pop(first)
             by_storage[shared] = name
