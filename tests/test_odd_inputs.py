@@ -309,3 +309,37 @@ def test_a_kept_column_named_as_an_output_column_but_for_case_is_warned_of(tmp_p
     assert "'Text' differs from the output column 'text' only in case" in result.output
     out = read_outputs(tmp_path / "out")
     assert out.column("Text").to_pylist() == ["kept"] and "text" in out.column_names
+
+
+def test_status_counts_rows_refused_when_read_as_settled(tmp_path, tiny_model):
+    """Rows refused as they are read (null prompts) are written only with the outputs: status
+    of a run stopped after every other row committed said 17 of 20 rows done, and counted the
+    three as work left in its ETA."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    rows = [
+        {"id": f"r{i}", "prompt": None if i % 7 == 3 else f"row {i} says hello"} for i in range(20)
+    ]
+    inputs = write_jsonl(tmp_path / "in.jsonl", rows)
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        inputs,
+        tmp_path / "out",
+        batching={"max_batch_size": 1},
+        checkpoint={"every_rows": 1},
+    )
+    env = {**child_env(), "BULKINFER_KILL_AT": "part_committed:17"}
+    killed = subprocess.run([sys.executable, "-m", "bulkinfer", "run", str(job)], env=env)
+    assert killed.returncode == -signal.SIGKILL
+    status = cli("status", str(tmp_path / "out"))
+    assert status.exit_code == 0, status.output
+    assert status.output.splitlines()[1].split()[1:5] == ["stopped", "20", "/", "20"], status.output
+    assert cli("run", str(job)).exit_code == 0
+    status = cli("status", str(tmp_path / "out"))
+    assert status.output.splitlines()[1].split()[1:5] == ["done", "20", "/", "20"], status.output
+    assert len(read_outputs(tmp_path / "out")) == 20

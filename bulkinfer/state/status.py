@@ -48,7 +48,12 @@ def read_state(layout: OutputLayout, shard: Shard) -> ShardState:
     stats = [s for r in records for s in r.stats]
     seconds = sum(s["seconds"] for s in stats)
     tokens = sum(s["real_tokens"] + s["new_tokens"] for s in stats)
-    rows_done = sum(r.rows for r in records)
+    rows_done = committed = sum(r.rows for r in records)
+    if job is not None and isinstance(job.plan, dict):
+        # rows refused as they were read (a null prompt) are settled when planned, though
+        # written only with the outputs: not work left, nor in the ETA
+        refused = job.plan.get("row_errors")
+        rows_done += refused if isinstance(refused, int) and refused > 0 else 0
     if rows_total is not None:
         rows_done = min(rows_done, rows_total)  # never past the total, whatever the manifest holds
     failed = read_json(layout.failed)
@@ -80,7 +85,7 @@ def read_state(layout: OutputLayout, shard: Shard) -> ShardState:
         rows_done=rows_done,
         rows_total=rows_total,
         tokens_per_second=tokens / seconds if seconds else 0.0,
-        rows_per_second=rows_done / seconds if seconds else 0.0,
+        rows_per_second=committed / seconds if seconds else 0.0,
         error=(failed or {}).get("error"),
     )
 
