@@ -6,6 +6,7 @@ Loading the tokenizer and config from here never loads the weights, so `bulkinfe
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
@@ -24,7 +25,7 @@ from bulkinfer.cache import cache_root
 from bulkinfer.configs import text_config
 from bulkinfer.digests import cached_file_blake2b
 from bulkinfer.errors import ModelError, first_line, model_error
-from bulkinfer.observe.progress import log
+from bulkinfer.observe.progress import log, no_library_bars
 from bulkinfer.process import host_tag, pid_alive
 from bulkinfer.spec import PACKAGE_PREFIX, ModelSpec
 
@@ -314,6 +315,23 @@ def tensor_names_cached():
         gguf_package.get_tensor_name_map = build
 
 
+@contextlib.contextmanager
+def _gguf_bar_off():
+    """transformers' GGUF reader draws its own tqdm bar, which its progress-bar switch does not
+    reach: off while a conversion runs (its carriage returns garble a piped log)."""
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    bar = getattr(reader, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = bar
+
+
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """De-quantize a GGUF checkpoint with transformers and save it as safetensors, atomically."""
     import torch
@@ -330,7 +348,12 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     kwargs = {"gguf_file": gguf.name}
-    with reading_gguf(gguf, f"cannot convert {gguf}"), tensor_names_cached():
+    with (
+        reading_gguf(gguf, f"cannot convert {gguf}"),
+        tensor_names_cached(),
+        no_library_bars(),
+        _gguf_bar_off(),
+    ):
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
         config = AutoConfig.from_pretrained(gguf.parent, **kwargs)  # read once, passed on
         model = AutoModelForCausalLM.from_pretrained(

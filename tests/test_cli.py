@@ -513,3 +513,40 @@ def test_ctrl_c_before_the_command_starts_is_one_line_and_exit_130(tmp_path, mom
         (event,) = [json.loads(line) for line in result.stderr.splitlines()]
         assert event["event"] == "signal" and event["exit_code"] == 130, event
         assert event["message"] == "interrupted" and event["signal"] == "SIGINT", event
+
+
+def test_a_log_line_is_one_write_so_threads_never_share_a_line(monkeypatch):
+    """The part writer's thread logs beside the main thread: a line written as its text and
+    then its newline let the other thread's line in between (two JSON objects on one line,
+    then an empty one, seen in a run with frequent progress and checkpoint lines)."""
+    import sys
+    import threading
+
+    from bulkinfer.observe import progress
+
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setenv("BULKINFER_LOG_FORMAT", "json")
+    monkeypatch.setattr(sys, "stderr", Recorder())
+
+    def many(event: str) -> None:
+        for i in range(200):
+            progress.log(f"{event} {i}", event=event)
+
+    threads = [threading.Thread(target=many, args=(e,)) for e in ("progress", "checkpoint")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(writes) == 400
+    for text in writes:
+        assert text.endswith("\n") and text.count("\n") == 1, repr(text)
+        assert json.loads(text)["event"] in ("progress", "checkpoint")

@@ -137,3 +137,21 @@ def test_embed_runs_on_the_sample_gguf_with_its_own_embeddings(tmp_path):
         with torch.no_grad():
             want = model(**ids).last_hidden_state[0, -1]
         assert torch.allclose(torch.tensor(got[i]), want, atol=1e-4, rtol=1e-4), i
+
+
+def test_a_first_conversion_writes_plain_lines_to_a_piped_log(tmp_path):
+    """The quick start's first run converts the GGUF file: transformers' progress bars wrote
+    their carriage-return frames into a plain log piped to a file."""
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    inputs = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "Say hi.", "source": "x"}])
+    run = [sys.executable, "-m", "bulkinfer", "run", str(ROOT / "jobs" / "sample.yaml")]
+    run += ["--output", str(tmp_path / "out"), "--set", f"input.path={inputs}"]
+    run += ["--set", "task.max_new_tokens=2"]
+    env = {**child_env(), "BULKINFER_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(run, capture_output=True, env=env)  # bytes: text mode reads \r as \n
+    assert done.returncode == 0, done.stderr
+    assert b"converted" in done.stderr and b"\r" not in done.stderr, done.stderr[:2000]

@@ -37,6 +37,7 @@ from bulkinfer.engines.sampling import (
 from bulkinfer.engines.stops import StopStrings
 from bulkinfer.engines.to_device import move_model
 from bulkinfer.errors import ModelError, SpecError, counted, did_you_mean, model_error
+from bulkinfer.observe.progress import no_library_bars
 
 # Models whose logits are not just lm_head(hidden): chunked scoring must not skip that step.
 # Config keys naming a logit, an LM head or an output multiplier count too (falcon_h1's
@@ -87,24 +88,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({counted(torch.get_num_threads(), 'thread')})"
-
-
-@contextlib.contextmanager
-def _no_progress_bars():
-    """transformers' progress bars off while weights load (a job logs its own progress), and
-    as they were afterwards: a notebook that runs a job keeps its own bars."""
-    from huggingface_hub import utils as hub
-    from transformers.utils import logging as hf_logging
-
-    was_on, hub_off = hf_logging.is_progress_bar_enabled(), hub.are_progress_bars_disabled()
-    hf_logging.disable_progress_bar()  # (the hub's bars too)
-    try:
-        yield
-    finally:
-        if was_on:
-            hf_logging.enable_progress_bar()  # (the hub's bars too)
-        if hub_off != hub.are_progress_bars_disabled():
-            (hub.disable_progress_bars if hub_off else hub.enable_progress_bars)()
 
 
 @contextlib.contextmanager
@@ -161,7 +144,7 @@ def load_weights(
     transformers would have initialised at random. `beside_copy`: see `move_model`."""
     device = resolve_device(options.device)
     try:
-        with _no_progress_bars(), _load_report_held() as report:
+        with no_library_bars(), _load_report_held() as report:
             model, info = auto_class.from_pretrained(
                 options.folder,
                 dtype=resolve_dtype(options.dtype, device),

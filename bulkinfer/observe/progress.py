@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 
@@ -95,7 +96,9 @@ def _emit(line: str, stream) -> None:
     if stream is None or stream in _gone:
         return
     try:
-        print(line, file=stream, flush=True)
+        with _writing:  # one write a line: lines from two threads never share one
+            stream.write(line + "\n")
+            stream.flush()
     except BrokenPipeError:
         _gone.add(stream)
         if process.OWN:  # Python's own writes at exit go nowhere too; a library caller's stay
@@ -105,6 +108,7 @@ def _emit(line: str, stream) -> None:
                 os.close(devnull)
 
 
+_writing = threading.Lock()
 _gone: set = set()  # streams whose reader went away: bulkinfer writes no more to them
 
 
@@ -262,3 +266,22 @@ def _clock(seconds: float) -> str:
         return "unknown"
     seconds = int(seconds)
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+@contextlib.contextmanager
+def no_library_bars():
+    """transformers' progress bars off while weights load or a GGUF file converts (a job logs
+    its own progress; a bar's carriage returns garble a piped log), and as they were
+    afterwards: a notebook that runs a job keeps its own bars."""
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging as hf_logging
+
+    was_on, hub_off = hf_logging.is_progress_bar_enabled(), hub.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # (the hub's bars too)
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()  # (the hub's bars too)
+        if hub_off != hub.are_progress_bars_disabled():
+            (hub.disable_progress_bars if hub_off else hub.enable_progress_bars)()
