@@ -6,12 +6,14 @@ transformers load on first use, not on import.
 """
 
 from bulkinfer.cache import keep_bytecode
+from bulkinfer.process import imports_uninterrupted
 
 __version__ = "0.1.0"
 
 keep_bytecode()  # before torch and transformers are imported
 
 
+@imports_uninterrupted
 def run(job, **kwargs):
     """Run or resume a job; returns its summary. See bulkinfer.api.run."""
     from bulkinfer.api import run as _run
@@ -19,6 +21,7 @@ def run(job, **kwargs):
     return _run(job, **kwargs)
 
 
+@imports_uninterrupted
 def plan(job, **overrides):
     """Rows, lengths, budget and batches of a job, no weights loaded. See bulkinfer.api.plan."""
     from bulkinfer.api import plan as _plan
@@ -26,6 +29,7 @@ def plan(job, **overrides):
     return _plan(job, **overrides)
 
 
+@imports_uninterrupted
 def validate(job, **overrides):
     """Check a job without loading weights. See bulkinfer.api.validate."""
     from bulkinfer.api import validate as _validate
@@ -33,6 +37,7 @@ def validate(job, **overrides):
     return _validate(job, **overrides)
 
 
+@imports_uninterrupted
 def load(job, **overrides):
     """The validated JobSpec of a YAML file or mapping, with overrides. See bulkinfer.api.load."""
     from bulkinfer.api import load as _load

@@ -21,6 +21,7 @@ from typing import Any
 
 from bulkinfer.errors import SpecError, UserError
 from bulkinfer.io.layout import OutputLayout
+from bulkinfer.process import imports_uninterrupted
 from bulkinfer.spec import JobSpec, load_spec
 from bulkinfer.state.records import Summary
 
@@ -36,6 +37,7 @@ class JobStopped(UserError):
         self.exit_code = exit_code
 
 
+@imports_uninterrupted
 def load(job: str | os.PathLike | dict | JobSpec, **overrides: Any) -> JobSpec:
     """The validated job spec; relative paths in a file are relative to the file's folder,
     those in overrides or in a mapping to the current folder."""
@@ -73,6 +75,7 @@ def _json(value: Any, where: str) -> str:
         raise SpecError(f"{where}: {value!r} is not a value a job file can hold ({exc})") from None
 
 
+@imports_uninterrupted
 def run(
     job: str | os.PathLike | dict | JobSpec,
     *,
@@ -103,6 +106,7 @@ def run(
     return Summary.read_if_there(layout.summary).to_dict()
 
 
+@imports_uninterrupted
 def plan(job: str | os.PathLike | dict | JobSpec, **overrides: Any) -> dict:
     """What `bulkinfer plan --json` prints: rows, lengths, budget and batches; no weights."""
     from bulkinfer.job.planning import plan_job
@@ -111,6 +115,7 @@ def plan(job: str | os.PathLike | dict | JobSpec, **overrides: Any) -> dict:
         return plan_job(load(job, **overrides))
 
 
+@imports_uninterrupted
 def validate(job: str | os.PathLike | dict | JobSpec, **overrides: Any):
     """What `bulkinfer validate` checks; raises the first problem as a UserError."""
     from bulkinfer.job.validate import check_job

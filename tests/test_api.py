@@ -375,14 +375,15 @@ print(bulkinfer.run(sys.argv[1])["rows_out"])
 def test_a_ctrl_c_during_the_first_run_s_imports_leaves_the_next_run_working(tmp_path, tiny_model):
     """A notebook's Ctrl-C that landed inside torch's or transformers' import (the first run in
     a process imports them) left them half made: every later run failed ("cannot import name
-    'nn' from partially initialized module 'torch'") or crashed the kernel."""
+    'nn' from partially initialized module 'torch'") or crashed the kernel. One that landed
+    before the run had set its handler (bulkinfer's own imports) left numpy's half made."""
     import subprocess
     import sys
 
     from conftest import child_env
 
     runs = {}
-    for delay in ("0.3", "0.6", "1.0"):  # (when the imports are under way on this machine)
+    for delay in ("0.05", "0.3", "0.6", "1.0"):  # (when imports are under way on this machine)
         job = write_job(
             tmp_path / f"{delay}.yaml",
             tiny_model,

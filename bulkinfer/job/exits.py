@@ -24,6 +24,7 @@ from bulkinfer.errors import OutputFolderError, StopRequested, WriteError, first
 from bulkinfer.io.atomic import write_json_atomic
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.observe.progress import log
+from bulkinfer.process import deferred_past_import, interrupts_outside_imports
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 REPEAT_SECONDS = 1.0
@@ -64,18 +65,6 @@ def stop_signals() -> Iterator[StopFlag]:
             signal.signal(sig, old)
 
 
-IMPORT_RETRY_SECONDS = 0.05
-
-
-def _importing(frame) -> bool:
-    """Whether the main thread is inside an import (its stack holds the import machinery)."""
-    while frame is not None:
-        if frame.f_code.co_filename.startswith("<frozen importlib"):
-            return True
-        frame = frame.f_back
-    return False
-
-
 class AtOnce:
     """Outside the batch loop no batch is in flight: SIGTERM or SIGUSR1 stops the run at once
     (`StopRequested`; every write there is atomic and committed parts stay, as after a kill),
@@ -98,13 +87,7 @@ class AtOnce:
             log(f"{name} received {self.when}: finishing them", event="signal", signal=name)
             return
         if self.signum is None:  # the same stop delivered twice is one stop
-            if _importing(frame):
-                # raised inside a module a C++ extension is importing (torch's), the exception
-                # cannot pass back through it and the process aborts: the signal comes again
-                # in a moment, by then most likely outside any import
-                again = threading.Timer(IMPORT_RETRY_SECONDS, os.kill, (os.getpid(), signum))
-                again.daemon = True
-                again.start()
+            if deferred_past_import(signum, frame):
                 return
             self.signum = signum
             raise StopRequested(signum)
@@ -157,8 +140,6 @@ def stops_at_once(overwrite: bool = False) -> Iterator[AtOnce]:
     previous = {
         sig: signal.signal(sig, at_once.handler) for sig in (signal.SIGTERM, signal.SIGUSR1)
     }
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not a caller's own)
-        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt_outside_imports)
     hook = sys.unraisablehook
 
     def quiet(unraisable) -> None:  # a stop dropped in a callback: `check` raises it again
@@ -169,24 +150,12 @@ def stops_at_once(overwrite: bool = False) -> Iterator[AtOnce]:
 
     sys.unraisablehook = quiet
     try:
-        yield at_once
+        with interrupts_outside_imports():
+            yield at_once
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
         sys.unraisablehook = hook
-
-
-def _interrupt_outside_imports(signum, frame) -> None:
-    """Ctrl-C as Python's own handler answers it, but never inside an import: one cut short
-    leaves its module half made in sys.modules (torch's, accelerate's), and every later run in
-    the process (a notebook's next cell) failed on it or crashed. There the KeyboardInterrupt
-    comes a moment later, once the import is done."""
-    if _importing(frame):
-        again = threading.Timer(IMPORT_RETRY_SECONDS, os.kill, (os.getpid(), signum))
-        again.daemon = True
-        again.start()
-        return
-    raise KeyboardInterrupt
 
 
 def stopped(signum: int, overwrite: bool = False) -> int:
