@@ -301,7 +301,12 @@ def run(job, overrides, output, overwrite, shard, gpus) -> None:
             refuse_other_counts(root, count, overwrite, flag="--gpus")
             if overwrite:
                 clear_shards(root)
-            sys.exit(run_workers(args, count, devices))
+            code = run_workers(args, count, devices)
+        if code == 0:
+            from bulkinfer.job.finish import say_merged
+
+            say_merged(root)
+        sys.exit(code)
     chosen = parse_shard(shard) if shard else shard_from_env()
     unused = 0 if shard else slurm_tasks_unused()
     if unused:

@@ -15,8 +15,14 @@ import sys
 WORKER_ENV = "BULKINFER_LAUNCHED_WORKER"
 
 
+def launched_worker() -> bool:
+    """Whether this process is a `--gpus` launcher's worker: its lines share the launcher's
+    terminal with its siblings', and the launcher prints the merged job's summary."""
+    return os.environ.get(WORKER_ENV) == "1"
+
+
 def entry() -> None:
-    if os.environ.get(WORKER_ENV) != "1":
+    if not launched_worker():
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, _stop_now)
     try:

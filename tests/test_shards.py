@@ -172,6 +172,14 @@ def test_gpus_flag_runs_one_worker_per_device_and_merges(shard_job):
     proc = cli_subprocess("run", str(job), "--gpus", "3")
     assert proc.returncode == 0, proc.stderr
     _same(job.parent / "workers", reference)
+    # the merged job's summary on stdout, once (each worker printed its shard's, never the
+    # job's); the workers' lines, sharing the terminal, name their shards
+    rows = reference.num_rows
+    said = [line.split() for line in proc.stdout.splitlines()]
+    assert [w[:4] for w in said if w[:1] == ["rows"]] == [["rows", str(rows), "of", str(rows)]]
+    assert any(w[:1] == ["next"] for w in said), proc.stdout
+    for i in range(3):
+        assert f"[bulkinfer {i}/3] shard {i}/3:" in proc.stderr, proc.stderr
     # another count on that folder: one line naming --gpus 3, before any worker starts (each
     # worker refused it, naming --shard, and the launcher then said to rerun the same command)
     other = cli_subprocess("run", str(job), "--gpus", "2")

@@ -11,6 +11,7 @@ from collections import Counter
 
 import numpy as np
 
+from bulkinfer.console import launched_worker
 from bulkinfer.errors import counted
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.outputs import assemble_outputs, error_rows_table, write_stats
@@ -186,8 +187,18 @@ def write_summary(
             "(a repeated key, an exclusive bound)",
             level="warning",
         )
-    if log_format() == "plain":
+    if log_format() == "plain" and not launched_worker():  # the launcher says the merged one
         say(format_summary(summary.to_dict()))
+
+
+def say_merged(root: OutputLayout) -> None:
+    """What a `--gpus` launcher says once its workers merged their shards: the job's summary
+    and next steps, as a run of the whole job says them (each worker leaves out its own)."""
+    summary = Summary.read_if_there(root.summary)
+    if summary is None or log_format() != "plain":
+        return
+    say(format_summary(summary.to_dict()))
+    log_next_steps(root, root.responses.exists())
 
 
 def log_next_steps(layout: OutputLayout, responses: bool) -> None:

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from bulkinfer import process
+from bulkinfer.console import launched_worker
 from bulkinfer.planner import Batch
 
 # U+2028 and U+2029 escaped in JSON log lines (valid JSON either way): log tools that split on
@@ -86,7 +87,14 @@ def log(message: str, event: str = "info", level: str = "info", json_only: bool 
         line = json.dumps(record, default=str, ensure_ascii=False).translate(LINE_SEPARATORS)
         _emit(line, sys.stderr)
     elif not json_only:
-        _emit(f"[bulkinfer] {message}", sys.stderr)
+        _emit(f"{_plain_prefix()} {message}", sys.stderr)
+
+
+def _plain_prefix() -> str:
+    """`[bulkinfer]`; a `--gpus` worker's lines, which share a terminal with its siblings',
+    name its shard: `[bulkinfer 1/4]`."""
+    shard = _context.get("shard")
+    return f"[bulkinfer {shard}]" if shard and launched_worker() else "[bulkinfer]"
 
 
 def _emit(line: str, stream) -> None:

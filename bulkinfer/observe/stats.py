@@ -200,7 +200,8 @@ def _or(value, default):
 
 def format_summary(summary: dict) -> str:
     """A short table for the terminal."""
-    status = ", ".join(f"{k} {v}" for k, v in summary["rows_by_status"].items())
+    counts = summary["rows_by_status"]  # ok first (a merged summary's are sorted by name)
+    status = ", ".join(f"{k} {counts[k]}" for k in sorted(counts, key=lambda k: k != "ok"))
     lines = [
         ("rows", f"{summary['rows_out']:,} of {summary['rows_in']:,} ({status})"),
         ("device", summary["device"]),
