@@ -550,3 +550,54 @@ def test_a_log_line_is_one_write_so_threads_never_share_a_line(monkeypatch):
     for text in writes:
         assert text.endswith("\n") and text.count("\n") == 1, repr(text)
         assert json.loads(text)["event"] in ("progress", "checkpoint")
+
+
+ON_A_TERMINAL = """
+import fcntl, os, struct, sys, termios
+fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+os.execvp(sys.executable, [sys.executable, "-m", "bulkinfer", "run", sys.argv[1]])
+"""
+
+
+def test_a_line_said_while_the_bar_is_drawn_starts_a_line_of_its_own(tmp_path, tiny_model):
+    """On a terminal, the line a Ctrl-C prints (and any other said mid-run) was written onto
+    the progress bar's line: `... ETA 0:00:02][bulkinfer] SIGINT received`."""
+    import pty
+    import re
+    import select
+
+    rows = [{"id": i, "prompt": "hello world " * (1 + i % 20)} for i in range(120)]
+    inputs = write_jsonl(tmp_path / "in.jsonl", rows)
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        inputs,
+        tmp_path / "out",
+        task={"type": "generate", "max_new_tokens": 32},
+        batching={"max_batch_size": 16, "max_tokens": 16384},
+    )
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a terminal 120 columns wide (a new pty has none)
+        try:
+            os.execve(sys.executable, [sys.executable, "-c", ON_A_TERMINAL, str(job)], child_env())
+        finally:
+            os._exit(127)
+    said, sent, deadline = b"", False, time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.2)[0]:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:  # the child is gone
+                break
+            if not data:
+                break
+            said += data
+        if not sent and re.search(rb" [1-9][0-9]*/120 rows", said):  # the bar drawn, rows done
+            os.kill(pid, signal.SIGINT)
+            sent = True
+    _, status = os.waitpid(pid, 0)
+    assert sent and os.waitstatus_to_exitcode(status) == 130, said[-2000:]
+    assert said.count(b"[bulkinfer]") >= 3, said[-2000:]  # the start, the stop, its end
+    for at in range(len(said)):
+        if said.startswith(b"[bulkinfer]", at):
+            assert at == 0 or said[at - 1 : at] in (b"\r", b"\n"), said[max(0, at - 200) : at + 80]

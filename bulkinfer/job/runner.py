@@ -128,11 +128,14 @@ def _run_job(
     )
     run_id = uuid.uuid4().hex[:12]
     every_rows, every_seconds = spec.checkpoint.every_rows, spec.checkpoint.every_seconds
-    with PartWriter(
-        layout, manifest, schema, every_rows, run_id, log_checkpoint, every_seconds
-    ) as writer:
-        at_once.check()
-        signum = run_batches(inputs, engine, todo, writer, progress, started, host_seconds)
+    try:
+        with PartWriter(
+            layout, manifest, schema, every_rows, run_id, log_checkpoint, every_seconds
+        ) as writer:
+            at_once.check()
+            signum = run_batches(inputs, engine, todo, writer, progress, started, host_seconds)
+    finally:  # a terminal's bar ends its line before whatever is said of an error or a stop
+        progress.close()
     if signum is not None:
         return stopped(signum, overwrite)
     at_once.finish()

@@ -87,7 +87,13 @@ def log(message: str, event: str = "info", level: str = "info", json_only: bool 
         line = json.dumps(record, default=str, ensure_ascii=False).translate(LINE_SEPARATORS)
         _emit(line, sys.stderr)
     elif not json_only:
-        _emit(f"{_plain_prefix()} {message}", sys.stderr)
+        line = f"{_plain_prefix()} {message}"
+        bar = _live_bar
+        if bar is None:
+            _emit(line, sys.stderr)
+        else:  # the bar cleared, the line written, the bar drawn again below it
+            with bar.external_write_mode(file=sys.stderr):
+                _emit(line, sys.stderr)
 
 
 def _plain_prefix() -> str:
@@ -117,6 +123,7 @@ def _emit(line: str, stream) -> None:
 
 
 _writing = threading.Lock()
+_live_bar = None  # a run's tqdm bar on the terminal, while it is drawn
 _gone: set = set()  # streams whose reader went away: bulkinfer writes no more to them
 
 
@@ -172,6 +179,7 @@ class Progress:
         self.last_draw = self.start
         self.logged = (self.done, self.tokens)
         self.bar = None
+        self.closed = False
         if sys.stderr.isatty() and log_format() == "plain":
             # imported here: tqdm reads TQDM_DISABLE as it is imported, which JSON mode sets
             # (route_library_output_to_json) for libraries' bars, transformers' GGUF one among them
@@ -184,6 +192,7 @@ class Progress:
                 dynamic_ncols=True,
                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} rows [{elapsed}{postfix}]",
             )
+            _bar_drawn(self.bar)
 
     def advance(
         self, new_tokens: int, finished: np.ndarray, finished_tokens: int, prompt_tokens: int = 0
@@ -263,10 +272,20 @@ class Progress:
 
     def close(self) -> None:
         """The bar closed, or the last line logged (once, where it says something new)."""
+        if self.closed:
+            return
+        self.closed = True
         if self.bar is not None:
+            _bar_drawn(None)
             self.bar.close()
         elif self.logged != (self.done, self.tokens):
             self._log(time.monotonic())
+
+
+def _bar_drawn(bar) -> None:
+    """Lines logged while a bar is drawn go above it, not onto its line."""
+    global _live_bar
+    _live_bar = bar
 
 
 def _clock(seconds: float) -> str:
