@@ -21,7 +21,10 @@ from conftest import (
     child_env,
     cli,
     cli_subprocess,
+    read_outputs,
     sampled_job,
+    write_job,
+    write_jsonl,
 )
 
 N_ROWS = 40
@@ -425,3 +428,41 @@ def test_concurrent_runs_killed_at_random_end_with_the_uninterrupted_outputs(loc
     final = cli_subprocess("run", str(job))
     assert final.returncode == 0, final.stderr
     assert_same_outputs(job.parent / "stress", reference)
+
+
+def test_status_counts_the_work_left_in_tokens_not_rows(tmp_path, tiny_model):
+    """status's ETA divided the rows left by the rows a second so far; rows run longest first,
+    so it read several times the time left. The work left is the prompt tokens not yet run and
+    as many new tokens a row left as the rows done made."""
+    import pyarrow.parquet as pq
+
+    from bulkinfer.io.layout import OutputLayout
+    from bulkinfer.sharding import Shard
+    from bulkinfer.state.status import read_state
+
+    rows = [{"id": f"r{i}", "prompt": "word " * (2 + (i * 7) % 60)} for i in range(60)]
+    inputs = write_jsonl(tmp_path / "in.jsonl", rows)
+    task = {"type": "generate", "max_new_tokens": 8}
+    every = {"every_rows": 10}
+    full = write_job(tmp_path / "full.yaml", tiny_model, inputs, tmp_path / "full", task=task)
+    assert cli("run", str(full)).exit_code == 0
+    made = {r["id"]: r for r in read_outputs(tmp_path / "full").to_pylist()}
+    part = write_job(
+        tmp_path / "part.yaml", tiny_model, inputs, tmp_path / "part", task=task, checkpoint=every
+    )
+    env = {**child_env(), "BULKINFER_KILL_AT": "part_committed:2"}
+    killed = subprocess.run(
+        [sys.executable, "-m", "bulkinfer", "run", str(part)], env=env, capture_output=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    parts = (tmp_path / "part" / "checkpoint" / "parts").glob("*.parquet")
+    done = {f"r{i}" for p in parts for i in pq.read_table(p, columns=["row"])["row"].to_pylist()}
+    left = [i for i in made if i not in done]
+    assert done and left
+    per_row = sum(made[i]["output_tokens"] for i in done) / len(done)
+    want = sum(made[i]["prompt_tokens"] for i in left) + len(left) * per_row
+    state = read_state(OutputLayout(tmp_path / "part"), Shard(0, 1))
+    assert state.work_left == pytest.approx(want)
+    # the rows left are the shorter ones: fewer tokens each than the rows done took
+    took = sum(made[i]["prompt_tokens"] + made[i]["output_tokens"] for i in done) / len(done)
+    assert state.work_left / len(left) < took

@@ -27,6 +27,7 @@ class ShardState:
     tokens_per_second: float
     rows_per_second: float
     error: str | None = None
+    work_left: float | None = None  # tokens still to run, prompts and new ones (estimated)
 
 
 def read_state(layout: OutputLayout, shard: Shard) -> ShardState:
@@ -56,6 +57,7 @@ def read_state(layout: OutputLayout, shard: Shard) -> ShardState:
         rows_done += refused if isinstance(refused, int) and refused > 0 else 0
     if rows_total is not None:
         rows_done = min(rows_done, rows_total)  # never past the total, whatever the manifest holds
+    work_left = _work_left(job, stats, committed)
     failed = read_json(layout.failed)
     # a job's folder without its record: an --overwrite emptying it (it holds the lock), or one
     # that was stopped, or job.json removed (then what run says of it)
@@ -87,7 +89,22 @@ def read_state(layout: OutputLayout, shard: Shard) -> ShardState:
         tokens_per_second=tokens / seconds if seconds else 0.0,
         rows_per_second=committed / seconds if seconds else 0.0,
         error=(failed or {}).get("error"),
+        work_left=work_left,
     )
+
+
+def _work_left(job: JobRecord | None, stats: list[dict], committed: int) -> float | None:
+    """Tokens the shard has still to run: its planned prompt tokens not yet committed, and as
+    many new tokens a row left as the committed rows made on average. Counted in tokens, not
+    rows: rows run longest first, so a row left costs less than a row done did."""
+    plan = job.plan if job is not None and isinstance(job.plan, dict) else {}
+    prompts, rows = plan.get("input_tokens"), plan.get("rows")
+    if not isinstance(prompts, int) or not isinstance(rows, int) or not committed:
+        return None
+    rows -= plan.get("row_errors", 0) if isinstance(plan.get("row_errors"), int) else 0
+    done = sum(s["real_tokens"] for s in stats)
+    made = sum(s["new_tokens"] for s in stats)
+    return max(0, prompts - done) + max(0, rows - committed) * made / committed
 
 
 def shard_states(root: OutputLayout, count: int) -> list[ShardState]:
@@ -112,7 +129,9 @@ def job_states(root: OutputLayout) -> list[ShardState]:
 
 
 def eta_seconds(states: list[ShardState]) -> float | None:
-    """Time until the slowest unfinished shard is done, at the rates measured so far."""
+    """Time until the slowest unfinished shard is done, at the rates measured so far: its
+    tokens left at its tokens/s (a shard that has committed nothing yet: rows left at the
+    others' rows/s)."""
     rates = [s.rows_per_second for s in states if s.rows_per_second > 0]
     if not rates:
         return None
@@ -121,9 +140,12 @@ def eta_seconds(states: list[ShardState]) -> float | None:
     for s in states:
         if s.state == "done":
             continue
-        if s.rows_total is None:
+        if s.work_left is not None and s.tokens_per_second > 0:
+            left.append(s.work_left / s.tokens_per_second)
+        elif s.rows_total is None:
             return None
-        left.append(max(s.rows_total - s.rows_done, 0) / (s.rows_per_second or typical))
+        else:
+            left.append(max(s.rows_total - s.rows_done, 0) / (s.rows_per_second or typical))
     return max(left, default=0.0)
 
 
