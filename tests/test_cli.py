@@ -287,6 +287,8 @@ def _events(stderr: str) -> list[dict]:
     events = [json.loads(line) for line in lines]  # every line must be JSON
     for e in events:
         assert {"ts", "level", "event", "message"} <= e.keys(), e
+        # a warning names its event, or is a `warning` event (never the generic `info`)
+        assert e["level"] == "info" or e["event"] != "info", e
     return events
 
 
@@ -348,6 +350,19 @@ def test_json_logs_every_stderr_line_an_event_through_stop_and_resume(tmp_path, 
     assert max(e["rows_done"] for e in second if e["event"] == "progress") == 30
     assert resumed.stdout == ""  # the terminal table is for the plain format
     assert read_outputs(tmp_path / "out").num_rows == 30
+
+
+def test_json_logs_name_a_warning_a_warning_event(tmp_path, tiny_model):
+    """Warnings without an event of their own (rows that failed, among others) were `info`
+    events: a collector filtering on the event missed them."""
+    rows = [*sample_prompts(3), {"id": "none", "prompt": None}]
+    job = write_job(
+        tmp_path / "job.yaml", tiny_model, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "o"
+    )
+    proc = cli_subprocess("--log-format", "json", "run", str(job))
+    assert proc.returncode == 0, proc.stderr
+    (failed,) = [e for e in _events(proc.stderr) if "rows failed" in e["message"]]
+    assert failed["level"] == "warning" and failed["event"] == "warning", failed
 
 
 def test_json_logs_report_user_errors_as_one_error_event(tmp_path, tiny_model):

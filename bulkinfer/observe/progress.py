@@ -76,12 +76,15 @@ def set_log_context(**fields) -> None:
     _context.update(fields)
 
 
-def log(message: str, event: str = "info", level: str = "info", json_only: bool = False, **fields):
+def log(
+    message: str, event: str | None = None, level: str = "info", json_only: bool = False, **fields
+):
     """One log line on stderr. `event` names what happened (start, progress, checkpoint, resume,
-    signal, finish, error, ...) for collectors; `json_only` lines are too frequent for a plain log.
+    signal, finish, error, ...) for collectors, the level where nothing more fitting names it
+    (`info`, `warning`); `json_only` lines are too frequent for a plain log.
     """
     if log_format() == "json":
-        record = {"ts": _now(), "level": level, "event": event, "message": message}
+        record = {"ts": _now(), "level": level, "event": event or level, "message": message}
         record.update(_context)
         record.update(fields)
         line = json.dumps(record, default=str, ensure_ascii=False).translate(LINE_SEPARATORS)
