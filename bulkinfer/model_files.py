@@ -25,6 +25,7 @@ from bulkinfer.cache import cache_root
 from bulkinfer.configs import text_config
 from bulkinfer.digests import cached_file_blake2b
 from bulkinfer.errors import ModelError, first_line, model_error
+from bulkinfer.gguf_layout import gguf_shortfall
 from bulkinfer.observe.progress import log, no_library_bars
 from bulkinfer.process import host_tag, pid_alive
 from bulkinfer.spec import PACKAGE_PREFIX, ModelSpec
@@ -64,18 +65,30 @@ def gguf_file(path: Path) -> Path | None:
 
 
 def check_gguf_header(gguf: Path) -> None:
-    """A .gguf file must at least start as one; a cut or mislabelled file is named here rather
-    than failing deep in the reader."""
+    """A .gguf file must at least start as one, and hold the bytes its header declares: a
+    mislabelled file or one cut short (a partial download) is named here, at once, rather than
+    failing seconds later deep in the reader. (A file whose conversion is cached was whole when
+    it was converted: the cache is keyed by its size and time.)"""
     with open(gguf, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
         raise ModelError(
             f"model.path: {gguf} is not a complete GGUF file (it does not start with 'GGUF')"
         )
+    if converted_gguf_folder(gguf).is_dir():
+        return
+    problem = gguf_shortfall(gguf)
+    if problem is not None:
+        raise ModelError(
+            f"model.path: {gguf} is not a complete GGUF file ({problem}; a download cut short?)"
+        )
 
 
 def gguf_incomplete(gguf: Path) -> str | None:
     """Why a GGUF file is not whole (its metadata or tensor data cut short), or None."""
+    shortfall = gguf_shortfall(gguf)
+    if shortfall is not None:
+        return shortfall
     try:
         from gguf import GGUFReader
     except ImportError:
