@@ -231,7 +231,12 @@ def local_model_folder(model: ModelFiles, convert: bool = True) -> Path | None:
     if not convert:
         return None
     started = time.monotonic()
-    _convert_gguf(gguf, target)  # a file it cannot read is an error before anything is logged
+    log(
+        f"converting {gguf.name} ({gguf.stat().st_size / 1e9:.2f} GB) to safetensors, once: its "
+        "first use reads and de-quantizes all its weights",
+        event="convert",
+    )
+    _convert_gguf(gguf, target)
     seconds = time.monotonic() - started
     log(f"converted {gguf.name} to safetensors in {seconds:.1f} s, once: cached in {target}")
     return target
