@@ -46,6 +46,10 @@ class Background:
     def running(self) -> bool:
         return not self._done.is_set()
 
+    def wait(self, seconds: float) -> bool:
+        """Wait up to `seconds` for the call to end; whether it has."""
+        return self._done.wait(seconds)
+
     def wait_and_drop(self) -> None:
         """Wait for the call to end, then let go of what it made (a traceback kept by a
         notebook holds this object)."""

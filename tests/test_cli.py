@@ -616,3 +616,25 @@ def test_a_line_said_while_the_bar_is_drawn_starts_a_line_of_its_own(tmp_path, t
     for at in range(len(said)):
         if said.startswith(b"[bulkinfer]", at):
             assert at == 0 or said[at - 1 : at] in (b"\r", b"\n"), said[max(0, at - 200) : at + 80]
+
+
+def test_a_long_load_says_the_run_waits_for_the_weights(tmp_path, tiny_model):
+    """A 70B model's weights take minutes to load after the input is tokenized: the run said
+    nothing meanwhile."""
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", sample_prompts(3)),
+        tmp_path / "out",
+    )
+    env = {**child_env(), "BULKINFER_SLOW_LOAD_SECONDS": "7"}
+    done = subprocess.run(
+        [sys.executable, "-m", "bulkinfer", "run", str(job)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    (line,) = [x for x in done.stderr.splitlines() if "waiting for the weights" in x]
+    assert "input is ready (3 rows)" in line and " GB on disk" in line, line
+    assert done.stderr.index("waiting for the weights") < done.stderr.index("3 rows, 1 batch")

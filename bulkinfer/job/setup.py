@@ -200,6 +200,10 @@ def tokenize(setup: JobSetup, spill: Path | None = None, keep_tokens: bool = Fal
     return Inputs(setup, prepared)
 
 
+# a load still going this long after the input is ready is said to be going
+LOAD_QUIET_SECONDS = 5.0
+
+
 def tokenize_while_loading(setup: JobSetup, loading: Background, spill: Path):
     """Tokenize the input on this thread while `loading` (start_loading's) loads the weights on
     another (safetensors and the Rust tokenizer both release the GIL); returns the inputs, the
@@ -211,6 +215,13 @@ def tokenize_while_loading(setup: JobSetup, loading: Background, spill: Path):
     prepare_seconds = time.monotonic() - start
     if setup.spec.on_error == "fail":
         check_no_failed_rows(inputs.prepared)
+    if not loading.wait(LOAD_QUIET_SECONDS):  # a long load (a 70B model) says what it waits on
+        size = setup.model.weight_bytes() / 1e9
+        log(
+            f"the input is ready ({len(inputs.prepared.lengths):,} rows); waiting for the "
+            f"weights ({size:,.1f} GB on disk) to load",
+            event="load",
+        )
     engine, load_seconds = loading.result()
     log_request_caveats(inputs.prepared, setup.spec.task)
     return inputs, engine, {"load_seconds": load_seconds, "prepare_seconds": prepare_seconds}
