@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -789,3 +791,89 @@ def test_openai_format_on_a_file_of_prompts_says_what_the_file_holds(tmp_path, t
     job = _job(tmp_path, tiny_model, inputs, input={"format": "openai", "keep_columns": ["source"]})
     for command in ("validate", "run"):
         _fails_cleanly(cli(command, str(job)), "in.jsonl:1", "no custom_id", "id, prompt, source")
+
+
+@pytest.mark.parametrize("raw", ["# Be brief", "&x", "|", ">", "You are: helpful"])
+def test_a_set_value_yaml_reads_as_nothing_or_a_mapping_is_the_text_given(tmp_path, raw):
+    """`--set 'task.system_prompt=# Be brief'` set no system prompt (YAML read a comment: null),
+    silently; `|` and `>` set an empty one; `You are: helpful` was refused as a mapping."""
+    from bulkinfer.spec import load_spec
+
+    job = tmp_path / "job.yaml"
+    job.write_text("model: {path: m}\ninput: {path: in.jsonl}\noutput: {path: out}\n")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "x"}\n')
+    assert load_spec(job, [f"task.system_prompt={raw}"]).task.system_prompt == raw
+    for null in ("null", "~"):  # null itself stays null
+        assert load_spec(job, [f"task.system_prompt={null}"]).task.system_prompt is None
+
+
+@pytest.mark.parametrize(
+    ("text", "want"), [("010", 10), ("0x10", 16), ("1_000", 1000), ("1:30", None)]
+)
+def test_integers_read_as_yaml_1_2_reads_them(tmp_path, text, want):
+    """YAML 1.1 read max_new_tokens: 010 as 8 (octal) and 1:30 as 90 (base 60), silently; and
+    an unquoted date in a response_format schema as a date no JSON schema takes."""
+    from bulkinfer.errors import SpecError
+    from bulkinfer.spec import load_spec
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "x"}\n')
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "model: {path: m}\ninput: {path: in.jsonl}\noutput: {path: out}\n"
+        f"task: {{max_new_tokens: {text}, response_format: {{type: json_schema, json_schema: "
+        "{name: d, schema: {type: string, const: 2026-01-01}}}}\n"
+    )
+    if want is None:
+        with pytest.raises(SpecError, match="max_new_tokens: expected a whole number"):
+            load_spec(job, [])
+        return
+    spec = load_spec(job, [])
+    assert spec.task.max_new_tokens == want
+    assert "2026-01-01" in json.dumps(spec.task.response_format)
+    assert load_spec(job, [f"task.max_new_tokens={text}"]).task.max_new_tokens == want
+
+
+def test_an_unset_variable_in_a_path_is_named(tmp_path, monkeypatch):
+    """output.path: ${SCRATCH}/o with SCRATCH unset wrote to a folder named `${SCRATCH}`."""
+    from bulkinfer.errors import SpecError
+    from bulkinfer.spec import load_spec
+
+    monkeypatch.delenv("BULKINFER_UNSET_HERE", raising=False)
+    monkeypatch.setenv("BULKINFER_SET_HERE", str(tmp_path))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "x"}\n')
+    job = tmp_path / "job.yaml"
+    job.write_text("model: {path: m}\ninput: {path: in.jsonl}\noutput: {path: x}\n")
+    for path in ("${BULKINFER_UNSET_HERE}/o", "$BULKINFER_UNSET_HERE/o"):
+        with pytest.raises(SpecError, match="BULKINFER_UNSET_HERE, which is not set"):
+            load_spec(job, [f"output.path={path}"])
+    spec = load_spec(job, ["output.path=${BULKINFER_SET_HERE}/o"])
+    assert spec.output.path == str(tmp_path / "o")
+
+
+def test_a_section_left_empty_is_an_empty_section(tmp_path):
+    """`task:` with every key commented out was refused ("expected a mapping, got nothing"),
+    and `--set task.n=2` on it said "'task' is not a section"."""
+    from bulkinfer.spec import load_spec
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "x"}\n')
+    job = tmp_path / "job.yaml"
+    job.write_text("model: {path: m}\ninput: {path: in.jsonl}\noutput: {path: o}\ntask:\n")
+    assert load_spec(job, []).task.max_new_tokens == load_spec(job, ["task={}"]).task.max_new_tokens
+    assert load_spec(job, ["task.n=2"]).task.n == 2
+
+
+def test_a_message_list_stored_as_json_text_is_said_to_run_as_text(tmp_path, tiny_model):
+    """A messages column exported through CSV or pandas holds JSON text, not lists: it ran as a
+    plain prompt (the model prompted with the JSON), silently."""
+    turns = json.dumps([{"role": "user", "content": "hi"}])
+    rows = [{"id": "a", "prompt": turns}, {"id": "b", "prompt": "[not, messages]"}]
+    job = _job(tmp_path, tiny_model, write_jsonl(tmp_path / "in.jsonl", rows))
+    done = cli_subprocess("run", str(job))
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stderr.splitlines() if "JSON text of a message list" in line]
+    assert len(said) == 1 and "in.jsonl:1:" in said[0], done.stderr
+    assert read_outputs(tmp_path / "out").num_rows == 2

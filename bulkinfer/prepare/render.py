@@ -3,6 +3,7 @@ the per-row problems (empty prompt, bad messages, too long) found on the way."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,6 +129,22 @@ def render(value: Any, tokenizer, options: RenderOptions) -> tuple[str, bool]:
     except Exception as exc:  # the template is user code (Jinja); its errors are row errors
         raise RowError(f"chat template failed: {exc}") from None
     return check_unicode(text, "prompt"), True
+
+
+def messages_as_text(value: Any) -> bool:
+    """Whether a string prompt is the JSON text of a message list (a CSV or pandas export
+    stores lists so): it runs as the plain text it is, which is seldom what was meant."""
+    if not isinstance(value, str) or not value.lstrip().startswith("[") or '"role"' not in value:
+        return False
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return False
+    return (
+        isinstance(parsed, list)
+        and bool(parsed)
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in parsed)
+    )
 
 
 def check_unicode(text: str, what: str) -> str:

@@ -35,6 +35,7 @@ from bulkinfer.prepare.render import (
     check_unicode,
     describe,
     length_problem,
+    messages_as_text,
     render,
     truncated_ids,
 )
@@ -245,10 +246,28 @@ def _render_chunk(chunk: InputChunk, tokenizer, options: RenderOptions) -> Rende
             continue
         except InputError as exc:  # the whole job's: said with the first row that meets it
             raise InputError(f"{chunk.location(i)}: {exc}") from None
+        if not _said_messages_as_text and messages_as_text(value):
+            _say_messages_as_text(chunk.location(i))
         texts.append(text)
         is_chat.append(chat)
         positions.append(i)
     return RenderedChunk(texts, is_chat, positions, errors)
+
+
+_said_messages_as_text = False
+
+
+def _say_messages_as_text(where: str) -> None:
+    """Once a process: a prompt that is a message list stored as JSON text."""
+    global _said_messages_as_text
+    _said_messages_as_text = True
+    log(
+        f"{where}: the prompt is the JSON text of a message list, a string: it runs as that "
+        "text, not as chat messages through the chat template; store the messages as a list "
+        "(a JSON array in JSONL, a list column in Parquet) to have them rendered as a "
+        "conversation",
+        level="warning",
+    )
 
 
 def _encode_rendered(

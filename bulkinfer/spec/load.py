@@ -92,6 +92,28 @@ UniqueKeyLoader.yaml_implicit_resolvers = {
 UniqueKeyLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
+# YAML 1.1 reads 010 as 8 (octal), 1:30 as 90 (base 60) and 2026-01-01 as a date (which no JSON
+# schema takes); as in YAML 1.2, an integer is decimal (or 0x.., 0o..) and a date is text
+UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [
+        (tag, regexp)
+        for tag, regexp in resolvers
+        if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:timestamp")
+    ]
+    for first, resolvers in UniqueKeyLoader.yaml_implicit_resolvers.items()
+}
+INT_12 = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0x[0-9a-fA-F]+|0o[0-7]+)$")
+UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:int", INT_12, list("-+0123456789"))
+
+
+def _int_12(loader, node) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    if text.startswith(("0x", "0o")):
+        return int(text, 16 if text[1] == "x" else 8)
+    return int(text, 10)
+
+
+UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _int_12)
 YAML_11_WORDS = {"yes": True, "on": True, "no": False, "off": False}
 PLAIN_WORD_TAG = "tag:bulkinfer,2026:yaml-1.1-bool"
 
@@ -156,6 +178,7 @@ def _apply_override(data: dict, item: str) -> list[str]:
                 "quote the whole value to pass it as text"
             ) from None
         value = raw  # text YAML does not take as it stands (`a: b: c`) is meant as text
+    value = _as_typed(raw, value)
     parts = key.strip().split(".")
     if len(parts) == 1 and isinstance(value, dict):
         section = data.get(parts[0])
@@ -166,11 +189,30 @@ def _apply_override(data: dict, item: str) -> list[str]:
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
+        if child is None:  # a section left empty in the file (`task:`)
+            child = node[part] = {}
         if not isinstance(child, dict):
             raise SpecError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is not a section")
         node = child
     node[parts[-1]] = value
     return [".".join(parts)]
+
+
+NULL_WORDS = {"~", "null", "Null", "NULL"}
+
+
+def _as_typed(raw: str, value: Any) -> Any:
+    """A --set value as YAML read it, or the text itself where YAML made of ordinary text
+    nothing (`# Be brief`: a comment; `&x`: an anchor), an empty string (`|`, `>`) or a mapping
+    (`You are: helpful`). A mapping is written in braces (`{n: 2}`), and null as null or ~."""
+    text = raw.strip()
+    if value is None and text and text not in NULL_WORDS:
+        return raw
+    if value == "" and text not in ("", '""', "''"):
+        return raw
+    if isinstance(value, dict) and not text.startswith("{"):
+        return raw
+    return value
 
 
 def _normalise_input_path(data: dict) -> None:
@@ -234,7 +276,7 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key)
+        return _build(hint, {} if value is None else value, key)  # `task:` left empty
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -320,6 +362,9 @@ def _kind(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
+UNSET_VARIABLE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
 def _resolve_paths(spec: JobSpec, base: Path, from_command_line: set[str]) -> JobSpec:
     """Relative paths written in the spec are relative to the spec file's folder; paths given on
     the command line (--set, --output) are relative to the current directory, as a shell user
@@ -327,6 +372,10 @@ def _resolve_paths(spec: JobSpec, base: Path, from_command_line: set[str]) -> Jo
 
     def resolve(p: str, key: str) -> str:
         expanded = os.path.expanduser(os.path.expandvars(p))
+        unset = UNSET_VARIABLE.search(expanded)
+        if unset:  # expandvars leaves them as they are: a folder named `${SCRATCH}` came of it
+            name = unset.group(1) or unset.group(2)
+            raise SpecError(f"{key}: {p} names the environment variable {name}, which is not set")
         if os.path.isabs(expanded):
             return os.path.normpath(expanded)
         given = key in from_command_line or key.split(".")[0] in from_command_line  # (its section)
