@@ -204,7 +204,7 @@ def test_report_shows_each_shard_of_a_sharded_job(job_spec):
     assert (out / "report" / "shards.png").exists()
     # the wall time is the finished shard's own (start-up included), not its batches' span
     shard = json.loads((out / "shards" / "shard-00001-of-00003" / "summary.json").read_text())
-    assert _card(out, "wall time")[0] == _duration(shard["wall_seconds"])
+    assert _card(out, "wall time, slowest shard")[0] == _duration(shard["wall_seconds"])
     for shard in ("0/3", "2/3"):
         assert cli("run", str(job), "--shard", shard).exit_code == 0
     assert cli("report", str(out)).exit_code == 0
@@ -212,9 +212,15 @@ def test_report_shows_each_shard_of_a_sharded_job(job_spec):
     assert f"{N_ROWS} of {N_ROWS}" in html and html.count(">done<") == 4  # badge + 3 shards
     # model seconds of shards side by side are a share of all the shards' seconds, not of
     # the slowest one's wall (which read over 100%)
-    note = _card(out, "wall time")[1]
+    note = _card(out, "wall time, slowest shard")[1]
     assert "of the shards' seconds" in note and float(re.search(r"([0-9.]+)%", note)[1]) <= 100
     assert "prompt is null" in html
+    # outputs removed from the finished job: what status and a rerun take for unfinished (the
+    # page said "done")
+    for path in (out / "outputs").glob("*.parquet"):
+        path.unlink()
+    assert cli("report", str(out)).exit_code == 0
+    assert read_job(out).state == "incomplete"
 
 
 def test_report_refuses_a_folder_that_is_not_a_job(tmp_path):

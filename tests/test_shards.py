@@ -708,3 +708,30 @@ def test_a_gpus_worker_killed_from_outside_is_named_and_the_rerun_resumes(shard_
     assert "shard 1/2 was killed by SIGKILL" in stderr and "rerun the same command" in stderr
     assert cli_subprocess("run", str(job), "--gpus", "2").returncode == 0
     _same(job.parent / "killed-worker", reference)
+
+
+def test_a_shard_done_before_others_says_which_are_not_and_the_last_never_ends_unmerged_silently(
+    shard_job,
+):
+    """A shard that finished before its siblings said nothing of them; and when the last to
+    finish found a sibling damaged (its outputs cut short), the job stayed unmerged with every
+    shard's exit 0 and no word of why."""
+    make, reference = shard_job
+    job = make("left")
+    out = job.parent / "left"
+    first = cli_subprocess("run", str(job), "--shard", "1/3")
+    assert first.returncode == 0, first.stderr
+    assert "shard 1/3 done; 1 of 3 shards done, not done: 0/3 (pending), 2/3 (pending)" in (
+        first.stderr
+    )
+    assert "rerun" not in first.stderr  # pending shards may be waiting in a queue
+    assert cli_subprocess("run", str(job), "--shard", "0/3").returncode == 0
+    (part,) = (out / "shards" / "shard-00000-of-00003" / "outputs").glob("*.parquet")
+    part.write_bytes(part.read_bytes()[:300])
+    last = cli_subprocess("run", str(job), "--shard", "2/3")
+    assert last.returncode == 0, last.stderr
+    assert "not done: 0/3 (stopped); rerun --shard 0/3" in last.stderr, last.stderr
+    assert not (out / "outputs").exists()
+    again = cli_subprocess("run", str(job), "--shard", "0/3")  # rewrites its outputs, merges
+    assert again.returncode == 0 and "all 3 shards done: merged" in again.stderr, again.stderr
+    _same(out, reference)

@@ -231,6 +231,24 @@ def token_bytes_of_job(spec: dict):
         return None
 
 
+def _say_shards_left(root: OutputLayout, shard: Shard, states, waiting) -> None:
+    """A shard done before its siblings: how many are done, and which are not and why, so a
+    job none of whose shards is still running (one stopped, failed, or its outputs damaged)
+    does not end its last run silently unmerged."""
+    names = ", ".join(f"{s.shard} ({s.state})" for s in waiting)
+    ended = [str(s.shard) for s in waiting if s.state in ("stopped", "failed")]
+    advice = "; the last to finish merges"
+    if ended:  # (pending ones may be waiting in a queue)
+        advice = f"; rerun {', '.join(f'--shard {name}' for name in ended)}" + advice
+    log(
+        f"shard {shard} done; {len(states) - len(waiting)} of {shard.count} shards done, "
+        f"not done: {names}{advice} (bulkinfer status {shlex.quote(str(root.root))})",
+        event="shards",
+        shards=shard.count,
+        shards_done=len(states) - len(waiting),
+    )
+
+
 def merge_if_last(root: OutputLayout, shard: Shard) -> None:
     """The shard that finds every shard done merges them into OUT/outputs; not again where they
     are merged already (a finished shard run again, a requeued array task)."""
@@ -238,7 +256,11 @@ def merge_if_last(root: OutputLayout, shard: Shard) -> None:
     from bulkinfer.state.status import outputs_merged, shard_states
 
     states = shard_states(root, shard.count)
-    if not all(s.state == "done" for s in states) or outputs_merged(root, states):
+    waiting = [s for s in states if s.state != "done"]
+    if waiting:
+        _say_shards_left(root, shard, states, waiting)
+        return
+    if outputs_merged(root, states):
         return
     with writes_reported(root):
         summary = merge_shards(root, token_bytes_of_job)

@@ -205,7 +205,12 @@ def format_summary(summary: dict) -> str:
     lines = [
         ("rows", f"{summary['rows_out']:,} of {summary['rows_in']:,} ({status})"),
         ("device", summary["device"]),
-        ("wall time", f"{summary['wall_seconds']:.1f} s (model {summary['model_seconds']:.1f} s)"),
+        (
+            "wall time",
+            f"{summary['wall_seconds']:.1f} s"
+            + (f", the slowest of {summary['shards']} shards" if summary.get("shards") else "")
+            + f" (model {summary['model_seconds']:.1f} s)",
+        ),
         ("rows/s", f"{summary['rows_per_second']:,.2f}"),
         ("input tokens/s", f"{summary['input_tokens_per_second']:,.0f}"),
         ("output tokens/s", f"{summary['output_tokens_per_second']:,.0f}"),

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from bulkinfer.errors import OutputFolderError, UserError, first_line
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.lock import is_locked
-from bulkinfer.state.folder import unreadable_figures
+from bulkinfer.state.folder import finished_damage
 from bulkinfer.state.manifest import read_manifest
 from bulkinfer.state.records import JobRecord, Summary
 from bulkinfer.state.status import ShardState, job_states
@@ -152,10 +152,11 @@ def _job(folder: OutputLayout) -> dict | None:
 
 
 def _summary(folder: OutputLayout) -> dict | None:
-    """summary.json of a complete job, else None (also one whose figures are not numbers: an
-    edited file; the report then reads the checkpoint, as for a job still running)."""
+    """summary.json of a complete job, else None: also where it, the outputs or the batch stats
+    are damaged (edited, removed, cut short), which `status` and a rerun take for a job to
+    finish again; the report then reads the checkpoint, as for a job still running."""
     summary = Summary.read_if_there(folder.summary)
-    if summary is None or unreadable_figures(summary.to_dict()):
+    if summary is None or finished_damage(folder):
         return None
     return summary.to_dict()
 

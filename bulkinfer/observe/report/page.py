@@ -124,7 +124,8 @@ def key_figures(facts: JobFacts) -> list[tuple[str, str, str]]:
             _share(errors, facts.rows_done) + " errors",
         ),
         (
-            "wall time",
+            # shards run side by side, or one after another in a queue: the slowest one's
+            "wall time, slowest shard" if facts.sharded else "wall time",
             _duration(wall),
             f"model {_duration(model_seconds)} ({_share(model_seconds, busy)}"
             + (" of the shards' seconds)" if busy != wall else ")"),
