@@ -261,3 +261,31 @@ def test_messages_for_a_model_without_a_chat_template_name_the_row(tmp_path, tin
     result = cli("run", str(job))
     assert result.exit_code == 2, result.output
     assert f"{inputs}:2: the prompts are chat messages" in result.output, result.output
+
+
+def test_messages_without_any_text_are_a_row_error_as_an_empty_prompt_is(tmp_path, tiny_model):
+    """A conversation whose every content was empty or whitespace ran (the model answered the
+    template's headers alone), where an empty plain prompt is a row error."""
+    rows = [
+        {"id": "empty", "messages": [{"role": "user", "content": ""}]},
+        {
+            "id": "blank",
+            "messages": [
+                {"role": "system", "content": " "},
+                {"role": "user", "content": [{"type": "text", "text": "\n"}]},
+            ],
+        },
+        {
+            "id": "fine",
+            "messages": [{"role": "system", "content": ""}, {"role": "user", "content": "hi"}],
+        },
+    ]
+    job = write_job(
+        tmp_path / "job.yaml", tiny_model, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "o"
+    )
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output
+    errors = {r["id"]: r["error"] for r in read_outputs(tmp_path / "o").to_pylist()}
+    assert errors["fine"] is None
+    for name in ("empty", "blank"):
+        assert errors[name] == "messages hold no text (every content is empty or whitespace)"

@@ -186,7 +186,10 @@ def _check_messages(value: list) -> list[dict]:
             raise RowError(
                 f"messages[{k}].content is {describe(message['content'])}, expected a string"
             )
-    return [_text_content(dict(m), k) for k, m in enumerate(value)]
+    messages = [_text_content(dict(m), k) for k, m in enumerate(value)]
+    if not any(m["content"].strip() for m in messages):  # as an empty prompt is
+        raise RowError("messages hold no text (every content is empty or whitespace)")
+    return messages
 
 
 def _map_as_object(message: Any) -> Any:
