@@ -71,31 +71,55 @@ def deferred_past_import(signum: int, frame) -> bool:
         return False
     again = threading.Timer(IMPORT_RETRY_SECONDS, os.kill, (os.getpid(), signum))
     again.daemon = True
+    _resent[signum] = again
     again.start()
     return True
+
+
+_resent: dict[int, threading.Timer] = {}  # by signal: the latest signal sent again
 
 
 def _interrupt_outside_imports(signum, frame) -> None:
     """Ctrl-C as Python's own handler answers it, but never inside an import."""
     if not deferred_past_import(signum, frame):
+        _resent.pop(signum, None)
         raise KeyboardInterrupt
 
 
 @contextmanager
 def interrupts_outside_imports() -> Iterator[None]:
     """`_interrupt_outside_imports` answers SIGINT for the duration, where Python's own handler
-    did (a caller's own handler stays, as do those of threads other than the main one)."""
+    did (a caller's own handler stays, as do those of threads other than the main one). A
+    Ctrl-C still deferred when the body ends, or dropped where Python drops exceptions (a
+    finalizer's callback), is raised as the body ends: never carried into the caller's next
+    statement, nor lost."""
     if (
         threading.current_thread() is not threading.main_thread()
         or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
     ):
         yield
         return
+    dropped = []
+    hook = sys.unraisablehook
+
+    def kept(unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            dropped.append(unraisable)
+        else:
+            hook(unraisable)
+
     signal.signal(signal.SIGINT, _interrupt_outside_imports)
+    sys.unraisablehook = kept
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.unraisablehook = hook
+        again = _resent.pop(signal.SIGINT, None)
+        if again is not None:
+            again.cancel()
+    if dropped or again is not None:
+        raise KeyboardInterrupt
 
 
 def imports_uninterrupted(function):

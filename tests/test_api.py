@@ -409,3 +409,45 @@ def test_output_as_a_section_like_the_others(tmp_path, tiny_model):
     assert summary["rows_out"] == 2 and (tmp_path / "oai" / "responses.jsonl").is_file()
     assert bulkinfer.run(job, output={"format": "openai"})["rows_out"] == 2
     assert (tmp_path / "out" / "responses.jsonl").is_file()
+
+
+DEFERRED = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from bulkinfer.process import interrupts_outside_imports
+try:
+    with interrupts_outside_imports():
+        import interrupting_module  # a Ctrl-C lands inside it
+    print("call ended")
+except KeyboardInterrupt:
+    print("interrupted as the call ended")
+try:
+    time.sleep(0.5)
+    print("nothing later")
+except KeyboardInterrupt:
+    print("interrupted later")
+"""
+
+
+def test_a_ctrl_c_deferred_past_an_import_ends_that_call_not_a_later_one(tmp_path):
+    """A Ctrl-C inside an import is sent again a moment later; where the library call had
+    ended by then, it landed in whatever the caller ran next (a next call, an import of its
+    own), and the call it was meant for ended as if none had come."""
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    (tmp_path / "interrupting_module.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(0.01)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", DEFERRED, str(tmp_path)],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout.split("\n")[:2] == ["interrupted as the call ended", "nothing later"], (
+        done.stdout + done.stderr
+    )

@@ -804,6 +804,9 @@ def test_a_set_value_yaml_reads_as_nothing_or_a_mapping_is_the_text_given(tmp_pa
     (tmp_path / "m").mkdir()
     (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "x"}\n')
     assert load_spec(job, [f"task.system_prompt={raw}"]).task.system_prompt == raw
+    # a key that takes a mapping still takes one written as YAML's block form
+    spec = load_spec(job, ["task.response_format=type: json_object"])
+    assert spec.task.response_format == {"type": "json_object"}
     for null in ("null", "~"):  # null itself stays null
         assert load_spec(job, [f"task.system_prompt={null}"]).task.system_prompt is None
 
@@ -828,6 +831,8 @@ def test_integers_read_as_yaml_1_2_reads_them(tmp_path, text, want):
     if want is None:
         with pytest.raises(SpecError, match="max_new_tokens: expected a whole number"):
             load_spec(job, [])
+        with pytest.raises(SpecError, match="temperature: expected a number"):  # (was 90.5)
+            load_spec(job, ["task.max_new_tokens=4", "task.temperature=1:30.5"])
         return
     spec = load_spec(job, [])
     assert spec.task.max_new_tokens == want
@@ -851,11 +856,23 @@ def test_an_unset_variable_in_a_path_is_named(tmp_path, monkeypatch):
             load_spec(job, [f"output.path={path}"])
     spec = load_spec(job, ["output.path=${BULKINFER_SET_HERE}/o"])
     assert spec.output.path == str(tmp_path / "o")
+    with pytest.raises(SpecError, match="a shell form that is not expanded"):
+        load_spec(job, ["output.path=${BULKINFER_UNSET_HERE:-/tmp}/o"])
+    # a `$` that is part of a real name (lowercase), or of a path that exists, is the name's
+    (tmp_path / "d$ata").mkdir()
+    (tmp_path / "d$ata" / "in.jsonl").write_text('{"id": 1, "prompt": "x"}\n')
+    (tmp_path / "$HOMELESS_NAME").mkdir()
+    spec = load_spec(job, [f"input.path={tmp_path}/d$ata/in.jsonl", f"output.path={tmp_path}/o$x"])
+    assert spec.input.path == [str(tmp_path / "d$ata" / "in.jsonl")]
+    assert load_spec(job, [f"output.path={tmp_path}/$HOMELESS_NAME"]).output.path.endswith(
+        "$HOMELESS_NAME"
+    )
 
 
 def test_a_section_left_empty_is_an_empty_section(tmp_path):
     """`task:` with every key commented out was refused ("expected a mapping, got nothing"),
     and `--set task.n=2` on it said "'task' is not a section"."""
+    from bulkinfer.errors import SpecError
     from bulkinfer.spec import load_spec
 
     (tmp_path / "m").mkdir()
@@ -864,16 +881,21 @@ def test_a_section_left_empty_is_an_empty_section(tmp_path):
     job.write_text("model: {path: m}\ninput: {path: in.jsonl}\noutput: {path: o}\ntask:\n")
     assert load_spec(job, []).task.max_new_tokens == load_spec(job, ["task={}"]).task.max_new_tokens
     assert load_spec(job, ["task.n=2"]).task.n == 2
+    # set to null as an override, a section would drop the file's settings silently: refused
+    job.write_text("model: {path: m}\ninput: {path: in.jsonl}\noutput: {path: o}\ntask: {n: 3}\n")
+    with pytest.raises(SpecError, match="a section is set with a map"):
+        load_spec(job, ["task=null"])
 
 
 def test_a_message_list_stored_as_json_text_is_said_to_run_as_text(tmp_path, tiny_model):
     """A messages column exported through CSV or pandas holds JSON text, not lists: it ran as a
     plain prompt (the model prompted with the JSON), silently."""
-    turns = json.dumps([{"role": "user", "content": "hi"}])
-    rows = [{"id": "a", "prompt": turns}, {"id": "b", "prompt": "[not, messages]"}]
-    job = _job(tmp_path, tiny_model, write_jsonl(tmp_path / "in.jsonl", rows))
-    done = cli_subprocess("run", str(job))
-    assert done.returncode == 0, done.stderr
-    said = [line for line in done.stderr.splitlines() if "JSON text of a message list" in line]
-    assert len(said) == 1 and "in.jsonl:1:" in said[0], done.stderr
-    assert read_outputs(tmp_path / "out").num_rows == 2
+    turns = [{"role": "user", "content": "hi"}]
+    for name, text in (("json", json.dumps(turns)), ("python", repr(turns))):  # (pandas: repr)
+        rows = [{"id": "b", "prompt": "[not, messages]"}, {"id": "a", "prompt": text}]
+        job = _job(tmp_path, tiny_model, write_jsonl(tmp_path / f"{name}.jsonl", rows))
+        done = cli_subprocess("run", str(job), "--output", str(tmp_path / name))
+        assert done.returncode == 0, done.stderr
+        said = [line for line in done.stderr.splitlines() if "text of a message list" in line]
+        assert len(said) == 1 and f"{name}.jsonl:2:" in said[0], done.stderr
+        assert read_outputs(tmp_path / name).num_rows == 2

@@ -266,9 +266,11 @@ def merge_if_last(root: OutputLayout, shard: Shard) -> None:
         summary = merge_shards(root, token_bytes_of_job)
     if summary is None:  # a sibling finishing as this shard did merged them first
         return
+    # (a --gpus launcher says the next steps after its summary)
+    report = "" if launched_worker() else f"; next: bulkinfer report {shlex.quote(str(root.root))}"
     log(
         f"all {shard.count} shards done: merged {summary.rows_out:,} rows into "
-        f"{root.outputs_dir}; next: bulkinfer report {shlex.quote(str(root.root))}",
+        f"{root.outputs_dir}{report}",
         event="merge",
         shards=shard.count,
         rows_out=summary.rows_out,

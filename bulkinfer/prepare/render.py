@@ -3,6 +3,7 @@ the per-row problems (empty prompt, bad messages, too long) found on the way."""
 
 from __future__ import annotations
 
+import ast
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -132,13 +133,22 @@ def render(value: Any, tokenizer, options: RenderOptions) -> tuple[str, bool]:
 
 
 def messages_as_text(value: Any) -> bool:
-    """Whether a string prompt is the JSON text of a message list (a CSV or pandas export
-    stores lists so): it runs as the plain text it is, which is seldom what was meant."""
-    if not isinstance(value, str) or not value.lstrip().startswith("[") or '"role"' not in value:
+    """Whether a string prompt is the text of a message list, as JSON or as Python writes it (a
+    CSV or pandas export stores lists so): it runs as the plain text it is, which is seldom what
+    was meant."""
+    if not isinstance(value, str) or not value.lstrip().startswith("["):
         return False
-    try:
-        parsed = json.loads(value)
-    except ValueError:
+    if '"role"' in value:
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            return False
+    elif "'role'" in value:  # Python's repr of the list: what pandas' to_csv writes
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return False
+    else:
         return False
     return (
         isinstance(parsed, list)

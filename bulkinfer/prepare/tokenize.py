@@ -61,6 +61,8 @@ def prepare_rows(
     the hash of their first tokens, for the plan's shared prefixes (prepare/prefixes.py).
     `log_every`: seconds between lines saying how far a long read has got. `source`: the
     input's files, for the error an input without rows gets."""
+    global _said_messages_as_text
+    _said_messages_as_text = False  # (said once an input read)
     folder, temporary = spill_folder(spill)
     token_file = TokenFile(folder / "tokens.int32") if keep_tokens else None
     collected = _Collected(options, RowColumnFiles(folder), PrefixFinder(prefix_tokens))
@@ -258,12 +260,12 @@ _said_messages_as_text = False
 
 
 def _say_messages_as_text(where: str) -> None:
-    """Once a process: a prompt that is a message list stored as JSON text."""
+    """Once an input read: a prompt that is a message list stored as text."""
     global _said_messages_as_text
     _said_messages_as_text = True
     log(
-        f"{where}: the prompt is the JSON text of a message list, a string: it runs as that "
-        "text, not as chat messages through the chat template; store the messages as a list "
+        f"{where}: the prompt is the text of a message list (JSON, or Python's), a string: it "
+        "runs as that text, not as chat messages through the chat template; store them as a list "
         "(a JSON array in JSONL, a list column in Parquet) to have them rendered as a "
         "conversation",
         level="warning",

@@ -104,6 +104,23 @@ UniqueKeyLoader.yaml_implicit_resolvers = {
 }
 INT_12 = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0x[0-9a-fA-F]+|0o[0-7]+)$")
 UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:int", INT_12, list("-+0123456789"))
+# floats likewise without YAML 1.1's base 60 (1:30.5 was 90.5): the 1.1 forms less that one
+UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [
+        (tag, regexp)
+        for tag, regexp in resolvers
+        if tag != "tag:yaml.org,2002:float" or "(?::" not in regexp.pattern  # (base 60)
+    ]
+    for first, resolvers in UniqueKeyLoader.yaml_implicit_resolvers.items()
+}
+UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
 
 
 def _int_12(loader, node) -> int:
@@ -178,8 +195,11 @@ def _apply_override(data: dict, item: str) -> list[str]:
                 "quote the whole value to pass it as text"
             ) from None
         value = raw  # text YAML does not take as it stands (`a: b: c`) is meant as text
-    value = _as_typed(raw, value)
     parts = key.strip().split(".")
+    takes = _takes(parts)
+    value = _as_typed(raw, value, mapping=takes in ("section", "mapping"))
+    if value is None and takes == "section":  # (a section left empty in the file is one)
+        raise SpecError(f"--set {key.strip()}: a section is set with a map ({parts[0]}={{...}})")
     if len(parts) == 1 and isinstance(value, dict):
         section = data.get(parts[0])
         if not isinstance(section, dict):
@@ -201,18 +221,34 @@ def _apply_override(data: dict, item: str) -> list[str]:
 NULL_WORDS = {"~", "null", "Null", "NULL"}
 
 
-def _as_typed(raw: str, value: Any) -> Any:
+def _as_typed(raw: str, value: Any, mapping: bool) -> Any:
     """A --set value as YAML read it, or the text itself where YAML made of ordinary text
-    nothing (`# Be brief`: a comment; `&x`: an anchor), an empty string (`|`, `>`) or a mapping
-    (`You are: helpful`). A mapping is written in braces (`{n: 2}`), and null as null or ~."""
+    nothing (`# Be brief`: a comment; `&x`: an anchor), an empty string (`|`, `>`) or, for a
+    key that takes no mapping, a mapping (`You are: helpful`). Null is null or ~."""
     text = raw.strip()
     if value is None and text and text not in NULL_WORDS:
         return raw
     if value == "" and text not in ("", '""', "''"):
         return raw
-    if isinstance(value, dict) and not text.startswith("{"):
+    if isinstance(value, dict) and not text.startswith("{") and not mapping:
         return raw
     return value
+
+
+def _takes(parts: list[str]) -> str | None:
+    """What the spec key takes: "section", "mapping" (a field that takes one), "value", or
+    None for a key the spec does not have (refused later, naming it)."""
+    hint: Any = JobSpec
+    for part in parts:
+        if not dataclasses.is_dataclass(hint):
+            return None
+        hint = typing.get_type_hints(hint).get(part)
+        if hint is None:
+            return None
+    if dataclasses.is_dataclass(hint):
+        return "section"
+    kinds = typing.get_args(hint) or (hint,)
+    return "mapping" if any(k is dict or typing.get_origin(k) is dict for k in kinds) else "value"
 
 
 def _normalise_input_path(data: dict) -> None:
@@ -362,7 +398,21 @@ def _kind(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-UNSET_VARIABLE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+# `${anything}`, or `$NAME` in an environment variable's usual capitals
+VARIABLE = re.compile(r"\$(?:\{([^}]*)\}|([A-Z_][A-Z0-9_]*)(?![A-Za-z0-9_]))")
+
+
+def _unset_variable(path: str) -> str | None:
+    """What is wrong with a variable the path names, as written: one not set, or a shell form
+    (`${SCRATCH:-/tmp}`) that is not expanded; None if there is none (`$` in a lowercase name,
+    `d$ata`, is the name's own)."""
+    for match in VARIABLE.finditer(path):
+        name = match.group(1) if match.group(1) is not None else match.group(2)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            return f"holds {match.group(0)}, a shell form that is not expanded: give a path"
+        if name not in os.environ:
+            return f"names the environment variable {name}, which is not set"
+    return None
 
 
 def _resolve_paths(spec: JobSpec, base: Path, from_command_line: set[str]) -> JobSpec:
@@ -372,10 +422,9 @@ def _resolve_paths(spec: JobSpec, base: Path, from_command_line: set[str]) -> Jo
 
     def resolve(p: str, key: str) -> str:
         expanded = os.path.expanduser(os.path.expandvars(p))
-        unset = UNSET_VARIABLE.search(expanded)
-        if unset:  # expandvars leaves them as they are: a folder named `${SCRATCH}` came of it
-            name = unset.group(1) or unset.group(2)
-            raise SpecError(f"{key}: {p} names the environment variable {name}, which is not set")
+        unset = _unset_variable(p)
+        if unset and not (os.path.exists(expanded) or glob.glob(expanded, recursive=True)):
+            raise SpecError(f"{key}: {p} {unset}")  # (expandvars leaves it: a folder `${X}`)
         if os.path.isabs(expanded):
             return os.path.normpath(expanded)
         given = key in from_command_line or key.split(".")[0] in from_command_line  # (its section)
