@@ -103,7 +103,9 @@ def interrupts_outside_imports() -> Iterator[None]:
     hook = sys.unraisablehook
 
     def kept(unraisable) -> None:
-        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        # a hook of the caller's, or a run's own (job/exits.py, which raises it again at its
+        # next check), takes it as it did; Python's own would print it as a crash, and drop it
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and hook is sys.__unraisablehook__:
             dropped.append(unraisable)
         else:
             hook(unraisable)

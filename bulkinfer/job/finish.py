@@ -231,15 +231,25 @@ def token_bytes_of_job(spec: dict):
         return None
 
 
+NAMED_SHARDS = 4  # shards not done named one by one, up to this many
+
+
 def _say_shards_left(root: OutputLayout, shard: Shard, states, waiting) -> None:
     """A shard done before its siblings: how many are done, and which are not and why, so a
     job none of whose shards is still running (one stopped, failed, or its outputs damaged)
     does not end its last run silently unmerged."""
-    names = ", ".join(f"{s.shard} ({s.state})" for s in waiting)
+    if len(waiting) <= NAMED_SHARDS:
+        names = ", ".join(f"{s.shard} ({s.state})" for s in waiting)
+    else:  # an array of hundreds: counted by state
+        names = ", ".join(
+            f"{n:,} {state}" for state, n in Counter(s.state for s in waiting).items()
+        )
     ended = [str(s.shard) for s in waiting if s.state in ("stopped", "failed")]
     advice = "; the last to finish merges"
     if ended:  # (pending ones may be waiting in a queue)
-        advice = f"; rerun {', '.join(f'--shard {name}' for name in ended)}" + advice
+        more = f" and {len(ended) - NAMED_SHARDS:,} more" if len(ended) > NAMED_SHARDS else ""
+        rerun = ", ".join(f"--shard {name}" for name in ended[:NAMED_SHARDS])
+        advice = f"; rerun {rerun}{more}" + advice
     log(
         f"shard {shard} done; {len(states) - len(waiting)} of {shard.count} shards done, "
         f"not done: {names}{advice} (bulkinfer status {shlex.quote(str(root.root))})",

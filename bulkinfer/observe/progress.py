@@ -125,9 +125,8 @@ def _emit(line: str, stream) -> None:
                 os.close(devnull)
 
 
-_writing = (
-    threading.RLock()
-)  # reentrant: a signal handler that logs runs on the thread it interrupts
+# reentrant: a signal handler that logs runs on the thread it interrupts, which may hold it
+_writing = threading.RLock()
 _live_bar = None  # a run's tqdm bar on the terminal, while it is drawn
 _gone: set = set()  # streams whose reader went away: bulkinfer writes no more to them
 
