@@ -361,6 +361,7 @@ def test_errors_name_the_api_s_arguments_not_the_command_line_s_flags(tmp_path, 
 
 INTERRUPTED_AT = """
 import os, signal, sys, threading
+signal.signal(signal.SIGINT, signal.default_int_handler)  # (a shell's background job ignores it)
 import bulkinfer
 
 threading.Timer(float(sys.argv[2]), os.kill, (os.getpid(), signal.SIGINT)).start()
@@ -412,7 +413,8 @@ def test_output_as_a_section_like_the_others(tmp_path, tiny_model):
 
 
 DEFERRED = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # (a shell's background job ignores it)
 sys.path.insert(0, sys.argv[1])
 from bulkinfer.process import interrupts_outside_imports
 try:
