@@ -11,6 +11,7 @@ import sys
 import click
 
 from bulkinfer import __version__, process
+from bulkinfer.console import speaker
 from bulkinfer.errors import UserError, counted, file_access_error
 
 SET_HELP = "Override a spec field, e.g. --set task.max_new_tokens=64 (repeatable)."
@@ -80,7 +81,7 @@ def _user_error(exc: UserError) -> None:
     if log_format() == "json":
         log(str(exc), event="error", level="error", exit_code=exc.exit_code)
     else:
-        click.echo(f"bulkinfer: error: {exc}", err=True)
+        click.echo(f"{speaker()}: error: {exc}", err=True)
     sys.exit(exc.exit_code)
 
 
@@ -102,7 +103,7 @@ def _interrupted(command: str | None) -> None:
     if log_format() == "json":
         log(message, event="signal", level="error", signal="SIGINT", exit_code=130)
     else:
-        click.echo(f"bulkinfer: {message}", err=True)
+        click.echo(f"{speaker()}: {message}", err=True)
     sys.exit(130)
 
 

@@ -21,6 +21,15 @@ def launched_worker() -> bool:
     return os.environ.get(WORKER_ENV) == "1"
 
 
+def speaker() -> str:
+    """Who a plain line is from: `bulkinfer`, or in a `--gpus` worker, whose lines share the
+    launcher's terminal with its siblings', `bulkinfer 1/4` (its `--shard`)."""
+    args = sys.argv[1:]
+    if launched_worker() and "--shard" in args[:-1]:
+        return f"bulkinfer {args[args.index('--shard') + 1]}"
+    return "bulkinfer"
+
+
 def entry() -> None:
     if not launched_worker():
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -73,7 +82,7 @@ def _say(message: str, level: str, signal_name: str, code: int) -> None:
         record.update(signal=signal_name, exit_code=code)
         sys.stderr.write(json.dumps(record) + "\n")
     else:
-        sys.stderr.write(f"bulkinfer: {message}\n")
+        sys.stderr.write(f"{speaker()}: {message}\n")
     sys.stderr.flush()
 
 

@@ -191,6 +191,9 @@ def test_gpus_flag_runs_one_worker_per_device_and_merges(shard_job):
     changed = cli_subprocess("run", str(job), "--gpus", "3", "--set", "task.max_new_tokens=2")
     assert changed.returncode != 0 and "ran another job" in changed.stderr, changed.stderr
     assert "rerun the same command" not in changed.stderr, changed.stderr
+    # each worker's error line names its shard, as its log lines do
+    for i in range(3):
+        assert f"\nbulkinfer {i}/3: error: " in f"\n{changed.stderr}", changed.stderr
 
 
 def test_gpus_beyond_what_the_cpus_can_take_is_refused_before_any_worker(shard_job):

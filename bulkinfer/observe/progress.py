@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from bulkinfer import process
-from bulkinfer.console import launched_worker
+from bulkinfer.console import speaker
 from bulkinfer.planner import Batch
 
 # U+2028 and U+2029 escaped in JSON log lines (valid JSON either way): log tools that split on
@@ -102,8 +102,7 @@ def log(
 def _plain_prefix() -> str:
     """`[bulkinfer]`; a `--gpus` worker's lines, which share a terminal with its siblings',
     name its shard: `[bulkinfer 1/4]`."""
-    shard = _context.get("shard")
-    return f"[bulkinfer {shard}]" if shard and launched_worker() else "[bulkinfer]"
+    return f"[{speaker()}]"
 
 
 def _emit(line: str, stream) -> None:
