@@ -65,6 +65,14 @@ class BulkinferGroup(click.Group):
             sys.exit(1)
 
 
+def _modified(path) -> int | None:
+    """A file's modification time in nanoseconds, None where there is none."""
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
 def _shell_word(path) -> str:
     """A path as a command line takes it: quoted where it has spaces, and never read as an
     option (a name starting with a dash)."""
@@ -302,8 +310,9 @@ def run(job, overrides, output, overwrite, shard, gpus) -> None:
             refuse_other_counts(root, count, overwrite, flag="--gpus")
             if overwrite:
                 clear_shards(root)
+            merged_before = _modified(root.summary)
             code = run_workers(args, count, devices)
-        if code == 0:
+        if code == 0 and _modified(root.summary) != merged_before:  # not a finished job's again
             from bulkinfer.job.finish import say_merged
 
             say_merged(root)

@@ -466,3 +466,9 @@ def test_status_counts_the_work_left_in_tokens_not_rows(tmp_path, tiny_model):
     # the rows left are the shorter ones: fewer tokens each than the rows done took
     took = sum(made[i]["prompt_tokens"] + made[i]["output_tokens"] for i in done) / len(done)
     assert state.work_left / len(left) < took
+    # a part removed by hand is not counted done: the rerun computes its rows again
+    parts_done = sorted((tmp_path / "part" / "checkpoint" / "parts").glob("*.parquet"))
+    lost = pq.read_metadata(parts_done[0]).num_rows
+    parts_done[0].unlink()
+    after = read_state(OutputLayout(tmp_path / "part"), Shard(0, 1))
+    assert after.rows_done == state.rows_done - lost and len(parts_done) > 1

@@ -180,6 +180,10 @@ def test_gpus_flag_runs_one_worker_per_device_and_merges(shard_job):
     assert any(w[:1] == ["next"] for w in said), proc.stdout
     for i in range(3):
         assert f"[bulkinfer {i}/3] shard {i}/3:" in proc.stderr, proc.stderr
+    # run again, finished: each worker says so, and the launcher does not print the summary again
+    again = cli_subprocess("run", str(job), "--gpus", "3")
+    assert again.returncode == 0 and again.stdout == "", again.stdout
+    assert again.stderr.count("already finished") == 3, again.stderr
     # another count on that folder: one line naming --gpus 3, before any worker starts (each
     # worker refused it, naming --shard, and the launcher then said to rerun the same command)
     other = cli_subprocess("run", str(job), "--gpus", "2")

@@ -45,7 +45,8 @@ def read_state(layout: OutputLayout, shard: Shard) -> ShardState:
     rows_total = None  # until the run has planned its rows (a run stopped while tokenizing)
     if job is not None and isinstance(job.rows, int) and not isinstance(job.rows, bool):
         rows_total = job.rows
-    records = read_manifest(layout)
+    # a part removed by hand is not done: a rerun computes its rows again
+    records = [r for r in read_manifest(layout) if (layout.parts_dir / r.file).is_file()]
     stats = [s for r in records for s in r.stats]
     seconds = sum(s["seconds"] for s in stats)
     tokens = sum(s["real_tokens"] + s["new_tokens"] for s in stats)
