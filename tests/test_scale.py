@@ -26,6 +26,7 @@ SMALL = {
     "BULKINFER_BUCKET_ROWS": "32",
     "BULKINFER_OUTPUT_FILE_ROWS": "50",
     "BULKINFER_OUTPUT_SLICE_ROWS": "5",
+    "BULKINFER_OUTPUT_GROUP_ROWS": "20",
 }
 
 
@@ -89,6 +90,15 @@ def test_small_chunks_spills_and_buckets_give_the_same_outputs(scale_job):
     out = job.parent / "small"
     files = sorted((out / "outputs").glob("*.parquet"))
     assert [pq.read_metadata(f).num_rows for f in files] == [50, 50, 50, 10]
+    # row groups of their size, however small the slices and buckets they were written from
+    groups = [
+        [
+            pq.read_metadata(f).row_group(g).num_rows
+            for g in range(pq.read_metadata(f).num_row_groups)
+        ]
+        for f in files
+    ]
+    assert groups == [[20, 20, 10]] * 3 + [[10]], groups
     assert read_outputs(out).equals(reference)
     assert not (out / "checkpoint" / "prepared").exists()
     assert not (out / "outputs.buckets").exists()
@@ -168,3 +178,30 @@ def test_kept_columns_are_read_by_the_row_groups_that_hold_them(tmp_path, monkey
         start = int(rng.integers(0, len(texts)))
         stop = int(rng.integers(start, len(texts) + 1))
         assert files.read(start, stop).column("id").to_pylist() == texts[start:stop]
+
+
+def test_writing_the_outputs_of_many_parts_says_so(tmp_path, tiny_model, monkeypatch):
+    """Reading every part back to write the outputs in input order took seconds at thousands of
+    parts, after the last batch's line and before the summary, with nothing said meanwhile."""
+    import bulkinfer.job.finish as finish
+
+    monkeypatch.setattr(finish, "SAY_ASSEMBLY_PARTS", 4)  # 1,000 by default
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(12))
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        inputs,
+        tmp_path / "out",
+        task={"type": "score"},
+        batching={"max_batch_size": 3},
+        checkpoint={"every_rows": 1},  # a part a batch: 5 parts
+    )
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output
+    parts = len(list((tmp_path / "out" / "checkpoint" / "parts").glob("*.parquet")))
+    said = f"] writing the outputs: 12 rows from {parts} parts, in input order"
+    assert parts >= 4 and said in result.output, result.output
+    few = cli(
+        "run", str(job), "--output", str(tmp_path / "few"), "--set", "checkpoint.every_rows=6"
+    )
+    assert few.exit_code == 0 and "writing the outputs" not in few.output, few.output

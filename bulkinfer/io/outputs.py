@@ -36,6 +36,10 @@ MAX_BUCKETS = 1024  # open bucket files; beyond BUCKET_ROWS x MAX_BUCKETS rows b
 # read, reordered and written per slice (a bucket's 262,144 rows of 2.5 KB kept documents took
 # 1.7-2 GB at once)
 SLICE_ROWS = faults.size_setting("BULKINFER_OUTPUT_SLICE_ROWS", 16_384)
+# an output file's row groups: this many rows, or fewer where they would hold more than
+# GROUP_BYTES (kept documents), whatever the slices and buckets they are written from
+GROUP_ROWS = faults.size_setting("BULKINFER_OUTPUT_GROUP_ROWS", 65_536)
+GROUP_BYTES = 64 << 20
 
 # `datasets.load_dataset(OUT)` reads this card's config, so it loads outputs/ only, never the
 # stats or checkpoint Parquet files beside it.
@@ -245,7 +249,9 @@ class _RowProblems:
 
 
 class _OutputFiles:
-    """Output Parquet files of OUTPUT_FILE_ROWS rows each, appended to in order, fsynced."""
+    """Output Parquet files of OUTPUT_FILE_ROWS rows each, appended to in order, fsynced. Tables
+    written are held until they fill a row group (GROUP_ROWS, or GROUP_BYTES): each Parquet
+    write is a row group of its own, and the slices are far smaller."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -253,6 +259,8 @@ class _OutputFiles:
         self.schema: pa.Schema | None = None
         self._writer: pq.ParquetWriter | None = None
         self._rows_in_file = 0
+        self._held: list[pa.Table] = []
+        self._held_rows = self._held_bytes = 0
 
     def write(self, table: pa.Table) -> None:
         if self.schema is None:
@@ -261,11 +269,23 @@ class _OutputFiles:
         while table.num_rows:
             if self._writer is None or self._rows_in_file == OUTPUT_FILE_ROWS:
                 self._next_file()
-            take = min(table.num_rows, OUTPUT_FILE_ROWS - self._rows_in_file)
-            faults.write_attempt(self._path)
-            self._writer.write_table(table.slice(0, take), row_group_size=65536)
-            self._rows_in_file += take
-            table = table.slice(take)
+            room = min(OUTPUT_FILE_ROWS - self._rows_in_file, GROUP_ROWS - self._held_rows)
+            piece = table.slice(0, min(table.num_rows, room))
+            self._held.append(piece)
+            self._held_rows += piece.num_rows
+            self._held_bytes += piece.nbytes
+            self._rows_in_file += piece.num_rows
+            table = table.slice(piece.num_rows)
+            if piece.num_rows == room or self._held_bytes >= GROUP_BYTES:
+                self._write_group()
+
+    def _write_group(self) -> None:
+        if not self._held:
+            return
+        faults.write_attempt(self._path)
+        group = pa.concat_tables(self._held)
+        self._writer.write_table(group, row_group_size=group.num_rows)
+        self._held, self._held_rows, self._held_bytes = [], 0, 0
 
     def _next_file(self) -> None:
         self._close_file()
@@ -279,6 +299,7 @@ class _OutputFiles:
     def _close_file(self) -> None:
         if self._writer is None:
             return
+        self._write_group()
         self._writer.close()
         with open(self._path, "rb+") as f:
             os.fsync(f.fileno())

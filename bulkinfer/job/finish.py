@@ -25,6 +25,11 @@ from bulkinfer.sharding import Shard
 from bulkinfer.state.manifest import Manifest
 from bulkinfer.state.records import Summary
 
+# the outputs' assembly reads every part (about 1 ms each on two cores, more for bigger parts):
+# past these it says it is under way, after the last batch's line
+SAY_ASSEMBLY_PARTS = 1_000
+SAY_ASSEMBLY_ROWS = 1_000_000
+
 
 def finish_job(
     layout, manifest: Manifest, prepared: PreparedRows, schema, run_id, started, rows, keep_row
@@ -34,9 +39,15 @@ def finish_job(
     bad = np.fromiter(prepared.row_errors, dtype=np.int64, count=len(prepared.row_errors))
     bad = bad[np.isin(bad, rows)]
     errors = error_rows_table({int(r): prepared.row_errors[int(r)] for r in bad}, schema)
-    counts = assemble_outputs(
-        layout, manifest.part_files(), errors, prepared.columns_of, rows, keep_row=keep_row
-    )
+    parts = manifest.part_files()
+    if len(parts) >= SAY_ASSEMBLY_PARTS or len(rows) >= SAY_ASSEMBLY_ROWS:
+        log(
+            f"writing the outputs: {len(rows):,} rows from {len(parts):,} parts, in input order",
+            event="assemble",
+            rows=len(rows),
+            parts=len(parts),
+        )
+    counts = assemble_outputs(layout, parts, errors, prepared.columns_of, rows, keep_row=keep_row)
     if counts.errors:
         reasons = [prepared.row_errors[int(r)] for r in bad]
         log(failed_rows(counts.errors, counts.rows, reasons), level="warning", failed=counts.errors)
