@@ -100,14 +100,18 @@ def fits_scaled_mm(shape) -> bool:
 
 def _scaled_mm_fails(device: torch.device) -> str | None:
     """Why a small row-wise scaled product fails on this GPU, or None (row-wise scales came to
-    Ada GPUs in later torch releases than to Hopper)."""
+    Ada GPUs in later torch releases than to Hopper). The probe waits for its own stream only:
+    the weights' read-ahead is copying onto the device meanwhile (a device-wide wait sat out the
+    rest of that copy, ~2 s of an 8B job's start)."""
     try:
-        x8, x_scale = quantize_rows(torch.ones(16, 32, device=device))
-        w = quantize_weight(torch.ones(16, 32, device=device))
-        torch._scaled_mm(
-            x8, w.weight.t(), scale_a=x_scale, scale_b=w.scale[None], out_dtype=torch.bfloat16
-        )
-        torch.cuda.synchronize(device)
+        stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(stream):
+            x8, x_scale = quantize_rows(torch.ones(16, 32, device=device))
+            w = quantize_weight(torch.ones(16, 32, device=device))
+            torch._scaled_mm(
+                x8, w.weight.t(), scale_a=x_scale, scale_b=w.scale[None], out_dtype=torch.bfloat16
+            )
+        stream.synchronize()
     except (RuntimeError, NotImplementedError) as exc:
         return str(exc).strip().splitlines()[0][:200] or type(exc).__name__
     return None
