@@ -612,6 +612,8 @@ def head_gives_logits(model) -> bool:
         whole = model(input_ids=ids, use_cache=False).logits.float()
         hidden = trunk(model)(input_ids=ids, use_cache=False).last_hidden_state
         head = model.get_output_embeddings()(hidden).float()
+    except torch.OutOfMemoryError:  # asked by a batch: it splits and asks again
+        raise
     except Exception:  # noqa: BLE001 (the model's own forward is the safe way)
         return False
     if whole.shape != head.shape:
