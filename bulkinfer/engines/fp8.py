@@ -101,8 +101,8 @@ def fits_scaled_mm(shape) -> bool:
 def _scaled_mm_fails(device: torch.device) -> str | None:
     """Why a small row-wise scaled product fails on this GPU, or None (row-wise scales came to
     Ada GPUs in later torch releases than to Hopper). The probe waits for its own stream only:
-    the weights' read-ahead is copying onto the device meanwhile (a device-wide wait sat out the
-    rest of that copy, ~2 s of an 8B job's start)."""
+    the weights' read-ahead may still be copying onto the device (a device-wide wait would sit
+    out the rest of that copy)."""
     try:
         stream = torch.cuda.Stream(device)
         with torch.cuda.stream(stream):
