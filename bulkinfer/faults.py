@@ -50,6 +50,12 @@ def slow_load() -> None:
     _sleep_for("BULKINFER_SLOW_LOAD_SECONDS")
 
 
+def slow_hash() -> None:
+    """`BULKINFER_SLOW_HASH_SECONDS=7` stretches the hash of the model's files (a run's
+    fingerprint), as a large model's first run takes minutes over it."""
+    _sleep_for("BULKINFER_SLOW_HASH_SECONDS")
+
+
 def slow_step() -> None:
     """`BULKINFER_SLOW_STEP_SECONDS=0.05` stretches every report of a generation stream (every
     few decode steps), so a test gets batches slower than checkpoint.every_seconds."""

@@ -17,10 +17,12 @@ import shutil
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bulkinfer import faults
 from bulkinfer.cache import cache_root
 from bulkinfer.configs import text_config
 from bulkinfer.digests import cached_file_blake2b
@@ -31,6 +33,8 @@ from bulkinfer.process import host_tag, pid_alive
 from bulkinfer.spec import PACKAGE_PREFIX, ModelSpec
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+# a run whose model hash is still going this long says so (a 70B model's first run: minutes)
+HASH_QUIET_SECONDS = 5.0
 
 
 def resolve_model_path(path: str) -> Path:
@@ -176,6 +180,7 @@ class ModelFiles:
 
         def work() -> None:
             try:
+                faults.slow_hash()
                 future.set_result(self._content_identity())
             except BaseException as exc:  # raised where identity() is asked for
                 future.set_exception(exc)
@@ -186,9 +191,17 @@ class ModelFiles:
     def identity(self) -> dict:
         """What identifies the model for the job fingerprint: each file's size and content hash
         (weights swapped for others of the same size are another model)."""
-        if not self._identity:
-            return self._content_identity()
-        return self._identity[0].result()
+        self.hash_in_background()  # (started by a run's set-up; validate asks here)
+        future = self._identity[0]
+        try:
+            return future.result(timeout=HASH_QUIET_SECONDS)
+        except FutureTimeout:
+            log(
+                f"hashing the model's files ({self.weight_bytes() / 1e9:,.1f} GB) to fingerprint "
+                "the job, once: later runs on this machine find their digests cached",
+                event="hash",
+            )
+        return future.result()
 
     def _content_identity(self) -> dict:
         return {

@@ -618,6 +618,28 @@ def test_a_line_said_while_the_bar_is_drawn_starts_a_line_of_its_own(tmp_path, t
             assert at == 0 or said[at - 1 : at] in (b"\r", b"\n"), said[max(0, at - 200) : at + 80]
 
 
+def test_a_long_model_hash_says_what_the_run_waits_for(tmp_path, tiny_model):
+    """A large model's first run hashes its files for the job's fingerprint (minutes for a 70B
+    model): the run said nothing meanwhile."""
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", sample_prompts(3)),
+        tmp_path / "out",
+    )
+    env = {**child_env(), "BULKINFER_SLOW_HASH_SECONDS": "9"}
+    done = subprocess.run(
+        [sys.executable, "-m", "bulkinfer", "run", str(job)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    (line,) = [x for x in done.stderr.splitlines() if "to fingerprint the job" in x]
+    assert "hashing the model's files (0.0 GB)" in line, line
+    assert done.stderr.index("to fingerprint the job") < done.stderr.index("3 rows, 1 batch")
+
+
 def test_a_long_load_says_the_run_waits_for_the_weights(tmp_path, tiny_model):
     """A 70B model's weights take minutes to load after the input is tokenized: the run said
     nothing meanwhile."""
