@@ -618,45 +618,37 @@ def test_a_line_said_while_the_bar_is_drawn_starts_a_line_of_its_own(tmp_path, t
             assert at == 0 or said[at - 1 : at] in (b"\r", b"\n"), said[max(0, at - 200) : at + 80]
 
 
-def test_a_long_model_hash_says_what_the_run_waits_for(tmp_path, tiny_model):
-    """A large model's first run hashes its files for the job's fingerprint (minutes for a 70B
-    model): the run said nothing meanwhile."""
+def _slowed_run(tmp_path, model, setting: str, seconds: str) -> str:
+    """The stderr of a three-row run with one phase stretched (a faults.py setting)."""
     job = write_job(
         tmp_path / "job.yaml",
-        tiny_model,
+        model,
         write_jsonl(tmp_path / "in.jsonl", sample_prompts(3)),
         tmp_path / "out",
     )
-    env = {**child_env(), "BULKINFER_SLOW_HASH_SECONDS": "9"}
     done = subprocess.run(
         [sys.executable, "-m", "bulkinfer", "run", str(job)],
-        env=env,
+        env={**child_env(), setting: seconds},
         capture_output=True,
         text=True,
     )
     assert done.returncode == 0, done.stderr
-    (line,) = [x for x in done.stderr.splitlines() if "to fingerprint the job" in x]
+    return done.stderr
+
+
+def test_a_long_model_hash_says_what_the_run_waits_for(tmp_path, tiny_model):
+    """A large model's first run hashes its files for the job's fingerprint (minutes for a 70B
+    model): the run said nothing meanwhile."""
+    said = _slowed_run(tmp_path, tiny_model, "BULKINFER_SLOW_HASH_SECONDS", "9")
+    (line,) = [x for x in said.splitlines() if "to fingerprint the job" in x]
     assert "hashing the model's files (0.0 GB)" in line, line
-    assert done.stderr.index("to fingerprint the job") < done.stderr.index("3 rows, 1 batch")
+    assert said.index("to fingerprint the job") < said.index("3 rows, 1 batch")
 
 
 def test_a_long_load_says_the_run_waits_for_the_weights(tmp_path, tiny_model):
     """A 70B model's weights take minutes to load after the input is tokenized: the run said
     nothing meanwhile."""
-    job = write_job(
-        tmp_path / "job.yaml",
-        tiny_model,
-        write_jsonl(tmp_path / "in.jsonl", sample_prompts(3)),
-        tmp_path / "out",
-    )
-    env = {**child_env(), "BULKINFER_SLOW_LOAD_SECONDS": "7"}
-    done = subprocess.run(
-        [sys.executable, "-m", "bulkinfer", "run", str(job)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr
-    (line,) = [x for x in done.stderr.splitlines() if "waiting for the weights" in x]
+    said = _slowed_run(tmp_path, tiny_model, "BULKINFER_SLOW_LOAD_SECONDS", "7")
+    (line,) = [x for x in said.splitlines() if "waiting for the weights" in x]
     assert "input is ready (3 rows)" in line and " GB on disk" in line, line
-    assert done.stderr.index("waiting for the weights") < done.stderr.index("3 rows, 1 batch")
+    assert said.index("waiting for the weights") < said.index("3 rows, 1 batch")
