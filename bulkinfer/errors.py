@@ -107,3 +107,15 @@ class StopRequested(BaseException):
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
+
+
+def not_unicode(text: str) -> str | None:
+    """What makes `text` no valid Unicode, or None: a lone surrogate (JSON's "\\ud800" decodes
+    to one), which no tokenizer or Parquet file can take."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"a lone surrogate {ascii(text[exc.start])} at character {exc.start}"
+    return None

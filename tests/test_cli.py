@@ -239,6 +239,12 @@ def test_validate_refuses_a_finished_folder_whose_input_or_model_changed(tmp_pat
         ("batching.max_tokns=5", "unknown key 'batching.max_tokns'"),
         ('task.stop=[","', "--set task.stop: '[\",\"' is not valid YAML"),
         ("task.response_format={type: regex", "quote the whole value to pass it as text"),
+        # a stop string no output can hold was never met; a system prompt failed every row
+        (
+            r'task.stop=["ok", "\ud800"]',
+            r"task.stop[1]: not valid Unicode: a lone surrogate '\ud800'",
+        ),
+        (r'task.system_prompt="be \udfff"', "task.system_prompt: not valid Unicode"),
     ],
 )
 def test_validate_names_the_problem_in_one_line(tmp_path, tiny_model, setting, expected):

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from bulkinfer.errors import InputError
+from bulkinfer.errors import InputError, not_unicode
 from bulkinfer.grammars import SPECIAL_MARK
 from bulkinfer.io.atomic import write_lines_atomic
 
@@ -251,13 +251,9 @@ def _stops(value: Any) -> list[str]:
 def _unicode(text: str, where: str) -> None:
     """Refuse text holding a lone surrogate (JSON's "\\ud800" decodes to one), which no
     tokenizer or Parquet file can take."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise RequestProblem(
-            f"{where} is not valid Unicode: a lone surrogate {ascii(text[exc.start])} "
-            f"at character {exc.start}"
-        ) from None
+    problem = not_unicode(text)
+    if problem:
+        raise RequestProblem(f"{where} is not valid Unicode: {problem}")
 
 
 def _logprobs(value: Any, url: str) -> tuple[bool, int]:

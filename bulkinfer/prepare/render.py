@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from bulkinfer.errors import InputError, SpecError
+from bulkinfer.errors import InputError, SpecError, not_unicode
 from bulkinfer.spec import TaskSpec
 
 
@@ -160,14 +160,9 @@ def messages_as_text(value: Any) -> bool:
 def check_unicode(text: str, what: str) -> str:
     """The text itself, or a row error if it holds a lone surrogate (JSON's "\\ud800" decodes
     to one), which no tokenizer or Parquet file can take."""
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise RowError(
-                f"{what} is not valid Unicode: a lone surrogate {ascii(text[exc.start])} "
-                f"at character {exc.start}"
-            ) from None
+    problem = not_unicode(text)
+    if problem:
+        raise RowError(f"{what} is not valid Unicode: {problem}")
     return text
 
 

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from bulkinfer.errors import SpecError
+from bulkinfer.errors import SpecError, not_unicode
 
 Auto = Literal["auto"]
 
@@ -126,6 +126,12 @@ class TaskSpec:
             raise SpecError(f"{key}.top_p: {self.top_p} must be in (0, 1]")
         if any(s == "" for s in self.stop):
             raise SpecError(f"{key}.stop: stop strings must not be empty")
+        # text no output can hold: a stop string never met, a system prompt failing every row
+        named = [(f"{key}.stop[{i}]", s) for i, s in enumerate(self.stop)]
+        for name, text in [*named, (f"{key}.system_prompt", self.system_prompt or "")]:
+            problem = not_unicode(text)
+            if problem:
+                raise SpecError(f"{name}: not valid Unicode: {problem}")
         if not 0.0 < self.threshold < 1.0:
             raise SpecError(
                 f"{key}.threshold: {self.threshold} must be between 0 and 1, both excluded"
