@@ -577,3 +577,53 @@ def test_plain_prompts_with_logprobs_give_openai_responses(tmp_path, tiny_model,
         want = outputs[line["custom_id"]]
         assert [t["logprob"] for t in content] == pytest.approx(want["token_logprobs"])
         assert all(len(t["top_logprobs"]) == top for t in content)
+
+
+def test_openai_responses_of_a_job_that_keeps_nanosecond_times(tmp_path, tiny_model):
+    """output.format: openai with a kept nanosecond timestamp column: writing the responses
+    turned every output column into Python values, which pyarrow cannot do for nanoseconds
+    without pandas, so the run failed after its last batch, and every rerun the same way."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    prompts = [r["prompt"] for r in sample_prompts(4)]
+    stamps = pa.array([1_700_000_000_123_456_789 + k for k in range(4)], pa.timestamp("ns", "UTC"))
+    pq.write_table(pa.table({"prompt": prompts, "seen": stamps}), tmp_path / "in.parquet")
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        tmp_path / "in.parquet",
+        tmp_path / "out",
+        task={"max_new_tokens": 3},
+        input={"keep_columns": ["seen"]},
+    )
+    # (the command's own process, where pyarrow is told pandas is absent)
+    proc = cli_subprocess("run", str(job), "--set", "output.format=openai")
+    assert proc.returncode == 0, proc.stderr
+    lines = (tmp_path / "out" / "responses.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["custom_id"] for line in lines] == ["0", "1", "2", "3"]
+    assert read_outputs(tmp_path / "out").column("seen").combine_chunks().equals(stamps)
+
+
+@pytest.mark.parametrize("name", ["tokens", "url", "embedding"])
+def test_a_kept_column_named_as_a_response_field_is_refused(tmp_path, tiny_model, name):
+    """A kept input column named as a field the OpenAI responses read was taken for the task's
+    own: `tokens` (log-probs off) failed the run after its last batch with KeyError, `url` of
+    /v1/embeddings the same, and `url` of /v1/completions would have made the row's response
+    a text completion."""
+    rows = [dict(r, **{name: "/v1/embeddings"}) for r in sample_prompts(3)]
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", rows),
+        tmp_path / "out",
+        task={"max_new_tokens": 3},
+        input={"keep_columns": [name]},
+    )
+    proc = cli_subprocess("run", str(job), "--set", "output.format=openai")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"bulkinfer: error: input.keep_columns: '{name}' is a field of the OpenAI responses "
+        "this job writes; rename it in the input or drop it from keep_columns"
+    ]
+    assert cli("run", str(job), "--set", "output.format=parquet").exit_code == 0

@@ -333,6 +333,25 @@ def request_chunk_fields(
     return prompts, ids, urls, pa.Table.from_pylist(settings, schema=REQUEST_SCHEMA), problems
 
 
+# what a response line reads of an output row besides its id and error (response_line): kept
+# input columns of these names would be taken for the task's (job/setup.py refuses them)
+RESPONSE_FIELDS = frozenset(
+    {
+        "url",
+        "text",
+        "prompt_tokens",
+        "output_tokens",
+        "finish_reason",
+        "token_logprobs",
+        "tokens",
+        "token_ids",
+        "top_logprobs",
+        "embedding",
+        "encoding_format",
+    }
+)
+
+
 def write_responses_file(
     layout, model_path: str, token_bytes_for: Callable[[], TokenBytes | None] | None = None
 ) -> tuple[int, int]:
@@ -349,9 +368,13 @@ def write_responses_file(
     if token_bytes_for is not None and "token_ids" in schema.names:
         token_bytes = token_bytes_for()
 
+    # the outputs' other columns are kept input columns: never read (a nanosecond time has no
+    # Python value without pandas)
+    read = [name for name in schema.names if name in RESPONSE_FIELDS | {"id", "error"}]
+
     def rows(failed_only: bool = False) -> Iterator[dict]:
         for f in files:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=4096, columns=read):
                 if failed_only:
                     batch = batch.filter(batch.column("error").is_valid())
                 yield from batch.to_pylist()

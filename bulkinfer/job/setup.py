@@ -21,7 +21,7 @@ from bulkinfer.engines.base import GREEDY_BELOW, LoadOptions
 from bulkinfer.errors import InputError, RowFailedError, SpecError
 from bulkinfer.io.chunks import ColumnNames
 from bulkinfer.io.files import DataFile, resolve_input_files
-from bulkinfer.io.openai_batch import EMBEDDINGS_URL
+from bulkinfer.io.openai_batch import EMBEDDINGS_URL, RESPONSE_FIELDS
 from bulkinfer.io.readers import peek_columns, read_chunks
 from bulkinfer.job.loading import planned_engine
 from bulkinfer.model_files import (
@@ -123,7 +123,7 @@ def set_up(
                 "template, a completions request's prompt is raw text)",
                 level="warning",
             )
-    check_output_columns(spec, task)
+    check_output_columns(spec, task, per_request)
     ignored = spec.task.ignored_keys()
     if ignored:
         log(
@@ -287,14 +287,22 @@ def column_names(spec: JobSpec, files: list[DataFile], per_request: bool = False
     )
 
 
-def check_output_columns(spec: JobSpec, task) -> None:
-    """A kept input column must not shadow an output column of the task."""
+def check_output_columns(spec: JobSpec, task, per_request: bool = False) -> None:
+    """A kept input column must not shadow an output column of the task, nor, where the job
+    writes OpenAI responses, a field they are made of (a request's own `url` aside)."""
     taken = {"id", "error", *task.schema.names}
+    fmt = spec.output.format
+    read = RESPONSE_FIELDS - ({"url"} if per_request else set())
     for name in spec.input.keep_columns:
         if name in taken:
             raise SpecError(
                 f"input.keep_columns: '{name}' clashes with the {task.name} task's output column "
                 "of the same name; rename it in the input or drop it from keep_columns"
+            )
+        if name in read and (fmt == "openai" or (fmt == "auto" and per_request)):
+            raise SpecError(
+                f"input.keep_columns: '{name}' is a field of the OpenAI responses this job "
+                "writes; rename it in the input or drop it from keep_columns"
             )
         alike = next((t for t in sorted(taken) if t.lower() == name.lower()), None)
         if alike is not None:  # allowed, but a reader that ignores case sees one name twice
