@@ -140,6 +140,18 @@ def test_duplicate_ids_name_both_lines(tmp_path, tiny_model):
     )
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_a_duplicate_id_megabytes_long_is_cut_in_its_error(tmp_path, tiny_model, fmt):
+    """A 2 MB id given twice: the one-line error printed all of it, twice as long as the id."""
+    rows = sample_prompts(4)
+    rows[1]["id"] = rows[3]["id"] = "x" * 2_000_000
+    write = write_jsonl if fmt == "jsonl" else write_parquet
+    path = write(tmp_path / f"in.{fmt}", rows)
+    result = cli("run", str(_job(tmp_path, tiny_model, path)))
+    _fails_cleanly(result, "duplicate id 'xxxxx", "... (2,000,002 characters)")
+    assert len(result.output) < 1000, len(result.output)
+
+
 def test_null_id(tmp_path, tiny_model):
     rows = sample_prompts(3)
     rows[1]["id"] = None

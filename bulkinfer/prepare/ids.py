@@ -135,7 +135,7 @@ def chunk_ids(chunk: InputChunk) -> pa.Array:
     except UnicodeEncodeError:
         i = next(i for i, v in enumerate(chunk.ids) if isinstance(v, str) and not _encodes(v))
         raise InputError(
-            f"{chunk.location(i)}: the id {ascii(chunk.ids[i])} is not valid Unicode "
+            f"{chunk.location(i)}: the id {shown(chunk.ids[i], ascii)} is not valid Unicode "
             "(a lone surrogate)"
         ) from None
     except (pa.ArrowInvalid, pa.ArrowTypeError):
@@ -143,9 +143,16 @@ def chunk_ids(chunk: InputChunk) -> pa.Array:
         i = next(i for i, v in enumerate(chunk.ids) if isinstance(v, str) != first)
         kind, before = ("a string", "numbers") if not first else ("a number", "strings")
         raise InputError(
-            f"{chunk.location(i)}: the id {chunk.ids[i]!r:.40} is {kind}, the ids before it "
+            f"{chunk.location(i)}: the id {shown(chunk.ids[i])} is {kind}, the ids before it "
             f"are {before}; the id column mixes strings and numbers: make them all one type"
         ) from None
+
+
+def shown(value, form=repr, most: int = 60) -> str:
+    """An id as an error line shows it: its repr, cut past `most` characters (an id may be
+    megabytes long, and the error is one line)."""
+    text = form(value)
+    return text if len(text) <= most else f"{text[:most]}... ({len(text):,} characters)"
 
 
 def _encodes(text: str) -> bool:
@@ -164,7 +171,7 @@ def first_duplicate(chunk: InputChunk) -> None:
         if value in seen:
             where = chunk.location(seen[value]), chunk.location(i)
             raise InputError(
-                f"duplicate id {value!r} at {where[0]} and {where[1]}; ids must be unique"
+                f"duplicate id {shown(value)} at {where[0]} and {where[1]}; ids must be unique"
             )
         seen[value] = i
 
@@ -196,5 +203,5 @@ def check_unique_ids(prepared: PreparedRows, hashes: np.ndarray) -> None:
                     prepared_location(prepared, rows[twin]),
                 ]
                 raise InputError(
-                    f"duplicate id {value!r} at {where[0]} and {where[1]}; ids must be unique"
+                    f"duplicate id {shown(value)} at {where[0]} and {where[1]}; ids must be unique"
                 )
