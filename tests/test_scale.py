@@ -73,6 +73,30 @@ def _run_small(*args, **env) -> subprocess.CompletedProcess:
     )
 
 
+def test_row_groups_of_wide_rows_stop_near_their_byte_size(tmp_path, tiny_model):
+    """Kept documents of 20,000 characters a row: each output slice was one row group whatever
+    its bytes (560 rows of 4 MiB made one of 2.3 GB, read back whole). With groups shrunk to
+    100,000 bytes, they hold the rows that fit (4), the values unchanged and in order."""
+    rows = sample_prompts(30)
+    for k, row in enumerate(rows):
+        row["doc"] = f"{k:05d}" + "d" * 19_995
+    job = write_job(
+        tmp_path / "job.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "in.jsonl", rows),
+        tmp_path / "out",
+        task={"type": "score"},
+        input={"keep_columns": ["doc"]},
+    )
+    done = _run_small("run", job, BULKINFER_OUTPUT_GROUP_BYTES="100000")
+    assert done.returncode == 0, done.stderr
+    (file,) = sorted((tmp_path / "out" / "outputs").glob("*.parquet"))
+    meta = pq.read_metadata(file)
+    groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+    assert sum(groups) == 30 and max(groups) == 4, groups
+    assert read_outputs(tmp_path / "out").column("doc").to_pylist() == [r["doc"] for r in rows]
+
+
 def test_reference_has_ids_keep_and_errors_in_input_order(scale_job):
     _, reference = scale_job
     rows = _rows()

@@ -39,7 +39,7 @@ SLICE_ROWS = faults.size_setting("BULKINFER_OUTPUT_SLICE_ROWS", 16_384)
 # an output file's row groups: this many rows, or fewer where they would hold more than
 # GROUP_BYTES (kept documents), whatever the slices and buckets they are written from
 GROUP_ROWS = faults.size_setting("BULKINFER_OUTPUT_GROUP_ROWS", 65_536)
-GROUP_BYTES = 64 << 20
+GROUP_BYTES = faults.size_setting("BULKINFER_OUTPUT_GROUP_BYTES", 64 << 20)
 
 # `datasets.load_dataset(OUT)` reads this card's config, so it loads outputs/ only, never the
 # stats or checkpoint Parquet files beside it.
@@ -250,8 +250,9 @@ class _RowProblems:
 
 class _OutputFiles:
     """Output Parquet files of OUTPUT_FILE_ROWS rows each, appended to in order, fsynced. Tables
-    written are held until they fill a row group (GROUP_ROWS, or GROUP_BYTES): each Parquet
-    write is a row group of its own, and the slices are far smaller."""
+    written are held until they fill a row group (GROUP_ROWS, or about GROUP_BYTES, rows sized
+    by their table's average): each Parquet write is a row group of its own, and the slices are
+    far smaller."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -266,10 +267,14 @@ class _OutputFiles:
         if self.schema is None:
             self.schema = table.schema
         table = table.cast(self.schema)
+        # a group past GROUP_BYTES ends within a table: wide kept columns (documents of
+        # megabytes) made one group of a whole slice, gigabytes read back whole
+        row_bytes = max(1, table.nbytes // max(1, table.num_rows))
         while table.num_rows:
             if self._writer is None or self._rows_in_file == OUTPUT_FILE_ROWS:
                 self._next_file()
-            room = min(OUTPUT_FILE_ROWS - self._rows_in_file, GROUP_ROWS - self._held_rows)
+            fits = max(1, (GROUP_BYTES - self._held_bytes) // row_bytes)
+            room = min(OUTPUT_FILE_ROWS - self._rows_in_file, GROUP_ROWS - self._held_rows, fits)
             piece = table.slice(0, min(table.num_rows, room))
             self._held.append(piece)
             self._held_rows += piece.num_rows
