@@ -713,6 +713,17 @@ def test_ids_mixing_strings_and_numbers_name_the_line_at_fault(tmp_path, tiny_mo
         _fails_cleanly(cli(command, str(job)), "in.jsonl:3:", "'x3' is a string")
 
 
+def test_ids_of_another_kind_than_the_chunks_before_name_their_own_line(tmp_path, tiny_model):
+    """Chunks of 4 lines, numbers then `"5", 6`: the error named line 6 as a number among
+    strings, from the chunk's own first id, not line 5 as a string among numbers."""
+    rows = [{"id": k, "prompt": f"p{k}"} for k in range(1, 7)]
+    rows[4]["id"] = "5"
+    job = _job(tmp_path, tiny_model, write_jsonl(tmp_path / "in.jsonl", rows))
+    proc = cli_subprocess("run", str(job), env={"BULKINFER_CHUNK_ROWS": "4"})
+    assert proc.returncode == 2, proc.stderr
+    assert "in.jsonl:5: the id '5' is a string, the ids before it are numbers" in proc.stderr
+
+
 def test_a_score_too_low_for_a_float_perplexity_is_infinite(tmp_path):
     """A model sure of other tokens (a mean log-prob under about -709): exp(-mean) overflowed
     and the job ended in a traceback, every rerun alike; the perplexity is infinite now."""

@@ -24,7 +24,7 @@ def add_row_columns(
     id type, which every chunk must share."""
     table = chunk.keep
     if chunk.ids is not None:
-        ids = chunk_ids(chunk)
+        ids = chunk_ids(chunk, id_type)
         if id_type is not None and ids.type != id_type and first_row > 0:
             raise InputError(
                 f"{chunk.location(0)}: the ids here are {_kind(ids.type)}, those before "
@@ -113,9 +113,10 @@ def _refuse_missing(chunk: InputChunk) -> None:
             )
 
 
-def chunk_ids(chunk: InputChunk) -> pa.Array:
+def chunk_ids(chunk: InputChunk, before: pa.DataType | None = None) -> pa.Array:
     """A chunk's ids as an Arrow array, or an InputError naming the first one that is null,
-    not a string or an integer, beyond 64 bits or not valid Unicode."""
+    not a string or an integer, beyond 64 bits or not valid Unicode, or the first of the other
+    kind than the ids `before` it (earlier chunks' type; else the chunk's first id's)."""
     for i, value in enumerate(chunk.ids):
         if value is None:
             raise InputError(f"{chunk.location(i)}: the id is null; every row needs an id")
@@ -139,7 +140,10 @@ def chunk_ids(chunk: InputChunk) -> pa.Array:
             "(a lone surrogate)"
         ) from None
     except (pa.ArrowInvalid, pa.ArrowTypeError):
-        first = isinstance(chunk.ids[0], str)
+        if before is not None:
+            first = pa.types.is_string(before) or pa.types.is_large_string(before)
+        else:
+            first = isinstance(chunk.ids[0], str)
         i = next(i for i, v in enumerate(chunk.ids) if isinstance(v, str) != first)
         kind, before = ("a string", "numbers") if not first else ("a number", "strings")
         raise InputError(
