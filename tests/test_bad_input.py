@@ -724,6 +724,19 @@ def test_ids_of_another_kind_than_the_chunks_before_name_their_own_line(tmp_path
     assert "in.jsonl:5: the id '5' is a string, the ids before it are numbers" in proc.stderr
 
 
+def test_a_kept_column_changing_type_between_chunks_names_its_line(tmp_path, tiny_model):
+    """Chunks of 4 lines, `source` a string, then nulls, then a list on line 6: the error named
+    line 5 (the chunk's first) and spoke of files or row groups in a single JSONL file."""
+    rows = [{"prompt": f"p{k}", "source": "x" if k == 0 else None} for k in range(6)]
+    rows[5]["source"] = [1]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    job = _job(tmp_path, tiny_model, path, input={"keep_columns": ["source"]})
+    proc = cli_subprocess("run", str(job), env={"BULKINFER_CHUNK_ROWS": "4"})
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"bulkinfer: error: {path}:6: keep column 'source' holds another "), line
+
+
 def test_a_score_too_low_for_a_float_perplexity_is_infinite(tmp_path):
     """A model sure of other tokens (a mean log-prob under about -709): exp(-mean) overflowed
     and the job ended in a traceback, every rerun alike; the perplexity is infinite now."""

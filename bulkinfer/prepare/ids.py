@@ -38,11 +38,31 @@ def add_row_columns(
     try:
         columns.append(_writable(table))
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        name, row = _clashing(columns.schema, _writable(table))
+        what = f"keep column '{name}'" if name else "a keep column"
         raise InputError(
-            f"{chunk.location(0)}: a keep column has different types in different files or "
-            f"row groups: {exc}"
+            f"{chunk.location(row)}: {what} holds another type here than in the rows before: "
+            f"{exc}; make its values one type"
         ) from None
     return id_type
+
+
+def _clashing(before: pa.Schema | None, table: pa.Table) -> tuple[str | None, int]:
+    """The kept column of `table` whose type cannot join the one `before` gives it, and its
+    first value (nulls take any type); (None, 0) where no single column is to blame."""
+    for field in table.schema:
+        if before is None or field.name not in before.names:
+            continue
+        earlier = before.field(field.name)
+        try:
+            joined = pa.unify_schemas(
+                [pa.schema([earlier]), pa.schema([field])], promote_options="permissive"
+            )
+            table.column(field.name).cast(joined.field(0).type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            valid = table.column(field.name).is_valid().to_numpy(zero_copy_only=False)
+            return field.name, int(np.argmax(valid)) if valid.any() else 0
+    return None, 0
 
 
 def declared_id_type(
