@@ -165,10 +165,10 @@ def chunk_ids(chunk: InputChunk, before: pa.DataType | None = None) -> pa.Array:
         else:
             first = isinstance(chunk.ids[0], str)
         i = next(i for i, v in enumerate(chunk.ids) if isinstance(v, str) != first)
-        kind, before = ("a string", "numbers") if not first else ("a number", "strings")
+        kind, others = ("a string", "numbers") if not first else ("a number", "strings")
         raise InputError(
             f"{chunk.location(i)}: the id {shown(chunk.ids[i])} is {kind}, the ids before it "
-            f"are {before}; the id column mixes strings and numbers: make them all one type"
+            f"are {others}; the id column mixes strings and numbers: make them all one type"
         ) from None
 
 
