@@ -62,8 +62,13 @@ class JobSetup:
     @property
     def openai_responses(self) -> bool:
         """Whether the job writes OUT/responses.jsonl (OpenAI batch input, or asked for)."""
-        fmt = self.spec.output.format
-        return fmt == "openai" or (fmt == "auto" and self.kind.per_request)
+        return writes_responses(self.spec, self.kind.per_request)
+
+
+def writes_responses(spec: JobSpec, per_request: bool) -> bool:
+    """Whether a job writes OUT/responses.jsonl: asked for, or by default for a requests file."""
+    fmt = spec.output.format
+    return fmt == "openai" or (fmt == "auto" and per_request)
 
 
 @dataclass
@@ -291,7 +296,7 @@ def check_output_columns(spec: JobSpec, task, per_request: bool = False) -> None
     """A kept input column must not shadow an output column of the task, nor, where the job
     writes OpenAI responses, a field they are made of (a request's own `url` aside)."""
     taken = {"id", "error", *task.schema.names}
-    fmt = spec.output.format
+    responses = writes_responses(spec, per_request)
     read = RESPONSE_FIELDS - ({"url"} if per_request else set())
     for name in spec.input.keep_columns:
         if name in taken:
@@ -299,7 +304,7 @@ def check_output_columns(spec: JobSpec, task, per_request: bool = False) -> None
                 f"input.keep_columns: '{name}' clashes with the {task.name} task's output column "
                 "of the same name; rename it in the input or drop it from keep_columns"
             )
-        if name in read and (fmt == "openai" or (fmt == "auto" and per_request)):
+        if responses and name in read:
             raise SpecError(
                 f"input.keep_columns: '{name}' is a field of the OpenAI responses this job "
                 "writes; rename it in the input or drop it from keep_columns"
