@@ -24,6 +24,7 @@ from conftest import (
     sampled_job,
     write_job,
     write_jsonl,
+    write_parquet,
 )
 
 N_ROWS = 120
@@ -88,6 +89,110 @@ def test_sigkill_at_random_moments_then_resume(crash_job):
     final = cli_again("run", str(job))
     assert final.returncode == 0, final.stderr
     _assert_same_outputs(job.parent / "random-kills", reference)
+
+
+def _kill_once_tokens_kept(job: Path, out: Path) -> None:
+    """Run `job` and SIGKILL it once the tokenized input's record is written and two parts are
+    committed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bulkinfer", "run", str(job)],
+        env={**child_env(), "BULKINFER_SLOW_BATCH_SECONDS": "0.3"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    record = out / "checkpoint" / "prepared" / "prepared.pickle"
+    manifest = out / "checkpoint" / "manifest.jsonl"
+    deadline = time.monotonic() + 120
+    while not (record.exists() and manifest.exists() and manifest.read_text().count("\n") >= 2):
+        assert time.monotonic() < deadline and proc.poll() is None, "the run never got going"
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+
+
+REUSED = "the input as an earlier run of this job tokenized it"
+
+
+@pytest.mark.parametrize("damage", [None, "tokens", "record"])
+def test_a_resume_reads_the_tokenized_input_the_killed_run_kept(crash_job, damage):
+    """A resume does not read and tokenize the input again (minutes at millions of rows): it
+    reads what the killed run kept, unless that is damaged, and then tokenizes as before;
+    either way the outputs are the uninterrupted run's."""
+    make, reference = crash_job
+    name = f"kept-{damage}"
+    job = make(name)
+    out = job.parent / name
+    _kill_once_tokens_kept(job, out)
+    prepared = out / "checkpoint" / "prepared"
+    if damage == "tokens":  # one token short: not the file the record describes
+        tokens = prepared / "tokens.int32"
+        os.truncate(tokens, tokens.stat().st_size - 4)
+    elif damage == "record":
+        (prepared / "prepared.pickle").write_bytes(b"\x80\x05 not a record")
+    resumed = cli_again("run", str(job))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    assert (REUSED in resumed.stderr) == (damage is None), resumed.stderr
+    _assert_same_outputs(out, reference)
+    assert not prepared.exists()  # a finished job keeps no spill files
+
+
+def _requests(n: int) -> list[dict]:
+    """OpenAI batch requests, chat and completions, with their own settings; a few that cannot
+    run (no prompt, an unknown url) fail as rows."""
+    out = []
+    for i, row in enumerate(sample_prompts(n)):
+        body = {"model": "m", "max_tokens": 1 + i % 7, "temperature": 0.7, "seed": i}
+        if i % 3:
+            body["messages"] = [{"role": "user", "content": row["prompt"]}]
+            url = "/v1/chat/completions"
+        else:
+            body["prompt"] = None if i % 29 == 0 else row["prompt"]
+            url = "/v1/completions" if i % 31 else "/v1/unknown"
+        out.append({"custom_id": row["id"], "method": "POST", "url": url, "body": body})
+    return out
+
+
+@pytest.mark.parametrize("kind", ["parquet", "openai"])
+def test_a_resume_from_kept_tokens_gives_the_outputs_of_one_run(tmp_path, tiny_model, kind):
+    """What the kept record must carry beside the tokens: failed rows, kept columns of several
+    types, shared prefixes; an OpenAI batch file's per-request settings."""
+    if kind == "parquet":
+        rows = [
+            {
+                **r,
+                "prompt": None if i % 23 == 0 else "shared opening words " * 6 + r["prompt"],
+                "meta": {"n": i, "tags": [r["source"]] * (i % 3)},
+            }
+            for i, r in enumerate(sample_prompts(90))
+        ]
+        inputs = write_parquet(tmp_path / "in.parquet", rows)
+        sections = {"input": {"keep_columns": ["source", "meta"]}}
+        sections["batching"] = {"max_tokens": 400, "max_batch_size": 4, "min_shared_prefix": 8}
+    else:
+        inputs = tmp_path / "requests.jsonl"
+        inputs.write_text("".join(json.dumps(r) + "\n" for r in _requests(90)))
+        sections = {"batching": {"max_tokens": 400, "max_batch_size": 4}}
+    jobs = {
+        name: write_job(
+            tmp_path / f"{name}.yaml",
+            tiny_model,
+            inputs,
+            tmp_path / name,
+            task={"max_new_tokens": 6, "temperature": 0.8, "seed": 5},
+            checkpoint={"every_rows": 4},
+            **sections,
+        )
+        for name in ("reference", "killed")
+    }
+    assert cli("run", str(jobs["reference"])).exit_code == 0
+    _kill_once_tokens_kept(jobs["killed"], tmp_path / "killed")
+    resumed = cli_again("run", str(jobs["killed"]))
+    assert resumed.returncode == 0, resumed.stderr
+    assert REUSED in resumed.stderr, resumed.stderr
+    expected = read_outputs(tmp_path / "reference")
+    assert expected.column("error").null_count < expected.num_rows  # some rows failed
+    assert read_outputs(tmp_path / "killed").equals(expected)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

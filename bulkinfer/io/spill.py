@@ -49,6 +49,17 @@ class TokenFile:
 
     def finish(self) -> None:
         self._out.close()
+        self._open_for_reading()
+
+    @classmethod
+    def written(cls, path: Path, count: int) -> TokenFile:
+        """A token file of `count` tokens that an earlier run wrote, opened for reading."""
+        file = cls.__new__(cls)
+        file.path, file._out, file.count = path, None, count
+        file._open_for_reading()
+        return file
+
+    def _open_for_reading(self) -> None:
         self._fd = os.open(self.path, os.O_RDONLY)
         weakref.finalize(self, os.close, self._fd)
 
@@ -96,6 +107,20 @@ class RowColumnFiles:
 
     def finish(self) -> None:
         self._flush()
+
+    def files(self) -> list[Path]:
+        return [self._file(k) for k in range(len(self.starts))]
+
+    def state(self) -> dict:
+        """What reopened() needs to read these files again (all rows written)."""
+        return {"starts": list(self.starts), "schema": self.schema, "rows": self._rows}
+
+    @classmethod
+    def reopened(cls, folder: Path, state: dict) -> RowColumnFiles:
+        """The files an earlier run wrote in `folder`, as its state() described them."""
+        files = cls(folder)
+        files.starts, files.schema, files._rows = state["starts"], state["schema"], state["rows"]
+        return files
 
     def _flush(self) -> None:
         if not self._pending:

@@ -55,6 +55,7 @@ from bulkinfer.job.setup import (
 from bulkinfer.job.stream import run_stream
 from bulkinfer.observe.progress import Progress, log
 from bulkinfer.observe.stats import imports_seconds
+from bulkinfer.prepare.reuse import reuse_key
 from bulkinfer.sharding import Shard, refuse_row_column
 from bulkinfer.spec import JobSpec
 from bulkinfer.state.folder import refuse_foreign, refuse_other_counts, refuse_unsharded
@@ -103,8 +104,9 @@ def _run_job(
             return finished_already(setup, layout, shard)
         pinned = engine_as_ran(setup, folder)
         background, options = loading or beside.enter_context(start_loading(setup, pinned))
+        key = reuse_key(folder.job.fingerprint, [str(f.path) for f in setup.files])
         inputs, engine, host_seconds = tokenize_while_loading(
-            setup, background, layout.prepared_dir
+            setup, background, layout.prepared_dir, key, folder.resumed
         )
     from bulkinfer.engines.select import fit_to_job  # imports torch: not at --help
 

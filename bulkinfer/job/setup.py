@@ -40,6 +40,7 @@ from bulkinfer.prepare import (
     prepared_location,
     render_options,
 )
+from bulkinfer.prepare.reuse import keep_for_resume, reuse
 from bulkinfer.spec import JobSpec
 from bulkinfer.tasks.base import InputKind, Task, make_task
 
@@ -197,11 +198,36 @@ def tokenize(setup: JobSetup, spill: Path | None = None, keep_tokens: bool = Fal
     prepared = prepare_rows(
         chunks, setup.tokenizer, setup.options, spill, keep_tokens, prefix, every, source
     )
+    say_truncated(setup, prepared)
+    return Inputs(setup, prepared)
+
+
+def say_truncated(setup: JobSetup, prepared: PreparedRows) -> None:
     if prepared.truncated:
         log(
             f"{len(prepared.truncated):,} rows longer than {setup.task.max_context} tokens are "
             "truncated (task.truncate; counted per row in truncated_tokens)"
         )
+
+
+def tokenize_for_run(setup: JobSetup, spill: Path, key: str, resumed: bool) -> Inputs:
+    """The input tokenized into the job's folder (`spill`), and kept there for a resume under
+    `key` (prepare/reuse.py); a resume reads what an earlier run of the job kept, if it can."""
+    prepared = reuse(spill, key) if resumed else None
+    if prepared is None:
+        inputs = tokenize(setup, spill, keep_tokens=True)
+        keep_for_resume(inputs.prepared, key)
+        return inputs
+    tokens = int(prepared.lengths.sum(dtype=np.int64))
+    log(
+        f"the input as an earlier run of this job tokenized it: {prepared.num_rows:,} rows "
+        f"({tokens:,} tokens), not read again",
+        event="tokenize",
+        reused=True,
+        rows_read=prepared.num_rows,
+        tokens_read=tokens,
+    )
+    say_truncated(setup, prepared)
     return Inputs(setup, prepared)
 
 
@@ -209,14 +235,16 @@ def tokenize(setup: JobSetup, spill: Path | None = None, keep_tokens: bool = Fal
 LOAD_QUIET_SECONDS = 5.0
 
 
-def tokenize_while_loading(setup: JobSetup, loading: Background, spill: Path):
-    """Tokenize the input on this thread while `loading` (start_loading's) loads the weights on
-    another (safetensors and the Rust tokenizer both release the GIL); returns the inputs, the
-    engine and the seconds each took. An input error stops the job before any batch runs (see
-    in_background for what becomes of the loading); a loading error is raised as the loader
-    raised it."""
+def tokenize_while_loading(
+    setup: JobSetup, loading: Background, spill: Path, key: str, resumed: bool
+):
+    """Tokenize the input on this thread (tokenize_for_run's) while `loading` (start_loading's)
+    loads the weights on another (safetensors and the Rust tokenizer both release the GIL);
+    returns the inputs, the engine and the seconds each took. An input error stops the job
+    before any batch runs (see in_background for what becomes of the loading); a loading error
+    is raised as the loader raised it."""
     start = time.monotonic()
-    inputs = tokenize(setup, spill, keep_tokens=True)
+    inputs = tokenize_for_run(setup, spill, key, resumed)
     prepare_seconds = time.monotonic() - start
     if setup.spec.on_error == "fail":
         check_no_failed_rows(inputs.prepared)
