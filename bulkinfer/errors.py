@@ -83,11 +83,15 @@ def counted(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'es' if noun.endswith(('s', 'x', 'ch', 'sh')) else 's'}"
 
 
-def first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException, limit: int | None = None) -> str:
     """The first line of an exception's message (its type's name when it has none): loaders and
-    kernels raise many-line messages, and a user-facing error is one line."""
+    kernels raise many-line messages, and a user-facing error is one line. Past `limit`
+    characters it ends at the last whole word, with "..."."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    line = text.splitlines()[0] if text else type(exc).__name__
+    if limit is not None and len(line) > limit:
+        line = line[:limit].rsplit(" ", 1)[0] + " ..."
+    return line
 
 
 def model_error(what: str, exc: BaseException) -> ModelError:

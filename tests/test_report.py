@@ -180,6 +180,25 @@ def test_report_works_on_a_half_finished_job(job_spec):
     assert not (out / "report.html").exists() and not (out / "report").exists()
 
 
+def test_report_of_a_damaged_part_names_it_in_one_line_and_the_rerun_mends_it(job_spec):
+    job = job_spec("damaged", every_rows=1)
+    env = {**child_env(), "BULKINFER_KILL_AT": "batch_start:5"}
+    subprocess.run([sys.executable, "-m", "bulkinfer", "run", str(job)], env=env)
+    out = job.parent / "damaged"
+    part = sorted((out / "checkpoint" / "parts").glob("*.parquet"))[0]
+    os.truncate(part, 100)
+    report = cli_subprocess("report", str(out))
+    assert report.returncode == 2
+    line = report.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert f"{part.name}: unreadable (" in line
+    # pyarrow's message (which names the file's whole path again) is cut at a whole word
+    reason = line.split("unreadable (", 1)[1].split("); rerun the job", 1)[0]
+    assert len(reason) <= 124 and reason.endswith(" ..."), reason
+    assert cli("run", str(job)).exit_code == 0
+    assert cli("report", str(out)).exit_code == 0
+
+
 def test_report_of_a_job_whose_rows_all_failed_at_read_time_says_no_batch_ran(tmp_path, tiny_model):
     """Its charts of batches said "no batch has finished yet" of a finished job."""
     rows = [{"id": i, "prompt": None} for i in range(3)]

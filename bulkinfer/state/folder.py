@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bulkinfer import faults
-from bulkinfer.errors import OutputFolderError
+from bulkinfer.errors import OutputFolderError, first_line
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.lock import holder_text, in_use, is_locked
 from bulkinfer.observe.progress import log
@@ -472,7 +472,7 @@ def finished_damage(layout: OutputLayout) -> str | None:
             rows += pq.ParquetFile(path).metadata.num_rows
         pq.read_metadata(layout.batch_stats)
     except (OSError, pa.ArrowException) as exc:
-        return f"a file is unreadable ({str(exc).splitlines()[0][:120]})"
+        return f"a file is unreadable ({first_line(exc, 120)})"
     if rows != data["rows_out"]:
         return f"{layout.outputs_dir.name}/ holds {rows:,} rows of {data['rows_out']:,}"
     return None

@@ -236,7 +236,7 @@ def _read(path: Path, columns: list[str] | None = None, schema_only: bool = Fals
         return pq.read_schema(path) if schema_only else pq.read_table(path, columns=columns)
     except (OSError, pa.ArrowException) as exc:
         raise OutputFolderError(
-            f"{path}: unreadable ({first_line(exc)[:120]}); rerun the job (`bulkinfer run` "
+            f"{path}: unreadable ({first_line(exc, 120)}); rerun the job (`bulkinfer run` "
             "with its spec) to write it again from the committed parts"
         ) from None
 
