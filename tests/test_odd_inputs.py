@@ -99,6 +99,29 @@ def test_hidden_and_underscore_folders_are_passed_over(tmp_path, tiny_model):
     assert read_outputs(tmp_path / "out").column("id").to_pylist() == ["a", "b"]
 
 
+def test_files_of_other_kinds_in_an_input_folder_are_named_not_dropped_unseen(tmp_path, tiny_model):
+    """A .csv beside the JSONL and Parquet files of a folder: its rows are not read (CSV needs
+    input.format: hf), and a warning says so, with the notes.txt; a writer's _SUCCESS is not
+    named."""
+    folder = tmp_path / "d"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"id": "a", "prompt": "one"}])
+    pq.write_table(pa.table({"id": ["b"], "prompt": ["two"]}), folder / "b.parquet")
+    (folder / "c.csv").write_text("id,prompt\nc,three\n")
+    (folder / "notes.txt").write_text("where these came from\n")
+    (folder / "_SUCCESS").write_text("")
+    for command in ("validate", "run"):
+        result = _run(tmp_path, tiny_model, folder, command=command)
+        assert result.exit_code == 0, result.output
+        warning = [line for line in result.output.splitlines() if "not read" in line]
+        assert len(warning) == 1, result.output
+        assert (
+            "c.csv" in warning[0] and "notes.txt" in warning[0] and "input.format: hf" in warning[0]
+        )
+        assert "_SUCCESS" not in result.output
+    assert read_outputs(tmp_path / "out").column("id").to_pylist() == ["a", "b"]
+
+
 def test_inputs_that_cannot_be_stored_or_read_stop_in_one_line(tmp_path, tiny_model):
     # a Parquet file with no rows: validate said OK, run then refused it
     pq.write_table(

@@ -39,20 +39,25 @@ class DataFile:
 
 
 def resolve_input_files(
-    patterns: list[str], fmt: str = "auto", exclude: str | None = None, split: str | None = None
+    patterns: list[str],
+    fmt: str = "auto",
+    exclude: str | None = None,
+    split: str | None = None,
+    passed_over: list[str] | None = None,
 ) -> list[DataFile]:
     """Expand files, folders and globs into a sorted, de-duplicated list of data files, each
     file's format sniffed here, once.
 
     A folder saved by `datasets` (`save_to_disk`) is one input, itself (for a DatasetDict, the
     folder of its `split`). Files under `exclude` (the job's own output folder, when it sits
-    inside an input folder) are never inputs."""
+    inside an input folder) are never inputs. `passed_over` gets the files of input folders
+    that are not read for their kind (a .csv, a notes.txt), for the caller to say so."""
     files: list[str] = []
     for pattern in patterns:
         if os.path.isdir(pattern) and is_saved_dataset(pattern):
             found = [saved_dataset_split(pattern, split)]
         elif os.path.isdir(pattern):
-            found = _folder_inputs(pattern, fmt, split)
+            found = _folder_inputs(pattern, fmt, split, passed_over)
             if not found:
                 raise InputError(f"{pattern}: the folder holds no .parquet or .jsonl files")
         elif os.path.isfile(pattern):
@@ -81,12 +86,15 @@ def resolve_input_files(
     return found
 
 
-def _folder_inputs(folder: str, fmt: str, split: str | None) -> list[str]:
+def _folder_inputs(
+    folder: str, fmt: str, split: str | None, passed_over: list[str] | None = None
+) -> list[str]:
     """Data files under a folder, in sorted order; a saved dataset inside it is one input (its
     state.json is not read as JSONL). Files and folders whose names start with '.' or '_' are
     passed over, as pyarrow's datasets do (a notebook's .ipynb_checkpoints copies, a writer's
     _temporary parts). The output folders of bulkinfer jobs inside it are passed over too (a
-    job's own, and another's: its outputs are not input)."""
+    job's own, and another's: its outputs are not input). Other files not of a kind read here
+    are added to `passed_over`."""
     found = []
     for root, dirs, names in os.walk(folder):
         dirs[:] = [
@@ -97,11 +105,12 @@ def _folder_inputs(folder: str, fmt: str, split: str | None) -> list[str]:
         saved = [d for d in dirs if is_saved_dataset(os.path.join(root, d))]
         found += [saved_dataset_split(os.path.join(root, d), split) for d in saved]
         dirs[:] = sorted(d for d in dirs if d not in saved)
-        found += [
-            os.path.join(root, name)
-            for name in names
-            if _is_data_file(name, fmt) and not name.startswith((".", "_"))
-        ]
+        shown = [name for name in names if not name.startswith((".", "_"))]
+        found += [os.path.join(root, name) for name in shown if _is_data_file(name, fmt)]
+        if passed_over is not None:
+            passed_over += sorted(
+                os.path.join(root, name) for name in shown if not _is_data_file(name, fmt)
+            )
     return sorted(found)
 
 

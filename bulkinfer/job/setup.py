@@ -18,9 +18,9 @@ import numpy as np
 
 from bulkinfer import faults, process
 from bulkinfer.engines.base import GREEDY_BELOW, LoadOptions
-from bulkinfer.errors import InputError, RowFailedError, SpecError
+from bulkinfer.errors import InputError, RowFailedError, SpecError, counted
 from bulkinfer.io.chunks import ColumnNames
-from bulkinfer.io.files import DataFile, resolve_input_files
+from bulkinfer.io.files import DATASETS_ONLY_SUFFIXES, DataFile, resolve_input_files
 from bulkinfer.io.openai_batch import EMBEDDINGS_URL, RESPONSE_FIELDS
 from bulkinfer.io.readers import peek_columns, read_chunks
 from bulkinfer.job.loading import planned_engine
@@ -90,9 +90,12 @@ def set_up(
     """The task fitted to the model and the input's columns; spec, input-column and
     model-folder errors surface here. `hash_model` (a run, which fingerprints the model's
     contents): hash the model's files on a thread meanwhile."""
-    files = files or resolve_input_files(
-        spec.input.path, spec.input.format, spec.output.path, spec.input.split
-    )
+    if files is None:
+        passed_over: list[str] = []
+        files = resolve_input_files(
+            spec.input.path, spec.input.format, spec.output.path, spec.input.split, passed_over
+        )
+        say_passed_over(passed_over, spec.input.format)
     per_request = is_openai_batch(spec, files)
     columns = column_names(spec, files, per_request)
     model = resolve_model_files(spec.model)
@@ -268,6 +271,20 @@ def check_no_failed_rows(prepared: PreparedRows) -> None:
             f"{prepared_location(prepared, row)}: {message} "
             f"({len(prepared.row_errors)} such rows; on_error: record keeps them as row errors)"
         )
+
+
+def say_passed_over(paths: list[str], fmt: str) -> None:
+    """Files in an input folder that are not read: said, so no rows go missing unseen."""
+    if not paths:
+        return
+    shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3:,} more" if len(paths) > 3 else "")
+    kinds = {"parquet": "Parquet", "jsonl": "JSONL", "hf": "Parquet, JSONL and CSV"}
+    kinds = kinds.get(fmt, "Parquet and JSONL")
+    line = f"input.path: {counted(len(paths), 'file')} in the input folder not read: {shown}"
+    line += f" (with input.format: {fmt}, only {kinds} files are read"
+    if fmt == "auto" and any(p.lower().endswith(DATASETS_ONLY_SUFFIXES) for p in paths):
+        line += "; CSV and TSV files are read with input.format: hf"
+    log(line + ")", level="warning")
 
 
 def is_openai_batch(spec: JobSpec, files: list[DataFile]) -> bool:
