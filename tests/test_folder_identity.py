@@ -117,6 +117,28 @@ def test_the_same_model_files_at_another_path_resume_the_folder(tmp_path, tiny_m
     assert "model files changed since the checkpoint: config.json" in refused.output, refused.output
 
 
+def test_a_score_job_resumes_whatever_the_generate_keys_it_ignores_say(tmp_path, tiny_model):
+    """A score job takes generate's keys and says they have no effect: a changed one refused
+    the resume of its folder all the same, as another job's outputs. A key that does change
+    the scores is still refused."""
+    job = _finished(tmp_path, tiny_model, task={"type": "score", "max_new_tokens": 128})
+    out = tmp_path / "out"
+    reference = read_outputs(out)
+    _lose_last_part(out)
+    for command in ("validate", "run"):
+        result = cli(command, str(job), "--set", "task.max_new_tokens=64", "--set", "task.n=2")
+        assert result.exit_code == 0, result.output
+        assert "have no effect on a score job" in result.output
+    assert_every_id_once(out, reference, ROWS)
+
+    _lose_last_part(out)
+    refused = cli(
+        "run", str(job), "--set", "task.max_new_tokens=64", "--set", "task.chat_template=never"
+    )
+    assert refused.exit_code == 2 and "task.chat_template" in refused.output, refused.output
+    assert "max_new_tokens" not in refused.output.split("holds another job's outputs")[1]
+
+
 def test_shards_given_the_model_at_other_paths_merge(tmp_path, tiny_model):
     """Array tasks that each stage the model to their node's disk: each shard was refused by
     its siblings' record, and where it was not, the merge refused the shards for differing."""

@@ -138,7 +138,8 @@ def set_up(
         log(
             f"task: {', '.join('task.' + k for k in ignored)} "
             f"{'has' if len(ignored) == 1 else 'have'} no effect on a score job "
-            "(it generates nothing); they are ignored",
+            f"(it generates nothing): {'it is' if len(ignored) == 1 else 'they are'} ignored, "
+            "and a changed value does not stop a resume",
             level="warning",
         )
     if spec.task.system_prompt is not None and not options.use_chat_for_text:

@@ -20,6 +20,7 @@ from bulkinfer.errors import OutputFolderError, first_line
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.lock import holder_text, in_use, is_locked
 from bulkinfer.observe.progress import log
+from bulkinfer.spec.schema import GENERATE_KEYS
 from bulkinfer.state.fingerprint import NOT_IN_FINGERPRINT, RESOLVED_KEYS, RunIdentity
 from bulkinfer.state.records import SUMMARY_TOTALS, JobRecord, read_json
 
@@ -342,7 +343,16 @@ def spec_keys_differing(recorded: dict | None, spec: dict) -> list[str]:
         if k.split(".")[0] not in NOT_IN_FINGERPRINT
         and k != "input.path"
         and not _added_since(recorded, spec, k)
+        and not _ignored_by_score(recorded, spec, k)
     ]
+
+
+def _ignored_by_score(recorded: dict, spec: dict, key: str) -> bool:
+    """A generate key of two score jobs: a score job takes them and ignores them (as its run
+    warns), so they never stop a folder of its rows from resuming."""
+    section, _, name = key.partition(".")
+    types = {(s.get("task") or {}).get("type") for s in (recorded, spec)}
+    return section == "task" and name in GENERATE_KEYS and types == {"score"}
 
 
 def _added_since(recorded: dict, spec: dict, key: str) -> bool:
