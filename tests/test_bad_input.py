@@ -231,6 +231,16 @@ def test_missing_files_and_bad_overrides(tmp_path, tiny_model):
     _fails_cleanly(
         cli("run", str(job), "--set", "model.path=/no/such/model"), "model.path", "does not exist"
     )
+    # a typo in a name, of the file or of a folder on the way: the near name is offered
+    _fails_cleanly(
+        cli("run", str(job), "--set", f"input.path={tmp_path / 'in.jsnl'}"),
+        f"matches no file (did you mean '{path}'?)",
+    )
+    typo = tiny_model.parent / (tiny_model.name[:-1] + "x" + tiny_model.name[-1:])
+    _fails_cleanly(
+        cli("validate", str(job), "--set", f"model.path={typo / 'sub'}"),
+        f"does not exist (did you mean '{tiny_model / 'sub'}'?)",
+    )
     long_name = (
         f"input.path={tmp_path / ('x' * 300)}.jsonl"  # not "matches no file": it may be there
     )

@@ -446,12 +446,33 @@ def _resolve_paths(spec: JobSpec, base: Path, from_command_line: set[str]) -> Jo
 
 def _check_files_exist(spec: JobSpec) -> None:
     if not spec.model.path.startswith(PACKAGE_PREFIX) and not os.path.exists(spec.model.path):
-        why = _unreadable(spec.model.path)
-        raise SpecError(f"model.path: {spec.model.path} {why or 'does not exist'}")
+        why = _unreadable(spec.model.path) or "does not exist" + _near_path(spec.model.path)
+        raise SpecError(f"model.path: {spec.model.path} {why}")
     for p in spec.input.path:
         if not (os.path.exists(p) or glob.glob(p, recursive=True)):
-            why = _unreadable(p)
-            raise SpecError(f"input.path: {p} {why or 'matches no file'}")
+            why = _unreadable(p) or "matches no file" + _near_path(p)
+            raise SpecError(f"input.path: {p} {why}")
+
+
+def _near_path(path: str) -> str:
+    """' (did you mean '/data/prompts.jsonl'?)' where the first missing part of `path` is a
+    near miss of a name in the folder above it (a typo); '' for a glob or no near name."""
+    if glob.has_magic(path):
+        return ""
+    parts = Path(path).parts
+    for depth in range(len(parts) - 1, 0, -1):
+        folder = Path(*parts[:depth])
+        if not folder.is_dir():
+            continue
+        try:
+            names = [entry.name for _, entry in zip(range(10_000), os.scandir(folder))]
+        except OSError:
+            return ""
+        close = difflib.get_close_matches(parts[depth], names, n=1, cutoff=0.75)
+        if not close:
+            return ""
+        return f" (did you mean '{Path(folder, close[0], *parts[depth + 1 :])}'?)"
+    return ""
 
 
 def _unreadable(path: str) -> str | None:
