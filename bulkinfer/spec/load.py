@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import errno
 import glob
+import itertools
 import math
 import os
 import re
@@ -465,7 +466,7 @@ def _near_path(path: str) -> str:
         if not folder.is_dir():
             continue
         try:
-            names = [entry.name for _, entry in zip(range(10_000), os.scandir(folder))]
+            names = [entry.name for entry in itertools.islice(os.scandir(folder), 10_000)]
         except OSError:
             return ""
         close = difflib.get_close_matches(parts[depth], names, n=1, cutoff=0.75)
