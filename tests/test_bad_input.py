@@ -205,6 +205,9 @@ def test_messages_without_chat_template(tmp_path, tiny_model):
         ({"task": {"max_new_tokens": 10**23}}, ["task.max_new_tokens", "64-bit"]),
         ({"task": {"n": 10**6}}, ["task.n", "too large"]),
         ({"input": {"max_line_bytes": 2**62}}, ["input.max_line_bytes", "too large"]),
+        # a section's shape: what to write instead, what a section must hold, the sections
+        ({"output": "out/x"}, ["output: expected a mapping", "output: {path: out/x}"]),
+        ({"scheduling": {"x": 1}}, ["unknown key 'scheduling'", "top-level keys: model, input"]),
     ],
 )
 def test_bad_spec_values_name_the_key(tmp_path, tiny_model, change, fragments):
@@ -212,7 +215,7 @@ def test_bad_spec_values_name_the_key(tmp_path, tiny_model, change, fragments):
     job = _job(tmp_path, tiny_model, path)
     spec = yaml.safe_load(job.read_text())
     for section, values in change.items():
-        if isinstance(spec.get(section), dict):
+        if isinstance(spec.get(section), dict) and isinstance(values, dict):
             spec[section].update(values)
         else:
             spec[section] = values
@@ -251,6 +254,18 @@ def test_missing_files_and_bad_overrides(tmp_path, tiny_model):
     _fails_cleanly(cli("validate", str(tmp_path / "nul.yaml")), "input.path", "NUL")
     _fails_cleanly(cli("run", str(job), "--set", "novalue"), "KEY=VALUE")
     _fails_cleanly(cli("run", str(job), "--set", "task.max_new_tokens.x=1"), "not a section")
+
+
+def test_a_spec_without_an_output_says_how_to_give_one(tmp_path, tiny_model):
+    path = write_jsonl(tmp_path / "in.jsonl", sample_prompts(2))
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        yaml.safe_dump({"model": {"path": str(tiny_model)}, "input": {"path": str(path)}})
+    )
+    _fails_cleanly(
+        cli("validate", str(job)), "missing key 'output' (output: {path: ...}, or --output DIR)"
+    )
+    assert cli("validate", str(job), "--output", str(tmp_path / "out")).exit_code == 0
 
 
 def test_invalid_yaml_names_the_line(tmp_path):

@@ -261,15 +261,20 @@ def _normalise_input_path(data: dict) -> None:
 def _build(cls: type, data: Any, key: str) -> Any:
     """Turn a mapping into the dataclass `cls`, checking keys and types field by field."""
     label = key or "the job spec"
-    if not isinstance(data, dict):
-        raise SpecError(f"{label}: expected a mapping, got {_kind(data)}")
-    hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(data, dict):
+        shape = ""
+        if key and "path" in fields and isinstance(data, str):  # `output: out/x`
+            shape = f"; a path goes under its key: {key}: {{path: {data}}}"
+        raise SpecError(f"{label}: expected a mapping, got {_kind(data)}{shape}")
+    hints = typing.get_type_hints(cls)
     for name in data:
         if name not in fields:
             where = f"{key}.{name}" if key else str(name)
             known = {f"{key}.{f}" if key else f for f in fields}
             hint = _in_other_sections(str(name), where) or did_you_mean(where, known)
+            if not hint and not key:  # a section of no name near any
+                hint = f" (the top-level keys: {', '.join(fields)})"
             raise SpecError(f"unknown key '{where}'{hint}")
     values = {}
     for name, f in fields.items():
@@ -277,11 +282,26 @@ def _build(cls: type, data: Any, key: str) -> Any:
         if name in data:
             values[name] = _convert(data[name], hints[name], where)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise SpecError(f"missing key '{where}'")
+            raise SpecError(f"missing key '{where}'{_required_inside(hints[name], where)}")
     obj = cls(**values)
     if hasattr(obj, "validate"):
         obj.validate(key)
     return obj
+
+
+def _required_inside(hint, where: str) -> str:
+    """' (output: {path: ...}, or --output DIR)' for a missing section: what it must hold."""
+    if not dataclasses.is_dataclass(hint):
+        return ""
+    needed = [
+        f.name
+        for f in dataclasses.fields(hint)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if not needed:
+        return ""
+    text = f" ({where}: {{{', '.join(f'{n}: ...' for n in needed)}}}"
+    return text + (", or --output DIR)" if where == "output" else ")")
 
 
 def _in_other_sections(name: str, where: str) -> str:
