@@ -447,6 +447,7 @@ def test_finished_job_is_a_noop_and_other_jobs_are_refused(crash_job, tmp_path):
     again = cli("run", str(job))
     assert again.exit_code == 0
     assert "already finished" in again.output
+    assert f"outputs          {out / 'outputs'}/" in again.output  # and where they are
     assert (out / "summary.json").read_text() == before
 
     other = cli("run", str(job), "--set", "task.max_new_tokens=3")

@@ -170,6 +170,8 @@ def finished_already(setup: JobSetup, layout: OutputLayout, shard: Shard | None)
         event="finish",
         already_finished=True,
     )
+    if shard is None:
+        log_next_steps(layout, layout.responses.exists())
     return 0
 
 

@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from bulkinfer.errors import InputError, OutputFolderError, RowFailedError, WriteError, did_you_mean
+from bulkinfer.errors import (
+    InputError,
+    OutputFolderError,
+    RowFailedError,
+    WriteError,
+    counted,
+    did_you_mean,
+)
 from bulkinfer.io.chunks import ColumnNames
 from bulkinfer.io.files import DataFile
 from bulkinfer.io.jsonl import _jsonl_records, compression_of
@@ -251,7 +258,7 @@ def format_check(job: str, check: JobCheck) -> str:
     """The short OK summary `bulkinfer validate` prints."""
     rows = [f.rows for f in check.files]
     total = (
-        f"{sum(rows):,} rows"
+        counted(sum(rows), "row")
         if None not in rows
         else "rows not counted here (compressed, large or a saved dataset)"
     )

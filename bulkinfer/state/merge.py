@@ -67,7 +67,8 @@ def _merge_locked(root: OutputLayout, token_bytes_for) -> Summary:
     if unfinished:
         names = ", ".join(f"{s.shard} ({s.state})" for s in unfinished)
         raise UserError(
-            f"{root.root}: cannot merge, {len(unfinished)} of {count} shards are not done: {names}"
+            f"{root.root}: cannot merge, {len(unfinished)} of {count} shards "
+            f"{'is' if len(unfinished) == 1 else 'are'} not done: {names}"
         )
     shards = [root.shard(s.shard.index, count) for s in states]
     jobs = [JobRecord.read(shard.job_file) for shard in shards]
