@@ -115,8 +115,10 @@ def _spill_files(prepared: PreparedRows) -> list[Path]:
 
 
 def _write_record(folder: Path, key: str, state: dict, files: list[Path]) -> None:
-    # the job's end removes the folder, perhaps while this runs: then there is nothing to keep
-    with contextlib.suppress(OSError):
+    # what stops the record (the job's end removing the folder meanwhile, a full disk, a value
+    # pickle cannot take) costs a resume its tokenizing only: never a run's failure, nor a
+    # thread's traceback on its stderr
+    with contextlib.suppress(Exception):
         sizes = {}
         for path in files:
             fd = os.open(path, os.O_RDONLY)
