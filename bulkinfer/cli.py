@@ -32,12 +32,13 @@ class BulkinferGroup(click.Group):
             _interrupted(None)
 
     def invoke(self, ctx):
+        overwrite = "--overwrite" in ctx.args  # (the subcommand's arguments, before it takes them)
         try:
             from bulkinfer.observe.progress import log, log_format
 
             return super().invoke(ctx)
         except KeyboardInterrupt:
-            _interrupted(ctx.invoked_subcommand)
+            _interrupted(ctx.invoked_subcommand, overwrite)
         except UserError as exc:
             _user_error(exc)
         except OSError as exc:  # a permission, a name too long, ...: one line, not a traceback
@@ -93,7 +94,7 @@ def _user_error(exc: UserError) -> None:
     sys.exit(exc.exit_code)
 
 
-def _interrupted(command: str | None) -> None:
+def _interrupted(command: str | None, overwrite: bool = False) -> None:
     """Ctrl-C: one line (a JSON event with --log-format json), exit 130. A second SIGINT (a
     terminal's to the process group, and a launcher's forwarded to its workers) no longer
     cuts this short into a traceback and a death by the signal."""
@@ -101,7 +102,9 @@ def _interrupted(command: str | None) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     message = "interrupted"
     if command in ("run", "merge"):  # the commands that commit work
-        message += "; committed work is kept, rerun to resume"
+        from bulkinfer.console import resume_advice
+
+        message += f"; committed work is kept: {resume_advice(overwrite and command == 'run')}"
     try:
         from bulkinfer.observe.progress import log, log_format
     except Exception:  # noqa: BLE001 (the Ctrl-C cut numpy's import short: it cannot run again)

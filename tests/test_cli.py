@@ -536,6 +536,31 @@ def test_ctrl_c_before_the_command_starts_is_one_line_and_exit_130(tmp_path, mom
         assert event["message"] == "interrupted" and event["signal"] == "SIGINT", event
 
 
+def test_ctrl_c_of_an_overwrite_run_says_to_resume_without_overwrite(tmp_path, tiny_model):
+    """The same command again, --overwrite and all, would start the job afresh."""
+    inputs = write_jsonl(tmp_path / "in.jsonl", sample_prompts(8))
+    job = write_job(tmp_path / "job.yaml", tiny_model, inputs, tmp_path / "out")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bulkinfer", "run", str(job), "--overwrite"],
+        env={**child_env(), "BULKINFER_SLOW_LOAD_SECONDS": "60"},
+        stderr=subprocess.PIPE,
+        text=True,
+        # Python's own Ctrl-C handling, as in a terminal (a test worker's children may start
+        # with SIGINT ignored)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    lock = tmp_path / "out" / ".lock"
+    deadline = time.monotonic() + 120
+    while not (lock.exists() and lock.read_text().strip()):
+        assert time.monotonic() < deadline and proc.poll() is None, "the run never got going"
+        time.sleep(0.02)
+    time.sleep(1.0)  # into the (slowed) load
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted; committed work is kept: rerun it without --overwrite" in stderr, stderr
+
+
 def test_a_log_line_is_one_write_so_threads_never_share_a_line(monkeypatch):
     """The part writer's thread logs beside the main thread: a line written as its text and
     then its newline let the other thread's line in between (two JSON objects on one line,
