@@ -369,7 +369,7 @@ def status(output: str) -> None:
     click.echo(format_status(root, states, queue))
 
 
-@main.command()
+@main.command(short_help="Assemble the shards' outputs into OUT/outputs.")
 @click.argument("output", type=click.Path(file_okay=False))
 def merge(output: str) -> None:
     """Assemble the shards' outputs into OUT/outputs (refuses while a shard is unfinished).
@@ -392,11 +392,12 @@ def merge(output: str) -> None:
         click.echo(f"{output}/outputs: the shards are merged already; nothing to do")
         return
     click.echo(
-        f"merged {summary.details['shards']} shards: {summary.rows_out:,} rows in {output}/outputs"
+        f"merged {counted(summary.details['shards'], 'shard')}: "
+        f"{counted(summary.rows_out, 'row')} in {output}/outputs"
     )
 
 
-@main.command()
+@main.command(short_help="Submit the job as a Slurm array, one shard per task.")
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option(
     "--array",
@@ -407,11 +408,13 @@ def merge(output: str) -> None:
 )
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--output", "-o", default=None, help="Output folder (overrides output.path).")
-@click.option("--gpus-per-task", type=click.IntRange(min=0), default=0)
-@click.option("--partition", default=None)
+@click.option(
+    "--gpus-per-task", type=click.IntRange(min=0), default=0, help="GPUs per task (0: none)."
+)
+@click.option("--partition", default=None, help="Slurm partition to submit to.")
 @click.option("--time", "time", default=None, help="Slurm time limit, e.g. 04:00:00.")
-@click.option("--account", default=None)
-@click.option("--cpus-per-task", type=click.IntRange(min=1), default=None)
+@click.option("--account", default=None, help="Slurm account to charge.")
+@click.option("--cpus-per-task", type=click.IntRange(min=1), default=None, help="CPUs per task.")
 @click.option("--mem", default=None, help="Memory per task, e.g. 64G.")
 @click.option(
     "--grace",
@@ -476,11 +479,12 @@ def slurm(job, array, overrides, output, dry_run, **settings) -> None:
         raise
     SlurmSubmission.add(layout.slurm_jobs, job_id, array)
     click.echo(
-        f"submitted array job {job_id} ({array} tasks); follow it with: bulkinfer status {_shell_word(root)}"
+        f"submitted array job {job_id} ({counted(array, 'task')}); "
+        f"follow it with: bulkinfer status {_shell_word(root)}"
     )
 
 
-@main.command()
+@main.command(short_help="Print rows, lengths, batches and padding; no weights loaded.")
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
@@ -502,7 +506,7 @@ def plan(job: str, overrides: tuple[str, ...], as_json: bool) -> None:
     click.echo(render_plan(report))
 
 
-@main.command()
+@main.command(short_help="Write a commented job spec to start from.")
 @click.argument("path", default="job.yaml", type=click.Path(dir_okay=False))
 @click.option("--force", is_flag=True, help="Replace an existing file.")
 def init(path: str, force: bool) -> None:
@@ -529,7 +533,7 @@ def init(path: str, force: bool) -> None:
     )
 
 
-@main.command()
+@main.command(short_help="Check spec, model, input and output folder; no weights loaded.")
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--output", "-o", default=None, help="Output folder (overrides output.path).")
@@ -549,7 +553,7 @@ def validate(job: str, overrides: tuple[str, ...], output: str | None) -> None:
     click.echo(format_check(job, check_job(spec)))
 
 
-@main.command()
+@main.command(short_help="Write OUT/report.html: what happened, at a glance.")
 @click.argument("output", type=click.Path(file_okay=False))
 def report(output: str) -> None:
     """Write OUT/report.html (one self-contained file) and its plots in OUT/report/: summary,
@@ -577,7 +581,7 @@ def render_new_tokens(new_tokens: int, samples: int) -> str:
         return ""
     if samples > 1:
         return f", {new_tokens:,} new tokens per sample, up to {samples} samples per row"
-    return f", {new_tokens:,} new tokens per row"
+    return f", {counted(new_tokens, 'new token')} per row"
 
 
 def render_plan(report: dict) -> str:
@@ -599,9 +603,13 @@ def render_plan(report: dict) -> str:
     peak = max((c for _, _, c in report["histogram"]), default=0)
     for low, high, count in report["histogram"]:
         bar = "#" * (round(40 * count / peak) if peak else 0)
-        lines.append(f"{low:>6}-{high:<7}  {count:>7,}  {bar}")
+        span = f"{low:>6}-{high:<7}" if high != low else f"{low:>6} {'':<7}"
+        lines.append(f"{span}  {count:>7,}  {bar}")
+    if report["example_errors"]:
+        shown = len(report["example_errors"])
+        lines += ["", f"rows with errors (the first {shown} of {report['row_errors']:,}):"]
     for where, message in report["example_errors"]:
-        lines.append(f"{where}: {message}")
+        lines.append(f"  {where}: {message}")
     lines += render_prefixes(report.get("shared_prefixes"))
     if report.get("engine"):
         lines += ["", render_engine(report["engine"])]

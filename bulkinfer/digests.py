@@ -91,7 +91,7 @@ def cached_file_blake2b(path: str | os.PathLike) -> str:
             _UNWRITABLE.add(entry.parent)
             log(
                 f"{entry.parent}: cannot keep file hashes in bulkinfer's cache folder "
-                f"({exc.strerror}); the next run reads the files again (BULKINFER_CACHE names a "
+                f"({exc.strerror}); the next run reads the files again (set BULKINFER_CACHE to a "
                 "writable folder)",
                 level="warning",
             )

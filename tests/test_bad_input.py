@@ -369,7 +369,7 @@ def test_rows_the_model_fails_on_keep_their_token_counts(tmp_path, tiny_model):
     assert table[-1]["prompt_tokens"] is None  # never tokenized
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert sum(r["prompt_tokens"] or 0 for r in table) == summary["input_tokens"]
-    assert "the most common in the input, in 1 row: prompt is null" in proc.stderr
+    assert "; one in the input: prompt is null" in proc.stderr
 
 
 def test_user_errors_print_no_traceback_from_the_real_command(tmp_path, tiny_model):

@@ -25,7 +25,7 @@ import torch
 from bulkinfer.configs import text_config
 from bulkinfer.engines.fp8 import FP8, Fp8Linear, Fp8Weight, quantize_weight
 from bulkinfer.engines.to_device import THREADS, StagedMover
-from bulkinfer.errors import ModelError
+from bulkinfer.errors import ModelError, counted
 
 if TYPE_CHECKING:
     from bulkinfer.engines.read_ahead import ReadAhead
@@ -319,7 +319,7 @@ def _load_by_name(auto_class, folder, config, dtype, device, label, fp8, ahead, 
     missing = sorted(k for k in state if k not in filled)
     if missing:
         raise ModelError(
-            f"{label}: the checkpoint lacks {len(missing)} weights the model needs "
+            f"{label}: the checkpoint lacks {counted(len(missing), 'weight')} the model needs "
             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
         )
     return model.eval()

@@ -66,11 +66,13 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("cuda")
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"model.device is '{name}' but no CUDA GPU is visible")
+        raise ModelError(
+            f"model.device is '{name}' but no CUDA GPU is visible; set model.device: auto or cpu"
+        )
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
         raise ModelError(
-            f"model.device is '{name}' but {torch.cuda.device_count()} CUDA GPU(s) are visible "
-            "(numbered from 0)"
+            f"model.device is '{name}' but {counted(torch.cuda.device_count(), 'CUDA GPU')} "
+            f"{'is' if torch.cuda.device_count() == 1 else 'are'} visible (numbered from 0)"
         )
     if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ModelError("model.device is 'mps' but this torch has no usable Apple GPU (MPS)")

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 
 from bulkinfer.console import WORKER_ENV, resume_advice
-from bulkinfer.errors import SpecError, UserError
+from bulkinfer.errors import SpecError, UserError, counted
 from bulkinfer.observe.progress import log
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -41,12 +41,14 @@ def worker_count(gpus: str) -> tuple[int, list[str] | None]:
         raise SpecError(f"--gpus {gpus!r}: expected 'all' or a positive number")
     count = int(gpus)
     if visible and count > visible:
-        raise SpecError(f"--gpus {count}: only {visible} GPUs are visible")
+        raise SpecError(
+            f"--gpus {count}: only {counted(visible, 'GPU')} {'is' if visible == 1 else 'are'} visible"
+        )
     cores = os.cpu_count() or 1
     if not visible and count > CPU_WORKERS_A_CORE * cores:  # each loads the model: a typo of
         raise SpecError(  # a GPU count on a machine without one would fill its memory
             f"--gpus {count}: no GPU is visible, and {count} CPU workers would share "
-            f"{cores} cores; give at most {CPU_WORKERS_A_CORE * cores}"
+            f"{counted(cores, 'core')}; give at most {CPU_WORKERS_A_CORE * cores}"
         )
     return count, [str(i) for i in range(count)] if visible else None
 

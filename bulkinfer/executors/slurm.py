@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bulkinfer.errors import SpecError, UserError
+from bulkinfer.errors import SpecError, UserError, counted
 from bulkinfer.io.layout import OutputLayout
 
 STOPPED_BY_USR1 = 128 + 10
@@ -159,9 +159,9 @@ def submit(script_path: Path) -> str:
         ["sbatch", "--parsable", str(script_path)], capture_output=True, text=True
     )
     if proc.returncode != 0:
-        raise UserError(
-            f"sbatch refused the job: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
-        )
+        said = proc.stderr.strip()
+        why = said.splitlines()[-1] if said else f"exit code {proc.returncode}, no message"
+        raise UserError(f"sbatch refused the job: {why}")
     return proc.stdout.strip().split(";")[0]
 
 
@@ -239,7 +239,7 @@ def refuse_while_queued(script: Path) -> None:
         jobs = sorted({t.name.partition("_")[0] for t in tasks})
         raise UserError(
             f"{script.parent}: an array submitted from {script.name} is still in Slurm's queue "
-            f"({len(tasks)} tasks of job {', '.join(jobs)}); cancel it (scancel "
+            f"({counted(len(tasks), 'task')} of job {', '.join(jobs)}); cancel it (scancel "
             f"{' '.join(jobs)}) or let it finish, then submit again"
         )
 

@@ -129,7 +129,7 @@ def _embedding_request(body: dict) -> tuple[str, dict]:
     for k, text in enumerate(texts):
         if not isinstance(text, str) or not text.strip():
             raise RequestProblem(
-                f"body.input[{k}] is {json.dumps(text)[:40]}, expected a non-empty string "
+                f"body.input[{k}] is {_shown(text, 40)}, expected a non-empty string "
                 "(token arrays are not supported)"
             )
         _unicode(text, f"body.input[{k}]")
@@ -142,7 +142,7 @@ def _embedding_request(body: dict) -> tuple[str, dict]:
         elif name == "dimensions":
             settings["dimensions"] = _number(name, value, int, 1)
         else:
-            raise RequestProblem(f"body.{name} = {json.dumps(value)[:60]} is not supported")
+            raise RequestProblem(f"body.{name} = {_shown(value, 60)} is not supported")
     return max(texts, key=len), settings
 
 
@@ -186,10 +186,16 @@ def _settings(body: dict, url: str) -> dict:
         elif name in NEUTRAL and value in NEUTRAL[name]:
             continue
         else:
-            raise RequestProblem(f"body.{name} = {json.dumps(value)[:60]} is not supported")
+            raise RequestProblem(f"body.{name} = {_shown(value, 60)} is not supported")
     if settings.get("top_logprobs") and not settings.get("logprobs"):
         raise RequestProblem("body.top_logprobs needs body.logprobs set to true")
     return settings
+
+
+def _shown(value: Any, most: int) -> str:
+    """A request's value as its error line shows it: as JSON, cut past `most` characters."""
+    text = json.dumps(value)
+    return text if len(text) <= most else f"{text[:most]}... ({len(text):,} characters)"
 
 
 def _number(name: str, value: Any, kind: type, low=None, high=None):
@@ -204,11 +210,18 @@ def _number(name: str, value: Any, kind: type, low=None, high=None):
         low = INT64_MIN if low is None else low
         high = INT64_MAX if high is None else high
     if not ok or (low is not None and value < low) or (high is not None and value > high):
-        bounds = f" from {low}" if low is not None else ""
-        bounds += f" to {high}" if high is not None else ""
+        # (a 64-bit integer's ends are no bounds to name)
+        lo = None if low in (None, INT64_MIN) else low
+        hi = None if high in (None, INT64_MAX) else high
+        if lo is not None and hi is not None:
+            bounds = f" from {lo:,} to {hi:,}"
+        elif lo is not None or hi is not None:
+            bounds = f" of at least {lo:,}" if hi is None else f" of at most {hi:,}"
+        else:
+            bounds = " that fits in 64 bits" if kind is int else ""
         what = "a whole number" if kind is int else "a number"
         shown = json.dumps(value)
-        shown = shown if len(shown) <= 40 else f"{shown[:20]}...({len(shown)} digits)"
+        shown = shown if len(shown) <= 40 else f"{shown[:20]}... ({len(shown):,} digits)"
         raise RequestProblem(f"body.{name} is {shown}, expected {what}{bounds}")
     return kind(value)
 
@@ -223,7 +236,7 @@ def _response_format(value: Any) -> str | None:
         "json_schema",
     ):
         raise RequestProblem(
-            f"body.response_format = {json.dumps(value)[:60]} is not supported; "
+            f"body.response_format = {_shown(value, 60)} is not supported; "
             "use type text, json_object or json_schema"
         )
     if value["type"] == "text":
@@ -278,7 +291,7 @@ def _chat_messages(value: Any) -> list[dict]:
         message = dict(message)
         if message["role"] not in ROLES:
             raise RequestProblem(
-                f"body.messages[{k}].role is {json.dumps(message['role'])[:40]}, "
+                f"body.messages[{k}].role is {_shown(message['role'], 40)}, "
                 f"expected one of {', '.join(ROLES)}"
             )
         content = message.get("content")
@@ -291,7 +304,7 @@ def _chat_messages(value: Any) -> list[dict]:
                 if not isinstance(part.get("text"), str):
                     raise RequestProblem(
                         f"body.messages[{k}].content[{j}].text is "
-                        f"{json.dumps(part.get('text'))[:40]}, expected a string"
+                        f"{_shown(part.get('text'), 40)}, expected a string"
                     )
             message["content"] = "".join(part["text"] for part in content)
         if message["role"] == "developer":

@@ -76,7 +76,11 @@ def failed_rows(failed: int, rows: int, input_errors: list[str]) -> str:
         message, count = Counter(input_errors).most_common(1)[0]
         # rows the model failed on are not among these: then this is the input's commonest
         what = "the most common" if len(input_errors) == failed else "the most common in the input"
-        line += f"; {what}, in {count:,} row{'s' * (count != 1)}: {message}"
+        if count == 1:  # every reason differs: one of them
+            what = "one of them" if len(input_errors) == failed else "one in the input"
+            line += f"; {what}: {message}"
+        else:
+            line += f"; {what}, in {count:,} rows: {message}"
     return line
 
 
@@ -182,7 +186,7 @@ def write_summary(
     summary.write(layout.summary)
     shutil.rmtree(layout.prepared_dir, ignore_errors=True)
     log(
-        f"finished: {summary.rows_out:,} rows in {layout.outputs_dir}",
+        f"finished: {counted(summary.rows_out, 'row')} in {layout.outputs_dir}",
         event="finish",
         json_only=True,
         **summary.to_dict(),
@@ -262,7 +266,8 @@ def _say_shards_left(root: OutputLayout, shard: Shard, states, waiting) -> None:
         rerun = ", ".join(f"--shard {name}" for name in ended[:NAMED_SHARDS])
         advice = f"; rerun {rerun}{more}" + advice
     log(
-        f"shard {shard} done; {len(states) - len(waiting)} of {shard.count} shards done, "
+        f"shard {shard} done; {len(states) - len(waiting):,} of {counted(shard.count, 'shard')} "
+        "done, "
         f"not done: {names}{advice} (bulkinfer status {shlex.quote(str(root.root))})",
         event="shards",
         shards=shard.count,
@@ -290,7 +295,8 @@ def merge_if_last(root: OutputLayout, shard: Shard) -> None:
     # (a --gpus launcher says the next steps after its summary)
     report = "" if launched_worker() else f"; next: bulkinfer report {shlex.quote(str(root.root))}"
     log(
-        f"all {shard.count} shards done: merged {summary.rows_out:,} rows into "
+        f"{'the one shard' if shard.count == 1 else f'all {shard.count:,} shards'} done: merged "
+        f"{counted(summary.rows_out, 'row')} into "
         f"{root.outputs_dir}{report}",
         event="merge",
         shards=shard.count,

@@ -177,7 +177,7 @@ def batches_to_do(
     if resumed:
         begun = sum(len(rows) for rows in pieces.values())
         log(
-            f"resuming: {len(plan.batches) - len(todo)} of {len(plan.batches)} batches already done"
+            f"resuming: {len(plan.batches) - len(todo):,} of {len(plan.batches):,} batches already done"
             + (f", and {begun:,} rows of batches begun" if begun else ""),
             event="resume",
             batches_done=len(plan.batches) - len(todo),

@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bulkinfer import faults, process
-from bulkinfer.errors import RowFailedError, StopRequested
+from bulkinfer.errors import RowFailedError, StopRequested, counted
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.io.lock import folder_lock
 from bulkinfer.io.outputs import part_schema
@@ -213,7 +213,7 @@ def log_checkpoint(manifest: Manifest) -> None:
     called on the writer thread right after the commit."""
     part = manifest.records[-1]
     log(
-        f"committed {part.file}: {part.rows:,} rows",
+        f"committed {part.file}: {counted(part.rows, 'row')}",
         event="checkpoint",
         json_only=True,
         part=part.file,

@@ -209,7 +209,8 @@ def tokenize(setup: JobSetup, spill: Path | None = None, keep_tokens: bool = Fal
 def say_truncated(setup: JobSetup, prepared: PreparedRows) -> None:
     if prepared.truncated:
         log(
-            f"{len(prepared.truncated):,} rows longer than {setup.task.max_context} tokens are "
+            f"{counted(len(prepared.truncated), 'row')} longer than "
+            f"{setup.task.max_context:,} tokens {'is' if len(prepared.truncated) == 1 else 'are'} "
             "truncated (task.truncate; counted per row in truncated_tokens)"
         )
 
@@ -270,7 +271,8 @@ def check_no_failed_rows(prepared: PreparedRows) -> None:
         row, message = min(prepared.row_errors.items())
         raise RowFailedError(
             f"{prepared_location(prepared, row)}: {message} "
-            f"({len(prepared.row_errors)} such rows; on_error: record keeps them as row errors)"
+            f"({counted(len(prepared.row_errors), 'such row')}; on_error: record keeps them as "
+            "row errors)"
         )
 
 

@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from bulkinfer import faults
+from bulkinfer.errors import counted
 from bulkinfer.io.outputs import rows_table
 from bulkinfer.job.batch import ROW_FAILURES, batch_stats, counted_tokens, release_memory
 from bulkinfer.observe.progress import log
@@ -135,7 +136,7 @@ def run_stream(inputs, engine, todo: list[Batch], writer, progress, started, sto
         rest = [_rest(f) for f in sorted(running.values(), key=lambda f: f.batch.index)]
         rest = [b for b in rest if len(b.rows)] + preparing + list(queue)
         log(
-            f"generation failed with {len(rest):,} batches to go ({type(exc).__name__}); "
+            f"generation failed with {counted(len(rest), 'batch')} to go ({type(exc).__name__}); "
             "running them one at a time to find the rows that fail",
             level="warning",
         )

@@ -227,7 +227,7 @@ def output_state(root: Path, identity: Callable[[], RunIdentity]) -> str:
     if layout.job_file.exists() and _finished(layout):
         return (
             "holds this job, finished: run has nothing to do if spec, model and input are "
-            "unchanged (--overwrite runs it again)"
+            "unchanged; --overwrite runs it again"
         )
     if layout.job_file.exists() or layout.shards_dir.is_dir():
         return "holds a bulkinfer job: run resumes it if spec, model and input are unchanged"

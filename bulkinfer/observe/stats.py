@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, fields
 import pyarrow as pa
 
 from bulkinfer.configs import text_config
+from bulkinfer.errors import counted
 
 # Dense bf16 tensor FLOP/s and memory bandwidth from the vendors' datasheets, matched against
 # the device name in order (first match wins). The lent H100s measured 780-790 TFLOP/s on a
@@ -201,7 +202,7 @@ def _or(value, default):
 def format_summary(summary: dict) -> str:
     """A short table for the terminal."""
     counts = summary["rows_by_status"]  # ok first (a merged summary's are sorted by name)
-    status = ", ".join(f"{k} {counts[k]}" for k in sorted(counts, key=lambda k: k != "ok"))
+    status = ", ".join(f"{k} {counts[k]:,}" for k in sorted(counts, key=lambda k: k != "ok"))
     lines = [
         ("rows", f"{summary['rows_out']:,} of {summary['rows_in']:,} ({status})"),
         ("device", summary["device"]),
@@ -220,7 +221,10 @@ def format_summary(summary: dict) -> str:
             f" ({summary.get('padding_fraction_file_order', 0):.1%} in file order)",
         ),
         # (batches.parquet's `splits` also counts the halvings that find a failing row)
-        ("batches", f"{summary['batches']:,} ({summary['oom_splits']} out-of-memory splits)"),
+        (
+            "batches",
+            f"{summary['batches']:,} ({counted(summary['oom_splits'], 'out-of-memory split')})",
+        ),
     ]
     if "decode_steps" in summary:  # the fast engine's generation: where the model time went
         rows = summary.get("decode_rows_per_step")  # a shard's own (not in a merged summary)

@@ -238,12 +238,12 @@ def length_problem(n_tokens: int, options: RenderOptions, what: str = "prompt") 
     if limit is None:
         return None
     if options.reserve_new_tokens and n_tokens > limit:
-        return f"{what} has {n_tokens} tokens, more than the model's context of {limit}"
+        return f"{what} has {n_tokens:,} tokens, more than the model's context of {limit:,}"
     if options.reserve_new_tokens and n_tokens == limit:
-        return f"{what} has {n_tokens} tokens; the model's context is {limit}, leaving no room to generate"
+        return f"{what} has {n_tokens:,} tokens; the model's context is {limit:,}, leaving no room to generate"
     if n_tokens > limit:
-        hint = f"; task.truncate: true keeps the first {limit}" if options.can_truncate else ""
-        return f"{what} has {n_tokens} tokens, more than the model's context of {limit}{hint}"
+        hint = f"; task.truncate: true keeps the first {limit:,}" if options.can_truncate else ""
+        return f"{what} has {n_tokens:,} tokens, more than the model's context of {limit:,}{hint}"
     return None
 
 

@@ -290,7 +290,7 @@ PACKAGE_PREFIX = "package:"
 
 def _at_least(value: float | None, low: float, key: str) -> None:
     if value is not None and value < low:
-        raise SpecError(f"{key}: {value} is too small (the least allowed is {low})")
+        raise SpecError(f"{key}: {value:,} is too small (the least allowed is {low:,})")
 
 
 def _at_most(value: float | None, high: float, key: str) -> None:

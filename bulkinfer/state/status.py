@@ -175,12 +175,12 @@ def format_status(root: OutputLayout, states: list[ShardState], queue=None) -> s
         eta_text = "none: " + ("no shard is running now" if len(states) > 1 else "not running now")
         waiting = sum(task.queued for task in queue.values())
         if waiting:
-            eta_text += f"; {waiting} of its Slurm tasks waiting in the queue"
+            eta_text += f"; {waiting:,} of its Slurm tasks waiting in the queue"
     merged = outputs_merged(root, states)
     if not sharded:
         lines.append(f"job {states[0].state}" + ("" if done else f"; ETA {eta_text}"))
         return "\n".join(lines)
-    line = f"{done} of {len(states)} shards done; ETA {eta_text}"
+    line = f"{done:,} of {len(states):,} shard{'s' * (len(states) > 1)} done; ETA {eta_text}"
     if merged:
         line += "; outputs merged"
     elif done == len(states):  # the last shard's merge is under way, or was stopped

@@ -95,8 +95,8 @@ class EmbeddingRequests:
             if self.limit is not None and len(ids) > self.limit:
                 if not self.truncate:
                     raise ValueError(
-                        f"body.input[{k}] has {len(ids)} tokens, more than the model's input "
-                        f"limit of {self.limit}"
+                        f"body.input[{k}] has {len(ids):,} tokens, more than the model's input "
+                        f"limit of {self.limit:,}"
                     )
                 cut += len(ids) - self.limit
                 ids = truncated_ids(ids, self.limit, appended_special_tokens(tokenizer))

@@ -7,6 +7,7 @@ import time
 from html import escape
 from pathlib import Path
 
+from bulkinfer.errors import counted
 from bulkinfer.io.layout import OutputLayout
 from bulkinfer.observe.report.charts import STATE_COLOURS, padding_fractions
 from bulkinfer.observe.report.facts import JobFacts
@@ -145,9 +146,9 @@ def key_figures(facts: JobFacts) -> list[tuple[str, str, str]]:
             # pieces of one batch (committed by time, or across a resume) count once
             f"{len({(b.get('shard'), b.get('batch', i)) for i, b in enumerate(batches)}):,}"
             + (f" of {facts.batches_planned:,}" if facts.batches_planned else ""),
-            f"{sum(b.get('splits', 0) for b in batches)} splits (out of memory, or to find "
-            "failing rows), "
-            f"{sum(b.get('failed_rows', 0) for b in batches)} rows failed in the model",
+            f"{counted(sum(b.get('splits', 0) for b in batches), 'split')} (out of memory, or "
+            "to find failing rows), "
+            f"{counted(sum(b.get('failed_rows', 0) for b in batches), 'row')} failed in the model",
         ),
         ("task", str(s.get("task") or facts.spec.get("task", {}).get("type", "-")), ""),
         ("model", Path(_model(facts)).name or "-", _model(facts)),
@@ -191,7 +192,7 @@ def _status_table(facts: JobFacts) -> str:
     unread = (facts.plan or {}).get("row_errors") if facts.state != "done" else None
     if unread:
         table += (
-            f'<p class="note">{unread:,} rows could not run (found while reading the input); '
+            f'<p class="note">{counted(unread, "row")} could not run (found while reading the input); '
             "they join the outputs with their error when the job finishes.</p>"
         )
     return table
