@@ -35,3 +35,16 @@ def test_fast_encode_equals_the_tokenizer_call(name, request):
     for special in (True, False):
         expected = tokenizer(TEXTS, add_special_tokens=special)["input_ids"]
         assert _encode(tokenizer, TEXTS, [not special] * len(TEXTS)) == expected
+
+
+def test_the_kept_tokenized_input_records_every_field_of_the_prepared_rows():
+    """A field added to PreparedRows and not to the record would come back from a resume at
+    its default (prepare/reuse.py): each one is recorded, or rebuilt from the files."""
+    import dataclasses
+
+    from bulkinfer.prepare import PreparedRows
+    from bulkinfer.prepare.reuse import NOT_RECORDED, RECORDED
+
+    fields = {f.name for f in dataclasses.fields(PreparedRows)}
+    assert set(RECORDED) | set(NOT_RECORDED) == fields
+    assert not set(RECORDED) & set(NOT_RECORDED)

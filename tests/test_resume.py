@@ -100,7 +100,7 @@ def _kill_once_tokens_kept(job: Path, out: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    record = out / "checkpoint" / "prepared" / "prepared.pickle"
+    record = out / "checkpoint" / "prepared" / "prepared.json"
     manifest = out / "checkpoint" / "manifest.jsonl"
     deadline = time.monotonic() + 120
     while not (record.exists() and manifest.exists() and manifest.read_text().count("\n") >= 2):
@@ -113,10 +113,11 @@ def _kill_once_tokens_kept(job: Path, out: Path) -> None:
 REUSED = "the input as an earlier run of this job tokenized it"
 
 
-@pytest.mark.parametrize("damage", [None, "tokens", "record"])
+@pytest.mark.parametrize("damage", [None, "tokens", "copied", "record", "arrays"])
 def test_a_resume_reads_the_tokenized_input_the_killed_run_kept(crash_job, damage):
     """A resume does not read and tokenize the input again (minutes at millions of rows): it
-    reads what the killed run kept, unless that is damaged, and then tokenizes as before;
+    reads what the killed run kept, unless that is damaged or not the file the run wrote (a
+    copy of the same size, from another job's folder say), and then tokenizes as before;
     either way the outputs are the uninterrupted run's."""
     make, reference = crash_job
     name = f"kept-{damage}"
@@ -127,8 +128,18 @@ def test_a_resume_reads_the_tokenized_input_the_killed_run_kept(crash_job, damag
     if damage == "tokens":  # one token short: not the file the record describes
         tokens = prepared / "tokens.int32"
         os.truncate(tokens, tokens.stat().st_size - 4)
+    elif damage == "copied":  # the very bytes, in another file put in its place
+        shutil.copyfile(prepared / "tokens.int32", tmp := prepared / "copy")
+        os.replace(tmp, prepared / "tokens.int32")
     elif damage == "record":
-        (prepared / "prepared.pickle").write_bytes(b"\x80\x05 not a record")
+        (prepared / "prepared.json").write_bytes(b'{"format": 2, "key": \xff')
+    elif damage == "arrays":  # cut short, then given back its size, times and all
+        arrays = prepared / "prepared-arrays.npz"
+        stat = arrays.stat()
+        with open(arrays, "r+b") as f:
+            f.seek(stat.st_size // 2)
+            f.write(b"\0" * 64)
+        os.utime(arrays, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     resumed = cli_again("run", str(job))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr

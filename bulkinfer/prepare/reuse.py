@@ -2,36 +2,59 @@
 
 A run tokenizes the whole input into the job's folder before its first batch: ~26 s a million
 rows on two cores, minutes at ten million, paid again by every resume after a preemption. So a
-run that tokenized records what it made (RECORD, written last, once the spill files are on
-disk), under a key that names everything the tokens depend on (the job's fingerprint of spec,
-model files and input contents, the input's paths, the versions of the code that tokenized);
-a resume whose key is the same reads the record instead of the input. A record that is
-missing, unreadable, of another key, or whose spill files have other sizes is not used: the
+run that tokenized records what it made: the rows' in-memory state in files of data only (numpy
+arrays, Arrow tables; no pickle, so a file planted in the folder runs no code), then RECORD,
+written last once all of them are on disk, naming each file by its size, inode and change times
+and holding a key of everything the tokens depend on (the job's fingerprint of spec, model files
+and input contents, the input's paths, the versions of the code that tokenized). A resume whose
+key is the same, and whose files are those the record names, reads them instead of the input.
+Anything else (no record, another key, a file replaced or copied in, damage) is not used: the
 input is tokenized again, as before there were records.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
-import pickle
 import sys
 import threading
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from bulkinfer.io.atomic import fsync_dir
+from bulkinfer.io.chunks import InputChunk
 from bulkinfer.io.spill import RowColumnFiles, TokenFile
-from bulkinfer.prepare.rows import PreparedRows
+from bulkinfer.prepare.rows import PreparedRows, empty_table
 
-RECORD = "prepared.pickle"
-FORMAT = 1
+RECORD = "prepared.json"
+ARRAYS = "prepared-arrays.npz"
+ERRORS = "prepared-errors.arrow"
+REQUESTS = "prepared-requests.arrow"
+FORMAT = 2
 # fields that are files or follow from the others: rebuilt, not recorded
 NOT_RECORDED = ("token_file", "columns", "folder", "temporary", "lengths")
+# the fields the record holds (tests check that these and NOT_RECORDED are all of them)
+RECORDED = (
+    "offsets",
+    "score_from",
+    "row_errors",
+    "id_type",
+    "request_params",
+    "choice_counts",
+    "choice_lengths",
+    "locations",
+    "truncated",
+    "chat_prompts",
+    "plain_prompts",
+    "prefix_heads",
+    "prefix_shared",
+    "prefix_length",
+)
 
 
 def reuse_key(fingerprint: dict, paths: list[str]) -> str:
@@ -62,10 +85,9 @@ def keep_for_resume(prepared: PreparedRows, key: str) -> threading.Thread:
     files are flushed to disk first (seconds for gigabytes of tokens, which the first batch does
     not wait for); a run that ends or dies before the record is written leaves none."""
     state = _state(prepared)  # now: the thread must not see the rows change under it
-    files = _spill_files(prepared)
     thread = threading.Thread(
         target=_write_record,
-        args=(prepared.folder, key, state, files),
+        args=(prepared.folder, key, state, _spill_files(prepared)),
         name="bulkinfer-keep-tokens",
         daemon=True,
     )
@@ -78,36 +100,82 @@ def reuse(folder: Path, key: str) -> PreparedRows | None:
     if not (folder / RECORD).is_file():
         return None
     try:
-        with open(folder / RECORD, "rb") as f:
-            record = pickle.load(f)
+        record = json.loads((folder / RECORD).read_text(encoding="utf-8"))
         if record["format"] != FORMAT or record["key"] != key:
             return None
-        for name, size in record["sizes"].items():
-            if os.path.getsize(folder / name) != size:
+        for name, signature in record["files"].items():
+            if _signature(os.stat(folder / name)) != signature:
                 return None
-        return _rows(folder, record["state"])
-    # a damaged record fails in whatever way unpickling its bytes does, or has another shape:
-    # either way the resume tokenizes again, as without one
+        return _rows(folder, record)
+    # a damaged record fails in whatever way reading it does, or has another shape: either way
+    # the resume tokenizes again, as without one
     except Exception:  # noqa: BLE001
         return None
 
 
+def _signature(stat: os.stat_result) -> list[int]:
+    """What any rewrite or copy of a file changes: its size, inode and modification and change
+    times (a file of the same size from another job's folder has another inode and ctime)."""
+    return [stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
 def _state(prepared: PreparedRows) -> dict:
-    state = {
-        f.name: getattr(prepared, f.name)
-        for f in dataclasses.fields(prepared)
-        if f.name not in NOT_RECORDED
+    """The recorded fields, copied now, as arrays, tables and JSON values."""
+    arrays = {"offsets": prepared.offsets}
+    if prepared.score_from.strides != (0,):  # else every row scored from its first token
+        arrays["score_from"] = np.ascontiguousarray(prepared.score_from)
+    for name in ("choice_counts", "choice_lengths", "prefix_heads"):
+        if getattr(prepared, name) is not None:
+            arrays[name] = getattr(prepared, name)
+    arrays["truncated_rows"] = np.fromiter(prepared.truncated, np.int64)
+    arrays["truncated_tokens"] = np.fromiter(prepared.truncated.values(), np.int64)
+    arrays["shared_heads"] = np.fromiter(prepared.prefix_shared, np.uint64)
+    arrays["shared_tokens"] = np.fromiter(prepared.prefix_shared.values(), np.int64)
+    locations = []
+    for k, (start, chunk) in enumerate(prepared.locations):
+        lines = chunk.lines
+        if isinstance(lines, range):
+            lines = [lines.start, lines.stop]
+        elif lines is not None:
+            arrays[f"lines_{k}"], lines = np.asarray(lines), f"lines_{k}"
+        locations.append([start, chunk.path, chunk.first_row_in_file, lines])
+    errors = pa.table(
+        {
+            "row": pa.array(list(prepared.row_errors), pa.int64()),
+            "message": pa.array(list(prepared.row_errors.values()), pa.string()),
+        }
+    )
+    tokens, columns = prepared.token_file, prepared.columns
+    return {
+        "arrays": arrays,
+        "errors": errors,
+        "requests": prepared.request_params,
+        "values": {
+            "id_type": None
+            if prepared.id_type is None
+            else _schema_text(pa.schema([("id", prepared.id_type)])),
+            "locations": locations,
+            "chat_prompts": prepared.chat_prompts,
+            "plain_prompts": prepared.plain_prompts,
+            "prefix_length": prepared.prefix_length,
+            "tokens": None if tokens is None else [tokens.path.name, tokens.count],
+            "columns": None
+            if columns is None
+            else {
+                "starts": list(columns.starts),
+                "rows": columns.state()["rows"],
+                "schema": _schema_text(columns.schema),
+            },
+        },
     }
-    for name in ("row_errors", "truncated", "prefix_shared"):
-        state[name] = dict(state[name])
-    state["locations"] = list(state["locations"])
-    score_from = prepared.score_from
-    if score_from.strides == (0,):  # every row scored from its first token: not materialised
-        state["score_from"] = None
-    tokens = prepared.token_file
-    state["tokens"] = None if tokens is None else (tokens.path.name, tokens.count)
-    state["columns"] = None if prepared.columns is None else prepared.columns.state()
-    return state
+
+
+def _schema_text(schema: pa.Schema) -> str:
+    return base64.b64encode(schema.serialize().to_pybytes()).decode("ascii")
+
+
+def _schema(text: str) -> pa.Schema:
+    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text)))
 
 
 def _spill_files(prepared: PreparedRows) -> list[Path]:
@@ -115,26 +183,32 @@ def _spill_files(prepared: PreparedRows) -> list[Path]:
     return files + ([] if prepared.columns is None else prepared.columns.files())
 
 
-def _write_record(folder: Path, key: str, state: dict, files: list[Path]) -> None:
-    # what stops the record (the job's end removing the folder meanwhile, a full disk, a value
-    # pickle cannot take) costs a resume its tokenizing only: never a run's failure, nor a
-    # thread's traceback on its stderr
+def _write_record(folder: Path, key: str, state: dict, spill: list[Path]) -> None:
+    # what stops the record (the job's end removing the folder meanwhile, a full disk) costs
+    # a resume its tokenizing only: never a run's failure, nor a thread's traceback
     with contextlib.suppress(Exception):
-        sizes = {}
-        for path in files:
+        with open(folder / ARRAYS, "wb") as f:
+            np.savez(f, **state["arrays"])
+        _write_table(folder / ERRORS, state["errors"])
+        written = [folder / ARRAYS, folder / ERRORS]
+        if state["requests"] is not None:
+            _write_table(folder / REQUESTS, state["requests"])
+            written.append(folder / REQUESTS)
+        files = {}
+        for path in spill + written:
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
-                sizes[path.name] = os.fstat(fd).st_size
+                files[path.name] = _signature(os.fstat(fd))
             finally:
                 os.close(fd)
-        record = {"format": FORMAT, "key": key, "sizes": sizes, "state": state}
+        record = {"format": FORMAT, "key": key, "files": files, **state["values"]}
         # all or nothing, as io/atomic.py writes, but not one of the writes its fault
         # injection counts: this one lands at no fixed point of a run
         temporary = folder / f".{RECORD}.tmp-{os.getpid()}"
         try:
-            with open(temporary, "wb") as f:
-                pickle.dump(record, f, protocol=5)
+            with open(temporary, "w", encoding="utf-8") as f:
+                json.dump(record, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(temporary, folder / RECORD)
@@ -143,14 +217,56 @@ def _write_record(folder: Path, key: str, state: dict, files: list[Path]) -> Non
         fsync_dir(folder)
 
 
-def _rows(folder: Path, state: dict) -> PreparedRows:
-    state = dict(state)
-    tokens, columns = state.pop("tokens"), state.pop("columns")
-    if state["score_from"] is None:
-        state["score_from"] = np.broadcast_to(np.int32(1), (len(state["offsets"]) - 1,))
+def _write_table(path: Path, table: pa.Table) -> None:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def _read_table(path: Path) -> pa.Table:
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_file(source).read_all()
+
+
+def _rows(folder: Path, record: dict) -> PreparedRows:
+    with np.load(folder / ARRAYS, allow_pickle=False) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    errors = _read_table(folder / ERRORS)
+    offsets = arrays["offsets"]
+    score_from = arrays.get("score_from")
+    if score_from is None:
+        score_from = np.broadcast_to(np.int32(1), (len(offsets) - 1,))
+    locations = []
+    for start, path, first_row, lines in record["locations"]:
+        if isinstance(lines, list):
+            lines = range(lines[0], lines[1])
+        elif lines is not None:
+            lines = arrays[lines]
+        chunk = InputChunk(path, first_row, [], None, None, empty_table(0), lines)
+        locations.append((start, chunk))
+    tokens, columns = record["tokens"], record["columns"]
+    if columns is not None:
+        state = {"starts": columns["starts"], "rows": columns["rows"]}
+        columns = RowColumnFiles.reopened(folder, {**state, "schema": _schema(columns["schema"])})
+    shared = zip(arrays["shared_heads"].tolist(), arrays["shared_tokens"].tolist(), strict=True)
+    truncated = zip(
+        arrays["truncated_rows"].tolist(), arrays["truncated_tokens"].tolist(), strict=True
+    )
     return PreparedRows(
-        **state,
+        offsets=offsets,
+        score_from=score_from,
+        row_errors=dict(zip(errors["row"].to_pylist(), errors["message"].to_pylist(), strict=True)),
+        id_type=None if record["id_type"] is None else _schema(record["id_type"]).field("id").type,
+        request_params=_read_table(folder / REQUESTS) if REQUESTS in record["files"] else None,
+        choice_counts=arrays.get("choice_counts"),
+        choice_lengths=arrays.get("choice_lengths"),
+        locations=locations,
+        truncated=dict(truncated),
+        chat_prompts=record["chat_prompts"],
+        plain_prompts=record["plain_prompts"],
         token_file=None if tokens is None else TokenFile.written(folder / tokens[0], tokens[1]),
-        columns=None if columns is None else RowColumnFiles.reopened(folder, columns),
+        columns=columns,
         folder=folder,
+        prefix_heads=arrays.get("prefix_heads"),
+        prefix_shared=dict(shared),
+        prefix_length=record["prefix_length"],
     )
