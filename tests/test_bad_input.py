@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -960,3 +962,24 @@ def test_a_message_list_stored_as_json_text_is_said_to_run_as_text(tmp_path, tin
         said = [line for line in done.stderr.splitlines() if "text of a message list" in line]
         assert len(said) == 1 and f"{name}.jsonl:2:" in said[0], done.stderr
         assert read_outputs(tmp_path / name).num_rows == 2
+
+
+def test_paths_whose_names_are_not_utf8_are_refused_where_a_library_needs_utf8(
+    tmp_path, tiny_model
+):
+    """A name in bytes that are not UTF-8 (Python holds them as surrogates): pyarrow and
+    safetensors take no such path, and the run died in a traceback. JSONL, read by Python
+    itself, still runs from such a name."""
+    odd = os.fsdecode(b"odd-\xff")
+    jsonl = write_jsonl(tmp_path / "in.jsonl", sample_prompts(3))
+    parquet = write_parquet(tmp_path / "in.parquet", sample_prompts(3))
+    job = _job(tmp_path, tiny_model, jsonl)
+    model = shutil.copytree(tiny_model, tmp_path / f"{odd}-model")
+    _fails_cleanly(cli("run", str(job), "--set", f"model.path={model}"), "model.path", "UTF-8")
+    out = tmp_path / f"{odd}-out"
+    _fails_cleanly(cli("run", str(job), "--output", str(out)), "output.path", "UTF-8")
+    assert not out.exists()
+    os.rename(parquet, renamed := tmp_path / f"{odd}.parquet")
+    _fails_cleanly(cli("run", str(job), "--set", f"input.path={renamed}"), "not valid UTF-8")
+    os.rename(jsonl, renamed := tmp_path / f"{odd}.jsonl")
+    assert cli("run", str(job), "--set", f"input.path={renamed}").exit_code == 0

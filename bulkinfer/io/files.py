@@ -78,6 +78,12 @@ def resolve_input_files(
         if not unique:
             raise InputError(f"{', '.join(patterns)}: no input files outside the output folder")
     found = [DataFile(f, file_format(f, fmt)) for f in unique]
+    for f in found:  # named in bytes that are not UTF-8 (JSONL is read by Python itself)
+        if f.kind in ("parquet", "saved", "datasets") and not _utf8(f.path):
+            raise InputError(
+                f"{f.path.encode('utf-8', 'backslashreplace').decode()}: the name is not valid "
+                "UTF-8, which pyarrow needs of a path it reads; rename it"
+            )
     if split is not None and not any(f.kind == "saved" for f in found):
         raise InputError(
             f"input.split: {split!r} names a split of a saved DatasetDict, and the input holds "
@@ -135,6 +141,14 @@ def file_format(path: str, fmt: str = "auto") -> str:
         f"{path}: unknown file type; name it .parquet or .jsonl (.gz, .zst, .bz2, .xz "
         "compressed), or set input.format"
     )
+
+
+def _utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the file system gave Python as surrogates
+        return False
+    return True
 
 
 def _is_data_file(name: str, fmt: str) -> bool:

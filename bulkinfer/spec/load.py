@@ -466,6 +466,14 @@ def _resolve_paths(spec: JobSpec, base: Path, from_command_line: set[str]) -> Jo
 
 
 def _check_files_exist(spec: JobSpec) -> None:
+    for key, path in [("model.path", spec.model.path), ("output.path", spec.output.path)]:
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the file system gave Python as surrogates
+            raise SpecError(
+                f"{key}: {path.encode('utf-8', 'backslashreplace').decode()} is not valid UTF-8, "
+                "which the libraries that read and write its files need; rename it"
+            ) from None
     if not spec.model.path.startswith(PACKAGE_PREFIX) and not os.path.exists(spec.model.path):
         why = _unreadable(spec.model.path) or "does not exist" + _near_path(spec.model.path)
         raise SpecError(f"model.path: {spec.model.path} {why}")
