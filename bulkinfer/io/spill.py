@@ -73,6 +73,11 @@ class TokenFile:
         return out
 
 
+def rows_file_name(k: int) -> str:
+    """The name of the k-th file of ids and kept columns."""
+    return f"rows-{k:06d}.parquet"
+
+
 class RowColumnFiles:
     """The id and kept columns of every row, as Parquet files of consecutive rows.
 
@@ -159,7 +164,7 @@ class RowColumnFiles:
                     ) from None
 
     def _file(self, k: int) -> Path:
-        return self.folder / f"rows-{k:06d}.parquet"
+        return self.folder / rows_file_name(k)
 
     def read(self, start: int, stop: int) -> pa.Table:
         """Rows start..stop-1, in the unified schema; only the row groups that hold them are

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from bulkinfer.io.atomic import fsync_dir
 from bulkinfer.io.chunks import InputChunk
-from bulkinfer.io.spill import RowColumnFiles, TokenFile
+from bulkinfer.io.spill import RowColumnFiles, TokenFile, rows_file_name
 from bulkinfer.prepare.rows import PreparedRows, empty_table
 
 RECORD = "prepared.json"
@@ -103,6 +103,8 @@ def reuse(folder: Path, key: str) -> PreparedRows | None:
         record = json.loads((folder / RECORD).read_text(encoding="utf-8"))
         if record["format"] != FORMAT or record["key"] != key:
             return None
+        if not _named(record) <= set(record["files"]):  # every file it reads, checked
+            return None
         for name, signature in record["files"].items():
             if _signature(os.stat(folder / name)) != signature:
                 return None
@@ -111,6 +113,13 @@ def reuse(folder: Path, key: str) -> PreparedRows | None:
     # the resume tokenizes again, as without one
     except Exception:  # noqa: BLE001
         return None
+
+
+def _named(record: dict) -> set[str]:
+    """The files a record's rows are read from."""
+    names = {ARRAYS, ERRORS} | ({record["tokens"][0]} if record["tokens"] else set())
+    columns = record["columns"]
+    return names | {rows_file_name(k) for k in range(len(columns["starts"]) if columns else 0)}
 
 
 def _signature(stat: os.stat_result) -> list[int]:
