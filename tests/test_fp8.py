@@ -377,7 +377,7 @@ def test_checkpoints_quantized_another_way_are_named(tmp_path, tiny_model, confi
     ("drop", "keys", "message"),
     [
         (None, {}, "its weights are stored in fp8: set model.quantization: fp8"),
-        ("model.norm.weight", {"quantization": "fp8"}, "lacks 1 weights the model needs"),
+        ("model.norm.weight", {"quantization": "fp8"}, "lacks 1 weight the model needs"),
     ],
     ids=["fp8-checkpoint-without-fp8", "missing-tensor"],
 )

@@ -159,7 +159,7 @@ def test_status_of_shards_whose_merge_was_killed_says_they_are_not_merged(shard_
     assert subprocess.run(command, env=env, capture_output=True).returncode == -9
     assert not (out / "outputs").exists()
     status = cli("status", str(out)).output
-    done = f"{shards} of {shards} shards done"
+    done = f"{shards} of {shards} shard{'s' * (shards > 1)} done"
     assert done in status and f"outputs not merged: bulkinfer merge {out}" in status
     assert cli("merge", str(out)).exit_code == 0
     assert "; outputs merged" in cli("status", str(out)).output
