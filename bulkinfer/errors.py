@@ -121,5 +121,5 @@ def not_unicode(text: str) -> str | None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        return f"a lone surrogate {ascii(text[exc.start])} at character {exc.start}"
+        return f"a lone surrogate {ascii(text[exc.start])} as character {exc.start + 1:,}"
     return None

@@ -270,6 +270,14 @@ def test_a_spec_without_an_output_says_how_to_give_one(tmp_path, tiny_model):
     assert cli("validate", str(job), "--output", str(tmp_path / "out")).exit_code == 0
 
 
+def test_a_spec_not_in_utf8_names_the_line_and_column(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_bytes(b'model:\n  path: x\ntask:\n  system_prompt: "caf\xe9"\n')  # Latin-1
+    _fails_cleanly(
+        cli("validate", str(job)), "job.yaml:4:22: not valid UTF-8", "byte 22 of the line"
+    )
+
+
 def test_invalid_yaml_names_the_line(tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text("model:\n  path: x\n task: [\n")

@@ -168,8 +168,12 @@ def _read_yaml(path: Path) -> dict:
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SpecError(f"{path}{where}: not valid YAML: {problem}") from None
-    except UnicodeDecodeError as exc:
-        raise SpecError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except UnicodeDecodeError as exc:  # named as a YAML error is, by line and column
+        line = exc.object.count(b"\n", 0, exc.start) + 1
+        column = exc.start - exc.object.rfind(b"\n", 0, exc.start)
+        raise SpecError(
+            f"{path}:{line}:{column}: not valid UTF-8 ({exc.reason}, byte {column} of the line)"
+        ) from None
     if data is None:
         raise SpecError(f"{path}: the job spec is empty")
     if not isinstance(data, dict):
