@@ -199,6 +199,11 @@ def _or(value, default):
     return default if value is None else value
 
 
+def _rate(per_second: float) -> str:
+    """A rate as the summary prints it: whole above 10, a tenth below (a tiny job's 0.4 is not 0)."""
+    return f"{per_second:,.0f}" if per_second >= 10 else f"{per_second:.1f}"
+
+
 def format_summary(summary: dict) -> str:
     """A short table for the terminal."""
     counts = summary["rows_by_status"]  # ok first (a merged summary's are sorted by name)
@@ -213,8 +218,8 @@ def format_summary(summary: dict) -> str:
             + f" (model {summary['model_seconds']:.1f} s)",
         ),
         ("rows/s", f"{summary['rows_per_second']:,.2f}"),
-        ("input tokens/s", f"{summary['input_tokens_per_second']:,.0f}"),
-        ("output tokens/s", f"{summary['output_tokens_per_second']:,.0f}"),
+        ("input tokens/s", _rate(summary["input_tokens_per_second"])),
+        ("output tokens/s", _rate(summary["output_tokens_per_second"])),
         (
             "padding",
             f"{summary['padding_fraction']:.1%} of {summary['padded_tokens']:,} padded prompt tokens"

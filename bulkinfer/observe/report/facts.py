@@ -69,7 +69,7 @@ class JobFacts:
 def read_job(root: Path) -> JobFacts:
     """The facts of the job in `root`; a folder that is no bulkinfer job is a one-line error."""
     if not root.is_dir():
-        raise UserError(f"{root}: no such folder")
+        raise UserError(f"{root}: no such output folder")
     layout = OutputLayout(root)
     shards = layout.shard_folders()
     if not layout.job_file.is_file() and not shards:
