@@ -113,7 +113,7 @@ def _kill_once_tokens_kept(job: Path, out: Path) -> None:
 REUSED = "the input as an earlier run of this job tokenized it"
 
 
-@pytest.mark.parametrize("damage", [None, "tokens", "copied", "record", "arrays"])
+@pytest.mark.parametrize("damage", [None, "tokens", "copied", "record", "edited", "arrays"])
 def test_a_resume_reads_the_tokenized_input_the_killed_run_kept(crash_job, damage):
     """A resume does not read and tokenize the input again (minutes at millions of rows): it
     reads what the killed run kept, unless that is damaged or not the file the run wrote (a
@@ -133,6 +133,10 @@ def test_a_resume_reads_the_tokenized_input_the_killed_run_kept(crash_job, damag
         os.replace(tmp, prepared / "tokens.int32")
     elif damage == "record":
         (prepared / "prepared.json").write_bytes(b'{"format": 2, "key": \xff')
+    elif damage == "edited":  # still valid JSON, of the right shape: a value changed
+        record = json.loads((prepared / "prepared.json").read_text())
+        record["locations"][0][0] += 1
+        (prepared / "prepared.json").write_text(json.dumps(record))
     elif damage == "arrays":  # cut short, then given back its size, times and all
         arrays = prepared / "prepared-arrays.npz"
         stat = arrays.stat()

@@ -103,6 +103,8 @@ def reuse(folder: Path, key: str) -> PreparedRows | None:
         record = json.loads((folder / RECORD).read_text(encoding="utf-8"))
         if record["format"] != FORMAT or record["key"] != key:
             return None
+        if record.pop("digest") != _digest(record):  # damaged, however well it parses
+            return None
         if not _named(record) <= set(record["files"]):  # every file it reads, checked
             return None
         for name, signature in record["files"].items():
@@ -115,9 +117,15 @@ def reuse(folder: Path, key: str) -> PreparedRows | None:
         return None
 
 
+def _digest(record: dict) -> str:
+    """Of a record's every value, so a record damaged into other valid JSON is not read."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
 def _named(record: dict) -> set[str]:
     """The files a record's rows are read from."""
-    names = {ARRAYS, ERRORS} | ({record["tokens"][0]} if record["tokens"] else set())
+    names = {ARRAYS, ERRORS} | ({REQUESTS} if record["requests"] else set())
+    names |= {record["tokens"][0]} if record["tokens"] else set()
     columns = record["columns"]
     return names | {rows_file_name(k) for k in range(len(columns["starts"]) if columns else 0)}
 
@@ -212,6 +220,8 @@ def _write_record(folder: Path, key: str, state: dict, spill: list[Path]) -> Non
             finally:
                 os.close(fd)
         record = {"format": FORMAT, "key": key, "files": files, **state["values"]}
+        record["requests"] = state["requests"] is not None
+        record["digest"] = _digest(record)
         # all or nothing, as io/atomic.py writes, but not one of the writes its fault
         # injection counts: this one lands at no fixed point of a run
         temporary = folder / f".{RECORD}.tmp-{os.getpid()}"
@@ -265,7 +275,7 @@ def _rows(folder: Path, record: dict) -> PreparedRows:
         score_from=score_from,
         row_errors=dict(zip(errors["row"].to_pylist(), errors["message"].to_pylist(), strict=True)),
         id_type=None if record["id_type"] is None else _schema(record["id_type"]).field("id").type,
-        request_params=_read_table(folder / REQUESTS) if REQUESTS in record["files"] else None,
+        request_params=_read_table(folder / REQUESTS) if record["requests"] else None,
         choice_counts=arrays.get("choice_counts"),
         choice_lengths=arrays.get("choice_lengths"),
         locations=locations,
