@@ -116,15 +116,16 @@ class RowColumnFiles:
     def files(self) -> list[Path]:
         return [self._file(k) for k in range(len(self.starts))]
 
-    def state(self) -> dict:
-        """What reopened() needs to read these files again (all rows written)."""
-        return {"starts": list(self.starts), "schema": self.schema, "rows": self._rows}
+    @property
+    def rows(self) -> int:
+        """The rows written to the files."""
+        return self._rows
 
     @classmethod
-    def reopened(cls, folder: Path, state: dict) -> RowColumnFiles:
-        """The files an earlier run wrote in `folder`, as its state() described them."""
+    def reopened(cls, folder: Path, starts: list[int], schema: pa.Schema, rows: int):
+        """The files an earlier run wrote in `folder`: their first rows, schema and row count."""
         files = cls(folder)
-        files.starts, files.schema, files._rows = state["starts"], state["schema"], state["rows"]
+        files.starts, files.schema, files._rows = starts, schema, rows
         return files
 
     def _flush(self) -> None:

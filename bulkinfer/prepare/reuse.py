@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from bulkinfer.io.atomic import fsync_dir
+from bulkinfer.io.atomic import write_bytes_atomic
 from bulkinfer.io.chunks import InputChunk
 from bulkinfer.io.spill import RowColumnFiles, TokenFile, rows_file_name
 from bulkinfer.prepare.rows import PreparedRows, empty_table
@@ -180,7 +180,7 @@ def _state(prepared: PreparedRows) -> dict:
             if columns is None
             else {
                 "starts": list(columns.starts),
-                "rows": columns.state()["rows"],
+                "rows": columns.rows,
                 "schema": _schema_text(columns.schema),
             },
         },
@@ -222,18 +222,7 @@ def _write_record(folder: Path, key: str, state: dict, spill: list[Path]) -> Non
         record = {"format": FORMAT, "key": key, "files": files, **state["values"]}
         record["requests"] = state["requests"] is not None
         record["digest"] = _digest(record)
-        # all or nothing, as io/atomic.py writes, but not one of the writes its fault
-        # injection counts: this one lands at no fixed point of a run
-        temporary = folder / f".{RECORD}.tmp-{os.getpid()}"
-        try:
-            with open(temporary, "w", encoding="utf-8") as f:
-                json.dump(record, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, folder / RECORD)
-        finally:
-            temporary.unlink(missing_ok=True)
-        fsync_dir(folder)
+        write_bytes_atomic(folder / RECORD, json.dumps(record).encode(), injected=False)
 
 
 def _write_table(path: Path, table: pa.Table) -> None:
@@ -264,8 +253,8 @@ def _rows(folder: Path, record: dict) -> PreparedRows:
         locations.append((start, chunk))
     tokens, columns = record["tokens"], record["columns"]
     if columns is not None:
-        state = {"starts": columns["starts"], "rows": columns["rows"]}
-        columns = RowColumnFiles.reopened(folder, {**state, "schema": _schema(columns["schema"])})
+        schema = _schema(columns["schema"])
+        columns = RowColumnFiles.reopened(folder, columns["starts"], schema, columns["rows"])
     shared = zip(arrays["shared_heads"].tolist(), arrays["shared_tokens"].tolist(), strict=True)
     truncated = zip(
         arrays["truncated_rows"].tolist(), arrays["truncated_tokens"].tolist(), strict=True
